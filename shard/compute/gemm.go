@@ -1,0 +1,89 @@
+package compute
+
+import (
+	"runtime"
+	"sync"
+
+	"gonum.org/v1/gonum/blas"
+	"gonum.org/v1/gonum/blas/blas32"
+)
+
+// minSplitFlops is the product size below which splitting a Gemm across goroutines
+// costs more in scheduling than it saves.
+const minSplitFlops = 1 << 20
+
+// Workers is how many goroutines ParallelFor and Gemm spread work over.
+func Workers() int { return runtime.GOMAXPROCS(0) }
+
+func trans(t bool) blas.Transpose {
+	if t {
+		return blas.Trans
+	}
+	return blas.NoTrans
+}
+
+// Gemm computes c = alpha·op(a)·op(b) + beta·c for row-major matrices, where op(x) is x
+// or xᵀ as transA/transB say, op(a) is m×k, op(b) is k×n and c is m×n; lda, ldb, ldc are
+// row strides. Large products are split by rows (or columns) of c across Workers().
+func Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	w := Workers()
+	if !splitGemm || w < 2 || 2*m*n*k < minSplitFlops {
+		Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+		return
+	}
+	var wg sync.WaitGroup
+	if m >= n {
+		chunk := (m + w - 1) / w
+		for lo := 0; lo < m; lo += chunk {
+			rows := min(chunk, m-lo)
+			aOff := lo * lda // row lo of op(a)
+			if transA {
+				aOff = lo // column lo of a
+			}
+			wg.Go(func() {
+				Sgemm(transA, transB, rows, n, k, alpha, a[aOff:], lda, b, ldb, beta, c[lo*ldc:], ldc)
+			})
+		}
+	} else {
+		chunk := (n + w - 1) / w
+		for lo := 0; lo < n; lo += chunk {
+			cols := min(chunk, n-lo)
+			bOff := lo // column lo of b
+			if transB {
+				bOff = lo * ldb // row lo of b
+			}
+			wg.Go(func() {
+				Sgemm(transA, transB, m, cols, k, alpha, a, lda, b[bOff:], ldb, beta, c[lo:], ldc)
+			})
+		}
+	}
+	wg.Wait()
+}
+
+// Sgemm is Gemm on the calling goroutine only; use it inside ParallelFor bodies.
+func Sgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	if m == 0 || n == 0 {
+		return
+	}
+	blas32.Implementation().Sgemm(trans(transA), trans(transB), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+// ParallelFor splits [0, n) into at most Workers() contiguous chunks and runs fn on each
+// concurrently, returning when all are done. Small n runs inline.
+func ParallelFor(n int, fn func(lo, hi int)) {
+	w := min(Workers(), n)
+	if w <= 1 {
+		if n > 0 {
+			fn(0, n)
+		}
+		return
+	}
+	chunk := (n + w - 1) / w
+	var wg sync.WaitGroup
+	for lo := chunk; lo < n; lo += chunk {
+		hi := min(lo+chunk, n)
+		wg.Go(func() { fn(lo, hi) })
+	}
+	fn(0, min(chunk, n))
+	wg.Wait()
+}

@@ -1,0 +1,13 @@
+// Package shard holds the model split into pipeline stages: a Llama-style decoder
+// (token embedding, RoPE, pre-norm RMSNorm, causal multi-head attention, SwiGLU MLP,
+// final RMSNorm, LM head, cross-entropy) computed exactly as Hugging Face's
+// LlamaForCausalLM computes it, cut by layer ranges into stages that each allocate only
+// their own parameters.
+//
+// Every layer is a forward/backward pair over flat row-major float32 buffers, in the
+// manner of llm.c; a stage's parameters, and its gradients, each live in one flat
+// buffer so optimiser steps, all-reduce and checkpoints are loops over one slice.
+// Initialisation is a pure function of (run seed, tensor name), so any replica of a
+// stage starts identical without a download. The package does no logging and no
+// network I/O.
+package shard
