@@ -16,7 +16,11 @@ func Exp(x float32) float32 {
 	if x < -87.33 {
 		return 0
 	}
-	k := float32(math.Floor(float64(x*log2e + 0.5)))
+	// Adding 1.5·2²³ rounds x·log2e to the nearest integer in the low mantissa bits.
+	const magic = 12582912
+	kf := x*log2e + magic
+	ki := int32(math.Float32bits(kf)) - 0x4B400000
+	k := kf - magic
 	r := x - k*ln2hi - k*ln2lo
 	// Taylor terms to r⁷ on |r| ≤ ln2/2 keep the truncation error below 2e-8.
 	p := float32(1.0 / 5040)
@@ -27,8 +31,8 @@ func Exp(x float32) float32 {
 	p = p*r + 0.5
 	p = p*r + 1
 	p = p*r + 1
-	if k > 127 { // 2^128 is not a float32, but p·2^127·2 still is below the overflow edge
+	if ki > 127 { // 2^128 is not a float32, but p·2^127·2 still is below the overflow edge
 		return p * math.Float32frombits(254<<23) * 2
 	}
-	return p * math.Float32frombits(uint32(int32(k)+127)<<23)
+	return p * math.Float32frombits(uint32(ki+127)<<23)
 }

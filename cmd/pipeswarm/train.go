@@ -1,0 +1,189 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"math"
+	"path/filepath"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/examples"
+	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/shard"
+	"github.com/pipeswarm/pipeswarm/shard/compute"
+)
+
+func runTrain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("train", "train [SPEC] [--data PATH] [--steps N] [--out DIR]", `
+Train every stage of the run spec SPEC (a YAML file) in this one process: the
+centralised baseline that distributed runs are compared against. Without SPEC it
+trains the built-in examples/tiny.yaml; without data it trains on a built-in corpus
+generated in code, so nothing needs downloading.
+
+Writes into DIR: metrics.jsonl (one JSON object per step), spec.yaml (the effective
+spec), model.safetensors with a Hugging Face config.json beside it, and loss.png.
+Ctrl-C stops after the current step and still writes the checkpoint and plot.`, stderr)
+	dataPath := fs.String("data", "", "training text: a file, a directory of text files, or .jsonl with a \"text\" field (overrides data.path)")
+	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
+	out := fs.String("out", "", "output directory (default runs/<spec name>)")
+	quiet := fs.Bool("quiet", false, "no progress line")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 1 {
+		fmt.Fprintf(stderr, "pipeswarm train: one SPEC at most, got %q\n", pos)
+		return errUsage
+	}
+	sp, err := loadSpec(pos)
+	if err != nil {
+		return err
+	}
+	if *dataPath != "" {
+		sp.Data.Path = *dataPath
+	}
+	if *steps > 0 {
+		sp.Train.Steps = *steps
+		if sp.Train.Warmup >= *steps {
+			sp.Train.Warmup = *steps / 10
+		}
+	}
+	if err := sp.Validate(); err != nil {
+		return err
+	}
+	if *out == "" {
+		*out = filepath.Join("runs", sp.Name)
+	}
+	log := newLogger(stderr, slog.LevelInfo)
+	log.Info("compute", "blas", compute.Backend(), "workers", compute.Workers())
+	prog := newProgress(stderr, sp.Train.Steps, !*quiet && isTerminal(stderr))
+	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: *out, Log: log, OnStep: prog.step})
+	prog.done()
+	if res != nil && res.Steps > 0 {
+		fmt.Fprintf(stdout, "trained %d steps in %s: loss %.4f, val_loss %.4f\nwrote %s\n",
+			res.Steps, res.Elapsed.Round(time.Second), res.Loss, res.ValLoss, *out)
+	}
+	return err
+}
+
+// loadSpec reads the one positional SPEC, or the embedded default.
+func loadSpec(pos []string) (*spec.Spec, error) {
+	if len(pos) == 1 {
+		return spec.Load(pos[0])
+	}
+	src, err := fs.ReadFile(examples.FS, examples.Default)
+	if err != nil {
+		return nil, err
+	}
+	return spec.Parse(src, "examples/"+examples.Default)
+}
+
+// progress draws a one-line status on a terminal, or a log line now and then.
+type progress struct {
+	w       io.Writer
+	total   int
+	tty     bool
+	last    time.Time
+	valLoss float64
+}
+
+func newProgress(w io.Writer, total int, tty bool) *progress {
+	return &progress{w: w, total: total, tty: tty, valLoss: math.NaN()}
+}
+
+func (p *progress) step(s metrics.Step) {
+	if s.ValLoss != nil {
+		p.valLoss = *s.ValLoss
+	}
+	eta := time.Duration(float64(p.total-s.Step) * s.ElapsedS / float64(s.Step) * float64(time.Second)).Round(time.Second)
+	line := fmt.Sprintf("step %d/%d  loss %.4f  val %.4f  %.0f tok/s  elapsed %s  eta %s",
+		s.Step, p.total, s.Loss, p.valLoss, s.TokensPerS, time.Duration(s.ElapsedS*float64(time.Second)).Round(time.Second), eta)
+	if p.tty {
+		fmt.Fprintf(p.w, "\r\033[K%s", line)
+		return
+	}
+	if time.Since(p.last) >= 10*time.Second || s.Step == p.total {
+		p.last = time.Now()
+		fmt.Fprintln(p.w, line)
+	}
+}
+
+func (p *progress) done() {
+	if p.tty {
+		fmt.Fprintln(p.w)
+	}
+}
+
+func runEval(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("eval", "eval --checkpoint FILE [--data PATH] [--json]", `
+Print the validation loss (mean next-byte loss in nats over consecutive
+non-overlapping windows of seq_len+1 bytes covering the validation split) of a
+checkpoint written by train. The run spec is read from the checkpoint; --data
+replaces its data path.`, stderr)
+	ckPath := fs.String("checkpoint", "", "model.safetensors written by train (required)")
+	dataPath := fs.String("data", "", "text to evaluate on (default: the data path recorded in the checkpoint's spec)")
+	asJSON := fs.Bool("json", false, "print one JSON object with a val_loss field")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if *ckPath == "" && len(pos) == 1 {
+		*ckPath = pos[0]
+	} else if len(pos) > 0 {
+		fmt.Fprintf(stderr, "pipeswarm eval: unexpected arguments %q\n", pos)
+		return errUsage
+	}
+	if *ckPath == "" {
+		fmt.Fprintln(stderr, "pipeswarm eval: --checkpoint FILE is required")
+		fs.Usage()
+		return errUsage
+	}
+	ck, err := shard.LoadCheckpoint(*ckPath)
+	if err != nil {
+		return err
+	}
+	src, ok := ck.Metadata[train.MetaSpec]
+	if !ok {
+		return fmt.Errorf("%s has no %q metadata: not written by pipeswarm train", *ckPath, train.MetaSpec)
+	}
+	sp, err := spec.Parse([]byte(src), *ckPath+":"+train.MetaSpec)
+	if err != nil {
+		return err
+	}
+	if *dataPath != "" {
+		sp.Data.Path = *dataPath
+	}
+	stages, err := shard.NewStages(train.ModelConfig(sp), sp.Pipeline.Stages)
+	if err != nil {
+		return err
+	}
+	for _, s := range stages {
+		if err := s.Load(ck); err != nil {
+			return err
+		}
+	}
+	text, name, err := train.Corpus(sp.Data.Path)
+	if err != nil {
+		return err
+	}
+	_, val := data.Split(text, sp.Data.ValFraction)
+	ev := train.NewEvaluator(stages, val)
+	if ev.Windows() == 0 {
+		return fmt.Errorf("validation split of %s (%d bytes) holds no window of %d bytes", name, len(val), sp.Model.SeqLen+1)
+	}
+	loss := ev.Loss()
+	if *asJSON {
+		return json.NewEncoder(stdout).Encode(map[string]any{"val_loss": loss, "windows": ev.Windows(),
+			"bytes": ev.Windows() * sp.Model.SeqLen, "data": name, "checkpoint": *ckPath, "step": ck.Metadata[train.MetaStep]})
+	}
+	fmt.Fprintf(stdout, "val_loss %.6f  (%d windows of %d bytes from %s)\n", loss, ev.Windows(), sp.Model.SeqLen+1, name)
+	return nil
+}
+

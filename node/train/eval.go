@@ -1,0 +1,58 @@
+package train
+
+import (
+	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// Evaluator computes the validation loss: the mean next-byte loss over the
+// consecutive non-overlapping windows of seq_len+1 bytes covering the validation
+// split (remainder dropped), EvalBatch windows per forward pass.
+type Evaluator struct {
+	stages []*shard.Stage
+	val    []byte
+	tapes  map[int][]*shard.Tape // by batch size: EvalBatch, and the last partial batch
+}
+
+// NewEvaluator evaluates stages (a whole model, in order) on val.
+func NewEvaluator(stages []*shard.Stage, val []byte) *Evaluator {
+	return &Evaluator{stages: stages, val: val, tapes: map[int][]*shard.Tape{}}
+}
+
+// Windows is the number of validation windows.
+func (e *Evaluator) Windows() int { return data.ValWindows(e.val, e.stages[0].Config.SeqLen) }
+
+// Loss runs the model over every window and returns the mean loss per byte. It does
+// not touch parameter gradients.
+func (e *Evaluator) Loss() float64 {
+	seq := e.stages[0].Config.SeqLen
+	n := e.Windows()
+	var sum float64
+	for lo := 0; lo < n; lo += EvalBatch {
+		b := min(EvalBatch, n-lo)
+		tapes := e.tapesFor(b)
+		inputs, targets := make([]int32, b*seq), make([]int32, b*seq)
+		for i := range b {
+			data.ValWindow(e.val, seq, lo+i, inputs[i*seq:(i+1)*seq], targets[i*seq:(i+1)*seq])
+		}
+		var x []float32
+		for i, s := range e.stages {
+			x = s.Forward(tapes[i], inputs, x)
+		}
+		last := len(e.stages) - 1
+		sum += e.stages[last].Loss(tapes[last], targets, 1) * float64(b)
+	}
+	return sum / float64(n)
+}
+
+func (e *Evaluator) tapesFor(b int) []*shard.Tape {
+	if t, ok := e.tapes[b]; ok {
+		return t
+	}
+	t := make([]*shard.Tape, len(e.stages))
+	for i, s := range e.stages {
+		t[i] = s.NewTape(b, s.Config.SeqLen)
+	}
+	e.tapes[b] = t
+	return t
+}

@@ -1,0 +1,102 @@
+package train
+
+import (
+	"math"
+
+	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/optim"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// model is every stage of a run with its optimiser, stepped in one process.
+type model struct {
+	stages []*shard.Stage
+	opts   []*optim.AdamW
+	tapes  []*shard.Tape // one per stage, reused by every micro-batch
+	micro  int
+	sched  optim.Cosine
+}
+
+func newModel(sp *spec.Spec) (*model, error) {
+	cfg := ModelConfig(sp)
+	stages, err := shard.NewStages(cfg, sp.Pipeline.Stages)
+	if err != nil {
+		return nil, err
+	}
+	m := &model{stages: stages, micro: sp.Pipeline.MicroBatches}
+	m.sched = optim.Cosine{Peak: float32(sp.Train.LR), Min: float32(sp.Train.MinLR), Warmup: sp.Train.Warmup, Total: sp.Train.Steps}
+	if err := m.sched.Validate(); err != nil {
+		return nil, err
+	}
+	mb := sp.Train.BatchSize / m.micro
+	for _, s := range stages {
+		s.Init(sp.Seed)
+		ac := AdamWConfig(sp, s)
+		opt, err := optim.NewAdamW(len(s.Params), ac)
+		if err != nil {
+			return nil, err
+		}
+		m.opts = append(m.opts, opt)
+		m.tapes = append(m.tapes, s.NewTape(mb, cfg.SeqLen))
+	}
+	return m, nil
+}
+
+// AdamWConfig is the inner optimiser for stage s under sp: weight decay on matrices
+// only.
+func AdamWConfig(sp *spec.Spec, s *shard.Stage) optim.AdamWConfig {
+	c := optim.DefaultAdamW()
+	c.Beta1, c.Beta2 = float32(sp.Train.Beta1), float32(sp.Train.Beta2)
+	c.WeightDecay = float32(sp.Train.WeightDecay)
+	c.Decay = []optim.Segment{}
+	for _, t := range s.Tensors() {
+		if t.Decay {
+			c.Decay = append(c.Decay, optim.Segment{Off: t.Off, Len: t.Len()})
+		}
+	}
+	return c
+}
+
+func (m *model) numParams() int {
+	n := 0
+	for _, s := range m.stages {
+		n += len(s.Params)
+	}
+	return n
+}
+
+// step runs one optimiser step over m.micro micro-batches and returns the mean loss
+// and the gradient norm before clipping.
+func (m *model) step(sampler *data.Sampler, inputs, targets []int32, lr float32, clip float64) (loss, norm float64) {
+	for _, s := range m.stages {
+		s.ZeroGrads()
+	}
+	last := len(m.stages) - 1
+	for range m.micro {
+		sampler.Next(inputs, targets)
+		var x []float32
+		for i, s := range m.stages {
+			x = s.Forward(m.tapes[i], inputs, x)
+		}
+		loss += m.stages[last].Loss(m.tapes[last], targets, 1/float32(m.micro))
+		var g []float32
+		for i := last; i >= 0; i-- {
+			g = m.stages[i].Backward(m.tapes[i], g)
+		}
+	}
+	var ss float64
+	for _, s := range m.stages {
+		ss += optim.SumSquares(s.Grads)
+	}
+	norm = math.Sqrt(ss)
+	if f := optim.ClipFactor(norm, clip); f != 1 {
+		for _, s := range m.stages {
+			optim.Scale(s.Grads, f)
+		}
+	}
+	for i, s := range m.stages {
+		m.opts[i].Step(s.Params, s.Grads, lr)
+	}
+	return loss / float64(m.micro), norm
+}
