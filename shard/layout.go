@@ -24,7 +24,7 @@ func (t Tensor) Len() int {
 // blockOffsets are the offsets of one block's parameters. q,k,v are adjacent so the
 // three projections run as one [3d, d] matrix multiply, and gate,up as one [2F, d].
 type blockOffsets struct {
-	layer                               int // global index
+	layer                                int // global index
 	attnNorm, qkv, wo, mlpNorm, gu, down int
 }
 

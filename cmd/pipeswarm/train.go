@@ -186,4 +186,3 @@ replaces its data path.`, stderr)
 	fmt.Fprintf(stdout, "val_loss %.6f  (%d windows of %d bytes from %s)\n", loss, ev.Windows(), sp.Model.SeqLen+1, name)
 	return nil
 }
-
