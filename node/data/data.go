@@ -1,0 +1,261 @@
+// Package data turns text into training tokens. The model is byte-level, so a token is a
+// byte: this package loads corpora (a file, a directory of files, or JSON lines), splits off
+// a validation tail, cuts it into evaluation windows, and samples training sequences from
+// the rest. When a run names no corpus, Builtin provides one generated in code, so a run
+// needs no download.
+package data
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/bits"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"unicode/utf8"
+)
+
+// ErrEmpty means a corpus held no text.
+var ErrEmpty = errors.New("no text")
+
+// ErrNotText means a file given as text is not UTF-8 or holds NUL bytes.
+var ErrNotText = errors.New("not UTF-8 text")
+
+// ErrBadRecord means a JSON-lines record is not an object with a "text" string.
+var ErrBadRecord = errors.New("bad record")
+
+// ErrTooShort means a text is shorter than one sequence plus its next-token target.
+var ErrTooShort = errors.New("text too short")
+
+// Load reads the corpus at path: a text file; a directory, whose regular text files are read
+// recursively in sorted path order (hidden files and directories, and files that are not
+// UTF-8 text, are skipped) and joined with "\n"; or a .jsonl file, whose records' "text"
+// fields are joined with "\n".
+func Load(path string) ([]byte, error) {
+	info, err := os.Stat(path)
+	if err != nil {
+		return nil, fmt.Errorf("load corpus: %w", err)
+	}
+	var text []byte
+	switch {
+	case info.IsDir():
+		text, err = loadDir(path)
+	case strings.EqualFold(filepath.Ext(path), ".jsonl"):
+		text, err = loadJSONL(path)
+	default:
+		text, err = os.ReadFile(path)
+		if err == nil && !isText(text) {
+			err = fmt.Errorf("%s: %w", path, ErrNotText)
+		}
+	}
+	if err != nil {
+		return nil, fmt.Errorf("load corpus: %w", err)
+	}
+	if len(text) == 0 {
+		return nil, fmt.Errorf("load corpus: %s: %w", path, ErrEmpty)
+	}
+	return text, nil
+}
+
+func loadDir(root string) ([]byte, error) {
+	var paths []string
+	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if p != root && strings.HasPrefix(d.Name(), ".") {
+			if d.IsDir() {
+				return filepath.SkipDir
+			}
+			return nil
+		}
+		mode := d.Type()
+		if mode&fs.ModeSymlink != 0 {
+			// Corpora are often symlinks into a cache; take those that lead to a file.
+			info, err := os.Stat(p)
+			if err != nil {
+				return err
+			}
+			mode = info.Mode().Type()
+		}
+		if mode.IsRegular() {
+			paths = append(paths, p)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	// WalkDir's order is per directory ("a/b" before "a.txt"); sort the whole paths instead so
+	// the order is the one a reader would expect from a sorted listing.
+	slices.Sort(paths)
+	var out []byte
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil, err
+		}
+		if len(b) == 0 || !isText(b) {
+			continue
+		}
+		if len(out) > 0 {
+			out = append(out, '\n')
+		}
+		out = append(out, b...)
+	}
+	return out, nil
+}
+
+func loadJSONL(path string) ([]byte, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	r := bufio.NewReader(f)
+	var out []byte
+	first := true
+	for n := 1; ; n++ {
+		line, err := r.ReadBytes('\n')
+		if len(bytes.TrimSpace(line)) > 0 {
+			text, perr := record(line)
+			if perr != nil {
+				return nil, fmt.Errorf("%s:%d: %w", path, n, perr)
+			}
+			if !first {
+				out = append(out, '\n')
+			}
+			out = append(out, text...)
+			first = false
+		}
+		if errors.Is(err, io.EOF) {
+			return out, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+	}
+}
+
+// record returns the "text" field of one JSON-lines record.
+func record(line []byte) (string, error) {
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(line, &obj); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrBadRecord, err)
+	}
+	raw, ok := obj["text"]
+	if !ok {
+		return "", fmt.Errorf(`%w: no "text" field`, ErrBadRecord)
+	}
+	var text string
+	if err := json.Unmarshal(raw, &text); err != nil || string(bytes.TrimSpace(raw)) == "null" {
+		return "", fmt.Errorf(`%w: "text" is not a string: %s`, ErrBadRecord, raw)
+	}
+	return text, nil
+}
+
+func isText(b []byte) bool {
+	return bytes.IndexByte(b, 0) < 0 && utf8.Valid(b)
+}
+
+// Split returns the first 1-valFraction of text for training and the rest, floor(len(text) *
+// valFraction) bytes, for validation. The two share text's memory but appending to train
+// cannot overwrite val. It panics if valFraction is outside [0, 1].
+func Split(text []byte, valFraction float64) (train, val []byte) {
+	if !(valFraction >= 0 && valFraction <= 1) {
+		panic(fmt.Sprintf("data: Split: valFraction %v outside [0, 1]", valFraction))
+	}
+	cut := len(text) - int(float64(len(text))*valFraction)
+	return text[:cut:cut], text[cut:]
+}
+
+// ValWindows returns how many windows of seqLen+1 bytes fit in val, one after another
+// without overlap; the remainder is not evaluated.
+func ValWindows(val []byte, seqLen int) int {
+	if seqLen <= 0 {
+		panic(fmt.Sprintf("data: ValWindows: seqLen %d is not positive", seqLen))
+	}
+	return len(val) / (seqLen + 1)
+}
+
+// ValWindow fills inputs and targets, each seqLen long, with window i of val: the bytes
+// starting at i*(seqLen+1), and for each the byte after it.
+func ValWindow(val []byte, seqLen, i int, inputs, targets []int32) {
+	if len(inputs) != seqLen || len(targets) != seqLen {
+		panic(fmt.Sprintf("data: ValWindow: inputs %d and targets %d, want seqLen %d", len(inputs), len(targets), seqLen))
+	}
+	if i < 0 || i >= ValWindows(val, seqLen) {
+		panic(fmt.Sprintf("data: ValWindow: window %d of %d", i, ValWindows(val, seqLen)))
+	}
+	fill(val[i*(seqLen+1):], inputs, targets)
+}
+
+// fill sets inputs to the first len(inputs) bytes of src and targets to the bytes one on.
+func fill(src []byte, inputs, targets []int32) {
+	for j := range inputs {
+		inputs[j] = int32(src[j])
+		targets[j] = int32(src[j+1])
+	}
+}
+
+// Sampler draws training sequences from random offsets of a text. Each replica of a stage
+// gets its own stream, so replicas train on different data, and a restart with the same
+// (seed, replica) draws the same sequences again.
+type Sampler struct {
+	train  []byte
+	seqLen int
+	rng    *rand.PCG
+}
+
+// NewSampler returns a sampler of sequences of seqLen tokens from train, which it keeps and
+// which must not change while it is in use.
+func NewSampler(train []byte, seqLen int, seed uint64, replica int) (*Sampler, error) {
+	if seqLen <= 0 {
+		return nil, fmt.Errorf("data: sampler: seq_len %d is not positive", seqLen)
+	}
+	if len(train) < seqLen+1 {
+		return nil, fmt.Errorf("data: sampler: %d bytes of training text, need at least seq_len+1 = %d: %w",
+			len(train), seqLen+1, ErrTooShort)
+	}
+	// Mixing the replica keeps streams of neighbouring replicas from starting at
+	// neighbouring states.
+	return &Sampler{train: train, seqLen: seqLen, rng: rand.NewPCG(seed, mix(uint64(replica)))}, nil
+}
+
+// Next fills inputs and targets with len(inputs)/seqLen sequences, one after another, each
+// from a uniformly random offset; targets are the inputs shifted by one byte. It panics
+// unless len(inputs) is a multiple of seqLen and len(targets) == len(inputs).
+func (s *Sampler) Next(inputs, targets []int32) {
+	if len(inputs)%s.seqLen != 0 || len(targets) != len(inputs) {
+		panic(fmt.Sprintf("data: Sampler.Next: inputs %d and targets %d, want equal multiples of seqLen %d",
+			len(inputs), len(targets), s.seqLen))
+	}
+	starts := uint64(len(s.train) - s.seqLen) // offsets 0 .. len-seqLen-1 leave room for the last target
+	for b := 0; b < len(inputs); b += s.seqLen {
+		off := below(s.rng, starts)
+		fill(s.train[off:], inputs[b:b+s.seqLen], targets[b:b+s.seqLen])
+	}
+}
+
+// below returns a number in [0, n) from the top bits of a 128-bit product. It is written
+// out, rather than rand.Rand.IntN, so that the draws depend only on the PCG stream and can
+// never change with the Go release. The bias, under n/2^64, does not matter here.
+func below(rng *rand.PCG, n uint64) uint64 {
+	hi, _ := bits.Mul64(rng.Uint64(), n)
+	return hi
+}
+
+// mix is the splitmix64 finaliser: it spreads nearby inputs over the whole 64-bit range.
+func mix(x uint64) uint64 {
+	x += 0x9e3779b97f4a7c15
+	x = (x ^ x>>30) * 0xbf58476d1ce4e5b9
+	x = (x ^ x>>27) * 0x94d049bb133111eb
+	return x ^ x>>31
+}

@@ -1,0 +1,402 @@
+// Package spec is the run spec: one plain struct, read from YAML, that says which model to
+// train, how to split it into pipeline stages, how to optimise it and on what text.
+//
+// The life of a spec follows pebble's Options: Parse (or Load) decodes the file strictly,
+// EnsureDefaults fills what the file left out, Validate checks every field, and Marshal
+// writes back the effective spec so that every run can record exactly what it used.
+// Errors name the file, line and field of what is wrong.
+package spec
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+)
+
+// ErrInvalid is wrapped by every error Validate reports: the spec decoded, but a value is out
+// of range or inconsistent with another.
+var ErrInvalid = errors.New("invalid spec")
+
+// ErrDecode is wrapped by every error about the text itself: malformed YAML, an empty file,
+// unknown or repeated fields, values of the wrong type.
+var ErrDecode = errors.New("cannot decode spec")
+
+// Spec is a training run: model shape, pipeline split, optimiser and data.
+type Spec struct {
+	Name         string   `yaml:"name"`
+	Seed         uint64   `yaml:"seed"`
+	EvalInterval int      `yaml:"eval_interval"` // steps between validation evals; 0 = only at the end
+	Model        Model    `yaml:"model"`
+	Pipeline     Pipeline `yaml:"pipeline"`
+	Train        Train    `yaml:"train"`
+	Data         Data     `yaml:"data"`
+
+	// src remembers where each field was written so that Validate can point at the line, and
+	// so that EnsureDefaults leaves alone a zero the file asked for (grad_clip: 0 disables
+	// clipping; it must not become the default 1.0).
+	src source
+}
+
+// Model is the shape of the transformer.
+type Model struct {
+	Vocab     int     `yaml:"vocab"` // default 256 (byte-level)
+	DModel    int     `yaml:"d_model"`
+	NLayers   int     `yaml:"n_layers"`
+	NHeads    int     `yaml:"n_heads"`
+	DFF       int     `yaml:"d_ff"`
+	SeqLen    int     `yaml:"seq_len"`
+	RopeTheta float64 `yaml:"rope_theta"` // default 10000
+	NormEps   float64 `yaml:"norm_eps"`   // default 1e-5
+}
+
+// Pipeline is how the model is cut into stages and a step into micro-batches.
+type Pipeline struct {
+	Stages       int `yaml:"stages"`        // default 1
+	MicroBatches int `yaml:"micro_batches"` // micro-batches per step, default 1; batch_size must divide by it
+}
+
+// Train is the inner optimiser (AdamW) and its schedule.
+type Train struct {
+	BatchSize   int     `yaml:"batch_size"` // sequences per optimiser step
+	Steps       int     `yaml:"steps"`
+	LR          float64 `yaml:"lr"`
+	MinLR       float64 `yaml:"min_lr"` // default lr/10
+	Warmup      int     `yaml:"warmup"`
+	WeightDecay float64 `yaml:"weight_decay"` // default 0.1
+	GradClip    float64 `yaml:"grad_clip"`    // default 1.0; 0 disables
+	Beta1       float64 `yaml:"beta1"`        // default 0.9
+	Beta2       float64 `yaml:"beta2"`        // default 0.95
+}
+
+// Data is where the training text comes from.
+type Data struct {
+	Path        string  `yaml:"path"`         // file, directory, or .jsonl; empty = built-in default corpus
+	ValFraction float64 `yaml:"val_fraction"` // default 0.1
+}
+
+// source is where a spec came from. The map is written only while parsing and shared
+// read-only by clones.
+type source struct {
+	file  string
+	lines map[string]int // field path ("model.n_heads") -> line of its key
+}
+
+func (src source) written(path string) bool {
+	_, ok := src.lines[path]
+	return ok
+}
+
+// HeadDim is the width of one attention head, d_model/n_heads (0 if n_heads is not set).
+func (m Model) HeadDim() int {
+	if m.NHeads <= 0 {
+		return 0
+	}
+	return m.DModel / m.NHeads
+}
+
+// TokensPerStep is the number of tokens in one optimiser step: batch_size * seq_len.
+func (s *Spec) TokensPerStep() int {
+	return s.Train.BatchSize * s.Model.SeqLen
+}
+
+// Load reads the spec file at path and parses it with Parse.
+func Load(path string) (*Spec, error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("load spec: %w", err)
+	}
+	return Parse(src, path)
+}
+
+// Parse decodes a spec from YAML, fills defaults and validates it. name is used in error
+// messages ("tiny.yaml:7: model.n_heads: ..."). Unknown fields are errors. All problems
+// found are returned together, joined with errors.Join.
+func Parse(src []byte, name string) (*Spec, error) {
+	d := decoder{file: name, lines: map[string]int{}, failed: map[string]bool{}}
+	s := &Spec{}
+	root, err := d.document(src)
+	if err != nil {
+		return nil, err
+	}
+	d.mapping(root, "", "", fieldsOf(s))
+	s.src = source{file: name, lines: d.lines}
+	s.EnsureDefaults()
+	errs := d.errs
+	// A field that failed to decode holds a zero; complaining that it is not positive as well
+	// would only repeat the decode error.
+	for _, e := range s.problems() {
+		if !d.failedAt(e.(*fieldError).field) {
+			errs = append(errs, e)
+		}
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return s, nil
+}
+
+// EnsureDefaults fills the fields that are zero and were not written in the spec file with
+// their defaults. A zero written in the file is kept, so "grad_clip: 0" disables clipping;
+// for a spec built in Go, set such zeros after calling EnsureDefaults.
+func (s *Spec) EnsureDefaults() {
+	unset := func(path string, zero bool) bool { return zero && !s.src.written(path) }
+	m, p, t, d := &s.Model, &s.Pipeline, &s.Train, &s.Data
+	if unset("model.vocab", m.Vocab == 0) {
+		m.Vocab = 256 // byte-level tokens
+	}
+	if unset("model.rope_theta", m.RopeTheta == 0) {
+		m.RopeTheta = 10000
+	}
+	if unset("model.norm_eps", m.NormEps == 0) {
+		m.NormEps = 1e-5
+	}
+	if unset("pipeline.stages", p.Stages == 0) {
+		p.Stages = 1
+	}
+	if unset("pipeline.micro_batches", p.MicroBatches == 0) {
+		p.MicroBatches = 1
+	}
+	// Without a usable lr there is nothing to take a tenth of; Validate reports the lr.
+	if unset("train.min_lr", t.MinLR == 0) && t.LR > 0 && !math.IsInf(t.LR, 1) {
+		t.MinLR = t.LR / 10
+	}
+	if unset("train.weight_decay", t.WeightDecay == 0) {
+		t.WeightDecay = 0.1
+	}
+	if unset("train.grad_clip", t.GradClip == 0) {
+		t.GradClip = 1.0
+	}
+	if unset("train.beta1", t.Beta1 == 0) {
+		t.Beta1 = 0.9
+	}
+	if unset("train.beta2", t.Beta2 == 0) {
+		t.Beta2 = 0.95
+	}
+	if unset("data.val_fraction", d.ValFraction == 0) {
+		d.ValFraction = 0.1
+	}
+}
+
+// Validate checks every field and returns all problems joined, each wrapping ErrInvalid.
+// For a spec that came from Parse, each problem names the line of the field in the file.
+func (s *Spec) Validate() error {
+	return errors.Join(s.problems()...)
+}
+
+// Clone returns a copy of s that shares nothing mutable with it.
+func (s *Spec) Clone() *Spec {
+	c := *s
+	return &c
+}
+
+// Marshal returns the spec as YAML, every field included, so that a run can record the
+// exact configuration it used. Parse(Marshal(s)) gives back s.
+func (s *Spec) Marshal() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(s); err != nil {
+		return nil, fmt.Errorf("marshal spec: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("marshal spec: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// String returns the same text as Marshal.
+func (s *Spec) String() string {
+	b, err := s.Marshal()
+	if err != nil {
+		return "<" + err.Error() + ">"
+	}
+	return string(b)
+}
+
+// fieldError is one problem with a spec, located as precisely as is known.
+type fieldError struct {
+	file  string // "" when the spec did not come from a file
+	line  int    // 0 when the field was not written in the file
+	field string // dotted path; "" for problems with the document's shape
+	msg   string
+	kind  error // ErrInvalid or ErrDecode
+	cause error // the underlying error, if any
+}
+
+func (e *fieldError) Error() string {
+	var b strings.Builder
+	switch {
+	case e.file != "" && e.line > 0:
+		fmt.Fprintf(&b, "%s:%d: ", e.file, e.line)
+	case e.file != "":
+		fmt.Fprintf(&b, "%s: ", e.file)
+	case e.line > 0:
+		fmt.Fprintf(&b, "line %d: ", e.line)
+	}
+	if e.field != "" {
+		b.WriteString(e.field + ": ")
+	}
+	b.WriteString(e.msg)
+	return b.String()
+}
+
+func (e *fieldError) Unwrap() []error {
+	if e.cause != nil {
+		return []error{e.kind, e.cause}
+	}
+	return []error{e.kind}
+}
+
+// checker collects validation problems, locating each through the spec's source.
+type checker struct {
+	src  source
+	errs []error
+}
+
+func (c *checker) failf(path, format string, args ...any) {
+	c.errs = append(c.errs, &fieldError{
+		file:  c.src.file,
+		line:  c.src.lines[path],
+		field: path,
+		msg:   fmt.Sprintf(format, args...),
+		kind:  ErrInvalid,
+	})
+}
+
+func (c *checker) positive(path string, v int) bool {
+	switch {
+	case v == 0 && !c.src.written(path):
+		c.failf(path, "missing; want a positive integer")
+		return false
+	case v <= 0:
+		c.failf(path, "%d is not positive", v)
+		return false
+	}
+	return true
+}
+
+func (c *checker) positiveFloat(path string, v float64) bool {
+	if !c.finite(path, v) {
+		return false
+	}
+	switch {
+	case v == 0 && !c.src.written(path):
+		c.failf(path, "missing; want a positive number")
+		return false
+	case !(v > 0):
+		c.failf(path, "%v is not positive", v)
+		return false
+	}
+	return true
+}
+
+func (c *checker) nonNegative(path string, v float64) bool {
+	if !c.finite(path, v) {
+		return false
+	}
+	if !(v >= 0) {
+		c.failf(path, "%v is negative", v)
+		return false
+	}
+	return true
+}
+
+func (c *checker) finite(path string, v float64) bool {
+	if math.IsNaN(v) || math.IsInf(v, 0) {
+		c.failf(path, "%v is not a finite number", v)
+		return false
+	}
+	return true
+}
+
+// problems checks every field, in the order they appear in the struct.
+func (s *Spec) problems() []error {
+	c := &checker{src: s.src}
+	m, p, t, d := s.Model, s.Pipeline, s.Train, s.Data
+
+	switch {
+	case s.Name == "" && !c.src.written("name"):
+		c.failf("name", "missing; a run needs a name")
+	case s.Name == "":
+		c.failf("name", `"" is empty; a run needs a name`)
+	case len(s.Name) > 64 || strings.IndexFunc(s.Name, badNameRune) >= 0:
+		// The name ends up in file names and topic names.
+		c.failf("name", "%q must be 1-64 letters, digits, '-', '_' or '.'", s.Name)
+	}
+	if s.EvalInterval < 0 {
+		c.failf("eval_interval", "%d is negative", s.EvalInterval)
+	}
+
+	if m.Vocab < 2 || m.Vocab > 65536 {
+		c.failf("model.vocab", "%d is outside [2, 65536]", m.Vocab)
+	}
+	dOK := c.positive("model.d_model", m.DModel)
+	layersOK := c.positive("model.n_layers", m.NLayers)
+	if c.positive("model.n_heads", m.NHeads) && dOK {
+		switch {
+		case m.DModel%m.NHeads != 0:
+			c.failf("model.n_heads", "%d does not divide d_model %d", m.NHeads, m.DModel)
+		case m.HeadDim()%2 != 0:
+			// RoPE rotates the head's dimensions in pairs.
+			c.failf("model.n_heads", "head dim d_model/n_heads = %d/%d = %d is odd; RoPE needs it even",
+				m.DModel, m.NHeads, m.HeadDim())
+		}
+	}
+	c.positive("model.d_ff", m.DFF)
+	c.positive("model.seq_len", m.SeqLen)
+	c.positiveFloat("model.rope_theta", m.RopeTheta)
+	c.positiveFloat("model.norm_eps", m.NormEps)
+
+	switch {
+	case p.Stages < 1:
+		c.failf("pipeline.stages", "%d is less than 1", p.Stages)
+	case layersOK && p.Stages > m.NLayers:
+		c.failf("pipeline.stages", "%d exceeds n_layers %d; each stage needs a layer", p.Stages, m.NLayers)
+	}
+	microOK := c.positive("pipeline.micro_batches", p.MicroBatches)
+
+	if c.positive("train.batch_size", t.BatchSize) && microOK && t.BatchSize%p.MicroBatches != 0 {
+		c.failf("train.batch_size", "%d is not divisible by micro_batches %d", t.BatchSize, p.MicroBatches)
+	}
+	stepsOK := c.positive("train.steps", t.Steps)
+	lrOK := c.positiveFloat("train.lr", t.LR)
+	if c.nonNegative("train.min_lr", t.MinLR) && lrOK && t.MinLR > t.LR {
+		c.failf("train.min_lr", "%v exceeds lr %v", t.MinLR, t.LR)
+	}
+	switch {
+	case t.Warmup < 0:
+		c.failf("train.warmup", "%d is negative", t.Warmup)
+	case stepsOK && t.Warmup >= t.Steps:
+		c.failf("train.warmup", "%d is not less than steps %d", t.Warmup, t.Steps)
+	}
+	c.nonNegative("train.weight_decay", t.WeightDecay)
+	c.nonNegative("train.grad_clip", t.GradClip)
+	for _, b := range []struct {
+		path string
+		v    float64
+	}{{"train.beta1", t.Beta1}, {"train.beta2", t.Beta2}} {
+		if !(b.v >= 0 && b.v < 1) {
+			c.failf(b.path, "%v is outside [0, 1)", b.v)
+		}
+	}
+
+	if !(d.ValFraction > 0 && d.ValFraction < 1) {
+		c.failf("data.val_fraction", "%v is outside (0, 1)", d.ValFraction)
+	}
+	return c.errs
+}
+
+func badNameRune(r rune) bool {
+	switch {
+	case r >= 'a' && r <= 'z', r >= 'A' && r <= 'Z', r >= '0' && r <= '9':
+		return false
+	case r == '-', r == '_', r == '.':
+		return false
+	}
+	return true
+}

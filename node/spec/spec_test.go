@@ -1,0 +1,446 @@
+package spec
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"math"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// base is a valid spec with every field written, one per line, so that tests can change one
+// value and know its line.
+const base = `name: t
+seed: 7
+eval_interval: 100
+model:
+  vocab: 256
+  d_model: 128
+  n_layers: 4
+  n_heads: 4
+  d_ff: 352
+  seq_len: 128
+  rope_theta: 10000
+  norm_eps: 1e-5
+pipeline:
+  stages: 2
+  micro_batches: 2
+train:
+  batch_size: 16
+  steps: 1000
+  lr: 0.002
+  min_lr: 0.0002
+  warmup: 100
+  weight_decay: 0.1
+  grad_clip: 1.0
+  beta1: 0.9
+  beta2: 0.95
+data:
+  path: ""
+  val_fraction: 0.1
+`
+
+// edit returns base with the value of the field at path replaced, and the field's line.
+func edit(t *testing.T, path, value string) ([]byte, int) {
+	t.Helper()
+	section, name, nested := strings.Cut(path, ".")
+	if !nested {
+		section, name = "", section
+	}
+	lines := strings.Split(base, "\n")
+	current := ""
+	for i, l := range lines {
+		indent := ""
+		if strings.HasPrefix(l, "  ") {
+			indent = "  "
+		} else {
+			current, _, _ = strings.Cut(l, ":")
+		}
+		key, _, _ := strings.Cut(strings.TrimSpace(l), ":")
+		if key == name && (indent == "" && section == "" || indent != "" && current == section) {
+			lines[i] = indent + name + ": " + value
+			return []byte(strings.Join(lines, "\n")), i + 1
+		}
+	}
+	t.Fatalf("no field %s in base spec", path)
+	return nil, 0
+}
+
+// without returns base with the field at path removed.
+func without(t *testing.T, path string) []byte {
+	t.Helper()
+	src, line := edit(t, path, "x")
+	lines := strings.Split(string(src), "\n")
+	return []byte(strings.Join(append(lines[:line-1:line-1], lines[line:]...), "\n"))
+}
+
+func mustParse(t *testing.T, src []byte) *Spec {
+	t.Helper()
+	s, err := Parse(src, "t.yaml")
+	if err != nil {
+		t.Fatalf("Parse: %v", err)
+	}
+	return s
+}
+
+// fields returns the spec's exported fields only, for comparing specs from different sources.
+func fields(s *Spec) Spec {
+	c := *s
+	c.src = source{}
+	return c
+}
+
+func TestExamplesParseAndValidate(t *testing.T) {
+	paths, err := filepath.Glob("../../examples/*.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]*Spec{}
+	for _, p := range paths {
+		s, err := Load(p)
+		if err != nil {
+			t.Errorf("Load(%s): %v", p, err)
+			continue
+		}
+		if err := s.Validate(); err != nil {
+			t.Errorf("%s: Validate: %v", p, err)
+		}
+		got[filepath.Base(p)] = s
+	}
+	tiny := Spec{
+		Name: "tiny", Seed: 1, EvalInterval: 200,
+		Model: Model{Vocab: 256, DModel: 128, NLayers: 4, NHeads: 4, DFF: 352, SeqLen: 128,
+			RopeTheta: 10000, NormEps: 1e-5},
+		Pipeline: Pipeline{Stages: 1, MicroBatches: 1},
+		Train: Train{BatchSize: 16, Steps: 2000, LR: 0.002, MinLR: 0.0002, Warmup: 100,
+			WeightDecay: 0.1, GradClip: 1.0, Beta1: 0.9, Beta2: 0.95},
+		Data: Data{Path: "", ValFraction: 0.1},
+	}
+	small := tiny
+	small.Name, small.EvalInterval = "small", 250
+	small.Model.NLayers, small.Model.DModel, small.Model.DFF = 8, 256, 688
+	small.Train.Steps, small.Train.LR, small.Train.MinLR, small.Train.Warmup = 3000, 0.0015, 0.00015, 150
+	for name, want := range map[string]Spec{"tiny.yaml": tiny, "small.yaml": small} {
+		s, ok := got[name]
+		if !ok {
+			t.Errorf("examples/%s is missing or does not load", name)
+			continue
+		}
+		if !reflect.DeepEqual(fields(s), want) {
+			t.Errorf("examples/%s:\n%v\nwant:\n%v", name, s, &want)
+		}
+	}
+}
+
+func TestMarshalRoundTripsParsedSpec(t *testing.T) {
+	s := mustParse(t, []byte(base))
+	text, err := s.Marshal()
+	if err != nil {
+		t.Fatal(err)
+	}
+	back := mustParse(t, text)
+	if !reflect.DeepEqual(fields(back), fields(s)) {
+		t.Errorf("round trip changed the spec:\n%s\nbecame:\n%s", s, back)
+	}
+	if s.String() != string(text) {
+		t.Errorf("String differs from Marshal")
+	}
+}
+
+func TestMarshalRoundTripsZerosAndExtremes(t *testing.T) {
+	s := &Spec{
+		Name: "edge.case_1", Seed: math.MaxUint64, EvalInterval: 0,
+		Model:    Model{DModel: 96, NLayers: 3, NHeads: 3, DFF: 1, SeqLen: 1, RopeTheta: 1e20, NormEps: 1e-300},
+		Pipeline: Pipeline{Stages: 3, MicroBatches: 5},
+		Train:    Train{BatchSize: 5, Steps: 1, LR: 0.1 + 0.2, Warmup: 0, Beta1: 0.999999},
+		Data:     Data{Path: "dir with spaces/\"quoted\"\n.jsonl"},
+	}
+	s.EnsureDefaults()
+	// Zeros set after EnsureDefaults are values, not requests for defaults, and must survive.
+	s.Train.GradClip, s.Train.WeightDecay, s.Train.MinLR, s.Train.Beta2 = 0, 0, 0, 0
+	if err := s.Validate(); err != nil {
+		t.Fatalf("Validate: %v", err)
+	}
+	back := mustParse(t, []byte(s.String()))
+	if !reflect.DeepEqual(fields(back), fields(s)) {
+		t.Errorf("round trip changed the spec:\n%s\nbecame:\n%s", s, back)
+	}
+}
+
+func TestWrittenZeroIsKeptAndMissingFieldGetsDefault(t *testing.T) {
+	src, _ := edit(t, "train.grad_clip", "0")
+	src = []byte(strings.Replace(string(src), "  weight_decay: 0.1\n", "", 1))
+	src = []byte(strings.Replace(string(src), "  min_lr: 0.0002\n", "  min_lr: 0\n", 1))
+	src = []byte(strings.Replace(string(src), "  lr: 0.002\n", "  lr: 0.003\n", 1))
+	s := mustParse(t, src)
+	if s.Train.GradClip != 0 {
+		t.Errorf("grad_clip: 0 became %v", s.Train.GradClip)
+	}
+	if s.Train.MinLR != 0 {
+		t.Errorf("min_lr: 0 became %v", s.Train.MinLR)
+	}
+	if s.Train.WeightDecay != 0.1 {
+		t.Errorf("missing weight_decay = %v, want default 0.1", s.Train.WeightDecay)
+	}
+
+	s = mustParse(t, without(t, "train.min_lr"))
+	if s.Train.MinLR != s.Train.LR/10 {
+		t.Errorf("missing min_lr = %v, want lr/10 = %v", s.Train.MinLR, s.Train.LR/10)
+	}
+}
+
+func TestEnsureDefaultsFillsZeroFieldsOfGoSpec(t *testing.T) {
+	s := &Spec{Train: Train{LR: 0.01}}
+	s.EnsureDefaults()
+	want := Spec{
+		Model:    Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5},
+		Pipeline: Pipeline{Stages: 1, MicroBatches: 1},
+		Train:    Train{LR: 0.01, MinLR: 0.001, WeightDecay: 0.1, GradClip: 1, Beta1: 0.9, Beta2: 0.95},
+		Data:     Data{ValFraction: 0.1},
+	}
+	if !reflect.DeepEqual(*s, want) {
+		t.Errorf("after EnsureDefaults:\n%s\nwant:\n%s", s, &want)
+	}
+}
+
+func TestValidateNamesFieldLineAndValue(t *testing.T) {
+	for _, tc := range []struct {
+		path, value string
+		blame       string // field named in the error; path if empty
+		want        string
+	}{
+		{path: "name", value: `""`, want: `"" is empty`},
+		{path: "name", value: `"my run"`, want: `"my run" must be`},
+		{path: "eval_interval", value: "-1", want: "-1 is negative"},
+		{path: "model.vocab", value: "1", want: "1 is outside [2, 65536]"},
+		{path: "model.vocab", value: "65537", want: "65537 is outside [2, 65536]"},
+		{path: "model.vocab", value: "0", want: "0 is outside"},
+		{path: "model.d_model", value: "0", want: "0 is not positive"},
+		{path: "model.n_layers", value: "-2", want: "-2 is not positive"},
+		{path: "model.n_heads", value: "0", want: "0 is not positive"},
+		{path: "model.n_heads", value: "3", want: "3 does not divide d_model 128"},
+		{path: "model.n_heads", value: "128", want: "head dim d_model/n_heads = 128/128 = 1 is odd"},
+		{path: "model.d_ff", value: "0", want: "0 is not positive"},
+		{path: "model.seq_len", value: "-1", want: "-1 is not positive"},
+		{path: "model.rope_theta", value: "-1", want: "-1 is not positive"},
+		{path: "model.rope_theta", value: ".inf", want: "+Inf is not a finite number"},
+		{path: "model.norm_eps", value: "0", want: "0 is not positive"},
+		{path: "pipeline.stages", value: "0", want: "0 is less than 1"},
+		{path: "pipeline.stages", value: "5", want: "5 exceeds n_layers 4"},
+		{path: "pipeline.micro_batches", value: "0", want: "0 is not positive"},
+		{path: "pipeline.micro_batches", value: "3", blame: "train.batch_size", want: "16 is not divisible by micro_batches 3"},
+		{path: "train.batch_size", value: "0", want: "0 is not positive"},
+		{path: "train.batch_size", value: "15", want: "15 is not divisible by micro_batches 2"},
+		{path: "train.steps", value: "0", want: "0 is not positive"},
+		{path: "train.lr", value: "0", want: "0 is not positive"},
+		{path: "train.lr", value: "-0.1", want: "-0.1 is not positive"},
+		{path: "train.lr", value: ".nan", want: "NaN is not a finite number"},
+		{path: "train.min_lr", value: "-0.1", want: "-0.1 is negative"},
+		{path: "train.min_lr", value: "0.01", want: "0.01 exceeds lr 0.002"},
+		{path: "train.warmup", value: "-1", want: "-1 is negative"},
+		{path: "train.warmup", value: "1000", want: "1000 is not less than steps 1000"},
+		{path: "train.weight_decay", value: "-0.1", want: "-0.1 is negative"},
+		{path: "train.grad_clip", value: "-1", want: "-1 is negative"},
+		{path: "train.beta1", value: "1", want: "1 is outside [0, 1)"},
+		{path: "train.beta1", value: "-0.5", want: "-0.5 is outside [0, 1)"},
+		{path: "train.beta2", value: "1.5", want: "1.5 is outside [0, 1)"},
+		{path: "data.val_fraction", value: "0", want: "0 is outside (0, 1)"},
+		{path: "data.val_fraction", value: "1", want: "1 is outside (0, 1)"},
+	} {
+		t.Run(tc.path+"="+tc.value, func(t *testing.T) {
+			src, line := edit(t, tc.path, tc.value)
+			blame := tc.path
+			if tc.blame != "" {
+				_, line = edit(t, tc.blame, "x")
+				blame = tc.blame
+			}
+			_, err := Parse(src, "t.yaml")
+			if !errors.Is(err, ErrInvalid) {
+				t.Fatalf("Parse error = %v, want ErrInvalid", err)
+			}
+			want := fmt.Sprintf("t.yaml:%d: %s: %s", line, blame, tc.want)
+			if !strings.Contains(err.Error(), want) {
+				t.Errorf("error:\n%v\nwant it to contain:\n%s", err, want)
+			}
+		})
+	}
+}
+
+func TestValidateNamesMissingFieldWithoutLine(t *testing.T) {
+	_, err := Parse(without(t, "model.n_heads"), "t.yaml")
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("error = %v, want ErrInvalid", err)
+	}
+	if want := "t.yaml: model.n_heads: missing; want a positive integer"; err.Error() != want {
+		t.Errorf("error = %q, want %q", err, want)
+	}
+}
+
+func TestValidateOfGoSpecNamesFieldOnly(t *testing.T) {
+	s := mustParse(t, []byte(base)).Clone()
+	s.src = source{}
+	s.Model.NHeads = 3
+	err := s.Validate()
+	if want := "model.n_heads: 3 does not divide d_model 128"; err == nil || err.Error() != want {
+		t.Errorf("error = %v, want %q", err, want)
+	}
+}
+
+func TestValidateReportsEveryProblemOnItsOwnLine(t *testing.T) {
+	src, _ := edit(t, "train.lr", "-1")
+	src = []byte(strings.Replace(string(src), "  d_ff: 352", "  d_ff: 0", 1))
+	_, err := Parse(src, "t.yaml")
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("error = %v, want ErrInvalid", err)
+	}
+	got := strings.Split(err.Error(), "\n")
+	want := []string{"t.yaml:9: model.d_ff: 0 is not positive", "t.yaml:19: train.lr: -1 is not positive"}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("errors:\n%q\nwant:\n%q", got, want)
+	}
+}
+
+func TestUnknownFieldNamesLineSectionAndKnownFields(t *testing.T) {
+	src, line := edit(t, "model.d_model", "128\n  d_modle: 128")
+	_, err := Parse(src, "t.yaml")
+	if !errors.Is(err, ErrDecode) {
+		t.Fatalf("error = %v, want ErrDecode", err)
+	}
+	want := fmt.Sprintf(`t.yaml:%d: unknown field "d_modle" in model (known: vocab, d_model, n_layers, n_heads, d_ff, seq_len, rope_theta, norm_eps)`, line+1)
+	if err.Error() != want {
+		t.Errorf("error:\n%v\nwant:\n%s", err, want)
+	}
+
+	_, err = Parse([]byte("nmae: x\n"+base), "t.yaml")
+	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, model, pipeline, train, data)`; err == nil || err.Error() != want {
+		t.Errorf("error:\n%v\nwant:\n%s", err, want)
+	}
+}
+
+func TestMalformedYAMLGivesParserLine(t *testing.T) {
+	src, line := edit(t, "train.steps", "1000: 3")
+	_, err := Parse(src, "t.yaml")
+	if !errors.Is(err, ErrDecode) {
+		t.Fatalf("error = %v, want ErrDecode", err)
+	}
+	if prefix := fmt.Sprintf("t.yaml:%d: ", line); !strings.HasPrefix(err.Error(), prefix) {
+		t.Errorf("error = %v, want prefix %q", err, prefix)
+	}
+}
+
+func TestWrongTypeNamesFoundAndExpected(t *testing.T) {
+	for _, tc := range []struct{ path, value, want string }{
+		{"train.lr", "fast", `train.lr: "fast" is not a number`},
+		{"train.lr", `"0.1"`, `train.lr: "0.1" is not a number`},
+		{"model.n_heads", "1.5", "model.n_heads: 1.5 is not an integer"},
+		{"seed", "-1", "seed: -1 is not a non-negative integer"},
+		{"train.beta1", "[0.9]", "train.beta1: expected a number, found a list"},
+	} {
+		t.Run(tc.path+"="+tc.value, func(t *testing.T) {
+			src, line := edit(t, tc.path, tc.value)
+			_, err := Parse(src, "t.yaml")
+			if !errors.Is(err, ErrDecode) {
+				t.Fatalf("error = %v, want ErrDecode", err)
+			}
+			if want := fmt.Sprintf("t.yaml:%d: %s", line, tc.want); !strings.Contains(err.Error(), want) {
+				t.Errorf("error:\n%v\nwant it to contain:\n%s", err, want)
+			}
+			// The field that failed to decode is zero, but that must not be reported again.
+			if n := strings.Count(err.Error(), tc.path+":"); n != 1 {
+				t.Errorf("%s reported %d times:\n%v", tc.path, n, err)
+			}
+		})
+	}
+}
+
+func TestSectionThatIsNotAMappingIsReportedOnce(t *testing.T) {
+	src := strings.Replace(base, "pipeline:\n  stages: 2\n  micro_batches: 2\n", "pipeline: 2\n", 1)
+	_, err := Parse([]byte(src), "t.yaml")
+	// pipeline's fields are missing, but that follows from the one mistake.
+	want := "t.yaml:13: pipeline: expected a mapping of fields, found the value 2"
+	if !errors.Is(err, ErrDecode) || err.Error() != want {
+		t.Errorf("error = %v, want %q", err, want)
+	}
+}
+
+func TestWholeFloatIsAnInteger(t *testing.T) {
+	src, _ := edit(t, "train.steps", "1e3")
+	if s := mustParse(t, src); s.Train.Steps != 1000 {
+		t.Errorf("steps: 1e3 = %d, want 1000", s.Train.Steps)
+	}
+}
+
+func TestRepeatedFieldIsAnError(t *testing.T) {
+	src, line := edit(t, "train.lr", "0.1\n  lr: 0.2")
+	_, err := Parse(src, "t.yaml")
+	want := fmt.Sprintf("t.yaml:%d: train.lr: repeated; first given at line %d", line+1, line)
+	if !errors.Is(err, ErrDecode) || err.Error() != want {
+		t.Errorf("error = %v, want %q", err, want)
+	}
+}
+
+func TestEmptySpecIsAnError(t *testing.T) {
+	for _, src := range []string{"", "\n", "# only a comment\n", "---\n", "~\n"} {
+		_, err := Parse([]byte(src), "t.yaml")
+		if !errors.Is(err, ErrDecode) || err.Error() != "t.yaml: empty spec" {
+			t.Errorf("Parse(%q) error = %v, want empty spec", src, err)
+		}
+	}
+}
+
+func TestTopLevelMustBeAMappingInOneDocument(t *testing.T) {
+	for src, want := range map[string]string{
+		"- 1\n":                    "t.yaml:1: expected a mapping of fields at the top level, found a list",
+		base + "---\n" + "name: y": "t.yaml:29: more than one YAML document; a spec is one",
+	} {
+		_, err := Parse([]byte(src), "t.yaml")
+		if !errors.Is(err, ErrDecode) || err.Error() != want {
+			t.Errorf("error = %v, want %q", err, want)
+		}
+	}
+}
+
+func TestNullValueMeansMissing(t *testing.T) {
+	src, _ := edit(t, "train.weight_decay", "")
+	if s := mustParse(t, src); s.Train.WeightDecay != 0.1 {
+		t.Errorf("weight_decay: (null) = %v, want default 0.1", s.Train.WeightDecay)
+	}
+}
+
+func TestCloneIsIndependent(t *testing.T) {
+	s := mustParse(t, []byte(base))
+	c := s.Clone()
+	c.Model.DModel = 64
+	c.Name = "other"
+	if s.Model.DModel != 128 || s.Name != "t" {
+		t.Errorf("changing the clone changed the original: %v", s)
+	}
+	// The clone keeps the source, so its errors still point at lines.
+	c.Model.NHeads = 3
+	if err := c.Validate(); err == nil || !strings.HasPrefix(err.Error(), "t.yaml:8: model.n_heads: ") {
+		t.Errorf("clone error = %v, want it located at t.yaml:8", err)
+	}
+}
+
+func TestDerivedSizes(t *testing.T) {
+	s := mustParse(t, []byte(base))
+	if got := s.Model.HeadDim(); got != 32 {
+		t.Errorf("HeadDim = %d, want 32", got)
+	}
+	if got := s.TokensPerStep(); got != 16*128 {
+		t.Errorf("TokensPerStep = %d, want %d", got, 16*128)
+	}
+	if got := (Model{DModel: 8}).HeadDim(); got != 0 {
+		t.Errorf("HeadDim with no heads = %d, want 0", got)
+	}
+}
+
+func TestLoadOfMissingFileWrapsNotExist(t *testing.T) {
+	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"))
+	if !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), "nope.yaml") {
+		t.Errorf("error = %v, want not-exist naming the file", err)
+	}
+}
