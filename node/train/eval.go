@@ -19,6 +19,15 @@ func NewEvaluator(stages []*shard.Stage, val []byte) *Evaluator {
 	return &Evaluator{stages: stages, val: val, tapes: map[int][]*shard.Tape{}}
 }
 
+// Reuse lets the evaluator run on tapes the caller already holds (one per stage,
+// all of one batch size) instead of allocating its own; the trainer lends its
+// training tapes, which are idle between steps, and so keeps peak memory down.
+func (e *Evaluator) Reuse(tapes []*shard.Tape) {
+	if len(tapes) == len(e.stages) && len(tapes) > 0 && tapes[0].T == e.stages[0].Config.SeqLen {
+		e.tapes[tapes[0].B] = tapes
+	}
+}
+
 // Windows is the number of validation windows.
 func (e *Evaluator) Windows() int { return data.ValWindows(e.val, e.stages[0].Config.SeqLen) }
 

@@ -137,6 +137,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	defer mw.Close()
 
 	eval := NewEvaluator(m.stages, valText)
+	eval.Reuse(m.tapes)
 	res := &Result{Checkpoint: filepath.Join(o.OutDir, CheckpointFile), ValLoss: math.NaN()}
 	var history []metrics.Step
 	start := now()

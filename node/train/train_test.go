@@ -1,0 +1,157 @@
+package train
+
+import (
+	"context"
+	"errors"
+	"math"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+const shakespeare = "../../../shared/data/tinyshakespeare.txt"
+
+func testSpec(t *testing.T, src string) *spec.Spec {
+	t.Helper()
+	sp, err := spec.Parse([]byte(src), "test.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sp
+}
+
+const smallSpec = `name: unit
+seed: 5
+eval_interval: 0
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 1, micro_batches: 1}
+train: {batch_size: 4, steps: 5, lr: 0.003, warmup: 1}
+data: {val_fraction: 0.01}
+`
+
+func losses(t *testing.T, sp *spec.Spec) []float64 {
+	t.Helper()
+	var out []float64
+	_, err := Run(context.Background(), Options{Spec: sp, OutDir: t.TempDir(), OnStep: func(s metrics.Step) { out = append(out, s.Loss) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// Cutting the model into stages and a step into micro-batches changes the order of
+// floating-point sums, not the result.
+func TestStagesAndMicroBatchesDoNotChangeTheLoss(t *testing.T) {
+	base := losses(t, testSpec(t, smallSpec))
+	split := testSpec(t, strings.Replace(smallSpec, "stages: 1, micro_batches: 1", "stages: 2, micro_batches: 2", 1))
+	got := losses(t, split)
+	for i := range base {
+		if math.Abs(got[i]-base[i]) > 1e-5*base[i] {
+			t.Fatalf("step %d: loss %.7f with 2 stages × 2 micro-batches, %.7f unsplit", i+1, got[i], base[i])
+		}
+	}
+}
+
+func TestSameSeedSameRun(t *testing.T) {
+	a, b := losses(t, testSpec(t, smallSpec)), losses(t, testSpec(t, smallSpec))
+	for i := range a {
+		if a[i] != b[i] {
+			t.Fatalf("step %d: %v then %v with the same seed", i+1, a[i], b[i])
+		}
+	}
+}
+
+func TestCancelStopsAndStillWritesTheCheckpoint(t *testing.T) {
+	sp := testSpec(t, smallSpec)
+	sp.Train.Steps = 50
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	dir := t.TempDir()
+	res, err := Run(ctx, Options{Spec: sp, OutDir: dir, OnStep: func(s metrics.Step) {
+		if s.Step == 3 {
+			cancel()
+		}
+	}})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("err = %v, want context.Canceled", err)
+	}
+	if res.Steps != 3 {
+		t.Fatalf("stopped after %d steps, want 3", res.Steps)
+	}
+	ck, err := shard.LoadCheckpoint(filepath.Join(dir, CheckpointFile))
+	if err != nil {
+		t.Fatalf("no checkpoint after Ctrl-C: %v", err)
+	}
+	if ck.Metadata[MetaStep] != "3" {
+		t.Fatalf("checkpoint step %q, want 3", ck.Metadata[MetaStep])
+	}
+	ents, _ := os.ReadDir(dir)
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), ".") {
+			t.Errorf("temp file %s left behind", e.Name())
+		}
+	}
+}
+
+func TestValLossOfReloadedCheckpointMatchesTraining(t *testing.T) {
+	sp := testSpec(t, smallSpec)
+	dir := t.TempDir()
+	res, err := Run(context.Background(), Options{Spec: sp, OutDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ck, err := shard.LoadCheckpoint(res.Checkpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	again, err := spec.Parse([]byte(ck.Metadata[MetaSpec]), "checkpoint")
+	if err != nil {
+		t.Fatal(err)
+	}
+	stages, err := shard.NewStages(ModelConfig(again), again.Pipeline.Stages)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, s := range stages {
+		if err := s.Load(ck); err != nil {
+			t.Fatal(err)
+		}
+	}
+	text, _, _ := Corpus(again.Data.Path)
+	_, val := data.Split(text, again.Data.ValFraction)
+	if got := NewEvaluator(stages, val).Loss(); got != res.ValLoss {
+		t.Fatalf("reloaded val loss %.9f, training reported %.9f", got, res.ValLoss)
+	}
+}
+
+// Convergence on real text: a small model must get well below the byte-unigram
+// entropy of English (≈ 2.9 nats) in a few hundred steps.
+func TestLearnsTinyShakespeare(t *testing.T) {
+	if _, err := os.Stat(shakespeare); err != nil {
+		t.Skipf("skipping: %s not found (it lives in the shared data folder beside the repo): %v", shakespeare, err)
+	}
+	if testing.Short() {
+		t.Skip("skipping convergence run in -short mode")
+	}
+	sp := testSpec(t, `name: converge
+seed: 1
+model: {d_model: 64, n_layers: 2, n_heads: 2, d_ff: 176, seq_len: 64}
+train: {batch_size: 8, steps: 300, lr: 0.004, warmup: 20}
+data: {val_fraction: 0.05}
+`)
+	sp.Data.Path = shakespeare
+	res, err := Run(context.Background(), Options{Spec: sp, OutDir: t.TempDir()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.ValLoss > 2.4 {
+		t.Fatalf("validation loss %.3f after %d steps, want <= 2.4", res.ValLoss, res.Steps)
+	}
+	t.Logf("val loss %.4f after %d steps in %s", res.ValLoss, res.Steps, res.Elapsed)
+}
