@@ -39,7 +39,7 @@ func (e *Evaluator) Loss() float64 {
 	var sum float64
 	for lo := 0; lo < n; lo += EvalBatch {
 		b := min(EvalBatch, n-lo)
-		tapes := e.tapesFor(b)
+		tapes := e.Tapes(b)
 		inputs, targets := make([]int32, b*seq), make([]int32, b*seq)
 		for i := range b {
 			data.ValWindow(e.val, seq, lo+i, inputs[i*seq:(i+1)*seq], targets[i*seq:(i+1)*seq])
@@ -54,7 +54,8 @@ func (e *Evaluator) Loss() float64 {
 	return sum / float64(n)
 }
 
-func (e *Evaluator) tapesFor(b int) []*shard.Tape {
+// Tapes returns the evaluator's tapes (one per stage) for batches of b windows.
+func (e *Evaluator) Tapes(b int) []*shard.Tape {
 	if t, ok := e.tapes[b]; ok {
 		return t
 	}

@@ -1,0 +1,396 @@
+// Package core is the decision-making of one pipeline stage in a run, with no I/O, no
+// goroutines and no clock: the daemon feeds it events (an activation arrived, a compute
+// finished, a peer's gradient norm arrived) and carries out the actions it returns
+// (compute this, send that, step the optimiser). Everything that decides what happens
+// next lives here, so it is tested by feeding scripts of events.
+//
+// A step is M micro-batches scheduled one-forward-one-backward (1F1B): a stage prefers
+// a backward whenever a gradient is waiting, and runs at most Stages−Stage forwards
+// ahead of its backwards, which bounds the activations it holds. When a stage has all M
+// backwards it shares its gradient's sum of squares with every other stage; once it has
+// all of them it clips by the global norm and steps, exactly as the single-process
+// trainer does. On evaluation steps the validation batches then flow forward through
+// the pipeline.
+package core
+
+import (
+	"errors"
+	"fmt"
+	"math"
+)
+
+var sqrt = math.Sqrt
+
+// ErrProtocol is wrapped by errors about events that cannot happen in a correct run
+// (a duplicate micro-batch, a gradient for a micro-batch never sent, ...).
+var ErrProtocol = errors.New("core: protocol violation")
+
+// Config is one stage's view of the run.
+type Config struct {
+	Stage, Stages int
+	MicroBatches  int // per optimiser step
+	Steps         int
+	EvalInterval  int // 0: evaluate after the last step only
+	EvalBatches   int // validation batches per evaluation
+	// MaxInFlight bounds forwards not yet matched by a backward; 0 means the 1F1B
+	// bound Stages−Stage.
+	MaxInFlight int
+}
+
+// Validate reports an impossible configuration.
+func (c Config) Validate() error {
+	switch {
+	case c.Stages < 1 || c.Stage < 0 || c.Stage >= c.Stages:
+		return fmt.Errorf("core: stage %d of %d", c.Stage, c.Stages)
+	case c.MicroBatches < 1:
+		return fmt.Errorf("core: %d micro-batches", c.MicroBatches)
+	case c.Steps < 1:
+		return fmt.Errorf("core: %d steps", c.Steps)
+	case c.EvalInterval < 0 || c.EvalBatches < 0:
+		return fmt.Errorf("core: eval interval %d, batches %d", c.EvalInterval, c.EvalBatches)
+	case c.MaxInFlight < 0:
+		return fmt.Errorf("core: max in flight %d", c.MaxInFlight)
+	}
+	return nil
+}
+
+// Slots is how many activation tapes the stage needs: one per forward in flight.
+func (c Config) Slots() int { return min(c.maxInFlight(), c.MicroBatches) }
+
+func (c Config) maxInFlight() int {
+	if c.MaxInFlight > 0 {
+		return c.MaxInFlight
+	}
+	return c.Stages - c.Stage
+}
+
+func (c Config) first() bool { return c.Stage == 0 }
+func (c Config) last() bool  { return c.Stage == c.Stages-1 }
+
+// EvalDue reports whether validation runs after step.
+func (c Config) EvalDue(step int) bool {
+	return c.EvalBatches > 0 && (step == c.Steps || (c.EvalInterval > 0 && step%c.EvalInterval == 0))
+}
+
+// Events.
+type (
+	// Start begins the run.
+	Start struct{}
+	// ActivationIn: the previous stage's output for a micro-batch arrived.
+	ActivationIn struct{ Step, Micro int }
+	// GradientIn: the next stage's input gradient for a micro-batch arrived.
+	GradientIn struct{ Step, Micro int }
+	// NormIn: a stage's (possibly this one's) gradient sum of squares for a step.
+	NormIn struct {
+		Step, Stage int
+		SumSq       float64
+	}
+	// EvalIn: the previous stage's output for a validation batch arrived.
+	EvalIn struct{ Step, Batch int }
+	// Done: the compute action the core last asked for finished.
+	Done struct{}
+)
+
+// Actions. Forward, Backward, Optimize and EvalForward are compute: the core asks for
+// one at a time and waits for Done.
+type (
+	// Forward runs micro-batch Micro of Step into tape Slot (stage 0 samples it first;
+	// the last stage also computes its loss). Send, if set, says to send the output on.
+	Forward struct {
+		Step, Micro, Slot int
+		Send              bool
+	}
+	// Backward runs the micro-batch in Slot backward; Send says to send the input
+	// gradient back to the previous stage.
+	Backward struct {
+		Step, Micro, Slot int
+		Send              bool
+	}
+	// ShareNorm: compute this stage's gradient sum of squares for Step, send it to
+	// every other stage, and feed it back as NormIn.
+	ShareNorm struct{ Step int }
+	// Optimize: clip by the global gradient norm Norm and take the optimiser step.
+	Optimize struct {
+		Step int
+		Norm float64
+	}
+	// EvalForward runs validation batch Batch forward (the last stage adds its loss
+	// to the evaluation); Send says to send the output on.
+	EvalForward struct {
+		Step, Batch int
+		Send        bool
+	}
+	// StepDone: Step is finished on this stage (the last stage reports its loss).
+	StepDone struct{ Step int }
+	// EvalDone: the evaluation after Step is finished on this stage.
+	EvalDone struct{ Step int }
+	// Finished: every step is done; write the checkpoint and report.
+	Finished struct{}
+)
+
+type phase int
+
+const (
+	idle phase = iota
+	training
+	sharing  // waiting for every stage's norm
+	stepping // optimiser running
+	evaluating
+	finished
+)
+
+type key struct{ step, item int }
+
+// Core is one stage's scheduler. Not safe for concurrent use; the daemon's one loop
+// owns it.
+type Core struct {
+	cfg   Config
+	phase phase
+	step  int
+	busy  bool    // a compute action is out
+	cur   pending // which one
+
+	// training step state
+	forwarded, backwarded int
+	slotOf                map[int]int // micro -> tape slot, while in flight
+	free                  []int
+	acts                  map[key]bool
+	grads                 map[key]bool
+	norms                 map[int]map[int]float64 // step -> stage -> sumsq
+
+	// evaluation state
+	evalNext int
+	evalIns  map[key]bool
+}
+
+// New returns the core for cfg.
+func New(cfg Config) (*Core, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &Core{cfg: cfg, acts: map[key]bool{}, grads: map[key]bool{}, norms: map[int]map[int]float64{},
+		evalIns: map[key]bool{}, slotOf: map[int]int{}}, nil
+}
+
+// Step is the step in progress (0 before Start).
+func (c *Core) Step() int { return c.step }
+
+// Finished reports whether the run is over for this stage.
+func (c *Core) Finished() bool { return c.phase == finished }
+
+// Handle takes one event and returns what to do, in order.
+func (c *Core) Handle(e any) ([]any, error) {
+	var out []any
+	switch e := e.(type) {
+	case Start:
+		if c.phase != idle {
+			return nil, fmt.Errorf("%w: start twice", ErrProtocol)
+		}
+		out = c.beginStep(1, out)
+	case ActivationIn:
+		if c.cfg.first() {
+			return nil, fmt.Errorf("%w: activation sent to stage 0", ErrProtocol)
+		}
+		if err := c.checkItem(e.Step, e.Micro, c.cfg.MicroBatches, "micro-batch"); err != nil {
+			return nil, err
+		}
+		k := key{e.Step, e.Micro}
+		if c.acts[k] || (e.Step == c.step && c.phase == training && e.Micro < c.forwarded) {
+			return nil, fmt.Errorf("%w: activation for step %d micro-batch %d twice", ErrProtocol, e.Step, e.Micro)
+		}
+		c.acts[k] = true
+	case GradientIn:
+		if c.cfg.last() {
+			return nil, fmt.Errorf("%w: gradient sent to the last stage", ErrProtocol)
+		}
+		if e.Step != c.step || c.phase != training {
+			return nil, fmt.Errorf("%w: gradient for step %d while at step %d", ErrProtocol, e.Step, c.step)
+		}
+		if _, ok := c.slotOf[e.Micro]; !ok || c.grads[key{e.Step, e.Micro}] {
+			return nil, fmt.Errorf("%w: gradient for micro-batch %d not in flight", ErrProtocol, e.Micro)
+		}
+		c.grads[key{e.Step, e.Micro}] = true
+	case NormIn:
+		if e.Stage < 0 || e.Stage >= c.cfg.Stages || e.Step < c.step || e.Step > c.cfg.Steps {
+			return nil, fmt.Errorf("%w: norm from stage %d for step %d at step %d", ErrProtocol, e.Stage, e.Step, c.step)
+		}
+		m := c.norms[e.Step]
+		if m == nil {
+			m = map[int]float64{}
+			c.norms[e.Step] = m
+		}
+		if _, dup := m[e.Stage]; dup {
+			return nil, fmt.Errorf("%w: norm from stage %d for step %d twice", ErrProtocol, e.Stage, e.Step)
+		}
+		m[e.Stage] = e.SumSq
+	case EvalIn:
+		if c.cfg.first() {
+			return nil, fmt.Errorf("%w: evaluation input sent to stage 0", ErrProtocol)
+		}
+		if !c.cfg.EvalDue(e.Step) {
+			return nil, fmt.Errorf("%w: evaluation input for step %d, which does not evaluate", ErrProtocol, e.Step)
+		}
+		if err := c.checkItem(e.Step, e.Batch, c.cfg.EvalBatches, "validation batch"); err != nil {
+			return nil, err
+		}
+		k := key{e.Step, e.Batch}
+		if c.evalIns[k] || (e.Step == c.step && c.phase == evaluating && e.Batch < c.evalNext) {
+			return nil, fmt.Errorf("%w: validation batch %d of step %d twice", ErrProtocol, e.Batch, e.Step)
+		}
+		c.evalIns[k] = true
+	case Done:
+		if !c.busy {
+			return nil, fmt.Errorf("%w: done with nothing running", ErrProtocol)
+		}
+		c.busy = false
+		out = c.completed(out)
+	default:
+		return nil, fmt.Errorf("%w: unknown event %T", ErrProtocol, e)
+	}
+	return c.advance(out), nil
+}
+
+func (c *Core) checkItem(step, i, n int, what string) error {
+	if step < c.step || step > c.cfg.Steps || step < 1 || i < 0 || i >= n {
+		return fmt.Errorf("%w: %s %d of step %d (at step %d; %d per step, %d steps)", ErrProtocol, what, i, step, c.step, n, c.cfg.Steps)
+	}
+	return nil
+}
+
+func (c *Core) beginStep(step int, out []any) []any {
+	c.step, c.phase = step, training
+	c.forwarded, c.backwarded = 0, 0
+	c.free = c.free[:0]
+	for s := c.cfg.Slots() - 1; s >= 0; s-- {
+		c.free = append(c.free, s)
+	}
+	clear(c.slotOf)
+	return out
+}
+
+// pending is what the compute in progress is, for completed().
+type pending struct {
+	kind        int // 1 forward, 2 backward, 3 optimize, 4 eval
+	micro, slot int
+}
+
+// advance issues the next compute if none is running and one is ready.
+func (c *Core) advance(out []any) []any {
+	for !c.busy {
+		var next []any
+		switch c.phase {
+		case training:
+			next = c.nextTraining()
+		case sharing:
+			next = c.tryOptimize()
+		case evaluating:
+			next = c.nextEval()
+		}
+		if next == nil {
+			return out
+		}
+		out = append(out, next...)
+	}
+	return out
+}
+
+func (c *Core) inFlight() int { return c.forwarded - c.backwarded }
+
+func (c *Core) nextTraining() []any {
+	// 1F1B: a waiting gradient first.
+	if !c.cfg.last() {
+		for m := c.forwarded - c.inFlight(); m < c.forwarded; m++ {
+			slot, ok := c.slotOf[m]
+			if ok && c.grads[key{c.step, m}] {
+				delete(c.grads, key{c.step, m})
+				c.busy, c.cur = true, pending{kind: 2, micro: m, slot: slot}
+				return []any{Backward{Step: c.step, Micro: m, Slot: slot, Send: !c.cfg.first()}}
+			}
+		}
+	}
+	if c.forwarded < c.cfg.MicroBatches && c.inFlight() < c.cfg.maxInFlight() && len(c.free) > 0 {
+		m := c.forwarded
+		if c.cfg.first() || c.acts[key{c.step, m}] {
+			delete(c.acts, key{c.step, m})
+			slot := c.free[len(c.free)-1]
+			c.free = c.free[:len(c.free)-1]
+			c.slotOf[m] = slot
+			c.forwarded++
+			c.busy, c.cur = true, pending{kind: 1, micro: m, slot: slot}
+			return []any{Forward{Step: c.step, Micro: m, Slot: slot, Send: !c.cfg.last()}}
+		}
+	}
+	return nil
+}
+
+// completed updates the state for the compute that just finished.
+func (c *Core) completed(out []any) []any {
+	switch p := c.cur; p.kind {
+	case 1: // forward
+		if c.cfg.last() {
+			// The last stage has the loss right away: its backward is next, on the
+			// same tape, with no gradient to wait for.
+			c.busy, c.cur = true, pending{kind: 2, micro: p.micro, slot: p.slot}
+			out = append(out, Backward{Step: c.step, Micro: p.micro, Slot: p.slot, Send: !c.cfg.first()})
+		}
+	case 2: // backward
+		delete(c.slotOf, p.micro)
+		c.free = append(c.free, p.slot)
+		c.backwarded++
+		if c.backwarded == c.cfg.MicroBatches {
+			c.phase = sharing
+			out = append(out, ShareNorm{Step: c.step})
+		}
+	case 3: // optimize
+		delete(c.norms, c.step)
+		out = append(out, StepDone{Step: c.step})
+		if c.cfg.EvalDue(c.step) {
+			c.phase, c.evalNext = evaluating, 0
+		} else {
+			out = c.nextStep(out)
+		}
+	case 4: // evaluation batch
+		c.evalNext++
+		if c.evalNext == c.cfg.EvalBatches {
+			out = append(out, EvalDone{Step: c.step})
+			out = c.nextStep(out)
+		}
+	}
+	return out
+}
+
+func (c *Core) nextStep(out []any) []any {
+	if c.step == c.cfg.Steps {
+		c.phase = finished
+		return append(out, Finished{})
+	}
+	return c.beginStep(c.step+1, out)
+}
+
+// tryOptimize steps once every stage's norm for this step is in.
+func (c *Core) tryOptimize() []any {
+	m := c.norms[c.step]
+	if len(m) < c.cfg.Stages {
+		return nil
+	}
+	var ss float64
+	for s := range c.cfg.Stages { // a fixed order: every stage sums the same way
+		ss += m[s]
+	}
+	c.phase = stepping
+	c.busy, c.cur = true, pending{kind: 3}
+	return []any{Optimize{Step: c.step, Norm: sqrt(ss)}}
+}
+
+func (c *Core) nextEval() []any {
+	b := c.evalNext
+	if !c.cfg.first() {
+		k := key{c.step, b}
+		if !c.evalIns[k] {
+			return nil
+		}
+		delete(c.evalIns, k)
+	}
+	c.busy, c.cur = true, pending{kind: 4, micro: b}
+	return []any{EvalForward{Step: c.step, Batch: b, Send: !c.cfg.last()}}
+}
