@@ -23,6 +23,9 @@ type command struct {
 var commands = []command{
 	{"train", "train a run spec with every stage in this process", runTrain},
 	{"eval", "print the validation loss of a checkpoint", runEval},
+	{"node", "run a node: hold and train pipeline stages for trusted launchers", runNode},
+	{"launch", "staff, start and watch a pipelined run across nodes", runLaunch},
+	{"keygen", "make a launcher key and print its peer ID", runKeygen},
 }
 
 func main() {

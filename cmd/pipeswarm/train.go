@@ -49,12 +49,7 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot.`, 
 	if *dataPath != "" {
 		sp.Data.Path = *dataPath
 	}
-	if *steps > 0 {
-		sp.Train.Steps = *steps
-		if sp.Train.Warmup >= *steps {
-			sp.Train.Warmup = *steps / 10
-		}
-	}
+	applySteps(sp, *steps)
 	if err := sp.Validate(); err != nil {
 		return err
 	}
@@ -71,6 +66,17 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot.`, 
 			res.Steps, res.Elapsed.Round(time.Second), res.Loss, res.ValLoss, *out)
 	}
 	return err
+}
+
+// applySteps overrides train.steps, shortening warmup to fit if needed.
+func applySteps(sp *spec.Spec, steps int) {
+	if steps <= 0 {
+		return
+	}
+	sp.Train.Steps = steps
+	if sp.Train.Warmup >= steps {
+		sp.Train.Warmup = steps / 10
+	}
 }
 
 // loadSpec reads the one positional SPEC, or the embedded default.

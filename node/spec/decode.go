@@ -21,6 +21,7 @@ import (
 // silently truncates 1.5 into an int.
 type decoder struct {
 	file   string
+	what   string          // what the document is, for messages about its shape: "spec"
 	lines  map[string]int  // field path -> line of its key
 	failed map[string]bool // field paths whose value could not be decoded
 	errs   []error
@@ -55,7 +56,7 @@ func (d *decoder) document(src []byte) (*yaml.Node, error) {
 	var doc yaml.Node
 	err := dec.Decode(&doc)
 	if errors.Is(err, io.EOF) {
-		return nil, &fieldError{file: d.file, msg: "empty spec", kind: ErrDecode}
+		return nil, &fieldError{file: d.file, msg: "empty " + d.what, kind: ErrDecode}
 	}
 	if err != nil {
 		return nil, d.syntaxError(err)
@@ -63,7 +64,7 @@ func (d *decoder) document(src []byte) (*yaml.Node, error) {
 	var next yaml.Node
 	switch err := dec.Decode(&next); {
 	case err == nil:
-		return nil, &fieldError{file: d.file, line: next.Line, msg: "more than one YAML document; a spec is one", kind: ErrDecode}
+		return nil, &fieldError{file: d.file, line: next.Line, msg: fmt.Sprintf("more than one YAML document; a %s is one", d.what), kind: ErrDecode}
 	case !errors.Is(err, io.EOF):
 		return nil, d.syntaxError(err)
 	}
@@ -72,7 +73,7 @@ func (d *decoder) document(src []byte) (*yaml.Node, error) {
 		root = resolve(root.Content[0])
 	}
 	if root.Kind == yaml.ScalarNode && root.ShortTag() == "!!null" {
-		return nil, &fieldError{file: d.file, msg: "empty spec", kind: ErrDecode}
+		return nil, &fieldError{file: d.file, msg: "empty " + d.what, kind: ErrDecode}
 	}
 	if root.Kind != yaml.MappingNode {
 		return nil, &fieldError{file: d.file, line: root.Line,
@@ -153,11 +154,17 @@ func (d *decoder) value(line int, path string, n *yaml.Node, v reflect.Value) {
 		d.mapping(n, path, path+".", fieldsOf(v.Addr().Interface()))
 		return
 	}
+	if v.Kind() == reflect.Slice && v.Type().Elem().Kind() == reflect.String {
+		d.stringList(line, path, n, v)
+		return
+	}
 	var want string
 	var tags []string // resolved YAML tags accepted for this kind
 	switch v.Kind() {
 	case reflect.String:
 		want, tags = "a string", nil // any scalar reads as its text
+	case reflect.Bool:
+		want = "true or false" // only !!bool: yes, on and 1 are not booleans
 	case reflect.Int:
 		want, tags = "an integer", []string{"!!int", "!!float"}
 	case reflect.Uint64:
@@ -175,9 +182,40 @@ func (d *decoder) value(line int, path string, n *yaml.Node, v reflect.Value) {
 		v.SetString(n.Value)
 		return
 	}
+	if v.Kind() == reflect.Bool {
+		if n.ShortTag() != "!!bool" || n.Decode(v.Addr().Interface()) != nil {
+			d.failf(n.Line, path, "%s is not %s", found(n), want)
+		}
+		return
+	}
 	if !slices.Contains(tags, n.ShortTag()) || !decodeNumber(n, v) {
 		d.failf(n.Line, path, "%s is not %s", found(n), want)
 	}
+}
+
+// stringList decodes a list of scalars into the []string v, recording the line of each item
+// as path[i]. An empty item is an error: "- " alone is more likely a slip than a wish for "".
+func (d *decoder) stringList(line int, path string, n *yaml.Node, v reflect.Value) {
+	if n.Kind != yaml.SequenceNode {
+		d.failf(line, path, "expected a list, found %s", kindName(n))
+		return
+	}
+	items := reflect.MakeSlice(v.Type(), 0, len(n.Content))
+	for i, item := range n.Content {
+		item = resolve(item)
+		at := fmt.Sprintf("%s[%d]", path, i)
+		switch {
+		case item.Kind != yaml.ScalarNode:
+			d.failf(item.Line, path, "item %d: expected a string, found %s", i, kindName(item))
+			continue
+		case item.ShortTag() == "!!null":
+			d.failf(item.Line, path, "item %d is empty", i)
+			continue
+		}
+		d.lines[at] = item.Line
+		items = reflect.Append(items, reflect.ValueOf(item.Value).Convert(v.Type().Elem()))
+	}
+	v.Set(items)
 }
 
 // decodeNumber sets v from the numeric scalar n. An integer field takes a float only when it

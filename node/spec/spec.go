@@ -58,6 +58,9 @@ type Model struct {
 type Pipeline struct {
 	Stages       int `yaml:"stages"`        // default 1
 	MicroBatches int `yaml:"micro_batches"` // micro-batches per step, default 1; batch_size must divide by it
+	// StaffTimeout is how many seconds a launcher waits for enough peers to hold
+	// every stage before it gives up; default 60.
+	StaffTimeout int `yaml:"staff_timeout"`
 }
 
 // Train is the inner optimiser (AdamW) and its schedule.
@@ -117,7 +120,7 @@ func Load(path string) (*Spec, error) {
 // messages ("tiny.yaml:7: model.n_heads: ..."). Unknown fields are errors. All problems
 // found are returned together, joined with errors.Join.
 func Parse(src []byte, name string) (*Spec, error) {
-	d := decoder{file: name, lines: map[string]int{}, failed: map[string]bool{}}
+	d := decoder{file: name, what: "spec", lines: map[string]int{}, failed: map[string]bool{}}
 	s := &Spec{}
 	root, err := d.document(src)
 	if err != nil {
@@ -140,6 +143,27 @@ func Parse(src []byte, name string) (*Spec, error) {
 	return s, nil
 }
 
+// DecodeStrict decodes the single YAML document src into the struct ptr points to, the way
+// Parse reads a spec, for other files that want the same strictness (the node config).
+// Fields are matched by their yaml tags; the kinds understood are string, int, uint64,
+// float64, bool, []string and nested structs. Unknown and repeated fields, values of the
+// wrong type and malformed YAML are errors of the form "name:line: field: message", all
+// found returned joined, each wrapping ErrDecode. A field written with no value ("mdns:")
+// is left as it was. what names the document in errors about its shape ("empty node
+// config").
+//
+// It returns the line of each field's key by dotted path ("listen"), and of each list item
+// as "listen[0]", so that the caller's own validation can point at the line too.
+func DecodeStrict(src []byte, name, what string, ptr any) (map[string]int, error) {
+	d := decoder{file: name, what: what, lines: map[string]int{}, failed: map[string]bool{}}
+	root, err := d.document(src)
+	if err != nil {
+		return d.lines, err
+	}
+	d.mapping(root, "", "", fieldsOf(ptr))
+	return d.lines, errors.Join(d.errs...)
+}
+
 // EnsureDefaults fills the fields that are zero and were not written in the spec file with
 // their defaults. A zero written in the file is kept, so "grad_clip: 0" disables clipping;
 // for a spec built in Go, set such zeros after calling EnsureDefaults.
@@ -157,6 +181,9 @@ func (s *Spec) EnsureDefaults() {
 	}
 	if unset("pipeline.stages", p.Stages == 0) {
 		p.Stages = 1
+	}
+	if unset("pipeline.staff_timeout", p.StaffTimeout == 0) {
+		p.StaffTimeout = 60
 	}
 	if unset("pipeline.micro_batches", p.MicroBatches == 0) {
 		p.MicroBatches = 1
@@ -358,6 +385,7 @@ func (s *Spec) problems() []error {
 	case layersOK && p.Stages > m.NLayers:
 		c.failf("pipeline.stages", "%d exceeds n_layers %d; each stage needs a layer", p.Stages, m.NLayers)
 	}
+	c.positive("pipeline.staff_timeout", p.StaffTimeout)
 	microOK := c.positive("pipeline.micro_batches", p.MicroBatches)
 
 	if c.positive("train.batch_size", t.BatchSize) && microOK && t.BatchSize%p.MicroBatches != 0 {

@@ -1,0 +1,249 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+)
+
+// TestMain lets the test binary stand in for the pipeswarm binary: run with
+// PIPESWARM_AS_CLI=1 it is the CLI, so end-to-end tests start real node processes
+// without a separate build.
+func TestMain(m *testing.M) {
+	if os.Getenv("PIPESWARM_AS_CLI") == "1" {
+		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+		code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+		stop()
+		os.Exit(code)
+	}
+	os.Exit(m.Run())
+}
+
+// nodeProc is a `pipeswarm node` child process.
+type nodeProc struct {
+	cmd    *exec.Cmd
+	dir    string
+	stderr *syncBuffer
+	exited chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+func startNode(t *testing.T, dir string, args ...string) *nodeProc {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], append([]string{"node", "--data-dir", dir, "--listen", "/ip4/127.0.0.1/tcp/0"}, args...)...)
+	cmd.Env = append(os.Environ(), "PIPESWARM_AS_CLI=1")
+	p := &nodeProc{cmd: cmd, dir: dir, stderr: &syncBuffer{}, exited: make(chan error, 1)}
+	cmd.Stderr = p.stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.exited <- cmd.Wait() }()
+	t.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			_ = cmd.Process.Kill()
+		}
+	})
+	return p
+}
+
+// addrs waits until the node has written its addresses (it does so once listening).
+func (p *nodeProc) addrs(t *testing.T) string {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(filepath.Join(p.dir, "addrs")); err == nil && len(b) > 0 {
+			return strings.Fields(string(b))[0]
+		}
+		select {
+		case err := <-p.exited:
+			t.Fatalf("node exited before listening: %v\n%s", err, p.stderr)
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatalf("node did not write %s/addrs in 30 s:\n%s", p.dir, p.stderr)
+	return ""
+}
+
+const pipeSpec = `name: e2e
+seed: 11
+eval_interval: 3
+model: {d_model: 32, n_layers: 4, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 4, micro_batches: 2}
+train: {batch_size: 4, steps: 6, lr: 0.003, warmup: 2}
+data: {val_fraction: 0.005}
+`
+
+func TestPipelinedRunOnFourNodeProcessesMatchesTrainAndShutsDownCleanly(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	keyPath := filepath.Join(dir, "launcher.key")
+	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
+	if code != 0 {
+		t.Fatalf("keygen exited %d: %s", code, stderr)
+	}
+	launcherID := strings.TrimSpace(idOut)
+	if !strings.HasPrefix(launcherID, "12D3KooW") {
+		t.Fatalf("keygen printed %q, want a peer ID", launcherID)
+	}
+	specPath := filepath.Join(dir, "run.yaml")
+	if err := os.WriteFile(specPath, []byte(pipeSpec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	var nodes []*nodeProc
+	var peerArgs []string
+	for i := range 4 {
+		n := startNode(t, filepath.Join(dir, fmt.Sprintf("node%d", i)), "--trust", launcherID, "--memory-budget", "512MiB")
+		nodes = append(nodes, n)
+	}
+	for _, n := range nodes {
+		peerArgs = append(peerArgs, "--peer", n.addrs(t))
+	}
+
+	// A second node on a data directory in use refuses to start.
+	dup := startNode(t, nodes[0].dir, "--open")
+	select {
+	case err := <-dup.exited:
+		if err == nil || !strings.Contains(dup.stderr.String(), "in use") {
+			t.Fatalf("second node on %s: exit %v, stderr %q; want a refusal saying the directory is in use", nodes[0].dir, err, dup.stderr)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("a second node on a locked data directory kept running")
+	}
+
+	out := filepath.Join(dir, "launched")
+	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
+	if code != 0 {
+		for i, n := range nodes {
+			t.Logf("node %d:\n%s", i, n.stderr)
+		}
+		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
+	}
+	launched, err := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	ref := filepath.Join(dir, "trained")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	trained, err := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(launched) != len(trained) || len(trained) != 6 {
+		t.Fatalf("launch recorded %d steps, train %d; want 6 each", len(launched), len(trained))
+	}
+	for i := range trained {
+		a, b := launched[i], trained[i]
+		if math.Abs(a.Loss-b.Loss) > 1e-3*b.Loss {
+			t.Errorf("step %d: pipelined loss %.6f, single-process %.6f", b.Step, a.Loss, b.Loss)
+		}
+		if (a.ValLoss == nil) != (b.ValLoss == nil) {
+			t.Errorf("step %d: val_loss present %v pipelined, %v single-process", b.Step, a.ValLoss != nil, b.ValLoss != nil)
+		} else if a.ValLoss != nil && math.Abs(*a.ValLoss-*b.ValLoss) > 1e-3**b.ValLoss {
+			t.Errorf("step %d: pipelined val_loss %.6f, single-process %.6f", b.Step, *a.ValLoss, *b.ValLoss)
+		}
+	}
+	if _, err := os.Stat(filepath.Join(out, "loss.png")); err != nil {
+		t.Errorf("launch wrote no loss.png: %v", err)
+	}
+	for i, n := range nodes {
+		ck, _ := filepath.Glob(filepath.Join(n.dir, "runs", "*", fmt.Sprintf("stage-%d.safetensors", i)))
+		if len(ck) != 1 {
+			t.Errorf("node %d holds no stage-%d checkpoint", i, i)
+		}
+	}
+
+	// A run signed by a key the nodes do not trust is refused by every node.
+	otherKey := filepath.Join(dir, "other.key")
+	if code, _, stderr := runCLI(t, "keygen", "--out", otherKey); code != 0 {
+		t.Fatal(stderr)
+	}
+	code, _, stderr = runCLI(t, append([]string{"launch", specPath, "--key", otherKey, "--out", filepath.Join(dir, "refused"), "--quiet"}, peerArgs...)...)
+	if code == 0 || !strings.Contains(stderr, "does not trust") {
+		t.Fatalf("launch with an untrusted key: exit %d, stderr %q; want a refusal", code, stderr)
+	}
+	for i, n := range nodes {
+		if !strings.Contains(n.stderr.String(), "untrusted key") {
+			t.Errorf("node %d did not log why it refused:\n%s", i, n.stderr)
+		}
+	}
+
+	// SIGTERM: every node stops within a few seconds and leaves nothing behind.
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for i, n := range nodes {
+		select {
+		case err := <-n.exited:
+			if err != nil {
+				t.Errorf("node %d exited with %v after SIGTERM:\n%s", i, err, n.stderr)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("node %d still running 10 s after SIGTERM", i)
+		}
+		left, _ := filepath.Glob(filepath.Join(n.dir, ".*"))
+		if _, err := os.Stat(filepath.Join(n.dir, "lock")); err == nil {
+			left = append(left, "lock")
+		}
+		if len(left) > 0 {
+			t.Errorf("node %d left %v in its data directory", i, left)
+		}
+	}
+}
+
+func TestLaunchRefusesABadSpecBeforeContactingPeers(t *testing.T) {
+	dir := t.TempDir()
+	keyPath := filepath.Join(dir, "k")
+	if code, _, stderr := runCLI(t, "keygen", "--out", keyPath); code != 0 {
+		t.Fatal(stderr)
+	}
+	cases := map[string]string{
+		"more stages than layers": strings.Replace(pipeSpec, "stages: 4", "stages: 5", 1),
+		"unknown field":           strings.Replace(pipeSpec, "seq_len: 32", "seq_len: 32, sequence: 9", 1),
+		"malformed":               strings.Replace(pipeSpec, "model: {", "model: {{", 1),
+	}
+	for name, src := range cases {
+		specPath := filepath.Join(dir, "bad.yaml")
+		if err := os.WriteFile(specPath, []byte(src), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		// The peer does not exist: a refusal that names the spec proves nothing was sent.
+		code, _, stderr := runCLI(t, "launch", specPath, "--key", keyPath, "--peer", "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWLRPJAA5o6Gp5PvTRWjWMDbfcmKXnu2Zh3ztz6UYFXmG9")
+		if code == 0 || !strings.Contains(stderr, "bad.yaml:") {
+			t.Errorf("%s: exit %d, stderr %q; want a refusal naming bad.yaml and its line", name, code, stderr)
+		}
+	}
+}

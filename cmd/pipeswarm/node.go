@@ -1,0 +1,234 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/config"
+	"github.com/pipeswarm/pipeswarm/p2p"
+)
+
+// multiFlag collects a repeatable string flag.
+type multiFlag []string
+
+func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
+func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
+
+func runKeygen(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("keygen", "keygen --out FILE", `
+Generate an Ed25519 key for a launcher (or a node) and print its public ID, the
+libp2p peer ID (12D3KooW...) that nodes list with --trust. The file is written with
+mode 0600 and never overwritten.`, stderr)
+	out := fs.String("out", "", "where to write the private key (required)")
+	if _, err := parse(fs, args); err != nil {
+		return err
+	}
+	if *out == "" {
+		fmt.Fprintln(stderr, "pipeswarm keygen: --out FILE is required")
+		return errUsage
+	}
+	k, err := p2p.GenerateKey()
+	if err != nil {
+		return err
+	}
+	if err := p2p.WriteKey(*out, k); err != nil {
+		return err
+	}
+	id, err := p2p.PeerID(k)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintln(stdout, id)
+	return nil
+}
+
+func runNode(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE]", `
+Run a pipeswarm node: join the swarm, accept runs signed by trusted launchers, and
+train the pipeline stage each run gives this node. The data directory holds the
+node's identity key, its stage checkpoints and a lock (one node per directory); the
+node writes its full multiaddrs, one per line, to DIR/addrs once it listens.
+
+Stops cleanly on Ctrl-C or SIGTERM: each run writes its stage checkpoint and tells
+its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
+	cfgPath := fs.String("config", "", "node config file (YAML)")
+	dataDir := fs.String("data-dir", "", "data directory (overrides data_dir)")
+	var listen, bootstrap, trust multiFlag
+	fs.Var(&listen, "listen", "listen multiaddr, repeatable (default TCP and QUIC on every interface, random ports)")
+	fs.Var(&bootstrap, "bootstrap", "peer multiaddr with /p2p/ID to dial at start, repeatable")
+	fs.Var(&trust, "trust", "launcher peer ID whose runs this node accepts, repeatable")
+	open := fs.Bool("open", false, "accept runs from any launcher")
+	mdns := fs.Bool("mdns", false, "discover peers on the LAN with mDNS")
+	budget := fs.String("memory-budget", "", "memory this node may use for stages, e.g. 4GiB (overrides memory_budget)")
+	verbose := fs.Bool("v", false, "debug logging")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		fmt.Fprintf(stderr, "pipeswarm node: unexpected arguments %q\n", pos)
+		return errUsage
+	}
+	cfg := &config.Config{}
+	if *cfgPath != "" {
+		// Decode without validating: the flags below may supply what the file lacks.
+		src, err := os.ReadFile(*cfgPath)
+		if err != nil {
+			return err
+		}
+		if cfg, err = config.Decode(src, *cfgPath); err != nil {
+			return err
+		}
+	}
+	if *dataDir != "" {
+		cfg.DataDir = *dataDir
+	}
+	if len(listen) > 0 {
+		cfg.Listen = listen
+	}
+	cfg.Bootstrap = append(cfg.Bootstrap, bootstrap...)
+	cfg.Trust = append(cfg.Trust, trust...)
+	cfg.Open = cfg.Open || *open
+	cfg.MDNS = cfg.MDNS || *mdns
+	if *budget != "" {
+		cfg.MemoryBudget = *budget
+	}
+	cfg.EnsureDefaults()
+	if err := cfg.Validate(); err != nil {
+		return err
+	}
+	level := slog.LevelInfo
+	if *verbose {
+		level = slog.LevelDebug
+	}
+	log := newLogger(stderr, level).With("sys", "node")
+	d, err := node.NewDaemon(ctx, cfg, log)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "peer ID %s\n", d.ID())
+	for _, a := range d.Addrs() {
+		fmt.Fprintf(stdout, "listening on %s\n", a)
+	}
+	log.Info("node running", "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open, "memory_budget", cfg.MemoryBudget)
+	err = d.Run(ctx)
+	log.Info("node stopped")
+	return err
+}
+
+func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("launch", "launch SPEC --key FILE --peer MULTIADDR... [--out DIR] [--data PATH] [--steps N]", `
+Launch a pipelined run of the spec SPEC across nodes: ask each --peer what it can
+hold, give every pipeline stage a peer, sign the plan with --key (the nodes must
+trust its ID), start the run, and watch it: step, loss, validation loss, tokens/s.
+Writes metrics.jsonl, spec.yaml and loss.png into DIR; each node keeps its own stage
+checkpoint. Exits 0 when the run has finished, non-zero with the reason otherwise.
+The spec is checked before anything is sent.`, stderr)
+	keyPath := fs.String("key", "", "launcher key written by 'pipeswarm keygen' (required)")
+	var peers multiFlag
+	fs.Var(&peers, "peer", "multiaddr (with /p2p/ID) of a node, repeatable; or a file of them, one per line (a node's DIR/addrs)")
+	out := fs.String("out", "", "output directory (default runs/<spec name>)")
+	dataPath := fs.String("data", "", "training text on the nodes (overrides data.path)")
+	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
+	quiet := fs.Bool("quiet", false, "no progress line")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) > 1 {
+		fmt.Fprintf(stderr, "pipeswarm launch: one SPEC at most, got %q\n", pos)
+		return errUsage
+	}
+	sp, err := loadSpec(pos)
+	if err != nil {
+		return err
+	}
+	if *dataPath != "" {
+		abs, err := filepath.Abs(*dataPath)
+		if err != nil {
+			return err
+		}
+		sp.Data.Path = abs
+	}
+	applySteps(sp, *steps)
+	if err := sp.Validate(); err != nil {
+		return err
+	}
+	if *keyPath == "" {
+		fmt.Fprintln(stderr, "pipeswarm launch: --key FILE is required (make one with 'pipeswarm keygen --out FILE')")
+		return errUsage
+	}
+	key, err := p2p.LoadKey(*keyPath)
+	if err != nil {
+		return err
+	}
+	addrs, err := peerAddrs(peers)
+	if err != nil {
+		return err
+	}
+	if len(addrs) == 0 {
+		fmt.Fprintln(stderr, "pipeswarm launch: at least one --peer is required")
+		return errUsage
+	}
+	if *out == "" {
+		*out = filepath.Join("runs", sp.Name)
+	}
+	log := newLogger(stderr, slog.LevelInfo).With("sys", "launch")
+	prog := newProgress(stderr, sp.Train.Steps, !*quiet && isTerminal(stderr))
+	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log,
+		OnStep: prog.step, OnPlan: func(as []assign.Assignment) {
+			for _, a := range as {
+				fmt.Fprintf(stderr, "stage %d  layers [%d,%d)  peer %s  needs %s\n", a.Stage, a.Range.Lo, a.Range.Hi, a.Peer, assign.FormatBytes(a.Need))
+			}
+		}})
+	prog.done()
+	if res != nil && res.Steps > 0 {
+		fmt.Fprintf(stdout, "run %016x: %d steps in %s: loss %.4f, val_loss %.4f, %.0f tokens/s\n", res.RunID, res.Steps,
+			res.Elapsed.Round(time.Second), res.Loss, res.ValLoss, float64(res.Tokens)/res.Elapsed.Seconds())
+		tokens := float64(sp.TokensPerStep()) * float64(res.Steps)
+		for i := range res.BoundaryFwd {
+			fmt.Fprintf(stdout, "boundary %d→%d: %.1f bytes/token forward, %.1f bytes/token backward\n", i, i+1,
+				float64(res.BoundaryFwd[i])/tokens, float64(res.BoundaryBwd[i])/tokens)
+		}
+		for i, c := range res.Checkpoints {
+			fmt.Fprintf(stdout, "stage %d checkpoint: %s\n", i, c)
+		}
+		fmt.Fprintf(stdout, "wrote %s\n", *out)
+	}
+	return err
+}
+
+// peerAddrs expands --peer values: a multiaddr, or a file with one per line.
+func peerAddrs(vals []string) ([]string, error) {
+	var out []string
+	for _, v := range vals {
+		if strings.HasPrefix(v, "/") {
+			out = append(out, v)
+			continue
+		}
+		b, err := os.ReadFile(v)
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("--peer %q is neither a multiaddr nor a file", v)
+		} else if err != nil {
+			return nil, err
+		}
+		// A node's addrs file lists each of its addresses; one per node is enough.
+		for _, line := range strings.Split(string(b), "\n") {
+			if line = strings.TrimSpace(line); line != "" {
+				out = append(out, line)
+				break
+			}
+		}
+	}
+	return out, nil
+}

@@ -1,0 +1,186 @@
+package assign
+
+import (
+	"fmt"
+	"runtime"
+	"testing"
+
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// shapes are model shapes small enough to allocate for real, with the ways to cut them.
+var shapes = []struct {
+	c      shard.Config
+	stages int
+}{
+	{shard.Config{Vocab: 256, DModel: 64, NLayers: 4, NHeads: 4, DFF: 176, SeqLen: 32, RopeTheta: 1e4, NormEps: 1e-5}, 3},
+	{shard.Config{Vocab: 100, DModel: 48, NLayers: 3, NHeads: 2, DFF: 200, SeqLen: 16, RopeTheta: 1e4, NormEps: 1e-5}, 1},
+	{shard.Config{Vocab: 512, DModel: 128, NLayers: 8, NHeads: 8, DFF: 352, SeqLen: 64, RopeTheta: 1e4, NormEps: 1e-5}, 8},
+	{shard.Config{Vocab: 32, DModel: 16, NLayers: 2, NHeads: 1, DFF: 8, SeqLen: 8, RopeTheta: 1e4, NormEps: 1e-5}, 2},
+}
+
+// stagesOf calls f with every stage of every shape.
+func stagesOf(t *testing.T, f func(name string, c shard.Config, r shard.Range, first, last bool)) {
+	for _, sh := range shapes {
+		ranges, err := shard.SplitLayers(sh.c.NLayers, sh.stages)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for s, r := range ranges {
+			name := fmt.Sprintf("d%d_L%d_stage%d/%d", sh.c.DModel, sh.c.NLayers, s, sh.stages)
+			f(name, sh.c, r, s == 0, s == sh.stages-1)
+		}
+	}
+}
+
+func TestParamCountMatchesShardLayout(t *testing.T) {
+	stagesOf(t, func(name string, c shard.Config, r shard.Range, first, last bool) {
+		st, err := shard.NewStage(c, r, first, last)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got, want := paramCount(c, r, first, last), int64(len(st.Params)); got != want {
+			t.Errorf("%s: paramCount = %d, NewStage has %d", name, got, want)
+		}
+	})
+	// A stage of no blocks holding only the embedding and the head.
+	c := shapes[0].c
+	st, err := shard.NewStage(c, shard.Range{Lo: 2, Hi: 2}, true, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := paramCount(c, shard.Range{Lo: 2, Hi: 2}, true, true); got != int64(len(st.Params)) {
+		t.Errorf("empty range: paramCount = %d, NewStage has %d", got, len(st.Params))
+	}
+}
+
+// allocated is the number of bytes f allocates on the heap.
+func allocated(f func()) int64 {
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	f()
+	runtime.ReadMemStats(&after)
+	return int64(after.TotalAlloc - before.TotalAlloc)
+}
+
+// closeTo reports whether measured, a heap measurement, accounts for counted bytes: at least
+// as much (nothing was missed) and not more than allocator rounding of up to 1/8 per buffer
+// plus a little bookkeeping (nothing counted twice).
+func closeTo(measured, counted int64) bool {
+	return measured >= counted && measured <= counted+counted/8+4096
+}
+
+func TestTapeBytesMatchWhatNewTapeAllocates(t *testing.T) {
+	stagesOf(t, func(name string, c shard.Config, r shard.Range, first, last bool) {
+		st, err := shard.NewStage(c, r, first, last)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, b := range []int{1, 3} {
+			var tp *shard.Tape
+			got := allocated(func() { tp = st.NewTape(b, c.SeqLen) })
+			runtime.KeepAlive(tp)
+			if want := tapeBytes(c, r, first, last, b, c.SeqLen); !closeTo(got, want) {
+				t.Errorf("%s b=%d: NewTape allocated %d bytes, tapeBytes counts %d", name, b, got, want)
+			}
+		}
+	})
+}
+
+func TestStageBuffersMatchWhatTheStageAllocates(t *testing.T) {
+	stagesOf(t, func(name string, c shard.Config, r shard.Range, first, last bool) {
+		// NewStage: parameters, gradients and the RoPE tables.
+		var st *shard.Stage
+		got := allocated(func() { st, _ = shard.NewStage(c, r, first, last) })
+		rope := int64(c.SeqLen * c.HeadDim())
+		if want := 4 * (2*paramCount(c, r, first, last) + rope); !closeTo(got, want) {
+			t.Errorf("%s: NewStage allocated %d bytes, counted %d", name, got, want)
+		}
+		// The first Backward allocates the workspace; later ones allocate nothing of it.
+		const b = 2
+		tp := st.NewTape(b, c.SeqLen)
+		n := b * c.SeqLen
+		tokens, x, dout := make([]int32, n), make([]float32, n*c.DModel), make([]float32, n*c.DModel)
+		step := func() {
+			st.Forward(tp, tokens, x)
+			if last {
+				st.Loss(tp, tokens, 1)
+			}
+			st.Backward(tp, dout)
+		}
+		cold := allocated(step)
+		warm := min(allocated(step), allocated(step), allocated(step))
+		ws := 4 * (stageScratch(c, b, c.SeqLen) - rope)
+		// Compute kernels may allocate a little on any step, so allow that either way.
+		if got := cold - warm; got < ws-8192 || got > ws+ws/8+8192 {
+			t.Errorf("%s: first Backward allocated %d bytes more than the next, workspace counted %d", name, got, ws)
+		}
+	})
+}
+
+func TestNeedAddsUpByHand(t *testing.T) {
+	// V=4, d=2, H=1 (head dim 2), F=2, T=2, one block, first and last, micro-batch 1, 1 slot.
+	c := shard.Config{Vocab: 4, DModel: 2, NLayers: 1, NHeads: 1, DFF: 2, SeqLen: 2, RopeTheta: 1e4, NormEps: 1e-5}
+	// Parameters: block 2d + 4d² + 3Fd = 32, embedding Vd = 8, final norm d + head Vd = 10.
+	const params = 50
+	// Tape, n = 2 tokens: x0 nd = 4; block 5nd + 2n + 3nd + H·T² + 2nF + nF = 52;
+	// hf, rstdF, logits = nd + n + nV = 14; in float32s, plus 2 int32 token ids.
+	const tape = 4*(4+52+14) + 4*2
+	// Workspace 2nd + n·max(3d, 2F) + nF = 24; RoPE cos, sin 2·T·(hd/2) = 4.
+	const scratch = 24 + 4
+	want := int64(4*(4*params+scratch) + tape + 64<<20)
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 1); got != want {
+		t.Errorf("Need = %d, want %d", got, want)
+	}
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 3); got != want+2*tape {
+		t.Errorf("Need with 3 slots = %d, want %d (two more tapes)", got, want+2*tape)
+	}
+}
+
+func TestNeedOfAGPT2SizedStageIsDominatedByAttentionTapes(t *testing.T) {
+	// A 124M-parameter model cut in 4: a middle stage holds 3 blocks of 7.1M parameters,
+	// 16 bytes each for weights, gradients and moments: 340 MB. A tape of 8×1024 tokens holds
+	// per block n·(8d + 3F) + B·H·T² = 8192·12288 + 8·12·1024² = 201M floats, 805 MB, of which
+	// half is attention probabilities; 3 blocks and 2 slots make 4.9 GB with the input
+	// residuals. The backward workspace n·(2d + 2F + F) adds 250 MB, the overhead 67 MB.
+	c := shard.Config{Vocab: 50304, DModel: 768, NLayers: 12, NHeads: 12, DFF: 2048, SeqLen: 1024, RopeTheta: 1e4, NormEps: 1e-5}
+	got := Need(c, shard.Range{Lo: 3, Hi: 6}, false, false, 8, 2)
+	if got < 5.5e9 || got > 5.6e9 {
+		t.Errorf("Need = %d (%s), want 5.5-5.6 GB", got, FormatBytes(got))
+	}
+}
+
+func TestNeedPanicsOnImpossibleMicroBatches(t *testing.T) {
+	c := shapes[0].c
+	for _, tc := range []struct{ mb, slots int }{{0, 1}, {1, -1}} {
+		func() {
+			defer func() {
+				if recover() == nil {
+					t.Errorf("Need(microBatch %d, slots %d) did not panic", tc.mb, tc.slots)
+				}
+			}()
+			Need(c, shard.Range{Lo: 0, Hi: 1}, true, false, tc.mb, tc.slots)
+		}()
+	}
+}
+
+func TestFormatBytesReadsLikeAPerson(t *testing.T) {
+	for n, want := range map[int64]string{
+		0:                "0 B",
+		512:              "512 B",
+		1024:             "1 KiB",
+		1536:             "1.5 KiB",
+		256 << 20:        "256 MiB",
+		410<<20 + 300e3:  "410 MiB",
+		3 << 29:          "1.5 GiB",
+		12 << 30:         "12 GiB",
+		5 << 40:          "5 TiB",
+		-(64 << 20):      "-64 MiB",
+		(1 << 63) - 1:    "8 EiB",
+		10*(1<<20) + 1e5: "10.1 MiB",
+	} {
+		if got := FormatBytes(n); got != want {
+			t.Errorf("FormatBytes(%d) = %q, want %q", n, got, want)
+		}
+	}
+}

@@ -1,0 +1,192 @@
+package assign
+
+import (
+	"errors"
+	"fmt"
+	"reflect"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// small is a model with stages of a few hundred MiB at micro-batch 8.
+var small = shard.Config{Vocab: 256, DModel: 256, NLayers: 8, NHeads: 8, DFF: 688, SeqLen: 256, RopeTheta: 1e4, NormEps: 1e-5}
+
+const (
+	microBatch   = 8
+	microBatches = 2
+)
+
+// needs returns what each stage of small cut in n needs, by Need.
+func needs(t *testing.T, n int) []int64 {
+	t.Helper()
+	ranges, err := shard.SplitLayers(small.NLayers, n)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := make([]int64, n)
+	for s, r := range ranges {
+		out[s] = Need(small, r, s == 0, s == n-1, microBatch, min(n-s, microBatches))
+	}
+	return out
+}
+
+func offer(peer string, mem int64) Offer {
+	return Offer{Peer: peer, Addrs: []string{"/ip4/10.0.0.1/tcp/4001/p2p/" + peer}, MemoryBytes: mem, MaxStages: 1}
+}
+
+func peers(plan []Assignment) []string {
+	var ps []string
+	for _, a := range plan {
+		ps = append(ps, fmt.Sprintf("%d:%s", a.Stage, a.Peer))
+	}
+	return ps
+}
+
+func TestPlanGivesEachStageTheNextOfferThatFits(t *testing.T) {
+	offers := []Offer{offer("A", 8<<30), offer("B", 8<<30), offer("C", 8<<30), offer("D", 8<<30)}
+	plan, refusals, err := Plan(small, 3, microBatch, microBatches, offers)
+	if err != nil || len(refusals) != 0 {
+		t.Fatalf("Plan: %v, refusals %q", err, refusals)
+	}
+	ranges, _ := shard.SplitLayers(small.NLayers, 3)
+	n := needs(t, 3)
+	want := []Assignment{
+		{Stage: 0, Peer: "A", Addrs: offers[0].Addrs, Range: ranges[0], Need: n[0]},
+		{Stage: 1, Peer: "B", Addrs: offers[1].Addrs, Range: ranges[1], Need: n[1]},
+		{Stage: 2, Peer: "C", Addrs: offers[2].Addrs, Range: ranges[2], Need: n[2]},
+	}
+	if !reflect.DeepEqual(plan, want) {
+		t.Errorf("plan %+v\nwant %+v", plan, want)
+	}
+}
+
+func TestStageNeedKeepsAtMostTheOneFOneBMicroBatchesInFlight(t *testing.T) {
+	// With 4 stages and 2 micro-batches per step, stages 0-2 hold 2 tapes and stage 3 one.
+	ranges, _ := shard.SplitLayers(small.NLayers, 4)
+	plan, _, err := Plan(small, 4, microBatch, microBatches, []Offer{
+		offer("A", 8<<30), offer("B", 8<<30), offer("C", 8<<30), offer("D", 8<<30)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for s, slots := range []int{2, 2, 2, 1} {
+		if want := Need(small, ranges[s], s == 0, s == 3, microBatch, slots); plan[s].Need != want {
+			t.Errorf("stage %d needs %d, want %d (%d slots)", s, plan[s].Need, want, slots)
+		}
+	}
+	// The first stage holds the embedding and the last the head, but the middle ones are alike.
+	if plan[1].Need != plan[2].Need {
+		t.Errorf("middle stages need %d and %d, want the same", plan[1].Need, plan[2].Need)
+	}
+}
+
+func TestPlanSkipsAPeerTooSmallForAnyStageWithAReason(t *testing.T) {
+	n := needs(t, 2)
+	offers := []Offer{offer("tiny", 256<<20), offer("A", n[0]), offer("B", n[1])}
+	plan, refusals, err := Plan(small, 2, microBatch, microBatches, offers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := peers(plan); !slices.Equal(got, []string{"0:A", "1:B"}) {
+		t.Errorf("plan %v, want A and B", got)
+	}
+	smallest := min(n[0], n[1])
+	s := slices.Index(n, smallest)
+	want := fmt.Sprintf("tiny offers 256 MiB, stage %d needs %s", s, FormatBytes(smallest))
+	if !slices.Equal(refusals, []string{want}) {
+		t.Errorf("refusals %q, want %q", refusals, want)
+	}
+}
+
+func TestPlanGivesAPeerAtMostOneStage(t *testing.T) {
+	offers := []Offer{offer("A", 8<<30), offer("A", 8<<30), offer("B", 8<<30)}
+	plan, refusals, err := Plan(small, 3, microBatch, microBatches, offers)
+	if got := peers(plan); !slices.Equal(got, []string{"0:A", "1:B"}) {
+		t.Errorf("plan %v, want A and B only", got)
+	}
+	want := "run cannot be staffed: stage 2 has no peer: A offered more than once; only its first offer is used"
+	if !errors.Is(err, ErrUnstaffed) || err.Error() != want {
+		t.Errorf("error = %v\nwant %q", err, want)
+	}
+	if len(refusals) != 1 {
+		t.Errorf("refusals %q, want the repeated offer", refusals)
+	}
+}
+
+func TestPlanRefusesAPeerWithNoFreeStageSlot(t *testing.T) {
+	full := offer("full", 8<<30)
+	full.MaxStages = 0
+	plan, refusals, err := Plan(small, 1, microBatch, microBatches, []Offer{full, offer("A", 8<<30)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := peers(plan); !slices.Equal(got, []string{"0:A"}) {
+		t.Errorf("plan %v, want A", got)
+	}
+	if want := []string{"full has no free stage slot (max_stages 0)"}; !slices.Equal(refusals, want) {
+		t.Errorf("refusals %q, want %q", refusals, want)
+	}
+}
+
+func TestUnstaffedRunReturnsPartialPlanNamingMissingStagesAndRefusals(t *testing.T) {
+	n := needs(t, 4) // stages 0-2 hold two tapes each, stage 3 one: stage 3 is the smallest
+	offers := []Offer{offer("A", n[0]), offer("B", n[3]), offer("C", 256<<20)}
+	if n[3] >= n[1] || n[3] >= n[2] {
+		t.Fatalf("needs %v: want stage 3 smaller than stages 1 and 2", n)
+	}
+	plan, refusals, err := Plan(small, 4, microBatch, microBatches, offers)
+	if got := peers(plan); !slices.Equal(got, []string{"0:A", "3:B"}) {
+		t.Errorf("partial plan %v, want A on stage 0 and B on stage 3", got)
+	}
+	want := fmt.Sprintf("run cannot be staffed: stages 1, 2 have no peer: C offers 256 MiB, stage 1 needs %s", FormatBytes(n[1]))
+	if !errors.Is(err, ErrUnstaffed) || err.Error() != want {
+		t.Errorf("error = %v\nwant %q", err, want)
+	}
+	if len(refusals) != 1 || !strings.HasPrefix(refusals[0], "C offers") {
+		t.Errorf("refusals %q, want C's", refusals)
+	}
+}
+
+func TestUnstaffedForLackOfPeersSaysSo(t *testing.T) {
+	_, _, err := Plan(small, 2, microBatch, microBatches, nil)
+	if want := "run cannot be staffed: stages 0, 1 have no peer: no peer offered to train"; !errors.Is(err, ErrUnstaffed) || err.Error() != want {
+		t.Errorf("no offers: %v\nwant %q", err, want)
+	}
+	plan, refusals, err := Plan(small, 2, microBatch, microBatches, []Offer{offer("A", 8<<30)})
+	if want := "run cannot be staffed: stage 1 has no peer: every peer that offered holds another stage"; !errors.Is(err, ErrUnstaffed) || err.Error() != want {
+		t.Errorf("one offer: %v\nwant %q", err, want)
+	}
+	if len(plan) != 1 || len(refusals) != 0 {
+		t.Errorf("one offer: plan %+v, refusals %q", plan, refusals)
+	}
+}
+
+func TestRefusalShowsExactBytesWhenRoundingHidesTheGap(t *testing.T) {
+	need := needs(t, 1)[0]
+	_, refusals, err := Plan(small, 1, microBatch, microBatches, []Offer{offer("A", need-1)})
+	want := fmt.Sprintf("A offers %s (%d B), stage 0 needs %s (%d B)", FormatBytes(need), need-1, FormatBytes(need), need)
+	if !errors.Is(err, ErrUnstaffed) || !slices.Equal(refusals, []string{want}) {
+		t.Errorf("refusals %q (%v), want %q", refusals, err, want)
+	}
+}
+
+func TestPlanRejectsImpossibleRequests(t *testing.T) {
+	bad := small
+	bad.NHeads = 3
+	for name, call := range map[string]func() error{
+		"more stages than layers": func() error { _, _, err := Plan(small, 9, 1, 1, nil); return err },
+		"no stages":               func() error { _, _, err := Plan(small, 0, 1, 1, nil); return err },
+		"empty micro-batch":       func() error { _, _, err := Plan(small, 2, 0, 1, nil); return err },
+		"no micro-batches":        func() error { _, _, err := Plan(small, 2, 1, 0, nil); return err },
+		"bad model":               func() error { _, _, err := Plan(bad, 2, 1, 1, nil); return err },
+	} {
+		if err := call(); err == nil || errors.Is(err, ErrUnstaffed) {
+			t.Errorf("%s: error = %v, want one that is not ErrUnstaffed", name, err)
+		}
+	}
+	if _, _, err := Plan(small, 9, 1, 1, nil); !errors.Is(err, shard.ErrConfig) {
+		t.Errorf("more stages than layers: %v, want shard.ErrConfig", err)
+	}
+}

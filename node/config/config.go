@@ -1,0 +1,270 @@
+// Package config is the configuration file of the `pipeswarm node` daemon: where it keeps
+// its state, where it listens, whom it dials first, whose runs it accepts and how much
+// memory it may give them.
+//
+// It follows the run spec's life (node/spec): Parse (or Load) decodes the file strictly,
+// EnsureDefaults fills what the file left out, Validate checks every field, and Marshal
+// writes back the effective config. Errors name the file, line and field of what is wrong.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
+	"gopkg.in/yaml.v3"
+
+	"github.com/pipeswarm/pipeswarm/node/spec"
+)
+
+// ErrInvalid is wrapped by every error Validate reports.
+var ErrInvalid = errors.New("invalid node config")
+
+// ErrDecode is wrapped by every error about the text itself: malformed YAML, an empty file,
+// unknown or repeated fields, values of the wrong type. Such errors also wrap spec.ErrDecode,
+// whose decoder reads this file too.
+var ErrDecode = errors.New("cannot decode node config")
+
+// MinMemoryBudget is the smallest memory budget a node may offer: the fixed overhead a stage
+// needs before any parameter (node/assign counts 64 MiB of it).
+const MinMemoryBudget = 64 << 20
+
+// Config is the daemon's configuration.
+type Config struct {
+	// DataDir holds the identity key, checkpoints, logs and the lock. Required, from the
+	// file or a flag; a relative path is relative to the daemon's working directory.
+	DataDir string `yaml:"data_dir"`
+	// Listen lists the multiaddrs to listen on. Default: any IPv4 address, a random port,
+	// over TCP and QUIC. An explicit empty list listens nowhere (outbound connections only).
+	Listen []string `yaml:"listen"`
+	// Bootstrap lists full multiaddrs, ending in /p2p/<peer ID>, dialled at start.
+	Bootstrap []string `yaml:"bootstrap"`
+	// MDNS turns on discovery of peers on the local network.
+	MDNS bool `yaml:"mdns"`
+	// Trust lists the peer IDs (12D3KooW...) of launchers whose runs this node accepts.
+	Trust []string `yaml:"trust"`
+	// Open accepts runs from any launcher, trusted or not.
+	Open bool `yaml:"open"`
+	// MemoryBudget is the memory this node offers to the stages it holds, as ParseBytes
+	// reads it: "4GiB", "512MiB", "2GB". Default "4GiB"; at least 64 MiB.
+	MemoryBudget string `yaml:"memory_budget"`
+	// MaxStages is how many stages this node may hold at once. Default 1.
+	MaxStages int `yaml:"max_stages"`
+
+	// src remembers where each field was written, so that Validate can point at its line and
+	// EnsureDefaults leaves alone what the file set on purpose ("listen: []").
+	src source
+}
+
+// DefaultListen is where a node listens unless told otherwise: every IPv4 interface, a
+// port the system picks, over TCP and QUIC.
+func DefaultListen() []string {
+	return []string{"/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"}
+}
+
+// DefaultMemoryBudget is the memory budget of a node whose config names none.
+const DefaultMemoryBudget = "4GiB"
+
+// source is where a config came from. The map is written only while decoding.
+type source struct {
+	file  string
+	lines map[string]int // field path ("trust", "trust[2]") -> line
+}
+
+func (src source) written(path string) bool {
+	_, ok := src.lines[path]
+	return ok
+}
+
+// Load reads the config file at path and parses it with Parse.
+func Load(path string) (*Config, error) {
+	src, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("load node config: %w", err)
+	}
+	return Parse(src, path)
+}
+
+// Parse decodes a config from YAML, fills defaults and validates it. name is used in error
+// messages ("node.yaml:7: trust: ..."). Unknown fields are errors. All problems are returned
+// together, joined; if the text does not decode, only the decoding problems are.
+func Parse(src []byte, name string) (*Config, error) {
+	c, err := Decode(src, name)
+	if err != nil {
+		return nil, err
+	}
+	c.EnsureDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// Decode only decodes a config from YAML, strictly, without defaults or validation, for a
+// caller that overrides fields (from flags, say) before calling EnsureDefaults and Validate.
+// Validate still names the lines of the fields that came from the file.
+func Decode(src []byte, name string) (*Config, error) {
+	c := &Config{}
+	lines, err := spec.DecodeStrict(src, name, "node config", c)
+	if err != nil {
+		return nil, decodeError{err}
+	}
+	c.src = source{file: name, lines: lines}
+	return c, nil
+}
+
+// decodeError adds ErrDecode to a decoding error without changing its text.
+type decodeError struct{ err error }
+
+func (e decodeError) Error() string   { return e.err.Error() }
+func (e decodeError) Unwrap() []error { return []error{ErrDecode, e.err} }
+
+// EnsureDefaults fills the fields that are unset and were not written in the file.
+// A value written in the file is kept even if it is empty or zero ("listen: []",
+// "max_stages: 0"), so that Validate can say what is wrong with it.
+func (c *Config) EnsureDefaults() {
+	if c.Listen == nil && !c.src.written("listen") {
+		c.Listen = DefaultListen()
+	}
+	// No bootstrap peers and no trusted launchers are empty lists rather than nil, so that
+	// a config reads back from Marshal exactly as it was.
+	if c.Bootstrap == nil {
+		c.Bootstrap = []string{}
+	}
+	if c.Trust == nil {
+		c.Trust = []string{}
+	}
+	if c.MemoryBudget == "" && !c.src.written("memory_budget") {
+		c.MemoryBudget = DefaultMemoryBudget
+	}
+	if c.MaxStages == 0 && !c.src.written("max_stages") {
+		c.MaxStages = 1
+	}
+}
+
+// Validate checks every field and returns all problems joined, each wrapping ErrInvalid.
+// For a config that came from a file, each problem names its line.
+func (c *Config) Validate() error {
+	v := &checker{src: c.src}
+	if c.DataDir == "" {
+		v.failf("data_dir", "missing; the node needs a directory for its key, checkpoints and lock")
+	}
+	for i, s := range c.Listen {
+		if _, err := ma.NewMultiaddr(s); err != nil {
+			v.item("listen", i, "%v", err) // names s: failed to parse multiaddr "...": why
+		}
+	}
+	for i, s := range c.Bootstrap {
+		m, err := ma.NewMultiaddr(s)
+		if err != nil {
+			v.item("bootstrap", i, "%v", err)
+			continue
+		}
+		if _, err := peer.AddrInfoFromP2pAddr(m); err != nil {
+			v.item("bootstrap", i, "%q does not end in /p2p/<peer ID>; a bootstrap address must name the peer to dial", s)
+		}
+	}
+	for i, s := range c.Trust {
+		if _, err := peer.Decode(s); err != nil {
+			v.item("trust", i, "%q is not a peer ID (12D3KooW...): %v", s, err)
+		}
+	}
+	if len(c.Trust) == 0 && !c.Open {
+		v.failf("trust", "empty while open is false, so no launcher's run would be accepted; list launcher peer IDs, or set open: true")
+	}
+	switch n, err := ParseBytes(c.MemoryBudget); {
+	case c.MemoryBudget == "":
+		v.failf("memory_budget", "empty; want a size such as 4GiB")
+	case err != nil:
+		v.failf("memory_budget", "%v", err)
+	case n < MinMemoryBudget:
+		v.failf("memory_budget", "%q is below the minimum of 64MiB", c.MemoryBudget)
+	}
+	if c.MaxStages < 1 {
+		v.failf("max_stages", "%d is less than 1", c.MaxStages)
+	}
+	return errors.Join(v.errs...)
+}
+
+// MemoryBudgetBytes is the memory budget in bytes, or 0 if it does not parse (Validate
+// reports that).
+func (c *Config) MemoryBudgetBytes() int64 {
+	n, err := ParseBytes(c.MemoryBudget)
+	if err != nil {
+		return 0
+	}
+	return n
+}
+
+// Marshal returns the config as YAML, every field included, so that a node can record the
+// configuration it runs with. Parse(Marshal(c)) gives back c.
+func (c *Config) Marshal() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := yaml.NewEncoder(&buf)
+	enc.SetIndent(2)
+	if err := enc.Encode(c); err != nil {
+		return nil, fmt.Errorf("marshal node config: %w", err)
+	}
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("marshal node config: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// String returns the same text as Marshal.
+func (c *Config) String() string {
+	b, err := c.Marshal()
+	if err != nil {
+		return "<" + err.Error() + ">"
+	}
+	return string(b)
+}
+
+// fieldError is one problem with a config, located as precisely as is known.
+type fieldError struct {
+	file  string // "" when the config did not come from a file
+	line  int    // 0 when the field was not written in the file
+	field string
+	msg   string
+}
+
+func (e *fieldError) Error() string {
+	var b strings.Builder
+	switch {
+	case e.file != "" && e.line > 0:
+		fmt.Fprintf(&b, "%s:%d: ", e.file, e.line)
+	case e.file != "":
+		fmt.Fprintf(&b, "%s: ", e.file)
+	}
+	fmt.Fprintf(&b, "%s: %s", e.field, e.msg)
+	return b.String()
+}
+
+func (e *fieldError) Unwrap() error { return ErrInvalid }
+
+// checker collects validation problems, locating each through the config's source.
+type checker struct {
+	src  source
+	errs []error
+}
+
+func (v *checker) failf(path, format string, args ...any) {
+	v.at(path, v.src.lines[path], format, args...)
+}
+
+// item reports a problem with item i of the list field path, at the item's own line.
+func (v *checker) item(path string, i int, format string, args ...any) {
+	line, ok := v.src.lines[fmt.Sprintf("%s[%d]", path, i)]
+	if !ok {
+		line = v.src.lines[path]
+	}
+	v.at(fmt.Sprintf("%s[%d]", path, i), line, format, args...)
+}
+
+func (v *checker) at(field string, line int, format string, args ...any) {
+	v.errs = append(v.errs, &fieldError{file: v.src.file, line: line, field: field, msg: fmt.Sprintf(format, args...)})
+}

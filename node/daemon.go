@@ -1,0 +1,390 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/multiformats/go-multiaddr"
+
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/config"
+	"github.com/pipeswarm/pipeswarm/node/core"
+	"github.com/pipeswarm/pipeswarm/node/datadir"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// Errors a daemon gives its runs when it stops them.
+var (
+	ErrShutdown = errors.New("node shutting down")
+	ErrAborted  = errors.New("run aborted by its launcher")
+)
+
+// HeartbeatInterval is how often a daemon announces itself on gossipsub.
+const HeartbeatInterval = 5 * time.Second
+
+// Daemon is a long-running node: it holds a data directory and a libp2p identity,
+// answers launchers' offers, accepts signed runs from trusted launchers, and trains
+// the stages it is given.
+type Daemon struct {
+	cfg   *config.Config
+	log   *slog.Logger
+	dir   *datadir.Dir
+	host  *p2p.Host
+	trust map[peer.ID]bool
+
+	mu   sync.Mutex
+	runs map[uint64]*worker
+	wg   sync.WaitGroup
+}
+
+// NewDaemon locks the data directory, loads (or creates) the node's identity and
+// starts listening. Close it, or Run it until its context ends.
+func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Daemon, error) {
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	trust := map[peer.ID]bool{}
+	for _, t := range cfg.Trust {
+		id, err := peer.Decode(t)
+		if err != nil {
+			return nil, fmt.Errorf("trust %q: %w", t, err)
+		}
+		trust[id] = true
+	}
+	dir, err := datadir.Open(cfg.DataDir)
+	if err != nil {
+		return nil, err
+	}
+	if n, err := dir.CleanTemp(); err == nil && n > 0 {
+		log.Info("removed temp files left by a crash", "count", n)
+	}
+	key, created, err := p2p.LoadOrCreateKey(dir.KeyPath())
+	if err != nil {
+		dir.Close()
+		return nil, err
+	}
+	if created {
+		log.Info("created node identity", "path", dir.KeyPath())
+	}
+	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: key, Listen: cfg.Listen, MDNS: cfg.MDNS, Log: log.With("sys", "p2p")})
+	if err != nil {
+		dir.Close()
+		return nil, err
+	}
+	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}}
+	h.Handle(p2p.ProtoControl, d.handleControl)
+	h.Handle(p2p.ProtoActivation, d.handleFrames(p2p.ProtoActivation))
+	h.Handle(p2p.ProtoGradient, d.handleFrames(p2p.ProtoGradient))
+	if err := dir.WriteAddrs(h.Addrs()); err != nil {
+		d.Close()
+		return nil, err
+	}
+	return d, nil
+}
+
+// ID is the node's peer ID.
+func (d *Daemon) ID() peer.ID { return d.host.ID() }
+
+// Addrs are the node's full multiaddrs.
+func (d *Daemon) Addrs() []string { return d.host.Addrs() }
+
+// Run dials the bootstrap peers, announces heartbeats, and serves until ctx ends;
+// then it stops every run (each writes its checkpoint) and closes.
+func (d *Daemon) Run(ctx context.Context) error {
+	for _, a := range d.cfg.Bootstrap {
+		if _, err := d.host.Connect(ctx, a); err != nil {
+			d.log.Warn("bootstrap peer unreachable", "addr", a, "err", err)
+		}
+	}
+	hb, err := d.host.PubSub.Join(p2p.TopicHeartbeats)
+	if err != nil {
+		d.log.Warn("no heartbeat topic", "err", err)
+	}
+	tick := time.NewTicker(HeartbeatInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			if hb != nil {
+				hb.Close()
+			}
+			return d.Close()
+		case <-tick.C:
+			if hb != nil {
+				if b, err := json.Marshal(d.heartbeat()); err == nil {
+					_ = hb.Publish(ctx, b)
+				}
+			}
+		}
+	}
+}
+
+type heartbeat struct {
+	Peer string         `json:"peer"`
+	Runs []heartbeatRun `json:"runs"`
+}
+
+type heartbeatRun struct {
+	Run   string `json:"run"`
+	Stage int    `json:"stage"`
+}
+
+func (d *Daemon) heartbeat() heartbeat {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	hb := heartbeat{Peer: d.host.ID().String()}
+	for id, w := range d.runs {
+		hb.Runs = append(hb.Runs, heartbeatRun{Run: fmt.Sprintf("%016x", id), Stage: w.idx})
+	}
+	return hb
+}
+
+// Close stops every run (each writes its checkpoint and tells its launcher), then
+// closes the host and releases the data directory.
+func (d *Daemon) Close() error {
+	d.mu.Lock()
+	ws := make([]*worker, 0, len(d.runs))
+	for _, w := range d.runs {
+		ws = append(ws, w)
+	}
+	d.mu.Unlock()
+	for _, w := range ws {
+		w.cancel(ErrShutdown)
+		w.startOnce.Do(w.start) // an accepted run never started still has to wind down
+	}
+	done := make(chan struct{})
+	go func() { d.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		d.log.Warn("runs did not stop in time")
+	}
+	return errors.Join(d.host.Close(), d.dir.Close())
+}
+
+func (d *Daemon) run(id uint64) *worker {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.runs[id]
+}
+
+func (d *Daemon) handleControl(s network.Stream) {
+	defer s.Close()
+	_ = s.SetDeadline(time.Now().Add(30 * time.Second))
+	from := s.Conn().RemotePeer()
+	var m ctlMsg
+	if err := p2p.ReadMsg(s, &m, p2p.MaxMsgBytes); err != nil {
+		d.penalise(s, from, err)
+		return
+	}
+	r := d.control(from, m)
+	if err := p2p.WriteMsg(s, r); err != nil {
+		d.log.Debug("control reply not sent", "peer", from, "err", err)
+	}
+}
+
+func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
+	switch m.Type {
+	case msgOffer:
+		d.mu.Lock()
+		free := d.cfg.MaxStages - len(d.runs)
+		d.mu.Unlock()
+		return ctlReply{OK: true, Offer: &assign.Offer{Peer: d.host.ID().String(), Addrs: d.host.Addrs(),
+			MemoryBytes: d.cfg.MemoryBudgetBytes(), MaxStages: free}}
+	case msgAssign:
+		if err := d.accept(from, m.Signed); err != nil {
+			return ctlReply{Error: err.Error()}
+		}
+		return ctlReply{OK: true}
+	}
+	w := d.run(m.Run)
+	if w == nil {
+		return ctlReply{Error: fmt.Sprintf("no run %016x here", m.Run)}
+	}
+	switch m.Type {
+	case msgStart:
+		if from != w.launcher {
+			return ctlReply{Error: "only the run's launcher may start it"}
+		}
+		w.startOnce.Do(w.start)
+		return ctlReply{OK: true}
+	case msgAbort:
+		if from != w.launcher {
+			return ctlReply{Error: "only the run's launcher may abort it"}
+		}
+		w.cancel(fmt.Errorf("%w: %s", ErrAborted, m.Reason))
+		w.startOnce.Do(w.start) // a worker never started still has to finish
+		return ctlReply{OK: true}
+	case msgNorm:
+		n := m.Norm
+		if n == nil || n.Stage < 0 || n.Stage >= len(w.plan.Stages) || w.peerOf(n.Stage) != from || n.Stage == w.idx {
+			d.host.Penalties().Add(from, "norm from a peer that does not hold that stage")
+			return ctlReply{Error: "norm from a peer that does not hold that stage"}
+		}
+		w.post(core.NormIn{Step: n.Step, Stage: n.Stage, SumSq: n.SumSq})
+		return ctlReply{OK: true}
+	}
+	d.host.Penalties().Add(from, "unknown control message "+m.Type)
+	return ctlReply{Error: fmt.Sprintf("unknown control message %q", m.Type)}
+}
+
+// accept checks a signed run plan and, if this node trusts its launcher and can hold
+// its stage, creates the worker (it starts on msgStart).
+func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
+	if signed == nil {
+		return errors.New("assign without a signed plan")
+	}
+	signer, err := signed.Verify()
+	if err != nil {
+		d.log.Warn("refusing run: bad signature", "from", from, "err", err)
+		return fmt.Errorf("refused: %w", err)
+	}
+	if !d.cfg.Open && !d.trust[signer] {
+		d.log.Warn("refusing run: signed by an untrusted key", "key", signer, "from", from)
+		return fmt.Errorf("refused: run signed by %s, a key this node does not trust (trust it with --trust %s, or set open: true)", signer, signer)
+	}
+	plan, err := decodePlan(signed.Payload)
+	if err != nil {
+		return err
+	}
+	if plan.Launcher != signer.String() {
+		return fmt.Errorf("refused: plan names launcher %s but is signed by %s", plan.Launcher, signer)
+	}
+	sp, err := spec.Parse([]byte(plan.Spec), "run spec")
+	if err != nil {
+		return fmt.Errorf("refused: %w", err)
+	}
+	idx := -1
+	if len(plan.Stages) != sp.Pipeline.Stages {
+		return fmt.Errorf("refused: plan has %d stages, spec %d", len(plan.Stages), sp.Pipeline.Stages)
+	}
+	want, err := shard.SplitLayers(sp.Model.NLayers, sp.Pipeline.Stages)
+	if err != nil {
+		return fmt.Errorf("refused: %w", err)
+	}
+	for i, a := range plan.Stages {
+		id, err := peer.Decode(a.Peer)
+		if err != nil {
+			return fmt.Errorf("refused: stage %d peer %q: %w", i, a.Peer, err)
+		}
+		if a.Stage != i || a.Range != want[i] {
+			return fmt.Errorf("refused: stage %d holds layers %v, want %v", i, a.Range, want[i])
+		}
+		if id == d.host.ID() {
+			idx = i
+		}
+		d.addAddrs(id, a.Addrs)
+	}
+	if idx < 0 {
+		return errors.New("refused: the plan gives this node no stage")
+	}
+	if lid, err := peer.Decode(plan.Launcher); err == nil {
+		d.addAddrs(lid, plan.LauncherAddrs)
+	}
+	a := plan.Stages[idx]
+	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
+	slots := min(sp.Pipeline.Stages-idx, sp.Pipeline.MicroBatches)
+	need := assign.Need(train.ModelConfig(sp), a.Range, idx == 0, idx == len(plan.Stages)-1, mb, slots)
+	if need > d.cfg.MemoryBudgetBytes() {
+		return fmt.Errorf("refused: stage %d needs %d MiB, this node's memory budget is %d MiB", idx, need>>20, d.cfg.MemoryBudgetBytes()>>20)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, dup := d.runs[plan.ID]; dup {
+		return fmt.Errorf("refused: run %016x already here", plan.ID)
+	}
+	if len(d.runs) >= d.cfg.MaxStages {
+		return fmt.Errorf("refused: this node already holds %d stage(s), its max_stages", len(d.runs))
+	}
+	w, err := newWorker(context.Background(), d.host, d.log, plan, sp, idx, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)))
+	if err != nil {
+		return fmt.Errorf("refused: %w", err)
+	}
+	d.runs[plan.ID] = w
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		<-w.started
+		<-w.done
+		d.mu.Lock()
+		delete(d.runs, plan.ID)
+		d.mu.Unlock()
+	}()
+	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
+		"launcher", signer, "need_mib", need>>20)
+	return nil
+}
+
+func (d *Daemon) addAddrs(id peer.ID, addrs []string) {
+	for _, s := range addrs {
+		ma, err := multiaddr.NewMultiaddr(s)
+		if err != nil {
+			continue
+		}
+		if info, err := peer.AddrInfoFromP2pAddr(ma); err == nil && info.ID == id {
+			d.host.Peerstore().AddAddrs(id, info.Addrs, peerstore.PermanentAddrTTL)
+		} else {
+			d.host.Peerstore().AddAddr(id, ma, peerstore.PermanentAddrTTL)
+		}
+	}
+}
+
+// handleFrames reads tensor frames from one stream until it ends; a frame that fails
+// any check resets the stream and counts against its sender.
+func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
+	return func(s network.Stream) {
+		from := s.Conn().RemotePeer()
+		for {
+			f, err := p2p.ReadFrame(s, p2p.MaxFrameBytes)
+			if errors.Is(err, io.EOF) {
+				s.Close()
+				return
+			}
+			if err != nil {
+				d.penalise(s, from, err)
+				return
+			}
+			if err := d.route(proto, from, f); err != nil {
+				d.penalise(s, from, err)
+				return
+			}
+		}
+	}
+}
+
+func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame) error {
+	if (proto == p2p.ProtoGradient) != (f.Kind == p2p.KindGradient) {
+		return fmt.Errorf("%w: kind %d on %s", p2p.ErrBadFrame, f.Kind, proto)
+	}
+	w := d.run(f.Run)
+	if w == nil {
+		return fmt.Errorf("%w: frame for unknown run %016x", p2p.ErrBadFrame, f.Run)
+	}
+	if want, ok := w.from(f.Kind); !ok || want != from {
+		return fmt.Errorf("%w: frame of kind %d from %s, which is not this stage's neighbour", p2p.ErrBadFrame, f.Kind, from)
+	}
+	if err := f.Check(w.expect(f.Kind, int(f.Micro))); err != nil {
+		return err
+	}
+	w.post(frameIn{f})
+	return nil
+}
+
+func (d *Daemon) penalise(s network.Stream, from peer.ID, err error) {
+	n := d.host.Penalties().Add(from, err.Error())
+	d.log.Warn("bad message; stream reset", "peer", from, "err", err, "penalties", n)
+	s.Reset()
+}

@@ -1,0 +1,111 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/p2p"
+)
+
+// Control message types on p2p.ProtoControl: one request and one reply per stream.
+const (
+	msgOffer  = "offer"  // launcher → node: what can you hold?
+	msgAssign = "assign" // launcher → node: a signed run plan
+	msgStart  = "start"  // launcher → node: every stage is staffed; go
+	msgAbort  = "abort"  // launcher → node: drop the run
+	msgNorm   = "norm"   // stage → stage: gradient sum of squares for a step
+	msgReport = "report" // node → launcher: progress
+)
+
+type ctlMsg struct {
+	Type   string      `json:"type"`
+	Run    uint64      `json:"run,omitempty"`
+	Signed *p2p.Signed `json:"signed,omitempty"`
+	Norm   *normMsg    `json:"norm,omitempty"`
+	Report *Report     `json:"report,omitempty"`
+	Reason string      `json:"reason,omitempty"`
+}
+
+type ctlReply struct {
+	OK    bool          `json:"ok"`
+	Error string        `json:"error,omitempty"`
+	Offer *assign.Offer `json:"offer,omitempty"`
+}
+
+type normMsg struct {
+	Step  int     `json:"step"`
+	Stage int     `json:"stage"`
+	SumSq float64 `json:"sumsq"`
+}
+
+// Plan is what a launcher signs: the run, and which peer holds which stage.
+type Plan struct {
+	ID            uint64              `json:"id"`
+	Spec          string              `json:"spec"` // YAML, overrides applied
+	Launcher      string              `json:"launcher"`
+	LauncherAddrs []string            `json:"launcher_addrs"`
+	Stages        []assign.Assignment `json:"stages"`
+	Created       time.Time           `json:"created"`
+}
+
+// Report kinds.
+const (
+	ReportStep  = "step"  // last stage: a step's mean training loss
+	ReportEval  = "eval"  // last stage: validation loss after a step
+	ReportDone  = "done"  // any stage: finished, checkpoint written
+	ReportError = "error" // any stage: the run failed here
+)
+
+// Report is a node's progress message to its launcher.
+type Report struct {
+	Run        uint64  `json:"run"`
+	Stage      int     `json:"stage"`
+	Peer       string  `json:"peer"`
+	Kind       string  `json:"kind"`
+	Step       int     `json:"step,omitempty"`
+	Loss       float64 `json:"loss,omitempty"`
+	ValLoss    float64 `json:"val_loss,omitempty"`
+	GradNorm   float64 `json:"grad_norm,omitempty"`
+	LR         float64 `json:"lr,omitempty"`
+	Checkpoint string  `json:"checkpoint,omitempty"`
+	BytesFwd   int64   `json:"bytes_fwd,omitempty"` // training activation frames sent (encoded bytes)
+	BytesBwd   int64   `json:"bytes_bwd,omitempty"` // training gradient frames sent (encoded bytes)
+	Error      string  `json:"error,omitempty"`
+}
+
+// call sends one control message to id and waits for the reply.
+func call(ctx context.Context, h *p2p.Host, id peer.ID, m ctlMsg) (*ctlReply, error) {
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	s, err := h.NewStream(ctx, id, p2p.ProtoControl)
+	if err != nil {
+		return nil, fmt.Errorf("%s to %s: %w", m.Type, id, err)
+	}
+	defer s.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = s.SetDeadline(dl)
+	}
+	if err := p2p.WriteMsg(s, m); err != nil {
+		s.Reset()
+		return nil, fmt.Errorf("%s to %s: %w", m.Type, id, err)
+	}
+	var r ctlReply
+	if err := p2p.ReadMsg(s, &r, p2p.MaxMsgBytes); err != nil {
+		s.Reset()
+		return nil, fmt.Errorf("%s to %s: no reply: %w", m.Type, id, err)
+	}
+	return &r, nil
+}
+
+func decodePlan(b []byte) (*Plan, error) {
+	var p Plan
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("run plan: %w", err)
+	}
+	return &p, nil
+}

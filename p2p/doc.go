@@ -1,0 +1,22 @@
+// Package p2p is pipeswarm's network layer.
+//
+// It builds the libp2p host a node runs on (identity, TCP and QUIC
+// transports, Noise/TLS security, yamux, a resource manager, optional mDNS
+// discovery and gossipsub), and defines the wire formats peers speak:
+//
+//   - tensor frames (frame.go) carry activations and activation-gradients on
+//     direct streams (ProtoActivation, ProtoGradient);
+//   - length-prefixed JSON messages (msg.go) carry control traffic on
+//     ProtoControl streams;
+//   - signed envelopes (signed.go) let nodes accept run assignments only from
+//     launchers they trust;
+//   - gossipsub topics (TopicRuns, TopicHeartbeats, TopicMetrics) carry run
+//     announcements, heartbeats and metrics, never tensors.
+//
+// Everything read from the network is length-limited, versioned and
+// validated; malformed input is an error wrapping ErrBadFrame, ErrBadMsg or
+// ErrBadSignature, never a panic. Callers count such errors against the
+// sender with Penalties; the Host refuses streams from banned peers.
+//
+// This package must not import shard, optim or node (see deps_test.go).
+package p2p

@@ -1,0 +1,513 @@
+package p2p
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"math/bits"
+	"slices"
+	"sync"
+)
+
+// Kind says what a frame's tensor is.
+type Kind uint8
+
+const (
+	KindActivation Kind = 1 // a training forward activation
+	KindGradient   Kind = 2 // an activation-gradient, backward direction
+	KindEval       Kind = 3 // a validation forward (no backward follows)
+)
+
+func (k Kind) valid() bool { return k >= KindActivation && k <= KindEval }
+
+func (k Kind) String() string {
+	switch k {
+	case KindActivation:
+		return "activation"
+	case KindGradient:
+		return "gradient"
+	case KindEval:
+		return "eval"
+	}
+	return fmt.Sprintf("Kind(%d)", uint8(k))
+}
+
+// Codec is the wire encoding of a frame's values. Whatever the codec, a
+// decoded Frame holds its values as float32 in Data.
+type Codec uint8
+
+const (
+	CodecF32 Codec = 1 // raw little-endian IEEE-754 float32
+)
+
+func (c Codec) String() string {
+	switch c {
+	case CodecF32:
+		return "f32"
+	}
+	return fmt.Sprintf("Codec(%d)", uint8(c))
+}
+
+// payloadSize is the exact encoded byte length of n values under c; ok is
+// false for an unknown codec or a size that overflows.
+//
+// New codecs (bf16, blockwise int8, zstd) add a case here, in encodeValues
+// and in decodeValues.
+func (c Codec) payloadSize(n uint64) (size uint64, ok bool) {
+	switch c {
+	case CodecF32:
+		hi, lo := bits.Mul64(n, 4)
+		return lo, hi == 0
+	}
+	return 0, false
+}
+
+// Frame is one tensor on the wire, with the bookkeeping a stage needs to
+// place it: which run, step and micro-batch it belongs to.
+type Frame struct {
+	Kind    Kind
+	Run     uint64   // run identifier
+	Step    uint32   // training step
+	Micro   uint32   // micro-batch (or validation batch) index
+	Shape   []uint32 // e.g. [B, T, d]; rank 1..4, no zero dims
+	Codec   Codec    // wire encoding of Data
+	Tokens  []int32  // optional input token ids [B*T], sent from stage 0 so later stages have them
+	Targets []int32  // optional target ids [B*T], so the last stage can compute the loss
+	Data    []float32
+}
+
+// MaxFrameBytes is the largest frame the protocol allows, and the limit
+// ReadFrame applies when given none.
+const MaxFrameBytes = 256 << 20
+
+// ErrBadFrame is wrapped by every error that reports a malformed or
+// unexpected frame. The peer that sent it should be penalised.
+var ErrBadFrame = errors.New("p2p: bad frame")
+
+// Wire layout of a frame, all integers little-endian:
+//
+//	offset size field
+//	     0    4 magic "PSWF"
+//	     4    1 version (frameVersion = 1)
+//	     5    1 kind (Kind)
+//	     6    1 codec (Codec)
+//	     7    1 rank, 1..4
+//	     8    8 run
+//	    16    4 step
+//	    20    4 micro
+//	    24   16 shape: 4 × uint32; dims [0, rank) are non-zero, the rest zero
+//	    40    4 token count
+//	    44    4 target count
+//	    48    8 payload byte length (must equal codec size of product(shape) values)
+//	    56      tokens: token count × int32
+//	            targets: target count × int32
+//	            payload
+//
+// The header has a fixed size so a reader knows the whole frame's size, and
+// can refuse it, after reading 56 bytes.
+const (
+	frameMagic     = "PSWF"
+	frameVersion   = 1
+	frameHeaderLen = 56
+	maxRank        = 4
+)
+
+// chunkLen is the size of the pooled buffers frames are encoded through and
+// decoded from: small frames are written with one Write, large ones in
+// chunks of this size, and never copied whole.
+const chunkLen = 256 << 10
+
+var chunkPool = sync.Pool{New: func() any { b := make([]byte, 0, chunkLen); return &b }}
+
+func badFrame(format string, args ...any) error {
+	return fmt.Errorf("%w: "+format, append([]any{ErrBadFrame}, args...)...)
+}
+
+// shapeLen is the number of values of shape, or an error if the shape is
+// not a valid frame shape.
+func shapeLen(shape []uint32) (uint64, error) {
+	if len(shape) == 0 || len(shape) > maxRank {
+		return 0, badFrame("rank %d outside [1, %d]", len(shape), maxRank)
+	}
+	n := uint64(1)
+	for i, d := range shape {
+		if d == 0 {
+			return 0, badFrame("shape %v: dim %d is zero", shape, i)
+		}
+		hi, lo := bits.Mul64(n, uint64(d))
+		if hi != 0 {
+			return 0, badFrame("shape %v: element count overflows", shape)
+		}
+		n = lo
+	}
+	return n, nil
+}
+
+// WriteFrame encodes f to w. It refuses (ErrBadFrame) a frame its own
+// ReadFrame would refuse: an unknown kind or codec, a bad shape, Data not
+// matching the shape, or a total size over MaxFrameBytes. Frames up to
+// 256 KiB are written with a single Write.
+func WriteFrame(w io.Writer, f *Frame) error {
+	if !f.Kind.valid() {
+		return badFrame("write: unknown kind %d", f.Kind)
+	}
+	n, err := shapeLen(f.Shape)
+	if err != nil {
+		return fmt.Errorf("write: %w", err)
+	}
+	payload, ok := f.Codec.payloadSize(n)
+	if !ok {
+		return badFrame("write: unknown codec %d", f.Codec)
+	}
+	if n > MaxFrameBytes || payload > MaxFrameBytes {
+		return badFrame("write: shape %v exceeds MaxFrameBytes %d", f.Shape, MaxFrameBytes)
+	}
+	total := frameHeaderLen + 4*uint64(len(f.Tokens)) + 4*uint64(len(f.Targets)) + payload
+	if total > MaxFrameBytes || 4*(n+uint64(len(f.Tokens))+uint64(len(f.Targets))) > MaxFrameBytes {
+		return badFrame("write: frame of %d bytes exceeds MaxFrameBytes %d", total, MaxFrameBytes)
+	}
+	if uint64(len(f.Data)) != n {
+		return badFrame("write: data has %d values, shape %v needs %d", len(f.Data), f.Shape, n)
+	}
+
+	bp := chunkPool.Get().(*[]byte)
+	defer chunkPool.Put(bp)
+	cw := chunkWriter{w: w, buf: (*bp)[:0]}
+
+	var h [frameHeaderLen]byte
+	copy(h[0:4], frameMagic)
+	h[4] = frameVersion
+	h[5] = byte(f.Kind)
+	h[6] = byte(f.Codec)
+	h[7] = byte(len(f.Shape))
+	binary.LittleEndian.PutUint64(h[8:], f.Run)
+	binary.LittleEndian.PutUint32(h[16:], f.Step)
+	binary.LittleEndian.PutUint32(h[20:], f.Micro)
+	for i, d := range f.Shape {
+		binary.LittleEndian.PutUint32(h[24+4*i:], d)
+	}
+	binary.LittleEndian.PutUint32(h[40:], uint32(len(f.Tokens)))
+	binary.LittleEndian.PutUint32(h[44:], uint32(len(f.Targets)))
+	binary.LittleEndian.PutUint64(h[48:], payload)
+	cw.buf = append(cw.buf, h[:]...)
+
+	cw.putInt32s(f.Tokens)
+	cw.putInt32s(f.Targets)
+	switch f.Codec {
+	case CodecF32:
+		cw.putFloat32s(f.Data)
+	}
+	cw.flush()
+	if cw.err != nil {
+		return fmt.Errorf("p2p: write frame: %w", cw.err)
+	}
+	return nil
+}
+
+// chunkWriter encodes values into buf and writes it to w whenever it fills.
+// The first write error sticks.
+type chunkWriter struct {
+	w   io.Writer
+	buf []byte
+	err error
+}
+
+func (c *chunkWriter) flush() {
+	if c.err == nil && len(c.buf) > 0 {
+		_, c.err = c.w.Write(c.buf)
+	}
+	c.buf = c.buf[:0]
+}
+
+// room makes space for at least one 4-byte value and returns how many fit.
+func (c *chunkWriter) room() int {
+	if cap(c.buf)-len(c.buf) < 4 {
+		c.flush()
+	}
+	return (cap(c.buf) - len(c.buf)) / 4
+}
+
+func (c *chunkWriter) putInt32s(v []int32) {
+	for len(v) > 0 && c.err == nil {
+		k := min(c.room(), len(v))
+		for _, x := range v[:k] {
+			c.buf = binary.LittleEndian.AppendUint32(c.buf, uint32(x))
+		}
+		v = v[k:]
+	}
+}
+
+func (c *chunkWriter) putFloat32s(v []float32) {
+	for len(v) > 0 && c.err == nil {
+		k := min(c.room(), len(v))
+		for _, x := range v[:k] {
+			c.buf = binary.LittleEndian.AppendUint32(c.buf, math.Float32bits(x))
+		}
+		v = v[k:]
+	}
+}
+
+// ReadFrame decodes one frame from r. A clean end of stream before the
+// first byte is returned as io.EOF itself.
+//
+// maxBytes bounds both the frame's encoded size (header included) and the
+// memory its decoded slices take; maxBytes <= 0 or over MaxFrameBytes means
+// MaxFrameBytes. The bound is checked against the header before anything
+// is allocated, and buffers then grow only as data actually arrives (see
+// readValues), so a header claiming a huge tensor costs at most a few MiB.
+// Receivers that know the expected shape should pass Expect.MaxBytes.
+//
+// Malformed input is refused with an error wrapping ErrBadFrame that names
+// the problem; truncated input also wraps io.ErrUnexpectedEOF. Other read
+// errors (a reset stream, say) are returned wrapped but without ErrBadFrame.
+func ReadFrame(r io.Reader, maxBytes int) (*Frame, error) {
+	if maxBytes <= 0 || maxBytes > MaxFrameBytes {
+		maxBytes = MaxFrameBytes
+	}
+	var h [frameHeaderLen]byte
+	if _, err := io.ReadFull(r, h[:]); err != nil {
+		if err == io.EOF {
+			return nil, io.EOF
+		}
+		return nil, readErr("header", err)
+	}
+	if string(h[0:4]) != frameMagic {
+		return nil, badFrame("magic %q, want %q", h[0:4], frameMagic)
+	}
+	if h[4] != frameVersion {
+		return nil, badFrame("version %d, want %d", h[4], frameVersion)
+	}
+	f := &Frame{
+		Kind:  Kind(h[5]),
+		Codec: Codec(h[6]),
+		Run:   binary.LittleEndian.Uint64(h[8:]),
+		Step:  binary.LittleEndian.Uint32(h[16:]),
+		Micro: binary.LittleEndian.Uint32(h[20:]),
+	}
+	if !f.Kind.valid() {
+		return nil, badFrame("unknown kind %d", h[5])
+	}
+	if _, ok := f.Codec.payloadSize(0); !ok {
+		return nil, badFrame("unknown codec %d", h[6])
+	}
+	rank := int(h[7])
+	if rank == 0 || rank > maxRank {
+		return nil, badFrame("rank %d outside [1, %d]", rank, maxRank)
+	}
+	var dims [maxRank]uint32
+	for i := range dims {
+		dims[i] = binary.LittleEndian.Uint32(h[24+4*i:])
+		if i >= rank && dims[i] != 0 {
+			return nil, badFrame("rank %d but dim %d is %d, want 0", rank, i, dims[i])
+		}
+	}
+	n, err := shapeLen(dims[:rank])
+	if err != nil {
+		return nil, err
+	}
+	ntok := uint64(binary.LittleEndian.Uint32(h[40:]))
+	ntgt := uint64(binary.LittleEndian.Uint32(h[44:]))
+	payload := binary.LittleEndian.Uint64(h[48:])
+	limit := uint64(maxBytes)
+
+	// Every size below is checked against limit before it is multiplied
+	// or added, so nothing overflows.
+	if n > limit/4 {
+		return nil, badFrame("shape %v: %d values exceed limit of %d bytes", dims[:rank], n, limit)
+	}
+	if ntok > limit/4 {
+		return nil, badFrame("token count %d exceeds limit of %d bytes", ntok, limit)
+	}
+	if ntgt > limit/4 {
+		return nil, badFrame("target count %d exceeds limit of %d bytes", ntgt, limit)
+	}
+	want, _ := f.Codec.payloadSize(n) // n <= limit/4: no overflow
+	if payload != want {
+		return nil, badFrame("payload length %d, shape %v in %v needs %d", payload, dims[:rank], f.Codec, want)
+	}
+	wire := frameHeaderLen + 4*ntok + 4*ntgt + payload
+	mem := 4 * (n + ntok + ntgt)
+	if wire > limit || mem > limit {
+		return nil, badFrame("frame of %d bytes (%d decoded) exceeds limit of %d bytes", wire, mem, limit)
+	}
+
+	f.Shape = slices.Clone(dims[:rank])
+	bp := chunkPool.Get().(*[]byte)
+	defer chunkPool.Put(bp)
+	scratch := (*bp)[:cap(*bp)]
+	if ntok > 0 {
+		if f.Tokens, err = readValues(r, ntok, scratch, decodeInt32s); err != nil {
+			return nil, readErr("tokens", err)
+		}
+	}
+	if ntgt > 0 {
+		if f.Targets, err = readValues(r, ntgt, scratch, decodeInt32s); err != nil {
+			return nil, readErr("targets", err)
+		}
+	}
+	switch f.Codec {
+	case CodecF32:
+		f.Data, err = readValues(r, n, scratch, decodeFloat32s)
+	}
+	if err != nil {
+		return nil, readErr("payload", err)
+	}
+	return f, nil
+}
+
+// readErr classifies an error met while reading part of a frame: running
+// out of input is the sender's fault (ErrBadFrame); anything else is the
+// transport's.
+func readErr(part string, err error) error {
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		return fmt.Errorf("%w: truncated %s: %w", ErrBadFrame, part, io.ErrUnexpectedEOF)
+	}
+	return fmt.Errorf("p2p: read frame %s: %w", part, err)
+}
+
+// eagerValues is how many values readValues allocates before any arrive.
+// Realistic frames fit (16×128×128 activations are 256 Ki values), so they
+// cost one allocation; a header claiming more costs only this much until
+// the sender actually sends the data.
+const eagerValues = 1 << 20
+
+// readValues reads n 4-byte little-endian values from r through scratch,
+// decoding each chunk with dec. The result starts with room for
+// eagerValues and doubles as data arrives, so memory tracks the bytes
+// received, never just the bytes claimed; its final length and capacity
+// are exactly n.
+func readValues[T int32 | float32](r io.Reader, n uint64, scratch []byte, dec func(dst []T, src []byte)) ([]T, error) {
+	dst := make([]T, 0, min(n, eagerValues))
+	for uint64(len(dst)) < n {
+		if len(dst) == cap(dst) {
+			grown := make([]T, len(dst), min(n, 2*uint64(cap(dst))))
+			copy(grown, dst)
+			dst = grown
+		}
+		k := min(len(scratch)/4, cap(dst)-len(dst))
+		b := scratch[:4*k]
+		if _, err := io.ReadFull(r, b); err != nil {
+			return nil, err
+		}
+		dec(dst[len(dst):len(dst)+k], b)
+		dst = dst[:len(dst)+k]
+	}
+	return dst, nil
+}
+
+func decodeInt32s(dst []int32, src []byte) {
+	for i := range dst {
+		dst[i] = int32(binary.LittleEndian.Uint32(src[4*i:]))
+	}
+}
+
+func decodeFloat32s(dst []float32, src []byte) {
+	for i := range dst {
+		dst[i] = math.Float32frombits(binary.LittleEndian.Uint32(src[4*i:]))
+	}
+}
+
+// Expect is what a receiver knows a valid frame must look like. Run, Kind
+// and Codec are compared exactly (a zero Kind or Codec matches nothing).
+type Expect struct {
+	Run    uint64
+	Kind   Kind
+	Shape  []uint32 // exact shape expected (nil = any)
+	Tokens bool     // Tokens and Targets must be present with product(Shape[:2]) entries each; if false they must be absent
+	Vocab  int      // token and target ids must be in [0, Vocab); <= 0 only requires them non-negative
+	Codec  Codec    // the codec the run uses
+}
+
+// MaxBytes is the size limit to pass to ReadFrame for a frame matching e:
+// its exact encoded and decoded size when Shape is set, MaxFrameBytes when
+// it is not (or when the exact size would exceed it).
+func (e Expect) MaxBytes() int {
+	n, err := shapeLen(e.Shape)
+	if err != nil || n > MaxFrameBytes {
+		return MaxFrameBytes
+	}
+	var ntok uint64
+	if e.Tokens && len(e.Shape) >= 2 {
+		ntok = 2 * uint64(e.Shape[0]) * uint64(e.Shape[1]) // tokens and targets
+	}
+	payload, ok := e.Codec.payloadSize(n)
+	if !ok {
+		return MaxFrameBytes
+	}
+	size := max(frameHeaderLen+4*ntok+payload, 4*(n+ntok))
+	if size > MaxFrameBytes {
+		return MaxFrameBytes
+	}
+	return int(size)
+}
+
+// Check validates f against what the receiver expects: run id, kind,
+// codec, shape (and that Data matches it), token and target counts and
+// ranges, and that every value is finite. Errors wrap ErrBadFrame and name
+// the field, what it was and what was expected.
+func (f *Frame) Check(e Expect) error {
+	if f.Run != e.Run {
+		return badFrame("run: got %016x, want %016x", f.Run, e.Run)
+	}
+	if f.Kind != e.Kind {
+		return badFrame("kind: got %v, want %v", f.Kind, e.Kind)
+	}
+	if f.Codec != e.Codec {
+		return badFrame("codec: got %v, want %v", f.Codec, e.Codec)
+	}
+	n, err := shapeLen(f.Shape)
+	if err != nil {
+		return err
+	}
+	if e.Shape != nil && !slices.Equal(f.Shape, e.Shape) {
+		return badFrame("shape: got %v, want %v", f.Shape, e.Shape)
+	}
+	if uint64(len(f.Data)) != n {
+		return badFrame("data: got %d values, shape %v needs %d", len(f.Data), f.Shape, n)
+	}
+	if e.Tokens {
+		if len(f.Shape) < 2 {
+			return badFrame("tokens: shape %v has no [B, T] prefix", f.Shape)
+		}
+		bt := uint64(f.Shape[0]) * uint64(f.Shape[1]) // <= n, so no overflow
+		if uint64(len(f.Tokens)) != bt {
+			return badFrame("tokens: got %d, want %d (B×T of shape %v)", len(f.Tokens), bt, f.Shape)
+		}
+		if uint64(len(f.Targets)) != bt {
+			return badFrame("targets: got %d, want %d (B×T of shape %v)", len(f.Targets), bt, f.Shape)
+		}
+	} else {
+		if len(f.Tokens) != 0 {
+			return badFrame("tokens: got %d, want none", len(f.Tokens))
+		}
+		if len(f.Targets) != 0 {
+			return badFrame("targets: got %d, want none", len(f.Targets))
+		}
+	}
+	if err := checkIDs("tokens", f.Tokens, e.Vocab); err != nil {
+		return err
+	}
+	if err := checkIDs("targets", f.Targets, e.Vocab); err != nil {
+		return err
+	}
+	for i, v := range f.Data {
+		if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+			return badFrame("data[%d]: got %v, want a finite value", i, v)
+		}
+	}
+	return nil
+}
+
+func checkIDs(field string, ids []int32, vocab int) error {
+	for i, id := range ids {
+		if id < 0 || (vocab > 0 && int(id) >= vocab) {
+			if vocab > 0 {
+				return badFrame("%s[%d]: got id %d, want [0, %d)", field, i, id, vocab)
+			}
+			return badFrame("%s[%d]: got id %d, want >= 0", field, i, id)
+		}
+	}
+	return nil
+}

@@ -1,0 +1,314 @@
+package p2p
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/libp2p/go-libp2p"
+	pubsub "github.com/libp2p/go-libp2p-pubsub"
+	"github.com/libp2p/go-libp2p/core/control"
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/p2p/discovery/mdns"
+	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
+	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
+	"github.com/libp2p/go-libp2p/p2p/security/noise"
+	tls "github.com/libp2p/go-libp2p/p2p/security/tls"
+	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
+	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	ma "github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
+)
+
+// DefaultListen listens on every IPv4 interface, on a kernel-chosen TCP
+// port and a kernel-chosen QUIC (UDP) port.
+var DefaultListen = []string{"/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"}
+
+const (
+	// DefaultMemoryLimit is the resource manager's memory budget when
+	// HostOptions.MemoryLimit is 0.
+	DefaultMemoryLimit = 512 << 20
+	// MDNSService is the mDNS service name pipeswarm peers advertise.
+	MDNSService = "pipeswarm"
+
+	// fdLimit is the file descriptors the resource manager may hand out.
+	// A pipeline peer talks to tens of peers, not thousands.
+	fdLimit = 512
+	// mdnsDialTimeout bounds one attempt to connect to a peer found by mDNS.
+	mdnsDialTimeout = 10 * time.Second
+)
+
+// ErrBadOptions is wrapped by HostOptions.Validate errors.
+var ErrBadOptions = errors.New("p2p: bad host options")
+
+// HostOptions configures NewHost.
+type HostOptions struct {
+	Key         crypto.PrivKey // required: the host's identity
+	Listen      []string       // multiaddrs (TCP or QUIC-v1); nil = DefaultListen
+	MemoryLimit int64          // bytes for the libp2p resource manager; 0 = DefaultMemoryLimit
+	MDNS        bool           // LAN discovery: connect to pipeswarm peers found by mDNS (service MDNSService)
+	Log         *slog.Logger   // nil = slog.Default()
+}
+
+// Validate reports the first bad field: a missing key, a listen address
+// that does not parse or is neither TCP nor QUIC-v1 over IP, a negative
+// memory limit. Errors wrap ErrBadOptions.
+func (o HostOptions) Validate() error {
+	if o.Key == nil {
+		return fmt.Errorf("%w: Key: missing", ErrBadOptions)
+	}
+	for i, s := range o.Listen {
+		a, err := ma.NewMultiaddr(s)
+		if err != nil {
+			return fmt.Errorf("%w: Listen[%d] %q: %w", ErrBadOptions, i, s, err)
+		}
+		if !listenable(a) {
+			return fmt.Errorf("%w: Listen[%d] %q: want /ip4|ip6/.../tcp/PORT or /ip4|ip6/.../udp/PORT/quic-v1", ErrBadOptions, i, s)
+		}
+	}
+	if o.MemoryLimit < 0 {
+		return fmt.Errorf("%w: MemoryLimit: %d is negative", ErrBadOptions, o.MemoryLimit)
+	}
+	return nil
+}
+
+// listenable reports whether a is an address our transports can listen on.
+func listenable(a ma.Multiaddr) bool {
+	var codes []int
+	for _, c := range a {
+		codes = append(codes, c.Code())
+	}
+	if len(codes) < 2 || (codes[0] != ma.P_IP4 && codes[0] != ma.P_IP6) {
+		return false
+	}
+	return slices.Equal(codes[1:], []int{ma.P_TCP}) || slices.Equal(codes[1:], []int{ma.P_UDP, ma.P_QUIC_V1})
+}
+
+func (o HostOptions) withDefaults() HostOptions {
+	if o.Listen == nil {
+		o.Listen = DefaultListen
+	}
+	if o.MemoryLimit == 0 {
+		o.MemoryLimit = DefaultMemoryLimit
+	}
+	if o.Log == nil {
+		o.Log = slog.Default()
+	}
+	return o
+}
+
+// Host is a libp2p host plus gossipsub. Stream handlers should be set with
+// Handle, so streams from banned peers never reach them.
+type Host struct {
+	host.Host
+	PubSub *pubsub.PubSub
+
+	log       *slog.Logger
+	penalties *Penalties
+	mdns      mdns.Service // nil unless HostOptions.MDNS
+
+	ctx    context.Context    // lives until Close
+	cancel context.CancelFunc // ends pubsub and mDNS dials
+
+	dialMu    sync.Mutex
+	closing   bool           // under dialMu: no new mDNS dials
+	dials     sync.WaitGroup // mDNS dials in flight
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// NewHost builds the host: TCP and QUIC transports, Noise and TLS security,
+// yamux, a resource manager with o.MemoryLimit, identify, a connection
+// gater that refuses banned peers; gossipsub on it; mDNS if asked.
+// Listening has started when it returns.
+//
+// ctx bounds construction only; the host runs until Close.
+func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
+	if err := o.Validate(); err != nil {
+		return nil, err
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("p2p: new host: %w", err)
+	}
+	o = o.withDefaults()
+	h := &Host{
+		log:       o.Log.With("subsystem", "p2p"),
+		penalties: NewPenalties(DefaultPenaltyLimit),
+	}
+
+	limits := rcmgr.DefaultLimits // a copy: Scale must not touch the package default
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.Scale(o.MemoryLimit, fdLimit)), rcmgr.WithMetricsDisabled())
+	if err != nil {
+		return nil, fmt.Errorf("p2p: resource manager: %w", err)
+	}
+	lh, err := libp2p.New(
+		libp2p.Identity(o.Key),
+		libp2p.ListenAddrStrings(o.Listen...),
+		libp2p.Transport(tcp.NewTCPTransport),
+		libp2p.Transport(quic.NewTransport),
+		libp2p.Security(noise.ID, noise.New),
+		libp2p.Security(tls.ID, tls.New),
+		libp2p.Muxer(yamux.ID, yamux.DefaultTransport),
+		libp2p.ResourceManager(rm),
+		libp2p.ConnectionGater(gater{h.penalties}),
+		libp2p.DisableRelay(),
+		libp2p.DisableMetrics(),
+	)
+	if err != nil {
+		rm.Close()
+		return nil, fmt.Errorf("p2p: new host on %v: %w", o.Listen, err)
+	}
+	h.Host = lh
+	h.ctx, h.cancel = context.WithCancel(context.Background())
+
+	h.PubSub, err = pubsub.NewGossipSub(h.ctx, lh, pubsub.WithBlacklist(pubsubBlacklist{h.penalties}))
+	if err != nil {
+		h.Close()
+		return nil, fmt.Errorf("p2p: gossipsub: %w", err)
+	}
+	if o.MDNS {
+		h.mdns = mdns.NewMdnsService(lh, MDNSService, mdnsNotifee{h})
+		if err := h.mdns.Start(); err != nil {
+			h.Close()
+			return nil, fmt.Errorf("p2p: mdns: %w", err)
+		}
+	}
+	h.log.Info("host up", "id", lh.ID(), "addrs", h.Addrs(), "mdns", o.MDNS)
+	return h, nil
+}
+
+// Penalties is the host's misbehaviour record (Limit DefaultPenaltyLimit).
+// Banned peers' streams are reset by Handle, their new connections refused,
+// and their gossip dropped.
+func (h *Host) Penalties() *Penalties { return h.penalties }
+
+// Handle sets fn as the handler for proto. Streams from banned peers are
+// reset before fn runs; the first refusal per peer is logged.
+func (h *Host) Handle(proto protocol.ID, fn func(network.Stream)) {
+	h.SetStreamHandler(proto, func(s network.Stream) {
+		id := s.Conn().RemotePeer()
+		if banned, first := h.penalties.firstRefusal(id); banned {
+			if first {
+				h.log.Warn("refusing streams from banned peer", "peer", id, "protocol", proto, "penalties", h.penalties.Count(id))
+			}
+			s.Reset()
+			return
+		}
+		fn(s)
+	})
+}
+
+// Addrs is every address the host listens on as a full multiaddr string
+// ending in /p2p/<id>, with unspecified addresses (0.0.0.0) expanded to
+// the concrete interface addresses; loopback addresses come first.
+func (h *Host) Addrs() []string {
+	addrs := slices.Clone(h.Host.Addrs())
+	slices.SortStableFunc(addrs, func(a, b ma.Multiaddr) int {
+		la, lb := manet.IsIPLoopback(a), manet.IsIPLoopback(b)
+		switch {
+		case la && !lb:
+			return -1
+		case lb && !la:
+			return 1
+		}
+		return 0
+	})
+	full, err := peer.AddrInfoToP2pAddrs(&peer.AddrInfo{ID: h.ID(), Addrs: addrs})
+	if err != nil { // only for an empty peer ID, which a running host never has
+		return nil
+	}
+	out := make([]string, len(full))
+	for i, a := range full {
+		out[i] = a.String()
+	}
+	return out
+}
+
+// Connect dials addr, a full multiaddr ending in /p2p/<id>, keeps the
+// address in the peerstore, and returns the peer's ID. Errors name addr.
+func (h *Host) Connect(ctx context.Context, addr string) (peer.ID, error) {
+	a, err := ma.NewMultiaddr(addr)
+	if err != nil {
+		return "", fmt.Errorf("p2p: connect %q: %w", addr, err)
+	}
+	info, err := peer.AddrInfoFromP2pAddr(a)
+	if err != nil {
+		return "", fmt.Errorf("p2p: connect %q: want a full address ending in /p2p/<id>: %w", addr, err)
+	}
+	if info.ID == h.ID() {
+		return "", fmt.Errorf("p2p: connect %q: that is this host", addr)
+	}
+	h.Peerstore().AddAddrs(info.ID, info.Addrs, peerstore.PermanentAddrTTL)
+	if err := h.Host.Connect(ctx, *info); err != nil {
+		return "", fmt.Errorf("p2p: connect %q: %w", addr, err)
+	}
+	return info.ID, nil
+}
+
+// Close stops mDNS, pubsub and the host. It is safe to call more than once;
+// later calls return the first call's result.
+func (h *Host) Close() error {
+	h.closeOnce.Do(func() {
+		h.dialMu.Lock()
+		h.closing = true
+		h.dialMu.Unlock()
+		h.cancel()
+		var errs []error
+		if h.mdns != nil {
+			errs = append(errs, h.mdns.Close())
+		}
+		h.dials.Wait()
+		errs = append(errs, h.Host.Close())
+		if err := errors.Join(errs...); err != nil {
+			h.closeErr = fmt.Errorf("p2p: close: %w", err)
+		}
+	})
+	return h.closeErr
+}
+
+// mdnsNotifee connects to pipeswarm peers that mDNS finds.
+type mdnsNotifee struct{ h *Host }
+
+func (n mdnsNotifee) HandlePeerFound(info peer.AddrInfo) {
+	h := n.h
+	if info.ID == h.ID() || h.Network().Connectedness(info.ID) == network.Connected || h.penalties.Banned(info.ID) {
+		return
+	}
+	h.dialMu.Lock()
+	defer h.dialMu.Unlock()
+	if h.closing {
+		return
+	}
+	h.dials.Add(1)
+	go func() {
+		defer h.dials.Done()
+		ctx, cancel := context.WithTimeout(h.ctx, mdnsDialTimeout)
+		defer cancel()
+		if err := h.Host.Connect(ctx, info); err != nil {
+			h.log.Debug("mdns: connect failed", "peer", info.ID, "err", err)
+			return
+		}
+		h.log.Info("mdns: connected", "peer", info.ID)
+	}()
+}
+
+// gater refuses connections to and from banned peers. Connections that
+// are already open stay up; Handle resets their new streams.
+type gater struct{ p *Penalties }
+
+func (g gater) InterceptPeerDial(id peer.ID) bool                 { return !g.p.Banned(id) }
+func (g gater) InterceptAddrDial(id peer.ID, _ ma.Multiaddr) bool { return !g.p.Banned(id) }
+func (g gater) InterceptAccept(network.ConnMultiaddrs) bool       { return true }
+func (g gater) InterceptSecured(_ network.Direction, id peer.ID, _ network.ConnMultiaddrs) bool {
+	return !g.p.Banned(id)
+}
+func (g gater) InterceptUpgraded(network.Conn) (bool, control.DisconnectReason) { return true, 0 }

@@ -1,0 +1,81 @@
+package p2p
+
+import (
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+)
+
+// MaxMsgBytes is the largest control message the protocol allows, and the
+// limit ReadMsg applies when given none.
+const MaxMsgBytes = 4 << 20
+
+// ErrBadMsg is wrapped by every error that reports a malformed control
+// message. The peer that sent it should be penalised.
+var ErrBadMsg = errors.New("p2p: bad message")
+
+// WriteMsg writes v as JSON behind a 4-byte big-endian length prefix, in one
+// Write. It refuses a message over MaxMsgBytes.
+func WriteMsg(w io.Writer, v any) error {
+	body, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("p2p: write message: %w", err)
+	}
+	if len(body) > MaxMsgBytes {
+		return fmt.Errorf("p2p: write message: %d bytes exceeds MaxMsgBytes %d", len(body), MaxMsgBytes)
+	}
+	buf := make([]byte, 4, 4+len(body))
+	binary.BigEndian.PutUint32(buf, uint32(len(body)))
+	buf = append(buf, body...)
+	if _, err := w.Write(buf); err != nil {
+		return fmt.Errorf("p2p: write message: %w", err)
+	}
+	return nil
+}
+
+// ReadMsg reads one message written by WriteMsg into v, which must be a
+// pointer. A clean end of stream before the first byte is returned as
+// io.EOF itself. max <= 0 or over MaxMsgBytes means MaxMsgBytes; a longer
+// message is refused before its body is read or allocated.
+//
+// A message that is too long, truncated or not valid JSON for v is refused
+// with an error wrapping ErrBadMsg (truncation also wraps
+// io.ErrUnexpectedEOF). Other read errors are returned wrapped but without
+// ErrBadMsg.
+func ReadMsg(r io.Reader, v any, max int) error {
+	if max <= 0 || max > MaxMsgBytes {
+		max = MaxMsgBytes
+	}
+	var p [4]byte
+	if _, err := io.ReadFull(r, p[:]); err != nil {
+		if err == io.EOF {
+			return io.EOF
+		}
+		return msgReadErr("length", err)
+	}
+	n := binary.BigEndian.Uint32(p[:])
+	if uint64(n) > uint64(max) {
+		return fmt.Errorf("%w: length %d exceeds limit %d", ErrBadMsg, n, max)
+	}
+	body := make([]byte, n)
+	if _, err := io.ReadFull(r, body); err != nil {
+		return msgReadErr("body", err)
+	}
+	if err := json.Unmarshal(body, v); err != nil {
+		var inv *json.InvalidUnmarshalError
+		if errors.As(err, &inv) {
+			return fmt.Errorf("p2p: read message: %w", err) // the caller's mistake, not the peer's
+		}
+		return fmt.Errorf("%w: %w", ErrBadMsg, err)
+	}
+	return nil
+}
+
+func msgReadErr(part string, err error) error {
+	if err == io.EOF || err == io.ErrUnexpectedEOF {
+		return fmt.Errorf("%w: truncated %s: %w", ErrBadMsg, part, io.ErrUnexpectedEOF)
+	}
+	return fmt.Errorf("p2p: read message %s: %w", part, err)
+}

@@ -1,0 +1,20 @@
+package p2p
+
+import "github.com/libp2p/go-libp2p/core/protocol"
+
+// Stream protocols. Each is versioned; an incompatible change gets a new ID.
+const (
+	// ProtoControl carries length-prefixed JSON control messages (WriteMsg, ReadMsg).
+	ProtoControl protocol.ID = "/pipeswarm/ctl/1"
+	// ProtoActivation carries tensor frames in the forward direction (WriteFrame, ReadFrame).
+	ProtoActivation protocol.ID = "/pipeswarm/act/1"
+	// ProtoGradient carries tensor frames in the backward direction.
+	ProtoGradient protocol.ID = "/pipeswarm/grad/1"
+)
+
+// Gossipsub topics. They carry control traffic only, never tensors.
+const (
+	TopicRuns       = "pipeswarm/runs/1"       // run announcements
+	TopicHeartbeats = "pipeswarm/heartbeats/1" // node heartbeats
+	TopicMetrics    = "pipeswarm/metrics/1"    // run metrics
+)
