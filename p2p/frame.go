@@ -258,6 +258,8 @@ func (c *chunkWriter) putFloat32s(v []float32) {
 // is allocated, and buffers then grow only as data actually arrives (see
 // readValues), so a header claiming a huge tensor costs at most a few MiB.
 // Receivers that know the expected shape should pass Expect.MaxBytes.
+// (A legitimate frame of more than 4 MiB of values is assembled by
+// doubling, so it may allocate up to twice its size in total on the way.)
 //
 // Malformed input is refused with an error wrapping ErrBadFrame that names
 // the problem; truncated input also wraps io.ErrUnexpectedEOF. Other read

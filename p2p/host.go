@@ -54,7 +54,7 @@ var ErrBadOptions = errors.New("p2p: bad host options")
 type HostOptions struct {
 	Key         crypto.PrivKey // required: the host's identity
 	Listen      []string       // multiaddrs (TCP or QUIC-v1); nil = DefaultListen
-	MemoryLimit int64          // bytes for the libp2p resource manager; 0 = DefaultMemoryLimit
+	MemoryLimit int64          // memory budget in bytes; libp2p's default resource limits are scaled to it; 0 = DefaultMemoryLimit
 	MDNS        bool           // LAN discovery: connect to pipeswarm peers found by mDNS (service MDNSService)
 	Log         *slog.Logger   // nil = slog.Default()
 }

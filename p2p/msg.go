@@ -37,16 +37,16 @@ func WriteMsg(w io.Writer, v any) error {
 
 // ReadMsg reads one message written by WriteMsg into v, which must be a
 // pointer. A clean end of stream before the first byte is returned as
-// io.EOF itself. max <= 0 or over MaxMsgBytes means MaxMsgBytes; a longer
+// io.EOF itself. maxBytes <= 0 or over MaxMsgBytes means MaxMsgBytes; a longer
 // message is refused before its body is read or allocated.
 //
 // A message that is too long, truncated or not valid JSON for v is refused
 // with an error wrapping ErrBadMsg (truncation also wraps
 // io.ErrUnexpectedEOF). Other read errors are returned wrapped but without
 // ErrBadMsg.
-func ReadMsg(r io.Reader, v any, max int) error {
-	if max <= 0 || max > MaxMsgBytes {
-		max = MaxMsgBytes
+func ReadMsg(r io.Reader, v any, maxBytes int) error {
+	if maxBytes <= 0 || maxBytes > MaxMsgBytes {
+		maxBytes = MaxMsgBytes
 	}
 	var p [4]byte
 	if _, err := io.ReadFull(r, p[:]); err != nil {
@@ -56,8 +56,8 @@ func ReadMsg(r io.Reader, v any, max int) error {
 		return msgReadErr("length", err)
 	}
 	n := binary.BigEndian.Uint32(p[:])
-	if uint64(n) > uint64(max) {
-		return fmt.Errorf("%w: length %d exceeds limit %d", ErrBadMsg, n, max)
+	if uint64(n) > uint64(maxBytes) {
+		return fmt.Errorf("%w: length %d exceeds limit %d", ErrBadMsg, n, maxBytes)
 	}
 	body := make([]byte, n)
 	if _, err := io.ReadFull(r, body); err != nil {
