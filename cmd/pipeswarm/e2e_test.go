@@ -201,7 +201,30 @@ func TestPipelinedRunOnFourNodeProcessesMatchesTrainAndShutsDownCleanly(t *testi
 		}
 	}
 
-	// SIGTERM: every node stops within a few seconds and leaves nothing behind.
+	// SIGTERM in the middle of a run: every node stops within a few seconds, keeps its
+	// stage checkpoint, and leaves nothing behind; the launcher fails with the reason.
+	longOut := filepath.Join(dir, "interrupted")
+	type result struct {
+		code   int
+		stderr string
+	}
+	launched2 := make(chan result, 1)
+	go func() {
+		var out, errb bytes.Buffer
+		code := run(context.Background(), append([]string{"launch", specPath, "--key", keyPath, "--out", longOut, "--steps", "100000", "--quiet"}, peerArgs...), &out, &errb)
+		launched2 <- result{code, errb.String()}
+	}()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		steps, _ := metrics.ReadFile(filepath.Join(longOut, "metrics.jsonl"))
+		if len(steps) >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second run made no progress in 60 s")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
 	}
@@ -221,6 +244,18 @@ func TestPipelinedRunOnFourNodeProcessesMatchesTrainAndShutsDownCleanly(t *testi
 		if len(left) > 0 {
 			t.Errorf("node %d left %v in its data directory", i, left)
 		}
+		if ck, _ := filepath.Glob(filepath.Join(n.dir, "runs", "*", fmt.Sprintf("stage-%d.safetensors", i))); len(ck) != 2 {
+			t.Errorf("node %d holds %d stage-%d checkpoints after the interrupted run, want 2 (one per run)", i, len(ck), i)
+		}
+	}
+	select {
+	case r := <-launched2:
+		t.Logf("interrupted launch: exit %d: %s", r.code, r.stderr)
+		if r.code == 0 || !strings.Contains(r.stderr, "stage") {
+			t.Errorf("launch of the interrupted run: exit %d, stderr %q; want a failure naming the stage", r.code, r.stderr)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("launch did not notice its nodes had stopped")
 	}
 }
 

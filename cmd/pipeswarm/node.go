@@ -140,7 +140,7 @@ The spec is checked before anything is sent.`, stderr)
 	out := fs.String("out", "", "output directory (default runs/<spec name>)")
 	dataPath := fs.String("data", "", "training text on the nodes (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
-	quiet := fs.Bool("quiet", false, "no progress line")
+	quiet := fs.Bool("quiet", false, "no progress display")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -184,7 +184,7 @@ The spec is checked before anything is sent.`, stderr)
 		*out = filepath.Join("runs", sp.Name)
 	}
 	log := newLogger(stderr, slog.LevelInfo).With("sys", "launch")
-	prog := newProgress(stderr, sp.Train.Steps, !*quiet && isTerminal(stderr))
+	prog := newProgress(stderr, sp.Train.Steps, *quiet)
 	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log,
 		OnStep: prog.step, OnPlan: func(as []assign.Assignment) {
 			for _, a := range as {

@@ -33,7 +33,7 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot.`, 
 	dataPath := fs.String("data", "", "training text: a file, a directory of text files, or .jsonl with a \"text\" field (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	out := fs.String("out", "", "output directory (default runs/<spec name>)")
-	quiet := fs.Bool("quiet", false, "no progress line")
+	quiet := fs.Bool("quiet", false, "no progress display")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -58,7 +58,7 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot.`, 
 	}
 	log := newLogger(stderr, slog.LevelInfo)
 	log.Info("compute", "blas", compute.Backend(), "workers", compute.Workers())
-	prog := newProgress(stderr, sp.Train.Steps, !*quiet && isTerminal(stderr))
+	prog := newProgress(stderr, sp.Train.Steps, *quiet)
 	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: *out, Log: log, OnStep: prog.step})
 	prog.done()
 	if res != nil && res.Steps > 0 {
@@ -91,20 +91,25 @@ func loadSpec(pos []string) (*spec.Spec, error) {
 	return spec.Parse(src, "examples/"+examples.Default)
 }
 
-// progress draws a one-line status on a terminal, or a log line now and then.
+// progress draws a one-line status on a terminal, or a plain line every 10 s
+// elsewhere; quiet, nothing.
 type progress struct {
 	w       io.Writer
 	total   int
 	tty     bool
+	quiet   bool
 	last    time.Time
 	valLoss float64
 }
 
-func newProgress(w io.Writer, total int, tty bool) *progress {
-	return &progress{w: w, total: total, tty: tty, valLoss: math.NaN()}
+func newProgress(w io.Writer, total int, quiet bool) *progress {
+	return &progress{w: w, total: total, tty: isTerminal(w), quiet: quiet, valLoss: math.NaN()}
 }
 
 func (p *progress) step(s metrics.Step) {
+	if p.quiet {
+		return
+	}
 	if s.ValLoss != nil {
 		p.valLoss = *s.ValLoss
 	}
@@ -122,7 +127,7 @@ func (p *progress) step(s metrics.Step) {
 }
 
 func (p *progress) done() {
-	if p.tty {
+	if p.tty && !p.quiet {
 		fmt.Fprintln(p.w)
 	}
 }
