@@ -49,7 +49,7 @@ type worker struct {
 	windows int
 
 	acts, grads, evals map[[2]int]*p2p.Frame // inputs waiting for the core to schedule them
-	stepLoss, evalSum  float64
+	lossSum            float64               // this step's micro-batch losses, then its evaluation's
 	lastNorm           float64
 
 	events chan any
@@ -204,7 +204,7 @@ func (w *worker) loop() error {
 				if e.err != nil {
 					return e.err
 				}
-				w.stepLoss += e.loss
+				w.lossSum += e.loss
 				err = w.handle(core.Done{})
 			default:
 				err = w.handle(e)
@@ -339,11 +339,11 @@ func (w *worker) do(a any) error {
 	case core.StepDone:
 		if w.stage.Last {
 			// Summed and divided as the single-process trainer does, so the figures match.
-			loss := w.stepLoss / float64(w.sp.Pipeline.MicroBatches)
+			loss := w.lossSum / float64(w.sp.Pipeline.MicroBatches)
 			w.report(Report{Kind: ReportStep, Step: a.Step, Loss: loss, GradNorm: w.lastNorm,
 				LR: float64(w.sched.At(a.Step - 1))})
 		}
-		w.stepLoss = 0
+		w.lossSum = 0
 		if w.stage.First && w.sp.EvalInterval > 0 && a.Step%w.sp.EvalInterval == 0 && a.Step != w.sp.Train.Steps {
 			if err := w.checkpoint(); err != nil {
 				return err
@@ -351,9 +351,9 @@ func (w *worker) do(a any) error {
 		}
 	case core.EvalDone:
 		if w.stage.Last {
-			w.report(Report{Kind: ReportEval, Step: a.Step, ValLoss: w.stepLoss / float64(w.windows)})
+			w.report(Report{Kind: ReportEval, Step: a.Step, ValLoss: w.lossSum / float64(w.windows)})
 		}
-		w.stepLoss = 0
+		w.lossSum = 0
 	case core.Finished:
 	default:
 		return fmt.Errorf("unknown action %T", a)

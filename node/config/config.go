@@ -8,15 +8,12 @@
 package config
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"os"
-	"strings"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
-	"gopkg.in/yaml.v3"
 
 	"github.com/pipeswarm/pipeswarm/node/spec"
 )
@@ -202,18 +199,7 @@ func (c *Config) MemoryBudgetBytes() int64 {
 
 // Marshal returns the config as YAML, every field included, so that a node can record the
 // configuration it runs with. Parse(Marshal(c)) gives back c.
-func (c *Config) Marshal() ([]byte, error) {
-	var buf bytes.Buffer
-	enc := yaml.NewEncoder(&buf)
-	enc.SetIndent(2)
-	if err := enc.Encode(c); err != nil {
-		return nil, fmt.Errorf("marshal node config: %w", err)
-	}
-	if err := enc.Close(); err != nil {
-		return nil, fmt.Errorf("marshal node config: %w", err)
-	}
-	return buf.Bytes(), nil
-}
+func (c *Config) Marshal() ([]byte, error) { return spec.EncodeYAML(c) }
 
 // String returns the same text as Marshal.
 func (c *Config) String() string {
@@ -223,28 +209,6 @@ func (c *Config) String() string {
 	}
 	return string(b)
 }
-
-// fieldError is one problem with a config, located as precisely as is known.
-type fieldError struct {
-	file  string // "" when the config did not come from a file
-	line  int    // 0 when the field was not written in the file
-	field string
-	msg   string
-}
-
-func (e *fieldError) Error() string {
-	var b strings.Builder
-	switch {
-	case e.file != "" && e.line > 0:
-		fmt.Fprintf(&b, "%s:%d: ", e.file, e.line)
-	case e.file != "":
-		fmt.Fprintf(&b, "%s: ", e.file)
-	}
-	fmt.Fprintf(&b, "%s: %s", e.field, e.msg)
-	return b.String()
-}
-
-func (e *fieldError) Unwrap() error { return ErrInvalid }
 
 // checker collects validation problems, locating each through the config's source.
 type checker struct {
@@ -266,5 +230,5 @@ func (v *checker) item(path string, i int, format string, args ...any) {
 }
 
 func (v *checker) at(field string, line int, format string, args ...any) {
-	v.errs = append(v.errs, &fieldError{file: v.src.file, line: line, field: field, msg: fmt.Sprintf(format, args...)})
+	v.errs = append(v.errs, spec.FieldProblem(v.src.file, line, field, fmt.Sprintf(format, args...), ErrInvalid))
 }

@@ -223,17 +223,28 @@ func (s *Spec) Clone() *Spec {
 
 // Marshal returns the spec as YAML, every field included, so that a run can record the
 // exact configuration it used. Parse(Marshal(s)) gives back s.
-func (s *Spec) Marshal() ([]byte, error) {
+func (s *Spec) Marshal() ([]byte, error) { return EncodeYAML(s) }
+
+// EncodeYAML writes v as YAML indented by two spaces, every field included: the text
+// form of the plain config structs (this spec, a node's config) that runs record.
+func EncodeYAML(v any) ([]byte, error) {
 	var buf bytes.Buffer
 	enc := yaml.NewEncoder(&buf)
 	enc.SetIndent(2)
-	if err := enc.Encode(s); err != nil {
-		return nil, fmt.Errorf("marshal spec: %w", err)
+	if err := enc.Encode(v); err != nil {
+		return nil, fmt.Errorf("encode YAML: %w", err)
 	}
 	if err := enc.Close(); err != nil {
-		return nil, fmt.Errorf("marshal spec: %w", err)
+		return nil, fmt.Errorf("encode YAML: %w", err)
 	}
 	return buf.Bytes(), nil
+}
+
+// FieldProblem is an error about one field of a YAML document, printed as
+// "file:line: field: msg" (file and line left out where unknown) and wrapping kind.
+// Other strict YAML configs built on DecodeStrict report their problems with it.
+func FieldProblem(file string, line int, field, msg string, kind error) error {
+	return &fieldError{file: file, line: line, field: field, msg: msg, kind: kind}
 }
 
 // String returns the same text as Marshal.

@@ -37,10 +37,11 @@ func (e *Evaluator) Loss() float64 {
 	seq := e.stages[0].Config.SeqLen
 	n := e.Windows()
 	var sum float64
+	in, tg := make([]int32, EvalBatch*seq), make([]int32, EvalBatch*seq)
 	for lo := 0; lo < n; lo += EvalBatch {
 		b := min(EvalBatch, n-lo)
 		tapes := e.Tapes(b)
-		inputs, targets := make([]int32, b*seq), make([]int32, b*seq)
+		inputs, targets := in[:b*seq], tg[:b*seq]
 		for i := range b {
 			data.ValWindow(e.val, seq, lo+i, inputs[i*seq:(i+1)*seq], targets[i*seq:(i+1)*seq])
 		}
