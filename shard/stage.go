@@ -20,6 +20,10 @@ type Stage struct {
 	Params []float32 // every parameter, laid out as Tensors() says
 	Grads  []float32 // same layout; Backward accumulates into it
 
+	// Sub, if set, constrains the residual writes to a shared subspace (SetSubspace).
+	Sub       *Subspace
+	denseTail int
+
 	lay      layout
 	cos, sin []float32
 	ws       workspace

@@ -1,0 +1,194 @@
+package shard
+
+import (
+	"fmt"
+	"hash/fnv"
+	"math"
+	"math/rand/v2"
+
+	"github.com/pipeswarm/pipeswarm/shard/compute"
+)
+
+// Subspace is the shared residual subspace of a "protocol model" (Pluralis): every
+// residual-writing projection (attention o_proj, MLP down_proj) of a constrained block
+// writes only inside span(U), U a d×k orthonormal basis, and the token embedding is a
+// fixed table plus a part in span(U). The residual stream at a stage boundary is then
+// exactly fixed[token] + U·c, so a stage sends c (k numbers per token) and the token
+// ids, and the next stage rebuilds the stream; the backward pass sends Uᵀ·g.
+//
+// U and the fixed table are pure functions of the run seed, so every stage of every
+// replica derives the same ones without a download.
+//
+// A Subspace keeps scratch space, so like a Stage it is not safe for concurrent use.
+type Subspace struct {
+	D, K  int
+	U     []float32 // [d, k], orthonormal columns
+	Fixed []float32 // [vocab, d], the embedding's frozen part
+
+	scratch []float32
+}
+
+func (s *Subspace) tmp(n int) []float32 {
+	if cap(s.scratch) < n {
+		s.scratch = make([]float32, n)
+	}
+	return s.scratch[:n]
+}
+
+// NewSubspace derives the basis and fixed embedding of rank k for c from seed.
+func NewSubspace(c Config, k int, seed uint64) (*Subspace, error) {
+	if k < 1 || k > c.DModel {
+		return nil, fmt.Errorf("%w: subspace rank %d outside 1..d_model %d", ErrConfig, k, c.DModel)
+	}
+	d := c.DModel
+	rng := seeded(seed, "pipeswarm.subspace.basis")
+	// Gram–Schmidt (twice, in float64) on Gaussian columns gives an orthonormal basis
+	// whose span is uniformly random.
+	u := make([]float64, d*k)
+	for i := range u {
+		u[i] = rng.NormFloat64()
+	}
+	for j := range k {
+		for pass := 0; pass < 2; pass++ {
+			for p := range j {
+				var dot float64
+				for i := range d {
+					dot += u[i*k+j] * u[i*k+p]
+				}
+				for i := range d {
+					u[i*k+j] -= dot * u[i*k+p]
+				}
+			}
+		}
+		var nrm float64
+		for i := range d {
+			nrm += u[i*k+j] * u[i*k+j]
+		}
+		nrm = math.Sqrt(nrm)
+		for i := range d {
+			u[i*k+j] /= nrm
+		}
+	}
+	s := &Subspace{D: d, K: k, U: make([]float32, d*k), Fixed: make([]float32, c.Vocab*d)}
+	for i, v := range u {
+		s.U[i] = float32(v)
+	}
+	frng := seeded(seed, "pipeswarm.subspace.fixed_embed")
+	for i := range s.Fixed {
+		s.Fixed[i] = float32(frng.NormFloat64() * 0.02) // the scale of a trained embedding's init
+	}
+	return s, nil
+}
+
+func seeded(seed uint64, name string) *rand.Rand {
+	h := fnv.New64a()
+	h.Write([]byte(name))
+	return rand.New(rand.NewPCG(seed, h.Sum64()))
+}
+
+// Compress: c[N,k] = Uᵀ·(x[N,d] − fixed[tokens]).
+func (s *Subspace) Compress(c, x []float32, tokens []int32) {
+	n := len(tokens)
+	tmp := s.tmp(n * s.D)
+	for r, tok := range tokens {
+		xr, fr, tr := x[r*s.D:(r+1)*s.D], s.Fixed[int(tok)*s.D:(int(tok)+1)*s.D], tmp[r*s.D:(r+1)*s.D]
+		for j := range xr {
+			tr[j] = xr[j] - fr[j]
+		}
+	}
+	compute.Gemm(false, false, n, s.K, s.D, 1, tmp, s.D, s.U, s.K, 0, c, s.K)
+}
+
+// Expand: x[N,d] = fixed[tokens] + U·c[N,k].
+func (s *Subspace) Expand(x, c []float32, tokens []int32) {
+	for r, tok := range tokens {
+		copy(x[r*s.D:(r+1)*s.D], s.Fixed[int(tok)*s.D:(int(tok)+1)*s.D])
+	}
+	compute.Gemm(false, true, len(tokens), s.D, s.K, 1, c, s.K, s.U, s.K, 1, x, s.D)
+}
+
+// CompressGrad: c[N,k] = Uᵀ·g[N,d], the boundary gradient as the previous stage needs it.
+func (s *Subspace) CompressGrad(c, g []float32, n int) {
+	compute.Gemm(false, false, n, s.K, s.D, 1, g, s.D, s.U, s.K, 0, c, s.K)
+}
+
+// ExpandGrad: g[N,d] = U·c[N,k].
+func (s *Subspace) ExpandGrad(g, c []float32, n int) {
+	compute.Gemm(false, true, n, s.D, s.K, 1, c, s.K, s.U, s.K, 0, g, s.D)
+}
+
+// projectCols sets w[d,cols] ← U·Uᵀ·w: every column into span(U).
+func (s *Subspace) projectCols(w []float32, cols int) {
+	t := s.tmp(s.K * cols)
+	compute.Gemm(true, false, s.K, cols, s.D, 1, s.U, s.K, w, cols, 0, t, cols)
+	compute.Gemm(false, false, s.D, cols, s.K, 1, s.U, s.K, t, cols, 0, w, cols)
+}
+
+// projectRows sets e[rows,d] ← base + (e − base)·U·Uᵀ row by row (base nil: zero), so
+// each row differs from base only inside span(U).
+func (s *Subspace) projectRows(e, base []float32, rows int) {
+	if base != nil {
+		for i := range e {
+			e[i] -= base[i]
+		}
+	}
+	t := s.tmp(rows * s.K)
+	compute.Gemm(false, false, rows, s.K, s.D, 1, e, s.D, s.U, s.K, 0, t, s.K)
+	compute.Gemm(false, true, rows, s.D, s.K, 1, t, s.K, s.U, s.K, 0, e, s.D)
+	if base != nil {
+		for i := range e {
+			e[i] += base[i]
+		}
+	}
+}
+
+// SetSubspace constrains the stage to sub: the embedding (first stage) and the
+// residual-writing projections of every block below layer NLayers−denseTail. The
+// parameters are projected at once; keep them there with ProjectGrads before and
+// ProjectParams after every optimiser step.
+func (s *Stage) SetSubspace(sub *Subspace, denseTail int) error {
+	if sub.D != s.Config.DModel || len(sub.Fixed) != s.Config.Vocab*s.Config.DModel {
+		return fmt.Errorf("%w: subspace for d=%d does not fit this model", ErrConfig, sub.D)
+	}
+	if denseTail < 0 || denseTail > s.Config.NLayers {
+		return fmt.Errorf("%w: dense tail %d outside 0..%d", ErrConfig, denseTail, s.Config.NLayers)
+	}
+	if !s.Last && s.Layers.Hi > s.Config.NLayers-denseTail {
+		return fmt.Errorf("%w: layers [%d,%d) of a stage that is not last fall in the dense tail of %d; its boundary could not be compressed",
+			ErrConfig, s.Layers.Lo, s.Layers.Hi, denseTail)
+	}
+	s.Sub, s.denseTail = sub, denseTail
+	s.ProjectParams()
+	return nil
+}
+
+// constrained reports whether block b's residual writes are kept in the subspace.
+func (s *Stage) constrained(b blockOffsets) bool {
+	return b.layer < s.Config.NLayers-s.denseTail
+}
+
+// ProjectGrads projects the gradients of the constrained parameters onto the
+// subspace, so the optimiser's moments (and so its steps) see only the directions
+// the parameters may move in; then a compressed boundary gradient and a full one give
+// the same step.
+func (s *Stage) ProjectGrads() { s.project(s.Grads, nil) }
+
+// ProjectParams puts the constrained parameters back in the subspace after an
+// optimiser step (Adam's per-coordinate scaling leaves it slightly).
+func (s *Stage) ProjectParams() { s.project(s.Params, s.Sub.Fixed) }
+
+func (s *Stage) project(buf, fixed []float32) {
+	if s.Sub == nil {
+		return
+	}
+	c := s.Config
+	if s.First {
+		s.Sub.projectRows(buf[s.lay.embed:s.lay.embed+c.Vocab*c.DModel], fixed, c.Vocab)
+	}
+	for _, b := range s.lay.blocks {
+		if s.constrained(b) {
+			s.Sub.projectCols(buf[b.wo:b.wo+c.DModel*c.DModel], c.DModel)
+			s.Sub.projectCols(buf[b.down:b.down+c.DModel*c.DFF], c.DFF)
+		}
+	}
+}
