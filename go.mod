@@ -3,6 +3,7 @@ module github.com/pipeswarm/pipeswarm
 go 1.26.0
 
 require (
+	github.com/klauspost/compress v1.19.1
 	github.com/libp2p/go-libp2p v0.51.0
 	github.com/libp2p/go-libp2p-pubsub v0.16.0
 	github.com/multiformats/go-multiaddr v0.16.1

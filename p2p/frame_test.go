@@ -4,13 +4,68 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"math"
+	"math/rand/v2"
 	"runtime"
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/pipeswarm/pipeswarm/p2p/codec"
 )
+
+// spec parses a codec the tests know to be valid.
+func spec(s string) codec.Spec {
+	c, err := codec.Parse(s)
+	if err != nil {
+		panic(err)
+	}
+	return c
+}
+
+var (
+	// allCodecs is every kind of codec, with and without zstd.
+	allCodecs = []codec.Spec{spec("fp32"), spec("bf16"), spec("int8/32"), spec("int8/64"), spec("int8/8"),
+		spec("fp32+zstd"), spec("bf16+zstd"), spec("int8/32+zstd"), spec("int8/64+zstd")}
+	lossyCodecs = []codec.Spec{spec("bf16"), spec("int8/32"), spec("int8/64+zstd"), spec("bf16+zstd")}
+)
+
+// gaussian returns n values drawn from N(0, sigma²) with a fixed seed.
+func gaussian(seed uint64, n int, sigma float64) []float32 {
+	r := rand.New(rand.NewPCG(seed, 0x5eed))
+	x := make([]float32, n)
+	for i := range x {
+		x[i] = float32(r.NormFloat64() * sigma)
+	}
+	return x
+}
+
+// checkDecoded checks that got, decoded from x with c, is within c's error
+// bound: exact for fp32, 2^-8 relative for bf16, max|block|/254 for int8.
+// (p2p/codec tests the codecs; this checks that frames use them.)
+func checkDecoded(t *testing.T, c codec.Spec, x, got []float32) {
+	t.Helper()
+	for lo := 0; lo < len(x); lo += max(c.Block, 1) {
+		hi := min(lo+max(c.Block, 1), len(x))
+		var m float64
+		for _, v := range x[lo:hi] {
+			m = max(m, math.Abs(float64(v)))
+		}
+		for i := lo; i < hi; i++ {
+			err := math.Abs(float64(got[i]) - float64(x[i]))
+			switch {
+			case c.Kind == codec.F32 && math.Float32bits(got[i]) != math.Float32bits(x[i]),
+				c.Kind == codec.BF16 && err > math.Abs(float64(x[i]))/256,
+				c.Kind == codec.Int8 && err > m/254*(1+2e-5)+127*0x1p-149:
+				t.Fatalf("%v value %d: got %v for %v", c, i, got[i], x[i])
+			}
+		}
+	}
+}
 
 // testFrame is a small valid activation frame with tokens and targets.
 func testFrame() *Frame {
@@ -55,7 +110,7 @@ func TestFrameRoundTripsThroughWriteAndRead(t *testing.T) {
 	} {
 		t.Run(name, func(t *testing.T) {
 			b := encode(t, f)
-			if want := frameHeaderLen + 4*(len(f.Tokens)+len(f.Targets)+len(f.Data)); len(b) != want {
+			if want := frameHeaderLen + len(f.Tokens) + len(f.Targets) + 4*len(f.Data); len(b) != want {
 				t.Fatalf("encoded %d bytes, want %d", len(b), want)
 			}
 			got, err := ReadFrame(bytes.NewReader(b), 0)
@@ -66,6 +121,78 @@ func TestFrameRoundTripsThroughWriteAndRead(t *testing.T) {
 				t.Fatalf("round trip changed the frame:\n got %+v\nwant %+v", got, f)
 			}
 		})
+	}
+}
+
+func TestFrameRoundTripsWithEveryCodecAndIDWidth(t *testing.T) {
+	data := gaussian(12, 2*3*40, 1)
+	data[7] = 0
+	for _, c := range allCodecs {
+		for _, ids := range []struct {
+			max   int32 // the largest id, or a negative one
+			width int
+		}{{0, 1}, {255, 1}, {256, 2}, {65535, 2}, {65536, 4}, {50257 * 4, 4}, {-1, 4}, {math.MaxInt32, 4}} {
+			t.Run(fmt.Sprintf("%v/ids to %d", c, ids.max), func(t *testing.T) {
+				f := &Frame{Kind: KindActivation, Run: 5, Step: 1, Micro: 2, Shape: []uint32{2, 3, 40}, Codec: c,
+					Tokens: []int32{0, 1, 2, 3, 4, ids.max}, Targets: []int32{ids.max, 9, 8, 7, 6, 5}, Data: slices.Clone(data)}
+				b := encode(t, f)
+				payload := c.Encode(nil, data)
+				if want := frameHeaderLen + ids.width*12 + len(payload); len(b) != want {
+					t.Fatalf("encoded %d bytes, want %d (ids of %d bytes, payload %d)", len(b), want, ids.width, len(payload))
+				}
+				if b[53] != byte(ids.width) {
+					t.Fatalf("id width %d, want %d", b[53], ids.width)
+				}
+				got, err := ReadFrame(bytes.NewReader(b), 0)
+				if err != nil {
+					t.Fatal(err)
+				}
+				want := *f
+				want.Data = make([]float32, len(data))
+				if err := c.Decode(want.Data, payload); err != nil {
+					t.Fatal(err)
+				}
+				if !framesEqual(got, &want) {
+					t.Fatalf("round trip changed the frame:\n got %+v\nwant %+v", got, &want)
+				}
+				checkDecoded(t, c, data, got.Data)
+				if !slices.Equal(f.Data, data) {
+					t.Fatal("WriteFrame changed f.Data")
+				}
+				e := Expect{Run: 5, Kind: KindActivation, Shape: f.Shape, Tokens: true, Codec: c}
+				if ids.max >= 0 {
+					if err := got.Check(e); err != nil {
+						t.Fatalf("Check: %v", err)
+					}
+				}
+				if _, err := ReadFrame(bytes.NewReader(b), e.MaxBytes()); err != nil {
+					t.Fatalf("refused at Expect.MaxBytes %d: %v", e.MaxBytes(), err)
+				}
+			})
+		}
+	}
+}
+
+// A receiver refuses a codec it was not told to expect, however close.
+func TestCheckRefusesACodecItWasNotToldToExpect(t *testing.T) {
+	for _, sent := range allCodecs {
+		f := testFrame()
+		f.Codec = sent
+		got, err := ReadFrame(bytes.NewReader(encode(t, f)), 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, expected := range allCodecs {
+			e := testExpect()
+			e.Codec = expected
+			err := got.Check(e)
+			if sent == expected && err != nil {
+				t.Errorf("sent %v, expected %v: %v", sent, expected, err)
+			}
+			if sent != expected && (!errors.Is(err, ErrBadFrame) || !strings.Contains(err.Error(), fmt.Sprintf("codec: got %v, want %v", sent, expected))) {
+				t.Errorf("sent %v, expected %v: Check gave %v", sent, expected, err)
+			}
+		}
 	}
 }
 
@@ -128,7 +255,12 @@ func TestWriteFrameRefusesFramesReadFrameWouldRefuse(t *testing.T) {
 		want   string
 	}{
 		{"unknown kind", func(f *Frame) { f.Kind = 0 }, "unknown kind 0"},
-		{"unknown codec", func(f *Frame) { f.Codec = 9 }, "unknown codec 9"},
+		{"zero codec", func(f *Frame) { f.Codec = codec.Spec{} }, "write: codec: unknown kind 0"},
+		{"unknown codec", func(f *Frame) { f.Codec = codec.Spec{Kind: 9} }, "write: codec: unknown kind 9"},
+		{"int8 without a block size", func(f *Frame) { f.Codec = codec.Spec{Kind: codec.Int8} }, "codec int8/0: block size 0 outside [8, 4096]"},
+		{"bf16 with a block size", func(f *Frame) { f.Codec = codec.Spec{Kind: codec.BF16, Block: 32, Zstd: true} }, "bf16 takes no block size"},
+		{"NaN in int8", func(f *Frame) { f.Codec = spec("int8"); f.Data[3] = float32(math.NaN()) }, "data[3] is NaN, and int8/32 carries finite values only"},
+		{"Inf in int8+zstd", func(f *Frame) { f.Codec = spec("int8/64+zstd"); f.Data[0] = float32(math.Inf(-1)) }, "data[0] is -Inf"},
 		{"rank 0", func(f *Frame) { f.Shape = nil }, "rank 0"},
 		{"rank 5", func(f *Frame) { f.Shape = []uint32{1, 1, 1, 1, 24} }, "rank 5"},
 		{"zero dim", func(f *Frame) { f.Shape = []uint32{2, 0, 4} }, "dim 1 is zero"},
@@ -150,18 +282,28 @@ func TestWriteFrameRefusesFramesReadFrameWouldRefuse(t *testing.T) {
 	}
 }
 
-// header returns a valid encoded header for a frame with the given shape
-// and no tokens, to be edited by a test.
+// header returns a valid encoded header for an fp32 frame with the given
+// shape and no tokens, to be edited by a test.
 func header(shape ...uint32) []byte {
 	h := make([]byte, frameHeaderLen)
 	copy(h, frameMagic)
-	h[4], h[5], h[6], h[7] = frameVersion, byte(KindActivation), byte(CodecF32), byte(len(shape))
+	h[4], h[5], h[6], h[7] = frameVersion, byte(KindActivation), byte(codec.F32), byte(len(shape))
 	n := uint64(1)
 	for i, d := range shape {
 		binary.LittleEndian.PutUint32(h[24+4*i:], d)
 		n *= uint64(d)
 	}
-	binary.LittleEndian.PutUint64(h[48:], 4*n)
+	binary.LittleEndian.PutUint32(h[48:], uint32(4*n))
+	h[53] = 1 // id width
+	return h
+}
+
+// zstdHeader is header for an int8/32+zstd frame whose payload claims the given length.
+func zstdHeader(payload uint32, shape ...uint32) []byte {
+	h := header(shape...)
+	h[6], h[52] = byte(codec.Int8), flagZstd
+	binary.LittleEndian.PutUint16(h[54:], 32)
+	binary.LittleEndian.PutUint32(h[48:], payload)
 	return h
 }
 
@@ -175,6 +317,17 @@ func TestReadFrameRejectsMalformedInput(t *testing.T) {
 	put32 := func(off int, v uint32) []byte {
 		return edit(func(b []byte) { binary.LittleEndian.PutUint32(b[off:], v) })
 	}
+	put16 := func(off int, v uint16) []byte {
+		return edit(func(b []byte) { binary.LittleEndian.PutUint16(b[off:], v) })
+	}
+	// A frame whose ids need 2 bytes, then edited so that they all fit in 1.
+	wide := testFrame()
+	wide.Tokens[0] = 300
+	overwide := encode(t, wide)
+	overwide[frameHeaderLen+1] = 0
+	zf := testFrame()
+	zf.Codec = spec("int8/8+zstd")
+	zvalid := encode(t, zf)
 	for _, c := range []struct {
 		name     string
 		in       []byte
@@ -183,10 +336,19 @@ func TestReadFrameRejectsMalformedInput(t *testing.T) {
 		trunc    bool   // must also wrap io.ErrUnexpectedEOF
 	}{
 		{name: "wrong magic", in: edit(func(b []byte) { b[0] = 'X' }), want: "magic"},
-		{name: "wrong version", in: edit(func(b []byte) { b[4] = 2 }), want: "version 2"},
+		{name: "version 1", in: edit(func(b []byte) { b[4] = 1 }), want: "version 1, want 2"},
+		{name: "version 3", in: edit(func(b []byte) { b[4] = 3 }), want: "version 3, want 2"},
 		{name: "kind 0", in: edit(func(b []byte) { b[5] = 0 }), want: "unknown kind 0"},
 		{name: "kind 4", in: edit(func(b []byte) { b[5] = 4 }), want: "unknown kind 4"},
-		{name: "unknown codec", in: edit(func(b []byte) { b[6] = 7 }), want: "unknown codec 7"},
+		{name: "codec kind 0", in: edit(func(b []byte) { b[6] = 0 }), want: "codec: unknown kind 0"},
+		{name: "codec kind 7", in: edit(func(b []byte) { b[6] = 7 }), want: "codec: unknown kind 7"},
+		{name: "unknown codec flag", in: edit(func(b []byte) { b[52] = 2 }), want: "unknown codec flags 0x02"},
+		{name: "block size for fp32", in: put16(54, 32), want: "codec fp32/32: fp32 takes no block size, got 32"},
+		{name: "int8 block size 0", in: edit(func(b []byte) { b[6] = byte(codec.Int8) }), want: "codec int8/0: block size 0 outside"},
+		{name: "int8 block size 7", in: edit(func(b []byte) { b[6] = byte(codec.Int8); b[54] = 7 }), want: "codec int8/7: block size 7 outside"},
+		{name: "id width 0", in: edit(func(b []byte) { b[53] = 0 }), want: "id width 0, want 1, 2 or 4"},
+		{name: "id width 3", in: edit(func(b []byte) { b[53] = 3 }), want: "id width 3, want 1, 2 or 4"},
+		{name: "id width wider than the ids need", in: overwide, want: "id width 2, but the ids need 1"},
 		{name: "rank 0", in: edit(func(b []byte) { b[7] = 0 }), want: "rank 0"},
 		{name: "rank 5", in: edit(func(b []byte) { b[7] = 5 }), want: "rank 5"},
 		{name: "zero dim", in: put32(28, 0), want: "dim 1 is zero"},
@@ -199,13 +361,17 @@ func TestReadFrameRejectsMalformedInput(t *testing.T) {
 		{name: "shape over caller limit", in: valid, maxBytes: 64, want: "exceed"},
 		{name: "token count over maxBytes", in: put32(40, math.MaxUint32), want: "token count 4294967295"},
 		{name: "target count over maxBytes", in: put32(44, math.MaxUint32), want: "target count 4294967295"},
-		{name: "payload length mismatch", in: edit(func(b []byte) { binary.LittleEndian.PutUint64(b[48:], 4*24+4) }), want: "payload length 100"},
-		{name: "payload length huge", in: edit(func(b []byte) { binary.LittleEndian.PutUint64(b[48:], math.MaxUint64) }), want: "payload length"},
+		{name: "payload length mismatch", in: put32(48, 4*24+4), want: "payload length 100, shape [2 3 4] in fp32 needs 96"},
+		{name: "payload length huge", in: put32(48, math.MaxUint32), want: "payload length"},
+		{name: "zstd payload over its bound", in: zstdHeader(92, 24), want: "payload length 92, shape [24] in int8/32+zstd needs at most 91"},
+		{name: "zstd payload that is not zstd", in: edit(func(b []byte) { b[52] = flagZstd }), want: "zstd header"},
+		{name: "corrupt zstd payload", in: func() []byte { b := slices.Clone(zvalid); b[frameHeaderLen+12+5]++; return b }(), want: "zstd: frame declares 37 bytes, want 36"},
 		{name: "truncated magic", in: valid[:3], want: "truncated header", trunc: true},
 		{name: "truncated header", in: valid[:frameHeaderLen-1], want: "truncated header", trunc: true},
 		{name: "truncated tokens", in: valid[:frameHeaderLen+5], want: "truncated tokens", trunc: true},
-		{name: "truncated targets", in: valid[:frameHeaderLen+4*6+1], want: "truncated targets", trunc: true},
+		{name: "truncated targets", in: valid[:frameHeaderLen+6+1], want: "truncated targets", trunc: true},
 		{name: "truncated payload", in: valid[:len(valid)-1], want: "truncated payload", trunc: true},
+		{name: "truncated zstd payload", in: zvalid[:len(zvalid)-1], want: "truncated payload", trunc: true},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			f, err := ReadFrame(bytes.NewReader(c.in), c.maxBytes)
@@ -237,9 +403,10 @@ func (r errReader) Read([]byte) (int, error) { return 0, r.err }
 
 func TestReadFrameDoesNotAllocateWhatAHeaderMerelyClaims(t *testing.T) {
 	// A header claiming a 200 MB tensor (within MaxFrameBytes) and nothing
-	// after it, whole or cut to 20 bytes.
+	// after it, whole or cut to 20 bytes; and one claiming a 50 MB zstd
+	// payload for it that does not come.
 	claim := header(50_000_000)
-	for _, in := range [][]byte{claim, claim[:20]} {
+	for _, in := range [][]byte{claim, claim[:20], zstdHeader(50_000_000, 50_000_000)} {
 		var before, after runtime.MemStats
 		runtime.ReadMemStats(&before)
 		_, err := ReadFrame(bytes.NewReader(in), 0)
@@ -309,7 +476,10 @@ func TestCheckRejectsFramesThatAreNotWhatTheReceiverExpects(t *testing.T) {
 	}{
 		{name: "run", frame: func(f *Frame) { f.Run = 1 }, want: "run: got 0000000000000001, want 000000000000feed"},
 		{name: "kind", frame: func(f *Frame) { f.Kind = KindGradient }, want: "kind: got gradient, want activation"},
-		{name: "codec", expect: func(e *Expect) { e.Codec = 2 }, want: "codec: got f32, want Codec(2)"},
+		{name: "codec", expect: func(e *Expect) { e.Codec = spec("bf16") }, want: "codec: got fp32, want bf16"},
+		{name: "codec without zstd", expect: func(e *Expect) { e.Codec = spec("fp32+zstd") }, want: "codec: got fp32, want fp32+zstd"},
+		{name: "int8 block size", frame: func(f *Frame) { f.Codec = spec("int8/32") }, expect: func(e *Expect) { e.Codec = spec("int8/64") }, want: "codec: got int8/32, want int8/64"},
+		{name: "codec not set", expect: func(e *Expect) { e.Codec = codec.Spec{} }, want: "codec: got fp32, want Kind(0)"},
 		{name: "shape", expect: func(e *Expect) { e.Shape = []uint32{2, 3, 8} }, want: "shape: got [2 3 4], want [2 3 8]"},
 		{name: "rank 0", frame: func(f *Frame) { f.Shape = nil }, want: "rank 0"},
 		{name: "zero dim", frame: func(f *Frame) { f.Shape = []uint32{2, 0, 4} }, want: "dim 1 is zero"},
@@ -346,29 +516,39 @@ func TestCheckRejectsFramesThatAreNotWhatTheReceiverExpects(t *testing.T) {
 }
 
 func TestNaNSurvivesTheWireButFailsCheck(t *testing.T) {
-	f := testFrame()
-	f.Data[3] = float32(math.NaN())
-	got, err := ReadFrame(bytes.NewReader(encode(t, f)), 0)
-	if err != nil {
-		t.Fatalf("ReadFrame should leave value checks to Check: %v", err)
-	}
-	if err := got.Check(testExpect()); !errors.Is(err, ErrBadFrame) || !strings.Contains(err.Error(), "data[3]") {
-		t.Fatalf("Check: got %v, want ErrBadFrame naming data[3]", err)
+	for _, c := range []codec.Spec{CodecF32, spec("bf16"), spec("fp32+zstd"), spec("bf16+zstd")} {
+		f := testFrame()
+		f.Codec = c
+		f.Data[3] = float32(math.NaN())
+		got, err := ReadFrame(bytes.NewReader(encode(t, f)), 0)
+		if err != nil {
+			t.Fatalf("%v: ReadFrame should leave value checks to Check: %v", c, err)
+		}
+		e := testExpect()
+		e.Codec = c
+		if err := got.Check(e); !errors.Is(err, ErrBadFrame) || !strings.Contains(err.Error(), "data[3]") {
+			t.Fatalf("%v: Check: got %v, want ErrBadFrame naming data[3]", c, err)
+		}
 	}
 }
 
 func BenchmarkWriteReadFrame(b *testing.B) {
-	f := realisticFrame()
-	var buf bytes.Buffer
-	b.SetBytes(int64(4 * (len(f.Data) + len(f.Tokens) + len(f.Targets))))
-	for b.Loop() {
-		buf.Reset()
-		if err := WriteFrame(&buf, f); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := ReadFrame(&buf, 0); err != nil {
-			b.Fatal(err)
-		}
+	for _, c := range []codec.Spec{CodecF32, spec("bf16"), spec("int8/32+zstd")} {
+		b.Run(c.String(), func(b *testing.B) {
+			f := realisticFrame()
+			f.Codec = c
+			var buf bytes.Buffer
+			b.SetBytes(int64(4 * (len(f.Data) + len(f.Tokens) + len(f.Targets))))
+			for b.Loop() {
+				buf.Reset()
+				if err := WriteFrame(&buf, f); err != nil {
+					b.Fatal(err)
+				}
+				if _, err := ReadFrame(&buf, 0); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }
 
@@ -391,8 +571,17 @@ func FuzzReadFrame(f *testing.F) {
 	f.Add(encode(f, testFrame()))
 	f.Add(encode(f, &Frame{Kind: KindGradient, Run: 1, Shape: []uint32{3}, Codec: CodecF32, Data: []float32{float32(math.NaN()), 1, 2}}))
 	f.Add(encode(f, &Frame{Kind: KindEval, Shape: []uint32{1, 1, 1, 2}, Codec: CodecF32, Tokens: []int32{-1}, Data: []float32{0, 0}}))
+	for _, c := range allCodecs {
+		fr := testFrame()
+		fr.Codec = c
+		f.Add(encode(f, fr))
+	}
+	wide := testFrame()
+	wide.Codec, wide.Tokens[0], wide.Targets[5] = spec("bf16"), 300, 70000
+	f.Add(encode(f, wide))
 	f.Add(header(1024, 1024, 1024))
 	f.Add(header(3))
+	f.Add(zstdHeader(40, 3))
 	f.Add([]byte{})
 	f.Add([]byte("PSWF"))
 	f.Fuzz(func(t *testing.T, in []byte) {
@@ -408,16 +597,93 @@ func FuzzReadFrame(f *testing.F) {
 		if err := WriteFrame(&buf, fr); err != nil {
 			t.Fatalf("accepted frame does not re-encode: %v", err)
 		}
-		// The encoding is canonical: re-encoding gives back exactly the bytes read.
-		if consumed := in[:len(in)-r.Len()]; !bytes.Equal(buf.Bytes(), consumed) {
-			t.Fatalf("re-encoding differs from input")
+		// Without zstd, fp32 and bf16 encodings are canonical: re-encoding
+		// gives back exactly the bytes read. (A zstd stream can take many
+		// forms, and an int8 scale recomputed from decoded values may
+		// differ in its last bit.)
+		if c := fr.Codec; !c.Zstd && c.Kind != codec.Int8 {
+			if consumed := in[:len(in)-r.Len()]; !bytes.Equal(buf.Bytes(), consumed) {
+				t.Fatalf("re-encoding differs from input")
+			}
 		}
 		again, err := ReadFrame(&buf, 1<<20)
 		if err != nil {
 			t.Fatalf("re-encoded frame refused: %v", err)
 		}
+		if fr.Codec.Kind == codec.Int8 {
+			checkDecoded(t, fr.Codec, fr.Data, again.Data)
+			again.Data = fr.Data
+		}
 		if !framesEqual(fr, again) {
 			t.Fatalf("re-decoded frame differs:\n%+v\n%+v", fr, again)
 		}
 	})
+}
+
+// Quantized values sent in a frame with the same codec arrive as they were:
+// exactly for bf16, to within a float32 rounding for int8.
+func TestQuantizedValuesCrossAFrameUnchanged(t *testing.T) {
+	const b, tt, d = 2, 8, 40
+	for _, c := range lossyCodecs {
+		ef := codec.NewErrorFeedback(c, b*tt*d)
+		f := &Frame{Kind: KindGradient, Run: 1, Shape: []uint32{b, tt, d}, Codec: c, Data: make([]float32, b*tt*d)}
+		for step := range 3 {
+			ef.Quantize(f.Data, gaussian(uint64(40+step), b*tt*d, 1e-6))
+			var buf bytes.Buffer
+			if err := WriteFrame(&buf, f); err != nil {
+				t.Fatal(err)
+			}
+			got, err := ReadFrame(&buf, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, v := range f.Data {
+				if d := math.Abs(float64(got.Data[i] - v)); c.Kind == codec.BF16 && d != 0 || d > math.Abs(float64(v))*0x1p-23 {
+					t.Fatalf("%v value %d: sent %v, arrived %v", c, i, v, got.Data[i])
+				}
+			}
+		}
+	}
+}
+
+// A zstd payload that would expand past the size its frame declares is
+// refused, having cost no more memory than that size.
+func TestReadFrameRefusesAZstdBomb(t *testing.T) {
+	const n = 200_000 // more than a zstd block, so the bomb's blocks are legal
+	c := spec("int8/32+zstd")
+	raw := n + 4*((n+31)/32) // what n int8/32 values take before zstd
+	enc, err := zstd.NewWriter(nil, zstd.WithSingleSegment(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	bomb := enc.EncodeAll(make([]byte, 64<<20), nil) // 64 MiB of zeros in a few KiB
+	var h zstd.Header
+	if err := h.Decode(bomb); err != nil || h.HeaderSize != 9 {
+		t.Fatalf("bomb header: %v %+v", err, h)
+	}
+	binary.LittleEndian.PutUint32(bomb[5:], uint32(raw)) // declare only what n values take
+
+	f := &Frame{Kind: KindGradient, Shape: []uint32{n}, Codec: c, Data: make([]float32, n)}
+	in := encode(t, f)[:frameHeaderLen]
+	binary.LittleEndian.PutUint32(in[48:], uint32(len(bomb)))
+	in = append(in, bomb...)
+
+	read := func() error {
+		_, err := ReadFrame(bytes.NewReader(in), Expect{Kind: KindGradient, Shape: f.Shape, Codec: c}.MaxBytes())
+		return err
+	}
+	_ = read() // fill the buffer pools and the decoder's state, which later frames reuse
+	var before, after runtime.MemStats
+	runtime.ReadMemStats(&before)
+	err = read()
+	runtime.ReadMemStats(&after)
+	if !errors.Is(err, ErrBadFrame) || !errors.Is(err, codec.ErrCorrupt) {
+		t.Fatalf("got %v, want ErrBadFrame and codec.ErrCorrupt", err)
+	}
+	// At most Data (4n), the decompression buffer (raw + a block), the
+	// payload and, should a GC have emptied the pools, a read buffer.
+	if got, limit := after.TotalAlloc-before.TotalAlloc, uint64(4*n+raw+(128<<10)+len(bomb)+chunkLen+(64<<10)); got > limit {
+		t.Fatalf("refusing the bomb allocated %d bytes, want at most %d", got, limit)
+	}
+	t.Logf("%v", err)
 }

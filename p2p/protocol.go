@@ -7,9 +7,10 @@ const (
 	// ProtoControl carries length-prefixed JSON control messages (WriteMsg, ReadMsg).
 	ProtoControl protocol.ID = "/pipeswarm/ctl/1"
 	// ProtoActivation carries tensor frames in the forward direction (WriteFrame, ReadFrame).
-	ProtoActivation protocol.ID = "/pipeswarm/act/1"
+	// Version 2 is frame version 2: codecs and compact token ids.
+	ProtoActivation protocol.ID = "/pipeswarm/act/2"
 	// ProtoGradient carries tensor frames in the backward direction.
-	ProtoGradient protocol.ID = "/pipeswarm/grad/1"
+	ProtoGradient protocol.ID = "/pipeswarm/grad/2"
 )
 
 // Gossipsub topics. They carry control traffic only, never tensors.

@@ -175,7 +175,11 @@ func (s *Stage) ProjectGrads() { s.project(s.Grads, nil) }
 
 // ProjectParams puts the constrained parameters back in the subspace after an
 // optimiser step (Adam's per-coordinate scaling leaves it slightly).
-func (s *Stage) ProjectParams() { s.project(s.Params, s.Sub.Fixed) }
+func (s *Stage) ProjectParams() {
+	if s.Sub != nil {
+		s.project(s.Params, s.Sub.Fixed)
+	}
+}
 
 func (s *Stage) project(buf, fixed []float32) {
 	if s.Sub == nil {

@@ -26,6 +26,7 @@ var commands = []command{
 	{"node", "run a node: hold and train pipeline stages for trusted launchers", runNode},
 	{"launch", "staff, start and watch a pipelined run across nodes", runLaunch},
 	{"keygen", "make a launcher key and print its peer ID", runKeygen},
+	{"bench", "benchmarks: 'bench compression' measures boundary compression", runBench},
 }
 
 func main() {

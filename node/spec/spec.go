@@ -16,6 +16,8 @@ import (
 	"strings"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/pipeswarm/pipeswarm/p2p/codec"
 )
 
 // ErrInvalid is wrapped by every error Validate reports: the spec decoded, but a value is out
@@ -28,13 +30,14 @@ var ErrDecode = errors.New("cannot decode spec")
 
 // Spec is a training run: model shape, pipeline split, optimiser and data.
 type Spec struct {
-	Name         string   `yaml:"name"`
-	Seed         uint64   `yaml:"seed"`
-	EvalInterval int      `yaml:"eval_interval"` // steps between validation evals; 0 = only at the end
-	Model        Model    `yaml:"model"`
-	Pipeline     Pipeline `yaml:"pipeline"`
-	Train        Train    `yaml:"train"`
-	Data         Data     `yaml:"data"`
+	Name         string      `yaml:"name"`
+	Seed         uint64      `yaml:"seed"`
+	EvalInterval int         `yaml:"eval_interval"` // steps between validation evals; 0 = only at the end
+	Model        Model       `yaml:"model"`
+	Pipeline     Pipeline    `yaml:"pipeline"`
+	Train        Train       `yaml:"train"`
+	Data         Data        `yaml:"data"`
+	Compression  Compression `yaml:"compression"`
 
 	// src remembers where each field was written so that Validate can point at the line, and
 	// so that EnsureDefaults leaves alone a zero the file asked for (grad_clip: 0 disables
@@ -80,6 +83,21 @@ type Train struct {
 type Data struct {
 	Path        string  `yaml:"path"`         // file, directory, or .jsonl; empty = built-in default corpus
 	ValFraction float64 `yaml:"val_fraction"` // default 0.1
+}
+
+// Compression is what crosses a stage boundary: the residual subspace the model is
+// constrained to (Pluralis protocol models) and the wire codecs on top.
+type Compression struct {
+	// Subspace is the rank k of the shared residual subspace; 0 leaves the model dense.
+	// With it, a boundary carries k numbers per token (plus the token id) each way.
+	Subspace int `yaml:"subspace"`
+	// DenseTail is how many of the last layers write outside the subspace (they must
+	// all be in the last stage, after every boundary); it matters at small width.
+	DenseTail int `yaml:"dense_tail"`
+	// Activations and Gradients are the wire codecs forward and backward: fp32, bf16
+	// or int8 with per-block scales ("int8/32"), each optionally "+zstd". Default fp32.
+	Activations string `yaml:"activations"`
+	Gradients   string `yaml:"gradients"`
 }
 
 // source is where a spec came from. The map is written only while parsing and shared
@@ -184,6 +202,12 @@ func (s *Spec) EnsureDefaults() {
 	}
 	if unset("pipeline.staff_timeout", p.StaffTimeout == 0) {
 		p.StaffTimeout = 60
+	}
+	if s.Compression.Activations == "" {
+		s.Compression.Activations = "fp32"
+	}
+	if s.Compression.Gradients == "" {
+		s.Compression.Gradients = "fp32"
 	}
 	if unset("pipeline.micro_batches", p.MicroBatches == 0) {
 		p.MicroBatches = 1
@@ -427,7 +451,30 @@ func (s *Spec) problems() []error {
 	if !(d.ValFraction > 0 && d.ValFraction < 1) {
 		c.failf("data.val_fraction", "%v is outside (0, 1)", d.ValFraction)
 	}
+
+	k := s.Compression
+	if k.Subspace < 0 || (dOK && k.Subspace > m.DModel) {
+		c.failf("compression.subspace", "%d is outside [0, d_model %d]", k.Subspace, m.DModel)
+	}
+	if lastLayers := lastStageLayers(m.NLayers, p.Stages); k.DenseTail < 0 || (lastLayers > 0 && k.DenseTail > lastLayers) {
+		c.failf("compression.dense_tail", "%d is outside [0, %d]: the dense layers must all be in the last stage, after every boundary", k.DenseTail, lastLayers)
+	}
+	for _, f := range []struct{ path, v string }{{"compression.activations", k.Activations}, {"compression.gradients", k.Gradients}} {
+		if err := CheckCodec(f.v); err != nil {
+			c.failf(f.path, "%v", err)
+		}
+	}
 	return c.errs
+}
+
+// lastStageLayers is how many layers the last of stages holds when n layers are split
+// as shard.SplitLayers splits them (the first n%stages stages take one more); 0 if
+// the split is impossible.
+func lastStageLayers(n, stages int) int {
+	if stages < 1 || n < stages {
+		return 0
+	}
+	return n / stages // the last stage is never one of the first n%stages
 }
 
 func badNameRune(r rune) bool {
@@ -438,4 +485,12 @@ func badNameRune(r rune) bool {
 		return false
 	}
 	return true
+}
+
+// CheckCodec reports whether s names a wire codec a boundary can use.
+func CheckCodec(s string) error {
+	if _, err := codec.Parse(s); err != nil {
+		return err
+	}
+	return nil
 }

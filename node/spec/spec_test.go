@@ -121,7 +121,8 @@ func TestExamplesParseAndValidate(t *testing.T) {
 		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60},
 		Train: Train{BatchSize: 16, Steps: 2000, LR: 0.002, MinLR: 0.0002, Warmup: 100,
 			WeightDecay: 0.1, GradClip: 1.0, Beta1: 0.9, Beta2: 0.95},
-		Data: Data{Path: "", ValFraction: 0.1},
+		Data:        Data{Path: "", ValFraction: 0.1},
+		Compression: Compression{Activations: "fp32", Gradients: "fp32"},
 	}
 	small := tiny
 	small.Name, small.EvalInterval = "small", 250
@@ -200,10 +201,11 @@ func TestEnsureDefaultsFillsZeroFieldsOfGoSpec(t *testing.T) {
 	s := &Spec{Train: Train{LR: 0.01}}
 	s.EnsureDefaults()
 	want := Spec{
-		Model:    Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5},
-		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60},
-		Train:    Train{LR: 0.01, MinLR: 0.001, WeightDecay: 0.1, GradClip: 1, Beta1: 0.9, Beta2: 0.95},
-		Data:     Data{ValFraction: 0.1},
+		Model:       Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5},
+		Pipeline:    Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60},
+		Train:       Train{LR: 0.01, MinLR: 0.001, WeightDecay: 0.1, GradClip: 1, Beta1: 0.9, Beta2: 0.95},
+		Data:        Data{ValFraction: 0.1},
+		Compression: Compression{Activations: "fp32", Gradients: "fp32"},
 	}
 	if !reflect.DeepEqual(*s, want) {
 		t.Errorf("after EnsureDefaults:\n%s\nwant:\n%s", s, &want)
@@ -320,7 +322,7 @@ func TestUnknownFieldNamesLineSectionAndKnownFields(t *testing.T) {
 	}
 
 	_, err = Parse([]byte("nmae: x\n"+base), "t.yaml")
-	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, model, pipeline, train, data)`; err == nil || err.Error() != want {
+	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, model, pipeline, train, data, compression)`; err == nil || err.Error() != want {
 		t.Errorf("error:\n%v\nwant:\n%s", err, want)
 	}
 }
@@ -488,6 +490,25 @@ func TestDecodeStrictReadsOtherStructsWithLinesAndErrors(t *testing.T) {
 		_, err := DecodeStrict([]byte(src), "d.yaml", "doc", &d)
 		if !errors.Is(err, ErrDecode) || err.Error() != msg {
 			t.Errorf("DecodeStrict(%q) error = %v, want %q", src, err, msg)
+		}
+	}
+}
+
+func TestCompressionFieldsAreValidated(t *testing.T) {
+	const base = "name: c\nmodel: {d_model: 32, n_layers: 4, n_heads: 2, d_ff: 64, seq_len: 16}\npipeline: {stages: 2}\ntrain: {batch_size: 4, steps: 10, lr: 0.001}\n"
+	for src, want := range map[string]string{
+		"compression: {subspace: 64}":      "c.yaml:5: compression.subspace: 64 is outside [0, d_model 32]",
+		"compression: {dense_tail: 3}":     "c.yaml:5: compression.dense_tail: 3 is outside [0, 2]",
+		"compression: {activations: int4}": "c.yaml:5: compression.activations:",
+		"compression: {gradients: int8/0}": "c.yaml:5: compression.gradients:",
+		"compression: {activations: bf16+zstd, gradients: int8/32, subspace: 4, dense_tail: 2}": "",
+	} {
+		_, err := Parse([]byte(base+src+"\n"), "c.yaml")
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%s: %v", src, err)
+		case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
+			t.Errorf("%s: error %v, want one containing %q", src, err, want)
 		}
 	}
 }

@@ -10,6 +10,7 @@ import (
 // split (remainder dropped), EvalBatch windows per forward pass.
 type Evaluator struct {
 	stages []*shard.Stage
+	bounds []*Boundary // between stages, as in training; nil: none
 	val    []byte
 	tapes  map[int][]*shard.Tape // by batch size: EvalBatch, and the last partial batch
 }
@@ -47,6 +48,9 @@ func (e *Evaluator) Loss() float64 {
 		}
 		var x []float32
 		for i, s := range e.stages {
+			if i > 0 && e.bounds != nil {
+				x = e.bounds[i-1].Forward(x, inputs, targets, b, seq, false)
+			}
 			x = s.Forward(tapes[i], inputs, x)
 		}
 		last := len(e.stages) - 1

@@ -12,6 +12,7 @@ import (
 // model is every stage of a run with its optimiser, stepped in one process.
 type model struct {
 	stages []*shard.Stage
+	bounds []*Boundary // between stage i and i+1
 	opts   []*optim.AdamW
 	tapes  []*shard.Tape // one per stage, reused by every micro-batch
 	micro  int
@@ -30,8 +31,24 @@ func newModel(sp *spec.Spec) (*model, error) {
 		return nil, err
 	}
 	mb := sp.Train.BatchSize / m.micro
-	for _, s := range stages {
+	sub, err := RunSubspace(sp)
+	if err != nil {
+		return nil, err
+	}
+	for i, s := range stages {
 		s.Init(sp.Seed)
+		if sub != nil {
+			if err := s.SetSubspace(sub, sp.Compression.DenseTail); err != nil {
+				return nil, err
+			}
+		}
+		if i > 0 {
+			b, err := NewBoundary(sp, sub)
+			if err != nil {
+				return nil, err
+			}
+			m.bounds = append(m.bounds, b)
+		}
 		ac := AdamWConfig(sp, s)
 		opt, err := optim.NewAdamW(len(s.Params), ac)
 		if err != nil {
@@ -41,6 +58,15 @@ func newModel(sp *spec.Spec) (*model, error) {
 		m.tapes = append(m.tapes, s.NewTape(mb, cfg.SeqLen))
 	}
 	return m, nil
+}
+
+// RunSubspace is the residual subspace sp's compression section asks for, derived
+// from the run seed; nil when the model is dense.
+func RunSubspace(sp *spec.Spec) (*shard.Subspace, error) {
+	if sp.Compression.Subspace == 0 {
+		return nil, nil
+	}
+	return shard.NewSubspace(ModelConfig(sp), sp.Compression.Subspace, sp.Seed)
 }
 
 // AdamWConfig is the inner optimiser for stage s under sp: weight decay on matrices
@@ -77,13 +103,22 @@ func (m *model) step(sampler *data.Sampler, inputs, targets []int32, lr float32,
 		sampler.Next(inputs, targets)
 		var x []float32
 		for i, s := range m.stages {
+			if i > 0 {
+				x = m.bounds[i-1].Forward(x, inputs, targets, m.tapes[i].B, m.tapes[i].T, true)
+			}
 			x = s.Forward(m.tapes[i], inputs, x)
 		}
 		loss += m.stages[last].Loss(m.tapes[last], targets, 1/float32(m.micro))
 		var g []float32
 		for i := last; i >= 0; i-- {
 			g = m.stages[i].Backward(m.tapes[i], g)
+			if i > 0 {
+				g = m.bounds[i-1].Backward(g, m.tapes[i].B, m.tapes[i].T)
+			}
 		}
+	}
+	for _, s := range m.stages {
+		s.ProjectGrads() // a no-op without a subspace
 	}
 	var ss float64
 	for _, s := range m.stages {
@@ -97,6 +132,7 @@ func (m *model) step(sampler *data.Sampler, inputs, targets []int32, lr float32,
 	}
 	for i, s := range m.stages {
 		m.opts[i].Step(s.Params, s.Grads, lr)
+		s.ProjectParams()
 	}
 	return loss / float64(m.micro), norm
 }

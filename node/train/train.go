@@ -60,6 +60,8 @@ type Result struct {
 	Tokens     int64
 	Elapsed    time.Duration
 	Checkpoint string
+	// Per stage boundary: encoded bytes of the training frames sent forward and back.
+	BoundaryFwd, BoundaryBwd []int64
 }
 
 // ModelConfig is the shard.Config a spec describes.
@@ -138,6 +140,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 
 	eval := NewEvaluator(m.stages, valText)
 	eval.Reuse(m.tapes)
+	eval.bounds = m.bounds
 	res := &Result{Checkpoint: filepath.Join(o.OutDir, CheckpointFile), ValLoss: math.NaN()}
 	var history []metrics.Step
 	start := now()
@@ -190,6 +193,9 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	res.Elapsed = now().Sub(start)
+	for _, b := range m.bounds {
+		res.BoundaryFwd, res.BoundaryBwd = append(res.BoundaryFwd, b.BytesFwd), append(res.BoundaryBwd, b.BytesBwd)
+	}
 	if err := finish(res.Steps); err != nil {
 		return res, err
 	}

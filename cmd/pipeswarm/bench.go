@@ -1,0 +1,84 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"log/slog"
+	"path/filepath"
+
+	"github.com/pipeswarm/pipeswarm/bench"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+)
+
+func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	if len(args) == 0 || args[0] != "compression" {
+		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
+			fmt.Fprintln(stderr, "Usage: pipeswarm bench compression --spec SPEC [--data PATH] [--steps N] [--target LOSS] --out DIR")
+			return nil
+		}
+		fmt.Fprintln(stderr, "pipeswarm bench: want a benchmark name: compression")
+		return errUsage
+	}
+	fs := newFlagSet("bench compression", "bench compression --spec SPEC [--data PATH] [--steps N] [--target LOSS] --out DIR", `
+Measure what compressing the stage boundaries costs: train SPEC once per setting —
+none (fp32), bf16, int8, the residual subspace at k = d/8, d/16, d/32, and the
+subspace with int8 — cut into at least two pipeline stages, with every boundary
+tensor passed through a real wire frame. Writes DIR/compression.md and
+DIR/compression.json (bytes per token each way per boundary, validation loss at
+equal steps, steps to the target validation loss, and each figure's ratio to the
+uncompressed run), and each setting's run directory.`, stderr)
+	specPath := fs.String("spec", "", "run spec (default: the built-in examples/tiny.yaml)")
+	dataPath := fs.String("data", "", "training text (overrides data.path)")
+	steps := fs.Int("steps", 0, "optimiser steps per setting (overrides train.steps)")
+	target := fs.Float64("target", 0, "target validation loss (default: the uncompressed run's at half its steps)")
+	out := fs.String("out", "", "output directory (default runs/bench-compression-<spec name>)")
+	quiet := fs.Bool("quiet", false, "no progress display")
+	pos, err := parse(fs, args[1:])
+	if err != nil {
+		return err
+	}
+	if len(pos) > 0 {
+		fmt.Fprintf(stderr, "pipeswarm bench compression: unexpected arguments %q\n", pos)
+		return errUsage
+	}
+	var specArgs []string
+	if *specPath != "" {
+		specArgs = []string{*specPath}
+	}
+	sp, err := loadSpec(specArgs)
+	if err != nil {
+		return err
+	}
+	if *dataPath != "" {
+		sp.Data.Path = *dataPath
+	}
+	applySteps(sp, *steps)
+	if err := sp.Validate(); err != nil {
+		return err
+	}
+	if *out == "" {
+		*out = filepath.Join("runs", "bench-compression-"+sp.Name)
+	}
+	log := newLogger(stderr, slog.LevelInfo).With("sys", "bench")
+	var prog *progress
+	current := ""
+	rows, err := bench.Compression(ctx, bench.CompressionOptions{Spec: sp, OutDir: *out, Target: *target, Log: log,
+		OnStep: func(setting string, s metrics.Step) {
+			if setting != current {
+				if prog != nil {
+					prog.done()
+				}
+				current, prog = setting, newProgress(stderr, sp.Train.Steps, *quiet)
+			}
+			prog.step(s)
+		}})
+	if prog != nil {
+		prog.done()
+	}
+	if len(rows) > 0 && err == nil {
+		bench.WriteCompressionTable(stdout, sp.Name, rows)
+		fmt.Fprintf(stdout, "\nwrote %s\n", *out)
+	}
+	return err
+}
