@@ -20,6 +20,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/codec"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -36,6 +37,8 @@ type worker struct {
 	dir      string // run directory for the stage checkpoint
 
 	stage  *shard.Stage
+	inB    *train.Boundary // with the previous stage (nil on stage 0)
+	outB   *train.Boundary // with the next stage (nil on the last)
 	opt    *optim.AdamW
 	sched  optim.Cosine
 	core   *core.Core
@@ -86,6 +89,26 @@ func newWorker(ctx context.Context, h *p2p.Host, log *slog.Logger, plan *Plan, s
 		return nil, err
 	}
 	st.Init(sp.Seed)
+	sub, err := train.RunSubspace(sp)
+	if err != nil {
+		return nil, err
+	}
+	if sub != nil {
+		if err := st.SetSubspace(sub, sp.Compression.DenseTail); err != nil {
+			return nil, err
+		}
+	}
+	var inB, outB *train.Boundary
+	if idx > 0 {
+		if inB, err = train.NewBoundary(sp, sub); err != nil {
+			return nil, err
+		}
+	}
+	if idx < len(plan.Stages)-1 {
+		if outB, err = train.NewBoundary(sp, sub); err != nil {
+			return nil, err
+		}
+	}
 	opt, err := optim.NewAdamW(len(st.Params), train.AdamWConfig(sp, st))
 	if err != nil {
 		return nil, err
@@ -95,7 +118,7 @@ func newWorker(ctx context.Context, h *p2p.Host, log *slog.Logger, plan *Plan, s
 		return nil, fmt.Errorf("plan: launcher %q: %w", plan.Launcher, err)
 	}
 	w := &worker{host: h, log: log.With("run", fmt.Sprintf("%016x", plan.ID), "stage", idx), plan: plan, sp: sp, idx: idx,
-		self: self, launcher: launcher, dir: runDir, stage: st, opt: opt,
+		self: self, launcher: launcher, dir: runDir, stage: st, inB: inB, outB: outB, opt: opt,
 		sched: optim.Cosine{Peak: float32(sp.Train.LR), Min: float32(sp.Train.MinLR), Warmup: sp.Train.Warmup, Total: sp.Train.Steps},
 		acts:  map[[2]int]*p2p.Frame{}, grads: map[[2]int]*p2p.Frame{}, evals: map[[2]int]*p2p.Frame{},
 		events: make(chan any, 1024), jobs: make(chan func() any), started: make(chan struct{}), idle: make(chan struct{}), done: make(chan struct{})}
@@ -256,7 +279,6 @@ func (w *worker) handle(e any) error {
 
 func (w *worker) do(a any) error {
 	cfg := w.stage.Config
-	d := cfg.DModel
 	switch a := a.(type) {
 	case core.Forward:
 		io := w.slotIO[a.Slot]
@@ -267,7 +289,7 @@ func (w *worker) do(a any) error {
 			f := w.take(w.acts, a.Step, a.Micro)
 			copy(io.tokens, f.Tokens)
 			copy(io.targets, f.Targets)
-			x = f.Data
+			x = w.inB.Decode(f.Data, io.tokens)
 		}
 		tp := w.tapes[a.Slot]
 		scale := 1 / float32(w.sp.Pipeline.MicroBatches)
@@ -276,24 +298,26 @@ func (w *worker) do(a any) error {
 			if w.stage.Last {
 				return computeDone{loss: w.stage.Loss(tp, io.targets, scale)}
 			}
-			w.out.send(w.peerOf(w.idx+1), p2p.ProtoActivation, w.frame(p2p.KindActivation, a.Step, a.Micro, tp.B, tp.T, d, out, io))
+			w.out.send(w.peerOf(w.idx+1), p2p.ProtoActivation, w.frame(p2p.KindActivation, a.Step, a.Micro, tp.B, tp.T, w.outB, out, io))
 			return computeDone{}
 		})
 	case core.Backward:
 		tp := w.tapes[a.Slot]
 		var g []float32
 		if !w.stage.Last {
-			g = w.take(w.grads, a.Step, a.Micro).Data
+			g = w.outB.DecodeGrad(w.take(w.grads, a.Step, a.Micro).Data, tp.B*tp.T)
 		}
 		w.submit(func() any {
 			dx := w.stage.Backward(tp, g)
 			if a.Send {
-				w.out.send(w.peerOf(w.idx-1), p2p.ProtoGradient, w.frame(p2p.KindGradient, a.Step, a.Micro, tp.B, tp.T, d, dx, slotIO{}))
+				w.out.send(w.peerOf(w.idx-1), p2p.ProtoGradient, w.frame(p2p.KindGradient, a.Step, a.Micro, tp.B, tp.T, w.inB, dx, slotIO{}))
 			}
 			return computeDone{}
 		})
 	case core.ShareNorm:
-		ss := optim.SumSquares(w.stage.Grads) // compute is idle: the core asked for no job
+		// Compute is idle: the core asked for no job.
+		w.stage.ProjectGrads() // a no-op without a subspace; norms are of what the optimiser sees
+		ss := optim.SumSquares(w.stage.Grads)
 		for i := range w.plan.Stages {
 			if i != w.idx {
 				w.out.control(w.peerOf(i), ctlMsg{Type: msgNorm, Run: w.plan.ID, Norm: &normMsg{Step: a.Step, Stage: w.idx, SumSq: ss}})
@@ -310,6 +334,7 @@ func (w *worker) do(a any) error {
 				optim.Scale(w.stage.Grads, f)
 			}
 			w.opt.Step(w.stage.Params, w.stage.Grads, lr)
+			w.stage.ProjectParams()
 			w.stage.ZeroGrads()
 			return computeDone{}
 		})
@@ -325,7 +350,7 @@ func (w *worker) do(a any) error {
 		} else {
 			f := w.take(w.evals, a.Step, a.Batch)
 			io = slotIO{f.Tokens, f.Targets}
-			x = f.Data
+			x = w.inB.Decode(f.Data, io.tokens)
 		}
 		w.submit(func() any {
 			tp := w.eval.Tapes(b)[0]
@@ -333,7 +358,7 @@ func (w *worker) do(a any) error {
 			if w.stage.Last {
 				return computeDone{loss: w.stage.Loss(tp, io.targets, 1) * float64(b)}
 			}
-			w.out.send(w.peerOf(w.idx+1), p2p.ProtoActivation, w.frame(p2p.KindEval, a.Step, a.Batch, b, seq, d, out, io))
+			w.out.send(w.peerOf(w.idx+1), p2p.ProtoActivation, w.frame(p2p.KindEval, a.Step, a.Batch, b, seq, w.outB, out, io))
 			return computeDone{}
 		})
 	case core.StepDone:
@@ -375,10 +400,20 @@ func (w *worker) take(m map[[2]int]*p2p.Frame, step, i int) *p2p.Frame {
 	return f
 }
 
-// frame copies data (which the stage will overwrite) into a new frame.
-func (w *worker) frame(kind p2p.Kind, step, micro, b, t, d int, data []float32, io slotIO) *p2p.Frame {
+// frame builds the frame that carries x (a stage's output, or the gradient of its
+// input when kind is KindGradient) across boundary b: compressed into the run's
+// subspace and encoded with its codec for that direction. The frame owns its data.
+func (w *worker) frame(kind p2p.Kind, step, micro, batch, t int, b *train.Boundary, x []float32, io slotIO) *p2p.Frame {
+	fwd, bwd := b.Codecs()
+	var data []float32
+	c := fwd
+	if kind == p2p.KindGradient {
+		data, c = b.EncodeGrad(x, batch*t), bwd
+	} else {
+		data = b.Encode(x, io.tokens)
+	}
 	f := &p2p.Frame{Kind: kind, Run: w.plan.ID, Step: uint32(step), Micro: uint32(micro),
-		Shape: []uint32{uint32(b), uint32(t), uint32(d)}, Codec: p2p.CodecF32, Data: append([]float32(nil), data...)}
+		Shape: []uint32{uint32(batch), uint32(t), uint32(b.Width())}, Codec: c, Data: append([]float32(nil), data...)}
 	if io.tokens != nil {
 		f.Tokens = append([]int32(nil), io.tokens...)
 		f.Targets = append([]int32(nil), io.targets...)
@@ -393,8 +428,23 @@ func (w *worker) expect(kind p2p.Kind, micro int) p2p.Expect {
 	if kind == p2p.KindEval {
 		b = max(0, min(train.EvalBatch, w.windows-micro*train.EvalBatch))
 	}
-	return p2p.Expect{Run: w.plan.ID, Kind: kind, Shape: []uint32{uint32(b), uint32(cfg.SeqLen), uint32(cfg.DModel)},
-		Tokens: kind != p2p.KindGradient, Vocab: cfg.Vocab, Codec: p2p.CodecF32}
+	// Activations come over the boundary with the previous stage, gradients over the
+	// one with the next; from() has already refused a frame from anyone else.
+	bd := w.inB
+	if kind == p2p.KindGradient {
+		bd = w.outB
+	}
+	var width int
+	var c codec.Spec
+	if bd != nil {
+		fwd, bwd := bd.Codecs()
+		width, c = bd.Width(), fwd
+		if kind == p2p.KindGradient {
+			c = bwd
+		}
+	}
+	return p2p.Expect{Run: w.plan.ID, Kind: kind, Shape: []uint32{uint32(b), uint32(cfg.SeqLen), uint32(width)},
+		Tokens: kind != p2p.KindGradient, Vocab: cfg.Vocab, Codec: c}
 }
 
 // from says which peer may send frames of kind to this stage.

@@ -19,13 +19,15 @@ import (
 // U and the fixed table are pure functions of the run seed, so every stage of every
 // replica derives the same ones without a download.
 //
-// A Subspace keeps scratch space, so like a Stage it is not safe for concurrent use.
+// Compress, Expand and their gradient forms are safe for concurrent use; the stage
+// projections share scratch space, so, like a Stage, they are not.
 type Subspace struct {
 	D, K  int
 	U     []float32 // [d, k], orthonormal columns
 	Fixed []float32 // [vocab, d], the embedding's frozen part
 
-	scratch []float32
+	fixedU  []float32 // [vocab, k] = Fixed·U, so Compress needs no scratch
+	scratch []float32 // for the projections only
 }
 
 func (s *Subspace) tmp(n int) []float32 {
@@ -77,6 +79,8 @@ func NewSubspace(c Config, k int, seed uint64) (*Subspace, error) {
 	for i := range s.Fixed {
 		s.Fixed[i] = float32(frng.NormFloat64() * 0.02) // the scale of a trained embedding's init
 	}
+	s.fixedU = make([]float32, c.Vocab*k)
+	compute.Gemm(false, false, c.Vocab, k, d, 1, s.Fixed, d, s.U, k, 0, s.fixedU, k)
 	return s, nil
 }
 
@@ -86,17 +90,16 @@ func seeded(seed uint64, name string) *rand.Rand {
 	return rand.New(rand.NewPCG(seed, h.Sum64()))
 }
 
-// Compress: c[N,k] = Uᵀ·(x[N,d] − fixed[tokens]).
+// Compress: c[N,k] = Uᵀ·(x[N,d] − fixed[tokens]) = x·U − (Fixed·U)[tokens]. It uses no
+// scratch, so boundaries may call it while a stage projects its parameters.
 func (s *Subspace) Compress(c, x []float32, tokens []int32) {
-	n := len(tokens)
-	tmp := s.tmp(n * s.D)
+	compute.Gemm(false, false, len(tokens), s.K, s.D, 1, x, s.D, s.U, s.K, 0, c, s.K)
 	for r, tok := range tokens {
-		xr, fr, tr := x[r*s.D:(r+1)*s.D], s.Fixed[int(tok)*s.D:(int(tok)+1)*s.D], tmp[r*s.D:(r+1)*s.D]
-		for j := range xr {
-			tr[j] = xr[j] - fr[j]
+		cr, fr := c[r*s.K:(r+1)*s.K], s.fixedU[int(tok)*s.K:(int(tok)+1)*s.K]
+		for j := range cr {
+			cr[j] -= fr[j]
 		}
 	}
-	compute.Gemm(false, false, n, s.K, s.D, 1, tmp, s.D, s.U, s.K, 0, c, s.K)
 }
 
 // Expand: x[N,d] = fixed[tokens] + U·c[N,k].

@@ -282,3 +282,59 @@ func TestLaunchRefusesABadSpecBeforeContactingPeers(t *testing.T) {
 		}
 	}
 }
+
+// With the residual subspace and lossy codecs on the wire, the pipelined run still
+// takes exactly the single-process trainer's steps: both send every boundary tensor
+// through the same frames.
+func TestCompressedPipelineMatchesTrain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	keyPath := filepath.Join(dir, "launcher.key")
+	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
+	if code != 0 {
+		t.Fatal(stderr)
+	}
+	spec := strings.Replace(pipeSpec, "stages: 4, micro_batches: 2", "stages: 2, micro_batches: 2", 1) +
+		"compression: {subspace: 8, dense_tail: 1, activations: int8/32+zstd, gradients: int8/32}\n"
+	specPath := filepath.Join(dir, "run.yaml")
+	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var peerArgs []string
+	var nodes []*nodeProc
+	for i := range 2 {
+		n := startNode(t, filepath.Join(dir, fmt.Sprintf("node%d", i)), "--trust", strings.TrimSpace(idOut))
+		nodes = append(nodes, n)
+		peerArgs = append(peerArgs, "--peer", n.addrs(t))
+	}
+	out := filepath.Join(dir, "launched")
+	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
+	if code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
+	}
+	ref := filepath.Join(dir, "trained")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatal(stderr)
+	}
+	launched, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+	trained, _ := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
+	if len(launched) != 6 || len(trained) != 6 {
+		t.Fatalf("%d and %d steps recorded, want 6", len(launched), len(trained))
+	}
+	for i := range trained {
+		if math.Abs(launched[i].Loss-trained[i].Loss) > 1e-3*trained[i].Loss {
+			t.Errorf("step %d: pipelined loss %.6f, single-process %.6f", i+1, launched[i].Loss, trained[i].Loss)
+		}
+	}
+	// k = 8 int8 values with zstd plus two 1-byte token ids: far below the 4·32 bytes of fp32.
+	var fwd float64
+	if _, err := fmt.Sscanf(stdout[strings.Index(stdout, "boundary 0→1: "):], "boundary 0→1: %f", &fwd); err != nil || fwd <= 0 || fwd > 16 {
+		t.Errorf("forward bytes per token %.1f (parse error %v), want at most 16:\n%s", fwd, err, stdout)
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+		<-n.exited
+	}
+}

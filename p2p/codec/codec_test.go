@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"strings"
+	"sync"
 	"testing"
 
 	"github.com/klauspost/compress/zstd"
@@ -504,6 +505,28 @@ func TestDecodeRefusesMalformedPayloads(t *testing.T) {
 	if err := zf32.Decode(got, zstdFrame(t, shuffled, zstd.WithEncoderCRC(true), zstd.WithSingleSegment(true))); err != nil || !slices.Equal(got, x[:10]) {
 		t.Fatalf("frame with a checksum: %v", err)
 	}
+}
+
+// Outboxes write frames to many peers at once: Encode and Decode share the
+// zstd encoder, decoder and buffer pools.
+func TestCodecsAreSafeForConcurrentUse(t *testing.T) {
+	var wg sync.WaitGroup
+	for g := range 8 {
+		wg.Go(func() {
+			for i, c := range allCodecs {
+				x := gaussian(uint64(100*g+i), 1000+g*37, 1)
+				got, want := make([]float32, len(x)), make([]float32, len(x))
+				if err := c.Decode(got, c.Encode(nil, x)); err != nil {
+					t.Error(err)
+					return
+				}
+				if c.roundTrip(want, x); !slices.EqualFunc(got, want, sameBits) {
+					t.Errorf("%v: values differ when coded concurrently", c)
+				}
+			}
+		})
+	}
+	wg.Wait()
 }
 
 // A zstd frame that expands past the size it declares is refused after at
