@@ -348,7 +348,7 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 	return func(s network.Stream) {
 		from := s.Conn().RemotePeer()
 		for {
-			f, err := p2p.ReadFrame(s, p2p.MaxFrameBytes)
+			f, err := p2p.ReadFrame(s, d.frameLimit())
 			if errors.Is(err, io.EOF) {
 				s.Close()
 				return
@@ -363,6 +363,21 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 			}
 		}
 	}
+}
+
+// frameLimit is the largest frame any run here expects, so a compressed frame cannot
+// make the node allocate more than a real one would; with no run, frames are refused
+// after their header anyway.
+func (d *Daemon) frameLimit() int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	limit := 1 << 20
+	for _, w := range d.runs {
+		for _, k := range []p2p.Kind{p2p.KindActivation, p2p.KindGradient, p2p.KindEval} {
+			limit = max(limit, w.expect(k, 0).MaxBytes())
+		}
+	}
+	return limit
 }
 
 func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame) error {
