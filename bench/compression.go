@@ -40,6 +40,35 @@ func DefaultSettings(d int) []Setting {
 	}
 }
 
+// ParseSetting reads a setting from "[k=K/]CODEC": a wire codec for both directions
+// ("fp32", "bf16", "int8/32+zstd", ...), optionally on the residual subspace of rank K
+// with the last layer left dense ("k=4/int8/32").
+func ParseSetting(s string) (Setting, error) {
+	st := Setting{Activations: s}
+	if rest, ok := strings.CutPrefix(s, "k="); ok {
+		k, c, _ := strings.Cut(rest, "/")
+		if _, err := fmt.Sscanf(k, "%d", &st.Subspace); err != nil || st.Subspace < 1 || c == "" {
+			return Setting{}, fmt.Errorf("bench: setting %q: want k=RANK/CODEC, e.g. k=4/int8/32", s)
+		}
+		st.DenseTail, st.Activations = 1, c
+	}
+	if err := spec.CheckCodec(st.Activations); err != nil {
+		return Setting{}, fmt.Errorf("bench: setting %q: %w", s, err)
+	}
+	st.Gradients = st.Activations
+	switch {
+	case st.Subspace == 0 && st.Activations == "fp32":
+		st.Name = "none"
+	case st.Subspace == 0:
+		st.Name = st.Activations
+	case st.Activations == "fp32":
+		st.Name = fmt.Sprintf("subspace k=%d", st.Subspace)
+	default:
+		st.Name = fmt.Sprintf("subspace k=%d + %s", st.Subspace, st.Activations)
+	}
+	return st, nil
+}
+
 // Row is one setting's result. Ratios are to the first (baseline) row.
 type Row struct {
 	Setting

@@ -14,7 +14,7 @@ import (
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] != "compression" {
 		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-			fmt.Fprintln(stderr, "Usage: pipeswarm bench compression --spec SPEC [--data PATH] [--steps N] [--target LOSS] --out DIR")
+			fmt.Fprintln(stderr, "Usage: pipeswarm bench compression --spec SPEC [--data PATH] [--steps N] [--target LOSS] [--setting S]... --out DIR")
 			return nil
 		}
 		fmt.Fprintln(stderr, "pipeswarm bench: want a benchmark name: compression")
@@ -34,6 +34,8 @@ uncompressed run), and each setting's run directory.`, stderr)
 	target := fs.Float64("target", 0, "target validation loss (default: the uncompressed run's at half its steps)")
 	out := fs.String("out", "", "output directory (default runs/bench-compression-<spec name>)")
 	quiet := fs.Bool("quiet", false, "no progress display")
+	var only multiFlag
+	fs.Var(&only, "setting", "run only these settings, repeatable: CODEC or k=RANK/CODEC (e.g. fp32, int8/32, k=4/int8/32); the first is the baseline")
 	pos, err := parse(fs, args[1:])
 	if err != nil {
 		return err
@@ -60,10 +62,18 @@ uncompressed run), and each setting's run directory.`, stderr)
 	if *out == "" {
 		*out = filepath.Join("runs", "bench-compression-"+sp.Name)
 	}
+	var settings []bench.Setting
+	for _, v := range only {
+		st, err := bench.ParseSetting(v)
+		if err != nil {
+			return err
+		}
+		settings = append(settings, st)
+	}
 	log := newLogger(stderr, slog.LevelInfo).With("sys", "bench")
 	var prog *progress
 	current := ""
-	rows, err := bench.Compression(ctx, bench.CompressionOptions{Spec: sp, OutDir: *out, Target: *target, Log: log,
+	rows, err := bench.Compression(ctx, bench.CompressionOptions{Spec: sp, Settings: settings, OutDir: *out, Target: *target, Log: log,
 		OnStep: func(setting string, s metrics.Step) {
 			if setting != current {
 				if prog != nil {
