@@ -48,15 +48,8 @@ uncompressed run), and each setting's run directory.`, stderr)
 	if *specPath != "" {
 		specArgs = []string{*specPath}
 	}
-	sp, err := loadSpec(specArgs)
+	sp, err := loadSpec(specArgs, *dataPath, *steps)
 	if err != nil {
-		return err
-	}
-	if *dataPath != "" {
-		sp.Data.Path = *dataPath
-	}
-	applySteps(sp, *steps)
-	if err := sp.Validate(); err != nil {
 		return err
 	}
 	if *out == "" {

@@ -149,19 +149,14 @@ The spec is checked before anything is sent.`, stderr)
 		fmt.Fprintf(stderr, "pipeswarm launch: one SPEC at most, got %q\n", pos)
 		return errUsage
 	}
-	sp, err := loadSpec(pos)
-	if err != nil {
-		return err
-	}
 	if *dataPath != "" {
-		abs, err := filepath.Abs(*dataPath)
-		if err != nil {
+		// The nodes resolve the path; on one machine an absolute one works from any data dir.
+		if *dataPath, err = filepath.Abs(*dataPath); err != nil {
 			return err
 		}
-		sp.Data.Path = abs
 	}
-	applySteps(sp, *steps)
-	if err := sp.Validate(); err != nil {
+	sp, err := loadSpec(pos, *dataPath, *steps)
+	if err != nil {
 		return err
 	}
 	if *keyPath == "" {

@@ -42,15 +42,8 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot.`, 
 		fmt.Fprintf(stderr, "pipeswarm train: one SPEC at most, got %q\n", pos)
 		return errUsage
 	}
-	sp, err := loadSpec(pos)
+	sp, err := loadSpec(pos, *dataPath, *steps)
 	if err != nil {
-		return err
-	}
-	if *dataPath != "" {
-		sp.Data.Path = *dataPath
-	}
-	applySteps(sp, *steps)
-	if err := sp.Validate(); err != nil {
 		return err
 	}
 	if *out == "" {
@@ -68,27 +61,33 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot.`, 
 	return err
 }
 
-// applySteps overrides train.steps, shortening warmup to fit if needed.
-func applySteps(sp *spec.Spec, steps int) {
-	if steps <= 0 {
-		return
-	}
-	sp.Train.Steps = steps
-	if sp.Train.Warmup >= steps {
-		sp.Train.Warmup = steps / 10
-	}
-}
-
-// loadSpec reads the one positional SPEC, or the embedded default.
-func loadSpec(pos []string) (*spec.Spec, error) {
+// loadSpec reads the one positional SPEC, or the embedded default, and applies the
+// commands' common overrides: --data (if set) and --steps (if > 0, shortening warmup
+// to fit), then validates the result.
+func loadSpec(pos []string, data string, steps int) (*spec.Spec, error) {
+	var sp *spec.Spec
+	var err error
 	if len(pos) == 1 {
-		return spec.Load(pos[0])
+		sp, err = spec.Load(pos[0])
+	} else {
+		var src []byte
+		if src, err = fs.ReadFile(examples.FS, examples.Default); err == nil {
+			sp, err = spec.Parse(src, "examples/"+examples.Default)
+		}
 	}
-	src, err := fs.ReadFile(examples.FS, examples.Default)
 	if err != nil {
 		return nil, err
 	}
-	return spec.Parse(src, "examples/"+examples.Default)
+	if data != "" {
+		sp.Data.Path = data
+	}
+	if steps > 0 {
+		sp.Train.Steps = steps
+		if sp.Train.Warmup >= steps {
+			sp.Train.Warmup = steps / 10
+		}
+	}
+	return sp, sp.Validate()
 }
 
 // progress draws a one-line status on a terminal, or a plain line every 10 s
