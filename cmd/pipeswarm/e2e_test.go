@@ -92,6 +92,32 @@ func (p *nodeProc) addrs(t *testing.T) string {
 	return ""
 }
 
+// startSwarm writes spec into dir, makes a launcher key, and starts n node processes
+// that trust it; it returns the spec and key paths, the nodes, and --peer arguments.
+func startSwarm(t *testing.T, dir, spec string, n int, nodeArgs ...string) (specPath, keyPath string, nodes []*nodeProc, peerArgs []string) {
+	t.Helper()
+	keyPath = filepath.Join(dir, "launcher.key")
+	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
+	if code != 0 {
+		t.Fatalf("keygen exited %d: %s", code, stderr)
+	}
+	launcherID := strings.TrimSpace(idOut)
+	if !strings.HasPrefix(launcherID, "12D3KooW") {
+		t.Fatalf("keygen printed %q, want a peer ID", launcherID)
+	}
+	specPath = filepath.Join(dir, "run.yaml")
+	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		nodes = append(nodes, startNode(t, filepath.Join(dir, fmt.Sprintf("node%d", i)), append([]string{"--trust", launcherID}, nodeArgs...)...))
+	}
+	for _, nd := range nodes {
+		peerArgs = append(peerArgs, "--peer", nd.addrs(t))
+	}
+	return specPath, keyPath, nodes, peerArgs
+}
+
 const pipeSpec = `name: e2e
 seed: 11
 eval_interval: 3
@@ -106,29 +132,7 @@ func TestPipelinedRunOnFourNodeProcessesMatchesTrainAndShutsDownCleanly(t *testi
 		t.Skip("starts processes; skipped in -short mode")
 	}
 	dir := t.TempDir()
-	keyPath := filepath.Join(dir, "launcher.key")
-	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
-	if code != 0 {
-		t.Fatalf("keygen exited %d: %s", code, stderr)
-	}
-	launcherID := strings.TrimSpace(idOut)
-	if !strings.HasPrefix(launcherID, "12D3KooW") {
-		t.Fatalf("keygen printed %q, want a peer ID", launcherID)
-	}
-	specPath := filepath.Join(dir, "run.yaml")
-	if err := os.WriteFile(specPath, []byte(pipeSpec), 0o644); err != nil {
-		t.Fatal(err)
-	}
-
-	var nodes []*nodeProc
-	var peerArgs []string
-	for i := range 4 {
-		n := startNode(t, filepath.Join(dir, fmt.Sprintf("node%d", i)), "--trust", launcherID, "--memory-budget", "512MiB")
-		nodes = append(nodes, n)
-	}
-	for _, n := range nodes {
-		peerArgs = append(peerArgs, "--peer", n.addrs(t))
-	}
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, pipeSpec, 4, "--memory-budget", "512MiB")
 
 	// A second node on a data directory in use refuses to start.
 	dup := startNode(t, nodes[0].dir, "--open")
@@ -291,24 +295,9 @@ func TestCompressedPipelineMatchesTrain(t *testing.T) {
 		t.Skip("starts processes; skipped in -short mode")
 	}
 	dir := t.TempDir()
-	keyPath := filepath.Join(dir, "launcher.key")
-	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
-	if code != 0 {
-		t.Fatal(stderr)
-	}
 	spec := strings.Replace(pipeSpec, "stages: 4, micro_batches: 2", "stages: 2, micro_batches: 2", 1) +
 		"compression: {subspace: 8, dense_tail: 1, activations: int8/32+zstd, gradients: int8/32}\n"
-	specPath := filepath.Join(dir, "run.yaml")
-	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	var peerArgs []string
-	var nodes []*nodeProc
-	for i := range 2 {
-		n := startNode(t, filepath.Join(dir, fmt.Sprintf("node%d", i)), "--trust", strings.TrimSpace(idOut))
-		nodes = append(nodes, n)
-		peerArgs = append(peerArgs, "--peer", n.addrs(t))
-	}
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 2)
 	out := filepath.Join(dir, "launched")
 	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
 	if code != 0 {
