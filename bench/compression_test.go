@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 )
 
@@ -85,5 +86,19 @@ func TestParseSettingNamesAndValidates(t *testing.T) {
 		if _, err := ParseSetting(bad); err == nil {
 			t.Errorf("ParseSetting(%q) accepted", bad)
 		}
+	}
+}
+
+func TestBaselineTargetFallsBackToTheFirstEvalAfterHalfway(t *testing.T) {
+	v := func(x float64) *float64 { return &x }
+	h := []metrics.Step{{Step: 1}, {Step: 2, ValLoss: v(3)}, {Step: 4, ValLoss: v(2)}, {Step: 6, ValLoss: v(1.5)}, {Step: 8, ValLoss: v(1)}}
+	if got := baselineTarget(h, 4); got != 2 {
+		t.Errorf("eval at half the steps: target %v, want 2", got)
+	}
+	if got := baselineTarget(h, 5); got != 2 {
+		t.Errorf("last eval before half the steps: target %v, want 2", got)
+	}
+	if got := baselineTarget(h[3:], 4); got != 1.5 {
+		t.Errorf("no eval before half the steps: target %v, want the first after it, 1.5", got)
 	}
 }

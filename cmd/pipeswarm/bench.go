@@ -14,16 +14,16 @@ import (
 func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 || args[0] != "compression" {
 		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-			fmt.Fprintln(stderr, "Usage: pipeswarm bench compression --spec SPEC [--data PATH] [--steps N] [--target LOSS] [--setting S]... --out DIR")
+			fmt.Fprintln(stderr, "Usage: pipeswarm bench compression --spec SPEC [--data PATH] [--steps N] [--eval-interval N] [--target LOSS] [--setting S]... --out DIR")
 			return nil
 		}
 		fmt.Fprintln(stderr, "pipeswarm bench: want a benchmark name: compression")
 		return errUsage
 	}
-	fs := newFlagSet("bench compression", "bench compression --spec SPEC [--data PATH] [--steps N] [--target LOSS] --out DIR", `
+	fs := newFlagSet("bench compression", "bench compression --spec SPEC [--data PATH] [--steps N] [--eval-interval N] [--target LOSS] [--setting S]... --out DIR", `
 Measure what compressing the stage boundaries costs: train SPEC once per setting —
 none (fp32), bf16, int8, the residual subspace at k = d/8, d/16, d/32, and the
-subspace with int8 — cut into at least two pipeline stages, with every boundary
+subspace at d/32 with int8 — cut into at least two pipeline stages, with every boundary
 tensor passed through a real wire frame. Writes DIR/compression.md and
 DIR/compression.json (bytes per token each way per boundary, validation loss at
 equal steps, steps to the target validation loss, and each figure's ratio to the
@@ -31,6 +31,7 @@ uncompressed run), and each setting's run directory.`, stderr)
 	specPath := fs.String("spec", "", "run spec (default: the built-in examples/tiny.yaml)")
 	dataPath := fs.String("data", "", "training text (overrides data.path)")
 	steps := fs.Int("steps", 0, "optimiser steps per setting (overrides train.steps)")
+	evalEvery := fs.Int("eval-interval", 0, "steps between validation evals (overrides eval_interval; steps to target are counted at this resolution)")
 	target := fs.Float64("target", 0, "target validation loss (default: the uncompressed run's at half its steps)")
 	out := fs.String("out", "", "output directory (default runs/bench-compression-<spec name>)")
 	quiet := fs.Bool("quiet", false, "no progress display")
@@ -51,6 +52,9 @@ uncompressed run), and each setting's run directory.`, stderr)
 	sp, err := loadSpec(specArgs, *dataPath, *steps)
 	if err != nil {
 		return err
+	}
+	if *evalEvery > 0 {
+		sp.EvalInterval = *evalEvery
 	}
 	if *out == "" {
 		*out = filepath.Join("runs", "bench-compression-"+sp.Name)
