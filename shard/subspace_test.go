@@ -166,3 +166,57 @@ func TestDenseTailMustLieInTheLastStage(t *testing.T) {
 		t.Fatalf("a dense tail inside the last stage: %v", err)
 	}
 }
+
+// The compressed boundary's backward pair: with stage 1 fed Expand(c), CompressGrad of
+// its input gradient is dL/dc; and through a whole compressed cut, stage 0 driven by
+// ExpandGrad(CompressGrad(g)) gets the gradient of L(stage1(Expand(Compress(stage0)))).
+func TestCompressedBoundaryGradientMatchesFiniteDifferences(t *testing.T) {
+	c := Config{Vocab: 16, DModel: 8, NLayers: 2, NHeads: 2, DFF: 12, SeqLen: 4, RopeTheta: 10000, NormEps: 1e-5}
+	stages, err := NewStages(c, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sub, err := NewSubspace(c, 4, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rng := rand.New(rand.NewPCG(4, 4))
+	for _, s := range stages {
+		s.Init(6)
+		if err := s.SetSubspace(sub, 1); err != nil {
+			t.Fatal(err)
+		}
+		for i := range s.Params {
+			s.Params[i] *= 2 // off the near-linear regime of a fresh init, not so far that h=3e-3 sees curvature
+		}
+	}
+	b, seq := 2, 4
+	n := b * seq
+	tokens := []int32{1, 2, 3, 4, 5, 6, 7, 8}
+	targets := []int32{2, 3, 4, 5, 6, 7, 8, 9}
+	t0, t1 := stages[0].NewTape(b, seq), stages[1].NewTape(b, seq)
+	x := make([]float32, n*c.DModel)
+	cv := randVec(rng, n*sub.K, 1)
+
+	lossOfC := func() float64 {
+		sub.Expand(x, cv, tokens)
+		stages[1].Forward(t1, tokens, x)
+		return stages[1].Loss(t1, targets, 1)
+	}
+	lossOfC()
+	dc := make([]float32, n*sub.K)
+	sub.CompressGrad(dc, stages[1].Backward(t1, nil), n)
+	checkFD(t, "dc", cv, dc, lossOfC)
+
+	lossOfStage0 := func() float64 {
+		sub.Compress(cv, stages[0].Forward(t0, tokens, nil), tokens)
+		return lossOfC()
+	}
+	lossOfStage0()
+	stages[0].ZeroGrads()
+	sub.CompressGrad(dc, stages[1].Backward(t1, nil), n)
+	g := make([]float32, n*c.DModel)
+	sub.ExpandGrad(g, dc, n)
+	stages[0].Backward(t0, g)
+	checkFD(t, "stage 0 params", stages[0].Params, append([]float32(nil), stages[0].Grads...), lossOfStage0)
+}
