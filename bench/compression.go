@@ -184,13 +184,13 @@ func baselineTarget(h []metrics.Step, step int) float64 {
 		if s.ValLoss == nil {
 			continue
 		}
-		if s.Step > step && !math.IsNaN(v) {
+		if s.Step > step {
+			if math.IsNaN(v) {
+				v = *s.ValLoss
+			}
 			break
 		}
 		v = *s.ValLoss
-		if s.Step > step {
-			break
-		}
 	}
 	return v
 }
