@@ -10,6 +10,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 
 	"github.com/pipeswarm/pipeswarm/node/metrics"
@@ -41,31 +42,45 @@ func DefaultSettings(d int) []Setting {
 	}
 }
 
-// ParseSetting reads a setting from "[k=K/]CODEC": a wire codec for both directions
-// ("fp32", "bf16", "int8/32+zstd", ...), optionally on the residual subspace of rank K
-// with the last layer left dense ("k=4/int8/32").
+// ParseSetting reads a setting from "[k=K[,tail=N]/]CODEC": a wire codec for both
+// directions ("fp32", "bf16", "int8/32+zstd", ...), optionally on the residual subspace
+// of rank K with the last N layers (default 1) left dense ("k=4/int8/32",
+// "k=8,tail=4/int8/32").
 func ParseSetting(s string) (Setting, error) {
 	st := Setting{Activations: s}
 	if rest, ok := strings.CutPrefix(s, "k="); ok {
-		k, c, _ := strings.Cut(rest, "/")
-		if _, err := fmt.Sscanf(k, "%d", &st.Subspace); err != nil || st.Subspace < 1 || c == "" {
-			return Setting{}, fmt.Errorf("bench: setting %q: want k=RANK/CODEC, e.g. k=4/int8/32", s)
-		}
+		sub, c, _ := strings.Cut(rest, "/")
+		k, tail, hasTail := strings.Cut(sub, ",tail=")
 		st.DenseTail, st.Activations = 1, c
+		var err error
+		st.Subspace, err = strconv.Atoi(k)
+		bad := err != nil || st.Subspace < 1 || c == ""
+		if hasTail {
+			n, err := strconv.Atoi(tail)
+			bad = bad || err != nil || n < 0
+			st.DenseTail = n
+		}
+		if bad {
+			return Setting{}, fmt.Errorf("bench: setting %q: want k=RANK[,tail=LAYERS]/CODEC, e.g. k=4/int8/32 or k=8,tail=4/int8/32", s)
+		}
 	}
 	if err := spec.CheckCodec(st.Activations); err != nil {
 		return Setting{}, fmt.Errorf("bench: setting %q: %w", s, err)
 	}
 	st.Gradients = st.Activations
+	sub := fmt.Sprintf("subspace k=%d", st.Subspace)
+	if st.DenseTail != 1 {
+		sub += fmt.Sprintf(" (dense tail %d)", st.DenseTail)
+	}
 	switch {
 	case st.Subspace == 0 && st.Activations == "fp32":
 		st.Name = "none"
 	case st.Subspace == 0:
 		st.Name = st.Activations
 	case st.Activations == "fp32":
-		st.Name = fmt.Sprintf("subspace k=%d", st.Subspace)
+		st.Name = sub
 	default:
-		st.Name = fmt.Sprintf("subspace k=%d + %s", st.Subspace, st.Activations)
+		st.Name = sub + " + " + st.Activations
 	}
 	return st, nil
 }

@@ -72,17 +72,19 @@ data: {val_fraction: 0.002}
 
 func TestParseSettingNamesAndValidates(t *testing.T) {
 	for in, want := range map[string]Setting{
-		"fp32":         {Name: "none", Activations: "fp32", Gradients: "fp32"},
-		"int8/32+zstd": {Name: "int8/32+zstd", Activations: "int8/32+zstd", Gradients: "int8/32+zstd"},
-		"k=4/int8/32":  {Name: "subspace k=4 + int8/32", Subspace: 4, DenseTail: 1, Activations: "int8/32", Gradients: "int8/32"},
-		"k=8/fp32":     {Name: "subspace k=8", Subspace: 8, DenseTail: 1, Activations: "fp32", Gradients: "fp32"},
+		"fp32":               {Name: "none", Activations: "fp32", Gradients: "fp32"},
+		"int8/32+zstd":       {Name: "int8/32+zstd", Activations: "int8/32+zstd", Gradients: "int8/32+zstd"},
+		"k=4/int8/32":        {Name: "subspace k=4 + int8/32", Subspace: 4, DenseTail: 1, Activations: "int8/32", Gradients: "int8/32"},
+		"k=8/fp32":           {Name: "subspace k=8", Subspace: 8, DenseTail: 1, Activations: "fp32", Gradients: "fp32"},
+		"k=8,tail=4/int8/32": {Name: "subspace k=8 (dense tail 4) + int8/32", Subspace: 8, DenseTail: 4, Activations: "int8/32", Gradients: "int8/32"},
+		"k=8,tail=0/fp32":    {Name: "subspace k=8 (dense tail 0)", Subspace: 8, DenseTail: 0, Activations: "fp32", Gradients: "fp32"},
 	} {
 		got, err := ParseSetting(in)
 		if err != nil || got != want {
 			t.Errorf("ParseSetting(%q) = %+v, %v; want %+v", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"int4", "k=0/fp32", "k=4", "k=x/int8"} {
+	for _, bad := range []string{"int4", "k=0/fp32", "k=4", "k=x/int8", "k=4x/fp32", "k=4,tail=/fp32", "k=4,tail=-1/fp32", "k=4,tail=2"} {
 		if _, err := ParseSetting(bad); err == nil {
 			t.Errorf("ParseSetting(%q) accepted", bad)
 		}

@@ -36,7 +36,7 @@ uncompressed run), and each setting's run directory.`, stderr)
 	out := fs.String("out", "", "output directory (default runs/bench-compression-<spec name>)")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	var only multiFlag
-	fs.Var(&only, "setting", "run only these settings, repeatable: CODEC or k=RANK/CODEC (e.g. fp32, int8/32, k=4/int8/32); the first is the baseline")
+	fs.Var(&only, "setting", "run only these settings, repeatable: CODEC or k=RANK[,tail=LAYERS]/CODEC (e.g. fp32, int8/32, k=4/int8/32, k=8,tail=4/int8/32: subspace of rank 8, last 4 layers dense); the first is the baseline")
 	pos, err := parse(fs, args[1:])
 	if err != nil {
 		return err
