@@ -3,7 +3,11 @@ package optim
 import "fmt"
 
 // NesterovConfig holds the hyperparameters of the outer optimiser.
-type NesterovConfig struct{ LR, Momentum float32 }
+type NesterovConfig struct {
+	LR, Momentum float32
+	// Plain uses heavy-ball momentum (p -= lr·buf) instead of Nesterov's look-ahead.
+	Plain bool
+}
 
 // DefaultNesterov returns the DiLoCo outer settings: learning rate 0.7, momentum 0.9.
 func DefaultNesterov() NesterovConfig { return NesterovConfig{LR: 0.7, Momentum: 0.9} }
@@ -51,9 +55,29 @@ func (o *Nesterov) Step(params, pseudoGrad []float32) {
 	if len(params) != n || len(pseudoGrad) != n {
 		panic(fmt.Sprintf("optim: Nesterov.Step: len(params) = %d, len(pseudoGrad) = %d, want %d", len(params), len(pseudoGrad), n))
 	}
+	o.StepAt(0, params, pseudoGrad)
+}
+
+// StepAt is Step on the part of the parameters that starts at offset off: params and
+// pseudoGrad hold that part only, and the momentum of the rest is untouched. Streaming
+// DiLoCo steps one fragment of a stage at a time this way. With Plain it takes a
+// heavy-ball step instead (buf = μ·buf + g; p -= lr·buf). It panics if the part does not
+// fit or the two lengths differ.
+func (o *Nesterov) StepAt(off int, params, pseudoGrad []float32) {
+	if off < 0 || len(params) != len(pseudoGrad) || off+len(params) > len(o.buf) {
+		panic(fmt.Sprintf("optim: Nesterov.StepAt(%d): len(params) = %d, len(pseudoGrad) = %d, n = %d", off, len(params), len(pseudoGrad), len(o.buf)))
+	}
 	lr, mu := o.cfg.LR, o.cfg.Momentum
-	buf := o.buf[:len(params)]
+	buf := o.buf[off : off+len(params)]
 	g := pseudoGrad[:len(params)]
+	if o.cfg.Plain {
+		for i := range params {
+			b := mu*buf[i] + g[i]
+			buf[i] = b
+			params[i] -= lr * b
+		}
+		return
+	}
 	for i := range params {
 		b := mu*buf[i] + g[i]
 		buf[i] = b

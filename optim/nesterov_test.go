@@ -93,3 +93,33 @@ func BenchmarkNesterovStep(b *testing.B) {
 		o.Step(p, g)
 	}
 }
+
+func TestNesterovStepAtStepsOnlyItsFragment(t *testing.T) {
+	whole, _ := NewNesterov(4, DefaultNesterov())
+	parts, _ := NewNesterov(4, DefaultNesterov())
+	pw := []float32{1, 2, 3, 4}
+	pp := append([]float32(nil), pw...)
+	g := []float32{0.5, -1, 2, 0.25}
+	whole.Step(pw, g)
+	parts.StepAt(2, pp[2:], g[2:])
+	if pp[0] != 1 || pp[1] != 2 || parts.Momentum()[0] != 0 || parts.Momentum()[1] != 0 {
+		t.Errorf("StepAt(2) touched the first fragment: p %v, buf %v", pp, parts.Momentum())
+	}
+	parts.StepAt(0, pp[:2], g[:2])
+	for i := range pw {
+		if pw[i] != pp[i] || whole.Momentum()[i] != parts.Momentum()[i] {
+			t.Fatalf("two fragments stepped apart give p %v buf %v, one step %v %v", pp, parts.Momentum(), pw, whole.Momentum())
+		}
+	}
+}
+
+func TestPlainMomentumStepsByTheBuffer(t *testing.T) {
+	// lr 1, μ 0.5: step 1 g=1: buf 1, p = 1-1 = 0; step 2 g=1: buf 1.5, p = -1.5.
+	o, _ := NewNesterov(1, NesterovConfig{LR: 1, Momentum: 0.5, Plain: true})
+	p := []float32{1}
+	o.Step(p, []float32{1})
+	o.Step(p, []float32{1})
+	if p[0] != -1.5 || o.Momentum()[0] != 1.5 {
+		t.Errorf("p, buf = %v, %v, want -1.5, 1.5", p[0], o.Momentum()[0])
+	}
+}

@@ -516,3 +516,61 @@ func HFConfig(c Config) ([]byte, error) {
 	}
 	return append(b, '\n'), nil
 }
+
+// Named is one flat tensor to store by name: optimiser state, which has no layout of
+// its own beyond the stage's parameter buffer it shadows.
+type Named struct {
+	Name string
+	Data []float32
+}
+
+// SaveTensors writes flat tensors (1-D, in the given order) and metadata to path in
+// safetensors format, atomically as SaveCheckpoint does; ReadCheckpoint and
+// LoadCheckpoint read them back.
+func SaveTensors(path string, meta map[string]string, tensors []Named) error {
+	return writeFileAtomic(path, func(w io.Writer) error {
+		mj, err := json.Marshal(meta)
+		if err != nil {
+			return fmt.Errorf("%w: metadata: %v", ErrCheckpoint, err)
+		}
+		var h bytes.Buffer
+		h.Write(make([]byte, 8))
+		h.WriteString(`{"__metadata__":`)
+		h.Write(mj)
+		seen := map[string]bool{}
+		off := 0
+		for _, t := range tensors {
+			if seen[t.Name] || t.Name == "" {
+				return fmt.Errorf("%w: tensor name %q empty or repeated", ErrCheckpoint, t.Name)
+			}
+			seen[t.Name] = true
+			name, _ := json.Marshal(t.Name)
+			end := off + 4*len(t.Data)
+			fmt.Fprintf(&h, `,%s:{"dtype":"F32","shape":[%d],"data_offsets":[%d,%d]}`, name, len(t.Data), off, end)
+			off = end
+		}
+		h.WriteByte('}')
+		for h.Len()%8 != 0 {
+			h.WriteByte(' ')
+		}
+		b := h.Bytes()
+		binary.LittleEndian.PutUint64(b, uint64(len(b)-8))
+		bw := bufio.NewWriterSize(w, 1<<16)
+		if _, err := bw.Write(b); err != nil {
+			return fmt.Errorf("write tensors: %w", err)
+		}
+		var buf [4]byte
+		for _, t := range tensors {
+			for _, v := range t.Data {
+				binary.LittleEndian.PutUint32(buf[:], math.Float32bits(v))
+				if _, err := bw.Write(buf[:]); err != nil {
+					return fmt.Errorf("write tensors: %w", err)
+				}
+			}
+		}
+		if err := bw.Flush(); err != nil {
+			return fmt.Errorf("write tensors: %w", err)
+		}
+		return nil
+	})
+}

@@ -9,6 +9,7 @@ package assign
 import (
 	"errors"
 	"fmt"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -96,10 +97,11 @@ type Offer struct {
 	MaxStages   int
 }
 
-// Assignment is one stage of a run given to one peer.
+// Assignment is one stage of one replica pipeline of a run, given to one peer.
 type Assignment struct {
-	Stage int
-	Peer  string
+	Stage   int
+	Replica int `json:",omitempty"`
+	Peer    string
 	Addrs []string
 	Range shard.Range
 	Need  int64
@@ -120,7 +122,10 @@ type Assignment struct {
 //
 // First-fit in stage order can miss a plan that exists (a big offer taken by a small stage
 // that a smaller offer could have held); list the offers smallest first to avoid that.
-func Plan(c shard.Config, stages, microBatch, microBatches int, offers []Offer) ([]Assignment, []string, error) {
+//
+// With replicas > 1 every stage is staffed once per replica pipeline, replica 0's stages
+// first: the grid (stage × replica → peer), each peer holding one cell.
+func Plan(c shard.Config, stages, replicas, microBatch, microBatches int, offers []Offer) ([]Assignment, []string, error) {
 	if err := c.Validate(); err != nil {
 		return nil, nil, fmt.Errorf("plan run: %w", err)
 	}
@@ -130,6 +135,9 @@ func Plan(c shard.Config, stages, microBatch, microBatches int, offers []Offer) 
 	}
 	if microBatch < 1 || microBatches < 1 {
 		return nil, nil, fmt.Errorf("plan run: %d micro-batches of %d sequences", microBatches, microBatch)
+	}
+	if replicas < 1 {
+		return nil, nil, fmt.Errorf("plan run: %d replicas", replicas)
 	}
 	needs := make([]int64, stages)
 	for s, r := range ranges {
@@ -156,21 +164,27 @@ func Plan(c shard.Config, stages, microBatch, microBatches int, offers []Offer) 
 
 	var plan []Assignment
 	var missing []int
-	for s, r := range ranges {
-		taken := -1
-		for i, o := range offers {
-			if usable[i] && o.MemoryBytes >= needs[s] {
-				taken = i
-				break
+	var missingCells []string
+	for rep := range replicas {
+		for s, r := range ranges {
+			taken := -1
+			for i, o := range offers {
+				if usable[i] && o.MemoryBytes >= needs[s] {
+					taken = i
+					break
+				}
 			}
+			if taken < 0 {
+				if !slices.Contains(missing, s) {
+					missing = append(missing, s)
+				}
+				missingCells = append(missingCells, fmt.Sprintf("%d/%d", s, rep))
+				continue
+			}
+			usable[taken] = false
+			o := offers[taken]
+			plan = append(plan, Assignment{Stage: s, Replica: rep, Peer: o.Peer, Addrs: o.Addrs, Range: r, Need: needs[s]})
 		}
-		if taken < 0 {
-			missing = append(missing, s)
-			continue
-		}
-		usable[taken] = false
-		o := offers[taken]
-		plan = append(plan, Assignment{Stage: s, Peer: o.Peer, Addrs: o.Addrs, Range: r, Need: needs[s]})
 	}
 
 	// A usable offer still unused is refused if it is too small for the stages that have no
@@ -197,7 +211,11 @@ func Plan(c shard.Config, stages, microBatch, microBatches int, offers []Offer) 
 	}
 
 	if len(missing) > 0 {
-		return plan, refusals, unstaffed(missing, refusals, len(offers))
+		err := unstaffed(missing, refusals, len(offers))
+		if replicas > 1 {
+			err = fmt.Errorf("%w (stage/replica cells without a peer: %s)", err, strings.Join(missingCells, ", "))
+		}
+		return plan, refusals, err
 	}
 	return plan, refusals, nil
 }

@@ -35,6 +35,10 @@ type Config struct {
 	// MaxInFlight bounds forwards not yet matched by a backward; 0 means the 1F1B
 	// bound Stages−Stage.
 	MaxInFlight int
+	// OuterDue, if set, says after which steps the stage takes an outer (DiLoCo) step
+	// with the other replicas of its stage, after its optimiser step and before the
+	// step is done; nil means never (one replica).
+	OuterDue func(step int) bool
 }
 
 // Validate reports an impossible configuration.
@@ -89,6 +93,8 @@ type (
 	EvalIn struct{ Step, Batch int }
 	// Done: the compute action the core last asked for finished.
 	Done struct{}
+	// Synced: the outer step asked for by Sync is applied.
+	Synced struct{ Step int }
 )
 
 // Actions. Forward, Backward, Optimize and EvalForward are compute: the core asks for
@@ -124,6 +130,9 @@ type (
 	StepDone struct{ Step int }
 	// EvalDone: the evaluation after Step is finished on this stage.
 	EvalDone struct{ Step int }
+	// Sync: take the outer step after Step with the stage's other replicas; answer
+	// with Synced. Compute is idle meanwhile; frames for the next step may arrive.
+	Sync struct{ Step int }
 	// Finished: every step is done; write the checkpoint and report.
 	Finished struct{}
 )
@@ -135,6 +144,7 @@ const (
 	training
 	sharing  // waiting for every stage's norm
 	stepping // optimiser running
+	syncing  // outer step with the other replicas
 	evaluating
 	finished
 )
@@ -238,6 +248,11 @@ func (c *Core) Handle(e any) ([]any, error) {
 			return nil, fmt.Errorf("%w: validation batch %d of step %d twice", ErrProtocol, e.Batch, e.Step)
 		}
 		c.evalIns[k] = true
+	case Synced:
+		if c.phase != syncing || e.Step != c.step {
+			return nil, fmt.Errorf("%w: synced step %d while at step %d, not syncing", ErrProtocol, e.Step, c.step)
+		}
+		out = c.stepDone(out)
 	case Done:
 		if !c.busy {
 			return nil, fmt.Errorf("%w: done with nothing running", ErrProtocol)
@@ -343,12 +358,11 @@ func (c *Core) completed(out []any) []any {
 		}
 	case 3: // optimize
 		delete(c.norms, c.step)
-		out = append(out, StepDone{Step: c.step})
-		if c.cfg.EvalDue(c.step) {
-			c.phase, c.evalNext = evaluating, 0
-		} else {
-			out = c.nextStep(out)
+		if c.cfg.OuterDue != nil && c.cfg.OuterDue(c.step) {
+			c.phase = syncing
+			return append(out, Sync{Step: c.step})
 		}
+		out = c.stepDone(out)
 	case 4: // evaluation batch
 		c.evalNext++
 		if c.evalNext == c.cfg.EvalBatches {
@@ -357,6 +371,16 @@ func (c *Core) completed(out []any) []any {
 		}
 	}
 	return out
+}
+
+// stepDone finishes the step: evaluation if due, else the next step.
+func (c *Core) stepDone(out []any) []any {
+	out = append(out, StepDone{Step: c.step})
+	if c.cfg.EvalDue(c.step) {
+		c.phase, c.evalNext = evaluating, 0
+		return out
+	}
+	return c.nextStep(out)
 }
 
 func (c *Core) nextStep(out []any) []any {

@@ -246,3 +246,40 @@ func TestSameEventsSameActions(t *testing.T) {
 		t.Fatal("the same delivery order gave different actions")
 	}
 }
+
+func TestOuterStepFollowsTheOptimiserStepAndPrecedesEvaluation(t *testing.T) {
+	// The last of 2 stages, one micro-batch, outer steps after even steps, evaluation
+	// after step 2: the sync comes between the optimiser step and the evaluation, and
+	// the next step's input waits for it.
+	c := mustNew(t, Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3, EvalInterval: 2, EvalBatches: 1,
+		OuterDue: func(step int) bool { return step%2 == 0 }})
+	script(t, c,
+		[2]any{Start{}, nil},
+		[2]any{ActivationIn{1, 0}, acts{Forward{Step: 1, Micro: 0, Slot: 0}}},
+		[2]any{Done{}, acts{Backward{Step: 1, Micro: 0, Slot: 0, Send: true}}},
+		[2]any{Done{}, acts{ShareNorm{Step: 1}}},
+		[2]any{NormIn{Step: 1, Stage: 1, SumSq: 1}, nil},
+		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 0}, acts{Optimize{Step: 1, Norm: 1}}},
+		[2]any{Done{}, acts{StepDone{Step: 1}}}, // step 1: no outer step
+		[2]any{ActivationIn{2, 0}, acts{Forward{Step: 2, Micro: 0, Slot: 0}}},
+		[2]any{Done{}, acts{Backward{Step: 2, Micro: 0, Slot: 0, Send: true}}},
+		[2]any{Done{}, acts{ShareNorm{Step: 2}}},
+		[2]any{NormIn{Step: 2, Stage: 1, SumSq: 1}, nil},
+		[2]any{NormIn{Step: 2, Stage: 0, SumSq: 0}, acts{Optimize{Step: 2, Norm: 1}}},
+		[2]any{Done{}, acts{Sync{Step: 2}}},
+		[2]any{EvalIn{2, 0}, nil},       // evaluation waits for the outer step
+		[2]any{ActivationIn{3, 0}, nil}, // and so does the next step
+		[2]any{Synced{Step: 2}, acts{StepDone{Step: 2}, EvalForward{Step: 2, Batch: 0}}},
+		[2]any{Done{}, acts{EvalDone{Step: 2}, Forward{Step: 3, Micro: 0, Slot: 0}}},
+	)
+}
+
+func TestSyncedOutOfTurnIsAProtocolError(t *testing.T) {
+	c := mustNew(t, Config{Stage: 0, Stages: 1, MicroBatches: 1, Steps: 2, OuterDue: func(int) bool { return true }})
+	if _, err := c.Handle(Start{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Handle(Synced{Step: 1}); !errors.Is(err, ErrProtocol) {
+		t.Errorf("Synced while training: error %v, want ErrProtocol", err)
+	}
+}

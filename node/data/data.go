@@ -259,3 +259,14 @@ func mix(x uint64) uint64 {
 	x = (x ^ x>>27) * 0x94d049bb133111eb
 	return x ^ x>>31
 }
+
+// Shard returns replica r's part of the training text when n replica pipelines share
+// it: the r-th of n contiguous, disjoint, nearly equal slices, so replicas train on
+// different text. With n = 1 it is the whole text. It panics unless 0 <= r < n.
+func Shard(train []byte, r, n int) []byte {
+	if n < 1 || r < 0 || r >= n {
+		panic(fmt.Sprintf("data: Shard %d of %d", r, n))
+	}
+	lo, hi := len(train)*r/n, len(train)*(r+1)/n
+	return train[lo:hi:hi]
+}

@@ -24,6 +24,16 @@ import (
 // of range or inconsistent with another.
 var ErrInvalid = errors.New("invalid spec")
 
+// DiLoCo defaults, chosen by a sweep on tiny (README, "Replicas").
+const (
+	DefaultInnerSteps    = 30
+	DefaultOuterLR       = 1.0
+	DefaultOuterMomentum = 0.0
+	DefaultSync          = "int8/32"
+	// MaxReplicas bounds replica pipelines; the all-reduce tracks members in a 64-bit set.
+	MaxReplicas = 64
+)
+
 // ErrDecode is wrapped by every error about the text itself: malformed YAML, an empty file,
 // unknown or repeated fields, values of the wrong type.
 var ErrDecode = errors.New("cannot decode spec")
@@ -38,6 +48,7 @@ type Spec struct {
 	Train        Train       `yaml:"train"`
 	Data         Data        `yaml:"data"`
 	Compression  Compression `yaml:"compression"`
+	DiLoCo       DiLoCo      `yaml:"diloco"`
 
 	// src remembers where each field was written so that Validate can point at the line, and
 	// so that EnsureDefaults leaves alone a zero the file asked for (grad_clip: 0 disables
@@ -64,6 +75,32 @@ type Pipeline struct {
 	// StaffTimeout is how many seconds a launcher waits for enough peers to hold
 	// every stage before it gives up; default 60.
 	StaffTimeout int `yaml:"staff_timeout"`
+	// Replicas is how many replica pipelines train side by side (default 1). Replica r
+	// of stage s feeds replica r of stage s+1, reads its own shard of the training text,
+	// and its stages sync with the other replicas of their stage every diloco.inner_steps.
+	// train.batch_size is per replica pipeline.
+	Replicas int `yaml:"replicas"`
+}
+
+// DiLoCo is how the replicas of a stage agree on weights: each trains alone for
+// InnerSteps, then the averaged change (global − local) is the gradient of an outer
+// SGD step with momentum on the global weights. Inert with one replica.
+type DiLoCo struct {
+	InnerSteps    int     `yaml:"inner_steps"`    // H: inner steps between outer steps
+	OuterLR       float64 `yaml:"outer_lr"`       // outer learning rate
+	OuterMomentum float64 `yaml:"outer_momentum"` // outer momentum in [0, 1)
+	Nesterov      bool    `yaml:"nesterov"`       // Nesterov momentum (default true)
+	// Sync is the codec of the pseudo-gradient on the wire: fp32, bf16, int8/BLOCK or
+	// int4/BLOCK, each optionally +zstd; lossy codecs keep error feedback per replica.
+	Sync string `yaml:"sync"`
+	// Fragments splits each stage's parameters into F parts whose outer steps are
+	// staggered over the H inner steps (Streaming DiLoCo), so each sync moves 1/F of
+	// the stage; 1 syncs everything at once.
+	Fragments int `yaml:"fragments"`
+	// WarmupSteps is how many first inner steps sync after every step (outer step
+	// with H = 1) before the H-step rhythm starts: replicas that start from the same
+	// weights drift apart fastest at the start.
+	WarmupSteps int `yaml:"warmup_steps"`
 }
 
 // Train is the inner optimiser (AdamW) and its schedule.
@@ -110,6 +147,29 @@ type source struct {
 func (src source) written(path string) bool {
 	_, ok := src.lines[path]
 	return ok
+}
+
+// Due reports whether fragment f of a stage takes an outer step after inner step
+// step of a run of steps: every step during the warmup, then when step%H reaches the
+// fragment's offset ((f+1)·H/F mod H, so the last fragment syncs at multiples of H and
+// the others are spread evenly before it), and always after the last step, so a run
+// ends on global weights.
+func (o DiLoCo) Due(f, step, steps int) bool {
+	if step <= o.WarmupSteps || step == steps {
+		return true
+	}
+	h := o.InnerSteps
+	return step%h == (f+1)*h/o.Fragments%h
+}
+
+// AnyDue reports whether some fragment takes an outer step after step.
+func (o DiLoCo) AnyDue(step, steps int) bool {
+	for f := range o.Fragments {
+		if o.Due(f, step, steps) {
+			return true
+		}
+	}
+	return false
 }
 
 // HeadDim is the width of one attention head, d_model/n_heads (0 if n_heads is not set).
@@ -211,6 +271,28 @@ func (s *Spec) EnsureDefaults() {
 	}
 	if unset("pipeline.micro_batches", p.MicroBatches == 0) {
 		p.MicroBatches = 1
+	}
+	if unset("pipeline.replicas", p.Replicas == 0) {
+		p.Replicas = 1
+	}
+	o := &s.DiLoCo
+	if unset("diloco.inner_steps", o.InnerSteps == 0) {
+		o.InnerSteps = DefaultInnerSteps
+	}
+	if unset("diloco.outer_lr", o.OuterLR == 0) {
+		o.OuterLR = DefaultOuterLR
+	}
+	if unset("diloco.outer_momentum", o.OuterMomentum == 0) {
+		o.OuterMomentum = DefaultOuterMomentum
+	}
+	if unset("diloco.nesterov", !o.Nesterov) {
+		o.Nesterov = true
+	}
+	if o.Sync == "" {
+		o.Sync = DefaultSync
+	}
+	if unset("diloco.fragments", o.Fragments == 0) {
+		o.Fragments = 1
 	}
 	// Without a usable lr there is nothing to take a tenth of; Validate reports the lr.
 	if unset("train.min_lr", t.MinLR == 0) && t.LR > 0 && !math.IsInf(t.LR, 1) {
@@ -463,6 +545,30 @@ func (s *Spec) problems() []error {
 		if err := CheckCodec(f.v); err != nil {
 			c.failf(f.path, "%v", err)
 		}
+	}
+
+	if p.Replicas < 1 || p.Replicas > MaxReplicas {
+		c.failf("pipeline.replicas", "%d is outside [1, %d]", p.Replicas, MaxReplicas)
+	}
+	o := s.DiLoCo
+	innerOK := c.positive("diloco.inner_steps", o.InnerSteps)
+	c.positiveFloat("diloco.outer_lr", o.OuterLR)
+	if !(o.OuterMomentum >= 0 && o.OuterMomentum < 1) {
+		c.failf("diloco.outer_momentum", "%v is outside [0, 1)", o.OuterMomentum)
+	}
+	if err := CheckCodec(o.Sync); err != nil {
+		c.failf("diloco.sync", "%v", err)
+	}
+	if c.positive("diloco.fragments", o.Fragments) && innerOK && o.Fragments > o.InnerSteps {
+		c.failf("diloco.fragments", "%d exceeds inner_steps %d: each fragment needs its own inner step to sync at", o.Fragments, o.InnerSteps)
+	}
+	if o.WarmupSteps < 0 {
+		c.failf("diloco.warmup_steps", "%d is negative", o.WarmupSteps)
+	}
+	if p.Replicas > 1 && innerOK && s.EvalInterval > 0 && s.EvalInterval%o.InnerSteps != 0 {
+		// Validation is taken on the global weights, which exist right after an outer step.
+		c.failf("eval_interval", "%d is not a multiple of diloco.inner_steps %d: with replicas, validation runs right after an outer step",
+			s.EvalInterval, o.InnerSteps)
 	}
 	return c.errs
 }

@@ -29,6 +29,7 @@ pipeline:
   stages: 2
   micro_batches: 2
   staff_timeout: 30
+  replicas: 1
 train:
   batch_size: 16
   steps: 1000
@@ -42,6 +43,14 @@ train:
 data:
   path: ""
   val_fraction: 0.1
+diloco:
+  inner_steps: 30
+  outer_lr: 0.7
+  outer_momentum: 0.9
+  nesterov: true
+  sync: int8/32
+  fragments: 1
+  warmup_steps: 0
 `
 
 // edit returns base with the value of the field at path replaced, and the field's line.
@@ -118,11 +127,12 @@ func TestExamplesParseAndValidate(t *testing.T) {
 		Name: "tiny", Seed: 1, EvalInterval: 200,
 		Model: Model{Vocab: 256, DModel: 128, NLayers: 4, NHeads: 4, DFF: 352, SeqLen: 128,
 			RopeTheta: 10000, NormEps: 1e-5},
-		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60},
+		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, Replicas: 1},
 		Train: Train{BatchSize: 16, Steps: 2000, LR: 0.002, MinLR: 0.0002, Warmup: 100,
 			WeightDecay: 0.1, GradClip: 1.0, Beta1: 0.9, Beta2: 0.95},
 		Data:        Data{Path: "", ValFraction: 0.1},
 		Compression: Compression{Activations: "fp32", Gradients: "fp32"},
+		DiLoCo:      defaultDiLoCo,
 	}
 	small := tiny
 	small.Name, small.EvalInterval = "small", 250
@@ -197,15 +207,19 @@ func TestWrittenZeroIsKeptAndMissingFieldGetsDefault(t *testing.T) {
 	}
 }
 
+var defaultDiLoCo = DiLoCo{InnerSteps: DefaultInnerSteps, OuterLR: DefaultOuterLR, OuterMomentum: DefaultOuterMomentum,
+	Nesterov: true, Sync: DefaultSync, Fragments: 1}
+
 func TestEnsureDefaultsFillsZeroFieldsOfGoSpec(t *testing.T) {
 	s := &Spec{Train: Train{LR: 0.01}}
 	s.EnsureDefaults()
 	want := Spec{
 		Model:       Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5},
-		Pipeline:    Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60},
+		Pipeline:    Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, Replicas: 1},
 		Train:       Train{LR: 0.01, MinLR: 0.001, WeightDecay: 0.1, GradClip: 1, Beta1: 0.9, Beta2: 0.95},
 		Data:        Data{ValFraction: 0.1},
 		Compression: Compression{Activations: "fp32", Gradients: "fp32"},
+		DiLoCo:      defaultDiLoCo,
 	}
 	if !reflect.DeepEqual(*s, want) {
 		t.Errorf("after EnsureDefaults:\n%s\nwant:\n%s", s, &want)
@@ -256,6 +270,17 @@ func TestValidateNamesFieldLineAndValue(t *testing.T) {
 		{path: "train.beta2", value: "1.5", want: "1.5 is outside [0, 1)"},
 		{path: "data.val_fraction", value: "0", want: "0 is outside (0, 1)"},
 		{path: "data.val_fraction", value: "1", want: "1 is outside (0, 1)"},
+		{path: "pipeline.replicas", value: "0", want: "0 is outside [1, 64]"},
+		{path: "pipeline.replicas", value: "65", want: "65 is outside [1, 64]"},
+		{path: "pipeline.replicas", value: "2", blame: "eval_interval", want: "100 is not a multiple of diloco.inner_steps 30"},
+		{path: "diloco.inner_steps", value: "0", want: "0 is not positive"},
+		{path: "diloco.outer_lr", value: "0", want: "0 is not positive"},
+		{path: "diloco.outer_lr", value: ".inf", want: "+Inf is not a finite number"},
+		{path: "diloco.outer_momentum", value: "1", want: "1 is outside [0, 1)"},
+		{path: "diloco.sync", value: "int9", want: `codec "int9": unknown encoding "int9"`},
+		{path: "diloco.fragments", value: "0", want: "0 is not positive"},
+		{path: "diloco.fragments", value: "31", want: "31 exceeds inner_steps 30"},
+		{path: "diloco.warmup_steps", value: "-1", want: "-1 is negative"},
 	} {
 		t.Run(tc.path+"="+tc.value, func(t *testing.T) {
 			src, line := edit(t, tc.path, tc.value)
@@ -304,7 +329,7 @@ func TestValidateReportsEveryProblemOnItsOwnLine(t *testing.T) {
 		t.Fatalf("error = %v, want ErrInvalid", err)
 	}
 	got := strings.Split(err.Error(), "\n")
-	want := []string{"t.yaml:9: model.d_ff: 0 is not positive", "t.yaml:20: train.lr: -1 is not positive"}
+	want := []string{"t.yaml:9: model.d_ff: 0 is not positive", "t.yaml:21: train.lr: -1 is not positive"}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("errors:\n%q\nwant:\n%q", got, want)
 	}
@@ -322,7 +347,7 @@ func TestUnknownFieldNamesLineSectionAndKnownFields(t *testing.T) {
 	}
 
 	_, err = Parse([]byte("nmae: x\n"+base), "t.yaml")
-	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, model, pipeline, train, data, compression)`; err == nil || err.Error() != want {
+	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, model, pipeline, train, data, compression, diloco)`; err == nil || err.Error() != want {
 		t.Errorf("error:\n%v\nwant:\n%s", err, want)
 	}
 }
@@ -364,7 +389,7 @@ func TestWrongTypeNamesFoundAndExpected(t *testing.T) {
 }
 
 func TestSectionThatIsNotAMappingIsReportedOnce(t *testing.T) {
-	src := strings.Replace(base, "pipeline:\n  stages: 2\n  micro_batches: 2\n  staff_timeout: 30\n", "pipeline: 2\n", 1)
+	src := strings.Replace(base, "pipeline:\n  stages: 2\n  micro_batches: 2\n  staff_timeout: 30\n  replicas: 1\n", "pipeline: 2\n", 1)
 	_, err := Parse([]byte(src), "t.yaml")
 	// pipeline's fields are missing, but that follows from the one mistake.
 	want := "t.yaml:13: pipeline: expected a mapping of fields, found the value 2"
@@ -401,7 +426,7 @@ func TestEmptySpecIsAnError(t *testing.T) {
 func TestTopLevelMustBeAMappingInOneDocument(t *testing.T) {
 	for src, want := range map[string]string{
 		"- 1\n":                    "t.yaml:1: expected a mapping of fields at the top level, found a list",
-		base + "---\n" + "name: y": "t.yaml:30: more than one YAML document; a spec is one",
+		base + "---\n" + "name: y": "t.yaml:39: more than one YAML document; a spec is one",
 	} {
 		_, err := Parse([]byte(src), "t.yaml")
 		if !errors.Is(err, ErrDecode) || err.Error() != want {
@@ -509,6 +534,54 @@ func TestCompressionFieldsAreValidated(t *testing.T) {
 			t.Errorf("%s: %v", src, err)
 		case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
 			t.Errorf("%s: error %v, want one containing %q", src, err, want)
+		}
+	}
+}
+
+func TestDiLoCoDefaultsWhenSectionIsMissing(t *testing.T) {
+	src := []byte(base[:strings.Index(base, "diloco:")])
+	s := mustParse(t, src)
+	if !reflect.DeepEqual(s.DiLoCo, defaultDiLoCo) {
+		t.Errorf("diloco = %+v, want defaults %+v", s.DiLoCo, defaultDiLoCo)
+	}
+	if s.Pipeline.Replicas != 1 {
+		t.Errorf("replicas = %d, want 1", s.Pipeline.Replicas)
+	}
+	s = mustParse(t, []byte(strings.Replace(base, "nesterov: true", "nesterov: false", 1)))
+	if s.DiLoCo.Nesterov {
+		t.Error("nesterov: false became true")
+	}
+}
+
+func TestOuterStepsFollowInnerStepsWarmupAndFragments(t *testing.T) {
+	due := func(o DiLoCo, f, steps int) []int {
+		var out []int
+		for step := 1; step <= steps; step++ {
+			if o.Due(f, step, steps) {
+				out = append(out, step)
+			}
+		}
+		return out
+	}
+	o := DiLoCo{InnerSteps: 10, Fragments: 1}
+	if got, want := due(o, 0, 35), []int{10, 20, 30, 35}; !reflect.DeepEqual(got, want) {
+		t.Errorf("H=10: outer steps at %v, want %v (and always after the last step)", got, want)
+	}
+	o.WarmupSteps = 3
+	if got, want := due(o, 0, 25), []int{1, 2, 3, 10, 20, 25}; !reflect.DeepEqual(got, want) {
+		t.Errorf("H=10, warmup 3: outer steps at %v, want %v", got, want)
+	}
+	o = DiLoCo{InnerSteps: 10, Fragments: 2}
+	if got, want := due(o, 0, 30), []int{5, 15, 25, 30}; !reflect.DeepEqual(got, want) {
+		t.Errorf("fragment 0 of 2: %v, want %v", got, want)
+	}
+	if got, want := due(o, 1, 30), []int{10, 20, 30}; !reflect.DeepEqual(got, want) {
+		t.Errorf("fragment 1 of 2: %v, want %v", got, want)
+	}
+	o = DiLoCo{InnerSteps: 6, Fragments: 3}
+	for f, want := range [][]int{{2, 8, 12}, {4, 10, 12}, {6, 12}} {
+		if got := due(o, f, 12); !reflect.DeepEqual(got, want) {
+			t.Errorf("fragment %d of 3, H=6: %v, want %v", f, got, want)
 		}
 	}
 }

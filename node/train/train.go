@@ -30,6 +30,9 @@ const (
 	CheckpointFile = "model.safetensors"
 	HFConfigFile   = "config.json"
 	PlotFile       = "loss.png"
+	// StateFile holds what model.safetensors does not: per stage the global weights'
+	// outer momentum, and per replica its AdamW moments and error-feedback residual.
+	StateFile = "train-state.safetensors"
 )
 
 // Metadata keys a trainer writes into checkpoints.
@@ -62,6 +65,9 @@ type Result struct {
 	Checkpoint string
 	// Per stage boundary: encoded bytes of the training frames sent forward and back.
 	BoundaryFwd, BoundaryBwd []int64
+	// SyncBytes[r][s]: what replica r of stage s sent in all its outer steps (both
+	// phases of every all-reduce), as the swarm would.
+	SyncBytes [][]int64
 }
 
 // ModelConfig is the shard.Config a spec describes.
@@ -113,18 +119,19 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, fmt.Errorf("train: validation split of %d bytes holds no window of seq_len+1 = %d bytes; use more text or a larger data.val_fraction",
 			len(valText), cfg.SeqLen+1)
 	}
-	sampler, err := data.NewSampler(trainText, cfg.SeqLen, sp.Seed, 0)
-	if err != nil {
-		return nil, fmt.Errorf("train: %w", err)
+	R := sp.Pipeline.Replicas
+	reps := make([]*replica, R)
+	for r := range reps {
+		rp, err := newReplica(sp, trainText, r)
+		if err != nil {
+			return nil, err
+		}
+		reps[r] = rp
 	}
-
-	m, err := newModel(sp)
-	if err != nil {
-		return nil, err
-	}
+	m := reps[0].m
 	log.Info("training", "spec", sp.Name, "corpus", corpusName, "bytes", len(text),
 		"train_bytes", len(trainText), "val_bytes", len(valText), "params", m.numParams(),
-		"stages", len(m.stages), "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep())
+		"stages", len(m.stages), "replicas", R, "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep()*R)
 
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("train: %w", err)
@@ -138,15 +145,23 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	defer mw.Close()
 
+	// Validation runs on replica 0's weights, which right after an outer step are the
+	// global weights every replica holds.
 	eval := NewEvaluator(m.stages, valText)
 	eval.Reuse(m.tapes)
 	eval.bounds = m.bounds
-	res := &Result{Checkpoint: filepath.Join(o.OutDir, CheckpointFile), ValLoss: math.NaN()}
+	res := &Result{Checkpoint: filepath.Join(o.OutDir, CheckpointFile), ValLoss: math.NaN(), SyncBytes: make([][]int64, R)}
+	for r := range res.SyncBytes {
+		res.SyncBytes[r] = make([]int64, len(m.stages))
+	}
 	var history []metrics.Step
 	start := now()
 	finish := func(step int) error {
 		meta := map[string]string{MetaSpec: sp.String(), MetaStep: strconv.Itoa(step)}
 		err := shard.SaveCheckpoint(res.Checkpoint, meta, m.stages...)
+		if R > 1 {
+			err = errors.Join(err, saveState(filepath.Join(o.OutDir, StateFile), meta, reps))
+		}
 		if len(history) > 0 {
 			err = errors.Join(err, metrics.PlotLoss(filepath.Join(o.OutDir, PlotFile), sp.Name, history))
 		}
@@ -155,6 +170,10 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
 	inputs, targets := make([]int32, mb*cfg.SeqLen), make([]int32, mb*cfg.SeqLen)
+	var sync *syncer
+	if R > 1 {
+		sync = newSyncer(sp, reps)
+	}
 	for step := 1; step <= sp.Train.Steps; step++ {
 		if err := ctx.Err(); err != nil {
 			log.Info("interrupted; writing checkpoint", "step", step-1)
@@ -162,30 +181,59 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 		t0 := now()
 		lr := m.sched.At(step - 1)
-		loss, norm := m.step(sampler, inputs, targets, lr, sp.Train.GradClip)
-		if math.IsNaN(loss) || math.IsInf(loss, 0) {
-			return res, fmt.Errorf("%w at step %d (loss %g); try a lower train.lr", ErrDiverged, step, loss)
+		recs := make([]metrics.Step, R)
+		var mean float64
+		for r, rp := range reps {
+			loss, norm := rp.m.step(rp.sampler, inputs, targets, lr, sp.Train.GradClip)
+			if math.IsNaN(loss) || math.IsInf(loss, 0) {
+				return res, fmt.Errorf("%w at step %d (loss %g, replica %d); try a lower train.lr", ErrDiverged, step, loss, r)
+			}
+			res.Tokens += int64(sp.TokensPerStep())
+			recs[r] = metrics.Step{Step: step, Loss: loss, Tokens: res.Tokens, LR: float64(lr), GradNorm: norm}
+			if R > 1 {
+				recs[r].Replica = &r
+			}
+			mean += loss / float64(R)
+		}
+		var outers []metrics.Outer
+		if sync != nil {
+			outers = sync.step(step, sp.Train.Steps, now)
+			for _, or := range outers {
+				res.SyncBytes[or.Replica][or.Stage] += or.SyncBytes
+			}
 		}
 		dt := now().Sub(t0)
-		res.Steps, res.Loss = step, loss
-		res.Tokens += int64(sp.TokensPerStep())
-		rec := metrics.Step{Step: step, Loss: loss, Tokens: res.Tokens, LR: float64(lr), GradNorm: norm,
-			TokensPerS: float64(sp.TokensPerStep()) / dt.Seconds(), ElapsedS: now().Sub(start).Seconds()}
+		res.Steps, res.Loss = step, mean
+		for r := range recs {
+			recs[r].TokensPerS = float64(sp.TokensPerStep()*R) / dt.Seconds()
+			recs[r].ElapsedS = now().Sub(start).Seconds()
+		}
 		if (sp.EvalInterval > 0 && step%sp.EvalInterval == 0) || step == sp.Train.Steps {
 			v := eval.Loss()
-			rec.ValLoss, res.ValLoss = &v, v
-			log.Info("eval", "step", step, "loss", round4(loss), "val_loss", round4(v),
-				"tokens_per_s", int(rec.TokensPerS), "elapsed", time.Duration(rec.ElapsedS*float64(time.Second)).Round(time.Second))
-			rec.ElapsedS = now().Sub(start).Seconds()
+			recs[0].ValLoss, res.ValLoss = &v, v
+			log.Info("eval", "step", step, "loss", round4(mean), "val_loss", round4(v),
+				"tokens_per_s", int(recs[0].TokensPerS), "elapsed", time.Duration(recs[0].ElapsedS*float64(time.Second)).Round(time.Second))
+			recs[0].ElapsedS = now().Sub(start).Seconds()
 		}
-		if err := mw.Write(rec); err != nil {
-			return res, err
+		for _, rec := range recs {
+			if err := mw.Write(rec); err != nil {
+				return res, err
+			}
+			if o.OnStep != nil {
+				o.OnStep(rec)
+			}
 		}
-		history = append(history, rec)
-		if o.OnStep != nil {
-			o.OnStep(rec)
+		for _, or := range outers {
+			or.ElapsedS = now().Sub(start).Seconds()
+			if err := mw.WriteOuter(or); err != nil {
+				return res, err
+			}
 		}
-		if rec.ValLoss != nil && step != sp.Train.Steps {
+		// The plot shows the mean over replicas.
+		plotRec := recs[0]
+		plotRec.Loss, plotRec.Replica = mean, nil
+		history = append(history, plotRec)
+		if recs[0].ValLoss != nil && step != sp.Train.Steps {
 			// A checkpoint at every evaluation bounds what a crash can lose.
 			if err := finish(step); err != nil {
 				return res, err
@@ -200,6 +248,36 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return res, err
 	}
 	return res, nil
+}
+
+// replica is one replica pipeline: a whole model on its own shard of the text.
+type replica struct {
+	m       *model
+	sampler *data.Sampler
+	outers  []*Outer // per stage; nil with one replica
+}
+
+func newReplica(sp *spec.Spec, trainText []byte, r int) (*replica, error) {
+	m, err := newModel(sp)
+	if err != nil {
+		return nil, err
+	}
+	shard := data.Shard(trainText, r, sp.Pipeline.Replicas)
+	sampler, err := data.NewSampler(shard, sp.Model.SeqLen, sp.Seed, r)
+	if err != nil {
+		return nil, fmt.Errorf("train: replica %d: %w", r, err)
+	}
+	rp := &replica{m: m, sampler: sampler}
+	if sp.Pipeline.Replicas > 1 {
+		for _, st := range m.stages {
+			o, err := NewOuter(sp, st)
+			if err != nil {
+				return nil, err
+			}
+			rp.outers = append(rp.outers, o)
+		}
+	}
+	return rp, nil
 }
 
 func round4(x float64) float64 { return math.Round(x*1e4) / 1e4 }
