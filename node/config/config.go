@@ -51,6 +51,10 @@ type Config struct {
 	MemoryBudget string `yaml:"memory_budget"`
 	// MaxStages is how many stages this node may hold at once. Default 1.
 	MaxStages int `yaml:"max_stages"`
+	// Corpus is a local copy of run text (a file, a directory of text files, or .jsonl),
+	// used instead of fetching from the launcher whenever the parts a run needs hash the
+	// same as the launcher's. Empty: always fetch (and cache in the data directory).
+	Corpus string `yaml:"corpus"`
 
 	// src remembers where each field was written, so that Validate can point at its line and
 	// EnsureDefaults leaves alone what the file set on purpose ("listen: []").

@@ -77,7 +77,7 @@ func Fragments(st *shard.Stage, f int) ([]Span, error) {
 	lo := 0
 	for i, t := range ts {
 		end := t.Off + t.Len()
-		left := len(ts) - 1 - i // tensors after this one
+		left := len(ts) - 1 - i  // tensors after this one
 		need := f - len(out) - 1 // fragments still to start after this one closes
 		if len(out) < f-1 && (end >= (len(out)+1)*n/f || left == need) {
 			out = append(out, Span{lo, end})

@@ -58,7 +58,8 @@ type Options struct {
 // Result summarises a finished (or interrupted) run.
 type Result struct {
 	Steps      int
-	Loss       float64 // last training loss
+	Params     int     // parameters of the whole model
+	Loss       float64 // last training loss (mean over replicas)
 	ValLoss    float64 // last validation loss
 	Tokens     int64
 	Elapsed    time.Duration
@@ -150,7 +151,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	eval := NewEvaluator(m.stages, valText)
 	eval.Reuse(m.tapes)
 	eval.bounds = m.bounds
-	res := &Result{Checkpoint: filepath.Join(o.OutDir, CheckpointFile), ValLoss: math.NaN(), SyncBytes: make([][]int64, R)}
+	res := &Result{Checkpoint: filepath.Join(o.OutDir, CheckpointFile), ValLoss: math.NaN(), SyncBytes: make([][]int64, R), Params: m.numParams()}
 	for r := range res.SyncBytes {
 		res.SyncBytes[r] = make([]int64, len(m.stages))
 	}

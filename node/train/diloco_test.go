@@ -1,0 +1,168 @@
+package train
+
+import (
+	"context"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+const replicaSpec = `name: reps
+seed: 5
+eval_interval: 4
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, micro_batches: 2, replicas: 2}
+train: {batch_size: 4, steps: 8, lr: 0.003, warmup: 1}
+diloco: {inner_steps: 4, outer_lr: 1.0, outer_momentum: 0, sync: int8/32}
+data: {val_fraction: 0.01}
+`
+
+// A replicated run writes one loss row per replica and step, and after every outer
+// step one row per (replica, stage) whose weight hashes agree across the replicas.
+func TestReplicatedRunWritesReplicaAndOuterRows(t *testing.T) {
+	sp := testSpec(t, replicaSpec)
+	dir := t.TempDir()
+	res, err := Run(context.Background(), Options{Spec: sp, OutDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(filepath.Join(dir, MetricsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	steps, outers, err := metrics.ReadRun(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(steps) != 2*8 {
+		t.Fatalf("%d loss rows, want 16 (2 replicas × 8 steps)", len(steps))
+	}
+	for i, s := range steps {
+		if s.Replica == nil || *s.Replica != i%2 || s.Step != i/2+1 {
+			t.Fatalf("row %d: step %d replica %v, want step %d replica %d", i, s.Step, s.Replica, i/2+1, i%2)
+		}
+		if (s.ValLoss != nil) != (s.Step%4 == 0 && *s.Replica == 0) {
+			t.Errorf("step %d replica %d: val_loss %v; want it on replica 0 after each outer step only", s.Step, *s.Replica, s.ValLoss)
+		}
+	}
+	if len(outers) != 2*2*2 {
+		t.Fatalf("%d outer rows, want 8 (2 outer steps × 2 stages × 2 replicas)", len(outers))
+	}
+	for _, o := range outers {
+		if o.Step%4 != 0 || o.OuterStep != o.Step/4 || o.SyncBytes <= 0 || o.Contributors != 2 {
+			t.Errorf("outer row %+v: want steps 4 and 8, outer steps 1 and 2, bytes sent, 2 contributors", o)
+		}
+		for _, p := range outers {
+			if p.Step == o.Step && p.Stage == o.Stage && p.WeightsHash != o.WeightsHash {
+				t.Errorf("stage %d after step %d: replicas report hashes %s and %s", o.Stage, o.Step, o.WeightsHash, p.WeightsHash)
+			}
+		}
+	}
+	if res.SyncBytes[0][0] == 0 || res.SyncBytes[1][1] == 0 {
+		t.Errorf("sync bytes %v, want every cell counted", res.SyncBytes)
+	}
+	// The training state beside the weights holds what the weights file does not.
+	ck, err := shard.LoadCheckpoint(filepath.Join(dir, StateFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"stage.0.outer_momentum", "stage.1.outer_momentum", "stage.0.replica.1.adam_m",
+		"stage.1.replica.0.adam_v", "stage.1.replica.1.ef_residual"} {
+		if _, ok := ck.Tensors[name]; !ok {
+			t.Errorf("%s has no tensor %q", StateFile, name)
+		}
+	}
+	if ck.Metadata["stage.0.replica.1.adam_step"] != "8" {
+		t.Errorf("adam step %q, want 8", ck.Metadata["stage.0.replica.1.adam_step"])
+	}
+}
+
+// With fp32 pseudo-gradients, outer lr 1 and no momentum, an outer step is plain
+// averaging: every replica continues from the mean of their weights.
+func TestPlainAveragingOuterStepGivesTheMeanOfTheReplicas(t *testing.T) {
+	sp := testSpec(t, strings.Replace(replicaSpec, "sync: int8/32", "sync: fp32", 1))
+	text, _, _ := Corpus("")
+	tr, _ := data.Split(text, sp.Data.ValFraction)
+	reps := make([]*replica, 2)
+	for r := range reps {
+		rp, err := newReplica(sp, tr, r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		reps[r] = rp
+	}
+	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
+	in, tg := make([]int32, mb*32), make([]int32, mb*32)
+	for range 3 {
+		for _, rp := range reps {
+			rp.m.step(rp.sampler, in, tg, 0.003, 1)
+		}
+	}
+	var want [][]float32
+	for s := range reps[0].m.stages {
+		a, b := reps[0].m.stages[s].Params, reps[1].m.stages[s].Params
+		if slices.Equal(a, b) {
+			t.Fatalf("stage %d: replicas trained on different shards but hold equal weights", s)
+		}
+		mean := make([]float32, len(a))
+		for i := range mean {
+			mean[i] = (a[i] + b[i]) / 2
+		}
+		want = append(want, mean)
+	}
+	rows := newSyncer(sp, reps).step(sp.Train.Steps, sp.Train.Steps, time.Now)
+	if len(rows) != 4 {
+		t.Fatalf("%d outer rows, want 4", len(rows))
+	}
+	for s := range want {
+		for r, rp := range reps {
+			got := rp.m.stages[s].Params
+			for i := range got {
+				if math.Abs(float64(got[i]-want[s][i])) > 1e-6*(1+math.Abs(float64(want[s][i]))) {
+					t.Fatalf("stage %d replica %d param %d = %v after averaging, want the mean %v", s, r, i, got[i], want[s][i])
+				}
+			}
+			if !slices.Equal(got, reps[0].m.stages[s].Params) || !slices.Equal(rp.outers[s].Global, got) {
+				t.Fatalf("stage %d replica %d: local and global weights differ after the outer step", s, r)
+			}
+		}
+	}
+}
+
+func TestFragmentsCutAtTensorBoundariesAndCoverTheStage(t *testing.T) {
+	sp := testSpec(t, replicaSpec)
+	st, err := shard.NewStages(ModelConfig(sp), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []int{1, 2, 3, 5} {
+		frags, err := Fragments(st[0], f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(frags) != f || frags[0].Lo != 0 || frags[f-1].Hi != len(st[0].Params) {
+			t.Fatalf("F=%d: fragments %v do not cover [0, %d)", f, frags, len(st[0].Params))
+		}
+		starts := map[int]bool{}
+		for _, tn := range st[0].Tensors() {
+			starts[tn.Off] = true
+		}
+		for i, fr := range frags {
+			if fr.Len() <= 0 || !starts[fr.Lo] || (i > 0 && frags[i-1].Hi != fr.Lo) {
+				t.Fatalf("F=%d: fragment %d %v is empty, not at a tensor start, or not adjacent", f, i, fr)
+			}
+		}
+	}
+	if _, err := Fragments(st[0], len(st[0].Tensors())+1); err == nil {
+		t.Error("more fragments than tensors: no error")
+	}
+}
