@@ -84,7 +84,7 @@ func TestParseSettingNamesAndValidates(t *testing.T) {
 			t.Errorf("ParseSetting(%q) = %+v, %v; want %+v", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"int4", "k=0/fp32", "k=4", "k=x/int8", "k=4x/fp32", "k=4,tail=/fp32", "k=4,tail=-1/fp32", "k=4,tail=2"} {
+	for _, bad := range []string{"int2", "k=0/fp32", "k=4", "k=x/int8", "k=4x/fp32", "k=4,tail=/fp32", "k=4,tail=-1/fp32", "k=4,tail=2"} {
 		if _, err := ParseSetting(bad); err == nil {
 			t.Errorf("ParseSetting(%q) accepted", bad)
 		}

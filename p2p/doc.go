@@ -7,7 +7,7 @@
 //   - tensor frames (frame.go) carry activations and activation-gradients on
 //     direct streams (ProtoActivation, ProtoGradient), their values encoded
 //     with a codec chosen per run (package p2p/codec: fp32, bf16 or blockwise
-//     int8, optionally with zstd) and their token ids in as few bytes as fit;
+//     int8 or int4, optionally with zstd) and their token ids in as few bytes as fit;
 //   - length-prefixed JSON messages (msg.go) carry control traffic on
 //     ProtoControl streams;
 //   - signed envelopes (signed.go) let nodes accept run assignments only from

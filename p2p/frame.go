@@ -88,7 +88,8 @@ var ErrBadFrame = errors.New("p2p: bad frame")
 //	    52    1 codec flags: bit 0 zstd (codec.Spec.Zstd); the other bits are zero
 //	    53    1 id width: 1 (uint8), 2 (uint16) or 4 (int32) bytes per token
 //	          and target id, the fewest that hold them all (1 if there are none)
-//	    54    2 int8 block size (codec.Spec.Block); 0 for the other codec kinds
+//	    54    2 block size (codec.Spec.Block) of int8 and int4; 0 for the other
+//	          codec kinds
 //	    56      tokens: token count × id width
 //	            targets: target count × id width
 //	            payload: product(shape) values in the codec's encoding
@@ -96,6 +97,12 @@ var ErrBadFrame = errors.New("p2p: bad frame")
 // The header has a fixed size so a reader knows the whole frame's size, and
 // can refuse it, after reading 56 bytes. Version 1 had an 8-byte payload
 // length, int32 ids and no codec flags, block or id width.
+//
+// A new codec kind (int4, kind 4) leaves the version as it is: the layout
+// is unchanged, every frame of an older kind keeps its bytes and meaning,
+// and a reader that predates a kind refuses such frames by value ("codec:
+// unknown kind 4") before reading their payload. Peers of one run use the
+// codecs its spec names, so they must all know them.
 const (
 	frameMagic     = "PSWF"
 	frameVersion   = 2
@@ -174,7 +181,7 @@ func getBuf(n int) *[]byte {
 // WriteFrame encodes f to w. It refuses (ErrBadFrame) a frame its own
 // ReadFrame would refuse: an unknown kind, an invalid codec, a bad shape,
 // Data not matching the shape, a total size over MaxFrameBytes, or, with
-// an int8 codec, a value that is not finite. Frames up to 256 KiB are
+// an int8 or int4 codec, a value that is not finite. Frames up to 256 KiB are
 // written with a single Write.
 func WriteFrame(w io.Writer, f *Frame) error {
 	if !f.Kind.valid() {
@@ -194,7 +201,7 @@ func WriteFrame(w io.Writer, f *Frame) error {
 	if uint64(len(f.Data)) != n {
 		return badFrame("write: data has %d values, shape %v needs %d", len(f.Data), f.Shape, n)
 	}
-	if f.Codec.Kind == codec.Int8 {
+	if f.Codec.Kind == codec.Int8 || f.Codec.Kind == codec.Int4 {
 		for i, v := range f.Data {
 			if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
 				return badFrame("write: data[%d] is %v, and %v carries finite values only", i, v, f.Codec)

@@ -30,8 +30,9 @@ func spec(s string) codec.Spec {
 var (
 	// allCodecs is every kind of codec, with and without zstd.
 	allCodecs = []codec.Spec{spec("fp32"), spec("bf16"), spec("int8/32"), spec("int8/64"), spec("int8/8"),
-		spec("fp32+zstd"), spec("bf16+zstd"), spec("int8/32+zstd"), spec("int8/64+zstd")}
-	lossyCodecs = []codec.Spec{spec("bf16"), spec("int8/32"), spec("int8/64+zstd"), spec("bf16+zstd")}
+		spec("int4/32"), spec("int4/8"), spec("int4/10"),
+		spec("fp32+zstd"), spec("bf16+zstd"), spec("int8/32+zstd"), spec("int8/64+zstd"), spec("int4/32+zstd"), spec("int4/64+zstd")}
+	lossyCodecs = []codec.Spec{spec("bf16"), spec("int8/32"), spec("int8/64+zstd"), spec("bf16+zstd"), spec("int4/32"), spec("int4/64+zstd")}
 )
 
 // gaussian returns n values drawn from N(0, sigma²) with a fixed seed.
@@ -45,7 +46,8 @@ func gaussian(seed uint64, n int, sigma float64) []float32 {
 }
 
 // checkDecoded checks that got, decoded from x with c, is within c's error
-// bound: exact for fp32, 2^-8 relative for bf16, max|block|/254 for int8.
+// bound: exact for fp32, 2^-8 relative for bf16, max|block|/254 for int8,
+// max|block|/14 for int4.
 // (p2p/codec tests the codecs; this checks that frames use them.)
 func checkDecoded(t *testing.T, c codec.Spec, x, got []float32) {
 	t.Helper()
@@ -60,7 +62,8 @@ func checkDecoded(t *testing.T, c codec.Spec, x, got []float32) {
 			switch {
 			case c.Kind == codec.F32 && math.Float32bits(got[i]) != math.Float32bits(x[i]),
 				c.Kind == codec.BF16 && err > math.Abs(float64(x[i]))/256,
-				c.Kind == codec.Int8 && err > m/254*(1+2e-5)+127*0x1p-149:
+				c.Kind == codec.Int8 && err > m/254*(1+2e-5)+127*0x1p-149,
+				c.Kind == codec.Int4 && err > m/14*(1+2e-5)+7*0x1p-149:
 				t.Fatalf("%v value %d: got %v for %v", c, i, got[i], x[i])
 			}
 		}
@@ -119,6 +122,59 @@ func TestFrameRoundTripsThroughWriteAndRead(t *testing.T) {
 			}
 			if !framesEqual(got, f) {
 				t.Fatalf("round trip changed the frame:\n got %+v\nwant %+v", got, f)
+			}
+		})
+	}
+}
+
+// Frames byte for byte: the int8 layout frames have always had, and int4's
+// beside it, in the same version-2 header with the block size at byte 54.
+func TestFrameBytesOfBlockCodecs(t *testing.T) {
+	header := func(codecKind, payload byte) []byte {
+		return []byte{
+			'P', 'S', 'W', 'F', 2, byte(KindActivation), codecKind, 1,
+			8, 7, 6, 5, 4, 3, 2, 1, // run
+			7, 0, 0, 0, // step
+			3, 0, 0, 0, // micro
+			9, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // shape [9]
+			0, 0, 0, 0, // tokens
+			0, 0, 0, 0, // targets
+			payload, 0, 0, 0, // payload length
+			0,    // codec flags
+			1,    // id width
+			8, 0, // block size
+		}
+	}
+	scales := []byte{0x00, 0x00, 0x80, 0x3f, 0x00, 0x00, 0x00, 0x40} // 1, 2
+	for _, c := range []struct {
+		codec   string
+		data    []float32 // decoded exactly as sent
+		wire    []byte
+		decoded []float32
+	}{
+		{"int8/8", []float32{127, -127, 1, 0, 0, 0, 0, 0, 254},
+			slices.Concat(header(3, 17), scales, []byte{0x7f, 0x81, 0x01, 0, 0, 0, 0, 0, 0x7f}), nil},
+		{"int4/8", []float32{7, -7, 1, 0, 0, 0, 0, 0, 14},
+			slices.Concat(header(4, 13), scales, []byte{0x97, 0x01, 0x00, 0x00, 0x07}), nil},
+		{"int4/8", []float32{7, -7, 1, 0.4, 0, 0, 0, 0, 7}, // scale 1 rounds 0.4 to 0; scale 1 again for the last block
+			slices.Concat(header(4, 13), scales[:4], scales[:4], []byte{0x97, 0x01, 0x00, 0x00, 0x07}),
+			[]float32{7, -7, 1, 0, 0, 0, 0, 0, 7}},
+	} {
+		t.Run(c.codec, func(t *testing.T) {
+			f := &Frame{Kind: KindActivation, Run: 0x0102030405060708, Step: 7, Micro: 3, Shape: []uint32{9}, Codec: spec(c.codec), Data: c.data}
+			if b := encode(t, f); !bytes.Equal(b, c.wire) {
+				t.Fatalf("WriteFrame = % x\nwant         % x", b, c.wire)
+			}
+			got, err := ReadFrame(bytes.NewReader(c.wire), 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := *f
+			if c.decoded != nil {
+				want.Data = c.decoded
+			}
+			if !framesEqual(got, &want) {
+				t.Fatalf("ReadFrame = %+v\nwant %+v", got, &want)
 			}
 		})
 	}
@@ -261,6 +317,9 @@ func TestWriteFrameRefusesFramesReadFrameWouldRefuse(t *testing.T) {
 		{"bf16 with a block size", func(f *Frame) { f.Codec = codec.Spec{Kind: codec.BF16, Block: 32, Zstd: true} }, "bf16 takes no block size"},
 		{"NaN in int8", func(f *Frame) { f.Codec = spec("int8"); f.Data[3] = float32(math.NaN()) }, "data[3] is NaN, and int8/32 carries finite values only"},
 		{"Inf in int8+zstd", func(f *Frame) { f.Codec = spec("int8/64+zstd"); f.Data[0] = float32(math.Inf(-1)) }, "data[0] is -Inf"},
+		{"int4 with an odd block size", func(f *Frame) { f.Codec = codec.Spec{Kind: codec.Int4, Block: 9} }, "codec int4/9: block size 9 is odd"},
+		{"NaN in int4", func(f *Frame) { f.Codec = spec("int4"); f.Data[5] = float32(math.NaN()) }, "data[5] is NaN, and int4/32 carries finite values only"},
+		{"Inf in int4+zstd", func(f *Frame) { f.Codec = spec("int4/8+zstd"); f.Data[23] = float32(math.Inf(1)) }, "data[23] is +Inf"},
 		{"rank 0", func(f *Frame) { f.Shape = nil }, "rank 0"},
 		{"rank 5", func(f *Frame) { f.Shape = []uint32{1, 1, 1, 1, 24} }, "rank 5"},
 		{"zero dim", func(f *Frame) { f.Shape = []uint32{2, 0, 4} }, "dim 1 is zero"},
@@ -328,6 +387,9 @@ func TestReadFrameRejectsMalformedInput(t *testing.T) {
 	zf := testFrame()
 	zf.Codec = spec("int8/8+zstd")
 	zvalid := encode(t, zf)
+	i4 := testFrame()
+	i4.Codec = spec("int4/8")
+	i4valid := encode(t, i4) // 24 values: 3 scales, then 12 bytes
 	for _, c := range []struct {
 		name     string
 		in       []byte
@@ -346,6 +408,19 @@ func TestReadFrameRejectsMalformedInput(t *testing.T) {
 		{name: "block size for fp32", in: put16(54, 32), want: "codec fp32/32: fp32 takes no block size, got 32"},
 		{name: "int8 block size 0", in: edit(func(b []byte) { b[6] = byte(codec.Int8) }), want: "codec int8/0: block size 0 outside"},
 		{name: "int8 block size 7", in: edit(func(b []byte) { b[6] = byte(codec.Int8); b[54] = 7 }), want: "codec int8/7: block size 7 outside"},
+		{name: "int4 block size 0", in: edit(func(b []byte) { b[6] = byte(codec.Int4) }), want: "codec int4/0: block size 0 outside"},
+		{name: "int4 block size 6", in: edit(func(b []byte) { b[6] = byte(codec.Int4); b[54] = 6 }), want: "codec int4/6: block size 6 outside [8, 4096]"},
+		{name: "int4 odd block size", in: edit(func(b []byte) { b[6] = byte(codec.Int4); b[54] = 33 }), want: "codec int4/33: block size 33 is odd"},
+		{name: "int4 payload length of int8", in: func() []byte {
+			b := slices.Clone(i4valid)
+			b[6] = byte(codec.Int8)
+			return b
+		}(), want: "payload length 24, shape [2 3 4] in int8/8 needs 36"},
+		{name: "int4 value -8", in: func() []byte {
+			b := slices.Clone(i4valid)
+			b[len(b)-1] = 0x80
+			return b
+		}(), want: "int4 value 23 is -8"},
 		{name: "id width 0", in: edit(func(b []byte) { b[53] = 0 }), want: "id width 0, want 1, 2 or 4"},
 		{name: "id width 3", in: edit(func(b []byte) { b[53] = 3 }), want: "id width 3, want 1, 2 or 4"},
 		{name: "id width wider than the ids need", in: overwide, want: "id width 2, but the ids need 1"},
@@ -599,9 +674,10 @@ func FuzzReadFrame(f *testing.F) {
 		}
 		// Without zstd, fp32 and bf16 encodings are canonical: re-encoding
 		// gives back exactly the bytes read. (A zstd stream can take many
-		// forms, and an int8 scale recomputed from decoded values may
-		// differ in its last bit.)
-		if c := fr.Codec; !c.Zstd && c.Kind != codec.Int8 {
+		// forms, and an int8 or int4 scale recomputed from decoded values
+		// may differ in its last bit.)
+		blocked := fr.Codec.Kind == codec.Int8 || fr.Codec.Kind == codec.Int4
+		if c := fr.Codec; !c.Zstd && !blocked {
 			if consumed := in[:len(in)-r.Len()]; !bytes.Equal(buf.Bytes(), consumed) {
 				t.Fatalf("re-encoding differs from input")
 			}
@@ -610,7 +686,7 @@ func FuzzReadFrame(f *testing.F) {
 		if err != nil {
 			t.Fatalf("re-encoded frame refused: %v", err)
 		}
-		if fr.Codec.Kind == codec.Int8 {
+		if blocked {
 			checkDecoded(t, fr.Codec, fr.Data, again.Data)
 			again.Data = fr.Data
 		}
@@ -621,7 +697,7 @@ func FuzzReadFrame(f *testing.F) {
 }
 
 // Quantized values sent in a frame with the same codec arrive as they were:
-// exactly for bf16, to within a float32 rounding for int8.
+// exactly for bf16, to within a float32 rounding for int8 and int4.
 func TestQuantizedValuesCrossAFrameUnchanged(t *testing.T) {
 	const b, tt, d = 2, 8, 40
 	for _, c := range lossyCodecs {

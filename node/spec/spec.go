@@ -131,8 +131,8 @@ type Compression struct {
 	// DenseTail is how many of the last layers write outside the subspace (they must
 	// all be in the last stage, after every boundary); it matters at small width.
 	DenseTail int `yaml:"dense_tail"`
-	// Activations and Gradients are the wire codecs forward and backward: fp32, bf16
-	// or int8 with per-block scales ("int8/32"), each optionally "+zstd". Default fp32.
+	// Activations and Gradients are the wire codecs forward and backward: fp32, bf16,
+	// int8 or int4 with per-block scales ("int8/32"), each optionally "+zstd". Default fp32.
 	Activations string `yaml:"activations"`
 	Gradients   string `yaml:"gradients"`
 }

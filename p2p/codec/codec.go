@@ -1,8 +1,8 @@
 // Package codec encodes the float32 tensors that cross pipeline-stage
-// boundaries for the wire: fp32, bfloat16 or int8 with per-block scales,
-// each optionally compressed with zstd, chosen per run by a Spec such as
-// "int8/32+zstd". ErrorFeedback carries a lossy codec's rounding error from
-// one tensor of a stream into the next.
+// boundaries for the wire: fp32, bfloat16, or int8 or int4 with per-block
+// scales, each optionally compressed with zstd, chosen per run by a Spec
+// such as "int8/32+zstd". ErrorFeedback carries a lossy codec's rounding
+// error from one tensor of a stream into the next.
 //
 // Decoding treats its input as hostile: a payload of the wrong size, an
 // impossible value or a malformed zstd stream is an error wrapping
@@ -34,7 +34,14 @@ const (
 	F32  Kind = 1 // IEEE-754 float32: lossless
 	BF16 Kind = 2 // bfloat16, rounded to nearest even: 8 significant bits, float32's range
 	Int8 Kind = 3 // int8 with one float32 scale per block of values
+	Int4 Kind = 4 // signed 4-bit values, two a byte, with one float32 scale per block
 )
+
+func (k Kind) valid() bool { return k >= F32 && k <= Int4 }
+
+// blocked says whether k scales its values per block, and so takes a
+// block size.
+func (k Kind) blocked() bool { return k == Int8 || k == Int4 }
 
 func (k Kind) String() string {
 	switch k {
@@ -44,6 +51,8 @@ func (k Kind) String() string {
 		return "bf16"
 	case Int8:
 		return "int8"
+	case Int4:
+		return "int4"
 	}
 	return fmt.Sprintf("Kind(%d)", uint8(k))
 }
@@ -63,20 +72,30 @@ func (k Kind) String() string {
 //	      (plus float32 rounding: for blocks below 1.5e-36, whose scale
 //	      is subnormal, up to 127 subnormal steps); a block of zeros has
 //	      scale 0
+//	Int4  ⌈n/Block⌉ × float32 scales, then ⌈n/2⌉ bytes of signed 4-bit
+//	      values in [-7, 7] (two's complement; -8 is invalid): value 2i in
+//	      the low nibble of byte i, value 2i+1 in its high nibble, and for
+//	      odd n a last high nibble of 0. Value i decodes as
+//	      q[i] × scale[i/Block], where a block's scale is max|x|/7 over the
+//	      block, so the error is at most scale/2 (plus float32 rounding: up
+//	      to 7 subnormal steps for blocks below 8.2e-38); a block of zeros has
+//	      scale 0. Block is even, so every block starts on a byte.
 //
 // With Zstd the encoding is byte-shuffled before compression (the first
 // bytes of every float32 or uint16, then the second bytes, ...), which puts
-// sign-and-exponent bytes together where zstd can compress them; the result
-// is one zstd frame that declares its decompressed size.
+// sign-and-exponent bytes together where zstd can compress them; int8 and
+// int4 values stay as they are. The result is one zstd frame that declares
+// its decompressed size.
 type Spec struct {
 	Kind  Kind
-	Block int  // Int8 only: values per scale, in [MinBlock, MaxBlock]; 0 for the other kinds
+	Block int  // Int8 and Int4 only: values per scale, in [MinBlock, MaxBlock] and even for Int4; 0 for the other kinds
 	Zstd  bool // compress the encoded values with zstd
 }
 
-// Int8 block sizes. Each block costs a 4-byte scale, so int8/32 sends
-// 1 + 4/32 bytes per value and int8/64 1 + 4/64; smaller blocks follow
-// the magnitude of the values more closely.
+// Int8 and Int4 block sizes (Int4's are even). Each block costs a 4-byte
+// scale, so int8/32 sends 1 + 4/32 bytes per value, int8/64 1 + 4/64 and
+// int4/32 1/2 + 4/32; smaller blocks follow the magnitude of the values
+// more closely.
 const (
 	DefaultBlock = 32
 	MinBlock     = 8
@@ -91,9 +110,9 @@ func corrupt(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrCorrupt}, args...)...)
 }
 
-// Parse parses the text form of a codec: "fp32", "bf16", "int8" (with
-// DefaultBlock) or "int8/B" for a block of B values, each optionally
-// followed by "+zstd". It is the inverse of Spec.String.
+// Parse parses the text form of a codec: "fp32", "bf16", "int8" or "int4"
+// (with DefaultBlock), or "int8/B" or "int4/B" for a block of B values,
+// each optionally followed by "+zstd". It is the inverse of Spec.String.
 func Parse(s string) (Spec, error) {
 	base, z := strings.CutSuffix(s, "+zstd")
 	name, block, hasBlock := strings.Cut(base, "/")
@@ -105,12 +124,14 @@ func Parse(s string) (Spec, error) {
 		c.Kind = BF16
 	case "int8":
 		c.Kind, c.Block = Int8, DefaultBlock
+	case "int4":
+		c.Kind, c.Block = Int4, DefaultBlock
 	default:
-		return Spec{}, fmt.Errorf("codec %q: unknown encoding %q, want fp32, bf16, int8 or int8/<block>, optionally followed by +zstd", s, name)
+		return Spec{}, fmt.Errorf("codec %q: unknown encoding %q, want fp32, bf16, int8, int8/<block>, int4 or int4/<block>, optionally followed by +zstd", s, name)
 	}
 	if hasBlock {
-		if c.Kind != Int8 {
-			return Spec{}, fmt.Errorf("codec %q: only int8 takes a block size", s)
+		if !c.Kind.blocked() {
+			return Spec{}, fmt.Errorf("codec %q: only int8 and int4 take a block size", s)
 		}
 		b, err := strconv.Atoi(block)
 		if err != nil || strconv.Itoa(b) != block {
@@ -128,7 +149,7 @@ func Parse(s string) (Spec, error) {
 // invalid Spec prints its parts.
 func (c Spec) String() string {
 	s := c.Kind.String()
-	if c.Kind == Int8 || c.Block != 0 {
+	if c.Kind.blocked() || c.Block != 0 {
 		s += "/" + strconv.Itoa(c.Block)
 	}
 	if c.Zstd {
@@ -143,7 +164,7 @@ func (c Spec) Validate() error {
 	switch {
 	case msg == "":
 		return nil
-	case c.Kind < F32 || c.Kind > Int8:
+	case !c.Kind.valid():
 		return fmt.Errorf("codec: %s", msg)
 	}
 	return fmt.Errorf("codec %v: %s", c, msg)
@@ -151,11 +172,13 @@ func (c Spec) Validate() error {
 
 func (c Spec) problem() string {
 	switch {
-	case c.Kind < F32 || c.Kind > Int8:
+	case !c.Kind.valid():
 		return fmt.Sprintf("unknown kind %d", uint8(c.Kind))
-	case c.Kind == Int8 && (c.Block < MinBlock || c.Block > MaxBlock):
+	case c.Kind == Int4 && c.Block%2 != 0:
+		return fmt.Sprintf("block size %d is odd: int4 packs two values a byte and needs an even block size in [%d, %d]", c.Block, MinBlock, MaxBlock)
+	case c.Kind.blocked() && (c.Block < MinBlock || c.Block > MaxBlock):
 		return fmt.Sprintf("block size %d outside [%d, %d]", c.Block, MinBlock, MaxBlock)
-	case c.Kind != Int8 && c.Block != 0:
+	case !c.Kind.blocked() && c.Block != 0:
 		return fmt.Sprintf("%v takes no block size, got %d", c.Kind, c.Block)
 	}
 	return ""
@@ -210,7 +233,11 @@ func (c Spec) rawLen(n uint64) (size uint64, ok bool) {
 	}
 	blocks := n/uint64(c.Block) + min(n%uint64(c.Block), 1)
 	hi, lo := bits.Mul64(blocks, 4)
-	size, carry := bits.Add64(lo, n, 0)
+	values := n // Int8: a byte a value
+	if c.Kind == Int4 {
+		values = n/2 + n%2
+	}
+	size, carry := bits.Add64(lo, values, 0)
 	return size, hi == 0 && carry == 0
 }
 
@@ -239,9 +266,9 @@ func zstdBound(size uint64) uint64 {
 }
 
 // Encode appends the encoding of x to dst and returns the extended slice.
-// An int8 block holding a NaN or ±Inf gets a NaN scale, which Decode
-// refuses: int8 carries finite values only. Encode panics if c is not
-// valid or the encoding would exceed MaxRawBytes.
+// An int8 or int4 block holding a NaN or ±Inf gets a NaN scale, which
+// Decode refuses: int8 and int4 carry finite values only. Encode panics if
+// c is not valid or the encoding would exceed MaxRawBytes.
 func (c Spec) Encode(dst []byte, x []float32) []byte {
 	c.mustBeValid()
 	size, ok := c.rawLen(uint64(len(x)))
@@ -261,9 +288,10 @@ func (c Spec) Encode(dst []byte, x []float32) []byte {
 }
 
 // Decode decodes a payload of exactly len(dst) values into dst. It refuses
-// a payload of the wrong size, an int8 scale that is negative, not finite
-// or too large to scale 127 finitely, an int8 value of -128, a non-zero
-// value in a block of scale 0, and a zstd payload that is not exactly one
+// a payload of the wrong size, an int8 or int4 scale that is negative, not
+// finite or too large to scale 127 (int4: 7) finitely, an int8 value of
+// -128 or int4 value of -8, a non-zero value in a block of scale 0, a
+// non-zero int4 padding nibble, and a zstd payload that is not exactly one
 // well-formed frame declaring and holding the expected number of bytes.
 // It never decompresses more than that. Errors wrap ErrCorrupt; dst may
 // then hold part of the values. Decode panics if c is not valid or the
@@ -302,6 +330,8 @@ func (c Spec) put(out []byte, x []float32, planar bool) {
 		putBF16(out, x, planar)
 	case Int8:
 		putInt8(out, x, c.Block, planar)
+	case Int4:
+		putInt4(out, x, c.Block, planar)
 	}
 }
 
@@ -314,12 +344,14 @@ func (c Spec) get(dst []float32, in []byte, planar bool) error {
 		getBF16(dst, in, planar)
 	case Int8:
 		return getInt8(dst, in, c.Block, planar)
+	case Int4:
+		return getInt4(dst, in, c.Block, planar)
 	}
 	return nil
 }
 
 // roundTrip sets dst to what Decode(Encode(x)) gives, without encoding; a
-// non-finite int8 block comes back as NaNs.
+// non-finite int8 or int4 block comes back as NaNs.
 func (c Spec) roundTrip(dst, x []float32) {
 	switch c.Kind {
 	case F32:
@@ -328,10 +360,11 @@ func (c Spec) roundTrip(dst, x []float32) {
 		for i, v := range x {
 			dst[i] = fromBF16(toBF16(v))
 		}
-	case Int8:
+	case Int8, Int4:
+		g := c.Kind.grid()
 		for lo := 0; lo < len(x); lo += c.Block {
 			hi := min(lo+c.Block, len(x))
-			s := blockScale(x[lo:hi])
+			s := g.scale(x[lo:hi])
 			if !(s > 0) { // zero, or NaN for a non-finite block
 				for i := lo; i < hi; i++ {
 					dst[i] = s
@@ -340,7 +373,7 @@ func (c Spec) roundTrip(dst, x []float32) {
 			}
 			inv := 1 / float64(s)
 			for i := lo; i < hi; i++ {
-				dst[i] = float32(quantize(x[i], inv)) * s
+				dst[i] = float32(quantize(x[i], inv, float64(g.levels))) * s
 			}
 		}
 	}
@@ -427,23 +460,43 @@ func getBF16(dst []float32, in []byte, planar bool) {
 	}
 }
 
-// maxScale is the largest int8 scale s for which 127·s is finite, so that
+// A grid is how a block-scaled kind quantises: a value is an integer in
+// [-levels, levels] times its block's scale.
+type grid struct {
+	levels   float32 // 127 for int8, 7 for int4
+	maxScale float32 // the largest scale s for which levels·s is finite
+}
+
+var (
+	int8Grid = newGrid(127)
+	int4Grid = newGrid(7)
+)
+
+// newGrid finds the largest scale s for which levels·s is finite, so that
 // every decoded value is.
-var maxScale = func() float32 {
-	s := float32(math.MaxFloat32) / 127
-	for math.IsInf(float64(127*s), 0) {
+func newGrid(levels float32) grid {
+	s := float32(math.MaxFloat32) / levels
+	for math.IsInf(float64(levels*s), 0) {
 		s = math.Nextafter32(s, 0)
 	}
-	for up := math.Nextafter32(s, math.MaxFloat32); !math.IsInf(float64(127*up), 0); up = math.Nextafter32(s, math.MaxFloat32) {
+	for up := math.Nextafter32(s, math.MaxFloat32); !math.IsInf(float64(levels*up), 0); up = math.Nextafter32(s, math.MaxFloat32) {
 		s = up
 	}
-	return s
-}()
+	return grid{levels: levels, maxScale: s}
+}
 
-// blockScale is max|x|/127 (at most maxScale), or NaN if x holds a NaN or
+// grid is the quantisation of a block-scaled kind (Int8 or Int4).
+func (k Kind) grid() grid {
+	if k == Int4 {
+		return int4Grid
+	}
+	return int8Grid
+}
+
+// scale is max|x|/levels (at most maxScale), or NaN if x holds a NaN or
 // ±Inf. Comparing the bits of |x| as integers finds the largest and any
 // non-finite value in one pass.
-func blockScale(x []float32) float32 {
+func (g grid) scale(x []float32) float32 {
 	var m uint32
 	for _, v := range x {
 		m = max(m, math.Float32bits(v)&0x7fffffff)
@@ -451,13 +504,23 @@ func blockScale(x []float32) float32 {
 	if m >= 0x7f800000 {
 		return float32(math.NaN())
 	}
-	return min(math.Float32frombits(m)/127, maxScale)
+	return min(math.Float32frombits(m)/g.levels, g.maxScale)
 }
 
 // quantize is v/scale rounded to nearest (ties to even), clamped to
-// [-127, 127], given inv = 1/scale in float64.
-func quantize(v float32, inv float64) int8 {
-	return int8(max(-127, min(127, math.RoundToEven(float64(v)*inv))))
+// [-levels, levels], given inv = 1/scale in float64. (A function of the
+// levels rather than a grid method, so that encoding loops get a constant.)
+func quantize(v float32, inv, levels float64) int8 {
+	return int8(max(-levels, min(levels, math.RoundToEven(float64(v)*inv))))
+}
+
+// checkScale refuses a scale that is negative (even -0), NaN, infinite or
+// above maxScale: as integers, the bits of all of these exceed maxScale's.
+func (g grid) checkScale(kind Kind, b int, s float32) error {
+	if math.Float32bits(s) > math.Float32bits(g.maxScale) {
+		return corrupt("%v block %d: scale %v (bits %#08x), want 0 to %v", kind, b, s, math.Float32bits(s), g.maxScale)
+	}
+	return nil
 }
 
 func putInt8(out []byte, x []float32, block int, planar bool) {
@@ -466,7 +529,7 @@ func putInt8(out []byte, x []float32, block int, planar bool) {
 	scales, q := out[:4*nb], out[4*nb:4*nb+n]
 	for b := range nb {
 		lo, hi := b*block, min((b+1)*block, n)
-		s := blockScale(x[lo:hi])
+		s := int8Grid.scale(x[lo:hi])
 		putScale(scales, b, nb, s, planar)
 		if !(s > 0) { // zeros, a scale that underflowed, or NaN
 			clear(q[lo:hi])
@@ -474,7 +537,7 @@ func putInt8(out []byte, x []float32, block int, planar bool) {
 		}
 		inv := 1 / float64(s)
 		for i := lo; i < hi; i++ {
-			q[i] = byte(quantize(x[i], inv))
+			q[i] = byte(quantize(x[i], inv, 127))
 		}
 	}
 }
@@ -499,14 +562,11 @@ func getInt8(dst []float32, in []byte, block int, planar bool) error {
 	n := len(dst)
 	nb := (n + block - 1) / block
 	scales, q := in[:4*nb], in[4*nb:4*nb+n]
-	maxBits := math.Float32bits(maxScale)
 	for b := range nb {
 		lo, hi := b*block, min((b+1)*block, n)
 		s := getScale(scales, b, nb, planar)
-		// As integers, the bits of a negative (even -0), NaN, infinite or
-		// too large scale all exceed those of maxScale.
-		if math.Float32bits(s) > maxBits {
-			return corrupt("int8 block %d: scale %v (bits %#08x), want 0 to %v", b, s, math.Float32bits(s), maxScale)
+		if err := int8Grid.checkScale(Int8, b, s); err != nil {
+			return err
 		}
 		for i := lo; i < hi; i++ {
 			v := int8(q[i])
@@ -520,6 +580,76 @@ func getInt8(dst []float32, in []byte, block int, planar bool) error {
 		}
 	}
 	return nil
+}
+
+// putInt4 packs value 2i into the low nibble of byte i and 2i+1 into its
+// high nibble. block is even, so a block's values fill whole bytes, except
+// the last value of an odd n, whose high nibble stays 0.
+func putInt4(out []byte, x []float32, block int, planar bool) {
+	n := len(x)
+	nb := (n + block - 1) / block
+	scales, q := out[:4*nb], out[4*nb:4*nb+(n+1)/2]
+	for b := range nb {
+		lo, hi := b*block, min((b+1)*block, n)
+		s := int4Grid.scale(x[lo:hi])
+		putScale(scales, b, nb, s, planar)
+		if !(s > 0) { // zeros, a scale that underflowed, or NaN
+			clear(q[lo/2 : (hi+1)/2])
+			continue
+		}
+		inv := 1 / float64(s)
+		for i := lo; i+1 < hi; i += 2 {
+			q[i/2] = byte(quantize(x[i], inv, 7))&0x0f | byte(quantize(x[i+1], inv, 7))<<4
+		}
+		if hi%2 != 0 {
+			q[hi/2] = byte(quantize(x[hi-1], inv, 7)) & 0x0f
+		}
+	}
+}
+
+// nibble sign-extends the 4-bit two's complement value in the low bits of b.
+func nibble(b byte) int8 { return int8(b<<4) >> 4 }
+
+func getInt4(dst []float32, in []byte, block int, planar bool) error {
+	n := len(dst)
+	nb := (n + block - 1) / block
+	scales, q := in[:4*nb], in[4*nb:4*nb+(n+1)/2]
+	if n%2 != 0 && q[n/2]>>4 != 0 {
+		return corrupt("int4 padding nibble after value %d is %#x, want 0", n-1, q[n/2]>>4)
+	}
+	for b := range nb {
+		lo, hi := b*block, min((b+1)*block, n)
+		s := getScale(scales, b, nb, planar)
+		if err := int4Grid.checkScale(Int4, b, s); err != nil {
+			return err
+		}
+		for j, p := range q[lo/2 : (hi+1)/2] {
+			i := lo + 2*j
+			lo4, hi4 := nibble(p), nibble(p>>4)
+			if lo4 == -8 || hi4 == -8 || s == 0 && p != 0 {
+				return int4Corrupt(i, lo4, hi4, b)
+			}
+			dst[i] = float32(lo4) * s
+			if i+1 < hi {
+				dst[i+1] = float32(hi4) * s
+			}
+		}
+	}
+	return nil
+}
+
+// int4Corrupt says what is wrong with values i and i+1, held in one byte
+// as lo4 and hi4, in block b: a -8, or a non-zero value in a block of scale 0.
+func int4Corrupt(i int, lo4, hi4 int8, b int) error {
+	switch {
+	case lo4 == -8:
+		return corrupt("int4 value %d is -8, want [-7, 7]", i)
+	case hi4 == -8:
+		return corrupt("int4 value %d is -8, want [-7, 7]", i+1)
+	case lo4 != 0:
+		return corrupt("int4 value %d is %d in block %d of scale 0", i, lo4, b)
+	}
+	return corrupt("int4 value %d is %d in block %d of scale 0", i+1, hi4, b)
 }
 
 // zstd. One encoder and one decoder serve the process; both are safe for

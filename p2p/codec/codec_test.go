@@ -23,12 +23,15 @@ var (
 	fp32    = Spec{Kind: F32}
 	bf16    = Spec{Kind: BF16}
 	int8x32 = Spec{Kind: Int8, Block: 32}
+	int4x32 = Spec{Kind: Int4, Block: 32}
 )
 
 // allCodecs is every kind of codec, with and without zstd.
 var allCodecs = []Spec{
 	fp32, bf16, int8x32, {Kind: Int8, Block: 64}, {Kind: Int8, Block: MinBlock},
+	int4x32, {Kind: Int4, Block: 64}, {Kind: Int4, Block: MinBlock},
 	{Kind: F32, Zstd: true}, {Kind: BF16, Zstd: true}, {Kind: Int8, Block: 32, Zstd: true}, {Kind: Int8, Block: 64, Zstd: true},
+	{Kind: Int4, Block: 32, Zstd: true}, {Kind: Int4, Block: 64, Zstd: true},
 }
 
 // gaussian returns n values drawn from N(0, sigma²) with a fixed seed.
@@ -42,7 +45,7 @@ func gaussian(seed uint64, n int, sigma float64) []float32 {
 }
 
 // testData are the tensors every codec must carry within its error bound.
-// Lengths are not multiples of the int8 block sizes.
+// Lengths are not multiples of the int8 and int4 block sizes, and some are odd.
 func testData() map[string][]float32 {
 	outlier := gaussian(3, 1000, 0.01)
 	outlier[40] = 100
@@ -83,6 +86,13 @@ func TestParseAndStringAreInverses(t *testing.T) {
 		{"bf16+zstd", Spec{Kind: BF16, Zstd: true}, ""},
 		{"int8+zstd", Spec{Kind: Int8, Block: 32, Zstd: true}, "int8/32+zstd"},
 		{"int8/32+zstd", Spec{Kind: Int8, Block: 32, Zstd: true}, ""},
+		{"int4", int4x32, "int4/32"},
+		{"int4/32", int4x32, ""},
+		{"int4/8", Spec{Kind: Int4, Block: 8}, ""},
+		{"int4/10", Spec{Kind: Int4, Block: 10}, ""},
+		{"int4/4096", Spec{Kind: Int4, Block: 4096}, ""},
+		{"int4+zstd", Spec{Kind: Int4, Block: 32, Zstd: true}, "int4/32+zstd"},
+		{"int4/64+zstd", Spec{Kind: Int4, Block: 64, Zstd: true}, ""},
 	} {
 		got, err := Parse(c.in)
 		if err != nil || got != c.want {
@@ -108,15 +118,17 @@ func TestParseRefusesAnythingElse(t *testing.T) {
 		{"FP32", `unknown encoding "FP32"`},
 		{"f32", `unknown encoding "f32"`},
 		{"fp16", `unknown encoding "fp16"`},
-		{"int4", `unknown encoding "int4"`},
+		{"int2", `unknown encoding "int2"`},
+		{"int16", `unknown encoding "int16"`},
+		{"uint4", `unknown encoding "uint4"`},
 		{"zstd", `unknown encoding "zstd"`},
 		{"+zstd", `unknown encoding ""`},
 		{"bf16+zstd+zstd", `unknown encoding "bf16+zstd"`},
 		{"bf16+gzip", `unknown encoding "bf16+gzip"`},
 		{"int8+zstd/32", `unknown encoding "int8+zstd"`},
 		{" int8", `unknown encoding " int8"`},
-		{"bf16/32", "only int8 takes a block size"},
-		{"fp32/4", "only int8 takes a block size"},
+		{"bf16/32", "only int8 and int4 take a block size"},
+		{"fp32/4", "only int8 and int4 take a block size"},
 		{"int8/", `block size "" is not a decimal number`},
 		{"int8/x", `block size "x" is not a decimal number`},
 		{"int8/+64", `block size "+64" is not a decimal number`},
@@ -126,6 +138,16 @@ func TestParseRefusesAnythingElse(t *testing.T) {
 		{"int8/0", "block size 0 outside [8, 4096]"},
 		{"int8/-32", "block size -32 outside [8, 4096]"},
 		{"int8/4097", "block size 4097 outside [8, 4096]"},
+		{"int4/", `block size "" is not a decimal number`},
+		{"int4/07", `block size "07" is not a decimal number`},
+		{"int4+zstd/32", `unknown encoding "int4+zstd"`},
+		{"int4/7", "block size 7 is odd: int4 packs two values a byte and needs an even block size in [8, 4096]"},
+		{"int4/33", "block size 33 is odd: int4 packs two values a byte"},
+		{"int4/4095+zstd", "block size 4095 is odd"},
+		{"int4/4", "block size 4 outside [8, 4096]"},
+		{"int4/0", "block size 0 outside [8, 4096]"},
+		{"int4/-2", "block size -2 outside [8, 4096]"},
+		{"int4/4098", "block size 4098 outside [8, 4096]"},
 	} {
 		got, err := Parse(c.in)
 		if err == nil || !strings.Contains(err.Error(), c.want) || !strings.Contains(err.Error(), fmt.Sprintf("%q", c.in)) {
@@ -140,7 +162,10 @@ func TestCodecValidateNamesTheProblem(t *testing.T) {
 		want  string
 	}{
 		{Spec{}, "codec: unknown kind 0"},
-		{Spec{Kind: 4}, "unknown kind 4"},
+		{Spec{Kind: 5}, "codec: unknown kind 5"},
+		{Spec{Kind: Int4}, "codec int4/0: block size 0 outside [8, 4096]"},
+		{Spec{Kind: Int4, Block: 31, Zstd: true}, "codec int4/31+zstd: block size 31 is odd"},
+		{Spec{Kind: Int4, Block: 8192}, "codec int4/8192: block size 8192 outside [8, 4096]"},
 		{Spec{Kind: Int8}, "codec int8/0: block size 0 outside [8, 4096]"},
 		{Spec{Kind: Int8, Block: 5000, Zstd: true}, "codec int8/5000+zstd: block size 5000"},
 		{Spec{Kind: BF16, Block: 32}, "codec bf16/32: bf16 takes no block size, got 32"},
@@ -206,6 +231,24 @@ func checkDecoded(t *testing.T, c Spec, x, got []float32) {
 				}
 			}
 		}
+	case Int4:
+		for lo := 0; lo < len(x); lo += c.Block {
+			hi := min(lo+c.Block, len(x))
+			var m float64
+			for _, v := range x[lo:hi] {
+				m = max(m, math.Abs(float64(v)))
+			}
+			// scale/2 = max|block|/14, plus float32 rounding of the scale and
+			// of q×scale, up to 7 subnormal steps for a subnormal scale.
+			tol := m/14*(1+2e-5) + 7*0x1p-149
+			for i := lo; i < hi; i++ {
+				if err := math.Abs(float64(got[i]) - float64(x[i])); err > tol {
+					t.Fatalf("value %d: got %v for %v, error %.3g > max|block|/14 = %.3g", i, got[i], x[i], err, m/14)
+				}
+			}
+		}
+	default:
+		t.Fatalf("checkDecoded: no error bound for %v", c)
 	}
 }
 
@@ -309,11 +352,16 @@ func TestInt8ValuesAreRoundedToNearestAndClampedTo127(t *testing.T) {
 }
 
 func TestMaxScaleIsTheLargestScaleThatDecodesFinitely(t *testing.T) {
-	if math.IsInf(float64(127*maxScale), 0) {
-		t.Fatalf("127 × maxScale = %v", 127*maxScale)
+	for _, g := range []grid{int8Grid, int4Grid} {
+		if math.IsInf(float64(g.levels*g.maxScale), 0) {
+			t.Fatalf("%v × maxScale = %v", g.levels, g.levels*g.maxScale)
+		}
+		if up := math.Nextafter32(g.maxScale, math.MaxFloat32); !math.IsInf(float64(g.levels*up), 0) {
+			t.Fatalf("%v × the next float32 after maxScale is finite", g.levels)
+		}
 	}
-	if up := math.Nextafter32(maxScale, math.MaxFloat32); !math.IsInf(float64(127*up), 0) {
-		t.Fatalf("127 × the next float32 after maxScale is finite")
+	if int8Grid.levels != 127 || int4Grid.levels != 7 {
+		t.Fatalf("levels %v and %v, want 127 and 7", int8Grid.levels, int4Grid.levels)
 	}
 }
 
@@ -364,11 +412,11 @@ func TestBF16RoundsToNearestEvenAndKeepsNaN(t *testing.T) {
 	}
 }
 
-func TestInt8RefusesToCarryNonFiniteValues(t *testing.T) {
+func TestInt8AndInt4RefuseToCarryNonFiniteValues(t *testing.T) {
 	for _, bad := range []float32{float32(math.NaN()), float32(math.Inf(1)), float32(math.Inf(-1))} {
 		x := gaussian(8, 100, 1)
 		x[50] = bad
-		for _, c := range []Spec{int8x32, {Kind: Int8, Block: 64, Zstd: true}} {
+		for _, c := range []Spec{int8x32, {Kind: Int8, Block: 64, Zstd: true}, int4x32, {Kind: Int4, Block: 64, Zstd: true}, {Kind: Int4, Block: 8}} {
 			err := c.Decode(make([]float32, len(x)), c.Encode(nil, x))
 			if !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), "scale NaN") {
 				t.Errorf("%v with %v: Decode gave %v, want a NaN scale refused", c, bad, err)
@@ -390,6 +438,11 @@ func TestMaxEncodedSize(t *testing.T) {
 		{Spec{Kind: Int8, Block: 64}, 0, 0},
 		{Spec{Kind: BF16, Zstd: true}, 0, 64},
 		{Spec{Kind: F32, Zstd: true}, 1 << 20, 4<<20 + 4<<20>>8},
+		{int4x32, 1000, 500 + 4*32},
+		{int4x32, 1001, 501 + 4*32}, // ⌈1001/2⌉ bytes, ⌈1001/32⌉ = 32 scales
+		{int4x32, 1, 1 + 4},
+		{Spec{Kind: Int4, Block: 64}, 1024, 512 + 4*16},
+		{Spec{Kind: Int4, Block: 64}, 0, 0},
 	} {
 		if got := c.codec.MaxEncodedSize(c.n); got != c.want {
 			t.Errorf("%v.MaxEncodedSize(%d) = %d, want %d", c.codec, c.n, got, c.want)
@@ -475,7 +528,7 @@ func TestDecodeRefusesMalformedPayloads(t *testing.T) {
 		{"int8 +Inf scale", i8, 20, setScale(0x7f800000), "int8 block 1: scale +Inf"},
 		{"int8 negative scale", i8, 20, setScale(math.Float32bits(-0.5)), "int8 block 1: scale -0.5"},
 		{"int8 -0 scale", i8, 20, setScale(0x80000000), "int8 block 1: scale -0"},
-		{"int8 scale past maxScale", i8, 20, setScale(math.Float32bits(maxScale) + 1), "int8 block 1: scale 2.6"},
+		{"int8 scale past maxScale", i8, 20, setScale(math.Float32bits(int8Grid.maxScale) + 1), "int8 block 1: scale 2.6"},
 		{"int8 value -128", i8, 20, edit(valid, func(b []byte) { b[12+17] = 0x80 }), "int8 value 17 is -128"},
 		{"int8 value in a zero block", i8, 20, edit(valid, func(b []byte) { binary.LittleEndian.PutUint32(b[8:], 0); b[12+19] = 3 }), "int8 value 16 is"},
 		{"zstd empty", zf32, 10, nil, "zstd header"},
@@ -624,9 +677,12 @@ func FuzzDecodeZstd(f *testing.F) {
 	f.Add(zstdFrame(f, make([]byte, 1<<20)), uint16(1000), byte(F32), uint8(0))
 	f.Add(zstdFrame(f, []byte("0123456789abcdef0123456789abcdef0123456789abcdef"), zstd.WithSingleSegment(false)), uint16(12), byte(F32), uint8(0))
 	f.Fuzz(func(t *testing.T, payload []byte, n uint16, kind byte, block uint8) {
-		c := Spec{Kind: F32 + Kind(kind%3), Zstd: true}
-		if c.Kind == Int8 {
+		c := Spec{Kind: F32 + Kind(kind%4), Zstd: true}
+		switch c.Kind {
+		case Int8:
 			c.Block = MinBlock + int(block)%(256-MinBlock)
+		case Int4:
+			c.Block = MinBlock + 2*(int(block)%((256-MinBlock)/2))
 		}
 		dst := make([]float32, n%4096)
 		if err := c.Decode(dst, payload); err != nil {
@@ -639,7 +695,7 @@ func FuzzDecodeZstd(f *testing.F) {
 		if err := c.Decode(again, c.Encode(nil, dst)); err != nil {
 			t.Fatalf("re-encoded payload refused: %v", err)
 		}
-		if c.Kind == Int8 {
+		if c.Kind.blocked() {
 			checkDecoded(t, c, dst, again)
 		} else if !slices.EqualFunc(dst, again, sameBits) {
 			t.Fatalf("%v: values changed on re-encoding", c)
@@ -679,7 +735,7 @@ func BenchmarkCodec(b *testing.B) {
 // ~1e-6 gradients and heavy-tailed values (Gaussian over the square root
 // of an exponential, as outlier-prone activations are). Without zstd the
 // sizes are exact. With it, fp32 and bf16 save over 10% (the shuffled
-// exponent bytes compress), int8 saves as much only on heavy-tailed
+// exponent bytes compress), int8 and int4 save as much only on heavy-tailed
 // values (Gaussian int8 values are nearly 8 bits of entropy), and zstd
 // never costs more than its few bytes of framing.
 func TestEncodedBytesPerValue(t *testing.T) {
@@ -700,10 +756,13 @@ func TestEncodedBytesPerValue(t *testing.T) {
 		for _, d := range data {
 			bpv := float64(len(c.Encode(nil, d.x))) / n
 			want := raw[c.Kind]
-			if c.Kind == Int8 {
+			switch c.Kind {
+			case Int8:
 				want = 1 + 4/float64(c.Block)
+			case Int4:
+				want = 0.5 + 4/float64(c.Block)
 			}
-			saves := c.Kind != Int8 || d.name == "heavy-tailed"
+			saves := !c.Kind.blocked() || d.name == "heavy-tailed"
 			switch {
 			case !c.Zstd && bpv != want:
 				t.Errorf("%v on %s: %.4f bytes per value, want %.4f", c, d.name, bpv, want)

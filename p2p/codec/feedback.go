@@ -65,8 +65,8 @@ func (e *ErrorFeedback) Encode(dst []byte, x []float32) []byte {
 // keeps the residual as Encode does. It suits p2p frames, which encode
 // their Data themselves: put dst in Frame.Data with the same Spec. (Re-encoding
 // such values gives them back exactly for bf16 and to within a float32
-// rounding for int8, where the recomputed block scale may differ in its
-// last bit.) dst and x must have the stream's length and may be the same
+// rounding for int8 and int4, where the recomputed block scale may differ
+// in its last bit.) dst and x must have the stream's length and may be the same
 // slice.
 func (e *ErrorFeedback) Quantize(dst, x []float32) {
 	e.checkLen("Quantize", len(x))

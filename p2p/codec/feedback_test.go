@@ -7,7 +7,8 @@ import (
 	"testing"
 )
 
-var lossyCodecs = []Spec{bf16, int8x32, {Kind: Int8, Block: 64, Zstd: true}, {Kind: BF16, Zstd: true}}
+var lossyCodecs = []Spec{bf16, int8x32, {Kind: Int8, Block: 64, Zstd: true}, {Kind: BF16, Zstd: true},
+	int4x32, {Kind: Int4, Block: 64, Zstd: true}, {Kind: Int4, Block: MinBlock}}
 
 // What Encode sends decodes to the input plus the old residual minus the
 // new one, exactly: the residual is what the codec lost.
@@ -88,8 +89,13 @@ func TestErrorFeedbackRunningSumTracksTheInputs(t *testing.T) {
 			}
 		}
 		// The residual stays within one rounding step: 2^-8 relative for
-		// bf16, max|block|/254 for int8 (|x| < 5 here).
-		if bound := 5.0 / 254; maxResid > bound {
+		// bf16, max|block|/254 for int8 and max|block|/14 for int4 (|x| < 5
+		// here).
+		bound := 5.0 / 254
+		if c.Kind == Int4 {
+			bound = 5.0 / 14
+		}
+		if maxResid > bound {
 			t.Errorf("%v: residual reached %g, want at most %g", c, maxResid, bound)
 		}
 		meanErr := func(sum []float64) float64 {
