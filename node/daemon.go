@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -23,6 +24,8 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/corpus"
+	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -30,6 +33,9 @@ import (
 var (
 	ErrShutdown = errors.New("node shutting down")
 	ErrAborted  = errors.New("run aborted by its launcher")
+	// ErrIdle stops a stage whose replica pipeline is broken (a neighbour is gone): it
+	// keeps its state and says so; the run goes on with the pipelines still whole.
+	ErrIdle = errors.New("idle")
 )
 
 // HeartbeatInterval is how often a daemon announces itself on gossipsub.
@@ -44,6 +50,10 @@ type Daemon struct {
 	dir   *datadir.Dir
 	host  *p2p.Host
 	trust map[peer.ID]bool
+	// reduce carries the all-reduces of every replicated stage held here; fetch brings
+	// run text from launchers into the data directory's cache.
+	reduce *reduce.Service
+	fetch  *corpus.Fetcher
 
 	mu   sync.Mutex
 	runs map[uint64]*worker
@@ -85,6 +95,13 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Daem
 		return nil, err
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}}
+	penalise := func(p peer.ID, err error) {
+		n := h.Penalties().Add(p, err.Error())
+		log.Warn("bad message", "peer", p, "err", err, "penalties", n)
+	}
+	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise)
+	d.fetch = &corpus.Fetcher{Host: h.Host, CacheDir: filepath.Join(dir.Path, "corpus"), Log: log.With("sys", "corpus"), Penalise: penalise}
+	h.Handle(reduce.Proto, d.reduce.HandleStream)
 	h.Handle(p2p.ProtoControl, d.handleControl)
 	h.Handle(p2p.ProtoActivation, d.handleFrames(p2p.ProtoActivation))
 	h.Handle(p2p.ProtoGradient, d.handleFrames(p2p.ProtoGradient))
@@ -138,8 +155,9 @@ type heartbeat struct {
 }
 
 type heartbeatRun struct {
-	Run   string `json:"run"`
-	Stage int    `json:"stage"`
+	Run     string `json:"run"`
+	Stage   int    `json:"stage"`
+	Replica int    `json:"replica"`
 }
 
 func (d *Daemon) heartbeat() heartbeat {
@@ -147,7 +165,7 @@ func (d *Daemon) heartbeat() heartbeat {
 	defer d.mu.Unlock()
 	hb := heartbeat{Peer: d.host.ID().String()}
 	for id, w := range d.runs {
-		hb.Runs = append(hb.Runs, heartbeatRun{Run: fmt.Sprintf("%016x", id), Stage: w.idx})
+		hb.Runs = append(hb.Runs, heartbeatRun{Run: fmt.Sprintf("%016x", id), Stage: w.idx, Replica: w.rep})
 	}
 	return hb
 }
@@ -172,7 +190,7 @@ func (d *Daemon) Close() error {
 	case <-time.After(10 * time.Second):
 		d.log.Warn("runs did not stop in time")
 	}
-	return errors.Join(d.host.Close(), d.dir.Close())
+	return errors.Join(d.reduce.Close(), d.host.Close(), d.dir.Close())
 }
 
 func (d *Daemon) run(id uint64) *worker {
@@ -228,9 +246,16 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 		w.cancel(fmt.Errorf("%w: %s", ErrAborted, m.Reason))
 		w.startOnce.Do(w.start) // a worker never started still has to finish
 		return ctlReply{OK: true}
+	case msgIdle:
+		if from != w.launcher {
+			return ctlReply{Error: "only the run's launcher may idle its stages"}
+		}
+		w.cancel(fmt.Errorf("%w: %s", ErrIdle, m.Reason))
+		w.startOnce.Do(w.start)
+		return ctlReply{OK: true}
 	case msgNorm:
 		n := m.Norm
-		if n == nil || n.Stage < 0 || n.Stage >= len(w.plan.Stages) || w.peerOf(n.Stage) != from || n.Stage == w.idx {
+		if n == nil || n.Stage < 0 || n.Stage >= w.sp.Pipeline.Stages || w.peerOf(n.Stage) != from || n.Stage == w.idx {
 			d.host.Penalties().Add(from, "norm from a peer that does not hold that stage")
 			return ctlReply{Error: "norm from a peer that does not hold that stage"}
 		}
@@ -267,37 +292,49 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if err != nil {
 		return fmt.Errorf("refused: %w", err)
 	}
-	idx := -1
-	if len(plan.Stages) != sp.Pipeline.Stages {
-		return fmt.Errorf("refused: plan has %d stages, spec %d", len(plan.Stages), sp.Pipeline.Stages)
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	if len(plan.Stages) != S*R {
+		return fmt.Errorf("refused: plan has %d cells, spec %d stages × %d replicas", len(plan.Stages), S, R)
 	}
-	want, err := shard.SplitLayers(sp.Model.NLayers, sp.Pipeline.Stages)
+	want, err := shard.SplitLayers(sp.Model.NLayers, S)
 	if err != nil {
 		return fmt.Errorf("refused: %w", err)
 	}
-	for i, a := range plan.Stages {
+	idx, rep := -1, -1
+	seen := map[[2]int]bool{}
+	for _, a := range plan.Stages {
 		id, err := peer.Decode(a.Peer)
 		if err != nil {
-			return fmt.Errorf("refused: stage %d peer %q: %w", i, a.Peer, err)
+			return fmt.Errorf("refused: stage %d replica %d peer %q: %w", a.Stage, a.Replica, a.Peer, err)
 		}
-		if a.Stage != i || a.Range != want[i] {
-			return fmt.Errorf("refused: stage %d holds layers %v, want %v", i, a.Range, want[i])
+		if a.Stage < 0 || a.Stage >= S || a.Replica < 0 || a.Replica >= R || seen[[2]int{a.Stage, a.Replica}] {
+			return fmt.Errorf("refused: cell stage %d replica %d is outside the %d×%d grid or given twice", a.Stage, a.Replica, S, R)
+		}
+		seen[[2]int{a.Stage, a.Replica}] = true
+		if a.Range != want[a.Stage] {
+			return fmt.Errorf("refused: stage %d holds layers %v, want %v", a.Stage, a.Range, want[a.Stage])
 		}
 		if id == d.host.ID() {
-			idx = i
+			if idx >= 0 {
+				return errors.New("refused: the plan gives this node two cells of one run")
+			}
+			idx, rep = a.Stage, a.Replica
 		}
 		d.addAddrs(id, a.Addrs)
 	}
 	if idx < 0 {
 		return errors.New("refused: the plan gives this node no stage")
 	}
+	if err := plan.Data.validate(R); err != nil {
+		return fmt.Errorf("refused: %w", err)
+	}
 	if lid, err := peer.Decode(plan.Launcher); err == nil {
 		d.addAddrs(lid, plan.LauncherAddrs)
 	}
-	a := plan.Stages[idx]
+	a, _ := plan.cell(idx, rep)
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
-	slots := min(sp.Pipeline.Stages-idx, sp.Pipeline.MicroBatches)
-	need := assign.Need(train.ModelConfig(sp), a.Range, idx == 0, idx == len(plan.Stages)-1, mb, slots)
+	slots := min(S-idx, sp.Pipeline.MicroBatches)
+	need := assign.Need(train.ModelConfig(sp), a.Range, idx == 0, idx == S-1, mb, slots)
 	if need > d.cfg.MemoryBudgetBytes() {
 		return fmt.Errorf("refused: stage %d needs %d MiB, this node's memory budget is %d MiB", idx, need>>20, d.cfg.MemoryBudgetBytes()>>20)
 	}
@@ -309,7 +346,8 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if len(d.runs) >= d.cfg.MaxStages {
 		return fmt.Errorf("refused: this node already holds %d stage(s), its max_stages", len(d.runs))
 	}
-	w, err := newWorker(context.Background(), d.host, d.log, plan, sp, idx, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)))
+	w, err := newWorker(context.Background(), workerEnv{host: d.host, log: d.log, reduce: d.reduce, fetch: d.fetch, corpus: d.cfg.Corpus},
+		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)))
 	if err != nil {
 		return fmt.Errorf("refused: %w", err)
 	}
@@ -323,7 +361,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		delete(d.runs, plan.ID)
 		d.mu.Unlock()
 	}()
-	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
+	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
 		"launcher", signer, "need_mib", need>>20)
 	return nil
 }

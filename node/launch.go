@@ -19,10 +19,12 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 )
 
 // ErrRunFailed wraps the reason a launched run did not finish.
@@ -36,9 +38,12 @@ type LaunchOptions struct {
 	Listen []string       // the launcher's own listen addrs; nil = p2p.DefaultListen
 	OutDir string
 	Log    *slog.Logger
-	// OnPlan sees the staffing once every stage has a peer; OnStep every step's record.
-	OnPlan func([]assign.Assignment)
-	OnStep func(metrics.Step)
+	// OnPlan sees the staffing once every stage has a peer; OnStep every step's record
+	// (one per replica pipeline and step); OnOuter every outer step's rows (one per
+	// replica of the stage that synced).
+	OnPlan  func([]assign.Assignment)
+	OnStep  func(metrics.Step)
+	OnOuter func([]metrics.Outer)
 }
 
 // LaunchResult summarises a finished run.
@@ -52,7 +57,11 @@ type LaunchResult struct {
 	// Per stage boundary i (stage i → i+1): encoded bytes of the training
 	// activation frames sent forward and the gradient frames sent back.
 	BoundaryFwd, BoundaryBwd []int64
-	Checkpoints              []string // each stage's checkpoint, on its node
+	Checkpoints              []string // each stage's checkpoint (replica 0's), on its node
+	// SyncBytes[r][s]: what replica r of stage s sent in its outer steps, both phases.
+	SyncBytes  [][]int64
+	OuterSteps int   // outer steps of stage 0's replicas
+	Broken     []int // replica pipelines that stopped early (a stage's peer died or stalled)
 }
 
 // Launch staffs sp's stages with the given peers, sends each a signed plan, starts
@@ -98,10 +107,15 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		_ = p2p.WriteMsg(s, ctlReply{OK: true})
 	})
 
+	dataPlan, err := serveData(sp, h, log)
+	if err != nil {
+		return nil, err
+	}
 	plan, err := staff(ctx, h, sp, o, log)
 	if err != nil {
 		return nil, err
 	}
+	plan.Data = dataPlan
 	plan.ID = runID
 	plan.Launcher = h.ID().String()
 	plan.LauncherAddrs = h.Addrs()
@@ -116,10 +130,10 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	stagePeers := map[peer.ID]int{}
+	stagePeers := map[peer.ID]assign.Assignment{}
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
-		stagePeers[id] = a.Stage
+		stagePeers[id] = a
 	}
 	abort := func(reason string) {
 		for id := range stagePeers {
@@ -134,7 +148,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 			err = errors.New(r.Error)
 		}
 		if err != nil {
-			refusals = append(refusals, fmt.Sprintf("stage %d on %s: %v", a.Stage, a.Peer, err))
+			refusals = append(refusals, fmt.Sprintf("%s on %s: %v", cellName(sp, a), a.Peer, err))
 		}
 	}
 	if len(refusals) > 0 {
@@ -142,7 +156,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		return nil, fmt.Errorf("%w: %s", ErrRunFailed, strings.Join(refusals, "; "))
 	}
 
-	// A stage's node going away ends the run: this pipeline has no spare replicas.
+	// A stage's node going away ends the run, or with replicas its replica pipeline.
 	lost := make(chan peer.ID, len(stagePeers))
 	h.Network().Notify(&network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
 		if _, ok := stagePeers[c.RemotePeer()]; ok && n.Connectedness(c.RemotePeer()) != network.Connected {
@@ -160,12 +174,21 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 			if err == nil {
 				err = errors.New(r.Error)
 			}
-			return nil, fmt.Errorf("%w: start stage %d: %v", ErrRunFailed, a.Stage, err)
+			return nil, fmt.Errorf("%w: start %s: %v", ErrRunFailed, cellName(sp, a), err)
 		}
 	}
 	announce(ctx, h, plan, log)
-	log.Info("run started", "run", fmt.Sprintf("%016x", runID), "stages", len(plan.Stages), "steps", sp.Train.Steps)
-	return watch(ctx, o, log, plan, reports, lost, abort)
+	log.Info("run started", "run", fmt.Sprintf("%016x", runID), "stages", sp.Pipeline.Stages, "replicas", sp.Pipeline.Replicas, "steps", sp.Train.Steps)
+	idle := func(r int, reason string) {
+		for id, a := range stagePeers {
+			if a.Replica == r {
+				go func() {
+					_, _ = call(context.WithoutCancel(ctx), h, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
+				}()
+			}
+		}
+	}
+	return watch(ctx, o, log, plan, reports, lost, abort, idle)
 }
 
 func newRunID() uint64 {
@@ -222,16 +245,22 @@ func announce(ctx context.Context, h *p2p.Host, plan *Plan, log *slog.Logger) {
 		return
 	}
 	defer t.Close()
-	b, _ := json.Marshal(map[string]any{"run": fmt.Sprintf("%016x", plan.ID), "launcher": plan.Launcher, "stages": len(plan.Stages)})
+	b, _ := json.Marshal(map[string]any{"run": fmt.Sprintf("%016x", plan.ID), "launcher": plan.Launcher, "cells": len(plan.Stages)})
 	if err := t.Publish(ctx, b); err != nil {
 		log.Debug("run announcement not published", "err", err)
 	}
 }
 
-// watch turns reports into metrics until every stage is done.
-func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, reports <-chan Report, lost <-chan peer.ID, abort func(string)) (*LaunchResult, error) {
+// watch turns reports into metrics until every stage of every replica pipeline still
+// whole is done. With one replica any failure ends the run; with several, a failed or
+// lost stage breaks its replica pipeline (its other stages are told to go idle) and the
+// run goes on while one pipeline is whole. Every outer step's weight hashes must agree
+// across the replicas of a stage, or the run fails.
+func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, reports <-chan Report, lost <-chan peer.ID,
+	abort func(string), idle func(int, string)) (*LaunchResult, error) {
 	sp := o.Spec
 	out := o.OutDir
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
 	if err := os.WriteFile(filepath.Join(out, train.SpecFile), []byte(sp.String()), 0o644); err != nil {
 		return nil, fmt.Errorf("launch: %w", err)
 	}
@@ -240,20 +269,40 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		return nil, err
 	}
 	defer mw.Close()
-	n := len(plan.Stages)
-	res := &LaunchResult{RunID: plan.ID, BoundaryFwd: make([]int64, n-1), BoundaryBwd: make([]int64, n-1),
-		Checkpoints: make([]string, n), ValLoss: math.NaN()}
+	res := &LaunchResult{RunID: plan.ID, BoundaryFwd: make([]int64, S-1), BoundaryBwd: make([]int64, S-1),
+		Checkpoints: make([]string, S), ValLoss: math.NaN(), SyncBytes: make([][]int64, R)}
+	for r := range res.SyncBytes {
+		res.SyncBytes[r] = make([]int64, S)
+	}
 	var history []metrics.Step
-	var pending *metrics.Step // a step whose evaluation is still to come
-	start, last := time.Now(), time.Now()
-	doneStages := 0
+	pending := map[int]*metrics.Step{} // replica 0's steps whose evaluation is still to come
+	start := time.Now()
+	last := make([]time.Time, R)
+	for r := range last {
+		last[r] = start
+	}
+	done := map[[2]int]bool{}
+	broken := map[int]string{}
+	hashes := map[[2]int]string{}          // (stage, step) -> the first replica's global weights hash
+	outers := map[[2]int][]metrics.Outer{} // (stage, step) -> rows so far
+	lossAt := map[int][]float64{}          // step -> losses reported, for the plot's mean
 	emit := func(s metrics.Step) error {
 		if err := mw.Write(s); err != nil {
 			return err
 		}
-		history = append(history, s)
 		if o.OnStep != nil {
 			o.OnStep(s)
+		}
+		if R == 1 {
+			history = append(history, s)
+			return nil
+		}
+		lossAt[s.Step] = append(lossAt[s.Step], s.Loss)
+		if s.ValLoss != nil || len(lossAt[s.Step]) == R-len(broken) {
+			p := s
+			p.Replica, p.Loss = nil, mean(lossAt[s.Step])
+			history = append(history, p)
+			delete(lossAt, s.Step)
 		}
 		return nil
 	}
@@ -267,59 +316,151 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	evalDue := func(step int) bool {
 		return step == sp.Train.Steps || (sp.EvalInterval > 0 && step%sp.EvalInterval == 0)
 	}
-	for doneStages < n {
+	// breakPipeline takes replica pipeline r out of the run, or fails the run when it
+	// was the last one whole (or there is only one).
+	breakPipeline := func(r int, why string) error {
+		if _, ok := broken[r]; ok {
+			return nil
+		}
+		if R == 1 || len(broken)+1 == R {
+			abort(why)
+			plot()
+			return fmt.Errorf("%w: %s", ErrRunFailed, why)
+		}
+		broken[r] = why
+		res.Broken = append(res.Broken, r)
+		log.Warn("replica pipeline broken; the run goes on without it", "replica", r, "reason", why, "whole", R-len(broken))
+		idle(r, why)
+		return nil
+	}
+	remaining := func() int {
+		n := 0
+		for r := range R {
+			if _, ok := broken[r]; ok {
+				continue
+			}
+			for s := range S {
+				if !done[[2]int{s, r}] {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	for remaining() > 0 {
 		select {
 		case <-ctx.Done():
 			abort("launcher interrupted")
 			plot()
 			return res, ctx.Err()
 		case id := <-lost:
-			abort("a stage's node disconnected")
-			plot()
-			return res, fmt.Errorf("%w: the node holding stage %d (%s) disconnected", ErrRunFailed, stageOf(plan, id), id)
+			a := cellOf(plan, id)
+			if a == nil || done[[2]int{a.Stage, a.Replica}] {
+				continue
+			}
+			if _, ok := broken[a.Replica]; ok {
+				continue
+			}
+			if err := breakPipeline(a.Replica, fmt.Sprintf("the node holding %s (%s) disconnected", cellName(sp, *a), id)); err != nil {
+				return res, err
+			}
 		case r := <-reports:
-			if r.Stage < 0 || r.Stage >= n || plan.Stages[r.Stage].Peer != r.Peer {
-				continue // not from the peer holding that stage
+			a, ok := plan.cell(r.Stage, r.Replica)
+			if !ok || a.Peer != r.Peer {
+				continue // not from the peer holding that cell
+			}
+			if _, ok := broken[r.Replica]; ok && r.Kind != ReportOuter {
+				if r.Kind == ReportIdle || r.Kind == ReportError {
+					log.Info("stage of a broken replica pipeline stopped", "stage", r.Stage, "replica", r.Replica, "reason", r.Error)
+				}
+				continue
 			}
 			switch r.Kind {
 			case ReportStep:
 				now := time.Now()
-				res.Steps, res.Loss = r.Step, r.Loss
+				if r.Replica == 0 {
+					res.Steps, res.Loss = r.Step, r.Loss
+				}
 				res.Tokens += int64(sp.TokensPerStep())
 				s := metrics.Step{Step: r.Step, Loss: r.Loss, Tokens: res.Tokens, LR: r.LR, GradNorm: r.GradNorm,
-					TokensPerS: float64(sp.TokensPerStep()) / now.Sub(last).Seconds(), ElapsedS: now.Sub(start).Seconds()}
-				last = now
-				if evalDue(r.Step) {
-					pending = &s
+					TokensPerS: float64(sp.TokensPerStep()) / now.Sub(last[r.Replica]).Seconds(), ElapsedS: now.Sub(start).Seconds()}
+				if R > 1 {
+					rep := r.Replica
+					s.Replica = &rep
+				}
+				last[r.Replica] = now
+				if r.Replica == 0 && evalDue(r.Step) {
+					pending[r.Step] = &s
 					continue
 				}
 				if err := emit(s); err != nil {
 					return res, err
 				}
 			case ReportEval:
-				if pending == nil || pending.Step != r.Step {
+				p := pending[r.Step]
+				if p == nil {
 					continue
 				}
 				v := r.ValLoss
-				pending.ValLoss, res.ValLoss = &v, v
-				if err := emit(*pending); err != nil {
+				p.ValLoss, res.ValLoss = &v, v
+				if err := emit(*p); err != nil {
 					return res, err
 				}
-				pending = nil
-				last = time.Now() // evaluation time is not training throughput
+				delete(pending, r.Step)
+				last[0] = time.Now() // evaluation time is not training throughput
+			case ReportOuter:
+				if r.Outer == nil {
+					continue
+				}
+				k := [2]int{r.Stage, r.Step}
+				if want, ok := hashes[k]; !ok {
+					hashes[k] = r.Outer.Hash
+				} else if want != r.Outer.Hash {
+					why := fmt.Sprintf("stage %d after step %d: replica %d's global weights hash %s, another replica's %s: the replicas diverged",
+						r.Stage, r.Step, r.Replica, r.Outer.Hash, want)
+					abort("replicas diverged")
+					plot()
+					return res, fmt.Errorf("%w: %s", ErrRunFailed, why)
+				}
+				row := metrics.Outer{Step: r.Step, OuterStep: r.Outer.OuterStep, Stage: r.Stage, Replica: r.Replica, SyncBytes: r.Outer.SyncBytes,
+					SyncS: r.Outer.SyncS, WeightsHash: r.Outer.Hash, Contributors: r.Outer.Contributors, ElapsedS: time.Since(start).Seconds()}
+				if err := mw.WriteOuter(row); err != nil {
+					return res, err
+				}
+				res.SyncBytes[r.Replica][r.Stage] += r.Outer.SyncBytes
+				if r.Stage == 0 && r.Replica == 0 {
+					res.OuterSteps++
+				}
+				outers[k] = append(outers[k], row)
+				if o.OnOuter != nil && len(outers[k]) == R-len(broken) {
+					o.OnOuter(outers[k])
+					delete(outers, k)
+				}
+				for _, m := range r.Outer.Missing {
+					if err := breakPipeline(m, fmt.Sprintf("stage %d of replica %d missed the outer step after step %d (dead or stalled)", r.Stage, m, r.Step)); err != nil {
+						return res, err
+					}
+				}
 			case ReportDone:
-				doneStages++
-				res.Checkpoints[r.Stage] = r.Checkpoint
-				if r.Stage < n-1 {
-					res.BoundaryFwd[r.Stage] = r.BytesFwd
+				done[[2]int{r.Stage, r.Replica}] = true
+				if r.Replica == 0 {
+					res.Checkpoints[r.Stage] = r.Checkpoint
+					if r.Stage < S-1 {
+						res.BoundaryFwd[r.Stage] = r.BytesFwd
+					}
+					if r.Stage > 0 {
+						res.BoundaryBwd[r.Stage-1] = r.BytesBwd
+					}
 				}
-				if r.Stage > 0 {
-					res.BoundaryBwd[r.Stage-1] = r.BytesBwd
+			case ReportIdle, ReportError:
+				if R == 1 || (r.Kind == ReportError && !replicable(r.Error)) {
+					abort(fmt.Sprintf("stage %d failed", r.Stage))
+					plot()
+					return res, fmt.Errorf("%w: %s on %s: %s", ErrRunFailed, cellName(sp, a), r.Peer, r.Error)
 				}
-			case ReportError:
-				abort(fmt.Sprintf("stage %d failed", r.Stage))
-				plot()
-				return res, fmt.Errorf("%w: stage %d on %s: %s", ErrRunFailed, r.Stage, r.Peer, r.Error)
+				if err := breakPipeline(r.Replica, fmt.Sprintf("%s on %s stopped: %s", cellName(sp, a), r.Peer, r.Error)); err != nil {
+					return res, err
+				}
 			}
 		}
 	}
@@ -328,11 +469,58 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	return res, nil
 }
 
-func stageOf(plan *Plan, id peer.ID) int {
-	for _, a := range plan.Stages {
+// replicable says whether an error a stage reports is one a replicated run survives by
+// dropping that stage's replica pipeline: anything but a run that cannot work at all
+// (a diverged loss, a bad spec) — those would fail every replica alike.
+func replicable(msg string) bool {
+	return !strings.Contains(msg, "loss is") && !strings.Contains(msg, "refused")
+}
+
+func mean(xs []float64) float64 {
+	var s float64
+	for _, x := range xs {
+		s += x
+	}
+	return s / float64(len(xs))
+}
+
+// cellName names a cell for people: "stage 1" in a run of one replica pipeline,
+// "stage 1 of replica 2" otherwise.
+func cellName(sp *spec.Spec, a assign.Assignment) string {
+	if sp.Pipeline.Replicas > 1 {
+		return fmt.Sprintf("stage %d of replica %d", a.Stage, a.Replica)
+	}
+	return fmt.Sprintf("stage %d", a.Stage)
+}
+
+func cellOf(plan *Plan, id peer.ID) *assign.Assignment {
+	for i, a := range plan.Stages {
 		if a.Peer == id.String() {
-			return a.Stage
+			return &plan.Stages[i]
 		}
 	}
-	return -1
+	return nil
+}
+
+// serveData loads the run's text, cuts it as the trainer does (validation tail, one
+// training shard per replica pipeline) and serves the parts over corpus.Proto.
+func serveData(sp *spec.Spec, h *p2p.Host, log *slog.Logger) (*DataPlan, error) {
+	text, name, err := train.Corpus(sp.Data.Path)
+	if err != nil {
+		return nil, err
+	}
+	tr, val := data.Split(text, sp.Data.ValFraction)
+	if data.ValWindows(val, sp.Model.SeqLen) == 0 {
+		return nil, fmt.Errorf("launch: validation split of %d bytes holds no window of seq_len+1 = %d bytes; use more text or a larger data.val_fraction",
+			len(val), sp.Model.SeqLen+1)
+	}
+	srv := corpus.NewServer(log.With("sys", "corpus"))
+	srv.Penalise = func(p peer.ID, err error) { h.Penalties().Add(p, err.Error()) }
+	dp := &DataPlan{Val: srv.Add(val)}
+	for r := range sp.Pipeline.Replicas {
+		dp.Train = append(dp.Train, srv.Add(data.Shard(tr, r, sp.Pipeline.Replicas)))
+	}
+	h.Handle(corpus.Proto, srv.HandleStream)
+	log.Info("serving data", "corpus", name, "bytes", len(text), "train_shards", len(dp.Train), "val_bytes", len(val))
+	return dp, nil
 }

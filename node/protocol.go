@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"time"
 
@@ -10,6 +11,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 )
 
 // Control message types on p2p.ProtoControl: one request and one reply per stream.
@@ -20,6 +22,7 @@ const (
 	msgAbort  = "abort"  // launcher → node: drop the run
 	msgNorm   = "norm"   // stage → stage: gradient sum of squares for a step
 	msgReport = "report" // node → launcher: progress
+	msgIdle   = "idle"   // launcher → node: your replica pipeline is broken; stop and keep your state
 )
 
 type ctlMsg struct {
@@ -49,8 +52,27 @@ type Plan struct {
 	Spec          string              `json:"spec"` // YAML, overrides applied
 	Launcher      string              `json:"launcher"`
 	LauncherAddrs []string            `json:"launcher_addrs"`
-	Stages        []assign.Assignment `json:"stages"`
+	Stages        []assign.Assignment `json:"stages"` // every cell of the grid: stage × replica
 	Created       time.Time           `json:"created"`
+	Data          *DataPlan           `json:"data"`
+}
+
+// DataPlan is the run's text as the launcher serves it over corpus.Proto: one shard
+// of the training split per replica pipeline, and the validation split. Nodes fetch
+// only what their stage reads, verify it by hash and cache it.
+type DataPlan struct {
+	Train []corpus.Blob `json:"train"` // [replica]
+	Val   corpus.Blob   `json:"val"`
+}
+
+// cell finds the assignment of stage s in replica pipeline r.
+func (p *Plan) cell(s, r int) (assign.Assignment, bool) {
+	for _, a := range p.Stages {
+		if a.Stage == s && a.Replica == r {
+			return a, true
+		}
+	}
+	return assign.Assignment{}, false
 }
 
 // Report kinds.
@@ -59,23 +81,38 @@ const (
 	ReportEval  = "eval"  // last stage: validation loss after a step
 	ReportDone  = "done"  // any stage: finished, checkpoint written
 	ReportError = "error" // any stage: the run failed here
+	ReportOuter = "outer" // any stage of a replicated run: an outer step is done
+	ReportIdle  = "idle"  // any stage: its replica pipeline is broken; it stopped and kept its state
 )
 
 // Report is a node's progress message to its launcher.
 type Report struct {
-	Run        uint64  `json:"run"`
-	Stage      int     `json:"stage"`
-	Peer       string  `json:"peer"`
-	Kind       string  `json:"kind"`
-	Step       int     `json:"step,omitempty"`
-	Loss       float64 `json:"loss,omitempty"`
-	ValLoss    float64 `json:"val_loss,omitempty"`
-	GradNorm   float64 `json:"grad_norm,omitempty"`
-	LR         float64 `json:"lr,omitempty"`
-	Checkpoint string  `json:"checkpoint,omitempty"`
-	BytesFwd   int64   `json:"bytes_fwd,omitempty"` // training activation frames sent (encoded bytes)
-	BytesBwd   int64   `json:"bytes_bwd,omitempty"` // training gradient frames sent (encoded bytes)
-	Error      string  `json:"error,omitempty"`
+	Run        uint64       `json:"run"`
+	Stage      int          `json:"stage"`
+	Replica    int          `json:"replica,omitempty"`
+	Peer       string       `json:"peer"`
+	Kind       string       `json:"kind"`
+	Step       int          `json:"step,omitempty"`
+	Loss       float64      `json:"loss,omitempty"`
+	ValLoss    float64      `json:"val_loss,omitempty"`
+	GradNorm   float64      `json:"grad_norm,omitempty"`
+	LR         float64      `json:"lr,omitempty"`
+	Checkpoint string       `json:"checkpoint,omitempty"`
+	BytesFwd   int64        `json:"bytes_fwd,omitempty"` // training activation frames sent (encoded bytes)
+	BytesBwd   int64        `json:"bytes_bwd,omitempty"` // training gradient frames sent (encoded bytes)
+	Error      string       `json:"error,omitempty"`
+	Outer      *OuterReport `json:"outer,omitempty"`
+}
+
+// OuterReport is what a replica of a stage says after an outer step.
+type OuterReport struct {
+	OuterStep    int     `json:"outer_step"`
+	SyncBytes    int64   `json:"sync_bytes"` // sent, both phases
+	SyncS        float64 `json:"sync_s"`
+	Hash         string  `json:"weights_hash"`
+	Contributors int     `json:"contributors"`
+	Missing      []int   `json:"missing,omitempty"` // replicas not heard from
+	Fetched      bool    `json:"fetched,omitempty"` // fell behind and fetched the global state instead
 }
 
 // call sends one control message to id and waits for the reply.
@@ -108,4 +145,23 @@ func decodePlan(b []byte) (*Plan, error) {
 		return nil, fmt.Errorf("run plan: %w", err)
 	}
 	return &p, nil
+}
+
+// validate checks a plan's data section against the spec's replica count.
+func (d *DataPlan) validate(replicas int) error {
+	if d == nil {
+		return errors.New("plan names no data (a launcher from before data was served over libp2p?)")
+	}
+	if len(d.Train) != replicas {
+		return fmt.Errorf("plan data has %d training shards for %d replicas", len(d.Train), replicas)
+	}
+	for r, b := range d.Train {
+		if err := b.Validate(); err != nil {
+			return fmt.Errorf("plan data: training shard %d: %w", r, err)
+		}
+	}
+	if err := d.Val.Validate(); err != nil {
+		return fmt.Errorf("plan data: validation split: %w", err)
+	}
+	return nil
 }

@@ -6,11 +6,16 @@ import (
 	"fmt"
 	"log/slog"
 	"math"
+	"math/bits"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"strings"
 	"sync"
+	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
@@ -21,6 +26,8 @@ import (
 	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
+	"github.com/pipeswarm/pipeswarm/p2p/corpus"
+	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -28,13 +35,16 @@ import (
 // field below except those the compute goroutine is handed inside a job.
 type worker struct {
 	host     *p2p.Host
+	env      workerEnv
 	log      *slog.Logger
 	plan     *Plan
 	sp       *spec.Spec
 	idx      int // this stage
+	rep      int // this replica pipeline
 	self     assign.Assignment
 	launcher peer.ID
-	dir      string // run directory for the stage checkpoint
+	dir      string      // run directory for the stage checkpoint
+	grid     [][]peer.ID // [replica][stage]
 
 	stage  *shard.Stage
 	inB    *train.Boundary // with the previous stage (nil on stage 0)
@@ -47,9 +57,17 @@ type worker struct {
 	eval   *train.Evaluator
 
 	sampler *data.Sampler // stage 0
-	val     []byte        // stage 0: validation split
-	evalN   int           // validation batches
+	val     []byte        // stage 0 of replica 0: validation split
+	evalN   int           // validation batches (0 on replicas other than 0: they do not evaluate)
 	windows int
+
+	// DiLoCo, with replicas: this replica's outer state for the stage, the stage's
+	// all-reduce group, and what the last sync took.
+	outer     *train.Outer
+	group     *reduce.Group
+	syncStart time.Time
+	lastSync  time.Time
+	served    servedState
 
 	acts, grads, evals map[[2]int]*p2p.Frame // inputs waiting for the core to schedule them
 	lossSum            float64               // this step's micro-batch losses, then its evaluation's
@@ -79,12 +97,74 @@ type (
 		loss float64 // forward on the last stage: this micro-batch's loss
 		err  error
 	}
+	// syncDone: the all-reduces of an outer step finished (or the replica fell behind
+	// and fetched the global state instead).
+	syncDone struct {
+		step    int
+		frags   []int
+		ys      [][]float32
+		results []*reduce.Result
+		fetched *fetchedState
+		err     error
+	}
 )
 
-func newWorker(ctx context.Context, h *p2p.Host, log *slog.Logger, plan *Plan, sp *spec.Spec, idx int, runDir string) (*worker, error) {
+// workerEnv is what a worker borrows from its daemon.
+type workerEnv struct {
+	host   *p2p.Host
+	log    *slog.Logger
+	reduce *reduce.Service
+	fetch  *corpus.Fetcher
+	corpus string // local copy of run text, or ""
+}
+
+type fetchedState struct {
+	round uint64
+	vecs  [][]float32
+}
+
+// servedState is the stage's global weights and outer momentum as of the last outer
+// step, copied for the all-reduce group to serve to a replica that fell behind.
+type servedState struct {
+	mu    sync.Mutex
+	round uint64
+	vecs  [][]float32
+}
+
+func (s *servedState) set(round uint64, global, momentum []float32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.round = round
+	if s.vecs == nil {
+		s.vecs = [][]float32{make([]float32, len(global)), make([]float32, len(momentum))}
+	}
+	copy(s.vecs[0], global)
+	copy(s.vecs[1], momentum)
+}
+
+func (s *servedState) get() (uint64, [][]float32) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make([][]float32, len(s.vecs))
+	for i, v := range s.vecs {
+		out[i] = append([]float32(nil), v...)
+	}
+	return s.round, out
+}
+
+func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, idx, rep int, runDir string) (*worker, error) {
+	h, log := env.host, env.log
 	cfg := train.ModelConfig(sp)
-	self := plan.Stages[idx]
-	st, err := shard.NewStage(cfg, self.Range, idx == 0, idx == len(plan.Stages)-1)
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	self, _ := plan.cell(idx, rep)
+	grid := make([][]peer.ID, R)
+	for r := range grid {
+		grid[r] = make([]peer.ID, S)
+	}
+	for _, a := range plan.Stages {
+		grid[a.Replica][a.Stage], _ = peer.Decode(a.Peer) // validated when the plan was accepted
+	}
+	st, err := shard.NewStage(cfg, self.Range, idx == 0, idx == S-1)
 	if err != nil {
 		return nil, err
 	}
@@ -104,7 +184,7 @@ func newWorker(ctx context.Context, h *p2p.Host, log *slog.Logger, plan *Plan, s
 			return nil, err
 		}
 	}
-	if idx < len(plan.Stages)-1 {
+	if idx < S-1 {
 		if outB, err = train.NewBoundary(sp, sub); err != nil {
 			return nil, err
 		}
@@ -117,29 +197,42 @@ func newWorker(ctx context.Context, h *p2p.Host, log *slog.Logger, plan *Plan, s
 	if err != nil {
 		return nil, fmt.Errorf("plan: launcher %q: %w", plan.Launcher, err)
 	}
-	w := &worker{host: h, log: log.With("run", fmt.Sprintf("%016x", plan.ID), "stage", idx), plan: plan, sp: sp, idx: idx,
+	wlog := log.With("run", fmt.Sprintf("%016x", plan.ID), "stage", idx)
+	if R > 1 {
+		wlog = wlog.With("replica", rep)
+	}
+	w := &worker{host: h, env: env, log: wlog, plan: plan, sp: sp, idx: idx, rep: rep, grid: grid,
 		self: self, launcher: launcher, dir: runDir, stage: st, inB: inB, outB: outB, opt: opt,
 		sched: optim.Cosine{Peak: float32(sp.Train.LR), Min: float32(sp.Train.MinLR), Warmup: sp.Train.Warmup, Total: sp.Train.Steps},
 		acts:  map[[2]int]*p2p.Frame{}, grads: map[[2]int]*p2p.Frame{}, evals: map[[2]int]*p2p.Frame{},
 		events: make(chan any, 1024), jobs: make(chan func() any), started: make(chan struct{}), idle: make(chan struct{}), done: make(chan struct{})}
 
-	// Every stage needs the number of validation batches; stage 0 also the text.
-	text, name, err := train.Corpus(sp.Data.Path)
-	if err != nil {
-		return nil, err
+	// Every stage needs the number of validation batches; stage 0 fetches its text
+	// when the run starts (loadData). Only replica 0 evaluates: right after an outer
+	// step its weights are every replica's.
+	w.windows = int(plan.Data.Val.Size) / (cfg.SeqLen + 1)
+	if rep == 0 {
+		w.evalN = (w.windows + train.EvalBatch - 1) / train.EvalBatch
 	}
-	trainText, val := data.Split(text, sp.Data.ValFraction)
-	w.windows = data.ValWindows(val, cfg.SeqLen)
-	w.evalN = (w.windows + train.EvalBatch - 1) / train.EvalBatch
-	if idx == 0 {
-		if w.sampler, err = data.NewSampler(trainText, cfg.SeqLen, sp.Seed, 0); err != nil {
+	cc := core.Config{Stage: idx, Stages: S, MicroBatches: sp.Pipeline.MicroBatches,
+		Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval, EvalBatches: w.evalN}
+	if R > 1 {
+		d, steps := sp.DiLoCo, sp.Train.Steps
+		cc.OuterDue = func(step int) bool { return d.AnyDue(step, steps) }
+		if w.outer, err = train.NewOuter(sp, st); err != nil {
 			return nil, err
 		}
-		w.val = val
-		w.log.Info("data", "corpus", name, "train_bytes", len(trainText), "val_windows", w.windows)
+		peers := make([]peer.ID, R)
+		for r := range peers {
+			peers[r] = grid[r][idx]
+		}
+		w.served.set(0, w.outer.Global, w.outer.Momentum())
+		w.group, err = env.reduce.Join(reduce.GroupConfig{Run: plan.ID, Group: uint32(idx), Peers: peers, Self: rep,
+			Codec: w.outer.Codec, MaxValues: len(st.Params), State: w.served.get})
+		if err != nil {
+			return nil, err
+		}
 	}
-	cc := core.Config{Stage: idx, Stages: len(plan.Stages), MicroBatches: sp.Pipeline.MicroBatches,
-		Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval, EvalBatches: w.evalN}
 	if w.core, err = core.New(cc); err != nil {
 		return nil, err
 	}
@@ -148,17 +241,72 @@ func newWorker(ctx context.Context, h *p2p.Host, log *slog.Logger, plan *Plan, s
 		w.tapes = append(w.tapes, st.NewTape(mb, cfg.SeqLen))
 		w.slotIO = append(w.slotIO, slotIO{make([]int32, mb*cfg.SeqLen), make([]int32, mb*cfg.SeqLen)})
 	}
-	w.eval = train.NewEvaluator([]*shard.Stage{st}, val)
+	w.eval = train.NewEvaluator([]*shard.Stage{st}, nil)
 	w.eval.Reuse(w.tapes[:1])
 	w.ctx, w.cancel = context.WithCancelCause(ctx)
-	w.out = newOutbox(h, w.log, &w.sent, func(err error) { w.cancel(err) })
+	w.out = newOutbox(h, w.log, &w.sent, func(err error) {
+		if R > 1 {
+			// A neighbour in this replica pipeline is gone: the pipeline is broken, the
+			// run is not.
+			err = fmt.Errorf("%w: replica pipeline %d lost a neighbour: %w", ErrIdle, rep, err)
+		}
+		w.cancel(err)
+	})
 	return w, nil
 }
 
-// peerOf is the peer holding stage i.
-func (w *worker) peerOf(i int) peer.ID {
-	id, _ := peer.Decode(w.plan.Stages[i].Peer) // validated when the plan was accepted
-	return id
+// peerOf is the peer holding stage i of this worker's replica pipeline.
+func (w *worker) peerOf(i int) peer.ID { return w.grid[w.rep][i] }
+
+// loadData brings the text this stage reads: stage 0 its replica's training shard
+// and, on replica 0, the validation split. Each comes from the node's local copy if
+// that hashes the same, else from the cache or the launcher over libp2p, verified.
+func (w *worker) loadData() error {
+	if !w.stage.First {
+		return nil
+	}
+	d := w.plan.Data
+	var local [][]byte // the local copy cut as the launcher cut it: [train shards..., val]
+	if w.env.corpus != "" {
+		text, err := data.Load(w.env.corpus)
+		if err != nil {
+			w.log.Warn("local corpus unusable; fetching from the launcher", "path", w.env.corpus, "err", err)
+		} else {
+			tr, val := data.Split(text, w.sp.Data.ValFraction)
+			for r := range w.sp.Pipeline.Replicas {
+				local = append(local, data.Shard(tr, r, w.sp.Pipeline.Replicas))
+			}
+			local = append(local, val)
+		}
+	}
+	get := func(b corpus.Blob, i int, what string) ([]byte, error) {
+		if i < len(local) && corpus.BlobOf(local[i]) == b {
+			w.log.Info("data from the local corpus", "part", what, "sha256", b.Hash[:12], "bytes", b.Size)
+			return local[i], nil
+		}
+		t0 := time.Now()
+		buf, err := w.env.fetch.Fetch(w.ctx, []peer.ID{w.launcher}, b, nil)
+		if err != nil {
+			return nil, fmt.Errorf("fetching the %s (%s) from the launcher: %w", what, b, err)
+		}
+		w.log.Info("data fetched and verified", "part", what, "sha256", b.Hash[:12], "bytes", b.Size, "took", time.Since(t0).Round(time.Millisecond))
+		return buf, nil
+	}
+	text, err := get(d.Train[w.rep], w.rep, fmt.Sprintf("training shard %d", w.rep))
+	if err != nil {
+		return err
+	}
+	if w.sampler, err = data.NewSampler(text, w.stage.Config.SeqLen, w.sp.Seed, w.rep); err != nil {
+		return err
+	}
+	if w.rep == 0 {
+		if w.val, err = get(d.Val, w.sp.Pipeline.Replicas, "validation split"); err != nil {
+			return err
+		}
+		w.eval = train.NewEvaluator([]*shard.Stage{w.stage}, w.val)
+		w.eval.Reuse(w.tapes[:1])
+	}
+	return nil
 }
 
 // start runs the worker until the run finishes or fails; wait for done.
@@ -168,11 +316,23 @@ func (w *worker) start() {
 	go func() {
 		defer close(w.done)
 		w.err = w.loop()
-		if w.err != nil {
+		switch {
+		case errors.Is(w.err, ErrIdle):
+			// The rest of the run goes on without this replica pipeline; nobody should
+			// wait for this stage in an all-reduce.
+			w.log.Warn("idle: this replica pipeline cannot go on", "reason", w.err)
+			if w.group != nil {
+				w.group.Leave()
+			}
+			w.report(Report{Kind: ReportIdle, Error: w.err.Error(), Checkpoint: w.checkpointPath()})
+		case w.err != nil:
 			w.log.Error("run stopped", "err", w.err)
 			w.report(Report{Kind: ReportError, Error: w.err.Error(), Checkpoint: w.checkpointPath()})
 		}
 		w.out.close()
+		if w.group != nil {
+			_ = w.group.Close()
+		}
 	}()
 }
 
@@ -202,6 +362,13 @@ func (w *worker) post(e any) {
 }
 
 func (w *worker) loop() error {
+	if err := w.loadData(); err != nil {
+		return err
+	}
+	w.lastSync = time.Now()
+	if w.group != nil {
+		go w.connectReplicas() // early, so the first outer step does not pay for the dials
+	}
 	if err := w.handle(core.Start{}); err != nil {
 		return err
 	}
@@ -229,6 +396,8 @@ func (w *worker) loop() error {
 				}
 				w.lossSum += e.loss
 				err = w.handle(core.Done{})
+			case syncDone:
+				err = w.synced(e)
 			default:
 				err = w.handle(e)
 			}
@@ -318,7 +487,7 @@ func (w *worker) do(a any) error {
 		// Compute is idle: the core asked for no job.
 		w.stage.ProjectGrads() // a no-op without a subspace; norms are of what the optimiser sees
 		ss := optim.SumSquares(w.stage.Grads)
-		for i := range w.plan.Stages {
+		for i := range w.sp.Pipeline.Stages {
 			if i != w.idx {
 				w.out.control(w.peerOf(i), ctlMsg{Type: msgNorm, Run: w.plan.ID, Norm: &normMsg{Step: a.Step, Stage: w.idx, SumSq: ss}})
 			}
@@ -374,6 +543,8 @@ func (w *worker) do(a any) error {
 				return err
 			}
 		}
+	case core.Sync:
+		w.startSync(a.Step)
 	case core.EvalDone:
 		if w.stage.Last {
 			w.report(Report{Kind: ReportEval, Step: a.Step, ValLoss: w.lossSum / float64(w.windows)})
@@ -384,6 +555,109 @@ func (w *worker) do(a any) error {
 		return fmt.Errorf("unknown action %T", a)
 	}
 	return nil
+}
+
+// startSync begins the outer step after step: the contributions of every fragment due
+// are taken now, while compute is idle, and all-reduced on another goroutine so the
+// loop keeps taking frames; synced applies the result.
+func (w *worker) startSync(step int) {
+	d := w.sp.DiLoCo
+	var frags []int
+	var ys [][]float32
+	for f := range d.Fragments {
+		if d.Due(f, step, w.sp.Train.Steps) {
+			frags = append(frags, f)
+			ys = append(ys, w.outer.Contribution(f, w.stage.Params)) // fragments are disjoint parts of one scratch
+		}
+	}
+	w.syncStart = time.Now()
+	// A replica still computing its inner steps is waited for as long again as this one
+	// took since the last sync, and twice that for margin: slower than that, it is
+	// left behind and fetches the result when it comes back.
+	arrive := 2 * w.syncStart.Sub(w.lastSync)
+	go func() {
+		e := syncDone{step: step, frags: frags, ys: ys}
+		w.connectReplicas()
+		for i, f := range frags {
+			round := uint64(step)*uint64(d.Fragments) + uint64(f)
+			res, err := w.group.AllReduce(w.ctx, round, ys[i], arrive)
+			if errors.Is(err, reduce.ErrBehind) {
+				w.log.Warn("fell behind the other replicas; fetching the stage's global state", "step", step)
+				r, vecs, ferr := w.group.FetchState(w.ctx)
+				if ferr != nil {
+					err = fmt.Errorf("behind the other replicas, and fetching their state failed: %w", ferr)
+				} else {
+					e.fetched, err = &fetchedState{round: r, vecs: vecs}, nil
+					break
+				}
+			}
+			if err != nil {
+				e.err = fmt.Errorf("outer step after step %d: %w", step, err)
+				break
+			}
+			e.results = append(e.results, res)
+		}
+		w.post(e)
+	}()
+}
+
+// connectReplicas makes sure this stage is connected to the other replicas of its
+// stage: the all-reduce only speaks on connections that exist, so that a member
+// whose connection dies is given up at once instead of redialled mid-round.
+func (w *worker) connectReplicas() {
+	for r, row := range w.grid {
+		if r == w.rep || w.host.Network().Connectedness(row[w.idx]) == network.Connected {
+			continue
+		}
+		if err := w.host.Host.Connect(w.ctx, peer.AddrInfo{ID: row[w.idx]}); err != nil {
+			w.log.Warn("cannot reach a replica of this stage", "replica", r, "peer", row[w.idx], "err", err)
+		}
+	}
+}
+
+// synced applies an outer step's all-reduce results (or the fetched global state),
+// reports it, and lets the core go on.
+func (w *worker) synced(e syncDone) error {
+	if e.err != nil {
+		return e.err
+	}
+	rep := &OuterReport{SyncS: time.Since(w.syncStart).Seconds(), Contributors: w.sp.Pipeline.Replicas}
+	if e.fetched != nil {
+		if len(e.fetched.vecs) != 2 || len(e.fetched.vecs[0]) != len(w.outer.Global) || len(e.fetched.vecs[1]) != len(w.outer.Momentum()) {
+			return fmt.Errorf("fetched stage state has the wrong shape")
+		}
+		copy(w.outer.Global, e.fetched.vecs[0])
+		copy(w.outer.Momentum(), e.fetched.vecs[1])
+		copy(w.stage.Params, w.outer.Global)
+		rep.Fetched = true
+	} else {
+		missing := map[int]bool{}
+		contrib := w.sp.Pipeline.Replicas
+		for i, f := range e.frags {
+			res := e.results[i]
+			w.outer.Apply(f, e.ys[i], res.Own, res.Avg, w.stage)
+			rep.SyncBytes += res.Sent
+			for _, m := range res.Missing {
+				missing[m] = true
+			}
+			for _, c := range res.Chunks {
+				contrib = min(contrib, bits.OnesCount64(c.Contributors))
+			}
+		}
+		for m := range missing {
+			rep.Missing = append(rep.Missing, m)
+		}
+		slices.Sort(rep.Missing)
+		rep.Contributors = contrib
+	}
+	w.outer.Rounds++
+	rep.OuterStep, rep.Hash = w.outer.Rounds, w.outer.Hash()
+	w.served.set(uint64(e.step)*uint64(w.sp.DiLoCo.Fragments)+uint64(w.sp.DiLoCo.Fragments-1), w.outer.Global, w.outer.Momentum())
+	w.lastSync = time.Now()
+	w.log.Info("outer step", "step", e.step, "outer_step", rep.OuterStep, "sync_bytes", rep.SyncBytes,
+		"sync_s", fmt.Sprintf("%.3f", rep.SyncS), "weights_hash", rep.Hash, "contributors", rep.Contributors, "missing", rep.Missing, "fetched", rep.Fetched)
+	w.report(Report{Kind: ReportOuter, Step: e.step, Outer: rep})
+	return w.handle(core.Synced{Step: e.step})
 }
 
 func (w *worker) submit(job func() any) {
@@ -462,7 +736,15 @@ func (w *worker) from(kind p2p.Kind) (peer.ID, bool) {
 }
 
 func (w *worker) checkpointPath() string {
+	if w.sp.Pipeline.Replicas > 1 {
+		return filepath.Join(w.dir, fmt.Sprintf("stage-%d-replica-%d.safetensors", w.idx, w.rep))
+	}
 	return filepath.Join(w.dir, fmt.Sprintf("stage-%d.safetensors", w.idx))
+}
+
+// statePath is where the optimiser state beside the stage checkpoint goes.
+func (w *worker) statePath() string {
+	return strings.TrimSuffix(w.checkpointPath(), ".safetensors") + ".state.safetensors"
 }
 
 // checkpoint writes the stage's tensors (global layer names), the spec and the step.
@@ -472,11 +754,26 @@ func (w *worker) checkpoint() error {
 		return err
 	}
 	meta := map[string]string{train.MetaSpec: w.sp.String(), train.MetaStep: strconv.Itoa(w.core.Step())}
-	return shard.SaveCheckpoint(w.checkpointPath(), meta, w.stage)
+	if err := shard.SaveCheckpoint(w.checkpointPath(), meta, w.stage); err != nil {
+		return err
+	}
+	// The optimiser state, so that nothing of it is lost: AdamW's moments and step, and
+	// with replicas the global weights, outer momentum and error-feedback residual.
+	m, v := w.opt.Moments()
+	ts := []shard.Named{{Name: "adam_m", Data: m}, {Name: "adam_v", Data: v}}
+	meta["adam_step"] = strconv.Itoa(w.opt.StepCount())
+	if w.outer != nil {
+		ts = append(ts, shard.Named{Name: "global", Data: w.outer.Global}, shard.Named{Name: "outer_momentum", Data: w.outer.Momentum()})
+		if r := w.outer.Residual(); r != nil {
+			ts = append(ts, shard.Named{Name: "ef_residual", Data: r})
+		}
+		meta["outer_steps"] = strconv.Itoa(w.outer.Rounds)
+	}
+	return shard.SaveTensors(w.statePath(), meta, ts)
 }
 
 func (w *worker) report(r Report) {
-	r.Run, r.Stage, r.Peer = w.plan.ID, w.idx, w.host.ID().String()
+	r.Run, r.Stage, r.Replica, r.Peer = w.plan.ID, w.idx, w.rep, w.host.ID().String()
 	if math.IsNaN(r.Loss) || math.IsInf(r.Loss, 0) {
 		r.Kind, r.Error = ReportError, fmt.Sprintf("loss is %g at step %d", r.Loss, r.Step)
 	}

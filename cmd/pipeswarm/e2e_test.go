@@ -115,6 +115,13 @@ func startSwarm(t *testing.T, dir, spec string, n int, nodeArgs ...string) (spec
 	for _, nd := range nodes {
 		peerArgs = append(peerArgs, "--peer", nd.addrs(t))
 	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			for i, nd := range nodes {
+				t.Logf("node %d:\n%s", i, nd.stderr)
+			}
+		}
+	})
 	return specPath, keyPath, nodes, peerArgs
 }
 

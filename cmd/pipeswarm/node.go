@@ -14,6 +14,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/p2p"
 )
@@ -70,6 +71,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	open := fs.Bool("open", false, "accept runs from any launcher")
 	mdns := fs.Bool("mdns", false, "discover peers on the LAN with mDNS")
 	budget := fs.String("memory-budget", "", "memory this node may use for stages, e.g. 4GiB (overrides memory_budget)")
+	corpusPath := fs.String("corpus", "", "local copy of run text, used where it hashes the same as the launcher's (overrides corpus)")
 	verbose := fs.Bool("v", false, "debug logging")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -102,6 +104,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	cfg.MDNS = cfg.MDNS || *mdns
 	if *budget != "" {
 		cfg.MemoryBudget = *budget
+	}
+	if *corpusPath != "" {
+		cfg.Corpus = *corpusPath
 	}
 	cfg.EnsureDefaults()
 	if err := cfg.Validate(); err != nil {
@@ -138,7 +143,7 @@ The spec is checked before anything is sent.`, stderr)
 	var peers multiFlag
 	fs.Var(&peers, "peer", "multiaddr (with /p2p/ID) of a node, repeatable; or a file of them, one per line (a node's DIR/addrs)")
 	out := fs.String("out", "", "output directory (default runs/<spec name>)")
-	dataPath := fs.String("data", "", "training text on the nodes (overrides data.path)")
+	dataPath := fs.String("data", "", "training text, read here and served to the nodes over libp2p (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	pos, err := parse(fs, args)
@@ -148,12 +153,6 @@ The spec is checked before anything is sent.`, stderr)
 	if len(pos) > 1 {
 		fmt.Fprintf(stderr, "pipeswarm launch: one SPEC at most, got %q\n", pos)
 		return errUsage
-	}
-	if *dataPath != "" {
-		// The nodes resolve the path; on one machine an absolute one works from any data dir.
-		if *dataPath, err = filepath.Abs(*dataPath); err != nil {
-			return err
-		}
 	}
 	sp, err := loadSpec(pos, *dataPath, *steps)
 	if err != nil {
@@ -183,8 +182,24 @@ The spec is checked before anything is sent.`, stderr)
 	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log,
 		OnStep: prog.step, OnPlan: func(as []assign.Assignment) {
 			for _, a := range as {
-				fmt.Fprintf(stderr, "stage %d  layers [%d,%d)  peer %s  needs %s\n", a.Stage, a.Range.Lo, a.Range.Hi, a.Peer, assign.FormatBytes(a.Need))
+				cell := fmt.Sprintf("stage %d", a.Stage)
+				if sp.Pipeline.Replicas > 1 {
+					cell = fmt.Sprintf("stage %d × replica %d", a.Stage, a.Replica)
+				}
+				fmt.Fprintf(stderr, "%s  layers [%d,%d)  peer %s  needs %s\n", cell, a.Range.Lo, a.Range.Hi, a.Peer, assign.FormatBytes(a.Need))
 			}
+		}, OnOuter: func(rows []metrics.Outer) {
+			if *quiet || len(rows) == 0 {
+				return
+			}
+			var bytes int64
+			var slowest float64
+			for _, r := range rows {
+				bytes += r.SyncBytes
+				slowest = max(slowest, r.SyncS)
+			}
+			prog.note(fmt.Sprintf("outer step %d of stage %d after step %d: %d replicas, sync %.2fs, %s sent, weights %s",
+				rows[0].OuterStep, rows[0].Stage, rows[0].Step, len(rows), slowest, assign.FormatBytes(bytes), rows[0].WeightsHash))
 		}})
 	prog.done()
 	if res != nil && res.Steps > 0 {
@@ -194,6 +209,19 @@ The spec is checked before anything is sent.`, stderr)
 		for i := range res.BoundaryFwd {
 			fmt.Fprintf(stdout, "boundary %d→%d: %.1f bytes/token forward, %.1f bytes/token backward\n", i, i+1,
 				float64(res.BoundaryFwd[i])/tokens, float64(res.BoundaryBwd[i])/tokens)
+		}
+		if sp.Pipeline.Replicas > 1 {
+			var sync int64
+			for _, row := range res.SyncBytes {
+				for _, b := range row {
+					sync += b
+				}
+			}
+			fmt.Fprintf(stdout, "outer steps: %d; all-reduce bytes sent, all replicas and stages: %s (%.1f bytes per inner step per replica pipeline)\n",
+				res.OuterSteps, assign.FormatBytes(sync), float64(sync)/float64(res.Steps)/float64(sp.Pipeline.Replicas))
+			if len(res.Broken) > 0 {
+				fmt.Fprintf(stdout, "replica pipelines stopped early: %v\n", res.Broken)
+			}
 		}
 		for i, c := range res.Checkpoints {
 			fmt.Fprintf(stdout, "stage %d checkpoint: %s\n", i, c)

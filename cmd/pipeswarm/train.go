@@ -55,8 +55,23 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot.`, 
 	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: *out, Log: log, OnStep: prog.step})
 	prog.done()
 	if res != nil && res.Steps > 0 {
-		fmt.Fprintf(stdout, "trained %d steps in %s: loss %.4f, val_loss %.4f\nwrote %s\n",
-			res.Steps, res.Elapsed.Round(time.Second), res.Loss, res.ValLoss, *out)
+		fmt.Fprintf(stdout, "trained %d steps in %s: loss %.4f, val_loss %.4f\n",
+			res.Steps, res.Elapsed.Round(time.Second), res.Loss, res.ValLoss)
+		if R := sp.Pipeline.Replicas; R > 1 {
+			// What one replica pipeline sends per inner step, against fp32 gradients of
+			// the whole model every step (data parallel's all-reduce payload).
+			var sync int64
+			for _, row := range res.SyncBytes {
+				for _, b := range row {
+					sync += b
+				}
+			}
+			perStep := float64(sync) / float64(R) / float64(res.Steps)
+			dense := 4 * float64(res.Params)
+			fmt.Fprintf(stdout, "outer syncs: %.0f bytes per inner step per replica pipeline (both phases), %.0f× fewer than fp32 gradients every step (%.0f)\n",
+				perStep, dense/perStep, dense)
+		}
+		fmt.Fprintf(stdout, "wrote %s\n", *out)
 	}
 	return err
 }
@@ -123,6 +138,18 @@ func (p *progress) step(s metrics.Step) {
 		p.last = time.Now()
 		fmt.Fprintln(p.w, line)
 	}
+}
+
+// note prints a line of its own, keeping the status line below it.
+func (p *progress) note(line string) {
+	if p.quiet {
+		return
+	}
+	if p.tty {
+		fmt.Fprintf(p.w, "\r\033[K%s\n", line)
+		return
+	}
+	fmt.Fprintln(p.w, line)
 }
 
 func (p *progress) done() {

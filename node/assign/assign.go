@@ -102,9 +102,9 @@ type Assignment struct {
 	Stage   int
 	Replica int `json:",omitempty"`
 	Peer    string
-	Addrs []string
-	Range shard.Range
-	Need  int64
+	Addrs   []string
+	Range   shard.Range
+	Need    int64
 }
 
 // Plan gives each of the stages of a model shaped c its own peer from offers. Stage 0 gets

@@ -524,7 +524,7 @@ func TestCompressionFieldsAreValidated(t *testing.T) {
 	for src, want := range map[string]string{
 		"compression: {subspace: 64}":      "c.yaml:5: compression.subspace: 64 is outside [0, d_model 32]",
 		"compression: {dense_tail: 3}":     "c.yaml:5: compression.dense_tail: 3 is outside [0, 2]",
-		"compression: {activations: int4}": "c.yaml:5: compression.activations:",
+		"compression: {activations: int2}": "c.yaml:5: compression.activations:",
 		"compression: {gradients: int8/0}": "c.yaml:5: compression.gradients:",
 		"compression: {activations: bf16+zstd, gradients: int8/32, subspace: 4, dense_tail: 2}": "",
 	} {

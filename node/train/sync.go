@@ -1,10 +1,12 @@
 package train
 
 import (
+	"strconv"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -38,7 +40,7 @@ func (y *syncer) step(step, steps int, now func() time.Time) []metrics.Outer {
 			for r, rp := range y.reps {
 				y.ys[r] = rp.outers[s].Contribution(f, rp.m.stages[s].Params)
 			}
-			avg, own, bytes := allReduce(y.reps[0].outers[s].Codec, y.ys)
+			avg, own, bytes := reduce.Reference(y.reps[0].outers[s].Codec, y.ys)
 			for r, rp := range y.reps {
 				rp.outers[s].Apply(f, y.ys[r], own[r], avg, rp.m.stages[s])
 				sent[r] += bytes[r]
@@ -92,3 +94,5 @@ func stateName(s, r int, name string) string {
 	}
 	return "stage." + itoa(s) + ".replica." + itoa(r) + "." + name
 }
+
+func itoa(i int) string { return strconv.Itoa(i) }
