@@ -58,7 +58,7 @@ func TestDiLoCoOnFourNodesMatchesTrain(t *testing.T) {
 		t.Fatal(err)
 	}
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, string(example), 4, "--memory-budget", "1GiB")
-	t.Chdir(dir) // the nodes' working directory stays the package's
+	t.Chdir(dir)       // the nodes' working directory stays the package's
 	const steps = "60" // outer steps after steps 30 and 60, validation after 60
 	out := filepath.Join(dir, "launched")
 	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet",
