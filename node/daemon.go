@@ -57,7 +57,10 @@ type Daemon struct {
 
 	mu   sync.Mutex
 	runs map[uint64]*worker
-	wg   sync.WaitGroup
+	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
+	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
+	faultStallSync int
+	wg             sync.WaitGroup
 }
 
 // NewDaemon locks the data directory, loads (or creates) the node's identity and
@@ -110,6 +113,16 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Daem
 		return nil, err
 	}
 	return d, nil
+}
+
+// SetFaultStallSync makes the stages this node holds from now on hang in the middle
+// of the all-reduce of the outer step after inner step step, as a process that stops
+// responding would: they send their contributions, then never publish the chunks
+// they own. Fault injection for testing how the other replicas cope; 0 turns it off.
+func (d *Daemon) SetFaultStallSync(step int) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.faultStallSync = step
 }
 
 // ID is the node's peer ID.
@@ -346,7 +359,8 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if len(d.runs) >= d.cfg.MaxStages {
 		return fmt.Errorf("refused: this node already holds %d stage(s), its max_stages", len(d.runs))
 	}
-	w, err := newWorker(context.Background(), workerEnv{host: d.host, log: d.log, reduce: d.reduce, fetch: d.fetch, corpus: d.cfg.Corpus},
+	w, err := newWorker(context.Background(), workerEnv{host: d.host, log: d.log, reduce: d.reduce, fetch: d.fetch, corpus: d.cfg.Corpus,
+		faultStallSync: d.faultStallSync},
 		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)))
 	if err != nil {
 		return fmt.Errorf("refused: %w", err)

@@ -116,6 +116,8 @@ type workerEnv struct {
 	reduce *reduce.Service
 	fetch  *corpus.Fetcher
 	corpus string // local copy of run text, or ""
+	// faultStallSync > 0 hangs this stage mid all-reduce after that step (testing).
+	faultStallSync int
 }
 
 type fetchedState struct {
@@ -228,7 +230,8 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		}
 		w.served.set(0, w.outer.Global, w.outer.Momentum())
 		w.group, err = env.reduce.Join(reduce.GroupConfig{Run: plan.ID, Group: uint32(idx), Peers: peers, Self: rep,
-			Codec: w.outer.Codec, MaxValues: len(st.Params), State: w.served.get})
+			Codec: w.outer.Codec, MaxValues: len(st.Params), State: w.served.get,
+			FaultStallFrom: uint64(env.faultStallSync) * uint64(sp.DiLoCo.Fragments)})
 		if err != nil {
 			return nil, err
 		}

@@ -9,6 +9,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 )
@@ -131,5 +132,127 @@ func TestDiLoCoOnFourNodesMatchesTrain(t *testing.T) {
 	}
 	if !strings.Contains(stdout, "outer steps: 2") {
 		t.Errorf("launch summary lacks the outer steps:\n%s", stdout)
+	}
+}
+
+const faultSpec = `name: e2e-faults
+seed: 13
+eval_interval: 4
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, micro_batches: 2, replicas: 3}
+train: {batch_size: 4, steps: 12, lr: 0.003, warmup: 2}
+diloco: {inner_steps: 2, outer_lr: 1.0, outer_momentum: 0, sync: int8/32}
+data: {val_fraction: 0.01}
+`
+
+// waitLog waits for a node to log want.
+func waitLog(t *testing.T, n *nodeProc, want string, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !strings.Contains(n.stderr.String(), want) {
+		if time.Now().After(deadline) {
+			t.Fatalf("node did not log %q within %s:\n%s", want, within, n.stderr)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// A replica that dies (SIGKILL) or stalls (SIGSTOP) in the middle of an all-reduce
+// does not stall its stage: the two other replicas finish the outer step within the
+// deadline with equal weight hashes, the run goes on with the replica pipelines that
+// are still whole, and the broken pipeline's other stage says it is idle.
+func TestReplicaLostMidAllReduceIsLeftBehind(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	for _, sig := range []syscall.Signal{syscall.SIGKILL, syscall.SIGSTOP} {
+		t.Run(sig.String(), func(t *testing.T) {
+			dir := t.TempDir()
+			// Staffing is first-fit in --peer order, replica by replica: node 5 holds
+			// stage 1 of replica 2, node 4 stage 0 of replica 2.
+			specPath, keyPath, nodes, peerArgs := startSwarmWith(t, dir, faultSpec, 6, func(i int) []string {
+				if i == 5 {
+					return []string{"--fault-stall-sync", "4"}
+				}
+				return nil
+			})
+			victim := nodes[5]
+			t.Cleanup(func() { _ = victim.cmd.Process.Kill() }) // also ends a stopped process
+			type result struct {
+				code           int
+				stdout, stderr string
+			}
+			done := make(chan result, 1)
+			out := filepath.Join(dir, "launched")
+			go func() {
+				code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
+				done <- result{code, stdout, stderr}
+			}()
+			waitLog(t, victim, "stalling mid all-reduce", 60*time.Second)
+			if err := victim.cmd.Process.Signal(sig); err != nil {
+				t.Fatal(err)
+			}
+			var r result
+			select {
+			case r = <-done:
+			case <-time.After(120 * time.Second):
+				t.Fatal("launch did not finish within 120 s of the fault")
+			}
+			if r.code != 0 {
+				t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
+			}
+			steps, outers := readRun(t, out)
+			for _, rep := range []int{0, 1} {
+				for step := 1; step <= 12; step++ {
+					if _, ok := steps[[2]int{step, rep}]; !ok {
+						t.Errorf("replica %d has no loss at step %d: the whole pipelines should run to the end", rep, step)
+					}
+				}
+			}
+			if _, ok := steps[[2]int{12, 2}]; ok {
+				t.Errorf("replica 2 trained to the end despite losing a stage")
+			}
+			// The outer step the victim hung in: stage 1's live replicas finished it
+			// without it (within the deadline: launch finished) and agree.
+			var got []metrics.Outer
+			for _, o := range outers {
+				if o.Stage == 1 && o.Step == 4 {
+					got = append(got, o)
+				}
+			}
+			if len(got) != 2 || got[0].WeightsHash != got[1].WeightsHash {
+				t.Fatalf("stage 1 after step 4: outer rows %+v; want replicas 0 and 1 with equal hashes", got)
+			}
+			t.Logf("stage 1 after step 4, without the victim: %+v", got)
+			t.Logf("launch:\n%s", r.stdout)
+			for _, o := range got {
+				if o.Replica == 2 || o.SyncS > 60 {
+					t.Errorf("stage 1 after step 4: %+v; want the live replicas, finished within the deadline", o)
+				}
+			}
+			// Every later outer step goes on with the two whole pipelines, in agreement.
+			by := map[[2]int][]string{}
+			for _, o := range outers {
+				by[[2]int{o.Stage, o.Step}] = append(by[[2]int{o.Stage, o.Step}], o.WeightsHash)
+			}
+			for k, hs := range by {
+				if k[0] == 1 && k[1] > 4 && len(hs) != 2 {
+					t.Errorf("stage %d after step %d: %d replicas synced, want 2", k[0], k[1], len(hs))
+				}
+				for _, h := range hs {
+					if h != hs[0] {
+						t.Errorf("stage %d after step %d: hashes %v differ", k[0], k[1], hs)
+					}
+				}
+			}
+			waitLog(t, nodes[4], "idle: this replica pipeline cannot go on", 10*time.Second)
+			if !strings.Contains(r.stdout, "replica pipelines stopped early: [2]") {
+				t.Errorf("launch summary does not name the broken pipeline:\n%s", r.stdout)
+			}
+			for _, n := range nodes[:5] {
+				_ = n.cmd.Process.Signal(syscall.SIGTERM)
+				<-n.exited
+			}
+		})
 	}
 }

@@ -96,6 +96,12 @@ func (p *nodeProc) addrs(t *testing.T) string {
 // that trust it; it returns the spec and key paths, the nodes, and --peer arguments.
 func startSwarm(t *testing.T, dir, spec string, n int, nodeArgs ...string) (specPath, keyPath string, nodes []*nodeProc, peerArgs []string) {
 	t.Helper()
+	return startSwarmWith(t, dir, spec, n, func(int) []string { return nodeArgs })
+}
+
+// startSwarmWith is startSwarm with each node's extra arguments given by args(i).
+func startSwarmWith(t *testing.T, dir, spec string, n int, args func(i int) []string) (specPath, keyPath string, nodes []*nodeProc, peerArgs []string) {
+	t.Helper()
 	keyPath = filepath.Join(dir, "launcher.key")
 	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
 	if code != 0 {
@@ -110,7 +116,7 @@ func startSwarm(t *testing.T, dir, spec string, n int, nodeArgs ...string) (spec
 		t.Fatal(err)
 	}
 	for i := range n {
-		nodes = append(nodes, startNode(t, filepath.Join(dir, fmt.Sprintf("node%d", i)), append([]string{"--trust", launcherID}, nodeArgs...)...))
+		nodes = append(nodes, startNode(t, filepath.Join(dir, fmt.Sprintf("node%d", i)), append([]string{"--trust", launcherID}, args(i)...)...))
 	}
 	for _, nd := range nodes {
 		peerArgs = append(peerArgs, "--peer", nd.addrs(t))

@@ -73,6 +73,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	budget := fs.String("memory-budget", "", "memory this node may use for stages, e.g. 4GiB (overrides memory_budget)")
 	corpusPath := fs.String("corpus", "", "local copy of run text, used where it hashes the same as the launcher's (overrides corpus)")
 	verbose := fs.Bool("v", false, "debug logging")
+	faultStall := fs.Int("fault-stall-sync", 0, "fault injection for tests: hang mid all-reduce in the outer step after inner step N")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -120,6 +121,10 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	d, err := node.NewDaemon(ctx, cfg, log)
 	if err != nil {
 		return err
+	}
+	if *faultStall > 0 {
+		log.Warn("fault injection: stages will hang in the all-reduce after step", "step", *faultStall)
+		d.SetFaultStallSync(*faultStall)
 	}
 	fmt.Fprintf(stdout, "peer ID %s\n", d.ID())
 	for _, a := range d.Addrs() {

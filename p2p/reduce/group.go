@@ -126,6 +126,16 @@ func (s *Service) Join(cfg GroupConfig) (*Group, error) {
 	}
 	s.groups[key] = g
 	s.mu.Unlock()
+	if from := cfg.FaultStallFrom; from > 0 {
+		var once sync.Once
+		g.hookPublish = func(round uint64, chunk int) bool {
+			if round < from {
+				return true
+			}
+			once.Do(func() { g.log.Warn("stalling mid all-reduce (fault injection)", "round", round, "chunk", chunk) })
+			return false
+		}
+	}
 	go g.loop()
 	return g, nil
 }
