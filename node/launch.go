@@ -188,7 +188,12 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 			}
 		}
 	}
-	return watch(ctx, o, log, plan, reports, lost, abort, idle)
+	up := func(stage, replica int) bool {
+		a, ok := plan.cell(stage, replica)
+		id, err := peer.Decode(a.Peer)
+		return ok && err == nil && h.Network().Connectedness(id) == network.Connected
+	}
+	return watch(ctx, o, log, plan, reports, lost, abort, idle, up)
 }
 
 func newRunID() uint64 {
@@ -257,7 +262,7 @@ func announce(ctx context.Context, h *p2p.Host, plan *Plan, log *slog.Logger) {
 // run goes on while one pipeline is whole. Every outer step's weight hashes must agree
 // across the replicas of a stage, or the run fails.
 func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, reports <-chan Report, lost <-chan peer.ID,
-	abort func(string), idle func(int, string)) (*LaunchResult, error) {
+	abort func(string), idle func(int, string), up func(stage, replica int) bool) (*LaunchResult, error) {
 	sp := o.Spec
 	out := o.OutDir
 	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
@@ -285,7 +290,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	broken := map[int]string{}
 	hashes := map[[2]int]string{}          // (stage, step) -> the first replica's global weights hash
 	outers := map[[2]int][]metrics.Outer{} // (stage, step) -> rows so far
-	lossAt := map[int][]float64{}          // step -> losses reported, for the plot's mean
+	lagging := map[int]bool{}              // replica pipelines left behind by an outer step, still connected
 	emit := func(s metrics.Step) error {
 		if err := mw.Write(s); err != nil {
 			return err
@@ -293,16 +298,8 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		if o.OnStep != nil {
 			o.OnStep(s)
 		}
-		if R == 1 {
-			history = append(history, s)
-			return nil
-		}
-		lossAt[s.Step] = append(lossAt[s.Step], s.Loss)
-		if s.ValLoss != nil || len(lossAt[s.Step]) == R-len(broken) {
-			p := s
-			p.Replica, p.Loss = nil, mean(lossAt[s.Step])
-			history = append(history, p)
-			delete(lossAt, s.Step)
+		if s.Replica == nil || *s.Replica == 0 {
+			history = append(history, s) // the plot follows replica 0, which also carries validation
 		}
 		return nil
 	}
@@ -336,7 +333,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	remaining := func() int {
 		n := 0
 		for r := range R {
-			if _, ok := broken[r]; ok {
+			if _, ok := broken[r]; ok || lagging[r] {
 				continue
 			}
 			for s := range S {
@@ -413,7 +410,14 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					continue
 				}
 				k := [2]int{r.Stage, r.Step}
-				if want, ok := hashes[k]; !ok {
+				if r.Outer.Fetched {
+					// It fell behind and took the others' newer global state: its hash is of
+					// a later outer step than its own step number says.
+					if lagging[r.Replica] {
+						delete(lagging, r.Replica)
+						log.Info("replica pipeline caught up: it fetched the global state", "replica", r.Replica, "stage", r.Stage, "step", r.Step)
+					}
+				} else if want, ok := hashes[k]; !ok {
 					hashes[k] = r.Outer.Hash
 				} else if want != r.Outer.Hash {
 					why := fmt.Sprintf("stage %d after step %d: replica %d's global weights hash %s, another replica's %s: the replicas diverged",
@@ -432,14 +436,24 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					res.OuterSteps++
 				}
 				outers[k] = append(outers[k], row)
-				if o.OnOuter != nil && len(outers[k]) == R-len(broken) {
+				if o.OnOuter != nil && len(outers[k]) >= R-len(broken)-len(lagging) {
 					o.OnOuter(outers[k])
 					delete(outers, k)
 				}
 				for _, m := range r.Outer.Missing {
-					if err := breakPipeline(m, fmt.Sprintf("stage %d of replica %d missed the outer step after step %d (dead or stalled)", r.Stage, m, r.Step)); err != nil {
-						return res, err
+					if _, ok := broken[m]; ok || lagging[m] {
+						continue
 					}
+					if !up(r.Stage, m) {
+						if err := breakPipeline(m, fmt.Sprintf("stage %d of replica %d missed the outer step after step %d and is gone", r.Stage, m, r.Step)); err != nil {
+							return res, err
+						}
+						continue
+					}
+					// Stalled, not gone: if it comes back it fetches the global state and
+					// trains on; the others do not wait for it.
+					lagging[m] = true
+					log.Warn("replica pipeline fell behind; the others go on without waiting", "replica", m, "stage", r.Stage, "step", r.Step)
 				}
 			case ReportDone:
 				done[[2]int{r.Stage, r.Replica}] = true
@@ -464,6 +478,13 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			}
 		}
 	}
+	// Whatever is still behind when every other pipeline has finished has no one left
+	// to sync with.
+	for r := range lagging {
+		if err := breakPipeline(r, fmt.Sprintf("replica %d fell behind and had not caught up when the others finished", r)); err != nil {
+			return res, err
+		}
+	}
 	res.Elapsed = time.Since(start)
 	plot()
 	return res, nil
@@ -474,14 +495,6 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 // (a diverged loss, a bad spec) — those would fail every replica alike.
 func replicable(msg string) bool {
 	return !strings.Contains(msg, "loss is") && !strings.Contains(msg, "refused")
-}
-
-func mean(xs []float64) float64 {
-	var s float64
-	for _, x := range xs {
-		s += x
-	}
-	return s / float64(len(xs))
 }
 
 // cellName names a cell for people: "stage 1" in a run of one replica pipeline,

@@ -67,6 +67,8 @@ type worker struct {
 	group     *reduce.Group
 	syncStart time.Time
 	lastSync  time.Time
+	started0  time.Time // when training began, for the mean time between syncs
+	syncs     int       // outer steps taken
 	served    servedState
 
 	acts, grads, evals map[[2]int]*p2p.Frame // inputs waiting for the core to schedule them
@@ -231,7 +233,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		w.served.set(0, w.outer.Global, w.outer.Momentum())
 		w.group, err = env.reduce.Join(reduce.GroupConfig{Run: plan.ID, Group: uint32(idx), Peers: peers, Self: rep,
 			Codec: w.outer.Codec, MaxValues: len(st.Params), State: w.served.get,
-			FaultStallFrom: uint64(env.faultStallSync) * uint64(sp.DiLoCo.Fragments)})
+			FaultStallRound: uint64(env.faultStallSync) * uint64(sp.DiLoCo.Fragments)})
 		if err != nil {
 			return nil, err
 		}
@@ -369,6 +371,7 @@ func (w *worker) loop() error {
 		return err
 	}
 	w.lastSync = time.Now()
+	w.started0 = w.lastSync
 	if w.group != nil {
 		go w.connectReplicas() // early, so the first outer step does not pay for the dials
 	}
@@ -574,10 +577,13 @@ func (w *worker) startSync(step int) {
 		}
 	}
 	w.syncStart = time.Now()
-	// A replica still computing its inner steps is waited for as long again as this one
-	// took since the last sync, and twice that for margin: slower than that, it is
-	// left behind and fetches the result when it comes back.
-	arrive := 2 * w.syncStart.Sub(w.lastSync)
+	// A replica still computing its inner steps is waited for up to three times what
+	// this one took since its last sync, or on average between syncs, whichever is
+	// longer: replicas share the same work per step, so one slower than that is stalled
+	// or dead. It is left behind and fetches the result if it comes back.
+	span := w.syncStart.Sub(w.lastSync)
+	mean := w.syncStart.Sub(w.started0) / time.Duration(w.syncs+1)
+	arrive := 3 * max(span, mean)
 	go func() {
 		e := syncDone{step: step, frags: frags, ys: ys}
 		w.connectReplicas()
@@ -586,11 +592,9 @@ func (w *worker) startSync(step int) {
 			res, err := w.group.AllReduce(w.ctx, round, ys[i], arrive)
 			if errors.Is(err, reduce.ErrBehind) {
 				w.log.Warn("fell behind the other replicas; fetching the stage's global state", "step", step)
-				r, vecs, ferr := w.group.FetchState(w.ctx)
-				if ferr != nil {
-					err = fmt.Errorf("behind the other replicas, and fetching their state failed: %w", ferr)
-				} else {
-					e.fetched, err = &fetchedState{round: r, vecs: vecs}, nil
+				var fs *fetchedState
+				if fs, err = w.fetchState(round, arrive); err == nil {
+					e.fetched = fs
 					break
 				}
 			}
@@ -602,6 +606,29 @@ func (w *worker) startSync(step int) {
 		}
 		w.post(e)
 	}()
+}
+
+// fetchState downloads the stage's global weights and outer momentum from a live
+// replica once they include round: the others may still be finishing it when this
+// one learns it was left out. It tries for as long as a replica is waited for.
+func (w *worker) fetchState(round uint64, wait time.Duration) (*fetchedState, error) {
+	deadline := time.Now().Add(wait)
+	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
+		r, vecs, err := w.group.FetchState(w.ctx)
+		switch {
+		case err == nil && r >= round:
+			return &fetchedState{round: r, vecs: vecs}, nil
+		case err == nil:
+			err = fmt.Errorf("the replicas' state is of round %d, before round %d", r, round)
+		}
+		if time.Now().After(deadline) || w.ctx.Err() != nil {
+			return nil, fmt.Errorf("behind the other replicas, and fetching their state failed: %w", err)
+		}
+		select {
+		case <-time.After(pause):
+		case <-w.ctx.Done():
+		}
+	}
 }
 
 // connectReplicas makes sure this stage is connected to the other replicas of its
@@ -657,6 +684,7 @@ func (w *worker) synced(e syncDone) error {
 	rep.OuterStep, rep.Hash = w.outer.Rounds, w.outer.Hash()
 	w.served.set(uint64(e.step)*uint64(w.sp.DiLoCo.Fragments)+uint64(w.sp.DiLoCo.Fragments-1), w.outer.Global, w.outer.Momentum())
 	w.lastSync = time.Now()
+	w.syncs++
 	w.log.Info("outer step", "step", e.step, "outer_step", rep.OuterStep, "sync_bytes", rep.SyncBytes,
 		"sync_s", fmt.Sprintf("%.3f", rep.SyncS), "weights_hash", rep.Hash, "contributors", rep.Contributors, "missing", rep.Missing, "fetched", rep.Fetched)
 	w.report(Report{Kind: ReportOuter, Step: e.step, Outer: rep})

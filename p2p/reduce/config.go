@@ -69,11 +69,11 @@ type GroupConfig struct {
 	// Now is the clock deadlines are measured with; nil = time.Now.
 	Now func() time.Time
 
-	// FaultStallFrom is fault injection for tests of the others' fault handling:
-	// from this round on the member stops just before publishing the chunks it owns,
-	// as a process that hangs in the middle of an all-reduce would, and logs
-	// "stalling mid all-reduce". 0 (the default) turns it off.
-	FaultStallFrom uint64
+	// FaultStallRound is fault injection for tests of the others' fault handling:
+	// in this round the member stops just before publishing the chunks it owns, as
+	// a process that hangs in the middle of an all-reduce would, and logs "stalling
+	// mid all-reduce". 0 (the default) turns it off.
+	FaultStallRound uint64
 }
 
 // Validate reports the first unusable field. Errors wrap ErrBadConfig.

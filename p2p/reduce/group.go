@@ -126,10 +126,10 @@ func (s *Service) Join(cfg GroupConfig) (*Group, error) {
 	}
 	s.groups[key] = g
 	s.mu.Unlock()
-	if from := cfg.FaultStallFrom; from > 0 {
+	if stall := cfg.FaultStallRound; stall > 0 {
 		var once sync.Once
 		g.hookPublish = func(round uint64, chunk int) bool {
-			if round < from {
+			if round != stall {
 				return true
 			}
 			once.Do(func() { g.log.Warn("stalling mid all-reduce (fault injection)", "round", round, "chunk", chunk) })
