@@ -256,3 +256,59 @@ func TestReplicaLostMidAllReduceIsLeftBehind(t *testing.T) {
 		})
 	}
 }
+
+// Streaming DiLoCo (fragments synced at staggered steps), synchronous warmup steps and
+// int4 pseudo-gradients with zstd take the same steps on the swarm as in `train`.
+func TestFragmentsWarmupAndInt4OnNodesMatchTrain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	spec := `name: e2e-fragments
+seed: 17
+eval_interval: 4
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, micro_batches: 2, replicas: 2}
+train: {batch_size: 4, steps: 10, lr: 0.003, warmup: 2}
+diloco: {inner_steps: 4, outer_lr: 0.8, outer_momentum: 0.5, sync: int4/32+zstd, fragments: 2, warmup_steps: 1}
+data: {val_fraction: 0.01}
+`
+	dir := t.TempDir()
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 4)
+	out := filepath.Join(dir, "launched")
+	if code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...); code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
+	}
+	ref := filepath.Join(dir, "trained")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	launched, lOuter := readRun(t, out)
+	trained, tOuter := readRun(t, ref)
+	if len(trained) != 20 || len(launched) != 20 {
+		t.Fatalf("%d and %d loss rows, want 20", len(launched), len(trained))
+	}
+	for k, b := range trained {
+		a := launched[k]
+		if relDiff(a.Loss, b.Loss) > 1e-6 || (a.ValLoss == nil) != (b.ValLoss == nil) || (a.ValLoss != nil && relDiff(*a.ValLoss, *b.ValLoss) > 1e-6) {
+			t.Errorf("step %d replica %d: launched %.9f (val %v), trained %.9f (val %v)", k[0], k[1], a.Loss, a.ValLoss, b.Loss, b.ValLoss)
+		}
+	}
+	// Outer steps after step 1 (warmup), 2 and 4 (fragment 0 at H/2, fragment 1 at H), 6, 8
+	// and 10 (the last step syncs everything): 6 per stage and replica.
+	if len(tOuter) != 6*2*2 || len(lOuter) != len(tOuter) {
+		t.Fatalf("%d outer rows launched, %d trained; want 24", len(lOuter), len(tOuter))
+	}
+	hash := map[[3]int]string{}
+	for _, o := range tOuter {
+		hash[[3]int{o.Step, o.Stage, o.Replica}] = o.WeightsHash
+	}
+	for _, o := range lOuter {
+		if want := hash[[3]int{o.Step, o.Stage, o.Replica}]; o.WeightsHash != want {
+			t.Errorf("stage %d replica %d after step %d: hash %s, train's %s", o.Stage, o.Replica, o.Step, o.WeightsHash, want)
+		}
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+		<-n.exited
+	}
+}

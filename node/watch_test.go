@@ -1,0 +1,139 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"strings"
+	"testing"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/p2p"
+)
+
+const gridSpec = `name: grid
+seed: 1
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, replicas: 3}
+train: {batch_size: 4, steps: 4, lr: 0.003}
+diloco: {inner_steps: 2}
+`
+
+// gridPlan is a plan of 2 stages × 3 replicas on made-up peers.
+func gridPlan(t *testing.T) (*spec.Spec, *Plan) {
+	t.Helper()
+	sp, err := spec.Parse([]byte(gridSpec), "grid.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan := &Plan{ID: 7}
+	for r := range 3 {
+		for s := range 2 {
+			k, err := p2p.GenerateKey()
+			if err != nil {
+				t.Fatal(err)
+			}
+			id, _ := p2p.PeerID(k)
+			plan.Stages = append(plan.Stages, assign.Assignment{Stage: s, Replica: r, Peer: id.String()})
+		}
+	}
+	return sp, plan
+}
+
+type watchRun struct {
+	reports chan Report
+	lost    chan peer.ID
+	aborted []string
+	idled   []int
+	down    map[[2]int]bool
+}
+
+func (w *watchRun) run(t *testing.T, sp *spec.Spec, plan *Plan) (*LaunchResult, error) {
+	t.Helper()
+	o := LaunchOptions{Spec: sp, OutDir: t.TempDir()}
+	return watch(context.Background(), o, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
+		func(why string) { w.aborted = append(w.aborted, why) },
+		func(r int, _ string) { w.idled = append(w.idled, r) },
+		func(s, r int) bool { return !w.down[[2]int{s, r}] })
+}
+
+func newWatchRun() *watchRun {
+	return &watchRun{reports: make(chan Report, 100), lost: make(chan peer.ID, 10), down: map[[2]int]bool{}}
+}
+
+func (w *watchRun) report(plan *Plan, r Report) {
+	a, _ := plan.cell(r.Stage, r.Replica)
+	r.Run, r.Peer = plan.ID, a.Peer
+	w.reports <- r
+}
+
+func TestLaunchFailsLoudlyWhenReplicasReportDifferentWeights(t *testing.T) {
+	sp, plan := gridPlan(t)
+	w := newWatchRun()
+	w.report(plan, Report{Stage: 1, Replica: 0, Kind: ReportOuter, Step: 2, Outer: &OuterReport{OuterStep: 1, Hash: "aaaa"}})
+	w.report(plan, Report{Stage: 1, Replica: 2, Kind: ReportOuter, Step: 2, Outer: &OuterReport{OuterStep: 1, Hash: "aaaa"}})
+	w.report(plan, Report{Stage: 1, Replica: 1, Kind: ReportOuter, Step: 2, Outer: &OuterReport{OuterStep: 1, Hash: "bbbb"}})
+	_, err := w.run(t, sp, plan)
+	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "diverged") || !strings.Contains(err.Error(), "bbbb") {
+		t.Fatalf("error %v, want a failure saying the replicas diverged, naming the hashes", err)
+	}
+	if len(w.aborted) != 1 {
+		t.Errorf("aborted %d times, want once", len(w.aborted))
+	}
+}
+
+func TestALostReplicaBreaksOnlyItsPipelineAndItsPartnerIsIdled(t *testing.T) {
+	sp, plan := gridPlan(t)
+	w := newWatchRun()
+	// Stage 1 of replica 2 is gone after step 2: stage 1's others say so.
+	w.down[[2]int{1, 2}] = true
+	w.report(plan, Report{Stage: 1, Replica: 0, Kind: ReportOuter, Step: 2, Outer: &OuterReport{Hash: "h", Missing: []int{2}}})
+	for r := range 2 {
+		for s := range 2 {
+			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
+		}
+	}
+	res, err := w.run(t, sp, plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(w.idled) != 1 || w.idled[0] != 2 || len(res.Broken) != 1 || res.Broken[0] != 2 {
+		t.Errorf("idled %v, broken %v; want replica 2 alone", w.idled, res.Broken)
+	}
+}
+
+func TestAStalledReplicaLagsAndIsLetGoWhenTheOthersFinish(t *testing.T) {
+	sp, plan := gridPlan(t)
+	w := newWatchRun()
+	// Stage 0 of replica 1 missed an outer step but is still connected: it lags, the
+	// run does not wait for it, and when the others are done it is told to stop.
+	w.report(plan, Report{Stage: 0, Replica: 0, Kind: ReportOuter, Step: 2, Outer: &OuterReport{Hash: "h", Missing: []int{1}}})
+	for _, r := range []int{0, 2} {
+		for s := range 2 {
+			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
+		}
+	}
+	res, err := w.run(t, sp, plan)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Broken) != 1 || res.Broken[0] != 1 || len(w.idled) != 1 {
+		t.Errorf("broken %v, idled %v; want replica 1 let go at the end", res.Broken, w.idled)
+	}
+}
+
+func TestLosingTheLastWholePipelineFailsTheRun(t *testing.T) {
+	sp, plan := gridPlan(t)
+	w := newWatchRun()
+	for r := range 3 {
+		w.report(plan, Report{Stage: 0, Replica: r, Kind: ReportIdle, Error: "idle: lost a neighbour"})
+	}
+	_, err := w.run(t, sp, plan)
+	if !errors.Is(err, ErrRunFailed) {
+		t.Fatalf("error %v, want ErrRunFailed once no replica pipeline is whole", err)
+	}
+}
