@@ -79,8 +79,15 @@ func TestDiLoCoOnFourNodesMatchesTrain(t *testing.T) {
 	if len(trained) != 120 || len(launched) != len(trained) {
 		t.Fatalf("launch recorded %d loss rows, train %d; want 120 (60 steps × 2 replicas)", len(launched), len(trained))
 	}
+	var maxDiff float64
 	for k, b := range trained {
 		a, ok := launched[k]
+		if ok {
+			maxDiff = max(maxDiff, relDiff(a.Loss, b.Loss))
+			if a.ValLoss != nil && b.ValLoss != nil {
+				maxDiff = max(maxDiff, relDiff(*a.ValLoss, *b.ValLoss))
+			}
+		}
 		switch {
 		case !ok:
 			t.Errorf("step %d replica %d: no row from launch", k[0], k[1])
@@ -92,6 +99,7 @@ func TestDiLoCoOnFourNodesMatchesTrain(t *testing.T) {
 			t.Errorf("step %d: val_loss %.9f launched, %.9f trained", k[0], *a.ValLoss, *b.ValLoss)
 		}
 	}
+	t.Logf("largest relative difference of a loss or validation loss, launched against trained: %g", maxDiff)
 	// Equal weight hashes on both replicas of each stage after every outer step, and
 	// equal to the reference's; bytes counted alike.
 	type key struct{ step, stage, replica int }

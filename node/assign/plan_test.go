@@ -190,3 +190,26 @@ func TestPlanRejectsImpossibleRequests(t *testing.T) {
 		t.Errorf("more stages than layers: %v, want shard.ErrConfig", err)
 	}
 }
+
+func TestPlanStaffsEveryStageOfEveryReplica(t *testing.T) {
+	var offers []Offer
+	for _, p := range []string{"A", "B", "C", "D", "E"} {
+		offers = append(offers, offer(p, 8<<30))
+	}
+	plan, _, err := Plan(small, 2, 3, microBatch, microBatches, offers)
+	if !errors.Is(err, ErrUnstaffed) || !strings.Contains(err.Error(), "1/2") {
+		t.Fatalf("5 peers for 2 stages × 3 replicas: error %v, want ErrUnstaffed naming cell 1/2 (stage/replica)", err)
+	}
+	offers = append(offers, offer("F", 8<<30))
+	plan, _, err = Plan(small, 2, 3, microBatch, microBatches, offers)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, a := range plan {
+		got = append(got, fmt.Sprintf("%d/%d:%s", a.Stage, a.Replica, a.Peer))
+	}
+	if want := []string{"0/0:A", "1/0:B", "0/1:C", "1/1:D", "0/2:E", "1/2:F"}; !slices.Equal(got, want) {
+		t.Errorf("grid %v, want %v (replica by replica, first fit in offer order)", got, want)
+	}
+}
