@@ -39,7 +39,7 @@ func readRun(t *testing.T, dir string) (map[[2]int]metrics.Step, []metrics.Outer
 
 func relDiff(a, b float64) float64 { return math.Abs(a-b) / math.Max(math.Abs(b), 1e-30) }
 
-// The swarm computes DiLoCo exactly as `train` simulates it: 2 stages × 2 replicas on
+// The swarm computes DiLoCo exactly as `train` simulates it, bit for bit: 2 stages × 2 replicas on
 // four node processes, int8 pseudo-gradients, against `train` on the same spec. Each
 // node has its own data directory and never sees the launcher's corpus path: the text
 // arrives over libp2p, verified by hash.
@@ -91,11 +91,11 @@ func TestDiLoCoOnFourNodesMatchesTrain(t *testing.T) {
 		switch {
 		case !ok:
 			t.Errorf("step %d replica %d: no row from launch", k[0], k[1])
-		case relDiff(a.Loss, b.Loss) > 1e-6:
+		case a.Loss != b.Loss:
 			t.Errorf("step %d replica %d: loss %.9f launched, %.9f trained", k[0], k[1], a.Loss, b.Loss)
 		case (a.ValLoss == nil) != (b.ValLoss == nil):
 			t.Errorf("step %d replica %d: val_loss present %v launched, %v trained", k[0], k[1], a.ValLoss != nil, b.ValLoss != nil)
-		case a.ValLoss != nil && relDiff(*a.ValLoss, *b.ValLoss) > 1e-6:
+		case a.ValLoss != nil && *a.ValLoss != *b.ValLoss:
 			t.Errorf("step %d: val_loss %.9f launched, %.9f trained", k[0], *a.ValLoss, *b.ValLoss)
 		}
 	}
@@ -297,7 +297,7 @@ data: {val_fraction: 0.01}
 	}
 	for k, b := range trained {
 		a := launched[k]
-		if relDiff(a.Loss, b.Loss) > 1e-6 || (a.ValLoss == nil) != (b.ValLoss == nil) || (a.ValLoss != nil && relDiff(*a.ValLoss, *b.ValLoss) > 1e-6) {
+		if a.Loss != b.Loss || (a.ValLoss == nil) != (b.ValLoss == nil) || (a.ValLoss != nil && *a.ValLoss != *b.ValLoss) {
 			t.Errorf("step %d replica %d: launched %.9f (val %v), trained %.9f (val %v)", k[0], k[1], a.Loss, a.ValLoss, b.Loss, b.ValLoss)
 		}
 	}
