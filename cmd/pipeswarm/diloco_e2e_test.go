@@ -281,13 +281,30 @@ diloco: {inner_steps: 4, outer_lr: 0.8, outer_momentum: 0.5, sync: int4/32+zstd,
 data: {val_fraction: 0.01}
 `
 	dir := t.TempDir()
-	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 4)
+	// Node 0 (stage 0 of replica 0) has its own copy of the text and reads it from disk;
+	// node 2 (stage 0 of replica 1) fetches its shard from the launcher.
+	text := filepath.Join(dir, "corpus.txt")
+	if err := os.WriteFile(text, []byte(strings.Repeat("All the world's a stage, and all the men and women merely players. ", 800)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	specPath, keyPath, nodes, peerArgs := startSwarmWith(t, dir, spec, 4, func(i int) []string {
+		if i == 0 {
+			return []string{"--corpus", text}
+		}
+		return nil
+	})
 	out := filepath.Join(dir, "launched")
-	if code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...); code != 0 {
+	if code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet", "--data", text}, peerArgs...)...); code != 0 {
 		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
 	}
+	if log := nodes[0].stderr.String(); !strings.Contains(log, "data from the local corpus") || strings.Contains(log, "data fetched") {
+		t.Errorf("node 0 should have read its shard and the validation split from --corpus:\n%s", log)
+	}
+	if !strings.Contains(nodes[2].stderr.String(), "data fetched and verified") {
+		t.Errorf("node 2 should have fetched its shard:\n%s", nodes[2].stderr)
+	}
 	ref := filepath.Join(dir, "trained")
-	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet", "--data", text); code != 0 {
 		t.Fatalf("train exited %d: %s", code, stderr)
 	}
 	launched, lOuter := readRun(t, out)

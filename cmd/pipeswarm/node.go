@@ -139,10 +139,16 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("launch", "launch SPEC --key FILE --peer MULTIADDR... [--out DIR] [--data PATH] [--steps N]", `
 Launch a pipelined run of the spec SPEC across nodes: ask each --peer what it can
-hold, give every pipeline stage a peer, sign the plan with --key (the nodes must
-trust its ID), start the run, and watch it: step, loss, validation loss, tokens/s.
+hold, give every pipeline stage of every replica pipeline a peer (pipeline.replicas
+× pipeline.stages of them), sign the plan with --key (the nodes must trust its ID),
+start the run, and watch it: step, loss, validation loss, tokens/s, and with replicas
+each outer step's sync time, bytes and weight hash. The launcher reads the training
+text (--data or data.path, else the built-in corpus) and serves each first stage the
+shard it trains on over libp2p; nodes verify it by sha256 and cache it.
 Writes metrics.jsonl, spec.yaml and loss.png into DIR; each node keeps its own stage
-checkpoint. Exits 0 when the run has finished, non-zero with the reason otherwise.
+checkpoint and optimiser state. Exits 0 when the run has finished, non-zero with the
+reason otherwise: a stage that fails, or replicas whose global weights differ. With
+replicas, a stage that dies or stalls stops only its replica pipeline.
 The spec is checked before anything is sent.`, stderr)
 	keyPath := fs.String("key", "", "launcher key written by 'pipeswarm keygen' (required)")
 	var peers multiFlag

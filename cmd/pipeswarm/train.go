@@ -27,8 +27,15 @@ centralised baseline that distributed runs are compared against. Without SPEC it
 trains the built-in examples/tiny.yaml; without data it trains on a built-in corpus
 generated in code, so nothing needs downloading.
 
-Writes into DIR: metrics.jsonl (one JSON object per step), spec.yaml (the effective
-spec), model.safetensors with a Hugging Face config.json beside it, and loss.png.
+With pipeline.replicas > 1 it simulates the replica pipelines and their DiLoCo outer
+steps exactly as a swarm computes them (each replica on its own shard of the text,
+the same pseudo-gradient codec, the same all-reduce arithmetic), and prints what the
+outer syncs would send: the quick way to tune diloco.* before launching.
+
+Writes into DIR: metrics.jsonl (one JSON object per step and replica, and per outer
+step and stage), spec.yaml (the effective spec), model.safetensors with a Hugging
+Face config.json beside it, train-state.safetensors with replicas (outer momentum,
+AdamW moments, error-feedback residuals), and loss.png.
 Ctrl-C stops after the current step and still writes the checkpoint and plot.`, stderr)
 	dataPath := fs.String("data", "", "training text: a file, a directory of text files, or .jsonl with a \"text\" field (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
