@@ -239,6 +239,9 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		}
 	}
 	if w.core, err = core.New(cc); err != nil {
+		if w.group != nil {
+			_ = w.group.Close()
+		}
 		return nil, err
 	}
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
