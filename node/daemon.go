@@ -450,8 +450,24 @@ func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame) error {
 	return nil
 }
 
+// penalise resets the stream and, if err is a protocol violation, counts it against
+// the sender. A stream cut short (reset, timeout, truncated by a peer that died
+// mid-write) is not one: honest peers on lossy links and peers that crash do that.
 func (d *Daemon) penalise(s network.Stream, from peer.ID, err error) {
+	s.Reset()
+	if !violation(err) {
+		d.log.Info("stream ended early; reset", "peer", from, "err", err)
+		return
+	}
 	n := d.host.Penalties().Add(from, err.Error())
 	d.log.Warn("bad message; stream reset", "peer", from, "err", err, "penalties", n)
-	s.Reset()
+}
+
+// violation reports whether err says a peer broke the protocol, as opposed to its
+// stream breaking.
+func violation(err error) bool {
+	if errors.Is(err, io.ErrUnexpectedEOF) {
+		return false
+	}
+	return errors.Is(err, p2p.ErrBadFrame) || errors.Is(err, p2p.ErrBadMsg) || errors.Is(err, core.ErrProtocol)
 }

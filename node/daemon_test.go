@@ -1,6 +1,7 @@
 package node
 
 import (
+	"bytes"
 	"context"
 	"io"
 	"log/slog"
@@ -52,7 +53,10 @@ func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 	good := &p2p.Frame{Kind: p2p.KindActivation, Run: 42, Step: 1, Shape: []uint32{1, 2, 2}, Codec: p2p.CodecF32,
 		Data: []float32{1, 2, 3, 4}}
 	for i, send := range []func(w io.Writer) error{
-		func(w io.Writer) error { _, err := w.Write([]byte("PSWF\x01garbage that is not a header")); return err },
+		func(w io.Writer) error {
+			_, err := w.Write([]byte("PSWF\x01garbage that is not a header, long enough to be read as one"))
+			return err
+		},
 		func(w io.Writer) error { return p2p.WriteFrame(w, good) }, // well formed, but no such run here
 	} {
 		s, err := h.NewStream(ctx, d.ID(), p2p.ProtoActivation)
@@ -70,6 +74,24 @@ func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 		if n := d.host.Penalties().Count(h.ID()); n != i+1 {
 			t.Fatalf("after bad frame %d the sender has %d penalties, want %d", i, n, i+1)
 		}
+	}
+	// A stream cut short (a peer that dies mid-write) is reset but is not misbehaviour.
+	s, err := h.NewStream(ctx, d.ID(), p2p.ProtoActivation)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if err := p2p.WriteFrame(&buf, good); err != nil {
+		t.Fatal(err)
+	}
+	_, _ = s.Write(buf.Bytes()[:buf.Len()/2])
+	_ = s.CloseWrite()
+	_ = s.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := s.Read(make([]byte, 1)); err == nil || err == io.EOF {
+		t.Fatalf("truncated frame: stream ended with %v, want a reset", err)
+	}
+	if n := d.host.Penalties().Count(h.ID()); n != 2 {
+		t.Fatalf("a truncated frame changed the sender's penalties to %d, want them left at 2", n)
 	}
 	r, err := call(ctx, h, d.ID(), ctlMsg{Type: msgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.Peer != d.ID().String() {
