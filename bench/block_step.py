@@ -3,15 +3,25 @@
 RoPE causal attention, SwiGLU), fp32 on CPU, forward + backward + AdamW step.
 
 Prints one JSON line: {"median_ms": ..., "steps": ..., "threads": ..., "gflops": ...}.
-Run with Debian's python3-torch: /usr/bin/python3 bench/block_step.py
+Run with Debian's python3-torch: /usr/bin/python3 bench/block_step.py [--bf16]
+
+--bf16 runs the forward under torch.autocast("cpu", dtype=torch.bfloat16) with fp32
+master weights, as a PyTorch user after speed would. OpenMP's threads are told to
+sleep rather than spin when idle (OMP_WAIT_POLICY=PASSIVE, unless already set): on a
+2-core machine spinning threads slow PyTorch by about 1.5x, and the comparison should
+be against PyTorch at its best.
 """
 import argparse
+import contextlib
 import json
 import math
+import os
 import statistics
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads OpenMP
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 
 
@@ -68,6 +78,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast around the forward")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -79,8 +90,10 @@ def main():
     for i in range(args.warmup + args.steps):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=False)
-        y = blk(x)
-        y.backward(dout)
+        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+        with ctx:
+            y = blk(x)
+        y.float().backward(dout)
         opt.step()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
@@ -90,7 +103,8 @@ def main():
     attn = 2 * 2 * n * args.seq * args.d
     flops = 3 * (proj + attn)
     print(json.dumps({"median_ms": med * 1e3, "steps": args.steps, "threads": args.threads,
-                      "torch": torch.__version__, "gflops": flops / med / 1e9}))
+                      "torch": torch.__version__, "gflops": flops / med / 1e9, "bf16": args.bf16,
+                      "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}))
 
 
 if __name__ == "__main__":
