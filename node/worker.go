@@ -67,8 +67,12 @@ type worker struct {
 	group     *reduce.Group
 	syncStart time.Time
 	lastSync  time.Time
-	started0  time.Time // when training began, for the mean time between syncs
-	syncs     int       // outer steps taken
+	pend      *syncDone    // overlapped outer step to apply after the next step
+	waiting   bool         // the core waits in Sync{syncStep} for pend's all-reduce
+	syncStep  int          // the step whose outer-step work is in progress
+	partial   *OuterReport // what was applied before a blocking outer step at the same step
+	started0  time.Time    // when training began, for the mean time between syncs
+	syncs     int          // outer steps taken
 	served    servedState
 
 	acts, grads, evals map[[2]int]*p2p.Frame // inputs waiting for the core to schedule them
@@ -99,17 +103,28 @@ type (
 		loss float64 // forward on the last stage: this micro-batch's loss
 		err  error
 	}
-	// syncDone: the all-reduces of an outer step finished (or the replica fell behind
-	// and fetched the global state instead).
-	syncDone struct {
-		step    int
-		frags   []int
-		ys      [][]float32
+	// reduceDone: the all-reduces of an outer step finished (or the replica fell
+	// behind and fetched the global state instead).
+	reduceDone struct {
+		e       *syncDone
 		results []*reduce.Result
 		fetched *fetchedState
 		err     error
 	}
 )
+
+// syncDone is an outer step begun after step: its fragments and contributions, and
+// once its all-reduces are done (done), their results.
+type syncDone struct {
+	step       int
+	overlapped bool // applied after the next step (Streaming DiLoCo)
+	frags      []int
+	ys         [][]float32
+	done       bool
+	results    []*reduce.Result
+	fetched    *fetchedState
+	err        error
+}
 
 // workerEnv is what a worker borrows from its daemon.
 type workerEnv struct {
@@ -222,7 +237,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval, EvalBatches: w.evalN}
 	if R > 1 {
 		d, steps := sp.DiLoCo, sp.Train.Steps
-		cc.OuterDue = func(step int) bool { return d.AnyDue(step, steps) }
+		cc.OuterDue = func(step int) bool { return d.SyncAt(step, steps) }
 		if w.outer, err = train.NewOuter(sp, st); err != nil {
 			return nil, err
 		}
@@ -405,8 +420,8 @@ func (w *worker) loop() error {
 				}
 				w.lossSum += e.loss
 				err = w.handle(core.Done{})
-			case syncDone:
-				err = w.synced(e)
+			case reduceDone:
+				err = w.reduced(e)
 			default:
 				err = w.handle(e)
 			}
@@ -553,7 +568,7 @@ func (w *worker) do(a any) error {
 			}
 		}
 	case core.Sync:
-		w.startSync(a.Step)
+		return w.beginSync(a.Step)
 	case core.EvalDone:
 		if w.stage.Last {
 			w.report(Report{Kind: ReportEval, Step: a.Step, ValLoss: w.lossSum / float64(w.windows)})
@@ -566,20 +581,62 @@ func (w *worker) do(a any) error {
 	return nil
 }
 
-// startSync begins the outer step after step: the contributions of every fragment due
-// are taken now, while compute is idle, and all-reduced on another goroutine so the
-// loop keeps taking frames; synced applies the result.
-func (w *worker) startSync(step int) {
+// beginSync does the outer-step work after step, with compute idle: first it applies
+// the overlapped outer steps begun after the step before (waiting for their
+// all-reduce if it is still going), then it takes the contributions of every fragment
+// due now and all-reduces them on another goroutine, so the loop keeps taking frames.
+// Overlapped (Streaming DiLoCo, not the last step), those are applied after the next
+// step and the core goes on at once; otherwise synced applies them when they are done.
+func (w *worker) beginSync(step int) error {
+	w.syncStep = step
+	if w.pend != nil && !w.pend.done {
+		w.waiting = true // syncDone for w.pend resumes here
+		return nil
+	}
+	rep := &OuterReport{Contributors: w.sp.Pipeline.Replicas}
+	applied := false
+	if p := w.pend; p != nil {
+		w.pend = nil
+		if err := w.apply(p, rep, true); err != nil {
+			return err
+		}
+		applied = true
+	}
 	d := w.sp.DiLoCo
-	var frags []int
-	var ys [][]float32
+	overlap := d.Overlapped() && step != w.sp.Train.Steps
+	e := &syncDone{step: step, overlapped: overlap}
 	for f := range d.Fragments {
 		if d.Due(f, step, w.sp.Train.Steps) {
-			frags = append(frags, f)
-			ys = append(ys, w.outer.Contribution(f, w.stage.Params)) // fragments are disjoint parts of one scratch
+			e.frags = append(e.frags, f)
+			// Fragments are disjoint parts of the Outer's scratch, untouched until applied.
+			if overlap {
+				e.ys = append(e.ys, w.outer.Begin(f, w.stage.Params))
+			} else {
+				e.ys = append(e.ys, w.outer.Contribution(f, w.stage.Params))
+			}
 		}
 	}
-	w.syncStart = time.Now()
+	if len(e.frags) > 0 {
+		w.syncStart = time.Now()
+		w.runReduce(e)
+		if !overlap {
+			w.partial = nil
+			if applied {
+				w.partial = rep
+			}
+			return nil // synced finishes the step
+		}
+		w.pend = e
+	}
+	if applied {
+		w.finishOuter(step, rep)
+	}
+	return w.handle(core.Synced{Step: step})
+}
+
+// runReduce all-reduces e's contributions on its own goroutine and posts e back.
+func (w *worker) runReduce(e *syncDone) {
+	d := w.sp.DiLoCo
 	// A replica still computing its inner steps is waited for up to three times what
 	// this one took since its last sync, or on average between syncs, whichever is
 	// longer: replicas share the same work per step, so one slower than that is stalled
@@ -588,27 +645,43 @@ func (w *worker) startSync(step int) {
 	mean := w.syncStart.Sub(w.started0) / time.Duration(w.syncs+1)
 	arrive := 3 * max(span, mean)
 	go func() {
-		e := syncDone{step: step, frags: frags, ys: ys}
 		w.connectReplicas()
-		for i, f := range frags {
-			round := uint64(step)*uint64(d.Fragments) + uint64(f)
-			res, err := w.group.AllReduce(w.ctx, round, ys[i], arrive)
+		var results []*reduce.Result
+		var fetched *fetchedState
+		var err error
+		for i, f := range e.frags {
+			round := uint64(e.step)*uint64(d.Fragments) + uint64(f)
+			var res *reduce.Result
+			res, err = w.group.AllReduce(w.ctx, round, e.ys[i], arrive)
 			if errors.Is(err, reduce.ErrBehind) {
-				w.log.Warn("fell behind the other replicas; fetching the stage's global state", "step", step)
-				var fs *fetchedState
-				if fs, err = w.fetchState(round, arrive); err == nil {
-					e.fetched = fs
+				w.log.Warn("fell behind the other replicas; fetching the stage's global state", "step", e.step)
+				if fetched, err = w.fetchState(round, arrive); err == nil {
 					break
 				}
 			}
 			if err != nil {
-				e.err = fmt.Errorf("outer step after step %d: %w", step, err)
+				err = fmt.Errorf("outer step after step %d: %w", e.step, err)
 				break
 			}
-			e.results = append(e.results, res)
+			results = append(results, res)
 		}
-		w.post(e)
+		w.post(reduceDone{e: e, results: results, fetched: fetched, err: err})
 	}()
+}
+
+// reduced takes a finished all-reduce: an overlapped one waits to be applied after
+// the next step (or is applied now if that step is already waiting for it).
+func (w *worker) reduced(r reduceDone) error {
+	e := r.e
+	e.results, e.fetched, e.err, e.done = r.results, r.fetched, r.err, true
+	if !e.overlapped {
+		return w.synced(e)
+	}
+	if w.waiting {
+		w.waiting = false
+		return w.beginSync(w.syncStep)
+	}
+	return nil
 }
 
 // fetchState downloads the stage's global weights and outer momentum from a live
@@ -648,13 +721,29 @@ func (w *worker) connectReplicas() {
 	}
 }
 
-// synced applies an outer step's all-reduce results (or the fetched global state),
-// reports it, and lets the core go on.
-func (w *worker) synced(e syncDone) error {
+// synced applies a blocking outer step's all-reduce results, reports them (with
+// whatever overlapped steps were applied before them at the same step), and lets the
+// core go on.
+func (w *worker) synced(e *syncDone) error {
+	rep := w.partial
+	w.partial = nil
+	if rep == nil {
+		rep = &OuterReport{Contributors: w.sp.Pipeline.Replicas}
+	}
+	if err := w.apply(e, rep, false); err != nil {
+		return err
+	}
+	w.finishOuter(e.step, rep)
+	return w.handle(core.Synced{Step: e.step})
+}
+
+// apply applies a finished all-reduce (or the global state fetched instead) to the
+// stage and adds it to rep.
+func (w *worker) apply(e *syncDone, rep *OuterReport, overlapped bool) error {
 	if e.err != nil {
 		return e.err
 	}
-	rep := &OuterReport{SyncS: time.Since(w.syncStart).Seconds(), Contributors: w.sp.Pipeline.Replicas}
+	rep.SyncS = max(rep.SyncS, time.Since(w.syncStart).Seconds())
 	if e.fetched != nil {
 		if len(e.fetched.vecs) != 2 || len(e.fetched.vecs[0]) != len(w.outer.Global) || len(e.fetched.vecs[1]) != len(w.outer.Momentum()) {
 			return fmt.Errorf("fetched stage state has the wrong shape")
@@ -663,35 +752,36 @@ func (w *worker) synced(e syncDone) error {
 		copy(w.outer.Momentum(), e.fetched.vecs[1])
 		copy(w.stage.Params, w.outer.Global)
 		rep.Fetched = true
-	} else {
-		missing := map[int]bool{}
-		contrib := w.sp.Pipeline.Replicas
-		for i, f := range e.frags {
-			res := e.results[i]
-			w.outer.Apply(f, e.ys[i], res.Own, res.Avg, w.stage)
-			rep.SyncBytes += res.Sent
-			for _, m := range res.Missing {
-				missing[m] = true
-			}
-			for _, c := range res.Chunks {
-				contrib = min(contrib, bits.OnesCount64(c.Contributors))
-			}
-		}
-		for m := range missing {
-			rep.Missing = append(rep.Missing, m)
-		}
-		slices.Sort(rep.Missing)
-		rep.Contributors = contrib
+		return nil
 	}
+	for i, f := range e.frags {
+		res := e.results[i]
+		w.outer.Apply(f, e.ys[i], res.Own, res.Avg, w.stage, overlapped)
+		rep.SyncBytes += res.Sent
+		for _, m := range res.Missing {
+			if !slices.Contains(rep.Missing, m) {
+				rep.Missing = append(rep.Missing, m)
+			}
+		}
+		for _, c := range res.Chunks {
+			rep.Contributors = min(rep.Contributors, bits.OnesCount64(c.Contributors))
+		}
+	}
+	slices.Sort(rep.Missing)
+	return nil
+}
+
+// finishOuter records an outer step applied after step: the state served to replicas
+// that fall behind, the log line and the report to the launcher.
+func (w *worker) finishOuter(step int, rep *OuterReport) {
 	w.outer.Rounds++
 	rep.OuterStep, rep.Hash = w.outer.Rounds, w.outer.Hash()
-	w.served.set(uint64(e.step)*uint64(w.sp.DiLoCo.Fragments)+uint64(w.sp.DiLoCo.Fragments-1), w.outer.Global, w.outer.Momentum())
+	w.served.set(uint64(step)*uint64(w.sp.DiLoCo.Fragments)+uint64(w.sp.DiLoCo.Fragments-1), w.outer.Global, w.outer.Momentum())
 	w.lastSync = time.Now()
 	w.syncs++
-	w.log.Info("outer step", "step", e.step, "outer_step", rep.OuterStep, "sync_bytes", rep.SyncBytes,
+	w.log.Info("outer step", "step", step, "outer_step", rep.OuterStep, "sync_bytes", rep.SyncBytes,
 		"sync_s", fmt.Sprintf("%.3f", rep.SyncS), "weights_hash", rep.Hash, "contributors", rep.Contributors, "missing", rep.Missing, "fetched", rep.Fetched)
-	w.report(Report{Kind: ReportOuter, Step: e.step, Outer: rep})
-	return w.handle(core.Synced{Step: e.step})
+	w.report(Report{Kind: ReportOuter, Step: step, Outer: rep})
 }
 
 func (w *worker) submit(job func() any) {

@@ -6,6 +6,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -318,10 +319,24 @@ data: {val_fraction: 0.01}
 			t.Errorf("step %d replica %d: launched %.9f (val %v), trained %.9f (val %v)", k[0], k[1], a.Loss, a.ValLoss, b.Loss, b.ValLoss)
 		}
 	}
-	// Outer steps after step 1 (warmup), 2 and 4 (fragment 0 at H/2, fragment 1 at H), 6, 8
-	// and 10 (the last step syncs everything): 6 per stage and replica.
+	// Outer steps begin after step 1 (warmup: every fragment), 2, 6 (fragment 0, at H/2)
+	// and 4, 8 (fragment 1, at H); overlapping the next inner step, they are applied
+	// after steps 2, 3, 5, 7 and 9. The last step's, after 10, blocks: 6 rows per stage
+	// and replica.
 	if len(tOuter) != 6*2*2 || len(lOuter) != len(tOuter) {
 		t.Fatalf("%d outer rows launched, %d trained; want 24", len(lOuter), len(tOuter))
+	}
+	var applied []int
+	for _, o := range lOuter {
+		if o.Stage == 0 && o.Replica == 0 {
+			applied = append(applied, o.Step)
+		}
+	}
+	t.Logf("stage 0 of replica 0 applied outer steps after steps %v", applied)
+	for _, o := range lOuter {
+		if !slices.Contains([]int{2, 3, 5, 7, 9, 10}, o.Step) {
+			t.Errorf("outer step applied after step %d; want 2, 3, 5, 7, 9 and 10", o.Step)
+		}
 	}
 	hash := map[[3]int]string{}
 	for _, o := range tOuter {

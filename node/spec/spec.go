@@ -95,7 +95,8 @@ type DiLoCo struct {
 	Sync string `yaml:"sync"`
 	// Fragments splits each stage's parameters into F parts whose outer steps are
 	// staggered over the H inner steps (Streaming DiLoCo), so each sync moves 1/F of
-	// the stage; 1 syncs everything at once.
+	// the stage; with F > 1 each all-reduce also overlaps the next inner step. 1 syncs
+	// everything at once.
 	Fragments int `yaml:"fragments"`
 	// WarmupSteps is how many first inner steps sync after every step (outer step
 	// with H = 1) before the H-step rhythm starts: replicas that start from the same
@@ -160,6 +161,17 @@ func (o DiLoCo) Due(f, step, steps int) bool {
 	}
 	h := o.InnerSteps
 	return step%h == (f+1)*h/o.Fragments%h
+}
+
+// Overlapped reports whether outer steps overlap the next inner step (Streaming
+// DiLoCo, with more than one fragment): an outer step due after step s (other than
+// the last) starts its all-reduce then and is applied after step s+1.
+func (o DiLoCo) Overlapped() bool { return o.Fragments > 1 }
+
+// SyncAt reports whether a stage has outer-step work after step: one due, or with
+// overlap one begun after the step before to apply.
+func (o DiLoCo) SyncAt(step, steps int) bool {
+	return o.AnyDue(step, steps) || (o.Overlapped() && step > 1 && step-1 < steps && o.AnyDue(step-1, steps))
 }
 
 // AnyDue reports whether some fragment takes an outer step after step.

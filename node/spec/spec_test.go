@@ -585,3 +585,20 @@ func TestOuterStepsFollowInnerStepsWarmupAndFragments(t *testing.T) {
 		}
 	}
 }
+
+func TestOverlappedOuterStepsAreAppliedAfterTheNextStep(t *testing.T) {
+	o := DiLoCo{InnerSteps: 4, Fragments: 2}
+	var got []int
+	for step := 1; step <= 10; step++ {
+		if o.SyncAt(step, 10) {
+			got = append(got, step)
+		}
+	}
+	// Begun after 2, 4, 6, 8 (applied after 3, 5, 7, 9); the last step, 10, blocks.
+	if want := []int{2, 3, 4, 5, 6, 7, 8, 9, 10}; !reflect.DeepEqual(got, want) {
+		t.Errorf("outer-step work after steps %v, want %v", got, want)
+	}
+	if (DiLoCo{InnerSteps: 4, Fragments: 1}).Overlapped() || !o.Overlapped() {
+		t.Error("only more than one fragment overlaps")
+	}
+}

@@ -37,6 +37,7 @@ type Outer struct {
 	opt   *optim.Nesterov
 	resid []float32 // nil for fp32, which loses nothing
 	y     []float32
+	base  []float32 // local weights when an overlapped outer step began
 }
 
 // NewOuter starts the DiLoCo state of stage st from its current parameters, which
@@ -56,7 +57,7 @@ func NewOuter(sp *spec.Spec, st *shard.Stage) (*Outer, error) {
 	if err != nil {
 		return nil, fmt.Errorf("diloco: %w", err)
 	}
-	o := &Outer{Codec: c, Global: append([]float32(nil), st.Params...), Frags: frags, opt: opt, y: make([]float32, n)}
+	o := &Outer{Codec: c, Global: append([]float32(nil), st.Params...), Frags: frags, opt: opt, y: make([]float32, n), base: make([]float32, n)}
 	if c.Kind != codec.F32 {
 		o.resid = make([]float32, n)
 	}
@@ -106,11 +107,22 @@ func (o *Outer) Contribution(f int, local []float32) []float32 {
 	return y
 }
 
-// Apply finishes the outer step on fragment f: y is what Contribution returned, own
-// its decoded form as the all-reduce carried it, avg the decoded average. It steps
-// Global, projects it into the run's subspace through the stage (a no-op without
-// one), and sets the stage's parameters of the fragment to it.
-func (o *Outer) Apply(f int, y, own, avg []float32, st *shard.Stage) {
+// Begin is Contribution for an outer step whose all-reduce overlaps the next inner
+// step (Streaming DiLoCo): it also keeps the fragment's local weights as they are now,
+// so that Apply(..., overlapped) can keep what that inner step adds.
+func (o *Outer) Begin(f int, local []float32) []float32 {
+	s := o.Frags[f]
+	copy(o.base[s.Lo:s.Hi], local[s.Lo:s.Hi])
+	return o.Contribution(f, local)
+}
+
+// Apply finishes the outer step on fragment f: y is what Contribution (or Begin)
+// returned, own its decoded form as the all-reduce carried it, avg the decoded
+// average. It steps Global and projects it into the run's subspace through the stage
+// (a no-op without one). The stage's parameters of the fragment become Global, or,
+// overlapped (the step began with Begin, an inner step ago), Global plus what the
+// inner steps since Begin changed locally.
+func (o *Outer) Apply(f int, y, own, avg []float32, st *shard.Stage, overlapped bool) {
 	s := o.Frags[f]
 	if len(y) != s.Len() || len(own) != s.Len() || len(avg) != s.Len() {
 		panic(fmt.Sprintf("train: Outer.Apply: fragment %d has %d values, got y %d own %d avg %d", f, s.Len(), len(y), len(own), len(avg)))
@@ -125,11 +137,21 @@ func (o *Outer) Apply(f int, y, own, avg []float32, st *shard.Stage) {
 			r[i] = v
 		}
 	}
-	g := o.Global[s.Lo:s.Hi]
+	g, local := o.Global[s.Lo:s.Hi], st.Params[s.Lo:s.Hi]
+	var delta []float32
+	if overlapped {
+		delta = o.base[s.Lo:s.Hi] // reused in place: base becomes local − base
+		for i, v := range local {
+			delta[i] = v - delta[i]
+		}
+	}
 	o.opt.StepAt(s.Lo, g, avg)
-	copy(st.Params[s.Lo:s.Hi], g)
+	copy(local, g)
 	st.ProjectParams()
-	copy(g, st.Params[s.Lo:s.Hi])
+	copy(g, local)
+	for i, v := range delta {
+		local[i] += v
+	}
 }
 
 // Momentum is the outer momentum buffer (for checkpoints and state transfer).

@@ -166,3 +166,35 @@ func TestFragmentsCutAtTensorBoundariesAndCoverTheStage(t *testing.T) {
 		t.Error("more fragments than tensors: no error")
 	}
 }
+
+// An overlapped outer step (Streaming DiLoCo) keeps what the inner step taken during
+// its all-reduce changed: local = new global + (local now − local when it began).
+func TestOverlappedOuterStepKeepsTheInnerProgressMadeMeanwhile(t *testing.T) {
+	sp := testSpec(t, strings.Replace(replicaSpec, "sync: int8/32", "sync: fp32", 1))
+	st, err := shard.NewStages(ModelConfig(sp), 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := st[1]
+	s.Init(3)
+	o, err := NewOuter(sp, s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range s.Params {
+		s.Params[i] += 0.01 // trained a little since the last sync
+	}
+	y := append([]float32(nil), o.Begin(0, s.Params)...)
+	began := append([]float32(nil), s.Params...)
+	for i := range s.Params {
+		s.Params[i] += 0.002 // the inner step taken while the all-reduce runs
+	}
+	avg := append([]float32(nil), y...) // alone: the average is its own change
+	o.Apply(0, y, y, avg, s, true)
+	for i, v := range s.Params {
+		want := began[i] + 0.002 // global moved to where the replica was when it began
+		if math.Abs(float64(v-want)) > 1e-6 || math.Abs(float64(o.Global[i]-began[i])) > 1e-6 {
+			t.Fatalf("param %d: local %v, global %v; want local %v and global %v", i, v, o.Global[i], want, began[i])
+		}
+	}
+}
