@@ -72,16 +72,9 @@ func WriteCheckpoint(w io.Writer, meta map[string]string, stages ...*Stage) erro
 	if _, err := bw.Write(header); err != nil {
 		return fmt.Errorf("write checkpoint header: %w", err)
 	}
-	var buf [4096]byte
 	for _, s := range stages {
-		for i := 0; i < len(s.Params); i += len(buf) / 4 {
-			chunk := s.Params[i:min(i+len(buf)/4, len(s.Params))]
-			for j, v := range chunk {
-				binary.LittleEndian.PutUint32(buf[4*j:], math.Float32bits(v))
-			}
-			if _, err := bw.Write(buf[:4*len(chunk)]); err != nil {
-				return fmt.Errorf("write checkpoint data: %w", err)
-			}
+		if err := writeFloats(bw, s.Params); err != nil {
+			return fmt.Errorf("write checkpoint data: %w", err)
 		}
 	}
 	if err := bw.Flush(); err != nil {
@@ -102,16 +95,11 @@ func checkpointHeader(meta map[string]string, stages []*Stage) ([]byte, error) {
 	}
 	m[MetaFormat] = "pt"
 	m[MetaLayers] = layersString(stages)
-	mj, err := json.Marshal(m) // sorted keys: the same inputs give the same bytes
+	h, err := newHeader(m)
 	if err != nil {
-		return nil, fmt.Errorf("%w: metadata: %v", ErrCheckpoint, err)
+		return nil, err
 	}
-	var h bytes.Buffer
-	h.Write(make([]byte, 8))
-	h.WriteString(`{"__metadata__":`)
-	h.Write(mj)
 	seen := map[string]bool{}
-	off := 0
 	for _, s := range stages {
 		if s.Config != stages[0].Config {
 			return nil, fmt.Errorf("%w: stages of different model configs (%+v, %+v)", ErrCheckpoint, stages[0].Config, s.Config)
@@ -124,20 +112,62 @@ func checkpointHeader(meta map[string]string, stages []*Stage) ([]byte, error) {
 				return nil, fmt.Errorf("%w: tensor %q held by two stages", ErrCheckpoint, t.Name)
 			}
 			seen[t.Name] = true
-			name, _ := json.Marshal(t.Name)
-			shape, _ := json.Marshal(t.Shape)
-			end := off + 4*t.Len()
-			fmt.Fprintf(&h, `,%s:{"dtype":"F32","shape":%s,"data_offsets":[%d,%d]}`, name, shape, off, end)
-			off = end
+			h.add(t.Name, t.Shape, t.Len())
 		}
 	}
-	h.WriteByte('}')
-	for h.Len()%8 != 0 {
-		h.WriteByte(' ')
+	return h.finish(), nil
+}
+
+// header builds a safetensors header: an 8-byte length, then JSON with the metadata
+// first and the F32 tensors in data order, padded with spaces to a multiple of 8.
+type header struct {
+	b   bytes.Buffer
+	off int
+}
+
+func newHeader(meta map[string]string) (*header, error) {
+	mj, err := json.Marshal(meta) // sorted keys: the same inputs give the same bytes
+	if err != nil {
+		return nil, fmt.Errorf("%w: metadata: %v", ErrCheckpoint, err)
 	}
-	b := h.Bytes()
+	h := &header{}
+	h.b.Write(make([]byte, 8))
+	h.b.WriteString(`{"__metadata__":`)
+	h.b.Write(mj)
+	return h, nil
+}
+
+func (h *header) add(name string, shape []int, n int) {
+	nj, _ := json.Marshal(name)
+	sj, _ := json.Marshal(shape)
+	end := h.off + 4*n
+	fmt.Fprintf(&h.b, `,%s:{"dtype":"F32","shape":%s,"data_offsets":[%d,%d]}`, nj, sj, h.off, end)
+	h.off = end
+}
+
+func (h *header) finish() []byte {
+	h.b.WriteByte('}')
+	for h.b.Len()%8 != 0 {
+		h.b.WriteByte(' ')
+	}
+	b := h.b.Bytes()
 	binary.LittleEndian.PutUint64(b, uint64(len(b)-8))
-	return b, nil
+	return b
+}
+
+// writeFloats writes v as little-endian float32s through a small buffer.
+func writeFloats(w io.Writer, v []float32) error {
+	var buf [4096]byte
+	for i := 0; i < len(v); i += len(buf) / 4 {
+		chunk := v[i:min(i+len(buf)/4, len(v))]
+		for j, x := range chunk {
+			binary.LittleEndian.PutUint32(buf[4*j:], math.Float32bits(x))
+		}
+		if _, err := w.Write(buf[:4*len(chunk)]); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // layersString renders the stages' layer ranges as "lo-hi[,lo-hi...]", merging
@@ -528,44 +558,27 @@ type Named struct {
 // safetensors format, atomically as SaveCheckpoint does; ReadCheckpoint and
 // LoadCheckpoint read them back.
 func SaveTensors(path string, meta map[string]string, tensors []Named) error {
+	h, err := newHeader(meta)
+	if err != nil {
+		return err
+	}
+	seen := map[string]bool{}
+	for _, t := range tensors {
+		if seen[t.Name] || t.Name == "" {
+			return fmt.Errorf("%w: tensor name %q empty or repeated", ErrCheckpoint, t.Name)
+		}
+		seen[t.Name] = true
+		h.add(t.Name, []int{len(t.Data)}, len(t.Data))
+	}
+	hb := h.finish()
 	return writeFileAtomic(path, func(w io.Writer) error {
-		mj, err := json.Marshal(meta)
-		if err != nil {
-			return fmt.Errorf("%w: metadata: %v", ErrCheckpoint, err)
-		}
-		var h bytes.Buffer
-		h.Write(make([]byte, 8))
-		h.WriteString(`{"__metadata__":`)
-		h.Write(mj)
-		seen := map[string]bool{}
-		off := 0
-		for _, t := range tensors {
-			if seen[t.Name] || t.Name == "" {
-				return fmt.Errorf("%w: tensor name %q empty or repeated", ErrCheckpoint, t.Name)
-			}
-			seen[t.Name] = true
-			name, _ := json.Marshal(t.Name)
-			end := off + 4*len(t.Data)
-			fmt.Fprintf(&h, `,%s:{"dtype":"F32","shape":[%d],"data_offsets":[%d,%d]}`, name, len(t.Data), off, end)
-			off = end
-		}
-		h.WriteByte('}')
-		for h.Len()%8 != 0 {
-			h.WriteByte(' ')
-		}
-		b := h.Bytes()
-		binary.LittleEndian.PutUint64(b, uint64(len(b)-8))
 		bw := bufio.NewWriterSize(w, 1<<16)
-		if _, err := bw.Write(b); err != nil {
+		if _, err := bw.Write(hb); err != nil {
 			return fmt.Errorf("write tensors: %w", err)
 		}
-		var buf [4]byte
 		for _, t := range tensors {
-			for _, v := range t.Data {
-				binary.LittleEndian.PutUint32(buf[:], math.Float32bits(v))
-				if _, err := bw.Write(buf[:]); err != nil {
-					return fmt.Errorf("write tensors: %w", err)
-				}
+			if err := writeFloats(bw, t.Data); err != nil {
+				return fmt.Errorf("write tensors: %w", err)
 			}
 		}
 		if err := bw.Flush(); err != nil {
