@@ -99,6 +99,9 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Daem
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}}
 	penalise := func(p peer.ID, err error) {
+		if errors.Is(err, io.ErrUnexpectedEOF) {
+			return // a stream cut short by a peer that died mid-write: not misbehaviour
+		}
 		n := h.Penalties().Add(p, err.Error())
 		log.Warn("bad message", "peer", p, "err", err, "penalties", n)
 	}
