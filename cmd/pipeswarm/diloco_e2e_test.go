@@ -5,6 +5,7 @@ import (
 	"encoding/hex"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -351,4 +352,61 @@ data: {val_fraction: 0.01}
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
 		<-n.exited
 	}
+}
+
+// `train` stopped by SIGTERM and run again with --resume takes exactly the steps the
+// uninterrupted run takes (compared row by row, timings aside).
+func TestTrainSIGTERMedAndResumedMatchesTheUninterruptedRun(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "run.yaml")
+	spec := strings.Replace(faultSpec, "steps: 12", "steps: 100", 1)
+	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	full := filepath.Join(dir, "full")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", full, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	part := filepath.Join(dir, "part")
+	cmd := exec.Command(os.Args[0], "train", specPath, "--out", part, "--quiet")
+	cmd.Env = append(os.Environ(), "PIPESWARM_AS_CLI=1")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if steps, _ := metrics.ReadFile(filepath.Join(part, "metrics.jsonl")); len(steps) >= 30 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("train made no progress in 60 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err == nil {
+		t.Fatal("train exited 0 after SIGTERM; want the interruption reported")
+	}
+	stopped, _ := metrics.ReadFile(filepath.Join(part, "metrics.jsonl"))
+	if last := stopped[len(stopped)-1].Step; last >= 100 {
+		t.Fatalf("SIGTERM came after the last step (%d)", last)
+	}
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", part, "--quiet", "--resume"); code != 0 {
+		t.Fatalf("train --resume exited %d: %s", code, stderr)
+	}
+	a, _ := readRun(t, part)
+	b, _ := readRun(t, full)
+	if len(a) != len(b) {
+		t.Fatalf("%d loss rows after resuming, %d uninterrupted", len(a), len(b))
+	}
+	for k, want := range b {
+		got := a[k]
+		if got.Loss != want.Loss || (got.ValLoss == nil) != (want.ValLoss == nil) || (got.ValLoss != nil && *got.ValLoss != *want.ValLoss) {
+			t.Fatalf("step %d replica %d: resumed loss %v (val %v), uninterrupted %v (val %v)", k[0], k[1], got.Loss, got.ValLoss, want.Loss, want.ValLoss)
+		}
+	}
+	t.Logf("stopped after step %d of 100, resumed; all %d rows equal", stopped[len(stopped)-1].Step, len(b))
 }

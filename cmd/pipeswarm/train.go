@@ -21,7 +21,7 @@ import (
 )
 
 func runTrain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("train", "train [SPEC] [--data PATH] [--steps N] [--out DIR]", `
+	fs := newFlagSet("train", "train [SPEC] [--data PATH] [--steps N] [--out DIR] [--resume]", `
 Train every stage of the run spec SPEC (a YAML file) in this one process: the
 centralised baseline that distributed runs are compared against. Without SPEC it
 trains the built-in examples/tiny.yaml; without data it trains on a built-in corpus
@@ -36,11 +36,14 @@ Writes into DIR: metrics.jsonl (one JSON object per step and replica, and per ou
 step and stage), spec.yaml (the effective spec), model.safetensors with a Hugging
 Face config.json beside it, train-state.safetensors with replicas (outer momentum,
 AdamW moments, error-feedback residuals), and loss.png.
-Ctrl-C stops after the current step and still writes the checkpoint and plot.`, stderr)
+Ctrl-C stops after the current step and still writes the checkpoint and plot;
+--resume continues from there (or from the last evaluation after a crash) and takes
+the same steps the uninterrupted run would have.`, stderr)
 	dataPath := fs.String("data", "", "training text: a file, a directory of text files, or .jsonl with a \"text\" field (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	out := fs.String("out", "", "output directory (default runs/<spec name>)")
 	quiet := fs.Bool("quiet", false, "no progress display")
+	resume := fs.Bool("resume", false, "continue the run in --out from its last checkpoint (same SPEC, --data and --steps), exactly as if it had not stopped")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -59,7 +62,7 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot.`, 
 	log := newLogger(stderr, slog.LevelInfo)
 	log.Info("compute", "blas", compute.Backend(), "workers", compute.Workers())
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
-	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: *out, Log: log, OnStep: prog.step})
+	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: *out, Log: log, OnStep: prog.step, Resume: *resume})
 	prog.done()
 	if res != nil && res.Steps > 0 {
 		fmt.Fprintf(stdout, "trained %d steps in %s: loss %.4f, val_loss %.4f\n",

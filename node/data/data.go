@@ -270,3 +270,15 @@ func Shard(train []byte, r, n int) []byte {
 	lo, hi := len(train)*r/n, len(train)*(r+1)/n
 	return train[lo:hi:hi]
 }
+
+// State returns the sampler's position in its stream, for a checkpoint.
+func (s *Sampler) State() ([]byte, error) { return s.rng.MarshalBinary() }
+
+// SetState moves the sampler to a position State returned, so a resumed run draws
+// the sequences the uninterrupted one would have.
+func (s *Sampler) SetState(b []byte) error {
+	if err := s.rng.UnmarshalBinary(b); err != nil {
+		return fmt.Errorf("data: sampler state: %w", err)
+	}
+	return nil
+}

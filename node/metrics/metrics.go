@@ -71,6 +71,20 @@ func (w *Writer) Write(s Step) error {
 	return nil
 }
 
+// WriteRaw appends a row already encoded (a resumed run keeps its earlier rows).
+func (w *Writer) WriteRaw(row json.RawMessage) error {
+	if _, err := w.buf.Write(row); err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	if err := w.buf.WriteByte('\n'); err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	if err := w.buf.Flush(); err != nil {
+		return fmt.Errorf("metrics: %w", err)
+	}
+	return nil
+}
+
 // WriteOuter appends one outer-step row.
 func (w *Writer) WriteOuter(o Outer) error {
 	if err := w.enc.Encode(o); err != nil {

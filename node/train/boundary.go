@@ -157,3 +157,21 @@ func (b *Boundary) carry(f *p2p.Frame) ([]float32, int64) {
 type countingWriter struct{ n int64 }
 
 func (c *countingWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return len(p), nil }
+
+// Residual is the error the lossy gradient codec carries into the next micro-batch
+// (nil before the first gradient, and for fp32). It aliases the boundary's state.
+func (b *Boundary) Residual() []float32 {
+	if b.ef == nil {
+		return nil
+	}
+	return b.ef.Residual()
+}
+
+// SetResidual restores a Residual from a checkpoint.
+func (b *Boundary) SetResidual(r []float32) {
+	if b.bwd.Kind == codec.F32 || len(r) == 0 {
+		return
+	}
+	b.ef, b.grd = codec.NewErrorFeedback(b.bwd, len(r)), make([]float32, len(r))
+	copy(b.ef.Residual(), r)
+}

@@ -157,6 +157,10 @@ func (o *Outer) Apply(f int, y, own, avg []float32, st *shard.Stage, overlapped 
 // Momentum is the outer momentum buffer (for checkpoints and state transfer).
 func (o *Outer) Momentum() []float32 { return o.opt.Momentum() }
 
+// Base is the local weights kept by Begin (for checkpoints: an overlapped outer step
+// in progress at a checkpoint is begun again on resume from the same state).
+func (o *Outer) Base() []float32 { return o.base }
+
 // Residual is the error-feedback residual; nil for fp32.
 func (o *Outer) Residual() []float32 { return o.resid }
 

@@ -1,7 +1,10 @@
 package train
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
+	"fmt"
 	"math"
 	"os"
 	"path/filepath"
@@ -196,5 +199,83 @@ func TestOverlappedOuterStepKeepsTheInnerProgressMadeMeanwhile(t *testing.T) {
 		if math.Abs(float64(v-want)) > 1e-6 || math.Abs(float64(o.Global[i]-began[i])) > 1e-6 {
 			t.Fatalf("param %d: local %v, global %v; want local %v and global %v", i, v, o.Global[i], want, began[i])
 		}
+	}
+}
+
+// A run stopped after step k and resumed takes exactly the steps the uninterrupted
+// run takes: the same loss at every step after k, the same validation losses and
+// outer-step hashes, and metrics.jsonl as if it had never stopped.
+func TestResumeTakesTheSameStepsAsTheUninterruptedRun(t *testing.T) {
+	for name, src := range map[string]string{
+		"one replica": smallSpec,
+		"replicas":    replicaSpec,
+		"fragments, overlapped, lossy boundaries": strings.Replace(replicaSpec, "sync: int8/32}",
+			"sync: int4/32, fragments: 2, warmup_steps: 1}\ncompression: {gradients: int8/32}", 1),
+	} {
+		sp := testSpec(t, src)
+		sp.Train.Steps = 9
+		full := t.TempDir()
+		if _, err := Run(context.Background(), Options{Spec: sp, OutDir: full}); err != nil {
+			t.Fatal(err)
+		}
+		// After step 4 an overlapped outer step is in flight (with fragments); after 5 not.
+		for _, stop := range []int{4, 5} {
+			t.Run(fmt.Sprintf("%s, stopped after step %d", name, stop), func(t *testing.T) {
+				part := t.TempDir()
+				ctx, cancel := context.WithCancel(context.Background())
+				_, err := Run(ctx, Options{Spec: sp, OutDir: part, OnStep: func(s metrics.Step) {
+					if s.Step == stop {
+						cancel()
+					}
+				}})
+				cancel()
+				if err == nil {
+					t.Fatal("the interrupted run finished")
+				}
+				if _, err := Run(context.Background(), Options{Spec: sp, OutDir: part, Resume: true}); err != nil {
+					t.Fatal(err)
+				}
+				want, _ := os.ReadFile(filepath.Join(full, MetricsFile))
+				got, _ := os.ReadFile(filepath.Join(part, MetricsFile))
+				strip := func(b []byte) string { // timings differ; everything else must not
+					var out []string
+					for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+						var row map[string]any
+						if err := json.Unmarshal([]byte(line), &row); err != nil {
+							t.Fatal(err)
+						}
+						delete(row, "tokens_per_s")
+						delete(row, "elapsed_s")
+						delete(row, "sync_s")
+						j, _ := json.Marshal(row)
+						out = append(out, string(j))
+					}
+					return strings.Join(out, "\n")
+				}
+				if a, b := strip(got), strip(want); a != b {
+					t.Errorf("resumed metrics differ from the uninterrupted run's:\n%s\nwant:\n%s", a, b)
+				}
+				a, _ := os.ReadFile(filepath.Join(part, CheckpointFile))
+				b, _ := os.ReadFile(filepath.Join(full, CheckpointFile))
+				if !bytes.Equal(a, b) {
+					t.Error("resumed model.safetensors differs from the uninterrupted run's")
+				}
+			})
+		}
+	}
+}
+
+func TestResumeRefusesAnotherSpecAndAnEmptyDirectory(t *testing.T) {
+	sp := testSpec(t, smallSpec)
+	dir := t.TempDir()
+	if _, err := Run(context.Background(), Options{Spec: sp, OutDir: dir, Resume: true}); err == nil || !strings.Contains(err.Error(), "nothing to resume") {
+		t.Errorf("resume of an empty directory: %v, want a refusal saying there is nothing to resume", err)
+	}
+	if _, err := Run(context.Background(), Options{Spec: sp, OutDir: dir}); err != nil {
+		t.Fatal(err)
+	}
+	other := testSpec(t, strings.Replace(smallSpec, "lr: 0.003", "lr: 0.002", 1))
+	if _, err := Run(context.Background(), Options{Spec: other, OutDir: dir, Resume: true}); err == nil || !strings.Contains(err.Error(), "another spec") {
+		t.Errorf("resume with another spec: %v, want a refusal", err)
 	}
 }

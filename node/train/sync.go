@@ -1,6 +1,9 @@
 package train
 
 import (
+	"encoding/hex"
+	"errors"
+	"fmt"
 	"strconv"
 	"time"
 
@@ -37,7 +40,6 @@ func newSyncer(sp *spec.Spec, reps []*replica) *syncer {
 // began, then the outer steps due now) and returns one row per (stage, replica) that
 // applied an outer step.
 func (y *syncer) step(step, steps int, now func() time.Time) []metrics.Outer {
-	d := y.sp.DiLoCo
 	S, R := len(y.reps[0].outers), len(y.reps)
 	sent := make([][]int64, S)
 	took := make([]float64, S)
@@ -53,6 +55,27 @@ func (y *syncer) step(step, steps int, now func() time.Time) []metrics.Outer {
 		applied[p.s] = true
 	}
 	y.pending = y.pending[:0]
+	y.begin(step, steps, sent, took, applied, now)
+	var out []metrics.Outer
+	for s := range S {
+		if !applied[s] {
+			continue
+		}
+		for r, rp := range y.reps {
+			o := rp.outers[s]
+			o.Rounds++
+			out = append(out, metrics.Outer{Step: step, OuterStep: o.Rounds, Stage: s, Replica: r, SyncBytes: sent[s][r],
+				SyncS: took[s], WeightsHash: o.Hash(), Contributors: R})
+		}
+	}
+	return out
+}
+
+// begin takes the outer steps due after step: overlapped ones are all-reduced now and
+// left pending, the others applied (marked in applied, their bytes added to sent).
+func (y *syncer) begin(step, steps int, sent [][]int64, took []float64, applied []bool, now func() time.Time) {
+	d := y.sp.DiLoCo
+	S, R := len(y.reps[0].outers), len(y.reps)
 	overlap := d.Overlapped() && step != steps
 	for s := range S {
 		t0 := now()
@@ -81,46 +104,144 @@ func (y *syncer) step(step, steps int, now func() time.Time) []metrics.Outer {
 		}
 		took[s] = now().Sub(t0).Seconds()
 	}
-	var out []metrics.Outer
-	for s := range S {
-		if !applied[s] {
-			continue
-		}
-		for r, rp := range y.reps {
-			o := rp.outers[s]
-			o.Rounds++
-			out = append(out, metrics.Outer{Step: step, OuterStep: o.Rounds, Stage: s, Replica: r, SyncBytes: sent[s][r],
-				SyncS: took[s], WeightsHash: o.Hash(), Contributors: R})
-		}
-	}
-	return out
 }
 
-// saveState writes the optimiser state model.safetensors leaves out: per stage the
-// outer momentum (the global weights are model.safetensors' own, as every replica
-// holds them after the last outer step), and per replica and stage the AdamW moments
-// and step and the error-feedback residual.
-func saveState(path string, meta map[string]string, reps []*replica) error {
-	var ts []shard.Named
-	for s, o := range reps[0].outers {
-		ts = append(ts, shard.Named{Name: stateName(s, -1, "outer_momentum"), Data: o.Momentum()})
+// resumeAfter restores what a run stopped after step had in flight: overlapped outer
+// steps begun after it, begun again from the same state (the checkpoint holds the
+// weights, residuals and momentum as they were when they began), so they give the
+// same results.
+func (y *syncer) resumeAfter(step, steps int) {
+	d := y.sp.DiLoCo
+	if !d.Overlapped() || step == steps || !d.AnyDue(step, steps) {
+		return
 	}
+	S, R := len(y.reps[0].outers), len(y.reps)
+	sent, took, applied := make([][]int64, S), make([]float64, S), make([]bool, S)
+	for s := range sent {
+		sent[s] = make([]int64, R)
+	}
+	y.begin(step, steps, sent, took, applied, time.Now)
+}
+
+// saveState writes what model.safetensors does not hold and a resumed run needs: per
+// replica its weights, AdamW moments and step, data sampler position and boundary
+// error-feedback residuals, and with replicas per stage the global weights and outer
+// momentum and per replica the pseudo-gradient residual and Begin's snapshot.
+func saveState(path string, meta map[string]string, reps []*replica) error {
 	m := map[string]string{}
 	for k, v := range meta {
 		m[k] = v
 	}
+	var ts []shard.Named
+	add := func(name string, data []float32) {
+		if data != nil {
+			ts = append(ts, shard.Named{Name: name, Data: data})
+		}
+	}
+	for s, o := range reps[0].outers {
+		add(stateName(s, -1, "global"), o.Global)
+		add(stateName(s, -1, "outer_momentum"), o.Momentum())
+		m[stateName(s, -1, "outer_steps")] = itoa(o.Rounds)
+	}
 	for r, rp := range reps {
-		for s, o := range rp.outers {
+		for s, st := range rp.m.stages {
+			add(stateName(s, r, "params"), st.Params)
 			mo, vo := rp.m.opts[s].Moments()
-			ts = append(ts, shard.Named{Name: stateName(s, r, "adam_m"), Data: mo}, shard.Named{Name: stateName(s, r, "adam_v"), Data: vo})
-			if res := o.Residual(); res != nil {
-				ts = append(ts, shard.Named{Name: stateName(s, r, "ef_residual"), Data: res})
-			}
+			add(stateName(s, r, "adam_m"), mo)
+			add(stateName(s, r, "adam_v"), vo)
 			m[stateName(s, r, "adam_step")] = itoa(rp.m.opts[s].StepCount())
 		}
+		for s, o := range rp.outers {
+			add(stateName(s, r, "ef_residual"), o.Residual())
+			add(stateName(s, r, "base"), o.Base())
+		}
+		for b, bd := range rp.m.bounds {
+			add(replicaName(r, "boundary."+itoa(b)+".ef_residual"), bd.Residual())
+		}
+		st, err := rp.sampler.State()
+		if err != nil {
+			return err
+		}
+		m[replicaName(r, "sampler")] = hex.EncodeToString(st)
 	}
 	return shard.SaveTensors(path, m, ts)
 }
+
+// loadState restores a run from saveState's file; reps must be fresh replicas of the
+// same spec.
+func loadState(path string, reps []*replica) (*shard.Checkpoint, error) {
+	ck, err := shard.LoadCheckpoint(path)
+	if err != nil {
+		return nil, err
+	}
+	get := func(name string, dst []float32) error {
+		t, ok := ck.Tensors[name]
+		if !ok {
+			return fmt.Errorf("train: resume: %s has no %s", path, name)
+		}
+		if len(t.Data) != len(dst) {
+			return fmt.Errorf("train: resume: %s: %s has %d values, want %d", path, name, len(t.Data), len(dst))
+		}
+		copy(dst, t.Data)
+		return nil
+	}
+	getInt := func(key string) (int, error) {
+		v, err := strconv.Atoi(ck.Metadata[key])
+		if err != nil {
+			return 0, fmt.Errorf("train: resume: %s: metadata %s: %w", path, key, err)
+		}
+		return v, nil
+	}
+	for r, rp := range reps {
+		for s, st := range rp.m.stages {
+			if err := get(stateName(s, r, "params"), st.Params); err != nil {
+				return nil, err
+			}
+			mo, vo := make([]float32, len(st.Params)), make([]float32, len(st.Params))
+			if err := errors.Join(get(stateName(s, r, "adam_m"), mo), get(stateName(s, r, "adam_v"), vo)); err != nil {
+				return nil, err
+			}
+			n, err := getInt(stateName(s, r, "adam_step"))
+			if err != nil {
+				return nil, err
+			}
+			if err := rp.m.opts[s].SetState(n, mo, vo); err != nil {
+				return nil, err
+			}
+		}
+		for s, o := range rp.outers {
+			n, err := getInt(stateName(s, -1, "outer_steps"))
+			if err != nil {
+				return nil, err
+			}
+			o.Rounds = n
+			if err := errors.Join(get(stateName(s, -1, "global"), o.Global), get(stateName(s, -1, "outer_momentum"), o.Momentum()),
+				get(stateName(s, r, "base"), o.Base())); err != nil {
+				return nil, err
+			}
+			if res := o.Residual(); res != nil {
+				if err := get(stateName(s, r, "ef_residual"), res); err != nil {
+					return nil, err
+				}
+			}
+		}
+		for b, bd := range rp.m.bounds {
+			if t, ok := ck.Tensors[replicaName(r, "boundary."+itoa(b)+".ef_residual")]; ok {
+				bd.SetResidual(t.Data)
+			}
+		}
+		st, err := hex.DecodeString(ck.Metadata[replicaName(r, "sampler")])
+		if err == nil {
+			err = rp.sampler.SetState(st)
+		}
+		if err != nil {
+			return nil, fmt.Errorf("train: resume: %s: replica %d's sampler: %w", path, r, err)
+		}
+	}
+	return ck, nil
+}
+
+func replicaName(r int, name string) string { return "replica." + itoa(r) + "." + name }
 
 // stateName names a state tensor: "stage.S.NAME" for one shared by the replicas of a
 // stage (r < 0), "stage.S.replica.R.NAME" otherwise.

@@ -4,7 +4,9 @@
 package train
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -39,6 +41,8 @@ const (
 const (
 	MetaSpec = "pipeswarm.spec"
 	MetaStep = "pipeswarm.step"
+	// metaTokens (training state only) is how many tokens the run had trained on.
+	metaTokens = "pipeswarm.tokens"
 )
 
 // EvalBatch is how many validation windows one forward pass takes; fixed so that the
@@ -53,6 +57,11 @@ type Options struct {
 	// OnStep, if set, sees every step's record as it is written (progress display).
 	OnStep func(metrics.Step)
 	Now    func() time.Time // nil: time.Now
+	// Resume continues the run whose checkpoint and training state are in OutDir
+	// (written at its last evaluation, or when it was stopped) with the same spec, from
+	// the step after them, exactly as if it had not stopped; metrics.jsonl keeps its
+	// rows up to that step and grows from there.
+	Resume bool
 }
 
 // Result summarises a finished (or interrupted) run.
@@ -140,6 +149,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err := writeRunFiles(o.OutDir, sp, cfg); err != nil {
 		return nil, err
 	}
+	var kept []json.RawMessage // with Resume: the metrics rows up to the checkpoint
+	if o.Resume {
+		if kept, err = keptRows(filepath.Join(o.OutDir, MetricsFile), o.OutDir); err != nil {
+			return nil, err
+		}
+	}
 	mw, err := metrics.Create(filepath.Join(o.OutDir, MetricsFile))
 	if err != nil {
 		return nil, err
@@ -160,9 +175,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	finish := func(step int) error {
 		meta := map[string]string{MetaSpec: sp.String(), MetaStep: strconv.Itoa(step)}
 		err := shard.SaveCheckpoint(res.Checkpoint, meta, m.stages...)
-		if R > 1 {
-			err = errors.Join(err, saveState(filepath.Join(o.OutDir, StateFile), meta, reps))
-		}
+		meta[metaTokens] = strconv.FormatInt(res.Tokens, 10)
+		err = errors.Join(err, saveState(filepath.Join(o.OutDir, StateFile), meta, reps))
 		if len(history) > 0 {
 			err = errors.Join(err, metrics.PlotLoss(filepath.Join(o.OutDir, PlotFile), sp.Name, history))
 		}
@@ -175,7 +189,41 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if R > 1 {
 		sync = newSyncer(sp, reps)
 	}
-	for step := 1; step <= sp.Train.Steps; step++ {
+	first := 1
+	if o.Resume {
+		ck, err := loadState(filepath.Join(o.OutDir, StateFile), reps)
+		if err != nil {
+			return nil, fmt.Errorf("train: nothing to resume in %s: %w", o.OutDir, err)
+		}
+		if ck.Metadata[MetaSpec] != sp.String() {
+			return nil, fmt.Errorf("train: resume: %s was written by a run of another spec; resume with the spec in %s",
+				filepath.Join(o.OutDir, StateFile), filepath.Join(o.OutDir, SpecFile))
+		}
+		done, err1 := strconv.Atoi(ck.Metadata[MetaStep])
+		tokens, err2 := strconv.ParseInt(ck.Metadata[metaTokens], 10, 64)
+		if err := errors.Join(err1, err2); err != nil {
+			return nil, fmt.Errorf("train: resume: %s: %w", filepath.Join(o.OutDir, StateFile), err)
+		}
+		if sync != nil {
+			sync.resumeAfter(done, sp.Train.Steps)
+		}
+		steps, _, err := metrics.ReadRun(bytes.NewReader(bytes.Join(rawLines(kept), []byte("\n"))))
+		if err != nil {
+			return nil, err
+		}
+		for _, row := range kept {
+			var probe struct{ Step int }
+			if json.Unmarshal(row, &probe) == nil && probe.Step <= done {
+				if err := mw.WriteRaw(row); err != nil {
+					return nil, err
+				}
+			}
+		}
+		history = meanHistory(steps, done, R)
+		res.Steps, res.Tokens, first = done, tokens, done+1
+		log.Info("resuming", "after_step", done, "tokens", tokens, "dir", o.OutDir)
+	}
+	for step := first; step <= sp.Train.Steps; step++ {
 		if err := ctx.Err(); err != nil {
 			log.Info("interrupted; writing checkpoint", "step", step-1)
 			return res, errors.Join(err, finish(step-1))
@@ -279,6 +327,48 @@ func newReplica(sp *spec.Spec, trainText []byte, r int) (*replica, error) {
 		}
 	}
 	return rp, nil
+}
+
+// keptRows reads a metrics.jsonl to resume, one raw row per line.
+func keptRows(path, dir string) ([]json.RawMessage, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("train: nothing to resume in %s: %w", dir, err)
+	}
+	var rows []json.RawMessage
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		if line = bytes.TrimSpace(line); len(line) > 0 && json.Valid(line) {
+			rows = append(rows, json.RawMessage(line))
+		}
+	}
+	return rows, nil
+}
+
+func rawLines(rows []json.RawMessage) [][]byte {
+	out := make([][]byte, len(rows))
+	for i, r := range rows {
+		out[i] = r
+	}
+	return out
+}
+
+// meanHistory rebuilds the loss plot's points (the mean over replicas per step, with
+// replica 0's validation loss) from the rows of steps up to done.
+func meanHistory(steps []metrics.Step, done, replicas int) []metrics.Step {
+	var out []metrics.Step
+	sum := map[int]float64{}
+	for _, s := range steps {
+		if s.Step <= done {
+			sum[s.Step] += s.Loss / float64(replicas)
+		}
+	}
+	for _, s := range steps {
+		if s.Step <= done && (s.Replica == nil || *s.Replica == 0) {
+			s.Loss, s.Replica = sum[s.Step], nil
+			out = append(out, s)
+		}
+	}
+	return out
 }
 
 func round4(x float64) float64 { return math.Round(x*1e4) / 1e4 }
