@@ -36,6 +36,9 @@ var (
 	// ErrIdle stops a stage whose replica pipeline is broken (a neighbour is gone): it
 	// keeps its state and says so; the run goes on with the pipelines still whole.
 	ErrIdle = errors.New("idle")
+	// ErrNeverStarted releases an accepted run whose launcher did not start it before
+	// its plan expired.
+	ErrNeverStarted = errors.New("run never started")
 )
 
 // HeartbeatInterval is how often a daemon announces itself on gossipsub.
@@ -57,6 +60,7 @@ type Daemon struct {
 
 	mu   sync.Mutex
 	runs map[uint64]*worker
+	seen map[uint64]bool // plans accepted and not yet expired
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
 	faultStallSync int
@@ -97,7 +101,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Daem
 		dir.Close()
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}}
+	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[uint64]bool{}}
 	penalise := func(p peer.ID, err error) {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
 			return // a stream cut short by a peer that died mid-write: not misbehaviour
@@ -304,6 +308,19 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if plan.Launcher != signer.String() {
 		return fmt.Errorf("refused: plan names launcher %s but is signed by %s", plan.Launcher, signer)
 	}
+	if from != signer {
+		d.log.Warn("refusing run: plan relayed by another peer", "from", from, "launcher", signer)
+		return fmt.Errorf("refused: plan signed by launcher %s but sent by %s; a node takes plans from their launcher only", signer, from)
+	}
+	switch now := time.Now(); {
+	case plan.Expires.IsZero():
+		return errors.New("refused: plan has no expiry (a launcher older than this node?)")
+	case now.After(plan.Expires):
+		d.log.Warn("refusing run: plan expired", "run", fmt.Sprintf("%016x", plan.ID), "expired", plan.Expires)
+		return fmt.Errorf("refused: plan expired at %s (replayed or delayed)", plan.Expires.Format(time.RFC3339))
+	case plan.Expires.Sub(now) > MaxPlanLife:
+		return fmt.Errorf("refused: plan valid until %s, more than %s ahead", plan.Expires.Format(time.RFC3339), MaxPlanLife)
+	}
 	sp, err := spec.Parse([]byte(plan.Spec), "run spec")
 	if err != nil {
 		return fmt.Errorf("refused: %w", err)
@@ -356,8 +373,8 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if _, dup := d.runs[plan.ID]; dup {
-		return fmt.Errorf("refused: run %016x already here", plan.ID)
+	if _, dup := d.runs[plan.ID]; dup || d.seen[plan.ID] {
+		return fmt.Errorf("refused: run %016x already accepted here", plan.ID)
 	}
 	if len(d.runs) >= d.cfg.MaxStages {
 		return fmt.Errorf("refused: this node already holds %d stage(s), its max_stages", len(d.runs))
@@ -369,6 +386,19 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		return fmt.Errorf("refused: %w", err)
 	}
 	d.runs[plan.ID] = w
+	d.seen[plan.ID] = true // a replay of the plan within its life is refused
+	time.AfterFunc(time.Until(plan.Expires), func() {
+		d.mu.Lock()
+		delete(d.seen, plan.ID)
+		d.mu.Unlock()
+		select {
+		case <-w.started:
+		default:
+			d.log.Warn("releasing a run its launcher never started", "run", fmt.Sprintf("%016x", plan.ID), "expired", plan.Expires)
+			w.cancel(fmt.Errorf("%w: plan expired at %s", ErrNeverStarted, plan.Expires.Format(time.RFC3339)))
+			w.startOnce.Do(w.start)
+		}
+	})
 	d.wg.Add(1)
 	go func() {
 		defer d.wg.Done()

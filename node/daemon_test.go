@@ -3,14 +3,22 @@ package node
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"log/slog"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/config"
+	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/corpus"
+	"github.com/pipeswarm/pipeswarm/shard"
 )
 
 func testDaemon(t *testing.T) *Daemon {
@@ -119,5 +127,77 @@ func TestAssignmentsAreCheckedBeforeAnythingIsAllocated(t *testing.T) {
 	}
 	if len(d.runs) != 0 {
 		t.Fatalf("%d runs created by refused assignments", len(d.runs))
+	}
+}
+
+// signedPlan is a valid one-stage plan for d, signed by a new launcher key, expiring
+// at expires.
+func signedPlan(t *testing.T, d *Daemon, id uint64, expires time.Time) (peer.ID, *p2p.Signed) {
+	t.Helper()
+	k, err := p2p.GenerateKey()
+	if err != nil {
+		t.Fatal(err)
+	}
+	launcher, _ := p2p.PeerID(k)
+	sp, err := spec.Parse([]byte(`name: p
+model: {d_model: 32, n_layers: 1, n_heads: 2, d_ff: 64, seq_len: 16}
+train: {batch_size: 2, steps: 2, lr: 0.001}
+`), "p.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ranges, _ := shard.SplitLayers(1, 1)
+	plan := Plan{ID: id, Spec: sp.String(), Launcher: launcher.String(), Created: time.Now(), Expires: expires,
+		Stages: []assign.Assignment{{Stage: 0, Peer: d.ID().String(), Range: ranges[0]}},
+		Data:   &DataPlan{Train: []corpus.Blob{corpus.BlobOf([]byte("some text"))}, Val: corpus.BlobOf([]byte("more text"))}}
+	b, _ := json.Marshal(plan)
+	signed, err := p2p.Sign(k, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return launcher, signed
+}
+
+func TestPlansAreBoundToTheirLauncherAndExpire(t *testing.T) {
+	d := testDaemon(t) // open: any launcher
+	soon := time.Now().Add(time.Minute)
+
+	launcher, signed := signedPlan(t, d, 1, soon)
+	other := testHost(t).ID()
+	if err := d.accept(other, signed); err == nil || !strings.Contains(err.Error(), "sent by") {
+		t.Errorf("plan relayed by another peer: %v, want a refusal", err)
+	}
+	launcher, signed = signedPlan(t, d, 2, time.Now().Add(-time.Second))
+	if err := d.accept(launcher, signed); err == nil || !strings.Contains(err.Error(), "expired") {
+		t.Errorf("expired plan: %v, want a refusal", err)
+	}
+	launcher, signed = signedPlan(t, d, 3, time.Now().Add(2*MaxPlanLife))
+	if err := d.accept(launcher, signed); err == nil || !strings.Contains(err.Error(), "ahead") {
+		t.Errorf("plan valid for too long: %v, want a refusal", err)
+	}
+	launcher, signed = signedPlan(t, d, 4, soon)
+	if err := d.accept(launcher, signed); err != nil {
+		t.Fatalf("valid plan refused: %v", err)
+	}
+	if err := d.accept(launcher, signed); err == nil || !strings.Contains(err.Error(), "already accepted") {
+		t.Errorf("replayed plan: %v, want a refusal", err)
+	}
+}
+
+func TestAnAssignmentNeverStartedIsReleasedWhenItsPlanExpires(t *testing.T) {
+	d := testDaemon(t)
+	launcher, signed := signedPlan(t, d, 5, time.Now().Add(300*time.Millisecond))
+	if err := d.accept(launcher, signed); err != nil {
+		t.Fatal(err)
+	}
+	if d.run(5) == nil {
+		t.Fatal("accepted run not held")
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for d.run(5) != nil {
+		if time.Now().After(deadline) {
+			t.Fatal("the never-started run still holds its slot 10 s after its plan expired")
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -229,7 +229,11 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, log
 			log.Warn("peer not given a stage", "reason", r)
 		}
 		if err == nil {
-			return &Plan{Spec: sp.String(), Stages: stages, Created: time.Now().UTC()}, nil
+			// Assigning and starting take a call per cell; a plan not started within the
+			// staffing timeout (at least a minute) is stale.
+			now := time.Now().UTC()
+			life := max(time.Minute, time.Duration(sp.Pipeline.StaffTimeout)*time.Second)
+			return &Plan{Spec: sp.String(), Stages: stages, Created: now, Expires: now.Add(life)}, nil
 		}
 		if !errors.Is(err, assign.ErrUnstaffed) || time.Now().After(deadline) {
 			return nil, fmt.Errorf("%w: %v (%s)", ErrRunFailed, err, strings.Join(problems, "; "))

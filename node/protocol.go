@@ -54,8 +54,16 @@ type Plan struct {
 	LauncherAddrs []string            `json:"launcher_addrs"`
 	Stages        []assign.Assignment `json:"stages"` // every cell of the grid: stage × replica
 	Created       time.Time           `json:"created"`
-	Data          *DataPlan           `json:"data"`
+	// Expires bounds when a node may accept the plan and how long it holds its slot for
+	// a start that does not come: a replayed or delayed plan is refused, and a launcher
+	// that dies between assign and start does not keep nodes busy.
+	Expires time.Time `json:"expires"`
+	Data    *DataPlan `json:"data"`
 }
+
+// MaxPlanLife is the longest a plan may stay valid; a node refuses one whose expiry is
+// further away, so a signed plan cannot be replayed for long.
+const MaxPlanLife = time.Hour
 
 // DataPlan is the run's text as the launcher serves it over corpus.Proto: one shard
 // of the training split per replica pipeline, and the validation split. Nodes fetch
