@@ -32,8 +32,9 @@ const (
 	CheckpointFile = "model.safetensors"
 	HFConfigFile   = "config.json"
 	PlotFile       = "loss.png"
-	// StateFile holds what model.safetensors does not: per stage the global weights'
-	// outer momentum, and per replica its AdamW moments and error-feedback residual.
+	// StateFile holds what model.safetensors does not and a resumed run needs: per
+	// replica its weights, AdamW state, data position and error-feedback residuals, and
+	// with replicas the global weights and outer momentum of every stage.
 	StateFile = "train-state.safetensors"
 )
 
@@ -207,9 +208,19 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		if sync != nil {
 			sync.resumeAfter(done, sp.Train.Steps)
 		}
-		steps, _, err := metrics.ReadRun(bytes.NewReader(bytes.Join(rawLines(kept), []byte("\n"))))
+		steps, outers, err := metrics.ReadRun(bytes.NewReader(bytes.Join(rawLines(kept), []byte("\n"))))
 		if err != nil {
 			return nil, err
+		}
+		for _, or := range outers {
+			if or.Step <= done && or.Replica < R && or.Stage < len(m.stages) {
+				res.SyncBytes[or.Replica][or.Stage] += or.SyncBytes
+			}
+		}
+		for _, st := range steps {
+			if st.Step <= done {
+				start = now().Add(-time.Duration(st.ElapsedS * float64(time.Second))) // elapsed_s goes on from where it was
+			}
 		}
 		for _, row := range kept {
 			var probe struct{ Step int }
