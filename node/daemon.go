@@ -39,6 +39,8 @@ var (
 	// ErrNeverStarted releases an accepted run whose launcher did not start it before
 	// its plan expired.
 	ErrNeverStarted = errors.New("run never started")
+	// ErrLauncherGone stops a run whose launcher cannot be reached any more.
+	ErrLauncherGone = errors.New("launcher gone")
 )
 
 // HeartbeatInterval is how often a daemon announces itself on gossipsub.

@@ -103,6 +103,8 @@ type (
 		loss float64 // forward on the last stage: this micro-batch's loss
 		err  error
 	}
+	// launcherLost: the connection to the run's launcher closed.
+	launcherLost struct{}
 	// reduceDone: the all-reduces of an outer step finished (or the replica fell
 	// behind and fetched the global state instead).
 	reduceDone struct {
@@ -340,6 +342,8 @@ func (w *worker) start() {
 		defer close(w.done)
 		w.err = w.loop()
 		switch {
+		case errors.Is(w.err, ErrLauncherGone):
+			// Nobody to report to; the checkpoint is kept for a resumed run.
 		case errors.Is(w.err, ErrIdle):
 			// The rest of the run goes on without this replica pipeline; nobody should
 			// wait for this stage in an all-reduce.
@@ -377,6 +381,35 @@ func (w *worker) compute() {
 	}
 }
 
+// reachLauncher tries to reconnect to a launcher whose connection dropped for grace
+// (three times the mean time a step has taken here, and at least 5 s, a few dial
+// attempts); if it cannot, it stops the run.
+func (w *worker) reachLauncher(grace time.Duration) {
+	deadline := time.Now().Add(grace)
+	for pause := 250 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
+		ctx, cancel := context.WithTimeout(w.ctx, pause)
+		err := w.host.Host.Connect(ctx, peer.AddrInfo{ID: w.launcher})
+		cancel()
+		if err == nil {
+			w.log.Info("launcher reachable again", "launcher", w.launcher)
+			return
+		}
+		if w.ctx.Err() != nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			w.log.Warn("launcher gone; stopping the run and keeping the checkpoint", "launcher", w.launcher, "waited", grace.Round(time.Millisecond), "err", err)
+			w.cancel(fmt.Errorf("%w: %s unreachable for %s", ErrLauncherGone, w.launcher, grace.Round(time.Millisecond)))
+			return
+		}
+		select {
+		case <-time.After(pause):
+		case <-w.ctx.Done():
+			return
+		}
+	}
+}
+
 func (w *worker) post(e any) {
 	select {
 	case w.events <- e:
@@ -396,6 +429,15 @@ func (w *worker) loop() error {
 	if err := w.handle(core.Start{}); err != nil {
 		return err
 	}
+	// A run whose launcher is gone has no one to report to or to finish it: it stops
+	// (keeping its checkpoint) unless the launcher can be reached again soon.
+	watch := &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
+		if c.RemotePeer() == w.launcher && n.Connectedness(w.launcher) != network.Connected {
+			go w.post(launcherLost{})
+		}
+	}}
+	w.host.Network().Notify(watch)
+	defer w.host.Network().StopNotify(watch)
 	for !w.core.Finished() {
 		select {
 		case <-w.ctx.Done():
@@ -422,6 +464,9 @@ func (w *worker) loop() error {
 				err = w.handle(core.Done{})
 			case reduceDone:
 				err = w.reduced(e)
+			case launcherLost:
+				steps := max(1, w.core.Step())
+				go w.reachLauncher(max(5*time.Second, 3*time.Since(w.started0)/time.Duration(steps)))
 			default:
 				err = w.handle(e)
 			}

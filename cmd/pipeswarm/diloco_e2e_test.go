@@ -3,6 +3,7 @@ package main
 import (
 	"crypto/sha256"
 	"encoding/hex"
+	"fmt"
 	"math"
 	"os"
 	"os/exec"
@@ -409,4 +410,50 @@ func TestTrainSIGTERMedAndResumedMatchesTheUninterruptedRun(t *testing.T) {
 		}
 	}
 	t.Logf("stopped after step %d of 100, resumed; all %d rows equal", stopped[len(stopped)-1].Step, len(b))
+}
+
+// A launcher killed in the middle of a run does not leave its nodes training for
+// nobody: they stop the run within their grace period, keep their checkpoints, free
+// their slots and take the next run.
+func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, strings.Replace(pipeSpec, "stages: 4", "stages: 2", 1), 2)
+	out := filepath.Join(dir, "orphaned")
+	launcher := exec.Command(os.Args[0], append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet", "--steps", "100000"}, peerArgs...)...)
+	launcher.Env = append(os.Environ(), "PIPESWARM_AS_CLI=1")
+	if err := launcher.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl")); len(steps) >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the run made no progress in 60 s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	killed := time.Now()
+	_ = launcher.Process.Kill()
+	_ = launcher.Wait()
+	for i, n := range nodes {
+		waitLog(t, n, "launcher gone; stopping the run", 60*time.Second)
+		t.Logf("node %d stopped the orphaned run %s after its launcher died", i, time.Since(killed).Round(time.Millisecond))
+		ck, _ := filepath.Glob(filepath.Join(n.dir, "runs", "*", fmt.Sprintf("stage-%d.safetensors", i)))
+		if len(ck) != 1 {
+			t.Errorf("node %d kept %d stage checkpoints, want 1", i, len(ck))
+		}
+	}
+	// The slots are free again: a new run on the same nodes goes through.
+	if code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", filepath.Join(dir, "next"), "--quiet"}, peerArgs...)...); code != 0 {
+		t.Fatalf("a run after the orphaned one: exit %d\n%s\n%s", code, stdout, stderr)
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+		<-n.exited
+	}
 }
