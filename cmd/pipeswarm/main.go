@@ -27,6 +27,7 @@ var commands = []command{
 	{"launch", "staff, start and watch a pipelined run across nodes", runLaunch},
 	{"keygen", "make a launcher key and print its peer ID", runKeygen},
 	{"bench", "benchmarks: 'bench compression' measures boundary compression", runBench},
+	{"version", "print the build, the BLAS in use and the protocols spoken", runVersion},
 }
 
 func main() {
