@@ -2,6 +2,7 @@ package node
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -90,6 +91,7 @@ type worker struct {
 	started   chan struct{} // closed when the loop starts
 	idle      chan struct{} // closed when the compute goroutine has returned
 	stepped   bool          // an optimiser step has been taken: there is something to keep
+	doneStep  int           // the last step whose optimiser step has run
 	done      chan struct{} // closed when the loop has returned and the outbox drained
 	err       error
 }
@@ -574,6 +576,7 @@ func (w *worker) do(a any) error {
 			w.opt.Step(w.stage.Params, w.stage.Grads, lr)
 			w.stage.ProjectParams()
 			w.stage.ZeroGrads()
+			w.doneStep = a.Step // read by the loop after this job's result, or once compute has stopped
 			return computeDone{}
 		})
 	case core.EvalForward:
@@ -607,7 +610,9 @@ func (w *worker) do(a any) error {
 				LR: float64(w.sched.At(a.Step - 1))})
 		}
 		w.lossSum = 0
-		if w.stage.First && w.sp.EvalInterval > 0 && a.Step%w.sp.EvalInterval == 0 && a.Step != w.sp.Train.Steps {
+		// Every stage checkpoints at every evaluation step, so a crash loses at most the
+		// steps since; the last step's checkpoint is written when the run finishes.
+		if w.sp.EvalInterval > 0 && a.Step%w.sp.EvalInterval == 0 && a.Step != w.sp.Train.Steps {
 			if err := w.checkpoint(); err != nil {
 				return err
 			}
@@ -922,7 +927,7 @@ func (w *worker) checkpoint() error {
 	if err := os.MkdirAll(w.dir, 0o755); err != nil {
 		return err
 	}
-	meta := map[string]string{train.MetaSpec: w.sp.String(), train.MetaStep: strconv.Itoa(w.core.Step())}
+	meta := map[string]string{train.MetaSpec: w.sp.String(), train.MetaStep: strconv.Itoa(w.doneStep)}
 	if err := shard.SaveCheckpoint(w.checkpointPath(), meta, w.stage); err != nil {
 		return err
 	}
@@ -937,6 +942,22 @@ func (w *worker) checkpoint() error {
 			ts = append(ts, shard.Named{Name: "ef_residual", Data: r})
 		}
 		meta["outer_steps"] = strconv.Itoa(w.outer.Rounds)
+	}
+	// Where the data stream is and what the lossy boundary codecs carry over.
+	if w.sampler != nil {
+		st, err := w.sampler.State()
+		if err != nil {
+			return err
+		}
+		meta["sampler"] = hex.EncodeToString(st)
+	}
+	for _, b := range []struct {
+		name string
+		b    *train.Boundary
+	}{{"in_ef_residual", w.inB}, {"out_ef_residual", w.outB}} {
+		if b.b != nil && b.b.Residual() != nil {
+			ts = append(ts, shard.Named{Name: b.name, Data: b.b.Residual()})
+		}
 	}
 	return shard.SaveTensors(w.statePath(), meta, ts)
 }
