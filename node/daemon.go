@@ -60,9 +60,10 @@ type Daemon struct {
 	reduce *reduce.Service
 	fetch  *corpus.Fetcher
 
-	mu   sync.Mutex
-	runs map[uint64]*worker
-	seen map[uint64]bool // plans accepted and not yet expired
+	mu    sync.Mutex
+	runs  map[uint64]*worker
+	seen  map[uint64]bool // plans accepted and not yet expired
+	ended map[uint64]bool // runs held here that have stopped: their late frames are dropped, not penalised
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
 	faultStallSync int
@@ -103,7 +104,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Daem
 		dir.Close()
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[uint64]bool{}}
+	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[uint64]bool{}, ended: map[uint64]bool{}}
 	penalise := func(p peer.ID, err error) {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
 			return // a stream cut short by a peer that died mid-write: not misbehaviour
@@ -213,6 +214,12 @@ func (d *Daemon) Close() error {
 		d.log.Warn("runs did not stop in time")
 	}
 	return errors.Join(d.reduce.Close(), d.host.Close(), d.dir.Close())
+}
+
+func (d *Daemon) hasEnded(id uint64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.ended[id]
 }
 
 func (d *Daemon) run(id uint64) *worker {
@@ -408,6 +415,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		<-w.done
 		d.mu.Lock()
 		delete(d.runs, plan.ID)
+		d.ended[plan.ID] = true
 		d.mu.Unlock()
 	}()
 	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
@@ -473,6 +481,10 @@ func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame) error {
 	}
 	w := d.run(f.Run)
 	if w == nil {
+		if d.hasEnded(f.Run) {
+			// A neighbour still sending when the run stopped here: late, not malicious.
+			return fmt.Errorf("frame for run %016x, which has ended on this node", f.Run)
+		}
 		return fmt.Errorf("%w: frame for unknown run %016x", p2p.ErrBadFrame, f.Run)
 	}
 	if want, ok := w.from(f.Kind); !ok || want != from {

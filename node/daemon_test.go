@@ -201,3 +201,37 @@ func TestAnAssignmentNeverStartedIsReleasedWhenItsPlanExpires(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// A neighbour that is still sending when a run has stopped here (it stopped first)
+// has its stream reset but is not penalised: late is not malicious, and banning it
+// would break the next run with the same peers.
+func TestLateFramesForAnEndedRunAreDroppedWithoutPenalty(t *testing.T) {
+	d := testDaemon(t)
+	d.mu.Lock()
+	d.ended[42] = true
+	d.mu.Unlock()
+	h := testHost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	if _, err := h.Connect(ctx, d.Addrs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	for range 12 { // more than the ban limit
+		s, err := h.NewStream(ctx, d.ID(), p2p.ProtoActivation)
+		if err != nil {
+			t.Fatalf("stream refused (banned?): %v", err)
+		}
+		f := &p2p.Frame{Kind: p2p.KindActivation, Run: 42, Step: 9, Shape: []uint32{1, 2, 2}, Codec: p2p.CodecF32, Data: []float32{1, 2, 3, 4}}
+		if err := p2p.WriteFrame(s, f); err != nil {
+			t.Fatal(err)
+		}
+		_ = s.CloseWrite()
+		_ = s.SetReadDeadline(time.Now().Add(10 * time.Second))
+		if _, err := s.Read(make([]byte, 1)); err == nil || err == io.EOF {
+			t.Fatalf("late frame: stream ended with %v, want a reset", err)
+		}
+	}
+	if n := d.host.Penalties().Count(h.ID()); n != 0 {
+		t.Errorf("late frames for an ended run earned %d penalties, want 0", n)
+	}
+}

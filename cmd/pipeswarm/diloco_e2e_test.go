@@ -1,6 +1,8 @@
 package main
 
 import (
+	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -413,7 +415,8 @@ func TestTrainSIGTERMedAndResumedMatchesTheUninterruptedRun(t *testing.T) {
 }
 
 // A launcher killed in the middle of a run does not leave its nodes training for
-// nobody: they stop the run within their grace period and keep their checkpoints.
+// nobody: they stop the run within their grace period, keep their checkpoints, free
+// their slots and take the next run.
 func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts processes; skipped in -short mode")
@@ -446,6 +449,14 @@ func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
 		if len(ck) != 1 {
 			t.Errorf("node %d kept %d stage checkpoints, want 1", i, len(ck))
 		}
+	}
+	// The slots are free again, and the stage that stopped first did not ban the one
+	// still sending it frames: a new run on the same nodes goes through.
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	var stdout, stderr bytes.Buffer
+	if code := run(ctx, append([]string{"launch", specPath, "--key", keyPath, "--out", filepath.Join(dir, "next"), "--quiet"}, peerArgs...), &stdout, &stderr); code != 0 {
+		t.Fatalf("a run after the orphaned one: exit %d\n%s\n%s", code, &stdout, &stderr)
 	}
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
