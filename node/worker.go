@@ -640,7 +640,7 @@ func (w *worker) do(a any) error {
 func (w *worker) beginSync(step int) error {
 	w.syncStep = step
 	if w.pend != nil && !w.pend.done {
-		w.waiting = true // syncDone for w.pend resumes here
+		w.waiting = true // reduced resumes here when w.pend's all-reduce is done
 		return nil
 	}
 	rep := &OuterReport{Contributors: w.sp.Pipeline.Replicas}
