@@ -274,8 +274,12 @@ func TestResumeRefusesAnotherSpecAndAnEmptyDirectory(t *testing.T) {
 	if _, err := Run(context.Background(), Options{Spec: sp, OutDir: dir}); err != nil {
 		t.Fatal(err)
 	}
+	before, _ := os.ReadFile(filepath.Join(dir, MetricsFile))
 	other := testSpec(t, strings.Replace(smallSpec, "lr: 0.003", "lr: 0.002", 1))
 	if _, err := Run(context.Background(), Options{Spec: other, OutDir: dir, Resume: true}); err == nil || !strings.Contains(err.Error(), "another spec") {
 		t.Errorf("resume with another spec: %v, want a refusal", err)
+	}
+	if after, _ := os.ReadFile(filepath.Join(dir, MetricsFile)); len(before) == 0 || !bytes.Equal(after, before) {
+		t.Error("a refused resume changed metrics.jsonl")
 	}
 }

@@ -141,7 +141,7 @@ func saveState(path string, meta map[string]string, reps []*replica) error {
 	for s, o := range reps[0].outers {
 		add(stateName(s, -1, "global"), o.Global)
 		add(stateName(s, -1, "outer_momentum"), o.Momentum())
-		m[stateName(s, -1, "outer_steps")] = itoa(o.Rounds)
+		m[stateName(s, -1, "outer_steps")] = strconv.Itoa(o.Rounds)
 	}
 	for r, rp := range reps {
 		for s, st := range rp.m.stages {
@@ -149,14 +149,14 @@ func saveState(path string, meta map[string]string, reps []*replica) error {
 			mo, vo := rp.m.opts[s].Moments()
 			add(stateName(s, r, "adam_m"), mo)
 			add(stateName(s, r, "adam_v"), vo)
-			m[stateName(s, r, "adam_step")] = itoa(rp.m.opts[s].StepCount())
+			m[stateName(s, r, "adam_step")] = strconv.Itoa(rp.m.opts[s].StepCount())
 		}
 		for s, o := range rp.outers {
 			add(stateName(s, r, "ef_residual"), o.Residual())
 			add(stateName(s, r, "base"), o.Base())
 		}
 		for b, bd := range rp.m.bounds {
-			add(replicaName(r, "boundary."+itoa(b)+".ef_residual"), bd.Residual())
+			add(replicaName(r, "boundary."+strconv.Itoa(b)+".ef_residual"), bd.Residual())
 		}
 		st, err := rp.sampler.State()
 		if err != nil {
@@ -226,7 +226,7 @@ func loadState(path string, reps []*replica) (*shard.Checkpoint, error) {
 			}
 		}
 		for b, bd := range rp.m.bounds {
-			if t, ok := ck.Tensors[replicaName(r, "boundary."+itoa(b)+".ef_residual")]; ok {
+			if t, ok := ck.Tensors[replicaName(r, "boundary."+strconv.Itoa(b)+".ef_residual")]; ok {
 				bd.SetResidual(t.Data)
 			}
 		}
@@ -241,15 +241,13 @@ func loadState(path string, reps []*replica) (*shard.Checkpoint, error) {
 	return ck, nil
 }
 
-func replicaName(r int, name string) string { return "replica." + itoa(r) + "." + name }
+func replicaName(r int, name string) string { return "replica." + strconv.Itoa(r) + "." + name }
 
 // stateName names a state tensor: "stage.S.NAME" for one shared by the replicas of a
 // stage (r < 0), "stage.S.replica.R.NAME" otherwise.
 func stateName(s, r int, name string) string {
 	if r < 0 {
-		return "stage." + itoa(s) + "." + name
+		return "stage." + strconv.Itoa(s) + "." + name
 	}
-	return "stage." + itoa(s) + ".replica." + itoa(r) + "." + name
+	return "stage." + strconv.Itoa(s) + ".replica." + strconv.Itoa(r) + "." + name
 }
-
-func itoa(i int) string { return strconv.Itoa(i) }

@@ -144,17 +144,27 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		"train_bytes", len(trainText), "val_bytes", len(valText), "params", m.numParams(),
 		"stages", len(m.stages), "replicas", R, "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep()*R)
 
+	var sync *syncer
+	if R > 1 {
+		sync = newSyncer(sp, reps)
+	}
+	// A resumed run checks and loads everything it continues from before it writes
+	// anything, so a refused resume leaves the directory as it was.
+	var from *resumePoint
+	if o.Resume {
+		if from, err = loadResume(o.OutDir, sp, reps); err != nil {
+			return nil, err
+		}
+		if sync != nil {
+			sync.resumeAfter(from.done, sp.Train.Steps)
+		}
+	}
+
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("train: %w", err)
 	}
 	if err := writeRunFiles(o.OutDir, sp, cfg); err != nil {
 		return nil, err
-	}
-	var kept []json.RawMessage // with Resume: the metrics rows up to the checkpoint
-	if o.Resume {
-		if kept, err = keptRows(filepath.Join(o.OutDir, MetricsFile), o.OutDir); err != nil {
-			return nil, err
-		}
 	}
 	mw, err := metrics.Create(filepath.Join(o.OutDir, MetricsFile))
 	if err != nil {
@@ -186,53 +196,24 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
 	inputs, targets := make([]int32, mb*cfg.SeqLen), make([]int32, mb*cfg.SeqLen)
-	var sync *syncer
-	if R > 1 {
-		sync = newSyncer(sp, reps)
-	}
 	first := 1
-	if o.Resume {
-		ck, err := loadState(filepath.Join(o.OutDir, StateFile), reps)
-		if err != nil {
-			return nil, fmt.Errorf("train: nothing to resume in %s: %w", o.OutDir, err)
+	if from != nil {
+		for _, row := range from.rows {
+			if err := mw.WriteRaw(row); err != nil {
+				return nil, err
+			}
 		}
-		if ck.Metadata[MetaSpec] != sp.String() {
-			return nil, fmt.Errorf("train: resume: %s was written by a run of another spec; resume with the spec in %s",
-				filepath.Join(o.OutDir, StateFile), filepath.Join(o.OutDir, SpecFile))
-		}
-		done, err1 := strconv.Atoi(ck.Metadata[MetaStep])
-		tokens, err2 := strconv.ParseInt(ck.Metadata[metaTokens], 10, 64)
-		if err := errors.Join(err1, err2); err != nil {
-			return nil, fmt.Errorf("train: resume: %s: %w", filepath.Join(o.OutDir, StateFile), err)
-		}
-		if sync != nil {
-			sync.resumeAfter(done, sp.Train.Steps)
-		}
-		steps, outers, err := metrics.ReadRun(bytes.NewReader(bytes.Join(rawLines(kept), []byte("\n"))))
-		if err != nil {
-			return nil, err
-		}
-		for _, or := range outers {
-			if or.Step <= done && or.Replica < R && or.Stage < len(m.stages) {
+		for _, or := range from.outers {
+			if or.Replica < R && or.Stage < len(m.stages) {
 				res.SyncBytes[or.Replica][or.Stage] += or.SyncBytes
 			}
 		}
-		for _, st := range steps {
-			if st.Step <= done {
-				start = now().Add(-time.Duration(st.ElapsedS * float64(time.Second))) // elapsed_s goes on from where it was
-			}
+		if n := len(from.steps); n > 0 { // elapsed_s goes on from where it was
+			start = now().Add(-time.Duration(from.steps[n-1].ElapsedS * float64(time.Second)))
 		}
-		for _, row := range kept {
-			var probe struct{ Step int }
-			if json.Unmarshal(row, &probe) == nil && probe.Step <= done {
-				if err := mw.WriteRaw(row); err != nil {
-					return nil, err
-				}
-			}
-		}
-		history = meanHistory(steps, done, R)
-		res.Steps, res.Tokens, first = done, tokens, done+1
-		log.Info("resuming", "after_step", done, "tokens", tokens, "dir", o.OutDir)
+		history = meanHistory(from.steps, R)
+		res.Steps, res.Tokens, first = from.done, from.tokens, from.done+1
+		log.Info("resuming", "after_step", from.done, "tokens", from.tokens, "dir", o.OutDir)
 	}
 	for step := first; step <= sp.Train.Steps; step++ {
 		if err := ctx.Err(); err != nil {
@@ -340,41 +321,75 @@ func newReplica(sp *spec.Spec, trainText []byte, r int) (*replica, error) {
 	return rp, nil
 }
 
-// keptRows reads a metrics.jsonl to resume, one raw row per line.
-func keptRows(path, dir string) ([]json.RawMessage, error) {
-	b, err := os.ReadFile(path)
+// resumePoint is where a stopped run continues from: the step its checkpoint holds,
+// the tokens trained by then, and its metrics rows up to that step (raw, to be
+// written back as they were, and parsed).
+type resumePoint struct {
+	done   int
+	tokens int64
+	rows   []json.RawMessage
+	steps  []metrics.Step
+	outers []metrics.Outer
+}
+
+// loadResume loads the training state in dir into reps, which must be fresh replicas
+// of sp, after checking it was written by a run of sp, and reads the run's metrics up
+// to the checkpoint (a row torn by a crash, or written after the checkpoint, is
+// dropped).
+func loadResume(dir string, sp *spec.Spec, reps []*replica) (*resumePoint, error) {
+	statePath := filepath.Join(dir, StateFile)
+	ck, err := loadState(statePath, reps)
 	if err != nil {
 		return nil, fmt.Errorf("train: nothing to resume in %s: %w", dir, err)
 	}
-	var rows []json.RawMessage
+	if ck.Metadata[MetaSpec] != sp.String() {
+		return nil, fmt.Errorf("train: resume: %s was written by a run of another spec; resume with the spec in %s",
+			statePath, filepath.Join(dir, SpecFile))
+	}
+	done, err1 := strconv.Atoi(ck.Metadata[MetaStep])
+	tokens, err2 := strconv.ParseInt(ck.Metadata[metaTokens], 10, 64)
+	if err := errors.Join(err1, err2); err != nil {
+		return nil, fmt.Errorf("train: resume: %s: %w", statePath, err)
+	}
+	b, err := os.ReadFile(filepath.Join(dir, MetricsFile))
+	if err != nil {
+		return nil, fmt.Errorf("train: nothing to resume in %s: %w", dir, err)
+	}
+	p := &resumePoint{done: done, tokens: tokens}
 	for _, line := range bytes.Split(b, []byte("\n")) {
-		if line = bytes.TrimSpace(line); len(line) > 0 && json.Valid(line) {
-			rows = append(rows, json.RawMessage(line))
+		var probe struct {
+			Step int      `json:"step"`
+			Loss *float64 `json:"loss"`
+		}
+		if line = bytes.TrimSpace(line); len(line) == 0 || json.Unmarshal(line, &probe) != nil || probe.Step > done {
+			continue
+		}
+		p.rows = append(p.rows, json.RawMessage(line))
+		if probe.Loss != nil {
+			var st metrics.Step
+			if err := json.Unmarshal(line, &st); err == nil {
+				p.steps = append(p.steps, st)
+			}
+		} else {
+			var or metrics.Outer
+			if err := json.Unmarshal(line, &or); err == nil {
+				p.outers = append(p.outers, or)
+			}
 		}
 	}
-	return rows, nil
-}
-
-func rawLines(rows []json.RawMessage) [][]byte {
-	out := make([][]byte, len(rows))
-	for i, r := range rows {
-		out[i] = r
-	}
-	return out
+	return p, nil
 }
 
 // meanHistory rebuilds the loss plot's points (the mean over replicas per step, with
-// replica 0's validation loss) from the rows of steps up to done.
-func meanHistory(steps []metrics.Step, done, replicas int) []metrics.Step {
+// replica 0's validation loss) from a run's step rows.
+func meanHistory(steps []metrics.Step, replicas int) []metrics.Step {
 	var out []metrics.Step
 	sum := map[int]float64{}
 	for _, s := range steps {
-		if s.Step <= done {
-			sum[s.Step] += s.Loss / float64(replicas)
-		}
+		sum[s.Step] += s.Loss / float64(replicas)
 	}
 	for _, s := range steps {
-		if s.Step <= done && (s.Replica == nil || *s.Replica == 0) {
+		if s.Replica == nil || *s.Replica == 0 {
 			s.Loss, s.Replica = sum[s.Step], nil
 			out = append(out, s)
 		}
