@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/shard"
 )
 
 // readRun reads a run's metrics: loss rows keyed by (step, replica), and outer rows.
@@ -137,6 +138,28 @@ func TestDiLoCoOnFourNodesMatchesTrain(t *testing.T) {
 		}
 		if strings.Contains(n.stderr.String(), "data fetched and verified") != (len(cached) > 0) {
 			t.Errorf("node %d: cached %v; its log says:\n%s", i, cached, n.stderr)
+		}
+	}
+	// Beside each stage checkpoint, the optimiser state: AdamW, the global weights,
+	// outer momentum and pseudo-gradient residual; the first stages also their data
+	// position. (Staffing is replica by replica: node i holds stage i%2 of replica i/2.)
+	for i, n := range nodes {
+		st, _ := filepath.Glob(filepath.Join(n.dir, "runs", "*", fmt.Sprintf("stage-%d-replica-%d.state.safetensors", i%2, i/2)))
+		if len(st) != 1 {
+			t.Errorf("node %d holds %d state files for stage %d of replica %d, want 1", i, len(st), i%2, i/2)
+			continue
+		}
+		ck, err := shard.LoadCheckpoint(st[0])
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range []string{"adam_m", "adam_v", "global", "outer_momentum", "ef_residual"} {
+			if _, ok := ck.Tensors[name]; !ok {
+				t.Errorf("node %d's state file lacks %s", i, name)
+			}
+		}
+		if _, ok := ck.Metadata["sampler"]; ok != (i%2 == 0) {
+			t.Errorf("node %d's state file: sampler position present %v, want it on first stages only", i, ok)
 		}
 	}
 	for _, n := range nodes {
@@ -438,6 +461,17 @@ func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
 			t.Fatal("the run made no progress in 60 s")
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+	// Every stage, not only the first, checkpoints at the evaluation steps (every 3rd).
+	for i, n := range nodes {
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+			if ck, _ := filepath.Glob(filepath.Join(n.dir, "runs", "*", fmt.Sprintf("stage-%d.safetensors", i))); len(ck) == 1 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("node %d wrote no stage checkpoint during the run", i)
+			}
+		}
 	}
 	killed := time.Now()
 	_ = launcher.Process.Kill()
