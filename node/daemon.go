@@ -70,9 +70,13 @@ type Daemon struct {
 	wg             sync.WaitGroup
 }
 
+// HostOption adjusts the daemon's libp2p host options before the host is built (the
+// WAN bench runs daemons over simulated links this way).
+type HostOption func(*p2p.HostOptions)
+
 // NewDaemon locks the data directory, loads (or creates) the node's identity and
 // starts listening. Close it, or Run it until its context ends.
-func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Daemon, error) {
+func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOpts ...HostOption) (*Daemon, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
@@ -99,7 +103,11 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) (*Daem
 	if created {
 		log.Info("created node identity", "path", dir.KeyPath())
 	}
-	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: key, Listen: cfg.Listen, MDNS: cfg.MDNS, Log: log.With("sys", "p2p")})
+	ho := p2p.HostOptions{Key: key, Listen: cfg.Listen, MDNS: cfg.MDNS, Log: log.With("sys", "p2p")}
+	for _, f := range hostOpts {
+		f(&ho)
+	}
+	h, err := p2p.NewHost(ctx, ho)
 	if err != nil {
 		dir.Close()
 		return nil, err

@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -36,8 +37,10 @@ type LaunchOptions struct {
 	Key    crypto.PrivKey // the launcher's key; nodes must trust its peer ID
 	Peers  []string       // full multiaddrs of volunteering nodes
 	Listen []string       // the launcher's own listen addrs; nil = p2p.DefaultListen
-	OutDir string
-	Log    *slog.Logger
+	// Transports, if set, replace the launcher host's TCP and QUIC (see p2p.HostOptions).
+	Transports []libp2p.Option
+	OutDir     string
+	Log        *slog.Logger
 	// OnPlan sees the staffing once every stage has a peer; OnStep every step's record
 	// (one per replica pipeline and step); OnOuter every outer step's rows (one per
 	// replica of the stage that synced).
@@ -86,7 +89,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("launch: %w", err)
 	}
-	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: o.Key, Listen: o.Listen, Log: log.With("sys", "p2p")})
+	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: o.Key, Listen: o.Listen, Log: log.With("sys", "p2p"), Transports: o.Transports})
 	if err != nil {
 		return nil, err
 	}

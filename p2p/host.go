@@ -57,6 +57,10 @@ type HostOptions struct {
 	MemoryLimit int64          // memory budget in bytes; libp2p's default resource limits are scaled to it; 0 = DefaultMemoryLimit
 	MDNS        bool           // LAN discovery: connect to pipeswarm peers found by mDNS (service MDNSService)
 	Log         *slog.Logger   // nil = slog.Default()
+	// Transports, if set, replace the TCP and QUIC transports (and the default
+	// security and muxer options stay): e.g. QUIC over an in-process simulated
+	// network for the WAN bench. Listen must then be addresses they serve.
+	Transports []libp2p.Option
 }
 
 // Validate reports the first bad field: a missing key, a listen address
@@ -150,11 +154,15 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 	if err != nil {
 		return nil, fmt.Errorf("p2p: resource manager: %w", err)
 	}
-	lh, err := libp2p.New(
+	transports := o.Transports
+	if transports == nil {
+		transports = []libp2p.Option{libp2p.Transport(tcp.NewTCPTransport), libp2p.Transport(quic.NewTransport)}
+	}
+	opts := append([]libp2p.Option{
 		libp2p.Identity(o.Key),
 		libp2p.ListenAddrStrings(o.Listen...),
-		libp2p.Transport(tcp.NewTCPTransport),
-		libp2p.Transport(quic.NewTransport),
+	}, transports...)
+	lh, err := libp2p.New(append(opts,
 		libp2p.Security(noise.ID, noise.New),
 		libp2p.Security(tls.ID, tls.New),
 		libp2p.Muxer(yamux.ID, yamux.DefaultTransport),
@@ -162,7 +170,7 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 		libp2p.ConnectionGater(gater{h.penalties}),
 		libp2p.DisableRelay(),
 		libp2p.DisableMetrics(),
-	)
+	)...)
 	if err != nil {
 		rm.Close()
 		return nil, fmt.Errorf("p2p: new host on %v: %w", o.Listen, err)

@@ -3,6 +3,7 @@ package compute
 import (
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"gonum.org/v1/gonum/blas"
 	"gonum.org/v1/gonum/blas/blas32"
@@ -12,8 +13,21 @@ import (
 // costs more in scheduling than it saves.
 const minSplitFlops = 1 << 20
 
-// Workers is how many goroutines ParallelFor and Gemm spread work over.
-func Workers() int { return runtime.GOMAXPROCS(0) }
+// workers overrides GOMAXPROCS as the compute fan-out when positive.
+var workers atomic.Int32
+
+// Workers is how many goroutines ParallelFor and Gemm spread work over: SetWorkers's
+// value, else GOMAXPROCS.
+func Workers() int {
+	if w := workers.Load(); w > 0 {
+		return int(w)
+	}
+	return runtime.GOMAXPROCS(0)
+}
+
+// SetWorkers sets the compute fan-out for the whole process (many in-process nodes
+// sharing a few cores run best with 1 each); n ≤ 0 goes back to GOMAXPROCS.
+func SetWorkers(n int) { workers.Store(int32(max(n, 0))) }
 
 func trans(t bool) blas.Transpose {
 	if t {
