@@ -65,6 +65,8 @@ type LaunchResult struct {
 	SyncBytes  [][]int64
 	OuterSteps int   // outer steps of stage 0's replicas
 	Broken     []int // replica pipelines that stopped early (a stage's peer died or stalled)
+	// Times: where each stage's wall time went, one per (stage, replica) that finished.
+	Times []StageTime
 }
 
 // Launch staffs sp's stages with the given peers, sends each a signed plan, starts
@@ -464,6 +466,11 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 				}
 			case ReportDone:
 				done[[2]int{r.Stage, r.Replica}] = true
+				if r.Time != nil {
+					t := *r.Time
+					t.Stage, t.Replica = r.Stage, r.Replica
+					res.Times = append(res.Times, t)
+				}
 				if r.Replica == 0 {
 					res.Checkpoints[r.Stage] = r.Checkpoint
 					if r.Stage < S-1 {

@@ -10,6 +10,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 )
@@ -110,6 +111,41 @@ type Report struct {
 	BytesBwd   int64        `json:"bytes_bwd,omitempty"` // training gradient frames sent (encoded bytes)
 	Error      string       `json:"error,omitempty"`
 	Outer      *OuterReport `json:"outer,omitempty"`
+	Time       *StageTime   `json:"time,omitempty"` // with ReportDone
+}
+
+// StageTime is where one stage's wall time went: seconds computing and waiting
+// for each thing (keys are core.Wait names), and its timeline over TimelineSteps.
+type StageTime struct {
+	Stage   int                `json:"stage"`
+	Replica int                `json:"replica"`
+	WallS   float64            `json:"wall_s"`
+	Seconds map[string]float64 `json:"seconds"`
+	Spans   []core.Span        `json:"spans,omitempty"`
+}
+
+// NewStageTime summarises a stage's ledger (Stage and Replica are left to the caller).
+func NewStageTime(l *core.Ledger) *StageTime {
+	t := &StageTime{Seconds: map[string]float64{}, Spans: l.Spans}
+	for w := core.Computing; w < core.Stopped; w++ {
+		t.Seconds[w.String()] = l.Total[w].Seconds()
+		t.WallS += l.Total[w].Seconds()
+	}
+	return t
+}
+
+// Utilisation is the fraction of the wall time spent computing.
+func (t *StageTime) Utilisation() float64 {
+	if t.WallS <= 0 {
+		return 0
+	}
+	return t.Seconds[core.Computing.String()] / t.WallS
+}
+
+// TimelineSteps is the window of steps whose timeline stages keep: a few steps after
+// the first (which pays for dials and warm caches).
+func TimelineSteps(steps int) (lo, hi int) {
+	return min(2, steps), min(4, steps)
 }
 
 // OuterReport is what a replica of a stage says after an outer step.

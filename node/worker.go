@@ -76,6 +76,10 @@ type worker struct {
 	syncs     int          // outer steps taken
 	served    servedState
 
+	// ledger is where this stage's time went (computing, waiting for what), with the
+	// timeline of a few early steps, reported when the run finishes.
+	ledger core.Ledger
+
 	acts, grads, evals map[[2]int]*p2p.Frame // inputs waiting for the core to schedule them
 	lossSum            float64               // this step's micro-batch losses, then its evaluation's
 	lastNorm           float64
@@ -428,9 +432,11 @@ func (w *worker) loop() error {
 	if w.group != nil {
 		go w.connectReplicas() // early, so the first outer step does not pay for the dials
 	}
+	w.ledger.Window.Lo, w.ledger.Window.Hi = TimelineSteps(w.sp.Train.Steps)
 	if err := w.handle(core.Start{}); err != nil {
 		return err
 	}
+	w.ledger.Mark(time.Since(w.started0), w.core.Waiting(), w.core.Step())
 	// A run whose launcher is gone has no one to report to or to finish it: it stops
 	// (keeping its checkpoint) unless the launcher can be reached again soon.
 	watch := &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
@@ -475,6 +481,7 @@ func (w *worker) loop() error {
 			if err != nil {
 				return err
 			}
+			w.ledger.Mark(time.Since(w.started0), w.core.Waiting(), w.core.Step())
 		}
 	}
 	w.cancel(nil) // stops the compute goroutine, which is idle: the core asks for nothing more
@@ -482,7 +489,8 @@ func (w *worker) loop() error {
 	if err := w.checkpoint(); err != nil {
 		return err
 	}
-	w.report(Report{Kind: ReportDone, Checkpoint: w.checkpointPath(), BytesFwd: w.sent.act.Load(), BytesBwd: w.sent.grad.Load()})
+	w.report(Report{Kind: ReportDone, Checkpoint: w.checkpointPath(), BytesFwd: w.sent.act.Load(), BytesBwd: w.sent.grad.Load(),
+		Time: NewStageTime(&w.ledger)})
 	w.log.Info("run finished", "checkpoint", w.checkpointPath(), "bytes_fwd", w.sent.act.Load(), "bytes_bwd", w.sent.grad.Load(), "bytes_eval", w.sent.eval.Load())
 	return nil
 }

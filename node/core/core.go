@@ -17,6 +17,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"time"
 )
 
 var sqrt = math.Sqrt
@@ -417,4 +418,89 @@ func (c *Core) nextEval() []any {
 	}
 	c.busy, c.cur = true, pending{kind: 4, micro: b}
 	return []any{EvalForward{Step: c.step, Batch: b, Send: !c.cfg.last()}}
+}
+
+// Wait is what a stage is doing, or waiting for when it computes nothing.
+type Wait int
+
+const (
+	Computing      Wait = iota // a compute action is out
+	WaitActivation             // the previous stage's output (training or validation)
+	WaitGradient               // the next stage's input gradient
+	WaitNorm                   // the other stages' gradient norms
+	WaitSync                   // the outer step with the other replicas
+	Stopped                    // not started, or finished
+	NumWaits
+)
+
+var waitNames = [NumWaits]string{"compute", "activation", "gradient", "norm", "sync", "stopped"}
+
+func (w Wait) String() string {
+	if w < 0 || w >= NumWaits {
+		return fmt.Sprintf("wait(%d)", int(w))
+	}
+	return waitNames[w]
+}
+
+// Waiting says what the stage is doing now: computing, or, idle, what it needs
+// before it can compute again. Utilisation and the split of idle time come from it.
+func (c *Core) Waiting() Wait {
+	if c.busy {
+		return Computing
+	}
+	switch c.phase {
+	case training:
+		if !c.cfg.first() && c.forwarded < c.cfg.MicroBatches && c.inFlight() < c.cfg.maxInFlight() && c.inFlight() == 0 {
+			return WaitActivation
+		}
+		if c.cfg.last() || c.inFlight() > 0 {
+			return WaitGradient
+		}
+		return WaitActivation
+	case sharing, stepping:
+		return WaitNorm
+	case syncing:
+		return WaitSync
+	case evaluating:
+		return WaitActivation
+	}
+	return Stopped
+}
+
+// Ledger adds up how long a stage spent in each Wait, and keeps the intervals that
+// fall in a window of steps for a timeline. Times are offsets from the run's start,
+// measured (a node) or virtual (the WAN bench's meter), so it is deterministic.
+type Ledger struct {
+	Total [NumWaits]time.Duration
+	// Window, if Hi > 0, is the steps [Lo, Hi] whose intervals are kept in Spans.
+	Window struct{ Lo, Hi int }
+	Spans  []Span
+
+	at      time.Duration
+	cur     Wait
+	step    int
+	started bool
+}
+
+// Span is one interval of a stage's timeline.
+type Span struct {
+	Step       int
+	Wait       Wait
+	Start, End time.Duration
+}
+
+// Mark closes the interval since the last mark, in the state then current, and
+// enters state w (of step) at time at.
+func (l *Ledger) Mark(at time.Duration, w Wait, step int) {
+	if d := at - l.at; d > 0 && l.started {
+		l.Total[l.cur] += d
+		if l.Window.Hi > 0 && l.step >= l.Window.Lo && l.step <= l.Window.Hi {
+			if n := len(l.Spans); n > 0 && l.Spans[n-1].Wait == l.cur && l.Spans[n-1].End == l.at {
+				l.Spans[n-1].End = at
+			} else {
+				l.Spans = append(l.Spans, Span{Step: l.step, Wait: l.cur, Start: l.at, End: at})
+			}
+		}
+	}
+	l.at, l.cur, l.step, l.started = at, w, step, true
 }

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"reflect"
 	"testing"
+	"time"
 )
 
 func mustNew(t *testing.T, c Config) *Core {
@@ -281,5 +282,61 @@ func TestSyncedOutOfTurnIsAProtocolError(t *testing.T) {
 	}
 	if _, err := c.Handle(Synced{Step: 1}); !errors.Is(err, ErrProtocol) {
 		t.Errorf("Synced while training: error %v, want ErrProtocol", err)
+	}
+}
+
+func TestWaitingNamesWhatAnIdleStageNeeds(t *testing.T) {
+	cfg := Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 1}
+	c, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Waiting(); got != Stopped {
+		t.Fatalf("before start: %v", got)
+	}
+	mustHandle(t, c, Start{})
+	if got := c.Waiting(); got != WaitActivation {
+		t.Fatalf("middle stage at start: %v, want activation", got)
+	}
+	mustHandle(t, c, ActivationIn{Step: 1, Micro: 0})
+	if got := c.Waiting(); got != Computing {
+		t.Fatalf("forward out: %v", got)
+	}
+	mustHandle(t, c, Done{})
+	mustHandle(t, c, ActivationIn{Step: 1, Micro: 1})
+	mustHandle(t, c, Done{}) // second forward; both now wait for gradients (bound 2)
+	if got := c.Waiting(); got != WaitGradient {
+		t.Fatalf("two in flight: %v, want gradient", got)
+	}
+	for m := range 2 {
+		mustHandle(t, c, GradientIn{Step: 1, Micro: m})
+		mustHandle(t, c, Done{})
+	}
+	if got := c.Waiting(); got != WaitNorm {
+		t.Fatalf("after the backwards: %v, want norm", got)
+	}
+}
+
+func TestLedgerSumsTimePerStateAndKeepsTheWindow(t *testing.T) {
+	var l Ledger
+	l.Window.Lo, l.Window.Hi = 2, 2
+	l.Mark(1*time.Second, WaitActivation, 1) // nothing counted before the first mark
+	l.Mark(3*time.Second, Computing, 2)
+	l.Mark(4*time.Second, Computing, 2) // same state: one span
+	l.Mark(6*time.Second, WaitNorm, 2)
+	l.Mark(7*time.Second, Stopped, 3)
+	if l.Total[WaitActivation] != 2*time.Second || l.Total[Computing] != 3*time.Second || l.Total[WaitNorm] != time.Second {
+		t.Fatalf("totals %v", l.Total)
+	}
+	want := []Span{{2, Computing, 3 * time.Second, 6 * time.Second}, {2, WaitNorm, 6 * time.Second, 7 * time.Second}}
+	if !reflect.DeepEqual(l.Spans, want) {
+		t.Fatalf("spans %+v, want %+v", l.Spans, want)
+	}
+}
+
+func mustHandle(t *testing.T, c *Core, e any) {
+	t.Helper()
+	if _, err := c.Handle(e); err != nil {
+		t.Fatalf("%T%+v: %v", e, e, err)
 	}
 }

@@ -23,6 +23,8 @@ type Boundary struct {
 
 	// BytesFwd and BytesBwd count encoded training frames (evaluation excluded).
 	BytesFwd, BytesBwd int64
+	// LastBytes is the size of the last frame carried either way (evaluation too).
+	LastBytes int64
 
 	buf                bytes.Buffer
 	c, outX, outG, grd []float32
@@ -117,6 +119,7 @@ func (b *Boundary) Forward(x []float32, tokens, targets []int32, batch, seq int,
 	if count {
 		b.BytesFwd += n
 	}
+	b.LastBytes = n
 	return b.Decode(data, tokens)
 }
 
@@ -128,6 +131,7 @@ func (b *Boundary) Backward(g []float32, batch, seq int) []float32 {
 		Codec: b.bwd, Data: b.EncodeGrad(g, n)}
 	data, size := b.carry(f)
 	b.BytesBwd += size
+	b.LastBytes = size
 	return b.DecodeGrad(data, n)
 }
 

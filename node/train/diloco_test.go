@@ -107,7 +107,7 @@ func TestPlainAveragingOuterStepGivesTheMeanOfTheReplicas(t *testing.T) {
 	in, tg := make([]int32, mb*32), make([]int32, mb*32)
 	for range 3 {
 		for _, rp := range reps {
-			rp.m.step(rp.sampler, in, tg, 0.003, 1)
+			rp.m.step(rp.sampler, in, tg, 0.003, 1, nil)
 		}
 	}
 	var want [][]float32

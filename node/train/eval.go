@@ -1,6 +1,8 @@
 package train
 
 import (
+	"time"
+
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
@@ -13,6 +15,9 @@ type Evaluator struct {
 	bounds []*Boundary // between stages, as in training; nil: none
 	val    []byte
 	tapes  map[int][]*shard.Tape // by batch size: EvalBatch, and the last partial batch
+	// trace, if set, sees each stage's forward of each batch timed, with the bytes
+	// of the frame it sends on.
+	trace func(stage, batch int, d time.Duration, bytes int64)
 }
 
 // NewEvaluator evaluates stages (a whole model, in order) on val.
@@ -47,14 +52,26 @@ func (e *Evaluator) Loss() float64 {
 			data.ValWindow(e.val, seq, lo+i, inputs[i*seq:(i+1)*seq], targets[i*seq:(i+1)*seq])
 		}
 		var x []float32
+		last := len(e.stages) - 1
+		var prev time.Duration // the previous stage's forward, until its frame is carried
 		for i, s := range e.stages {
+			t0 := time.Now()
 			if i > 0 && e.bounds != nil {
 				x = e.bounds[i-1].Forward(x, inputs, targets, b, seq, false)
+				if e.trace != nil {
+					e.trace(i-1, lo/EvalBatch, prev+time.Since(t0), e.bounds[i-1].LastBytes)
+				}
+				t0 = time.Now()
 			}
 			x = s.Forward(tapes[i], inputs, x)
+			if i == last {
+				sum += s.Loss(tapes[last], targets, 1) * float64(b)
+				if e.trace != nil {
+					e.trace(i, lo/EvalBatch, time.Since(t0), 0)
+				}
+			}
+			prev = time.Since(t0)
 		}
-		last := len(e.stages) - 1
-		sum += e.stages[last].Loss(tapes[last], targets, 1) * float64(b)
 	}
 	return sum / float64(n)
 }

@@ -2,6 +2,7 @@ package train
 
 import (
 	"math"
+	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/spec"
@@ -92,47 +93,79 @@ func (m *model) numParams() int {
 	return n
 }
 
+// tracer sees each piece of compute step did, as stage stage of a pipeline would do
+// it: its duration here and the bytes of the frame it sends on.
+type tracer func(kind OpKind, stage, item int, d time.Duration, bytes int64)
+
 // step runs one optimiser step over m.micro micro-batches and returns the mean loss
-// and the gradient norm before clipping.
-func (m *model) step(sampler *data.Sampler, inputs, targets []int32, lr float32, clip float64) (loss, norm float64) {
+// and the gradient norm before clipping. tr, if set, sees every stage's compute timed.
+func (m *model) step(sampler *data.Sampler, inputs, targets []int32, lr float32, clip float64, tr tracer) (loss, norm float64) {
 	for _, s := range m.stages {
 		s.ZeroGrads()
 	}
 	last := len(m.stages) - 1
-	for range m.micro {
+	fwd := make([]time.Duration, len(m.stages))
+	fwdBytes := make([]int64, len(m.stages))
+	for micro := range m.micro {
 		sampler.Next(inputs, targets)
 		var x []float32
+		clear(fwd)
 		for i, s := range m.stages {
+			t0 := time.Now()
 			if i > 0 {
+				// The sender encodes, the receiver decodes: both are on the sender's
+				// account, with the frame's size.
 				x = m.bounds[i-1].Forward(x, inputs, targets, m.tapes[i].B, m.tapes[i].T, true)
+				fwd[i-1] += time.Since(t0)
+				fwdBytes[i-1] = m.bounds[i-1].LastBytes
+				t0 = time.Now()
 			}
 			x = s.Forward(m.tapes[i], inputs, x)
+			if i == last {
+				loss += s.Loss(m.tapes[last], targets, 1/float32(m.micro))
+			}
+			fwd[i] += time.Since(t0)
 		}
-		loss += m.stages[last].Loss(m.tapes[last], targets, 1/float32(m.micro))
+		if tr != nil {
+			for i := range m.stages {
+				tr(OpForward, i, micro, fwd[i], fwdBytes[i])
+			}
+		}
 		var g []float32
 		for i := last; i >= 0; i-- {
+			t0 := time.Now()
+			var sent int64
 			g = m.stages[i].Backward(m.tapes[i], g)
 			if i > 0 {
 				g = m.bounds[i-1].Backward(g, m.tapes[i].B, m.tapes[i].T)
+				sent = m.bounds[i-1].LastBytes
+			}
+			if tr != nil {
+				tr(OpBackward, i, micro, time.Since(t0), sent)
 			}
 		}
 	}
-	for _, s := range m.stages {
-		s.ProjectGrads() // a no-op without a subspace
-	}
+	opt := make([]time.Duration, len(m.stages))
 	var ss float64
-	for _, s := range m.stages {
+	for i, s := range m.stages {
+		t0 := time.Now()
+		s.ProjectGrads() // a no-op without a subspace
 		ss += optim.SumSquares(s.Grads)
+		opt[i] += time.Since(t0)
 	}
 	norm = math.Sqrt(ss)
-	if f := optim.ClipFactor(norm, clip); f != 1 {
-		for _, s := range m.stages {
+	f := optim.ClipFactor(norm, clip)
+	for i, s := range m.stages {
+		t0 := time.Now()
+		if f != 1 {
 			optim.Scale(s.Grads, f)
 		}
-	}
-	for i, s := range m.stages {
 		m.opts[i].Step(s.Params, s.Grads, lr)
 		s.ProjectParams()
+		opt[i] += time.Since(t0)
+		if tr != nil {
+			tr(OpOptimize, i, 0, opt[i], 0)
+		}
 	}
 	return loss / float64(m.micro), norm
 }

@@ -58,11 +58,37 @@ type Options struct {
 	// OnStep, if set, sees every step's record as it is written (progress display).
 	OnStep func(metrics.Step)
 	Now    func() time.Time // nil: time.Now
+	// Trace, if set, sees every piece of compute as the stage of a pipeline that would
+	// do it, timed (the WAN bench's meter schedules a swarm from these).
+	Trace func(Op)
 	// Resume continues the run whose checkpoint and training state are in OutDir
 	// (written at its last evaluation, or when it was stopped) with the same spec, from
 	// the step after them, exactly as if it had not stopped; metrics.jsonl keeps its
 	// rows up to that step and grows from there.
 	Resume bool
+}
+
+// OpKind names a piece of a stage's compute in a trace.
+type OpKind uint8
+
+const (
+	OpForward  OpKind = iota // a training micro-batch forward (the last stage's includes the loss)
+	OpBackward               // its backward
+	OpOptimize               // the step's norm, clipping and AdamW
+	OpEval                   // a validation batch's forward
+	OpOuter                  // the outer step's arithmetic (the all-reduce is network)
+)
+
+// Op is one piece of compute the trainer did as stage Stage of replica pipeline
+// Replica would do it, how long it took here, and the encoded bytes of the frame it
+// then sends (forward and eval: to the next stage; backward: to the previous one;
+// outer: both phases of the all-reduce).
+type Op struct {
+	Replica, Stage int
+	Kind           OpKind
+	Step, Item     int // Item: the micro-batch or validation batch
+	Dur            time.Duration
+	Bytes          int64
 }
 
 // Result summarises a finished (or interrupted) run.
@@ -225,7 +251,13 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		recs := make([]metrics.Step, R)
 		var mean float64
 		for r, rp := range reps {
-			loss, norm := rp.m.step(rp.sampler, inputs, targets, lr, sp.Train.GradClip)
+			var tr tracer
+			if o.Trace != nil {
+				tr = func(k OpKind, stage, item int, d time.Duration, b int64) {
+					o.Trace(Op{Replica: r, Stage: stage, Kind: k, Step: step, Item: item, Dur: d, Bytes: b})
+				}
+			}
+			loss, norm := rp.m.step(rp.sampler, inputs, targets, lr, sp.Train.GradClip, tr)
 			if math.IsNaN(loss) || math.IsInf(loss, 0) {
 				return res, fmt.Errorf("%w at step %d (loss %g, replica %d); try a lower train.lr", ErrDiverged, step, loss, r)
 			}
@@ -238,9 +270,15 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 		var outers []metrics.Outer
 		if sync != nil {
+			t0 := time.Now()
 			outers = sync.step(step, sp.Train.Steps, now)
+			// The arithmetic of all R×S outer steps ran here in turn; each node does its own.
+			each := time.Since(t0) / time.Duration(max(1, len(outers)))
 			for _, or := range outers {
 				res.SyncBytes[or.Replica][or.Stage] += or.SyncBytes
+				if o.Trace != nil {
+					o.Trace(Op{Replica: or.Replica, Stage: or.Stage, Kind: OpOuter, Step: step, Dur: each, Bytes: or.SyncBytes})
+				}
 			}
 		}
 		dt := now().Sub(t0)
@@ -250,6 +288,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			recs[r].ElapsedS = now().Sub(start).Seconds()
 		}
 		if (sp.EvalInterval > 0 && step%sp.EvalInterval == 0) || step == sp.Train.Steps {
+			if o.Trace != nil {
+				eval.trace = func(stage, batch int, d time.Duration, b int64) {
+					o.Trace(Op{Stage: stage, Kind: OpEval, Step: step, Item: batch, Dur: d, Bytes: b})
+				}
+			}
 			v := eval.Loss()
 			recs[0].ValLoss, res.ValLoss = &v, v
 			log.Info("eval", "step", step, "loss", round4(mean), "val_loss", round4(v),
