@@ -9,5 +9,11 @@ import "embed"
 //go:embed *.yaml
 var FS embed.FS
 
+// WAN holds the WAN bench's link profiles as wan/NAME.yaml (lan, home,
+// intercontinental, protocol-nanogpt). They are not run specs.
+//
+//go:embed wan/*.yaml
+var WAN embed.FS
+
 // Default is the spec `pipeswarm train` uses when given none.
 const Default = "tiny.yaml"
