@@ -164,11 +164,11 @@ func Compression(ctx context.Context, o CompressionOptions) ([]Row, error) {
 	}
 	target := o.Target
 	if target == 0 {
-		target = baselineTarget(histories[0], rows[0].Steps/2)
+		target = TargetAt(histories[0], rows[0].Steps/2)
 		log.Info("bench compression: target", "val_loss", target, "from", "baseline at half its steps")
 	}
 	for i := range rows {
-		rows[i].Target, rows[i].StepsToTarget = target, stepsTo(histories[i], target)
+		rows[i].Target, rows[i].StepsToTarget = target, StepsTo(histories[i], target)
 	}
 	base := rows[0]
 	for i := range rows {
@@ -191,9 +191,9 @@ func slug(s string) string {
 	return r.Replace(s)
 }
 
-// baselineTarget is the last validation loss recorded at or before step or, if
+// TargetAt is the last validation loss recorded at or before step or, if
 // none was, the first after it (every run evaluates at its end).
-func baselineTarget(h []metrics.Step, step int) float64 {
+func TargetAt(h []metrics.Step, step int) float64 {
 	v := math.NaN()
 	for _, s := range h {
 		if s.ValLoss == nil {
@@ -210,8 +210,8 @@ func baselineTarget(h []metrics.Step, step int) float64 {
 	return v
 }
 
-// stepsTo is the first evaluated step whose validation loss is at or below target.
-func stepsTo(h []metrics.Step, target float64) *int {
+// StepsTo is the first evaluated step whose validation loss is at or below target.
+func StepsTo(h []metrics.Step, target float64) *int {
 	for _, s := range h {
 		if s.ValLoss != nil && *s.ValLoss <= target {
 			n := s.Step

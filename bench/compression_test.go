@@ -94,13 +94,13 @@ func TestParseSettingNamesAndValidates(t *testing.T) {
 func TestBaselineTargetFallsBackToTheFirstEvalAfterHalfway(t *testing.T) {
 	v := func(x float64) *float64 { return &x }
 	h := []metrics.Step{{Step: 1}, {Step: 2, ValLoss: v(3)}, {Step: 4, ValLoss: v(2)}, {Step: 6, ValLoss: v(1.5)}, {Step: 8, ValLoss: v(1)}}
-	if got := baselineTarget(h, 4); got != 2 {
+	if got := TargetAt(h, 4); got != 2 {
 		t.Errorf("eval at half the steps: target %v, want 2", got)
 	}
-	if got := baselineTarget(h, 5); got != 2 {
+	if got := TargetAt(h, 5); got != 2 {
 		t.Errorf("last eval before half the steps: target %v, want 2", got)
 	}
-	if got := baselineTarget(h[3:], 4); got != 1.5 {
+	if got := TargetAt(h[3:], 4); got != 1.5 {
 		t.Errorf("no eval before half the steps: target %v, want the first after it, 1.5", got)
 	}
 }

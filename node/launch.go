@@ -198,8 +198,20 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		id, err := peer.Decode(a.Peer)
 		return ok && err == nil && h.Network().Connectedness(id) == network.Connected
 	}
-	return watch(ctx, o, log, plan, reports, lost, abort, idle, up)
+	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up)
+	if res != nil {
+		// For tools that run launch as a process (the WAN bench's netns mode).
+		if b, jerr := json.MarshalIndent(res, "", "  "); jerr == nil {
+			if werr := os.WriteFile(filepath.Join(o.OutDir, ResultFile), b, 0o644); werr != nil && err == nil {
+				err = fmt.Errorf("launch: %w", werr)
+			}
+		}
+	}
+	return res, err
 }
+
+// ResultFile is where Launch writes its LaunchResult (JSON) in the run's directory.
+const ResultFile = "result.json"
 
 func newRunID() uint64 {
 	var b [8]byte

@@ -26,7 +26,7 @@ var commands = []command{
 	{"node", "run a node: hold and train pipeline stages for trusted launchers", runNode},
 	{"launch", "staff, start and watch a pipelined run across nodes", runLaunch},
 	{"keygen", "make a launcher key and print its peer ID", runKeygen},
-	{"bench", "benchmarks: 'bench compression' measures boundary compression", runBench},
+	{"bench", "benchmarks: 'bench compression' (boundary codecs), 'bench wan' (a swarm behind emulated internet links)", runBench},
 	{"version", "print the build, the BLAS in use and the protocols spoken", runVersion},
 }
 

@@ -90,14 +90,19 @@ the same steps the uninterrupted run would have.`, stderr)
 // commands' common overrides: --data (if set) and --steps (if > 0, shortening warmup
 // to fit), then validates the result.
 func loadSpec(pos []string, data string, steps int) (*spec.Spec, error) {
+	return loadSpecOr(examples.Default, pos, data, steps)
+}
+
+// loadSpecOr is loadSpec with another built-in example as the default.
+func loadSpecOr(builtin string, pos []string, data string, steps int) (*spec.Spec, error) {
 	var sp *spec.Spec
 	var err error
 	if len(pos) == 1 {
 		sp, err = spec.Load(pos[0])
 	} else {
 		var src []byte
-		if src, err = fs.ReadFile(examples.FS, examples.Default); err == nil {
-			sp, err = spec.Parse(src, "examples/"+examples.Default)
+		if src, err = fs.ReadFile(examples.FS, builtin); err == nil {
+			sp, err = spec.Parse(src, "examples/"+builtin)
 		}
 	}
 	if err != nil {
