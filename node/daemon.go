@@ -146,6 +146,9 @@ func (d *Daemon) SetFaultStallSync(step int) {
 // ID is the node's peer ID.
 func (d *Daemon) ID() peer.ID { return d.host.ID() }
 
+// Host is the node's libp2p host (the WAN bench measures links through it).
+func (d *Daemon) Host() *p2p.Host { return d.host }
+
 // Addrs are the node's full multiaddrs.
 func (d *Daemon) Addrs() []string { return d.host.Addrs() }
 

@@ -298,6 +298,9 @@ func TestCleanupRemovesWhatAKilledHarnessLeft(t *testing.T) {
 }
 
 func runHelper(h string) int {
+	if code := runTransferHelper(h); code >= 0 {
+		return code
+	}
 	prefix := os.Getenv(helperPrefixEnv)
 	lan, _ := Profile("lan")
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)

@@ -17,7 +17,7 @@ func runBench(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	}
 	if len(args) == 0 || args[0] != "compression" {
 		if len(args) > 0 && (args[0] == "-h" || args[0] == "--help") {
-			fmt.Fprintln(stderr, "Usage:\n  pipeswarm bench compression --spec SPEC [--data PATH] [--steps N] [--eval-interval N] [--target LOSS] [--setting S]... --out DIR")
+			fmt.Fprintln(stderr, "Usage: pipeswarm bench compression|wan ...\n  pipeswarm bench compression --spec SPEC [--data PATH] [--steps N] [--eval-interval N] [--target LOSS] [--setting S]... --out DIR")
 			fmt.Fprintln(stderr, "  pipeswarm bench wan --spec SPEC --profile NAME|FILE [--mode sim|netns|meter] [--data PATH] [--steps N] [--out DIR] ...")
 			fmt.Fprintln(stderr, "  pipeswarm bench wan --compare DIR [DIR...]\nEach takes --help.")
 			return nil

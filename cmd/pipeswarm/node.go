@@ -17,6 +17,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 // multiFlag collects a repeatable string flag.
@@ -73,6 +74,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	budget := fs.String("memory-budget", "", "memory this node may use for stages, e.g. 4GiB (overrides memory_budget)")
 	corpusPath := fs.String("corpus", "", "local copy of run text, used where it hashes the same as the launcher's (overrides corpus)")
 	verbose := fs.Bool("v", false, "debug logging")
+	threads := fs.Int("threads", 0, "compute threads for the stages held here (default: every core); set it when several nodes share a machine")
 	faultStall := fs.Int("fault-stall-sync", 0, "fault injection for tests: hang mid all-reduce in the outer step after inner step N")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -113,6 +115,11 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	if err := cfg.Validate(); err != nil {
 		return err
 	}
+	if *threads < 0 {
+		fmt.Fprintf(stderr, "pipeswarm node: --threads %d: want ≥ 1 (or 0 for every core)\n", *threads)
+		return errUsage
+	}
+	compute.SetWorkers(*threads)
 	level := slog.LevelInfo
 	if *verbose {
 		level = slog.LevelDebug
@@ -130,7 +137,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	for _, a := range d.Addrs() {
 		fmt.Fprintf(stdout, "listening on %s\n", a)
 	}
-	log.Info("node running", "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open, "memory_budget", cfg.MemoryBudget)
+	log.Info("node running", "compute_threads", compute.Workers(), "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open, "memory_budget", cfg.MemoryBudget)
 	err = d.Run(ctx)
 	log.Info("node stopped")
 	return err

@@ -1,0 +1,156 @@
+package netns
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// profilesEnv turns on TestProfilesMeasured, which takes about a minute and
+// reports figures rather than checking a claim.
+const profilesEnv = "PSW_NETNS_PROFILES"
+
+// TestProfilesMeasured measures each profile between two nodes with Measure,
+// then the harness's CPU time per transferred gigabit when the endpoints are
+// other processes (so that it is the delay lines' cost alone), and a link
+// faster than the delay line to find its ceiling.
+func TestProfilesMeasured(t *testing.T) {
+	if os.Getenv(profilesEnv) == "" {
+		t.Skipf("set %s=1 to measure the link profiles (about a minute)", profilesEnv)
+	}
+	needNetns(t)
+	type row struct {
+		name string
+		link Link
+	}
+	var rows []row
+	for _, name := range ProfileNames() {
+		rows = append(rows, row{name, profile(t, name)})
+	}
+	rows = append(rows, row{"ceiling (10 Gbit/s, 0.5 ms)", Link{Mbps: 10000, Latency: 500 * time.Microsecond}})
+	for _, r := range rows {
+		n := build(t, Config{Nodes: []Link{r.link, r.link}})
+		// About three seconds at the link's rate, the second half of which
+		// is measured: well past slow start.
+		bytes := max(int64(r.link.Mbps*1e6/8*3), 8<<20)
+		bytes = min(bytes, 1<<30)
+		m, err := n.Measure(t.Context(), 0, 1, bytes)
+		if err != nil {
+			t.Fatalf("%s: %v", r.name, err)
+		}
+		mbps, cpu, err := delayLineCost(t, n, min(bytes, 256<<20))
+		if err != nil {
+			t.Fatalf("%s: %v", r.name, err)
+		}
+		t.Logf("%-28s %6.0f Mbit/s %8v one way %5.2f%% loss | %s | process endpoints %.1f Mbit/s, harness CPU %.2f s per Gbit",
+			r.name, r.link.Mbps, r.link.Latency, 100*r.link.Loss, m, mbps, cpu)
+		if err := n.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// delayLineCost sends bytes from node 0 to node 1 between two helper
+// processes and returns the receiver's rate and this process's CPU seconds
+// per gigabit meanwhile.
+func delayLineCost(t *testing.T, n *Net, bytes int64) (mbps, cpuPerGbit float64, err error) {
+	addr := net.JoinHostPort(n.Addr(1), "5201")
+	sink := n.Command(t.Context(), 1, os.Args[0], "-test.run=^$")
+	sink.Env = append(os.Environ(), helperEnv+"=sink", helperArgEnv+"="+addr+" "+strconv.FormatInt(bytes, 10))
+	out, err := sink.StdoutPipe()
+	if err != nil {
+		return 0, 0, err
+	}
+	if err := sink.Start(); err != nil {
+		return 0, 0, err
+	}
+	defer sink.Wait()
+	sc := bufio.NewScanner(out)
+	if !sc.Scan() || sc.Text() != "ready" {
+		return 0, 0, fmt.Errorf("sink did not start: %q %v", sc.Text(), sc.Err())
+	}
+	before := cpuTime()
+	src := n.Command(t.Context(), 0, os.Args[0], "-test.run=^$")
+	src.Env = append(os.Environ(), helperEnv+"=source", helperArgEnv+"="+addr+" "+strconv.FormatInt(bytes, 10))
+	src.Stderr = os.Stderr
+	if err := src.Run(); err != nil {
+		return 0, 0, fmt.Errorf("source: %w", err)
+	}
+	if !sc.Scan() {
+		return 0, 0, fmt.Errorf("sink: %v", sc.Err())
+	}
+	cpu := cpuTime() - before
+	mbps, err = strconv.ParseFloat(sc.Text(), 64)
+	if err != nil {
+		return 0, 0, fmt.Errorf("sink said %q", sc.Text())
+	}
+	return mbps, cpu.Seconds() / (float64(bytes) * 8 / 1e9), nil
+}
+
+func cpuTime() time.Duration {
+	var ru syscall.Rusage
+	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+const helperArgEnv = "PSW_NETNS_ARG"
+
+// runTransferHelper is the sink or source of delayLineCost.
+func runTransferHelper(h string) int {
+	f := strings.Fields(os.Getenv(helperArgEnv))
+	if len(f) != 2 {
+		fmt.Fprintln(os.Stderr, "helper: want addr and bytes in", helperArgEnv)
+		return 2
+	}
+	addr := f[0]
+	bytes, _ := strconv.ParseInt(f[1], 10, 64)
+	switch h {
+	case "sink":
+		ln, err := net.Listen("tcp4", addr)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "sink:", err)
+			return 1
+		}
+		fmt.Println("ready")
+		c, err := ln.Accept()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "sink:", err)
+			return 1
+		}
+		mbps, err := receive(c, bytes)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "sink:", err)
+			return 1
+		}
+		fmt.Println(mbps)
+		return 0
+	case "source":
+		var c net.Conn
+		var err error
+		for range 50 { // the sink listens before it says ready; this is for ARP and the like
+			if c, err = net.Dial("tcp4", addr); err == nil {
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "source:", err)
+			return 1
+		}
+		if err := sendZeros(c, bytes); err != nil {
+			fmt.Fprintln(os.Stderr, "source:", err)
+			return 1
+		}
+		// Wait for the sink to close, so that the bytes are across.
+		io.Copy(io.Discard, c)
+		return 0
+	}
+	return -1
+}

@@ -1,0 +1,249 @@
+package wan
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/bench/netns"
+	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/p2p"
+)
+
+// nodePort is where every node listens in its own namespace.
+const nodePort = 4001
+
+// runNetns runs every node as a `pipeswarm node` process in a network namespace of
+// its own and the launcher as a `pipeswarm launch` process in another, joined by a
+// bridge through links shaped by tbf and a delay line. Everything made is removed
+// when it returns, whatever happened (the context ends on Ctrl-C).
+func runNetns(ctx context.Context, o Options) (*outcome, error) {
+	sp := o.Spec
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	grid := cells(S, R)
+	bin := o.Binary
+	if bin == "" {
+		var err error
+		if bin, err = os.Executable(); err != nil {
+			return nil, fmt.Errorf("wan: netns: the pipeswarm binary: %w", err)
+		}
+	}
+	tmp, err := os.MkdirTemp("", "pipeswarm-netns-")
+	if err != nil {
+		return nil, fmt.Errorf("wan: %w", err)
+	}
+	defer os.RemoveAll(tmp)
+
+	links := make([]netns.Link, 0, len(grid)+1)
+	for _, c := range grid {
+		l := o.Profile.Link(Cell(c[0], c[1]))
+		links = append(links, netns.Link{Mbps: l.Mbps, Latency: l.Latency, Loss: l.Loss})
+	}
+	ll := o.Profile.Link("launcher")
+	links = append(links, netns.Link{Mbps: ll.Mbps, Latency: ll.Latency, Loss: ll.Loss})
+	lidx := len(grid)
+	nw, err := netns.Build(ctx, netns.Config{Nodes: links, Log: o.Log.With("sys", "netns")})
+	if err != nil {
+		return nil, fmt.Errorf("wan: netns: %w", err)
+	}
+	defer nw.Close()
+	o.OnNote(fmt.Sprintf("netns: %d namespaces built (%d nodes and the launcher)", len(links), len(grid)))
+
+	lkey, err := p2p.GenerateKey()
+	if err != nil {
+		return nil, err
+	}
+	keyPath := filepath.Join(tmp, "launcher.key")
+	if err := p2p.WriteKey(keyPath, lkey); err != nil {
+		return nil, err
+	}
+	lid, err := p2p.PeerID(lkey)
+	if err != nil {
+		return nil, err
+	}
+	logDir := filepath.Join(o.OutDir, "logs")
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return nil, fmt.Errorf("wan: %w", err)
+	}
+
+	// The nodes: each waits until its addrs file shows it listening.
+	exited := make(chan string, len(grid)+1)
+	var peers []string
+	for i, c := range grid {
+		cell := Cell(c[0], c[1])
+		dir := filepath.Join(tmp, cell)
+		cmd := nw.Command(ctx, i, bin, "node", "--data-dir", dir, "--listen", fmt.Sprintf("/ip4/%s/tcp/%d", nw.Addr(i), nodePort),
+			"--trust", lid.String(), "--threads", strconv.Itoa(o.Threads))
+		if err := startLogged(cmd, filepath.Join(logDir, cell+".log"), cell, exited); err != nil {
+			return nil, fmt.Errorf("wan: netns: node %s: %w", cell, err)
+		}
+		addr, err := waitAddr(ctx, filepath.Join(dir, "addrs"), exited)
+		if err != nil {
+			return nil, fmt.Errorf("wan: netns: node %s: %w (log: %s)", cell, err, filepath.Join(logDir, cell+".log"))
+		}
+		peers = append(peers, addr)
+	}
+	o.OnNote(fmt.Sprintf("netns: %d node processes listening", len(grid)))
+
+	var measured []LinkFigures
+	for i := 1; i < len(grid)+1 && len(measured) < maxMeasured; i++ {
+		a, b := i-1, i
+		ca, cb := "", ""
+		if b == lidx {
+			a, ca, cb = 0, Cell(0, 0), "launcher"
+		} else {
+			ca, cb = Cell(grid[a][0], grid[a][1]), Cell(grid[b][0], grid[b][1])
+		}
+		la, lb := o.Profile.Link(ca), o.Profile.Link(cb)
+		mbps := min(la.Mbps, lb.Mbps)
+		res, err := nw.Measure(ctx, a, b, probeBytes(mbps))
+		if err != nil {
+			return nil, fmt.Errorf("wan: netns: measure %s ↔ %s: %w", ca, cb, err)
+		}
+		f := LinkFigures{From: ca, To: cb, ProfileMbps: mbps, MeasuredMbps: res.UpMbps, ReverseMbps: res.DownMbps,
+			ProfileRTTMs: ms(la.Latency + lb.Latency), MeasuredRTTMs: ms(res.RTT)}
+		measured = append(measured, f)
+		o.OnNote(linkNote(f))
+	}
+
+	specPath := filepath.Join(tmp, "spec.yaml")
+	if err := os.WriteFile(specPath, []byte(sp.String()), 0o644); err != nil {
+		return nil, fmt.Errorf("wan: %w", err)
+	}
+	swarmDir := filepath.Join(o.OutDir, "swarm")
+	args := []string{"launch", specPath, "--key", keyPath, "--out", swarmDir, "--quiet"}
+	for _, p := range peers {
+		args = append(args, "--peer", p)
+	}
+	launch := nw.Command(ctx, lidx, bin, args...)
+	if err := startLogged(launch, filepath.Join(logDir, "launcher.log"), "launcher", exited); err != nil {
+		return nil, fmt.Errorf("wan: netns: launcher: %w", err)
+	}
+	// Progress from the launcher's metrics; a node that exits ends the wait early.
+	seen := 0
+	tick := time.NewTicker(500 * time.Millisecond)
+	defer tick.Stop()
+	for done := false; !done; {
+		select {
+		case who := <-exited:
+			if who == "launcher" {
+				done = true
+				break
+			}
+			o.OnNote(fmt.Sprintf("netns: node %s exited during the run (its log: %s)", who, filepath.Join(logDir, who+".log")))
+		case <-tick.C:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+		seen = feed(filepath.Join(swarmDir, train.MetricsFile), seen, o.OnStep)
+	}
+	feed(filepath.Join(swarmDir, train.MetricsFile), seen, o.OnStep)
+	if launch.ProcessState == nil || !launch.ProcessState.Success() {
+		return nil, fmt.Errorf("wan: netns: the launcher failed: %s", tail(filepath.Join(logDir, "launcher.log")))
+	}
+	rb, err := os.ReadFile(filepath.Join(swarmDir, node.ResultFile))
+	if err != nil {
+		return nil, fmt.Errorf("wan: netns: %w", err)
+	}
+	var res node.LaunchResult
+	if err := json.Unmarshal(rb, &res); err != nil {
+		return nil, fmt.Errorf("wan: netns: %s: %w", node.ResultFile, err)
+	}
+	return launched(sp, swarmDir, &res, measured, nil)
+}
+
+// startLogged starts cmd with its output in logPath and says name on exited when it
+// ends. It runs in a process group of its own, so the harness can kill all of it.
+func startLogged(cmd *exec.Cmd, logPath, name string, exited chan<- string) error {
+	f, err := os.Create(logPath)
+	if err != nil {
+		return err
+	}
+	cmd.Stdout, cmd.Stderr = f, f
+	if cmd.SysProcAttr == nil {
+		cmd.SysProcAttr = &syscall.SysProcAttr{}
+	}
+	cmd.SysProcAttr.Setpgid = true
+	cmd.SysProcAttr.Pdeathsig = syscall.SIGKILL // the harness dying takes its nodes along
+	if err := cmd.Start(); err != nil {
+		f.Close()
+		return err
+	}
+	go func() {
+		_ = cmd.Wait()
+		f.Close()
+		exited <- name
+	}()
+	return nil
+}
+
+// waitAddr waits for a node's addrs file and returns its first TCP address.
+func waitAddr(ctx context.Context, path string, exited <-chan string) (string, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		if b, err := os.ReadFile(path); err == nil {
+			for _, l := range strings.Fields(string(b)) {
+				if strings.Contains(l, "/tcp/") {
+					return l, nil
+				}
+			}
+		}
+		select {
+		case who := <-exited:
+			return "", fmt.Errorf("%s exited before listening", who)
+		case <-ctx.Done():
+			return "", ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	return "", errors.New("not listening after 30 s")
+}
+
+// feed passes the metrics rows after the first seen to onStep and returns how many
+// rows the file has.
+func feed(path string, seen int, onStep func(string, metrics.Step)) int {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return seen
+	}
+	n := 0
+	sc := bufio.NewScanner(bytes.NewReader(b))
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Bytes()
+		if len(line) == 0 || line[len(line)-1] != '}' {
+			break // a row still being written
+		}
+		n++
+		if n <= seen {
+			continue
+		}
+		var s struct {
+			metrics.Step
+			Outer *int `json:"outer_step"`
+		}
+		if json.Unmarshal(line, &s) == nil && s.Outer == nil && (s.Replica == nil || *s.Replica == 0) {
+			onStep("swarm", s.Step)
+		}
+	}
+	return n
+}
+
+// tail is the last lines of a log, for an error message.
+func tail(path string) string {
+	b, _ := os.ReadFile(path)
+	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
+	return strings.Join(lines[max(0, len(lines)-5):], " | ")
+}

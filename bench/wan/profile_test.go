@@ -1,0 +1,74 @@
+package wan
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestBuiltInProfilesCarryTheIssueFigures(t *testing.T) {
+	want := map[string]Link{
+		"lan":              {Mbps: 1000, Latency: 500 * time.Microsecond},
+		"home":             {Mbps: 100, Latency: 25 * time.Millisecond},
+		"intercontinental": {Mbps: 50, Latency: 75 * time.Millisecond, Loss: 0.001},
+		"protocol-nanogpt": {Mbps: 200, Latency: 50 * time.Millisecond},
+	}
+	if got := Profiles(); len(got) != len(want) {
+		t.Fatalf("profiles %v, want %d", got, len(want))
+	}
+	for name, l := range want {
+		p, err := LoadProfile(name)
+		if err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		if p.Name != name || p.Default() != l {
+			t.Errorf("%s: %+v, want %+v", name, p.Default(), l)
+		}
+	}
+}
+
+func TestProfileErrorsNameFileLineAndField(t *testing.T) {
+	for _, c := range []struct{ src, want string }{
+		{"name: x\nbandwidth_mbps: 0\nlatency_ms: 5\n", "x.yaml:2: bandwidth_mbps"},
+		{"bandwidth_mbps: 10\nlatency_ms: 5\nloss: 1.5\n", "x.yaml:3: loss"},
+		{"bandwidth_mbps: 10\nlatency_ms: -1\n", "x.yaml:2: latency_ms"},
+		{"bandwidth_mbps: 10\nlatncy_ms: 5\n", "latncy_ms"},
+		{"bandwidth_mbps: 10\nlatency_ms: 5\nlinks: [\"s1r0=ten/5\"]\n", "x.yaml:3: links[0]"},
+	} {
+		_, err := ParseProfile([]byte(c.src), "x.yaml")
+		if err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%q: error %v, want it to contain %q", c.src, err, c.want)
+		}
+	}
+}
+
+func TestOverridesGiveOneCellItsOwnLink(t *testing.T) {
+	p, err := LoadProfile("home")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.Override("s2r0=10/40/0.01"); err != nil {
+		t.Fatal(err)
+	}
+	if got := p.Link("s2r0"); got != (Link{Mbps: 10, Latency: 40 * time.Millisecond, Loss: 0.01}) {
+		t.Fatalf("s2r0: %+v", got)
+	}
+	if got := p.Link("s1r0"); got != p.Default() {
+		t.Fatalf("s1r0: %+v, want the default", got)
+	}
+	for _, bad := range []string{"s2=10/40", "s2r0=10", "s2r0=0/40", "launcher=10/40/2"} {
+		if err := p.Override(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+	if err := p.Adjust(50, -1, -1); err != nil || p.Default().Mbps != 50 || p.Default().Latency != 25*time.Millisecond {
+		t.Fatalf("adjust: %v %+v", err, p.Default())
+	}
+}
+
+func TestUnknownProfileListsTheKnownOnes(t *testing.T) {
+	_, err := LoadProfile("dialup")
+	if err == nil || !strings.Contains(err.Error(), "home") {
+		t.Fatalf("error %v, want the known names", err)
+	}
+}

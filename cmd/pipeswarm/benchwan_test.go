@@ -1,0 +1,128 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// wanSpec is a 2-stage pipeline small enough for CI.
+const wanSpec = `name: wan-test
+seed: 3
+eval_interval: 4
+model: {vocab: 256, d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, micro_batches: 2}
+train: {batch_size: 4, steps: 8, lr: 0.003, warmup: 2}
+compression: {subspace: 4, activations: int8/32, gradients: int8/32}
+data: {val_fraction: 0.01}
+`
+
+// checkReport reads a bench wan report.json and checks the fields the issue names.
+func checkReport(t *testing.T, dir, mode string) map[string]any {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, "report.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r map[string]any
+	if err := json.Unmarshal(b, &r); err != nil {
+		t.Fatal(err)
+	}
+	for _, k := range []string{"mode", "profile", "links", "tokens_per_s", "time_to_target_s", "target_val_loss",
+		"bytes_per_token_fwd", "bytes_per_token_bwd", "stages", "baseline"} {
+		if _, ok := r[k]; !ok {
+			t.Errorf("report.json has no %q", k)
+		}
+	}
+	if r["mode"] != mode {
+		t.Errorf("mode %v, want %s", r["mode"], mode)
+	}
+	if tps, _ := r["tokens_per_s"].(float64); !(tps > 0) {
+		t.Errorf("tokens_per_s %v", r["tokens_per_s"])
+	}
+	if f, _ := r["bytes_per_token_fwd"].(float64); !(f > 0) {
+		t.Errorf("bytes_per_token_fwd %v", r["bytes_per_token_fwd"])
+	}
+	stages, _ := r["stages"].([]any)
+	if len(stages) != 2 {
+		t.Fatalf("stages %v, want 2", r["stages"])
+	}
+	for _, s := range stages {
+		u, _ := s.(map[string]any)["utilisation"].(float64)
+		if !(u > 0 && u <= 1) {
+			t.Errorf("stage utilisation %v", s)
+		}
+	}
+	base, _ := r["baseline"].(map[string]any)
+	if v, _ := base["tokens_per_s"].(float64); !(v > 0) {
+		t.Errorf("baseline %v", base)
+	}
+	for _, f := range []string{"report.md", "loss.png", "timeline.png"} {
+		if st, err := os.Stat(filepath.Join(dir, f)); err != nil || st.Size() == 0 {
+			t.Errorf("%s: %v", f, err)
+		}
+	}
+	return r
+}
+
+func TestBenchWANMeterWritesTheReportAndReusesTheBaseline(t *testing.T) {
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "run.yaml")
+	if err := os.WriteFile(specPath, []byte(wanSpec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cache := filepath.Join(dir, "cache")
+	out := filepath.Join(dir, "home")
+	code, stdout, stderr := runCLI(t, "bench", "wan", "--spec", specPath, "--mode", "meter", "--profile", "home", "--out", out, "--cache", cache, "--quiet")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	r := checkReport(t, out, "meter")
+	if f, _ := r["loopback_fraction"].(float64); !(f > 0 && f < 1) {
+		t.Errorf("loopback_fraction %v: a 50 ms round trip must cost something", r["loopback_fraction"])
+	}
+	if !strings.Contains(stdout, "time to target") {
+		t.Errorf("stdout lacks the table: %s", stdout)
+	}
+	ents, _ := os.ReadDir(cache)
+	if len(ents) != 1 {
+		t.Fatalf("cache holds %d baselines, want 1", len(ents))
+	}
+	// A second profile reuses the baseline (same spec, steps, text) and is slower on
+	// a slower network.
+	out2 := filepath.Join(dir, "intercontinental")
+	code, _, stderr = runCLI(t, "bench", "wan", "--spec", specPath, "--mode", "meter", "--profile", "intercontinental", "--out", out2, "--cache", cache, "--quiet")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	r2 := checkReport(t, out2, "meter")
+	if ents, _ := os.ReadDir(cache); len(ents) != 1 {
+		t.Fatalf("the baseline was not reused: %d in the cache", len(ents))
+	}
+	if !(r2["tokens_per_s"].(float64) < r["tokens_per_s"].(float64)) {
+		t.Errorf("intercontinental %v tokens/s not below home %v", r2["tokens_per_s"], r["tokens_per_s"])
+	}
+	code, stdout, stderr = runCLI(t, "bench", "wan", "--compare", out, out2)
+	if code != 0 || !strings.Contains(stdout, "| home |") || !strings.Contains(stdout, "intercontinental") {
+		t.Fatalf("compare: exit %d\n%s\n%s", code, stdout, stderr)
+	}
+}
+
+func TestBenchWANRefusesBadProfilesAndModes(t *testing.T) {
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--profile", "dialup", "--mode", "meter"}, "home, intercontinental, lan"},
+		{[]string{"--profile", "home", "--mode", "carrier-pigeon"}, "want one of sim, netns, meter"},
+		{[]string{"--profile", "home", "--link", "s9=1/1", "--mode", "meter"}, "CELL=MBPS/LATENCY_MS"},
+		{[]string{"--profile", "home", "--mode", "sim", "--compute-scale", "10"}, "meter mode"},
+	} {
+		code, _, stderr := runCLI(t, append([]string{"bench", "wan", "--steps", "2", "--out", t.TempDir(), "--cache", t.TempDir()}, c.args...)...)
+		if code == 0 || !strings.Contains(stderr, c.want) {
+			t.Errorf("%v: exit %d, stderr %q, want it to contain %q", c.args, code, stderr, c.want)
+		}
+	}
+}
