@@ -16,6 +16,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 // Baseline is the centralised run of a spec: its metrics, its result, and the trace
@@ -35,8 +36,9 @@ const (
 )
 
 // BaselineKey names a spec's centralised run in the cache: the spec as run (steps
-// and data path included) and the content of its text.
-func BaselineKey(sp *spec.Spec) (string, error) {
+// and data path included), the content of its text, and the compute threads (0: every
+// core).
+func BaselineKey(sp *spec.Spec, threads int) (string, error) {
 	h := sha256.New()
 	h.Write([]byte(sp.String()))
 	text, _, err := train.Corpus(sp.Data.Path)
@@ -44,13 +46,18 @@ func BaselineKey(sp *spec.Spec) (string, error) {
 		return "", err
 	}
 	h.Write(text)
-	return fmt.Sprintf("%s-%d-%s", sp.Name, sp.Train.Steps, hex.EncodeToString(h.Sum(nil))[:16]), nil
+	key := fmt.Sprintf("%s-%d-%s", sp.Name, sp.Train.Steps, hex.EncodeToString(h.Sum(nil))[:16])
+	if threads > 0 {
+		key += fmt.Sprintf("-t%d", threads)
+	}
+	return key, nil
 }
 
 // RunBaseline returns sp's centralised run from cacheDir if a complete one is there,
-// and otherwise trains it (with its trace) into cacheDir/KEY.
-func RunBaseline(ctx context.Context, sp *spec.Spec, cacheDir string, log *slog.Logger, onStep func(metrics.Step)) (*Baseline, error) {
-	key, err := BaselineKey(sp)
+// and otherwise trains it (with its trace) into cacheDir/KEY, on threads compute
+// threads (0: every core).
+func RunBaseline(ctx context.Context, sp *spec.Spec, threads int, cacheDir string, log *slog.Logger, onStep func(metrics.Step)) (*Baseline, error) {
+	key, err := BaselineKey(sp, threads)
 	if err != nil {
 		return nil, err
 	}
@@ -67,6 +74,8 @@ func RunBaseline(ctx context.Context, sp *spec.Spec, cacheDir string, log *slog.
 	}
 	log.Info("baseline: training the centralised run", "dir", dir, "steps", sp.Train.Steps)
 	tr := NewTrace()
+	compute.SetWorkers(threads)
+	defer compute.SetWorkers(0)
 	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: dir, Log: log.With("run", "baseline"), OnStep: onStep, Trace: tr.Add})
 	if err != nil {
 		return nil, fmt.Errorf("wan: baseline: %w", err)

@@ -79,14 +79,23 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 	}
 
 	// The nodes: each waits until its addrs file shows it listening.
-	exited := make(chan string, len(grid)+1)
+	exited := make(chan string, 2*(len(grid)+1)+len(o.Churn))
 	var peers []string
+	procs := map[string]*exec.Cmd{}
+	startNode := func(i int, cell string) error {
+		cmd := nw.Command(ctx, i, bin, "node", "--data-dir", filepath.Join(tmp, cell), "--listen", fmt.Sprintf("/ip4/%s/tcp/%d", nw.Addr(i), nodePort),
+			"--trust", lid.String(), "--threads", strconv.Itoa(o.Threads))
+		f, err := os.OpenFile(filepath.Join(logDir, cell+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+		if err != nil {
+			return err
+		}
+		procs[cell] = cmd
+		return startLogged(cmd, f, cell, exited)
+	}
 	for i, c := range grid {
 		cell := Cell(c[0], c[1])
 		dir := filepath.Join(tmp, cell)
-		cmd := nw.Command(ctx, i, bin, "node", "--data-dir", dir, "--listen", fmt.Sprintf("/ip4/%s/tcp/%d", nw.Addr(i), nodePort),
-			"--trust", lid.String(), "--threads", strconv.Itoa(o.Threads))
-		if err := startLogged(cmd, filepath.Join(logDir, cell+".log"), cell, exited); err != nil {
+		if err := startNode(i, cell); err != nil {
 			return nil, fmt.Errorf("wan: netns: node %s: %w", cell, err)
 		}
 		addr, err := waitAddr(ctx, filepath.Join(dir, "addrs"), exited)
@@ -128,8 +137,37 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 		args = append(args, "--peer", p)
 	}
 	launch := nw.Command(ctx, lidx, bin, args...)
-	if err := startLogged(launch, filepath.Join(logDir, "launcher.log"), "launcher", exited); err != nil {
+	lf, err := os.Create(filepath.Join(logDir, "launcher.log"))
+	if err != nil {
+		return nil, fmt.Errorf("wan: %w", err)
+	}
+	if err := startLogged(launch, lf, "launcher", exited); err != nil {
 		return nil, fmt.Errorf("wan: netns: launcher: %w", err)
+	}
+	index := map[string]int{}
+	for i, c := range grid {
+		index[Cell(c[0], c[1])] = i
+	}
+	churn := &churner{events: o.Churn, do: func(c Churn) {
+		i, ok := index[c.Cell]
+		if !ok {
+			o.OnNote(fmt.Sprintf("churn %s: no such cell in this run", c))
+			return
+		}
+		o.OnNote(fmt.Sprintf("churn: %s %s at step %d", c.Action, c.Cell, c.Step))
+		if c.Action == "kill" {
+			if p := procs[c.Cell]; p != nil && p.Process != nil {
+				_ = syscall.Kill(-p.Process.Pid, syscall.SIGKILL)
+			}
+			return
+		}
+		if err := startNode(i, c.Cell); err != nil {
+			o.OnNote(fmt.Sprintf("churn %s: %v", c, err))
+		}
+	}}
+	onStep := func(phase string, s metrics.Step) {
+		o.OnStep(phase, s)
+		churn.step(s.Step)
 	}
 	// Progress from the launcher's metrics; a node that exits ends the wait early.
 	seen := 0
@@ -142,14 +180,14 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 				done = true
 				break
 			}
-			o.OnNote(fmt.Sprintf("netns: node %s exited during the run (its log: %s)", who, filepath.Join(logDir, who+".log")))
+			o.OnNote(fmt.Sprintf("netns: node %s exited (its log: %s)", who, filepath.Join(logDir, who+".log")))
 		case <-tick.C:
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		}
-		seen = feed(filepath.Join(swarmDir, train.MetricsFile), seen, o.OnStep)
+		seen = feed(filepath.Join(swarmDir, train.MetricsFile), seen, onStep)
 	}
-	feed(filepath.Join(swarmDir, train.MetricsFile), seen, o.OnStep)
+	feed(filepath.Join(swarmDir, train.MetricsFile), seen, onStep)
 	if launch.ProcessState == nil || !launch.ProcessState.Success() {
 		return nil, fmt.Errorf("wan: netns: the launcher failed: %s", tail(filepath.Join(logDir, "launcher.log")))
 	}
@@ -164,13 +202,9 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 	return launched(sp, swarmDir, &res, measured, nil)
 }
 
-// startLogged starts cmd with its output in logPath and says name on exited when it
-// ends. It runs in a process group of its own, so the harness can kill all of it.
-func startLogged(cmd *exec.Cmd, logPath, name string, exited chan<- string) error {
-	f, err := os.Create(logPath)
-	if err != nil {
-		return err
-	}
+// startLogged starts cmd with its output in f and says name on exited when it ends.
+// It runs in a process group of its own, so the harness can kill all of it.
+func startLogged(cmd *exec.Cmd, f *os.File, name string, exited chan<- string) error {
 	cmd.Stdout, cmd.Stderr = f, f
 	if cmd.SysProcAttr == nil {
 		cmd.SysProcAttr = &syscall.SysProcAttr{}

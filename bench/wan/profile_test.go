@@ -72,3 +72,26 @@ func TestUnknownProfileListsTheKnownOnes(t *testing.T) {
 		t.Fatalf("error %v, want the known names", err)
 	}
 }
+
+func TestChurnScheduleIsCheckedAndOrdered(t *testing.T) {
+	got, err := ParseChurn("s1r1:restart@40, s1r1:kill@20")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != 2 || got[0] != (Churn{"s1r1", "kill", 20}) || got[1] != (Churn{"s1r1", "restart", 40}) {
+		t.Fatalf("%v", got)
+	}
+	for _, bad := range []string{"s1r1:restart@5", "s1r1:kill@5,s1r1:kill@6", "s1:kill@5", "s1r1:nap@5", "s1r1:kill@0", "launcher:kill@3"} {
+		if _, err := ParseChurn(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+	var fired []string
+	c := churner{events: got, do: func(e Churn) { fired = append(fired, e.String()) }}
+	c.step(19)
+	c.step(25)
+	c.step(50)
+	if strings.Join(fired, " ") != "s1r1:kill@20 s1r1:restart@40" {
+		t.Fatalf("fired %v", fired)
+	}
+}

@@ -45,16 +45,22 @@ type Report struct {
 	FinalValLoss       float64  `json:"final_val_loss"`
 	// BytesPerTokenFwd/Bwd add every boundary's training frames, per token trained by
 	// one replica pipeline.
-	BytesPerTokenFwd float64          `json:"bytes_per_token_fwd"`
-	BytesPerTokenBwd float64          `json:"bytes_per_token_bwd"`
-	Boundaries       []BoundaryBytes  `json:"boundaries"`
-	Sync             []SyncFigures    `json:"sync,omitempty"`
-	StageTimes       []StageFigures   `json:"stages"`
-	LossGap          []GapPoint       `json:"loss_gap"` // validation loss against the baseline at equal tokens
-	Baseline         BaselineFigures  `json:"baseline"`
-	Notes            []string         `json:"notes,omitempty"`
-	Timeline         []TimelineSpan   `json:"timeline,omitempty"`
-	history, bhist   []metrics.Step   // for the plots
+	BytesPerTokenFwd float64         `json:"bytes_per_token_fwd"`
+	BytesPerTokenBwd float64         `json:"bytes_per_token_bwd"`
+	Boundaries       []BoundaryBytes `json:"boundaries"`
+	Sync             []SyncFigures   `json:"sync,omitempty"`
+	StageTimes       []StageFigures  `json:"stages"`
+	LossGap          []GapPoint      `json:"loss_gap"`
+	// MeasuredStepS is the swarm's median step time; MeterStepS (sim, --check-meter)
+	// the meter's prediction of it from a centralised run on the nodes' threads, and
+	// MeterError their relative difference.
+	MeasuredStepS  float64         `json:"measured_step_s"`
+	MeterStepS     float64         `json:"meter_step_s,omitempty"`
+	MeterError     float64         `json:"meter_error,omitempty"` // validation loss against the baseline at equal tokens
+	Baseline       BaselineFigures `json:"baseline"`
+	Notes          []string        `json:"notes,omitempty"`
+	Timeline       []TimelineSpan  `json:"timeline,omitempty"`
+	history, bhist []metrics.Step  // for the plots
 }
 
 // LinkProfile is a profile's default link.
@@ -325,6 +331,10 @@ func (r *Report) Markdown(w io.Writer) {
 	}
 	if r.TimeToTargetS != nil && r.Baseline.TimeToTargetS != nil && *r.Baseline.TimeToTargetS > 0 {
 		fmt.Fprintf(w, "\nTime to target: %.2f× the centralised run's.\n", *r.TimeToTargetS / *r.Baseline.TimeToTargetS)
+	}
+	if r.MeterStepS > 0 {
+		fmt.Fprintf(w, "\nMedian step: %.3f s measured; the meter predicts %.3f s from a centralised run on %d thread(s) (%+.1f%%).\n",
+			r.MeasuredStepS, r.MeterStepS, r.Threads, 100*r.MeterError)
 	}
 	fmt.Fprintln(w, "\n## Bytes per token (one replica pipeline's tokens)")
 	fmt.Fprintln(w, "\n| boundary | forward | backward |")

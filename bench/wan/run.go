@@ -45,6 +45,11 @@ type Options struct {
 	// CacheDir keeps centralised baselines for reuse; "" means the user cache
 	// directory's pipeswarm/bench-wan.
 	CacheDir string
+	// CheckMeter (sim) also predicts the run's step time with the meter, from a
+	// centralised run on Threads threads (cached like the baseline), and reports both.
+	CheckMeter bool
+	// Churn (sim, netns) kills and restarts nodes at given steps.
+	Churn []Churn
 	// Binary (netns) is the pipeswarm executable to run as nodes; "" means this one.
 	Binary string
 	Log    *slog.Logger
@@ -110,9 +115,18 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("wan: %w", err)
 	}
-	b, err := RunBaseline(ctx, o.Spec, o.CacheDir, o.Log, func(s metrics.Step) { o.OnStep("baseline", s) })
+	b, err := RunBaseline(ctx, o.Spec, 0, o.CacheDir, o.Log, func(s metrics.Step) { o.OnStep("baseline", s) })
 	if err != nil {
 		return nil, err
+	}
+	var check *Baseline
+	if o.CheckMeter {
+		if o.Mode != ModeSim {
+			return nil, errors.New("wan: --check-meter is for sim mode")
+		}
+		if check, err = RunBaseline(ctx, o.Spec, o.Threads, o.CacheDir, o.Log, func(s metrics.Step) { o.OnStep("meter check", s) }); err != nil {
+			return nil, err
+		}
 	}
 	var out *outcome
 	switch o.Mode {
@@ -127,6 +141,17 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		return nil, err
 	}
 	r := build(o, o.Spec, b, out)
+	r.MeasuredStepS = medianStep(o.Spec, replica0(out.steps), nil)
+	if check != nil {
+		sc, err := Meter(o.Spec, check.Trace, o.Profile, 1)
+		if err != nil {
+			return nil, err
+		}
+		r.MeterStepS = medianStep(o.Spec, replica0(check.Steps), sc.StepEnd)
+		if r.MeasuredStepS > 0 {
+			r.MeterError = r.MeterStepS/r.MeasuredStepS - 1
+		}
+	}
 	if err := r.Write(o.OutDir); err != nil {
 		return nil, err
 	}
@@ -175,6 +200,29 @@ func runMeter(o Options, b *Baseline) (*outcome, error) {
 	out.syncs = syncFigures(sp, b.Outers, sc.Syncs)
 	out.notes = append(out.notes, "the swarm's losses are the centralised run's (the pipeline computes them bit for bit), so the loss gap at equal tokens is zero by construction in meter mode")
 	return out, nil
+}
+
+// medianStep is the median time a step took, from the steps' elapsed times (or, if
+// ends is given, from those), leaving out the first two and any that followed an
+// evaluation (which its time includes).
+func medianStep(sp *spec.Spec, steps []metrics.Step, ends []time.Duration) float64 {
+	var ds []float64
+	for i := 1; i < len(steps); i++ {
+		s, prev := steps[i], steps[i-1]
+		if s.Step <= 2 || prev.ValLoss != nil || s.Step != prev.Step+1 {
+			continue
+		}
+		d := s.ElapsedS - prev.ElapsedS
+		if ends != nil {
+			d = (ends[s.Step-1] - ends[prev.Step-1]).Seconds()
+		}
+		ds = append(ds, d)
+	}
+	if len(ds) == 0 {
+		return 0
+	}
+	slices.Sort(ds)
+	return ds[len(ds)/2]
 }
 
 // syncFigures sums a run's outer-step rows per stage; times, if given (meter), replace

@@ -53,6 +53,8 @@ printed beside the profile's figures.`, stderr)
 	loss := fs.Float64("loss", -1, "override the profile's packet loss, a fraction (0.001 = 0.1%)")
 	cache := fs.String("cache", "", "where centralised baselines are kept for reuse (default: the user cache dir's pipeswarm/bench-wan)")
 	quiet := fs.Bool("quiet", false, "no progress display")
+	churnFlag := fs.String("churn", "", "sim and netns modes: kill and restart nodes at given steps, e.g. s1r1:kill@20,s1r1:restart@40 (a run without replicas does not survive a kill)")
+	checkMeter := fs.Bool("check-meter", false, "sim mode: also predict the step time with the meter (from a centralised run on --threads threads) and report both")
 	var links, compare multiFlag
 	fs.Var(&links, "link", "give one cell its own link, repeatable: CELL=MBPS/LATENCY_MS[/LOSS], CELL sSrR (stage S, replica R) or launcher")
 	fs.Var(&compare, "compare", "print one table of these report directories (each holds a report.json) instead of running; the first is the reference")
@@ -95,6 +97,10 @@ printed beside the profile's figures.`, stderr)
 		}
 		prof.Links = append(prof.Links, l)
 	}
+	churn, err := wan.ParseChurn(*churnFlag)
+	if err != nil {
+		return err
+	}
 	if *out == "" {
 		*out = filepath.Join("runs", fmt.Sprintf("bench-wan-%s-%s-%s", sp.Name, prof.Name, *mode))
 	}
@@ -105,7 +111,7 @@ printed beside the profile's figures.`, stderr)
 	var prog *progress
 	phase := ""
 	rep, err := wan.Run(ctx, wan.Options{Spec: sp, Profile: prof, Mode: *mode, OutDir: *out, Target: *target,
-		ComputeScale: *scale, Threads: *threads, CacheDir: *cache, Log: log,
+		ComputeScale: *scale, Threads: *threads, CacheDir: *cache, Log: log, CheckMeter: *checkMeter, Churn: churn,
 		OnStep: func(ph string, s metrics.Step) {
 			if ph != phase {
 				if prog != nil {
