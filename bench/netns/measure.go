@@ -10,7 +10,10 @@ import (
 	"math"
 	"net"
 	"slices"
+	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Result is what Measure saw between two nodes.
@@ -28,17 +31,19 @@ const pings = 11
 
 // Measure connects node i to node j (-1: the hub) over TCP with sockets this
 // process makes inside their namespaces, and measures the round trip (median
-// of 11 one-byte exchanges) and the throughput each way when sending bytes.
-// Throughput is taken by the receiver over the second half of the bytes, so
-// that slow start is left out: bytes should be several bandwidth-delay
-// products, and more on a lossy link, where TCP delivers in bursts. It is
-// TCP goodput: tbf counts Ethernet frames, so with a 1500-byte MTU it is at
-// most 1448/1514 = 95.6% of the link's Mbps.
+// of 11 one-byte exchanges) and, unless bytes is 0, the throughput each way
+// when sending bytes.
+//
+// Throughput is the rate at which the sender's TCP saw the bytes
+// acknowledged over the second half of them, so that slow start is left out:
+// bytes should be several bandwidth-delay products (a few seconds at the
+// link's rate). It is TCP goodput: tbf counts Ethernet frames, so with a
+// 1500-byte MTU it is at most 1448/1514 = 95.6% of the link's Mbps.
 func (n *Net) Measure(ctx context.Context, i, j int, bytes int64) (Result, error) {
 	n.checkIndex(i)
 	n.checkIndex(j)
-	if bytes < 2 {
-		return Result{}, fmt.Errorf("netns: Measure: %d bytes, want at least 2", bytes)
+	if bytes < 0 {
+		return Result{}, fmt.Errorf("netns: Measure: %d bytes", bytes)
 	}
 	n.mu.Lock()
 	closed := n.closed
@@ -86,13 +91,16 @@ func (n *Net) Measure(ctx context.Context, i, j int, bytes int64) (Result, error
 	return r, nil
 }
 
-// The measurement protocol, driven by the client: 'p' is echoed; 'u' then a
-// length then that many bytes is answered by the receiver's Mbit/s as the
-// float's bits; 'd' then a length is answered by that many bytes.
+// The measurement protocol, driven by the client: 'p' is echoed. 'u', a
+// length and that many bytes from the client are answered by one byte once
+// they are all in. 'd' and a length are answered by that many bytes, which
+// the client acknowledges with one byte once they are all in, and then by the
+// server's rate as a float64's bits.
 const (
 	opPing = 'p'
 	opUp   = 'u'
 	opDown = 'd'
+	opDone = 'k'
 )
 
 func clientMeasure(c net.Conn, bytes int64) (Result, error) {
@@ -111,6 +119,9 @@ func clientMeasure(c net.Conn, bytes int64) (Result, error) {
 	}
 	slices.Sort(rtts)
 	r.RTT = rtts[len(rtts)/2]
+	if bytes == 0 {
+		return r, nil
+	}
 
 	hdr := make([]byte, 9)
 	hdr[0] = opUp
@@ -118,23 +129,26 @@ func clientMeasure(c net.Conn, bytes int64) (Result, error) {
 	if _, err := c.Write(hdr); err != nil {
 		return r, fmt.Errorf("up: %w", err)
 	}
-	if err := sendZeros(c, bytes); err != nil {
+	var err error
+	if r.UpMbps, err = sendMeasured(c, c, bytes); err != nil {
 		return r, fmt.Errorf("up: %w", err)
 	}
-	var mbps [8]byte
-	if _, err := io.ReadFull(c, mbps[:]); err != nil {
-		return r, fmt.Errorf("up: %w", err)
-	}
-	r.UpMbps = float64frombits(mbps[:])
 
 	hdr[0] = opDown
 	if _, err := c.Write(hdr); err != nil {
 		return r, fmt.Errorf("down: %w", err)
 	}
-	var err error
-	if r.DownMbps, err = receive(c, bytes); err != nil {
+	if err := drain(c, bytes); err != nil {
 		return r, fmt.Errorf("down: %w", err)
 	}
+	if _, err := c.Write([]byte{opDone}); err != nil {
+		return r, fmt.Errorf("down: %w", err)
+	}
+	var mbps [8]byte
+	if _, err := io.ReadFull(c, mbps[:]); err != nil {
+		return r, fmt.Errorf("down: %w", err)
+	}
+	r.DownMbps = math.Float64frombits(binary.BigEndian.Uint64(mbps[:]))
 	return r, nil
 }
 
@@ -167,23 +181,109 @@ func serveMeasure(ctx context.Context, ln net.Listener) error {
 				return err
 			}
 			size := int64(binary.BigEndian.Uint64(l[:]))
-			if op == opDown {
-				if err := sendZeros(c, size); err != nil {
+			if op == opUp {
+				if err := drain(br, size); err != nil {
+					return err
+				}
+				if _, err := c.Write([]byte{opDone}); err != nil {
 					return err
 				}
 				continue
 			}
-			mbps, err := receive(br, size)
+			mbps, err := sendMeasured(c, br, size)
 			if err != nil {
 				return err
 			}
-			if _, err := c.Write(float64bits(mbps)); err != nil {
+			if _, err := c.Write(binary.BigEndian.AppendUint64(nil, math.Float64bits(mbps))); err != nil {
 				return err
 			}
 		default:
 			return fmt.Errorf("unknown op %q", op)
 		}
 	}
+}
+
+// sendMeasured sends size bytes on c, waits for the peer's opDone on r and
+// returns the rate in Mbit/s at which the bytes reached the peer over the
+// second half of them. The rate comes from the kernel's count of segments
+// the peer has acknowledged, selectively or not (tcpi_delivered), sampled
+// every millisecond: what arrives in order at the peer's application comes in
+// bursts (a window held back behind a lost packet is released at once),
+// which would throw a rate taken there off by up to a window.
+func sendMeasured(c net.Conn, r io.Reader, size int64) (float64, error) {
+	sc, ok := c.(syscall.Conn)
+	if !ok {
+		return 0, fmt.Errorf("%T has no socket", c)
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return 0, err
+	}
+	sample := func() (delivered, mss int64, err error) {
+		cerr := raw.Control(func(fd uintptr) {
+			var info *unix.TCPInfo
+			if info, err = unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO); err == nil {
+				delivered, mss = int64(info.Delivered), int64(info.Snd_mss)
+			}
+		})
+		return delivered, mss, errors.Join(cerr, err)
+	}
+	d0, _, err := sample()
+	if err != nil {
+		return 0, fmt.Errorf("TCP_INFO: %w", err)
+	}
+	var samples []delivery
+	stop, stopped := make(chan struct{}), make(chan error, 1)
+	go func() {
+		t := time.NewTicker(time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				stopped <- nil
+				return
+			case <-t.C:
+			}
+			d, mss, err := sample()
+			if err != nil {
+				stopped <- fmt.Errorf("TCP_INFO: %w", err)
+				return
+			}
+			if b := (d - d0) * mss; b >= size/2 {
+				samples = append(samples, delivery{time.Now(), b})
+			}
+		}
+	}()
+	err = sendZeros(c, size)
+	if err == nil {
+		var done [1]byte
+		if _, err = io.ReadFull(r, done[:]); err == nil && done[0] != opDone {
+			err = fmt.Errorf("peer sent %q, want %q", done[0], opDone)
+		}
+	}
+	close(stop)
+	if err := errors.Join(err, <-stopped); err != nil {
+		return 0, err
+	}
+	return slope(samples, size)
+}
+
+type delivery struct {
+	at    time.Time
+	bytes int64
+}
+
+// slope is the rate in Mbit/s of the least-squares line through the samples.
+func slope(s []delivery, size int64) (float64, error) {
+	if len(s) < 3 || !s[len(s)-1].at.After(s[0].at) {
+		return 0, fmt.Errorf("%d bytes took %d ms to send half of; send more to measure a rate", size, len(s))
+	}
+	var n, sx, sy, sxx, sxy float64
+	for _, p := range s {
+		x, y := p.at.Sub(s[0].at).Seconds(), float64(p.bytes)
+		n, sx, sy, sxx, sxy = n+1, sx+x, sy+y, sxx+x*x, sxy+x*y
+	}
+	return (n*sxy - sx*sy) / (n*sxx - sx*sx) * 8 / 1e6, nil
 }
 
 func sendZeros(w io.Writer, size int64) error {
@@ -198,40 +298,10 @@ func sendZeros(w io.Writer, size int64) error {
 	return nil
 }
 
-// receive reads size bytes and returns the rate in Mbit/s over the second
-// half of them: the slope of the least-squares line through (time, bytes so
-// far) at every read. Unlike bytes over elapsed time, the slope does not
-// count a window's worth of bytes that arrived early and were held back
-// behind a lost packet as if they had come at the start or end.
-func receive(r io.Reader, size int64) (float64, error) {
-	buf := make([]byte, 256<<10)
-	var got int64
-	var half time.Time
-	var n, sx, sy, sxx, sxy float64 // x: seconds since half, y: bytes
-	for got < size {
-		k, err := r.Read(buf[:min(size-got, int64(len(buf)))])
-		got += int64(k)
-		if k > 0 && got >= size/2 {
-			now := time.Now()
-			if half.IsZero() {
-				half = now
-			}
-			x, y := now.Sub(half).Seconds(), float64(got)
-			n, sx, sy, sxx, sxy = n+1, sx+x, sy+y, sxx+x*x, sxy+x*y
-		}
-		if err != nil {
-			return 0, fmt.Errorf("after %d of %d bytes: %w", got, size, err)
-		}
+func drain(r io.Reader, size int64) error {
+	got, err := io.CopyN(io.Discard, r, size)
+	if err != nil {
+		return fmt.Errorf("after %d of %d bytes: %w", got, size, err)
 	}
-	den := n*sxx - sx*sx
-	if n < 3 || den <= 0 {
-		return 0, fmt.Errorf("%d bytes arrived in %v reads; send more to measure a rate", size, n)
-	}
-	return (n*sxy - sx*sy) / den * 8 / 1e6, nil
+	return nil
 }
-
-func float64bits(f float64) []byte {
-	return binary.BigEndian.AppendUint64(nil, math.Float64bits(f))
-}
-
-func float64frombits(b []byte) float64 { return math.Float64frombits(binary.BigEndian.Uint64(b)) }

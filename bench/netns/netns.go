@@ -60,9 +60,12 @@ type Config struct {
 
 // Errors Build returns for a machine that cannot run it.
 var (
-	ErrNotRoot  = errors.New("netns: needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)")
-	ErrNoTools  = errors.New("netns: needs iproute2 (ip and tc) in PATH")
-	ErrNoNetem  = errors.New("netns: kernel has no netem qdisc")
+	ErrNotRoot = errors.New("netns: needs root (CAP_NET_ADMIN and CAP_SYS_ADMIN)")
+	ErrNoTools = errors.New("netns: needs iproute2 (ip and tc) in PATH")
+	ErrNoNetem = errors.New("netns: kernel has no netem qdisc")
+)
+
+var (
 	errClosed   = errors.New("netns: closed")
 	prefixRunes = regexp.MustCompile(`^[A-Za-z0-9_]+$`)
 )
@@ -72,9 +75,7 @@ const (
 	hubIP    = "10.201.0.1"
 	maxNodes = 253 // addresses .2 to .254
 	mtu      = 1500
-	// fwMark marks the delay line's re-injected packets; table rtTable routes
-	// them out of the veth.
-	fwMark  = 0x7073
+	// rtTable routes what the delay line writes back out of the veth.
 	rtTable = 7073
 )
 
@@ -84,7 +85,7 @@ type Net struct {
 	cfg    Config
 	log    *slog.Logger
 	ip, tc string
-	netem  bool // delays by netem rather than TUN delay lines
+	delay  DelayMode // DelayNetem or DelayTUN, as Build found
 
 	mu      sync.Mutex
 	closed  bool
@@ -116,7 +117,7 @@ func Build(ctx context.Context, c Config) (*Net, error) {
 		}
 		return nil, err
 	}
-	n.log.Info("netns built", "prefix", c.Prefix, "nodes", len(c.Nodes), "delay", map[bool]string{true: "netem", false: "tun"}[n.netem])
+	n.log.Info("netns built", "prefix", c.Prefix, "nodes", len(c.Nodes), "delay", n.delay)
 	return n, nil
 }
 
@@ -177,6 +178,13 @@ func (n *Net) Addr(i int) string {
 // shaping on the hub's side: the place for a launcher or rendezvous process.
 func (n *Net) HubAddr() string { return hubIP }
 
+// Prefix is the prefix of everything Build made, Config.Prefix or its
+// default: what Cleanup takes.
+func (n *Net) Prefix() string { return n.cfg.Prefix }
+
+// Delay says what adds latency and loss: DelayNetem or DelayTUN.
+func (n *Net) Delay() DelayMode { return n.delay }
+
 // Namespace is the name of node i's network namespace (-1: the hub's), as
 // `ip netns` knows it.
 func (n *Net) Namespace(i int) string {
@@ -205,14 +213,16 @@ func (n *Net) build(ctx context.Context) error {
 	if err := n.run(ctx, n.ip, "-n", hub, "link", "set", br, "up"); err != nil {
 		return err
 	}
-	switch n.cfg.Delay {
-	case DelayNetem:
-		if !n.probeNetem(ctx, hub, br) {
+	n.delay = n.cfg.Delay
+	if n.delay != DelayTUN {
+		switch netem := n.probeNetem(ctx, hub, br); {
+		case netem:
+			n.delay = DelayNetem
+		case n.delay == DelayNetem:
 			return ErrNoNetem
+		default:
+			n.delay = DelayTUN
 		}
-		n.netem = true
-	case DelayAuto:
-		n.netem = n.probeNetem(ctx, hub, br)
 	}
 	for i := range n.cfg.Nodes {
 		if err := n.buildNode(ctx, i); err != nil {
@@ -286,16 +296,16 @@ func (n *Net) buildNode(ctx context.Context, i int) error {
 			return err
 		}
 	}
-	link := n.cfg.Nodes[i]
-	up := tbfArgs(link.Mbps, n.rttBound(i))
-	down := tbfArgs(link.Mbps, n.rttBound(i))
-	if err := n.run(ctx, n.tc, append([]string{"-n", hub, "qdisc", "add", "dev", hveth, "root", "handle", "1:"}, down...)...); err != nil {
+	// The same shaping each way: download on the hub's end, upload on the
+	// node's.
+	tbf := tbfArgs(n.cfg.Nodes[i].Mbps, n.rttBound(i))
+	if err := n.run(ctx, n.tc, append([]string{"-n", hub, "qdisc", "add", "dev", hveth, "root", "handle", "1:"}, tbf...)...); err != nil {
 		return err
 	}
-	if n.netem {
-		return n.netemNode(ctx, i, up)
+	if n.delay == DelayNetem {
+		return n.netemNode(ctx, i, tbf)
 	}
-	if err := n.run(ctx, n.tc, append([]string{"-n", ns, "qdisc", "add", "dev", veth, "root", "handle", "1:"}, up...)...); err != nil {
+	if err := n.run(ctx, n.tc, append([]string{"-n", ns, "qdisc", "add", "dev", veth, "root", "handle", "1:"}, tbf...)...); err != nil {
 		return err
 	}
 	return n.tunNode(ctx, i)
@@ -355,30 +365,32 @@ func (n *Net) tunNode(ctx context.Context, i int) error {
 		return err
 	}
 	n.mu.Lock()
-	if n.closed {
-		n.mu.Unlock()
-		d.close()
-		return errClosed
-	}
 	n.lines = append(n.lines, d)
 	n.mu.Unlock()
-	mark, table := strconv.Itoa(fwMark), strconv.Itoa(rtTable)
+	table := strconv.Itoa(rtTable)
 	steps := [][]string{
 		{n.ip, "-n", ns, "link", "set", tun, "mtu", strconv.Itoa(mtu), "txqueuelen", "1000", "up"},
+		// What the node sends goes into the TUN...
 		{n.ip, "-n", ns, "route", "add", subnet, "dev", tun, "src", addr},
+		// ...and what the delay line writes back comes out of it and is
+		// forwarded out of the veth.
 		{n.ip, "-n", ns, "route", "add", subnet, "dev", veth, "src", addr, "table", table},
-		{n.ip, "-n", ns, "rule", "add", "fwmark", mark, "table", table, "pref", "100"},
+		{n.ip, "-n", ns, "rule", "add", "iif", tun, "table", table, "pref", "100"},
 	}
 	for _, s := range steps {
 		if err := n.run(ctx, s[0], s[1:]...); err != nil {
 			return err
 		}
 	}
-	// The interfaces exist now; their own rp_filter counts as well as "all".
+	// Forwarding, for packets that come back from the line; accept_local,
+	// as they come from this namespace's own address; no reverse-path
+	// filter on the interfaces, which have their own setting beside "all".
 	return inNetns(ns, func() error {
 		return writeSysctls(map[string]string{
-			"net/ipv4/conf/" + veth + "/rp_filter": "0",
-			"net/ipv4/conf/" + tun + "/rp_filter":  "0",
+			"net/ipv4/ip_forward":                    "1",
+			"net/ipv4/conf/" + tun + "/accept_local": "1",
+			"net/ipv4/conf/" + veth + "/rp_filter":   "0",
+			"net/ipv4/conf/" + tun + "/rp_filter":    "0",
 		})
 	})
 }

@@ -16,14 +16,14 @@ import (
 
 // profilesEnv turns on TestProfilesMeasured, which takes about a minute and
 // reports figures rather than checking a claim: 1 for every profile, or a
-// comma-separated list of names ("ceiling" is a 10 Gbit/s link, which the
-// delay line cannot keep up with).
+// comma-separated list of names ("ceiling" is a 10 Gbit/s link, to see how
+// fast a delay line goes).
 const profilesEnv = "PSW_NETNS_PROFILES"
 
 // TestProfilesMeasured measures each profile between two nodes with Measure,
 // then the harness's CPU time per transferred gigabit when the endpoints are
-// other processes (so that it is the delay lines' cost alone), and a link
-// faster than the delay line to find its ceiling.
+// other processes (so that it is the delay lines' cost, with the kernel work
+// that writing packets back runs on their threads).
 func TestProfilesMeasured(t *testing.T) {
 	if os.Getenv(profilesEnv) == "" {
 		t.Skipf("set %s=1 to measure the link profiles (about a minute)", profilesEnv)
@@ -65,12 +65,13 @@ func TestProfilesMeasured(t *testing.T) {
 }
 
 // delayLineCost sends bytes from node 0 to node 1 between two helper
-// processes and returns the receiver's rate and this process's CPU seconds
-// per gigabit meanwhile.
+// processes and returns the rate and this process's CPU seconds per gigabit
+// meanwhile.
 func delayLineCost(t *testing.T, n *Net, bytes int64) (mbps, cpuPerGbit float64, err error) {
-	addr := net.JoinHostPort(n.Addr(1), "5201")
+	arg := helperArgEnv + "=" + net.JoinHostPort(n.Addr(1), "5201") + " " + strconv.FormatInt(bytes, 10)
 	sink := n.Command(t.Context(), 1, os.Args[0], "-test.run=^$")
-	sink.Env = append(os.Environ(), helperEnv+"=sink", helperArgEnv+"="+addr+" "+strconv.FormatInt(bytes, 10))
+	sink.Env = append(os.Environ(), helperEnv+"=sink", arg)
+	sink.Stderr = os.Stderr
 	out, err := sink.StdoutPipe()
 	if err != nil {
 		return 0, 0, err
@@ -85,25 +86,22 @@ func delayLineCost(t *testing.T, n *Net, bytes int64) (mbps, cpuPerGbit float64,
 	}
 	before, sysBefore := cpuTime()
 	src := n.Command(t.Context(), 0, os.Args[0], "-test.run=^$")
-	src.Env = append(os.Environ(), helperEnv+"=source", helperArgEnv+"="+addr+" "+strconv.FormatInt(bytes, 10))
+	src.Env = append(os.Environ(), helperEnv+"=source", arg)
 	src.Stderr = os.Stderr
-	if err := src.Run(); err != nil {
+	said, err := src.Output()
+	if err != nil {
 		return 0, 0, fmt.Errorf("source: %w", err)
-	}
-	if !sc.Scan() {
-		return 0, 0, fmt.Errorf("sink: %v", sc.Err())
 	}
 	after, sysAfter := cpuTime()
 	cpu := after - before
 	t.Logf("harness CPU %v of which system %v", cpu, sysAfter-sysBefore)
-	mbps, err = strconv.ParseFloat(sc.Text(), 64)
+	mbps, err = strconv.ParseFloat(strings.TrimSpace(string(said)), 64)
 	if err != nil {
-		return 0, 0, fmt.Errorf("sink said %q", sc.Text())
+		return 0, 0, fmt.Errorf("source said %q", said)
 	}
 	return mbps, cpu.Seconds() / (float64(bytes) * 8 / 1e9), nil
 }
 
-// cpuTime returns this process's CPU time, and the part of it in the kernel.
 func cpuTime() (total, sys time.Duration) {
 	var ru syscall.Rusage
 	syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
@@ -114,6 +112,9 @@ const helperArgEnv = "PSW_NETNS_ARG"
 
 // runTransferHelper is the sink or source of delayLineCost.
 func runTransferHelper(h string) int {
+	if h != "sink" && h != "source" {
+		return -1
+	}
 	f := strings.Fields(os.Getenv(helperArgEnv))
 	if len(f) != 2 {
 		fmt.Fprintln(os.Stderr, "helper: want addr and bytes in", helperArgEnv)
@@ -130,37 +131,28 @@ func runTransferHelper(h string) int {
 		}
 		fmt.Println("ready")
 		c, err := ln.Accept()
+		if err == nil {
+			if err = drain(c, bytes); err == nil {
+				_, err = c.Write([]byte{opDone})
+			}
+		}
 		if err != nil {
 			fmt.Fprintln(os.Stderr, "sink:", err)
 			return 1
 		}
-		mbps, err := receive(c, bytes)
+		io.Copy(io.Discard, c) // until the source hangs up
+	case "source":
+		c, err := net.Dial("tcp4", addr)
 		if err != nil {
-			fmt.Fprintln(os.Stderr, "sink:", err)
+			fmt.Fprintln(os.Stderr, "source:", err)
+			return 1
+		}
+		mbps, err := sendMeasured(c, c, bytes)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "source:", err)
 			return 1
 		}
 		fmt.Println(mbps)
-		return 0
-	case "source":
-		var c net.Conn
-		var err error
-		for range 50 { // the sink listens before it says ready; this is for ARP and the like
-			if c, err = net.Dial("tcp4", addr); err == nil {
-				break
-			}
-			time.Sleep(20 * time.Millisecond)
-		}
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "source:", err)
-			return 1
-		}
-		if err := sendZeros(c, bytes); err != nil {
-			fmt.Fprintln(os.Stderr, "source:", err)
-			return 1
-		}
-		// Wait for the sink to close, so that the bytes are across.
-		io.Copy(io.Discard, c)
-		return 0
 	}
-	return -1
+	return 0
 }

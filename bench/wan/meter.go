@@ -93,7 +93,7 @@ type meter struct {
 	events eventQueue
 	nodes  [][]*mnode
 	links  map[[2]*mnode]time.Duration // directed link → when it is free
-	groups map[[2]int]*syncGroup      // (stage, step) → replicas in the outer step
+	groups map[[2]int]*syncGroup       // (stage, step) → replicas in the outer step
 	sched  *Schedule
 	err    error
 }

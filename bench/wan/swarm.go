@@ -1,0 +1,47 @@
+package wan
+
+import (
+	"fmt"
+
+	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+)
+
+// maxMeasured bounds how many links are measured before a run: each takes about a
+// second of transfer.
+const maxMeasured = 8
+
+// cells lists the grid in the order the launcher staffs it (replica 0's stages
+// first), which is the order nodes are given to it: with equal offers, node i holds
+// cells[i].
+func cells(S, R int) [][2]int {
+	var out [][2]int
+	for r := range R {
+		for s := range S {
+			out = append(out, [2]int{s, r})
+		}
+	}
+	return out
+}
+
+// probeBytes is a transfer of about half a second at mbps.
+func probeBytes(mbps float64) int64 { return max(256<<10, int64(mbps*1e6/8/2)) }
+
+func linkNote(f LinkFigures) string {
+	return fmt.Sprintf("link %s ↔ %s: RTT %.1f ms (profile %g), %.1f / %.1f Mbit/s (profile %g)",
+		f.From, f.To, f.MeasuredRTTMs, f.ProfileRTTMs, f.MeasuredMbps, f.ReverseMbps, f.ProfileMbps)
+}
+
+// launched turns a launched run's result and metrics into an outcome.
+func launched(sp *spec.Spec, dir string, res *node.LaunchResult, links []LinkFigures, notes []string) (*outcome, error) {
+	steps, outers, err := metricsOf(dir)
+	if err != nil {
+		return nil, err
+	}
+	out := &outcome{steps: steps, outers: outers, wall: res.Elapsed, tokens: res.Tokens, fwd: res.BoundaryFwd, bwd: res.BoundaryBwd,
+		syncs: syncFigures(sp, outers, nil), times: res.Times, links: links, notes: notes}
+	if len(res.Broken) > 0 {
+		out.notes = append(out.notes, fmt.Sprintf("replica pipelines %v stopped early", res.Broken))
+	}
+	return out, nil
+}

@@ -1,0 +1,276 @@
+// Package probe measures the round-trip time and the throughput each way
+// between two libp2p hosts, over a real or a simulated network.
+//
+// Register installs the responder; Measure runs, each on its own stream:
+// RTTSamples 8-byte ping-pongs (the median is the RTT), a bulk transfer
+// up (to the peer) and one down. Throughput is the rate of the second half
+// of each transfer as seen by its receiver, so the handshake and the
+// congestion controller's slow start are not counted: it is the rate a
+// long transfer settles at.
+package probe
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+	"slices"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+)
+
+// ID is the probe protocol.
+const ID protocol.ID = "/pipeswarm/probe/1"
+
+const (
+	// RTTSamples is the number of timed round trips, after one untimed.
+	RTTSamples = 9
+	// MaxBytes bounds a transfer a peer may ask for.
+	MaxBytes = 1 << 30
+	// MinBytes is the smallest transfer Measure runs: its second half
+	// must span many packets to be a rate.
+	MinBytes = 64 << 10
+	// serveTimeout bounds how long the responder serves one stream.
+	serveTimeout = 5 * time.Minute
+
+	opPing     = 'p'
+	opUpload   = 'u' // the client sends n bytes; the responder times them
+	opDownload = 'd' // the responder sends n bytes; the client times them
+)
+
+// ErrProtocol is wrapped by errors about a peer that breaks the protocol.
+var ErrProtocol = errors.New("probe: protocol error")
+
+// Result is one measurement between two hosts.
+type Result struct {
+	RTT      time.Duration // median round trip of a small message on an open stream
+	UpMbps   float64       // to the peer, Mbit/s of payload
+	DownMbps float64       // from the peer
+}
+
+func (r Result) String() string {
+	return fmt.Sprintf("rtt %.2f ms, up %.1f Mbit/s, down %.1f Mbit/s", float64(r.RTT)/1e6, r.UpMbps, r.DownMbps)
+}
+
+// Register installs the probe responder on h.
+func Register(h host.Host) { h.SetStreamHandler(ID, serve) }
+
+// serve answers one probe stream. A peer that breaks the protocol gets a
+// reset.
+func serve(s network.Stream) {
+	s.SetDeadline(time.Now().Add(serveTimeout))
+	if err := respond(s); err != nil {
+		s.Reset()
+		return
+	}
+	s.Close()
+}
+
+func respond(s network.Stream) error {
+	var hdr [9]byte
+	if _, err := io.ReadFull(s, hdr[:]); err != nil {
+		return err
+	}
+	n := int64(binary.BigEndian.Uint64(hdr[1:]))
+	switch hdr[0] {
+	case opPing:
+		var b [8]byte
+		for {
+			if _, err := io.ReadFull(s, b[:]); err != nil {
+				if errors.Is(err, io.EOF) {
+					return nil
+				}
+				return err
+			}
+			if _, err := s.Write(b[:]); err != nil {
+				return err
+			}
+		}
+	case opUpload:
+		if n < MinBytes || n > MaxBytes {
+			return fmt.Errorf("%w: upload of %d bytes", ErrProtocol, n)
+		}
+		d, err := receive(s, n)
+		if err != nil {
+			return err
+		}
+		var b [8]byte
+		binary.BigEndian.PutUint64(b[:], uint64(d))
+		_, err = s.Write(b[:])
+		return err
+	case opDownload:
+		if n < MinBytes || n > MaxBytes {
+			return fmt.Errorf("%w: download of %d bytes", ErrProtocol, n)
+		}
+		return send(s, n)
+	}
+	return fmt.Errorf("%w: op %q", ErrProtocol, hdr[0])
+}
+
+// Measure measures the path from h to p, which must run Register: RTT,
+// then a transfer of bytes (at least MinBytes) each way. Pick bytes to
+// last a second or two at the rate you expect, so that slow start is over
+// by half way. ctx bounds the whole measurement.
+func Measure(ctx context.Context, h host.Host, p peer.ID, bytes int64) (Result, error) {
+	if bytes < MinBytes || bytes > MaxBytes {
+		return Result{}, fmt.Errorf("probe: measure %d bytes: want %d..%d", bytes, MinBytes, MaxBytes)
+	}
+	var r Result
+	var err error
+	if r.RTT, err = rtt(ctx, h, p); err != nil {
+		return r, fmt.Errorf("probe: rtt to %s: %w", p, err)
+	}
+	up, down, err := both(ctx, h, p, bytes, r.RTT/2)
+	if err != nil {
+		return r, err
+	}
+	half := float64(bytes-bytes/2) * 8
+	r.UpMbps = half / up.Seconds() / 1e6
+	r.DownMbps = half / down.Seconds() / 1e6
+	return r, nil
+}
+
+// AlignUpload is for experiments.
+var AlignUpload = true
+
+// both runs the upload and the download at once, the upload starting lag
+// after the download was asked for, so that both reach their bottleneck
+// together.
+func both(ctx context.Context, h host.Host, p peer.ID, bytes int64, lag time.Duration) (up, down time.Duration, err error) {
+	errc := make(chan error, 1)
+	go func() {
+		var err error
+		down, err = transfer(ctx, h, p, opDownload, bytes)
+		if err != nil {
+			err = fmt.Errorf("probe: download from %s: %w", p, err)
+		}
+		errc <- err
+	}()
+	if AlignUpload {
+		time.Sleep(lag)
+	}
+	up, err = transfer(ctx, h, p, opUpload, bytes)
+	if err != nil {
+		err = fmt.Errorf("probe: upload to %s: %w", p, err)
+	}
+	return up, down, errors.Join(err, <-errc)
+}
+
+// open starts a probe stream with the given header. The stream is reset
+// if ctx ends before done is called; done closes it.
+func open(ctx context.Context, h host.Host, p peer.ID, op byte, n int64) (s network.Stream, done func(), err error) {
+	s, err = h.NewStream(ctx, p, ID)
+	if err != nil {
+		return nil, nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { s.Reset() })
+	done = func() {
+		stop()
+		s.Close()
+	}
+	var hdr [9]byte
+	hdr[0] = op
+	binary.BigEndian.PutUint64(hdr[1:], uint64(n))
+	if _, err := s.Write(hdr[:]); err != nil {
+		done()
+		return nil, nil, err
+	}
+	return s, done, nil
+}
+
+func rtt(ctx context.Context, h host.Host, p peer.ID) (time.Duration, error) {
+	s, done, err := open(ctx, h, p, opPing, 0)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	var b [8]byte
+	samples := make([]time.Duration, 0, RTTSamples)
+	for i := range RTTSamples + 1 {
+		binary.BigEndian.PutUint64(b[:], uint64(i))
+		start := time.Now()
+		if _, err := s.Write(b[:]); err != nil {
+			return 0, err
+		}
+		if _, err := io.ReadFull(s, b[:]); err != nil {
+			return 0, err
+		}
+		if got := binary.BigEndian.Uint64(b[:]); got != uint64(i) {
+			return 0, fmt.Errorf("%w: ping %d echoed as %d", ErrProtocol, i, got)
+		}
+		if i > 0 { // the first carries the stream's opening
+			samples = append(samples, time.Since(start))
+		}
+	}
+	if err := s.CloseWrite(); err != nil {
+		return 0, err
+	}
+	slices.Sort(samples)
+	return samples[len(samples)/2], nil
+}
+
+// transfer runs one bulk transfer and returns the time its receiver took
+// for the second half of the bytes.
+func transfer(ctx context.Context, h host.Host, p peer.ID, op byte, n int64) (time.Duration, error) {
+	s, done, err := open(ctx, h, p, op, n)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	if op == opDownload {
+		return receive(s, n)
+	}
+	if err := send(s, n); err != nil {
+		return 0, err
+	}
+	var b [8]byte
+	if _, err := io.ReadFull(s, b[:]); err != nil {
+		return 0, err
+	}
+	d := time.Duration(binary.BigEndian.Uint64(b[:]))
+	if d <= 0 {
+		return 0, fmt.Errorf("%w: peer timed the upload as %v", ErrProtocol, d)
+	}
+	return d, nil
+}
+
+const chunk = 64 << 10
+
+func send(s network.Stream, n int64) error {
+	buf := make([]byte, chunk)
+	for n > 0 {
+		k := min(n, chunk)
+		if _, err := s.Write(buf[:k]); err != nil {
+			return err
+		}
+		n -= k
+	}
+	return s.CloseWrite()
+}
+
+// receive reads n bytes and returns how long the last n-n/2 took.
+func receive(s network.Stream, n int64) (time.Duration, error) {
+	buf := make([]byte, chunk)
+	var got int64
+	var half time.Time
+	for got < n {
+		want := n - got
+		if got < n/2 {
+			want = n/2 - got // stop exactly at the half mark to time it
+		}
+		k, err := s.Read(buf[:min(want, chunk)])
+		got += int64(k)
+		if half.IsZero() && got >= n/2 {
+			half = time.Now()
+		}
+		if err != nil && got < n {
+			return 0, err
+		}
+	}
+	return time.Since(half), nil
+}
