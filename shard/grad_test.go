@@ -3,7 +3,10 @@ package shard
 import (
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
+
+	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 // Finite-difference checks, one per layer: each forward is reduced to a scalar
@@ -287,5 +290,38 @@ func TestSplitLayersIsContiguousAndBalanced(t *testing.T) {
 	}
 	if _, err := SplitLayers(2, 3); err == nil {
 		t.Fatal("3 stages for 2 layers: want an error")
+	}
+}
+
+func TestResultsDoNotDependOnTheComputeThreads(t *testing.T) {
+	// Big enough that Gemm splits across workers (2·m·n·k ≥ 1 Mi).
+	c := Config{Vocab: 256, DModel: 64, NLayers: 2, NHeads: 4, DFF: 96, SeqLen: 32, RopeTheta: 10000, NormEps: 1e-5}
+	rng := rand.New(rand.NewPCG(3, 3))
+	b := 4
+	tokens, targets := make([]int32, b*c.SeqLen), make([]int32, b*c.SeqLen)
+	for i := range tokens {
+		tokens[i], targets[i] = int32(rng.IntN(256)), int32(rng.IntN(256))
+	}
+	run := func(workers int) (float64, []float32) {
+		compute.SetWorkers(workers)
+		defer compute.SetWorkers(0)
+		stages, err := NewStages(c, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := stages[0]
+		s.Init(7)
+		tp := s.NewTape(b, c.SeqLen)
+		s.Forward(tp, tokens, nil)
+		loss := s.Loss(tp, targets, 1)
+		s.Backward(tp, nil)
+		return loss, slices.Clone(s.Grads)
+	}
+	loss1, g1 := run(1)
+	for _, w := range []int{2, 3, 5} {
+		loss, g := run(w)
+		if loss != loss1 || !slices.Equal(g, g1) {
+			t.Fatalf("%d workers: loss %v (1 worker: %v), gradients equal: %v", w, loss, loss1, slices.Equal(g, g1))
+		}
 	}
 }

@@ -228,38 +228,35 @@ func embedBackward(de, dx []float32, tokens []int32, d int) {
 func crossEntropy(logits []float32, targets []int32, v int, scale float32) float64 {
 	n := len(targets)
 	g := scale / float32(n)
-	parts := make([]float64, compute.Workers())
-	chunk := (n + len(parts) - 1) / len(parts)
-	compute.ParallelFor(len(parts), func(lo, hi int) {
-		for w := lo; w < hi; w++ {
-			var sum float64
-			for r := w * chunk; r < min((w+1)*chunk, n); r++ {
-				row := logits[r*v : (r+1)*v]
-				m := row[0]
-				for _, x := range row[1:] {
-					m = max(m, x)
-				}
-				tgt := targets[r]
-				xt := row[tgt] - m
-				var z float32
-				for j, x := range row {
-					e := compute.Exp(x - m)
-					row[j] = e
-					z += e
-				}
-				sum += math.Log(float64(z)) - float64(xt)
-				inv := g / z
-				for j := range row {
-					row[j] *= inv
-				}
-				row[tgt] -= g
+	// One loss per row, summed in row order afterwards: the result does not depend on
+	// how many workers split the rows (a run must not change with the thread count).
+	losses := make([]float64, n)
+	compute.ParallelFor(n, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			row := logits[r*v : (r+1)*v]
+			m := row[0]
+			for _, x := range row[1:] {
+				m = max(m, x)
 			}
-			parts[w] = sum
+			tgt := targets[r]
+			xt := row[tgt] - m
+			var z float32
+			for j, x := range row {
+				e := compute.Exp(x - m)
+				row[j] = e
+				z += e
+			}
+			losses[r] = math.Log(float64(z)) - float64(xt)
+			inv := g / z
+			for j := range row {
+				row[j] *= inv
+			}
+			row[tgt] -= g
 		}
 	})
 	var total float64
-	for _, s := range parts {
-		total += s
+	for _, l := range losses {
+		total += l
 	}
 	return total / float64(n)
 }

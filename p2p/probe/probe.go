@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"slices"
 	"time"
 
@@ -95,12 +96,12 @@ func respond(s network.Stream) error {
 		if n < MinBytes || n > MaxBytes {
 			return fmt.Errorf("%w: upload of %d bytes", ErrProtocol, n)
 		}
-		d, err := receive(s, n)
+		rate, err := receive(s, n)
 		if err != nil {
 			return err
 		}
 		var b [8]byte
-		binary.BigEndian.PutUint64(b[:], uint64(d))
+		binary.BigEndian.PutUint64(b[:], math.Float64bits(rate))
 		_, err = s.Write(b[:])
 		return err
 	case opDownload:
@@ -125,40 +126,17 @@ func Measure(ctx context.Context, h host.Host, p peer.ID, bytes int64) (Result, 
 	if r.RTT, err = rtt(ctx, h, p); err != nil {
 		return r, fmt.Errorf("probe: rtt to %s: %w", p, err)
 	}
-	up, down, err := both(ctx, h, p, bytes, r.RTT/2)
+	up, err := transfer(ctx, h, p, opUpload, bytes)
 	if err != nil {
-		return r, err
+		return r, fmt.Errorf("probe: upload to %s: %w", p, err)
 	}
-	half := float64(bytes-bytes/2) * 8
-	r.UpMbps = half / up.Seconds() / 1e6
-	r.DownMbps = half / down.Seconds() / 1e6
+	down, err := transfer(ctx, h, p, opDownload, bytes)
+	if err != nil {
+		return r, fmt.Errorf("probe: download from %s: %w", p, err)
+	}
+	r.UpMbps = up * 8 / 1e6
+	r.DownMbps = down * 8 / 1e6
 	return r, nil
-}
-
-// AlignUpload is for experiments.
-var AlignUpload = true
-
-// both runs the upload and the download at once, the upload starting lag
-// after the download was asked for, so that both reach their bottleneck
-// together.
-func both(ctx context.Context, h host.Host, p peer.ID, bytes int64, lag time.Duration) (up, down time.Duration, err error) {
-	errc := make(chan error, 1)
-	go func() {
-		var err error
-		down, err = transfer(ctx, h, p, opDownload, bytes)
-		if err != nil {
-			err = fmt.Errorf("probe: download from %s: %w", p, err)
-		}
-		errc <- err
-	}()
-	if AlignUpload {
-		time.Sleep(lag)
-	}
-	up, err = transfer(ctx, h, p, opUpload, bytes)
-	if err != nil {
-		err = fmt.Errorf("probe: upload to %s: %w", p, err)
-	}
-	return up, down, errors.Join(err, <-errc)
 }
 
 // open starts a probe stream with the given header. The stream is reset
@@ -214,9 +192,12 @@ func rtt(ctx context.Context, h host.Host, p peer.ID) (time.Duration, error) {
 	return samples[len(samples)/2], nil
 }
 
-// transfer runs one bulk transfer and returns the time its receiver took
-// for the second half of the bytes.
-func transfer(ctx context.Context, h host.Host, p peer.ID, op byte, n int64) (time.Duration, error) {
+// transfer runs one bulk transfer on a new connection and returns the rate
+// of its second half in bytes/s, as its receiver saw it.
+func transfer(ctx context.Context, h host.Host, p peer.ID, op byte, n int64) (float64, error) {
+	if err := h.Network().ClosePeer(p); err != nil {
+		return 0, fmt.Errorf("closing the connection to start afresh: %w", err)
+	}
 	s, done, err := open(ctx, h, p, op, n)
 	if err != nil {
 		return 0, err
@@ -232,11 +213,11 @@ func transfer(ctx context.Context, h host.Host, p peer.ID, op byte, n int64) (ti
 	if _, err := io.ReadFull(s, b[:]); err != nil {
 		return 0, err
 	}
-	d := time.Duration(binary.BigEndian.Uint64(b[:]))
-	if d <= 0 {
-		return 0, fmt.Errorf("%w: peer timed the upload as %v", ErrProtocol, d)
+	rate := math.Float64frombits(binary.BigEndian.Uint64(b[:]))
+	if !(rate > 0) || math.IsInf(rate, 1) {
+		return 0, fmt.Errorf("%w: peer measured the upload at %v bytes/s", ErrProtocol, rate)
 	}
-	return d, nil
+	return rate, nil
 }
 
 const chunk = 64 << 10
@@ -253,24 +234,53 @@ func send(s network.Stream, n int64) error {
 	return s.CloseWrite()
 }
 
-// receive reads n bytes and returns how long the last n-n/2 took.
-func receive(s network.Stream, n int64) (time.Duration, error) {
+// receive reads n bytes and returns the rate of the second half in
+// bytes/s: the least-squares slope of bytes received against time, over
+// every read. A lost packet holds back what follows it until its
+// retransmission arrives (about an RTT), then releases it at once; such a
+// step moves the slope far less than it would move the rate between the
+// half-way mark and the end.
+func receive(s network.Stream, n int64) (float64, error) {
 	buf := make([]byte, chunk)
 	var got int64
-	var half time.Time
+	var start time.Time
+	var fit line
 	for got < n {
 		want := n - got
 		if got < n/2 {
-			want = n/2 - got // stop exactly at the half mark to time it
+			want = n/2 - got // stop at the half-way mark to start the fit there
 		}
 		k, err := s.Read(buf[:min(want, chunk)])
 		got += int64(k)
-		if half.IsZero() && got >= n/2 {
-			half = time.Now()
+		if got >= n/2 {
+			now := time.Now()
+			if start.IsZero() {
+				start = now
+			}
+			fit.add(now.Sub(start).Seconds(), float64(got-n/2))
 		}
 		if err != nil && got < n {
 			return 0, err
 		}
 	}
-	return time.Since(half), nil
+	rate := fit.slope()
+	if !(rate > 0) || math.IsInf(rate, 1) {
+		return 0, fmt.Errorf("probe: %d bytes arrived too fast to time", n)
+	}
+	return rate, nil
+}
+
+// line fits y = a + slope·x by least squares.
+type line struct{ n, sx, sy, sxx, sxy float64 }
+
+func (l *line) add(x, y float64) {
+	l.n++
+	l.sx += x
+	l.sy += y
+	l.sxx += x * x
+	l.sxy += x * y
+}
+
+func (l *line) slope() float64 {
+	return (l.n*l.sxy - l.sx*l.sy) / (l.n*l.sxx - l.sx*l.sx)
 }

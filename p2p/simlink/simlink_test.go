@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
@@ -14,17 +15,23 @@ import (
 	"github.com/pipeswarm/pipeswarm/p2p/probe"
 )
 
-// newHost starts a p2p.Host on node link of nw, with the probe responder,
-// and closes it when the test ends.
+// newHost starts a p2p.Host on a new node of nw with link.
 func newHost(t testing.TB, nw *Network, link Link) *p2p.Host {
+	t.Helper()
+	transports, listen, err := nw.Node(link)
+	if err != nil {
+		t.Fatalf("Node: %v", err)
+	}
+	return startHost(t, transports, listen)
+}
+
+// startHost starts a p2p.Host with the probe responder on transports and
+// closes it when the test ends.
+func startHost(t testing.TB, transports []libp2p.Option, listen []string) *p2p.Host {
 	t.Helper()
 	key, _, err := crypto.GenerateEd25519Key(rand.Reader)
 	if err != nil {
 		t.Fatal(err)
-	}
-	transports, listen, err := nw.Node(link)
-	if err != nil {
-		t.Fatalf("Node: %v", err)
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()

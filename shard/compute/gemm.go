@@ -36,42 +36,54 @@ func trans(t bool) blas.Transpose {
 	return blas.NoTrans
 }
 
+// gemmParts is how many blocks a large Gemm is cut into, whatever the number of
+// workers: each block is one Sgemm call of the same shape every time, so the result
+// does not depend on the thread count (BLAS kernels may round differently for
+// different shapes).
+const gemmParts = 4
+
 // Gemm computes c = alpha·op(a)·op(b) + beta·c for row-major matrices, where op(x) is x
 // or xᵀ as transA/transB say, op(a) is m×k, op(b) is k×n and c is m×n; lda, ldb, ldc are
-// row strides. Large products are split by rows (or columns) of c across Workers().
+// row strides. Large products are cut by rows (or columns) of c into gemmParts blocks
+// that Workers() goroutines share.
 func Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	w := Workers()
-	if !splitGemm || w < 2 || 2*m*n*k < minSplitFlops {
+	if !splitGemm || 2*m*n*k < minSplitFlops {
 		Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 		return
 	}
-	var wg sync.WaitGroup
 	if m >= n {
-		chunk := (m + w - 1) / w
-		for lo := 0; lo < m; lo += chunk {
-			rows := min(chunk, m-lo)
-			aOff := lo * lda // row lo of op(a)
-			if transA {
-				aOff = lo // column lo of a
+		chunk := blockOf(m)
+		ParallelFor((m+chunk-1)/chunk, func(lo, hi int) {
+			for p := lo; p < hi; p++ {
+				r0 := p * chunk
+				rows := min(chunk, m-r0)
+				aOff := r0 * lda // row r0 of op(a)
+				if transA {
+					aOff = r0 // column r0 of a
+				}
+				Sgemm(transA, transB, rows, n, k, alpha, a[aOff:], lda, b, ldb, beta, c[r0*ldc:], ldc)
 			}
-			wg.Go(func() {
-				Sgemm(transA, transB, rows, n, k, alpha, a[aOff:], lda, b, ldb, beta, c[lo*ldc:], ldc)
-			})
-		}
-	} else {
-		chunk := (n + w - 1) / w
-		for lo := 0; lo < n; lo += chunk {
-			cols := min(chunk, n-lo)
-			bOff := lo // column lo of b
-			if transB {
-				bOff = lo * ldb // row lo of b
-			}
-			wg.Go(func() {
-				Sgemm(transA, transB, m, cols, k, alpha, a, lda, b[bOff:], ldb, beta, c[lo:], ldc)
-			})
-		}
+		})
+		return
 	}
-	wg.Wait()
+	chunk := blockOf(n)
+	ParallelFor((n+chunk-1)/chunk, func(lo, hi int) {
+		for p := lo; p < hi; p++ {
+			c0 := p * chunk
+			cols := min(chunk, n-c0)
+			bOff := c0 // column c0 of b
+			if transB {
+				bOff = c0 * ldb // row c0 of b
+			}
+			Sgemm(transA, transB, m, cols, k, alpha, a, lda, b[bOff:], ldb, beta, c[c0:], ldc)
+		}
+	})
+}
+
+// blockOf is the rows (or columns) per block when x of them are cut into gemmParts,
+// a multiple of 8 so blocks start aligned for the kernels.
+func blockOf(x int) int {
+	return max(8, (x+gemmParts*8-1)/(gemmParts*8)*8)
 }
 
 // Sgemm is Gemm on the calling goroutine only; use it inside ParallelFor bodies.
