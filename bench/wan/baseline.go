@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
@@ -41,6 +42,14 @@ const (
 func BaselineKey(sp *spec.Spec, threads int) (string, error) {
 	h := sha256.New()
 	h.Write([]byte(sp.String()))
+	// A baseline from another build may have computed differently.
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" || s.Key == "vcs.modified" {
+				h.Write([]byte(s.Key + "=" + s.Value + "\n"))
+			}
+		}
+	}
 	text, _, err := train.Corpus(sp.Data.Path)
 	if err != nil {
 		return "", err
