@@ -421,6 +421,8 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 				}
 				v := r.ValLoss
 				p.ValLoss, res.ValLoss = &v, v
+				// As train does: an evaluated step's time is when its validation loss is known.
+				p.ElapsedS = time.Since(start).Seconds()
 				if err := emit(*p); err != nil {
 					return res, err
 				}

@@ -117,9 +117,12 @@ type Report struct {
 // StageTime is where one stage's wall time went: seconds computing and waiting
 // for each thing (keys are core.Wait names), and its timeline over TimelineSteps.
 type StageTime struct {
-	Stage   int                `json:"stage"`
-	Replica int                `json:"replica"`
-	WallS   float64            `json:"wall_s"`
+	Stage   int     `json:"stage"`
+	Replica int     `json:"replica"`
+	WallS   float64 `json:"wall_s"`
+	// Start is when the ledger's time 0 was, in Unix nanoseconds: the spans of stages
+	// on one machine line up by it.
+	Start   int64              `json:"start_unix_ns,omitempty"`
 	Seconds map[string]float64 `json:"seconds"`
 	Spans   []core.Span        `json:"spans,omitempty"`
 }

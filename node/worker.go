@@ -490,9 +490,15 @@ func (w *worker) loop() error {
 		return err
 	}
 	w.report(Report{Kind: ReportDone, Checkpoint: w.checkpointPath(), BytesFwd: w.sent.act.Load(), BytesBwd: w.sent.grad.Load(),
-		Time: NewStageTime(&w.ledger)})
+		Time: w.stageTime()})
 	w.log.Info("run finished", "checkpoint", w.checkpointPath(), "bytes_fwd", w.sent.act.Load(), "bytes_bwd", w.sent.grad.Load(), "bytes_eval", w.sent.eval.Load())
 	return nil
+}
+
+func (w *worker) stageTime() *StageTime {
+	t := NewStageTime(&w.ledger)
+	t.Start = w.started0.UnixNano()
+	return t
 }
 
 // accept files a frame that passed its checks and tells the core it is there.

@@ -185,13 +185,23 @@ func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 		r.BytesPerTokenFwd += bb.Fwd
 		r.BytesPerTokenBwd += bb.Bwd
 	}
+	var epoch int64 // the earliest stage's start: every timeline is shifted to it
 	for _, t := range out.times {
+		if t.Start > 0 && (epoch == 0 || t.Start < epoch) {
+			epoch = t.Start
+		}
+	}
+	for _, t := range out.times {
+		shift := 0.0
+		if t.Start > 0 {
+			shift = float64(t.Start-epoch) / 1e9
+		}
 		sec := func(w core.Wait) float64 { return t.Seconds[w.String()] }
 		r.StageTimes = append(r.StageTimes, StageFigures{Stage: t.Stage, Replica: t.Replica, Utilisation: t.Utilisation(),
 			ComputeS: sec(core.Computing), ActivationS: sec(core.WaitActivation), GradientS: sec(core.WaitGradient),
 			NormS: sec(core.WaitNorm), SyncS: sec(core.WaitSync), WallS: t.WallS})
 		for _, s := range t.Spans {
-			r.Timeline = append(r.Timeline, TimelineSpan{Stage: t.Stage, Replica: t.Replica, What: s.Wait.String(), Start: s.Start.Seconds(), End: s.End.Seconds()})
+			r.Timeline = append(r.Timeline, TimelineSpan{Stage: t.Stage, Replica: t.Replica, What: s.Wait.String(), Start: shift + s.Start.Seconds(), End: shift + s.End.Seconds()})
 		}
 		for _, s := range out.sends[[2]int{t.Stage, t.Replica}] {
 			r.Timeline = append(r.Timeline, TimelineSpan{Stage: t.Stage, Replica: t.Replica, What: "send", Start: s.Start.Seconds(), End: s.End.Seconds()})

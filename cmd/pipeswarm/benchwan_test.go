@@ -126,3 +126,85 @@ func TestBenchWANRefusesBadProfilesAndModes(t *testing.T) {
 		}
 	}
 }
+
+func TestBenchWANSimRunsTheSwarmOverSimulatedLinks(t *testing.T) {
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "run.yaml")
+	if err := os.WriteFile(specPath, []byte(wanSpec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	code, _, stderr := runCLI(t, "bench", "wan", "--spec", specPath, "--profile", "home", "--out", out, "--cache", filepath.Join(dir, "cache"), "--quiet")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	r := checkReport(t, out, "sim")
+	links, _ := r["links"].([]any)
+	if len(links) != 1 {
+		t.Fatalf("links %v, want the one between the two stages", r["links"])
+	}
+	l := links[0].(map[string]any)
+	if got := l["measured_rtt_ms"].(float64); got < 45 || got > 55 {
+		t.Errorf("RTT %.1f ms on a 2 × 25 ms path", got)
+	}
+	for _, k := range []string{"measured_mbps", "measured_mbps_reverse"} {
+		if got := l[k].(float64); got < 80 || got > 110 {
+			t.Errorf("%s %.1f on a 100 Mbit/s path", k, got)
+		}
+	}
+	// The nodes compute on one thread each, the baseline on every core: the losses are
+	// the same, bit for bit.
+	gap, _ := r["loss_gap"].([]any)
+	if len(gap) == 0 {
+		t.Fatal("no loss gap points")
+	}
+	for _, g := range gap {
+		if v := g.(map[string]any)["gap"].(float64); v != 0 {
+			t.Errorf("validation loss differs from the centralised run's: %v", g)
+		}
+	}
+}
+
+func TestBenchWANSimRunsSixteenNodes(t *testing.T) {
+	if testing.Short() {
+		t.Skip("16 in-process nodes; skipped in -short")
+	}
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "grid.yaml")
+	spec := `name: grid16
+seed: 3
+eval_interval: 4
+model: {vocab: 256, d_model: 32, n_layers: 4, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 4, micro_batches: 2, replicas: 4}
+train: {batch_size: 4, steps: 8, lr: 0.003, warmup: 2}
+diloco: {inner_steps: 4, sync: int8/32}
+compression: {subspace: 4, activations: int8/32, gradients: int8/32}
+data: {val_fraction: 0.01}
+`
+	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	code, stdout, stderr := runCLI(t, "bench", "wan", "--spec", specPath, "--profile", "lan", "--out", out, "--cache", filepath.Join(dir, "cache"), "--quiet")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	r := checkReportN(t, out, "sim", 16)
+	cellsSeen := map[[2]float64]bool{}
+	for _, s := range r["stages"].([]any) {
+		m := s.(map[string]any)
+		cellsSeen[[2]float64{m["stage"].(float64), m["replica"].(float64)}] = true
+		if w, _ := m["wall_s"].(float64); !(w > 0) {
+			t.Errorf("stage figures without wall time: %v", m)
+		}
+	}
+	if len(cellsSeen) != 16 {
+		t.Errorf("figures for %d distinct cells, want 16", len(cellsSeen))
+	}
+	if sync, _ := r["sync"].([]any); len(sync) != 4 {
+		t.Errorf("outer-step figures for %d stages, want 4", len(sync))
+	}
+	if !strings.Contains(stdout, "| 3 | 3 |") {
+		t.Errorf("the table lacks stage 3 of replica 3:\n%s", stdout)
+	}
+}

@@ -1,12 +1,21 @@
 // Package probe measures the round-trip time and the throughput each way
-// between two libp2p hosts, over a real or a simulated network.
+// between two libp2p hosts, over a real or a simulated network, to set
+// beside the link profile they are meant to have.
 //
-// Register installs the responder; Measure runs, each on its own stream:
-// RTTSamples 8-byte ping-pongs (the median is the RTT), a bulk transfer
-// up (to the peer) and one down. Throughput is the rate of the second half
-// of each transfer as seen by its receiver, so the handshake and the
-// congestion controller's slow start are not counted: it is the rate a
-// long transfer settles at.
+// Register installs the responder; Measure runs RTTSamples 8-byte
+// ping-pongs on one stream (the median is the RTT), then a bulk transfer
+// up (to the peer) and one down, each on a new connection. Throughput is
+// the rate of the second half of a transfer as its receiver sees it: the
+// handshake and slow start are not counted, so it is the rate a long
+// transfer settles at, in Mbit/s of stream payload.
+//
+// Each transfer gets a new connection because quic-go's congestion
+// controller does not recover from a bulk transfer in the other direction
+// on the same connection: while that ran, this direction's sender was
+// idle in slow start, and the queueing delay it saw in its ACKs made it
+// leave slow start at its initial window (see package p2p/simlink). Measure
+// closes h's connections to p to do so; run it before real traffic, not
+// beside it.
 package probe
 
 import (
@@ -114,7 +123,8 @@ func respond(s network.Stream) error {
 }
 
 // Measure measures the path from h to p, which must run Register: RTT,
-// then a transfer of bytes (at least MinBytes) each way. Pick bytes to
+// then a transfer of bytes (at least MinBytes) each way, each on a new
+// connection (Measure closes h's connections to p first). Pick bytes to
 // last a second or two at the rate you expect, so that slow start is over
 // by half way. ctx bounds the whole measurement.
 func Measure(ctx context.Context, h host.Host, p peer.ID, bytes int64) (Result, error) {

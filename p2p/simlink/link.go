@@ -133,9 +133,9 @@ func New(seed int64) *Network {
 
 // node is one registered node: its address and link.
 type node struct {
-	idx   int
-	ip    netip.Addr
-	link  Link
+	idx       int
+	ip        netip.Addr
+	link      Link
 	nsPerByte float64       // serialisation time of one byte
 	queue     time.Duration // drop-tail limit of its uplink and downlink
 }

@@ -3,15 +3,19 @@ package simlink
 import (
 	"context"
 	"flag"
+	"fmt"
+	"net"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/marcopolo/simnet"
 
+	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/probe"
 )
 
-var measure = flag.Bool("simlink.measure", false, "measure every profile (and simnet for comparison) and log the figures")
+var measureAll = flag.Bool("simlink.measure", false, "measure every profile (and simnet for comparison) and log the figures")
 
 // cpuTime is the process's user+system CPU time so far.
 func cpuTime(t testing.TB) time.Duration {
@@ -26,27 +30,48 @@ func cpuTime(t testing.TB) time.Duration {
 func bytesFor(l Link) int64 { return max(int64(l.Mbps*1e6/8*1.5), probe.MinBytes) }
 
 func TestMeasureProfiles(t *testing.T) {
-	if !*measure {
+	if !*measureAll {
 		t.Skip("set -simlink.measure to run")
 	}
+	type row struct {
+		name  string
+		link  Link
+		bytes int64
+	}
+	var rows []row
 	for _, name := range ProfileNames() {
 		l, err := Profile(name)
 		if err != nil {
 			t.Fatal(err)
 		}
-		nw, h, p := pair(t, l, l)
-		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		rows = append(rows, row{name, l, bytesFor(l)})
+	}
+	ic, _ := Profile("intercontinental")
+	noLoss := ic
+	noLoss.Loss = 0
+	rows = append(rows,
+		// What libp2p and the clock add to an RTT: no latency, no queue.
+		row{"no-latency", Link{Mbps: 1e5}, 1 << 20},
+		// The loss, not the link, limits intercontinental: without it…
+		row{"ic-no-loss", noLoss, bytesFor(noLoss)},
+		// …and with it, over 20 MB rather than 1.5 s worth.
+		row{"ic-long", ic, 20 << 20},
+	)
+	for _, r := range rows {
+		nw, h, p := pair(t, r.link, r.link)
+		ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
 		cpu, wall := cpuTime(t), time.Now()
-		r, err := probe.Measure(ctx, h.Host, p, bytesFor(l))
+		res, err := probe.Measure(ctx, h.Host, p, r.bytes)
 		cancel()
 		if err != nil {
-			t.Fatalf("%s: %v", name, err)
+			t.Fatalf("%s: %v", r.name, err)
 		}
 		cpu, elapsed := cpuTime(t)-cpu, time.Since(wall)
 		st := nw.Stats()
-		t.Logf("%-16s %-36v %v; %.0f%%/%.0f%% of rate, rtt %+.1f%%; cpu %.2f cores; drops queue %d loss %d buffer %d of %d",
-			name, l, r, 100*r.UpMbps/l.Mbps, 100*r.DownMbps/l.Mbps, 100*(float64(r.RTT)/float64(2*l.Latency)-1),
-			cpu.Seconds()/elapsed.Seconds(), st.QueueDrops, st.LossDrops, st.BufferDrops, st.Sent)
+		gbit := float64(2*r.bytes) * 8 / 1e9
+		t.Logf("%-16s %-36v %v; %.0f%%/%.0f%% of rate, rtt %+.1f%%; %.1f s, %.2f cores, %.2f cpu-s/Gbit; drops: queue %d loss %d buffer %d of %d",
+			r.name, r.link, res, 100*res.UpMbps/r.link.Mbps, 100*res.DownMbps/r.link.Mbps, 100*(float64(res.RTT)/float64(2*r.link.Latency)-1),
+			elapsed.Seconds(), cpu.Seconds()/elapsed.Seconds(), cpu.Seconds()/gbit, st.QueueDrops, st.LossDrops, st.BufferDrops, st.Sent)
 		h.Close()
 	}
 }
@@ -54,7 +79,7 @@ func TestMeasureProfiles(t *testing.T) {
 // TestMeasureSimnet is the evidence for not using simnet: its links run at
 // a fraction of their rate. First raw packets, then libp2p over it.
 func TestMeasureSimnet(t *testing.T) {
-	if !*measure {
+	if !*measureAll {
 		t.Skip("set -simlink.measure to run")
 	}
 	for _, mbps := range []int{100, 1000} {
@@ -78,7 +103,8 @@ func TestMeasureSimnet(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		r, err := probe.Measure(ctx, hosts[0].Host, id, bytesFor(l))
+		r, err := probe.Measure(ctx, hosts[0].Host, id, 16<<20) // simnet's rates are far lower
+
 		cancel()
 		if err != nil {
 			t.Fatal(err)

@@ -66,15 +66,58 @@ func pair(t testing.TB, a, b Link) (*Network, *p2p.Host, peer.ID) {
 	return nw, ha, id
 }
 
-func TestExpHome(t *testing.T) {
-	l, _ := Profile("home")
-	nw, h, p := pair(t, l, l)
+// measure runs probe.Measure from h to p with bytes each way.
+func measure(t *testing.T, h *p2p.Host, p peer.ID, bytes int64) probe.Result {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	start := time.Now()
-	r, err := probe.Measure(ctx, h.Host, p, 16<<20)
+	r, err := probe.Measure(ctx, h.Host, p, bytes)
+	if err != nil {
+		t.Fatalf("Measure: %v", err)
+	}
+	return r
+}
+
+func TestHomeProfileDeliversItsRTTAndRate(t *testing.T) {
+	home, err := Profile("home")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Logf("%v in %v; %+v", r, time.Since(start), nw.Stats())
+	_, h, p := pair(t, home, home)
+	r := measure(t, h, p, 12<<20) // ~1 s each way
+	t.Logf("home %v: %v", home, r)
+	if want := 2 * home.Latency; r.RTT < want || float64(r.RTT) > 1.1*float64(want) {
+		t.Errorf("RTT %v, want %v to +10%%", r.RTT, want)
+	}
+	if r.UpMbps < 0.9*home.Mbps || r.DownMbps < 0.9*home.Mbps {
+		t.Errorf("up %.1f, down %.1f Mbit/s; want ≥ %.0f each way", r.UpMbps, r.DownMbps, 0.9*home.Mbps)
+	}
+	if r.UpMbps > home.Mbps || r.DownMbps > home.Mbps {
+		t.Errorf("up %.1f, down %.1f Mbit/s: faster than the %g Mbit/s link", r.UpMbps, r.DownMbps, home.Mbps)
+	}
+}
+
+func TestSlowPeerLimitsThePairBothWays(t *testing.T) {
+	fast := Link{Mbps: 100, Latency: 10 * time.Millisecond}
+	slow := Link{Mbps: 10, Latency: 10 * time.Millisecond}
+	_, h, p := pair(t, fast, slow)
+	r := measure(t, h, p, 1<<20) // ~0.8 s each way
+	t.Logf("100 Mbit/s to 10 Mbit/s: %v", r)
+	for _, got := range []float64{r.UpMbps, r.DownMbps} {
+		if got > slow.Mbps || got < 0.85*slow.Mbps {
+			t.Errorf("up %.1f, down %.1f Mbit/s; want 8.5..10 each way, the slow link's rate", r.UpMbps, r.DownMbps)
+			break
+		}
+	}
+}
+
+func TestTransferCompletesUnderOnePercentLoss(t *testing.T) {
+	lossy := Link{Mbps: 100, Latency: 5 * time.Millisecond, Loss: 0.01}
+	nw, h, p := pair(t, lossy, lossy)
+	r := measure(t, h, p, 1<<20)
+	st := nw.Stats()
+	t.Logf("1%% loss: %v; %+v", r, st)
+	if st.LossDrops == 0 {
+		t.Error("no packet was dropped for loss")
+	}
 }

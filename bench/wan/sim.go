@@ -1,0 +1,158 @@
+package wan
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/config"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/probe"
+	"github.com/pipeswarm/pipeswarm/p2p/simlink"
+	"github.com/pipeswarm/pipeswarm/shard/compute"
+)
+
+// runSim runs the swarm in this process: one real daemon per cell and the launcher,
+// every libp2p host on QUIC over a simulated network with the profile's links.
+func runSim(ctx context.Context, o Options) (*outcome, error) {
+	sp := o.Spec
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	grid := cells(S, R)
+	compute.SetWorkers(o.Threads)
+	defer compute.SetWorkers(0)
+
+	logf, err := os.Create(filepath.Join(o.OutDir, "nodes.log"))
+	if err != nil {
+		return nil, fmt.Errorf("wan: %w", err)
+	}
+	defer logf.Close()
+	nlog := slog.New(slog.NewTextHandler(logf, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	dirs, err := os.MkdirTemp("", "pipeswarm-sim-")
+	if err != nil {
+		return nil, fmt.Errorf("wan: %w", err)
+	}
+	defer os.RemoveAll(dirs)
+
+	simnet := simlink.New(1)
+	defer simnet.Close()
+	lkey, err := p2p.GenerateKey()
+	if err != nil {
+		return nil, err
+	}
+	lid, err := peer.IDFromPrivateKey(lkey)
+	if err != nil {
+		return nil, err
+	}
+
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	daemons := make([]*node.Daemon, len(grid))
+	defer func() {
+		cancel()
+		for _, d := range daemons {
+			if d != nil {
+				d.Close()
+			}
+		}
+	}()
+	var addrs []string
+	for i, c := range grid {
+		cell := Cell(c[0], c[1])
+		l := o.Profile.Link(cell)
+		tr, listen, err := simnet.Node(simlink.Link{Mbps: l.Mbps, Latency: l.Latency, Loss: l.Loss})
+		if err != nil {
+			return nil, fmt.Errorf("wan: sim: node %s: %w", cell, err)
+		}
+		cfg := &config.Config{DataDir: filepath.Join(dirs, cell), Listen: listen, Trust: []string{lid.String()}}
+		cfg.EnsureDefaults()
+		d, err := node.NewDaemon(ctx, cfg, nlog.With("node", cell), func(h *p2p.HostOptions) { h.Transports = tr })
+		if err != nil {
+			return nil, fmt.Errorf("wan: sim: node %s: %w", cell, err)
+		}
+		daemons[i] = d
+		probe.Register(d.Host().Host)
+		addrs = append(addrs, d.Addrs()[0])
+		wg.Go(func() {
+			if err := d.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
+				nlog.Error("node stopped", "node", cell, "err", err)
+			}
+		})
+	}
+	o.OnNote(fmt.Sprintf("sim: %d nodes up (%d stage(s) × %d replica(s)), %d compute thread(s) each", len(grid), S, R, o.Threads))
+
+	links, err := measureSim(ctx, o, grid, daemons, addrs)
+	if err != nil {
+		return nil, err
+	}
+
+	ll := o.Profile.Link("launcher")
+	ltr, llisten, err := simnet.Node(simlink.Link{Mbps: ll.Mbps, Latency: ll.Latency, Loss: ll.Loss})
+	if err != nil {
+		return nil, fmt.Errorf("wan: sim: launcher: %w", err)
+	}
+	var notes []string
+	swarmDir := filepath.Join(o.OutDir, "swarm")
+	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: lkey, Peers: addrs, Listen: llisten, Transports: ltr,
+		OutDir: swarmDir, Log: o.Log.With("sys", "launch"),
+		OnPlan: func(plan []assign.Assignment) {
+			for _, a := range plan {
+				for i, d := range daemons {
+					if d.ID().String() == a.Peer && grid[i] != [2]int{a.Stage, a.Replica} {
+						notes = append(notes, fmt.Sprintf("node with the link of %s was given %s", Cell(grid[i][0], grid[i][1]), Cell(a.Stage, a.Replica)))
+					}
+				}
+			}
+		},
+		OnStep: func(s metrics.Step) { o.OnStep("swarm", s) }})
+	if err != nil {
+		return nil, fmt.Errorf("wan: sim: %w (node logs: %s)", err, logf.Name())
+	}
+	return launched(sp, swarmDir, res, links, notes)
+}
+
+// measureSim measures a chain of links between the nodes (node i−1 ↔ node i, and
+// every node whose link is overridden against node 0), at most maxMeasured.
+func measureSim(ctx context.Context, o Options, grid [][2]int, daemons []*node.Daemon, addrs []string) ([]LinkFigures, error) {
+	var pairs [][2]int
+	for i := 1; i < len(grid) && len(pairs) < maxMeasured; i++ {
+		pairs = append(pairs, [2]int{i - 1, i})
+	}
+	for _, c := range o.Profile.Overridden() {
+		for i, g := range grid {
+			if Cell(g[0], g[1]) == c && i > 1 {
+				pairs = append(pairs, [2]int{0, i})
+			}
+		}
+	}
+	var out []LinkFigures
+	for _, p := range pairs {
+		a, b := daemons[p[0]], daemons[p[1]]
+		ca, cb := Cell(grid[p[0]][0], grid[p[0]][1]), Cell(grid[p[1]][0], grid[p[1]][1])
+		la, lb := o.Profile.Link(ca), o.Profile.Link(cb)
+		if _, err := a.Host().Connect(ctx, addrs[p[1]]); err != nil {
+			return nil, fmt.Errorf("wan: sim: measure %s ↔ %s: %w", ca, cb, err)
+		}
+		mbps := min(la.Mbps, lb.Mbps)
+		res, err := probe.Measure(ctx, a.Host().Host, b.ID(), probeBytes(mbps))
+		if err != nil {
+			return nil, fmt.Errorf("wan: sim: measure %s ↔ %s: %w", ca, cb, err)
+		}
+		f := LinkFigures{From: ca, To: cb, ProfileMbps: mbps, MeasuredMbps: res.UpMbps, ReverseMbps: res.DownMbps,
+			ProfileRTTMs: ms(la.Latency + lb.Latency), MeasuredRTTMs: ms(res.RTT)}
+		out = append(out, f)
+		o.OnNote(linkNote(f))
+	}
+	return out, nil
+}
+
