@@ -124,7 +124,8 @@ func respond(s network.Stream) error {
 
 // Measure measures the path from h to p, which must run Register: RTT,
 // then a transfer of bytes (at least MinBytes) each way, each on a new
-// connection (Measure closes h's connections to p first). Pick bytes to
+// connection (Measure closes h's connections to p first, so h must be
+// able to dial p: p's addresses in h's peerstore). Pick bytes to
 // last a second or two at the rate you expect, so that slow start is over
 // by half way. ctx bounds the whole measurement.
 func Measure(ctx context.Context, h host.Host, p peer.ID, bytes int64) (Result, error) {
@@ -245,15 +246,17 @@ func send(s network.Stream, n int64) error {
 }
 
 // receive reads n bytes and returns the rate of the second half in
-// bytes/s: the least-squares slope of bytes received against time, over
-// every read. A lost packet holds back what follows it until its
-// retransmission arrives (about an RTT), then releases it at once; such a
-// step moves the slope far less than it would move the rate between the
-// half-way mark and the end.
+// bytes/s: the least-squares slope of the bytes received against time,
+// fitted to that curve over the whole time (each step between two reads
+// weighted by its length), not to the reads, which bunch up after a
+// stall. A lost packet holds back what follows it until its
+// retransmission arrives, about an RTT, then releases it at once; such a
+// step moves the slope less than it would move the rate between the
+// half-way mark and the end, as long as the half lasts many RTTs.
 func receive(s network.Stream, n int64) (float64, error) {
 	buf := make([]byte, chunk)
 	var got int64
-	var start time.Time
+	var start, last time.Time
 	var fit line
 	for got < n {
 		want := n - got
@@ -261,13 +264,16 @@ func receive(s network.Stream, n int64) (float64, error) {
 			want = n/2 - got // stop at the half-way mark to start the fit there
 		}
 		k, err := s.Read(buf[:min(want, chunk)])
-		got += int64(k)
-		if got >= n/2 {
+		if got >= n/2 { // the curve stood at got since last
 			now := time.Now()
-			if start.IsZero() {
-				start = now
-			}
-			fit.add(now.Sub(start).Seconds(), float64(got-n/2))
+			mid := (last.Sub(start) + now.Sub(start)).Seconds() / 2
+			fit.add(mid, float64(got-n/2), now.Sub(last).Seconds())
+			last = now
+		}
+		got += int64(k)
+		if start.IsZero() && got >= n/2 {
+			start = time.Now()
+			last = start
 		}
 		if err != nil && got < n {
 			return 0, err
@@ -280,17 +286,17 @@ func receive(s network.Stream, n int64) (float64, error) {
 	return rate, nil
 }
 
-// line fits y = a + slope·x by least squares.
-type line struct{ n, sx, sy, sxx, sxy float64 }
+// line fits y = a + slope·x by weighted least squares.
+type line struct{ w, sx, sy, sxx, sxy float64 }
 
-func (l *line) add(x, y float64) {
-	l.n++
-	l.sx += x
-	l.sy += y
-	l.sxx += x * x
-	l.sxy += x * y
+func (l *line) add(x, y, w float64) {
+	l.w += w
+	l.sx += w * x
+	l.sy += w * y
+	l.sxx += w * x * x
+	l.sxy += w * x * y
 }
 
 func (l *line) slope() float64 {
-	return (l.n*l.sxy - l.sx*l.sy) / (l.n*l.sxx - l.sx*l.sx)
+	return (l.w*l.sxy - l.sx*l.sy) / (l.w*l.sxx - l.sx*l.sx)
 }

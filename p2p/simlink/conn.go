@@ -12,8 +12,9 @@ import (
 
 // early is how far ahead of the clock the receive side runs: a packet due
 // within it is read now rather than after a sleep that short. At 1 Gbit/s
-// packets are 12 µs apart, and sleeping for each cost a quarter of the
-// CPU of a LAN transfer; the error is smaller than a wake-up's lateness.
+// packets are 12 µs apart, too close to sleep between. It also offsets the
+// clock's wake-ups, which come ~50 µs late: a 1 ms LAN RTT measured
+// 1.10–1.14 ms with packets released at their time, 0.96–1.09 with early.
 const early = 50 * time.Microsecond
 
 // preciseBelow is the path latency under which packets are released on

@@ -28,7 +28,7 @@ const (
 	// quic-go paces in bursts of up to 2 ms of data (its pacer's minimum
 	// delay plus timer granularity) and Go timers add up to 1 ms more, so a
 	// LAN link whose queue holds only its 1 ms BDP drops those bursts:
-	// 384 Mbit/s of 1000 with a 64-packet queue, 955 with 6 ms.
+	// 384 Mbit/s of 1000 with a 64-packet queue, ~950 with 6 ms.
 	minQueue = 6 * time.Millisecond
 	// recvBufferBytes bounds what waits for a reader on one endpoint, like
 	// a socket's receive buffer; only a reader starved of CPU fills it.
@@ -95,7 +95,7 @@ var ErrClosed = errors.New("simlink: network closed")
 // the path latency, are dropped with the path loss, then serialised on B's
 // downlink at B's rate, so a path's bandwidth is min(A, B). Each uplink and
 // downlink has a drop-tail queue of one bandwidth-delay product of its own
-// link (rate × 2×Latency), at least minQueuePackets full packets.
+// link (rate × 2×Latency), at least 6 ms of it; the package doc says why.
 //
 // Each link contributes half its latency and half its loss to a path: two
 // nodes on the same profile see RTT = 2×Latency and the profile's loss, a
@@ -103,8 +103,8 @@ var ErrClosed = errors.New("simlink: network closed")
 // pair's latency.
 //
 // Time is computed rather than slept (see conn), so the rates are exact
-// however late the process wakes; one goroutine (clock) wakes readers on
-// time, to within tens of microseconds.
+// however late the process wakes. A Network runs one goroutine, its clock;
+// Close stops it.
 type Network struct {
 	seed  uint64
 	clock *clock
@@ -147,7 +147,9 @@ func (nd *node) txTime(wireBytes int) time.Duration {
 // Node registers a node with link and returns what p2p.HostOptions needs:
 // the QUIC transport over this network, and the address to listen on
 // (/ip4/10.9.x.y/udp/4242/quic-v1, x.y counting from the first node).
-// Nodes are numbered 0, 1, … in the order Node is called.
+// Nodes are numbered 0, 1, … in the order Node is called. A host closed
+// and started again on the same transports gets its endpoint back; while
+// none listens, packets to the node are dropped.
 func (n *Network) Node(link Link) (transports []libp2p.Option, listen []string, err error) {
 	nd, err := n.addNode(link)
 	if err != nil {
