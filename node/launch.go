@@ -241,7 +241,7 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, log
 			r.Offer.Peer = id.String()
 			offers = append(offers, *r.Offer)
 		}
-		stages, refusals, err := assign.Plan(train.ModelConfig(sp), sp.Pipeline.Stages, sp.Pipeline.Replicas, mb, sp.Pipeline.MicroBatches, offers)
+		stages, refusals, err := assign.Plan(train.ModelConfig(sp), sp.Pipeline.Stages, sp.Pipeline.Replicas, mb, sp.Pipeline.MicroBatches, sp.Pipeline.InFlight, offers)
 		for _, r := range refusals {
 			log.Warn("peer not given a stage", "reason", r)
 		}

@@ -241,7 +241,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	if rep == 0 {
 		w.evalN = (w.windows + train.EvalBatch - 1) / train.EvalBatch
 	}
-	cc := core.Config{Stage: idx, Stages: S, MicroBatches: sp.Pipeline.MicroBatches,
+	cc := core.Config{Stage: idx, Stages: S, MicroBatches: sp.Pipeline.MicroBatches, MaxInFlight: sp.Pipeline.InFlight,
 		Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval, EvalBatches: w.evalN}
 	if R > 1 {
 		d, steps := sp.DiLoCo, sp.Train.Steps

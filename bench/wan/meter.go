@@ -143,7 +143,8 @@ func Meter(sp *spec.Spec, tr *Trace, prof *Profile, scale float64) (*Schedule, e
 	for r := range R {
 		m.sched.Sends[r] = make([][]core.Span, S)
 		for s := range S {
-			cc := core.Config{Stage: s, Stages: S, MicroBatches: sp.Pipeline.MicroBatches, Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval}
+			cc := core.Config{Stage: s, Stages: S, MicroBatches: sp.Pipeline.MicroBatches, MaxInFlight: sp.Pipeline.InFlight,
+				Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval}
 			if r == 0 {
 				cc.EvalBatches = evalN
 			}

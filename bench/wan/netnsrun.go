@@ -115,16 +115,14 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 		} else {
 			ca, cb = Cell(grid[a][0], grid[a][1]), Cell(grid[b][0], grid[b][1])
 		}
-		la, lb := o.Profile.Link(ca), o.Profile.Link(cb)
-		mbps := min(la.Mbps, lb.Mbps)
-		res, err := nw.Measure(ctx, a, b, probeBytes(mbps))
+		f, err := measureLink(o, ca, cb, func(n int64) (time.Duration, float64, float64, error) {
+			r, err := nw.Measure(ctx, a, b, n)
+			return r.RTT, r.UpMbps, r.DownMbps, err
+		})
 		if err != nil {
-			return nil, fmt.Errorf("wan: netns: measure %s ↔ %s: %w", ca, cb, err)
+			return nil, err
 		}
-		f := LinkFigures{From: ca, To: cb, ProfileMbps: mbps, MeasuredMbps: res.UpMbps, ReverseMbps: res.DownMbps,
-			ProfileRTTMs: ms(la.Latency + lb.Latency), MeasuredRTTMs: ms(res.RTT)}
 		measured = append(measured, f)
-		o.OnNote(linkNote(f))
 	}
 
 	specPath := filepath.Join(tmp, "spec.yaml")

@@ -3,14 +3,10 @@ package wan
 import (
 	"fmt"
 	"image/color"
-	"os"
-	"path/filepath"
 
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/vg"
-	"gonum.org/v1/plot/vg/draw"
-	"gonum.org/v1/plot/vg/vgimg"
 
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 )
@@ -96,7 +92,7 @@ func plotLoss(path string, r *Report) error {
 	if err := add("centralised", bh, baselineColor); err != nil {
 		return fmt.Errorf("wan: plot: %w", err)
 	}
-	return savePlots(path, 14*vg.Inch, 5*vg.Inch, byTokens, byTime)
+	return metrics.SavePNG(path, 14*vg.Inch, 5*vg.Inch, byTokens, byTime)
 }
 
 // plotTimeline draws each stage's timeline over the report's window: a bar per
@@ -144,32 +140,5 @@ func plotTimeline(path string, r *Report) error {
 	p.Y.Min, p.Y.Max = -0.6, float64(len(names))+0.9 // room above the rows for the legend
 	p.Legend.Top = true
 	p.Legend.Left = true
-	return savePlots(path, 12*vg.Inch, vg.Length(2+0.5*float64(max(1, len(names))))*vg.Inch, p)
-}
-
-// savePlots draws plots side by side into a PNG at path, atomically.
-func savePlots(path string, w, h vg.Length, plots ...*plot.Plot) error {
-	img := vgimg.New(w, h)
-	dc := draw.New(img)
-	tiles := draw.Tiles{Rows: 1, Cols: len(plots), PadX: vg.Millimeter * 4, PadTop: vg.Millimeter * 2, PadBottom: vg.Millimeter * 2, PadLeft: vg.Millimeter * 2, PadRight: vg.Millimeter * 2}
-	canvases := plot.Align([][]*plot.Plot{plots}, tiles, dc)
-	for i, p := range plots {
-		p.Draw(canvases[0][i])
-	}
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".plot-*.png")
-	if err != nil {
-		return fmt.Errorf("wan: %w", err)
-	}
-	defer os.Remove(tmp.Name())
-	_, err = vgimg.PngCanvas{Canvas: img}.WriteTo(tmp)
-	if cerr := tmp.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp.Name(), path)
-	}
-	if err != nil {
-		return fmt.Errorf("wan: plot %s: %w", path, err)
-	}
-	return nil
+	return metrics.SavePNG(path, 12*vg.Inch, vg.Length(2+0.5*float64(max(1, len(names))))*vg.Inch, p)
 }

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
@@ -139,20 +140,17 @@ func measureSim(ctx context.Context, o Options, grid [][2]int, daemons []*node.D
 	for _, p := range pairs {
 		a, b := daemons[p[0]], daemons[p[1]]
 		ca, cb := Cell(grid[p[0]][0], grid[p[0]][1]), Cell(grid[p[1]][0], grid[p[1]][1])
-		la, lb := o.Profile.Link(ca), o.Profile.Link(cb)
 		if _, err := a.Host().Connect(ctx, addrs[p[1]]); err != nil {
 			return nil, fmt.Errorf("wan: sim: measure %s ↔ %s: %w", ca, cb, err)
 		}
-		mbps := min(la.Mbps, lb.Mbps)
-		res, err := probe.Measure(ctx, a.Host().Host, b.ID(), probeBytes(mbps))
+		f, err := measureLink(o, ca, cb, func(n int64) (time.Duration, float64, float64, error) {
+			r, err := probe.Measure(ctx, a.Host().Host, b.ID(), n)
+			return r.RTT, r.UpMbps, r.DownMbps, err
+		})
 		if err != nil {
-			return nil, fmt.Errorf("wan: sim: measure %s ↔ %s: %w", ca, cb, err)
+			return nil, err
 		}
-		f := LinkFigures{From: ca, To: cb, ProfileMbps: mbps, MeasuredMbps: res.UpMbps, ReverseMbps: res.DownMbps,
-			ProfileRTTMs: ms(la.Latency + lb.Latency), MeasuredRTTMs: ms(res.RTT)}
 		out = append(out, f)
-		o.OnNote(linkNote(f))
 	}
 	return out, nil
 }
-

@@ -2,6 +2,7 @@ package wan
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/spec"
@@ -22,6 +23,22 @@ func cells(S, R int) [][2]int {
 		}
 	}
 	return out
+}
+
+// measureLink measures the path between cells ca and cb with measure (given a
+// transfer size for their bandwidth), prints it and returns it beside the profile's
+// figures.
+func measureLink(o Options, ca, cb string, measure func(bytes int64) (rtt time.Duration, up, down float64, err error)) (LinkFigures, error) {
+	la, lb := o.Profile.Link(ca), o.Profile.Link(cb)
+	mbps := min(la.Mbps, lb.Mbps)
+	rtt, up, down, err := measure(probeBytes(mbps))
+	if err != nil {
+		return LinkFigures{}, fmt.Errorf("wan: %s: measure %s ↔ %s: %w", o.Mode, ca, cb, err)
+	}
+	f := LinkFigures{From: ca, To: cb, ProfileMbps: mbps, MeasuredMbps: up, ReverseMbps: down,
+		ProfileRTTMs: ms(la.Latency + lb.Latency), MeasuredRTTMs: ms(rtt)}
+	o.OnNote(linkNote(f))
+	return f, nil
 }
 
 // probeBytes is a transfer of about half a second at mbps.

@@ -19,8 +19,9 @@ compression: {subspace: 4, activations: int8/32, gradients: int8/32}
 data: {val_fraction: 0.01}
 `
 
-// checkReport reads a bench wan report.json and checks the fields the issue names.
-func checkReport(t *testing.T, dir, mode string) map[string]any {
+// checkReport reads a bench wan report.json and checks the fields the issue names,
+// for a run of n stage cells.
+func checkReport(t *testing.T, dir, mode string, n int) map[string]any {
 	t.Helper()
 	b, err := os.ReadFile(filepath.Join(dir, "report.json"))
 	if err != nil {
@@ -46,8 +47,8 @@ func checkReport(t *testing.T, dir, mode string) map[string]any {
 		t.Errorf("bytes_per_token_fwd %v", r["bytes_per_token_fwd"])
 	}
 	stages, _ := r["stages"].([]any)
-	if len(stages) != 2 {
-		t.Fatalf("stages %v, want 2", r["stages"])
+	if len(stages) != n {
+		t.Fatalf("%d stage figures, want %d", len(stages), n)
 	}
 	for _, s := range stages {
 		u, _ := s.(map[string]any)["utilisation"].(float64)
@@ -79,7 +80,7 @@ func TestBenchWANMeterWritesTheReportAndReusesTheBaseline(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
-	r := checkReport(t, out, "meter")
+	r := checkReport(t, out, "meter", 2)
 	if f, _ := r["loopback_fraction"].(float64); !(f > 0 && f < 1) {
 		t.Errorf("loopback_fraction %v: a 50 ms round trip must cost something", r["loopback_fraction"])
 	}
@@ -97,7 +98,7 @@ func TestBenchWANMeterWritesTheReportAndReusesTheBaseline(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
-	r2 := checkReport(t, out2, "meter")
+	r2 := checkReport(t, out2, "meter", 2)
 	if ents, _ := os.ReadDir(cache); len(ents) != 1 {
 		t.Fatalf("the baseline was not reused: %d in the cache", len(ents))
 	}
@@ -138,7 +139,7 @@ func TestBenchWANSimRunsTheSwarmOverSimulatedLinks(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
-	r := checkReport(t, out, "sim")
+	r := checkReport(t, out, "sim", 2)
 	links, _ := r["links"].([]any)
 	if len(links) != 1 {
 		t.Fatalf("links %v, want the one between the two stages", r["links"])
@@ -189,7 +190,7 @@ data: {val_fraction: 0.01}
 	if code != 0 {
 		t.Fatalf("exit %d: %s", code, stderr)
 	}
-	r := checkReportN(t, out, "sim", 16)
+	r := checkReport(t, out, "sim", 16)
 	cellsSeen := map[[2]float64]bool{}
 	for _, s := range r["stages"].([]any) {
 		m := s.(map[string]any)

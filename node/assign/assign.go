@@ -112,7 +112,8 @@ type Assignment struct {
 // on: deterministic, and in the order the caller ranks the peers. A peer gets at most one
 // stage; a second offer from the same peer, and an offer with no free stage slot, are not
 // used. Stage s keeps min(stages−s, microBatches) micro-batches of microBatch sequences in
-// flight, the most a one-forward-one-backward schedule needs.
+// flight, the most a one-forward-one-backward schedule needs, or min(inFlight,
+// microBatches) if inFlight > 0 (the spec's pipeline.in_flight).
 //
 // The second result gives the reason for each peer that was refused, because it offered no
 // usable slot or its memory fits no stage; peers merely not needed are not listed. If some
@@ -125,7 +126,7 @@ type Assignment struct {
 //
 // With replicas > 1 every stage is staffed once per replica pipeline, replica 0's stages
 // first: the grid (stage × replica → peer), each peer holding one cell.
-func Plan(c shard.Config, stages, replicas, microBatch, microBatches int, offers []Offer) ([]Assignment, []string, error) {
+func Plan(c shard.Config, stages, replicas, microBatch, microBatches, inFlight int, offers []Offer) ([]Assignment, []string, error) {
 	if err := c.Validate(); err != nil {
 		return nil, nil, fmt.Errorf("plan run: %w", err)
 	}
@@ -141,7 +142,11 @@ func Plan(c shard.Config, stages, replicas, microBatch, microBatches int, offers
 	}
 	needs := make([]int64, stages)
 	for s, r := range ranges {
-		needs[s] = Need(c, r, s == 0, s == stages-1, microBatch, min(stages-s, microBatches))
+		slots := stages - s // the one-forward-one-backward bound
+		if inFlight > 0 {
+			slots = inFlight
+		}
+		needs[s] = Need(c, r, s == 0, s == stages-1, microBatch, min(slots, microBatches))
 	}
 
 	// Offers that can be used at all, in order; the others are refused at once.

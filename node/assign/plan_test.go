@@ -47,7 +47,7 @@ func peers(plan []Assignment) []string {
 
 func TestPlanGivesEachStageTheNextOfferThatFits(t *testing.T) {
 	offers := []Offer{offer("A", 8<<30), offer("B", 8<<30), offer("C", 8<<30), offer("D", 8<<30)}
-	plan, refusals, err := Plan(small, 3, 1, microBatch, microBatches, offers)
+	plan, refusals, err := Plan(small, 3, 1, microBatch, microBatches, 0, offers)
 	if err != nil || len(refusals) != 0 {
 		t.Fatalf("Plan: %v, refusals %q", err, refusals)
 	}
@@ -66,7 +66,7 @@ func TestPlanGivesEachStageTheNextOfferThatFits(t *testing.T) {
 func TestStageNeedKeepsAtMostTheOneFOneBMicroBatchesInFlight(t *testing.T) {
 	// With 4 stages and 2 micro-batches per step, stages 0-2 hold 2 tapes and stage 3 one.
 	ranges, _ := shard.SplitLayers(small.NLayers, 4)
-	plan, _, err := Plan(small, 4, 1, microBatch, microBatches, []Offer{
+	plan, _, err := Plan(small, 4, 1, microBatch, microBatches, 0, []Offer{
 		offer("A", 8<<30), offer("B", 8<<30), offer("C", 8<<30), offer("D", 8<<30)})
 	if err != nil {
 		t.Fatal(err)
@@ -85,7 +85,7 @@ func TestStageNeedKeepsAtMostTheOneFOneBMicroBatchesInFlight(t *testing.T) {
 func TestPlanSkipsAPeerTooSmallForAnyStageWithAReason(t *testing.T) {
 	n := needs(t, 2)
 	offers := []Offer{offer("tiny", 256<<20), offer("A", n[0]), offer("B", n[1])}
-	plan, refusals, err := Plan(small, 2, 1, microBatch, microBatches, offers)
+	plan, refusals, err := Plan(small, 2, 1, microBatch, microBatches, 0, offers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -102,7 +102,7 @@ func TestPlanSkipsAPeerTooSmallForAnyStageWithAReason(t *testing.T) {
 
 func TestPlanGivesAPeerAtMostOneStage(t *testing.T) {
 	offers := []Offer{offer("A", 8<<30), offer("A", 8<<30), offer("B", 8<<30)}
-	plan, refusals, err := Plan(small, 3, 1, microBatch, microBatches, offers)
+	plan, refusals, err := Plan(small, 3, 1, microBatch, microBatches, 0, offers)
 	if got := peers(plan); !slices.Equal(got, []string{"0:A", "1:B"}) {
 		t.Errorf("plan %v, want A and B only", got)
 	}
@@ -118,7 +118,7 @@ func TestPlanGivesAPeerAtMostOneStage(t *testing.T) {
 func TestPlanRefusesAPeerWithNoFreeStageSlot(t *testing.T) {
 	full := offer("full", 8<<30)
 	full.MaxStages = 0
-	plan, refusals, err := Plan(small, 1, 1, microBatch, microBatches, []Offer{full, offer("A", 8<<30)})
+	plan, refusals, err := Plan(small, 1, 1, microBatch, microBatches, 0, []Offer{full, offer("A", 8<<30)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -136,7 +136,7 @@ func TestUnstaffedRunReturnsPartialPlanNamingMissingStagesAndRefusals(t *testing
 	if n[3] >= n[1] || n[3] >= n[2] {
 		t.Fatalf("needs %v: want stage 3 smaller than stages 1 and 2", n)
 	}
-	plan, refusals, err := Plan(small, 4, 1, microBatch, microBatches, offers)
+	plan, refusals, err := Plan(small, 4, 1, microBatch, microBatches, 0, offers)
 	if got := peers(plan); !slices.Equal(got, []string{"0:A", "3:B"}) {
 		t.Errorf("partial plan %v, want A on stage 0 and B on stage 3", got)
 	}
@@ -150,11 +150,11 @@ func TestUnstaffedRunReturnsPartialPlanNamingMissingStagesAndRefusals(t *testing
 }
 
 func TestUnstaffedForLackOfPeersSaysSo(t *testing.T) {
-	_, _, err := Plan(small, 2, 1, microBatch, microBatches, nil)
+	_, _, err := Plan(small, 2, 1, microBatch, microBatches, 0, nil)
 	if want := "run cannot be staffed: stages 0, 1 have no peer: no peer offered to train"; !errors.Is(err, ErrUnstaffed) || err.Error() != want {
 		t.Errorf("no offers: %v\nwant %q", err, want)
 	}
-	plan, refusals, err := Plan(small, 2, 1, microBatch, microBatches, []Offer{offer("A", 8<<30)})
+	plan, refusals, err := Plan(small, 2, 1, microBatch, microBatches, 0, []Offer{offer("A", 8<<30)})
 	if want := "run cannot be staffed: stage 1 has no peer: every peer that offered holds another stage"; !errors.Is(err, ErrUnstaffed) || err.Error() != want {
 		t.Errorf("one offer: %v\nwant %q", err, want)
 	}
@@ -165,7 +165,7 @@ func TestUnstaffedForLackOfPeersSaysSo(t *testing.T) {
 
 func TestRefusalShowsExactBytesWhenRoundingHidesTheGap(t *testing.T) {
 	need := needs(t, 1)[0]
-	_, refusals, err := Plan(small, 1, 1, microBatch, microBatches, []Offer{offer("A", need-1)})
+	_, refusals, err := Plan(small, 1, 1, microBatch, microBatches, 0, []Offer{offer("A", need-1)})
 	want := fmt.Sprintf("A offers %s (%d B), stage 0 needs %s (%d B)", FormatBytes(need), need-1, FormatBytes(need), need)
 	if !errors.Is(err, ErrUnstaffed) || !slices.Equal(refusals, []string{want}) {
 		t.Errorf("refusals %q (%v), want %q", refusals, err, want)
@@ -176,17 +176,17 @@ func TestPlanRejectsImpossibleRequests(t *testing.T) {
 	bad := small
 	bad.NHeads = 3
 	for name, call := range map[string]func() error{
-		"more stages than layers": func() error { _, _, err := Plan(small, 9, 1, 1, 1, nil); return err },
-		"no stages":               func() error { _, _, err := Plan(small, 0, 1, 1, 1, nil); return err },
-		"empty micro-batch":       func() error { _, _, err := Plan(small, 2, 1, 0, 1, nil); return err },
-		"no micro-batches":        func() error { _, _, err := Plan(small, 2, 1, 1, 0, nil); return err },
-		"bad model":               func() error { _, _, err := Plan(bad, 2, 1, 1, 1, nil); return err },
+		"more stages than layers": func() error { _, _, err := Plan(small, 9, 1, 1, 1, 0, nil); return err },
+		"no stages":               func() error { _, _, err := Plan(small, 0, 1, 1, 1, 0, nil); return err },
+		"empty micro-batch":       func() error { _, _, err := Plan(small, 2, 1, 0, 1, 0, nil); return err },
+		"no micro-batches":        func() error { _, _, err := Plan(small, 2, 1, 1, 0, 0, nil); return err },
+		"bad model":               func() error { _, _, err := Plan(bad, 2, 1, 1, 1, 0, nil); return err },
 	} {
 		if err := call(); err == nil || errors.Is(err, ErrUnstaffed) {
 			t.Errorf("%s: error = %v, want one that is not ErrUnstaffed", name, err)
 		}
 	}
-	if _, _, err := Plan(small, 9, 1, 1, 1, nil); !errors.Is(err, shard.ErrConfig) {
+	if _, _, err := Plan(small, 9, 1, 1, 1, 0, nil); !errors.Is(err, shard.ErrConfig) {
 		t.Errorf("more stages than layers: %v, want shard.ErrConfig", err)
 	}
 }
@@ -196,12 +196,12 @@ func TestPlanStaffsEveryStageOfEveryReplica(t *testing.T) {
 	for _, p := range []string{"A", "B", "C", "D", "E"} {
 		offers = append(offers, offer(p, 8<<30))
 	}
-	plan, _, err := Plan(small, 2, 3, microBatch, microBatches, offers)
+	plan, _, err := Plan(small, 2, 3, microBatch, microBatches, 0, offers)
 	if !errors.Is(err, ErrUnstaffed) || !strings.Contains(err.Error(), "1/2") {
 		t.Fatalf("5 peers for 2 stages × 3 replicas: error %v, want ErrUnstaffed naming cell 1/2 (stage/replica)", err)
 	}
 	offers = append(offers, offer("F", 8<<30))
-	plan, _, err = Plan(small, 2, 3, microBatch, microBatches, offers)
+	plan, _, err = Plan(small, 2, 3, microBatch, microBatches, 0, offers)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -237,6 +237,38 @@ func TestPipelineRunsToCompletionUnderAnyDeliveryOrder(t *testing.T) {
 	}
 }
 
+func TestEveryForwardInFlightKeepsBackwardsInMicroBatchOrder(t *testing.T) {
+	// pipeline.in_flight = micro_batches: forwards never wait for a gradient, and the
+	// backwards still come in micro-batch order, so gradients add up in the order the
+	// single-process trainer adds them.
+	const stages, micro, steps = 4, 6, 3
+	var cfgs []Config
+	for s := range stages {
+		cfgs = append(cfgs, Config{Stage: s, Stages: stages, MicroBatches: micro, MaxInFlight: micro, Steps: steps})
+	}
+	if got := cfgs[1].Slots(); got != micro {
+		t.Fatalf("slots %d, want %d", got, micro)
+	}
+	for seed := range uint64(30) {
+		for s, acts := range simulate(t, cfgs, seed) {
+			next, step := 0, 1
+			for _, a := range acts {
+				if b, ok := a.(Backward); ok {
+					if b.Step != step || b.Micro != next {
+						t.Fatalf("seed %d stage %d: backward of step %d micro %d, want step %d micro %d", seed, s, b.Step, b.Micro, step, next)
+					}
+					if next++; next == micro {
+						next, step = 0, step+1
+					}
+				}
+			}
+			if step != steps+1 {
+				t.Fatalf("seed %d stage %d: ran %d steps of backwards", seed, s, step-1)
+			}
+		}
+	}
+}
+
 func TestSameEventsSameActions(t *testing.T) {
 	var cfgs []Config
 	for s := range 3 {

@@ -9,6 +9,8 @@ import (
 	"gonum.org/v1/plot"
 	"gonum.org/v1/plot/plotter"
 	"gonum.org/v1/plot/vg"
+	"gonum.org/v1/plot/vg/draw"
+	"gonum.org/v1/plot/vg/vgimg"
 )
 
 // PlotLoss draws training loss (and validation loss where present) against step into
@@ -47,15 +49,25 @@ func PlotLoss(path, title string, steps []Step) error {
 		p.Legend.Add("validation", vl)
 	}
 	p.Legend.Top = true
-	tmp, err := os.CreateTemp(filepath.Dir(path), ".loss-*.png")
+	return SavePNG(path, 8*vg.Inch, 5*vg.Inch, p)
+}
+
+// SavePNG draws plots side by side into a w×h PNG at path, written atomically.
+func SavePNG(path string, w, h vg.Length, plots ...*plot.Plot) error {
+	img := vgimg.New(w, h)
+	dc := draw.New(img)
+	tiles := draw.Tiles{Rows: 1, Cols: len(plots), PadX: vg.Millimeter * 4, PadTop: vg.Millimeter * 2,
+		PadBottom: vg.Millimeter * 2, PadLeft: vg.Millimeter * 2, PadRight: vg.Millimeter * 2}
+	canvases := plot.Align([][]*plot.Plot{plots}, tiles, dc)
+	for i, p := range plots {
+		p.Draw(canvases[0][i])
+	}
+	tmp, err := os.CreateTemp(filepath.Dir(path), ".plot-*.png")
 	if err != nil {
 		return fmt.Errorf("metrics: %w", err)
 	}
 	defer os.Remove(tmp.Name()) // no-op after the rename
-	wt, err := p.WriterTo(8*vg.Inch, 5*vg.Inch, "png")
-	if err == nil {
-		_, err = wt.WriteTo(tmp)
-	}
+	_, err = vgimg.PngCanvas{Canvas: img}.WriteTo(tmp)
 	if cerr := tmp.Close(); err == nil {
 		err = cerr
 	}

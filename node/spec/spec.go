@@ -72,6 +72,12 @@ type Model struct {
 type Pipeline struct {
 	Stages       int `yaml:"stages"`        // default 1
 	MicroBatches int `yaml:"micro_batches"` // micro-batches per step, default 1; batch_size must divide by it
+	// InFlight bounds the forwards a stage runs ahead of their backwards (one activation
+	// tape each). 0 (default) is the one-forward-one-backward bound, stages − stage,
+	// which holds least memory; up to micro_batches lets every forward go as soon as its
+	// input arrives, so over slow links a stage does not wait a round trip for a
+	// gradient before its next forward. The arithmetic is the same either way.
+	InFlight int `yaml:"in_flight,omitempty"`
 	// StaffTimeout is how many seconds a launcher waits for enough peers to hold
 	// every stage before it gives up; default 60.
 	StaffTimeout int `yaml:"staff_timeout"`
@@ -516,6 +522,12 @@ func (s *Spec) problems() []error {
 	}
 	c.positive("pipeline.staff_timeout", p.StaffTimeout)
 	microOK := c.positive("pipeline.micro_batches", p.MicroBatches)
+	switch {
+	case p.InFlight < 0:
+		c.failf("pipeline.in_flight", "%d is negative", p.InFlight)
+	case microOK && p.InFlight > p.MicroBatches:
+		c.failf("pipeline.in_flight", "%d exceeds micro_batches %d; more forwards than a step has cannot be in flight", p.InFlight, p.MicroBatches)
+	}
 
 	if c.positive("train.batch_size", t.BatchSize) && microOK && t.BatchSize%p.MicroBatches != 0 {
 		c.failf("train.batch_size", "%d is not divisible by micro_batches %d", t.BatchSize, p.MicroBatches)

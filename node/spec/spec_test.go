@@ -28,6 +28,7 @@ model:
 pipeline:
   stages: 2
   micro_batches: 2
+  in_flight: 0
   staff_timeout: 30
   replicas: 1
 train:
@@ -252,6 +253,8 @@ func TestValidateNamesFieldLineAndValue(t *testing.T) {
 		{path: "pipeline.stages", value: "5", want: "5 exceeds n_layers 4"},
 		{path: "pipeline.micro_batches", value: "0", want: "0 is not positive"},
 		{path: "pipeline.staff_timeout", value: "-1", want: "-1 is not positive"},
+		{path: "pipeline.in_flight", value: "-1", want: "-1 is negative"},
+		{path: "pipeline.in_flight", value: "3", want: "3 exceeds micro_batches 2"},
 		{path: "pipeline.micro_batches", value: "3", blame: "train.batch_size", want: "16 is not divisible by micro_batches 3"},
 		{path: "train.batch_size", value: "0", want: "0 is not positive"},
 		{path: "train.batch_size", value: "15", want: "15 is not divisible by micro_batches 2"},
@@ -389,7 +392,7 @@ func TestWrongTypeNamesFoundAndExpected(t *testing.T) {
 }
 
 func TestSectionThatIsNotAMappingIsReportedOnce(t *testing.T) {
-	src := strings.Replace(base, "pipeline:\n  stages: 2\n  micro_batches: 2\n  staff_timeout: 30\n  replicas: 1\n", "pipeline: 2\n", 1)
+	src := strings.Replace(base, "pipeline:\n  stages: 2\n  micro_batches: 2\n  in_flight: 0\n  staff_timeout: 30\n  replicas: 1\n", "pipeline: 2\n", 1)
 	_, err := Parse([]byte(src), "t.yaml")
 	// pipeline's fields are missing, but that follows from the one mistake.
 	want := "t.yaml:13: pipeline: expected a mapping of fields, found the value 2"
@@ -426,7 +429,7 @@ func TestEmptySpecIsAnError(t *testing.T) {
 func TestTopLevelMustBeAMappingInOneDocument(t *testing.T) {
 	for src, want := range map[string]string{
 		"- 1\n":                    "t.yaml:1: expected a mapping of fields at the top level, found a list",
-		base + "---\n" + "name: y": "t.yaml:39: more than one YAML document; a spec is one",
+		base + "---\n" + "name: y": "t.yaml:40: more than one YAML document; a spec is one",
 	} {
 		_, err := Parse([]byte(src), "t.yaml")
 		if !errors.Is(err, ErrDecode) || err.Error() != want {

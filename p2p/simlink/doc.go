@@ -5,8 +5,8 @@
 //
 //	nw := simlink.New(seed)
 //	defer nw.Close()
-//	link, _ := simlink.Profile("home")
-//	transports, listen, err := nw.Node(link)
+//	home := simlink.Link{Mbps: 100, Latency: 25 * time.Millisecond}
+//	transports, listen, err := nw.Node(home)
 //	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: key, Listen: listen, Transports: transports})
 //
 // See Network for how two access links combine into a path, and package

@@ -6,7 +6,7 @@ import (
 	"time"
 )
 
-// profiles are typical access links, named for the bench specs.
+// profiles are the WAN bench's links (examples/wan holds the real ones), for tests.
 var profiles = map[string]Link{
 	"lan":              {Mbps: 1000, Latency: 500 * time.Microsecond},
 	"home":             {Mbps: 100, Latency: 25 * time.Millisecond},
