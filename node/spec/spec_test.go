@@ -332,7 +332,7 @@ func TestValidateReportsEveryProblemOnItsOwnLine(t *testing.T) {
 		t.Fatalf("error = %v, want ErrInvalid", err)
 	}
 	got := strings.Split(err.Error(), "\n")
-	want := []string{"t.yaml:9: model.d_ff: 0 is not positive", "t.yaml:21: train.lr: -1 is not positive"}
+	want := []string{"t.yaml:9: model.d_ff: 0 is not positive", "t.yaml:22: train.lr: -1 is not positive"}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("errors:\n%q\nwant:\n%q", got, want)
 	}
