@@ -59,36 +59,43 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 	var wg sync.WaitGroup
 	defer wg.Wait()
 	daemons := make([]*node.Daemon, len(grid))
+	down := make([]bool, len(grid)) // killed by the churn schedule, already closed
 	defer func() {
 		cancel()
-		for _, d := range daemons {
-			if d != nil {
+		for i, d := range daemons {
+			if d != nil && !down[i] {
 				d.Close()
 			}
 		}
 	}()
-	var addrs []string
-	for i, c := range grid {
-		cell := Cell(c[0], c[1])
+	startDaemon := func(i int) error {
+		cell := Cell(grid[i][0], grid[i][1])
 		l := o.Profile.Link(cell)
 		tr, listen, err := simnet.Node(simlink.Link{Mbps: l.Mbps, Latency: l.Latency, Loss: l.Loss})
 		if err != nil {
-			return nil, fmt.Errorf("wan: sim: node %s: %w", cell, err)
+			return fmt.Errorf("wan: sim: node %s: %w", cell, err)
 		}
 		cfg := &config.Config{DataDir: filepath.Join(dirs, cell), Listen: listen, Trust: []string{lid.String()}}
 		cfg.EnsureDefaults()
 		d, err := node.NewDaemon(ctx, cfg, nlog.With("node", cell), func(h *p2p.HostOptions) { h.Transports = tr })
 		if err != nil {
-			return nil, fmt.Errorf("wan: sim: node %s: %w", cell, err)
+			return fmt.Errorf("wan: sim: node %s: %w", cell, err)
 		}
 		daemons[i] = d
 		probe.Register(d.Host().Host)
-		addrs = append(addrs, d.Addrs()[0])
 		wg.Go(func() {
 			if err := d.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
 				nlog.Error("node stopped", "node", cell, "err", err)
 			}
 		})
+		return nil
+	}
+	var addrs []string
+	for i := range grid {
+		if err := startDaemon(i); err != nil {
+			return nil, err
+		}
+		addrs = append(addrs, daemons[i].Addrs()[0])
 	}
 	o.OnNote(fmt.Sprintf("sim: %d nodes up (%d stage(s) × %d replica(s)), %d compute thread(s) each", len(grid), S, R, o.Threads))
 
@@ -103,6 +110,27 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		return nil, fmt.Errorf("wan: sim: launcher: %w", err)
 	}
 	var notes []string
+	// Churn: a killed node's host closes at once (as a SIGKILLed process's connections
+	// would); a restarted one comes back on its data directory with a new address.
+	churn := &churner{events: o.Churn, do: func(c Churn) {
+		for i, g := range grid {
+			if Cell(g[0], g[1]) != c.Cell {
+				continue
+			}
+			o.OnNote(fmt.Sprintf("churn: %s %s at step %d", c.Action, c.Cell, c.Step))
+			if c.Action == "kill" {
+				down[i] = true
+				daemons[i].Close()
+				return
+			}
+			down[i] = false
+			if err := startDaemon(i); err != nil {
+				o.OnNote(fmt.Sprintf("churn %s: %v", c, err))
+			}
+			return
+		}
+		o.OnNote(fmt.Sprintf("churn %s: no such cell in this run", c))
+	}}
 	swarmDir := filepath.Join(o.OutDir, "swarm")
 	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: lkey, Peers: addrs, Listen: llisten, Transports: ltr,
 		OutDir: swarmDir, Log: o.Log.With("sys", "launch"),
@@ -115,7 +143,10 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 				}
 			}
 		},
-		OnStep: func(s metrics.Step) { o.OnStep("swarm", s) }})
+		OnStep: func(s metrics.Step) {
+			o.OnStep("swarm", s)
+			churn.step(s.Step)
+		}})
 	if err != nil {
 		return nil, fmt.Errorf("wan: sim: %w (node logs: %s)", err, logf.Name())
 	}

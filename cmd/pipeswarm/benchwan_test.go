@@ -209,3 +209,33 @@ data: {val_fraction: 0.01}
 		t.Errorf("the table lacks stage 3 of replica 3:\n%s", stdout)
 	}
 }
+
+func TestBenchWANSimChurnKillsANodeAndTheReplicatedRunGoesOn(t *testing.T) {
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "churn.yaml")
+	spec := `name: churn
+seed: 3
+eval_interval: 4
+model: {vocab: 256, d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, micro_batches: 2, replicas: 2}
+train: {batch_size: 4, steps: 12, lr: 0.003, warmup: 2}
+diloco: {inner_steps: 4, sync: int8/32}
+data: {val_fraction: 0.01}
+`
+	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	code, stdout, stderr := runCLI(t, "bench", "wan", "--spec", specPath, "--profile", "lan", "--churn", "s1r1:kill@3",
+		"--out", out, "--cache", filepath.Join(dir, "cache"))
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	if !strings.Contains(stderr, "churn: kill s1r1 at step 3") || !strings.Contains(stdout, "replica pipelines [1] stopped early") {
+		t.Fatalf("the kill is not in the output:\n%s\n%s", stdout, stderr)
+	}
+	r := checkReport(t, out, "sim", 2) // replica 1 stopped early: s1r1 killed, s0r1 idle
+	if r["final_val_loss"].(float64) <= 0 {
+		t.Errorf("final_val_loss %v", r["final_val_loss"])
+	}
+}
