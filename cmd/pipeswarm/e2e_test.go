@@ -308,7 +308,7 @@ func TestCompressedPipelineMatchesTrain(t *testing.T) {
 		t.Skip("starts processes; skipped in -short mode")
 	}
 	dir := t.TempDir()
-	spec := strings.Replace(pipeSpec, "stages: 4, micro_batches: 2", "stages: 2, micro_batches: 2", 1) +
+	spec := strings.Replace(pipeSpec, "stages: 4, micro_batches: 4, in_flight: 4", "stages: 2, micro_batches: 2", 1) +
 		"compression: {subspace: 8, dense_tail: 1, activations: int8/32+zstd, gradients: int8/32}\n"
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 2)
 	out := filepath.Join(dir, "launched")

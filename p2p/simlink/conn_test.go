@@ -2,6 +2,7 @@ package simlink
 
 import (
 	"errors"
+	"fmt"
 	"math"
 	"net"
 	"os"
@@ -93,53 +94,74 @@ func TestLossDropsTheConfiguredFractionReproducibly(t *testing.T) {
 	}
 }
 
+// timely runs a timing check up to 5 times and fails with the last attempt's
+// problems only if every attempt has some: a process that shares the machine with
+// others (go test runs packages in parallel) may wake late now and then, which is
+// not the model's error, while an error in the model shows every time.
+func timely(t *testing.T, check func() []string) {
+	t.Helper()
+	var problems []string
+	for range 5 {
+		if problems = check(); len(problems) == 0 {
+			return
+		}
+	}
+	for _, p := range problems {
+		t.Error(p)
+	}
+}
+
 func TestPacketsArriveAtTheLinkRateAfterTheLatency(t *testing.T) {
 	for _, l := range []Link{
 		{Mbps: 100, Latency: 25 * time.Millisecond},
 		{Mbps: 1000, Latency: 500 * time.Microsecond},
 	} {
-		nw := newNetwork(t, 1)
-		a, b := rawPair(t, nw, l, l)
-		const size = 1000
-		tx := time.Duration(float64(size+headerBytes) * 8e3 / l.Mbps)
-		n := int(0.9 * float64(max(2*l.Latency, minQueue)) / float64(tx)) // 90% of the queue
-		start := time.Now()
-		go func() {
-			p := make([]byte, size)
-			for range n {
-				a.WriteTo(p, b.LocalAddr())
+		timely(t, func() []string {
+			nw := newNetwork(t, 1)
+			a, b := rawPair(t, nw, l, l)
+			const size = 1000
+			tx := time.Duration(float64(size+headerBytes) * 8e3 / l.Mbps)
+			n := int(0.9 * float64(max(2*l.Latency, minQueue)) / float64(tx)) // 90% of the queue
+			start := time.Now()
+			go func() {
+				p := make([]byte, size)
+				for range n {
+					a.WriteTo(p, b.LocalAddr())
+				}
+			}()
+			buf := make([]byte, MTU)
+			var first, last time.Time
+			for i := range n {
+				b.SetReadDeadline(time.Now().Add(time.Second))
+				if _, _, err := b.ReadFrom(buf); err != nil {
+					t.Fatalf("%v: packet %d: %v", l, i, err)
+				}
+				last = time.Now()
+				if i == 0 {
+					first = last
+				}
 			}
-		}()
-		buf := make([]byte, MTU)
-		var first, last time.Time
-		for i := range n {
-			b.SetReadDeadline(time.Now().Add(time.Second))
-			if _, _, err := b.ReadFrom(buf); err != nil {
-				t.Fatalf("%v: packet %d: %v", l, i, err)
+			// The first packet is serialised on the uplink and again on the
+			// downlink; the rest follow at the rate.
+			delay := first.Sub(start)
+			rate := float64(n-1) * float64(size+headerBytes) * 8 / last.Sub(first).Seconds() / 1e6
+			t.Logf("%v: first packet after %v, then %.1f Mbit/s", l, delay, rate)
+			if raceEnabled {
+				return nil
 			}
-			last = time.Now()
-			if i == 0 {
-				first = last
+			slack := 300 * time.Microsecond // how late a reader may wake
+			if l.Latency >= preciseBelow {
+				slack = 2 * time.Millisecond // Go timers
 			}
-		}
-		// The first packet is serialised on the uplink and again on the
-		// downlink; the rest follow at the rate.
-		delay := first.Sub(start)
-		rate := float64(n-1) * float64(size+headerBytes) * 8 / last.Sub(first).Seconds() / 1e6
-		t.Logf("%v: first packet after %v, then %.1f Mbit/s", l, delay, rate)
-		if raceEnabled {
-			continue
-		}
-		slack := 300 * time.Microsecond // how late a reader may wake
-		if l.Latency >= preciseBelow {
-			slack = 2 * time.Millisecond // Go timers
-		}
-		if want := l.Latency + 2*tx; delay < want-early || delay > want+slack {
-			t.Errorf("%v: first packet after %v, want %v (-%v, +%v)", l, delay, want, early, slack)
-		}
-		if rate > 1.03*l.Mbps || rate < 0.97*l.Mbps { // the span is ms, wake-ups tens of µs late
-			t.Errorf("%v: %.1f Mbit/s on the wire, want %g", l, rate, l.Mbps)
-		}
+			var problems []string
+			if want := l.Latency + 2*tx; delay < want-early || delay > want+slack {
+				problems = append(problems, fmt.Sprintf("%v: first packet after %v, want %v (-%v, +%v)", l, delay, want, early, slack))
+			}
+			if rate > 1.03*l.Mbps || rate < 0.97*l.Mbps { // the span is ms, wake-ups tens of µs late
+				problems = append(problems, fmt.Sprintf("%v: %.1f Mbit/s on the wire, want %g", l, rate, l.Mbps))
+			}
+			return problems
+		})
 	}
 }
 
@@ -147,27 +169,24 @@ func TestPathLatencyIsHalfOfEachLinkUnlessSet(t *testing.T) {
 	nw := newNetwork(t, 1)
 	// Under preciseBelow, so that reads wake on the clock.
 	a, b := rawPair(t, nw, Link{Mbps: 1e4, Latency: 4 * time.Millisecond}, Link{Mbps: 1e4, Latency: 12 * time.Millisecond})
-	oneWay := func() time.Duration {
+	oneWay := func(want time.Duration, what string) []string {
 		start := time.Now()
 		a.WriteTo([]byte("x"), b.LocalAddr())
 		b.SetReadDeadline(time.Now().Add(time.Second))
 		if _, _, err := b.ReadFrom(make([]byte, MTU)); err != nil {
 			t.Fatal(err)
 		}
-		return time.Since(start)
+		d := time.Since(start)
+		if raceEnabled || d >= want-early && d <= want+300*time.Microsecond {
+			return nil
+		}
+		return []string{fmt.Sprintf("%s: %v one way, want %v", what, d, want)}
 	}
-	within := func(d, want time.Duration) bool {
-		return raceEnabled || d >= want-early && d <= want+300*time.Microsecond
-	}
-	if d := oneWay(); !within(d, 8*time.Millisecond) {
-		t.Errorf("4 ms link to 12 ms link: %v one way, want 8 ms", d)
-	}
+	timely(t, func() []string { return oneWay(8*time.Millisecond, "4 ms link to 12 ms link") })
 	if err := nw.SetLatency(0, 1, 5*time.Millisecond); err != nil {
 		t.Fatal(err)
 	}
-	if d := oneWay(); !within(d, 5*time.Millisecond) {
-		t.Errorf("after SetLatency(0, 1, 5ms): %v one way", d)
-	}
+	timely(t, func() []string { return oneWay(5*time.Millisecond, "after SetLatency(0, 1, 5ms)") })
 }
 
 func TestFullUplinkQueueDropsTheExcess(t *testing.T) {
