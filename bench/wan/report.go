@@ -159,6 +159,8 @@ func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 		LinkOverride: o.Profile.Links, Tokens: out.tokens, WallS: out.wall.Seconds(), Notes: out.notes, Sync: out.syncs}
 	if r.Mode != ModeMeter {
 		r.ComputeScale = 1
+	} else {
+		r.Threads = 0 // the meter's stages run on the baseline's threads
 	}
 	if r.WallS > 0 {
 		r.TokensPerS = float64(out.tokens) / r.WallS
