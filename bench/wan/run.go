@@ -81,6 +81,9 @@ func (o *Options) defaults() error {
 	if o.ComputeScale != 1 && o.Mode != ModeMeter {
 		return fmt.Errorf("wan: --compute-scale is for meter mode (sim and netns run the real compute)")
 	}
+	if o.CheckMeter && o.Mode != ModeSim {
+		return errors.New("wan: --check-meter is for sim mode")
+	}
 	if o.Threads == 0 {
 		o.Threads = 1
 	}
@@ -121,9 +124,6 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	}
 	var check *Baseline
 	if o.CheckMeter {
-		if o.Mode != ModeSim {
-			return nil, errors.New("wan: --check-meter is for sim mode")
-		}
 		if check, err = RunBaseline(ctx, o.Spec, o.Threads, o.CacheDir, o.Log, func(s metrics.Step) { o.OnStep("meter check", s) }); err != nil {
 			return nil, err
 		}
@@ -141,13 +141,13 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 		return nil, err
 	}
 	r := build(o, o.Spec, b, out)
-	r.MeasuredStepS = medianStep(o.Spec, replica0(out.steps), nil)
+	r.MeasuredStepS = medianStep(replica0(out.steps), nil)
 	if check != nil {
 		sc, err := Meter(o.Spec, check.Trace, o.Profile, 1)
 		if err != nil {
 			return nil, err
 		}
-		r.MeterStepS = medianStep(o.Spec, replica0(check.Steps), sc.StepEnd)
+		r.MeterStepS = medianStep(replica0(check.Steps), sc.StepEnd)
 		if r.MeasuredStepS > 0 {
 			r.MeterError = r.MeterStepS/r.MeasuredStepS - 1
 		}
@@ -205,7 +205,7 @@ func runMeter(o Options, b *Baseline) (*outcome, error) {
 // medianStep is the median time a step took, from the steps' elapsed times (or, if
 // ends is given, from those), leaving out the first two and any that followed an
 // evaluation (which its time includes).
-func medianStep(sp *spec.Spec, steps []metrics.Step, ends []time.Duration) float64 {
+func medianStep(steps []metrics.Step, ends []time.Duration) float64 {
 	var ds []float64
 	for i := 1; i < len(steps); i++ {
 		s, prev := steps[i], steps[i-1]
