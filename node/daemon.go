@@ -68,6 +68,9 @@ type Daemon struct {
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
 	faultStallSync int
 	wg             sync.WaitGroup
+
+	closeOnce sync.Once
+	closeErr  error
 }
 
 // HostOption adjusts the daemon's libp2p host options before the host is built (the
@@ -205,8 +208,14 @@ func (d *Daemon) heartbeat() heartbeat {
 }
 
 // Close stops every run (each writes its checkpoint and tells its launcher), then
-// closes the host and releases the data directory.
+// closes the host and releases the data directory. It may be called more than once
+// and from several goroutines; the first call does the work.
 func (d *Daemon) Close() error {
+	d.closeOnce.Do(func() { d.closeErr = d.close() })
+	return d.closeErr
+}
+
+func (d *Daemon) close() error {
 	d.mu.Lock()
 	ws := make([]*worker, 0, len(d.runs))
 	for _, w := range d.runs {

@@ -54,20 +54,14 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		return nil, err
 	}
 
+	// Each daemon's Run closes it when ctx ends: cancel, then wait for them.
 	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
 	var wg sync.WaitGroup
-	defer wg.Wait()
-	daemons := make([]*node.Daemon, len(grid))
-	down := make([]bool, len(grid)) // killed by the churn schedule, already closed
 	defer func() {
 		cancel()
-		for i, d := range daemons {
-			if d != nil && !down[i] {
-				d.Close()
-			}
-		}
+		wg.Wait()
 	}()
+	daemons := make([]*node.Daemon, len(grid))
 	startDaemon := func(i int) error {
 		cell := Cell(grid[i][0], grid[i][1])
 		l := o.Profile.Link(cell)
@@ -119,11 +113,9 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 			}
 			o.OnNote(fmt.Sprintf("churn: %s %s at step %d", c.Action, c.Cell, c.Step))
 			if c.Action == "kill" {
-				down[i] = true
 				daemons[i].Close()
 				return
 			}
-			down[i] = false
 			if err := startDaemon(i); err != nil {
 				o.OnNote(fmt.Sprintf("churn %s: %v", c, err))
 			}
