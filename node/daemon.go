@@ -43,6 +43,10 @@ var (
 	ErrLauncherGone = errors.New("launcher gone")
 )
 
+// endedMemory is how long a daemon remembers a run that ended here, to drop its late
+// frames without penalising their senders.
+var endedMemory = 10 * time.Minute
+
 // HeartbeatInterval is how often a daemon announces itself on gossipsub.
 const HeartbeatInterval = 5 * time.Second
 
@@ -433,14 +437,26 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		defer d.wg.Done()
 		<-w.started
 		<-w.done
-		d.mu.Lock()
-		delete(d.runs, plan.ID)
-		d.ended[plan.ID] = true
-		d.mu.Unlock()
+		d.endRun(plan.ID)
 	}()
 	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
 		"launcher", signer, "need_mib", need>>20)
 	return nil
+}
+
+// endRun forgets a run that stopped here but remembers, for endedMemory, that it
+// ended: late frames come within seconds of the end, and the record need not
+// outlive them.
+func (d *Daemon) endRun(id uint64) {
+	d.mu.Lock()
+	delete(d.runs, id)
+	d.ended[id] = true
+	d.mu.Unlock()
+	time.AfterFunc(endedMemory, func() {
+		d.mu.Lock()
+		delete(d.ended, id)
+		d.mu.Unlock()
+	})
 }
 
 func (d *Daemon) addAddrs(id peer.ID, addrs []string) {

@@ -235,3 +235,20 @@ func TestLateFramesForAnEndedRunAreDroppedWithoutPenalty(t *testing.T) {
 		t.Errorf("late frames for an ended run earned %d penalties, want 0", n)
 	}
 }
+
+func TestAnEndedRunIsForgottenAfterAWhile(t *testing.T) {
+	defer func(m time.Duration) { endedMemory = m }(endedMemory)
+	endedMemory = 20 * time.Millisecond
+	d := testDaemon(t)
+	d.endRun(7)
+	if !d.hasEnded(7) {
+		t.Fatal("a run that just ended is not remembered")
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for d.hasEnded(7) {
+		if time.Now().After(deadline) {
+			t.Fatal("an ended run is remembered for good")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
