@@ -21,12 +21,15 @@ import (
 // destination arrives in the order it was sent. Tensor frames share one long-lived
 // stream per destination; control messages take a stream each and wait for the reply.
 type outbox struct {
-	host   *p2p.Host
-	log    *slog.Logger
-	sent   *sentBytes
-	fail   func(error) // a frame or norm that cannot be delivered ends the run
-	ctx    context.Context
-	cancel context.CancelFunc
+	host *p2p.Host
+	log  *slog.Logger
+	sent *sentBytes
+	fail func(error) // a frame or norm that cannot be delivered ends the run
+	// undelivered, if set, hears of every other control message (a report) that
+	// could not be delivered, with its destination.
+	undelivered func(to peer.ID)
+	ctx         context.Context
+	cancel      context.CancelFunc
 
 	mu     sync.Mutex
 	queues map[qkey]chan any
@@ -131,6 +134,8 @@ func (o *outbox) run(k qkey, q chan any) {
 				o.log.Warn("control message not delivered", "type", item.Type, "to", k.to, "err", err)
 				if item.Type == msgNorm {
 					o.fail(err)
+				} else if o.undelivered != nil && o.ctx.Err() == nil {
+					o.undelivered(k.to)
 				}
 			}
 		case *p2p.Frame:

@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -73,6 +74,7 @@ type worker struct {
 	syncStep  int          // the step whose outer-step work is in progress
 	partial   *OuterReport // what was applied before a blocking outer step at the same step
 	started0  time.Time    // when training began, for the mean time between syncs
+	reaching  atomic.Bool  // a reachLauncher is under way
 	syncs     int          // outer steps taken
 	served    servedState
 
@@ -283,6 +285,13 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		}
 		w.cancel(err)
 	})
+	// A report the launcher did not take is as telling as its connection closing: the
+	// connection may have gone before the launcher did, leaving nothing to close.
+	w.out.undelivered = func(to peer.ID) {
+		if to == w.launcher {
+			go w.post(launcherLost{})
+		}
+	}
 	return w, nil
 }
 
@@ -473,8 +482,14 @@ func (w *worker) loop() error {
 			case reduceDone:
 				err = w.reduced(e)
 			case launcherLost:
-				steps := max(1, w.core.Step())
-				go w.reachLauncher(max(5*time.Second, 3*time.Since(w.started0)/time.Duration(steps)))
+				if w.reaching.CompareAndSwap(false, true) { // one attempt at a time
+					steps := max(1, w.core.Step())
+					grace := max(5*time.Second, 3*time.Since(w.started0)/time.Duration(steps))
+					go func() {
+						defer w.reaching.Store(false)
+						w.reachLauncher(grace)
+					}()
+				}
 			default:
 				err = w.handle(e)
 			}
