@@ -537,12 +537,15 @@ func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame) error {
 // the sender. A stream cut short (reset, timeout, truncated by a peer that died
 // mid-write) is not one: honest peers on lossy links and peers that crash do that.
 func (d *Daemon) penalise(s network.Stream, from peer.ID, err error) {
-	s.Reset()
 	if !violation(err) {
+		s.Reset()
 		d.log.Info("stream ended early; reset", "peer", from, "err", err)
 		return
 	}
+	// Recorded before the reset, so a sender that sees its stream reset finds the
+	// penalty already counted.
 	n := d.host.Penalties().Add(from, err.Error())
+	s.Reset()
 	d.log.Warn("bad message; stream reset", "peer", from, "err", err, "penalties", n)
 }
 
