@@ -16,8 +16,11 @@ type model struct {
 	bounds []*Boundary // between stage i and i+1
 	opts   []*optim.AdamW
 	tapes  []*shard.Tape // one per stage, reused by every micro-batch
-	micro  int
-	sched  optim.Cosine
+	// per-stage scratch for step's timings, allocated once
+	fwd, opt []time.Duration
+	fwdBytes []int64
+	micro    int
+	sched    optim.Cosine
 }
 
 func newModel(sp *spec.Spec) (*model, error) {
@@ -104,8 +107,11 @@ func (m *model) step(sampler *data.Sampler, inputs, targets []int32, lr float32,
 		s.ZeroGrads()
 	}
 	last := len(m.stages) - 1
-	fwd := make([]time.Duration, len(m.stages))
-	fwdBytes := make([]int64, len(m.stages))
+	if len(m.fwd) != len(m.stages) {
+		m.fwd, m.opt, m.fwdBytes = make([]time.Duration, len(m.stages)), make([]time.Duration, len(m.stages)), make([]int64, len(m.stages))
+	}
+	fwd, fwdBytes, opt := m.fwd, m.fwdBytes, m.opt
+	clear(opt)
 	for micro := range m.micro {
 		sampler.Next(inputs, targets)
 		var x []float32
@@ -145,7 +151,6 @@ func (m *model) step(sampler *data.Sampler, inputs, targets []int32, lr float32,
 			}
 		}
 	}
-	opt := make([]time.Duration, len(m.stages))
 	var ss float64
 	for i, s := range m.stages {
 		t0 := time.Now()
