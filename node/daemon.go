@@ -227,7 +227,7 @@ func (d *Daemon) close() error {
 	}
 	d.mu.Unlock()
 	for _, w := range ws {
-		w.cancel(ErrShutdown)
+		w.stop(ErrShutdown)
 		w.startOnce.Do(w.start) // an accepted run never started still has to wind down
 	}
 	done := make(chan struct{})
@@ -273,8 +273,14 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 		d.mu.Lock()
 		free := d.cfg.MaxStages - len(d.runs)
 		d.mu.Unlock()
-		return ctlReply{OK: true, Offer: &assign.Offer{Peer: d.host.ID().String(), Addrs: d.host.Addrs(),
+		r := ctlReply{OK: true, Offer: &assign.Offer{Peer: d.host.ID().String(), Addrs: d.host.Addrs(),
 			MemoryBytes: d.cfg.MemoryBudgetBytes(), MaxStages: free}}
+		if m.Run != 0 && m.Spec != "" {
+			if sp, err := spec.Parse([]byte(m.Spec), "run spec"); err == nil {
+				r.Held = heldIn(d.dir.RunDir(fmt.Sprintf("%016x", m.Run)), sp.String(), sp.Pipeline.Stages, sp.Pipeline.Replicas)
+			}
+		}
+		return r
 	case msgAssign:
 		if err := d.accept(from, m.Signed); err != nil {
 			return ctlReply{Error: err.Error()}
@@ -412,9 +418,16 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if len(d.runs) >= d.cfg.MaxStages {
 		return fmt.Errorf("refused: this node already holds %d stage(s), its max_stages", len(d.runs))
 	}
+	var resumeDir string
+	if plan.Resume != nil {
+		if plan.Resume.Run == plan.ID || plan.Resume.Step < 1 || plan.Resume.Step >= sp.Train.Steps {
+			return fmt.Errorf("refused: resume from run %016x step %d in a run of %d steps", plan.Resume.Run, plan.Resume.Step, sp.Train.Steps)
+		}
+		resumeDir = d.dir.RunDir(fmt.Sprintf("%016x", plan.Resume.Run))
+	}
 	w, err := newWorker(context.Background(), workerEnv{host: d.host, log: d.log, reduce: d.reduce, fetch: d.fetch, corpus: d.cfg.Corpus,
 		faultStallSync: d.faultStallSync},
-		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)))
+		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), resumeDir)
 	if err != nil {
 		return fmt.Errorf("refused: %w", err)
 	}

@@ -40,7 +40,11 @@ type LaunchOptions struct {
 	// Transports, if set, replace the launcher host's TCP and QUIC (see p2p.HostOptions).
 	Transports []libp2p.Option
 	OutDir     string
-	Log        *slog.Logger
+	// Resume continues the run whose files are in OutDir (the same spec): every stage
+	// from the newest step whose checkpoint some node still holds for every stage,
+	// appending to its metrics.jsonl.
+	Resume bool
+	Log    *slog.Logger
 	// OnPlan sees the staffing once every stage has a peer; OnStep every step's record
 	// (one per replica pipeline and step); OnOuter every outer step's rows (one per
 	// replica of the stage that synced).
@@ -88,6 +92,13 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if len(o.Peers) == 0 {
 		return nil, errors.New("launch: no peers given (--peer MULTIADDR)")
 	}
+	var prev *runRecord
+	if o.Resume {
+		var err error
+		if prev, err = readRunRecord(o.OutDir, sp); err != nil {
+			return nil, err
+		}
+	}
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("launch: %w", err)
 	}
@@ -116,12 +127,15 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	plan, err := staff(ctx, h, sp, o, log)
+	plan, err := staff(ctx, h, sp, o, prev, log)
 	if err != nil {
 		return nil, err
 	}
 	plan.Data = dataPlan
 	plan.ID = runID
+	if err := writeRunRecord(o.OutDir, runRecord{Run: fmt.Sprintf("%016x", runID), Resume: plan.Resume}); err != nil {
+		return nil, err
+	}
 	plan.Launcher = h.ID().String()
 	plan.LauncherAddrs = h.Addrs()
 	if o.OnPlan != nil {
@@ -221,25 +235,47 @@ func newRunID() uint64 {
 
 // staff asks every peer for an offer and plans the stages, retrying until
 // StaffTimeout while stages are missing.
-func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, log *slog.Logger) (*Plan, error) {
+func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, prev *runRecord, log *slog.Logger) (*Plan, error) {
 	deadline := time.Now().Add(time.Duration(sp.Pipeline.StaffTimeout) * time.Second)
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
 	for {
 		var offers []assign.Offer
 		var problems []string
+		held := map[string][]Held{}
+		ask := ctlMsg{Type: msgOffer}
+		if prev != nil {
+			ask.Run, ask.Spec = prev.id, sp.String()
+		}
 		for _, addr := range o.Peers {
 			id, err := h.Connect(ctx, addr)
 			if err != nil {
 				problems = append(problems, err.Error())
 				continue
 			}
-			r, err := call(ctx, h, id, ctlMsg{Type: msgOffer})
+			r, err := call(ctx, h, id, ctlMsg{Type: ask.Type, Run: ask.Run, Spec: ask.Spec})
 			if err != nil || !r.OK || r.Offer == nil {
 				problems = append(problems, fmt.Sprintf("%s gave no offer: %v", id, err))
 				continue
 			}
 			r.Offer.Peer = id.String()
 			offers = append(offers, *r.Offer)
+			held[id.String()] = r.Held
+		}
+		var resume *ResumePlan
+		if prev != nil {
+			var err error
+			if resume, offers, err = resumePoint(sp, prev.id, offers, held); err != nil {
+				if time.Now().After(deadline) {
+					return nil, fmt.Errorf("%w: %v (%s)", ErrRunFailed, err, strings.Join(problems, "; "))
+				}
+				log.Warn("waiting for the nodes that hold the run's checkpoints", "missing", err, "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
+				select {
+				case <-ctx.Done():
+					return nil, ctx.Err()
+				case <-time.After(2 * time.Second):
+				}
+				continue
+			}
 		}
 		stages, refusals, err := assign.Plan(train.ModelConfig(sp), sp.Pipeline.Stages, sp.Pipeline.Replicas, mb, sp.Pipeline.MicroBatches, sp.Pipeline.InFlight, offers)
 		for _, r := range refusals {
@@ -250,7 +286,10 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, log
 			// staffing timeout (at least a minute) is stale.
 			now := time.Now().UTC()
 			life := max(time.Minute, time.Duration(sp.Pipeline.StaffTimeout)*time.Second)
-			return &Plan{Spec: sp.String(), Stages: stages, Created: now, Expires: now.Add(life)}, nil
+			if err := resumeHolders(sp, resume, stages, offers); err != nil {
+				return nil, fmt.Errorf("%w: %v", ErrRunFailed, err)
+			}
+			return &Plan{Spec: sp.String(), Stages: stages, Created: now, Expires: now.Add(life), Resume: resume}, nil
 		}
 		if !errors.Is(err, assign.ErrUnstaffed) || time.Now().After(deadline) {
 			return nil, fmt.Errorf("%w: %v (%s)", ErrRunFailed, err, strings.Join(problems, "; "))
@@ -290,11 +329,26 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	if err := os.WriteFile(filepath.Join(out, train.SpecFile), []byte(sp.String()), 0o644); err != nil {
 		return nil, fmt.Errorf("launch: %w", err)
 	}
+	// A resumed run keeps the rows of the steps it continues from, and only those.
+	var kept *keptRows
+	if plan.Resume != nil {
+		var err error
+		if kept, err = readKeptRows(filepath.Join(out, train.MetricsFile), plan.Resume.Step); err != nil {
+			return nil, err
+		}
+	}
 	mw, err := metrics.Create(filepath.Join(out, train.MetricsFile))
 	if err != nil {
 		return nil, err
 	}
 	defer mw.Close()
+	if kept != nil {
+		for _, row := range kept.rows {
+			if err := mw.WriteRaw(row); err != nil {
+				return nil, err
+			}
+		}
+	}
 	res := &LaunchResult{RunID: plan.ID, BoundaryFwd: make([]int64, S-1), BoundaryBwd: make([]int64, S-1),
 		Checkpoints: make([]string, S), ValLoss: math.NaN(), SyncBytes: make([][]int64, R)}
 	for r := range res.SyncBytes {
@@ -303,9 +357,19 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	var history []metrics.Step
 	pending := map[int]*metrics.Step{} // replica 0's steps whose evaluation is still to come
 	start := time.Now()
+	if kept != nil {
+		// Tokens and elapsed time go on from where the interrupted run left them.
+		res.Tokens, res.Steps = kept.tokens, plan.Resume.Step
+		start = start.Add(-time.Duration(kept.elapsedS * float64(time.Second)))
+		for _, s := range kept.steps {
+			if s.Replica == nil || *s.Replica == 0 {
+				history = append(history, s)
+			}
+		}
+	}
 	last := make([]time.Time, R)
 	for r := range last {
-		last[r] = start
+		last[r] = time.Now()
 	}
 	done := map[[2]int]bool{}
 	broken := map[int]string{}

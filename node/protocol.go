@@ -33,12 +33,16 @@ type ctlMsg struct {
 	Norm   *normMsg    `json:"norm,omitempty"`
 	Report *Report     `json:"report,omitempty"`
 	Reason string      `json:"reason,omitempty"`
+	Spec   string      `json:"spec,omitempty"` // an offer request for a resumed run: its spec
 }
 
 type ctlReply struct {
 	OK    bool          `json:"ok"`
 	Error string        `json:"error,omitempty"`
 	Offer *assign.Offer `json:"offer,omitempty"`
+	// Held answers an offer request that names a run (Run and Spec of the request): the
+	// stage checkpoints of that run this node can resume from.
+	Held []Held `json:"held,omitempty"`
 }
 
 type normMsg struct {
@@ -60,6 +64,9 @@ type Plan struct {
 	// that dies between assign and start does not keep nodes busy.
 	Expires time.Time `json:"expires"`
 	Data    *DataPlan `json:"data"`
+	// Resume, if set, continues an interrupted run: every stage loads its checkpoint of
+	// that run at that step and trains on from the step after.
+	Resume *ResumePlan `json:"resume,omitempty"`
 }
 
 // MaxPlanLife is the longest a plan may stay valid; a node refuses one whose expiry is

@@ -9,10 +9,8 @@ import (
 	"math"
 	"math/bits"
 	"os"
-	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -98,8 +96,25 @@ type worker struct {
 	idle      chan struct{} // closed when the compute goroutine has returned
 	stepped   bool          // an optimiser step has been taken: there is something to keep
 	doneStep  int           // the last step whose optimiser step has run
-	done      chan struct{} // closed when the loop has returned and the outbox drained
-	err       error
+
+	// What a checkpoint needs of the last step done besides the parameters and the
+	// optimiser state: taken at StepDone, because by the time a stopped stage writes
+	// its checkpoint the first stage may have sampled the next step's micro-batches and
+	// the codecs carried residuals into them.
+	ckStep        int
+	ckSampler     []byte
+	ckIn, ckOut   []float32 // the boundaries' error-feedback residuals
+	resumeSampler []byte    // a resumed run's sampler position, applied when the data is loaded
+
+	// Stopping: a stage asked to stop while its step is in hand (its norm shared)
+	// finishes that step, so that stages stopped together end on the same step.
+	stopCause  error
+	stopAt     int
+	normSent   time.Time     // when this step's norm was shared
+	normWaited time.Duration // total time from sharing the norm to stepping
+	normSteps  int
+	done       chan struct{} // closed when the loop has returned and the outbox drained
+	err        error
 }
 
 type slotIO struct{ tokens, targets []int32 }
@@ -113,6 +128,8 @@ type (
 	}
 	// launcherLost: the connection to the run's launcher closed.
 	launcherLost struct{}
+	// stopReq: the node is stopping; cause is the run's error once it has stopped.
+	stopReq struct{ cause error }
 	// reduceDone: the all-reduces of an outer step finished (or the replica fell
 	// behind and fetched the global state instead).
 	reduceDone struct {
@@ -181,7 +198,9 @@ func (s *servedState) get() (uint64, [][]float32) {
 	return s.round, out
 }
 
-func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, idx, rep int, runDir string) (*worker, error) {
+// newWorker builds the worker of cell (idx, rep) of plan; a resumed plan's state is
+// loaded from resumeDir, the run directory of the run it continues.
+func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, idx, rep int, runDir, resumeDir string) (*worker, error) {
 	h, log := env.host, env.log
 	cfg := train.ModelConfig(sp)
 	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
@@ -245,6 +264,9 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	}
 	cc := core.Config{Stage: idx, Stages: S, MicroBatches: sp.Pipeline.MicroBatches, MaxInFlight: sp.Pipeline.InFlight,
 		Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval, EvalBatches: w.evalN}
+	if plan.Resume != nil {
+		cc.From = plan.Resume.Step
+	}
 	if R > 1 {
 		d, steps := sp.DiLoCo, sp.Train.Steps
 		cc.OuterDue = func(step int) bool { return d.SyncAt(step, steps) }
@@ -263,7 +285,13 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 			return nil, err
 		}
 	}
-	if w.core, err = core.New(cc); err != nil {
+	if plan.Resume != nil {
+		err = w.resumeFrom(resumeDir, plan.Resume.Step)
+	}
+	if err == nil {
+		w.core, err = core.New(cc)
+	}
+	if err != nil {
 		if w.group != nil {
 			_ = w.group.Close()
 		}
@@ -338,6 +366,12 @@ func (w *worker) loadData() error {
 	}
 	if w.sampler, err = data.NewSampler(text, w.stage.Config.SeqLen, w.sp.Seed, w.rep); err != nil {
 		return err
+	}
+	if w.resumeSampler != nil {
+		if err := w.sampler.SetState(w.resumeSampler); err != nil {
+			return fmt.Errorf("resuming the data sampler: %w", err)
+		}
+		w.ckSampler = w.resumeSampler
 	}
 	if w.rep == 0 {
 		if w.val, err = get(d.Val, w.sp.Pipeline.Replicas, "validation split"); err != nil {
@@ -481,6 +515,8 @@ func (w *worker) loop() error {
 				err = w.handle(core.Done{})
 			case reduceDone:
 				err = w.reduced(e)
+			case stopReq:
+				w.stopping(e.cause)
 			case launcherLost:
 				if w.reaching.CompareAndSwap(false, true) { // one attempt at a time
 					steps := max(1, w.core.Step())
@@ -584,6 +620,7 @@ func (w *worker) do(a any) error {
 			return computeDone{}
 		})
 	case core.ShareNorm:
+		w.normSent = time.Now()
 		// Compute is idle: the core asked for no job.
 		w.stage.ProjectGrads() // a no-op without a subspace; norms are of what the optimiser sees
 		ss := optim.SumSquares(w.stage.Grads)
@@ -594,6 +631,8 @@ func (w *worker) do(a any) error {
 		}
 		return w.handle(core.NormIn{Step: a.Step, Stage: w.idx, SumSq: ss})
 	case core.Optimize:
+		w.normWaited += time.Since(w.normSent)
+		w.normSteps++
 		w.stepped = true
 		lr := w.sched.At(a.Step - 1)
 		w.lastNorm = a.Norm
@@ -639,12 +678,19 @@ func (w *worker) do(a any) error {
 				LR: float64(w.sched.At(a.Step - 1))})
 		}
 		w.lossSum = 0
+		if err := w.stepTaken(a.Step); err != nil {
+			return err
+		}
 		// Every stage checkpoints at every evaluation step, so a crash loses at most the
 		// steps since; the last step's checkpoint is written when the run finishes.
 		if w.sp.EvalInterval > 0 && a.Step%w.sp.EvalInterval == 0 && a.Step != w.sp.Train.Steps {
 			if err := w.checkpoint(); err != nil {
 				return err
 			}
+		}
+		if w.stopCause != nil && a.Step >= w.stopAt {
+			w.log.Info("step finished; stopping", "step", a.Step)
+			w.cancel(w.stopCause)
 		}
 	case core.Sync:
 		return w.beginSync(a.Step)
@@ -939,15 +985,7 @@ func (w *worker) from(kind p2p.Kind) (peer.ID, bool) {
 }
 
 func (w *worker) checkpointPath() string {
-	if w.sp.Pipeline.Replicas > 1 {
-		return filepath.Join(w.dir, fmt.Sprintf("stage-%d-replica-%d.safetensors", w.idx, w.rep))
-	}
-	return filepath.Join(w.dir, fmt.Sprintf("stage-%d.safetensors", w.idx))
-}
-
-// statePath is where the optimiser state beside the stage checkpoint goes.
-func (w *worker) statePath() string {
-	return strings.TrimSuffix(w.checkpointPath(), ".safetensors") + ".state.safetensors"
+	return pairAt(w.dir, stageBase(w.idx, w.rep, w.sp.Pipeline.Replicas)).weights
 }
 
 // checkpoint writes the stage's tensors (global layer names), the spec and the step.
@@ -956,8 +994,19 @@ func (w *worker) checkpoint() error {
 	if err := os.MkdirAll(w.dir, 0o755); err != nil {
 		return err
 	}
-	meta := map[string]string{train.MetaSpec: w.sp.String(), train.MetaStep: strconv.Itoa(w.doneStep)}
-	if err := shard.SaveCheckpoint(w.checkpointPath(), meta, w.stage); err != nil {
+	base := stageBase(w.idx, w.rep, w.sp.Pipeline.Replicas)
+	pair := pairAt(w.dir, base)
+	meta := map[string]string{train.MetaSpec: w.sp.String(), train.MetaStep: strconv.Itoa(w.doneStep),
+		metaStage: strconv.Itoa(w.idx), metaReplica: strconv.Itoa(w.rep)}
+	// Whole only if no optimiser step has run since the step's end was recorded (a
+	// stage stopped between its optimiser step and its outer step is not).
+	if w.doneStep == w.ckStep {
+		meta[metaResumable] = "1"
+		if err := rotate(w.dir, base, w.doneStep); err != nil {
+			return err
+		}
+	}
+	if err := shard.SaveCheckpoint(pair.weights, meta, w.stage); err != nil {
 		return err
 	}
 	// The optimiser state, so that nothing of it is lost: AdamW's moments and step, and
@@ -972,23 +1021,79 @@ func (w *worker) checkpoint() error {
 		}
 		meta["outer_steps"] = strconv.Itoa(w.outer.Rounds)
 	}
-	// Where the data stream is and what the lossy boundary codecs carry over.
+	// Where the data stream was and what the lossy boundary codecs carried over at the
+	// step's end.
+	if w.ckSampler != nil {
+		meta["sampler"] = hex.EncodeToString(w.ckSampler)
+	}
+	for _, b := range []struct {
+		name string
+		r    []float32
+	}{{"in_ef_residual", w.ckIn}, {"out_ef_residual", w.ckOut}} {
+		if b.r != nil {
+			ts = append(ts, shard.Named{Name: b.name, Data: b.r})
+		}
+	}
+	return shard.SaveTensors(pair.state, meta, ts)
+}
+
+// stepTaken records what a checkpoint of step needs besides the parameters and the
+// optimiser state, as they are at the step's end.
+func (w *worker) stepTaken(step int) error {
+	w.ckStep = step
 	if w.sampler != nil {
 		st, err := w.sampler.State()
 		if err != nil {
 			return err
 		}
-		meta["sampler"] = hex.EncodeToString(st)
+		w.ckSampler = st
 	}
-	for _, b := range []struct {
-		name string
-		b    *train.Boundary
-	}{{"in_ef_residual", w.inB}, {"out_ef_residual", w.outB}} {
-		if b.b != nil && b.b.Residual() != nil {
-			ts = append(ts, shard.Named{Name: b.name, Data: b.b.Residual()})
+	keep := func(dst []float32, b *train.Boundary) []float32 {
+		if b == nil || b.Residual() == nil {
+			return nil
 		}
+		return append(dst[:0], b.Residual()...)
 	}
-	return shard.SaveTensors(w.statePath(), meta, ts)
+	w.ckIn, w.ckOut = keep(w.ckIn, w.inB), keep(w.ckOut, w.outB)
+	return nil
+}
+
+// stop stops the run with cause, letting the loop finish a step in hand first.
+// A backstop cancels it regardless, within the time the daemon waits for its runs.
+func (w *worker) stop(cause error) {
+	select {
+	case <-w.started:
+		select {
+		case w.events <- stopReq{cause}:
+			time.AfterFunc(stopBackstop, func() { w.cancel(cause) })
+			return
+		default:
+		}
+	default:
+	}
+	w.cancel(cause)
+}
+
+// stopBackstop bounds how long a stopping stage may take to finish its step.
+const stopBackstop = 8 * time.Second
+
+// stopping decides, in the loop, when a stage asked to stop does: at once, or, if it
+// has shared this step's norm (every other stage may already have stepped), once the
+// step is done or after a grace of four times the mean wait for the norms, plus a
+// second, at most 6 s: stages stopped together then keep checkpoints of one step.
+func (w *worker) stopping(cause error) {
+	if !w.core.Stepping() || w.core.Finished() {
+		w.cancel(cause)
+		return
+	}
+	grace := time.Second
+	if w.normSteps > 0 {
+		grace += 4 * w.normWaited / time.Duration(w.normSteps)
+	}
+	grace = min(grace, 6*time.Second)
+	w.stopCause, w.stopAt = cause, w.core.Step()
+	w.log.Info("stopping after the step in hand", "step", w.stopAt, "grace", grace.Round(time.Millisecond))
+	time.AfterFunc(grace, func() { w.cancel(cause) })
 }
 
 func (w *worker) report(r Report) {

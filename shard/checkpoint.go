@@ -461,6 +461,34 @@ func LoadCheckpoint(path string) (*Checkpoint, error) {
 	return ck, nil
 }
 
+// ReadCheckpointMetadata reads only the header of the safetensors file at path and
+// returns its metadata, checked as LoadCheckpoint checks it; the data is not read, so
+// a node can list what its checkpoints hold without loading them.
+func ReadCheckpointMetadata(path string) (map[string]string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("read checkpoint metadata: %w", err)
+	}
+	defer f.Close()
+	var lenBuf [8]byte
+	if _, err := io.ReadFull(f, lenBuf[:]); err != nil {
+		return nil, fmt.Errorf("read checkpoint metadata %s: %w: header length: %w", path, ErrCheckpoint, eofIsUnexpected(err))
+	}
+	n := binary.LittleEndian.Uint64(lenBuf[:])
+	if n < 2 || n > MaxCheckpointHeader {
+		return nil, fmt.Errorf("read checkpoint metadata %s: %w: header length %d outside 2..%d", path, ErrCheckpoint, n, MaxCheckpointHeader)
+	}
+	header := make([]byte, n)
+	if _, err := io.ReadFull(f, header); err != nil {
+		return nil, fmt.Errorf("read checkpoint metadata %s: %w: header: %w", path, ErrCheckpoint, eofIsUnexpected(err))
+	}
+	meta, _, err := parseHeader(header)
+	if err != nil {
+		return nil, fmt.Errorf("read checkpoint metadata %s: %w", path, err)
+	}
+	return meta, nil
+}
+
 // Load copies into s.Params every tensor s owns. A missing tensor, or one whose shape
 // or length differs from the stage's, is an error naming it, and then s.Params is left
 // unchanged. Tensors the stage does not own (other stages') are ignored.

@@ -708,3 +708,21 @@ func TestCheckpointLossMatchesPyTorchLlama(t *testing.T) {
 		t.Fatalf("Go loss %.7f, transformers LlamaForCausalLM %.7f: relative difference above 1e-4", goLoss, hf)
 	}
 }
+
+func TestCheckpointMetadataIsReadWithoutTheData(t *testing.T) {
+	stages := initStages(t, ckConfig, 1, 1)
+	path := filepath.Join(t.TempDir(), "ck.safetensors")
+	if err := SaveCheckpoint(path, map[string]string{"step": "7"}, stages...); err != nil {
+		t.Fatal(err)
+	}
+	meta, err := ReadCheckpointMetadata(path)
+	if err != nil || meta["step"] != "7" {
+		t.Fatalf("metadata %v, %v; want step 7", meta, err)
+	}
+	if err := os.WriteFile(path, []byte{3, 0, 0, 0, 0, 0, 0, 0, '{'}, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := ReadCheckpointMetadata(path); !errors.Is(err, ErrCheckpoint) {
+		t.Errorf("a truncated header: %v, want ErrCheckpoint", err)
+	}
+}

@@ -144,7 +144,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 }
 
 func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("launch", "launch SPEC --key FILE --peer MULTIADDR... [--out DIR] [--data PATH] [--steps N]", `
+	fs := newFlagSet("launch", "launch SPEC --key FILE --peer MULTIADDR... [--out DIR] [--data PATH] [--steps N] [--resume]", `
 Launch a pipelined run of the spec SPEC across nodes: ask each --peer what it can
 hold, give every pipeline stage of every replica pipeline a peer (pipeline.replicas
 × pipeline.stages of them), sign the plan with --key (the nodes must trust its ID),
@@ -156,6 +156,9 @@ Writes metrics.jsonl, spec.yaml and loss.png into DIR; each node keeps its own s
 checkpoint and optimiser state. Exits 0 when the run has finished, non-zero with the
 reason otherwise: a stage that fails, or replicas whose global weights differ. With
 replicas, a stage that dies or stalls stops only its replica pipeline.
+Every stage keeps its two newest checkpoints (each evaluation step, and when its node
+stops); --resume continues an interrupted run from the newest step all of them
+hold, on the nodes that hold them, appending to DIR/metrics.jsonl.
 The spec is checked before anything is sent.`, stderr)
 	keyPath := fs.String("key", "", "launcher key written by 'pipeswarm keygen' (required)")
 	var peers multiFlag
@@ -164,6 +167,7 @@ The spec is checked before anything is sent.`, stderr)
 	dataPath := fs.String("data", "", "training text, read here and served to the nodes over libp2p (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	quiet := fs.Bool("quiet", false, "no progress display")
+	resume := fs.Bool("resume", false, "continue the interrupted run in --out DIR (same spec and overrides) from the newest step whose checkpoint the nodes still hold for every stage")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -197,7 +201,7 @@ The spec is checked before anything is sent.`, stderr)
 	}
 	log := newLogger(stderr, slog.LevelInfo).With("sys", "launch")
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
-	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log,
+	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log, Resume: *resume,
 		OnStep: prog.step, OnPlan: func(as []assign.Assignment) {
 			for _, a := range as {
 				cell := fmt.Sprintf("stage %d", a.Stage)

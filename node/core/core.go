@@ -31,8 +31,10 @@ type Config struct {
 	Stage, Stages int
 	MicroBatches  int // per optimiser step
 	Steps         int
-	EvalInterval  int // 0: evaluate after the last step only
-	EvalBatches   int // validation batches per evaluation
+	// From is the last step already taken (a resumed run): Start begins step From+1.
+	From         int
+	EvalInterval int // 0: evaluate after the last step only
+	EvalBatches  int // validation batches per evaluation
 	// MaxInFlight bounds forwards not yet matched by a backward; 0 means the 1F1B
 	// bound Stages−Stage.
 	MaxInFlight int
@@ -51,6 +53,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("core: %d micro-batches", c.MicroBatches)
 	case c.Steps < 1:
 		return fmt.Errorf("core: %d steps", c.Steps)
+	case c.From < 0 || c.From >= c.Steps:
+		return fmt.Errorf("core: resuming after step %d of %d", c.From, c.Steps)
 	case c.EvalInterval < 0 || c.EvalBatches < 0:
 		return fmt.Errorf("core: eval interval %d, batches %d", c.EvalInterval, c.EvalBatches)
 	case c.MaxInFlight < 0:
@@ -186,6 +190,12 @@ func New(cfg Config) (*Core, error) {
 // Step is the step in progress (0 before Start).
 func (c *Core) Step() int { return c.step }
 
+// Stepping reports whether the stage has shared its gradient norm for the step in
+// progress and waits for the others', runs its optimiser step or takes its outer
+// step: the step will be taken by every stage once the norms are in, so a stage asked
+// to stop lets it finish.
+func (c *Core) Stepping() bool { return c.phase == sharing || c.phase == stepping || c.phase == syncing }
+
 // Finished reports whether the run is over for this stage.
 func (c *Core) Finished() bool { return c.phase == finished }
 
@@ -197,7 +207,7 @@ func (c *Core) Handle(e any) ([]any, error) {
 		if c.phase != idle {
 			return nil, fmt.Errorf("%w: start twice", ErrProtocol)
 		}
-		out = c.beginStep(1, out)
+		out = c.beginStep(c.cfg.From+1, out)
 	case ActivationIn:
 		if c.cfg.first() {
 			return nil, fmt.Errorf("%w: activation sent to stage 0", ErrProtocol)

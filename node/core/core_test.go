@@ -372,3 +372,53 @@ func mustHandle(t *testing.T, c *Core, e any) {
 		t.Fatalf("%T%+v: %v", e, e, err)
 	}
 }
+
+func TestResumedCoreBeginsAfterItsLastStepAndRunsTheRest(t *testing.T) {
+	const stages, micro, steps, from = 3, 2, 5, 3
+	var cfgs []Config
+	for s := range stages {
+		cfgs = append(cfgs, Config{Stage: s, Stages: stages, MicroBatches: micro, Steps: steps, From: from, EvalInterval: 2, EvalBatches: 1})
+	}
+	log := simulate(t, cfgs, 1)
+	for s, acts := range log {
+		var done []int
+		for _, a := range acts {
+			if d, ok := a.(StepDone); ok {
+				done = append(done, d.Step)
+			}
+		}
+		if !reflect.DeepEqual(done, []int{4, 5}) {
+			t.Errorf("stage %d finished steps %v, want [4 5]", s, done)
+		}
+	}
+	if _, err := New(Config{Stages: 1, MicroBatches: 1, Steps: 3, From: 3}); err == nil {
+		t.Error("a core resuming after its last step was accepted")
+	}
+}
+
+func TestSteppingFromNormSharedUntilTheStepIsDone(t *testing.T) {
+	c := mustNew(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 2})
+	script(t, c,
+		[2]any{Start{}, acts{Forward{Step: 1, Micro: 0, Slot: 0, Send: true}}},
+		[2]any{Done{}, nil},
+		[2]any{GradientIn{Step: 1, Micro: 0}, acts{Backward{Step: 1, Micro: 0, Slot: 0}}},
+	)
+	if c.Stepping() {
+		t.Fatal("stepping before the norm is shared")
+	}
+	script(t, c, [2]any{Done{}, acts{ShareNorm{Step: 1}}})
+	if !c.Stepping() {
+		t.Fatal("not stepping once the norm is shared")
+	}
+	script(t, c,
+		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 1}, nil},
+		[2]any{NormIn{Step: 1, Stage: 1, SumSq: 3}, acts{Optimize{Step: 1, Norm: 2}}},
+	)
+	if !c.Stepping() {
+		t.Fatal("not stepping while the optimiser runs")
+	}
+	script(t, c, [2]any{Done{}, acts{StepDone{Step: 1}, Forward{Step: 2, Micro: 0, Slot: 0, Send: true}}})
+	if c.Stepping() {
+		t.Fatal("stepping after the step is done")
+	}
+}

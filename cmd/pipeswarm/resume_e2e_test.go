@@ -1,0 +1,143 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+)
+
+const resumeSpec = `name: resume
+seed: 5
+eval_interval: 10
+model: {d_model: 32, n_layers: 3, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 3, micro_batches: 4, in_flight: 4}
+train: {batch_size: 4, steps: 60, lr: 0.003, warmup: 2}
+data: {val_fraction: 0.005}
+`
+
+// All nodes SIGTERMed in the middle of a run; restarted on their data directories;
+// `launch --resume` continues from their checkpoints and the losses of every step
+// after are those of the uninterrupted run (which is train's, bit for bit).
+func TestLaunchResumeAfterEveryNodeStoppedContinuesExactly(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, resumeSpec, 3, "--memory-budget", "512MiB")
+	out := filepath.Join(dir, "launched")
+
+	// A resume with nothing to resume is refused before any node is asked.
+	if code, _, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--resume", "--quiet"}, peerArgs...)...); code == 0 || !strings.Contains(stderr, "nothing to resume") {
+		t.Fatalf("resume of an empty directory: exit %d, stderr %q; want a refusal", code, stderr)
+	}
+
+	type result struct {
+		code   int
+		stderr string
+	}
+	first := make(chan result, 1)
+	go func() {
+		var o, e bytes.Buffer
+		code := run(context.Background(), append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...), &o, &e)
+		first <- result{code, e.String()}
+	}()
+	var recorded int
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+		if recorded = len(steps); recorded >= 15 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the run made %d steps in 90 s", recorded)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	}
+	for i, n := range nodes {
+		select {
+		case <-n.exited:
+		case <-time.After(15 * time.Second):
+			t.Fatalf("node %d still running 15 s after SIGTERM", i)
+		}
+	}
+	select {
+	case r := <-first:
+		if r.code == 0 {
+			t.Fatal("the interrupted launch exited 0")
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("launch did not notice its nodes had stopped")
+	}
+
+	// The same nodes, on the same data directories.
+	var again []string
+	for i, n := range nodes {
+		_ = os.Remove(filepath.Join(n.dir, "addrs")) // the old process's; the new one writes its own
+		nodes[i] = startNode(t, n.dir, n.cmd.Args[len(n.cmd.Args)-4:]...)
+		again = append(again, "--peer", nodes[i].addrs(t))
+	}
+	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--resume", "--quiet"}, again...)...)
+	if code != 0 {
+		for i, n := range nodes {
+			t.Logf("node %d:\n%s", i, n.stderr)
+		}
+		t.Fatalf("launch --resume exited %d:\n%s\n%s", code, stdout, stderr)
+	}
+	var rec struct {
+		Resume struct{ Step int } `json:"resumed_from"`
+	}
+	b, err := os.ReadFile(filepath.Join(out, "run.json"))
+	if err == nil {
+		err = json.Unmarshal(b, &rec)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("stopped with %d steps recorded; resumed after step %d", recorded, rec.Resume.Step)
+	// The stages stop on a common step, so nothing recorded is taken again.
+	if rec.Resume.Step < recorded {
+		t.Errorf("resumed after step %d, but %d steps had been recorded: the stages did not stop on a common step", rec.Resume.Step, recorded)
+	}
+
+	launched, err := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := filepath.Join(dir, "trained")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	trained, err := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(launched) != len(trained) || len(trained) != 60 {
+		t.Fatalf("the resumed run's metrics.jsonl holds %d steps, train's %d; want 60 each", len(launched), len(trained))
+	}
+	for i := range trained {
+		a, b := launched[i], trained[i]
+		if a.Step != b.Step {
+			t.Fatalf("row %d is step %d, want %d", i, a.Step, b.Step)
+		}
+		if a.Loss != b.Loss { // bit for bit: the pipeline computes what train does
+			t.Errorf("step %d: resumed run's loss %.8f, uninterrupted %.8f", b.Step, a.Loss, b.Loss)
+		}
+		if (a.ValLoss == nil) != (b.ValLoss == nil) || (a.ValLoss != nil && *a.ValLoss != *b.ValLoss) {
+			t.Errorf("step %d: validation loss differs: %v, %v", b.Step, a.ValLoss, b.ValLoss)
+		}
+		if a.Tokens != b.Tokens {
+			t.Errorf("step %d: %d tokens recorded, train %d", b.Step, a.Tokens, b.Tokens)
+		}
+	}
+}

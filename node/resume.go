@@ -1,0 +1,406 @@
+package node
+
+import (
+	"bytes"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// A stage keeps two checkpoints in its run directory: the newest and, beside it with
+// ".prev" in the name, the one before. Stages stopped together can end a step apart
+// (one has taken its optimiser step, a neighbour has not); the newest step every stage
+// still holds is then the previous one, and a resumed run starts from there.
+
+// Metadata keys of a stage checkpoint besides train's.
+const (
+	// metaResumable is "1" when the checkpoint is a whole step: the parameters, the
+	// optimiser state, the data position and the residuals all as of its step's end.
+	metaResumable = "resumable"
+	metaStage     = "stage"
+	metaReplica   = "replica"
+)
+
+// ResumePlan tells the nodes of a resumed run where to continue from: the stage
+// checkpoints each kept of run Run at step Step.
+type ResumePlan struct {
+	Run  uint64 `json:"run"`
+	Step int    `json:"step"`
+}
+
+// Held is a stage checkpoint a node holds for a run, as it answers a resuming
+// launcher's offer request.
+type Held struct {
+	Stage   int   `json:"stage"`
+	Replica int   `json:"replica"`
+	Steps   []int `json:"steps"` // the whole steps it can resume from, newest first
+}
+
+// stageBase is the file name, without extension, of a stage's checkpoint.
+func stageBase(idx, rep, replicas int) string {
+	if replicas > 1 {
+		return fmt.Sprintf("stage-%d-replica-%d", idx, rep)
+	}
+	return fmt.Sprintf("stage-%d", idx)
+}
+
+// ckPair is a checkpoint's two files: the weights and the optimiser state beside them.
+type ckPair struct{ weights, state string }
+
+func pairAt(dir, base string) ckPair {
+	return ckPair{filepath.Join(dir, base+".safetensors"), filepath.Join(dir, base+".state.safetensors")}
+}
+
+// stagePairs are the newest and previous checkpoints of a stage in dir.
+func stagePairs(dir, base string) [2]ckPair {
+	return [2]ckPair{pairAt(dir, base), pairAt(dir, base+".prev")}
+}
+
+// resumableStep is the step a checkpoint pair can resume from, if its two files agree
+// on it and say they are a whole step of a run of spec (any spec if spec is "").
+func (p ckPair) resumableStep(spec string) (int, error) {
+	wm, err := shard.ReadCheckpointMetadata(p.weights)
+	if err != nil {
+		return 0, err
+	}
+	sm, err := shard.ReadCheckpointMetadata(p.state)
+	if err != nil {
+		return 0, err
+	}
+	switch {
+	case wm[train.MetaStep] != sm[train.MetaStep]:
+		return 0, fmt.Errorf("%s is of step %s, %s of step %s (a crash between the two writes)", p.weights, wm[train.MetaStep], p.state, sm[train.MetaStep])
+	case wm[metaResumable] != "1" || sm[metaResumable] != "1":
+		return 0, fmt.Errorf("%s was written in the middle of a step", p.weights)
+	case spec != "" && wm[train.MetaSpec] != spec:
+		return 0, fmt.Errorf("%s was written by a run of another spec", p.weights)
+	}
+	return strconv.Atoi(wm[train.MetaStep])
+}
+
+// rotate makes room for a new checkpoint of step: the newest pair becomes the previous
+// one, unless it is of the same step (it is simply replaced) or is not a whole step.
+func rotate(dir, base string, step int) error {
+	ps := stagePairs(dir, base)
+	have, err := ps[0].resumableStep("")
+	if err != nil || have == step {
+		return nil
+	}
+	for _, mv := range [][2]string{{ps[0].weights, ps[1].weights}, {ps[0].state, ps[1].state}} {
+		if err := os.Rename(mv[0], mv[1]); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("keeping the previous checkpoint: %w", err)
+		}
+	}
+	return nil
+}
+
+// heldIn lists the resumable stage checkpoints of a run of spec in runDir.
+func heldIn(runDir, spec string, stages, replicas int) []Held {
+	var out []Held
+	for s := range stages {
+		for r := range replicas {
+			h := Held{Stage: s, Replica: r}
+			for _, p := range stagePairs(runDir, stageBase(s, r, replicas)) {
+				if step, err := p.resumableStep(spec); err == nil && !slices.Contains(h.Steps, step) {
+					h.Steps = append(h.Steps, step)
+				}
+			}
+			if len(h.Steps) > 0 {
+				slices.Sort(h.Steps)
+				slices.Reverse(h.Steps)
+				out = append(out, h)
+			}
+		}
+	}
+	return out
+}
+
+// resumeFrom loads into the worker's stage the checkpoint of its cell at step from
+// runDir: weights, AdamW moments and step, outer state, residuals and the data
+// sampler's position (applied when the data is loaded).
+func (w *worker) resumeFrom(runDir string, step int) error {
+	base := stageBase(w.idx, w.rep, w.sp.Pipeline.Replicas)
+	var pair *ckPair
+	var why []string
+	for _, p := range stagePairs(runDir, base) {
+		s, err := p.resumableStep(w.sp.String())
+		if err == nil && s == step {
+			pair = &p
+			break
+		}
+		if err != nil {
+			why = append(why, err.Error())
+		} else {
+			why = append(why, fmt.Sprintf("%s is of step %d", p.weights, s))
+		}
+	}
+	if pair == nil {
+		return fmt.Errorf("no checkpoint of %s at step %d here: %s", base, step, strings.Join(why, "; "))
+	}
+	ck, err := shard.LoadCheckpoint(pair.weights)
+	if err != nil {
+		return err
+	}
+	if err := w.stage.Load(ck); err != nil {
+		return err
+	}
+	st, err := shard.LoadCheckpoint(pair.state)
+	if err != nil {
+		return err
+	}
+	get := func(name string, dst []float32) error {
+		t, ok := st.Tensors[name]
+		if !ok {
+			return fmt.Errorf("%s has no %s", pair.state, name)
+		}
+		if len(t.Data) != len(dst) {
+			return fmt.Errorf("%s: %s has %d values, want %d", pair.state, name, len(t.Data), len(dst))
+		}
+		copy(dst, t.Data)
+		return nil
+	}
+	n := len(w.stage.Params)
+	m, v := make([]float32, n), make([]float32, n)
+	if err := errors.Join(get("adam_m", m), get("adam_v", v)); err != nil {
+		return err
+	}
+	adamStep, err := strconv.Atoi(st.Metadata["adam_step"])
+	if err != nil {
+		return fmt.Errorf("%s: adam_step: %w", pair.state, err)
+	}
+	if err := w.opt.SetState(adamStep, m, v); err != nil {
+		return err
+	}
+	if w.outer != nil {
+		if err := errors.Join(get("global", w.outer.Global), get("outer_momentum", w.outer.Momentum())); err != nil {
+			return err
+		}
+		if r := w.outer.Residual(); r != nil {
+			if err := get("ef_residual", r); err != nil {
+				return err
+			}
+		}
+		if w.outer.Rounds, err = strconv.Atoi(st.Metadata["outer_steps"]); err != nil {
+			return fmt.Errorf("%s: outer_steps: %w", pair.state, err)
+		}
+		w.served.set(uint64(step)*uint64(w.sp.DiLoCo.Fragments)+uint64(w.sp.DiLoCo.Fragments-1), w.outer.Global, w.outer.Momentum())
+	}
+	for _, b := range []struct {
+		name string
+		b    *train.Boundary
+	}{{"in_ef_residual", w.inB}, {"out_ef_residual", w.outB}} {
+		if t, ok := st.Tensors[b.name]; ok && b.b != nil {
+			b.b.SetResidual(t.Data)
+		}
+	}
+	if w.stage.First {
+		if w.resumeSampler, err = hex.DecodeString(st.Metadata["sampler"]); err != nil || len(w.resumeSampler) == 0 {
+			return fmt.Errorf("%s: no data sampler position: %v", pair.state, err)
+		}
+	}
+	w.doneStep, w.ckStep, w.stepped = step, step, true
+	w.log.Info("resuming from checkpoint", "step", step, "checkpoint", pair.weights)
+	return nil
+}
+
+// RunFile records, in a launched run's directory, which run it is (and what it
+// resumed), so that `launch --resume` can find the nodes' checkpoints of it.
+const RunFile = "run.json"
+
+type runRecord struct {
+	Run    string      `json:"run"` // hex, as nodes name its directory
+	Resume *ResumePlan `json:"resumed_from,omitempty"`
+
+	id uint64
+}
+
+func writeRunRecord(dir string, r runRecord) error {
+	b, err := json.MarshalIndent(r, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, "."+RunFile+".tmp")
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return fmt.Errorf("launch: %w", err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, RunFile)); err != nil {
+		return fmt.Errorf("launch: %w", err)
+	}
+	return nil
+}
+
+// readRunRecord reads what a resumed launch continues: the run in dir, which must have
+// been a run of sp.
+func readRunRecord(dir string, sp *spec.Spec) (*runRecord, error) {
+	b, err := os.ReadFile(filepath.Join(dir, RunFile))
+	if err != nil {
+		return nil, fmt.Errorf("launch: nothing to resume in %s (no %s: was the run launched into it?): %w", dir, RunFile, err)
+	}
+	var r runRecord
+	if err := json.Unmarshal(b, &r); err != nil {
+		return nil, fmt.Errorf("launch: resume: %s: %w", filepath.Join(dir, RunFile), err)
+	}
+	if r.id, err = strconv.ParseUint(r.Run, 16, 64); err != nil || r.id == 0 {
+		return nil, fmt.Errorf("launch: resume: %s: run %q is not a run ID", filepath.Join(dir, RunFile), r.Run)
+	}
+	was, err := os.ReadFile(filepath.Join(dir, train.SpecFile))
+	if err != nil {
+		return nil, fmt.Errorf("launch: nothing to resume in %s: %w", dir, err)
+	}
+	if string(was) != sp.String() {
+		return nil, fmt.Errorf("launch: resume: %s was a run of another spec (or other overrides); resume with the spec in %s",
+			dir, filepath.Join(dir, train.SpecFile))
+	}
+	return &r, nil
+}
+
+// resumePoint picks the step a resumed run continues from — the newest step of which
+// some offering node holds a checkpoint for every cell — and orders the offers so that
+// assign.Plan, first fit in cell order, gives each cell to a node that holds it. It
+// names the cells whose state is nowhere.
+func resumePoint(sp *spec.Spec, run uint64, offers []assign.Offer, held map[string][]Held) (*ResumePlan, []assign.Offer, error) {
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	holders := map[[2]int]map[int][]string{} // cell -> step -> peers
+	steps := map[int]bool{}
+	for _, o := range offers {
+		for _, h := range held[o.Peer] {
+			c := [2]int{h.Stage, h.Replica}
+			if holders[c] == nil {
+				holders[c] = map[int][]string{}
+			}
+			for _, s := range h.Steps {
+				holders[c][s] = append(holders[c][s], o.Peer)
+				steps[s] = true
+			}
+		}
+	}
+	var candidates []int
+	for s := range steps {
+		candidates = append(candidates, s)
+	}
+	slices.Sort(candidates)
+	slices.Reverse(candidates)
+	for _, step := range candidates {
+		if step >= sp.Train.Steps {
+			continue
+		}
+		order, ok := orderHolders(S, R, step, holders)
+		if !ok {
+			continue
+		}
+		byPeer := map[string]assign.Offer{}
+		for _, o := range offers {
+			byPeer[o.Peer] = o
+		}
+		var out []assign.Offer
+		for _, p := range order {
+			out = append(out, byPeer[p])
+		}
+		for _, o := range offers { // the rest after, unused
+			if !slices.Contains(order, o.Peer) {
+				out = append(out, o)
+			}
+		}
+		return &ResumePlan{Run: run, Step: step}, out, nil
+	}
+	var nowhere []string
+	for r := range R {
+		for s := range S {
+			if len(holders[[2]int{s, r}]) == 0 {
+				nowhere = append(nowhere, cellName(sp, assign.Assignment{Stage: s, Replica: r}))
+			}
+		}
+	}
+	if len(nowhere) > 0 {
+		return nil, nil, fmt.Errorf("no checkpoint of run %016x for %s on any node offered (restart the nodes that held them, on their data directories)",
+			run, strings.Join(nowhere, ", "))
+	}
+	return nil, nil, fmt.Errorf("the nodes offered hold checkpoints of run %016x, but of no step common to every stage", run)
+}
+
+// orderHolders picks a distinct holder of step for every cell, in assign.Plan's cell
+// order (replica-major), trying holders in offer order.
+func orderHolders(S, R, step int, holders map[[2]int]map[int][]string) ([]string, bool) {
+	var order []string
+	for r := range R {
+		for s := range S {
+			found := false
+			for _, p := range holders[[2]int{s, r}][step] {
+				if !slices.Contains(order, p) {
+					order = append(order, p)
+					found = true
+					break
+				}
+			}
+			if !found {
+				return nil, false
+			}
+		}
+	}
+	return order, true
+}
+
+// resumeHolders checks that a resumed plan gives every cell to a node holding its
+// checkpoint (assign.Plan may have passed over a holder too small for its stage).
+func resumeHolders(sp *spec.Spec, resume *ResumePlan, stages []assign.Assignment, offers []assign.Offer) error {
+	if resume == nil {
+		return nil
+	}
+	for i, a := range stages {
+		if i >= len(offers) || offers[i].Peer != a.Peer {
+			return fmt.Errorf("resume: %s's checkpoint is on a node that cannot hold it now (its memory budget or free slots changed)", cellName(sp, a))
+		}
+	}
+	return nil
+}
+
+// keptRows is what a resumed run keeps of its metrics.jsonl: the rows up to the step
+// it continues from, as they were.
+type keptRows struct {
+	rows     []json.RawMessage
+	steps    []metrics.Step
+	tokens   int64
+	elapsedS float64
+}
+
+func readKeptRows(path string, step int) (*keptRows, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("launch: resume: %w", err)
+	}
+	k := &keptRows{}
+	for _, line := range bytes.Split(b, []byte("\n")) {
+		var probe struct {
+			Step     int      `json:"step"`
+			Loss     *float64 `json:"loss"`
+			Tokens   int64    `json:"tokens"`
+			ElapsedS float64  `json:"elapsed_s"`
+		}
+		// A row torn by a crash, or of a step after the checkpoint, is dropped.
+		if line = bytes.TrimSpace(line); len(line) == 0 || json.Unmarshal(line, &probe) != nil || probe.Step > step {
+			continue
+		}
+		k.rows = append(k.rows, json.RawMessage(line))
+		k.tokens = max(k.tokens, probe.Tokens)
+		k.elapsedS = max(k.elapsedS, probe.ElapsedS)
+		if probe.Loss != nil {
+			var st metrics.Step
+			if err := json.Unmarshal(line, &st); err == nil {
+				k.steps = append(k.steps, st)
+			}
+		}
+	}
+	return k, nil
+}

@@ -1,0 +1,69 @@
+package node
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+)
+
+func resumeTestSpec(t *testing.T, stages, replicas int) *spec.Spec {
+	t.Helper()
+	sp, err := spec.Parse([]byte(strings.NewReplacer("S", string(rune('0'+stages)), "R", string(rune('0'+replicas))).Replace(`name: r
+model: {d_model: 32, n_layers: 4, n_heads: 2, d_ff: 64, seq_len: 16}
+pipeline: {stages: S, replicas: R, micro_batches: 2}
+train: {batch_size: 4, steps: 50, lr: 0.001}
+`)), "test")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sp
+}
+
+func TestResumePointIsTheNewestStepEveryCellHolds(t *testing.T) {
+	sp := resumeTestSpec(t, 2, 1)
+	offers := []assign.Offer{{Peer: "b"}, {Peer: "a"}, {Peer: "c"}}
+	held := map[string][]Held{
+		"a": {{Stage: 0, Steps: []int{18, 10}}},
+		"b": {{Stage: 1, Steps: []int{17, 10}}},
+	}
+	rp, ordered, err := resumePoint(sp, 7, offers, held)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rp.Step != 10 || rp.Run != 7 {
+		t.Errorf("resume point %+v, want run 7 step 10 (the newest step both stages hold)", rp)
+	}
+	if ordered[0].Peer != "a" || ordered[1].Peer != "b" {
+		t.Errorf("offers ordered %v, want a (stage 0) then b (stage 1)", ordered)
+	}
+
+	held["b"] = append(held["b"], Held{Stage: 1, Steps: []int{18}})
+	held["b"] = held["b"][1:]
+	if rp, _, err := resumePoint(sp, 7, offers, held); err != nil || rp.Step != 18 {
+		t.Errorf("with both at 18: %+v, %v; want step 18", rp, err)
+	}
+
+	delete(held, "b")
+	if _, _, err := resumePoint(sp, 7, offers, held); err == nil || !strings.Contains(err.Error(), "stage 1") {
+		t.Errorf("stage 1's state nowhere: %v, want an error naming stage 1", err)
+	}
+}
+
+func TestResumePointGivesEachReplicaItsOwnHolder(t *testing.T) {
+	sp := resumeTestSpec(t, 1, 2)
+	offers := []assign.Offer{{Peer: "a"}, {Peer: "b"}}
+	// Both nodes hold a checkpoint of stage 0 (one per replica); each cell needs its own.
+	held := map[string][]Held{
+		"a": {{Stage: 0, Replica: 1, Steps: []int{20}}},
+		"b": {{Stage: 0, Replica: 0, Steps: []int{20}}},
+	}
+	rp, ordered, err := resumePoint(sp, 3, offers, held)
+	if err != nil || rp.Step != 20 {
+		t.Fatalf("%+v, %v", rp, err)
+	}
+	if ordered[0].Peer != "b" || ordered[1].Peer != "a" {
+		t.Errorf("offers ordered %v, want b (replica 0) then a (replica 1)", ordered)
+	}
+}
