@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
@@ -154,10 +155,20 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		id, _ := peer.Decode(a.Peer)
 		stagePeers[id] = a
 	}
+	// Abort tells every node at once, each given a few of its round trips: a hung node
+	// (often the reason for the abort) must not hold the launcher up.
 	abort := func(reason string) {
+		var wg sync.WaitGroup
 		for id := range stagePeers {
-			_, _ = call(context.WithoutCancel(ctx), h, id, ctlMsg{Type: msgAbort, Run: runID, Reason: reason})
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second+8*h.Peerstore().LatencyEWMA(id))
+				defer cancel()
+				_, _ = call(actx, h, id, ctlMsg{Type: msgAbort, Run: runID, Reason: reason})
+			}()
 		}
+		wg.Wait()
 	}
 	var refusals []string
 	for _, a := range plan.Stages {
@@ -429,12 +440,26 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		}
 		return n
 	}
+	// The launcher's own deadline, a last resort behind the stages' (which name the
+	// stage that stalled): no report at all for much longer than the steps have taken.
+	var silence silenceClock
+	silence.staff = time.Duration(sp.Pipeline.StaffTimeout) * time.Second
+	silence.heard(time.Now(), false)
+	check := time.NewTicker(time.Second)
+	defer check.Stop()
 	for remaining() > 0 {
 		select {
 		case <-ctx.Done():
 			abort("launcher interrupted")
 			plot()
 			return res, ctx.Err()
+		case now := <-check.C:
+			if quiet, dl := silence.overdue(now, len(pending) > 0); quiet > 0 {
+				why := fmt.Sprintf("no report from any stage for %s (deadline %s, from the steps measured)", quiet.Round(time.Second), dl.Round(time.Second))
+				abort(why)
+				plot()
+				return res, fmt.Errorf("%w: %s", ErrRunFailed, why)
+			}
 		case id := <-lost:
 			a := cellOf(plan, id)
 			if a == nil || done[[2]int{a.Stage, a.Replica}] {
@@ -451,6 +476,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			if !ok || a.Peer != r.Peer {
 				continue // not from the peer holding that cell
 			}
+			silence.heard(time.Now(), r.Kind == ReportStep)
 			if _, ok := broken[r.Replica]; ok && r.Kind != ReportOuter {
 				if r.Kind == ReportIdle || r.Kind == ReportError {
 					log.Info("stage of a broken replica pipeline stopped", "stage", r.Stage, "replica", r.Replica, "reason", r.Error)
@@ -628,4 +654,44 @@ func serveData(sp *spec.Spec, h *p2p.Host, log *slog.Logger) (*DataPlan, error) 
 	h.Handle(corpus.Proto, srv.HandleStream)
 	log.Info("serving data", "corpus", name, "bytes", len(text), "train_shards", len(dp.Train), "val_bytes", len(val))
 	return dp, nil
+}
+
+// silenceClock measures the time between the reports a launcher gets, and says when
+// silence has lasted far longer than that: 10 mean steps or 3 of the longest gap seen
+// (which includes evaluations), plus 5 s; before two steps are measured, or while an
+// evaluation is under way, at least the staffing timeout.
+type silenceClock struct {
+	staff          time.Duration
+	last, lastStep time.Time
+	sum, longest   time.Duration
+	steps          int
+}
+
+func (c *silenceClock) heard(now time.Time, step bool) {
+	if step {
+		if !c.lastStep.IsZero() {
+			d := now.Sub(c.lastStep)
+			c.sum += d
+			c.longest = max(c.longest, d)
+			c.steps++
+		}
+		c.lastStep = now
+	}
+	c.last = now
+}
+
+// overdue returns how long it has been silent, if that is past the deadline (also
+// returned); 0 otherwise.
+func (c *silenceClock) overdue(now time.Time, evaluating bool) (quiet, deadline time.Duration) {
+	deadline = 2 * c.staff
+	if c.steps >= 2 {
+		deadline = max(10*c.sum/time.Duration(c.steps), 3*c.longest) + 5*time.Second
+		if evaluating {
+			deadline = max(deadline, c.staff)
+		}
+	}
+	if q := now.Sub(c.last); q > deadline {
+		return q, deadline
+	}
+	return 0, deadline
 }

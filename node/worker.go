@@ -263,7 +263,9 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		w.evalN = (w.windows + train.EvalBatch - 1) / train.EvalBatch
 	}
 	cc := core.Config{Stage: idx, Stages: S, MicroBatches: sp.Pipeline.MicroBatches, MaxInFlight: sp.Pipeline.InFlight,
-		Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval, EvalBatches: w.evalN}
+		Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval, EvalBatches: w.evalN,
+		// Until a step is measured, a neighbour may take as long as staffing may.
+		StartTimeout: time.Duration(sp.Pipeline.StaffTimeout) * time.Second}
 	if plan.Resume != nil {
 		cc.From = plan.Resume.Step
 	}
@@ -482,15 +484,33 @@ func (w *worker) loop() error {
 	w.ledger.Mark(time.Since(w.started0), w.core.Waiting(), w.core.Step())
 	// A run whose launcher is gone has no one to report to or to finish it: it stops
 	// (keeping its checkpoint) unless the launcher can be reached again soon.
+	// A neighbour's node going away stops this stage at once (the core decides whether
+	// it still needs it); one that stays connected but silent is found by the core's
+	// deadline, fed by ticks.
 	watch := &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
-		if c.RemotePeer() == w.launcher && n.Connectedness(w.launcher) != network.Connected {
+		p := c.RemotePeer()
+		if n.Connectedness(p) == network.Connected {
+			return
+		}
+		if p == w.launcher {
 			go w.post(launcherLost{})
+		}
+		for s := range w.sp.Pipeline.Stages {
+			if s != w.idx && w.peerOf(s) == p {
+				go w.post(core.PeerDown{Stage: s})
+			}
 		}
 	}}
 	w.host.Network().Notify(watch)
 	defer w.host.Network().StopNotify(watch)
+	ticks := time.NewTicker(tickEvery)
+	defer ticks.Stop()
 	for !w.core.Finished() {
 		select {
+		case <-ticks.C:
+			if err := w.handle(core.Tick{Now: time.Since(w.started0), RTT: w.neighbourRTT()}); err != nil {
+				return err
+			}
 		case <-w.ctx.Done():
 			cause := context.Cause(w.ctx)
 			<-w.idle // the job in progress finishes before the parameters are read
@@ -528,6 +548,10 @@ func (w *worker) loop() error {
 				}
 			default:
 				err = w.handle(e)
+				if errors.Is(err, core.ErrStale) { // a norm resent or late
+					w.log.Debug("stale event dropped", "err", err)
+					err = nil
+				}
 			}
 			if err != nil {
 				return err
@@ -552,23 +576,38 @@ func (w *worker) stageTime() *StageTime {
 	return t
 }
 
-// accept files a frame that passed its checks and tells the core it is there.
+// accept files a frame that passed its checks and tells the core it is there. A
+// duplicate or late frame (a resend, a neighbour behind) is dropped.
 func (w *worker) accept(f *p2p.Frame) error {
 	k := [2]int{int(f.Step), int(f.Micro)}
+	var m map[[2]int]*p2p.Frame
+	var e any
 	switch f.Kind {
 	case p2p.KindActivation:
-		w.acts[k] = f
-		return w.handle(core.ActivationIn{Step: k[0], Micro: k[1]})
+		m, e = w.acts, core.ActivationIn{Step: k[0], Micro: k[1]}
 	case p2p.KindGradient:
-		w.grads[k] = f
-		return w.handle(core.GradientIn{Step: k[0], Micro: k[1]})
+		m, e = w.grads, core.GradientIn{Step: k[0], Micro: k[1]}
 	case p2p.KindEval:
-		w.evals[k] = f
-		return w.handle(core.EvalIn{Step: k[0], Batch: k[1]})
+		m, e = w.evals, core.EvalIn{Step: k[0], Batch: k[1]}
+	default:
+		return fmt.Errorf("frame of kind %d", f.Kind)
 	}
-	return fmt.Errorf("frame of kind %d", f.Kind)
+	if _, dup := m[k]; dup {
+		w.log.Debug("duplicate frame dropped", "kind", f.Kind, "step", k[0], "item", k[1])
+		return nil
+	}
+	m[k] = f
+	err := w.handle(e)
+	if errors.Is(err, core.ErrStale) {
+		delete(m, k)
+		w.log.Debug("stale frame dropped", "err", err)
+		return nil
+	}
+	return err
 }
 
+// handle feeds the core an event and carries out its actions. An event the core finds
+// stale is returned as such (wrapping core.ErrStale) with nothing done.
 func (w *worker) handle(e any) error {
 	acts, err := w.core.Handle(e)
 	if err != nil {
@@ -700,6 +739,8 @@ func (w *worker) do(a any) error {
 		}
 		w.lossSum = 0
 	case core.Finished:
+	case core.Stalled:
+		return w.stalled(a)
 	default:
 		return fmt.Errorf("unknown action %T", a)
 	}
@@ -1072,6 +1113,40 @@ func (w *worker) stop(cause error) {
 	default:
 	}
 	w.cancel(cause)
+}
+
+// tickEvery is how often the core is told the time: the resolution of its deadlines.
+const tickEvery = 100 * time.Millisecond
+
+// ErrStalled stops a stage that cannot go on: a neighbour silent past the deadline
+// measured for it, or gone.
+var ErrStalled = errors.New("stalled")
+
+// neighbourRTT is the longest round trip to another stage of this pipeline that libp2p
+// has measured (identify and ping keep the estimates), 0 if none yet.
+func (w *worker) neighbourRTT() time.Duration {
+	var rtt time.Duration
+	for s := range w.sp.Pipeline.Stages {
+		if s != w.idx {
+			rtt = max(rtt, w.host.Peerstore().LatencyEWMA(w.peerOf(s)))
+		}
+	}
+	return rtt
+}
+
+// stalled turns the core's verdict into the run's error, naming the stage and the
+// node it waited for.
+func (w *worker) stalled(a core.Stalled) error {
+	p := w.peerOf(a.Stage)
+	if a.Down {
+		return fmt.Errorf("%w: stage %d's node %s is unreachable (this stage was at step %d, waiting for %s)", ErrStalled, a.Stage, p, a.Step, a.Wait)
+	}
+	what := map[core.Wait]string{core.WaitActivation: "no activation", core.WaitGradient: "no gradient", core.WaitNorm: "no gradient norm"}[a.Wait]
+	if what == "" {
+		what = "nothing"
+	}
+	return fmt.Errorf("%w: stage %d (node %s) sent %s for step %d in %s (deadline %s, from the steps measured here)",
+		ErrStalled, a.Stage, p, what, a.Step, a.Waited.Round(time.Millisecond), a.Deadline.Round(time.Millisecond))
 }
 
 // stopBackstop bounds how long a stopping stage may take to finish its step.

@@ -141,3 +141,56 @@ func TestLaunchResumeAfterEveryNodeStoppedContinuesExactly(t *testing.T) {
 		}
 	}
 }
+
+// A node that hangs (SIGSTOP: its connections stay up, it sends nothing) is found by
+// its neighbours' deadlines, and the launcher fails the run naming its stage and peer.
+func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, resumeSpec, 3, "--memory-budget", "512MiB")
+	out := filepath.Join(dir, "launched")
+	type result struct {
+		code   int
+		stderr string
+		at     time.Time
+	}
+	done := make(chan result, 1)
+	go func() {
+		var o, e bytes.Buffer
+		code := run(context.Background(), append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--steps", "100000", "--quiet"}, peerArgs...), &o, &e)
+		done <- result{code, e.String(), time.Now()}
+	}()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+		if len(steps) >= 20 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the run made %d steps in 90 s", len(steps))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	hung := nodes[1]
+	id := peerArgs[3][strings.LastIndex(peerArgs[3], "/")+1:]
+	stopped := time.Now()
+	if err := hung.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = hung.cmd.Process.Signal(syscall.SIGCONT) })
+	select {
+	case r := <-done:
+		took := r.at.Sub(stopped)
+		t.Logf("hung node detected and the run failed %s after SIGSTOP: %s", took.Round(time.Millisecond), strings.TrimSpace(r.stderr[strings.LastIndex(r.stderr, "pipeswarm launch:"):]))
+		if r.code == 0 {
+			t.Fatal("launch exited 0 with a hung node")
+		}
+		if !strings.Contains(r.stderr, "stalled") || !strings.Contains(r.stderr, "stage 1") || !strings.Contains(r.stderr, id) {
+			t.Errorf("launch's error does not name stage 1 and its node %s as stalled:\n%s", id, r.stderr)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("launch still running 60 s after a node hung")
+	}
+}

@@ -26,6 +26,11 @@ var sqrt = math.Sqrt
 // (a duplicate micro-batch, a gradient for a micro-batch never sent, ...).
 var ErrProtocol = errors.New("core: protocol violation")
 
+// ErrStale is wrapped by errors about events that come twice or too late (a frame
+// resent after a retry, a norm for a step already taken): the caller drops them; the
+// core's state is unchanged.
+var ErrStale = errors.New("core: duplicate or late")
+
 // Config is one stage's view of the run.
 type Config struct {
 	Stage, Stages int
@@ -42,6 +47,10 @@ type Config struct {
 	// with the other replicas of its stage, after its optimiser step and before the
 	// step is done; nil means never (one replica).
 	OuterDue func(step int) bool
+	// StartTimeout bounds a wait before the stage has measured a step of its own (the
+	// first step: neighbours still loading data, dialling, warming up); after that,
+	// deadlines come from the step times measured. 0 means no deadline before then.
+	StartTimeout time.Duration
 }
 
 // Validate reports an impossible configuration.
@@ -59,6 +68,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("core: eval interval %d, batches %d", c.EvalInterval, c.EvalBatches)
 	case c.MaxInFlight < 0:
 		return fmt.Errorf("core: max in flight %d", c.MaxInFlight)
+	case c.StartTimeout < 0:
+		return fmt.Errorf("core: start timeout %s", c.StartTimeout)
 	}
 	return nil
 }
@@ -100,6 +111,12 @@ type (
 	Done struct{}
 	// Synced: the outer step asked for by Sync is applied.
 	Synced struct{ Step int }
+	// Tick: time has passed. Now is the time since the run began on the caller's clock
+	// (the core has none); RTT is the longest round trip to the stage's neighbours
+	// measured so far. Other events happen at the last tick's Now.
+	Tick struct{ Now, RTT time.Duration }
+	// PeerDown: the node holding stage Stage of this pipeline is unreachable.
+	PeerDown struct{ Stage int }
 )
 
 // Actions. Forward, Backward, Optimize and EvalForward are compute: the core asks for
@@ -140,6 +157,15 @@ type (
 	Sync struct{ Step int }
 	// Finished: every step is done; write the checkpoint and report.
 	Finished struct{}
+	// Stalled: the stage cannot go on: it has waited for stage Stage (for what Wait
+	// says) past its deadline, or that stage's node is down. The core asks for nothing
+	// more.
+	Stalled struct {
+		Step, Stage      int
+		Wait             Wait
+		Waited, Deadline time.Duration
+		Down             bool
+	}
 )
 
 type phase int
@@ -176,6 +202,16 @@ type Core struct {
 	// evaluation state
 	evalNext int
 	evalIns  map[key]bool
+
+	// time, from ticks: the last tick, the last event that was not one (liveness of the
+	// neighbours, or this stage's own progress), and the step times measured.
+	now, rtt  time.Duration
+	lastEvent time.Duration
+	stepFrom  time.Duration
+	stepSum   time.Duration
+	stepMax   time.Duration
+	stepN     int
+	stalled   bool
 }
 
 // New returns the core for cfg.
@@ -194,13 +230,22 @@ func (c *Core) Step() int { return c.step }
 // progress and waits for the others', runs its optimiser step or takes its outer
 // step: the step will be taken by every stage once the norms are in, so a stage asked
 // to stop lets it finish.
-func (c *Core) Stepping() bool { return c.phase == sharing || c.phase == stepping || c.phase == syncing }
+func (c *Core) Stepping() bool {
+	return c.phase == sharing || c.phase == stepping || c.phase == syncing
+}
 
 // Finished reports whether the run is over for this stage.
 func (c *Core) Finished() bool { return c.phase == finished }
 
 // Handle takes one event and returns what to do, in order.
 func (c *Core) Handle(e any) ([]any, error) {
+	if t, ok := e.(Tick); ok {
+		return c.tick(t), nil
+	}
+	if c.stalled {
+		return nil, nil // the stage is stopping; nothing more is asked for
+	}
+	c.lastEvent = c.now
 	var out []any
 	switch e := e.(type) {
 	case Start:
@@ -216,24 +261,33 @@ func (c *Core) Handle(e any) ([]any, error) {
 			return nil, err
 		}
 		k := key{e.Step, e.Micro}
-		if c.acts[k] || (e.Step == c.step && c.phase == training && e.Micro < c.forwarded) {
-			return nil, fmt.Errorf("%w: activation for step %d micro-batch %d twice", ErrProtocol, e.Step, e.Micro)
+		if c.acts[k] || (e.Step == c.step && (c.phase != training || e.Micro < c.forwarded)) {
+			return nil, fmt.Errorf("%w: activation for step %d micro-batch %d twice", ErrStale, e.Step, e.Micro)
 		}
 		c.acts[k] = true
 	case GradientIn:
 		if c.cfg.last() {
 			return nil, fmt.Errorf("%w: gradient sent to the last stage", ErrProtocol)
 		}
-		if e.Step != c.step || c.phase != training {
+		switch {
+		case e.Step < c.step || (e.Step == c.step && c.phase != training):
+			return nil, fmt.Errorf("%w: gradient for step %d while at step %d", ErrStale, e.Step, c.step)
+		case e.Step > c.step:
 			return nil, fmt.Errorf("%w: gradient for step %d while at step %d", ErrProtocol, e.Step, c.step)
+		case e.Micro < 0 || e.Micro >= c.forwarded:
+			return nil, fmt.Errorf("%w: gradient for micro-batch %d never sent", ErrProtocol, e.Micro)
 		}
-		if _, ok := c.slotOf[e.Micro]; !ok || c.grads[key{e.Step, e.Micro}] {
-			return nil, fmt.Errorf("%w: gradient for micro-batch %d not in flight", ErrProtocol, e.Micro)
+		backing := c.busy && c.cur.kind == 2 && c.cur.micro == e.Micro // its gradient already came
+		if _, ok := c.slotOf[e.Micro]; !ok || backing || c.grads[key{e.Step, e.Micro}] {
+			return nil, fmt.Errorf("%w: gradient for micro-batch %d twice", ErrStale, e.Micro)
 		}
 		c.grads[key{e.Step, e.Micro}] = true
 	case NormIn:
-		if e.Stage < 0 || e.Stage >= c.cfg.Stages || e.Step < c.step || e.Step > c.cfg.Steps {
+		if e.Stage < 0 || e.Stage >= c.cfg.Stages || e.Step > c.cfg.Steps || e.Step < 1 {
 			return nil, fmt.Errorf("%w: norm from stage %d for step %d at step %d", ErrProtocol, e.Stage, e.Step, c.step)
+		}
+		if e.Step < c.step || (e.Step == c.step && c.phase != training && c.phase != sharing) {
+			return nil, fmt.Errorf("%w: norm from stage %d for step %d at step %d", ErrStale, e.Stage, e.Step, c.step)
 		}
 		m := c.norms[e.Step]
 		if m == nil {
@@ -241,7 +295,7 @@ func (c *Core) Handle(e any) ([]any, error) {
 			c.norms[e.Step] = m
 		}
 		if _, dup := m[e.Stage]; dup {
-			return nil, fmt.Errorf("%w: norm from stage %d for step %d twice", ErrProtocol, e.Stage, e.Step)
+			return nil, fmt.Errorf("%w: norm from stage %d for step %d twice", ErrStale, e.Stage, e.Step)
 		}
 		m[e.Stage] = e.SumSq
 	case EvalIn:
@@ -255,8 +309,8 @@ func (c *Core) Handle(e any) ([]any, error) {
 			return nil, err
 		}
 		k := key{e.Step, e.Batch}
-		if c.evalIns[k] || (e.Step == c.step && c.phase == evaluating && e.Batch < c.evalNext) {
-			return nil, fmt.Errorf("%w: validation batch %d of step %d twice", ErrProtocol, e.Batch, e.Step)
+		if c.evalIns[k] || (e.Step == c.step && c.phase == evaluating && e.Batch < c.evalNext) || (e.Step == c.step && c.phase > evaluating) {
+			return nil, fmt.Errorf("%w: validation batch %d of step %d twice", ErrStale, e.Batch, e.Step)
 		}
 		c.evalIns[k] = true
 	case Synced:
@@ -270,6 +324,15 @@ func (c *Core) Handle(e any) ([]any, error) {
 		}
 		c.busy = false
 		out = c.completed(out)
+	case PeerDown:
+		if e.Stage < 0 || e.Stage >= c.cfg.Stages || e.Stage == c.cfg.Stage {
+			return nil, fmt.Errorf("%w: peer down for stage %d", ErrProtocol, e.Stage)
+		}
+		if !c.needs(e.Stage) {
+			return nil, nil
+		}
+		c.stalled = true
+		return []any{Stalled{Step: c.step, Stage: e.Stage, Wait: c.Waiting(), Down: true}}, nil
 	default:
 		return nil, fmt.Errorf("%w: unknown event %T", ErrProtocol, e)
 	}
@@ -277,14 +340,18 @@ func (c *Core) Handle(e any) ([]any, error) {
 }
 
 func (c *Core) checkItem(step, i, n int, what string) error {
-	if step < c.step || step > c.cfg.Steps || step < 1 || i < 0 || i >= n {
+	if step > c.cfg.Steps || step < 1 || i < 0 || i >= n {
 		return fmt.Errorf("%w: %s %d of step %d (at step %d; %d per step, %d steps)", ErrProtocol, what, i, step, c.step, n, c.cfg.Steps)
+	}
+	if step < c.step {
+		return fmt.Errorf("%w: %s %d of step %d, at step %d", ErrStale, what, i, step, c.step)
 	}
 	return nil
 }
 
 func (c *Core) beginStep(step int, out []any) []any {
 	c.step, c.phase = step, training
+	c.stepFrom = c.now
 	c.forwarded, c.backwarded = 0, 0
 	c.free = c.free[:0]
 	for s := c.cfg.Slots() - 1; s >= 0; s-- {
@@ -386,6 +453,10 @@ func (c *Core) completed(out []any) []any {
 
 // stepDone finishes the step: evaluation if due, else the next step.
 func (c *Core) stepDone(out []any) []any {
+	d := c.now - c.stepFrom
+	c.stepSum += d
+	c.stepMax = max(c.stepMax, d)
+	c.stepN++
 	out = append(out, StepDone{Step: c.step})
 	if c.cfg.EvalDue(c.step) {
 		c.phase, c.evalNext = evaluating, 0
@@ -513,4 +584,90 @@ func (l *Ledger) Mark(at time.Duration, w Wait, step int) {
 		}
 	}
 	l.at, l.cur, l.step, l.started = at, w, step, true
+}
+
+// needs says whether the stage still needs stage s's node: every stage takes part in
+// every step's norm exchange; an evaluation needs only the previous stage.
+func (c *Core) needs(s int) bool {
+	switch c.phase {
+	case training, sharing:
+		return true
+	case stepping, syncing:
+		return c.step < c.cfg.Steps || (c.cfg.EvalDue(c.step) && s == c.cfg.Stage-1)
+	case evaluating:
+		return s == c.cfg.Stage-1 || c.step < c.cfg.Steps
+	}
+	return false
+}
+
+// Deadline margins: a stage idle for longer than stallSteps mean steps (or stallMax
+// times its slowest step), plus stallRTTs round trips and 3 s (a loaded machine pauses), is stalled. A
+// slow but steady neighbour only lengthens the steps measured, and the deadline with
+// them; one that stops is found within a few of its usual steps.
+const (
+	stallSteps = 4
+	stallMax   = 2
+	stallRTTs  = 8
+	stallSlack = 3 * time.Second
+)
+
+// Deadline is how long the stage may wait idle for a neighbour now: derived from the
+// step times it has measured and the round trip, or Config.StartTimeout before it has
+// measured a step; 0 means no deadline.
+func (c *Core) Deadline() time.Duration {
+	if c.stepN == 0 {
+		if c.cfg.StartTimeout == 0 {
+			return 0
+		}
+		return c.cfg.StartTimeout + stallRTTs*c.rtt
+	}
+	mean := c.stepSum / time.Duration(c.stepN)
+	return max(stallSteps*mean, stallMax*c.stepMax) + stallRTTs*c.rtt + stallSlack
+}
+
+// tick advances the core's time and reports a stall once: idle, waiting for a
+// neighbour (not for its own compute, nor for an outer step, which the all-reduce
+// times itself), for longer than the deadline since anything last happened.
+func (c *Core) tick(t Tick) []any {
+	if t.Now > c.now {
+		c.now = t.Now
+	}
+	c.rtt = max(c.rtt, t.RTT)
+	if c.stalled || c.busy {
+		return nil
+	}
+	switch c.phase {
+	case training, sharing, evaluating:
+	default:
+		return nil
+	}
+	dl := c.Deadline()
+	waited := c.now - c.lastEvent
+	if dl == 0 || waited <= dl {
+		return nil
+	}
+	c.stalled = true
+	return []any{Stalled{Step: c.step, Stage: c.waitedFor(), Wait: c.Waiting(), Waited: waited, Deadline: dl}}
+}
+
+// waitedFor is the stage whose silence holds this one up: the previous stage for an
+// activation, the next for a gradient, the first stage whose norm is missing.
+func (c *Core) waitedFor() int {
+	switch c.Waiting() {
+	case WaitActivation:
+		if !c.cfg.first() {
+			return c.cfg.Stage - 1
+		}
+	case WaitGradient:
+		if !c.cfg.last() {
+			return c.cfg.Stage + 1
+		}
+	case WaitNorm:
+		for s := range c.cfg.Stages {
+			if _, ok := c.norms[c.step][s]; !ok {
+				return s
+			}
+		}
+	}
+	return c.cfg.Stage
 }

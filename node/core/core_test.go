@@ -108,10 +108,8 @@ func TestBadEventsAreProtocolErrors(t *testing.T) {
 		"gradient to last stage":    {Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 1}, []any{Start{}, GradientIn{1, 0}}},
 		"micro-batch out of range":  {Config{Stage: 1, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, ActivationIn{1, 2}}},
 		"step beyond the run":       {Config{Stage: 1, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, ActivationIn{2, 0}}},
-		"duplicate activation":      {Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 1}, []any{Start{}, ActivationIn{1, 0}, ActivationIn{1, 0}}},
 		"gradient never sent":       {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, GradientIn{1, 1}}},
 		"norm from unknown stage":   {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, NormIn{Step: 1, Stage: 5}}},
-		"duplicate norm":            {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 1}}},
 		"done with nothing running": {Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 1}, []any{Start{}, Done{}}},
 		"eval on a non-eval step":   {Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3, EvalBatches: 1}, []any{Start{}, EvalIn{1, 0}}},
 		"unknown event":             {Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 1}, []any{Start{}, "hello"}},
@@ -126,6 +124,38 @@ func TestBadEventsAreProtocolErrors(t *testing.T) {
 		}
 		if !errors.Is(err, ErrProtocol) {
 			t.Errorf("%s: err = %v, want ErrProtocol", name, err)
+		}
+	}
+}
+
+func TestDuplicateAndLateEventsAreStaleAndChangeNothing(t *testing.T) {
+	cases := map[string]struct {
+		cfg    Config
+		events []any
+	}{
+		"duplicate activation":    {Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2}, []any{Start{}, ActivationIn{1, 0}, ActivationIn{1, 0}}},
+		"activation already used": {Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2}, []any{Start{}, ActivationIn{1, 0}, Done{}, ActivationIn{1, 0}}},
+		"duplicate norm":          {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 1}}},
+		"duplicate gradient": {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1},
+			[]any{Start{}, Done{}, GradientIn{1, 0}, GradientIn{1, 0}}},
+		"gradient already used": {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1},
+			[]any{Start{}, Done{}, GradientIn{1, 0}, Done{}, GradientIn{1, 0}}},
+	}
+	for name, tc := range cases {
+		c := mustNew(t, tc.cfg)
+		var err error
+		for _, e := range tc.events[:len(tc.events)-1] {
+			if _, err = c.Handle(e); err != nil {
+				t.Fatalf("%s: %#v: %v", name, e, err)
+			}
+		}
+		before := fmt.Sprintf("%+v", *c)
+		acts, err := c.Handle(tc.events[len(tc.events)-1])
+		if !errors.Is(err, ErrStale) || errors.Is(err, ErrProtocol) || len(acts) > 0 {
+			t.Errorf("%s: %v, %v; want ErrStale and no action", name, acts, err)
+		}
+		if after := fmt.Sprintf("%+v", *c); after != before {
+			t.Errorf("%s: the stale event changed the core:\n%s\n%s", name, before, after)
 		}
 	}
 }
@@ -420,5 +450,190 @@ func TestSteppingFromNormSharedUntilTheStepIsDone(t *testing.T) {
 	script(t, c, [2]any{Done{}, acts{StepDone{Step: 1}, Forward{Step: 2, Micro: 0, Slot: 0, Send: true}}})
 	if c.Stepping() {
 		t.Fatal("stepping after the step is done")
+	}
+}
+
+// clocked drives stage 0 of a two-stage run (one micro-batch a step) on a fake clock.
+type clocked struct {
+	t   *testing.T
+	c   *Core
+	now time.Duration
+	rtt time.Duration
+}
+
+func newClocked(t *testing.T, cfg Config) *clocked {
+	k := &clocked{t: t, c: mustNew(t, cfg), rtt: 10 * time.Millisecond}
+	k.must(Start{})
+	return k
+}
+
+func (k *clocked) must(e any) []any {
+	k.t.Helper()
+	out, err := k.c.Handle(e)
+	if err != nil {
+		k.t.Fatalf("%#v: %v", e, err)
+	}
+	return out
+}
+
+// advance moves the clock by d in ticks of 100 ms and returns what the ticks asked for.
+func (k *clocked) advance(d time.Duration) []any {
+	var out []any
+	for end := k.now + d; k.now < end; {
+		k.now = min(end, k.now+100*time.Millisecond)
+		out = append(out, k.must(Tick{Now: k.now, RTT: k.rtt})...)
+	}
+	return out
+}
+
+// step runs the step in progress to its end, taking d in all, half of it waiting for
+// the gradient.
+func (k *clocked) step(d time.Duration) {
+	k.t.Helper()
+	s := k.c.Step()
+	k.must(Done{}) // the forward
+	if out := k.advance(d / 2); len(out) > 0 {
+		k.t.Fatalf("step %d: %v while waiting %s for a gradient", s, out, d/2)
+	}
+	k.must(GradientIn{s, 0})
+	k.must(Done{}) // backward: ShareNorm
+	k.must(NormIn{Step: s, Stage: 0})
+	k.must(NormIn{Step: s, Stage: 1})
+	k.advance(d / 2)
+	k.must(Done{}) // optimiser
+}
+
+func stalledIn(out []any) (Stalled, bool) {
+	for _, a := range out {
+		if s, ok := a.(Stalled); ok {
+			return s, true
+		}
+	}
+	return Stalled{}, false
+}
+
+func TestDeadlineComesFromTheStepTimesMeasured(t *testing.T) {
+	k := newClocked(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
+	k.advance(100 * time.Millisecond) // the first tick brings the round trip
+	if got := k.c.Deadline(); got != 30*time.Second+80*time.Millisecond {
+		t.Errorf("before any step: deadline %s, want the start timeout plus 8 round trips", got)
+	}
+	for range 3 {
+		k.step(time.Second)
+	}
+	// 4 × the mean step (the first took the 100 ms before it too) + 8 × 10 ms + 3 s.
+	if got, want := k.c.Deadline(), 4*(3100*time.Millisecond/3)+80*time.Millisecond+3*time.Second; got != want {
+		t.Errorf("after three 1 s steps: deadline %s, want %s", got, want)
+	}
+}
+
+func TestSlowPeerWithinItsPaceIsNotStalled(t *testing.T) {
+	k := newClocked(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 20, StartTimeout: 30 * time.Second})
+	// The neighbour slows down step by step: the deadline follows the steps measured.
+	for d := time.Second; d <= 6*time.Second; d += time.Second {
+		k.step(d)
+	}
+	if k.c.stalled {
+		t.Fatal("a neighbour that slows down gradually was declared stalled")
+	}
+}
+
+func TestSilentNeighbourIsStalledAtItsDeadline(t *testing.T) {
+	k := newClocked(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
+	k.step(time.Second)
+	k.step(time.Second)
+	k.must(Done{}) // step 3's forward; now the gradient never comes
+	dl := k.c.Deadline()
+	out := k.advance(dl)
+	if _, ok := stalledIn(out); ok {
+		t.Fatalf("stalled before the deadline %s", dl)
+	}
+	out = k.advance(200 * time.Millisecond)
+	s, ok := stalledIn(out)
+	if !ok {
+		t.Fatalf("not stalled 200 ms past the deadline %s: %v", dl, out)
+	}
+	if s.Stage != 1 || s.Wait != WaitGradient || s.Step != 3 || s.Down || s.Waited <= s.Deadline {
+		t.Errorf("stalled %+v, want stage 1, waiting for a gradient of step 3, past the deadline", s)
+	}
+	if out := k.advance(10 * time.Second); len(out) > 0 {
+		t.Errorf("a stalled core asked for more: %v", out)
+	}
+	if out := k.must(GradientIn{3, 0}); len(out) > 0 {
+		t.Errorf("a stalled core went on after a late gradient: %v", out)
+	}
+}
+
+func TestMissingNormIsStalledNamingItsStage(t *testing.T) {
+	c := mustNew(t, Config{Stage: 1, Stages: 3, MicroBatches: 1, Steps: 2, StartTimeout: 5 * time.Second})
+	for _, e := range []any{Start{}, ActivationIn{1, 0}, Done{}, GradientIn{1, 0}, Done{}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 0}} {
+		if _, err := c.Handle(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, _ := c.Handle(Tick{Now: 6 * time.Second})
+	s, ok := stalledIn(out)
+	if !ok || s.Stage != 2 || s.Wait != WaitNorm {
+		t.Errorf("%v: want a stall naming stage 2, whose norm is missing", out)
+	}
+}
+
+func TestPeerDownStallsTheStageAtOnceInEveryPhase(t *testing.T) {
+	cfg := Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2, OuterDue: func(int) bool { return true }}
+	phases := map[string][]any{
+		"forward":       {Start{}},                                   // waiting for an activation
+		"backward":      {Start{}, ActivationIn{1, 0}, Done{}},       // waiting for a gradient
+		"norm exchange": {Start{}, ActivationIn{1, 0}, ActivationIn{1, 1}, Done{}, Done{}, GradientIn{1, 0}, Done{}, GradientIn{1, 1}, Done{}},
+		"outer step": {Start{}, ActivationIn{1, 0}, ActivationIn{1, 1}, Done{}, Done{}, GradientIn{1, 0}, Done{}, GradientIn{1, 1}, Done{},
+			NormIn{Step: 1, Stage: 0}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 2}, Done{}},
+	}
+	for name, events := range phases {
+		c := mustNew(t, cfg)
+		for _, e := range events {
+			if _, err := c.Handle(e); err != nil {
+				t.Fatalf("%s: %#v: %v", name, e, err)
+			}
+		}
+		out, err := c.Handle(PeerDown{Stage: 0})
+		s, ok := stalledIn(out)
+		if err != nil || !ok || !s.Down || s.Stage != 0 {
+			t.Errorf("%s: stage 0's node down: %v, %v; want a stall naming it", name, out, err)
+		}
+	}
+}
+
+func TestOuterStepIsNotTimedByTheCore(t *testing.T) {
+	c := mustNew(t, Config{Stage: 0, Stages: 1, MicroBatches: 1, Steps: 2, StartTimeout: time.Second, OuterDue: func(int) bool { return true }})
+	for _, e := range []any{Start{}, Done{}, Done{}, NormIn{Step: 1, Stage: 0}, Done{}} {
+		if _, err := c.Handle(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if c.Waiting() != WaitSync {
+		t.Fatalf("waiting %v, want the outer step", c.Waiting())
+	}
+	if out, _ := c.Handle(Tick{Now: time.Hour}); len(out) > 0 {
+		t.Errorf("an outer step taking an hour: %v; the all-reduce keeps its own deadlines", out)
+	}
+}
+
+func TestPartitionShorterThanTheDeadlineHeals(t *testing.T) {
+	k := newClocked(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
+	k.step(time.Second)
+	k.step(time.Second)
+	k.must(Done{})
+	// Nothing arrives for most of the deadline (a partition), then the link heals.
+	if out := k.advance(k.c.Deadline() - 300*time.Millisecond); len(out) > 0 {
+		t.Fatalf("partition shorter than the deadline: %v", out)
+	}
+	k.must(GradientIn{3, 0})
+	k.must(Done{})
+	k.must(NormIn{Step: 3, Stage: 0})
+	k.must(NormIn{Step: 3, Stage: 1})
+	if out := k.must(Done{}); !reflect.DeepEqual(out[0], StepDone{Step: 3}) {
+		t.Fatalf("after the heal: %v, want step 3 done", out)
+	}
+	if k.c.stalled {
+		t.Error("stalled by a partition that healed in time")
 	}
 }
