@@ -581,8 +581,8 @@ func TestMissingNormIsStalledNamingItsStage(t *testing.T) {
 func TestPeerDownStallsTheStageAtOnceInEveryPhase(t *testing.T) {
 	cfg := Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2, OuterDue: func(int) bool { return true }}
 	phases := map[string][]any{
-		"forward":       {Start{}},                                   // waiting for an activation
-		"backward":      {Start{}, ActivationIn{1, 0}, Done{}},       // waiting for a gradient
+		"forward":       {Start{}},                             // waiting for an activation
+		"backward":      {Start{}, ActivationIn{1, 0}, Done{}}, // waiting for a gradient
 		"norm exchange": {Start{}, ActivationIn{1, 0}, ActivationIn{1, 1}, Done{}, Done{}, GradientIn{1, 0}, Done{}, GradientIn{1, 1}, Done{}},
 		"outer step": {Start{}, ActivationIn{1, 0}, ActivationIn{1, 1}, Done{}, Done{}, GradientIn{1, 0}, Done{}, GradientIn{1, 1}, Done{},
 			NormIn{Step: 1, Stage: 0}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 2}, Done{}},
