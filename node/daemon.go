@@ -66,7 +66,7 @@ type Daemon struct {
 
 	mu    sync.Mutex
 	runs  map[uint64]*worker
-	seen  map[uint64]bool // plans accepted and not yet expired
+	seen  map[[2]uint64]bool // plans (run, rejoin nonce) accepted and not yet expired
 	ended map[uint64]bool // runs held here that have stopped: their late frames are dropped, not penalised
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
@@ -119,7 +119,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		dir.Close()
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[uint64]bool{}, ended: map[uint64]bool{}}
+	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]bool{}, ended: map[uint64]bool{}}
 	penalise := func(p peer.ID, err error) {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
 			return // a stream cut short by a peer that died mid-write: not misbehaviour
@@ -167,6 +167,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			d.log.Warn("bootstrap peer unreachable", "addr", a, "err", err)
 		}
 	}
+	go d.redialLaunchers(ctx)
 	hb, err := d.host.PubSub.Join(p2p.TopicHeartbeats)
 	if err != nil {
 		d.log.Warn("no heartbeat topic", "err", err)
@@ -397,6 +398,20 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if idx < 0 {
 		return errors.New("refused: the plan gives this node no stage")
 	}
+	var nonce uint64
+	if j := plan.Join; j != nil {
+		switch {
+		case j.Replica != rep:
+			return fmt.Errorf("refused: a rejoin of replica pipeline %d, but this node holds replica %d", j.Replica, rep)
+		case R < 2 || sp.DiLoCo.Fragments != 1:
+			return errors.New("refused: rejoining needs replicas with one fragment")
+		case j.Step < 1 || j.Step >= sp.Train.Steps || !sp.DiLoCo.SyncAt(j.Step, sp.Train.Steps):
+			return fmt.Errorf("refused: rejoin at step %d, not an outer step of the run", j.Step)
+		case j.Nonce == 0 || plan.Resume != nil:
+			return errors.New("refused: a rejoin needs a nonce and no resume")
+		}
+		nonce = j.Nonce
+	}
 	if err := plan.Data.validate(R); err != nil {
 		return fmt.Errorf("refused: %w", err)
 	}
@@ -412,7 +427,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if _, dup := d.runs[plan.ID]; dup || d.seen[plan.ID] {
+	if _, dup := d.runs[plan.ID]; dup || d.seen[[2]uint64{plan.ID, nonce}] {
 		return fmt.Errorf("refused: run %016x already accepted here", plan.ID)
 	}
 	if len(d.runs) >= d.cfg.MaxStages {
@@ -432,10 +447,11 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		return fmt.Errorf("refused: %w", err)
 	}
 	d.runs[plan.ID] = w
-	d.seen[plan.ID] = true // a replay of the plan within its life is refused
+	d.seen[[2]uint64{plan.ID, nonce}] = true // a replay of the plan within its life is refused
+	delete(d.ended, plan.ID)                  // frames of the run are for this worker again
 	time.AfterFunc(time.Until(plan.Expires), func() {
 		d.mu.Lock()
-		delete(d.seen, plan.ID)
+		delete(d.seen, [2]uint64{plan.ID, nonce})
 		d.mu.Unlock()
 		select {
 		case <-w.started:
@@ -452,6 +468,9 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		<-w.done
 		d.endRun(plan.ID)
 	}()
+	if err := writeLauncherRecord(d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), plan); err != nil {
+		d.log.Warn("launcher not recorded; after a restart this node will not find it", "err", err)
+	}
 	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
 		"launcher", signer, "need_mib", need>>20)
 	return nil

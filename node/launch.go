@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -70,6 +72,7 @@ type LaunchResult struct {
 	SyncBytes  [][]int64
 	OuterSteps int   // outer steps of stage 0's replicas
 	Broken     []int // replica pipelines that stopped early (a stage's peer died or stalled)
+	Rejoined   []int // replica pipelines brought back (once each time) after they broke
 	// Times: where each stage's wall time went, one per (stage, replica) that finished.
 	Times []StageTime
 }
@@ -223,7 +226,93 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		id, err := peer.Decode(a.Peer)
 		return ok && err == nil && h.Network().Connectedness(id) == network.Connected
 	}
-	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up)
+	rj := rejoiner{
+		// reach connects to every node of replica pipeline r, as they were in the plan,
+		// and asks each for an offer: a node that answers within a few round trips and
+		// has a free slot can take its cell again (a hung one cannot).
+		reach: func(r int) bool {
+			for _, a := range plan.Stages {
+				if a.Replica != r {
+					continue
+				}
+				id, _ := peer.Decode(a.Peer)
+				cctx, cancel := context.WithTimeout(ctx, time.Second+8*h.Peerstore().LatencyEWMA(id))
+				err := h.Host.Connect(cctx, peer.AddrInfo{ID: id})
+				var rep *ctlReply
+				if err == nil {
+					rep, err = call(cctx, h, id, ctlMsg{Type: msgOffer})
+				}
+				cancel()
+				if err != nil || !rep.OK || rep.Offer == nil || rep.Offer.MaxStages < 1 {
+					return false
+				}
+			}
+			return true
+		},
+		// join signs a plan that brings replica pipeline r back after outer step step,
+		// gives it to the pipeline's nodes and starts it; the nonce tells its reports.
+		join: func(r, step int) (uint64, error) {
+			j := *plan
+			// A restarted node may listen elsewhere now: every cell carries the addresses
+			// its node has told this launcher (identify) since.
+			j.Stages = slices.Clone(plan.Stages)
+			for i, a := range j.Stages {
+				id, _ := peer.Decode(a.Peer)
+				if now := h.Peerstore().Addrs(id); len(now) > 0 {
+					if full, err := peer.AddrInfoToP2pAddrs(&peer.AddrInfo{ID: id, Addrs: now}); err == nil {
+						j.Stages[i].Addrs = nil
+						for _, m := range full {
+							j.Stages[i].Addrs = append(j.Stages[i].Addrs, m.String())
+						}
+					}
+				}
+			}
+			now := time.Now().UTC()
+			j.Created, j.Expires = now, now.Add(max(time.Minute, time.Duration(sp.Pipeline.StaffTimeout)*time.Second))
+			j.Join = &JoinPlan{Replica: r, Step: step, Nonce: newRunID()}
+			payload, err := json.Marshal(j)
+			if err != nil {
+				return 0, err
+			}
+			signed, err := p2p.Sign(o.Key, payload)
+			if err != nil {
+				return 0, err
+			}
+			var taken []peer.ID
+			undo := func() {
+				for _, id := range taken {
+					_, _ = call(context.WithoutCancel(ctx), h, id, ctlMsg{Type: msgAbort, Run: runID, Reason: "rejoin failed"})
+				}
+			}
+			for _, typ := range []string{msgAssign, msgStart} {
+				for _, a := range plan.Stages {
+					if a.Replica != r {
+						continue
+					}
+					id, _ := peer.Decode(a.Peer)
+					m := ctlMsg{Type: typ, Run: runID}
+					if typ == msgAssign {
+						m.Signed = signed
+					}
+					cctx, cancel := context.WithTimeout(ctx, 5*time.Second+8*h.Peerstore().LatencyEWMA(id))
+					rep, err := call(cctx, h, id, m)
+					cancel()
+					if err == nil && !rep.OK {
+						err = errors.New(rep.Error)
+					}
+					if err != nil {
+						undo()
+						return 0, fmt.Errorf("%s of %s: %w", typ, cellName(sp, a), err)
+					}
+					if typ == msgAssign {
+						taken = append(taken, id)
+					}
+				}
+			}
+			return j.Join.Nonce, nil
+		},
+	}
+	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up, rj)
 	if res != nil {
 		// For tools that run launch as a process (the WAN bench's netns mode).
 		if b, jerr := json.MarshalIndent(res, "", "  "); jerr == nil {
@@ -333,7 +422,7 @@ func announce(ctx context.Context, h *p2p.Host, plan *Plan, log *slog.Logger) {
 // run goes on while one pipeline is whole. Every outer step's weight hashes must agree
 // across the replicas of a stage, or the run fails.
 func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, reports <-chan Report, lost <-chan peer.ID,
-	abort func(string), idle func(int, string), up func(stage, replica int) bool) (*LaunchResult, error) {
+	abort func(string), idle func(int, string), up func(stage, replica int) bool, rj rejoiner) (*LaunchResult, error) {
 	sp := o.Spec
 	out := o.OutDir
 	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
@@ -387,6 +476,38 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	hashes := map[[2]int]string{}          // (stage, step) -> the first replica's global weights hash
 	outers := map[[2]int][]metrics.Outer{} // (stage, step) -> rows so far
 	lagging := map[int]bool{}              // replica pipelines left behind by an outer step, still connected
+	// Rejoining: a broken pipeline whose nodes are all reachable again is brought back
+	// at the next outer step every stage has taken; reports of a pipeline's earlier
+	// incarnation (its join nonce) are ignored.
+	epoch := make([]uint64, R)
+	joinedAt := make([]int, R) // the outer step after which a pipeline rejoined
+	wantJoin := map[int]bool{}
+	back := make(chan int, R)
+	stageSynced := map[[2]int]bool{} // (stage, step) whose live replicas have all reported the outer step
+	synced := map[int]int{}          // step -> stages whose outer step is complete
+	rejoinable := R > 1 && sp.DiLoCo.Fragments == 1 && rj.reach != nil
+	stopProbes := make(chan struct{})
+	defer close(stopProbes)
+	probe := func(r int) {
+		go func() {
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-stopProbes:
+					return
+				case <-time.After(2 * time.Second):
+				}
+				if rj.reach(r) {
+					select {
+					case back <- r:
+					case <-stopProbes:
+					}
+					return
+				}
+			}
+		}()
+	}
 	emit := func(s metrics.Step) error {
 		if err := mw.Write(s); err != nil {
 			return err
@@ -424,6 +545,9 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		res.Broken = append(res.Broken, r)
 		log.Warn("replica pipeline broken; the run goes on without it", "replica", r, "reason", why, "whole", R-len(broken))
 		idle(r, why)
+		if rejoinable {
+			probe(r)
+		}
 		return nil
 	}
 	remaining := func() int {
@@ -453,6 +577,11 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			abort("launcher interrupted")
 			plot()
 			return res, ctx.Err()
+		case r := <-back:
+			if _, ok := broken[r]; ok {
+				wantJoin[r] = true
+				log.Info("the nodes of a broken replica pipeline are reachable again; it rejoins at the next outer step", "replica", r)
+			}
 		case now := <-check.C:
 			if quiet, dl := silence.overdue(now, len(pending) > 0); quiet > 0 {
 				why := fmt.Sprintf("no report from any stage for %s (deadline %s, from the steps measured)", quiet.Round(time.Second), dl.Round(time.Second))
@@ -473,8 +602,8 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			}
 		case r := <-reports:
 			a, ok := plan.cell(r.Stage, r.Replica)
-			if !ok || a.Peer != r.Peer {
-				continue // not from the peer holding that cell
+			if !ok || a.Peer != r.Peer || r.Join != epoch[r.Replica] {
+				continue // not from the peer holding that cell, or from before it rejoined
 			}
 			silence.heard(time.Now(), r.Kind == ReportStep)
 			if _, ok := broken[r.Replica]; ok && r.Kind != ReportOuter {
@@ -549,13 +678,36 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					res.OuterSteps++
 				}
 				outers[k] = append(outers[k], row)
-				if o.OnOuter != nil && len(outers[k]) >= R-len(broken)-len(lagging) {
+				complete := len(outers[k]) >= R-len(broken)-len(lagging)
+				if o.OnOuter != nil && complete {
 					o.OnOuter(outers[k])
 					delete(outers, k)
 				}
+				if complete && !stageSynced[k] {
+					stageSynced[k] = true
+					synced[r.Step]++
+					if synced[r.Step] == S && len(wantJoin) > 0 && r.Step < sp.Train.Steps {
+						for _, j := range slices.Sorted(maps.Keys(wantJoin)) {
+							nonce, err := rj.join(j, r.Step)
+							if err != nil {
+								log.Warn("replica pipeline could not rejoin; trying again at the next outer step", "replica", j, "step", r.Step, "err", err)
+								continue
+							}
+							delete(wantJoin, j)
+							delete(broken, j)
+							delete(lagging, j)
+							epoch[j], joinedAt[j] = nonce, r.Step
+							for s := range S {
+								delete(done, [2]int{s, j})
+							}
+							res.Rejoined = append(res.Rejoined, j)
+							log.Info("replica pipeline rejoined", "replica", j, "after_step", r.Step, "whole", R-len(broken))
+						}
+					}
+				}
 				for _, m := range r.Outer.Missing {
-					if _, ok := broken[m]; ok || lagging[m] {
-						continue
+					if _, ok := broken[m]; ok || lagging[m] || r.Step <= joinedAt[m] {
+						continue // already out, or missing from a step before it rejoined
 					}
 					if !up(r.Stage, m) {
 						if err := breakPipeline(m, fmt.Sprintf("stage %d of replica %d missed the outer step after step %d and is gone", r.Stage, m, r.Step)); err != nil {
@@ -694,4 +846,11 @@ func (c *silenceClock) overdue(now time.Time, evaluating bool) (quiet, deadline 
 		return q, deadline
 	}
 	return 0, deadline
+}
+
+// rejoiner is how watch brings a broken replica pipeline back: reach connects to its
+// nodes, join gives them a signed rejoin plan and starts it (returning its nonce).
+type rejoiner struct {
+	reach func(r int) bool
+	join  func(r, step int) (uint64, error)
 }

@@ -67,6 +67,18 @@ type Plan struct {
 	// Resume, if set, continues an interrupted run: every stage loads its checkpoint of
 	// that run at that step and trains on from the step after.
 	Resume *ResumePlan `json:"resume,omitempty"`
+	// Join, if set, brings one replica pipeline back into a running run: its cells take
+	// their stage's global state from the live replicas as of the outer step after
+	// Step and train on from the step after it.
+	Join *JoinPlan `json:"join,omitempty"`
+}
+
+// JoinPlan is a rejoin of replica pipeline Replica at outer step Step. Nonce tells
+// one rejoin of a run from another (a node refuses a plan it has taken already).
+type JoinPlan struct {
+	Replica int    `json:"replica"`
+	Step    int    `json:"step"`
+	Nonce   uint64 `json:"nonce"`
 }
 
 // MaxPlanLife is the longest a plan may stay valid; a node refuses one whose expiry is
@@ -104,6 +116,7 @@ const (
 // Report is a node's progress message to its launcher.
 type Report struct {
 	Run        uint64       `json:"run"`
+	Join       uint64       `json:"join,omitempty"` // the nonce of the rejoin the stage was started by, 0 at first
 	Stage      int          `json:"stage"`
 	Replica    int          `json:"replica,omitempty"`
 	Peer       string       `json:"peer"`

@@ -2,6 +2,7 @@ package node
 
 import (
 	"bytes"
+	"context"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -11,7 +12,9 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
 
+	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
@@ -195,7 +198,7 @@ func (w *worker) resumeFrom(runDir string, step int) error {
 		if w.outer.Rounds, err = strconv.Atoi(st.Metadata["outer_steps"]); err != nil {
 			return fmt.Errorf("%s: outer_steps: %w", pair.state, err)
 		}
-		w.served.set(uint64(step)*uint64(w.sp.DiLoCo.Fragments)+uint64(w.sp.DiLoCo.Fragments-1), w.outer.Global, w.outer.Momentum())
+		w.serve(uint64(step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1))
 	}
 	for _, b := range []struct {
 		name string
@@ -403,4 +406,124 @@ func readKeptRows(path string, step int) (*keptRows, error) {
 		}
 	}
 	return k, nil
+}
+
+// serve publishes the state a replica that falls behind or joins fetches: the global
+// weights and outer momentum as of round, and this replica's AdamW moments.
+func (w *worker) serve(round uint64) {
+	m, v := w.opt.Moments()
+	w.served.set(round, w.outer.Global, w.outer.Momentum(), m, v)
+}
+
+// rejoin brings this stage into a running run as the plan's Join says: it fetches
+// the stage's global weights, outer momentum and AdamW moments from a live replica
+// (verified by hash, from the first that serves), which must be as of the outer step
+// after the plan's step, and puts the data sampler where this replica's would be.
+// The all-reduce group counts it in from the next round.
+func (w *worker) rejoin() error {
+	j := w.plan.Join
+	want := uint64(j.Step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1)
+	t0 := time.Now()
+	w.connectReplicas() // the group fetches over connections that exist
+	round, vecs, err := w.group.FetchStateAt(w.ctx, want)
+	if err != nil {
+		return fmt.Errorf("rejoin: fetching the stage's state: %w", err)
+	}
+	n := len(w.stage.Params)
+	switch {
+	case round != want:
+		return fmt.Errorf("rejoin: the live replicas are at round %d, the plan's step %d is round %d (they moved on: rejoin at a later step)", round, j.Step, want)
+	case len(vecs) != 4 || len(vecs[0]) != n || len(vecs[1]) != n || len(vecs[2]) != n || len(vecs[3]) != n:
+		return fmt.Errorf("rejoin: fetched state has the wrong shape (%d vectors)", len(vecs))
+	}
+	copy(w.outer.Global, vecs[0])
+	copy(w.outer.Momentum(), vecs[1])
+	copy(w.stage.Params, vecs[0])
+	// Every replica has taken as many inner steps: the moments' step count is j.Step.
+	if err := w.opt.SetState(j.Step, vecs[2], vecs[3]); err != nil {
+		return fmt.Errorf("rejoin: %w", err)
+	}
+	for s := 1; s <= j.Step; s++ {
+		if w.sp.DiLoCo.SyncAt(s, w.sp.Train.Steps) {
+			w.outer.Rounds++
+		}
+	}
+	w.serve(round)
+	if w.sampler != nil {
+		// This replica's data stream, where it would be after j.Step steps.
+		mb := w.sp.Train.BatchSize / w.sp.Pipeline.MicroBatches
+		io := w.slotIO[0]
+		for range j.Step * w.sp.Pipeline.MicroBatches {
+			w.sampler.Next(io.tokens[:mb*w.stage.Config.SeqLen], io.targets[:mb*w.stage.Config.SeqLen])
+		}
+	}
+	w.doneStep, w.ckStep, w.stepped = j.Step, j.Step, true
+	if err := w.stepTaken(j.Step); err != nil {
+		return err
+	}
+	w.log.Info("rejoined: state fetched and verified", "step", j.Step, "round", round, "weights_hash", w.outer.Hash(),
+		"took", time.Since(t0).Round(time.Millisecond))
+	return nil
+}
+
+// launcherFile, in a run's directory on a node, says who launched the run and where
+// it listened, so that a node that restarts can let the launcher know it is back.
+const launcherFile = "launcher.json"
+
+type launcherRecord struct {
+	Launcher string   `json:"launcher"`
+	Addrs    []string `json:"addrs"`
+}
+
+func writeLauncherRecord(runDir string, plan *Plan) error {
+	if err := os.MkdirAll(runDir, 0o755); err != nil {
+		return err
+	}
+	b, err := json.Marshal(launcherRecord{Launcher: plan.Launcher, Addrs: plan.LauncherAddrs})
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(runDir, "."+launcherFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(runDir, launcherFile))
+}
+
+// relaunchWindow is how recent a run must be for a restarted node to dial its
+// launcher: long enough for a run that is still going, short enough not to knock on
+// the doors of launchers long gone.
+const relaunchWindow = 24 * time.Hour
+
+// redialLaunchers connects, once, to the launchers of the runs this node held lately
+// (their records written in the last relaunchWindow): a node restarted after a crash
+// is then seen again by a launcher that wants its replica pipeline back.
+func (d *Daemon) redialLaunchers(ctx context.Context) {
+	recs, _ := filepath.Glob(filepath.Join(d.dir.RunDir("*"), launcherFile))
+	seen := map[string]bool{}
+	for _, path := range recs {
+		st, err := os.Stat(path)
+		if err != nil || time.Since(st.ModTime()) > relaunchWindow {
+			continue
+		}
+		b, err := os.ReadFile(path)
+		var r launcherRecord
+		if err != nil || json.Unmarshal(b, &r) != nil || seen[r.Launcher] {
+			continue
+		}
+		seen[r.Launcher] = true
+		id, err := peer.Decode(r.Launcher)
+		if err != nil {
+			continue
+		}
+		d.addAddrs(id, r.Addrs)
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		err = d.host.Host.Connect(cctx, peer.AddrInfo{ID: id})
+		cancel()
+		if err == nil {
+			d.log.Info("reconnected to the launcher of a run held here before", "launcher", id, "run_dir", filepath.Dir(path))
+		} else {
+			d.log.Debug("launcher of an earlier run unreachable", "launcher", id, "err", err)
+		}
+	}
 }

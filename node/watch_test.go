@@ -50,15 +50,21 @@ type watchRun struct {
 	aborted []string
 	idled   []int
 	down    map[[2]int]bool
+	rj      rejoiner
+	log     *slog.Logger
 }
 
 func (w *watchRun) run(t *testing.T, sp *spec.Spec, plan *Plan) (*LaunchResult, error) {
 	t.Helper()
 	o := LaunchOptions{Spec: sp, OutDir: t.TempDir()}
-	return watch(context.Background(), o, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
+	log := w.log
+	if log == nil {
+		log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	return watch(context.Background(), o, log, plan, w.reports, w.lost,
 		func(why string) { w.aborted = append(w.aborted, why) },
 		func(r int, _ string) { w.idled = append(w.idled, r) },
-		func(s, r int) bool { return !w.down[[2]int{s, r}] })
+		func(s, r int) bool { return !w.down[[2]int{s, r}] }, w.rj)
 }
 
 func newWatchRun() *watchRun {
@@ -135,5 +141,79 @@ func TestLosingTheLastWholePipelineFailsTheRun(t *testing.T) {
 	_, err := w.run(t, sp, plan)
 	if !errors.Is(err, ErrRunFailed) {
 		t.Fatalf("error %v, want ErrRunFailed once no replica pipeline is whole", err)
+	}
+}
+
+// logSignal is a slog handler that passes each message to a channel.
+type logSignal struct{ msgs chan string }
+
+func (l logSignal) Enabled(context.Context, slog.Level) bool { return true }
+func (l logSignal) Handle(_ context.Context, r slog.Record) error {
+	select {
+	case l.msgs <- r.Message:
+	default:
+	}
+	return nil
+}
+func (l logSignal) WithAttrs([]slog.Attr) slog.Handler { return l }
+func (l logSignal) WithGroup(string) slog.Handler      { return l }
+
+func TestABrokenPipelineRejoinsAtTheNextOuterStepWhenItsNodesAreBack(t *testing.T) {
+	sp, err := spec.Parse([]byte(strings.Replace(gridSpec, "steps: 4", "steps: 8", 1)), "grid.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, plan := gridPlan(t)
+	w := newWatchRun()
+	msgs := make(chan string, 100)
+	w.log = slog.New(logSignal{msgs})
+	type joinCall struct{ r, step int }
+	joins := make(chan joinCall, 4)
+	w.rj = rejoiner{
+		reach: func(int) bool { return true },
+		join: func(r, step int) (uint64, error) {
+			joins <- joinCall{r, step}
+			return 99, nil
+		},
+	}
+	results := make(chan error, 1)
+	var res *LaunchResult
+	go func() {
+		var err error
+		res, err = w.run(t, sp, plan)
+		results <- err
+	}()
+	w.report(plan, Report{Stage: 1, Replica: 2, Kind: ReportIdle, Error: "idle: lost a neighbour"})
+	for m := range msgs {
+		if strings.Contains(m, "rejoins at the next outer step") {
+			break
+		}
+	}
+	// The outer step after step 2, taken by both stages of the two whole pipelines.
+	for s := range 2 {
+		for r := range 2 {
+			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportOuter, Step: 2, Outer: &OuterReport{Hash: "h"}})
+		}
+	}
+	if j := <-joins; j != (joinCall{2, 2}) {
+		t.Fatalf("rejoin %+v, want replica 2 after step 2", j)
+	}
+	// A late report of the pipeline's first incarnation is ignored; the rejoined one
+	// must finish like the others.
+	w.report(plan, Report{Stage: 0, Replica: 2, Kind: ReportError, Error: "stalled: old news"})
+	for r := range 3 {
+		for s := range 2 {
+			rep := Report{Stage: s, Replica: r, Kind: ReportDone}
+			if r == 2 {
+				rep.Join = 99
+			}
+			w.report(plan, rep)
+		}
+	}
+	if err := <-results; err != nil {
+		t.Fatal(err)
+	}
+	if len(res.Rejoined) != 1 || res.Rejoined[0] != 2 || len(res.Broken) != 1 {
+		t.Errorf("rejoined %v, broken %v; want replica 2 broken once and rejoined", res.Rejoined, res.Broken)
 	}
 }

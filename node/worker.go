@@ -170,32 +170,52 @@ type fetchedState struct {
 }
 
 // servedState is the stage's global weights and outer momentum as of the last outer
-// step, copied for the all-reduce group to serve to a replica that fell behind.
+// step, and this replica's AdamW moments then, copied for the all-reduce group to
+// serve to a replica that fell behind or joins.
+// The previous outer step's state is kept too: a replica pipeline rejoining at an
+// outer step asks for that one, which the others may have moved past while it started.
 type servedState struct {
 	mu    sync.Mutex
+	slots [2]servedSlot
+	cur   int
+}
+
+type servedSlot struct {
 	round uint64
 	vecs  [][]float32
+	set   bool
 }
 
-func (s *servedState) set(round uint64, global, momentum []float32) {
+func (s *servedState) set(round uint64, vecs ...[]float32) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	s.round = round
-	if s.vecs == nil {
-		s.vecs = [][]float32{make([]float32, len(global)), make([]float32, len(momentum))}
+	next := &s.slots[1-s.cur]
+	if len(next.vecs) != len(vecs) {
+		next.vecs = make([][]float32, len(vecs))
+		for i, v := range vecs {
+			next.vecs[i] = make([]float32, len(v))
+		}
 	}
-	copy(s.vecs[0], global)
-	copy(s.vecs[1], momentum)
+	for i, v := range vecs {
+		copy(next.vecs[i], v)
+	}
+	next.round, next.set = round, true
+	s.cur = 1 - s.cur
 }
 
-func (s *servedState) get() (uint64, [][]float32) {
+// get returns the state as of round want if held (want 0, or not held: the latest).
+func (s *servedState) get(want uint64) (uint64, [][]float32) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	out := make([][]float32, len(s.vecs))
-	for i, v := range s.vecs {
+	sl := &s.slots[s.cur]
+	if p := &s.slots[1-s.cur]; want != 0 && p.set && p.round == want {
+		sl = p
+	}
+	out := make([][]float32, len(sl.vecs))
+	for i, v := range sl.vecs {
 		out[i] = append([]float32(nil), v...)
 	}
-	return s.round, out
+	return sl.round, out
 }
 
 // newWorker builds the worker of cell (idx, rep) of plan; a resumed plan's state is
@@ -269,6 +289,9 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	if plan.Resume != nil {
 		cc.From = plan.Resume.Step
 	}
+	if plan.Join != nil {
+		cc.From = plan.Join.Step
+	}
 	if R > 1 {
 		d, steps := sp.DiLoCo, sp.Train.Steps
 		cc.OuterDue = func(step int) bool { return d.SyncAt(step, steps) }
@@ -279,7 +302,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		for r := range peers {
 			peers[r] = grid[r][idx]
 		}
-		w.served.set(0, w.outer.Global, w.outer.Momentum())
+		w.serve(0)
 		w.group, err = env.reduce.Join(reduce.GroupConfig{Run: plan.ID, Group: uint32(idx), Peers: peers, Self: rep,
 			Codec: w.outer.Codec, MaxValues: len(st.Params), State: w.served.get,
 			FaultStallRound: uint64(env.faultStallSync) * uint64(sp.DiLoCo.Fragments)})
@@ -471,6 +494,11 @@ func (w *worker) post(e any) {
 func (w *worker) loop() error {
 	if err := w.loadData(); err != nil {
 		return err
+	}
+	if w.plan.Join != nil {
+		if err := w.rejoin(); err != nil {
+			return err
+		}
 	}
 	w.lastSync = time.Now()
 	w.started0 = w.lastSync
@@ -911,7 +939,7 @@ func (w *worker) apply(e *syncDone, rep *OuterReport, overlapped bool) error {
 	}
 	rep.SyncS = max(rep.SyncS, time.Since(w.syncStart).Seconds())
 	if e.fetched != nil {
-		if len(e.fetched.vecs) != 2 || len(e.fetched.vecs[0]) != len(w.outer.Global) || len(e.fetched.vecs[1]) != len(w.outer.Momentum()) {
+		if len(e.fetched.vecs) < 2 || len(e.fetched.vecs[0]) != len(w.outer.Global) || len(e.fetched.vecs[1]) != len(w.outer.Momentum()) {
 			return fmt.Errorf("fetched stage state has the wrong shape")
 		}
 		copy(w.outer.Global, e.fetched.vecs[0])
@@ -942,7 +970,7 @@ func (w *worker) apply(e *syncDone, rep *OuterReport, overlapped bool) error {
 func (w *worker) finishOuter(step int, rep *OuterReport) {
 	w.outer.Rounds++
 	rep.OuterStep, rep.Hash = w.outer.Rounds, w.outer.Hash()
-	w.served.set(uint64(step)*uint64(w.sp.DiLoCo.Fragments)+uint64(w.sp.DiLoCo.Fragments-1), w.outer.Global, w.outer.Momentum())
+	w.serve(uint64(step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1))
 	w.lastSync = time.Now()
 	w.syncs++
 	w.log.Info("outer step", "step", step, "outer_step", rep.OuterStep, "sync_bytes", rep.SyncBytes,
@@ -1138,15 +1166,22 @@ func (w *worker) neighbourRTT() time.Duration {
 // node it waited for.
 func (w *worker) stalled(a core.Stalled) error {
 	p := w.peerOf(a.Stage)
+	var err error
 	if a.Down {
-		return fmt.Errorf("%w: stage %d's node %s is unreachable (this stage was at step %d, waiting for %s)", ErrStalled, a.Stage, p, a.Step, a.Wait)
+		err = fmt.Errorf("%w: stage %d's node %s is unreachable (this stage was at step %d, waiting for %s)", ErrStalled, a.Stage, p, a.Step, a.Wait)
+	} else {
+		what := map[core.Wait]string{core.WaitActivation: "no activation", core.WaitGradient: "no gradient", core.WaitNorm: "no gradient norm"}[a.Wait]
+		if what == "" {
+			what = "nothing"
+		}
+		err = fmt.Errorf("%w: stage %d (node %s) sent %s for step %d in %s (deadline %s, from the steps measured here)",
+			ErrStalled, a.Stage, p, what, a.Step, a.Waited.Round(time.Millisecond), a.Deadline.Round(time.Millisecond))
 	}
-	what := map[core.Wait]string{core.WaitActivation: "no activation", core.WaitGradient: "no gradient", core.WaitNorm: "no gradient norm"}[a.Wait]
-	if what == "" {
-		what = "nothing"
+	if w.sp.Pipeline.Replicas > 1 {
+		// The replica pipeline is broken, the run is not.
+		err = fmt.Errorf("%w: replica pipeline %d: %w", ErrIdle, w.rep, err)
 	}
-	return fmt.Errorf("%w: stage %d (node %s) sent %s for step %d in %s (deadline %s, from the steps measured here)",
-		ErrStalled, a.Stage, p, what, a.Step, a.Waited.Round(time.Millisecond), a.Deadline.Round(time.Millisecond))
+	return err
 }
 
 // stopBackstop bounds how long a stopping stage may take to finish its step.
@@ -1173,6 +1208,9 @@ func (w *worker) stopping(cause error) {
 
 func (w *worker) report(r Report) {
 	r.Run, r.Stage, r.Replica, r.Peer = w.plan.ID, w.idx, w.rep, w.host.ID().String()
+	if w.plan.Join != nil {
+		r.Join = w.plan.Join.Nonce
+	}
 	if math.IsNaN(r.Loss) || math.IsInf(r.Loss, 0) {
 		r.Kind, r.Error = ReportError, fmt.Sprintf("loss is %g at step %d", r.Loss, r.Step)
 	}

@@ -244,6 +244,9 @@ The spec is checked before anything is sent.`, stderr)
 			if len(res.Broken) > 0 {
 				fmt.Fprintf(stdout, "replica pipelines stopped early: %v\n", res.Broken)
 			}
+			if len(res.Rejoined) > 0 {
+				fmt.Fprintf(stdout, "replica pipelines rejoined: %v\n", res.Rejoined)
+			}
 		}
 		for i, c := range res.Checkpoints {
 			fmt.Fprintf(stdout, "stage %d checkpoint: %s\n", i, c)

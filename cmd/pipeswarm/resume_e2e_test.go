@@ -194,3 +194,110 @@ func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {
 		t.Fatal("launch still running 60 s after a node hung")
 	}
 }
+
+const rejoinSpec = `name: e2e-rejoin
+seed: 17
+eval_interval: 100
+model: {d_model: 64, n_layers: 4, n_heads: 4, d_ff: 128, seq_len: 64}
+pipeline: {stages: 2, micro_batches: 2, replicas: 2}
+train: {batch_size: 8, steps: 1000, lr: 0.003, warmup: 2}
+diloco: {inner_steps: 20, outer_lr: 1.0, outer_momentum: 0, sync: int8/32}
+data: {val_fraction: 0.01}
+`
+
+// A node killed mid-run and restarted on its data directory: its replica pipeline
+// breaks, the others go on, and when the node is back the pipeline rejoins at the next
+// outer step with the stage's state fetched from the live replica, and trains to the
+// end in agreement with it.
+func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	// First fit in --peer order, replica by replica: node 3 holds stage 1 of replica 1.
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, rejoinSpec, 4, "--memory-budget", "512MiB")
+	out := filepath.Join(dir, "launched")
+	type result struct {
+		code           int
+		stdout, stderr string
+	}
+	done := make(chan result, 1)
+	go func() {
+		code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
+		done <- result{code, stdout, stderr}
+	}()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+		if len(steps) >= 40 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the run made %d steps in 90 s", len(steps))
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	victim := nodes[3]
+	_ = victim.cmd.Process.Kill()
+	<-victim.exited
+	killed := time.Now()
+	waitLog(t, nodes[2], "idle: this replica pipeline cannot go on", 30*time.Second)
+	_ = os.Remove(filepath.Join(victim.dir, "addrs"))
+	nodes[3] = startNode(t, victim.dir, victim.cmd.Args[len(victim.cmd.Args)-4:]...)
+	nodes[3].addrs(t)
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(180 * time.Second):
+		t.Fatal("launch did not finish within 180 s of the kill")
+	}
+	if r.code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	t.Logf("launch:\n%s", r.stdout)
+	for _, line := range strings.Split(r.stderr, "\n") {
+		if strings.Contains(line, "replica pipeline") {
+			t.Log(line)
+		}
+	}
+	if !strings.Contains(r.stdout, "replica pipelines rejoined: [1") {
+		t.Errorf("launch summary does not say replica 1 rejoined:\n%s", r.stdout)
+	}
+	for _, n := range nodes[2:] {
+		waitLog(t, n, "rejoined: state fetched and verified", 5*time.Second)
+	}
+	steps, outers := readRun(t, out)
+	var back int
+	for step := 1000; step > 0; step-- {
+		if _, ok := steps[[2]int{step, 1}]; !ok {
+			back = step + 1
+			break
+		}
+	}
+	t.Logf("replica 1 lost from the kill (%s ago at the end) and trained again from step %d to 1000", time.Since(killed).Round(time.Second), back)
+	if back > 990 || back < 41 {
+		t.Errorf("replica 1 trained again from step %d; want it back well before the end", back)
+	}
+	for step := 1; step <= 1000; step++ {
+		if _, ok := steps[[2]int{step, 0}]; !ok {
+			t.Fatalf("replica 0 has no loss at step %d", step)
+		}
+	}
+	// Every outer step after the rejoin has both replicas of both stages, in agreement:
+	// the fetched state was the live replica's.
+	by := map[[2]int][]string{}
+	for _, o := range outers {
+		by[[2]int{o.Stage, o.Step}] = append(by[[2]int{o.Stage, o.Step}], o.WeightsHash)
+	}
+	for step := back + 19; step <= 1000; step += 20 {
+		for s := range 2 {
+			hs := by[[2]int{s, step}]
+			if len(hs) != 2 || hs[0] != hs[1] {
+				t.Errorf("stage %d after step %d: hashes %v, want both replicas' and equal", s, step, hs)
+			}
+		}
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	}
+}

@@ -63,8 +63,10 @@ type GroupConfig struct {
 	// MaxValues values each. It runs on the group's goroutine, so it must
 	// not call the Group; the vectors are copied before it returns to the
 	// group's work, so they only need to be stable during the call. nil
-	// serves nothing.
-	State func() (round uint64, vecs [][]float32)
+	// serves nothing. want is the round the fetching member asked for (0:
+	// the latest); a member that still holds that round's state returns it,
+	// else its latest.
+	State func(want uint64) (round uint64, vecs [][]float32)
 
 	// Now is the clock deadlines are measured with; nil = time.Now.
 	Now func() time.Time

@@ -261,7 +261,10 @@ type evDown struct {
 type evStart struct{ req *startReq }
 type evAbort struct{ round uint64 }
 type evLeave struct{}
-type evStateReq struct{ to int }
+type evStateReq struct {
+	to   int
+	want uint64
+}
 type evFetched struct {
 	round uint64
 	live  uint64
@@ -335,7 +338,7 @@ func (g *Group) handle(ev event) {
 	case evLeave:
 		g.onLeave()
 	case evStateReq:
-		g.sendCtl(ev.to, header{typ: typeStateReq})
+		g.sendCtl(ev.to, header{typ: typeStateReq, round: ev.want})
 	case evFetched:
 		g.onFetched(ev.round, ev.live, ev.reply)
 	case evCandidates:
@@ -372,7 +375,7 @@ func (g *Group) onFrame(ev evFrame) {
 	case typeLeave:
 		g.onDown(ev.from, errors.New("left"))
 	case typeStateReq:
-		g.serveState(ev.from)
+		g.serveState(ev.from, ev.f.hdr.round)
 	}
 }
 

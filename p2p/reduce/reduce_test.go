@@ -462,7 +462,7 @@ func TestBehindMemberFetchesStateAndRejoins(t *testing.T) {
 	cl := newCluster(t, R, c, func(i int, cfg *GroupConfig) {
 		s := &state{}
 		states[i] = s
-		cfg.State = func() (uint64, [][]float32) {
+		cfg.State = func(uint64) (uint64, [][]float32) {
 			s.mu.Lock()
 			defer s.mu.Unlock()
 			return s.round, s.vecs

@@ -63,6 +63,7 @@ func NewService(h host.Host, log *slog.Logger, penalise func(peer.ID, error)) *S
 	// rather than waiting for a deadline.
 	s.notifiee = &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
 		if p := c.RemotePeer(); n.Connectedness(p) != network.Connected {
+			s.staleStream(p)
 			go s.peerDown(p, errors.New("disconnected"))
 		}
 	}}
@@ -174,8 +175,23 @@ type peerOut struct {
 	id   peer.ID
 	wake chan struct{} // capacity 1: there is something in q
 
-	mu sync.Mutex
-	q  []outFrame
+	mu    sync.Mutex
+	q     []outFrame
+	stale bool // the stream's connection closed: open a new one before writing
+}
+
+// staleStream marks p's outbound stream as one on a closed connection, so that the
+// next frame (to the same peer come back, say) goes on a new stream rather than
+// being lost on the old one, with the frames queued behind it.
+func (s *Service) staleStream(p peer.ID) {
+	s.mu.Lock()
+	o := s.outs[p]
+	s.mu.Unlock()
+	if o != nil {
+		o.mu.Lock()
+		o.stale = true
+		o.mu.Unlock()
+	}
 }
 
 // send queues frames for p, starting its writer if it has none.
@@ -222,7 +238,13 @@ func (o *peerOut) run() {
 			f := o.q[0]
 			o.q[0] = outFrame{}
 			o.q = o.q[1:]
+			stale := o.stale
+			o.stale = false
 			o.mu.Unlock()
+			if stale && st != nil {
+				st.Reset()
+				st = nil
+			}
 
 			var err error
 			if st == nil {

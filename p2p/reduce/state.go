@@ -13,12 +13,12 @@ import (
 
 // serveState answers a state request from member to with the vectors
 // State returns, in pieces, then their sha256.
-func (g *Group) serveState(to int) {
+func (g *Group) serveState(to int, want uint64) {
 	if g.cfg.State == nil || g.needFetch || g.left {
 		g.sendCtl(to, header{typ: typeStateNone})
 		return
 	}
-	r, vecs := g.cfg.State()
+	r, vecs := g.cfg.State(want)
 	if len(vecs) > maxStateVecs {
 		g.log.Error("State returned too many vectors", "count", len(vecs), "max", maxStateVecs)
 		g.sendCtl(to, header{typ: typeStateNone})
@@ -106,6 +106,13 @@ func (g *Group) toFetch(from int, f *frame) {
 // the others are told to count it in. Members are tried in turn, live ones
 // first; the error wraps ErrNoState if none served.
 func (g *Group) FetchState(ctx context.Context) (round uint64, vecs [][]float32, err error) {
+	return g.FetchStateAt(ctx, 0)
+}
+
+// FetchStateAt is FetchState asking for the state as of round want (0: the
+// latest); a member that no longer holds it serves its latest, so the caller
+// checks the round it gets.
+func (g *Group) FetchStateAt(ctx context.Context, want uint64) (round uint64, vecs [][]float32, err error) {
 	reply := make(chan []int, 1)
 	order, err := call(ctx, g, evCandidates{reply: reply}, reply)
 	if err != nil {
@@ -113,7 +120,7 @@ func (g *Group) FetchState(ctx context.Context) (round uint64, vecs [][]float32,
 	}
 	var errs []error
 	for _, p := range order {
-		r, live, vecs, err := g.fetchFrom(ctx, p)
+		r, live, vecs, err := g.fetchFrom(ctx, p, want)
 		if err == nil {
 			// Wait until the members count us in again, so that a round
 			// they start after this returns includes us; a member that
@@ -154,14 +161,14 @@ func (g *Group) fetchStall() time.Duration {
 // fetchFrom downloads state from member p. It gives up when p goes down
 // or sends nothing for Margin times the time one frame takes at the last
 // measured rate, plus slack.
-func (g *Group) fetchFrom(ctx context.Context, p int) (r uint64, live uint64, vecs [][]float32, err error) {
+func (g *Group) fetchFrom(ctx context.Context, p int, want uint64) (r uint64, live uint64, vecs [][]float32, err error) {
 	reg := &fetchReg{peer: p, frames: make(chan *frame), gone: make(chan struct{}), stop: make(chan struct{})}
 	g.fetch.Store(reg)
 	defer func() {
 		g.fetch.CompareAndSwap(reg, nil)
 		close(reg.stop)
 	}()
-	if !g.deliver(evStateReq{to: p}) {
+	if !g.deliver(evStateReq{to: p, want: want}) {
 		return 0, 0, nil, ErrClosed
 	}
 	stall := g.fetchStall()
