@@ -67,7 +67,7 @@ type Daemon struct {
 	mu    sync.Mutex
 	runs  map[uint64]*worker
 	seen  map[[2]uint64]bool // plans (run, rejoin nonce) accepted and not yet expired
-	ended map[uint64]bool // runs held here that have stopped: their late frames are dropped, not penalised
+	ended map[uint64]bool    // runs held here that have stopped: their late frames are dropped, not penalised
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
 	faultStallSync int
@@ -448,7 +448,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	}
 	d.runs[plan.ID] = w
 	d.seen[[2]uint64{plan.ID, nonce}] = true // a replay of the plan within its life is refused
-	delete(d.ended, plan.ID)                  // frames of the run are for this worker again
+	delete(d.ended, plan.ID)                 // frames of the run are for this worker again
 	time.AfterFunc(time.Until(plan.Expires), func() {
 		d.mu.Lock()
 		delete(d.seen, [2]uint64{plan.ID, nonce})
