@@ -74,6 +74,10 @@ type worker struct {
 	started0  time.Time    // when training began, for the mean time between syncs
 	reaching  atomic.Bool  // a reachLauncher is under way
 	syncs     int          // outer steps taken
+	// outerAllow is how long a neighbour's outer step may hold up what it sends: the
+	// replica wait of the last all-reduce here plus four times what it took.
+	outerAllow time.Duration
+	syncTook   time.Duration // the last outer step's all-reduce
 	served    servedState
 
 	// ledger is where this stage's time went (computing, waiting for what), with the
@@ -536,7 +540,7 @@ func (w *worker) loop() error {
 	for !w.core.Finished() {
 		select {
 		case <-ticks.C:
-			if err := w.handle(core.Tick{Now: time.Since(w.started0), RTT: w.neighbourRTT()}); err != nil {
+			if err := w.handle(core.Tick{Now: time.Since(w.started0), RTT: w.neighbourRTT(), Outer: w.outerAllow}); err != nil {
 				return err
 			}
 		case <-w.ctx.Done():
@@ -838,6 +842,7 @@ func (w *worker) runReduce(e *syncDone) {
 	span := w.syncStart.Sub(w.lastSync)
 	mean := w.syncStart.Sub(w.started0) / time.Duration(w.syncs+1)
 	arrive := 3 * max(span, mean)
+	w.outerAllow = arrive + 4*w.syncTook + time.Second
 	go func() {
 		w.connectReplicas()
 		var results []*reduce.Result
@@ -904,15 +909,28 @@ func (w *worker) fetchState(round uint64, wait time.Duration) (*fetchedState, er
 // connectReplicas makes sure this stage is connected to the other replicas of its
 // stage: the all-reduce only speaks on connections that exist, so that a member
 // whose connection dies is given up at once instead of redialled mid-round.
+//
+// The dials go in parallel, each given two seconds and ten of the peer's round trips
+// (a handshake takes a few): a replica that is gone must not hold up the outer step
+// longer than the all-reduce would wait for it.
 func (w *worker) connectReplicas() {
+	var wg sync.WaitGroup
 	for r, row := range w.grid {
-		if r == w.rep || w.host.Network().Connectedness(row[w.idx]) == network.Connected {
+		id := row[w.idx]
+		if r == w.rep || w.host.Network().Connectedness(id) == network.Connected {
 			continue
 		}
-		if err := w.host.Host.Connect(w.ctx, peer.AddrInfo{ID: row[w.idx]}); err != nil {
-			w.log.Warn("cannot reach a replica of this stage", "replica", r, "peer", row[w.idx], "err", err)
-		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ctx, cancel := context.WithTimeout(w.ctx, 2*time.Second+10*w.host.Peerstore().LatencyEWMA(id))
+			defer cancel()
+			if err := w.host.Host.Connect(ctx, peer.AddrInfo{ID: id}); err != nil {
+				w.log.Warn("cannot reach a replica of this stage", "replica", r, "peer", id, "err", err)
+			}
+		}()
 	}
+	wg.Wait()
 }
 
 // synced applies a blocking outer step's all-reduce results, reports them (with
@@ -938,6 +956,7 @@ func (w *worker) apply(e *syncDone, rep *OuterReport, overlapped bool) error {
 		return e.err
 	}
 	rep.SyncS = max(rep.SyncS, time.Since(w.syncStart).Seconds())
+	w.syncTook = time.Since(w.syncStart)
 	if e.fetched != nil {
 		if len(e.fetched.vecs) < 2 || len(e.fetched.vecs[0]) != len(w.outer.Global) || len(e.fetched.vecs[1]) != len(w.outer.Momentum()) {
 			return fmt.Errorf("fetched stage state has the wrong shape")

@@ -113,8 +113,10 @@ type (
 	Synced struct{ Step int }
 	// Tick: time has passed. Now is the time since the run began on the caller's clock
 	// (the core has none); RTT is the longest round trip to the stage's neighbours
-	// measured so far. Other events happen at the last tick's Now.
-	Tick struct{ Now, RTT time.Duration }
+	// measured so far; Outer is how long a neighbour's outer step may take (its
+	// all-reduce waits that long for a replica that is gone, as this stage's does).
+	// Other events happen at the last tick's Now.
+	Tick struct{ Now, RTT, Outer time.Duration }
 	// PeerDown: the node holding stage Stage of this pipeline is unreachable.
 	PeerDown struct{ Stage int }
 )
@@ -206,6 +208,7 @@ type Core struct {
 	// time, from ticks: the last tick, the last event that was not one (liveness of the
 	// neighbours, or this stage's own progress), and the step times measured.
 	now, rtt  time.Duration
+	outer     time.Duration
 	lastEvent time.Duration
 	stepFrom  time.Duration
 	stepSum   time.Duration
@@ -622,7 +625,13 @@ func (c *Core) Deadline() time.Duration {
 		return c.cfg.StartTimeout + stallRTTs*c.rtt
 	}
 	mean := c.stepSum / time.Duration(c.stepN)
-	return max(stallSteps*mean, stallMax*c.stepMax) + stallRTTs*c.rtt + stallSlack
+	d := max(stallSteps*mean, stallMax*c.stepMax) + stallRTTs*c.rtt + stallSlack
+	// What a neighbour sends next may wait for its outer step: in the step after one,
+	// and in the evaluation that follows one.
+	if due := c.cfg.OuterDue; due != nil && ((c.phase == evaluating && due(c.step)) || (c.phase != evaluating && c.step > 1 && due(c.step-1))) {
+		d += c.outer
+	}
+	return d
 }
 
 // tick advances the core's time and reports a stall once: idle, waiting for a
@@ -633,6 +642,7 @@ func (c *Core) tick(t Tick) []any {
 		c.now = t.Now
 	}
 	c.rtt = max(c.rtt, t.RTT)
+	c.outer = t.Outer
 	if c.stalled || c.busy {
 		return nil
 	}
