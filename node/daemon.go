@@ -110,7 +110,12 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 	if created {
 		log.Info("created node identity", "path", dir.KeyPath())
 	}
-	ho := p2p.HostOptions{Key: key, Listen: cfg.Listen, MDNS: cfg.MDNS, Log: log.With("sys", "p2p")}
+	ho := p2p.HostOptions{Key: key, Listen: cfg.Listen, MDNS: cfg.MDNS, Log: log.With("sys", "p2p"),
+		Reachability: true, HolePunch: true, PortMap: cfg.PortMap, Announce: cfg.Announce, Relays: cfg.RelayCandidates()}
+	if cfg.Relay {
+		l := cfg.RelayLimits()
+		ho.RelayService = &l
+	}
 	for _, f := range hostOpts {
 		f(&ho)
 	}
@@ -158,6 +163,42 @@ func (d *Daemon) Host() *p2p.Host { return d.host }
 
 // Addrs are the node's full multiaddrs.
 func (d *Daemon) Addrs() []string { return d.host.Addrs() }
+
+// ReachabilityDeadline is how long a node waits for its reachability to be known
+// before it says it is unknown, and why.
+const ReachabilityDeadline = 30 * time.Second
+
+// ReachabilityNotices calls say with the node's reachability when it is first
+// known (at once for a node with private addresses only), after
+// ReachabilityDeadline if it is still unknown then, and whenever it changes to
+// another known state, until ctx ends.
+func (d *Daemon) ReachabilityNotices(ctx context.Context, say func(p2p.Reachability)) {
+	changes := d.host.WatchReachability(ctx)
+	deadline := time.NewTimer(ReachabilityDeadline)
+	defer deadline.Stop()
+	var cur, said p2p.Reachability
+	told := false
+	for {
+		select {
+		case r, ok := <-changes:
+			if !ok {
+				return
+			}
+			cur = r
+			if r.State == p2p.ReachUnknown || (told && said.Equal(r)) {
+				continue
+			}
+		case <-deadline.C:
+			if told {
+				continue
+			}
+		case <-ctx.Done():
+			return
+		}
+		said, told = cur, true
+		say(cur)
+	}
+}
 
 // Run dials the bootstrap peers, announces heartbeats, and serves until ctx ends;
 // then it stops every run (each writes its checkpoint) and closes.
@@ -478,6 +519,7 @@ func (d *Daemon) addAddrs(id peer.ID, addrs []string) {
 func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 	return func(s network.Stream) {
 		from := s.Conn().RemotePeer()
+		d.host.NoteStream(s)
 		for {
 			f, err := p2p.ReadFrame(s, d.frameLimit())
 			if errors.Is(err, io.EOF) {

@@ -403,7 +403,7 @@ func (w *worker) reachLauncher(grace time.Duration) {
 	deadline := time.Now().Add(grace)
 	for pause := 250 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
 		ctx, cancel := context.WithTimeout(w.ctx, pause)
-		err := w.host.Host.Connect(ctx, peer.AddrInfo{ID: w.launcher})
+		err := w.host.Host.Connect(p2p.AllowRelayed(ctx, "launcher"), peer.AddrInfo{ID: w.launcher})
 		cancel()
 		if err == nil {
 			w.log.Info("launcher reachable again", "launcher", w.launcher)
@@ -449,7 +449,7 @@ func (w *worker) loop() error {
 	// A run whose launcher is gone has no one to report to or to finish it: it stops
 	// (keeping its checkpoint) unless the launcher can be reached again soon.
 	watch := &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
-		if c.RemotePeer() == w.launcher && n.Connectedness(w.launcher) != network.Connected {
+		if c.RemotePeer() == w.launcher && !p2p.Linked(n, w.launcher) {
 			go w.post(launcherLost{})
 		}
 	}}
@@ -791,10 +791,10 @@ func (w *worker) fetchState(round uint64, wait time.Duration) (*fetchedState, er
 // whose connection dies is given up at once instead of redialled mid-round.
 func (w *worker) connectReplicas() {
 	for r, row := range w.grid {
-		if r == w.rep || w.host.Network().Connectedness(row[w.idx]) == network.Connected {
+		if r == w.rep || p2p.Linked(w.host.Network(), row[w.idx]) {
 			continue
 		}
-		if err := w.host.Host.Connect(w.ctx, peer.AddrInfo{ID: row[w.idx]}); err != nil {
+		if err := w.host.Host.Connect(p2p.AllowRelayed(w.ctx, "replica"), peer.AddrInfo{ID: row[w.idx]}); err != nil {
 			w.log.Warn("cannot reach a replica of this stage", "replica", r, "peer", row[w.idx], "err", err)
 		}
 	}

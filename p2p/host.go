@@ -115,12 +115,8 @@ func (o HostOptions) Validate() error {
 		return fmt.Errorf("%w: MemoryLimit: %d is negative", ErrBadOptions, o.MemoryLimit)
 	}
 	for i, s := range o.Announce {
-		a, err := ma.NewMultiaddr(s)
-		if err != nil {
-			return fmt.Errorf("%w: Announce[%d] %q: %w", ErrBadOptions, i, s, err)
-		}
-		if !announceable(a) {
-			return fmt.Errorf("%w: Announce[%d] %q: want /ip4|ip6|dns4|dns6/HOST/tcp/PORT or .../udp/PORT/quic-v1, without /p2p", ErrBadOptions, i, s)
+		if err := CheckAnnounce(s); err != nil {
+			return fmt.Errorf("%w: Announce[%d]: %w", ErrBadOptions, i, err)
 		}
 	}
 	for i, s := range o.Relays {

@@ -69,6 +69,18 @@ func startRelay(h host.Host, l RelayLimits) (*relayv2.Relay, error) {
 	return r, nil
 }
 
+// CheckAnnounce reports what is wrong with s as an address to announce.
+func CheckAnnounce(s string) error {
+	a, err := ma.NewMultiaddr(s)
+	if err != nil {
+		return err
+	}
+	if !announceable(a) {
+		return fmt.Errorf("%q: want /ip4|ip6|dns4|dns6/HOST/tcp/PORT or .../udp/PORT/quic-v1, without /p2p", s)
+	}
+	return nil
+}
+
 // announceable reports whether a is an address peers can be told to dial:
 // IP or DNS name, then TCP or QUIC-v1, no /p2p.
 func announceable(a ma.Multiaddr) bool {
