@@ -120,8 +120,8 @@ type paths struct {
 }
 
 // NoteStream records the connection a tensor stream to or from s's peer runs
-// on. A relayed one is logged as a warning once per peer, and the path again
-// whenever it changes between relayed and direct.
+// on, and logs it the first time and whenever it changes between relayed and
+// direct: a relayed path as a warning, since a run on a relay is slow.
 func (h *Host) NoteStream(s network.Stream) {
 	c := s.Conn()
 	p, relayed := c.RemotePeer(), ConnRelayed(c)
@@ -134,10 +134,10 @@ func (h *Host) NoteStream(s network.Stream) {
 	h.paths.mu.Unlock()
 	switch {
 	case changed && relayed:
-		h.paths.log.Warn("tensor stream runs through a relay: slow; hole punching has not (yet) given a direct connection",
-			"peer", p, "protocol", s.Protocol(), "via", c.RemoteMultiaddr())
-	case changed && seen:
-		h.paths.log.Info("tensor stream on a direct connection now", "peer", p, "protocol", s.Protocol(), "addr", c.RemoteMultiaddr())
+		h.paths.log.Warn("tensor stream path", "peer", p, "relayed", true, "protocol", s.Protocol(), "via", c.RemoteMultiaddr(),
+			"note", "through a relay: slow; hole punching has not given a direct connection (yet)")
+	case changed:
+		h.paths.log.Info("tensor stream path", "peer", p, "relayed", false, "protocol", s.Protocol(), "addr", c.RemoteMultiaddr())
 	}
 }
 
