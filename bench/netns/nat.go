@@ -186,7 +186,13 @@ func (n *NATNet) buildPrivate(ctx context.Context, i int, attach func(ns, in, ou
 	if n.cfg.RandomPorts {
 		masq = append(masq, "--random-fully")
 	}
-	steps = append(steps, masq)
+	// Like a home router, drop what nobody inside asked for, silently. Dropped
+	// before conntrack confirms it, an early packet of a hole punch leaves no
+	// entry behind that would make the router map the inside host's own
+	// outgoing packet to another port.
+	firewall := []string{n.ip, "netns", "exec", router, n.ipt, "-A", "INPUT", "-i", wan, "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP"}
+	forward := []string{n.ip, "netns", "exec", router, n.ipt, "-A", "FORWARD", "-i", wan, "-m", "conntrack", "--ctstate", "NEW,INVALID", "-j", "DROP"}
+	steps = append(steps, masq, firewall, forward)
 	for _, s := range steps {
 		if err := n.run(ctx, s[0], s[1:]...); err != nil {
 			return err
