@@ -89,6 +89,9 @@ type HostOptions struct {
 	// direct ones by hole punching (DCUtR). Relays and RelayService imply
 	// relayed connections too.
 	HolePunch bool
+	// HolePunchGrace is how long a new tensor stream waits for hole punching
+	// to replace a young relayed connection; 0 = DefaultHolePunchGrace.
+	HolePunchGrace time.Duration
 
 	// reachPrivate counts private and loopback addresses as reachability
 	// candidates and lets AutoNAT v2 dial them: tests on one machine.
@@ -133,6 +136,9 @@ func (o HostOptions) Validate() error {
 			return err
 		}
 	}
+	if o.HolePunchGrace < 0 {
+		return fmt.Errorf("%w: HolePunchGrace: %v is negative", ErrBadOptions, o.HolePunchGrace)
+	}
 	return nil
 }
 
@@ -158,6 +164,9 @@ func (o HostOptions) withDefaults() HostOptions {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
+	if o.HolePunchGrace == 0 {
+		o.HolePunchGrace = DefaultHolePunchGrace
+	}
 	return o
 }
 
@@ -174,6 +183,8 @@ type Host struct {
 	reach     *reacher       // nil unless HostOptions.Reachability
 	paths     paths
 	punches   punches
+	// holePunchGrace is HostOptions.HolePunchGrace.
+	holePunchGrace time.Duration
 
 	ctx    context.Context    // lives until Close
 	cancel context.CancelFunc // ends pubsub and mDNS dials
@@ -204,6 +215,7 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 		penalties: NewPenalties(DefaultPenaltyLimit),
 	}
 	h.paths = paths{log: h.log, m: map[peer.ID]StreamPath{}}
+	h.holePunchGrace = o.HolePunchGrace
 	h.punches = punches{log: h.log.With("part", "holepunch"), m: map[peer.ID]HolePunch{}}
 
 	limits := rcmgr.DefaultLimits // a copy: Scale must not touch the package default

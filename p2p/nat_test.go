@@ -123,7 +123,7 @@ func TestRelayedStreamCarriesMoreThanLibp2pDefaultLimit(t *testing.T) {
 		s.Close()
 		got <- int(n)
 	})
-	dialer := newNATHost(t, HostOptions{Listen: []string{tcpLoopback}, HolePunch: true})
+	dialer := newNATHost(t, HostOptions{Listen: []string{tcpLoopback}, HolePunch: true, HolePunchGrace: 500 * time.Millisecond})
 	// Only the circuit address: the dialer must go through the relay.
 	info, err := peer.AddrInfoFromP2pAddr(circuit)
 	if err != nil {

@@ -17,11 +17,11 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 )
 
-// HolePunchGrace is how long a tensor stream waits for hole punching to
-// replace a relayed connection younger than this before it settles for the
+// DefaultHolePunchGrace is how long a tensor stream waits for hole punching
+// to replace a relayed connection younger than this before it settles for the
 // relay. DCUtR starts as soon as identify completes on the relayed connection
-// and takes about three round trips.
-const HolePunchGrace = 10 * time.Second
+// and takes a few round trips, three times over if attempts fail.
+const DefaultHolePunchGrace = 10 * time.Second
 
 // Linked reports whether n has a connection to p, direct or through a relay.
 func Linked(n network.Network, p peer.ID) bool {
@@ -50,7 +50,7 @@ func AllowRelayed(ctx context.Context, reason string) context.Context {
 
 // OpenTensorStream opens a stream for tensor frames to p on the best
 // connection: a direct one if there is one. On a relayed connection younger
-// than HolePunchGrace it first waits that long for hole punching to add a
+// than HostOptions.HolePunchGrace it first waits that long for hole punching to add a
 // direct one. The path it takes is recorded (NoteStream).
 func (h *Host) OpenTensorStream(ctx context.Context, p peer.ID, proto protocol.ID) (network.Stream, error) {
 	ctx = AllowRelayed(ctx, "tensor")
@@ -66,7 +66,7 @@ func (h *Host) OpenTensorStream(ctx context.Context, p peer.ID, proto protocol.I
 				youngest = o
 			}
 		}
-		if until := youngest.Add(HolePunchGrace); time.Now().Before(until) {
+		if until := youngest.Add(h.holePunchGrace); time.Now().Before(until) {
 			h.waitDirect(ctx, p, until)
 		}
 	}
