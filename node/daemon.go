@@ -176,28 +176,52 @@ func (d *Daemon) ReachabilityNotices(ctx context.Context, say func(p2p.Reachabil
 	changes := d.host.WatchReachability(ctx)
 	deadline := time.NewTimer(ReachabilityDeadline)
 	defer deadline.Stop()
-	var cur, said p2p.Reachability
-	told := false
+	var n notices
 	for {
+		var tell bool
 		select {
 		case r, ok := <-changes:
 			if !ok {
 				return
 			}
-			cur = r
-			if r.State == p2p.ReachUnknown || (told && said.Equal(r)) {
-				continue
-			}
+			tell = n.changed(r)
 		case <-deadline.C:
-			if told {
-				continue
-			}
+			tell = n.deadline()
 		case <-ctx.Done():
 			return
 		}
-		said, told = cur, true
-		say(cur)
+		if tell {
+			say(n.said)
+		}
 	}
+}
+
+// notices decides which reachability values an operator is told: the first
+// known one, an unknown one once the deadline has passed with nothing told,
+// and every later change that is known.
+type notices struct {
+	cur, said p2p.Reachability
+	told      bool
+}
+
+// changed takes a new value and reports whether to tell it (it is then said).
+func (n *notices) changed(r p2p.Reachability) bool {
+	n.cur = r
+	if r.State == p2p.ReachUnknown || (n.told && n.said.Equal(r)) {
+		return false
+	}
+	n.said, n.told = r, true
+	return true
+}
+
+// deadline reports whether to tell the current value because nothing has
+// been told by the deadline.
+func (n *notices) deadline() bool {
+	if n.told || n.cur.State == "" {
+		return false
+	}
+	n.said, n.told = n.cur, true
+	return true
 }
 
 // Run dials the bootstrap peers, announces heartbeats, and serves until ctx ends;
