@@ -110,7 +110,12 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 	if created {
 		log.Info("created node identity", "path", dir.KeyPath())
 	}
-	ho := p2p.HostOptions{Key: key, Listen: cfg.Listen, MDNS: cfg.MDNS, Log: log.With("sys", "p2p")}
+	ho := p2p.HostOptions{Key: key, Listen: cfg.Listen, MDNS: cfg.MDNS, Log: log.With("sys", "p2p"),
+		Reachability: true, HolePunch: true, PortMap: cfg.PortMap, Announce: cfg.Announce, Relays: cfg.RelayCandidates()}
+	if cfg.Relay {
+		l := cfg.RelayLimits()
+		ho.RelayService = &l
+	}
 	for _, f := range hostOpts {
 		f(&ho)
 	}
@@ -158,6 +163,66 @@ func (d *Daemon) Host() *p2p.Host { return d.host }
 
 // Addrs are the node's full multiaddrs.
 func (d *Daemon) Addrs() []string { return d.host.Addrs() }
+
+// ReachabilityDeadline is how long a node waits for its reachability to be known
+// before it says it is unknown, and why.
+const ReachabilityDeadline = 30 * time.Second
+
+// ReachabilityNotices calls say with the node's reachability when it is first
+// known (at once for a node with private addresses only), after
+// ReachabilityDeadline if it is still unknown then, and whenever it changes to
+// another known state, until ctx ends.
+func (d *Daemon) ReachabilityNotices(ctx context.Context, say func(p2p.Reachability)) {
+	changes := d.host.WatchReachability(ctx)
+	deadline := time.NewTimer(ReachabilityDeadline)
+	defer deadline.Stop()
+	var n notices
+	for {
+		var tell bool
+		select {
+		case r, ok := <-changes:
+			if !ok {
+				return
+			}
+			tell = n.changed(r)
+		case <-deadline.C:
+			tell = n.deadline()
+		case <-ctx.Done():
+			return
+		}
+		if tell {
+			say(n.said)
+		}
+	}
+}
+
+// notices decides which reachability values an operator is told: the first
+// known one, an unknown one once the deadline has passed with nothing told,
+// and every later change that is known.
+type notices struct {
+	cur, said p2p.Reachability
+	told      bool
+}
+
+// changed takes a new value and reports whether to tell it (it is then said).
+func (n *notices) changed(r p2p.Reachability) bool {
+	n.cur = r
+	if r.State == p2p.ReachUnknown || (n.told && n.said.Equal(r)) {
+		return false
+	}
+	n.said, n.told = r, true
+	return true
+}
+
+// deadline reports whether to tell the current value because nothing has
+// been told by the deadline.
+func (n *notices) deadline() bool {
+	if n.told || n.cur.State == "" {
+		return false
+	}
+	n.said, n.told = n.cur, true
+	return true
+}
 
 // Run dials the bootstrap peers, announces heartbeats, and serves until ctx ends;
 // then it stops every run (each writes its checkpoint) and closes.
@@ -510,6 +575,7 @@ func (d *Daemon) addAddrs(id peer.ID, addrs []string) {
 func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 	return func(s network.Stream) {
 		from := s.Conn().RemotePeer()
+		d.host.NoteStream(s)
 		for {
 			f, err := p2p.ReadFrame(s, d.frameLimit())
 			if errors.Is(err, io.EOF) {

@@ -106,7 +106,12 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("launch: %w", err)
 	}
-	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: o.Key, Listen: o.Listen, Log: log.With("sys", "p2p"), Transports: o.Transports})
+	// On real networks the launcher reaches nodes behind NATs through their relays,
+	// upgrades to direct connections by hole punching, and answers their AutoNAT v2
+	// checks; over simulated links there is no NAT.
+	onNet := o.Transports == nil
+	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: o.Key, Listen: o.Listen, Log: log.With("sys", "p2p"), Transports: o.Transports,
+		Reachability: onNet, HolePunch: onNet})
 	if err != nil {
 		return nil, err
 	}
@@ -192,7 +197,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	// A stage's node going away ends the run, or with replicas its replica pipeline.
 	lost := make(chan peer.ID, len(stagePeers))
 	h.Network().Notify(&network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
-		if _, ok := stagePeers[c.RemotePeer()]; ok && n.Connectedness(c.RemotePeer()) != network.Connected {
+		if _, ok := stagePeers[c.RemotePeer()]; ok && !p2p.Linked(n, c.RemotePeer()) {
 			select {
 			case lost <- c.RemotePeer():
 			default:
@@ -224,7 +229,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	up := func(stage, replica int) bool {
 		a, ok := plan.cell(stage, replica)
 		id, err := peer.Decode(a.Peer)
-		return ok && err == nil && h.Network().Connectedness(id) == network.Connected
+		return ok && err == nil && p2p.Linked(h.Network(), id)
 	}
 	rj := rejoiner{
 		// reach connects to every node of replica pipeline r, as they were in the plan,
@@ -236,7 +241,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 					continue
 				}
 				id, _ := peer.Decode(a.Peer)
-				cctx, cancel := context.WithTimeout(ctx, time.Second+8*h.Peerstore().LatencyEWMA(id))
+				cctx, cancel := context.WithTimeout(p2p.AllowRelayed(ctx, "rejoin"), time.Second+8*h.Peerstore().LatencyEWMA(id))
 				err := h.Host.Connect(cctx, peer.AddrInfo{ID: id})
 				var rep *ctlReply
 				if err == nil {

@@ -141,9 +141,13 @@ func (o *outbox) run(k qkey, q chan any) {
 		case *p2p.Frame:
 			// One retry on a fresh stream covers a stream the peer reset.
 			var err error
+			if s != nil && p2p.ConnRelayed(s.Conn()) && p2p.HasDirect(o.host.Network(), k.to) {
+				o.leaveRelay(s, k)
+				s = nil
+			}
 			for attempt := 0; attempt < 2; attempt++ {
 				if s == nil {
-					if s, err = o.host.NewStream(o.ctx, k.to, k.proto); err != nil {
+					if s, err = o.host.OpenTensorStream(o.ctx, k.to, k.proto); err != nil {
 						s = nil
 						continue
 					}
@@ -162,4 +166,26 @@ func (o *outbox) run(k qkey, q chan any) {
 			}
 		}
 	}
+}
+
+// relayDrain bounds how long a stream leaving a relay waits for its peer to
+// read what it already sent.
+const relayDrain = 30 * time.Second
+
+// leaveRelay ends a tensor stream that runs through a relay now that a direct
+// connection exists, so that the next frame opens a stream on it. It waits for
+// the peer to read every frame sent (the peer closes the stream at EOF), so
+// frames on the old and new streams cannot overtake each other.
+func (o *outbox) leaveRelay(s network.Stream, k qkey) {
+	start := time.Now()
+	_ = s.SetReadDeadline(start.Add(relayDrain))
+	if err := s.CloseWrite(); err == nil {
+		_, err = io.Copy(io.Discard, s)
+		if err != nil {
+			o.log.Warn("stream leaving the relay did not drain", "peer", k.to, "protocol", k.proto, "err", err)
+		}
+	}
+	s.Close()
+	o.log.Info("tensor stream moves from the relay to a direct connection", "peer", k.to, "protocol", k.proto,
+		"drained", time.Since(start).Round(time.Millisecond))
 }

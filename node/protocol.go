@@ -186,7 +186,7 @@ type OuterReport struct {
 func call(ctx context.Context, h *p2p.Host, id peer.ID, m ctlMsg) (*ctlReply, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
-	s, err := h.NewStream(ctx, id, p2p.ProtoControl)
+	s, err := h.NewStream(p2p.AllowRelayed(ctx, "control"), id, p2p.ProtoControl)
 	if err != nil {
 		return nil, fmt.Errorf("%s to %s: %w", m.Type, id, err)
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -517,7 +518,7 @@ func (d *Daemon) redialLaunchers(ctx context.Context) {
 			continue
 		}
 		d.addAddrs(id, r.Addrs)
-		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		cctx, cancel := context.WithTimeout(p2p.AllowRelayed(ctx, "launcher"), 10*time.Second)
 		err = d.host.Host.Connect(cctx, peer.AddrInfo{ID: id})
 		cancel()
 		if err == nil {

@@ -466,7 +466,7 @@ func (w *worker) reachLauncher(grace time.Duration) {
 	deadline := time.Now().Add(grace)
 	for pause := 250 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
 		ctx, cancel := context.WithTimeout(w.ctx, pause)
-		err := w.host.Host.Connect(ctx, peer.AddrInfo{ID: w.launcher})
+		err := w.host.Host.Connect(p2p.AllowRelayed(ctx, "launcher"), peer.AddrInfo{ID: w.launcher})
 		cancel()
 		if err == nil {
 			w.log.Info("launcher reachable again", "launcher", w.launcher)
@@ -521,7 +521,7 @@ func (w *worker) loop() error {
 	// deadline, fed by ticks.
 	watch := &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
 		p := c.RemotePeer()
-		if n.Connectedness(p) == network.Connected {
+		if p2p.Linked(n, p) {
 			return
 		}
 		if p == w.launcher {
@@ -917,13 +917,13 @@ func (w *worker) connectReplicas() {
 	var wg sync.WaitGroup
 	for r, row := range w.grid {
 		id := row[w.idx]
-		if r == w.rep || w.host.Network().Connectedness(id) == network.Connected {
+		if r == w.rep || p2p.Linked(w.host.Network(), id) {
 			continue
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(w.ctx, 2*time.Second+10*w.host.Peerstore().LatencyEWMA(id))
+			ctx, cancel := context.WithTimeout(p2p.AllowRelayed(w.ctx, "replica"), 2*time.Second+10*w.host.Peerstore().LatencyEWMA(id))
 			defer cancel()
 			if err := w.host.Host.Connect(ctx, peer.AddrInfo{ID: id}); err != nil {
 				w.log.Warn("cannot reach a replica of this stage", "replica", r, "peer", id, "err", err)

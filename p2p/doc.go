@@ -15,6 +15,15 @@
 //   - gossipsub topics (TopicRuns, TopicHeartbeats, TopicMetrics) carry run
 //     announcements, heartbeats and metrics, never tensors.
 //
+// NAT traversal (nat.go, reachability.go, paths.go), all off unless
+// HostOptions asks for it: the host finds out whether peers can dial it
+// (AutoNAT v2 against the peers it knows, and what they observed of it) and
+// Assess turns that into a Reachability with a reason and a fix; it serves as
+// a circuit relay v2 with limits a training run fits in, reserves slots on
+// relays while it is not reachable, and upgrades relayed connections by hole
+// punching (DCUtR). OpenTensorStream prefers a direct connection and records
+// which path each peer's tensor streams take.
+//
 // Everything read from the network is length-limited, versioned and
 // validated; malformed input is an error wrapping ErrBadFrame, ErrBadMsg or
 // ErrBadSignature, never a panic. Callers count such errors against the

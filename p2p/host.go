@@ -19,8 +19,11 @@ import (
 	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/discovery/mdns"
+	"github.com/libp2p/go-libp2p/p2p/host/autorelay"
 	rcmgr "github.com/libp2p/go-libp2p/p2p/host/resource-manager"
 	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
+	relayv2 "github.com/libp2p/go-libp2p/p2p/protocol/circuitv2/relay"
+	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 	"github.com/libp2p/go-libp2p/p2p/security/noise"
 	tls "github.com/libp2p/go-libp2p/p2p/security/tls"
 	quic "github.com/libp2p/go-libp2p/p2p/transport/quic"
@@ -61,6 +64,38 @@ type HostOptions struct {
 	// security and muxer options stay): e.g. QUIC over an in-process simulated
 	// network for the WAN bench. Listen must then be addresses they serve.
 	Transports []libp2p.Option
+
+	// NAT traversal; all off by default (tests, the simulated bench), where it
+	// would only add traffic.
+
+	// Reachability runs AutoNAT v2, asking peers to dial this host's public,
+	// announced and observed addresses back and answering their requests, and
+	// keeps Host.Reachability current.
+	Reachability bool
+	// Announce lists addresses others should dial besides the listen ones
+	// (a cloud box's mapped port): /ip4|ip6|dns4|dns6/HOST/tcp/N or
+	// .../udp/N/quic-v1, without /p2p.
+	Announce []string
+	// PortMap asks the router to forward the listen ports (UPnP IGD, NAT-PMP).
+	PortMap bool
+	// RelayService, if set, makes this host a circuit relay v2 for others
+	// with these limits.
+	RelayService *RelayLimits
+	// Relays are relays to reserve a slot on while this host is not publicly
+	// reachable, full multiaddrs ending in /p2p/<id>; peers that turn out not
+	// to serve circuit v2 are skipped.
+	Relays []string
+	// HolePunch dials and accepts relayed connections and upgrades them to
+	// direct ones by hole punching (DCUtR). Relays and RelayService imply
+	// relayed connections too.
+	HolePunch bool
+	// HolePunchGrace is how long a new tensor stream waits for hole punching
+	// to replace a young relayed connection; 0 = DefaultHolePunchGrace.
+	HolePunchGrace time.Duration
+
+	// reachPrivate counts private and loopback addresses as reachability
+	// candidates and lets AutoNAT v2 dial them: tests on one machine.
+	reachPrivate bool
 }
 
 // Validate reports the first bad field: a missing key, a listen address
@@ -81,6 +116,28 @@ func (o HostOptions) Validate() error {
 	}
 	if o.MemoryLimit < 0 {
 		return fmt.Errorf("%w: MemoryLimit: %d is negative", ErrBadOptions, o.MemoryLimit)
+	}
+	for i, s := range o.Announce {
+		if err := CheckAnnounce(s); err != nil {
+			return fmt.Errorf("%w: Announce[%d]: %w", ErrBadOptions, i, err)
+		}
+	}
+	for i, s := range o.Relays {
+		a, err := ma.NewMultiaddr(s)
+		if err != nil {
+			return fmt.Errorf("%w: Relays[%d] %q: %w", ErrBadOptions, i, s, err)
+		}
+		if _, err := peer.AddrInfoFromP2pAddr(a); err != nil {
+			return fmt.Errorf("%w: Relays[%d] %q: want a full address ending in /p2p/<id>: %w", ErrBadOptions, i, s, err)
+		}
+	}
+	if o.RelayService != nil {
+		if err := o.RelayService.validate(); err != nil {
+			return err
+		}
+	}
+	if o.HolePunchGrace < 0 {
+		return fmt.Errorf("%w: HolePunchGrace: %v is negative", ErrBadOptions, o.HolePunchGrace)
 	}
 	return nil
 }
@@ -107,6 +164,9 @@ func (o HostOptions) withDefaults() HostOptions {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
+	if o.HolePunchGrace == 0 {
+		o.HolePunchGrace = DefaultHolePunchGrace
+	}
 	return o
 }
 
@@ -118,7 +178,13 @@ type Host struct {
 
 	log       *slog.Logger
 	penalties *Penalties
-	mdns      mdns.Service // nil unless HostOptions.MDNS
+	mdns      mdns.Service   // nil unless HostOptions.MDNS
+	relay     *relayv2.Relay // nil unless HostOptions.RelayService
+	reach     *reacher       // nil unless HostOptions.Reachability
+	paths     paths
+	punches   punches
+	// holePunchGrace is HostOptions.HolePunchGrace.
+	holePunchGrace time.Duration
 
 	ctx    context.Context    // lives until Close
 	cancel context.CancelFunc // ends pubsub and mDNS dials
@@ -148,6 +214,9 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 		log:       o.Log.With("subsystem", "p2p"),
 		penalties: NewPenalties(DefaultPenaltyLimit),
 	}
+	h.paths = paths{log: h.log, m: map[peer.ID]StreamPath{}}
+	h.holePunchGrace = o.HolePunchGrace
+	h.punches = punches{log: h.log.With("part", "holepunch"), m: map[peer.ID]HolePunch{}}
 
 	limits := rcmgr.DefaultLimits // a copy: Scale must not touch the package default
 	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.Scale(o.MemoryLimit, fdLimit)), rcmgr.WithMetricsDisabled())
@@ -162,21 +231,34 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 		libp2p.Identity(o.Key),
 		libp2p.ListenAddrStrings(o.Listen...),
 	}, transports...)
-	lh, err := libp2p.New(append(opts,
+	opts = append(opts,
 		libp2p.Security(noise.ID, noise.New),
 		libp2p.Security(tls.ID, tls.New),
 		libp2p.Muxer(yamux.ID, yamux.DefaultTransport),
 		libp2p.ResourceManager(rm),
 		libp2p.ConnectionGater(gater{h.penalties}),
-		libp2p.DisableRelay(),
 		libp2p.DisableMetrics(),
-	)...)
+	)
+	opts = append(opts, natOptions(o, &h.punches)...)
+	lh, err := libp2p.New(opts...)
 	if err != nil {
 		rm.Close()
 		return nil, fmt.Errorf("p2p: new host on %v: %w", o.Listen, err)
 	}
 	h.Host = lh
 	h.ctx, h.cancel = context.WithCancel(context.Background())
+	if o.RelayService != nil {
+		if h.relay, err = startRelay(lh, *o.RelayService); err != nil {
+			h.Close()
+			return nil, err
+		}
+	}
+	if o.Reachability {
+		if h.reach, err = newReacher(lh, o, o.Transports, h.log.With("part", "reachability")); err != nil {
+			h.Close()
+			return nil, err
+		}
+	}
 
 	h.PubSub, err = pubsub.NewGossipSub(h.ctx, lh, pubsub.WithBlacklist(pubsubBlacklist{h.penalties}))
 	if err != nil {
@@ -190,8 +272,50 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 			return nil, fmt.Errorf("p2p: mdns: %w", err)
 		}
 	}
-	h.log.Info("host up", "id", lh.ID(), "addrs", h.Addrs(), "mdns", o.MDNS)
+	h.log.Info("host up", "id", lh.ID(), "addrs", h.Addrs(), "mdns", o.MDNS, "relay_service", o.RelayService != nil,
+		"relays", len(o.Relays), "hole_punch", o.HolePunch, "announce", o.Announce)
 	return h, nil
+}
+
+// natOptions are the libp2p options for o's NAT traversal settings. Relays
+// are validated already.
+func natOptions(o HostOptions, tracer *punches) []libp2p.Option {
+	var opts []libp2p.Option
+	if o.HolePunch || o.RelayService != nil || len(o.Relays) > 0 {
+		opts = append(opts, libp2p.EnableRelay())
+	} else {
+		opts = append(opts, libp2p.DisableRelay())
+	}
+	if o.HolePunch {
+		opts = append(opts, libp2p.EnableHolePunching(holepunch.WithTracer(tracer)))
+	}
+	if len(o.Relays) > 0 {
+		var infos []peer.AddrInfo
+		for _, s := range o.Relays {
+			info, _ := peer.AddrInfoFromString(s)
+			infos = append(infos, *info)
+		}
+		opts = append(opts, libp2p.EnableAutoRelayWithPeerSource(relaySource(infos),
+			autorelay.WithMinCandidates(1), // reserve on the first relay found, not after the boot delay
+			autorelay.WithBootDelay(0),
+			autorelay.WithNumRelays(min(2, len(infos))),
+			autorelay.WithMaxCandidates(len(infos)),
+			autorelay.WithBackoff(time.Minute), // a configured relay that restarts is tried again soon
+			autorelay.WithMinInterval(10*time.Second)))
+	}
+	if o.PortMap {
+		opts = append(opts, libp2p.NATPortMap())
+	}
+	if len(o.Announce) > 0 {
+		var announce []ma.Multiaddr
+		for _, s := range o.Announce {
+			announce = append(announce, ma.StringCast(s))
+		}
+		opts = append(opts, libp2p.AddrsFactory(func(addrs []ma.Multiaddr) []ma.Multiaddr {
+			return append(slices.Clone(announce), addrs...)
+		}))
+	}
+	return opts
 }
 
 // Penalties is the host's misbehaviour record (Limit DefaultPenaltyLimit).
@@ -256,7 +380,8 @@ func (h *Host) Connect(ctx context.Context, addr string) (peer.ID, error) {
 		return "", fmt.Errorf("p2p: connect %q: that is this host", addr)
 	}
 	h.Peerstore().AddAddrs(info.ID, info.Addrs, peerstore.PermanentAddrTTL)
-	if err := h.Host.Connect(ctx, *info); err != nil {
+	// A relayed connection counts: a peer behind a NAT may have no other.
+	if err := h.Host.Connect(AllowRelayed(ctx, "connect"), *info); err != nil {
 		return "", fmt.Errorf("p2p: connect %q: %w", addr, err)
 	}
 	return info.ID, nil
@@ -273,6 +398,12 @@ func (h *Host) Close() error {
 		var errs []error
 		if h.mdns != nil {
 			errs = append(errs, h.mdns.Close())
+		}
+		if h.reach != nil {
+			h.reach.close()
+		}
+		if h.relay != nil {
+			errs = append(errs, h.relay.Close())
 		}
 		h.dials.Wait()
 		errs = append(errs, h.Host.Close())

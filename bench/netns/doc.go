@@ -11,6 +11,12 @@
 // a crashed harness can only leave namespaces behind, and Cleanup removes
 // those by name.
 //
+// BuildNAT makes another topology, for NAT traversal: a public segment (a
+// bridge) with public hosts, and private hosts each on its own LAN behind its
+// own router namespace that masquerades (iptables) and drops unsolicited
+// inbound packets; optionally with a random port per connection, as a
+// symmetric NAT. It needs iptables as well.
+//
 // # Bandwidth
 //
 // A tbf qdisc on each end of a node's veth: the node end limits what the node

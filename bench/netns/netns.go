@@ -498,9 +498,9 @@ func Cleanup(prefix string) error {
 	return errors.Join(errs...)
 }
 
-var ownName = regexp.MustCompile(`^-(hub|n[0-9]+)$`)
+var ownName = regexp.MustCompile(`^-(hub|[npr][0-9]+)$`)
 
-// ownedBy reports whether namespace ns is one Build makes for prefix.
+// ownedBy reports whether namespace ns is one Build or BuildNAT makes for prefix.
 func ownedBy(ns, prefix string) bool {
 	return len(ns) > len(prefix) && ns[:len(prefix)] == prefix && ownName.MatchString(ns[len(prefix):])
 }

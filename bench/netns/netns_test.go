@@ -509,6 +509,10 @@ func TestCleanupOnlyTakesItsOwnPrefix(t *testing.T) {
 		{"psw1-n", "psw1", false},
 		{"psw1-hubx", "psw1", false},
 		{"psw1", "psw1", false},
+		{"psnat1-r0", "psnat1", true}, // BuildNAT's routers and public hosts
+		{"psnat1-p3", "psnat1", true},
+		{"psnat12-r0", "psnat1", false},
+		{"psnat1-x0", "psnat1", false},
 	} {
 		if got := ownedBy(c.ns, c.prefix); got != c.want {
 			t.Errorf("ownedBy(%q, %q) = %v", c.ns, c.prefix, got)

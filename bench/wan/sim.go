@@ -71,7 +71,10 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		}
 		cfg := &config.Config{DataDir: filepath.Join(dirs, cell), Listen: listen, Trust: []string{lid.String()}}
 		cfg.EnsureDefaults()
-		d, err := node.NewDaemon(ctx, cfg, nlog.With("node", cell), func(h *p2p.HostOptions) { h.Transports = tr })
+		d, err := node.NewDaemon(ctx, cfg, nlog.With("node", cell), func(h *p2p.HostOptions) {
+			// Simulated links: no NAT to find out about or traverse.
+			h.Transports, h.Reachability, h.HolePunch, h.PortMap, h.Relays = tr, false, false, false, nil
+		})
 		if err != nil {
 			return fmt.Errorf("wan: sim: node %s: %w", cell, err)
 		}

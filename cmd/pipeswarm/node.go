@@ -55,21 +55,30 @@ mode 0600 and never overwritten.`, stderr)
 }
 
 func runNode(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE]", `
+	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE] [--announce MULTIADDR]... [--relay]", `
 Run a pipeswarm node: join the swarm, accept runs signed by trusted launchers, and
 train the pipeline stage each run gives this node. The data directory holds the
 node's identity key, its stage checkpoints and a lock (one node per directory); the
 node writes its full multiaddrs, one per line, to DIR/addrs once it listens.
 
+At start it finds out whether other peers can dial it (AutoNAT v2 with the peers
+it knows) and prints one line, "reachability: reachable at ADDR" or
+"reachability: not reachable: WHY; fix: WHAT TO DO", and again when that changes.
+A node that is not reachable reserves a slot on a relay (relays:, else the
+bootstrap peers that serve one) and upgrades relayed connections to direct ones
+by hole punching.
+
 Stops cleanly on Ctrl-C or SIGTERM: each run writes its stage checkpoint and tells
 its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	cfgPath := fs.String("config", "", "node config file (YAML)")
 	dataDir := fs.String("data-dir", "", "data directory (overrides data_dir)")
-	var listen, bootstrap, trust multiFlag
+	var listen, bootstrap, trust, announce multiFlag
 	fs.Var(&listen, "listen", "listen multiaddr, repeatable (default TCP and QUIC on every interface, random ports)")
 	fs.Var(&bootstrap, "bootstrap", "peer multiaddr with /p2p/ID to dial at start, repeatable")
 	fs.Var(&trust, "trust", "launcher peer ID whose runs this node accepts, repeatable")
 	open := fs.Bool("open", false, "accept runs from any launcher")
+	fs.Var(&announce, "announce", "address others should dial, e.g. a forwarded port /ip4/PUBLIC_IP/tcp/4001 (no /p2p), repeatable (adds to announce)")
+	relay := fs.Bool("relay", false, "serve as a circuit relay for nodes that are not reachable (a node with a public address)")
 	mdns := fs.Bool("mdns", false, "discover peers on the LAN with mDNS")
 	budget := fs.String("memory-budget", "", "memory this node may use for stages, e.g. 4GiB (overrides memory_budget)")
 	corpusPath := fs.String("corpus", "", "local copy of run text, used where it hashes the same as the launcher's (overrides corpus)")
@@ -104,6 +113,8 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	cfg.Bootstrap = append(cfg.Bootstrap, bootstrap...)
 	cfg.Trust = append(cfg.Trust, trust...)
 	cfg.Open = cfg.Open || *open
+	cfg.Announce = append(cfg.Announce, announce...)
+	cfg.Relay = cfg.Relay || *relay
 	cfg.MDNS = cfg.MDNS || *mdns
 	if *budget != "" {
 		cfg.MemoryBudget = *budget
@@ -137,6 +148,13 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	for _, a := range d.Addrs() {
 		fmt.Fprintf(stdout, "listening on %s\n", a)
 	}
+	nctx, stopNotices := context.WithCancel(ctx)
+	noticesDone := make(chan struct{})
+	go func() {
+		defer close(noticesDone)
+		d.ReachabilityNotices(nctx, func(r p2p.Reachability) { fmt.Fprintf(stdout, "reachability: %s\n", r.Line()) })
+	}()
+	defer func() { stopNotices(); <-noticesDone }()
 	log.Info("node running", "compute_threads", compute.Workers(), "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open, "memory_budget", cfg.MemoryBudget)
 	err = d.Run(ctx)
 	log.Info("node stopped")

@@ -11,11 +11,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
 // ErrInvalid is wrapped by every error Validate reports.
@@ -56,6 +58,25 @@ type Config struct {
 	// same as the launcher's. Empty: always fetch (and cache in the data directory).
 	Corpus string `yaml:"corpus"`
 
+	// Announce lists addresses others should dial besides the ones the node listens on,
+	// e.g. a cloud box's or a router's forwarded port: /ip4/203.0.113.7/tcp/4001 (no /p2p).
+	Announce []string `yaml:"announce"`
+	// PortMap asks the router to forward the listen ports (UPnP IGD, NAT-PMP). Default true.
+	PortMap bool `yaml:"port_map"`
+	// Relays lists full multiaddrs (ending in /p2p/<peer ID>) of relays to reserve a slot
+	// on while the node is not reachable. Empty: the bootstrap peers are tried, and those
+	// that serve as relays are used.
+	Relays []string `yaml:"relays"`
+	// Relay makes this node a circuit relay for nodes that are not reachable: for a
+	// bootstrap node with a public address.
+	Relay bool `yaml:"relay"`
+	// RelayMaxDuration is how long one relayed connection may last, as Go's
+	// time.ParseDuration reads it. Default "24h" (go-libp2p's 2 minutes fit no run).
+	RelayMaxDuration string `yaml:"relay_max_duration"`
+	// RelayMaxData is how many bytes one relayed connection may carry each way, as
+	// ParseBytes reads it. Default "64GiB" (go-libp2p's is 128 KiB).
+	RelayMaxData string `yaml:"relay_max_data"`
+
 	// src remembers where each field was written, so that Validate can point at its line and
 	// EnsureDefaults leaves alone what the file set on purpose ("listen: []").
 	src source
@@ -69,6 +90,12 @@ func DefaultListen() []string {
 
 // DefaultMemoryBudget is the memory budget of a node whose config names none.
 const DefaultMemoryBudget = "4GiB"
+
+// Default limits of one relayed connection through a node with relay: true.
+const (
+	DefaultRelayMaxDuration = "24h"
+	DefaultRelayMaxData     = "64GiB"
+)
 
 // source is where a config came from. The map is written only while decoding.
 type source struct {
@@ -145,6 +172,21 @@ func (c *Config) EnsureDefaults() {
 	if c.MaxStages == 0 && !c.src.written("max_stages") {
 		c.MaxStages = 1
 	}
+	if c.Announce == nil {
+		c.Announce = []string{}
+	}
+	if c.Relays == nil {
+		c.Relays = []string{}
+	}
+	if !c.PortMap && !c.src.written("port_map") {
+		c.PortMap = true
+	}
+	if c.RelayMaxDuration == "" && !c.src.written("relay_max_duration") {
+		c.RelayMaxDuration = DefaultRelayMaxDuration
+	}
+	if c.RelayMaxData == "" && !c.src.written("relay_max_data") {
+		c.RelayMaxData = DefaultRelayMaxData
+	}
 }
 
 // Validate checks every field and returns all problems joined, each wrapping ErrInvalid.
@@ -188,7 +230,51 @@ func (c *Config) Validate() error {
 	if c.MaxStages < 1 {
 		v.failf("max_stages", "%d is less than 1", c.MaxStages)
 	}
+	for i, s := range c.Announce {
+		if err := p2p.CheckAnnounce(s); err != nil {
+			v.item("announce", i, "%v", err)
+		}
+	}
+	for i, s := range c.Relays {
+		m, err := ma.NewMultiaddr(s)
+		if err != nil {
+			v.item("relays", i, "%v", err)
+			continue
+		}
+		if _, err := peer.AddrInfoFromP2pAddr(m); err != nil {
+			v.item("relays", i, "%q does not end in /p2p/<peer ID>; a relay address must name the relay", s)
+		}
+	}
+	// The limits matter only to a relay; a config built in code may leave them out.
+	if d, err := time.ParseDuration(c.RelayMaxDuration); (c.Relay || c.RelayMaxDuration != "") && (err != nil || d <= 0) {
+		v.failf("relay_max_duration", "%q: want a positive duration such as 24h", c.RelayMaxDuration)
+	}
+	if n, err := ParseBytes(c.RelayMaxData); (c.Relay || c.RelayMaxData != "") && (err != nil || n <= 0) {
+		v.failf("relay_max_data", "%q: want a size such as 64GiB", c.RelayMaxData)
+	}
 	return errors.Join(v.errs...)
+}
+
+// RelayLimits are the limits of one relayed connection through this node, or the
+// defaults where the config's do not parse (Validate reports that).
+func (c *Config) RelayLimits() p2p.RelayLimits {
+	l := p2p.DefaultRelayLimits()
+	if d, err := time.ParseDuration(c.RelayMaxDuration); err == nil && d > 0 {
+		l.Duration = d
+	}
+	if n, err := ParseBytes(c.RelayMaxData); err == nil && n > 0 {
+		l.Data = n
+	}
+	return l
+}
+
+// RelayCandidates are the relays the node reserves a slot on when not reachable:
+// Relays, or the bootstrap peers if Relays is empty.
+func (c *Config) RelayCandidates() []string {
+	if len(c.Relays) > 0 {
+		return c.Relays
+	}
+	return c.Bootstrap
 }
 
 // MemoryBudgetBytes is the memory budget in bytes, or 0 if it does not parse (Validate

@@ -7,6 +7,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/spec"
 )
@@ -29,6 +30,12 @@ trust:
 open: false
 memory_budget: 12GiB
 max_stages: 2
+announce: [/ip4/203.0.113.7/tcp/4001]
+port_map: false
+relays: [/ip4/203.0.113.8/udp/4001/quic-v1/p2p/12D3KooWJBqi4npEcgyXvYH8EAg1hUyZjSuMh6ADGvPGHLCmE5tj]
+relay: true
+relay_max_duration: 6h
+relay_max_data: 8GiB
 `
 
 // fields returns c's exported fields only, for comparing configs from different sources.
@@ -50,13 +57,18 @@ func mustParse(t *testing.T, src string) *Config {
 func TestParseReadsEveryField(t *testing.T) {
 	got := fields(mustParse(t, full))
 	want := Config{
-		DataDir:      "/var/lib/pipeswarm",
-		Listen:       []string{"/ip4/0.0.0.0/tcp/4001", "/ip6/::/udp/4001/quic-v1"},
-		Bootstrap:    []string{"/dns4/boot.example.org/tcp/4001/p2p/" + other},
-		MDNS:         true,
-		Trust:        []string{launcher},
-		MemoryBudget: "12GiB",
-		MaxStages:    2,
+		DataDir:          "/var/lib/pipeswarm",
+		Listen:           []string{"/ip4/0.0.0.0/tcp/4001", "/ip6/::/udp/4001/quic-v1"},
+		Bootstrap:        []string{"/dns4/boot.example.org/tcp/4001/p2p/" + other},
+		MDNS:             true,
+		Trust:            []string{launcher},
+		MemoryBudget:     "12GiB",
+		MaxStages:        2,
+		Announce:         []string{"/ip4/203.0.113.7/tcp/4001"},
+		Relays:           []string{"/ip4/203.0.113.8/udp/4001/quic-v1/p2p/" + other},
+		Relay:            true,
+		RelayMaxDuration: "6h",
+		RelayMaxData:     "8GiB",
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse = %+v\nwant %+v", got, want)
@@ -151,6 +163,34 @@ func TestValidateWithoutFileNamesOnlyTheField(t *testing.T) {
 	}
 }
 
+func TestNATFieldsAreCheckedWithTheirLines(t *testing.T) {
+	_, err := Parse([]byte("data_dir: d\nopen: true\nannounce:\n  - /ip4/203.0.113.7/tcp/4001/p2p/12D3KooWAkC88sNgQmYS6s3EBH4yw18uirscCMtJKXUhufsxoe7V\nrelays:\n  - /ip4/203.0.113.8/tcp/4001\nrelay: true\nrelay_max_duration: 0s\n"), "n.yaml")
+	if !errors.Is(err, ErrInvalid) {
+		t.Fatalf("error = %v, want ErrInvalid", err)
+	}
+	for _, want := range []string{"n.yaml:4: announce[0]:", "n.yaml:6: relays[0]:", "n.yaml:8: relay_max_duration:"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not say %q", err, want)
+		}
+	}
+}
+
+func TestRelayCandidatesAreTheBootstrapPeersUnlessRelaysAreListed(t *testing.T) {
+	const boot = "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooWAkC88sNgQmYS6s3EBH4yw18uirscCMtJKXUhufsxoe7V"
+	const relay = "/ip4/203.0.113.8/tcp/4001/p2p/12D3KooWAkC88sNgQmYS6s3EBH4yw18uirscCMtJKXUhufsxoe7V"
+	c := mustParse(t, "data_dir: d\nopen: true\nbootstrap: ["+boot+"]\n")
+	if got := c.RelayCandidates(); len(got) != 1 || got[0] != boot {
+		t.Errorf("without relays: %v, want the bootstrap peer", got)
+	}
+	c = mustParse(t, "data_dir: d\nopen: true\nbootstrap: ["+boot+"]\nrelays: ["+relay+"]\n")
+	if got := c.RelayCandidates(); len(got) != 1 || got[0] != relay {
+		t.Errorf("with relays: %v, want the relay", got)
+	}
+	if l := c.RelayLimits(); l.Duration != 24*time.Hour || l.Data != 64<<30 {
+		t.Errorf("default relay limits %+v, want 24h and 64GiB", l)
+	}
+}
+
 func TestOpenAcceptsAnyLauncherWithoutTrust(t *testing.T) {
 	c := mustParse(t, "data_dir: d\nopen: true\n")
 	if !c.Open || len(c.Trust) != 0 {
@@ -160,7 +200,7 @@ func TestOpenAcceptsAnyLauncherWithoutTrust(t *testing.T) {
 
 func TestUnknownFieldIsADecodeErrorWithItsLine(t *testing.T) {
 	_, err := Parse([]byte("data_dir: d\nopen: true\nmemory: 4GiB\n"), "n.yaml")
-	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, corpus)`
+	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, corpus, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
 	if !errors.Is(err, ErrDecode) || !errors.Is(err, spec.ErrDecode) || err.Error() != want {
 		t.Errorf("error = %v\nwant %q", err, want)
 	}
@@ -231,7 +271,8 @@ func TestExampleNodeConfigParses(t *testing.T) {
 		}
 		if filepath.Base(p) == "node.yaml" {
 			want := Config{DataDir: "./node-data", Listen: DefaultListen(), Bootstrap: []string{},
-				Trust: []string{}, Open: true, MemoryBudget: "4GiB", MaxStages: 1}
+				Trust: []string{}, Open: true, MemoryBudget: "4GiB", MaxStages: 1,
+				Announce: []string{}, PortMap: true, Relays: []string{}, RelayMaxDuration: "24h", RelayMaxData: "64GiB"}
 			if !reflect.DeepEqual(fields(c), want) {
 				t.Errorf("examples/node.yaml = %+v\nwant %+v", fields(c), want)
 			}

@@ -62,7 +62,7 @@ func NewService(h host.Host, log *slog.Logger, penalise func(peer.ID, error)) *S
 	// A closed connection is a member gone: groups give it up at once
 	// rather than waiting for a deadline.
 	s.notifiee = &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
-		if p := c.RemotePeer(); n.Connectedness(p) != network.Connected {
+		if p := c.RemotePeer(); !linked(n, p) {
 			s.staleStream(p)
 			go s.peerDown(p, errors.New("disconnected"))
 		}
@@ -251,10 +251,12 @@ func (o *peerOut) run() {
 				// Never dial: a member's connection is the node's to
 				// keep, and redialling a member that just died would hide
 				// its death from the disconnect notification.
-				if o.s.h.Network().Connectedness(o.id) != network.Connected {
+				if !linked(o.s.h.Network(), o.id) {
 					err = errors.New("not connected")
 				} else {
-					st, err = o.s.h.NewStream(network.WithNoDial(o.s.ctx, "reduce"), o.id, Proto)
+					// A relayed connection will do where hole punching failed.
+					ctx := network.WithAllowLimitedConn(network.WithNoDial(o.s.ctx, "reduce"), "reduce")
+					st, err = o.s.h.NewStream(ctx, o.id, Proto)
 				}
 				o.s.log.Debug("stream out", "peer", o.id, "err", err)
 			}
@@ -277,4 +279,10 @@ func (o *peerOut) run() {
 			}
 		}
 	}
+}
+
+// linked reports whether n has a connection to p, direct or through a relay.
+func linked(n network.Network, p peer.ID) bool {
+	c := n.Connectedness(p)
+	return c == network.Connected || c == network.Limited
 }
