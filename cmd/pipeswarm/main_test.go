@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/pipeswarm/pipeswarm/node/build"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 )
 
@@ -120,7 +121,7 @@ func TestVersionNamesGoBLASAndProtocols(t *testing.T) {
 		}
 	}
 	code, stdout, _ = runCLI(t, "version", "--json")
-	var v versionInfo
+	var v build.Info
 	if code != 0 || json.Unmarshal([]byte(stdout), &v) != nil || v.Go == "" || v.BLAS == "" || len(v.Protocols) != 5 {
 		t.Errorf("version --json: exit %d, %q", code, stdout)
 	}
