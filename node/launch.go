@@ -142,13 +142,13 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	}
 	abort := func(reason string) {
 		for id := range stagePeers {
-			_, _ = call(context.WithoutCancel(ctx), h, id, ctlMsg{Type: msgAbort, Run: runID, Reason: reason})
+			_, _ = call(context.WithoutCancel(ctx), h, nil, id, ctlMsg{Type: msgAbort, Run: runID, Reason: reason})
 		}
 	}
 	var refusals []string
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
-		r, err := call(ctx, h, id, ctlMsg{Type: msgAssign, Signed: signed})
+		r, err := call(ctx, h, nil, id, ctlMsg{Type: msgAssign, Signed: signed})
 		if err == nil && !r.OK {
 			err = errors.New(r.Error)
 		}
@@ -174,7 +174,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
-		if r, err := call(ctx, h, id, ctlMsg{Type: msgStart, Run: runID}); err != nil || !r.OK {
+		if r, err := call(ctx, h, nil, id, ctlMsg{Type: msgStart, Run: runID}); err != nil || !r.OK {
 			abort("start failed")
 			if err == nil {
 				err = errors.New(r.Error)
@@ -188,7 +188,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		for id, a := range stagePeers {
 			if a.Replica == r {
 				go func() {
-					_, _ = call(context.WithoutCancel(ctx), h, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
+					_, _ = call(context.WithoutCancel(ctx), h, nil, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
 				}()
 			}
 		}
@@ -233,7 +233,7 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, log
 				problems = append(problems, err.Error())
 				continue
 			}
-			r, err := call(ctx, h, id, ctlMsg{Type: msgOffer})
+			r, err := call(ctx, h, nil, id, ctlMsg{Type: msgOffer})
 			if err != nil || !r.OK || r.Offer == nil {
 				problems = append(problems, fmt.Sprintf("%s gave no offer: %v", id, err))
 				continue

@@ -55,11 +55,17 @@ mode 0600 and never overwritten.`, stderr)
 }
 
 func runNode(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE]", `
+	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE] [--status ADDR]", `
 Run a pipeswarm node: join the swarm, accept runs signed by trusted launchers, and
 train the pipeline stage each run gives this node. The data directory holds the
 node's identity key, its stage checkpoints and a lock (one node per directory); the
 node writes its full multiaddrs, one per line, to DIR/addrs once it listens.
+
+With --status ADDR (host:port; port 0 picks a free one) the node serves a status page
+at http://ADDR/ (identity, reachability, peers, the runs it serves with their loss
+curves, recent warnings), the same as JSON at /api/status, and Prometheus metrics at
+/metrics; it writes the address bound to DIR/status_addr ('pipeswarm status
+--data-dir DIR' reads it). Off by default, so that many nodes can share a machine.
 
 Stops cleanly on Ctrl-C or SIGTERM: each run writes its stage checkpoint and tells
 its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
@@ -73,7 +79,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	mdns := fs.Bool("mdns", false, "discover peers on the LAN with mDNS")
 	budget := fs.String("memory-budget", "", "memory this node may use for stages, e.g. 4GiB (overrides memory_budget)")
 	corpusPath := fs.String("corpus", "", "local copy of run text, used where it hashes the same as the launcher's (overrides corpus)")
-	verbose := fs.Bool("v", false, "debug logging")
+	statusAddr := fs.String("status", "", "serve the status page and /metrics on host:port, e.g. 127.0.0.1:9090 or 127.0.0.1:0 (overrides status)")
+	verbose := fs.Bool("v", false, "debug logging (same as --log-level debug)")
+	logf := addLogFlags(fs, slog.LevelInfo)
 	threads := fs.Int("threads", 0, "compute threads for the stages held here (default: every core); set it when several nodes share a machine")
 	faultStall := fs.Int("fault-stall-sync", 0, "fault injection for tests: hang mid all-reduce in the outer step after inner step N")
 	pos, err := parse(fs, args)
@@ -111,6 +119,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	if *corpusPath != "" {
 		cfg.Corpus = *corpusPath
 	}
+	if *statusAddr != "" {
+		cfg.Status = *statusAddr
+	}
 	cfg.EnsureDefaults()
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -120,11 +131,14 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 		return errUsage
 	}
 	compute.SetWorkers(*threads)
-	level := slog.LevelInfo
 	if *verbose {
-		level = slog.LevelDebug
+		*logf.level = "debug"
 	}
-	log := newLogger(stderr, level).With("sys", "node")
+	base, err := logf.logger(stderr, stderr, "node")
+	if err != nil {
+		return err
+	}
+	log := base.With("sys", "node")
 	d, err := node.NewDaemon(ctx, cfg, log)
 	if err != nil {
 		return err
@@ -136,6 +150,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	fmt.Fprintf(stdout, "peer ID %s\n", d.ID())
 	for _, a := range d.Addrs() {
 		fmt.Fprintf(stdout, "listening on %s\n", a)
+	}
+	if a := d.StatusAddr(); a != "" {
+		fmt.Fprintf(stdout, "status page http://%s/\n", a)
 	}
 	log.Info("node running", "compute_threads", compute.Workers(), "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open, "memory_budget", cfg.MemoryBudget)
 	err = d.Run(ctx)
@@ -164,7 +181,12 @@ The spec is checked before anything is sent.`, stderr)
 	dataPath := fs.String("data", "", "training text, read here and served to the nodes over libp2p (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	quiet := fs.Bool("quiet", false, "no progress display")
+	logf := addLogFlags(fs, slog.LevelInfo)
 	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	base, err := logf.logger(stderr, stderr, "launch")
 	if err != nil {
 		return err
 	}
@@ -195,7 +217,7 @@ The spec is checked before anything is sent.`, stderr)
 	if *out == "" {
 		*out = filepath.Join("runs", sp.Name)
 	}
-	log := newLogger(stderr, slog.LevelInfo).With("sys", "launch")
+	log := base.With("sys", "launch")
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
 	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log,
 		OnStep: prog.step, OnPlan: func(as []assign.Assignment) {

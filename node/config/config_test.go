@@ -29,6 +29,7 @@ trust:
 open: false
 memory_budget: 12GiB
 max_stages: 2
+status: 127.0.0.1:0
 `
 
 // fields returns c's exported fields only, for comparing configs from different sources.
@@ -57,6 +58,7 @@ func TestParseReadsEveryField(t *testing.T) {
 		Trust:        []string{launcher},
 		MemoryBudget: "12GiB",
 		MaxStages:    2,
+		Status:       "127.0.0.1:0",
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse = %+v\nwant %+v", got, want)
@@ -120,6 +122,12 @@ func TestValidateNamesFileLineAndField(t *testing.T) {
 			"n.yaml:3: max_stages: 0 is less than 1"},
 		{"data_dir missing", "open: true\n",
 			"n.yaml: data_dir: missing; the node needs a directory"},
+		{"status without a port", "data_dir: d\nopen: true\nstatus: 127.0.0.1\n",
+			`n.yaml:3: status: "127.0.0.1": want host:port`},
+		{"status port out of range", "data_dir: d\nopen: true\nstatus: 127.0.0.1:70000\n",
+			`n.yaml:3: status: "127.0.0.1:70000": port "70000" is not a number from 0 to 65535`},
+		{"status host a name", "data_dir: d\nopen: true\nstatus: example.org:9090\n",
+			`n.yaml:3: status: "example.org:9090": host "example.org" is not an IP address (or localhost)`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse([]byte(tc.src), "n.yaml")
@@ -160,7 +168,7 @@ func TestOpenAcceptsAnyLauncherWithoutTrust(t *testing.T) {
 
 func TestUnknownFieldIsADecodeErrorWithItsLine(t *testing.T) {
 	_, err := Parse([]byte("data_dir: d\nopen: true\nmemory: 4GiB\n"), "n.yaml")
-	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, corpus)`
+	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, corpus, status)`
 	if !errors.Is(err, ErrDecode) || !errors.Is(err, spec.ErrDecode) || err.Error() != want {
 		t.Errorf("error = %v\nwant %q", err, want)
 	}
@@ -243,5 +251,16 @@ func TestLoadOfMissingFileWrapsNotExist(t *testing.T) {
 	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"))
 	if !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), "nope.yaml") {
 		t.Errorf("error = %v, want not-exist naming the file", err)
+	}
+}
+
+func TestStatusAcceptsHostPortWithPortZeroAndIsOffByDefault(t *testing.T) {
+	if c := mustParse(t, "data_dir: d\nopen: true\n"); c.Status != "" {
+		t.Errorf("status defaults to %q, want empty (no status server)", c.Status)
+	}
+	for _, addr := range []string{"127.0.0.1:0", ":9090", "localhost:9090", "[::1]:0", "0.0.0.0:65535"} {
+		if c := mustParse(t, "data_dir: d\nopen: true\nstatus: \""+addr+"\"\n"); c.Status != addr {
+			t.Errorf("status %q parsed as %q", addr, c.Status)
+		}
 	}
 }
