@@ -52,8 +52,9 @@ var (
 // frames without penalising their senders.
 var endedMemory = 10 * time.Minute
 
-// HeartbeatInterval is how often a daemon announces itself on gossipsub.
-const HeartbeatInterval = 5 * time.Second
+// HeartbeatInterval is how often a daemon announces itself on gossipsub (a variable
+// so that tests need not wait as long).
+var HeartbeatInterval = 5 * time.Second
 
 // Daemon is a long-running node: it holds a data directory and a libp2p identity,
 // answers launchers' offers, accepts signed runs from trusted launchers, and trains
