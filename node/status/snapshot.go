@@ -80,8 +80,9 @@ type Point struct {
 	Loss float64 `json:"loss"`
 }
 
-// Curve keeps a run's loss curve within max points: when full it drops every
-// second point, so a long run keeps its whole shape at a coarser step. The zero
+// Curve keeps a run's loss curve within Max points: when full it drops every
+// second point, so a long run keeps its whole shape at a coarser step; the first
+// and the newest points always stay. The zero
 // value is ready; Max 0 means DefaultCurvePoints.
 type Curve struct {
 	Max    int
@@ -113,7 +114,7 @@ func (c *Curve) Add(step int, loss float64) {
 		c.every *= 2
 		kept := c.points[:0]
 		for i, p := range c.points {
-			if p.Step%c.every == 0 || i == len(c.points)-1 {
+			if p.Step%c.every == 0 || i == 0 || i == len(c.points)-1 {
 				kept = append(kept, p)
 			}
 		}

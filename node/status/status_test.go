@@ -58,8 +58,8 @@ func TestCurveStaysBoundedAndKeepsItsEnds(t *testing.T) {
 		}
 	}
 	p := c.Points()
-	if p[len(p)-1].Step != 1000 {
-		t.Errorf("last point is step %d, want 1000", p[len(p)-1].Step)
+	if p[0].Step != 1 || p[len(p)-1].Step != 1000 {
+		t.Errorf("points run from step %d to %d, want 1 to 1000", p[0].Step, p[len(p)-1].Step)
 	}
 	if len(p) < 8 {
 		t.Errorf("only %d points left of 1000 steps", len(p))
