@@ -5,11 +5,15 @@ import (
 	"encoding/json"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/status"
@@ -36,6 +40,22 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 	b, err := os.ReadFile(filepath.Join(d.dir.Path, "status_addr"))
 	if err != nil || strings.TrimSpace(string(b)) != d.StatusAddr() || strings.HasSuffix(d.StatusAddr(), ":0") {
 		t.Fatalf("status_addr holds %q (%v); the server is on %s", b, err, d.StatusAddr())
+	}
+	// Before anything has happened, the metrics that are there from the start.
+	resp, err := http.Get("http://" + d.StatusAddr() + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatalf("/metrics does not parse: %v", err)
+	}
+	for _, name := range []string{"pipeswarm_build_info", "pipeswarm_peers", "pipeswarm_peers_limited", "pipeswarm_reachable"} {
+		if _, ok := fams[name]; !ok {
+			t.Errorf("a new node's /metrics lacks %s", name)
+		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
