@@ -22,11 +22,11 @@ import (
 // destination arrives in the order it was sent. Tensor frames share one long-lived
 // stream per destination; control messages take a stream each and wait for the reply.
 type outbox struct {
-	host *p2p.Host
-	log  *slog.Logger
+	host   *p2p.Host
+	log    *slog.Logger
 	sent   *sentBytes
 	meters *traffic.Meters // nil: not counted
-	fail   func(error) // a frame or norm that cannot be delivered ends the run
+	fail   func(error)     // a frame or norm that cannot be delivered ends the run
 	// undelivered, if set, hears of every other control message (a report) that
 	// could not be delivered, with its destination.
 	undelivered func(to peer.ID)

@@ -269,4 +269,3 @@ next:
 	}
 	return s
 }
-
