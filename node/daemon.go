@@ -8,6 +8,8 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -18,14 +20,17 @@ import (
 	"github.com/multiformats/go-multiaddr"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/build"
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/datadir"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/status"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -47,8 +52,9 @@ var (
 // frames without penalising their senders.
 var endedMemory = 10 * time.Minute
 
-// HeartbeatInterval is how often a daemon announces itself on gossipsub.
-const HeartbeatInterval = 5 * time.Second
+// HeartbeatInterval is how often a daemon announces itself on gossipsub (a variable
+// so that tests need not wait as long).
+var HeartbeatInterval = 5 * time.Second
 
 // Daemon is a long-running node: it holds a data directory and a libp2p identity,
 // answers launchers' offers, accepts signed runs from trusted launchers, and trains
@@ -63,11 +69,19 @@ type Daemon struct {
 	// run text from launchers into the data directory's cache.
 	reduce *reduce.Service
 	fetch  *corpus.Fetcher
+	// What the status page and metrics read: frames and bytes per protocol, recent
+	// warnings, the HTTP server (nil without cfg.Status).
+	meters  *traffic.Meters
+	warns   *status.WarnRing
+	status  *status.Server
+	started time.Time
+	build   build.Info
 
-	mu    sync.Mutex
-	runs  map[uint64]*worker
-	seen  map[[2]uint64]bool // plans (run, rejoin nonce) accepted and not yet expired
-	ended map[uint64]bool    // runs held here that have stopped: their late frames are dropped, not penalised
+	mu       sync.Mutex
+	runs     map[uint64]*worker
+	seen     map[[2]uint64]bool // plans (run, rejoin nonce) accepted and not yet expired
+	ended    map[uint64]bool    // runs held here that have stopped: their late frames are dropped, not penalised
+	finished []status.Run       // the last few runs that ended here, as they ended, oldest first
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
 	faultStallSync int
@@ -81,12 +95,19 @@ type Daemon struct {
 // WAN bench runs daemons over simulated links this way).
 type HostOption func(*p2p.HostOptions)
 
+// keptRuns is how many ended runs the status page keeps showing.
+const keptRuns = 8
+
 // NewDaemon locks the data directory, loads (or creates) the node's identity and
-// starts listening. Close it, or Run it until its context ends.
+// starts listening, and serves its status page if cfg.Status says where. Close it,
+// or Run it until its context ends.
 func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOpts ...HostOption) (*Daemon, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
+	// Every subsystem logs through log, so the ring sees the whole node's warnings.
+	warns := status.NewWarnRing(status.DefaultWarnings)
+	log = slog.New(warns.Handler(log.Handler()))
 	trust := map[peer.ID]bool{}
 	for _, t := range cfg.Trust {
 		id, err := peer.Decode(t)
@@ -124,7 +145,9 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		dir.Close()
 		return nil, err
 	}
-	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]bool{}, ended: map[uint64]bool{}}
+	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]bool{}, ended: map[uint64]bool{},
+		warns: warns, started: time.Now(), build: build.Read(),
+		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	penalise := func(p peer.ID, err error) {
 		if errors.Is(err, io.ErrUnexpectedEOF) {
 			return // a stream cut short by a peer that died mid-write: not misbehaviour
@@ -132,8 +155,9 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		n := h.Penalties().Add(p, err.Error())
 		log.Warn("bad message", "peer", p, "err", err, "penalties", n)
 	}
-	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise)
-	d.fetch = &corpus.Fetcher{Host: h.Host, CacheDir: filepath.Join(dir.Path, "corpus"), Log: log.With("sys", "corpus"), Penalise: penalise}
+	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise, reduce.WithMeter(d.meters.For(reduce.Proto)))
+	d.fetch = &corpus.Fetcher{Host: h.Host, CacheDir: filepath.Join(dir.Path, "corpus"), Log: log.With("sys", "corpus"), Penalise: penalise,
+		Meter: d.meters.For(corpus.Proto)}
 	h.Handle(reduce.Proto, d.reduce.HandleStream)
 	h.Handle(p2p.ProtoControl, d.handleControl)
 	h.Handle(p2p.ProtoActivation, d.handleFrames(p2p.ProtoActivation))
@@ -142,7 +166,63 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		d.Close()
 		return nil, err
 	}
+	if cfg.Status != "" {
+		if d.status, err = status.Listen(status.Options{Addr: cfg.Status, Snapshot: d.Snapshot, Log: log.With("sys", "status")}); err != nil {
+			d.Close()
+			return nil, err
+		}
+		if err := dir.WriteStatusAddr(d.status.Addr()); err != nil {
+			d.Close()
+			return nil, err
+		}
+	}
 	return d, nil
+}
+
+// StatusAddr is where the status page is served (host:port), or "" without one.
+func (d *Daemon) StatusAddr() string {
+	if d.status == nil {
+		return ""
+	}
+	return d.status.Addr()
+}
+
+// Snapshot is the node as it is now, for the status page, /metrics and `pipeswarm
+// status`. It is safe to call from any goroutine.
+func (d *Daemon) Snapshot() status.Snapshot {
+	s := status.Snapshot{Time: time.Now(), Peer: d.host.ID().String(), Addrs: d.host.Addrs(), Build: d.build, Started: d.started,
+		Reachability: d.host.Reachability(), Traffic: d.meters.Snapshot(), Warnings: d.warns.Recent(), WarningsSeen: d.warns.Total()}
+	pen := d.host.Penalties().Counts()
+	for _, n := range pen {
+		s.Penalties += n
+	}
+	nw := d.host.Network()
+	for _, p := range nw.Peers() {
+		conns := nw.ConnsToPeer(p)
+		if len(conns) == 0 {
+			continue
+		}
+		q := status.Peer{ID: p.String(), Addr: conns[0].RemoteMultiaddr().String(), Conns: len(conns), Limited: true, Penalties: pen[p]}
+		for _, c := range conns {
+			q.Limited = q.Limited && c.Stat().Limited
+		}
+		s.Peers = append(s.Peers, q)
+	}
+	slices.SortFunc(s.Peers, func(a, b status.Peer) int { return strings.Compare(a.ID, b.ID) })
+	d.mu.Lock()
+	ws := make([]*worker, 0, len(d.runs))
+	for _, w := range d.runs {
+		ws = append(ws, w)
+	}
+	s.Runs = append(s.Runs, d.finished...)
+	d.mu.Unlock()
+	held := make([]status.Run, 0, len(ws))
+	for _, w := range ws {
+		held = append(held, w.statusView())
+	}
+	slices.SortFunc(held, func(a, b status.Run) int { return strings.Compare(a.Run, b.Run) })
+	s.Runs = append(held, s.Runs...)
+	return s
 }
 
 // SetFaultStallSync makes the stages this node holds from now on hang in the middle
@@ -248,7 +328,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return d.Close()
 		case <-tick.C:
 			if hb != nil {
-				if b, err := json.Marshal(d.heartbeat()); err == nil {
+				if b, err := json.Marshal(d.Heartbeat()); err == nil {
 					_ = hb.Publish(ctx, b)
 				}
 			}
@@ -256,24 +336,44 @@ func (d *Daemon) Run(ctx context.Context) error {
 	}
 }
 
-type heartbeat struct {
-	Peer string         `json:"peer"`
-	Runs []heartbeatRun `json:"runs"`
+// Heartbeat is what a node announces on p2p.TopicHeartbeats every
+// HeartbeatInterval, as JSON: enough for any peer to draw the swarm. The field
+// names are stable (the README lists them); new fields may be added.
+type Heartbeat struct {
+	Peer       string  `json:"peer"`
+	Version    string  `json:"version"`      // module version, and the commit if known: build.Info.Short
+	Reachable  string  `json:"reachable"`    // "public", "private" or "unknown"
+	TokensPerS float64 `json:"tokens_per_s"` // summed over the stages held
+	// Runs are the stages held: each cell of a run this node trains, with its
+	// progress. Empty when idle.
+	Runs []HeartbeatRun `json:"runs"`
 }
 
-type heartbeatRun struct {
-	Run     string `json:"run"`
-	Stage   int    `json:"stage"`
-	Replica int    `json:"replica"`
+// HeartbeatRun is one stage a node holds.
+type HeartbeatRun struct {
+	Run        string  `json:"run"` // 16 hex digits
+	Stage      int     `json:"stage"`
+	Replica    int     `json:"replica"`
+	State      string  `json:"state"` // accepted, running
+	Step       int     `json:"step"`
+	TokensPerS float64 `json:"tokens_per_s"`
 }
 
-func (d *Daemon) heartbeat() heartbeat {
+// Heartbeat is the node's heartbeat as of now.
+func (d *Daemon) Heartbeat() Heartbeat {
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	hb := heartbeat{Peer: d.host.ID().String()}
-	for id, w := range d.runs {
-		hb.Runs = append(hb.Runs, heartbeatRun{Run: fmt.Sprintf("%016x", id), Stage: w.idx, Replica: w.rep})
+	ws := make([]*worker, 0, len(d.runs))
+	for _, w := range d.runs {
+		ws = append(ws, w)
 	}
+	d.mu.Unlock()
+	hb := Heartbeat{Peer: d.host.ID().String(), Version: d.build.Short(), Reachable: d.host.Reachability().State, Runs: []HeartbeatRun{}}
+	for _, w := range ws {
+		v := w.statusView()
+		hb.Runs = append(hb.Runs, HeartbeatRun{Run: v.Run, Stage: v.Stage, Replica: v.Replica, State: v.State, Step: v.Step, TokensPerS: v.TokensPerS})
+		hb.TokensPerS += v.TokensPerS
+	}
+	slices.SortFunc(hb.Runs, func(a, b HeartbeatRun) int { return strings.Compare(a.Run, b.Run) })
 	return hb
 }
 
@@ -303,7 +403,11 @@ func (d *Daemon) close() error {
 	case <-time.After(10 * time.Second):
 		d.log.Warn("runs did not stop in time")
 	}
-	return errors.Join(d.reduce.Close(), d.host.Close(), d.dir.Close())
+	var statusErr error
+	if d.status != nil {
+		statusErr = errors.Join(d.status.Close(), d.dir.RemoveStatusAddr())
+	}
+	return errors.Join(statusErr, d.reduce.Close(), d.host.Close(), d.dir.Close())
 }
 
 func (d *Daemon) hasEnded(id uint64) bool {
@@ -322,15 +426,21 @@ func (d *Daemon) handleControl(s network.Stream) {
 	defer s.Close()
 	_ = s.SetDeadline(time.Now().Add(30 * time.Second))
 	from := s.Conn().RemotePeer()
+	meter := d.meters.For(p2p.ProtoControl)
 	var m ctlMsg
-	if err := p2p.ReadMsg(s, &m, p2p.MaxMsgBytes); err != nil {
+	cr := &traffic.CountingReader{R: s}
+	if err := p2p.ReadMsg(cr, &m, p2p.MaxMsgBytes); err != nil {
 		d.penalise(s, from, err)
 		return
 	}
+	meter.In(cr.N)
 	r := d.control(from, m)
-	if err := p2p.WriteMsg(s, r); err != nil {
+	cw := &traffic.CountingWriter{W: s}
+	if err := p2p.WriteMsg(cw, r); err != nil {
 		d.log.Debug("control reply not sent", "peer", from, "err", err)
+		return
 	}
+	meter.Out(cw.N)
 }
 
 func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
@@ -506,7 +616,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		resumeDir = d.dir.RunDir(fmt.Sprintf("%016x", plan.Resume.Run))
 	}
 	w, err := newWorker(context.Background(), workerEnv{host: d.host, log: d.log, reduce: d.reduce, fetch: d.fetch, corpus: d.cfg.Corpus,
-		faultStallSync: d.faultStallSync},
+		faultStallSync: d.faultStallSync, meters: d.meters},
 		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), resumeDir)
 	if err != nil {
 		return fmt.Errorf("refused: %w", err)
@@ -531,7 +641,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		defer d.wg.Done()
 		<-w.started
 		<-w.done
-		d.endRun(plan.ID)
+		d.endRun(plan.ID, w.finalView())
 	}()
 	if err := writeLauncherRecord(d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), plan); err != nil {
 		d.log.Warn("launcher not recorded; after a restart this node will not find it", "err", err)
@@ -544,10 +654,15 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 // endRun forgets a run that stopped here but remembers, for endedMemory, that it
 // ended: late frames come within seconds of the end, and the record need not
 // outlive them.
-func (d *Daemon) endRun(id uint64) {
+// last is how the run ended here, kept for the status page.
+func (d *Daemon) endRun(id uint64, last status.Run) {
 	d.mu.Lock()
 	delete(d.runs, id)
 	d.ended[id] = true
+	d.finished = append(d.finished, last)
+	if len(d.finished) > keptRuns {
+		d.finished = slices.Delete(d.finished, 0, len(d.finished)-keptRuns)
+	}
 	d.mu.Unlock()
 	time.AfterFunc(endedMemory, func() {
 		d.mu.Lock()
@@ -573,11 +688,14 @@ func (d *Daemon) addAddrs(id peer.ID, addrs []string) {
 // handleFrames reads tensor frames from one stream until it ends; a frame that fails
 // any check resets the stream and counts against its sender.
 func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
+	meter := d.meters.For(proto)
 	return func(s network.Stream) {
 		from := s.Conn().RemotePeer()
 		d.host.NoteStream(s)
+		r := &traffic.CountingReader{R: s}
 		for {
-			f, err := p2p.ReadFrame(s, d.frameLimit())
+			before := r.N
+			f, err := p2p.ReadFrame(r, d.frameLimit())
 			if errors.Is(err, io.EOF) {
 				s.Close()
 				return
@@ -586,7 +704,8 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 				d.penalise(s, from, err)
 				return
 			}
-			if err := d.route(proto, from, f); err != nil {
+			meter.In(r.N - before)
+			if err := d.route(proto, from, f, r.N-before); err != nil {
 				d.penalise(s, from, err)
 				return
 			}
@@ -609,7 +728,8 @@ func (d *Daemon) frameLimit() int {
 	return limit
 }
 
-func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame) error {
+// route hands a frame of size bytes on the wire to the run it is for.
+func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame, size int64) error {
 	if (proto == p2p.ProtoGradient) != (f.Kind == p2p.KindGradient) {
 		return fmt.Errorf("%w: kind %d on %s", p2p.ErrBadFrame, f.Kind, proto)
 	}
@@ -627,6 +747,7 @@ func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame) error {
 	if err := f.Check(w.expect(f.Kind, int(f.Micro))); err != nil {
 		return err
 	}
+	w.recvd.add(f.Kind, size)
 	w.post(frameIn{f})
 	return nil
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/status"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/shard"
@@ -101,7 +102,7 @@ func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 	if n := d.host.Penalties().Count(h.ID()); n != 2 {
 		t.Fatalf("a truncated frame changed the sender's penalties to %d, want them left at 2", n)
 	}
-	r, err := call(ctx, h, d.ID(), ctlMsg{Type: msgOffer})
+	r, err := call(ctx, h, nil, d.ID(), ctlMsg{Type: msgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.Peer != d.ID().String() {
 		t.Fatalf("node stopped answering after bad frames: %+v, %v", r, err)
 	}
@@ -240,7 +241,7 @@ func TestAnEndedRunIsForgottenAfterAWhile(t *testing.T) {
 	defer func(m time.Duration) { endedMemory = m }(endedMemory)
 	endedMemory = 20 * time.Millisecond
 	d := testDaemon(t)
-	d.endRun(7)
+	d.endRun(7, status.Run{})
 	if !d.hasEnded(7) {
 		t.Fatal("a run that just ended is not remembered")
 	}

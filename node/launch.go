@@ -173,7 +173,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 				defer wg.Done()
 				actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second+8*h.Peerstore().LatencyEWMA(id))
 				defer cancel()
-				_, _ = call(actx, h, id, ctlMsg{Type: msgAbort, Run: runID, Reason: reason})
+				_, _ = call(actx, h, nil, id, ctlMsg{Type: msgAbort, Run: runID, Reason: reason})
 			}()
 		}
 		wg.Wait()
@@ -181,7 +181,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	var refusals []string
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
-		r, err := call(ctx, h, id, ctlMsg{Type: msgAssign, Signed: signed})
+		r, err := call(ctx, h, nil, id, ctlMsg{Type: msgAssign, Signed: signed})
 		if err == nil && !r.OK {
 			err = errors.New(r.Error)
 		}
@@ -207,7 +207,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
-		if r, err := call(ctx, h, id, ctlMsg{Type: msgStart, Run: runID}); err != nil || !r.OK {
+		if r, err := call(ctx, h, nil, id, ctlMsg{Type: msgStart, Run: runID}); err != nil || !r.OK {
 			abort("start failed")
 			if err == nil {
 				err = errors.New(r.Error)
@@ -221,7 +221,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		for id, a := range stagePeers {
 			if a.Replica == r {
 				go func() {
-					_, _ = call(context.WithoutCancel(ctx), h, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
+					_, _ = call(context.WithoutCancel(ctx), h, nil, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
 				}()
 			}
 		}
@@ -245,7 +245,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 				err := h.Host.Connect(cctx, peer.AddrInfo{ID: id})
 				var rep *ctlReply
 				if err == nil {
-					rep, err = call(cctx, h, id, ctlMsg{Type: msgOffer})
+					rep, err = call(cctx, h, nil, id, ctlMsg{Type: msgOffer})
 				}
 				cancel()
 				if err != nil || !rep.OK || rep.Offer == nil || rep.Offer.MaxStages < 1 {
@@ -286,7 +286,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 			var taken []peer.ID
 			undo := func() {
 				for _, id := range taken {
-					_, _ = call(context.WithoutCancel(ctx), h, id, ctlMsg{Type: msgAbort, Run: runID, Reason: "rejoin failed"})
+					_, _ = call(context.WithoutCancel(ctx), h, nil, id, ctlMsg{Type: msgAbort, Run: runID, Reason: "rejoin failed"})
 				}
 			}
 			for _, typ := range []string{msgAssign, msgStart} {
@@ -300,7 +300,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 						m.Signed = signed
 					}
 					cctx, cancel := context.WithTimeout(ctx, 5*time.Second+8*h.Peerstore().LatencyEWMA(id))
-					rep, err := call(cctx, h, id, m)
+					rep, err := call(cctx, h, nil, id, m)
 					cancel()
 					if err == nil && !rep.OK {
 						err = errors.New(rep.Error)
@@ -357,7 +357,7 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, pre
 				problems = append(problems, err.Error())
 				continue
 			}
-			r, err := call(ctx, h, id, ctlMsg{Type: ask.Type, Run: ask.Run, Spec: ask.Spec})
+			r, err := call(ctx, h, nil, id, ctlMsg{Type: ask.Type, Run: ask.Run, Spec: ask.Spec})
 			if err != nil || !r.OK || r.Offer == nil {
 				problems = append(problems, fmt.Sprintf("%s gave no offer: %v", id, err))
 				continue

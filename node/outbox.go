@@ -14,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/protocol"
 
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
 // outbox sends a worker's frames and control messages without blocking its loop or
@@ -21,10 +22,11 @@ import (
 // destination arrives in the order it was sent. Tensor frames share one long-lived
 // stream per destination; control messages take a stream each and wait for the reply.
 type outbox struct {
-	host *p2p.Host
-	log  *slog.Logger
-	sent *sentBytes
-	fail func(error) // a frame or norm that cannot be delivered ends the run
+	host   *p2p.Host
+	log    *slog.Logger
+	sent   *sentBytes
+	meters *traffic.Meters // nil: not counted
+	fail   func(error)     // a frame or norm that cannot be delivered ends the run
 	// undelivered, if set, hears of every other control message (a report) that
 	// could not be delivered, with its destination.
 	undelivered func(to peer.ID)
@@ -44,6 +46,8 @@ type qkey struct {
 
 // sentBytes counts encoded frame bytes by kind, for bytes-per-token figures.
 type sentBytes struct{ act, grad, eval atomic.Int64 }
+
+func (b *sentBytes) total() int64 { return b.act.Load() + b.grad.Load() + b.eval.Load() }
 
 func (b *sentBytes) add(k p2p.Kind, n int64) {
 	switch k {
@@ -67,9 +71,9 @@ func (c *countWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-func newOutbox(h *p2p.Host, log *slog.Logger, sent *sentBytes, fail func(error)) *outbox {
+func newOutbox(h *p2p.Host, log *slog.Logger, sent *sentBytes, meters *traffic.Meters, fail func(error)) *outbox {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &outbox{host: h, log: log, sent: sent, fail: fail, ctx: ctx, cancel: cancel, queues: map[qkey]chan any{}}
+	return &outbox{host: h, log: log, sent: sent, meters: meters, fail: fail, ctx: ctx, cancel: cancel, queues: map[qkey]chan any{}}
 }
 
 func (o *outbox) send(to peer.ID, proto protocol.ID, f *p2p.Frame) { o.enqueue(qkey{to, proto}, f) }
@@ -126,7 +130,7 @@ func (o *outbox) run(k qkey, q chan any) {
 	for item := range q {
 		switch item := item.(type) {
 		case ctlMsg:
-			r, err := call(o.ctx, o.host, k.to, item)
+			r, err := call(o.ctx, o.host, o.meters.For(p2p.ProtoControl), k.to, item)
 			if err == nil && !r.OK {
 				err = fmt.Errorf("%s refused by %s: %s", item.Type, k.to, r.Error)
 			}
@@ -159,6 +163,7 @@ func (o *outbox) run(k qkey, q chan any) {
 					continue
 				}
 				o.sent.add(item.Kind, cw.n)
+				o.meters.For(k.proto).Out(cw.n)
 				break
 			}
 			if err != nil && o.ctx.Err() == nil {

@@ -13,6 +13,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
 // Control message types on p2p.ProtoControl: one request and one reply per stream.
@@ -182,8 +183,9 @@ type OuterReport struct {
 	Fetched      bool    `json:"fetched,omitempty"` // fell behind and fetched the global state instead
 }
 
-// call sends one control message to id and waits for the reply.
-func call(ctx context.Context, h *p2p.Host, id peer.ID, m ctlMsg) (*ctlReply, error) {
+// call sends one control message to id and waits for the reply, counting both on
+// meter (which may be nil).
+func call(ctx context.Context, h *p2p.Host, meter *traffic.Meter, id peer.ID, m ctlMsg) (*ctlReply, error) {
 	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
 	s, err := h.NewStream(p2p.AllowRelayed(ctx, "control"), id, p2p.ProtoControl)
@@ -194,15 +196,19 @@ func call(ctx context.Context, h *p2p.Host, id peer.ID, m ctlMsg) (*ctlReply, er
 	if dl, ok := ctx.Deadline(); ok {
 		_ = s.SetDeadline(dl)
 	}
-	if err := p2p.WriteMsg(s, m); err != nil {
+	cw := &traffic.CountingWriter{W: s}
+	if err := p2p.WriteMsg(cw, m); err != nil {
 		s.Reset()
 		return nil, fmt.Errorf("%s to %s: %w", m.Type, id, err)
 	}
+	meter.Out(cw.N)
 	var r ctlReply
-	if err := p2p.ReadMsg(s, &r, p2p.MaxMsgBytes); err != nil {
+	cr := &traffic.CountingReader{R: s}
+	if err := p2p.ReadMsg(cr, &r, p2p.MaxMsgBytes); err != nil {
 		s.Reset()
 		return nil, fmt.Errorf("%s to %s: no reply: %w", m.Type, id, err)
 	}
+	meter.In(cr.N)
 	return &r, nil
 }
 

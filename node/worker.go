@@ -22,12 +22,14 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/status"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -91,7 +93,16 @@ type worker struct {
 	events chan any
 	jobs   chan func() any
 	out    *outbox
-	sent   sentBytes
+	sent   sentBytes // tensor frames sent, by kind
+	recvd  sentBytes // tensor frames received and accepted for this run, by kind
+
+	// What the status page shows, kept by the loop and published to view as a new
+	// value after every step: readers never see the loop's own fields.
+	curve     status.Curve
+	lastLoss  float64
+	valLoss   float64
+	stepTimes []time.Time // when the last few steps finished, for tokens/s
+	view      atomic.Pointer[status.Run]
 
 	ctx       context.Context
 	cancel    context.CancelCauseFunc
@@ -166,6 +177,7 @@ type workerEnv struct {
 	corpus string // local copy of run text, or ""
 	// faultStallSync > 0 hangs this stage mid all-reduce after that step (testing).
 	faultStallSync int
+	meters         *traffic.Meters // the daemon's: frames and bytes per protocol
 }
 
 type fetchedState struct {
@@ -334,7 +346,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	w.eval = train.NewEvaluator([]*shard.Stage{st}, nil)
 	w.eval.Reuse(w.tapes[:1])
 	w.ctx, w.cancel = context.WithCancelCause(ctx)
-	w.out = newOutbox(h, w.log, &w.sent, func(err error) {
+	w.out = newOutbox(h, w.log, &w.sent, env.meters, func(err error) {
 		if R > 1 {
 			// A neighbour in this replica pipeline is gone: the pipeline is broken, the
 			// run is not.
@@ -506,6 +518,7 @@ func (w *worker) loop() error {
 	}
 	w.lastSync = time.Now()
 	w.started0 = w.lastSync
+	w.publish()
 	if w.group != nil {
 		go w.connectReplicas() // early, so the first outer step does not pay for the dials
 	}
@@ -747,11 +760,20 @@ func (w *worker) do(a any) error {
 			loss := w.lossSum / float64(w.sp.Pipeline.MicroBatches)
 			w.report(Report{Kind: ReportStep, Step: a.Step, Loss: loss, GradNorm: w.lastNorm,
 				LR: float64(w.sched.At(a.Step - 1))})
+			if !math.IsNaN(loss) && !math.IsInf(loss, 0) { // JSON has no NaN; the report says what went wrong
+				w.lastLoss = loss
+				w.curve.Add(a.Step, loss)
+			}
 		}
 		w.lossSum = 0
 		if err := w.stepTaken(a.Step); err != nil {
 			return err
 		}
+		w.stepTimes = append(w.stepTimes, time.Now())
+		if len(w.stepTimes) > tokensWindow+1 {
+			w.stepTimes = w.stepTimes[1:]
+		}
+		w.publish()
 		// Every stage checkpoints at every evaluation step, so a crash loses at most the
 		// steps since; the last step's checkpoint is written when the run finishes.
 		if w.sp.EvalInterval > 0 && a.Step%w.sp.EvalInterval == 0 && a.Step != w.sp.Train.Steps {
@@ -767,7 +789,12 @@ func (w *worker) do(a any) error {
 		return w.beginSync(a.Step)
 	case core.EvalDone:
 		if w.stage.Last {
-			w.report(Report{Kind: ReportEval, Step: a.Step, ValLoss: w.lossSum / float64(w.windows)})
+			v := w.lossSum / float64(w.windows)
+			w.report(Report{Kind: ReportEval, Step: a.Step, ValLoss: v})
+			if !math.IsNaN(v) && !math.IsInf(v, 0) {
+				w.valLoss = v
+				w.publish()
+			}
 		}
 		w.lossSum = 0
 	case core.Finished:
@@ -1234,4 +1261,59 @@ func (w *worker) report(r Report) {
 		r.Kind, r.Error = ReportError, fmt.Sprintf("loss is %g at step %d", r.Loss, r.Step)
 	}
 	w.out.control(w.launcher, ctlMsg{Type: msgReport, Run: w.plan.ID, Report: &r})
+}
+
+// tokensWindow is how many recent steps tokens/s is measured over.
+const tokensWindow = 10
+
+// baseView is what the status page shows of the stage before it has taken a step.
+func (w *worker) baseView() status.Run {
+	return status.Run{Run: fmt.Sprintf("%016x", w.plan.ID), Name: w.sp.Name, Stage: w.idx, Stages: w.sp.Pipeline.Stages,
+		Replica: w.rep, Replicas: w.sp.Pipeline.Replicas, State: status.RunAccepted, Steps: w.sp.Train.Steps}
+}
+
+// publish makes what the loop knows of the stage's progress visible to the status
+// page. Only the loop calls it.
+func (w *worker) publish() {
+	r := w.baseView()
+	r.State = status.RunRunning
+	r.Started = w.started0
+	r.Step = w.doneStep
+	r.Loss, r.ValLoss, r.LossCurve = w.lastLoss, w.valLoss, w.curve.Points()
+	if n := len(w.stepTimes); n > 1 {
+		if dt := w.stepTimes[n-1].Sub(w.stepTimes[0]).Seconds(); dt > 0 {
+			r.TokensPerS = float64(w.sp.TokensPerStep()*(n-1)) / dt
+		}
+	}
+	r.ComputeS = w.ledger.Total[core.Computing].Seconds()
+	r.Updated = time.Now()
+	w.view.Store(&r)
+}
+
+// finalView is how the stage ended, for the status page; call it once done is
+// closed (it reads err).
+func (w *worker) finalView() status.Run {
+	r := w.statusView()
+	switch {
+	case w.err == nil:
+		r.State = status.RunFinished
+	case errors.Is(w.err, ErrIdle):
+		r.State, r.Error = status.RunIdle, w.err.Error()
+	default:
+		r.State, r.Error = status.RunStopped, w.err.Error()
+	}
+	r.Updated = time.Now()
+	return r
+}
+
+// statusView is the stage as the status page shows it: as last published, with its
+// byte counts as of now.
+func (w *worker) statusView() status.Run {
+	r := w.baseView()
+	if v := w.view.Load(); v != nil {
+		r = *v
+	}
+	r.BytesIn = w.recvd.total()
+	r.BytesOut = w.sent.total()
+	return r
 }

@@ -46,6 +46,18 @@ func (p *Penalties) Count(id peer.ID) int {
 	return p.counts[id]
 }
 
+// Counts is every peer's number of offences, a copy. Counts only grow, so their
+// sum does too.
+func (p *Penalties) Counts() map[peer.ID]int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	out := make(map[peer.ID]int, len(p.counts))
+	for id, n := range p.counts {
+		out[id] = n
+	}
+	return out
+}
+
 // Banned reports whether id has reached Limit.
 func (p *Penalties) Banned(id peer.ID) bool {
 	p.mu.Lock()

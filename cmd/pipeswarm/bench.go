@@ -40,6 +40,7 @@ uncompressed run), and each setting's run directory.`, stderr)
 	target := fs.Float64("target", 0, "target validation loss (default: the uncompressed run's at half its steps)")
 	out := fs.String("out", "", "output directory (default runs/bench-compression-<spec name>)")
 	quiet := fs.Bool("quiet", false, "no progress display")
+	logf := addLogFlags(fs, slog.LevelInfo)
 	var only multiFlag
 	fs.Var(&only, "setting", "run only these settings, repeatable: CODEC or k=RANK[,tail=LAYERS]/CODEC (e.g. fp32, int8/32, k=4/int8/32, k=8,tail=4/int8/32: subspace of rank 8, last 4 layers dense); the first is the baseline")
 	pos, err := parse(fs, args[1:])
@@ -72,7 +73,11 @@ uncompressed run), and each setting's run directory.`, stderr)
 		}
 		settings = append(settings, st)
 	}
-	log := newLogger(stderr, slog.LevelInfo).With("sys", "bench")
+	base, err := logf.logger(stderr, stderr, "bench compression")
+	if err != nil {
+		return err
+	}
+	log := base.With("sys", "bench")
 	var prog *progress
 	current := ""
 	rows, err := bench.Compression(ctx, bench.CompressionOptions{Spec: sp, Settings: settings, OutDir: *out, Target: *target, Log: log,

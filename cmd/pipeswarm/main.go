@@ -25,6 +25,7 @@ var commands = []command{
 	{"eval", "print the validation loss of a checkpoint", runEval},
 	{"node", "run a node: hold and train pipeline stages for trusted launchers", runNode},
 	{"launch", "staff, start and watch a pipelined run across nodes", runLaunch},
+	{"status", "show what a running node is doing: peers, runs, loss, traffic, warnings", runStatus},
 	{"keygen", "make a launcher key and print its peer ID", runKeygen},
 	{"bench", "benchmarks: 'bench compression' (boundary codecs), 'bench wan' (a swarm behind emulated internet links)", runBench},
 	{"version", "print the build, the BLAS in use and the protocols spoken", runVersion},
@@ -112,6 +113,39 @@ func newFlagSet(name, synopsis, about string, stderr io.Writer) *flag.FlagSet {
 
 func newLogger(w io.Writer, level slog.Level) *slog.Logger {
 	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+}
+
+// logFlags are --log-format and --log-level, which every command that logs takes.
+type logFlags struct {
+	format *string
+	level  *string
+}
+
+// addLogFlags adds the logging flags to fs; def is the command's default level.
+func addLogFlags(fs *flag.FlagSet, def slog.Level) logFlags {
+	return logFlags{
+		format: fs.String("log-format", "text", "log format on stderr: text (key=value) or json (one object a line)"),
+		level:  fs.String("log-level", strings.ToLower(def.String()), "least severe log records shown: debug, info, warn or error"),
+	}
+}
+
+// logger builds the logger the flags ask for, writing to w; a bad value is a usage
+// error, reported on stderr.
+func (f logFlags) logger(w, stderr io.Writer, name string) (*slog.Logger, error) {
+	var level slog.Level
+	if err := level.UnmarshalText([]byte(*f.level)); err != nil {
+		fmt.Fprintf(stderr, "pipeswarm %s: --log-level %q: want debug, info, warn or error\n", name, *f.level)
+		return nil, errUsage
+	}
+	opts := &slog.HandlerOptions{Level: level}
+	switch *f.format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	fmt.Fprintf(stderr, "pipeswarm %s: --log-format %q: want text or json\n", name, *f.format)
+	return nil, errUsage
 }
 
 func isTerminal(w io.Writer) bool {

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/pipeswarm/pipeswarm/node/build"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 )
 
@@ -120,8 +121,44 @@ func TestVersionNamesGoBLASAndProtocols(t *testing.T) {
 		}
 	}
 	code, stdout, _ = runCLI(t, "version", "--json")
-	var v versionInfo
+	var v build.Info
 	if code != 0 || json.Unmarshal([]byte(stdout), &v) != nil || v.Go == "" || v.BLAS == "" || len(v.Protocols) != 5 {
 		t.Errorf("version --json: exit %d, %q", code, stdout)
+	}
+}
+
+func TestLogFlagsChooseFormatAndLevel(t *testing.T) {
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "run.yaml")
+	if err := os.WriteFile(specPath, []byte(testSpec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, _, stderr := runCLI(t, "train", specPath, "--out", filepath.Join(dir, "json"), "--steps", "1", "--quiet", "--log-format", "json")
+	if code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	lines := strings.Split(strings.TrimSpace(stderr), "\n")
+	for _, l := range lines {
+		var rec map[string]any
+		if err := json.Unmarshal([]byte(l), &rec); err != nil || rec["level"] == nil || rec["msg"] == nil {
+			t.Errorf("--log-format json wrote %q, not a JSON record with level and msg", l)
+		}
+	}
+	if !strings.Contains(stderr, `"msg":"compute"`) {
+		t.Errorf("no info record at the default level:\n%s", stderr)
+	}
+	code, _, stderr = runCLI(t, "train", specPath, "--out", filepath.Join(dir, "warn"), "--steps", "1", "--quiet", "--log-level", "warn")
+	if code != 0 || strings.Contains(stderr, "compute") {
+		t.Errorf("--log-level warn: exit %d, info records shown:\n%s", code, stderr)
+	}
+	for _, args := range [][]string{
+		{"train", specPath, "--log-format", "xml"},
+		{"train", specPath, "--log-level", "loud"},
+		{"node", "--data-dir", filepath.Join(dir, "node"), "--open", "--log-format", "xml"},
+		{"launch", specPath, "--log-level", "verbose"},
+	} {
+		if code, _, stderr := runCLI(t, args...); code != 2 || !strings.Contains(stderr, "--log-") {
+			t.Errorf("%v: exit %d, %q; want a usage error naming the flag", args, code, stderr)
+		}
 	}
 }

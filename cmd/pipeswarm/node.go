@@ -55,7 +55,7 @@ mode 0600 and never overwritten.`, stderr)
 }
 
 func runNode(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE] [--announce MULTIADDR]... [--relay]", `
+	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE] [--announce MULTIADDR]... [--relay] [--status ADDR]", `
 Run a pipeswarm node: join the swarm, accept runs signed by trusted launchers, and
 train the pipeline stage each run gives this node. The data directory holds the
 node's identity key, its stage checkpoints and a lock (one node per directory); the
@@ -67,6 +67,12 @@ it knows) and prints one line, "reachability: reachable at ADDR" or
 A node that is not reachable reserves a slot on a relay (relays:, else the
 bootstrap peers that serve one) and upgrades relayed connections to direct ones
 by hole punching.
+
+With --status ADDR (host:port; port 0 picks a free one) the node serves a status page
+at http://ADDR/ (identity, reachability, peers, the runs it serves with their loss
+curves, recent warnings), the same as JSON at /api/status, and Prometheus metrics at
+/metrics; it writes the address bound to DIR/status_addr ('pipeswarm status
+--data-dir DIR' reads it). Off by default, so that many nodes can share a machine.
 
 Stops cleanly on Ctrl-C or SIGTERM: each run writes its stage checkpoint and tells
 its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
@@ -82,7 +88,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	mdns := fs.Bool("mdns", false, "discover peers on the LAN with mDNS")
 	budget := fs.String("memory-budget", "", "memory this node may use for stages, e.g. 4GiB (overrides memory_budget)")
 	corpusPath := fs.String("corpus", "", "local copy of run text, used where it hashes the same as the launcher's (overrides corpus)")
-	verbose := fs.Bool("v", false, "debug logging")
+	statusAddr := fs.String("status", "", "serve the status page and /metrics on host:port, e.g. 127.0.0.1:9090 or 127.0.0.1:0 (overrides status)")
+	verbose := fs.Bool("v", false, "debug logging (same as --log-level debug)")
+	logf := addLogFlags(fs, slog.LevelInfo)
 	threads := fs.Int("threads", 0, "compute threads for the stages held here (default: every core); set it when several nodes share a machine")
 	faultStall := fs.Int("fault-stall-sync", 0, "fault injection for tests: hang mid all-reduce in the outer step after inner step N")
 	pos, err := parse(fs, args)
@@ -122,6 +130,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	if *corpusPath != "" {
 		cfg.Corpus = *corpusPath
 	}
+	if *statusAddr != "" {
+		cfg.Status = *statusAddr
+	}
 	cfg.EnsureDefaults()
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -131,11 +142,14 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 		return errUsage
 	}
 	compute.SetWorkers(*threads)
-	level := slog.LevelInfo
 	if *verbose {
-		level = slog.LevelDebug
+		*logf.level = "debug"
 	}
-	log := newLogger(stderr, level).With("sys", "node")
+	base, err := logf.logger(stderr, stderr, "node")
+	if err != nil {
+		return err
+	}
+	log := base.With("sys", "node")
 	d, err := node.NewDaemon(ctx, cfg, log)
 	if err != nil {
 		return err
@@ -147,6 +161,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	fmt.Fprintf(stdout, "peer ID %s\n", d.ID())
 	for _, a := range d.Addrs() {
 		fmt.Fprintf(stdout, "listening on %s\n", a)
+	}
+	if a := d.StatusAddr(); a != "" {
+		fmt.Fprintf(stdout, "status page http://%s/\n", a)
 	}
 	nctx, stopNotices := context.WithCancel(ctx)
 	noticesDone := make(chan struct{})
@@ -186,7 +203,12 @@ The spec is checked before anything is sent.`, stderr)
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	resume := fs.Bool("resume", false, "continue the interrupted run in --out DIR (same spec and overrides) from the newest step whose checkpoint the nodes still hold for every stage")
+	logf := addLogFlags(fs, slog.LevelInfo)
 	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	base, err := logf.logger(stderr, stderr, "launch")
 	if err != nil {
 		return err
 	}
@@ -217,7 +239,7 @@ The spec is checked before anything is sent.`, stderr)
 	if *out == "" {
 		*out = filepath.Join("runs", sp.Name)
 	}
-	log := newLogger(stderr, slog.LevelInfo).With("sys", "launch")
+	log := base.With("sys", "launch")
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
 	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log, Resume: *resume,
 		OnStep: prog.step, OnPlan: func(as []assign.Assignment) {

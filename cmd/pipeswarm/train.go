@@ -43,6 +43,7 @@ the same steps the uninterrupted run would have.`, stderr)
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	out := fs.String("out", "", "output directory (default runs/<spec name>)")
 	quiet := fs.Bool("quiet", false, "no progress display")
+	logf := addLogFlags(fs, slog.LevelInfo)
 	resume := fs.Bool("resume", false, "continue the run in --out from its last checkpoint (same SPEC, --data and --steps), exactly as if it had not stopped")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -59,7 +60,10 @@ the same steps the uninterrupted run would have.`, stderr)
 	if *out == "" {
 		*out = filepath.Join("runs", sp.Name)
 	}
-	log := newLogger(stderr, slog.LevelInfo)
+	log, err := logf.logger(stderr, stderr, "train")
+	if err != nil {
+		return err
+	}
 	log.Info("compute", "blas", compute.Backend(), "workers", compute.Workers())
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
 	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: *out, Log: log, OnStep: prog.step, Resume: *resume})

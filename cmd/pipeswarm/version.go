@@ -5,45 +5,9 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"runtime"
-	"runtime/debug"
 
-	"github.com/pipeswarm/pipeswarm/p2p"
-	"github.com/pipeswarm/pipeswarm/p2p/corpus"
-	"github.com/pipeswarm/pipeswarm/p2p/reduce"
-	"github.com/pipeswarm/pipeswarm/shard/compute"
+	"github.com/pipeswarm/pipeswarm/node/build"
 )
-
-// versionInfo is what `pipeswarm version` reports: enough to tell two builds apart and
-// whether two nodes speak the same protocols.
-type versionInfo struct {
-	Version   string   `json:"version"`
-	Commit    string   `json:"commit,omitempty"`
-	Modified  bool     `json:"modified,omitempty"`
-	Go        string   `json:"go"`
-	Platform  string   `json:"platform"`
-	BLAS      string   `json:"blas"`
-	Protocols []string `json:"protocols"`
-}
-
-func buildVersion() versionInfo {
-	v := versionInfo{Version: "(devel)", Go: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH, BLAS: compute.Backend(),
-		Protocols: []string{string(p2p.ProtoControl), string(p2p.ProtoActivation), string(p2p.ProtoGradient), string(reduce.Proto), string(corpus.Proto)}}
-	if bi, ok := debug.ReadBuildInfo(); ok {
-		if bi.Main.Version != "" {
-			v.Version = bi.Main.Version
-		}
-		for _, s := range bi.Settings {
-			switch s.Key {
-			case "vcs.revision":
-				v.Commit = s.Value
-			case "vcs.modified":
-				v.Modified = s.Value == "true"
-			}
-		}
-	}
-	return v
-}
 
 func runVersion(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("version", "version [--json]", `
@@ -58,7 +22,7 @@ the wire protocols this binary speaks.`, stderr)
 		fmt.Fprintf(stderr, "pipeswarm version: unexpected arguments %q\n", pos)
 		return errUsage
 	}
-	v := buildVersion()
+	v := build.Read()
 	if *asJSON {
 		return json.NewEncoder(stdout).Encode(v)
 	}

@@ -10,7 +10,9 @@ package config
 import (
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"strconv"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -57,6 +59,11 @@ type Config struct {
 	// used instead of fetching from the launcher whenever the parts a run needs hash the
 	// same as the launcher's. Empty: always fetch (and cache in the data directory).
 	Corpus string `yaml:"corpus"`
+	// Status is host:port where the node serves its status page, /api/status and
+	// Prometheus /metrics over HTTP; port 0 picks a free port, and the address bound
+	// is written to <data_dir>/status_addr. Empty (the default): no status server, so
+	// that many nodes can share a machine.
+	Status string `yaml:"status"`
 
 	// Announce lists addresses others should dial besides the ones the node listens on,
 	// e.g. a cloud box's or a router's forwarded port: /ip4/203.0.113.7/tcp/4001 (no /p2p).
@@ -227,6 +234,11 @@ func (c *Config) Validate() error {
 	case n < MinMemoryBudget:
 		v.failf("memory_budget", "%q is below the minimum of 64MiB", c.MemoryBudget)
 	}
+	if c.Status != "" {
+		if err := checkHostPort(c.Status); err != nil {
+			v.failf("status", "%v", err)
+		}
+	}
 	if c.MaxStages < 1 {
 		v.failf("max_stages", "%d is less than 1", c.MaxStages)
 	}
@@ -321,4 +333,20 @@ func (v *checker) item(path string, i int, format string, args ...any) {
 
 func (v *checker) at(field string, line int, format string, args ...any) {
 	v.errs = append(v.errs, spec.FieldProblem(v.src.file, line, field, fmt.Sprintf(format, args...), ErrInvalid))
+}
+
+// checkHostPort checks a TCP listen address: host:port with an IP address (or
+// localhost, or nothing for every interface) and a port from 0 (any free one) to 65535.
+func checkHostPort(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("%q: want host:port, e.g. 127.0.0.1:9090 (port 0 picks a free one)", addr)
+	}
+	if n, err := strconv.Atoi(port); err != nil || n < 0 || n > 65535 {
+		return fmt.Errorf("%q: port %q is not a number from 0 to 65535", addr, port)
+	}
+	if host != "" && host != "localhost" && net.ParseIP(host) == nil {
+		return fmt.Errorf("%q: host %q is not an IP address (or localhost)", addr, host)
+	}
+	return nil
 }

@@ -36,6 +36,7 @@ relays: [/ip4/203.0.113.8/udp/4001/quic-v1/p2p/12D3KooWJBqi4npEcgyXvYH8EAg1hUyZj
 relay: true
 relay_max_duration: 6h
 relay_max_data: 8GiB
+status: 127.0.0.1:0
 `
 
 // fields returns c's exported fields only, for comparing configs from different sources.
@@ -69,6 +70,7 @@ func TestParseReadsEveryField(t *testing.T) {
 		Relay:            true,
 		RelayMaxDuration: "6h",
 		RelayMaxData:     "8GiB",
+		Status:           "127.0.0.1:0",
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse = %+v\nwant %+v", got, want)
@@ -132,6 +134,12 @@ func TestValidateNamesFileLineAndField(t *testing.T) {
 			"n.yaml:3: max_stages: 0 is less than 1"},
 		{"data_dir missing", "open: true\n",
 			"n.yaml: data_dir: missing; the node needs a directory"},
+		{"status without a port", "data_dir: d\nopen: true\nstatus: 127.0.0.1\n",
+			`n.yaml:3: status: "127.0.0.1": want host:port`},
+		{"status port out of range", "data_dir: d\nopen: true\nstatus: 127.0.0.1:70000\n",
+			`n.yaml:3: status: "127.0.0.1:70000": port "70000" is not a number from 0 to 65535`},
+		{"status host a name", "data_dir: d\nopen: true\nstatus: example.org:9090\n",
+			`n.yaml:3: status: "example.org:9090": host "example.org" is not an IP address (or localhost)`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse([]byte(tc.src), "n.yaml")
@@ -200,7 +208,7 @@ func TestOpenAcceptsAnyLauncherWithoutTrust(t *testing.T) {
 
 func TestUnknownFieldIsADecodeErrorWithItsLine(t *testing.T) {
 	_, err := Parse([]byte("data_dir: d\nopen: true\nmemory: 4GiB\n"), "n.yaml")
-	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, corpus, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
+	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, corpus, status, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
 	if !errors.Is(err, ErrDecode) || !errors.Is(err, spec.ErrDecode) || err.Error() != want {
 		t.Errorf("error = %v\nwant %q", err, want)
 	}
@@ -284,5 +292,16 @@ func TestLoadOfMissingFileWrapsNotExist(t *testing.T) {
 	_, err := Load(filepath.Join(t.TempDir(), "nope.yaml"))
 	if !errors.Is(err, fs.ErrNotExist) || !strings.Contains(err.Error(), "nope.yaml") {
 		t.Errorf("error = %v, want not-exist naming the file", err)
+	}
+}
+
+func TestStatusAcceptsHostPortWithPortZeroAndIsOffByDefault(t *testing.T) {
+	if c := mustParse(t, "data_dir: d\nopen: true\n"); c.Status != "" {
+		t.Errorf("status defaults to %q, want empty (no status server)", c.Status)
+	}
+	for _, addr := range []string{"127.0.0.1:0", ":9090", "localhost:9090", "[::1]:0", "0.0.0.0:65535"} {
+		if c := mustParse(t, "data_dir: d\nopen: true\nstatus: \""+addr+"\"\n"); c.Status != addr {
+			t.Errorf("status %q parsed as %q", addr, c.Status)
+		}
 	}
 }

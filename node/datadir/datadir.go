@@ -5,6 +5,7 @@
 //	<dir>/lock            held (flock) while a node runs; holds its pid
 //	<dir>/identity.key    the node's libp2p private key
 //	<dir>/addrs           the multiaddrs the node listens on, one a line
+//	<dir>/status_addr     host:port of its status page, while it serves one
 //	<dir>/runs/<run ID>/  checkpoints and logs of one run
 //
 // Files are replaced by writing a temporary file whose name starts with "." and renaming it
@@ -164,6 +165,30 @@ func (d *Dir) KeyPath() string { return filepath.Join(d.Path, "identity.key") }
 
 // AddrsPath is where WriteAddrs records the addresses the node listens on.
 func (d *Dir) AddrsPath() string { return filepath.Join(d.Path, "addrs") }
+
+// StatusAddrPath is where WriteStatusAddr records the status server's address.
+func (d *Dir) StatusAddrPath() string { return filepath.Join(d.Path, "status_addr") }
+
+// WriteStatusAddr replaces StatusAddrPath with addr (host:port) and a newline,
+// atomically.
+func (d *Dir) WriteStatusAddr(addr string) error {
+	if addr == "" || strings.ContainsAny(addr, "\r\n") {
+		return fmt.Errorf("write status_addr: %q is not one address", addr)
+	}
+	if err := writeFileAtomic(d.StatusAddrPath(), []byte(addr+"\n")); err != nil {
+		return fmt.Errorf("write status_addr: %w", err)
+	}
+	return nil
+}
+
+// RemoveStatusAddr removes StatusAddrPath, so that nobody dials a status server that
+// has stopped. A missing file is not an error.
+func (d *Dir) RemoveStatusAddr() error {
+	if err := os.Remove(d.StatusAddrPath()); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("remove status_addr: %w", err)
+	}
+	return nil
+}
 
 // RunDir is the directory of one run's checkpoints and logs. It is not created here; the
 // caller creates it when it first writes there. runID must be a single path element.

@@ -252,3 +252,34 @@ func entries(t *testing.T, dir string) []string {
 	}
 	return names
 }
+
+func TestStatusAddrIsWrittenAtomicallyAndRemoved(t *testing.T) {
+	d, err := Open(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	for _, a := range []string{"127.0.0.1:41234", "[::1]:9090"} {
+		if err := d.WriteStatusAddr(a); err != nil {
+			t.Fatal(err)
+		}
+		if b, err := os.ReadFile(d.StatusAddrPath()); err != nil || string(b) != a+"\n" {
+			t.Errorf("status_addr holds %q (%v), want %q", b, err, a+"\n")
+		}
+	}
+	if names := entries(t, d.Path); !slices.Equal(names, []string{"lock", "status_addr"}) {
+		t.Errorf("directory holds %v, want only lock and status_addr: no temp file left", names)
+	}
+	if err := d.WriteStatusAddr("a:1\nb:2"); err == nil {
+		t.Error("an address spanning lines was written")
+	}
+	if err := d.RemoveStatusAddr(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(d.StatusAddrPath()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("status_addr still there after RemoveStatusAddr: %v", err)
+	}
+	if err := d.RemoveStatusAddr(); err != nil {
+		t.Errorf("removing a missing status_addr: %v", err)
+	}
+}

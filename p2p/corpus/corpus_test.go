@@ -19,6 +19,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
+
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -689,4 +691,35 @@ func FuzzReadReply(f *testing.F) {
 			t.Fatalf("accepted status %d with %d-byte reason", status, len(reason))
 		}
 	})
+}
+
+// A fetch counts each request and reply once on the fetcher's meter and once on the
+// server's, with their bytes on the wire.
+func TestMetersCountRequestsAndRepliesOnBothSides(t *testing.T) {
+	hs := hosts(t, 2)
+	srv := NewServer(quiet)
+	srv.Meter = &traffic.Meter{}
+	serve(hs[0], srv)
+	data := randomBytes(t, 3<<20)
+	b := srv.Add(data)
+	f := newFetcher(t, hs[1], nil)
+	f.Meter = &traffic.Meter{}
+	if _, err := f.Fetch(t.Context(), []peer.ID{hs[0].ID()}, b, nil); err != nil {
+		t.Fatal(err)
+	}
+	n := uint64(srv.Stats().Requests)
+	want := traffic.Counts{FramesOut: n, BytesOut: n * requestLen, FramesIn: n, BytesIn: n*replyHeaderLen + uint64(b.Size)}
+	if got := f.Meter.Counts(); got != want {
+		t.Errorf("fetcher counted %+v, want %+v", got, want)
+	}
+	mirror := traffic.Counts{FramesIn: want.FramesOut, BytesIn: want.BytesOut, FramesOut: want.FramesIn, BytesOut: want.BytesIn}
+	// The server counts a reply once its write returns, which may be after the
+	// fetcher has read it.
+	deadline := time.Now().Add(10 * time.Second)
+	for srv.Meter.Counts() != mirror {
+		if time.Now().After(deadline) {
+			t.Fatalf("server counted %+v, want %+v", srv.Meter.Counts(), mirror)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
 }

@@ -17,6 +17,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
 // DefaultParallel is how many peers a Fetcher with Parallel 0 fetches from
@@ -37,6 +39,7 @@ type Fetcher struct {
 	Penalise func(peer.ID, error) // optional: called for a peer that sent a malformed reply or bytes that fail the hash
 	Parallel int                  // most peers fetched from at once; 0 = DefaultParallel
 	MinRate  int64                // slowest transfer waited for, bytes/s, sets stream deadlines; 0 = DefaultMinRate
+	Meter    *traffic.Meter       // optional: counts requests sent and replies received
 }
 
 // Validate reports the first bad field, wrapping ErrBadFetcher.
@@ -441,7 +444,12 @@ func (f *Fetcher) ask(st network.Stream, q request, dst []byte) error {
 	if _, err := st.Write(q.append(make([]byte, 0, requestLen))); err != nil {
 		return fmt.Errorf("write request: %w", err)
 	}
-	status, reason, err := readReply(st, dst)
+	f.Meter.Out(requestLen)
+	cr := &traffic.CountingReader{R: st}
+	status, reason, err := readReply(cr, dst)
+	if err == nil {
+		f.Meter.In(cr.N)
+	}
 	switch {
 	case err != nil:
 		return err

@@ -12,6 +12,8 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
 // Server serves the blobs it was given, from memory, to Proto streams. It is
@@ -22,6 +24,9 @@ type Server struct {
 	// malformed request (the error wraps ErrBadRequest). Set it before the
 	// server handles streams.
 	Penalise func(peer.ID, error)
+	// Meter, if set, counts requests received and replies sent. Set it before the
+	// server handles streams.
+	Meter *traffic.Meter
 
 	log   *slog.Logger
 	mu    sync.RWMutex
@@ -116,6 +121,7 @@ func (s *Server) serve(rw deadlineRW) error {
 			return err
 		}
 		s.requests.Add(1)
+		s.Meter.In(requestLen)
 		s.mu.RLock()
 		data, ok := s.blobs[q.Sum]
 		s.mu.RUnlock()
@@ -134,6 +140,7 @@ func (s *Server) serve(rw deadlineRW) error {
 			if _, err := rw.Write(append(replyHeader(status, len(reason)), reason...)); err != nil {
 				return fmt.Errorf("corpus: write refusal: %w", err)
 			}
+			s.Meter.Out(replyHeaderLen + int64(len(reason)))
 			continue
 		}
 		chunk := data[q.Offset : q.Offset+uint64(q.Length)] // validated: within Size == len(data)
@@ -145,5 +152,6 @@ func (s *Server) serve(rw deadlineRW) error {
 		if _, err := rw.Write(chunk); err != nil {
 			return fmt.Errorf("corpus: write reply: %w", err)
 		}
+		s.Meter.Out(replyHeaderLen + int64(len(chunk)))
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
 func spec(t testing.TB, s string) codec.Spec {
@@ -43,6 +44,7 @@ type cluster struct {
 	hosts     []host.Host
 	svcs      []*Service
 	groups    []*Group
+	meters    []*traffic.Meter
 	penalties atomic.Int64
 }
 
@@ -58,10 +60,12 @@ func newCluster(t testing.TB, R int, c codec.Spec, tweak func(i int, cfg *GroupC
 		ids[i] = h.ID()
 	}
 	for i, h := range cl.hosts {
+		m := &traffic.Meter{}
+		cl.meters = append(cl.meters, m)
 		svc := NewService(h, testLog().With("member", i), func(p peer.ID, err error) {
 			cl.penalties.Add(1)
 			t.Logf("member %d penalises %s: %v", i, p, err)
-		})
+		}, WithMeter(m))
 		h.SetStreamHandler(Proto, svc.HandleStream)
 		cfg := GroupConfig{Run: 7, Group: 2, Peers: ids, Self: i, Codec: c, MaxValues: 1 << 20, PriorRate: 100 << 20, Slack: 2 * time.Second}
 		if tweak != nil {
@@ -519,5 +523,46 @@ func TestBehindMemberFetchesStateAndRejoins(t *testing.T) {
 		if o.res.Sent != sent[i] || len(o.res.Missing) != 0 {
 			t.Errorf("round 3 member %d: sent %d (want %d), missing %v", i, o.res.Sent, sent[i], o.res.Missing)
 		}
+	}
+}
+
+// Every frame a member writes is counted once where it is written and once where it
+// is read: once a round's frames have all landed, what all members sent equals what
+// they all received, and each member's meter holds at least the data frames its
+// round reports sending (Result.Sent; the meter counts control frames too).
+func TestMetersCountEveryFrameOnBothEnds(t *testing.T) {
+	const R = 3
+	cl := newCluster(t, R, spec(t, "int8/32"), nil)
+	ys := randVecs(R, 200_000, 5)
+	out := cl.run(t.Context(), 1, ys, 10*time.Second, nil)
+	for i, o := range out {
+		if o.err != nil {
+			t.Fatalf("member %d: %v", i, o.err)
+		}
+	}
+	// Frames are written by a queue of their own: the last of a round may still be
+	// queued or on their way when AllReduce returns.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var in, sent traffic.Counts
+		short := -1
+		for i, m := range cl.meters {
+			c := m.Counts()
+			in.FramesIn += c.FramesIn
+			in.BytesIn += c.BytesIn
+			sent.FramesOut += c.FramesOut
+			sent.BytesOut += c.BytesOut
+			if c.BytesOut < uint64(out[i].res.Sent) {
+				short = i
+			}
+		}
+		if short < 0 && in.FramesIn == sent.FramesOut && in.BytesIn == sent.BytesOut && in.FramesIn > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("members received %d frames, %d bytes; sent %d frames, %d bytes; member %d's meter below its Result.Sent",
+				in.FramesIn, in.BytesIn, sent.FramesOut, sent.BytesOut, short)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }

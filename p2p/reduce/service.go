@@ -12,6 +12,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
+
+	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
 // Proto is the stream protocol all-reduce frames travel on. Each host
@@ -33,6 +35,7 @@ type Service struct {
 	h        host.Host
 	log      *slog.Logger
 	penalise func(peer.ID, error)
+	meter    *traffic.Meter // nil: not counted
 	ctx      context.Context
 	cancel   context.CancelFunc
 	notifiee network.Notifiee
@@ -44,10 +47,17 @@ type Service struct {
 	outs   map[peer.ID]*peerOut
 }
 
+// Option adjusts a Service.
+type Option func(*Service)
+
+// WithMeter counts every frame the service reads and writes, headers
+// included, on m.
+func WithMeter(m *traffic.Meter) Option { return func(s *Service) { s.meter = m } }
+
 // NewService returns the service for h. penalise (may be nil) is called
 // with the sender of every bad frame. The caller registers HandleStream:
 // h.SetStreamHandler(Proto, svc.HandleStream).
-func NewService(h host.Host, log *slog.Logger, penalise func(peer.ID, error)) *Service {
+func NewService(h host.Host, log *slog.Logger, penalise func(peer.ID, error), opts ...Option) *Service {
 	if log == nil {
 		log = slog.Default()
 	}
@@ -58,6 +68,9 @@ func NewService(h host.Host, log *slog.Logger, penalise func(peer.ID, error)) *S
 	s := &Service{
 		h: h, log: log.With("subsystem", "reduce"), penalise: penalise, ctx: ctx, cancel: cancel,
 		groups: make(map[groupKey]*Group), outs: make(map[peer.ID]*peerOut),
+	}
+	for _, o := range opts {
+		o(s)
 	}
 	// A closed connection is a member gone: groups give it up at once
 	// rather than waiting for a deadline.
@@ -119,7 +132,8 @@ func (s *Service) peerDown(p peer.ID, err error) {
 func (s *Service) HandleStream(st network.Stream) {
 	from := st.Conn().RemotePeer()
 	s.log.Debug("stream in", "peer", from)
-	r := bufio.NewReaderSize(st, 64<<10)
+	// Counted above the buffer: the frame's own bytes, not what was read ahead.
+	r := &traffic.CountingReader{R: bufio.NewReaderSize(st, 64<<10)}
 	var g *Group
 	find := func(run uint64, group uint32) (*limits, bool) {
 		var ok bool
@@ -132,7 +146,11 @@ func (s *Service) HandleStream(st network.Stream) {
 		return &g.lim, true
 	}
 	for {
+		before := r.N
 		f, err := readFrame(r, find)
+		if err == nil || errors.Is(err, errUnknownGroup) {
+			s.meter.In(r.N - before)
+		}
 		switch {
 		case errors.Is(err, errUnknownGroup):
 			continue
@@ -261,7 +279,9 @@ func (o *peerOut) run() {
 				o.s.log.Debug("stream out", "peer", o.id, "err", err)
 			}
 			if err == nil {
-				err = writeFrame(st, &f.hdr, f.payload)
+				if err = writeFrame(st, &f.hdr, f.payload); err == nil {
+					o.s.meter.Out(frameSize(len(f.payload)))
+				}
 			}
 			if err != nil {
 				if st != nil {
