@@ -80,7 +80,7 @@ type worker struct {
 	// replica wait of the last all-reduce here plus four times what it took.
 	outerAllow time.Duration
 	syncTook   time.Duration // the last outer step's all-reduce
-	served    servedState
+	served     servedState
 
 	// ledger is where this stage's time went (computing, waiting for what), with the
 	// timeline of a few early steps, reported when the run finishes.
