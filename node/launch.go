@@ -682,6 +682,9 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 				if r.Stage == 0 && r.Replica == 0 {
 					res.OuterSteps++
 				}
+				if r.Stage == 0 && !stageSynced[k] {
+					silence.outer(time.Now(), time.Duration(r.Outer.SyncS*float64(time.Second)))
+				}
 				outers[k] = append(outers[k], row)
 				complete := len(outers[k]) >= R-len(broken)-len(lagging)
 				if o.OnOuter != nil && complete {
@@ -822,6 +825,19 @@ type silenceClock struct {
 	last, lastStep time.Time
 	sum, longest   time.Duration
 	steps          int
+	// With replicas, an outer step may wait for a replica that is gone: three times
+	// the time between outer steps (the all-reduce's own rule), plus what syncs took.
+	lastOuter         time.Time
+	outerGap, syncMax time.Duration
+}
+
+// outer notes an outer step of stage 0 reported.
+func (c *silenceClock) outer(now time.Time, sync time.Duration) {
+	if !c.lastOuter.IsZero() {
+		c.outerGap = max(c.outerGap, now.Sub(c.lastOuter))
+	}
+	c.lastOuter = now
+	c.syncMax = max(c.syncMax, sync)
 }
 
 func (c *silenceClock) heard(now time.Time, step bool) {
@@ -842,7 +858,7 @@ func (c *silenceClock) heard(now time.Time, step bool) {
 func (c *silenceClock) overdue(now time.Time, evaluating bool) (quiet, deadline time.Duration) {
 	deadline = 2 * c.staff
 	if c.steps >= 2 {
-		deadline = max(10*c.sum/time.Duration(c.steps), 3*c.longest) + 5*time.Second
+		deadline = max(10*c.sum/time.Duration(c.steps), 3*c.longest) + 5*time.Second + 3*c.outerGap + 4*c.syncMax
 		if evaluating {
 			deadline = max(deadline, c.staff)
 		}

@@ -5,6 +5,11 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/node/spec"
 )
 
 // Churn is one event of a churn schedule: at training step Step (as replica 0's
@@ -14,6 +19,8 @@ type Churn struct {
 	Cell   string
 	Action string // "kill" or "restart"
 	Step   int
+	// Down, on a kill, restarts the node that long after it (a soak's schedule).
+	Down time.Duration
 }
 
 func (c Churn) String() string { return fmt.Sprintf("%s:%s@%d", c.Cell, c.Action, c.Step) }
@@ -50,6 +57,19 @@ func ParseChurn(s string) ([]Churn, error) {
 	return out, nil
 }
 
+// Rotate is a soak's schedule: every `every` steps up to steps, kill the next cell of
+// cells in turn and restart it down later.
+func Rotate(cells []string, every, steps int, down time.Duration) ([]Churn, error) {
+	if len(cells) == 0 || every < 1 || down <= 0 {
+		return nil, fmt.Errorf("wan: churn rotation: %d cells every %d steps, down %s: want cells, every ≥ 1 and down > 0", len(cells), every, down)
+	}
+	var out []Churn
+	for i, step := 0, every; step < steps; i, step = i+1, step+every {
+		out = append(out, Churn{Cell: cells[i%len(cells)], Action: "kill", Step: step, Down: down})
+	}
+	return out, nil
+}
+
 // churner fires a schedule's events as steps go by.
 type churner struct {
 	events []Churn
@@ -63,4 +83,58 @@ func (c *churner) step(step int) {
 		c.do(c.events[c.next])
 		c.next++
 	}
+}
+
+// fired is the events fired so far.
+func (c *churner) fired() []Churn { return c.events[:c.next] }
+
+// ChurnFigures is what a run under churn went through, from its schedule and its
+// metrics: kills and restarts fired, replica pipelines broken and brought back, the
+// replica-steps not trained (every replica pipeline is meant to train every step), and
+// the outer steps every stage took (any replica) against those due.
+type ChurnFigures struct {
+	Kills            int   `json:"kills"`
+	Restarts         int   `json:"restarts"`
+	Broken           []int `json:"broken_pipelines"` // one entry per break
+	Rejoined         []int `json:"rejoined_pipelines"`
+	LostReplicaSteps int   `json:"lost_replica_steps"`
+	// RecomputedMicroBatches is 0: a broken pipeline's step in flight is dropped with
+	// the pipeline, not recomputed elsewhere.
+	RecomputedMicroBatches int `json:"recomputed_micro_batches"`
+	OuterStepsDue          int `json:"outer_steps_due"`
+	OuterStepsTaken        int `json:"outer_steps_taken"`
+}
+
+func churnFigures(sp *spec.Spec, fired []Churn, res *node.LaunchResult, steps []metrics.Step, outers []metrics.Outer) *ChurnFigures {
+	if len(fired) == 0 {
+		return nil
+	}
+	f := &ChurnFigures{Broken: res.Broken, Rejoined: res.Rejoined}
+	for _, c := range fired {
+		switch {
+		case c.Action == "kill" && c.Down > 0:
+			f.Kills++
+			f.Restarts++ // restarted by the schedule, after Down
+		case c.Action == "kill":
+			f.Kills++
+		default:
+			f.Restarts++
+		}
+	}
+	f.LostReplicaSteps = sp.Pipeline.Replicas*sp.Train.Steps - len(steps)
+	taken := map[[2]int]bool{}
+	for _, o := range outers {
+		taken[[2]int{o.Stage, o.Step}] = true
+	}
+	for s := 1; s <= sp.Train.Steps; s++ {
+		if sp.DiLoCo.SyncAt(s, sp.Train.Steps) {
+			f.OuterStepsDue += sp.Pipeline.Stages
+			for st := range sp.Pipeline.Stages {
+				if taken[[2]int{st, s}] {
+					f.OuterStepsTaken++
+				}
+			}
+		}
+	}
+	return f
 }

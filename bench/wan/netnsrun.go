@@ -146,6 +146,7 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 	for i, c := range grid {
 		index[Cell(c[0], c[1])] = i
 	}
+	restarts := make(chan Churn, len(o.Churn))
 	churn := &churner{events: o.Churn, do: func(c Churn) {
 		i, ok := index[c.Cell]
 		if !ok {
@@ -156,6 +157,15 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 		if c.Action == "kill" {
 			if p := procs[c.Cell]; p != nil && p.Process != nil {
 				_ = syscall.Kill(-p.Process.Pid, syscall.SIGKILL)
+			}
+			if c.Down > 0 {
+				go func() { // the loop below restarts it: it owns procs
+					select {
+					case <-time.After(c.Down):
+						restarts <- c
+					case <-ctx.Done():
+					}
+				}()
 			}
 			return
 		}
@@ -179,6 +189,11 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 				break
 			}
 			o.OnNote(fmt.Sprintf("netns: node %s exited (its log: %s)", who, filepath.Join(logDir, who+".log")))
+		case c := <-restarts:
+			o.OnNote(fmt.Sprintf("churn: restart %s, %s after its kill", c.Cell, c.Down))
+			if err := startNode(index[c.Cell], c.Cell); err != nil {
+				o.OnNote(fmt.Sprintf("churn %s: %v", c, err))
+			}
 		case <-tick.C:
 		case <-ctx.Done():
 			return nil, ctx.Err()
@@ -197,7 +212,7 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 	if err := json.Unmarshal(rb, &res); err != nil {
 		return nil, fmt.Errorf("wan: netns: %s: %w", node.ResultFile, err)
 	}
-	return launched(sp, swarmDir, &res, measured, nil)
+	return launched(sp, swarmDir, &res, measured, nil, churn.fired())
 }
 
 // startLogged starts cmd with its output in f and says name on exited when it ends.

@@ -1,6 +1,7 @@
 package wan
 
 import (
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -78,7 +79,7 @@ func TestChurnScheduleIsCheckedAndOrdered(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(got) != 2 || got[0] != (Churn{"s1r1", "kill", 20}) || got[1] != (Churn{"s1r1", "restart", 40}) {
+	if len(got) != 2 || got[0] != (Churn{Cell: "s1r1", Action: "kill", Step: 20}) || got[1] != (Churn{Cell: "s1r1", Action: "restart", Step: 40}) {
 		t.Fatalf("%v", got)
 	}
 	for _, bad := range []string{"s1r1:restart@5", "s1r1:kill@5,s1r1:kill@6", "s1:kill@5", "s1r1:nap@5", "s1r1:kill@0", "launcher:kill@3"} {
@@ -93,5 +94,19 @@ func TestChurnScheduleIsCheckedAndOrdered(t *testing.T) {
 	c.step(50)
 	if strings.Join(fired, " ") != "s1r1:kill@20 s1r1:restart@40" {
 		t.Fatalf("fired %v", fired)
+	}
+}
+
+func TestRotateKillsEachCellInTurnAndRestartsIt(t *testing.T) {
+	got, err := Rotate([]string{"s0r0", "s1r1"}, 100, 350, 30*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Churn{{"s0r0", "kill", 100, 30 * time.Second}, {"s1r1", "kill", 200, 30 * time.Second}, {"s0r0", "kill", 300, 30 * time.Second}}
+	if !slices.Equal(got, want) {
+		t.Errorf("%v, want %v", got, want)
+	}
+	if _, err := Rotate(nil, 100, 350, time.Second); err == nil {
+		t.Error("a rotation over no cells was accepted")
 	}
 }

@@ -59,6 +59,7 @@ type Report struct {
 	MeterError     float64         `json:"meter_error,omitempty"` // validation loss against the baseline at equal tokens
 	Baseline       BaselineFigures `json:"baseline"`
 	Notes          []string        `json:"notes,omitempty"`
+	Churn          *ChurnFigures   `json:"churn,omitempty"`
 	Timeline       []TimelineSpan  `json:"timeline,omitempty"`
 	history, bhist []metrics.Step  // for the plots
 }
@@ -148,6 +149,7 @@ type outcome struct {
 	links    []LinkFigures
 	loopback float64 // tokens/s on an ideal network (meter)
 	notes    []string
+	churn    *ChurnFigures
 }
 
 // build assembles the report of one swarm run against its baseline.
@@ -156,7 +158,7 @@ func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 	r := &Report{Mode: o.Mode, Profile: o.Profile.Name, Spec: sp.Name, Steps: sp.Train.Steps, Stages: sp.Pipeline.Stages,
 		Replicas: sp.Pipeline.Replicas, ComputeScale: scale, Threads: o.Threads, Config: sp.String(), Links: out.links,
 		ProfileLink:  LinkProfile{Mbps: o.Profile.BandwidthMbps, OneWayMs: o.Profile.LatencyMs, Loss: o.Profile.Loss},
-		LinkOverride: o.Profile.Links, Tokens: out.tokens, WallS: out.wall.Seconds(), Notes: out.notes, Sync: out.syncs}
+		LinkOverride: o.Profile.Links, Tokens: out.tokens, WallS: out.wall.Seconds(), Notes: out.notes, Sync: out.syncs, Churn: out.churn}
 	if r.Mode != ModeMeter {
 		r.ComputeScale = 1
 	} else {
@@ -376,6 +378,13 @@ func (r *Report) Markdown(w io.Writer) {
 		for _, g := range r.LossGap {
 			fmt.Fprintf(w, "| %d | %d | %.4f | %.4f | %+.4f |\n", g.Step, g.Tokens, g.Swarm, g.Baseline, g.Gap)
 		}
+	}
+	if c := r.Churn; c != nil {
+		fmt.Fprintln(w, "\n## Churn")
+		fmt.Fprintln(w, "\n| kills | restarts | pipelines broken | rejoined | replica-steps lost | micro-batches recomputed | outer steps taken / due |")
+		fmt.Fprintln(w, "|---|---|---|---|---|---|---|")
+		fmt.Fprintf(w, "| %d | %d | %v | %v | %d | %d | %d / %d |\n", c.Kills, c.Restarts, c.Broken, c.Rejoined, c.LostReplicaSteps,
+			c.RecomputedMicroBatches, c.OuterStepsTaken, c.OuterStepsDue)
 	}
 	for _, n := range r.Notes {
 		fmt.Fprintf(w, "\nNote: %s\n", n)

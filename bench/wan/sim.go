@@ -62,6 +62,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		wg.Wait()
 	}()
 	daemons := make([]*node.Daemon, len(grid))
+	listens := make([]string, len(grid))
 	startDaemon := func(i int) error {
 		cell := Cell(grid[i][0], grid[i][1])
 		l := o.Profile.Link(cell)
@@ -78,7 +79,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		if err != nil {
 			return fmt.Errorf("wan: sim: node %s: %w", cell, err)
 		}
-		daemons[i] = d
+		daemons[i], listens[i] = d, listen[0]
 		probe.Register(d.Host().Host)
 		wg.Go(func() {
 			if err := d.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
@@ -107,21 +108,44 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		return nil, fmt.Errorf("wan: sim: launcher: %w", err)
 	}
 	var notes []string
-	// Churn: a killed node's host closes at once (as a SIGKILLed process's connections
-	// would); a restarted one comes back on its data directory with a new address.
+	// Churn: a killed node's endpoints are cut first, so its host can say no goodbye
+	// (peers find out by their deadlines, as from a SIGKILLed process over UDP), then
+	// it is closed and its memory dropped; a restarted one comes back on its data
+	// directory and the same address.
+	var churnMu sync.Mutex
+	restart := func(i int, c Churn) {
+		churnMu.Lock()
+		defer churnMu.Unlock()
+		if err := startDaemon(i); err != nil {
+			o.OnNote(fmt.Sprintf("churn %s: %v", c, err))
+		}
+	}
 	churn := &churner{events: o.Churn, do: func(c Churn) {
 		for i, g := range grid {
 			if Cell(g[0], g[1]) != c.Cell {
 				continue
 			}
 			o.OnNote(fmt.Sprintf("churn: %s %s at step %d", c.Action, c.Cell, c.Step))
-			if c.Action == "kill" {
-				daemons[i].Close()
+			if c.Action != "kill" {
+				restart(i, c)
 				return
 			}
-			if err := startDaemon(i); err != nil {
-				o.OnNote(fmt.Sprintf("churn %s: %v", c, err))
-			}
+			churnMu.Lock()
+			d := daemons[i]
+			_ = simnet.Cut(listens[i])
+			churnMu.Unlock()
+			wg.Go(func() {
+				d.Close()
+				if c.Down > 0 {
+					select {
+					case <-time.After(c.Down):
+					case <-ctx.Done():
+						return
+					}
+					o.OnNote(fmt.Sprintf("churn: restart %s, %s after its kill", c.Cell, c.Down))
+					restart(i, c)
+				}
+			})
 			return
 		}
 		o.OnNote(fmt.Sprintf("churn %s: no such cell in this run", c))
@@ -145,7 +169,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wan: sim: %w (node logs: %s)", err, logf.Name())
 	}
-	return launched(sp, swarmDir, res, links, notes)
+	return launched(sp, swarmDir, res, links, notes, churn.fired())
 }
 
 // measureSim measures a chain of links between the nodes (node i−1 ↔ node i, and

@@ -51,13 +51,14 @@ func linkNote(f LinkFigures) string {
 }
 
 // launched turns a launched run's result and metrics into an outcome.
-func launched(sp *spec.Spec, dir string, res *node.LaunchResult, links []LinkFigures, notes []string) (*outcome, error) {
+func launched(sp *spec.Spec, dir string, res *node.LaunchResult, links []LinkFigures, notes []string, fired []Churn) (*outcome, error) {
 	steps, outers, err := metricsOf(dir)
 	if err != nil {
 		return nil, err
 	}
 	out := &outcome{steps: steps, outers: outers, wall: res.Elapsed, tokens: res.Tokens, fwd: res.BoundaryFwd, bwd: res.BoundaryBwd,
-		syncs: syncFigures(sp, outers, nil), times: res.Times, links: links, notes: notes}
+		syncs: syncFigures(sp, outers, nil), times: res.Times, links: links, notes: notes,
+		churn: churnFigures(sp, fired, res, steps, outers)}
 	if len(res.Broken) > 0 {
 		out.notes = append(out.notes, fmt.Sprintf("replica pipelines %v stopped early", res.Broken))
 	}

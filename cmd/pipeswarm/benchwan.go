@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/pipeswarm/pipeswarm/bench/wan"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
@@ -54,6 +55,8 @@ printed beside the profile's figures.`, stderr)
 	cache := fs.String("cache", "", "where centralised baselines are kept for reuse (default: the user cache dir's pipeswarm/bench-wan)")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	churnFlag := fs.String("churn", "", "sim and netns modes: kill and restart nodes at given steps, e.g. s1r1:kill@20,s1r1:restart@40 (a run without replicas does not survive a kill)")
+	churnEvery := fs.Int("churn-every", 0, "sim and netns modes, a soak: kill one node every N steps, each cell in turn (s0r0, s1r0, ..., s0r1, ...), and restart it --churn-down later")
+	churnDown := fs.Duration("churn-down", 30*time.Second, "with --churn-every: how long a killed node stays down")
 	checkMeter := fs.Bool("check-meter", false, "sim mode: also predict the step time with the meter (from a centralised run on --threads threads) and report both")
 	var links, compare multiFlag
 	fs.Var(&links, "link", "give one cell its own link, repeatable: CELL=MBPS/LATENCY_MS[/LOSS], CELL sSrR (stage S, replica R) or launcher")
@@ -100,6 +103,21 @@ printed beside the profile's figures.`, stderr)
 	churn, err := wan.ParseChurn(*churnFlag)
 	if err != nil {
 		return err
+	}
+	if *churnEvery > 0 {
+		if len(churn) > 0 {
+			fmt.Fprintln(stderr, "pipeswarm bench wan: --churn and --churn-every are exclusive")
+			return errUsage
+		}
+		var cells []string
+		for r := range sp.Pipeline.Replicas {
+			for s := range sp.Pipeline.Stages {
+				cells = append(cells, wan.Cell(s, r))
+			}
+		}
+		if churn, err = wan.Rotate(cells, *churnEvery, sp.Train.Steps, *churnDown); err != nil {
+			return err
+		}
 	}
 	if *out == "" {
 		*out = filepath.Join("runs", fmt.Sprintf("bench-wan-%s-%s-%s", sp.Name, prof.Name, *mode))

@@ -1,6 +1,8 @@
 package simlink
 
 import (
+	ma "github.com/multiformats/go-multiaddr"
+
 	"errors"
 	"fmt"
 	"math"
@@ -287,3 +289,35 @@ func (n *Network) Stats() Stats {
 }
 
 func (n *Network) drop(r dropReason) { n.drops[r].Add(1) }
+
+// Cut closes every endpoint of the node that listens on listen (as Node returned it)
+// at once, dropping what waits in them: the host sees its sockets fail and can send
+// nothing more, not even a goodbye, as a process killed with SIGKILL on a network that
+// sends no resets (UDP). Peers find out by their own timeouts. The node may listen
+// again afterwards.
+func (n *Network) Cut(listen string) error {
+	a, err := ma.NewMultiaddr(listen)
+	if err != nil {
+		return fmt.Errorf("simlink: cut %q: %w", listen, err)
+	}
+	ipStr, err := a.ValueForProtocol(ma.P_IP4)
+	if err != nil {
+		return fmt.Errorf("simlink: cut %q: %w", listen, err)
+	}
+	ip, err := netip.ParseAddr(ipStr)
+	if err != nil {
+		return fmt.Errorf("simlink: cut %q: %w", listen, err)
+	}
+	n.mu.RLock()
+	var conns []*conn
+	for ap, c := range n.open {
+		if ap.Addr() == ip {
+			conns = append(conns, c)
+		}
+	}
+	n.mu.RUnlock()
+	for _, c := range conns {
+		c.Close()
+	}
+	return nil
+}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/rand"
 	"log/slog"
+	"net"
 	"testing"
 	"time"
 
@@ -125,5 +126,28 @@ func TestTransferCompletesUnderOnePercentLoss(t *testing.T) {
 	t.Logf("1%% loss: %v; %+v", r, st)
 	if st.LossDrops == 0 {
 		t.Error("no packet was dropped for loss")
+	}
+}
+
+func TestCutSilencesANodeWithoutGoodbye(t *testing.T) {
+	n := New(1)
+	defer n.Close()
+	_, listenA, err := n.Node(Link{Mbps: 100, Latency: time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nd := n.nodes[0]
+	c, err := n.listen(nd, &net.UDPAddr{IP: net.IP(nd.ip.AsSlice()), Port: Port})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := n.Cut(listenA[0]); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.WriteTo([]byte("bye"), &net.UDPAddr{IP: net.IPv4(10, 9, 0, 2), Port: Port}); err == nil {
+		t.Error("a cut endpoint still sends")
+	}
+	if _, err := n.listen(nd, &net.UDPAddr{IP: net.IP(nd.ip.AsSlice()), Port: Port}); err != nil {
+		t.Errorf("the node cannot listen again after a cut: %v", err)
 	}
 }
