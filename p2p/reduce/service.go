@@ -135,7 +135,7 @@ func (s *Service) HandleStream(st network.Stream) {
 		switch {
 		case errors.Is(err, errUnknownGroup):
 			continue
-		case errors.Is(err, ErrBadFrame):
+		case errors.Is(err, p2p.ErrViolation):
 			s.log.Warn("bad frame", "peer", from, "err", err)
 			s.penalise(from, err)
 			st.Reset()
