@@ -3,8 +3,8 @@ package p2p
 import (
 	"bytes"
 	"context"
-	"io"
 	"errors"
+	"io"
 	"log/slog"
 	"strings"
 	"sync"

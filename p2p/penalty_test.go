@@ -220,4 +220,3 @@ func TestPenaltyOptionsValidateNamesTheBadField(t *testing.T) {
 		t.Fatalf("defaults %v", o)
 	}
 }
-

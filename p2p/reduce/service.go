@@ -12,6 +12,8 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
+
+	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
 // Proto is the stream protocol all-reduce frames travel on. Each host
@@ -45,7 +47,8 @@ type Service struct {
 }
 
 // NewService returns the service for h. penalise (may be nil) is called
-// with the sender of every bad frame. The caller registers HandleStream:
+// with the sender of every bad frame, and an error wrapping p2p.ErrViolation;
+// never for a stream that breaks. The caller registers HandleStream:
 // h.SetStreamHandler(Proto, svc.HandleStream).
 func NewService(h host.Host, log *slog.Logger, penalise func(peer.ID, error)) *Service {
 	if log == nil {
