@@ -62,6 +62,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		wg.Wait()
 	}()
 	daemons := make([]*node.Daemon, len(grid))
+	var started []simNode // every daemon started, restarted ones too: each has its own penalty record
 	startDaemon := func(i int) error {
 		cell := Cell(grid[i][0], grid[i][1])
 		l := o.Profile.Link(cell)
@@ -76,6 +77,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 			return fmt.Errorf("wan: sim: node %s: %w", cell, err)
 		}
 		daemons[i] = d
+		started = append(started, simNode{cell: cell, d: d})
 		probe.Register(d.Host().Host)
 		wg.Go(func() {
 			if err := d.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
@@ -142,7 +144,21 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wan: sim: %w (node logs: %s)", err, logf.Name())
 	}
-	return launched(sp, swarmDir, res, links, notes)
+	out, err := launched(sp, swarmDir, res, links, notes)
+	if err != nil {
+		return nil, err
+	}
+	for _, n := range started {
+		out.penalties = append(out.penalties, nodePenalties(n.cell, n.d.Host().Penalties().Stats()))
+	}
+	out.penalties = append(out.penalties, nodePenalties("launcher", res.Penalties))
+	return out, nil
+}
+
+// simNode is a daemon of a sim run and the cell whose link it has.
+type simNode struct {
+	cell string
+	d    *node.Daemon
 }
 
 // measureSim measures a chain of links between the nodes (node i−1 ↔ node i, and
