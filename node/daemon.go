@@ -313,14 +313,16 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 	case msgNorm:
 		n := m.Norm
 		if n == nil || n.Stage < 0 || n.Stage >= w.sp.Pipeline.Stages || w.peerOf(n.Stage) != from || n.Stage == w.idx {
-			d.host.Penalties().Add(from, "norm from a peer that does not hold that stage")
-			return ctlReply{Error: "norm from a peer that does not hold that stage"}
+			err := fmt.Errorf("%w: norm from a peer that does not hold that stage", p2p.ErrBadMsg)
+			d.offence(from, err)
+			return ctlReply{Error: err.Error()}
 		}
 		w.post(core.NormIn{Step: n.Step, Stage: n.Stage, SumSq: n.SumSq})
 		return ctlReply{OK: true}
 	}
-	d.host.Penalties().Add(from, "unknown control message "+m.Type)
-	return ctlReply{Error: fmt.Sprintf("unknown control message %q", m.Type)}
+	err := fmt.Errorf("%w: unknown control message %q", p2p.ErrBadMsg, m.Type)
+	d.offence(from, err)
+	return ctlReply{Error: err.Error()}
 }
 
 // accept checks a signed run plan and, if this node trusts its launcher and can hold

@@ -96,25 +96,23 @@ const (
 
 // Report is a node's progress message to its launcher.
 type Report struct {
-	Run        uint64  `json:"run"`
-	Stage      int     `json:"stage"`
-	Replica    int     `json:"replica,omitempty"`
-	Peer       string  `json:"peer"`
-	Kind       string  `json:"kind"`
-	Step       int     `json:"step,omitempty"`
-	Loss       float64 `json:"loss,omitempty"`
-	ValLoss    float64 `json:"val_loss,omitempty"`
-	GradNorm   float64 `json:"grad_norm,omitempty"`
-	LR         float64 `json:"lr,omitempty"`
-	Checkpoint string  `json:"checkpoint,omitempty"`
-	BytesFwd   int64   `json:"bytes_fwd,omitempty"` // training activation frames sent (encoded bytes)
-	BytesBwd   int64   `json:"bytes_bwd,omitempty"` // training gradient frames sent (encoded bytes)
-	Error      string  `json:"error,omitempty"`
-	// Diverged (with ReportError): this stage's own computation went non-finite;
-	// Error says where. No replica of the run can go on from there.
-	Diverged bool         `json:"diverged,omitempty"`
-	Outer    *OuterReport `json:"outer,omitempty"`
-	Time     *StageTime   `json:"time,omitempty"` // with ReportDone
+	Run        uint64       `json:"run"`
+	Stage      int          `json:"stage"`
+	Replica    int          `json:"replica,omitempty"`
+	Peer       string       `json:"peer"`
+	Kind       string       `json:"kind"`
+	Step       int          `json:"step,omitempty"`
+	Loss       float64      `json:"loss,omitempty"`
+	ValLoss    float64      `json:"val_loss,omitempty"`
+	GradNorm   float64      `json:"grad_norm,omitempty"`
+	LR         float64      `json:"lr,omitempty"`
+	Checkpoint string       `json:"checkpoint,omitempty"`
+	BytesFwd   int64        `json:"bytes_fwd,omitempty"` // training activation frames sent (encoded bytes)
+	BytesBwd   int64        `json:"bytes_bwd,omitempty"` // training gradient frames sent (encoded bytes)
+	Error      string       `json:"error,omitempty"`
+	Outer      *OuterReport `json:"outer,omitempty"`
+	Time       *StageTime   `json:"time,omitempty"`     // with ReportDone
+	Diverged   bool         `json:"diverged,omitempty"` // with ReportError: this stage's own values went non-finite (Error says where); no replica can go on
 }
 
 // StageTime is where one stage's wall time went: seconds computing and waiting
