@@ -149,11 +149,12 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		warns: warns, started: time.Now(), build: build.Read(),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	penalise := func(p peer.ID, err error) {
-		if errors.Is(err, io.ErrUnexpectedEOF) {
-			return // a stream cut short by a peer that died mid-write: not misbehaviour
+		if !errors.Is(err, p2p.ErrViolation) {
+			log.Debug("stream failed; no penalty", "peer", p, "err", err)
+			return
 		}
-		n := h.Penalties().Add(p, err.Error())
-		log.Warn("bad message", "peer", p, "err", err, "penalties", n)
+		score, banned := h.Penalties().Add(p, err.Error())
+		log.Warn("protocol violation", "peer", p, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
 	}
 	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise, reduce.WithMeter(d.meters.For(reduce.Proto)))
 	d.fetch = &corpus.Fetcher{Host: h.Host, CacheDir: filepath.Join(dir.Path, "corpus"), Log: log.With("sys", "corpus"), Penalise: penalise,
@@ -459,6 +460,9 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 		return r
 	case msgAssign:
 		if err := d.accept(from, m.Signed); err != nil {
+			if errors.Is(err, p2p.ErrViolation) { // unsigned, or a signature that does not hold
+				d.offence(from, err)
+			}
 			return ctlReply{Error: err.Error()}
 		}
 		return ctlReply{OK: true}
@@ -491,21 +495,23 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 	case msgNorm:
 		n := m.Norm
 		if n == nil || n.Stage < 0 || n.Stage >= w.sp.Pipeline.Stages || w.peerOf(n.Stage) != from || n.Stage == w.idx {
-			d.host.Penalties().Add(from, "norm from a peer that does not hold that stage")
-			return ctlReply{Error: "norm from a peer that does not hold that stage"}
+			err := fmt.Errorf("%w: norm from a peer that does not hold that stage", p2p.ErrBadMsg)
+			d.offence(from, err)
+			return ctlReply{Error: err.Error()}
 		}
 		w.post(core.NormIn{Step: n.Step, Stage: n.Stage, SumSq: n.SumSq})
 		return ctlReply{OK: true}
 	}
-	d.host.Penalties().Add(from, "unknown control message "+m.Type)
-	return ctlReply{Error: fmt.Sprintf("unknown control message %q", m.Type)}
+	err := fmt.Errorf("%w: unknown control message %q", p2p.ErrBadMsg, m.Type)
+	d.offence(from, err)
+	return ctlReply{Error: err.Error()}
 }
 
 // accept checks a signed run plan and, if this node trusts its launcher and can hold
 // its stage, creates the worker (it starts on msgStart).
 func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if signed == nil {
-		return errors.New("assign without a signed plan")
+		return fmt.Errorf("%w: assign without a signed plan", p2p.ErrBadSignature)
 	}
 	signer, err := signed.Verify()
 	if err != nil {
@@ -752,27 +758,24 @@ func (d *Daemon) route(proto protocol.ID, from peer.ID, f *p2p.Frame, size int64
 	return nil
 }
 
-// penalise resets the stream and, if err is a protocol violation, counts it against
-// the sender. A stream cut short (reset, timeout, truncated by a peer that died
-// mid-write) is not one: honest peers on lossy links and peers that crash do that.
+// penalise resets the stream and, if err is a protocol violation (p2p.ErrViolation),
+// counts it against the sender. A stream cut short (reset, timeout, truncated by a
+// peer that died mid-write) is not one: honest peers on lossy links and peers that
+// crash do that.
 func (d *Daemon) penalise(s network.Stream, from peer.ID, err error) {
-	if !violation(err) {
+	if !errors.Is(err, p2p.ErrViolation) {
 		s.Reset()
-		d.log.Info("stream ended early; reset", "peer", from, "err", err)
+		d.log.Debug("stream ended early; reset", "peer", from, "err", err)
 		return
 	}
 	// Recorded before the reset, so a sender that sees its stream reset finds the
 	// penalty already counted.
-	n := d.host.Penalties().Add(from, err.Error())
+	d.offence(from, err)
 	s.Reset()
-	d.log.Warn("bad message; stream reset", "peer", from, "err", err, "penalties", n)
 }
 
-// violation reports whether err says a peer broke the protocol, as opposed to its
-// stream breaking.
-func violation(err error) bool {
-	if errors.Is(err, io.ErrUnexpectedEOF) {
-		return false
-	}
-	return errors.Is(err, p2p.ErrBadFrame) || errors.Is(err, p2p.ErrBadMsg) || errors.Is(err, core.ErrProtocol)
+// offence counts a protocol violation against from.
+func (d *Daemon) offence(from peer.ID, err error) {
+	score, banned := d.host.Penalties().Add(from, err.Error())
+	d.log.Warn("protocol violation", "peer", from, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
 }

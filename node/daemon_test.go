@@ -80,7 +80,7 @@ func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 		if _, err := s.Read(make([]byte, 1)); err == nil || err == io.EOF {
 			t.Fatalf("frame %d: stream ended with %v, want a reset", i, err)
 		}
-		if n := d.host.Penalties().Count(h.ID()); n != i+1 {
+		if n := d.host.Penalties().Offences(h.ID()); n != i+1 {
 			t.Fatalf("after bad frame %d the sender has %d penalties, want %d", i, n, i+1)
 		}
 	}
@@ -99,8 +99,15 @@ func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 	if _, err := s.Read(make([]byte, 1)); err == nil || err == io.EOF {
 		t.Fatalf("truncated frame: stream ended with %v, want a reset", err)
 	}
-	if n := d.host.Penalties().Count(h.ID()); n != 2 {
+	if n := d.host.Penalties().Offences(h.ID()); n != 2 {
 		t.Fatalf("a truncated frame changed the sender's penalties to %d, want them left at 2", n)
+	}
+	// An assignment without a signed plan is a violation too.
+	if r, err := call(ctx, h, nil, d.ID(), ctlMsg{Type: msgAssign}); err != nil || r.OK {
+		t.Fatalf("unsigned assignment: %+v, %v; want a refusal", r, err)
+	}
+	if n := d.host.Penalties().Offences(h.ID()); n != 3 {
+		t.Fatalf("an unsigned assignment left the sender at %d penalties, want 3", n)
 	}
 	r, err := call(ctx, h, nil, d.ID(), ctlMsg{Type: msgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.Peer != d.ID().String() {
@@ -232,7 +239,7 @@ func TestLateFramesForAnEndedRunAreDroppedWithoutPenalty(t *testing.T) {
 			t.Fatalf("late frame: stream ended with %v, want a reset", err)
 		}
 	}
-	if n := d.host.Penalties().Count(h.ID()); n != 0 {
+	if n := d.host.Penalties().Offences(h.ID()); n != 0 {
 		t.Errorf("late frames for an ended run earned %d penalties, want 0", n)
 	}
 }

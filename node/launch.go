@@ -34,6 +34,17 @@ import (
 // ErrRunFailed wraps the reason a launched run did not finish.
 var ErrRunFailed = errors.New("run failed")
 
+// ErrDiverged is wrapped by the error of a stage whose own computation went
+// non-finite (its loss, or values it was about to send), and by a launched run's
+// error when a stage reported that: the run stops, and nobody is penalised.
+var ErrDiverged = errors.New("diverged")
+
+// divergedErr is a divergence a stage reported, in its words.
+type divergedErr struct{ msg string }
+
+func (e *divergedErr) Error() string { return e.msg }
+func (e *divergedErr) Unwrap() error { return ErrDiverged }
+
 // LaunchOptions configure Launch.
 type LaunchOptions struct {
 	Spec   *spec.Spec
@@ -75,6 +86,8 @@ type LaunchResult struct {
 	Rejoined   []int // replica pipelines brought back (once each time) after they broke
 	// Times: where each stage's wall time went, one per (stage, replica) that finished.
 	Times []StageTime
+	// Penalties: the protocol violations and bans the launcher's host recorded.
+	Penalties p2p.PenaltyStats
 }
 
 // Launch staffs sp's stages with the given peers, sends each a signed plan, starts
@@ -121,10 +134,25 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	h.Handle(p2p.ProtoControl, func(s network.Stream) {
 		defer s.Close()
 		_ = s.SetDeadline(time.Now().Add(30 * time.Second))
+		from := s.Conn().RemotePeer()
 		var m ctlMsg
-		if err := p2p.ReadMsg(s, &m, p2p.MaxMsgBytes); err != nil || m.Type != msgReport || m.Report == nil || m.Report.Run != runID {
-			h.Penalties().Add(s.Conn().RemotePeer(), "unexpected control message to a launcher")
+		err := p2p.ReadMsg(s, &m, p2p.MaxMsgBytes)
+		if err == nil && (m.Type != msgReport || m.Report == nil) {
+			err = fmt.Errorf("%w: %q message to a launcher", p2p.ErrBadMsg, m.Type)
+		}
+		if err != nil {
+			if errors.Is(err, p2p.ErrViolation) {
+				score, banned := h.Penalties().Add(from, err.Error())
+				log.Warn("protocol violation", "peer", from, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
+			} else {
+				log.Debug("report stream failed", "peer", from, "err", err)
+			}
 			s.Reset()
+			return
+		}
+		if m.Report.Run != runID {
+			// A node still reporting on an earlier run of this launcher's key: late, not malicious.
+			_ = p2p.WriteMsg(s, ctlReply{Error: fmt.Sprintf("run %016x is not this launcher's", m.Report.Run)})
 			return
 		}
 		m.Report.Peer = s.Conn().RemotePeer().String() // what the stream proves, not what it says
@@ -319,6 +347,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	}
 	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up, rj)
 	if res != nil {
+		res.Penalties = h.Penalties().Stats()
 		// For tools that run launch as a process (the WAN bench's netns mode).
 		if b, jerr := json.MarshalIndent(res, "", "  "); jerr == nil {
 			if werr := os.WriteFile(filepath.Join(o.OutDir, ResultFile), b, 0o644); werr != nil && err == nil {
@@ -745,6 +774,12 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					}
 				}
 			case ReportIdle, ReportError:
+				if r.Kind == ReportError && r.Diverged {
+					// Every replica trains the same way: the run cannot go on.
+					abort(r.Error)
+					plot()
+					return res, fmt.Errorf("%w: %w", ErrRunFailed, &divergedErr{fmt.Sprintf("%s (node %s)", r.Error, r.Peer)})
+				}
 				if R == 1 || (r.Kind == ReportError && !replicable(r.Error)) {
 					abort(fmt.Sprintf("stage %d failed", r.Stage))
 					plot()
@@ -770,9 +805,9 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 
 // replicable says whether an error a stage reports is one a replicated run survives by
 // dropping that stage's replica pipeline: anything but a run that cannot work at all
-// (a diverged loss, a bad spec) — those would fail every replica alike.
+// (a bad spec; a divergence is reported as such) — those would fail every replica alike.
 func replicable(msg string) bool {
-	return !strings.Contains(msg, "loss is") && !strings.Contains(msg, "refused")
+	return !strings.Contains(msg, "refused")
 }
 
 // cellName names a cell for people: "stage 1" in a run of one replica pipeline,
@@ -806,7 +841,10 @@ func serveData(sp *spec.Spec, h *p2p.Host, log *slog.Logger) (*DataPlan, error) 
 			len(val), sp.Model.SeqLen+1)
 	}
 	srv := corpus.NewServer(log.With("sys", "corpus"))
-	srv.Penalise = func(p peer.ID, err error) { h.Penalties().Add(p, err.Error()) }
+	srv.Penalise = func(p peer.ID, err error) { // err wraps p2p.ErrViolation
+		score, banned := h.Penalties().Add(p, err.Error())
+		log.Warn("protocol violation", "peer", p, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
+	}
 	dp := &DataPlan{Val: srv.Add(val)}
 	for r := range sp.Pipeline.Replicas {
 		dp.Train = append(dp.Train, srv.Add(data.Shard(tr, r, sp.Pipeline.Replicas)))

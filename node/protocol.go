@@ -132,7 +132,8 @@ type Report struct {
 	BytesBwd   int64        `json:"bytes_bwd,omitempty"` // training gradient frames sent (encoded bytes)
 	Error      string       `json:"error,omitempty"`
 	Outer      *OuterReport `json:"outer,omitempty"`
-	Time       *StageTime   `json:"time,omitempty"` // with ReportDone
+	Time       *StageTime   `json:"time,omitempty"`     // with ReportDone
+	Diverged   bool         `json:"diverged,omitempty"` // with ReportError: this stage's own values went non-finite (Error says where); no replica can go on
 }
 
 // StageTime is where one stage's wall time went: seconds computing and waiting

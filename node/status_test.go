@@ -108,7 +108,7 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 	}
 	var warned bool
 	for _, w := range snap.Warnings {
-		warned = warned || (strings.Contains(w.Msg, "bad message") && strings.Contains(w.Attrs, h.ID().String()))
+		warned = warned || (strings.Contains(w.Msg, "protocol violation") && strings.Contains(w.Attrs, h.ID().String()))
 	}
 	if !warned || snap.WarningsSeen < 1 {
 		t.Errorf("the bad frame's warning is not shown: %+v", snap.Warnings)

@@ -217,3 +217,19 @@ func TestABrokenPipelineRejoinsAtTheNextOuterStepWhenItsNodesAreBack(t *testing.
 		t.Errorf("rejoined %v, broken %v; want replica 2 broken once and rejoined", res.Rejoined, res.Broken)
 	}
 }
+
+// A stage that diverged stops the whole run, replicas or not: every replica trains
+// the same way. The run's error is the stage's own words.
+func TestADivergedStageStopsAReplicatedRunWithItsMessage(t *testing.T) {
+	sp, plan := gridPlan(t)
+	w := newWatchRun()
+	msg := "diverged at step 3 on stage 1 of replica 2: the loss of micro-batch 0 is NaN; try a lower train.lr"
+	w.report(plan, Report{Stage: 1, Replica: 2, Kind: ReportError, Step: 3, Error: msg, Diverged: true})
+	_, err := w.run(t, sp, plan)
+	if !errors.Is(err, ErrRunFailed) || !errors.Is(err, ErrDiverged) || !strings.Contains(err.Error(), msg) {
+		t.Fatalf("error %v, want the run failed with %q", err, msg)
+	}
+	if len(w.aborted) != 1 || w.aborted[0] != msg || len(w.idled) != 0 {
+		t.Errorf("aborted %q, idled %v; want the run aborted with the message, no pipeline idled", w.aborted, w.idled)
+	}
+}

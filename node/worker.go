@@ -17,6 +17,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/core"
@@ -444,7 +445,7 @@ func (w *worker) start() {
 			w.report(Report{Kind: ReportIdle, Error: w.err.Error(), Checkpoint: w.checkpointPath()})
 		case w.err != nil:
 			w.log.Error("run stopped", "err", w.err)
-			w.report(Report{Kind: ReportError, Error: w.err.Error(), Checkpoint: w.checkpointPath()})
+			w.report(Report{Kind: ReportError, Error: w.err.Error(), Diverged: errors.Is(w.err, ErrDiverged), Checkpoint: w.checkpointPath()})
 		}
 		w.out.close()
 		if w.group != nil {
@@ -685,10 +686,13 @@ func (w *worker) do(a any) error {
 		w.submit(func() any {
 			out := w.stage.Forward(tp, io.tokens, x)
 			if w.stage.Last {
-				return computeDone{loss: w.stage.Loss(tp, io.targets, scale)}
+				loss := w.stage.Loss(tp, io.targets, scale)
+				if math.IsNaN(loss) || math.IsInf(loss, 0) {
+					return computeDone{err: w.diverged(a.Step, fmt.Sprintf("the loss of micro-batch %d is %g", a.Micro, loss))}
+				}
+				return computeDone{loss: loss}
 			}
-			w.out.send(w.peerOf(w.idx+1), p2p.ProtoActivation, w.frame(p2p.KindActivation, a.Step, a.Micro, tp.B, tp.T, w.outB, out, io))
-			return computeDone{}
+			return computeDone{err: w.sendFinite(w.peerOf(w.idx+1), p2p.ProtoActivation, w.frame(p2p.KindActivation, a.Step, a.Micro, tp.B, tp.T, w.outB, out, io))}
 		})
 	case core.Backward:
 		tp := w.tapes[a.Slot]
@@ -699,7 +703,7 @@ func (w *worker) do(a any) error {
 		w.submit(func() any {
 			dx := w.stage.Backward(tp, g)
 			if a.Send {
-				w.out.send(w.peerOf(w.idx-1), p2p.ProtoGradient, w.frame(p2p.KindGradient, a.Step, a.Micro, tp.B, tp.T, w.inB, dx, slotIO{}))
+				return computeDone{err: w.sendFinite(w.peerOf(w.idx-1), p2p.ProtoGradient, w.frame(p2p.KindGradient, a.Step, a.Micro, tp.B, tp.T, w.inB, dx, slotIO{}))}
 			}
 			return computeDone{}
 		})
@@ -708,6 +712,9 @@ func (w *worker) do(a any) error {
 		// Compute is idle: the core asked for no job.
 		w.stage.ProjectGrads() // a no-op without a subspace; norms are of what the optimiser sees
 		ss := optim.SumSquares(w.stage.Grads)
+		if math.IsNaN(ss) || math.IsInf(ss, 0) {
+			return w.diverged(a.Step, fmt.Sprintf("its gradients' sum of squares is %g", ss))
+		}
 		for i := range w.sp.Pipeline.Stages {
 			if i != w.idx {
 				w.out.control(w.peerOf(i), ctlMsg{Type: msgNorm, Run: w.plan.ID, Norm: &normMsg{Step: a.Step, Stage: w.idx, SumSq: ss}})
@@ -749,10 +756,13 @@ func (w *worker) do(a any) error {
 			tp := w.eval.Tapes(b)[0]
 			out := w.stage.Forward(tp, io.tokens, x)
 			if w.stage.Last {
-				return computeDone{loss: w.stage.Loss(tp, io.targets, 1) * float64(b)}
+				loss := w.stage.Loss(tp, io.targets, 1) * float64(b)
+				if math.IsNaN(loss) || math.IsInf(loss, 0) {
+					return computeDone{err: w.diverged(a.Step, fmt.Sprintf("the validation loss of batch %d is %g", a.Batch, loss))}
+				}
+				return computeDone{loss: loss}
 			}
-			w.out.send(w.peerOf(w.idx+1), p2p.ProtoActivation, w.frame(p2p.KindEval, a.Step, a.Batch, b, seq, w.outB, out, io))
-			return computeDone{}
+			return computeDone{err: w.sendFinite(w.peerOf(w.idx+1), p2p.ProtoActivation, w.frame(p2p.KindEval, a.Step, a.Batch, b, seq, w.outB, out, io))}
 		})
 	case core.StepDone:
 		if w.stage.Last {
@@ -1059,6 +1069,24 @@ func (w *worker) frame(kind p2p.Kind, step, micro, batch, t int, b *train.Bounda
 	return f
 }
 
+// sendFinite queues f for to, unless a value of it would arrive non-finite: then
+// this stage has diverged, and it says so instead of sending (a neighbour would
+// rightly count a non-finite frame as a violation).
+func (w *worker) sendFinite(to peer.ID, proto protocol.ID, f *p2p.Frame) error {
+	if i := f.Codec.FirstNonFinite(f.Data); i >= 0 {
+		return w.diverged(int(f.Step), fmt.Sprintf("the %v values for micro-batch %d it was to send are not finite in %v (value %d is %g); nothing sent",
+			f.Kind, f.Micro, f.Codec, i, f.Data[i]))
+	}
+	w.out.send(to, proto, f)
+	return nil
+}
+
+// diverged is the error of a stage whose own computation went non-finite at step.
+// It is not a peer's fault: the run stops, and says why.
+func (w *worker) diverged(step int, what string) error {
+	return fmt.Errorf("%w at step %d on %s: %s; try a lower train.lr", ErrDiverged, step, cellName(w.sp, w.self), what)
+}
+
 // expect is what a valid incoming frame of kind looks like for this stage.
 func (w *worker) expect(kind p2p.Kind, micro int) p2p.Expect {
 	cfg := w.stage.Config
@@ -1256,9 +1284,6 @@ func (w *worker) report(r Report) {
 	r.Run, r.Stage, r.Replica, r.Peer = w.plan.ID, w.idx, w.rep, w.host.ID().String()
 	if w.plan.Join != nil {
 		r.Join = w.plan.Join.Nonce
-	}
-	if math.IsNaN(r.Loss) || math.IsInf(r.Loss, 0) {
-		r.Kind, r.Error = ReportError, fmt.Sprintf("loss is %g at step %d", r.Loss, r.Step)
 	}
 	w.out.control(w.launcher, ctlMsg{Type: msgReport, Run: w.plan.ID, Report: &r})
 }

@@ -26,8 +26,11 @@
 //
 // Everything read from the network is length-limited, versioned and
 // validated; malformed input is an error wrapping ErrBadFrame, ErrBadMsg or
-// ErrBadSignature, never a panic. Callers count such errors against the
-// sender with Penalties; the Host refuses streams from banned peers.
+// ErrBadSignature, never a panic. Those, and the violations of the
+// subpackages' protocols, wrap ErrViolation; callers count only such errors
+// against the sender, with Penalties (a stream reset, a timeout or a stream
+// cut short is not one). Scores decay and bans expire; the Host refuses a
+// banned peer's streams and connections while its ban lasts.
 //
 // This package must not import shard, optim or node (see deps_test.go).
 package p2p

@@ -2,7 +2,6 @@ package p2p
 
 import (
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -39,6 +38,11 @@ func (k Kind) String() string {
 // Frame is one tensor on the wire, with the bookkeeping a stage needs to
 // place it: which run, step and micro-batch it belongs to.
 //
+// A frame claims that its values are finite: Check refuses any that is not,
+// and that counts against the sender. An honest sender whose values went
+// non-finite has diverged; it says so to its launcher and sends nothing
+// (see codec.Spec.FirstNonFinite for the check before sending).
+//
 // Data always holds float32 values: WriteFrame encodes them with Codec and
 // ReadFrame decodes them, so with a lossy codec the receiver gets the
 // values rounded as the codec rounds them (codec.ErrorFeedback.Quantize
@@ -66,8 +70,9 @@ var CodecF32 = codec.Spec{Kind: codec.F32}
 const MaxFrameBytes = 256 << 20
 
 // ErrBadFrame is wrapped by every error that reports a malformed or
-// unexpected frame. The peer that sent it should be penalised.
-var ErrBadFrame = errors.New("p2p: bad frame")
+// unexpected frame. It wraps ErrViolation: the peer that sent it should be
+// penalised. (WriteFrame's refusals wrap it too: what this host would refuse.)
+var ErrBadFrame = NewViolation("p2p: bad frame")
 
 // Wire layout of a frame, all integers little-endian:
 //
@@ -340,8 +345,10 @@ func (c *chunkWriter) putBytes(p []byte) {
 // payload that would is refused.
 //
 // Malformed input is refused with an error wrapping ErrBadFrame that names
-// the problem; truncated input also wraps io.ErrUnexpectedEOF. Other read
-// errors (a reset stream, say) are returned wrapped but without ErrBadFrame.
+// the problem. Input that ends mid-frame gives an error wrapping
+// io.ErrUnexpectedEOF and not ErrBadFrame: a stream cut short is what a
+// peer that dies mid-write leaves, not a violation. Other read errors (a
+// reset stream, say) are returned wrapped, without ErrBadFrame either.
 func ReadFrame(r io.Reader, maxBytes int) (*Frame, error) {
 	if maxBytes <= 0 || maxBytes > MaxFrameBytes {
 		maxBytes = MaxFrameBytes
@@ -459,12 +466,12 @@ func ReadFrame(r io.Reader, maxBytes int) (*Frame, error) {
 	return f, nil
 }
 
-// readErr classifies an error met while reading part of a frame: running
-// out of input is the sender's fault (ErrBadFrame); anything else is the
-// transport's.
+// readErr wraps an error met while reading part of a frame. None is a
+// violation: running out of input mid-frame (io.ErrUnexpectedEOF) is a
+// stream cut short, anything else the transport's failure.
 func readErr(part string, err error) error {
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
-		return fmt.Errorf("%w: truncated %s: %w", ErrBadFrame, part, io.ErrUnexpectedEOF)
+		return fmt.Errorf("p2p: read frame: truncated %s: %w", part, io.ErrUnexpectedEOF)
 	}
 	return fmt.Errorf("p2p: read frame %s: %w", part, err)
 }

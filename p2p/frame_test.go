@@ -450,8 +450,16 @@ func TestReadFrameRejectsMalformedInput(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			f, err := ReadFrame(bytes.NewReader(c.in), c.maxBytes)
-			if !errors.Is(err, ErrBadFrame) {
-				t.Fatalf("got frame %v, error %v; want ErrBadFrame", f, err)
+			if err == nil {
+				t.Fatalf("got frame %v, want an error", f)
+			}
+			// Malformed input is the sender's violation; input cut short is a
+			// stream that broke, and no violation.
+			if !c.trunc && (!errors.Is(err, ErrBadFrame) || !errors.Is(err, ErrViolation)) {
+				t.Fatalf("error %v; want ErrBadFrame, a violation", err)
+			}
+			if c.trunc && (errors.Is(err, ErrBadFrame) || errors.Is(err, ErrViolation)) {
+				t.Fatalf("error %v for a truncated frame; want no violation", err)
 			}
 			if !strings.Contains(err.Error(), c.want) {
 				t.Errorf("error %q does not mention %q", err, c.want)
@@ -467,8 +475,8 @@ func TestReadFrameReportsTransportErrorsWithoutBlamingThePeer(t *testing.T) {
 	boom := errors.New("stream reset")
 	r := io.MultiReader(bytes.NewReader(encode(t, testFrame())[:70]), errReader{boom})
 	_, err := ReadFrame(r, 0)
-	if !errors.Is(err, boom) || errors.Is(err, ErrBadFrame) {
-		t.Fatalf("got %v, want the transport error without ErrBadFrame", err)
+	if !errors.Is(err, boom) || errors.Is(err, ErrBadFrame) || errors.Is(err, ErrViolation) {
+		t.Fatalf("got %v, want the transport error without ErrBadFrame or ErrViolation", err)
 	}
 }
 
@@ -486,8 +494,8 @@ func TestReadFrameDoesNotAllocateWhatAHeaderMerelyClaims(t *testing.T) {
 		runtime.ReadMemStats(&before)
 		_, err := ReadFrame(bytes.NewReader(in), 0)
 		runtime.ReadMemStats(&after)
-		if !errors.Is(err, ErrBadFrame) || !errors.Is(err, io.ErrUnexpectedEOF) {
-			t.Fatalf("%d-byte input: got %v, want a truncation ErrBadFrame", len(in), err)
+		if !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Fatalf("%d-byte input: got %v, want a truncation", len(in), err)
 		}
 		if got := after.TotalAlloc - before.TotalAlloc; got > 2*eagerValues*4 {
 			t.Fatalf("allocated %d bytes for a %d-byte input", got, len(in))
@@ -601,8 +609,9 @@ func TestNaNSurvivesTheWireButFailsCheck(t *testing.T) {
 		}
 		e := testExpect()
 		e.Codec = c
-		if err := got.Check(e); !errors.Is(err, ErrBadFrame) || !strings.Contains(err.Error(), "data[3]") {
-			t.Fatalf("%v: Check: got %v, want ErrBadFrame naming data[3]", c, err)
+		// A frame claims finite values: a NaN is its sender's violation.
+		if err := got.Check(e); !errors.Is(err, ErrBadFrame) || !errors.Is(err, ErrViolation) || !strings.Contains(err.Error(), "data[3]") {
+			t.Fatalf("%v: Check: got %v, want ErrBadFrame, a violation, naming data[3]", c, err)
 		}
 	}
 }
@@ -663,8 +672,8 @@ func FuzzReadFrame(f *testing.F) {
 		r := bytes.NewReader(in)
 		fr, err := ReadFrame(r, 1<<20)
 		if err != nil {
-			if err != io.EOF && !errors.Is(err, ErrBadFrame) {
-				t.Fatalf("error neither io.EOF nor ErrBadFrame: %v", err)
+			if err != io.EOF && !errors.Is(err, ErrBadFrame) && !errors.Is(err, io.ErrUnexpectedEOF) {
+				t.Fatalf("error neither io.EOF, ErrBadFrame nor a truncation: %v", err)
 			}
 			return
 		}

@@ -96,6 +96,8 @@ type HostOptions struct {
 	// reachPrivate counts private and loopback addresses as reachability
 	// candidates and lets AutoNAT v2 dial them: tests on one machine.
 	reachPrivate bool
+	// Penalties sets how violations are scored and how long bans last.
+	Penalties PenaltyOptions
 }
 
 // Validate reports the first bad field: a missing key, a listen address
@@ -139,7 +141,7 @@ func (o HostOptions) Validate() error {
 	if o.HolePunchGrace < 0 {
 		return fmt.Errorf("%w: HolePunchGrace: %v is negative", ErrBadOptions, o.HolePunchGrace)
 	}
-	return nil
+	return o.Penalties.Validate()
 }
 
 // listenable reports whether a is an address our transports can listen on.
@@ -210,10 +212,11 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 		return nil, fmt.Errorf("p2p: new host: %w", err)
 	}
 	o = o.withDefaults()
-	h := &Host{
-		log:       o.Log.With("subsystem", "p2p"),
-		penalties: NewPenalties(DefaultPenaltyLimit),
+	pen, err := NewPenalties(o.Penalties)
+	if err != nil {
+		return nil, err
 	}
+	h := &Host{log: o.Log.With("subsystem", "p2p"), penalties: pen}
 	h.paths = paths{log: h.log, m: map[peer.ID]StreamPath{}}
 	h.holePunchGrace = o.HolePunchGrace
 	h.punches = punches{log: h.log.With("part", "holepunch"), m: map[peer.ID]HolePunch{}}
@@ -321,16 +324,21 @@ func natOptions(o HostOptions, tracer *punches) []libp2p.Option {
 // Penalties is the host's misbehaviour record (Limit DefaultPenaltyLimit).
 // Banned peers' streams are reset by Handle, their new connections refused,
 // and their gossip dropped.
+// Penalties is the host's record of protocol violations
+// (HostOptions.Penalties). While a peer's ban lasts, its streams are reset by
+// Handle, its new connections refused and its gossip dropped; when the ban
+// ends it is served again.
 func (h *Host) Penalties() *Penalties { return h.penalties }
 
 // Handle sets fn as the handler for proto. Streams from banned peers are
-// reset before fn runs; the first refusal per peer is logged.
+// reset before fn runs; the first refusal of each ban is logged.
 func (h *Host) Handle(proto protocol.ID, fn func(network.Stream)) {
 	h.SetStreamHandler(proto, func(s network.Stream) {
 		id := s.Conn().RemotePeer()
 		if banned, first := h.penalties.firstRefusal(id); banned {
 			if first {
-				h.log.Warn("refusing streams from banned peer", "peer", id, "protocol", proto, "penalties", h.penalties.Count(id))
+				h.log.Warn("refusing streams from banned peer", "peer", id, "protocol", proto,
+					"score", fmt.Sprintf("%.1f", h.penalties.Score(id)), "until", h.penalties.BannedUntil(id).Format(time.RFC3339))
 			}
 			s.Reset()
 			return
@@ -440,8 +448,8 @@ func (n mdnsNotifee) HandlePeerFound(info peer.AddrInfo) {
 	}()
 }
 
-// gater refuses connections to and from banned peers. Connections that
-// are already open stay up; Handle resets their new streams.
+// gater refuses connections to and from peers while they are banned.
+// Connections that are already open stay up; Handle resets their new streams.
 type gater struct{ p *Penalties }
 
 func (g gater) InterceptPeerDial(id peer.ID) bool                 { return !g.p.Banned(id) }

@@ -1,10 +1,13 @@
 package p2p
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -247,33 +250,37 @@ func TestHostsExchangeGossipOnTheHeartbeatTopic(t *testing.T) {
 	}
 }
 
-func TestPenaltiesBanAtLimit(t *testing.T) {
-	p := NewPenalties(3)
-	id, _ := PeerID(mustKey(t))
-	for i := 1; i <= 3; i++ {
-		if p.Banned(id) {
-			t.Fatalf("banned after %d offences, limit 3", i-1)
-		}
-		if got := p.Add(id, "bad frame"); got != i {
-			t.Fatalf("Add returned %d, want %d", got, i)
-		}
-	}
-	if !p.Banned(id) || p.Count(id) != 3 {
-		t.Fatalf("at the limit: banned=%v count=%d", p.Banned(id), p.Count(id))
-	}
-	other, _ := PeerID(mustKey(t))
-	if p.Banned(other) || p.Count(other) != 0 {
-		t.Fatal("an innocent peer is penalised")
-	}
-	var never Penalties // Limit 0 counts but never bans
-	never.Add(id, "x")
-	if never.Banned(id) || never.Count(id) != 1 {
-		t.Fatal("zero Penalties should count without banning")
-	}
+// logCount counts the log lines that contain a string.
+type logCount struct {
+	mu   sync.Mutex
+	sub  string
+	n    int
+	next io.Writer
 }
 
-func TestHandleResetsStreamsFromABannedPeerAndTheGaterRefusesItsNewConnections(t *testing.T) {
-	a, b := newTestHost(t, tcpLoopback), newTestHost(t, tcpLoopback)
+func (c *logCount) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	c.n += bytes.Count(p, []byte(c.sub))
+	c.mu.Unlock()
+	return c.next.Write(p)
+}
+
+func (c *logCount) count() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.n
+}
+
+func TestHandleResetsStreamsFromABannedPeerAndTheGaterRefusesItsNewConnectionsUntilTheBanEnds(t *testing.T) {
+	a := newTestHost(t, tcpLoopback)
+	clock := newFakeClock()
+	refusals := &logCount{sub: "refusing streams from banned peer", next: t.Output()}
+	b, err := NewHost(testCtx(t, 5*time.Second), HostOptions{Key: mustKey(t), Listen: []string{tcpLoopback},
+		Log: slog.New(slog.NewTextHandler(refusals, nil)), Penalties: PenaltyOptions{BanFor: time.Hour, Now: clock.Now}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { b.Close() })
 	handled := make(chan struct{}, 10)
 	b.Handle(ProtoControl, func(s network.Stream) {
 		defer s.Close()
@@ -302,23 +309,36 @@ func TestHandleResetsStreamsFromABannedPeerAndTheGaterRefusesItsNewConnections(t
 	}
 	<-handled
 
-	for b.Penalties().Add(a.ID(), "bad frame") < DefaultPenaltyLimit {
-	}
-	if !b.Penalties().Banned(a.ID()) {
-		t.Fatal("not banned at DefaultPenaltyLimit")
-	}
-	for range 2 { // refused every time, logged once
-		if err := call(); err == nil {
-			t.Fatal("a banned peer's stream was served")
-		} else if !errors.Is(err, network.ErrReset) && !strings.Contains(err.Error(), "reset") {
-			t.Fatalf("got %v, want a reset stream", err)
+	ban := func() {
+		for i := 1; ; i++ {
+			if _, banned := b.Penalties().Add(a.ID(), "bad frame"); banned {
+				if i != DefaultPenaltyLimit {
+					t.Fatalf("banned after %d offences, want %d", i, DefaultPenaltyLimit)
+				}
+				return
+			}
 		}
 	}
-	select {
-	case <-handled:
-		t.Fatal("the handler ran for a banned peer")
-	default:
+	refused := func(ban int) {
+		t.Helper()
+		for range 2 { // refused every time, logged once per ban
+			if err := call(); err == nil {
+				t.Fatal("a banned peer's stream was served")
+			} else if !errors.Is(err, network.ErrReset) && !strings.Contains(err.Error(), "reset") {
+				t.Fatalf("got %v, want a reset stream", err)
+			}
+		}
+		select {
+		case <-handled:
+			t.Fatal("the handler ran for a banned peer")
+		default:
+		}
+		if n := refusals.count(); n != ban {
+			t.Fatalf("%d refusals logged after ban %d, want one per ban", n, ban)
+		}
 	}
+	ban()
+	refused(1)
 
 	// Handle refused streams on the existing connection; the gater refuses
 	// new connections: b will not dial a, and drops a's dials once they
@@ -332,7 +352,10 @@ func TestHandleResetsStreamsFromABannedPeerAndTheGaterRefusesItsNewConnections(t
 	dropped := make(chan struct{}, 1)
 	a.Network().Notify(&network.NotifyBundle{DisconnectedF: func(_ network.Network, c network.Conn) {
 		if c.RemotePeer() == b.ID() {
-			dropped <- struct{}{}
+			select { // later disconnections are no news
+			case dropped <- struct{}{}:
+			default:
+			}
 		}
 	}})
 	if _, err := a.Connect(ctx, b.Addrs()[0]); err == nil {
@@ -344,6 +367,29 @@ func TestHandleResetsStreamsFromABannedPeerAndTheGaterRefusesItsNewConnections(t
 			t.Fatal("a banned peer's new connection stayed up")
 		}
 	}
+
+	// When the ban ends the peer is a peer like any other: its connections and
+	// streams are accepted, and b dials it.
+	clock.Advance(time.Hour)
+	if b.Penalties().Banned(a.ID()) {
+		t.Fatal("still banned after BanFor")
+	}
+	if _, err := a.Connect(ctx, b.Addrs()[0]); err != nil {
+		t.Fatalf("connecting after the ban ended: %v", err)
+	}
+	if err := call(); err != nil {
+		t.Fatalf("a stream after the ban ended: %v", err)
+	}
+	<-handled
+	if err := errors.Join(a.Network().ClosePeer(b.ID()), b.Network().ClosePeer(a.ID())); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := b.Connect(ctx, a.Addrs()[0]); err != nil {
+		t.Fatalf("dialling the peer after its ban ended: %v", err)
+	}
+	// A second ban is refused and logged afresh.
+	ban()
+	refused(2)
 }
 
 func TestMDNSFoundPeersAreConnectedAndCloseIsIdempotent(t *testing.T) {

@@ -13,8 +13,8 @@ import (
 const MaxMsgBytes = 4 << 20
 
 // ErrBadMsg is wrapped by every error that reports a malformed control
-// message. The peer that sent it should be penalised.
-var ErrBadMsg = errors.New("p2p: bad message")
+// message. It wraps ErrViolation: the peer that sent it should be penalised.
+var ErrBadMsg = NewViolation("p2p: bad message")
 
 // WriteMsg writes v as JSON behind a 4-byte big-endian length prefix, in one
 // Write. It refuses a message over MaxMsgBytes.
@@ -40,10 +40,10 @@ func WriteMsg(w io.Writer, v any) error {
 // io.EOF itself. maxBytes <= 0 or over MaxMsgBytes means MaxMsgBytes; a longer
 // message is refused before its body is read or allocated.
 //
-// A message that is too long, truncated or not valid JSON for v is refused
-// with an error wrapping ErrBadMsg (truncation also wraps
-// io.ErrUnexpectedEOF). Other read errors are returned wrapped but without
-// ErrBadMsg.
+// A message that is too long or not valid JSON for v is refused with an
+// error wrapping ErrBadMsg. A message cut short gives an error wrapping
+// io.ErrUnexpectedEOF and not ErrBadMsg (the stream broke; no violation).
+// Other read errors are returned wrapped, without ErrBadMsg either.
 func ReadMsg(r io.Reader, v any, maxBytes int) error {
 	if maxBytes <= 0 || maxBytes > MaxMsgBytes {
 		maxBytes = MaxMsgBytes
@@ -75,7 +75,7 @@ func ReadMsg(r io.Reader, v any, maxBytes int) error {
 
 func msgReadErr(part string, err error) error {
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
-		return fmt.Errorf("%w: truncated %s: %w", ErrBadMsg, part, io.ErrUnexpectedEOF)
+		return fmt.Errorf("p2p: read message: truncated %s: %w", part, io.ErrUnexpectedEOF)
 	}
 	return fmt.Errorf("p2p: read message %s: %w", part, err)
 }

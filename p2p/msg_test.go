@@ -82,8 +82,12 @@ func TestReadMsgRejectsBadMessages(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			var m testMsg
 			err := ReadMsg(bytes.NewReader(c.in), &m, c.max)
-			if !errors.Is(err, ErrBadMsg) {
-				t.Fatalf("got %v, want ErrBadMsg", err)
+			// A message cut short is a stream that broke, not a violation.
+			if !c.trunc && (!errors.Is(err, ErrBadMsg) || !errors.Is(err, ErrViolation)) {
+				t.Fatalf("got %v, want ErrBadMsg, a violation", err)
+			}
+			if c.trunc && (err == nil || errors.Is(err, ErrBadMsg) || errors.Is(err, ErrViolation)) {
+				t.Fatalf("got %v for a truncated message, want an error that is no violation", err)
 			}
 			if !strings.Contains(err.Error(), c.want) {
 				t.Errorf("error %q does not say %q", err, c.want)
@@ -98,7 +102,7 @@ func TestReadMsgRejectsBadMessages(t *testing.T) {
 func TestReadMsgBlamesTheCallerNotThePeerForANonPointer(t *testing.T) {
 	var m testMsg
 	err := ReadMsg(bytes.NewReader(lengthPrefixed(2, "{}")), m, 0)
-	if err == nil || errors.Is(err, ErrBadMsg) {
+	if err == nil || errors.Is(err, ErrBadMsg) || errors.Is(err, ErrViolation) {
 		t.Fatalf("got %v, want an error without ErrBadMsg", err)
 	}
 }

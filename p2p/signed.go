@@ -12,11 +12,14 @@ import (
 // signDomain separates run signatures from anything else a key signs.
 const signDomain = "pipeswarm-run-v1\x00"
 
-// ErrBadSignature is wrapped by every error Verify returns.
-var ErrBadSignature = errors.New("p2p: bad signature")
+// ErrBadSignature is wrapped by every error Verify returns. It wraps
+// ErrViolation: a peer that sends a plan that is unsigned or whose signature
+// does not hold should be penalised.
+var ErrBadSignature = NewViolation("p2p: bad signature")
 
 // ErrUntrusted is wrapped by VerifyTrusted when a valid signature comes
-// from a key that is not trusted.
+// from a key that is not trusted. It is not a violation: an honest launcher
+// this node does not trust signs validly.
 var ErrUntrusted = errors.New("p2p: untrusted signer")
 
 // Signed is a payload signed by a launcher. Runs are announced as Signed

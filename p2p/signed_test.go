@@ -65,7 +65,7 @@ func TestVerifyRejectsForgeries(t *testing.T) {
 		"nil":              nil,
 	} {
 		t.Run(name, func(t *testing.T) {
-			if id, err := s.Verify(); !errors.Is(err, ErrBadSignature) {
+			if id, err := s.Verify(); !errors.Is(err, ErrBadSignature) || !errors.Is(err, ErrViolation) {
 				t.Fatalf("got %q, %v; want ErrBadSignature", id, err)
 			}
 		})
@@ -78,7 +78,7 @@ func TestVerifyTrustedRejectsAValidSignatureFromAStranger(t *testing.T) {
 		t.Fatal(err)
 	}
 	trusted, _ := PeerID(mustKey(t))
-	if _, err := s.VerifyTrusted([]peer.ID{trusted}); !errors.Is(err, ErrUntrusted) || errors.Is(err, ErrBadSignature) {
+	if _, err := s.VerifyTrusted([]peer.ID{trusted}); !errors.Is(err, ErrUntrusted) || errors.Is(err, ErrBadSignature) || errors.Is(err, ErrViolation) {
 		t.Fatalf("got %v, want ErrUntrusted", err)
 	}
 }

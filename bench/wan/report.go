@@ -16,6 +16,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
 // Report is what `bench wan` writes to report.json (and, as tables, report.md).
@@ -54,10 +55,13 @@ type Report struct {
 	// MeasuredStepS is the swarm's median step time; MeterStepS (sim, --check-meter)
 	// the meter's prediction of it from a centralised run on the nodes' threads, and
 	// MeterError their relative difference.
-	MeasuredStepS  float64         `json:"measured_step_s"`
-	MeterStepS     float64         `json:"meter_step_s,omitempty"`
-	MeterError     float64         `json:"meter_error,omitempty"` // validation loss against the baseline at equal tokens
-	Baseline       BaselineFigures `json:"baseline"`
+	MeasuredStepS float64         `json:"measured_step_s"`
+	MeterStepS    float64         `json:"meter_step_s,omitempty"`
+	MeterError    float64         `json:"meter_error,omitempty"` // validation loss against the baseline at equal tokens
+	Baseline      BaselineFigures `json:"baseline"`
+	// Penalties (sim) is what each node's host and the launcher's counted against
+	// their peers: protocol violations and bans.
+	Penalties      []NodePenalties `json:"penalties,omitempty"`
 	Notes          []string        `json:"notes,omitempty"`
 	Churn          *ChurnFigures   `json:"churn,omitempty"`
 	Timeline       []TimelineSpan  `json:"timeline,omitempty"`
@@ -129,6 +133,18 @@ type BaselineFigures struct {
 	Dir           string   `json:"dir"`
 }
 
+// NodePenalties is what one node (by the cell whose link it has, or "launcher")
+// counted against its peers during the run.
+type NodePenalties struct {
+	Node       string `json:"node"`
+	Violations int    `json:"violations"` // protocol violations recorded
+	Bans       int    `json:"bans"`       // bans imposed
+}
+
+func nodePenalties(name string, st p2p.PenaltyStats) NodePenalties {
+	return NodePenalties{Node: name, Violations: st.Offences, Bans: st.Bans}
+}
+
 // TimelineSpan is one interval of a stage's timeline (for timeline.png).
 type TimelineSpan struct {
 	Stage, Replica int
@@ -138,18 +154,19 @@ type TimelineSpan struct {
 
 // outcome is what a swarm run yields, whatever emulated its network.
 type outcome struct {
-	steps    []metrics.Step // with the swarm's elapsed_s
-	outers   []metrics.Outer
-	wall     time.Duration
-	tokens   int64
-	fwd, bwd []int64 // per boundary, replica 0
-	syncs    []SyncFigures
-	times    []node.StageTime
-	sends    map[[2]int][]core.Span // (stage, replica) → link busy (meter)
-	links    []LinkFigures
-	loopback float64 // tokens/s on an ideal network (meter)
-	notes    []string
-	churn    *ChurnFigures
+	steps     []metrics.Step // with the swarm's elapsed_s
+	outers    []metrics.Outer
+	wall      time.Duration
+	tokens    int64
+	fwd, bwd  []int64 // per boundary, replica 0
+	syncs     []SyncFigures
+	times     []node.StageTime
+	sends     map[[2]int][]core.Span // (stage, replica) → link busy (meter)
+	links     []LinkFigures
+	loopback  float64 // tokens/s on an ideal network (meter)
+	penalties []NodePenalties
+	notes     []string
+	churn     *ChurnFigures
 }
 
 // build assembles the report of one swarm run against its baseline.
@@ -158,7 +175,8 @@ func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 	r := &Report{Mode: o.Mode, Profile: o.Profile.Name, Spec: sp.Name, Steps: sp.Train.Steps, Stages: sp.Pipeline.Stages,
 		Replicas: sp.Pipeline.Replicas, ComputeScale: scale, Threads: o.Threads, Config: sp.String(), Links: out.links,
 		ProfileLink:  LinkProfile{Mbps: o.Profile.BandwidthMbps, OneWayMs: o.Profile.LatencyMs, Loss: o.Profile.Loss},
-		LinkOverride: o.Profile.Links, Tokens: out.tokens, WallS: out.wall.Seconds(), Notes: out.notes, Sync: out.syncs, Churn: out.churn}
+		LinkOverride: o.Profile.Links, Tokens: out.tokens, WallS: out.wall.Seconds(), Notes: out.notes, Sync: out.syncs,
+		Penalties: out.penalties, Churn: out.churn}
 	if r.Mode != ModeMeter {
 		r.ComputeScale = 1
 	} else {
@@ -377,6 +395,20 @@ func (r *Report) Markdown(w io.Writer) {
 		fmt.Fprintln(w, "|---|---|---|---|---|")
 		for _, g := range r.LossGap {
 			fmt.Fprintf(w, "| %d | %d | %.4f | %.4f | %+.4f |\n", g.Step, g.Tokens, g.Swarm, g.Baseline, g.Gap)
+		}
+	}
+	if len(r.Penalties) > 0 {
+		var v, b int
+		for _, p := range r.Penalties {
+			v += p.Violations
+			b += p.Bans
+		}
+		fmt.Fprintln(w, "\n## Penalties (protocol violations each node counted against its peers)")
+		fmt.Fprintf(w, "\n%d violation(s), %d ban(s) in all.\n\n", v, b)
+		fmt.Fprintln(w, "| node | violations | bans |")
+		fmt.Fprintln(w, "|---|---|---|")
+		for _, p := range r.Penalties {
+			fmt.Fprintf(w, "| %s | %d | %d |\n", p.Node, p.Violations, p.Bans)
 		}
 	}
 	if c := r.Churn; c != nil {

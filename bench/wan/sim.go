@@ -63,6 +63,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 	}()
 	daemons := make([]*node.Daemon, len(grid))
 	listens := make([]string, len(grid))
+	var started []simNode // every daemon started, restarted ones too: each has its own penalty record
 	startDaemon := func(i int) error {
 		cell := Cell(grid[i][0], grid[i][1])
 		l := o.Profile.Link(cell)
@@ -80,6 +81,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 			return fmt.Errorf("wan: sim: node %s: %w", cell, err)
 		}
 		daemons[i], listens[i] = d, listen[0]
+		started = append(started, simNode{cell: cell, d: d})
 		probe.Register(d.Host().Host)
 		wg.Go(func() {
 			if err := d.Run(ctx); err != nil && !errors.Is(err, context.Canceled) {
@@ -111,7 +113,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 	// Churn: a killed node's endpoints are cut first, so its host can say no goodbye
 	// (peers find out by their deadlines, as from a SIGKILLed process over UDP), then
 	// it is closed and its memory dropped; a restarted one comes back on its data
-	// directory and the same address.
+	// directory, at a new address (it redials the launcher).
 	var churnMu sync.Mutex
 	restart := func(i int, c Churn) {
 		churnMu.Lock()
@@ -169,7 +171,23 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 	if err != nil {
 		return nil, fmt.Errorf("wan: sim: %w (node logs: %s)", err, logf.Name())
 	}
-	return launched(sp, swarmDir, res, links, notes, churn.fired())
+	out, err := launched(sp, swarmDir, res, links, notes, churn.fired())
+	if err != nil {
+		return nil, err
+	}
+	churnMu.Lock() // a restart may still be under way
+	for _, n := range started {
+		out.penalties = append(out.penalties, nodePenalties(n.cell, n.d.Host().Penalties().Stats()))
+	}
+	churnMu.Unlock()
+	out.penalties = append(out.penalties, nodePenalties("launcher", res.Penalties))
+	return out, nil
+}
+
+// simNode is a daemon of a sim run and the cell whose link it has.
+type simNode struct {
+	cell string
+	d    *node.Daemon
 }
 
 // measureSim measures a chain of links between the nodes (node i−1 ↔ node i, and

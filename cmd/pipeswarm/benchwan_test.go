@@ -241,3 +241,36 @@ data: {val_fraction: 0.01}
 		t.Errorf("final_val_loss %v", r["final_val_loss"])
 	}
 }
+
+// Honest peers over lossy links collect no penalty: over the intercontinental
+// profile (0.1% packet loss) a short run of tiny4-k4 leaves every node's and the
+// launcher's record clean.
+func TestBenchWANSimHonestPeersOverALossyProfileCollectNoPenalty(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a 4-node run of tiny4-k4 over 150 ms links; skipped in -short")
+	}
+	dir := t.TempDir()
+	out := filepath.Join(dir, "out")
+	code, stdout, stderr := runCLI(t, "bench", "wan", "--spec", "../../examples/tiny4-k4.yaml", "--profile", "intercontinental",
+		"--steps", "40", "--threads", "1", "--out", out, "--cache", filepath.Join(dir, "cache"), "--quiet")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	r := checkReport(t, out, "sim", 4)
+	if loss, _ := r["profile_link"].(map[string]any)["loss"].(float64); loss != 0.001 {
+		t.Fatalf("profile loss %v, want 0.001", loss)
+	}
+	pens, _ := r["penalties"].([]any)
+	if len(pens) != 5 {
+		t.Fatalf("penalty records %v, want one per node and the launcher's", r["penalties"])
+	}
+	for _, p := range pens {
+		m := p.(map[string]any)
+		if m["violations"].(float64) != 0 || m["bans"].(float64) != 0 {
+			t.Errorf("%v counted %v violation(s) and %v ban(s) against honest peers", m["node"], m["violations"], m["bans"])
+		}
+	}
+	if !strings.Contains(stdout, "0 violation(s), 0 ban(s) in all") {
+		t.Errorf("report.md lacks the penalty summary:\n%s", stdout)
+	}
+}

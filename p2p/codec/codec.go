@@ -350,6 +350,22 @@ func (c Spec) get(dst []float32, in []byte, planar bool) error {
 	return nil
 }
 
+// FirstNonFinite is the index of the first value of x that would not
+// arrive finite through c, or -1 if all would: a NaN or ±Inf, or with bf16
+// a finite value beyond bfloat16's range, which rounds to ±Inf. (Finite
+// int8 and int4 blocks decode finite: their scales are kept so.)
+func (c Spec) FirstNonFinite(x []float32) int {
+	for i, v := range x {
+		if c.Kind == BF16 {
+			v = fromBF16(toBF16(v))
+		}
+		if math.Float32bits(v)&0x7f800000 == 0x7f800000 {
+			return i
+		}
+	}
+	return -1
+}
+
 // roundTrip sets dst to what Decode(Encode(x)) gives, without encoding; a
 // non-finite int8 or int4 block comes back as NaNs.
 func (c Spec) roundTrip(dst, x []float32) {

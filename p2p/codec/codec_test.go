@@ -776,3 +776,44 @@ func TestEncodedBytesPerValue(t *testing.T) {
 		t.Log(line)
 	}
 }
+
+// FirstNonFinite finds what a receiver would find after Decode: a value
+// beyond bfloat16's range arrives as ±Inf in bf16 but stays finite in fp32.
+func TestFirstNonFiniteFindsWhatArrivesNonFinite(t *testing.T) {
+	nan, inf := float32(math.NaN()), float32(math.Inf(-1))
+	for _, c := range []struct {
+		spec string
+		x    []float32
+		want int
+	}{
+		{"fp32", []float32{1, math.MaxFloat32, -2}, -1},
+		{"fp32", []float32{1, 2, nan}, 2},
+		{"fp32+zstd", []float32{inf, 1}, 0},
+		{"bf16", []float32{1, 3e38, -3e38}, -1},
+		{"bf16", []float32{1, -math.MaxFloat32}, 1},
+		{"bf16", []float32{nan}, 0},
+		{"int8/32", []float32{1, math.MaxFloat32, 3}, -1},
+		{"int8/32", []float32{1, 2, 3, inf}, 3},
+		{"int4/8", []float32{0, nan}, 1},
+	} {
+		s, err := Parse(c.spec)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.FirstNonFinite(c.x); got != c.want {
+			t.Errorf("%s %v: got %d, want %d", c.spec, c.x, got, c.want)
+		}
+		if c.want >= 0 {
+			continue
+		}
+		dst := make([]float32, len(c.x))
+		if err := s.Decode(dst, s.Encode(nil, c.x)); err != nil {
+			t.Fatalf("%s %v: %v", c.spec, c.x, err)
+		}
+		for i, v := range dst {
+			if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+				t.Errorf("%s %v: value %d arrives as %v, FirstNonFinite said all finite", c.spec, c.x, i, v)
+			}
+		}
+	}
+}

@@ -20,6 +20,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 
+	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
@@ -300,8 +301,8 @@ func TestFetchFromLyingServerFailsWithHashMismatchLeavesNothingAndPenalises(t *t
 	if names := dirNames(t, f.CacheDir); len(names) != 0 {
 		t.Fatalf("cache holds %v, want nothing", names)
 	}
-	if got := pen.list(); !slices.Equal(got, []peer.ID{hs[0].ID()}) {
-		t.Fatalf("penalised %v, want the liar %v", got, hs[0].ID())
+	if got := pen.list(); !slices.Equal(got, []peer.ID{hs[0].ID()}) || !errors.Is(pen.errs()[0], p2p.ErrViolation) {
+		t.Fatalf("penalised %v (%v), want the liar %v for a violation", got, pen.errs(), hs[0].ID())
 	}
 }
 
@@ -525,7 +526,6 @@ func TestServerRefusesUnknownBlobWithReplyAndKeepsServingTheStream(t *testing.T)
 func TestServerResetsMalformedRequestAndPenalisesSender(t *testing.T) {
 	b := BlobOf(make([]byte, 100))
 	cases := map[string][]byte{
-		"truncated":          request{Sum: b.sum(), Size: 100, Length: 1}.append(nil)[:30],
 		"zero length":        request{Sum: b.sum(), Size: 100, Length: 0}.append(nil),
 		"over ChunkBytes":    request{Sum: b.sum(), Size: 4 << 20, Length: ChunkBytes + 1}.append(nil),
 		"past the end":       request{Sum: b.sum(), Size: 100, Offset: 90, Length: 11}.append(nil),
@@ -548,13 +548,38 @@ func TestServerResetsMalformedRequestAndPenalisesSender(t *testing.T) {
 				t.Fatal("server replied to a malformed request")
 			}
 			// The server penalises before it resets, so the reset we saw means it is done.
-			if got, errs := pen.list(), pen.errs(); !slices.Equal(got, []peer.ID{hs[1].ID()}) || !errors.Is(errs[0], ErrBadRequest) {
+			if got, errs := pen.list(), pen.errs(); !slices.Equal(got, []peer.ID{hs[1].ID()}) || !errors.Is(errs[0], ErrBadRequest) || !errors.Is(errs[0], p2p.ErrViolation) {
 				t.Fatalf("penalised %v (%v), want %v for ErrBadRequest", got, errs, hs[1].ID())
 			}
 			if s := srv.Stats(); s.Malformed != 1 || s.Bytes != 0 {
 				t.Fatalf("stats %+v", s)
 			}
 		})
+	}
+}
+
+// A request cut short is what a fetcher that dies mid-write leaves: the
+// stream is reset, and nobody is penalised.
+func TestServerResetsATruncatedRequestWithoutPenalty(t *testing.T) {
+	b := BlobOf(make([]byte, 100))
+	hs := hosts(t, 2)
+	var pen penalties
+	srv := NewServer(quiet)
+	srv.Penalise = pen.add
+	srv.Add(make([]byte, 100))
+	serve(hs[0], srv)
+	st := rawStream(t, hs[1], hs[0])
+	st.Write(request{Sum: b.sum(), Size: 100, Length: 1}.append(nil)[:30])
+	st.CloseWrite()
+	if _, _, err := readReply(st, make([]byte, 1)); err == nil {
+		t.Fatal("server replied to a truncated request")
+	}
+	// A penalty would come before the reset we saw.
+	if got := pen.list(); len(got) != 0 {
+		t.Fatalf("penalised %v for a request cut short", got)
+	}
+	if s := srv.Stats(); s.Malformed != 0 {
+		t.Fatalf("stats %+v", s)
 	}
 }
 
@@ -665,8 +690,8 @@ func FuzzServeRequest(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in []byte) {
 		rw := &fakeStream{Reader: bytes.NewReader(in)}
 		err := srv.serve(rw)
-		if err != nil && !errors.Is(err, ErrBadRequest) {
-			t.Fatalf("error %v does not wrap ErrBadRequest", err)
+		if err != nil && !errors.Is(err, ErrBadRequest) && !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Fatalf("error %v is neither ErrBadRequest nor a truncation", err)
 		}
 		// At most one reply per whole request, each a header and the bytes
 		// of the one blob or a short reason.

@@ -23,7 +23,7 @@
 // The launcher adds each blob to a Server and registers it:
 //
 //	srv := corpus.NewServer(log)
-//	srv.Penalise = func(p peer.ID, err error) { h.Penalties().Add(p, err.Error()) }
+//	srv.Penalise = func(p peer.ID, err error) { h.Penalties().Add(p, err.Error()) } // err wraps p2p.ErrViolation
 //	b := srv.Add(shard)
 //	h.Handle(corpus.Proto, srv.HandleStream)
 //

@@ -36,7 +36,7 @@ type Fetcher struct {
 	Host     host.Host            // required: the host streams are opened from
 	CacheDir string               // required: created (0700) if missing
 	Log      *slog.Logger         // nil = slog.Default()
-	Penalise func(peer.ID, error) // optional: called for a peer that sent a malformed reply or bytes that fail the hash
+	Penalise func(peer.ID, error) // optional: called for a peer that sent a malformed reply or bytes that fail the hash, with an error wrapping p2p.ErrViolation
 	Parallel int                  // most peers fetched from at once; 0 = DefaultParallel
 	MinRate  int64                // slowest transfer waited for, bytes/s, sets stream deadlines; 0 = DefaultMinRate
 	Meter    *traffic.Meter       // optional: counts requests sent and replies received
@@ -216,7 +216,7 @@ func (f *Fetcher) download(ctx context.Context, log *slog.Logger, from []peer.ID
 		// nothing, one peer at a time, so whoever lies is known.
 		errs := []error{err}
 		if len(sources) == 1 && prefix == 0 {
-			f.penalise(log, sources[0], err)
+			f.penalise(log, sources[0], fmt.Errorf("%w: %w", errWrongBytes, err))
 			peers = slices.DeleteFunc(peers, func(p peer.ID) bool { return p == sources[0] })
 		} else {
 			log.Warn("downloaded bytes do not match; fetching again one peer at a time", "sources", len(sources), "resumed", prefix)
@@ -232,7 +232,7 @@ func (f *Fetcher) download(ctx context.Context, log *slog.Logger, from []peer.ID
 			}
 			errs = append(errs, err)
 			if errors.Is(err, ErrHashMismatch) {
-				f.penalise(log, p, err)
+				f.penalise(log, p, fmt.Errorf("%w: %w", errWrongBytes, err))
 			} else if ctx.Err() != nil {
 				return nil, errors.Join(errs...)
 			}

@@ -21,8 +21,9 @@ import (
 // alone writes.
 type Server struct {
 	// Penalise, if set, is called with the sender and the error of every
-	// malformed request (the error wraps ErrBadRequest). Set it before the
-	// server handles streams.
+	// malformed request (the error wraps ErrBadRequest and so
+	// p2p.ErrViolation); a request cut short is no violation. Set it before
+	// the server handles streams.
 	Penalise func(peer.ID, error)
 	// Meter, if set, counts requests received and replies sent. Set it before the
 	// server handles streams.

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/protocol"
+
+	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
 // Wire format on a Proto stream. The fetcher writes requests and reads one
@@ -66,12 +68,17 @@ func transferTimeout(n, rate int64) time.Duration {
 
 var (
 	// ErrBadRequest is wrapped by errors that report a malformed request.
-	// The peer that sent it should be penalised.
-	ErrBadRequest = errors.New("corpus: bad request")
+	// It wraps p2p.ErrViolation: the peer that sent it should be penalised.
+	ErrBadRequest = p2p.NewViolation("corpus: bad request")
 	// ErrBadReply is wrapped by errors that report a malformed reply: an
 	// unknown status, a length other than the one asked for, an oversized
-	// reason. The peer that sent it should be penalised.
-	ErrBadReply = errors.New("corpus: bad reply")
+	// reason. It wraps p2p.ErrViolation: the peer that sent it should be
+	// penalised.
+	ErrBadReply = p2p.NewViolation("corpus: bad reply")
+	// errWrongBytes is wrapped, with ErrHashMismatch, by the error a peer is
+	// penalised with when every byte of a blob came from it and they do not
+	// hash to the blob.
+	errWrongBytes = p2p.NewViolation("corpus: served bytes that do not match the blob")
 	// ErrUnknownBlob is wrapped by the error a Fetch reports from a peer
 	// that does not have the blob.
 	ErrUnknownBlob = errors.New("corpus: unknown blob")
@@ -110,17 +117,15 @@ func (q request) validate() error {
 }
 
 // readRequest reads and validates one request. A clean end of stream before
-// its first byte is io.EOF itself; a truncated or out-of-bounds request wraps
-// ErrBadRequest; other read errors are returned wrapped. It allocates nothing
-// that depends on the input.
+// its first byte is io.EOF itself; an out-of-bounds request wraps
+// ErrBadRequest; a request cut short wraps io.ErrUnexpectedEOF (a stream that
+// broke: no violation), and other read errors are returned wrapped. It
+// allocates nothing that depends on the input.
 func readRequest(r io.Reader) (request, error) {
 	var b [requestLen]byte
 	if _, err := io.ReadFull(r, b[:]); err != nil {
-		switch err {
-		case io.EOF:
+		if err == io.EOF {
 			return request{}, io.EOF
-		case io.ErrUnexpectedEOF:
-			return request{}, fmt.Errorf("%w: truncated request: %w", ErrBadRequest, err)
 		}
 		return request{}, fmt.Errorf("corpus: read request: %w", err)
 	}

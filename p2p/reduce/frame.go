@@ -8,13 +8,14 @@ import (
 	"math"
 	"math/bits"
 
+	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
 )
 
 // ErrBadFrame is wrapped by every error that reports a malformed or
-// unexpected frame. The stream it came on is reset and its sender
-// penalised.
-var ErrBadFrame = errors.New("reduce: bad frame")
+// unexpected frame. It wraps p2p.ErrViolation: the stream it came on is
+// reset and its sender penalised.
+var ErrBadFrame = p2p.NewViolation("reduce: bad frame")
 
 func badFrame(format string, args ...any) error {
 	return fmt.Errorf("%w: "+format, append([]any{ErrBadFrame}, args...)...)
@@ -345,12 +346,13 @@ func firstNonFinite(x []float32) int {
 	return -1
 }
 
-// readErr classifies an error met while reading part of a frame: running
-// out of input mid-frame is the sender's fault; anything else is the
-// transport's.
+// readErr wraps an error met while reading part of a frame. None is a
+// violation: running out of input mid-frame (io.ErrUnexpectedEOF) is a
+// stream cut short, as a peer that dies mid-write leaves it; anything else
+// is the transport's failure.
 func readErr(part string, err error) error {
 	if err == io.EOF || err == io.ErrUnexpectedEOF {
-		return fmt.Errorf("%w: truncated %s: %w", ErrBadFrame, part, io.ErrUnexpectedEOF)
+		return fmt.Errorf("reduce: read: truncated %s: %w", part, io.ErrUnexpectedEOF)
 	}
 	return fmt.Errorf("reduce: read %s: %w", part, err)
 }

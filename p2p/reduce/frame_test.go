@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
 )
 
@@ -65,7 +66,7 @@ func seedFrames(t testing.TB) [][]byte {
 }
 
 // Whatever the input, readFrame returns io.EOF, an error wrapping
-// ErrBadFrame, errUnknownGroup, or a frame whose payload and values are
+// ErrBadFrame, a truncation, errUnknownGroup, or a frame whose payload and values are
 // within what the group's limits allow; it never panics.
 func FuzzReadReduceFrame(f *testing.F) {
 	for _, s := range seedFrames(f) {
@@ -75,8 +76,8 @@ func FuzzReadReduceFrame(f *testing.F) {
 	f.Fuzz(func(t *testing.T, in []byte) {
 		fr, err := readFrame(bytes.NewReader(in), fuzzFind)
 		if err != nil {
-			if err != io.EOF && !errors.Is(err, ErrBadFrame) && !errors.Is(err, errUnknownGroup) {
-				t.Fatalf("error neither io.EOF, ErrBadFrame nor errUnknownGroup: %v", err)
+			if err != io.EOF && !errors.Is(err, ErrBadFrame) && !errors.Is(err, io.ErrUnexpectedEOF) && !errors.Is(err, errUnknownGroup) {
+				t.Fatalf("error neither io.EOF, ErrBadFrame, a truncation nor errUnknownGroup: %v", err)
 			}
 			return
 		}
@@ -161,6 +162,22 @@ func TestBadHeadersRefusedBeforePayload(t *testing.T) {
 	binary.LittleEndian.PutUint32(b[60:], 1)
 	if _, err := readFrame(bytes.NewReader(b[:]), fuzzFind); !errors.Is(err, ErrBadFrame) {
 		t.Errorf("reserved bytes set: %v", err)
+	}
+}
+
+// A frame cut short is a stream that broke, as a member that dies mid-write
+// leaves it: an error, but no violation; a malformed one is a violation.
+func TestATruncatedFrameIsNoViolation(t *testing.T) {
+	for i, s := range seedFrames(t)[:8] {
+		_, err := readFrame(bytes.NewReader(s[:len(s)-1]), fuzzFind)
+		if !errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, ErrBadFrame) || errors.Is(err, p2p.ErrViolation) {
+			t.Errorf("seed %d cut short: %v, want a truncation that is no violation", i, err)
+		}
+	}
+	bad := seedFrames(t)[0]
+	bad[0] = 'X'
+	if _, err := readFrame(bytes.NewReader(bad), fuzzFind); !errors.Is(err, p2p.ErrViolation) {
+		t.Errorf("bad magic: %v, want a violation", err)
 	}
 }
 

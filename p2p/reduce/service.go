@@ -13,6 +13,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 
+	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
@@ -55,7 +56,8 @@ type Option func(*Service)
 func WithMeter(m *traffic.Meter) Option { return func(s *Service) { s.meter = m } }
 
 // NewService returns the service for h. penalise (may be nil) is called
-// with the sender of every bad frame. The caller registers HandleStream:
+// with the sender of every bad frame, and an error wrapping p2p.ErrViolation;
+// never for a stream that breaks. The caller registers HandleStream:
 // h.SetStreamHandler(Proto, svc.HandleStream).
 func NewService(h host.Host, log *slog.Logger, penalise func(peer.ID, error), opts ...Option) *Service {
 	if log == nil {
@@ -154,7 +156,7 @@ func (s *Service) HandleStream(st network.Stream) {
 		switch {
 		case errors.Is(err, errUnknownGroup):
 			continue
-		case errors.Is(err, ErrBadFrame):
+		case errors.Is(err, p2p.ErrViolation):
 			s.log.Warn("bad frame", "peer", from, "err", err)
 			s.penalise(from, err)
 			st.Reset()
