@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node"
@@ -63,13 +64,20 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 	}()
 	daemons := make([]*node.Daemon, len(grid))
 	listens := make([]string, len(grid))
+	trs := make([][]libp2p.Option, len(grid))
 	var started []simNode // every daemon started, restarted ones too: each has its own penalty record
 	startDaemon := func(i int) error {
 		cell := Cell(grid[i][0], grid[i][1])
-		l := o.Profile.Link(cell)
-		tr, listen, err := simnet.Node(simlink.Link{Mbps: l.Mbps, Latency: l.Latency, Loss: l.Loss})
-		if err != nil {
-			return fmt.Errorf("wan: sim: node %s: %w", cell, err)
+		// A restarted node comes back on its own link and address, as a process
+		// restarted on the same port would: peers' QUIC connections to the one that
+		// was killed are reset when they next send to it.
+		tr, listen := trs[i], []string{listens[i]}
+		if tr == nil {
+			l := o.Profile.Link(cell)
+			var err error
+			if tr, listen, err = simnet.Node(simlink.Link{Mbps: l.Mbps, Latency: l.Latency, Loss: l.Loss}); err != nil {
+				return fmt.Errorf("wan: sim: node %s: %w", cell, err)
+			}
 		}
 		cfg := &config.Config{DataDir: filepath.Join(dirs, cell), Listen: listen, Trust: []string{lid.String()}}
 		cfg.EnsureDefaults()
@@ -80,7 +88,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		if err != nil {
 			return fmt.Errorf("wan: sim: node %s: %w", cell, err)
 		}
-		daemons[i], listens[i] = d, listen[0]
+		daemons[i], listens[i], trs[i] = d, listen[0], tr
 		started = append(started, simNode{cell: cell, d: d})
 		probe.Register(d.Host().Host)
 		wg.Go(func() {
@@ -113,7 +121,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 	// Churn: a killed node's endpoints are cut first, so its host can say no goodbye
 	// (peers find out by their deadlines, as from a SIGKILLed process over UDP), then
 	// it is closed and its memory dropped; a restarted one comes back on its data
-	// directory, at a new address (it redials the launcher).
+	// directory, at the same address.
 	var churnMu sync.Mutex
 	restart := func(i int, c Churn) {
 		churnMu.Lock()
