@@ -200,6 +200,11 @@ func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 		r.TimeToTargetS = elapsedAt(r.history, *r.StepsToTarget)
 	}
 	r.FinalValLoss = lastVal(r.history)
+	if math.IsNaN(r.FinalValLoss) {
+		// JSON has no NaN; 0 is no loss a model reaches.
+		r.FinalValLoss = 0
+		r.Notes = append(r.Notes, "no validation loss: replica pipeline 0, the one that evaluates, was not whole at any evaluation step")
+	}
 	perRep := float64(sp.Train.Steps) * float64(sp.TokensPerStep())
 	for i := range out.fwd {
 		bb := BoundaryBytes{Boundary: i, Fwd: float64(out.fwd[i]) / perRep, Bwd: float64(out.bwd[i]) / perRep}

@@ -55,7 +55,7 @@ printed beside the profile's figures.`, stderr)
 	cache := fs.String("cache", "", "where centralised baselines are kept for reuse (default: the user cache dir's pipeswarm/bench-wan)")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	churnFlag := fs.String("churn", "", "sim and netns modes: kill and restart nodes at given steps, e.g. s1r1:kill@20,s1r1:restart@40 (a run without replicas does not survive a kill)")
-	churnEvery := fs.Int("churn-every", 0, "sim and netns modes, a soak: kill one node every N steps, each cell in turn (s0r0, s1r0, ..., s0r1, ...), and restart it --churn-down later")
+	churnEvery := fs.Int("churn-every", 0, "sim and netns modes, a soak: kill one node every N steps, each cell in turn (s0r0, s0r1, ..., s1r0, ...), and restart it --churn-down later")
 	churnDown := fs.Duration("churn-down", 30*time.Second, "with --churn-every: how long a killed node stays down")
 	checkMeter := fs.Bool("check-meter", false, "sim mode: also predict the step time with the meter (from a centralised run on --threads threads) and report both")
 	var links, compare multiFlag
@@ -109,9 +109,11 @@ printed beside the profile's figures.`, stderr)
 			fmt.Fprintln(stderr, "pipeswarm bench wan: --churn and --churn-every are exclusive")
 			return errUsage
 		}
+		// Replica by replica within a stage, so that kills in a row break different
+		// replica pipelines.
 		var cells []string
-		for r := range sp.Pipeline.Replicas {
-			for s := range sp.Pipeline.Stages {
+		for s := range sp.Pipeline.Stages {
+			for r := range sp.Pipeline.Replicas {
 				cells = append(cells, wan.Cell(s, r))
 			}
 		}

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -239,6 +240,61 @@ data: {val_fraction: 0.01}
 	r := checkReport(t, out, "sim", 2) // replica 1 stopped early: s1r1 killed, s0r1 idle
 	if r["final_val_loss"].(float64) <= 0 {
 		t.Errorf("final_val_loss %v", r["final_val_loss"])
+	}
+}
+
+// The churn soak, short: 2 stages × 3 replicas over home links, a node killed (no
+// goodbye) half-way and restarted 2 s later. The run completes, the broken replica
+// pipeline rejoins (its state fetched from a live replica, hash-checked, its weights
+// agreeing with the others' at the next outer step, or the launcher would fail the
+// run), and no outer step is lost. The 30-minute soak runs outside CI (README).
+func TestBenchWANSoakRejoinsTheBrokenPipeline(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a 6-node run with a kill; skipped in -short")
+	}
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "soak.yaml")
+	spec := `name: soak
+seed: 5
+eval_interval: 20
+model: {vocab: 256, d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, micro_batches: 2, replicas: 3}
+train: {batch_size: 4, steps: 300, lr: 0.003, warmup: 2}
+diloco: {inner_steps: 20, sync: int8/32}
+data: {val_fraction: 0.01}
+`
+	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	code, _, stderr := runCLI(t, "bench", "wan", "--spec", specPath, "--profile", "home", "--churn-every", "150", "--churn-down", "2s",
+		"--threads", "1", "--out", out, "--cache", filepath.Join(dir, "cache"), "--quiet")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	b, err := os.ReadFile(filepath.Join(out, "report.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r struct {
+		Churn *struct {
+			Kills           int   `json:"kills"`
+			Broken          []int `json:"broken_pipelines"`
+			Rejoined        []int `json:"rejoined_pipelines"`
+			OuterStepsDue   int   `json:"outer_steps_due"`
+			OuterStepsTaken int   `json:"outer_steps_taken"`
+		} `json:"churn"`
+	}
+	if err := json.Unmarshal(b, &r); err != nil || r.Churn == nil {
+		t.Fatalf("report.json has no churn figures: %v", err)
+	}
+	c := r.Churn
+	t.Logf("churn: %+v", *c)
+	if c.Kills != 1 || len(c.Rejoined) < 1 || !slices.Contains(c.Rejoined, 0) {
+		t.Errorf("kills %d, pipelines broken %v, rejoined %v; want one kill (of s0r0) and its pipeline back", c.Kills, c.Broken, c.Rejoined)
+	}
+	if c.OuterStepsTaken != c.OuterStepsDue {
+		t.Errorf("outer steps taken %d of %d due", c.OuterStepsTaken, c.OuterStepsDue)
 	}
 }
 
