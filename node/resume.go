@@ -94,12 +94,14 @@ func (p ckPair) resumableStep(spec string) (int, error) {
 	return strconv.Atoi(wm[train.MetaStep])
 }
 
-// rotate makes room for a new checkpoint of step: the newest pair becomes the previous
-// one, unless it is of the same step (it is simply replaced) or is not a whole step.
-func rotate(dir, base string, step int) error {
+// rotate makes room for a new checkpoint of step (whole, or written mid-step): the
+// newest pair becomes the previous one, unless it is not a whole step itself or is a
+// whole one of the same step that a whole one replaces. A checkpoint written mid-step
+// never replaces the newest whole one.
+func rotate(dir, base string, step int, whole bool) error {
 	ps := stagePairs(dir, base)
 	have, err := ps[0].resumableStep("")
-	if err != nil || have == step {
+	if err != nil || (whole && have == step) {
 		return nil
 	}
 	for _, mv := range [][2]string{{ps[0].weights, ps[1].weights}, {ps[0].state, ps[1].state}} {

@@ -555,7 +555,7 @@ func (w *worker) loop() error {
 		select {
 		case <-ticks.C:
 			if err := w.handle(core.Tick{Now: time.Since(w.started0), RTT: w.neighbourRTT(), Outer: w.outerAllow}); err != nil {
-				return err
+				return w.fail(err)
 			}
 		case <-w.ctx.Done():
 			cause := context.Cause(w.ctx)
@@ -575,7 +575,7 @@ func (w *worker) loop() error {
 				err = w.accept(e.f)
 			case computeDone:
 				if e.err != nil {
-					return e.err
+					return w.fail(e.err)
 				}
 				w.lossSum += e.loss
 				err = w.handle(core.Done{})
@@ -600,7 +600,7 @@ func (w *worker) loop() error {
 				}
 			}
 			if err != nil {
-				return err
+				return w.fail(err)
 			}
 			w.ledger.Mark(time.Since(w.started0), w.core.Waiting(), w.core.Step())
 		}
@@ -614,6 +614,20 @@ func (w *worker) loop() error {
 		Time: w.stageTime()})
 	w.log.Info("run finished", "checkpoint", w.checkpointPath(), "bytes_fwd", w.sent.act.Load(), "bytes_bwd", w.sent.grad.Load(), "bytes_eval", w.sent.eval.Load())
 	return nil
+}
+
+// fail stops the stage on err and, once its compute has stopped, keeps what it
+// trained: a stage stopped by an error (a neighbour gone, say) keeps its checkpoint as
+// one stopped by its node does.
+func (w *worker) fail(err error) error {
+	w.cancel(err)
+	<-w.idle
+	if w.stepped {
+		if cerr := w.checkpoint(); cerr != nil {
+			return errors.Join(err, cerr)
+		}
+	}
+	return err
 }
 
 func (w *worker) stageTime() *StageTime {
@@ -1143,11 +1157,12 @@ func (w *worker) checkpoint() error {
 		metaStage: strconv.Itoa(w.idx), metaReplica: strconv.Itoa(w.rep)}
 	// Whole only if no optimiser step has run since the step's end was recorded (a
 	// stage stopped between its optimiser step and its outer step is not).
-	if w.doneStep == w.ckStep {
+	whole := w.doneStep == w.ckStep
+	if whole {
 		meta[metaResumable] = "1"
-		if err := rotate(w.dir, base, w.doneStep); err != nil {
-			return err
-		}
+	}
+	if err := rotate(w.dir, base, w.doneStep, whole); err != nil {
+		return err
 	}
 	if err := shard.SaveCheckpoint(pair.weights, meta, w.stage); err != nil {
 		return err

@@ -209,6 +209,7 @@ type Core struct {
 	// neighbours, or this stage's own progress), and the step times measured.
 	now, rtt  time.Duration
 	outer     time.Duration
+	downAfter int // a stage whose node went down, to stall on once the step in hand is done; -1: none
 	lastEvent time.Duration
 	stepFrom  time.Duration
 	stepSum   time.Duration
@@ -223,7 +224,7 @@ func New(cfg Config) (*Core, error) {
 		return nil, err
 	}
 	return &Core{cfg: cfg, acts: map[key]bool{}, grads: map[key]bool{}, norms: map[int]map[int]float64{},
-		evalIns: map[key]bool{}, slotOf: map[int]int{}}, nil
+		evalIns: map[key]bool{}, slotOf: map[int]int{}, downAfter: -1}, nil
 }
 
 // Step is the step in progress (0 before Start).
@@ -333,6 +334,15 @@ func (c *Core) Handle(e any) ([]any, error) {
 		}
 		if !c.needs(e.Stage) {
 			return nil, nil
+		}
+		// A step whose norms are all in (or whose norm from that stage is) can still
+		// be finished here: do so, so that stages stopped together keep one step,
+		// and stop after it.
+		if c.phase == stepping || c.phase == syncing || (c.phase == sharing && c.hasNorm(e.Stage)) {
+			if c.downAfter < 0 {
+				c.downAfter = e.Stage
+			}
+			return c.advance(nil), nil
 		}
 		c.stalled = true
 		return []any{Stalled{Step: c.step, Stage: e.Stage, Wait: c.Waiting(), Down: true}}, nil
@@ -461,6 +471,10 @@ func (c *Core) stepDone(out []any) []any {
 	c.stepMax = max(c.stepMax, d)
 	c.stepN++
 	out = append(out, StepDone{Step: c.step})
+	if c.downAfter >= 0 {
+		c.stalled = true
+		return append(out, Stalled{Step: c.step, Stage: c.downAfter, Wait: WaitActivation, Down: true})
+	}
 	if c.cfg.EvalDue(c.step) {
 		c.phase, c.evalNext = evaluating, 0
 		return out
@@ -587,6 +601,11 @@ func (l *Ledger) Mark(at time.Duration, w Wait, step int) {
 		}
 	}
 	l.at, l.cur, l.step, l.started = at, w, step, true
+}
+
+func (c *Core) hasNorm(s int) bool {
+	_, ok := c.norms[c.step][s]
+	return ok
 }
 
 // needs says whether the stage still needs stage s's node: every stage takes part in

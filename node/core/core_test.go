@@ -578,7 +578,7 @@ func TestMissingNormIsStalledNamingItsStage(t *testing.T) {
 	}
 }
 
-func TestPeerDownStallsTheStageAtOnceInEveryPhase(t *testing.T) {
+func TestPeerDownStallsTheStageInEveryPhase(t *testing.T) {
 	cfg := Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2, OuterDue: func(int) bool { return true }}
 	phases := map[string][]any{
 		"forward":       {Start{}},                             // waiting for an activation
@@ -595,6 +595,14 @@ func TestPeerDownStallsTheStageAtOnceInEveryPhase(t *testing.T) {
 			}
 		}
 		out, err := c.Handle(PeerDown{Stage: 0})
+		if name == "outer step" {
+			// Its norms are all in: the step is finished (the outer step applied), then
+			// the stage stops.
+			if len(out) > 0 || err != nil {
+				t.Fatalf("%s: %v, %v; want nothing until the outer step is done", name, out, err)
+			}
+			out, err = c.Handle(Synced{Step: 1})
+		}
 		s, ok := stalledIn(out)
 		if err != nil || !ok || !s.Down || s.Stage != 0 {
 			t.Errorf("%s: stage 0's node down: %v, %v; want a stall naming it", name, out, err)
@@ -635,5 +643,29 @@ func TestPartitionShorterThanTheDeadlineHeals(t *testing.T) {
 	}
 	if k.c.stalled {
 		t.Error("stalled by a partition that healed in time")
+	}
+}
+
+func TestPeerDownAfterItsNormCameLetsTheStepFinishFirst(t *testing.T) {
+	c := mustNew(t, Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3})
+	for _, e := range []any{Start{}, ActivationIn{1, 0}, Done{}, Done{}, NormIn{Step: 1, Stage: 0}} {
+		if _, err := c.Handle(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Stage 0 shared its norm and went away: this stage's step can still be taken.
+	if out, err := c.Handle(PeerDown{Stage: 0}); err != nil || len(out) > 0 {
+		t.Fatalf("peer down with its norm in: %v, %v; want nothing yet", out, err)
+	}
+	out, _ := c.Handle(NormIn{Step: 1, Stage: 1})
+	if len(out) != 1 {
+		t.Fatalf("%v, want the optimiser step", out)
+	}
+	out, _ = c.Handle(Done{})
+	if len(out) != 2 || out[0] != (StepDone{Step: 1}) {
+		t.Fatalf("%v, want step 1 done and then a stall", out)
+	}
+	if s, ok := out[1].(Stalled); !ok || !s.Down || s.Stage != 0 {
+		t.Errorf("%v, want a stall naming stage 0 as down", out[1])
 	}
 }
