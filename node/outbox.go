@@ -60,17 +60,6 @@ func (b *sentBytes) add(k p2p.Kind, n int64) {
 	}
 }
 
-type countWriter struct {
-	w io.Writer
-	n int64
-}
-
-func (c *countWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	c.n += int64(n)
-	return n, err
-}
-
 func newOutbox(h *p2p.Host, log *slog.Logger, sent *sentBytes, meters *traffic.Meters, fail func(error)) *outbox {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &outbox{host: h, log: log, sent: sent, meters: meters, fail: fail, ctx: ctx, cancel: cancel, queues: map[qkey]chan any{}}
@@ -156,14 +145,14 @@ func (o *outbox) run(k qkey, q chan any) {
 						continue
 					}
 				}
-				cw := &countWriter{w: s}
+				cw := &traffic.CountingWriter{W: s}
 				if err = p2p.WriteFrame(cw, item); err != nil {
 					s.Reset()
 					s = nil
 					continue
 				}
-				o.sent.add(item.Kind, cw.n)
-				o.meters.For(k.proto).Out(cw.n)
+				o.sent.add(item.Kind, cw.N)
+				o.meters.For(k.proto).Out(cw.N)
 				break
 			}
 			if err != nil && o.ctx.Err() == nil {
