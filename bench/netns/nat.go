@@ -9,7 +9,6 @@ import (
 	"os/exec"
 	"strconv"
 	"sync"
-	"syscall"
 	"time"
 )
 
@@ -226,25 +225,14 @@ func (n *NATNet) addNS(ctx context.Context, ns string) error {
 }
 
 func (n *NATNet) run(ctx context.Context, name string, args ...string) error {
-	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("netns: %w", err)
-	}
-	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
-	n.log.Debug("run", "cmd", name, "args", args, "err", err)
-	if err != nil {
-		return fmt.Errorf("netns: %s %v: %w: %s", name, args, err, trimOutput(out))
-	}
-	return nil
+	return runLogged(ctx, n.log, name, args...)
 }
 
 // Command returns a command that runs name in namespace ns (one of this
 // network's), in its own process group, killed with the group when ctx ends
 // and when the harness dies (as Net.Command).
 func (n *NATNet) Command(ctx context.Context, ns string, name string, args ...string) *exec.Cmd {
-	cmd := exec.CommandContext(ctx, n.ip, append([]string{"netns", "exec", ns, name}, args...)...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	return cmd
+	return nsCommand(ctx, n.ip, ns, name, args...)
 }
 
 // Close kills every process in the namespaces and deletes them. It is
@@ -258,20 +246,8 @@ func (n *NATNet) Close() error {
 	n.closed = true
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var errs []error
-	for _, ns := range n.made {
-		if err := killAll(ctx, n.ip, ns); err != nil {
-			errs = append(errs, err)
-		}
-	}
-	for k := len(n.made) - 1; k >= 0; k-- {
-		if _, err := os.Stat(nsPath(n.made[k])); errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err := n.run(ctx, n.ip, "netns", "del", n.made[k]); err != nil {
-			errs = append(errs, err)
-		}
-	}
+	errs := killNamespaces(ctx, n.ip, n.made)
+	errs = append(errs, deleteNamespaces(ctx, n.log, n.ip, n.made)...)
 	n.closeEr = errors.Join(errs...)
 	n.log.Info("NAT network closed", "prefix", n.cfg.Prefix, "err", n.closeEr)
 	return n.closeEr

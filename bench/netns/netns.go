@@ -397,15 +397,55 @@ func (n *Net) tunNode(ctx context.Context, i int) error {
 
 // run runs a command, its output going into the error.
 func (n *Net) run(ctx context.Context, name string, args ...string) error {
+	return runLogged(ctx, n.log, name, args...)
+}
+
+// runLogged runs a command, its output going into the error.
+func runLogged(ctx context.Context, log *slog.Logger, name string, args ...string) error {
 	if err := ctx.Err(); err != nil {
 		return fmt.Errorf("netns: %w", err)
 	}
 	out, err := exec.CommandContext(ctx, name, args...).CombinedOutput()
-	n.log.Debug("run", "cmd", name, "args", args, "err", err)
+	log.Debug("run", "cmd", name, "args", args, "err", err)
 	if err != nil {
 		return fmt.Errorf("netns: %s %v: %w: %s", name, args, err, trimOutput(out))
 	}
 	return nil
+}
+
+// nsCommand is a command that runs name in namespace ns, in its own process group,
+// killed with the group when ctx ends and when the harness dies.
+func nsCommand(ctx context.Context, ip, ns, name string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, ip, append([]string{"netns", "exec", ns, name}, args...)...)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
+	return cmd
+}
+
+// killNamespaces kills every process in the namespaces made.
+func killNamespaces(ctx context.Context, ip string, made []string) []error {
+	var errs []error
+	for _, ns := range made {
+		if err := killAll(ctx, ip, ns); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errs
+}
+
+// deleteNamespaces deletes the namespaces made, the last made first (nodes before the
+// hub, so that its bridge never sees a dangling port); those already gone are skipped.
+func deleteNamespaces(ctx context.Context, log *slog.Logger, ip string, made []string) []error {
+	var errs []error
+	for k := len(made) - 1; k >= 0; k-- {
+		if _, err := os.Stat(nsPath(made[k])); errors.Is(err, os.ErrNotExist) {
+			continue
+		}
+		if err := runLogged(ctx, log, ip, "netns", "del", made[k]); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errs
 }
 
 func trimOutput(b []byte) string {
@@ -424,10 +464,7 @@ func trimOutput(b []byte) string {
 // goroutine exits while locked to its thread.)
 func (n *Net) Command(ctx context.Context, i int, name string, args ...string) *exec.Cmd {
 	n.checkIndex(i)
-	cmd := exec.CommandContext(ctx, n.ip, append([]string{"netns", "exec", n.nsName(i), name}, args...)...)
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL) }
-	return cmd
+	return nsCommand(ctx, n.ip, n.nsName(i), name, args...)
 }
 
 // Close kills every process in the namespaces, stops the delay lines and
@@ -443,24 +480,11 @@ func (n *Net) Close() error {
 	// Build's context may be what was cancelled; teardown needs its own.
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	var errs []error
-	for _, ns := range n.made {
-		if err := killAll(ctx, n.ip, ns); err != nil {
-			errs = append(errs, err)
-		}
-	}
+	errs := killNamespaces(ctx, n.ip, n.made)
 	for _, d := range n.lines {
 		d.close()
 	}
-	// Nodes first, so that the hub's bridge never sees a dangling port.
-	for k := len(n.made) - 1; k >= 0; k-- {
-		if _, err := os.Stat(nsPath(n.made[k])); errors.Is(err, os.ErrNotExist) {
-			continue
-		}
-		if err := n.run(ctx, n.ip, "netns", "del", n.made[k]); err != nil {
-			errs = append(errs, err)
-		}
-	}
+	errs = append(errs, deleteNamespaces(ctx, n.log, n.ip, n.made)...)
 	n.closeEr = errors.Join(errs...)
 	n.log.Info("netns closed", "prefix", n.cfg.Prefix, "err", n.closeEr)
 	return n.closeEr
