@@ -1200,7 +1200,7 @@ func (w *worker) checkpoint() error {
 func (w *worker) stepTaken(step int) error {
 	w.ckStep = step
 	if w.sampler != nil {
-		st, err := w.sampler.State()
+		st, err := w.sampler.AppendState(w.ckSampler[:0])
 		if err != nil {
 			return err
 		}

@@ -274,6 +274,10 @@ func Shard(train []byte, r, n int) []byte {
 // State returns the sampler's position in its stream, for a checkpoint.
 func (s *Sampler) State() ([]byte, error) { return s.rng.MarshalBinary() }
 
+// AppendState appends State to dst: a caller that records it every step reuses one
+// buffer.
+func (s *Sampler) AppendState(dst []byte) ([]byte, error) { return s.rng.AppendBinary(dst) }
+
 // SetState moves the sampler to a position State returned, so a resumed run draws
 // the sequences the uninterrupted one would have.
 func (s *Sampler) SetState(b []byte) error {

@@ -281,3 +281,20 @@ func TestTinyShakespeareLoadsAndSplits(t *testing.T) {
 		t.Errorf("train does not start at the start of the play: %q", train[:20])
 	}
 }
+
+func TestAppendStateIsState(t *testing.T) {
+	s, err := NewSampler([]byte("the quick brown fox jumps over the lazy dog"), 4, 3, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	in, tg := make([]int32, 4), make([]int32, 4)
+	s.Next(in, tg)
+	want, err := s.State()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.AppendState([]byte("x"))
+	if err != nil || string(got[1:]) != string(want) || got[0] != 'x' {
+		t.Errorf("AppendState %x, State %x", got, want)
+	}
+}
