@@ -49,18 +49,7 @@ func TestLaunchResumeAfterEveryNodeStoppedContinuesExactly(t *testing.T) {
 		code := run(context.Background(), append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...), &o, &e)
 		first <- result{code, e.String()}
 	}()
-	var recorded int
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
-		if recorded = len(steps); recorded >= 15 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the run made %d steps in 90 s", recorded)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	recorded := waitSteps(t, out, 15)
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
 	}
@@ -162,17 +151,7 @@ func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {
 		code := run(context.Background(), append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--steps", "100000", "--quiet"}, peerArgs...), &o, &e)
 		done <- result{code, e.String(), time.Now()}
 	}()
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
-		if len(steps) >= 20 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the run made %d steps in 90 s", len(steps))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitSteps(t, out, 20)
 	hung := nodes[1]
 	id := peerArgs[3][strings.LastIndex(peerArgs[3], "/")+1:]
 	stopped := time.Now()
@@ -226,17 +205,7 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 		code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
 		done <- result{code, stdout, stderr}
 	}()
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
-		if len(steps) >= 40 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the run made %d steps in 90 s", len(steps))
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitSteps(t, out, 40)
 	victim := nodes[3]
 	_ = victim.cmd.Process.Kill()
 	<-victim.exited
@@ -299,5 +268,22 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	}
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	}
+}
+
+// waitSteps waits, at most 90 s, until the run launched into out has recorded at
+// least n step rows, and returns how many it has.
+func waitSteps(t *testing.T, out string, n int) int {
+	t.Helper()
+	deadline := time.Now().Add(90 * time.Second)
+	for {
+		steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+		if len(steps) >= n {
+			return len(steps)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the run made %d steps in 90 s", len(steps))
+		}
+		time.Sleep(20 * time.Millisecond)
 	}
 }
