@@ -66,8 +66,11 @@ func TestMeasureReportsThePath(t *testing.T) {
 	if raceEnabled {
 		return
 	}
-	if r.RTT < 4*time.Millisecond || r.RTT > 5*time.Millisecond {
-		t.Errorf("RTT %v, want 4 ms", r.RTT)
+	// simlink hands a packet to its reader up to 50 µs before it is due
+	// (its clock's wake-ups are that late), so a 4 ms path can measure
+	// 3.9 ms.
+	if r.RTT < 3900*time.Microsecond || r.RTT > 5*time.Millisecond {
+		t.Errorf("RTT %v, want 4 ms (3.9–5)", r.RTT)
 	}
 	for _, rate := range []float64{r.UpMbps, r.DownMbps} {
 		if rate < 150 || rate > 200 {
