@@ -90,7 +90,8 @@ func TestHomeProfileDeliversItsRTTAndRate(t *testing.T) {
 	if raceEnabled {
 		return
 	}
-	if want := 2 * home.Latency; r.RTT < want || float64(r.RTT) > 1.1*float64(want) {
+	// A packet may be read up to early before it is due, each way.
+	if want := 2 * home.Latency; r.RTT < want-2*early || float64(r.RTT) > 1.1*float64(want) {
 		t.Errorf("RTT %v, want %v to +10%%", r.RTT, want)
 	}
 	if r.UpMbps < 0.9*home.Mbps || r.DownMbps < 0.9*home.Mbps {
