@@ -21,6 +21,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/data"
@@ -38,6 +39,12 @@ var ErrRunFailed = errors.New("run failed")
 // non-finite (its loss, or values it was about to send), and by a launched run's
 // error when a stage reported that: the run stops, and nobody is penalised.
 var ErrDiverged = errors.New("diverged")
+
+// ErrStageDown is wrapped, with ErrRunFailed, by the error of a run that stopped
+// because a stage has no live node: its only node, or the node of every replica
+// pipeline still whole, died, stalled or gave up on a neighbour that did. Launch
+// pauses such a run (pipeline.pause_timeout) and resumes it when nodes come back.
+var ErrStageDown = errors.New("a stage has no live node")
 
 // divergedErr is a divergence a stage reported, in its words.
 type divergedErr struct{ msg string }
@@ -84,23 +91,38 @@ type LaunchResult struct {
 	OuterSteps int   // outer steps of stage 0's replicas
 	Broken     []int // replica pipelines that stopped early (a stage's peer died or stalled)
 	Rejoined   []int // replica pipelines brought back (once each time) after they broke
+	// Pauses: each time the run stopped because a stage had no live node, and how it
+	// went on. Broken and Rejoined are over every part of the run; the byte counts,
+	// checkpoints and Times are the last part's.
+	Pauses []Pause
 	// Times: where each stage's wall time went, one per (stage, replica) that finished.
 	Times []StageTime
 	// Penalties: the protocol violations and bans the launcher's host recorded.
 	Penalties p2p.PenaltyStats
 }
 
+// Pause is one stop of a launched run for want of a live node for some stage.
+type Pause struct {
+	Why       string  `json:"why"`        // the failure that paused it, naming the stage and peer
+	Recorded  int     `json:"recorded"`   // the last step recorded before it stopped
+	ResumedAt int     `json:"resumed_at"` // the step every stage had checkpointed, which it went on from; 0 if it did not
+	WaitedS   float64 `json:"waited_s"`   // from the stop until the run was going again (or given up)
+}
+
 // Launch staffs sp's stages with the given peers, sends each a signed plan, starts
 // the run, and records its progress into OutDir (metrics.jsonl, spec.yaml,
 // loss.png) until every stage reports it is done. It fails, with the reason, if a
-// node refuses the run, a stage reports an error, or a node disconnects.
+// node refuses the run or a stage reports an error it cannot go on from. When a stage
+// has no live node left (ErrStageDown), the run pauses for up to
+// pipeline.pause_timeout: Launch waits for nodes that hold every stage's checkpoint
+// of a common step, the same nodes restarted on their data directories, and resumes
+// from there as `launch --resume` would, appending to the same metrics.jsonl.
 func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	log := o.Log
 	if log == nil {
 		log = slog.Default()
 	}
-	sp := o.Spec
-	if err := sp.Validate(); err != nil {
+	if err := o.Spec.Validate(); err != nil {
 		return nil, err
 	}
 	if o.Key == nil {
@@ -109,10 +131,8 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if len(o.Peers) == 0 {
 		return nil, errors.New("launch: no peers given (--peer MULTIADDR)")
 	}
-	var prev *runRecord
-	if o.Resume {
-		var err error
-		if prev, err = readRunRecord(o.OutDir, sp); err != nil {
+	if o.Resume { // refused before any node is asked
+		if _, err := readRunRecord(o.OutDir, o.Spec); err != nil {
 			return nil, err
 		}
 	}
@@ -121,7 +141,8 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	}
 	// On real networks the launcher reaches nodes behind NATs through their relays,
 	// upgrades to direct connections by hole punching, and answers their AutoNAT v2
-	// checks; over simulated links there is no NAT.
+	// checks; over simulated links there is no NAT. One host for every part of a run:
+	// nodes restarted during a pause find it again at the address they knew.
 	onNet := o.Transports == nil
 	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: o.Key, Listen: o.Listen, Log: log.With("sys", "p2p"), Transports: o.Transports,
 		Reachability: onNet, HolePunch: onNet})
@@ -129,6 +150,61 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		return nil, err
 	}
 	defer h.Close()
+	res, err := launchOnce(ctx, h, o, log, 0, nil)
+	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second
+	var pauses []Pause
+	var broken, rejoined []int
+	for wait > 0 && errors.Is(err, ErrStageDown) && ctx.Err() == nil {
+		stopped := time.Now()
+		p := Pause{Why: err.Error()}
+		if res != nil {
+			p.Recorded = res.Steps
+			broken, rejoined = append(broken, res.Broken...), append(rejoined, res.Rejoined...)
+		}
+		log.Warn("run paused: a stage has no live node; waiting for nodes that hold every stage's checkpoints, to resume from the newest step they share",
+			"why", err, "for_up_to", wait)
+		ro := o
+		ro.Resume = true
+		next, nerr := launchOnce(ctx, h, ro, log, wait, func(from int) {
+			p.ResumedAt = from
+			p.WaitedS = time.Since(stopped).Seconds()
+			log.Info("run resumed", "from_step", from, "paused_for", time.Since(stopped).Round(time.Second))
+		})
+		if p.ResumedAt == 0 {
+			p.WaitedS = time.Since(stopped).Seconds()
+			pauses = append(pauses, p)
+			if res != nil {
+				res.Pauses = pauses
+			}
+			return res, fmt.Errorf("%w; paused %s and not resumed: %v", err, time.Since(stopped).Round(time.Second), nerr)
+		}
+		pauses = append(pauses, p)
+		if errors.Is(nerr, ErrStageDown) && next != nil && next.Steps <= p.ResumedAt {
+			// Stopped again before a step was taken: whatever stops it is not going away.
+			next.Pauses = pauses
+			return next, fmt.Errorf("%w; it had been paused and resumed from step %d, and stopped again before taking a step", nerr, p.ResumedAt)
+		}
+		res, err = next, nerr
+	}
+	if res != nil {
+		res.Broken, res.Rejoined = append(broken, res.Broken...), append(rejoined, res.Rejoined...)
+		res.Pauses = pauses
+	}
+	return res, err
+}
+
+// launchOnce is one part of a launched run, from staffing to the run's end or the
+// failure that stops it. staffFor, if set, replaces the staffing timeout; started,
+// if set, is told the step a resumed run goes on from once it has started.
+func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Logger, staffFor time.Duration, started func(from int)) (*LaunchResult, error) {
+	sp := o.Spec
+	var prev *runRecord
+	if o.Resume {
+		var err error
+		if prev, err = readRunRecord(o.OutDir, sp); err != nil {
+			return nil, err
+		}
+	}
 	reports := make(chan Report, 1024)
 	runID := newRunID()
 	h.Handle(p2p.ProtoControl, func(s network.Stream) {
@@ -164,7 +240,10 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err != nil {
 		return nil, err
 	}
-	plan, err := staff(ctx, h, sp, o, prev, log)
+	if staffFor == 0 {
+		staffFor = time.Duration(sp.Pipeline.StaffTimeout) * time.Second
+	}
+	plan, err := staff(ctx, h, sp, o, prev, staffFor, log)
 	if err != nil {
 		return nil, err
 	}
@@ -224,14 +303,16 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 
 	// A stage's node going away ends the run, or with replicas its replica pipeline.
 	lost := make(chan peer.ID, len(stagePeers))
-	h.Network().Notify(&network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
+	notify := &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
 		if _, ok := stagePeers[c.RemotePeer()]; ok && !p2p.Linked(n, c.RemotePeer()) {
 			select {
 			case lost <- c.RemotePeer():
 			default:
 			}
 		}
-	}})
+	}}
+	h.Network().Notify(notify)
+	defer h.Network().StopNotify(notify)
 
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
@@ -244,6 +325,9 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		}
 	}
 	announce(ctx, h, plan, log)
+	if started != nil && plan.Resume != nil {
+		started(plan.Resume.Step)
+	}
 	log.Info("run started", "run", fmt.Sprintf("%016x", runID), "stages", sp.Pipeline.Stages, "replicas", sp.Pipeline.Replicas, "steps", sp.Train.Steps)
 	idle := func(r int, reason string) {
 		for id, a := range stagePeers {
@@ -369,8 +453,19 @@ func newRunID() uint64 {
 
 // staff asks every peer for an offer and plans the stages, retrying until
 // StaffTimeout while stages are missing.
-func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, prev *runRecord, log *slog.Logger) (*Plan, error) {
-	deadline := time.Now().Add(time.Duration(sp.Pipeline.StaffTimeout) * time.Second)
+func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, prev *runRecord, timeout time.Duration, log *slog.Logger) (*Plan, error) {
+	deadline := time.Now().Add(timeout)
+	// Waiting can last minutes (a paused run): say what is missing when it changes,
+	// and otherwise every half minute.
+	var said string
+	var saidAt time.Time
+	say := func(msg, missing string, args ...any) {
+		if missing == said && time.Since(saidAt) < 30*time.Second {
+			return
+		}
+		said, saidAt = missing, time.Now()
+		log.Warn(msg, append([]any{"missing", missing}, args...)...)
+	}
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
 	for {
 		var offers []assign.Offer
@@ -382,6 +477,15 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, pre
 		}
 		for _, addr := range o.Peers {
 			id, err := h.Connect(ctx, addr)
+			if err != nil {
+				// A node restarted (during a pause, say) may listen elsewhere now; it
+				// dials the launchers it knew, so it may be connected all the same.
+				if a, aerr := ma.NewMultiaddr(addr); aerr == nil {
+					if info, ierr := peer.AddrInfoFromP2pAddr(a); ierr == nil && p2p.Linked(h.Network(), info.ID) {
+						id, err = info.ID, nil
+					}
+				}
+			}
 			if err != nil {
 				problems = append(problems, err.Error())
 				continue
@@ -402,7 +506,7 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, pre
 				if time.Now().After(deadline) {
 					return nil, fmt.Errorf("%w: %v (%s)", ErrRunFailed, err, strings.Join(problems, "; "))
 				}
-				log.Warn("waiting for the nodes that hold the run's checkpoints", "missing", err, "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
+				say("waiting for the nodes that hold the run's checkpoints", err.Error(), "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
 				select {
 				case <-ctx.Done():
 					return nil, ctx.Err()
@@ -428,7 +532,7 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, pre
 		if !errors.Is(err, assign.ErrUnstaffed) || time.Now().After(deadline) {
 			return nil, fmt.Errorf("%w: %v (%s)", ErrRunFailed, err, strings.Join(problems, "; "))
 		}
-		log.Warn("waiting for peers", "missing", err, "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
+		say("waiting for peers", err.Error(), "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
@@ -573,7 +677,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		if R == 1 || len(broken)+1 == R {
 			abort(why)
 			plot()
-			return fmt.Errorf("%w: %s", ErrRunFailed, why)
+			return fmt.Errorf("%w: %w: %s", ErrRunFailed, ErrStageDown, why)
 		}
 		broken[r] = why
 		res.Broken = append(res.Broken, r)
@@ -780,7 +884,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					plot()
 					return res, fmt.Errorf("%w: %w", ErrRunFailed, &divergedErr{fmt.Sprintf("%s (node %s)", r.Error, r.Peer)})
 				}
-				if R == 1 || (r.Kind == ReportError && !replicable(r.Error)) {
+				if r.Kind == ReportError && !replicable(r.Error) {
 					abort(fmt.Sprintf("stage %d failed", r.Stage))
 					plot()
 					return res, fmt.Errorf("%w: %s on %s: %s", ErrRunFailed, cellName(sp, a), r.Peer, r.Error)

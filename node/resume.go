@@ -216,7 +216,20 @@ func (w *worker) resumeFrom(runDir string, step int) error {
 			return fmt.Errorf("%s: no data sampler position: %v", pair.state, err)
 		}
 	}
-	w.doneStep, w.ckStep, w.stepped = step, step, true
+	// The new run's directory starts with the checkpoint it resumed from, so that if
+	// this run stops too, even before its first step, it can be resumed in turn.
+	if filepath.Clean(runDir) != filepath.Clean(w.dir) {
+		if err := os.MkdirAll(w.dir, 0o755); err != nil {
+			return err
+		}
+		to := pairAt(w.dir, base)
+		if err := errors.Join(shard.CopyCheckpoint(to.weights, pair.weights), shard.CopyCheckpoint(to.state, pair.state)); err != nil {
+			return fmt.Errorf("keeping the resumed checkpoint: %w", err)
+		}
+	}
+	// Nothing trained yet: stopping now keeps the copy rather than writing a
+	// checkpoint without the data position, which is only known once the data loads.
+	w.doneStep, w.ckStep, w.stepped = step, step, false
 	w.log.Info("resuming from checkpoint", "step", step, "checkpoint", pair.weights)
 	return nil
 }

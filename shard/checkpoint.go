@@ -195,6 +195,20 @@ func SaveCheckpoint(path string, meta map[string]string, stages ...*Stage) error
 	return writeFileAtomic(path, func(w io.Writer) error { return WriteCheckpoint(w, meta, stages...) })
 }
 
+// CopyCheckpoint copies the checkpoint file src to dst as SaveCheckpoint writes one:
+// atomically and durably.
+func CopyCheckpoint(dst, src string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	return writeFileAtomic(dst, func(w io.Writer) error {
+		_, err := io.Copy(w, in)
+		return err
+	})
+}
+
 func writeFileAtomic(path string, write func(io.Writer) error) (err error) {
 	dir, base := filepath.Split(path)
 	if dir == "" {

@@ -135,7 +135,7 @@ const pipeSpec = `name: e2e
 seed: 11
 eval_interval: 3
 model: {d_model: 32, n_layers: 4, n_heads: 2, d_ff: 64, seq_len: 32}
-pipeline: {stages: 4, micro_batches: 4, in_flight: 4}
+pipeline: {stages: 4, micro_batches: 4, in_flight: 4, pause_timeout: 0}
 train: {batch_size: 4, steps: 6, lr: 0.003, warmup: 2}
 data: {val_fraction: 0.005}
 `

@@ -190,7 +190,10 @@ shard it trains on over libp2p; nodes verify it by sha256 and cache it.
 Writes metrics.jsonl, spec.yaml and loss.png into DIR; each node keeps its own stage
 checkpoint and optimiser state. Exits 0 when the run has finished, non-zero with the
 reason otherwise: a stage that fails, or replicas whose global weights differ. With
-replicas, a stage that dies or stalls stops only its replica pipeline.
+replicas, a stage that dies or stalls stops only its replica pipeline. A stage left
+with no live node pauses the run, for up to pipeline.pause_timeout seconds (default
+600; 0 fails at once): once nodes that hold every stage's checkpoint of a common step
+answer again (restarted on their data directories), it resumes from that step.
 Every stage keeps its two newest checkpoints (each evaluation step, and when its node
 stops); --resume continues an interrupted run from the newest step all of them
 hold, on the nodes that hold them, appending to DIR/metrics.jsonl.
@@ -287,6 +290,10 @@ The spec is checked before anything is sent.`, stderr)
 			if len(res.Rejoined) > 0 {
 				fmt.Fprintf(stdout, "replica pipelines rejoined: %v\n", res.Rejoined)
 			}
+		}
+		for _, p := range res.Pauses {
+			fmt.Fprintf(stdout, "paused after step %d for %s (%s); resumed from step %d\n", p.Recorded,
+				time.Duration(p.WaitedS*float64(time.Second)).Round(time.Second), p.Why, p.ResumedAt)
 		}
 		for i, c := range res.Checkpoints {
 			fmt.Fprintf(stdout, "stage %d checkpoint: %s\n", i, c)

@@ -18,7 +18,7 @@ const resumeSpec = `name: resume
 seed: 5
 eval_interval: 10
 model: {d_model: 32, n_layers: 3, n_heads: 2, d_ff: 64, seq_len: 32}
-pipeline: {stages: 3, micro_batches: 4, in_flight: 4}
+pipeline: {stages: 3, micro_batches: 4, in_flight: 4, pause_timeout: 0}
 train: {batch_size: 4, steps: 60, lr: 0.003, warmup: 2}
 data: {val_fraction: 0.005}
 `
@@ -171,6 +171,94 @@ func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatal("launch still running 60 s after a node hung")
+	}
+}
+
+const pauseSpec = `name: e2e-pause
+seed: 23
+eval_interval: 10
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, micro_batches: 2, in_flight: 2, pause_timeout: 120}
+train: {batch_size: 4, steps: 80, lr: 0.003, warmup: 2}
+data: {val_fraction: 0.005}
+`
+
+// The only node of a stage killed (kill -9) mid-run: the run pauses rather than fails,
+// saying which stage, and when the node is back on its data directory (listening
+// elsewhere now) it resumes from the newest step both stages checkpointed. Every
+// step's loss is then the uninterrupted run's (train's), bit for bit.
+func TestRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, pauseSpec, 2, "--memory-budget", "512MiB")
+	out := filepath.Join(dir, "launched")
+	type result struct {
+		code           int
+		stdout, stderr string
+	}
+	done := make(chan result, 1)
+	go func() {
+		code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
+		done <- result{code, stdout, stderr}
+	}()
+	waitSteps(t, out, 25)
+	victim := nodes[1]
+	_ = victim.cmd.Process.Kill()
+	<-victim.exited
+	killed := time.Now()
+	time.Sleep(3 * time.Second) // paused for a while, with nobody to hold stage 1
+	_ = os.Remove(filepath.Join(victim.dir, "addrs"))
+	nodes[1] = startNode(t, victim.dir, victim.cmd.Args[len(victim.cmd.Args)-4:]...)
+	nodes[1].addrs(t)
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(150 * time.Second):
+		t.Fatal("launch did not finish within 150 s of the kill")
+	}
+	if r.code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	t.Logf("finished %s after the kill:\n%s", time.Since(killed).Round(time.Second), r.stdout)
+	var paused string
+	for _, line := range strings.Split(r.stderr, "\n") {
+		if strings.Contains(line, "run paused") || strings.Contains(line, "run resumed") {
+			t.Log(line)
+			paused += line
+		}
+	}
+	if !strings.Contains(paused, "run paused") || !strings.Contains(paused, "stage 1") || !strings.Contains(paused, "run resumed") {
+		t.Errorf("launch did not say it paused for stage 1 and resumed:\n%s", r.stderr)
+	}
+	if !strings.Contains(r.stdout, "paused after step") {
+		t.Errorf("the summary does not list the pause:\n%s", r.stdout)
+	}
+
+	launched, err := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := filepath.Join(dir, "trained")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	trained, err := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(launched) != len(trained) || len(trained) != 80 {
+		t.Fatalf("the paused run's metrics.jsonl holds %d steps, train's %d; want 80 each", len(launched), len(trained))
+	}
+	for i := range trained {
+		a, b := launched[i], trained[i]
+		if a.Step != b.Step || a.Loss != b.Loss {
+			t.Errorf("row %d: step %d loss %.8f; uninterrupted: step %d loss %.8f", i, a.Step, a.Loss, b.Step, b.Loss)
+		}
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
 	}
 }
 

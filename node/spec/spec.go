@@ -81,6 +81,11 @@ type Pipeline struct {
 	// StaffTimeout is how many seconds a launcher waits for enough peers to hold
 	// every stage before it gives up; default 60.
 	StaffTimeout int `yaml:"staff_timeout"`
+	// PauseTimeout is how many seconds a launcher keeps a run paused when a stage has
+	// no live node (its only node, or every replica's, died or stalled): it waits for
+	// the nodes to come back and resumes from the newest step every stage checkpointed.
+	// Default 600; 0 fails the run at once.
+	PauseTimeout int `yaml:"pause_timeout"`
 	// Replicas is how many replica pipelines train side by side (default 1). Replica r
 	// of stage s feeds replica r of stage s+1, reads its own shard of the training text,
 	// and its stages sync with the other replicas of their stage every diloco.inner_steps.
@@ -280,6 +285,9 @@ func (s *Spec) EnsureDefaults() {
 	}
 	if unset("pipeline.staff_timeout", p.StaffTimeout == 0) {
 		p.StaffTimeout = 60
+	}
+	if unset("pipeline.pause_timeout", p.PauseTimeout == 0) {
+		p.PauseTimeout = 600
 	}
 	if s.Compression.Activations == "" {
 		s.Compression.Activations = "fp32"
@@ -521,6 +529,9 @@ func (s *Spec) problems() []error {
 		c.failf("pipeline.stages", "%d exceeds n_layers %d; each stage needs a layer", p.Stages, m.NLayers)
 	}
 	c.positive("pipeline.staff_timeout", p.StaffTimeout)
+	if p.PauseTimeout < 0 {
+		c.failf("pipeline.pause_timeout", "%d is negative; 0 fails the run at once when a stage has no live node", p.PauseTimeout)
+	}
 	microOK := c.positive("pipeline.micro_batches", p.MicroBatches)
 	switch {
 	case p.InFlight < 0:

@@ -128,7 +128,7 @@ func TestExamplesParseAndValidate(t *testing.T) {
 		Name: "tiny", Seed: 1, EvalInterval: 200,
 		Model: Model{Vocab: 256, DModel: 128, NLayers: 4, NHeads: 4, DFF: 352, SeqLen: 128,
 			RopeTheta: 10000, NormEps: 1e-5},
-		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, Replicas: 1},
+		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, PauseTimeout: 600, Replicas: 1},
 		Train: Train{BatchSize: 16, Steps: 2000, LR: 0.002, MinLR: 0.0002, Warmup: 100,
 			WeightDecay: 0.1, GradClip: 1.0, Beta1: 0.9, Beta2: 0.95},
 		Data:        Data{Path: "", ValFraction: 0.1},
@@ -202,6 +202,19 @@ func TestWrittenZeroIsKeptAndMissingFieldGetsDefault(t *testing.T) {
 		t.Errorf("missing weight_decay = %v, want default 0.1", s.Train.WeightDecay)
 	}
 
+	pause := func(v string) []byte {
+		return []byte(strings.Replace(base, "  staff_timeout: 30\n", "  staff_timeout: 30\n  pause_timeout: "+v+"\n", 1))
+	}
+	if s = mustParse(t, pause("0")); s.Pipeline.PauseTimeout != 0 {
+		t.Errorf("pause_timeout: 0 became %d; 0 is how a run fails at once", s.Pipeline.PauseTimeout)
+	}
+	if s = mustParse(t, []byte(base)); s.Pipeline.PauseTimeout != 600 {
+		t.Errorf("missing pause_timeout = %d, want default 600", s.Pipeline.PauseTimeout)
+	}
+	if _, err := Parse(pause("-5"), "t.yaml"); err == nil || !strings.Contains(err.Error(), "t.yaml:18: pipeline.pause_timeout: -5 is negative") {
+		t.Errorf("pause_timeout: -5: %v; want it named with its line", err)
+	}
+
 	s = mustParse(t, without(t, "train.min_lr"))
 	if s.Train.MinLR != s.Train.LR/10 {
 		t.Errorf("missing min_lr = %v, want lr/10 = %v", s.Train.MinLR, s.Train.LR/10)
@@ -216,7 +229,7 @@ func TestEnsureDefaultsFillsZeroFieldsOfGoSpec(t *testing.T) {
 	s.EnsureDefaults()
 	want := Spec{
 		Model:       Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5},
-		Pipeline:    Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, Replicas: 1},
+		Pipeline:    Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, PauseTimeout: 600, Replicas: 1},
 		Train:       Train{LR: 0.01, MinLR: 0.001, WeightDecay: 0.1, GradClip: 1, Beta1: 0.9, Beta2: 0.95},
 		Data:        Data{ValFraction: 0.1},
 		Compression: Compression{Activations: "fp32", Gradients: "fp32"},
