@@ -425,8 +425,8 @@ func (d *Daemon) run(id uint64) *worker {
 
 func (d *Daemon) handleControl(s network.Stream) {
 	defer s.Close()
-	_ = s.SetDeadline(time.Now().Add(30 * time.Second))
 	from := s.Conn().RemotePeer()
+	_ = s.SetReadDeadline(time.Now().Add(wireWindow(d.host, from)))
 	meter := d.meters.For(p2p.ProtoControl)
 	var m ctlMsg
 	cr := &traffic.CountingReader{R: s}
@@ -435,7 +435,8 @@ func (d *Daemon) handleControl(s network.Stream) {
 		return
 	}
 	meter.In(cr.N)
-	r := d.control(from, m)
+	r := d.control(from, m) // the caller's deadline bounds this
+	_ = s.SetWriteDeadline(time.Now().Add(wireWindow(d.host, from)))
 	cw := &traffic.CountingWriter{W: s}
 	if err := p2p.WriteMsg(cw, r); err != nil {
 		d.log.Debug("control reply not sent", "peer", from, "err", err)

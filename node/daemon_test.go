@@ -103,13 +103,13 @@ func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 		t.Fatalf("a truncated frame changed the sender's penalties to %d, want them left at 2", n)
 	}
 	// An assignment without a signed plan is a violation too.
-	if r, err := call(ctx, h, nil, d.ID(), ctlMsg{Type: msgAssign}); err != nil || r.OK {
+	if r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgAssign}); err != nil || r.OK {
 		t.Fatalf("unsigned assignment: %+v, %v; want a refusal", r, err)
 	}
 	if n := d.host.Penalties().Offences(h.ID()); n != 3 {
 		t.Fatalf("an unsigned assignment left the sender at %d penalties, want 3", n)
 	}
-	r, err := call(ctx, h, nil, d.ID(), ctlMsg{Type: msgOffer})
+	r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.Peer != d.ID().String() {
 		t.Fatalf("node stopped answering after bad frames: %+v, %v", r, err)
 	}
@@ -258,5 +258,26 @@ func TestAnEndedRunIsForgottenAfterAWhile(t *testing.T) {
 			t.Fatal("an ended run is remembered for good")
 		}
 		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+func TestCallDeadlinesComeFromTheCallsMeasured(t *testing.T) {
+	c := newCallClock(time.Minute)
+	if got := c.deadline(msgNorm, 0); got != time.Minute {
+		t.Errorf("before any norm was answered: %s, want the staffing bound 1m", got)
+	}
+	for _, d := range []time.Duration{10 * time.Millisecond, 30 * time.Millisecond, 20 * time.Millisecond} {
+		c.took(msgNorm, d)
+	}
+	// 4 × the 20 ms mean beats 2 × the 30 ms slowest; then 8 round trips and the margin.
+	if got, want := c.deadline(msgNorm, 50*time.Millisecond), 80*time.Millisecond+400*time.Millisecond+callMargin; got != want {
+		t.Errorf("after norms of 10, 30 and 20 ms over a 50 ms path: %s, want %s", got, want)
+	}
+	c.took(msgNorm, time.Second)
+	if got, want := c.deadline(msgNorm, 0), 2*time.Second+callMargin; got != want {
+		t.Errorf("after a 1 s norm: %s, want twice the slowest plus the margin, %s", got, want)
+	}
+	if got := c.deadline(msgAssign, 0); got != time.Minute {
+		t.Errorf("assign, never measured: %s; each kind is timed on its own", got)
 	}
 }

@@ -150,7 +150,9 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		return nil, err
 	}
 	defer h.Close()
-	res, err := launchOnce(ctx, h, o, log, 0, nil)
+	// Until a call of a kind is measured, it may take as long as staffing may.
+	calls := newCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout) * time.Second)
+	res, err := launchOnce(ctx, h, calls, o, log, 0, nil)
 	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second
 	var pauses []Pause
 	var broken, rejoined []int
@@ -165,7 +167,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 			"why", err, "for_up_to", wait)
 		ro := o
 		ro.Resume = true
-		next, nerr := launchOnce(ctx, h, ro, log, wait, func(from int) {
+		next, nerr := launchOnce(ctx, h, calls, ro, log, wait, func(from int) {
 			p.ResumedAt = from
 			p.WaitedS = time.Since(stopped).Seconds()
 			log.Info("run resumed", "from_step", from, "paused_for", time.Since(stopped).Round(time.Second))
@@ -196,7 +198,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 // launchOnce is one part of a launched run, from staffing to the run's end or the
 // failure that stops it. staffFor, if set, replaces the staffing timeout; started,
 // if set, is told the step a resumed run goes on from once it has started.
-func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Logger, staffFor time.Duration, started func(from int)) (*LaunchResult, error) {
+func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, o LaunchOptions, log *slog.Logger, staffFor time.Duration, started func(from int)) (*LaunchResult, error) {
 	sp := o.Spec
 	var prev *runRecord
 	if o.Resume {
@@ -209,8 +211,8 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 	runID := newRunID()
 	h.Handle(p2p.ProtoControl, func(s network.Stream) {
 		defer s.Close()
-		_ = s.SetDeadline(time.Now().Add(30 * time.Second))
 		from := s.Conn().RemotePeer()
+		_ = s.SetDeadline(time.Now().Add(wireWindow(h, from)))
 		var m ctlMsg
 		err := p2p.ReadMsg(s, &m, p2p.MaxMsgBytes)
 		if err == nil && (m.Type != msgReport || m.Report == nil) {
@@ -243,7 +245,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 	if staffFor == 0 {
 		staffFor = time.Duration(sp.Pipeline.StaffTimeout) * time.Second
 	}
-	plan, err := staff(ctx, h, sp, o, prev, staffFor, log)
+	plan, err := staff(ctx, h, calls, sp, o, prev, staffFor, log)
 	if err != nil {
 		return nil, err
 	}
@@ -280,7 +282,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 				defer wg.Done()
 				actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second+8*h.Peerstore().LatencyEWMA(id))
 				defer cancel()
-				_, _ = call(actx, h, nil, id, ctlMsg{Type: msgAbort, Run: runID, Reason: reason})
+				_, _ = call(actx, h, calls, nil, id, ctlMsg{Type: msgAbort, Run: runID, Reason: reason})
 			}()
 		}
 		wg.Wait()
@@ -288,7 +290,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 	var refusals []string
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
-		r, err := call(ctx, h, nil, id, ctlMsg{Type: msgAssign, Signed: signed})
+		r, err := call(ctx, h, calls, nil, id, ctlMsg{Type: msgAssign, Signed: signed})
 		if err == nil && !r.OK {
 			err = errors.New(r.Error)
 		}
@@ -316,7 +318,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
-		if r, err := call(ctx, h, nil, id, ctlMsg{Type: msgStart, Run: runID}); err != nil || !r.OK {
+		if r, err := call(ctx, h, calls, nil, id, ctlMsg{Type: msgStart, Run: runID}); err != nil || !r.OK {
 			abort("start failed")
 			if err == nil {
 				err = errors.New(r.Error)
@@ -333,7 +335,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 		for id, a := range stagePeers {
 			if a.Replica == r {
 				go func() {
-					_, _ = call(context.WithoutCancel(ctx), h, nil, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
+					_, _ = call(context.WithoutCancel(ctx), h, calls, nil, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
 				}()
 			}
 		}
@@ -357,7 +359,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 				err := h.Host.Connect(cctx, peer.AddrInfo{ID: id})
 				var rep *ctlReply
 				if err == nil {
-					rep, err = call(cctx, h, nil, id, ctlMsg{Type: msgOffer})
+					rep, err = call(cctx, h, calls, nil, id, ctlMsg{Type: msgOffer})
 				}
 				cancel()
 				if err != nil || !rep.OK || rep.Offer == nil || rep.Offer.MaxStages < 1 {
@@ -398,7 +400,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 			var taken []peer.ID
 			undo := func() {
 				for _, id := range taken {
-					_, _ = call(context.WithoutCancel(ctx), h, nil, id, ctlMsg{Type: msgAbort, Run: runID, Reason: "rejoin failed"})
+					_, _ = call(context.WithoutCancel(ctx), h, calls, nil, id, ctlMsg{Type: msgAbort, Run: runID, Reason: "rejoin failed"})
 				}
 			}
 			for _, typ := range []string{msgAssign, msgStart} {
@@ -412,7 +414,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, o LaunchOptions, log *slog.Log
 						m.Signed = signed
 					}
 					cctx, cancel := context.WithTimeout(ctx, 5*time.Second+8*h.Peerstore().LatencyEWMA(id))
-					rep, err := call(cctx, h, nil, id, m)
+					rep, err := call(cctx, h, calls, nil, id, m)
 					cancel()
 					if err == nil && !rep.OK {
 						err = errors.New(rep.Error)
@@ -453,7 +455,7 @@ func newRunID() uint64 {
 
 // staff asks every peer for an offer and plans the stages, retrying until
 // StaffTimeout while stages are missing.
-func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, prev *runRecord, timeout time.Duration, log *slog.Logger) (*Plan, error) {
+func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o LaunchOptions, prev *runRecord, timeout time.Duration, log *slog.Logger) (*Plan, error) {
 	deadline := time.Now().Add(timeout)
 	// Waiting can last minutes (a paused run): say what is missing when it changes,
 	// and otherwise every half minute.
@@ -490,7 +492,7 @@ func staff(ctx context.Context, h *p2p.Host, sp *spec.Spec, o LaunchOptions, pre
 				problems = append(problems, err.Error())
 				continue
 			}
-			r, err := call(ctx, h, nil, id, ctlMsg{Type: ask.Type, Run: ask.Run, Spec: ask.Spec})
+			r, err := call(ctx, h, calls, nil, id, ctlMsg{Type: ask.Type, Run: ask.Run, Spec: ask.Spec})
 			if err != nil || !r.OK || r.Offer == nil {
 				problems = append(problems, fmt.Sprintf("%s gave no offer: %v", id, err))
 				continue

@@ -26,6 +26,7 @@ type outbox struct {
 	log    *slog.Logger
 	sent   *sentBytes
 	meters *traffic.Meters // nil: not counted
+	calls  *callClock      // control messages' deadlines
 	fail   func(error)     // a frame or norm that cannot be delivered ends the run
 	// undelivered, if set, hears of every other control message (a report) that
 	// could not be delivered, with its destination.
@@ -60,9 +61,9 @@ func (b *sentBytes) add(k p2p.Kind, n int64) {
 	}
 }
 
-func newOutbox(h *p2p.Host, log *slog.Logger, sent *sentBytes, meters *traffic.Meters, fail func(error)) *outbox {
+func newOutbox(h *p2p.Host, log *slog.Logger, sent *sentBytes, meters *traffic.Meters, calls *callClock, fail func(error)) *outbox {
 	ctx, cancel := context.WithCancel(context.Background())
-	return &outbox{host: h, log: log, sent: sent, meters: meters, fail: fail, ctx: ctx, cancel: cancel, queues: map[qkey]chan any{}}
+	return &outbox{host: h, log: log, sent: sent, meters: meters, calls: calls, fail: fail, ctx: ctx, cancel: cancel, queues: map[qkey]chan any{}}
 }
 
 func (o *outbox) send(to peer.ID, proto protocol.ID, f *p2p.Frame) { o.enqueue(qkey{to, proto}, f) }
@@ -119,7 +120,7 @@ func (o *outbox) run(k qkey, q chan any) {
 	for item := range q {
 		switch item := item.(type) {
 		case ctlMsg:
-			r, err := call(o.ctx, o.host, o.meters.For(p2p.ProtoControl), k.to, item)
+			r, err := call(o.ctx, o.host, o.calls, o.meters.For(p2p.ProtoControl), k.to, item)
 			if err == nil && !r.OK {
 				err = fmt.Errorf("%s refused by %s: %s", item.Type, k.to, r.Error)
 			}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -184,10 +185,67 @@ type OuterReport struct {
 	Fetched      bool    `json:"fetched,omitempty"` // fell behind and fetched the global state instead
 }
 
-// call sends one control message to id and waits for the reply, counting both on
-// meter (which may be nil).
-func call(ctx context.Context, h *p2p.Host, meter *traffic.Meter, id peer.ID, m ctlMsg) (*ctlReply, error) {
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+// callClock gives control calls deadlines from what it has measured: for each
+// message type, the time calls of it took to be answered (4 times their mean or
+// twice the slowest, whichever is longer), plus 8 round trips to the peer and
+// callMargin. Until a type has been answered once, a call may take first (the run's
+// staffing timeout: as long as a node may take to join at all).
+type callClock struct {
+	first time.Duration
+	mu    sync.Mutex
+	seen  map[string]*callTimes
+}
+
+// callMargin covers what a measured call time does not: a busy machine (a node's
+// compute saturates its cores) can hold a reply back for seconds.
+const callMargin = 5 * time.Second
+
+// wireWindow is how long the end that answers a control call gives each of its two
+// halves on the wire, reading the message and writing the reply: a control message
+// is small, so round trips to the peer and the margin.
+func wireWindow(h *p2p.Host, p peer.ID) time.Duration {
+	return callMargin + 8*h.Peerstore().LatencyEWMA(p)
+}
+
+type callTimes struct {
+	n         int
+	sum, slow time.Duration
+}
+
+func newCallClock(first time.Duration) *callClock {
+	return &callClock{first: first, seen: map[string]*callTimes{}}
+}
+
+// deadline is how long a call of typ to a peer rtt away may take.
+func (c *callClock) deadline(typ string, rtt time.Duration) time.Duration {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := c.seen[typ]
+	if t == nil {
+		return c.first
+	}
+	return max(4*t.sum/time.Duration(t.n), 2*t.slow) + 8*rtt + callMargin
+}
+
+// took records a call of typ answered after d.
+func (c *callClock) took(typ string, d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	t := c.seen[typ]
+	if t == nil {
+		t = &callTimes{}
+		c.seen[typ] = t
+	}
+	t.n++
+	t.sum += d
+	t.slow = max(t.slow, d)
+}
+
+// call sends one control message to id and waits for the reply, within the deadline
+// clock gives (and ctx's, if sooner), counting both on meter (which may be nil).
+func call(ctx context.Context, h *p2p.Host, clock *callClock, meter *traffic.Meter, id peer.ID, m ctlMsg) (*ctlReply, error) {
+	began := time.Now()
+	ctx, cancel := context.WithTimeout(ctx, clock.deadline(m.Type, h.Peerstore().LatencyEWMA(id)))
 	defer cancel()
 	s, err := h.NewStream(p2p.AllowRelayed(ctx, "control"), id, p2p.ProtoControl)
 	if err != nil {
@@ -210,6 +268,7 @@ func call(ctx context.Context, h *p2p.Host, meter *traffic.Meter, id peer.ID, m 
 		return nil, fmt.Errorf("%s to %s: no reply: %w", m.Type, id, err)
 	}
 	meter.In(cr.N)
+	clock.took(m.Type, time.Since(began))
 	return &r, nil
 }
 

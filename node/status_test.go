@@ -63,7 +63,7 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 	if _, err := h.Connect(ctx, d.Addrs()[0]); err != nil {
 		t.Fatal(err)
 	}
-	if r, err := call(ctx, h, nil, d.ID(), ctlMsg{Type: msgOffer}); err != nil || !r.OK {
+	if r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer}); err != nil || !r.OK {
 		t.Fatalf("offer: %+v %v", r, err)
 	}
 	s, err := h.NewStream(ctx, d.ID(), p2p.ProtoActivation)

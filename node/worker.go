@@ -347,7 +347,9 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	w.eval = train.NewEvaluator([]*shard.Stage{st}, nil)
 	w.eval.Reuse(w.tapes[:1])
 	w.ctx, w.cancel = context.WithCancelCause(ctx)
-	w.out = newOutbox(h, w.log, &w.sent, env.meters, func(err error) {
+	// Until a kind of control message has been answered, as long as staffing may take.
+	calls := newCallClock(time.Duration(sp.Pipeline.StaffTimeout) * time.Second)
+	w.out = newOutbox(h, w.log, &w.sent, env.meters, calls, func(err error) {
 		if R > 1 {
 			// A neighbour in this replica pipeline is gone: the pipeline is broken, the
 			// run is not.
