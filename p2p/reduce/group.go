@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -53,8 +54,10 @@ type Group struct {
 	cfg   GroupConfig
 	svc   *Service
 	log   *slog.Logger
-	index map[peer.ID]int // immutable
-	lim   limits          // immutable
+	// members is who holds each replica's place: replaced whole when a place passes
+	// to another peer (Replace); stream handlers read it without the loop.
+	members atomic.Pointer[roster]
+	lim     limits // immutable
 	R     int
 	self  int
 
@@ -100,7 +103,6 @@ func (s *Service) Join(cfg GroupConfig) (*Group, error) {
 	g := &Group{
 		cfg: cfg, svc: s, R: R, self: cfg.Self,
 		log:        s.log.With("run", cfg.Run, "group", cfg.Group, "self", cfg.Self),
-		index:      make(map[peer.ID]int, R),
 		lim:        newLimits(R, cfg.Codec, cfg.MaxValues),
 		events:     make(chan event, 64),
 		quit:       make(chan struct{}),
@@ -110,9 +112,7 @@ func (s *Service) Join(cfg GroupConfig) (*Group, error) {
 		pendVals:   make([]int, R),
 		behindSent: make([]uint64, R),
 	}
-	for i, p := range cfg.Peers {
-		g.index[p] = i
-	}
+	g.members.Store(newRoster(cfg.Peers))
 	if R == MaxMembers {
 		g.live = ^uint64(0)
 	} else {
@@ -353,10 +353,62 @@ func (g *Group) sendCtl(to int, h header) { g.sendFrame(to, h, nil) }
 func (g *Group) sendFrame(to int, h header, payload []byte) {
 	h.codec, h.run, h.group = g.cfg.Codec, g.cfg.Run, g.cfg.Group
 	h.plen = uint32(len(payload))
-	g.svc.send(g.cfg.Peers[to], outFrame{hdr: h, payload: payload})
+	g.svc.send(g.peerAt(to), outFrame{hdr: h, payload: payload})
 }
 
-func (g *Group) peerName(p int) string { return g.cfg.Peers[p].String() }
+func (g *Group) peerName(p int) string { return g.peerAt(p).String() }
+
+// roster is the group's members in replica order, and the way back.
+type roster struct {
+	peers []peer.ID
+	index map[peer.ID]int
+}
+
+func newRoster(peers []peer.ID) *roster {
+	r := &roster{peers: slices.Clone(peers), index: make(map[peer.ID]int, len(peers))}
+	for i, p := range peers {
+		r.index[p] = i
+	}
+	return r
+}
+
+// peerAt is the peer that holds member i's place.
+func (g *Group) peerAt(i int) peer.ID { return g.members.Load().peers[i] }
+
+// indexOf is p's place in the group, if it has one.
+func (g *Group) indexOf(p peer.ID) (int, bool) {
+	i, ok := g.members.Load().index[p]
+	return i, ok
+}
+
+// Replace gives member's place to the peer id, which takes it as a restarted member
+// would (FetchState, then counted in from the round after): a node that took over
+// the place of one that is gone. The old peer is no longer a member; frames from it
+// are a stranger's.
+func (g *Group) Replace(member int, id peer.ID) error {
+	switch {
+	case member < 0 || member >= g.R:
+		return fmt.Errorf("%w: member %d outside [0, %d)", ErrBadConfig, member, g.R)
+	case member == g.self:
+		return fmt.Errorf("%w: member %d is this one", ErrBadConfig, member)
+	case id == "":
+		return fmt.Errorf("%w: empty peer ID", ErrBadConfig)
+	}
+	old := g.members.Load()
+	if i, ok := old.index[id]; ok {
+		if i == member {
+			return nil
+		}
+		return fmt.Errorf("%w: %s is already member %d", ErrBadConfig, id, i)
+	}
+	peers := slices.Clone(old.peers)
+	gone := peers[member]
+	peers[member] = id
+	g.members.Store(newRoster(peers))
+	g.log.Info("member replaced", "member", member, "was", gone, "now", id)
+	g.post(evDown{from: member, err: fmt.Errorf("its place passed to %s", id)})
+	return nil
+}
 
 // onFrame dispatches a frame from a member.
 func (g *Group) onFrame(ev evFrame) {
@@ -568,7 +620,7 @@ func (g *Group) onFetched(r uint64, live uint64, reply chan struct{}) {
 func (g *Group) slack() time.Duration {
 	var rtt time.Duration
 	ps := g.svc.h.Peerstore()
-	for p, id := range g.cfg.Peers {
+	for p, id := range g.members.Load().peers {
 		if p != g.self {
 			rtt = max(rtt, ps.LatencyEWMA(id))
 		}

@@ -526,6 +526,100 @@ func TestBehindMemberFetchesStateAndRejoins(t *testing.T) {
 	}
 }
 
+// A member's node dies and another peer takes its place: the others Replace it, the
+// newcomer fetches the state and is counted in the next round, which matches the
+// reference of all three.
+func TestReplacedMemberIsTakenOverByANewPeer(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const R, v = 3, 2
+	c := spec(t, "int8/32")
+	var mu sync.Mutex
+	var round uint64
+	var global []float32
+	state := func(uint64) (uint64, [][]float32) {
+		mu.Lock()
+		defer mu.Unlock()
+		return round, [][]float32{global}
+	}
+	cl := newCluster(t, R, c, func(i int, cfg *GroupConfig) { cfg.State = state })
+	ys := randVecs(R, 1000, 5)
+	for i, o := range cl.run(ctx, 1, ys, time.Minute, nil) {
+		if o.err != nil {
+			t.Fatalf("round 1, member %d: %v", i, o.err)
+		}
+	}
+	cl.kill(v)
+	live := others(R, v)
+	out := cl.run(ctx, 2, ys, 200*time.Millisecond, live)
+	for _, i := range live {
+		if out[i].err != nil {
+			t.Fatalf("round 2, member %d: %v", i, out[i].err)
+		}
+	}
+	mu.Lock()
+	round, global = 2, out[0].res.Avg
+	mu.Unlock()
+
+	h, err := cl.mn.GenPeer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range live {
+		if _, err := cl.mn.LinkPeers(h.ID(), cl.hosts[i].ID()); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := cl.mn.ConnectPeers(h.ID(), cl.hosts[i].ID()); err != nil {
+			t.Fatal(err)
+		}
+	}
+	svc := NewService(h, testLog().With("member", "new"), func(p peer.ID, err error) {
+		cl.penalties.Add(1)
+		t.Logf("the newcomer penalises %s: %v", p, err)
+	})
+	h.SetStreamHandler(Proto, svc.HandleStream)
+	t.Cleanup(func() { svc.Close() })
+	ids := []peer.ID{cl.hosts[0].ID(), cl.hosts[1].ID(), h.ID()}
+	g, err := svc.Join(GroupConfig{Run: 7, Group: 2, Peers: ids, Self: v, Codec: c, MaxValues: 1 << 20, PriorRate: 100 << 20, Slack: 2 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, i := range live {
+		if err := cl.groups[i].Replace(v, h.ID()); err != nil {
+			t.Fatalf("member %d: Replace: %v", i, err)
+		}
+	}
+	if err := cl.groups[0].Replace(0, h.ID()); err == nil {
+		t.Error("Replace of this member's own place: no error")
+	}
+	if err := cl.groups[0].Replace(1, h.ID()); err == nil {
+		t.Error("Replace giving a second place to a member: no error")
+	}
+	got, vecs, err := g.FetchState(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != 2 {
+		t.Fatalf("the newcomer fetched round %d, want 2", got)
+	}
+	mustEqual(t, "fetched global", vecs[0], global)
+	cl.groups[v] = g
+	out = cl.run(ctx, 3, ys, time.Minute, nil)
+	avg, _, _ := Reference(c, ys)
+	for i, o := range out {
+		if o.err != nil {
+			t.Fatalf("round 3, member %d: %v", i, o.err)
+		}
+		if len(o.res.Missing) != 0 {
+			t.Errorf("round 3, member %d: missing %v; the newcomer should count", i, o.res.Missing)
+		}
+		mustEqual(t, fmt.Sprintf("round 3 member %d Avg", i), o.res.Avg, avg)
+	}
+	if n := cl.penalties.Load(); n != 0 {
+		t.Errorf("%d penalties; a newcomer in a replaced place is no offender", n)
+	}
+}
+
 // Every frame a member writes is counted once where it is written and once where it
 // is read: once a round's frames have all landed, what all members sent equals what
 // they all received, and each member's meter holds at least the data frames its

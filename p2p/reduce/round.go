@@ -168,7 +168,7 @@ func (g *Group) receive(rs *round, ev evFrame) {
 	h, from := &ev.f.hdr, ev.from
 	if int(h.n) != rs.n {
 		err := fmt.Errorf("%w: round %d: %v has %d values, ours %d", ErrBadFrame, rs.id, h.typ, h.n, rs.n)
-		g.svc.penalise(g.cfg.Peers[from], err)
+		g.svc.penalise(g.peerAt(from), err)
 		g.markMissing(rs, from, err, true)
 		g.advance(rs)
 		return

@@ -115,7 +115,7 @@ func (s *Service) groupsOf(p peer.ID) []*Group {
 	defer s.mu.Unlock()
 	var gs []*Group
 	for _, g := range s.groups {
-		if _, ok := g.index[p]; ok {
+		if _, ok := g.indexOf(p); ok {
 			gs = append(gs, g)
 		}
 	}
@@ -124,7 +124,9 @@ func (s *Service) groupsOf(p peer.ID) []*Group {
 
 func (s *Service) peerDown(p peer.ID, err error) {
 	for _, g := range s.groupsOf(p) {
-		g.post(evDown{from: g.index[p], err: err})
+		if i, ok := g.indexOf(p); ok {
+			g.post(evDown{from: i, err: err})
+		}
 	}
 }
 
@@ -142,7 +144,7 @@ func (s *Service) HandleStream(st network.Stream) {
 		if g, ok = s.find(run, group); !ok {
 			return nil, false
 		}
-		if _, member := g.index[from]; !member {
+		if _, member := g.indexOf(from); !member {
 			return &limits{stranger: true}, true
 		}
 		return &g.lim, true
@@ -169,12 +171,16 @@ func (s *Service) HandleStream(st network.Stream) {
 			}
 			return
 		}
+		idx, member := g.indexOf(from)
+		if !member {
+			continue // its place passed to another peer after the frame's header was read
+		}
 		switch f.hdr.typ {
 		case typeState, typeStateEnd, typeStateNone:
-			g.toFetch(g.index[from], f)
+			g.toFetch(idx, f)
 			continue
 		}
-		if !g.deliver(evFrame{from: g.index[from], f: f}) {
+		if !g.deliver(evFrame{from: idx, f: f}) {
 			st.Reset()
 			return
 		}

@@ -196,7 +196,7 @@ func (g *Group) fetchFrom(ctx context.Context, p int, want uint64) (r uint64, li
 		}
 		bad := func(format string, args ...any) error {
 			err := badFrame("state: "+format, args...)
-			g.svc.penalise(g.cfg.Peers[p], err)
+			g.svc.penalise(g.peerAt(p), err)
 			return err
 		}
 		if h.round != r {
