@@ -51,15 +51,15 @@ type ChunkResult struct {
 // AllReduce at a time. All of the group's state is owned by one goroutine
 // (loop); stream handlers and callers send it events.
 type Group struct {
-	cfg   GroupConfig
-	svc   *Service
-	log   *slog.Logger
+	cfg GroupConfig
+	svc *Service
+	log *slog.Logger
 	// members is who holds each replica's place: replaced whole when a place passes
 	// to another peer (Replace); stream handlers read it without the loop.
 	members atomic.Pointer[roster]
 	lim     limits // immutable
-	R     int
-	self  int
+	R       int
+	self    int
 
 	events    chan event
 	quit      chan struct{}
