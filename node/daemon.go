@@ -493,6 +493,19 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 		w.cancel(fmt.Errorf("%w: %s", ErrIdle, m.Reason))
 		w.startOnce.Do(w.start)
 		return ctlReply{OK: true}
+	case msgReplace:
+		if from != w.launcher {
+			return ctlReply{Error: "only the run's launcher may move a cell"}
+		}
+		if m.Cell != nil {
+			if id, err := peer.Decode(m.Cell.Peer); err == nil {
+				d.addAddrs(id, m.Cell.Addrs)
+			}
+		}
+		if err := w.replace(m.Cell); err != nil {
+			return ctlReply{Error: err.Error()}
+		}
+		return ctlReply{OK: true}
 	case msgNorm:
 		n := m.Norm
 		if n == nil || n.Stage < 0 || n.Stage >= w.sp.Pipeline.Stages || w.peerOf(n.Stage) != from || n.Stage == w.idx {

@@ -272,6 +272,9 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, o LaunchOpti
 		id, _ := peer.Decode(a.Peer)
 		stagePeers[id] = a
 	}
+	// A cell can pass to a new node (rejoin, below) on the watch loop; cellsMu guards
+	// plan.Stages and stagePeers against the goroutines that read them besides it.
+	var cellsMu sync.Mutex
 	// Abort tells every node at once, each given a few of its round trips: a hung node
 	// (often the reason for the abort) must not hold the launcher up.
 	abort := func(reason string) {
@@ -304,9 +307,12 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, o LaunchOpti
 	}
 
 	// A stage's node going away ends the run, or with replicas its replica pipeline.
-	lost := make(chan peer.ID, len(stagePeers))
+	lost := make(chan peer.ID, 2*len(stagePeers))
 	notify := &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
-		if _, ok := stagePeers[c.RemotePeer()]; ok && !p2p.Linked(n, c.RemotePeer()) {
+		cellsMu.Lock()
+		_, ok := stagePeers[c.RemotePeer()]
+		cellsMu.Unlock()
+		if ok && !p2p.Linked(n, c.RemotePeer()) {
 			select {
 			case lost <- c.RemotePeer():
 			default:
@@ -345,32 +351,100 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, o LaunchOpti
 		id, err := peer.Decode(a.Peer)
 		return ok && err == nil && p2p.Linked(h.Network(), id)
 	}
+	// offerFrom asks id, within a few of its round trips, whether it has a free slot
+	// that holds a cell needing need bytes; a hung node cannot answer.
+	offerFrom := func(id peer.ID, addr string, need int64) bool {
+		cctx, cancel := context.WithTimeout(p2p.AllowRelayed(ctx, "rejoin"), time.Second+8*h.Peerstore().LatencyEWMA(id))
+		defer cancel()
+		var err error
+		if addr != "" {
+			_, err = h.Connect(cctx, addr)
+		}
+		if err != nil || !p2p.Linked(h.Network(), id) {
+			err = h.Host.Connect(cctx, peer.AddrInfo{ID: id})
+		}
+		var rep *ctlReply
+		if err == nil {
+			rep, err = call(cctx, h, calls, nil, id, ctlMsg{Type: msgOffer})
+		}
+		return err == nil && rep.OK && rep.Offer != nil && rep.Offer.MaxStages >= 1 && rep.Offer.MemoryBytes >= need
+	}
+	var subsMu sync.Mutex
+	subs := map[int]map[int]peer.ID{} // replica → plan.Stages index → the newcomer to take it
 	rj := rejoiner{
-		// reach connects to every node of replica pipeline r, as they were in the plan,
-		// and asks each for an offer: a node that answers within a few round trips and
-		// has a free slot can take its cell again (a hung one cannot).
+		// reach asks every node of replica pipeline r, as it is in the plan, for an
+		// offer: one that answers and has a free slot can take its cell again. A cell
+		// whose node does not answer passes to a newcomer: a --peer not in the plan
+		// that has a free slot and the memory the cell needs.
 		reach: func(r int) bool {
-			for _, a := range plan.Stages {
+			cellsMu.Lock()
+			cells := slices.Clone(plan.Stages)
+			cellsMu.Unlock()
+			held := map[string]bool{}
+			for _, a := range cells {
+				held[a.Peer] = true
+			}
+			moved := map[int]peer.ID{}
+			for i, a := range cells {
 				if a.Replica != r {
 					continue
 				}
 				id, _ := peer.Decode(a.Peer)
-				cctx, cancel := context.WithTimeout(p2p.AllowRelayed(ctx, "rejoin"), time.Second+8*h.Peerstore().LatencyEWMA(id))
-				err := h.Host.Connect(cctx, peer.AddrInfo{ID: id})
-				var rep *ctlReply
-				if err == nil {
-					rep, err = call(cctx, h, calls, nil, id, ctlMsg{Type: msgOffer})
+				if offerFrom(id, "", 0) {
+					continue
 				}
-				cancel()
-				if err != nil || !rep.OK || rep.Offer == nil || rep.Offer.MaxStages < 1 {
+				for _, addr := range o.Peers {
+					info, err := peer.AddrInfoFromString(addr)
+					if err != nil || held[info.ID.String()] || !offerFrom(info.ID, addr, a.Need) {
+						continue
+					}
+					moved[i], held[info.ID.String()] = info.ID, true
+					break
+				}
+				if _, ok := moved[i]; !ok {
 					return false
 				}
 			}
+			subsMu.Lock()
+			subs[r] = moved
+			subsMu.Unlock()
 			return true
 		},
 		// join signs a plan that brings replica pipeline r back after outer step step,
-		// gives it to the pipeline's nodes and starts it; the nonce tells its reports.
+		// with the newcomers reach found in the cells whose nodes are gone (the other
+		// replicas of their stages are told first, so that their all-reduce counts the
+		// newcomer in), gives it to the pipeline's nodes and starts it; the nonce tells
+		// its reports.
 		join: func(r, step int) (uint64, error) {
+			subsMu.Lock()
+			moved := subs[r]
+			delete(subs, r)
+			subsMu.Unlock()
+			for i, id := range moved {
+				a := plan.Stages[i]
+				was := a.Peer
+				a.Peer, a.Addrs = id.String(), nil
+				for _, m := range h.Peerstore().Addrs(id) {
+					a.Addrs = append(a.Addrs, m.String()+"/p2p/"+id.String())
+				}
+				cellsMu.Lock()
+				plan.Stages[i] = a
+				if old, err := peer.Decode(was); err == nil {
+					delete(stagePeers, old)
+				}
+				stagePeers[id] = a
+				cellsMu.Unlock()
+				log.Info("a newcomer takes the cell of a node gone", "cell", cellName(sp, a), "was", was, "now", id)
+				for _, b := range plan.Stages {
+					if b.Replica == r {
+						continue
+					}
+					bid, _ := peer.Decode(b.Peer)
+					if rep, err := call(ctx, h, calls, nil, bid, ctlMsg{Type: msgReplace, Run: runID, Cell: &a}); err != nil || !rep.OK {
+						log.Warn("a replica was not told of the newcomer", "cell", cellName(sp, b), "err", err)
+					}
+				}
+			}
 			j := *plan
 			// A restarted node may listen elsewhere now: every cell carries the addresses
 			// its node has told this launcher (identify) since.

@@ -26,16 +26,20 @@ const (
 	msgNorm   = "norm"   // stage → stage: gradient sum of squares for a step
 	msgReport = "report" // node → launcher: progress
 	msgIdle   = "idle"   // launcher → node: your replica pipeline is broken; stop and keep your state
+	// launcher → node: a cell of another replica pipeline passed to a new node (one
+	// that took the place of a node gone); the stage's all-reduce counts it in.
+	msgReplace = "replace"
 )
 
 type ctlMsg struct {
-	Type   string      `json:"type"`
-	Run    uint64      `json:"run,omitempty"`
-	Signed *p2p.Signed `json:"signed,omitempty"`
-	Norm   *normMsg    `json:"norm,omitempty"`
-	Report *Report     `json:"report,omitempty"`
-	Reason string      `json:"reason,omitempty"`
-	Spec   string      `json:"spec,omitempty"` // an offer request for a resumed run: its spec
+	Type   string             `json:"type"`
+	Run    uint64             `json:"run,omitempty"`
+	Signed *p2p.Signed        `json:"signed,omitempty"`
+	Norm   *normMsg           `json:"norm,omitempty"`
+	Report *Report            `json:"report,omitempty"`
+	Reason string             `json:"reason,omitempty"`
+	Spec   string             `json:"spec,omitempty"` // an offer request for a resumed run: its spec
+	Cell   *assign.Assignment `json:"cell,omitempty"` // msgReplace: the cell and its new peer
 }
 
 type ctlReply struct {

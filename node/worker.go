@@ -503,6 +503,32 @@ func (w *worker) reachLauncher(grace time.Duration) {
 	}
 }
 
+// replace takes note that cell a, of another replica pipeline, is held by a new node
+// now: the stage's all-reduce gives it the place of the node gone (the same stage),
+// and the loop dials it with the other replicas.
+func (w *worker) replace(a *assign.Assignment) error {
+	if a == nil || a.Replica < 0 || a.Replica >= len(w.grid) || a.Replica == w.rep || a.Stage < 0 || a.Stage >= len(w.grid[0]) {
+		return errors.New("replace: no cell of another replica pipeline")
+	}
+	id, err := peer.Decode(a.Peer)
+	if err != nil {
+		return fmt.Errorf("replace: %w", err)
+	}
+	if a.Stage == w.idx && w.group != nil {
+		if err := w.group.Replace(a.Replica, id); err != nil {
+			return fmt.Errorf("replace: %w", err)
+		}
+	}
+	w.post(cellMoved{stage: a.Stage, replica: a.Replica, id: id})
+	return nil
+}
+
+// cellMoved is replace's news for the loop, which alone writes the grid.
+type cellMoved struct {
+	stage, replica int
+	id             peer.ID
+}
+
 func (w *worker) post(e any) {
 	select {
 	case w.events <- e:
@@ -585,6 +611,8 @@ func (w *worker) loop() error {
 				err = w.reduced(e)
 			case stopReq:
 				w.stopping(e.cause)
+			case cellMoved:
+				w.grid[e.replica][e.stage] = e.id
 			case launcherLost:
 				if w.reaching.CompareAndSwap(false, true) { // one attempt at a time
 					steps := max(1, w.core.Step())

@@ -359,6 +359,81 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	}
 }
 
+// A node killed for good, with a spare node among the launcher's peers: the spare
+// takes its cell (the stage's other replica counts it into its all-reduce), fetches
+// the stage's state from the live replica, and the pipeline trains on in agreement.
+func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	// First fit in --peer order: node 3 holds stage 1 of replica 1, node 4 is spare.
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, rejoinSpec, 5, "--memory-budget", "512MiB")
+	out := filepath.Join(dir, "launched")
+	type result struct {
+		code           int
+		stdout, stderr string
+	}
+	done := make(chan result, 1)
+	go func() {
+		code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
+		done <- result{code, stdout, stderr}
+	}()
+	waitSteps(t, out, 40)
+	victim := nodes[3]
+	_ = victim.cmd.Process.Kill()
+	<-victim.exited
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(180 * time.Second):
+		t.Fatal("launch did not finish within 180 s of the kill")
+	}
+	if r.code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	for _, line := range strings.Split(r.stderr, "\n") {
+		if strings.Contains(line, "newcomer") || strings.Contains(line, "rejoined") {
+			t.Log(line)
+		}
+	}
+	spare := peerArgs[9][strings.LastIndex(peerArgs[9], "/")+1:]
+	if !strings.Contains(r.stderr, "a newcomer takes the cell of a node gone") || !strings.Contains(r.stderr, spare) {
+		t.Errorf("launch does not say the spare %s took the cell:\n%s", spare, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "replica pipelines rejoined: [1") {
+		t.Errorf("launch summary does not say replica 1 rejoined:\n%s", r.stdout)
+	}
+	waitLog(t, nodes[4], "rejoined: state fetched and verified", 5*time.Second)
+	waitLog(t, nodes[1], "member replaced", 5*time.Second) // stage 1 of replica 0
+	steps, outers := readRun(t, out)
+	var back int
+	for step := 1000; step > 0; step-- {
+		if _, ok := steps[[2]int{step, 1}]; !ok {
+			back = step + 1
+			break
+		}
+	}
+	t.Logf("replica 1 trained again, with the newcomer, from step %d", back)
+	if back > 990 || back < 41 {
+		t.Errorf("replica 1 trained again from step %d; want it back well before the end", back)
+	}
+	by := map[[2]int][]string{}
+	for _, o := range outers {
+		by[[2]int{o.Stage, o.Step}] = append(by[[2]int{o.Stage, o.Step}], o.WeightsHash)
+	}
+	for step := back + 19; step <= 1000; step += 20 {
+		for s := range 2 {
+			if hs := by[[2]int{s, step}]; len(hs) != 2 || hs[0] != hs[1] {
+				t.Errorf("stage %d after step %d: hashes %v, want both replicas' and equal", s, step, hs)
+			}
+		}
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	}
+}
+
 // waitSteps waits, at most 90 s, until the run launched into out has recorded at
 // least n step rows, and returns how many it has.
 func waitSteps(t *testing.T, out string, n int) int {
