@@ -317,6 +317,18 @@ func (d *Daemon) Run(ctx context.Context) error {
 	hb, err := d.host.PubSub.Join(p2p.TopicHeartbeats)
 	if err != nil {
 		d.log.Warn("no heartbeat topic", "err", err)
+	} else if sub, err := hb.Subscribe(); err == nil {
+		// Subscribed, a node relays the others' heartbeats in the gossip mesh, so that
+		// they reach peers it is connected to and they are not (a launcher, a monitor);
+		// it has no use for them itself.
+		go func() {
+			defer sub.Cancel()
+			for {
+				if _, err := sub.Next(ctx); err != nil {
+					return
+				}
+			}
+		}()
 	}
 	tick := time.NewTicker(HeartbeatInterval)
 	defer tick.Stop()
@@ -345,6 +357,9 @@ type Heartbeat struct {
 	Version    string  `json:"version"`      // module version, and the commit if known: build.Info.Short
 	Reachable  string  `json:"reachable"`    // "public", "private" or "unknown"
 	TokensPerS float64 `json:"tokens_per_s"` // summed over the stages held
+	// Addrs are where the node can be dialled (with /p2p/ID): how a launcher that
+	// hears an idle node can give it a cell whose node is gone.
+	Addrs []string `json:"addrs"`
 	// Runs are the stages held: each cell of a run this node trains, with its
 	// progress. Empty when idle.
 	Runs []HeartbeatRun `json:"runs"`
@@ -369,6 +384,7 @@ func (d *Daemon) Heartbeat() Heartbeat {
 	}
 	d.mu.Unlock()
 	hb := Heartbeat{Peer: d.host.ID().String(), Version: d.build.Short(), Reachable: d.host.Reachability().State, Runs: []HeartbeatRun{}}
+	hb.Addrs = d.host.Addrs()
 	for _, w := range ws {
 		v := w.statusView()
 		hb.Runs = append(hb.Runs, HeartbeatRun{Run: v.Run, Stage: v.Stage, Replica: v.Replica, State: v.State, Step: v.Step, TokensPerS: v.TokensPerS})

@@ -21,6 +21,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
@@ -152,7 +153,8 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	defer h.Close()
 	// Until a call of a kind is measured, it may take as long as staffing may.
 	calls := newCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout) * time.Second)
-	res, err := launchOnce(ctx, h, calls, o, log, 0, nil)
+	idle := listenIdle(ctx, h, log)
+	res, err := launchOnce(ctx, h, calls, idle, o, log, 0, nil)
 	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second
 	var pauses []Pause
 	var broken, rejoined []int
@@ -167,7 +169,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 			"why", err, "for_up_to", wait)
 		ro := o
 		ro.Resume = true
-		next, nerr := launchOnce(ctx, h, calls, ro, log, wait, func(from int) {
+		next, nerr := launchOnce(ctx, h, calls, idle, ro, log, wait, func(from int) {
 			p.ResumedAt = from
 			p.WaitedS = time.Since(stopped).Seconds()
 			log.Info("run resumed", "from_step", from, "paused_for", time.Since(stopped).Round(time.Second))
@@ -198,7 +200,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 // launchOnce is one part of a launched run, from staffing to the run's end or the
 // failure that stops it. staffFor, if set, replaces the staffing timeout; started,
 // if set, is told the step a resumed run goes on from once it has started.
-func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, o LaunchOptions, log *slog.Logger, staffFor time.Duration, started func(from int)) (*LaunchResult, error) {
+func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idlePeers, o LaunchOptions, log *slog.Logger, staffFor time.Duration, started func(from int)) (*LaunchResult, error) {
 	sp := o.Spec
 	var prev *runRecord
 	if o.Resume {
@@ -353,21 +355,42 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, o LaunchOpti
 	}
 	// offerFrom asks id, within a few of its round trips, whether it has a free slot
 	// that holds a cell needing need bytes; a hung node cannot answer.
-	offerFrom := func(id peer.ID, addr string, need int64) bool {
+	offerFrom := func(id peer.ID, addrs []string, need int64) bool {
 		cctx, cancel := context.WithTimeout(p2p.AllowRelayed(ctx, "rejoin"), time.Second+8*h.Peerstore().LatencyEWMA(id))
 		defer cancel()
-		var err error
-		if addr != "" {
-			_, err = h.Connect(cctx, addr)
+		for _, a := range addrs {
+			if info, err := peer.AddrInfoFromString(a); err == nil && info.ID == id {
+				h.Peerstore().AddAddrs(id, info.Addrs, peerstore.TempAddrTTL)
+			}
 		}
-		if err != nil || !p2p.Linked(h.Network(), id) {
-			err = h.Host.Connect(cctx, peer.AddrInfo{ID: id})
-		}
+		err := h.Host.Connect(cctx, peer.AddrInfo{ID: id})
 		var rep *ctlReply
 		if err == nil {
 			rep, err = call(cctx, h, calls, nil, id, ctlMsg{Type: msgOffer})
 		}
 		return err == nil && rep.OK && rep.Offer != nil && rep.Offer.MaxStages >= 1 && rep.Offer.MemoryBytes >= need
+	}
+	// newcomers are the nodes that might take a cell: the --peers, then the nodes heard
+	// on the heartbeat topic holding nothing (one that joined the swarm since).
+	type newcomer struct {
+		id    peer.ID
+		addrs []string
+	}
+	newcomers := func() []newcomer {
+		var out []newcomer
+		listed := map[peer.ID]bool{}
+		for _, addr := range o.Peers {
+			if info, err := peer.AddrInfoFromString(addr); err == nil {
+				out, listed[info.ID] = append(out, newcomer{info.ID, []string{addr}}), true
+			}
+		}
+		heard := spares.recent()
+		for _, id := range slices.Sorted(maps.Keys(heard)) {
+			if !listed[id] {
+				out = append(out, newcomer{id, heard[id]})
+			}
+		}
+		return out
 	}
 	var subsMu sync.Mutex
 	subs := map[int]map[int]peer.ID{} // replica → plan.Stages index → the newcomer to take it
@@ -390,15 +413,14 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, o LaunchOpti
 					continue
 				}
 				id, _ := peer.Decode(a.Peer)
-				if offerFrom(id, "", 0) {
+				if offerFrom(id, nil, 0) {
 					continue
 				}
-				for _, addr := range o.Peers {
-					info, err := peer.AddrInfoFromString(addr)
-					if err != nil || held[info.ID.String()] || !offerFrom(info.ID, addr, a.Need) {
+				for _, c := range newcomers() {
+					if held[c.id.String()] || !offerFrom(c.id, c.addrs, a.Need) {
 						continue
 					}
-					moved[i], held[info.ID.String()] = info.ID, true
+					moved[i], held[c.id.String()] = c.id, true
 					break
 				}
 				if _, ok := moved[i]; !ok {
@@ -516,6 +538,76 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, o LaunchOpti
 		}
 	}
 	return res, err
+}
+
+// idlePeers are the nodes heard on the heartbeat topic holding no stage, with when
+// each was last heard so: candidates for a cell whose node is gone.
+type idlePeers struct {
+	mu   sync.Mutex
+	seen map[peer.ID]idleSeen
+}
+
+type idleSeen struct {
+	at    time.Time
+	addrs []string
+}
+
+// listenIdle follows the heartbeat topic on h until ctx ends or h closes.
+func listenIdle(ctx context.Context, h *p2p.Host, log *slog.Logger) *idlePeers {
+	ip := &idlePeers{seen: map[peer.ID]idleSeen{}}
+	t, err := h.PubSub.Join(p2p.TopicHeartbeats)
+	if err != nil {
+		log.Debug("no heartbeat topic: only --peers can take a gone node's cell", "err", err)
+		return ip
+	}
+	sub, err := t.Subscribe()
+	if err != nil {
+		_ = t.Close()
+		log.Debug("no heartbeat subscription: only --peers can take a gone node's cell", "err", err)
+		return ip
+	}
+	go func() {
+		defer func() { sub.Cancel(); _ = t.Close() }()
+		for {
+			m, err := sub.Next(ctx)
+			if err != nil {
+				return
+			}
+			var hb Heartbeat
+			if json.Unmarshal(m.Data, &hb) != nil {
+				continue
+			}
+			from := m.GetFrom() // signed by its sender, unlike the heartbeat's own peer field
+			ip.mu.Lock()
+			if len(hb.Runs) == 0 {
+				var addrs []string
+				for _, a := range hb.Addrs {
+					if info, err := peer.AddrInfoFromString(a); err == nil && info.ID == from {
+						addrs = append(addrs, a) // only its own
+					}
+				}
+				ip.seen[from] = idleSeen{time.Now(), addrs}
+			} else {
+				delete(ip.seen, from)
+			}
+			ip.mu.Unlock()
+		}
+	}()
+	return ip
+}
+
+// recent lists, by peer ID, the idle peers heard within the last three heartbeats,
+// each with the addresses it gave.
+func (ip *idlePeers) recent() map[peer.ID][]string {
+	ip.mu.Lock()
+	defer ip.mu.Unlock()
+	out := map[peer.ID][]string{}
+	for id, s := range ip.seen {
+		if time.Since(s.at) < 3*HeartbeatInterval {
+			out[id] = s.addrs
+		}
+	}
+	return out
 }
 
 // ResultFile is where Launch writes its LaunchResult (JSON) in the run's directory.

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"syscall"
 	"testing"
@@ -359,16 +360,18 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	}
 }
 
-// A node killed for good, with a spare node among the launcher's peers: the spare
-// takes its cell (the stage's other replica counts it into its all-reduce), fetches
-// the stage's state from the live replica, and the pipeline trains on in agreement.
+// A node killed for good, and a new node that joins the swarm after the run started
+// (bootstrapped from a node of it, not one of the launcher's --peers): the launcher
+// hears it on the heartbeat topic, it takes the gone node's cell (the stage's other
+// replica counts it into its all-reduce), fetches the stage's state from the live
+// replica, and the pipeline trains on in agreement.
 func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts processes; skipped in -short mode")
 	}
 	dir := t.TempDir()
-	// First fit in --peer order: node 3 holds stage 1 of replica 1, node 4 is spare.
-	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, rejoinSpec, 5, "--memory-budget", "512MiB")
+	// First fit in --peer order: node 3 holds stage 1 of replica 1.
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, rejoinSpec, 4, "--memory-budget", "512MiB")
 	out := filepath.Join(dir, "launched")
 	type result struct {
 		code           int
@@ -380,6 +383,10 @@ func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 		done <- result{code, stdout, stderr}
 	}()
 	waitSteps(t, out, 40)
+	trust := nodes[0].cmd.Args[slices.Index(nodes[0].cmd.Args, "--trust")+1]
+	nodes = append(nodes, startNode(t, filepath.Join(dir, "newcomer"), "--trust", trust, "--memory-budget", "512MiB", "--bootstrap", nodes[0].addrs(t)))
+	spareAddr := nodes[4].addrs(t)
+	spare := spareAddr[strings.LastIndex(spareAddr, "/")+1:]
 	victim := nodes[3]
 	_ = victim.cmd.Process.Kill()
 	<-victim.exited
@@ -397,7 +404,6 @@ func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 			t.Log(line)
 		}
 	}
-	spare := peerArgs[9][strings.LastIndex(peerArgs[9], "/")+1:]
 	if !strings.Contains(r.stderr, "a newcomer takes the cell of a node gone") || !strings.Contains(r.stderr, spare) {
 		t.Errorf("launch does not say the spare %s took the cell:\n%s", spare, r.stderr)
 	}
