@@ -1,8 +1,6 @@
 package main
 
 import (
-	"bytes"
-	"context"
 	"encoding/json"
 	"os"
 	"path/filepath"
@@ -40,16 +38,7 @@ func TestLaunchResumeAfterEveryNodeStoppedContinuesExactly(t *testing.T) {
 		t.Fatalf("resume of an empty directory: exit %d, stderr %q; want a refusal", code, stderr)
 	}
 
-	type result struct {
-		code   int
-		stderr string
-	}
-	first := make(chan result, 1)
-	go func() {
-		var o, e bytes.Buffer
-		code := run(context.Background(), append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...), &o, &e)
-		first <- result{code, e.String()}
-	}()
+	first := startLaunch(t, append([]string{specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
 	recorded := waitSteps(t, out, 15)
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
@@ -61,20 +50,14 @@ func TestLaunchResumeAfterEveryNodeStoppedContinuesExactly(t *testing.T) {
 			t.Fatalf("node %d still running 15 s after SIGTERM", i)
 		}
 	}
-	select {
-	case r := <-first:
-		if r.code == 0 {
-			t.Fatal("the interrupted launch exited 0")
-		}
-	case <-time.After(30 * time.Second):
-		t.Fatal("launch did not notice its nodes had stopped")
+	if r := waitLaunch(t, first, 30*time.Second, "after its nodes stopped"); r.code == 0 {
+		t.Fatal("the interrupted launch exited 0")
 	}
 
 	// The same nodes, on the same data directories.
 	var again []string
 	for i, n := range nodes {
-		_ = os.Remove(filepath.Join(n.dir, "addrs")) // the old process's; the new one writes its own
-		nodes[i] = startNode(t, n.dir, n.cmd.Args[len(n.cmd.Args)-4:]...)
+		nodes[i] = n.restart(t)
 		again = append(again, "--peer", nodes[i].addrs(t))
 	}
 	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--resume", "--quiet"}, again...)...)
@@ -100,36 +83,7 @@ func TestLaunchResumeAfterEveryNodeStoppedContinuesExactly(t *testing.T) {
 		t.Errorf("resumed after step %d, but %d steps had been recorded: the stages did not stop on a common step", rec.Resume.Step, recorded)
 	}
 
-	launched, err := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref := filepath.Join(dir, "trained")
-	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
-		t.Fatalf("train exited %d: %s", code, stderr)
-	}
-	trained, err := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(launched) != len(trained) || len(trained) != 60 {
-		t.Fatalf("the resumed run's metrics.jsonl holds %d steps, train's %d; want 60 each", len(launched), len(trained))
-	}
-	for i := range trained {
-		a, b := launched[i], trained[i]
-		if a.Step != b.Step {
-			t.Fatalf("row %d is step %d, want %d", i, a.Step, b.Step)
-		}
-		if a.Loss != b.Loss { // bit for bit: the pipeline computes what train does
-			t.Errorf("step %d: resumed run's loss %.8f, uninterrupted %.8f", b.Step, a.Loss, b.Loss)
-		}
-		if (a.ValLoss == nil) != (b.ValLoss == nil) || (a.ValLoss != nil && *a.ValLoss != *b.ValLoss) {
-			t.Errorf("step %d: validation loss differs: %v, %v", b.Step, a.ValLoss, b.ValLoss)
-		}
-		if a.Tokens != b.Tokens {
-			t.Errorf("step %d: %d tokens recorded, train %d", b.Step, a.Tokens, b.Tokens)
-		}
-	}
+	sameAsTrain(t, specPath, out, 60)
 }
 
 // A node that hangs (SIGSTOP: its connections stay up, it sends nothing) is found by
@@ -141,17 +95,7 @@ func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {
 	dir := t.TempDir()
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, resumeSpec, 3, "--memory-budget", "512MiB")
 	out := filepath.Join(dir, "launched")
-	type result struct {
-		code   int
-		stderr string
-		at     time.Time
-	}
-	done := make(chan result, 1)
-	go func() {
-		var o, e bytes.Buffer
-		code := run(context.Background(), append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--steps", "100000", "--quiet"}, peerArgs...), &o, &e)
-		done <- result{code, e.String(), time.Now()}
-	}()
+	done := startLaunch(t, append([]string{specPath, "--key", keyPath, "--out", out, "--steps", "100000", "--quiet"}, peerArgs...)...)
 	waitSteps(t, out, 20)
 	hung := nodes[1]
 	id := peerArgs[3][strings.LastIndex(peerArgs[3], "/")+1:]
@@ -160,9 +104,9 @@ func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = hung.cmd.Process.Signal(syscall.SIGCONT) })
-	select {
-	case r := <-done:
-		took := r.at.Sub(stopped)
+	r := waitLaunch(t, done, 60*time.Second, "after a node hung")
+	{
+		took := r.ended.Sub(stopped)
 		t.Logf("hung node detected and the run failed %s after SIGSTOP: %s", took.Round(time.Millisecond), strings.TrimSpace(r.stderr[strings.LastIndex(r.stderr, "pipeswarm launch:"):]))
 		if r.code == 0 {
 			t.Fatal("launch exited 0 with a hung node")
@@ -170,8 +114,6 @@ func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {
 		if !strings.Contains(r.stderr, "stalled") || !strings.Contains(r.stderr, "stage 1") || !strings.Contains(r.stderr, id) {
 			t.Errorf("launch's error does not name stage 1 and its node %s as stalled:\n%s", id, r.stderr)
 		}
-	case <-time.After(60 * time.Second):
-		t.Fatal("launch still running 60 s after a node hung")
 	}
 }
 
@@ -195,30 +137,15 @@ func TestRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *testing.T
 	dir := t.TempDir()
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, pauseSpec, 2, "--memory-budget", "512MiB")
 	out := filepath.Join(dir, "launched")
-	type result struct {
-		code           int
-		stdout, stderr string
-	}
-	done := make(chan result, 1)
-	go func() {
-		code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
-		done <- result{code, stdout, stderr}
-	}()
+	done := startLaunch(t, append([]string{specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
 	waitSteps(t, out, 25)
 	victim := nodes[1]
-	_ = victim.cmd.Process.Kill()
-	<-victim.exited
+	victim.kill9()
 	killed := time.Now()
 	time.Sleep(3 * time.Second) // paused for a while, with nobody to hold stage 1
-	_ = os.Remove(filepath.Join(victim.dir, "addrs"))
-	nodes[1] = startNode(t, victim.dir, victim.cmd.Args[len(victim.cmd.Args)-4:]...)
+	nodes[1] = victim.restart(t)
 	nodes[1].addrs(t)
-	var r result
-	select {
-	case r = <-done:
-	case <-time.After(150 * time.Second):
-		t.Fatal("launch did not finish within 150 s of the kill")
-	}
+	r := waitLaunch(t, done, 300*time.Second, "after the kill")
 	if r.code != 0 {
 		t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
@@ -237,27 +164,7 @@ func TestRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *testing.T
 		t.Errorf("the summary does not list the pause:\n%s", r.stdout)
 	}
 
-	launched, err := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	ref := filepath.Join(dir, "trained")
-	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
-		t.Fatalf("train exited %d: %s", code, stderr)
-	}
-	trained, err := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if len(launched) != len(trained) || len(trained) != 80 {
-		t.Fatalf("the paused run's metrics.jsonl holds %d steps, train's %d; want 80 each", len(launched), len(trained))
-	}
-	for i := range trained {
-		a, b := launched[i], trained[i]
-		if a.Step != b.Step || a.Loss != b.Loss {
-			t.Errorf("row %d: step %d loss %.8f; uninterrupted: step %d loss %.8f", i, a.Step, a.Loss, b.Step, b.Loss)
-		}
-	}
+	sameAsTrain(t, specPath, out, 80)
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
 	}
@@ -285,30 +192,15 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	// First fit in --peer order, replica by replica: node 3 holds stage 1 of replica 1.
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, rejoinSpec, 4, "--memory-budget", "512MiB")
 	out := filepath.Join(dir, "launched")
-	type result struct {
-		code           int
-		stdout, stderr string
-	}
-	done := make(chan result, 1)
-	go func() {
-		code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
-		done <- result{code, stdout, stderr}
-	}()
+	done := startLaunch(t, append([]string{specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
 	waitSteps(t, out, 40)
 	victim := nodes[3]
-	_ = victim.cmd.Process.Kill()
-	<-victim.exited
+	victim.kill9()
 	killed := time.Now()
 	waitLog(t, nodes[2], "idle: this replica pipeline cannot go on", 30*time.Second)
-	_ = os.Remove(filepath.Join(victim.dir, "addrs"))
-	nodes[3] = startNode(t, victim.dir, victim.cmd.Args[len(victim.cmd.Args)-4:]...)
+	nodes[3] = victim.restart(t)
 	nodes[3].addrs(t)
-	var r result
-	select {
-	case r = <-done:
-	case <-time.After(180 * time.Second):
-		t.Fatal("launch did not finish within 180 s of the kill")
-	}
+	r := waitLaunch(t, done, 300*time.Second, "after the kill")
 	if r.code != 0 {
 		t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
@@ -324,37 +216,8 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	for _, n := range nodes[2:] {
 		waitLog(t, n, "rejoined: state fetched and verified", 5*time.Second)
 	}
-	steps, outers := readRun(t, out)
-	var back int
-	for step := 1000; step > 0; step-- {
-		if _, ok := steps[[2]int{step, 1}]; !ok {
-			back = step + 1
-			break
-		}
-	}
+	back := rejoinedInAgreement(t, out)
 	t.Logf("replica 1 lost from the kill (%s ago at the end) and trained again from step %d to 1000", time.Since(killed).Round(time.Second), back)
-	if back > 990 || back < 41 {
-		t.Errorf("replica 1 trained again from step %d; want it back well before the end", back)
-	}
-	for step := 1; step <= 1000; step++ {
-		if _, ok := steps[[2]int{step, 0}]; !ok {
-			t.Fatalf("replica 0 has no loss at step %d", step)
-		}
-	}
-	// Every outer step after the rejoin has both replicas of both stages, in agreement:
-	// the fetched state was the live replica's.
-	by := map[[2]int][]string{}
-	for _, o := range outers {
-		by[[2]int{o.Stage, o.Step}] = append(by[[2]int{o.Stage, o.Step}], o.WeightsHash)
-	}
-	for step := back + 19; step <= 1000; step += 20 {
-		for s := range 2 {
-			hs := by[[2]int{s, step}]
-			if len(hs) != 2 || hs[0] != hs[1] {
-				t.Errorf("stage %d after step %d: hashes %v, want both replicas' and equal", s, step, hs)
-			}
-		}
-	}
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
 	}
@@ -373,29 +236,15 @@ func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 	// First fit in --peer order: node 3 holds stage 1 of replica 1.
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, rejoinSpec, 4, "--memory-budget", "512MiB")
 	out := filepath.Join(dir, "launched")
-	type result struct {
-		code           int
-		stdout, stderr string
-	}
-	done := make(chan result, 1)
-	go func() {
-		code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
-		done <- result{code, stdout, stderr}
-	}()
+	done := startLaunch(t, append([]string{specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
 	waitSteps(t, out, 40)
 	trust := nodes[0].cmd.Args[slices.Index(nodes[0].cmd.Args, "--trust")+1]
 	nodes = append(nodes, startNode(t, filepath.Join(dir, "newcomer"), "--trust", trust, "--memory-budget", "512MiB", "--bootstrap", nodes[0].addrs(t)))
 	spareAddr := nodes[4].addrs(t)
 	spare := spareAddr[strings.LastIndex(spareAddr, "/")+1:]
 	victim := nodes[3]
-	_ = victim.cmd.Process.Kill()
-	<-victim.exited
-	var r result
-	select {
-	case r = <-done:
-	case <-time.After(180 * time.Second):
-		t.Fatal("launch did not finish within 180 s of the kill")
-	}
+	victim.kill9()
+	r := waitLaunch(t, done, 300*time.Second, "after the kill")
 	if r.code != 0 {
 		t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
@@ -412,6 +261,20 @@ func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 	}
 	waitLog(t, nodes[4], "rejoined: state fetched and verified", 5*time.Second)
 	waitLog(t, nodes[1], "member replaced", 5*time.Second) // stage 1 of replica 0
+	back := rejoinedInAgreement(t, out)
+	t.Logf("replica 1 trained again, with the newcomer, from step %d", back)
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	}
+}
+
+// rejoinedInAgreement checks the end of a rejoinSpec run launched into out whose
+// replica pipeline 1 broke after step 40 and came back: replica 0 has every step,
+// replica 1 is back well before the end, and every outer step since has both replicas
+// of both stages with equal weight hashes (the state fetched was the live replica's).
+// It returns the first step replica 1 trained again.
+func rejoinedInAgreement(t *testing.T, out string) int {
+	t.Helper()
 	steps, outers := readRun(t, out)
 	var back int
 	for step := 1000; step > 0; step-- {
@@ -420,9 +283,13 @@ func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 			break
 		}
 	}
-	t.Logf("replica 1 trained again, with the newcomer, from step %d", back)
 	if back > 990 || back < 41 {
 		t.Errorf("replica 1 trained again from step %d; want it back well before the end", back)
+	}
+	for step := 1; step <= 1000; step++ {
+		if _, ok := steps[[2]int{step, 0}]; !ok {
+			t.Fatalf("replica 0 has no loss at step %d", step)
+		}
 	}
 	by := map[[2]int][]string{}
 	for _, o := range outers {
@@ -435,9 +302,21 @@ func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 			}
 		}
 	}
-	for _, n := range nodes {
-		_ = n.cmd.Process.Signal(syscall.SIGTERM)
-	}
+	return back
+}
+
+// kill9 kills the node without warning (SIGKILL) and waits until it has exited.
+func (p *nodeProc) kill9() {
+	_ = p.cmd.Process.Kill()
+	<-p.exited
+}
+
+// restart starts a stopped node again on its data directory with the arguments it
+// was given, on a new port.
+func (p *nodeProc) restart(t *testing.T) *nodeProc {
+	t.Helper()
+	_ = os.Remove(filepath.Join(p.dir, "addrs")) // the old process's; the new one writes its own
+	return startNode(t, p.dir, p.cmd.Args[6:]...)
 }
 
 // waitSteps waits, at most 90 s, until the run launched into out has recorded at
@@ -454,5 +333,71 @@ func waitSteps(t *testing.T, out string, n int) int {
 			t.Fatalf("the run made %d steps in 90 s", len(steps))
 		}
 		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// launchRun is a `launch` run in the background, as it ended.
+type launchRun struct {
+	code           int
+	stdout, stderr string
+	ended          time.Time
+}
+
+// startLaunch runs `pipeswarm launch args...` in the background.
+func startLaunch(t *testing.T, args ...string) <-chan launchRun {
+	done := make(chan launchRun, 1)
+	go func() {
+		code, stdout, stderr := runCLI(t, append([]string{"launch"}, args...)...)
+		done <- launchRun{code, stdout, stderr, time.Now()}
+	}()
+	return done
+}
+
+// waitLaunch waits at most within for a background launch to end.
+func waitLaunch(t *testing.T, ch <-chan launchRun, within time.Duration, when string) launchRun {
+	t.Helper()
+	select {
+	case r := <-ch:
+		return r
+	case <-time.After(within):
+		t.Fatalf("launch still running %s %s", within, when)
+		return launchRun{}
+	}
+}
+
+// sameAsTrain checks that the run launched into out recorded its steps (steps of
+// them) with the losses, validation losses and tokens `train` of specPath records,
+// bit for bit: whatever happened to the run, the pipeline computed what train does.
+func sameAsTrain(t *testing.T, specPath, out string, steps int) {
+	t.Helper()
+	launched, err := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := t.TempDir()
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	trained, err := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(launched) != len(trained) || len(trained) != steps {
+		t.Fatalf("the launched run's metrics.jsonl holds %d steps, train's %d; want %d each", len(launched), len(trained), steps)
+	}
+	for i := range trained {
+		a, b := launched[i], trained[i]
+		if a.Step != b.Step {
+			t.Fatalf("row %d is step %d, want %d", i, a.Step, b.Step)
+		}
+		if a.Loss != b.Loss {
+			t.Errorf("step %d: launched run's loss %.8f, train's %.8f", b.Step, a.Loss, b.Loss)
+		}
+		if (a.ValLoss == nil) != (b.ValLoss == nil) || (a.ValLoss != nil && *a.ValLoss != *b.ValLoss) {
+			t.Errorf("step %d: validation loss differs: %v, %v", b.Step, a.ValLoss, b.ValLoss)
+		}
+		if a.Tokens != b.Tokens {
+			t.Errorf("step %d: %d tokens recorded, train %d", b.Step, a.Tokens, b.Tokens)
+		}
 	}
 }
