@@ -1,0 +1,360 @@
+//go:build cgo && !purego && !nodnnl
+
+package backend
+
+/*
+#cgo CFLAGS: -O3
+#cgo LDFLAGS: -ldnnl -lgomp
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <oneapi/dnnl/dnnl.h>
+
+// Debian's oneDNN runs on OpenMP; every call from here runs on one thread (the Go side
+// splits the work into fixed blocks), and the thread count is per OS thread, so each
+// entry point sets it first.
+void omp_set_num_threads(int);
+
+static dnnl_engine_t pw_engine;
+
+static int pw_init(void) { return dnnl_engine_create(&pw_engine, dnnl_cpu, 0); }
+
+typedef struct {
+	dnnl_primitive_t prim;
+	dnnl_memory_desc_t a, b, c, scratch;
+	size_t scratchSize;
+} pw_mm;
+
+// pw_mm_new makes a single-threaded matmul c[M,N] = alpha·op(a)·op(b) + beta·c with
+// a, b of type bf16 (or f32) and c f32, row-major with leading dimensions lda, ldb, ldc.
+static int pw_mm_new(pw_mm **out, int bf16, int64_t M, int64_t N, int64_t K, int ta, int tb,
+		int64_t lda, int64_t ldb, int64_t ldc, float alpha, float beta, char *impl, int implLen) {
+	omp_set_num_threads(1);
+	pw_mm *m = calloc(1, sizeof *m);
+	if (!m) return dnnl_out_of_memory;
+	dnnl_data_type_t dt = bf16 ? dnnl_bf16 : dnnl_f32;
+	dnnl_dims_t ad = {M, K}, as = {ta ? 1 : lda, ta ? lda : 1};
+	dnnl_dims_t bd = {K, N}, bs = {tb ? 1 : ldb, tb ? ldb : 1};
+	dnnl_dims_t cd = {M, N}, cs = {ldc, 1};
+	dnnl_status_t st;
+	dnnl_matmul_desc_t d;
+	dnnl_primitive_attr_t attr = NULL;
+	dnnl_post_ops_t po = NULL;
+	dnnl_primitive_desc_t pd = NULL;
+	if ((st = dnnl_memory_desc_init_by_strides(&m->a, 2, ad, dt, as)) ||
+	    (st = dnnl_memory_desc_init_by_strides(&m->b, 2, bd, dt, bs)) ||
+	    (st = dnnl_memory_desc_init_by_strides(&m->c, 2, cd, dnnl_f32, cs)) ||
+	    (st = dnnl_matmul_desc_init(&d, &m->a, &m->b, NULL, &m->c)) ||
+	    (st = dnnl_primitive_attr_create(&attr)) ||
+	    // Each call brings its own scratchpad: oneDNN's shared one is not safe for
+	    // primitives running at once on several threads.
+	    (st = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user)))
+		goto fail;
+	if (alpha != 1 && (st = dnnl_primitive_attr_set_output_scales(attr, 1, 0, &alpha)))
+		goto fail;
+	if (beta != 0 && ((st = dnnl_post_ops_create(&po)) || (st = dnnl_post_ops_append_sum(po, beta)) ||
+	                  (st = dnnl_primitive_attr_set_post_ops(attr, po))))
+		goto fail;
+	if ((st = dnnl_primitive_desc_create(&pd, &d, attr, pw_engine, NULL)))
+		goto fail;
+	const char *s = NULL;
+	if (dnnl_primitive_desc_query(pd, dnnl_query_impl_info_str, 0, &s) == dnnl_success && s) {
+		strncpy(impl, s, implLen - 1);
+		impl[implLen - 1] = 0;
+	}
+	m->scratch = *dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+	m->scratchSize = dnnl_memory_desc_get_size(&m->scratch);
+	if ((st = dnnl_primitive_create(&m->prim, pd)))
+		goto fail;
+	dnnl_primitive_desc_destroy(pd);
+	dnnl_primitive_attr_destroy(attr);
+	if (po) dnnl_post_ops_destroy(po);
+	*out = m;
+	return 0;
+fail:
+	if (pd) dnnl_primitive_desc_destroy(pd);
+	if (attr) dnnl_primitive_attr_destroy(attr);
+	if (po) dnnl_post_ops_destroy(po);
+	free(m);
+	return st;
+}
+
+static int pw_mm_run(pw_mm *m, void *a, void *b, float *c) {
+	omp_set_num_threads(1);
+	dnnl_stream_t s = NULL;
+	dnnl_memory_t ma = NULL, mb = NULL, mc = NULL, ms = NULL;
+	void *scratch = NULL;
+	dnnl_status_t st;
+	int nargs = 3;
+	if ((st = dnnl_stream_create(&s, pw_engine, dnnl_stream_default_flags)) ||
+	    (st = dnnl_memory_create(&ma, &m->a, pw_engine, a)) ||
+	    (st = dnnl_memory_create(&mb, &m->b, pw_engine, b)) ||
+	    (st = dnnl_memory_create(&mc, &m->c, pw_engine, c)))
+		goto out;
+	dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}};
+	if (m->scratchSize > 0) {
+		if (!(scratch = aligned_alloc(64, (m->scratchSize + 63) / 64 * 64))) {
+			st = dnnl_out_of_memory;
+			goto out;
+		}
+		if ((st = dnnl_memory_create(&ms, &m->scratch, pw_engine, scratch)))
+			goto out;
+		args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, ms};
+	}
+	if ((st = dnnl_primitive_execute(m->prim, s, nargs, args)) == dnnl_success)
+		st = dnnl_stream_wait(s);
+out:
+	if (ma) dnnl_memory_destroy(ma);
+	if (mb) dnnl_memory_destroy(mb);
+	if (mc) dnnl_memory_destroy(mc);
+	if (ms) dnnl_memory_destroy(ms);
+	free(scratch);
+	if (s) dnnl_stream_destroy(s);
+	return st;
+}
+
+// pw_to_bf16 rounds src[rows, cols] (row stride ld) to bfloat16, nearest-even, into the
+// contiguous dst[rows, cols].
+static void pw_to_bf16(uint16_t *dst, const float *src, int64_t rows, int64_t cols, int64_t ld) {
+	for (int64_t r = 0; r < rows; r++) {
+		const float *s = src + r * ld;
+		uint16_t *d = dst + r * cols;
+		for (int64_t j = 0; j < cols; j++) {
+			uint32_t u;
+			memcpy(&u, &s[j], 4);
+			if ((u & 0x7fffffff) > 0x7f800000)
+				d[j] = (uint16_t)((u >> 16) | 0x40); // NaN stays NaN
+			else
+				d[j] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+		}
+	}
+}
+
+static int pw_isa(void) { return (int)dnnl_get_effective_cpu_isa(); }
+static const char *pw_version(void) {
+	static char v[32];
+	const dnnl_version_t *x = dnnl_version();
+	snprintf(v, sizeof v, "%d.%d.%d", x->major, x->minor, x->patch);
+	return v;
+}
+*/
+import "C"
+
+import (
+	"fmt"
+	"sync"
+	"unsafe"
+
+	"github.com/pipeswarm/pipeswarm/shard/compute"
+)
+
+// bf16 is mixed precision as PyTorch's CPU autocast does it: the inputs of every GEMM
+// (projections and attention) are rounded to bfloat16 and multiplied by oneDNN with
+// float32 accumulation into float32 outputs; norms, RoPE, softmax, SwiGLU and the
+// loss are float32 (the host kernels cpu32 uses), and so are the master weights,
+// gradients and everything a stage stores.
+type bf16 struct {
+	hostMemory
+	desc string
+}
+
+var (
+	dnnlOnce sync.Once
+	dnnlBF16 *bf16
+	dnnlErr  error
+
+	mmMu    sync.Mutex
+	mmCache = map[mmKey]*C.pw_mm{}
+	mmImpl  = map[string]bool{} // every implementation oneDNN chose, for Describe
+)
+
+func openBF16() (Backend, error) {
+	dnnlOnce.Do(func() {
+		if st := C.pw_init(); st != 0 {
+			dnnlErr = fmt.Errorf("%w: bf16: oneDNN has no CPU engine (status %d)", ErrUnavailable, int(st))
+			return
+		}
+		// A block-sized linear shows which kernel oneDNN picks on this CPU; a CPU it
+		// cannot do bf16 on fails here rather than mid-step.
+		m, impl, err := matmul(mmKey{bf16: true, m: 512, n: 768, k: 256, transB: true, lda: 256, ldb: 256, ldc: 768, alpha: 1})
+		_ = m
+		if err != nil {
+			dnnlErr = fmt.Errorf("%w: bf16: oneDNN %s cannot multiply bf16 matrices on this CPU (ISA %s): %v",
+				ErrUnavailable, C.GoString(C.pw_version()), isaName(int(C.pw_isa())), err)
+			return
+		}
+		dnnlBF16 = &bf16{desc: fmt.Sprintf("bf16 GEMM inputs, float32 accumulation; oneDNN %s, ISA %s, matmul %s",
+			C.GoString(C.pw_version()), isaName(int(C.pw_isa())), impl)}
+	})
+	if dnnlErr != nil {
+		return nil, dnnlErr
+	}
+	return dnnlBF16, nil
+}
+
+func isaName(isa int) string {
+	switch isa {
+	case 0x1:
+		return "sse41"
+	case 0x3:
+		return "avx"
+	case 0x7:
+		return "avx2"
+	case 0x407:
+		return "avx2_vnni"
+	case 0x27:
+		return "avx512_core"
+	case 0x67:
+		return "avx512_core_vnni"
+	case 0xe7:
+		return "avx512_core_bf16"
+	case 0x3e7:
+		return "avx512_core_amx"
+	}
+	return fmt.Sprintf("isa 0x%x", isa)
+}
+
+func (*bf16) Name() string       { return "bf16" }
+func (*bf16) Precision() string  { return "bf16" }
+func (b *bf16) Describe() string { return b.desc }
+
+// mmKey is one matmul shape; oneDNN compiles a primitive per shape, kept for the
+// life of the process (a stage uses a dozen).
+type mmKey struct {
+	bf16           bool
+	m, n, k        int
+	transA, transB bool
+	lda, ldb, ldc  int
+	alpha, beta    float32
+}
+
+func matmul(key mmKey) (*C.pw_mm, string, error) {
+	mmMu.Lock()
+	defer mmMu.Unlock()
+	if m, ok := mmCache[key]; ok {
+		return m, "", nil
+	}
+	var impl [128]C.char
+	var m *C.pw_mm
+	st := C.pw_mm_new(&m, cbool(key.bf16), C.int64_t(key.m), C.int64_t(key.n), C.int64_t(key.k),
+		cbool(key.transA), cbool(key.transB), C.int64_t(key.lda), C.int64_t(key.ldb), C.int64_t(key.ldc),
+		C.float(key.alpha), C.float(key.beta), &impl[0], C.int(len(impl)))
+	if st != 0 {
+		return nil, "", fmt.Errorf("oneDNN matmul %+v: status %d", key, int(st))
+	}
+	mmCache[key] = m
+	name := C.GoString(&impl[0])
+	mmImpl[name] = true
+	return m, name, nil
+}
+
+func cbool(b bool) C.int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// scratch16 holds bf16 copies of GEMM operands; pooled, as attention asks for small
+// ones hundreds of times a step.
+var scratch16 = sync.Pool{New: func() any { return new([]uint16) }}
+
+func getScratch(n int) *[]uint16 {
+	p := scratch16.Get().(*[]uint16)
+	if cap(*p) < n {
+		*p = make([]uint16, n)
+	}
+	*p = (*p)[:n]
+	return p
+}
+
+// toBF16 rounds x[rows, cols] (row stride ld) into the contiguous dst, split over the
+// workers by rows (each value is rounded alone, so the split changes nothing).
+func toBF16(dst []uint16, x []float32, rows, cols, ld int, parallel bool) {
+	if rows == 0 || cols == 0 {
+		return
+	}
+	conv := func(lo, hi int) {
+		C.pw_to_bf16((*C.uint16_t)(unsafe.Pointer(&dst[lo*cols])), (*C.float)(unsafe.Pointer(&x[lo*ld])),
+			C.int64_t(hi-lo), C.int64_t(cols), C.int64_t(ld))
+	}
+	if !parallel {
+		conv(0, rows)
+		return
+	}
+	compute.ParallelFor(rows, conv)
+}
+
+// gemm16 is c = alpha·op(a)·op(b) + beta·c with a and b rounded to bf16 first, in
+// compute.Blocks's fixed blocks, each one single-threaded oneDNN call. parallel
+// spreads the blocks over the workers (false inside a ParallelFor body).
+func gemm16(parallel, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	if m == 0 || n == 0 {
+		return
+	}
+	// Stored shapes: a is m×k (k×m if transposed), b is k×n (n×k).
+	ar, ac := m, k
+	if transA {
+		ar, ac = k, m
+	}
+	br, bc := k, n
+	if transB {
+		br, bc = n, k
+	}
+	pa, pb := getScratch(ar*ac), getScratch(br*bc)
+	defer scratch16.Put(pa)
+	defer scratch16.Put(pb)
+	a16, b16 := *pa, *pb
+	toBF16(a16, a, ar, ac, lda, parallel)
+	toBF16(b16, b, br, bc, ldb, parallel)
+	run := func(r0, rows, c0, cols int) {
+		aOff := r0 * ac
+		if transA {
+			aOff = r0
+		}
+		bOff := c0
+		if transB {
+			bOff = c0 * bc
+		}
+		mm, _, err := matmul(mmKey{bf16: true, m: rows, n: cols, k: k, transA: transA, transB: transB,
+			lda: ac, ldb: bc, ldc: ldc, alpha: alpha, beta: beta})
+		if err != nil {
+			panic(fmt.Sprintf("backend: bf16: %v", err)) // every shape of a valid stage is supported
+		}
+		if st := C.pw_mm_run(mm, unsafe.Pointer(&a16[aOff]), unsafe.Pointer(&b16[bOff]), (*C.float)(unsafe.Pointer(&c[r0*ldc+c0]))); st != 0 {
+			panic(fmt.Sprintf("backend: bf16: oneDNN matmul failed: status %d", int(st)))
+		}
+	}
+	if !parallel {
+		run(0, m, 0, n)
+		return
+	}
+	compute.Blocks(m, n, k, run)
+}
+
+func (*bf16) Linear(y, x, w Buf, n, in, out int) {
+	gemm16(true, false, true, n, out, in, 1, hostOf(x), in, hostOf(w), in, 0, hostOf(y), out)
+}
+
+func (*bf16) LinearBackward(dx, dw, dy, x, w Buf, n, in, out int, accumulate bool) {
+	gemm16(true, true, false, out, in, n, 1, hostOf(dy), out, hostOf(x), in, 1, hostOf(dw), in)
+	var beta float32
+	if accumulate {
+		beta = 1
+	}
+	gemm16(true, false, false, n, in, out, 1, hostOf(dy), out, hostOf(w), in, beta, hostOf(dx), in)
+}
+
+// serial16 is gemm16 on the calling goroutine, for the attention kernels' per-head GEMMs.
+func serial16(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	gemm16(false, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+func (*bf16) Attention(att, p, qkv Buf, b, t, nHeads, headDim int) {
+	attention(hostOf(att), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, serial16)
+}
+
+func (*bf16) AttentionBackward(dqkv, datt, p, qkv Buf, b, t, nHeads, headDim int) {
+	attentionBackward(hostOf(dqkv), hostOf(datt), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, serial16)
+}
