@@ -21,13 +21,16 @@ static dnnl_engine_t pw_engine;
 static int pw_init(void) { return dnnl_engine_create(&pw_engine, dnnl_cpu, 0); }
 
 typedef struct {
-	dnnl_primitive_t prim;
-	dnnl_memory_desc_t a, b, c, scratch;
-	size_t scratchSize;
+	dnnl_primitive_t prim, pack;
+	dnnl_memory_desc_t a, bUser, b, c, scratch;
+	size_t scratchSize, bSize;
 } pw_mm;
 
-// pw_mm_new makes a single-threaded matmul c[M,N] = alpha·op(a)·op(b) + beta·c with
-// a, b of type bf16 (or f32) and c f32, row-major with leading dimensions lda, ldb, ldc.
+// pw_mm_new makes a single-threaded matmul c[M,N] = alpha·op(a)·op(b) + beta·c, c f32,
+// row-major with leading dimensions lda, ldb, ldc. With bf16, a is bf16 and b is f32:
+// each run packs b into the bf16 layout oneDNN's kernel wants (a reorder that rounds
+// as it copies) instead of letting the kernel repack a plain b over and over. Without,
+// both are f32 and used as they are.
 static int pw_mm_new(pw_mm **out, int bf16, int64_t M, int64_t N, int64_t K, int ta, int tb,
 		int64_t lda, int64_t ldb, int64_t ldc, float alpha, float beta, char *impl, int implLen) {
 	omp_set_num_threads(1);
@@ -39,13 +42,20 @@ static int pw_mm_new(pw_mm **out, int bf16, int64_t M, int64_t N, int64_t K, int
 	dnnl_dims_t cd = {M, N}, cs = {ldc, 1};
 	dnnl_status_t st;
 	dnnl_matmul_desc_t d;
+	dnnl_memory_desc_t bAsked;
 	dnnl_primitive_attr_t attr = NULL;
 	dnnl_post_ops_t po = NULL;
-	dnnl_primitive_desc_t pd = NULL;
+	dnnl_primitive_desc_t pd = NULL, rpd = NULL;
 	if ((st = dnnl_memory_desc_init_by_strides(&m->a, 2, ad, dt, as)) ||
-	    (st = dnnl_memory_desc_init_by_strides(&m->b, 2, bd, dt, bs)) ||
-	    (st = dnnl_memory_desc_init_by_strides(&m->c, 2, cd, dnnl_f32, cs)) ||
-	    (st = dnnl_matmul_desc_init(&d, &m->a, &m->b, NULL, &m->c)) ||
+	    (st = dnnl_memory_desc_init_by_strides(&m->bUser, 2, bd, dnnl_f32, bs)) ||
+	    (st = dnnl_memory_desc_init_by_strides(&m->c, 2, cd, dnnl_f32, cs)))
+		goto fail;
+	if (bf16)
+		st = dnnl_memory_desc_init_by_tag(&bAsked, 2, bd, dnnl_bf16, dnnl_format_tag_any);
+	else
+		bAsked = m->bUser;
+	if (st ||
+	    (st = dnnl_matmul_desc_init(&d, &m->a, &bAsked, NULL, &m->c)) ||
 	    (st = dnnl_primitive_attr_create(&attr)) ||
 	    // Each call brings its own scratchpad: oneDNN's shared one is not safe for
 	    // primitives running at once on several threads.
@@ -65,6 +75,15 @@ static int pw_mm_new(pw_mm **out, int bf16, int64_t M, int64_t N, int64_t K, int
 	}
 	m->scratch = *dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
 	m->scratchSize = dnnl_memory_desc_get_size(&m->scratch);
+	m->b = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+	if (bf16) {
+		m->bSize = dnnl_memory_desc_get_size(&m->b);
+		if ((st = dnnl_reorder_primitive_desc_create(&rpd, &m->bUser, pw_engine, &m->b, pw_engine, NULL)) ||
+		    (st = dnnl_primitive_create(&m->pack, rpd)))
+			goto fail;
+		dnnl_primitive_desc_destroy(rpd);
+		rpd = NULL;
+	}
 	if ((st = dnnl_primitive_create(&m->prim, pd)))
 		goto fail;
 	dnnl_primitive_desc_destroy(pd);
@@ -73,6 +92,8 @@ static int pw_mm_new(pw_mm **out, int bf16, int64_t M, int64_t N, int64_t K, int
 	*out = m;
 	return 0;
 fail:
+	if (m->pack) dnnl_primitive_destroy(m->pack);
+	if (rpd) dnnl_primitive_desc_destroy(rpd);
 	if (pd) dnnl_primitive_desc_destroy(pd);
 	if (attr) dnnl_primitive_attr_destroy(attr);
 	if (po) dnnl_post_ops_destroy(po);
@@ -80,25 +101,48 @@ fail:
 	return st;
 }
 
+// Each OS thread keeps its stream, a scratchpad and a packed-b buffer, grown to the
+// largest asked.
+static __thread dnnl_stream_t pw_stream;
+static __thread void *pw_scratch, *pw_packed;
+static __thread size_t pw_scratchSize, pw_packedSize;
+
+static int pw_grow(void **buf, size_t *have, size_t want) {
+	if (*have >= want) return 0;
+	free(*buf);
+	*have = (want + 63) / 64 * 64;
+	if (!(*buf = aligned_alloc(64, *have))) {
+		*have = 0;
+		return dnnl_out_of_memory;
+	}
+	return 0;
+}
+
 static int pw_mm_run(pw_mm *m, void *a, void *b, float *c) {
 	omp_set_num_threads(1);
-	dnnl_stream_t s = NULL;
-	dnnl_memory_t ma = NULL, mb = NULL, mc = NULL, ms = NULL;
-	void *scratch = NULL;
+	dnnl_memory_t ma = NULL, mb = NULL, mu = NULL, mc = NULL, ms = NULL;
 	dnnl_status_t st;
 	int nargs = 3;
-	if ((st = dnnl_stream_create(&s, pw_engine, dnnl_stream_default_flags)) ||
-	    (st = dnnl_memory_create(&ma, &m->a, pw_engine, a)) ||
-	    (st = dnnl_memory_create(&mb, &m->b, pw_engine, b)) ||
+	if (!pw_stream && (st = dnnl_stream_create(&pw_stream, pw_engine, dnnl_stream_default_flags)))
+		return st;
+	dnnl_stream_t s = pw_stream;
+	if (m->pack) {
+		if ((st = pw_grow(&pw_packed, &pw_packedSize, m->bSize)) ||
+		    (st = dnnl_memory_create(&mu, &m->bUser, pw_engine, b)) ||
+		    (st = dnnl_memory_create(&mb, &m->b, pw_engine, pw_packed)))
+			goto out;
+		dnnl_exec_arg_t rargs[2] = {{DNNL_ARG_FROM, mu}, {DNNL_ARG_TO, mb}};
+		if ((st = dnnl_primitive_execute(m->pack, s, 2, rargs)))
+			goto out;
+	} else if ((st = dnnl_memory_create(&mb, &m->b, pw_engine, b)))
+		goto out;
+	if ((st = dnnl_memory_create(&ma, &m->a, pw_engine, a)) ||
 	    (st = dnnl_memory_create(&mc, &m->c, pw_engine, c)))
 		goto out;
 	dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, ma}, {DNNL_ARG_WEIGHTS, mb}, {DNNL_ARG_DST, mc}};
 	if (m->scratchSize > 0) {
-		if (!(scratch = aligned_alloc(64, (m->scratchSize + 63) / 64 * 64))) {
-			st = dnnl_out_of_memory;
-			goto out;
-		}
-		if ((st = dnnl_memory_create(&ms, &m->scratch, pw_engine, scratch)))
+		if ((st = pw_grow(&pw_scratch, &pw_scratchSize, m->scratchSize)) ||
+		    (st = dnnl_memory_create(&ms, &m->scratch, pw_engine, pw_scratch)))
 			goto out;
 		args[nargs++] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, ms};
 	}
@@ -107,26 +151,25 @@ static int pw_mm_run(pw_mm *m, void *a, void *b, float *c) {
 out:
 	if (ma) dnnl_memory_destroy(ma);
 	if (mb) dnnl_memory_destroy(mb);
+	if (mu) dnnl_memory_destroy(mu);
 	if (mc) dnnl_memory_destroy(mc);
 	if (ms) dnnl_memory_destroy(ms);
-	free(scratch);
-	if (s) dnnl_stream_destroy(s);
 	return st;
 }
 
 // pw_to_bf16 rounds src[rows, cols] (row stride ld) to bfloat16, nearest-even, into the
-// contiguous dst[rows, cols].
-static void pw_to_bf16(uint16_t *dst, const float *src, int64_t rows, int64_t cols, int64_t ld) {
+// contiguous dst[rows, cols]. Branch-free so the compiler vectorises it; the one
+// instruction AVX512-BF16 has for it (vcvtneps2bf16) rounds the same way.
+static void pw_to_bf16(uint16_t *restrict dst, const float *restrict src, int64_t rows, int64_t cols, int64_t ld) {
 	for (int64_t r = 0; r < rows; r++) {
 		const float *s = src + r * ld;
 		uint16_t *d = dst + r * cols;
 		for (int64_t j = 0; j < cols; j++) {
 			uint32_t u;
 			memcpy(&u, &s[j], 4);
-			if ((u & 0x7fffffff) > 0x7f800000)
-				d[j] = (uint16_t)((u >> 16) | 0x40); // NaN stays NaN
-			else
-				d[j] = (uint16_t)((u + 0x7fff + ((u >> 16) & 1)) >> 16);
+			uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
+			uint32_t nan = (u >> 16) | 0x40; // a NaN stays a NaN
+			d[j] = (uint16_t)((u & 0x7fffffff) > 0x7f800000 ? nan : rounded);
 		}
 	}
 }
@@ -165,20 +208,53 @@ var (
 	dnnlErr  error
 
 	mmMu    sync.Mutex
-	mmCache = map[mmKey]*C.pw_mm{}
-	mmImpl  = map[string]bool{} // every implementation oneDNN chose, for Describe
+	mmCache = map[mmKey]mmEntry{}
 )
+
+func init() {
+	// cpu32 multiplies with oneDNN's float32 matmul when oneDNN works on this CPU.
+	impl, err := dnnlStart()
+	if err != nil {
+		return
+	}
+	fp32GEMM.gemm = func(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+		gemm32(true, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	}
+	fp32GEMM.serial = func(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+		gemm32(false, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	}
+	fp32GEMM.describe = func() string {
+		return fmt.Sprintf("oneDNN %s matmul %s (ISA %s)", C.GoString(C.pw_version()), impl, isaName(int(C.pw_isa())))
+	}
+}
+
+var (
+	startOnce sync.Once
+	startImpl string
+	startErr  error
+)
+
+// dnnlStart creates oneDNN's CPU engine and one float32 matmul, reporting its kernel.
+func dnnlStart() (string, error) {
+	startOnce.Do(func() {
+		if st := C.pw_init(); st != 0 {
+			startErr = fmt.Errorf("oneDNN has no CPU engine (status %d)", int(st))
+			return
+		}
+		_, startImpl, startErr = matmul(mmKey{m: 512, n: 768, k: 256, transB: true, lda: 256, ldb: 256, ldc: 768, alpha: 1})
+	})
+	return startImpl, startErr
+}
 
 func openBF16() (Backend, error) {
 	dnnlOnce.Do(func() {
-		if st := C.pw_init(); st != 0 {
-			dnnlErr = fmt.Errorf("%w: bf16: oneDNN has no CPU engine (status %d)", ErrUnavailable, int(st))
+		if _, err := dnnlStart(); err != nil {
+			dnnlErr = fmt.Errorf("%w: bf16: %v", ErrUnavailable, err)
 			return
 		}
 		// A block-sized linear shows which kernel oneDNN picks on this CPU; a CPU it
 		// cannot do bf16 on fails here rather than mid-step.
-		m, impl, err := matmul(mmKey{bf16: true, m: 512, n: 768, k: 256, transB: true, lda: 256, ldb: 256, ldc: 768, alpha: 1})
-		_ = m
+		_, impl, err := matmul(mmKey{bf16: true, m: 512, n: 768, k: 256, transB: true, lda: 256, ldb: 256, ldc: 768, alpha: 1})
 		if err != nil {
 			dnnlErr = fmt.Errorf("%w: bf16: oneDNN %s cannot multiply bf16 matrices on this CPU (ISA %s): %v",
 				ErrUnavailable, C.GoString(C.pw_version()), isaName(int(C.pw_isa())), err)
@@ -232,8 +308,8 @@ type mmKey struct {
 func matmul(key mmKey) (*C.pw_mm, string, error) {
 	mmMu.Lock()
 	defer mmMu.Unlock()
-	if m, ok := mmCache[key]; ok {
-		return m, "", nil
+	if e, ok := mmCache[key]; ok {
+		return e.mm, e.impl, nil
 	}
 	var impl [128]C.char
 	var m *C.pw_mm
@@ -243,10 +319,14 @@ func matmul(key mmKey) (*C.pw_mm, string, error) {
 	if st != 0 {
 		return nil, "", fmt.Errorf("oneDNN matmul %+v: status %d", key, int(st))
 	}
-	mmCache[key] = m
 	name := C.GoString(&impl[0])
-	mmImpl[name] = true
+	mmCache[key] = mmEntry{m, name}
 	return m, name, nil
+}
+
+type mmEntry struct {
+	mm   *C.pw_mm
+	impl string // the implementation oneDNN chose, e.g. brg:avx512_core_bf16
 }
 
 func cbool(b bool) C.int {
@@ -286,28 +366,22 @@ func toBF16(dst []uint16, x []float32, rows, cols, ld int, parallel bool) {
 	compute.ParallelFor(rows, conv)
 }
 
-// gemm16 is c = alpha·op(a)·op(b) + beta·c with a and b rounded to bf16 first, in
+// gemm16 is c = alpha·op(a)·op(b) + beta·c with a and b rounded to bf16, in
 // compute.Blocks's fixed blocks, each one single-threaded oneDNN call. parallel
 // spreads the blocks over the workers (false inside a ParallelFor body).
 func gemm16(parallel, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
 	if m == 0 || n == 0 {
 		return
 	}
-	// Stored shapes: a is m×k (k×m if transposed), b is k×n (n×k).
+	// a is stored m×k (k×m if transposed); each block's call packs its part of b.
 	ar, ac := m, k
 	if transA {
 		ar, ac = k, m
 	}
-	br, bc := k, n
-	if transB {
-		br, bc = n, k
-	}
-	pa, pb := getScratch(ar*ac), getScratch(br*bc)
+	pa := getScratch(ar * ac)
 	defer scratch16.Put(pa)
-	defer scratch16.Put(pb)
-	a16, b16 := *pa, *pb
+	a16 := *pa
 	toBF16(a16, a, ar, ac, lda, parallel)
-	toBF16(b16, b, br, bc, ldb, parallel)
 	run := func(r0, rows, c0, cols int) {
 		aOff := r0 * ac
 		if transA {
@@ -315,15 +389,45 @@ func gemm16(parallel, transA, transB bool, m, n, k int, alpha float32, a []float
 		}
 		bOff := c0
 		if transB {
-			bOff = c0 * bc
+			bOff = c0 * ldb
 		}
 		mm, _, err := matmul(mmKey{bf16: true, m: rows, n: cols, k: k, transA: transA, transB: transB,
-			lda: ac, ldb: bc, ldc: ldc, alpha: alpha, beta: beta})
+			lda: ac, ldb: ldb, ldc: ldc, alpha: alpha, beta: beta})
 		if err != nil {
 			panic(fmt.Sprintf("backend: bf16: %v", err)) // every shape of a valid stage is supported
 		}
-		if st := C.pw_mm_run(mm, unsafe.Pointer(&a16[aOff]), unsafe.Pointer(&b16[bOff]), (*C.float)(unsafe.Pointer(&c[r0*ldc+c0]))); st != 0 {
+		if st := C.pw_mm_run(mm, unsafe.Pointer(&a16[aOff]), unsafe.Pointer(&b[bOff]), (*C.float)(unsafe.Pointer(&c[r0*ldc+c0]))); st != 0 {
 			panic(fmt.Sprintf("backend: bf16: oneDNN matmul failed: status %d", int(st)))
+		}
+	}
+	if !parallel {
+		run(0, m, 0, n)
+		return
+	}
+	compute.Blocks(m, n, k, run)
+}
+
+// gemm32 is gemm16 without the rounding: oneDNN's float32 matmul in the same blocks.
+func gemm32(parallel, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	if m == 0 || n == 0 {
+		return
+	}
+	run := func(r0, rows, c0, cols int) {
+		aOff := r0 * lda
+		if transA {
+			aOff = r0
+		}
+		bOff := c0
+		if transB {
+			bOff = c0 * ldb
+		}
+		mm, _, err := matmul(mmKey{m: rows, n: cols, k: k, transA: transA, transB: transB,
+			lda: lda, ldb: ldb, ldc: ldc, alpha: alpha, beta: beta})
+		if err != nil {
+			panic(fmt.Sprintf("backend: fp32: %v", err))
+		}
+		if st := C.pw_mm_run(mm, unsafe.Pointer(&a[aOff]), unsafe.Pointer(&b[bOff]), (*C.float)(unsafe.Pointer(&c[r0*ldc+c0]))); st != 0 {
+			panic(fmt.Sprintf("backend: fp32: oneDNN matmul failed: status %d", int(st)))
 		}
 	}
 	if !parallel {

@@ -53,35 +53,45 @@ func (hostMemory) Download(dst []float32, src Buf) {
 	copy(dst, s)
 }
 
-// cpu32 computes everything in float32 on the host; its GEMMs are compute.Gemm's.
+// cpu32 computes everything in float32 on the host. Its GEMMs are oneDNN's float32
+// matmul where the binary has oneDNN (measured faster than OpenBLAS here: see
+// BenchmarkGemmProjection), else compute.Gemm's (OpenBLAS, or gonum without cgo);
+// either way in compute.Blocks's fixed blocks.
 type cpu32 struct{ hostMemory }
 
 // CPU32 is the float32 host backend.
 func CPU32() Backend { return cpu32{} }
 
+// fp32GEMM is what cpu32 multiplies with: gemm splits over the workers, serial runs
+// on the caller's goroutine (inside the attention kernels' ParallelFor).
+var fp32GEMM = struct {
+	gemm, serial sgemm
+	describe     func() string
+}{compute.Gemm, compute.Sgemm, compute.Backend}
+
 func (cpu32) Name() string      { return "cpu32" }
 func (cpu32) Precision() string { return "fp32" }
-func (cpu32) Describe() string  { return "float32, GEMM " + compute.Backend() }
+func (cpu32) Describe() string  { return "float32, GEMM " + fp32GEMM.describe() }
 
 func (cpu32) Linear(y, x, w Buf, n, in, out int) {
-	compute.Gemm(false, true, n, out, in, 1, hostOf(x), in, hostOf(w), in, 0, hostOf(y), out)
+	fp32GEMM.gemm(false, true, n, out, in, 1, hostOf(x), in, hostOf(w), in, 0, hostOf(y), out)
 }
 
 func (cpu32) LinearBackward(dx, dw, dy, x, w Buf, n, in, out int, accumulate bool) {
-	compute.Gemm(true, false, out, in, n, 1, hostOf(dy), out, hostOf(x), in, 1, hostOf(dw), in)
+	fp32GEMM.gemm(true, false, out, in, n, 1, hostOf(dy), out, hostOf(x), in, 1, hostOf(dw), in)
 	var beta float32
 	if accumulate {
 		beta = 1
 	}
-	compute.Gemm(false, false, n, in, out, 1, hostOf(dy), out, hostOf(w), in, beta, hostOf(dx), in)
+	fp32GEMM.gemm(false, false, n, in, out, 1, hostOf(dy), out, hostOf(w), in, beta, hostOf(dx), in)
 }
 
 func (cpu32) Attention(att, p, qkv Buf, b, t, nHeads, headDim int) {
-	attention(hostOf(att), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, compute.Sgemm)
+	attention(hostOf(att), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, fp32GEMM.serial)
 }
 
 func (cpu32) AttentionBackward(dqkv, datt, p, qkv Buf, b, t, nHeads, headDim int) {
-	attentionBackward(hostOf(dqkv), hostOf(datt), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, compute.Sgemm)
+	attentionBackward(hostOf(dqkv), hostOf(datt), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, fp32GEMM.serial)
 }
 
 // sgemm is a single-threaded row-major GEMM, c = alpha·op(a)·op(b) + beta·c, as
