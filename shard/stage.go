@@ -192,7 +192,7 @@ func (s *Stage) NewTape(b, t int) *Tape {
 	}
 	c, be := s.Config, s.be
 	n, d, f := b*t, c.DModel, c.DFF
-	tp := &Tape{B: b, T: t, x0: be.Alloc(n * d), out: make([]float32, n*d)}
+	tp := &Tape{B: b, T: t, x0: be.Alloc(n * d)}
 	if s.First {
 		tp.tokens = make([]int32, n)
 	}
@@ -207,6 +207,8 @@ func (s *Stage) NewTape(b, t int) *Tape {
 	if s.Last {
 		tp.hf, tp.rstdF, tp.logits = be.Alloc(n*d), be.Alloc(n), be.Alloc(n*c.Vocab)
 		tp.out = make([]float32, n*c.Vocab)
+	} else {
+		tp.out = make([]float32, n*d)
 	}
 	return tp
 }
@@ -355,15 +357,17 @@ func (s *Stage) blockBackward(bt *blockTape, i int, x, dres backend.Buf, b, t in
 
 // workspace is backward scratch shared by all tapes of a stage.
 type workspace struct {
-	n                         int
-	dres, dtmp, dgu, dqkv, dm backend.Buf
-	dx                        []float32 // Backward's result on the host
+	n              int
+	dres, dtmp, dm backend.Buf
+	dgu, dqkv      backend.Buf // one buffer: the MLP is done with dgu before attention needs dqkv
+	dx             []float32   // Backward's result on the host
 }
 
 func (w *workspace) ensure(be backend.Backend, n, d, f int) *workspace {
 	if w.n != n {
-		*w = workspace{n: n, dres: be.Alloc(n * d), dtmp: be.Alloc(n * d),
-			dgu: be.Alloc(n * 2 * f), dqkv: be.Alloc(n * 3 * d), dm: be.Alloc(n * f), dx: make([]float32, n*d)}
+		big := be.Alloc(n * max(3*d, 2*f))
+		*w = workspace{n: n, dres: be.Alloc(n * d), dtmp: be.Alloc(n * d), dm: be.Alloc(n * f),
+			dgu: be.View(big, 0, n*2*f), dqkv: be.View(big, 0, n*3*d), dx: make([]float32, n*d)}
 	}
 	return w
 }

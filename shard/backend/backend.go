@@ -98,6 +98,18 @@ func ForPrecision(p string) (string, error) {
 	return "", fmt.Errorf("%w: no backend for precision %q (want fp32 or bf16)", ErrUnknown, p)
 }
 
+// PrecisionOf is the precision backend name computes in, whether or not it can run
+// here (a launcher picks it for nodes elsewhere).
+func PrecisionOf(name string) (string, error) {
+	switch name {
+	case "cpu32":
+		return "fp32", nil
+	case "bf16":
+		return "bf16", nil
+	}
+	return "", fmt.Errorf("%w %q (have %s)", ErrUnknown, name, strings.Join(Names, ", "))
+}
+
 // Open returns the backend called name, or an error saying why it cannot run here
 // (and what to install).
 func Open(name string) (Backend, error) {
