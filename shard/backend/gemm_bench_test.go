@@ -1,3 +1,5 @@
+//go:build cgo && !purego && !nodnnl
+
 package backend
 
 import (
@@ -27,9 +29,6 @@ func BenchmarkGemmProjection(b *testing.B) {
 		}
 		report(b)
 	})
-	if _, err := Open("bf16"); err != nil {
-		return
-	}
 	b.Run("onednn-bf16", func(b *testing.B) {
 		for b.Loop() {
 			gemm16(true, false, true, m, n, k, 1, x, k, w, k, 0, c, n)
@@ -55,32 +54,4 @@ func BenchmarkToBF16(b *testing.B) {
 		toBF16(d, x, 2048, 256, 256, false, false)
 	}
 	b.SetBytes(int64(len(x) * 4))
-}
-
-func BenchmarkGemmBF16Layouts(b *testing.B) {
-	if _, err := Open("bf16"); err != nil {
-		b.Skip(err)
-	}
-	const m, n, k = 2048, 1376, 256
-	rng := rand.New(rand.NewPCG(1, 2))
-	x, w, c := randn(rng, m*k), randn(rng, n*k), make([]float32, m*n)
-	compute.SetWorkers(1)
-	defer compute.SetWorkers(0)
-	for _, tb := range []bool{false, true} {
-		for _, whole := range []bool{false, true} {
-			name := "transB=" + map[bool]string{false: "N", true: "T"}[tb] + map[bool]string{false: "/blocks", true: "/whole"}[whole]
-			b.Run(name, func(b *testing.B) {
-				ldb := n
-				if tb {
-					ldb = k
-				}
-				for b.Loop() {
-					gemm16(!whole, false, tb, m, n, k, 1, x, k, w, ldb, 0, c, n)
-				}
-				_, impl, _ := matmul(mmKey{bf16: true, m: 512, n: n, k: k, transB: tb, lda: k, ldb: ldb, ldc: n, alpha: 1})
-				b.Logf("impl %s", impl)
-				b.ReportMetric(2*m*n*k/(b.Elapsed().Seconds()/float64(b.N))/1e9, "GFLOP/s")
-			})
-		}
-	}
 }
