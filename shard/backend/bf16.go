@@ -174,20 +174,6 @@ static void pw_to_bf16(uint16_t *restrict dst, const float *restrict src, int64_
 	}
 }
 
-// pw_to_bf16_t is pw_to_bf16 into the transpose: dst[cols, rows], in 16×16 tiles.
-static void pw_to_bf16_t(uint16_t *restrict dst, const float *restrict src, int64_t rows, int64_t cols, int64_t ld) {
-	for (int64_t r0 = 0; r0 < rows; r0 += 16)
-		for (int64_t c0 = 0; c0 < cols; c0 += 16)
-			for (int64_t r = r0; r < r0 + 16 && r < rows; r++)
-				for (int64_t j = c0; j < c0 + 16 && j < cols; j++) {
-					uint32_t u;
-					memcpy(&u, &src[r * ld + j], 4);
-					uint32_t rounded = (u + 0x7fff + ((u >> 16) & 1)) >> 16;
-					uint32_t nan = (u >> 16) | 0x40;
-					dst[j * rows + r] = (uint16_t)((u & 0x7fffffff) > 0x7f800000 ? nan : rounded);
-				}
-}
-
 static int pw_isa(void) { return (int)dnnl_get_effective_cpu_isa(); }
 static const char *pw_version(void) {
 	static char v[32];
@@ -363,23 +349,15 @@ func getScratch(n int) *[]uint16 {
 	return p
 }
 
-// toBF16 rounds x[rows, cols] (row stride ld) into the contiguous dst, or with
-// transpose into dst[cols, rows], split over the workers (each value is rounded
-// alone, so the split changes nothing).
-func toBF16(dst []uint16, x []float32, rows, cols, ld int, transpose, parallel bool) {
+// toBF16 rounds x[rows, cols] (row stride ld) into the contiguous dst, split over the
+// workers by rows (each value is rounded alone, so the split changes nothing).
+func toBF16(dst []uint16, x []float32, rows, cols, ld int, parallel bool) {
 	if rows == 0 || cols == 0 {
 		return
 	}
 	conv := func(lo, hi int) {
 		C.pw_to_bf16((*C.uint16_t)(unsafe.Pointer(&dst[lo*cols])), (*C.float)(unsafe.Pointer(&x[lo*ld])),
 			C.int64_t(hi-lo), C.int64_t(cols), C.int64_t(ld))
-	}
-	if transpose { // split by columns of x, which are rows of dst
-		rows, cols = cols, rows
-		conv = func(lo, hi int) {
-			C.pw_to_bf16_t((*C.uint16_t)(unsafe.Pointer(&dst[lo*cols])), (*C.float)(unsafe.Pointer(&x[lo])),
-				C.int64_t(cols), C.int64_t(hi-lo), C.int64_t(ld))
-		}
 	}
 	if !parallel {
 		conv(0, rows)
@@ -395,24 +373,30 @@ func gemm16(parallel, transA, transB bool, m, n, k int, alpha float32, a []float
 	if m == 0 || n == 0 {
 		return
 	}
-	// a is rounded into a contiguous m×k (transposed if need be: oneDNN's fast kernels
-	// want it so); each block's call packs its part of b.
+	// Each block's call packs its part of b.
 	pa := getScratch(m * k)
 	defer scratch16.Put(pa)
 	a16 := *pa
+	// a is stored m×k, or k×m when transposed; oneDNN reads it either way (rounding
+	// it into its transpose first measured slower).
+	lda16 := k
 	if transA {
-		toBF16(a16, a, k, m, lda, true, parallel)
+		toBF16(a16, a, k, m, lda, parallel)
+		lda16 = m
 	} else {
-		toBF16(a16, a, m, k, lda, false, parallel)
+		toBF16(a16, a, m, k, lda, parallel)
 	}
 	run := func(r0, rows, c0, cols int) {
-		aOff := r0 * k
+		aOff := r0 * k // row r0 of a
+		if transA {
+			aOff = r0 // column r0 of the stored a
+		}
 		bOff := c0
 		if transB {
 			bOff = c0 * ldb
 		}
-		mm, _, err := matmul(mmKey{bf16: true, m: rows, n: cols, k: k, transB: transB,
-			lda: k, ldb: ldb, ldc: ldc, alpha: alpha, beta: beta})
+		mm, _, err := matmul(mmKey{bf16: true, m: rows, n: cols, k: k, transA: transA, transB: transB,
+			lda: lda16, ldb: ldb, ldc: ldc, alpha: alpha, beta: beta})
 		if err != nil {
 			panic(fmt.Sprintf("backend: bf16: %v", err)) // every shape of a valid stage is supported
 		}

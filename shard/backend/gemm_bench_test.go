@@ -51,7 +51,7 @@ func BenchmarkToBF16(b *testing.B) {
 	x := randn(rng, 2048*256)
 	d := make([]uint16, len(x))
 	for b.Loop() {
-		toBF16(d, x, 2048, 256, 256, false, false)
+		toBF16(d, x, 2048, 256, 256, false)
 	}
 	b.SetBytes(int64(len(x) * 4))
 }
