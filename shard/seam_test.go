@@ -43,7 +43,6 @@ func (s *sealed) View(b backend.Buf, off, n int) backend.Buf {
 }
 func (s *sealed) Upload(dst backend.Buf, src []float32)   { s.in.Upload(s.un(dst), src) }
 func (s *sealed) Download(dst []float32, src backend.Buf) { s.in.Download(dst, s.un(src)) }
-func (s *sealed) Copy(dst, src backend.Buf)               { s.in.Copy(s.un(dst), s.un(src)) }
 func (s *sealed) Zero(b backend.Buf)                      { s.in.Zero(s.un(b)) }
 
 func (s *sealed) Linear(y, x, w backend.Buf, n, in, out int) {

@@ -41,7 +41,6 @@ type Backend interface {
 	View(b Buf, off, n int) Buf
 	Upload(dst Buf, src []float32)   // dst ← src, len(src) ≤ dst.Len()
 	Download(dst []float32, src Buf) // dst ← src, len(dst) ≤ src.Len()
-	Copy(dst, src Buf)               // dst ← src
 	Zero(b Buf)
 
 	// Linear: y[N,out] = x[N,in]·Wᵀ, W[out,in].

@@ -29,7 +29,6 @@ func (hostMemory) Alloc(n int) Buf            { return host(make([]float32, n)) 
 func (hostMemory) Mirror(h []float32) Buf     { return host(h) }
 func (hostMemory) View(b Buf, off, n int) Buf { return host(hostOf(b)[off : off+n : off+n]) }
 func (hostMemory) Zero(b Buf)                 { clear(hostOf(b)) }
-func (hostMemory) Copy(dst, src Buf)          { copy(hostOf(dst), hostOf(src)) }
 
 func (hostMemory) Upload(dst Buf, src []float32) {
 	d := hostOf(dst)
