@@ -296,7 +296,8 @@ func (*bf16) Precision() string  { return "bf16" }
 func (b *bf16) Describe() string { return b.desc }
 
 // mmKey is one matmul shape; oneDNN compiles a primitive per shape, kept for the
-// life of the process (a stage uses a dozen).
+// life of the process (a stage uses a few dozen: each projection both ways, each
+// block shape, the attention products).
 type mmKey struct {
 	bf16           bool
 	m, n, k        int
