@@ -249,7 +249,11 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	for _, a := range plan.Stages {
 		grid[a.Replica][a.Stage], _ = peer.Decode(a.Peer) // validated when the plan was accepted
 	}
-	st, err := shard.NewStage(cfg, self.Range, idx == 0, idx == S-1)
+	be, err := train.Backend(sp)
+	if err != nil {
+		return nil, err
+	}
+	st, err := shard.NewStage(cfg, self.Range, idx == 0, idx == S-1, shard.WithBackend(be))
 	if err != nil {
 		return nil, err
 	}

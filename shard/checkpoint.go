@@ -43,6 +43,9 @@ const (
 	// MetaLayers lists the half-open global layer ranges held, "lo-hi" (hi exclusive),
 	// adjacent stages merged: "0-4" for a full 4-layer model, "2-4" for its last half.
 	MetaLayers = "pipeswarm.layers"
+	// MetaPrecision is the precision the stages trained at, their backend's: "fp32"
+	// or "bf16". The tensors are float32 (the master weights) either way.
+	MetaPrecision = "pipeswarm.precision"
 )
 
 // Checkpoint is a set of named float32 tensors with string metadata, as stored in a
@@ -61,7 +64,7 @@ type CheckpointTensor struct {
 // WriteCheckpoint writes the tensors of the given stages (one stage, or all stages of
 // a model = a full checkpoint) and metadata to w in safetensors format, in stage order
 // and each stage's Tensors() order. meta is the caller's (run spec, model config, ...);
-// MetaFormat and MetaLayers are set over it. The stages must share one Config and hold
+// MetaFormat, MetaLayers and MetaPrecision are set over it. The stages must share one Config and hold
 // no tensor twice.
 func WriteCheckpoint(w io.Writer, meta map[string]string, stages ...*Stage) error {
 	header, err := checkpointHeader(meta, stages)
@@ -89,12 +92,13 @@ func checkpointHeader(meta map[string]string, stages []*Stage) ([]byte, error) {
 	if len(stages) == 0 {
 		return nil, fmt.Errorf("%w: no stages to write", ErrCheckpoint)
 	}
-	m := make(map[string]string, len(meta)+2)
+	m := make(map[string]string, len(meta)+3)
 	for k, v := range meta {
 		m[k] = v
 	}
 	m[MetaFormat] = "pt"
 	m[MetaLayers] = layersString(stages)
+	m[MetaPrecision] = stages[0].be.Precision()
 	h, err := newHeader(m)
 	if err != nil {
 		return nil, err
@@ -103,6 +107,9 @@ func checkpointHeader(meta map[string]string, stages []*Stage) ([]byte, error) {
 	for _, s := range stages {
 		if s.Config != stages[0].Config {
 			return nil, fmt.Errorf("%w: stages of different model configs (%+v, %+v)", ErrCheckpoint, stages[0].Config, s.Config)
+		}
+		if p := s.be.Precision(); p != m[MetaPrecision] {
+			return nil, fmt.Errorf("%w: stages trained at different precisions (%s, %s)", ErrCheckpoint, m[MetaPrecision], p)
 		}
 		if len(s.Params) != s.lay.size {
 			return nil, fmt.Errorf("%w: stage %d-%d has %d parameters, its layout %d", ErrCheckpoint, s.Layers.Lo, s.Layers.Hi, len(s.Params), s.lay.size)

@@ -726,3 +726,42 @@ func TestCheckpointMetadataIsReadWithoutTheData(t *testing.T) {
 		t.Errorf("a truncated header: %v, want ErrCheckpoint", err)
 	}
 }
+
+// A checkpoint records the precision its stages trained at, and keeps the float32
+// master weights bit for bit whatever that precision was.
+func TestCheckpointRecordsPrecisionAndKeepsFloat32Weights(t *testing.T) {
+	c := Config{Vocab: 16, DModel: 8, NLayers: 2, NHeads: 2, DFF: 12, SeqLen: 4, RopeTheta: 10000, NormEps: 1e-5}
+	for _, be := range backends(t) {
+		stages, err := NewStages(c, 2, WithBackend(be))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range stages {
+			s.Init(3)
+		}
+		path := filepath.Join(t.TempDir(), "m.safetensors")
+		if err := SaveCheckpoint(path, nil, stages...); err != nil {
+			t.Fatal(err)
+		}
+		ck, err := LoadCheckpoint(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := ck.Metadata[MetaPrecision]; got != be.Precision() {
+			t.Fatalf("%s: %s = %q, want %q", be.Name(), MetaPrecision, got, be.Precision())
+		}
+		for _, s := range stages {
+			for _, tn := range s.Tensors() {
+				sameBits(t, be.Name()+" "+tn.Name, ck.Tensors[tn.Name].Data, tn.View(s.Params))
+			}
+		}
+	}
+	if len(backends(t)) < 2 {
+		return
+	}
+	a, _ := NewStage(c, Range{0, 1}, true, false, WithBackend(backends(t)[0]))
+	b, _ := NewStage(c, Range{1, 2}, false, true, WithBackend(backends(t)[1]))
+	if err := WriteCheckpoint(io.Discard, nil, a, b); !errors.Is(err, ErrCheckpoint) {
+		t.Fatalf("stages of two precisions in one checkpoint: %v, want ErrCheckpoint", err)
+	}
+}

@@ -6,12 +6,97 @@ import (
 	"slices"
 	"testing"
 
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 // Finite-difference checks, one per layer: each forward is reduced to a scalar
 // L = Σ r·out with a fixed random r (accumulated in float64), so the analytic gradient
-// of every input is what backward returns for dout = r.
+// of every input is what backward returns for dout = r. Every check runs on every
+// backend this build has: cpu32's gradients against finite differences, and a
+// reduced-precision backend's (whose loss is too coarse for finite differences)
+// against cpu32's, within its precision's bound.
+
+// bf16Tol bounds ‖g_bf16 − g_fp32‖/‖g_fp32‖ per gradient: bfloat16 keeps 8 mantissa
+// bits (relative rounding 2⁻⁹ ≈ 0.2%), and a gradient passes through a few GEMMs whose
+// inputs are each rounded, each adding about that much; 3% leaves room for the
+// softmax and norm backwards that amplify it, and catches any wrong term (which is
+// off by O(1)).
+const bf16Tol = 3e-2
+
+// backends returns every backend available in this build, cpu32 first.
+func backends(t testing.TB) []backend.Backend {
+	var out []backend.Backend
+	for _, name := range backend.Available() {
+		be, err := backend.Open(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		out = append(out, be)
+	}
+	return out
+}
+
+// up puts host values on be.
+func up(be backend.Backend, v []float32) backend.Buf {
+	b := be.Alloc(len(v))
+	be.Upload(b, v)
+	return b
+}
+
+// down brings a buffer back to the host.
+func down(be backend.Backend, b backend.Buf) []float32 {
+	v := make([]float32, b.Len())
+	be.Download(v, b)
+	return v
+}
+
+// relL2 is ‖got − want‖ / ‖want‖.
+func relL2(got, want []float32) float64 {
+	var num, den float64
+	for i := range want {
+		e := float64(got[i]) - float64(want[i])
+		num += e * e
+		den += float64(want[i]) * float64(want[i])
+	}
+	if den == 0 {
+		return math.Sqrt(num)
+	}
+	return math.Sqrt(num / den)
+}
+
+// gradCase is one layer's check: run returns, on be, the loss as a function of the
+// host inputs xs and the analytic gradients of the loss w.r.t. each of them.
+type gradCase struct {
+	names []string
+	run   func(be backend.Backend) (loss func() float64, xs, grads [][]float32)
+}
+
+// checkOnEveryBackend runs c on every backend: cpu32's gradients are checked by finite
+// differences, any other backend's against cpu32's within its precision's bound.
+func checkOnEveryBackend(t *testing.T, c gradCase) {
+	t.Helper()
+	var ref [][]float32
+	for _, be := range backends(t) {
+		loss, xs, grads := c.run(be)
+		if be.Precision() == "fp32" {
+			for i, x := range xs {
+				checkFD(t, be.Name()+" "+c.names[i], x, grads[i], loss)
+			}
+			if ref == nil {
+				ref = grads
+			}
+			continue
+		}
+		for i, g := range grads {
+			if e := relL2(g, ref[i]); e > bf16Tol || math.IsNaN(e) {
+				t.Fatalf("%s %s: relative L2 error %.3g against cpu32, want <= %g", be.Name(), c.names[i], e, bf16Tol)
+			} else {
+				t.Logf("%s %s: relative L2 error %.3g against cpu32", be.Name(), c.names[i], e)
+			}
+		}
+	}
+}
 
 func randVec(rng *rand.Rand, n int, std float64) []float32 {
 	v := make([]float32, n)
@@ -52,25 +137,36 @@ func TestRMSNormGradientMatchesFiniteDifferences(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 1))
 	n, d := 3, 8
 	x, w, r := randVec(rng, n*d, 1), randVec(rng, d, 1), randVec(rng, n*d, 1)
-	out, rstd := make([]float32, n*d), make([]float32, n)
-	loss := func() float64 { rmsnormForward(out, rstd, x, w, n, d, 1e-5); return dot64(out, r) }
-	loss()
-	dx, dw := make([]float32, n*d), make([]float32, d)
-	rmsnormBackward(dx, dw, r, x, rstd, w, n, d)
-	checkFD(t, "dx", x, dx, loss)
-	checkFD(t, "dw", w, dw, loss)
+	checkOnEveryBackend(t, gradCase{names: []string{"dx", "dw"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			xs := [][]float32{x, w}
+			out, rstd, rb := be.Alloc(n*d), be.Alloc(n), up(be, r)
+			var xb, wb backend.Buf
+			loss := func() float64 {
+				xb, wb = up(be, x), up(be, w)
+				be.RMSNorm(out, rstd, xb, wb, n, d, 1e-5)
+				return dot64(down(be, out), r)
+			}
+			loss()
+			dx, dw := be.Alloc(n*d), be.Alloc(d)
+			be.RMSNormBackward(dx, dw, rb, xb, rstd, wb, n, d)
+			return loss, xs, [][]float32{down(be, dx), down(be, dw)}
+		}})
 }
 
 func TestLinearGradientMatchesFiniteDifferences(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	n, in, out := 4, 5, 3
 	x, w, r := randVec(rng, n*in, 1), randVec(rng, out*in, 1), randVec(rng, n*out, 1)
-	y := make([]float32, n*out)
-	loss := func() float64 { linearForward(y, x, w, n, in, out); return dot64(y, r) }
-	dx, dw := make([]float32, n*in), make([]float32, out*in)
-	linearBackward(dx, dw, r, x, w, n, in, out, false)
-	checkFD(t, "dx", x, dx, loss)
-	checkFD(t, "dW", w, dw, loss)
+	checkOnEveryBackend(t, gradCase{names: []string{"dx", "dW"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			xs := [][]float32{x, w}
+			y := be.Alloc(n * out)
+			loss := func() float64 { be.Linear(y, up(be, x), up(be, w), n, in, out); return dot64(down(be, y), r) }
+			dx, dw := be.Alloc(n*in), be.Alloc(out*in)
+			be.LinearBackward(dx, dw, up(be, r), up(be, x), up(be, w), n, in, out, false)
+			return loss, xs, [][]float32{down(be, dx), down(be, dw)}
+		}})
 }
 
 func TestRoPEAttentionGradientMatchesFiniteDifferences(t *testing.T) {
@@ -80,36 +176,44 @@ func TestRoPEAttentionGradientMatchesFiniteDifferences(t *testing.T) {
 	cos, sin := ropeTables(seq, hd, 10000)
 	pre := randVec(rng, n*3*d, 1) // q|k|v before RoPE
 	r := randVec(rng, n*d, 1)
-	qkv, p, att := make([]float32, n*3*d), make([]float32, b*heads*seq*seq), make([]float32, n*d)
-	loss := func() float64 {
-		copy(qkv, pre)
-		ropeApply(qkv, cos, sin, n, seq, heads, hd, 1)
-		attentionForward(att, p, qkv, b, seq, heads, hd)
-		return dot64(att, r)
-	}
-	loss()
-	dqkv := make([]float32, n*3*d)
-	attentionBackward(dqkv, r, p, qkv, b, seq, heads, hd)
-	ropeApply(dqkv, cos, sin, n, seq, heads, hd, -1)
-	checkFD(t, "dqkv", pre, dqkv, loss)
+	checkOnEveryBackend(t, gradCase{names: []string{"dqkv"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			xs := [][]float32{pre}
+			cb, sb := up(be, cos), up(be, sin)
+			qkv, p, att := be.Alloc(n*3*d), be.Alloc(b*heads*seq*seq), be.Alloc(n*d)
+			loss := func() float64 {
+				be.Upload(qkv, pre)
+				be.RoPE(qkv, cb, sb, n, seq, heads, hd, false)
+				be.Attention(att, p, qkv, b, seq, heads, hd)
+				return dot64(down(be, att), r)
+			}
+			loss()
+			dqkv := be.Alloc(n * 3 * d)
+			be.AttentionBackward(dqkv, up(be, r), p, qkv, b, seq, heads, hd)
+			be.RoPE(dqkv, cb, sb, n, seq, heads, hd, true)
+			return loss, xs, [][]float32{down(be, dqkv)}
+		}})
 }
 
 func TestAttentionIsCausal(t *testing.T) {
-	rng := rand.New(rand.NewPCG(1, 4))
-	b, seq, heads, hd := 1, 6, 2, 4
-	d := heads * hd
-	qkv := randVec(rng, seq*3*d, 1)
-	p, att := make([]float32, heads*seq*seq), make([]float32, seq*d)
-	attentionForward(att, p, qkv, b, seq, heads, hd)
-	before := append([]float32(nil), att[:3*d]...)
-	// Changing the last token's key and value must not move the first three outputs.
-	for j := range 3 * d {
-		qkv[(seq-1)*3*d+j] += 5
-	}
-	attentionForward(att, p, qkv, b, seq, heads, hd)
-	for i, v := range before {
-		if att[i] != v {
-			t.Fatalf("output %d of an early token changed from %g to %g when a later token changed", i, v, att[i])
+	for _, be := range backends(t) {
+		rng := rand.New(rand.NewPCG(1, 4))
+		b, seq, heads, hd := 1, 6, 2, 4
+		d := heads * hd
+		qkv := randVec(rng, seq*3*d, 1)
+		p, att := be.Alloc(heads*seq*seq), be.Alloc(seq*d)
+		be.Attention(att, p, up(be, qkv), b, seq, heads, hd)
+		before := down(be, att)[:3*d]
+		// Changing the last token's key and value must not move the first three outputs.
+		for j := range 3 * d {
+			qkv[(seq-1)*3*d+j] += 5
+		}
+		be.Attention(att, p, up(be, qkv), b, seq, heads, hd)
+		after := down(be, att)
+		for i, v := range before {
+			if after[i] != v {
+				t.Fatalf("%s: output %d of an early token changed from %g to %g when a later token changed", be.Name(), i, v, after[i])
+			}
 		}
 	}
 }
@@ -118,11 +222,15 @@ func TestSwiGLUGradientMatchesFiniteDifferences(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 5))
 	n, f := 3, 6
 	gu, r := randVec(rng, n*2*f, 1.5), randVec(rng, n*f, 1)
-	m := make([]float32, n*f)
-	loss := func() float64 { swigluForward(m, gu, n, f); return dot64(m, r) }
-	dgu := make([]float32, n*2*f)
-	swigluBackward(dgu, r, gu, n, f)
-	checkFD(t, "dgu", gu, dgu, loss)
+	checkOnEveryBackend(t, gradCase{names: []string{"dgu"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			xs := [][]float32{gu}
+			m := be.Alloc(n * f)
+			loss := func() float64 { be.SwiGLU(m, up(be, gu), n, f); return dot64(down(be, m), r) }
+			dgu := be.Alloc(n * 2 * f)
+			be.SwiGLUBackward(dgu, up(be, r), up(be, gu), n, f)
+			return loss, xs, [][]float32{down(be, dgu)}
+		}})
 }
 
 func TestEmbeddingGradientMatchesFiniteDifferences(t *testing.T) {
@@ -131,68 +239,79 @@ func TestEmbeddingGradientMatchesFiniteDifferences(t *testing.T) {
 	e := randVec(rng, v*d, 1)
 	tokens := []int32{0, 3, 3, 1} // a repeated token must accumulate
 	r := randVec(rng, len(tokens)*d, 1)
-	x := make([]float32, len(tokens)*d)
-	loss := func() float64 { embedForward(x, e, tokens, d); return dot64(x, r) }
-	de := make([]float32, v*d)
-	embedBackward(de, r, tokens, d)
-	checkFD(t, "dE", e, de, loss)
+	checkOnEveryBackend(t, gradCase{names: []string{"dE"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			xs := [][]float32{e}
+			x := be.Alloc(len(tokens) * d)
+			loss := func() float64 { be.Embed(x, up(be, e), tokens, d); return dot64(down(be, x), r) }
+			de := be.Alloc(v * d)
+			be.EmbedBackward(de, up(be, r), tokens, d)
+			return loss, xs, [][]float32{down(be, de)}
+		}})
 }
 
 func TestHeadAndLossGradientMatchesFiniteDifferences(t *testing.T) {
-	rng := rand.New(rand.NewPCG(1, 7))
 	c := Config{Vocab: 7, DModel: 8, NLayers: 1, NHeads: 2, DFF: 8, SeqLen: 4, RopeTheta: 10000, NormEps: 1e-5}
-	s, err := NewStage(c, Range{1, 1}, false, true) // head only: final norm, lm_head, loss
-	if err != nil {
-		t.Fatal(err)
-	}
-	copy(s.Params, randVec(rng, len(s.Params), 1))
+	rng := rand.New(rand.NewPCG(1, 7))
+	params := randVec(rng, newLayout(c, Range{1, 1}, false, true).size, 1)
 	b, seq := 2, 4
 	x := randVec(rng, b*seq*c.DModel, 1)
 	targets := []int32{0, 1, 2, 3, 4, 5, 6, 0}
-	tp := s.NewTape(b, seq)
-	loss := func() float64 { s.Forward(tp, nil, x); return s.Loss(tp, targets, 1) }
-	loss()
-	dx := append([]float32(nil), s.Backward(tp, nil)...)
-	checkFD(t, "dx", x, dx, loss)
-	grads := append([]float32(nil), s.Grads...)
-	checkFD(t, "dparams", s.Params, grads, loss)
+	checkOnEveryBackend(t, gradCase{names: []string{"dx", "dparams"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			xs := [][]float32{x, params}
+			s, err := NewStage(c, Range{1, 1}, false, true, WithBackend(be)) // head only: final norm, lm_head, loss
+			if err != nil {
+				t.Fatal(err)
+			}
+			copy(s.Params, params)
+			xs[1] = s.Params // the finite differences perturb the stage's own parameters
+			tp := s.NewTape(b, seq)
+			loss := func() float64 { s.Forward(tp, nil, x); return s.Loss(tp, targets, 1) }
+			loss()
+			dx := append([]float32(nil), s.Backward(tp, nil)...)
+			return loss, xs, [][]float32{dx, append([]float32(nil), s.Grads...)}
+		}})
 }
 
 func TestCrossEntropyOfUniformLogitsIsLogVocab(t *testing.T) {
-	logits := make([]float32, 3*256)
-	got := crossEntropy(logits, []int32{0, 17, 255}, 256, 1)
-	if want := math.Log(256); math.Abs(got-want) > 1e-6 {
-		t.Fatalf("loss %g, want ln 256 = %g", got, want)
+	for _, be := range backends(t) {
+		got := be.CrossEntropy(be.Alloc(3*256), []int32{0, 17, 255}, 256, 1)
+		if want := math.Log(256); math.Abs(got-want) > 1e-6 {
+			t.Fatalf("%s: loss %g, want ln 256 = %g", be.Name(), got, want)
+		}
 	}
 }
 
 func TestBlockGradientMatchesFiniteDifferences(t *testing.T) {
 	c := Config{Vocab: 9, DModel: 8, NLayers: 1, NHeads: 2, DFF: 12, SeqLen: 4, RopeTheta: 10000, NormEps: 1e-5}
-	s, err := NewStage(c, Range{0, 1}, true, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	s.Init(3)
-	rng := rand.New(rand.NewPCG(1, 8))
-	for _, tn := range s.Tensors() {
-		v := tn.View(s.Params)
-		for i := range v {
-			if len(tn.Shape) == 1 {
-				v[i] += float32(0.2 * rng.NormFloat64()) // gains away from exactly 1
-			} else {
-				v[i] *= 15 // weights well away from the near-linear regime of a fresh init
-			}
-		}
-	}
 	b, seq := 2, 4
 	tokens := []int32{1, 2, 3, 4, 5, 6, 7, 8}
 	targets := []int32{2, 3, 4, 5, 6, 7, 8, 0}
-	tp := s.NewTape(b, seq)
-	loss := func() float64 { s.Forward(tp, tokens, nil); return s.Loss(tp, targets, 1) }
-	loss()
-	s.Backward(tp, nil)
-	grads := append([]float32(nil), s.Grads...)
-	checkFD(t, "dparams", s.Params, grads, loss)
+	checkOnEveryBackend(t, gradCase{names: []string{"dparams"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			s, err := NewStage(c, Range{0, 1}, true, true, WithBackend(be))
+			if err != nil {
+				t.Fatal(err)
+			}
+			s.Init(3)
+			rng := rand.New(rand.NewPCG(1, 8))
+			for _, tn := range s.Tensors() {
+				v := tn.View(s.Params)
+				for i := range v {
+					if len(tn.Shape) == 1 {
+						v[i] += float32(0.2 * rng.NormFloat64()) // gains away from exactly 1
+					} else {
+						v[i] *= 15 // weights well away from the near-linear regime of a fresh init
+					}
+				}
+			}
+			tp := s.NewTape(b, seq)
+			loss := func() float64 { s.Forward(tp, tokens, nil); return s.Loss(tp, targets, 1) }
+			loss()
+			s.Backward(tp, nil)
+			return loss, [][]float32{s.Params}, [][]float32{append([]float32(nil), s.Grads...)}
+		}})
 }
 
 // The pipeline cut must not change the numbers: stages 0..S-1 run in sequence give
@@ -205,8 +324,14 @@ func TestStageCompositionMatchesUnsplitModel(t *testing.T) {
 	for i := range tokens {
 		tokens[i], targets[i] = int32(rng.IntN(256)), int32(rng.IntN(256))
 	}
+	for _, be := range backends(t) {
+		t.Run(be.Name(), func(t *testing.T) { checkComposition(t, be, c, tokens, targets, b) })
+	}
+}
+
+func checkComposition(t *testing.T, be backend.Backend, c Config, tokens, targets []int32, b int) {
 	run := func(n int) (float64, map[string][]float32) {
-		stages, err := NewStages(c, n)
+		stages, err := NewStages(c, n, WithBackend(be))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -302,10 +427,16 @@ func TestResultsDoNotDependOnTheComputeThreads(t *testing.T) {
 	for i := range tokens {
 		tokens[i], targets[i] = int32(rng.IntN(256)), int32(rng.IntN(256))
 	}
+	for _, be := range backends(t) {
+		t.Run(be.Name(), func(t *testing.T) { checkThreadIndependence(t, be, c, tokens, targets, b) })
+	}
+}
+
+func checkThreadIndependence(t *testing.T, be backend.Backend, c Config, tokens, targets []int32, b int) {
 	run := func(workers int) (float64, []float32) {
 		compute.SetWorkers(workers)
 		defer compute.SetWorkers(0)
-		stages, err := NewStages(c, 1)
+		stages, err := NewStages(c, 1, WithBackend(be))
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -2,6 +2,8 @@ package shard
 
 import (
 	"fmt"
+
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"hash/fnv"
 	"math"
 	"math/rand/v2"
@@ -11,6 +13,10 @@ import (
 // first stage and the final norm, head and loss on the last. It owns its parameters
 // and gradients as flat buffers and a scratch workspace for backward; it is not safe
 // for concurrent use (one compute worker drives it).
+//
+// Params and Grads are host memory and the truth between calls; Forward and Backward
+// compute only through the stage's backend.Backend, on buffers it owns, and bring
+// Params and Grads in and out of it at their start and end (free on a host backend).
 type Stage struct {
 	Config Config
 	Layers Range
@@ -24,14 +30,60 @@ type Stage struct {
 	Sub       *Subspace
 	denseTail int
 
-	lay      layout
-	cos, sin []float32
-	ws       workspace
+	lay layout
+	be  backend.Backend
+	p   views // the backend's mirrors of Params and Grads, cut into tensors
+	g   views
+	rot struct{ cos, sin backend.Buf }
+	ws  workspace
+}
+
+// views are one flat buffer on the backend and its tensors.
+type views struct {
+	all                backend.Buf
+	embed, normF, head backend.Buf
+	blocks             []blockViews
+}
+
+type blockViews struct {
+	attnNorm, qkv, wo, mlpNorm, gu, down backend.Buf
+}
+
+func (l layout) views(be backend.Backend, all backend.Buf, c Config) views {
+	v := views{all: all}
+	d, f := c.DModel, c.DFF
+	if l.embed >= 0 {
+		v.embed = be.View(all, l.embed, c.Vocab*d)
+	}
+	if l.normF >= 0 {
+		v.normF, v.head = be.View(all, l.normF, d), be.View(all, l.head, c.Vocab*d)
+	}
+	for _, o := range l.blocks {
+		v.blocks = append(v.blocks, blockViews{
+			attnNorm: be.View(all, o.attnNorm, d), qkv: be.View(all, o.qkv, 3*d*d), wo: be.View(all, o.wo, d*d),
+			mlpNorm: be.View(all, o.mlpNorm, d), gu: be.View(all, o.gu, 2*f*d), down: be.View(all, o.down, d*f),
+		})
+	}
+	return v
+}
+
+// Option configures a stage at NewStage.
+type Option func(*Stage) error
+
+// WithBackend makes the stage compute on b instead of cpu32.
+func WithBackend(b backend.Backend) Option {
+	return func(s *Stage) error {
+		if b == nil {
+			return fmt.Errorf("%w: nil backend", ErrConfig)
+		}
+		s.be = b
+		return nil
+	}
 }
 
 // NewStage allocates the stage owning layers r of a model shaped c, with zero
 // parameters; call Init or load a checkpoint next.
-func NewStage(c Config, r Range, first, last bool) (*Stage, error) {
+func NewStage(c Config, r Range, first, last bool, opts ...Option) (*Stage, error) {
 	if err := c.Validate(); err != nil {
 		return nil, err
 	}
@@ -40,20 +92,33 @@ func NewStage(c Config, r Range, first, last bool) (*Stage, error) {
 	}
 	lay := newLayout(c, r, first, last)
 	s := &Stage{Config: c, Layers: r, First: first, Last: last, lay: lay,
-		Params: make([]float32, lay.size), Grads: make([]float32, lay.size)}
-	s.cos, s.sin = ropeTables(c.SeqLen, c.HeadDim(), c.RopeTheta)
+		Params: make([]float32, lay.size), Grads: make([]float32, lay.size), be: backend.CPU32()}
+	for _, o := range opts {
+		if err := o(s); err != nil {
+			return nil, err
+		}
+	}
+	s.p = lay.views(s.be, s.be.Mirror(s.Params), c)
+	s.g = lay.views(s.be, s.be.Mirror(s.Grads), c)
+	cos, sin := ropeTables(c.SeqLen, c.HeadDim(), c.RopeTheta)
+	s.rot.cos, s.rot.sin = s.be.Alloc(len(cos)), s.be.Alloc(len(sin))
+	s.be.Upload(s.rot.cos, cos)
+	s.be.Upload(s.rot.sin, sin)
 	return s, nil
 }
 
+// Backend is the backend the stage computes on.
+func (s *Stage) Backend() backend.Backend { return s.be }
+
 // NewStages builds all stages of a model split into n, in order.
-func NewStages(c Config, n int) ([]*Stage, error) {
+func NewStages(c Config, n int, opts ...Option) ([]*Stage, error) {
 	ranges, err := SplitLayers(c.NLayers, n)
 	if err != nil {
 		return nil, err
 	}
 	out := make([]*Stage, n)
 	for i, r := range ranges {
-		if out[i], err = NewStage(c, r, i == 0, i == n-1); err != nil {
+		if out[i], err = NewStage(c, r, i == 0, i == n-1, opts...); err != nil {
 			return nil, err
 		}
 	}
@@ -102,19 +167,21 @@ func (s *Stage) ZeroGrads() { clear(s.Grads) }
 
 // blockTape holds what one block's backward needs from its forward.
 type blockTape struct {
-	a1, rstd1, qkv, p, att, x2, a2, rstd2, gu, m, out []float32
+	a1, rstd1, qkv, p, att, x2, a2, rstd2, gu, m, out backend.Buf
 }
 
 // Tape holds the activations of one micro-batch through one stage, from Forward
-// until Backward. Several tapes let several micro-batches be in flight at once.
+// until Backward, on the stage's backend. Several tapes let several micro-batches be
+// in flight at once.
 type Tape struct {
 	B, T   int
-	tokens []int32   // stage 0's input ids
-	x0     []float32 // the stage's input residual stream [N,d]
+	tokens []int32     // stage 0's input ids
+	x0     backend.Buf // the stage's input residual stream [N,d]
 	blocks []blockTape
-	hf     []float32 // final-norm output [N,d] (last stage)
-	rstdF  []float32
-	logits []float32 // [N,V]; Loss overwrites it with its gradient
+	hf     backend.Buf // final-norm output [N,d] (last stage)
+	rstdF  backend.Buf
+	logits backend.Buf // [N,V]; Loss overwrites it with its gradient
+	out    []float32   // Forward's result, brought back to the host
 	lossed bool
 }
 
@@ -123,22 +190,25 @@ func (s *Stage) NewTape(b, t int) *Tape {
 	if t > s.Config.SeqLen || b < 1 || t < 1 {
 		panic(fmt.Sprintf("shard: tape %d×%d exceeds seq_len %d", b, t, s.Config.SeqLen))
 	}
-	c := s.Config
+	c, be := s.Config, s.be
 	n, d, f := b*t, c.DModel, c.DFF
-	tp := &Tape{B: b, T: t, x0: make([]float32, n*d)}
+	tp := &Tape{B: b, T: t, x0: be.Alloc(n * d)}
 	if s.First {
 		tp.tokens = make([]int32, n)
 	}
 	for range s.lay.blocks {
 		tp.blocks = append(tp.blocks, blockTape{
-			a1: make([]float32, n*d), rstd1: make([]float32, n), qkv: make([]float32, n*3*d),
-			p: make([]float32, b*c.NHeads*t*t), att: make([]float32, n*d), x2: make([]float32, n*d),
-			a2: make([]float32, n*d), rstd2: make([]float32, n), gu: make([]float32, n*2*f),
-			m: make([]float32, n*f), out: make([]float32, n*d),
+			a1: be.Alloc(n * d), rstd1: be.Alloc(n), qkv: be.Alloc(n * 3 * d),
+			p: be.Alloc(b * c.NHeads * t * t), att: be.Alloc(n * d), x2: be.Alloc(n * d),
+			a2: be.Alloc(n * d), rstd2: be.Alloc(n), gu: be.Alloc(n * 2 * f),
+			m: be.Alloc(n * f), out: be.Alloc(n * d),
 		})
 	}
 	if s.Last {
-		tp.hf, tp.rstdF, tp.logits = make([]float32, n*d), make([]float32, n), make([]float32, n*c.Vocab)
+		tp.hf, tp.rstdF, tp.logits = be.Alloc(n*d), be.Alloc(n), be.Alloc(n*c.Vocab)
+		tp.out = make([]float32, n*c.Vocab)
+	} else {
+		tp.out = make([]float32, n*d)
 	}
 	return tp
 }
@@ -146,34 +216,42 @@ func (s *Stage) NewTape(b, t int) *Tape {
 // Forward runs the stage on one micro-batch recorded in tp. The first stage reads
 // tokens [B·T] (x is ignored); the others read the residual stream x [B·T, d]. It
 // returns the output residual stream [B·T, d], or on the last stage the logits
-// [B·T, V]; the result lives in tp and is valid until tp's next Forward or Loss.
+// [B·T, V]; the result lives in tp and is valid until tp's next Forward.
 func (s *Stage) Forward(tp *Tape, tokens []int32, x []float32) []float32 {
-	c := s.Config
+	c, be := s.Config, s.be
 	n, d := tp.B*tp.T, c.DModel
+	be.Upload(s.p.all, s.Params)
 	if s.First {
 		if len(tokens) != n {
 			panic(fmt.Sprintf("shard: %d tokens for a %d×%d tape", len(tokens), tp.B, tp.T))
 		}
+		for _, t := range tokens {
+			if t < 0 || int(t) >= c.Vocab {
+				panic(fmt.Sprintf("shard: token %d outside vocab %d", t, c.Vocab))
+			}
+		}
 		copy(tp.tokens, tokens)
-		embedForward(tp.x0, s.Params[s.lay.embed:], tokens, d)
+		be.Embed(tp.x0, s.p.embed, tokens, d)
 	} else {
 		if len(x) != n*d {
 			panic(fmt.Sprintf("shard: input of %d values for a %d×%d×%d tape", len(x), tp.B, tp.T, d))
 		}
-		copy(tp.x0, x)
+		be.Upload(tp.x0, x)
 	}
 	in := tp.x0
-	for i, b := range s.lay.blocks {
-		s.blockForward(&tp.blocks[i], b, in, tp.B, tp.T)
+	for i := range s.lay.blocks {
+		s.blockForward(&tp.blocks[i], s.p.blocks[i], in, tp.B, tp.T)
 		in = tp.blocks[i].out
 	}
 	tp.lossed = false
 	if !s.Last {
-		return in
+		be.Download(tp.out, in)
+		return tp.out
 	}
-	rmsnormForward(tp.hf, tp.rstdF, in, s.Params[s.lay.normF:], n, d, c.NormEps)
-	linearForward(tp.logits, tp.hf, s.Params[s.lay.head:], n, d, c.Vocab)
-	return tp.logits
+	be.RMSNorm(tp.hf, tp.rstdF, in, s.p.normF, n, d, c.NormEps)
+	be.Linear(tp.logits, tp.hf, s.p.head, n, d, c.Vocab)
+	be.Download(tp.out, tp.logits)
+	return tp.out
 }
 
 // Loss (last stage only) returns the mean next-token cross-entropy of tp's logits
@@ -192,7 +270,7 @@ func (s *Stage) Loss(tp *Tape, targets []int32, scale float32) float64 {
 		}
 	}
 	tp.lossed = true
-	return crossEntropy(tp.logits, targets, s.Config.Vocab, scale)
+	return s.be.CrossEntropy(tp.logits, targets, s.Config.Vocab, scale)
 }
 
 // Backward runs the stage backward for the micro-batch in tp, accumulating parameter
@@ -200,10 +278,12 @@ func (s *Stage) Loss(tp *Tape, targets []int32, scale float32) float64 {
 // stage ignores it and starts from Loss. It returns the gradient of the stage's input
 // residual stream [B·T, d] (nil on the first stage), valid until the next Backward.
 func (s *Stage) Backward(tp *Tape, dout []float32) []float32 {
-	c := s.Config
+	c, be := s.Config, s.be
 	n, d := tp.B*tp.T, c.DModel
-	ws := s.ws.ensure(n, d, c.DFF)
+	ws := s.ws.ensure(be, n, d, c.DFF)
 	dres := ws.dres
+	be.Upload(s.p.all, s.Params)
+	be.Upload(s.g.all, s.Grads)
 	if s.Last {
 		if !tp.lossed {
 			panic("shard: Backward on the last stage before Loss")
@@ -212,82 +292,82 @@ func (s *Stage) Backward(tp *Tape, dout []float32) []float32 {
 		if k := len(tp.blocks); k > 0 {
 			in = tp.blocks[k-1].out
 		}
-		linearBackward(ws.dtmp, s.Grads[s.lay.head:], tp.logits, tp.hf, s.Params[s.lay.head:], n, d, c.Vocab, false)
-		clear(dres)
-		rmsnormBackward(dres, s.Grads[s.lay.normF:], ws.dtmp, in, tp.rstdF, s.Params[s.lay.normF:], n, d)
+		be.LinearBackward(ws.dtmp, s.g.head, tp.logits, tp.hf, s.p.head, n, d, c.Vocab, false)
+		be.Zero(dres)
+		be.RMSNormBackward(dres, s.g.normF, ws.dtmp, in, tp.rstdF, s.p.normF, n, d)
 	} else {
 		if len(dout) != n*d {
 			panic(fmt.Sprintf("shard: output gradient of %d values for a %d×%d×%d tape", len(dout), tp.B, tp.T, d))
 		}
-		copy(dres, dout)
+		be.Upload(dres, dout)
 	}
 	for i := len(s.lay.blocks) - 1; i >= 0; i-- {
 		in := tp.x0
 		if i > 0 {
 			in = tp.blocks[i-1].out
 		}
-		s.blockBackward(&tp.blocks[i], s.lay.blocks[i], in, dres, tp.B, tp.T)
+		s.blockBackward(&tp.blocks[i], i, in, dres, tp.B, tp.T)
 	}
+	var dx []float32
 	if s.First {
-		embedBackward(s.Grads[s.lay.embed:], dres, tp.tokens, d)
-		return nil
+		be.EmbedBackward(s.g.embed, dres, tp.tokens, d)
+	} else {
+		dx = ws.dx
+		be.Download(dx, dres)
 	}
-	return dres
+	be.Download(s.Grads, s.g.all)
+	return dx
 }
 
 // blockForward: out = h + MLP(norm(h)), h = x + Attn(norm(x)).
-func (s *Stage) blockForward(bt *blockTape, o blockOffsets, x []float32, b, t int) {
-	c := s.Config
-	n, d, f, p := b*t, c.DModel, c.DFF, s.Params
-	rmsnormForward(bt.a1, bt.rstd1, x, p[o.attnNorm:], n, d, c.NormEps)
-	linearForward(bt.qkv, bt.a1, p[o.qkv:], n, d, 3*d)
-	ropeApply(bt.qkv, s.cos, s.sin, n, t, c.NHeads, c.HeadDim(), 1)
-	attentionForward(bt.att, bt.p, bt.qkv, b, t, c.NHeads, c.HeadDim())
-	linearForward(bt.x2, bt.att, p[o.wo:], n, d, d)
-	addInto(bt.x2, x)
-	rmsnormForward(bt.a2, bt.rstd2, bt.x2, p[o.mlpNorm:], n, d, c.NormEps)
-	linearForward(bt.gu, bt.a2, p[o.gu:], n, d, 2*f)
-	swigluForward(bt.m, bt.gu, n, f)
-	linearForward(bt.out, bt.m, p[o.down:], n, f, d)
-	addInto(bt.out, bt.x2)
+func (s *Stage) blockForward(bt *blockTape, p blockViews, x backend.Buf, b, t int) {
+	c, be := s.Config, s.be
+	n, d, f := b*t, c.DModel, c.DFF
+	be.RMSNorm(bt.a1, bt.rstd1, x, p.attnNorm, n, d, c.NormEps)
+	be.Linear(bt.qkv, bt.a1, p.qkv, n, d, 3*d)
+	be.RoPE(bt.qkv, s.rot.cos, s.rot.sin, n, t, c.NHeads, c.HeadDim(), false)
+	be.Attention(bt.att, bt.p, bt.qkv, b, t, c.NHeads, c.HeadDim())
+	be.Linear(bt.x2, bt.att, p.wo, n, d, d)
+	be.Add(bt.x2, x)
+	be.RMSNorm(bt.a2, bt.rstd2, bt.x2, p.mlpNorm, n, d, c.NormEps)
+	be.Linear(bt.gu, bt.a2, p.gu, n, d, 2*f)
+	be.SwiGLU(bt.m, bt.gu, n, f)
+	be.Linear(bt.out, bt.m, p.down, n, f, d)
+	be.Add(bt.out, bt.x2)
 }
 
-// blockBackward turns dres, the gradient of the block's output, into the gradient of
+// blockBackward turns dres, the gradient of block i's output, into the gradient of
 // its input x, in place, accumulating parameter gradients.
-func (s *Stage) blockBackward(bt *blockTape, o blockOffsets, x, dres []float32, b, t int) {
-	c := s.Config
-	n, d, f, p, g := b*t, c.DModel, c.DFF, s.Params, s.Grads
-	ws := &s.ws
+func (s *Stage) blockBackward(bt *blockTape, i int, x, dres backend.Buf, b, t int) {
+	c, be := s.Config, s.be
+	n, d, f := b*t, c.DModel, c.DFF
+	p, g, ws := s.p.blocks[i], s.g.blocks[i], &s.ws
 	// MLP: dres carries the residual; dm = dres·W_down, then through SwiGLU and gate|up.
-	linearBackward(ws.dm, g[o.down:], dres, bt.m, p[o.down:], n, f, d, false)
-	swigluBackward(ws.dbig[:n*2*f], ws.dm, bt.gu, n, f)
-	linearBackward(ws.dtmp, g[o.gu:], ws.dbig[:n*2*f], bt.a2, p[o.gu:], n, d, 2*f, false)
-	rmsnormBackward(dres, g[o.mlpNorm:], ws.dtmp, bt.x2, bt.rstd2, p[o.mlpNorm:], n, d)
+	be.LinearBackward(ws.dm, g.down, dres, bt.m, p.down, n, f, d, false)
+	be.SwiGLUBackward(ws.dgu, ws.dm, bt.gu, n, f)
+	be.LinearBackward(ws.dtmp, g.gu, ws.dgu, bt.a2, p.gu, n, d, 2*f, false)
+	be.RMSNormBackward(dres, g.mlpNorm, ws.dtmp, bt.x2, bt.rstd2, p.mlpNorm, n, d)
 	// Attention.
-	linearBackward(ws.dtmp, g[o.wo:], dres, bt.att, p[o.wo:], n, d, d, false)
-	dqkv := ws.dbig[:n*3*d]
-	attentionBackward(dqkv, ws.dtmp, bt.p, bt.qkv, b, t, c.NHeads, c.HeadDim())
-	ropeApply(dqkv, s.cos, s.sin, n, t, c.NHeads, c.HeadDim(), -1)
-	linearBackward(ws.dtmp, g[o.qkv:], dqkv, bt.a1, p[o.qkv:], n, d, 3*d, false)
-	rmsnormBackward(dres, g[o.attnNorm:], ws.dtmp, x, bt.rstd1, p[o.attnNorm:], n, d)
-}
-
-func addInto(dst, src []float32) {
-	for i, v := range src {
-		dst[i] += v
-	}
+	be.LinearBackward(ws.dtmp, g.wo, dres, bt.att, p.wo, n, d, d, false)
+	be.AttentionBackward(ws.dqkv, ws.dtmp, bt.p, bt.qkv, b, t, c.NHeads, c.HeadDim())
+	be.RoPE(ws.dqkv, s.rot.cos, s.rot.sin, n, t, c.NHeads, c.HeadDim(), true)
+	be.LinearBackward(ws.dtmp, g.qkv, ws.dqkv, bt.a1, p.qkv, n, d, 3*d, false)
+	be.RMSNormBackward(dres, g.attnNorm, ws.dtmp, x, bt.rstd1, p.attnNorm, n, d)
 }
 
 // workspace is backward scratch shared by all tapes of a stage.
 type workspace struct {
-	n                    int
-	dres, dtmp, dbig, dm []float32
+	n              int
+	dres, dtmp, dm backend.Buf
+	dgu, dqkv      backend.Buf // one buffer: the MLP is done with dgu before attention needs dqkv
+	dx             []float32   // Backward's result on the host
 }
 
-func (w *workspace) ensure(n, d, f int) *workspace {
+func (w *workspace) ensure(be backend.Backend, n, d, f int) *workspace {
 	if w.n != n {
-		*w = workspace{n: n, dres: make([]float32, n*d), dtmp: make([]float32, n*d),
-			dbig: make([]float32, n*max(3*d, 2*f)), dm: make([]float32, n*f)}
+		big := be.Alloc(n * max(3*d, 2*f))
+		*w = workspace{n: n, dres: be.Alloc(n * d), dtmp: be.Alloc(n * d), dm: be.Alloc(n * f),
+			dgu: be.View(big, 0, n*2*f), dqkv: be.View(big, 0, n*3*d), dx: make([]float32, n*d)}
 	}
 	return w
 }

@@ -3,9 +3,11 @@ package shard
 import (
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/pipeswarm/pipeswarm/optim"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 )
 
 var subCfg = Config{Vocab: 256, DModel: 32, NLayers: 4, NHeads: 2, DFF: 48, SeqLen: 16, RopeTheta: 10000, NormEps: 1e-5}
@@ -172,51 +174,61 @@ func TestDenseTailMustLieInTheLastStage(t *testing.T) {
 // ExpandGrad(CompressGrad(g)) gets the gradient of L(stage1(Expand(Compress(stage0)))).
 func TestCompressedBoundaryGradientMatchesFiniteDifferences(t *testing.T) {
 	c := Config{Vocab: 16, DModel: 8, NLayers: 2, NHeads: 2, DFF: 12, SeqLen: 4, RopeTheta: 10000, NormEps: 1e-5}
-	stages, err := NewStages(c, 2)
-	if err != nil {
-		t.Fatal(err)
-	}
 	sub, err := NewSubspace(c, 4, 5)
 	if err != nil {
 		t.Fatal(err)
-	}
-	rng := rand.New(rand.NewPCG(4, 4))
-	for _, s := range stages {
-		s.Init(6)
-		if err := s.SetSubspace(sub, 1); err != nil {
-			t.Fatal(err)
-		}
-		for i := range s.Params {
-			s.Params[i] *= 2 // off the near-linear regime of a fresh init, not so far that h=3e-3 sees curvature
-		}
 	}
 	b, seq := 2, 4
 	n := b * seq
 	tokens := []int32{1, 2, 3, 4, 5, 6, 7, 8}
 	targets := []int32{2, 3, 4, 5, 6, 7, 8, 9}
-	t0, t1 := stages[0].NewTape(b, seq), stages[1].NewTape(b, seq)
-	x := make([]float32, n*c.DModel)
-	cv := randVec(rng, n*sub.K, 1)
-
-	lossOfC := func() float64 {
-		sub.Expand(x, cv, tokens)
-		stages[1].Forward(t1, tokens, x)
-		return stages[1].Loss(t1, targets, 1)
+	setup := func(be backend.Backend) (stages []*Stage, t0, t1 *Tape, cv, x []float32) {
+		stages, err := NewStages(c, 2, WithBackend(be))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range stages {
+			s.Init(6)
+			if err := s.SetSubspace(sub, 1); err != nil {
+				t.Fatal(err)
+			}
+			for i := range s.Params {
+				s.Params[i] *= 2 // off the near-linear regime of a fresh init, not so far that h=3e-3 sees curvature
+			}
+		}
+		rng := rand.New(rand.NewPCG(4, 4))
+		return stages, stages[0].NewTape(b, seq), stages[1].NewTape(b, seq), randVec(rng, n*sub.K, 1), make([]float32, n*c.DModel)
 	}
-	lossOfC()
-	dc := make([]float32, n*sub.K)
-	sub.CompressGrad(dc, stages[1].Backward(t1, nil), n)
-	checkFD(t, "dc", cv, dc, lossOfC)
-
-	lossOfStage0 := func() float64 {
-		sub.Compress(cv, stages[0].Forward(t0, tokens, nil), tokens)
-		return lossOfC()
-	}
-	lossOfStage0()
-	stages[0].ZeroGrads()
-	sub.CompressGrad(dc, stages[1].Backward(t1, nil), n)
-	g := make([]float32, n*c.DModel)
-	sub.ExpandGrad(g, dc, n)
-	stages[0].Backward(t0, g)
-	checkFD(t, "stage 0 params", stages[0].Params, append([]float32(nil), stages[0].Grads...), lossOfStage0)
+	// Stage 1 fed Expand(c): CompressGrad of its input gradient is dL/dc.
+	checkOnEveryBackend(t, gradCase{names: []string{"dc"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			stages, _, t1, cv, x := setup(be)
+			lossOfC := func() float64 {
+				sub.Expand(x, cv, tokens)
+				stages[1].Forward(t1, tokens, x)
+				return stages[1].Loss(t1, targets, 1)
+			}
+			lossOfC()
+			dc := make([]float32, n*sub.K)
+			sub.CompressGrad(dc, stages[1].Backward(t1, nil), n)
+			return lossOfC, [][]float32{cv}, [][]float32{dc}
+		}})
+	// Through a whole compressed cut: stage 0 driven by ExpandGrad(CompressGrad(g)).
+	checkOnEveryBackend(t, gradCase{names: []string{"stage 0 params"},
+		run: func(be backend.Backend) (func() float64, [][]float32, [][]float32) {
+			stages, t0, t1, cv, x := setup(be)
+			lossOfStage0 := func() float64 {
+				sub.Compress(cv, stages[0].Forward(t0, tokens, nil), tokens)
+				sub.Expand(x, cv, tokens)
+				stages[1].Forward(t1, tokens, x)
+				return stages[1].Loss(t1, targets, 1)
+			}
+			lossOfStage0()
+			dc := make([]float32, n*sub.K)
+			sub.CompressGrad(dc, stages[1].Backward(t1, nil), n)
+			g := make([]float32, n*c.DModel)
+			sub.ExpandGrad(g, dc, n)
+			stages[0].Backward(t0, g)
+			return lossOfStage0, [][]float32{stages[0].Params}, [][]float32{slices.Clone(stages[0].Grads)}
+		}})
 }

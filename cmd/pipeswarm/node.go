@@ -17,6 +17,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
@@ -91,6 +92,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	statusAddr := fs.String("status", "", "serve the status page and /metrics on host:port, e.g. 127.0.0.1:9090 or 127.0.0.1:0 (overrides status)")
 	verbose := fs.Bool("v", false, "debug logging (same as --log-level debug)")
 	logf := addLogFlags(fs, slog.LevelInfo)
+	onlyBackend := fs.String("backend", "", "run stages only on this compute backend, cpu32 or bf16 (overrides backends; default: every one this binary and CPU can run)")
 	threads := fs.Int("threads", 0, "compute threads for the stages held here (default: every core); set it when several nodes share a machine")
 	faultStall := fs.Int("fault-stall-sync", 0, "fault injection for tests: hang mid all-reduce in the outer step after inner step N")
 	pos, err := parse(fs, args)
@@ -133,6 +135,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	if *statusAddr != "" {
 		cfg.Status = *statusAddr
 	}
+	if *onlyBackend != "" {
+		cfg.Backends = []string{*onlyBackend}
+	}
 	cfg.EnsureDefaults()
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -172,7 +177,16 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 		d.ReachabilityNotices(nctx, func(r p2p.Reachability) { fmt.Fprintf(stdout, "reachability: %s\n", r.Line()) })
 	}()
 	defer func() { stopNotices(); <-noticesDone }()
-	log.Info("node running", "compute_threads", compute.Workers(), "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open, "memory_budget", cfg.MemoryBudget)
+	names := cfg.Backends
+	if len(names) == 0 {
+		names = backend.Available()
+	}
+	for _, name := range names {
+		if b, err := backend.Open(name); err == nil {
+			log.Info("compute backend", "backend", name, "precision", b.Precision(), "impl", b.Describe())
+		}
+	}
+	log.Info("node running", "precisions", cfg.Precisions(), "compute_threads", compute.Workers(), "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open, "memory_budget", cfg.MemoryBudget)
 	err = d.Run(ctx)
 	log.Info("node stopped")
 	return err
@@ -204,6 +218,7 @@ The spec is checked before anything is sent.`, stderr)
 	out := fs.String("out", "", "output directory (default runs/<spec name>)")
 	dataPath := fs.String("data", "", "training text, read here and served to the nodes over libp2p (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
+	be := fs.String("backend", "", "compute backend the nodes run, cpu32 or bf16 (overrides model.precision: fp32 or bf16)")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	resume := fs.Bool("resume", false, "continue the interrupted run in --out DIR (same spec and overrides) from the newest step whose checkpoint the nodes still hold for every stage")
 	logf := addLogFlags(fs, slog.LevelInfo)
@@ -222,6 +237,13 @@ The spec is checked before anything is sent.`, stderr)
 	sp, err := loadSpec(pos, *dataPath, *steps)
 	if err != nil {
 		return err
+	}
+	if *be != "" {
+		p, err := backend.PrecisionOf(*be)
+		if err != nil {
+			return fmt.Errorf("--backend: %w", err)
+		}
+		sp.Model.Precision = p
 	}
 	if *keyPath == "" {
 		fmt.Fprintln(stderr, "pipeswarm launch: --key FILE is required (make one with 'pipeswarm keygen --out FILE')")

@@ -17,7 +17,6 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/shard"
-	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 func runTrain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -45,6 +44,7 @@ the same steps the uninterrupted run would have.`, stderr)
 	quiet := fs.Bool("quiet", false, "no progress display")
 	logf := addLogFlags(fs, slog.LevelInfo)
 	resume := fs.Bool("resume", false, "continue the run in --out from its last checkpoint (same SPEC, --data and --steps), exactly as if it had not stopped")
+	be := fs.String("backend", "", "compute backend, cpu32 or bf16 (overrides model.precision: fp32 or bf16)")
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -57,6 +57,11 @@ the same steps the uninterrupted run would have.`, stderr)
 	if err != nil {
 		return err
 	}
+	if *be != "" {
+		if err := train.SetBackend(sp, *be); err != nil {
+			return fmt.Errorf("--backend: %w", err)
+		}
+	}
 	if *out == "" {
 		*out = filepath.Join("runs", sp.Name)
 	}
@@ -64,7 +69,6 @@ the same steps the uninterrupted run would have.`, stderr)
 	if err != nil {
 		return err
 	}
-	log.Info("compute", "blas", compute.Backend(), "workers", compute.Workers())
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
 	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: *out, Log: log, OnStep: prog.step, Resume: *resume})
 	prog.done()
@@ -216,7 +220,11 @@ replaces its data path.`, stderr)
 	if *dataPath != "" {
 		sp.Data.Path = *dataPath
 	}
-	stages, err := shard.NewStages(train.ModelConfig(sp), sp.Pipeline.Stages)
+	be, err := train.Backend(sp)
+	if err != nil {
+		return err
+	}
+	stages, err := shard.NewStages(train.ModelConfig(sp), sp.Pipeline.Stages, shard.WithBackend(be))
 	if err != nil {
 		return err
 	}

@@ -32,6 +32,10 @@ the wire protocols this binary speaks.`, stderr)
 	} else if v.Modified {
 		commit += " (modified)"
 	}
-	fmt.Fprintf(stdout, "pipeswarm %s\ncommit    %s\ngo        %s %s\nblas      %s\nprotocols %v\n", v.Version, commit, v.Go, v.Platform, v.BLAS, v.Protocols)
+	fmt.Fprintf(stdout, "pipeswarm %s\ncommit    %s\ngo        %s %s\nblas      %s\n", v.Version, commit, v.Go, v.Platform, v.BLAS)
+	for _, b := range v.Backends {
+		fmt.Fprintf(stdout, "backend   %s\n", b)
+	}
+	fmt.Fprintf(stdout, "protocols %v\n", v.Protocols)
 	return nil
 }

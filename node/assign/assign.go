@@ -62,7 +62,8 @@ func paramCount(c shard.Config, r shard.Range, first, last bool) int64 {
 // tapeBytes is what Stage.NewTape(b, t) allocates, in bytes, with n = b·t tokens: the input
 // residual [n,d] and, on the first stage, the token ids [n] (int32); per block a1, att, x2,
 // a2, out [n,d], rstd1, rstd2 [n], qkv [n,3d], the attention probabilities [b,H,t,t],
-// gate|up [n,2F] and m [n,F]; on the last stage hf [n,d], rstdF [n] and logits [n,V].
+// gate|up [n,2F] and m [n,F]; on the last stage hf [n,d], rstdF [n] and logits [n,V];
+// and the host copy of what Forward returns, [n,V] on the last stage, else [n,d].
 func tapeBytes(c shard.Config, r shard.Range, first, last bool, b, t int) int64 {
 	const f32, i32 = 4, 4
 	n, d, f := int64(b)*int64(t), int64(c.DModel), int64(c.DFF)
@@ -71,6 +72,9 @@ func tapeBytes(c shard.Config, r shard.Range, first, last bool, b, t int) int64 
 	floats += int64(r.Len()) * block
 	if last {
 		floats += n*d + n + n*int64(c.Vocab)
+		floats += n * int64(c.Vocab)
+	} else {
+		floats += n * d
 	}
 	bytes := f32 * floats
 	if first {
@@ -81,10 +85,11 @@ func tapeBytes(c shard.Config, r shard.Range, first, last bool, b, t int) int64 
 
 // stageScratch is the float32 count of what a stage holds besides its parameter-sized
 // buffers and its tapes: the backward workspace for n = b·t tokens (dres, dtmp [n,d],
-// dbig [n, max(3d, 2F)], dm [n,F]) and the RoPE cos and sin tables [SeqLen, head dim/2].
+// dbig [n, max(3d, 2F)], dm [n,F], and the host copy of the input gradient Backward
+// returns [n,d]) and the RoPE cos and sin tables [SeqLen, head dim/2].
 func stageScratch(c shard.Config, b, t int) int64 {
 	n, d, f := int64(b)*int64(t), int64(c.DModel), int64(c.DFF)
-	ws := 2*n*d + n*max(3*d, 2*f) + n*f
+	ws := 3*n*d + n*max(3*d, 2*f) + n*f
 	rope := 2 * int64(c.SeqLen) * int64(c.HeadDim()/2)
 	return ws + rope
 }
@@ -95,6 +100,34 @@ type Offer struct {
 	Addrs       []string
 	MemoryBytes int64
 	MaxStages   int
+	// Precisions are the model.precision values the peer can compute in (fp32, bf16);
+	// empty means fp32 only, as nodes from before precisions were offered.
+	Precisions []string `json:",omitempty"`
+}
+
+// Runs reports whether the peer can compute a run at precision p.
+func (o Offer) Runs(p string) bool {
+	if len(o.Precisions) == 0 {
+		return p == "fp32"
+	}
+	return slices.Contains(o.Precisions, p)
+}
+
+// ForPrecision keeps the offers that can compute at precision p, in order, and gives
+// a reason for each it leaves out.
+func ForPrecision(offers []Offer, p string) (kept []Offer, refusals []string) {
+	for _, o := range offers {
+		if o.Runs(p) {
+			kept = append(kept, o)
+			continue
+		}
+		have := o.Precisions
+		if len(have) == 0 {
+			have = []string{"fp32"}
+		}
+		refusals = append(refusals, fmt.Sprintf("%s cannot compute in %s (it offers %s)", o.Peer, p, strings.Join(have, ", ")))
+	}
+	return kept, refusals
 }
 
 // Assignment is one stage of one replica pipeline of a run, given to one peer.

@@ -1,5 +1,5 @@
 // Package build says which pipeswarm this binary is: module version, VCS commit, Go,
-// the BLAS compute runs on and the wire protocols it speaks. `pipeswarm version`
+// the BLAS and compute backends it runs on and the wire protocols it speaks. `pipeswarm version`
 // prints it, nodes put it in their heartbeats and on their status page, so that two
 // peers can be checked for a match.
 package build
@@ -11,17 +11,21 @@ import (
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 // Info is this binary's build.
 type Info struct {
-	Version   string   `json:"version"`
-	Commit    string   `json:"commit,omitempty"`
-	Modified  bool     `json:"modified,omitempty"`
-	Go        string   `json:"go"`
-	Platform  string   `json:"platform"`
-	BLAS      string   `json:"blas"`
+	Version  string `json:"version"`
+	Commit   string `json:"commit,omitempty"`
+	Modified bool   `json:"modified,omitempty"`
+	Go       string `json:"go"`
+	Platform string `json:"platform"`
+	BLAS     string `json:"blas"`
+	// Backends are the compute backends this binary can run here, "name: what it is"
+	// (implementation and ISA), cpu32 first.
+	Backends  []string `json:"backends,omitempty"`
 	Protocols []string `json:"protocols"`
 }
 
@@ -29,6 +33,11 @@ type Info struct {
 func Read() Info {
 	v := Info{Version: "(devel)", Go: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH, BLAS: compute.Backend(),
 		Protocols: Protocols()}
+	for _, name := range backend.Available() {
+		if be, err := backend.Open(name); err == nil {
+			v.Backends = append(v.Backends, name+": "+be.Describe())
+		}
+	}
 	if bi, ok := debug.ReadBuildInfo(); ok {
 		if bi.Main.Version != "" {
 			v.Version = bi.Main.Version

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"slices"
 	"strconv"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 )
 
 // ErrInvalid is wrapped by every error Validate reports.
@@ -55,6 +57,10 @@ type Config struct {
 	MemoryBudget string `yaml:"memory_budget"`
 	// MaxStages is how many stages this node may hold at once. Default 1.
 	MaxStages int `yaml:"max_stages"`
+	// Backends lists the compute backends this node runs stages on, cpu32 (fp32) and
+	// bf16; its offers advertise their precisions. Default: every backend this binary
+	// and CPU can run (an empty list).
+	Backends []string `yaml:"backends"`
 	// Corpus is a local copy of run text (a file, a directory of text files, or .jsonl),
 	// used instead of fetching from the launcher whenever the parts a run needs hash the
 	// same as the launcher's. Empty: always fetch (and cache in the data directory).
@@ -173,6 +179,9 @@ func (c *Config) EnsureDefaults() {
 	if c.Trust == nil {
 		c.Trust = []string{}
 	}
+	if c.Backends == nil {
+		c.Backends = []string{}
+	}
 	if c.MemoryBudget == "" && !c.src.written("memory_budget") {
 		c.MemoryBudget = DefaultMemoryBudget
 	}
@@ -194,6 +203,21 @@ func (c *Config) EnsureDefaults() {
 	if c.RelayMaxData == "" && !c.src.written("relay_max_data") {
 		c.RelayMaxData = DefaultRelayMaxData
 	}
+}
+
+// Precisions are what the node's backends compute in (fp32, bf16), as its offers
+// advertise them.
+func (c *Config) Precisions() []string {
+	if len(c.Backends) == 0 {
+		return backend.Precisions()
+	}
+	var out []string
+	for _, name := range c.Backends {
+		if be, err := backend.Open(name); err == nil && !slices.Contains(out, be.Precision()) {
+			out = append(out, be.Precision())
+		}
+	}
+	return out
 }
 
 // Validate checks every field and returns all problems joined, each wrapping ErrInvalid.
@@ -241,6 +265,11 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxStages < 1 {
 		v.failf("max_stages", "%d is less than 1", c.MaxStages)
+	}
+	for i, name := range c.Backends {
+		if _, err := backend.Open(name); err != nil {
+			v.item("backends", i, "%v", err) // says what to install
+		}
 	}
 	for i, s := range c.Announce {
 		if err := p2p.CheckAnnounce(s); err != nil {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 )
 
 const (
@@ -65,6 +66,7 @@ func TestParseReadsEveryField(t *testing.T) {
 		Trust:            []string{launcher},
 		MemoryBudget:     "12GiB",
 		MaxStages:        2,
+		Backends:         []string{},
 		Announce:         []string{"/ip4/203.0.113.7/tcp/4001"},
 		Relays:           []string{"/ip4/203.0.113.8/udp/4001/quic-v1/p2p/" + other},
 		Relay:            true,
@@ -163,6 +165,41 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 	}
 }
 
+func TestBackendsAreCheckedAndGiveTheOfferedPrecisions(t *testing.T) {
+	c, err := Parse([]byte("data_dir: d\nopen: true\nbackends: [cpu32]\n"), "n.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := c.Precisions(); !reflect.DeepEqual(got, []string{"fp32"}) {
+		t.Fatalf("backends [cpu32] offer %v, want [fp32]", got)
+	}
+	c, err = Parse([]byte("data_dir: d\nopen: true\n"), "n.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := c.Precisions(), backend.Precisions(); !reflect.DeepEqual(got, want) {
+		t.Fatalf("no backends listed: offer %v, want every one this build has, %v", got, want)
+	}
+	for src, want := range map[string]string{
+		"backends: [fp64]":  `n.yaml:3: backends[0]: unknown backend "fp64"`,
+		"backends: [cpu32]": "",
+	} {
+		_, err := Parse([]byte("data_dir: d\nopen: true\n"+src+"\n"), "n.yaml")
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%s: %v", src, err)
+		case want != "" && (err == nil || !strings.HasPrefix(err.Error(), want)):
+			t.Errorf("%s: error %v, want one starting %q", src, err, want)
+		}
+	}
+	if _, err := backend.Open("bf16"); err != nil {
+		_, err := Parse([]byte("data_dir: d\nopen: true\nbackends: [bf16]\n"), "n.yaml")
+		if err == nil || !strings.Contains(err.Error(), "libdnnl-dev") {
+			t.Errorf("bf16 in a build without it: %v, want an error naming libdnnl-dev", err)
+		}
+	}
+}
+
 func TestValidateWithoutFileNamesOnlyTheField(t *testing.T) {
 	c := &Config{DataDir: "d", Open: true, MemoryBudget: "1MiB", MaxStages: 1}
 	err := c.Validate()
@@ -208,7 +245,7 @@ func TestOpenAcceptsAnyLauncherWithoutTrust(t *testing.T) {
 
 func TestUnknownFieldIsADecodeErrorWithItsLine(t *testing.T) {
 	_, err := Parse([]byte("data_dir: d\nopen: true\nmemory: 4GiB\n"), "n.yaml")
-	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, corpus, status, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
+	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, backends, corpus, status, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
 	if !errors.Is(err, ErrDecode) || !errors.Is(err, spec.ErrDecode) || err.Error() != want {
 		t.Errorf("error = %v\nwant %q", err, want)
 	}
@@ -279,7 +316,7 @@ func TestExampleNodeConfigParses(t *testing.T) {
 		}
 		if filepath.Base(p) == "node.yaml" {
 			want := Config{DataDir: "./node-data", Listen: DefaultListen(), Bootstrap: []string{},
-				Trust: []string{}, Open: true, MemoryBudget: "4GiB", MaxStages: 1,
+				Trust: []string{}, Open: true, MemoryBudget: "4GiB", MaxStages: 1, Backends: []string{},
 				Announce: []string{}, PortMap: true, Relays: []string{}, RelayMaxDuration: "24h", RelayMaxData: "64GiB"}
 			if !reflect.DeepEqual(fields(c), want) {
 				t.Errorf("examples/node.yaml = %+v\nwant %+v", fields(c), want)

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"math"
 	"os"
+	"slices"
 	"strings"
 
 	"gopkg.in/yaml.v3"
@@ -56,6 +57,9 @@ type Spec struct {
 	src source
 }
 
+// Precisions are the values model.precision takes.
+var Precisions = []string{"fp32", "bf16"}
+
 // Model is the shape of the transformer.
 type Model struct {
 	Vocab     int     `yaml:"vocab"` // default 256 (byte-level)
@@ -66,6 +70,10 @@ type Model struct {
 	SeqLen    int     `yaml:"seq_len"`
 	RopeTheta float64 `yaml:"rope_theta"` // default 10000
 	NormEps   float64 `yaml:"norm_eps"`   // default 1e-5
+	// Precision is what the stages compute in: fp32 (the cpu32 backend) or bf16 (GEMM
+	// inputs in bfloat16 with float32 accumulation, everything else and the weights,
+	// optimiser state and checkpoints float32). Default fp32.
+	Precision string `yaml:"precision"`
 }
 
 // Pipeline is how the model is cut into stages and a step into micro-batches.
@@ -279,6 +287,9 @@ func (s *Spec) EnsureDefaults() {
 	}
 	if unset("model.norm_eps", m.NormEps == 0) {
 		m.NormEps = 1e-5
+	}
+	if m.Precision == "" && !s.src.written("model.precision") {
+		m.Precision = "fp32"
 	}
 	if unset("pipeline.stages", p.Stages == 0) {
 		p.Stages = 1
@@ -521,6 +532,9 @@ func (s *Spec) problems() []error {
 	c.positive("model.seq_len", m.SeqLen)
 	c.positiveFloat("model.rope_theta", m.RopeTheta)
 	c.positiveFloat("model.norm_eps", m.NormEps)
+	if !slices.Contains(Precisions, m.Precision) {
+		c.failf("model.precision", "%q is not one of %s", m.Precision, strings.Join(Precisions, ", "))
+	}
 
 	switch {
 	case p.Stages < 1:

@@ -127,7 +127,7 @@ func TestExamplesParseAndValidate(t *testing.T) {
 	tiny := Spec{
 		Name: "tiny", Seed: 1, EvalInterval: 200,
 		Model: Model{Vocab: 256, DModel: 128, NLayers: 4, NHeads: 4, DFF: 352, SeqLen: 128,
-			RopeTheta: 10000, NormEps: 1e-5},
+			RopeTheta: 10000, NormEps: 1e-5, Precision: "fp32"},
 		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, PauseTimeout: 600, Replicas: 1},
 		Train: Train{BatchSize: 16, Steps: 2000, LR: 0.002, MinLR: 0.0002, Warmup: 100,
 			WeightDecay: 0.1, GradClip: 1.0, Beta1: 0.9, Beta2: 0.95},
@@ -228,7 +228,7 @@ func TestEnsureDefaultsFillsZeroFieldsOfGoSpec(t *testing.T) {
 	s := &Spec{Train: Train{LR: 0.01}}
 	s.EnsureDefaults()
 	want := Spec{
-		Model:       Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5},
+		Model:       Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5, Precision: "fp32"},
 		Pipeline:    Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, PauseTimeout: 600, Replicas: 1},
 		Train:       Train{LR: 0.01, MinLR: 0.001, WeightDecay: 0.1, GradClip: 1, Beta1: 0.9, Beta2: 0.95},
 		Data:        Data{ValFraction: 0.1},
@@ -357,7 +357,7 @@ func TestUnknownFieldNamesLineSectionAndKnownFields(t *testing.T) {
 	if !errors.Is(err, ErrDecode) {
 		t.Fatalf("error = %v, want ErrDecode", err)
 	}
-	want := fmt.Sprintf(`t.yaml:%d: unknown field "d_modle" in model (known: vocab, d_model, n_layers, n_heads, d_ff, seq_len, rope_theta, norm_eps)`, line+1)
+	want := fmt.Sprintf(`t.yaml:%d: unknown field "d_modle" in model (known: vocab, d_model, n_layers, n_heads, d_ff, seq_len, rope_theta, norm_eps, precision)`, line+1)
 	if err.Error() != want {
 		t.Errorf("error:\n%v\nwant:\n%s", err, want)
 	}
@@ -531,6 +531,34 @@ func TestDecodeStrictReadsOtherStructsWithLinesAndErrors(t *testing.T) {
 		_, err := DecodeStrict([]byte(src), "d.yaml", "doc", &d)
 		if !errors.Is(err, ErrDecode) || err.Error() != msg {
 			t.Errorf("DecodeStrict(%q) error = %v, want %q", src, err, msg)
+		}
+	}
+}
+
+func TestPrecisionIsFP32OrBF16AndDefaultsToFP32(t *testing.T) {
+	const base = "name: p\nmodel: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 16}\ntrain: {batch_size: 4, steps: 10, lr: 0.001}\n"
+	s, err := Parse([]byte(base), "p.yaml")
+	if err != nil || s.Model.Precision != "fp32" {
+		t.Fatalf("no precision written: %q, %v; want fp32", s.Model.Precision, err)
+	}
+	for src, want := range map[string]string{
+		"model:\n  precision: bf16\n": "",
+		"model:\n  precision: fp32\n": "",
+		"model:\n  precision: fp16\n": `p.yaml:3: model.precision: "fp16" is not one of fp32, bf16`,
+		"model:\n  precision: \"\"\n": `p.yaml:3: model.precision: "" is not one of fp32, bf16`,
+	} {
+		full := "name: p\n" + src + "  d_model: 32\n  n_layers: 2\n  n_heads: 2\n  d_ff: 64\n  seq_len: 16\ntrain: {batch_size: 4, steps: 10, lr: 0.001}\n"
+		s, err := Parse([]byte(full), "p.yaml")
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%q: %v", src, err)
+		case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
+			t.Errorf("%q: error %v, want one containing %q", src, err, want)
+		case want == "":
+			back, err := Parse([]byte(s.String()), "round.yaml")
+			if err != nil || back.Model.Precision != s.Model.Precision {
+				t.Errorf("%q: round trip gave %q, %v", src, back.Model.Precision, err)
+			}
 		}
 	}
 }

@@ -25,7 +25,11 @@ type model struct {
 
 func newModel(sp *spec.Spec) (*model, error) {
 	cfg := ModelConfig(sp)
-	stages, err := shard.NewStages(cfg, sp.Pipeline.Stages)
+	be, err := Backend(sp)
+	if err != nil {
+		return nil, err
+	}
+	stages, err := shard.NewStages(cfg, sp.Pipeline.Stages, shard.WithBackend(be))
 	if err != nil {
 		return nil, err
 	}

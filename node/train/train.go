@@ -20,6 +20,8 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/shard"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
+	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 // ErrDiverged means the training loss stopped being a finite number.
@@ -114,6 +116,31 @@ func ModelConfig(sp *spec.Spec) shard.Config {
 		DFF: m.DFF, SeqLen: m.SeqLen, RopeTheta: m.RopeTheta, NormEps: float32(m.NormEps)}
 }
 
+// Backend opens the compute backend for the run's model.precision: cpu32 for fp32,
+// bf16 for bf16. An error says why it cannot run here and what to install.
+func Backend(sp *spec.Spec) (backend.Backend, error) {
+	name, err := backend.ForPrecision(sp.Model.Precision)
+	if err != nil {
+		return nil, err
+	}
+	be, err := backend.Open(name)
+	if err != nil {
+		return nil, fmt.Errorf("model.precision %s: %w", sp.Model.Precision, err)
+	}
+	return be, nil
+}
+
+// SetBackend makes sp's model.precision the one backend name computes in (the
+// --backend override of the commands), so the spec every run records says what ran.
+func SetBackend(sp *spec.Spec, name string) error {
+	be, err := backend.Open(name)
+	if err != nil {
+		return err
+	}
+	sp.Model.Precision = be.Precision()
+	return nil
+}
+
 // Corpus loads the text a run trains on: the file or directory at path, or the
 // built-in default when path is empty. name says which, for logs.
 func Corpus(path string) (text []byte, name string, err error) {
@@ -166,6 +193,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		reps[r] = rp
 	}
 	m := reps[0].m
+	log.Info("compute", "backend", m.stages[0].Backend().Name(), "precision", sp.Model.Precision,
+		"impl", m.stages[0].Backend().Describe(), "workers", compute.Workers())
 	log.Info("training", "spec", sp.Name, "corpus", corpusName, "bytes", len(text),
 		"train_bytes", len(trainText), "val_bytes", len(valText), "params", m.numParams(),
 		"stages", len(m.stages), "replicas", R, "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep()*R)

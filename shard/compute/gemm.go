@@ -48,8 +48,31 @@ const gemmParts = 4
 // row strides. Large products are cut by rows (or columns) of c into gemmParts blocks
 // that Workers() goroutines share.
 func Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	if !splitGemm || 2*m*n*k < minSplitFlops {
+	if !splitGemm {
 		Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+		return
+	}
+	Blocks(m, n, k, func(r0, rows, c0, cols int) {
+		aOff := r0 * lda // row r0 of op(a)
+		if transA {
+			aOff = r0 // column r0 of a
+		}
+		bOff := c0 // column c0 of op(b)
+		if transB {
+			bOff = c0 * ldb // row c0 of b
+		}
+		Sgemm(transA, transB, rows, cols, k, alpha, a[aOff:], lda, b[bOff:], ldb, beta, c[r0*ldc+c0:], ldc)
+	})
+}
+
+// Blocks cuts the product c[m,n] = op(a)[m,k]·op(b)[k,n] into the blocks every
+// GEMM backend computes one call each: gemmParts blocks of rows (or of columns, when
+// n > m), the same whatever the number of workers, so no result depends on the
+// thread count. It runs block(r0, rows, c0, cols) for each on Workers() goroutines,
+// or once for the whole of c on the caller's goroutine when the product is small.
+func Blocks(m, n, k int, block func(r0, rows, c0, cols int)) {
+	if 2*m*n*k < minSplitFlops {
+		block(0, m, 0, n)
 		return
 	}
 	if m >= n {
@@ -57,12 +80,7 @@ func Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 		ParallelFor((m+chunk-1)/chunk, func(lo, hi int) {
 			for p := lo; p < hi; p++ {
 				r0 := p * chunk
-				rows := min(chunk, m-r0)
-				aOff := r0 * lda // row r0 of op(a)
-				if transA {
-					aOff = r0 // column r0 of a
-				}
-				Sgemm(transA, transB, rows, n, k, alpha, a[aOff:], lda, b, ldb, beta, c[r0*ldc:], ldc)
+				block(r0, min(chunk, m-r0), 0, n)
 			}
 		})
 		return
@@ -71,12 +89,7 @@ func Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 	ParallelFor((n+chunk-1)/chunk, func(lo, hi int) {
 		for p := lo; p < hi; p++ {
 			c0 := p * chunk
-			cols := min(chunk, n-c0)
-			bOff := c0 // column c0 of b
-			if transB {
-				bOff = c0 * ldb // row c0 of b
-			}
-			Sgemm(transA, transB, m, cols, k, alpha, a, lda, b[bOff:], ldb, beta, c[c0:], ldc)
+			block(0, m, c0, min(chunk, n-c0))
 		}
 	})
 }

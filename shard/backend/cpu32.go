@@ -1,0 +1,353 @@
+package backend
+
+import (
+	"fmt"
+	"math"
+	"unsafe"
+
+	"github.com/pipeswarm/pipeswarm/shard/compute"
+)
+
+// host is a Buf in main memory: what both CPU backends use.
+type host []float32
+
+func (h host) Len() int { return len(h) }
+
+// hostOf is b's storage; a Buf from another backend is a programmer error.
+func hostOf(b Buf) []float32 {
+	h, ok := b.(host)
+	if !ok {
+		panic(fmt.Sprintf("backend: a %T is not a host buffer", b))
+	}
+	return h
+}
+
+// hostMemory is the memory management both CPU backends share.
+type hostMemory struct{}
+
+func (hostMemory) Alloc(n int) Buf            { return host(make([]float32, n)) }
+func (hostMemory) Mirror(h []float32) Buf     { return host(h) }
+func (hostMemory) View(b Buf, off, n int) Buf { return host(hostOf(b)[off : off+n : off+n]) }
+func (hostMemory) Zero(b Buf)                 { clear(hostOf(b)) }
+
+func (hostMemory) Upload(dst Buf, src []float32) {
+	d := hostOf(dst)
+	if len(src) > len(d) {
+		panic(fmt.Sprintf("backend: upload of %d values into %d", len(src), len(d)))
+	}
+	if len(src) > 0 && unsafe.SliceData(d) == unsafe.SliceData(src) {
+		return // a mirror of src itself
+	}
+	copy(d, src)
+}
+
+func (hostMemory) Download(dst []float32, src Buf) {
+	s := hostOf(src)
+	if len(dst) > len(s) {
+		panic(fmt.Sprintf("backend: download of %d values from %d", len(dst), len(s)))
+	}
+	if len(dst) > 0 && unsafe.SliceData(s) == unsafe.SliceData(dst) {
+		return
+	}
+	copy(dst, s)
+}
+
+// cpu32 computes everything in float32 on the host. Its GEMMs are oneDNN's float32
+// matmul where the binary has oneDNN (measured faster than OpenBLAS here: see
+// BenchmarkGemmProjection), else compute.Gemm's (OpenBLAS, or gonum without cgo);
+// either way in compute.Blocks's fixed blocks.
+type cpu32 struct{ hostMemory }
+
+// CPU32 is the float32 host backend.
+func CPU32() Backend { return cpu32{} }
+
+// fp32GEMM is what cpu32 multiplies with: gemm splits over the workers, serial runs
+// on the caller's goroutine (inside the attention kernels' ParallelFor).
+var fp32GEMM = struct {
+	gemm, serial sgemm
+	describe     func() string
+}{compute.Gemm, compute.Sgemm, compute.Backend}
+
+func (cpu32) Name() string      { return "cpu32" }
+func (cpu32) Precision() string { return "fp32" }
+func (cpu32) Describe() string  { return "float32, GEMM " + fp32GEMM.describe() }
+
+func (cpu32) Linear(y, x, w Buf, n, in, out int) {
+	fp32GEMM.gemm(false, true, n, out, in, 1, hostOf(x), in, hostOf(w), in, 0, hostOf(y), out)
+}
+
+func (cpu32) LinearBackward(dx, dw, dy, x, w Buf, n, in, out int, accumulate bool) {
+	fp32GEMM.gemm(true, false, out, in, n, 1, hostOf(dy), out, hostOf(x), in, 1, hostOf(dw), in)
+	var beta float32
+	if accumulate {
+		beta = 1
+	}
+	fp32GEMM.gemm(false, false, n, in, out, 1, hostOf(dy), out, hostOf(w), in, beta, hostOf(dx), in)
+}
+
+func (cpu32) Attention(att, p, qkv Buf, b, t, nHeads, headDim int) {
+	attention(hostOf(att), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, fp32GEMM.serial)
+}
+
+func (cpu32) AttentionBackward(dqkv, datt, p, qkv Buf, b, t, nHeads, headDim int) {
+	attentionBackward(hostOf(dqkv), hostOf(datt), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, fp32GEMM.serial)
+}
+
+// sgemm is a single-threaded row-major GEMM, c = alpha·op(a)·op(b) + beta·c, as
+// compute.Sgemm; the attention kernels take one so the bf16 backend can swap in its own.
+type sgemm func(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int)
+
+// The host kernels below are shared by both CPU backends: float32 is the precision
+// of norms, RoPE, softmax, SwiGLU and the loss in either.
+
+func (hostMemory) RMSNorm(out, rstd, x, w Buf, n, d int, eps float32) {
+	rmsnorm(hostOf(out), hostOf(rstd), hostOf(x), hostOf(w), n, d, eps)
+}
+
+func (hostMemory) RMSNormBackward(dx, dw, dout, x, rstd, w Buf, n, d int) {
+	rmsnormBackward(hostOf(dx), hostOf(dw), hostOf(dout), hostOf(x), hostOf(rstd), hostOf(w), n, d)
+}
+
+func (hostMemory) RoPE(qkv, cos, sin Buf, n, seqLen, nHeads, headDim int, inverse bool) {
+	sign := float32(1)
+	if inverse {
+		sign = -1
+	}
+	rope(hostOf(qkv), hostOf(cos), hostOf(sin), n, seqLen, nHeads, headDim, sign)
+}
+
+func (hostMemory) SwiGLU(m, gu Buf, n, f int) { swiglu(hostOf(m), hostOf(gu), n, f) }
+
+func (hostMemory) SwiGLUBackward(dgu, dm, gu Buf, n, f int) {
+	swigluBackward(hostOf(dgu), hostOf(dm), hostOf(gu), n, f)
+}
+
+func (hostMemory) Embed(x, table Buf, tokens []int32, d int) {
+	xs, e := hostOf(x), hostOf(table)
+	for i, tok := range tokens {
+		copy(xs[i*d:(i+1)*d], e[int(tok)*d:(int(tok)+1)*d])
+	}
+}
+
+func (hostMemory) EmbedBackward(dtable, dx Buf, tokens []int32, d int) {
+	de, g := hostOf(dtable), hostOf(dx)
+	for i, tok := range tokens {
+		row := de[int(tok)*d : (int(tok)+1)*d]
+		for j, v := range g[i*d : (i+1)*d] {
+			row[j] += v
+		}
+	}
+}
+
+func (hostMemory) CrossEntropy(logits Buf, targets []int32, v int, scale float32) float64 {
+	return crossEntropy(hostOf(logits), targets, v, scale)
+}
+
+func (hostMemory) Add(dst, src Buf) {
+	d, s := hostOf(dst), hostOf(src)
+	compute.ParallelFor(len(s), func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			d[i] += s[i]
+		}
+	})
+}
+
+// rmsnorm: out[N,d] = w[d] · x[N,d] / sqrt(mean(x²) + eps); rstd[N] saved.
+func rmsnorm(out, rstd, x, w []float32, n, d int, eps float32) {
+	compute.ParallelFor(n, func(lo, hi int) {
+		for i := lo; i < hi; i++ {
+			xr := x[i*d : (i+1)*d]
+			var ss float32
+			for _, v := range xr {
+				ss += v * v
+			}
+			r := float32(1 / math.Sqrt(float64(ss/float32(d)+eps)))
+			rstd[i] = r
+			or := out[i*d : (i+1)*d]
+			for j, v := range xr {
+				or[j] = w[j] * (v * r)
+			}
+		}
+	})
+}
+
+// rmsnormBackward, with y = w·x·r, r = (mean(x²)+eps)^-½:
+// ∂L/∂x_j = r·w_j·dy_j − r³/d · x_j · Σ_i w_i·dy_i·x_i. It runs on one goroutine:
+// dw sums over rows, and a fixed order keeps it independent of the thread count.
+func rmsnormBackward(dx, dw, dout, x, rstd, w []float32, n, d int) {
+	for i := range n {
+		xr, dr, dxr := x[i*d:(i+1)*d], dout[i*d:(i+1)*d], dx[i*d:(i+1)*d]
+		r := rstd[i]
+		var dot float32
+		for j, v := range xr {
+			g := dr[j]
+			dot += w[j] * g * v
+			dw[j] += g * v * r
+		}
+		c := r * r * r * dot / float32(d)
+		for j, v := range xr {
+			dxr[j] += r*w[j]*dr[j] - c*v
+		}
+	}
+}
+
+// rope rotates the q and k parts of qkv[N, 3d] in place: for i < hd/2,
+// (x_i, x_{i+hd/2}) ← (x_i·c − x_{i+hd/2}·s, x_{i+hd/2}·c + x_i·s); sign −1 inverts.
+func rope(qkv, cos, sin []float32, n, seqLen, nHeads, headDim int, sign float32) {
+	d := nHeads * headDim
+	h := headDim / 2
+	compute.ParallelFor(n, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			t := r % seqLen
+			c, s := cos[t*h:(t+1)*h], sin[t*h:(t+1)*h]
+			row := qkv[r*3*d : r*3*d+2*d] // q then k
+			for hd := 0; hd < 2*nHeads; hd++ {
+				x := row[hd*headDim : (hd+1)*headDim]
+				x1, x2 := x[:h], x[h:]
+				for i := range h {
+					a, b := x1[i], x2[i]
+					si := sign * s[i]
+					x1[i] = a*c[i] - b*si
+					x2[i] = b*c[i] + a*si
+				}
+			}
+		}
+	})
+}
+
+// attention: causal softmax attention per (batch, head), each pair on one goroutine
+// with gemm.
+func attention(att, p, qkv []float32, b, t, nHeads, headDim int, gemm sgemm) {
+	d := nHeads * headDim
+	scale := float32(1 / math.Sqrt(float64(headDim)))
+	compute.ParallelFor(b*nHeads, func(lo, hi int) {
+		for bh := lo; bh < hi; bh++ {
+			bi, h := bh/nHeads, bh%nHeads
+			base := bi * t * 3 * d
+			q, k, v := qkv[base+h*headDim:], qkv[base+d+h*headDim:], qkv[base+2*d+h*headDim:]
+			s := p[bh*t*t : (bh+1)*t*t]
+			gemm(false, true, t, t, headDim, scale, q, 3*d, k, 3*d, 0, s, t)
+			for i := range t {
+				causalSoftmaxRow(s[i*t:(i+1)*t], i+1)
+			}
+			gemm(false, false, t, headDim, t, 1, s, t, v, 3*d, 0, att[bi*t*d+h*headDim:], d)
+		}
+	})
+}
+
+// causalSoftmaxRow replaces row[:n] by its softmax and zeroes row[n:].
+func causalSoftmaxRow(row []float32, n int) {
+	m := row[0]
+	for _, v := range row[1:n] {
+		m = max(m, v)
+	}
+	var sum float32
+	for j := range n {
+		e := compute.Exp(row[j] - m)
+		row[j] = e
+		sum += e
+	}
+	inv := 1 / sum
+	for j := range n {
+		row[j] *= inv
+	}
+	clear(row[n:])
+}
+
+// attentionBackward: dqkv[N,3d] (w.r.t. the roped q, k and v) from datt[N,d].
+func attentionBackward(dqkv, datt, p, qkv []float32, b, t, nHeads, headDim int, gemm sgemm) {
+	d := nHeads * headDim
+	scale := float32(1 / math.Sqrt(float64(headDim)))
+	compute.ParallelFor(b*nHeads, func(lo, hi int) {
+		dp := make([]float32, t*t)
+		for bh := lo; bh < hi; bh++ {
+			bi, h := bh/nHeads, bh%nHeads
+			base := bi * t * 3 * d
+			q, k, v := qkv[base+h*headDim:], qkv[base+d+h*headDim:], qkv[base+2*d+h*headDim:]
+			dq, dk, dv := dqkv[base+h*headDim:], dqkv[base+d+h*headDim:], dqkv[base+2*d+h*headDim:]
+			do := datt[bi*t*d+h*headDim:]
+			s := p[bh*t*t : (bh+1)*t*t]
+			// dV = Pᵀ·dO, dP = dO·Vᵀ
+			gemm(true, false, t, headDim, t, 1, s, t, do, d, 0, dv, 3*d)
+			gemm(false, true, t, t, headDim, 1, do, d, v, 3*d, 0, dp, t)
+			// dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the score scale.
+			for i := range t {
+				pr, dr := s[i*t:i*t+i+1], dp[i*t:(i+1)*t]
+				var dot float32
+				for j, pv := range pr {
+					dot += pv * dr[j]
+				}
+				for j, pv := range pr {
+					dr[j] = scale * pv * (dr[j] - dot)
+				}
+				clear(dr[i+1:])
+			}
+			// dQ = dS·K, dK = dSᵀ·Q
+			gemm(false, false, t, headDim, t, 1, dp, t, k, 3*d, 0, dq, 3*d)
+			gemm(true, false, t, headDim, t, 1, dp, t, q, 3*d, 0, dk, 3*d)
+		}
+	})
+}
+
+// swiglu: m[N,F] = silu(g)·u where gu[N,2F] holds gate | up per row.
+func swiglu(m, gu []float32, n, f int) {
+	compute.ParallelFor(n, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			g, u, mr := gu[r*2*f:r*2*f+f], gu[r*2*f+f:(r+1)*2*f], m[r*f:(r+1)*f]
+			for j, gv := range g {
+				mr[j] = gv / (1 + compute.Exp(-gv)) * u[j]
+			}
+		}
+	})
+}
+
+// swigluBackward: silu(g) = g·σ(g), silu'(g) = σ(g)·(1 + g·(1 − σ(g))).
+func swigluBackward(dgu, dm, gu []float32, n, f int) {
+	compute.ParallelFor(n, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			g, u, dmr := gu[r*2*f:r*2*f+f], gu[r*2*f+f:(r+1)*2*f], dm[r*f:(r+1)*f]
+			dg, du := dgu[r*2*f:r*2*f+f], dgu[r*2*f+f:(r+1)*2*f]
+			for j, gv := range g {
+				sg := 1 / (1 + compute.Exp(-gv))
+				du[j] = dmr[j] * gv * sg
+				dg[j] = dmr[j] * u[j] * sg * (1 + gv*(1-sg))
+			}
+		}
+	})
+}
+
+func crossEntropy(logits []float32, targets []int32, v int, scale float32) float64 {
+	n := len(targets)
+	g := scale / float32(n)
+	// One loss per row, summed in row order afterwards: the result does not depend on
+	// how many workers split the rows (a run must not change with the thread count).
+	losses := make([]float64, n)
+	compute.ParallelFor(n, func(lo, hi int) {
+		for r := lo; r < hi; r++ {
+			row := logits[r*v : (r+1)*v]
+			m := row[0]
+			for _, x := range row[1:] {
+				m = max(m, x)
+			}
+			tgt := targets[r]
+			xt := row[tgt] - m
+			var z float32
+			for j, x := range row {
+				e := compute.Exp(x - m)
+				row[j] = e
+				z += e
+			}
+			losses[r] = math.Log(float64(z)) - float64(xt)
+			inv := g / z
+			for j := range row {
+				row[j] *= inv
+			}
+			row[tgt] -= g
+		}
+	})
+	var total float64
+	for _, l := range losses {
+		total += l
+	}
+	return total / float64(n)
+}
