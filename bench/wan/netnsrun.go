@@ -147,6 +147,7 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 		index[Cell(c[0], c[1])] = i
 	}
 	restarts := make(chan Churn, len(o.Churn))
+	killed := map[string]int{} // churn kills whose exit is still to come, by cell
 	churn := &churner{events: o.Churn, do: func(c Churn) {
 		i, ok := index[c.Cell]
 		if !ok {
@@ -156,7 +157,9 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 		o.OnNote(fmt.Sprintf("churn: %s %s at step %d", c.Action, c.Cell, c.Step))
 		if c.Action == "kill" {
 			if p := procs[c.Cell]; p != nil && p.Process != nil {
-				_ = syscall.Kill(-p.Process.Pid, syscall.SIGKILL)
+				if syscall.Kill(-p.Process.Pid, syscall.SIGKILL) == nil {
+					killed[c.Cell]++
+				}
 			}
 			if c.Down > 0 {
 				go func() { // the loop below restarts it: it owns procs
@@ -177,7 +180,9 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 		o.OnStep(phase, s)
 		churn.step(s.Step)
 	}
-	// Progress from the launcher's metrics; a node that exits ends the wait early.
+	// Progress from the launcher's metrics. A node that exits unless the churn killed
+	// it ends the measurement: the launcher would wait for it (a run without replicas
+	// pauses until its node is back), and what followed would not be this benchmark.
 	seen := 0
 	tick := time.NewTicker(500 * time.Millisecond)
 	defer tick.Stop()
@@ -188,6 +193,10 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 				done = true
 				break
 			}
+			if killed[who] == 0 {
+				return nil, fmt.Errorf("wan: netns: node %s exited, not killed by the churn schedule: %s", who, tail(filepath.Join(logDir, who+".log")))
+			}
+			killed[who]--
 			o.OnNote(fmt.Sprintf("netns: node %s exited (its log: %s)", who, filepath.Join(logDir, who+".log")))
 		case c := <-restarts:
 			o.OnNote(fmt.Sprintf("churn: restart %s, %s after its kill", c.Cell, c.Down))
