@@ -462,7 +462,14 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 						continue
 					}
 					bid, _ := peer.Decode(b.Peer)
-					if rep, err := call(ctx, h, calls, nil, bid, ctlMsg{Type: msgReplace, Run: runID, Cell: &a}); err != nil || !rep.OK {
+					// Made from the watch loop: a hung node must not hold it long.
+					cctx, cancel := context.WithTimeout(ctx, 5*time.Second+8*h.Peerstore().LatencyEWMA(bid))
+					rep, err := call(cctx, h, calls, nil, bid, ctlMsg{Type: msgReplace, Run: runID, Cell: &a})
+					cancel()
+					if err == nil && !rep.OK {
+						err = errors.New(rep.Error)
+					}
+					if err != nil {
 						log.Warn("a replica was not told of the newcomer", "cell", cellName(sp, b), "err", err)
 					}
 				}
