@@ -677,6 +677,14 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 		var resume *ResumePlan
 		if prev != nil {
 			var err error
+			// Only steps whose rows are all recorded can be resumed from.
+			through := recordedThrough(filepath.Join(o.OutDir, train.MetricsFile))
+			for p, hs := range held {
+				for i := range hs {
+					hs[i].Steps = slices.DeleteFunc(hs[i].Steps, func(s int) bool { return s > through })
+				}
+				held[p] = hs
+			}
 			if resume, offers, err = resumePoint(sp, prev.id, offers, held); err != nil {
 				if time.Now().After(deadline) {
 					return nil, fmt.Errorf("%w: %v (%s)", ErrRunFailed, err, strings.Join(problems, "; "))

@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -422,6 +423,28 @@ func readKeptRows(path string, step int) (*keptRows, error) {
 		}
 	}
 	return k, nil
+}
+
+// recordedThrough is the last step s such that metrics.jsonl at path holds a row of
+// replica 0 for every step 1..s. A run stopped between a step's checkpoint and its
+// row (an evaluated step's row waits for its validation loss) must not resume after
+// it: that row would be missing for good.
+func recordedThrough(path string) int {
+	k, err := readKeptRows(path, math.MaxInt)
+	if err != nil {
+		return 0
+	}
+	have := map[int]bool{}
+	for _, s := range k.steps {
+		if s.Replica == nil || *s.Replica == 0 {
+			have[s.Step] = true
+		}
+	}
+	n := 0
+	for have[n+1] {
+		n++
+	}
+	return n
 }
 
 // serve publishes the state a replica that falls behind or joins fetches: the global

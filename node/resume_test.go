@@ -1,6 +1,8 @@
 package node
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -65,5 +67,23 @@ func TestResumePointGivesEachReplicaItsOwnHolder(t *testing.T) {
 	}
 	if ordered[0].Peer != "b" || ordered[1].Peer != "a" {
 		t.Errorf("offers ordered %v, want b (replica 0) then a (replica 1)", ordered)
+	}
+}
+
+func TestResumeStopsAtTheLastStepWhoseRowsAreAllRecorded(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "metrics.jsonl")
+	// Step 3's row (an evaluated step) never came; a torn row ends the file.
+	rows := `{"step":1,"loss":5}
+{"step":2,"loss":4.5}
+{"step":4,"loss":4}
+{"step":5,"lo`
+	if err := os.WriteFile(path, []byte(rows), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := recordedThrough(path); got != 2 {
+		t.Errorf("recordedThrough = %d, want 2: step 3's row is missing", got)
+	}
+	if got := recordedThrough(filepath.Join(t.TempDir(), "none.jsonl")); got != 0 {
+		t.Errorf("no metrics file: %d, want 0", got)
 	}
 }
