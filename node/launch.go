@@ -634,6 +634,12 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 	// and otherwise every half minute.
 	var said string
 	var saidAt time.Time
+	// Only steps whose rows are all recorded can be resumed from; the file does not
+	// change while staffing, so it is read once.
+	var through int
+	if prev != nil {
+		through = recordedThrough(filepath.Join(o.OutDir, train.MetricsFile))
+	}
 	say := func(msg, missing string, args ...any) {
 		if missing == said && time.Since(saidAt) < 30*time.Second {
 			return
@@ -677,8 +683,6 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 		var resume *ResumePlan
 		if prev != nil {
 			var err error
-			// Only steps whose rows are all recorded can be resumed from.
-			through := recordedThrough(filepath.Join(o.OutDir, train.MetricsFile))
 			for p, hs := range held {
 				for i := range hs {
 					hs[i].Steps = slices.DeleteFunc(hs[i].Steps, func(s int) bool { return s > through })
