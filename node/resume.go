@@ -455,8 +455,9 @@ func (w *worker) serve(round uint64) {
 }
 
 // rejoin brings this stage into a running run as the plan's Join says: it fetches
-// the stage's global weights, outer momentum and AdamW moments from a live replica
-// (verified by hash, from the first that serves), which must be as of the outer step
+// the stage's global weights and outer momentum from every live replica at once and
+// AdamW moments from one (each vector verified by its sha256; see reduce.FetchState),
+// which must be as of the outer step
 // after the plan's step, and puts the data sampler where this replica's would be.
 // The all-reduce group counts it in from the next round.
 func (w *worker) rejoin() error {
@@ -500,8 +501,9 @@ func (w *worker) rejoin() error {
 	if err := w.stepTaken(j.Step); err != nil {
 		return err
 	}
+	rep := w.group.LastFetch()
 	w.log.Info("rejoined: state fetched and verified", "step", j.Step, "round", round, "weights_hash", w.outer.Hash(),
-		"took", time.Since(t0).Round(time.Millisecond))
+		"replicas", len(rep.Pieces), "pieces_resent", rep.Resent, "took", time.Since(t0).Round(time.Millisecond))
 	return nil
 }
 

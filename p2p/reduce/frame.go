@@ -41,11 +41,25 @@ const (
 	typeStateEnd  frameType = 9  // end of state: index = vector count, payload = sha256, mask = live members
 	typeStateNone frameType = 10 // no state to serve
 	typeJoinAck   frameType = 11 // the sender counts the joiner in from round on
-	typeLast                = typeJoinAck
+	// Fetching from several members at once: describe, then serve chosen pieces.
+	typeStateInfoReq   frameType = 12 // describe your State as of round (0: the latest)
+	typeStateInfo      frameType = 13 // index = vector count, mask = live members, payload = per vector its length and sha256
+	typeStatePiecesReq frameType = 14 // send these pieces of your State as of round: index = count, payload = (vector, piece) pairs
+	typeStatePiecesEnd frameType = 15 // the pieces asked are sent: index = count
+	typeLast                     = typeStatePiecesEnd
 )
 
+// state reports whether frames of type t belong to a state fetch.
+func (t frameType) state() bool {
+	switch t {
+	case typeStateReq, typeState, typeStateEnd, typeStateNone, typeStateInfoReq, typeStateInfo, typeStatePiecesReq, typeStatePiecesEnd:
+		return true
+	}
+	return false
+}
+
 func (t frameType) String() string {
-	names := [...]string{"", "contrib", "result", "behind", "drop", "join", "leave", "state-req", "state", "state-end", "state-none", "join-ack"}
+	names := [...]string{"", "contrib", "result", "behind", "drop", "join", "leave", "state-req", "state", "state-end", "state-none", "join-ack", "state-info-req", "state-info", "state-pieces-req", "state-pieces-end"}
 	if t >= 1 && t <= typeLast {
 		return names[t]
 	}
@@ -66,16 +80,20 @@ func (t frameType) String() string {
 //	    16    8 run
 //	    24    8 round
 //	    32    4 n: the vector length of the round (state: of vector index)
-//	    36    4 index: chunk (contrib, result), state vector (state) or
-//	          vector count (state-end)
+//	    36    4 index: chunk (contrib, result), state vector (state),
+//	          vector count (state-end, state-info) or piece count
+//	          (state-pieces-req, state-pieces-end)
 //	    40    4 offset of the piece within the chunk or vector, in values
 //	    44    4 count: values in the piece
 //	    48    8 mask: contributors (result), dropped members (drop), live
-//	          members (state-end); bit r is replica r
+//	          members (state-end, state-info); bit r is replica r
 //	    56    4 payload length in bytes
-//	    60    4 zero
+//	    60    4 tag: the state fetch a state frame belongs to (echoed from its
+//	          request); zero in other frames
 //	    64      payload: count values in the codec (contrib, result), count
-//	            raw float32 (state), a sha256 (state-end), else nothing
+//	            raw float32 (state), a sha256 (state-end), per vector its
+//	            length (uint32) and sha256 (state-info), (vector, piece)
+//	            uint32 pairs (state-pieces-req), else nothing
 //
 // Every field is checked against the group before the payload is
 // allocated: the piece must be exactly piece offset/pieceLen of the chunk
@@ -87,7 +105,8 @@ const (
 	headerLen      = 64
 	flagZstd       = 1
 	hashLen        = 32
-	maxStateVecs   = 64 // state vectors a server may send
+	infoEntry      = 4 + hashLen // a vector's length and sha256 in a state-info payload
+	maxStateVecs   = 64          // state vectors a server may send
 	maxDiscardSize = 64 << 20
 )
 
@@ -104,6 +123,7 @@ type header struct {
 	count  uint32
 	mask   uint64
 	plen   uint32 // payload length
+	tag    uint32 // state frames: the fetch they answer
 }
 
 func (h *header) put(b *[headerLen]byte) {
@@ -124,6 +144,7 @@ func (h *header) put(b *[headerLen]byte) {
 	binary.LittleEndian.PutUint32(b[44:], h.count)
 	binary.LittleEndian.PutUint64(b[48:], h.mask)
 	binary.LittleEndian.PutUint32(b[56:], h.plen)
+	binary.LittleEndian.PutUint32(b[60:], h.tag)
 }
 
 func parseHeader(b *[headerLen]byte) (header, error) {
@@ -133,7 +154,7 @@ func parseHeader(b *[headerLen]byte) (header, error) {
 	if b[4] != frameVersion {
 		return header{}, badFrame("version %d, want %d", b[4], frameVersion)
 	}
-	if b[7]&^flagZstd != 0 || b[10] != 0 || b[11] != 0 || binary.LittleEndian.Uint32(b[60:]) != 0 {
+	if b[7]&^flagZstd != 0 || b[10] != 0 || b[11] != 0 {
 		return header{}, badFrame("reserved bits set")
 	}
 	h := header{
@@ -148,9 +169,13 @@ func parseHeader(b *[headerLen]byte) (header, error) {
 		count:  binary.LittleEndian.Uint32(b[44:]),
 		mask:   binary.LittleEndian.Uint64(b[48:]),
 		plen:   binary.LittleEndian.Uint32(b[56:]),
+		tag:    binary.LittleEndian.Uint32(b[60:]),
 	}
 	if h.typ < 1 || h.typ > typeLast {
 		return header{}, badFrame("unknown type %d", b[5])
+	}
+	if h.tag != 0 && !h.typ.state() {
+		return header{}, badFrame("%v: tag %d, want 0", h.typ, h.tag)
 	}
 	return h, nil
 }
@@ -243,6 +268,21 @@ func (l *limits) check(h *header) error {
 			return badFrame("state-end: %d vectors, payload %d bytes", h.index, h.plen)
 		}
 		return nil
+	case typeStateInfo:
+		if h.index > maxStateVecs || uint64(h.plen) != uint64(h.index)*infoEntry || h.n != 0 || h.offset != 0 || h.count != 0 {
+			return badFrame("state-info: %d vectors, payload %d bytes", h.index, h.plen)
+		}
+		return nil
+	case typeStatePiecesReq:
+		if uint64(h.index) > l.maxPieces() || uint64(h.plen) != 8*uint64(h.index) || h.n != 0 || h.offset != 0 || h.count != 0 || h.mask != 0 {
+			return badFrame("state-pieces-req: %d pieces (at most %d), payload %d bytes", h.index, l.maxPieces(), h.plen)
+		}
+		return nil
+	case typeStatePiecesEnd:
+		if uint64(h.index) > l.maxPieces() || h.plen != 0 || h.n != 0 || h.offset != 0 || h.count != 0 || h.mask != 0 {
+			return badFrame("state-pieces-end: %d pieces", h.index)
+		}
+		return nil
 	}
 	if h.n != 0 || h.index != 0 || h.offset != 0 || h.count != 0 || h.plen != 0 {
 		return badFrame("%v: carries data", h.typ)
@@ -254,6 +294,11 @@ func (l *limits) check(h *header) error {
 		return badFrame("%v: mask %#x, want 0", h.typ, h.mask)
 	}
 	return nil
+}
+
+// maxPieces is the most pieces a whole state can have.
+func (l *limits) maxPieces() uint64 {
+	return maxStateVecs * uint64(numPieces(l.maxValues, l.plen))
 }
 
 // checkPiece checks that h's offset and count are exactly one piece of a

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -68,7 +69,10 @@ type Group struct {
 
 	// fetch is the FetchState in progress; state frames from its peer go
 	// straight from the stream handler to it.
-	fetch atomic.Pointer[fetchReg]
+	fetch     atomic.Pointer[fetchReg]
+	fetchTag  atomic.Uint32 // the last fetch's tag
+	fetchMu   sync.Mutex
+	lastFetch FetchReport
 
 	// Everything below is owned by loop.
 	live        uint64   // members of the next round
@@ -112,6 +116,9 @@ func (s *Service) Join(cfg GroupConfig) (*Group, error) {
 		pendVals:   make([]int, R),
 		behindSent: make([]uint64, R),
 	}
+	// Tags tell one fetch's frames from another's; a random start keeps a
+	// restarted member's from meeting its last life's.
+	g.fetchTag.Store(rand.Uint32())
 	g.members.Store(newRoster(cfg.Peers))
 	if R == MaxMembers {
 		g.live = ^uint64(0)
@@ -261,9 +268,12 @@ type evDown struct {
 type evStart struct{ req *startReq }
 type evAbort struct{ round uint64 }
 type evLeave struct{}
-type evStateReq struct {
-	to   int
-	want uint64
+
+// evSend sends a frame from the loop.
+type evSend struct {
+	to      int
+	hdr     header
+	payload []byte
 }
 type evFetched struct {
 	round uint64
@@ -277,7 +287,7 @@ func (evDown) isEvent()       {}
 func (evStart) isEvent()      {}
 func (evAbort) isEvent()      {}
 func (evLeave) isEvent()      {}
-func (evStateReq) isEvent()   {}
+func (evSend) isEvent()       {}
 func (evFetched) isEvent()    {}
 func (evCandidates) isEvent() {}
 
@@ -337,8 +347,8 @@ func (g *Group) handle(ev event) {
 		}
 	case evLeave:
 		g.onLeave()
-	case evStateReq:
-		g.sendCtl(ev.to, header{typ: typeStateReq, round: ev.want})
+	case evSend:
+		g.sendFrame(ev.to, ev.hdr, ev.payload)
 	case evFetched:
 		g.onFetched(ev.round, ev.live, ev.reply)
 	case evCandidates:
@@ -427,7 +437,11 @@ func (g *Group) onFrame(ev evFrame) {
 	case typeLeave:
 		g.onDown(ev.from, errors.New("left"))
 	case typeStateReq:
-		g.serveState(ev.from, ev.f.hdr.round)
+		g.serveState(ev.from, h.round, h.tag)
+	case typeStateInfoReq:
+		g.serveInfo(ev.from, h.round, h.tag)
+	case typeStatePiecesReq:
+		g.servePieces(ev.from, h.round, h.tag, ev.f.payload)
 	}
 }
 
@@ -528,8 +542,8 @@ func (g *Group) onDown(from int, err error) {
 	if from == g.self {
 		return
 	}
-	if reg := g.fetch.Load(); reg != nil && reg.peer == from {
-		reg.fail()
+	if reg := g.fetch.Load(); reg != nil && reg.peers&bit(from) != 0 {
+		reg.fail(from)
 	}
 	g.joinAt[from] = 0
 	g.joinAcked(from)

@@ -176,7 +176,7 @@ func (s *Service) HandleStream(st network.Stream) {
 			continue // its place passed to another peer after the frame's header was read
 		}
 		switch f.hdr.typ {
-		case typeState, typeStateEnd, typeStateNone:
+		case typeState, typeStateEnd, typeStateNone, typeStateInfo, typeStatePiecesEnd:
 			g.toFetch(idx, f)
 			continue
 		}
