@@ -65,12 +65,22 @@
 //
 // Frames from a member that is not in the round (it missed it, or a later
 // one started) are answered with a behind frame, and its AllReduce
-// returns an error wrapping ErrBehind. FetchState then downloads, from a
-// live member, what that member's GroupConfig.State returns (a round and
-// up to 64 vectors), in bounded frames and checked against a sha256 the
-// server sends; the fetching member then sends a join frame for the next
-// round to every member and waits for their acknowledgements, after which
-// they count it in again from that round on.
+// returns an error wrapping ErrBehind. FetchState then downloads what the
+// members' GroupConfig.State returns (a round and up to 64 vectors) from
+// all of them at once: each first describes its state (round, live
+// members, each vector's length and sha256); the round most hold is taken,
+// and each vector's pieces are spread over the members whose copy hashes
+// alike (vectors every replica holds alike come from all of them, a
+// replica's own from one). A member that goes down, stalls or no longer
+// holds the round has the pieces it still owes asked of the others; those
+// that came are kept. Each assembled vector is checked against its hash;
+// should one fail (a member lied, and which one cannot be told), the whole
+// state is fetched from one member at a time against a sha256 of all of it,
+// and a mismatch there is that member's violation. Every state frame
+// carries its fetch's tag, so a fetch never takes an earlier one's late
+// frames. The fetching member then sends a join frame for the next round
+// to every member and waits for their acknowledgements, after which they
+// count it in again from that round on.
 //
 // Frames of a round this member has not started are buffered: at most two
 // future rounds, at most MaxValues values per sender.
