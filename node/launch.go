@@ -92,6 +92,9 @@ type LaunchResult struct {
 	OuterSteps int   // outer steps of stage 0's replicas
 	Broken     []int // replica pipelines that stopped early (a stage's peer died or stalled)
 	Rejoined   []int // replica pipelines brought back (once each time) after they broke
+	// Repaired counts cells taken by the idle survivor of another broken replica
+	// pipeline: two broken pipelines made one whole one.
+	Repaired int
 	// Pauses: each time the run stopped because a stage had no live node, and how it
 	// went on. Broken and Rejoined are over every part of the run; the byte counts,
 	// checkpoints and Times are the last part's.
@@ -158,12 +161,14 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second
 	var pauses []Pause
 	var broken, rejoined []int
+	repaired := 0
 	for wait > 0 && errors.Is(err, ErrStageDown) && ctx.Err() == nil {
 		stopped := time.Now()
 		p := Pause{Why: err.Error()}
 		if res != nil {
 			p.Recorded = res.Steps
 			broken, rejoined = append(broken, res.Broken...), append(rejoined, res.Rejoined...)
+			repaired += res.Repaired
 		}
 		log.Warn("run paused: a stage has no live node; waiting for nodes that hold every stage's checkpoints, to resume from the newest step they share",
 			"why", err, "for_up_to", wait)
@@ -192,6 +197,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	}
 	if res != nil {
 		res.Broken, res.Rejoined = append(broken, res.Broken...), append(rejoined, res.Rejoined...)
+		res.Repaired += repaired
 		res.Pauses = pauses
 	}
 	return res, err
@@ -394,11 +400,32 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 	}
 	var subsMu sync.Mutex
 	subs := map[int]map[int]peer.ID{} // replica → plan.Stages index → the newcomer to take it
+	// The replica pipelines broken now, as the watch loop last said; reach reads it
+	// from the probes' goroutines.
+	var brokenMu sync.Mutex
+	brokenNow := map[int]bool{}
+	repairedN := 0 // cells a survivor took; join runs on the watch loop
+	isBroken := func(r int) bool {
+		brokenMu.Lock()
+		defer brokenMu.Unlock()
+		return brokenNow[r]
+	}
 	rj := rejoiner{
+		broke: func(r int, b bool) {
+			brokenMu.Lock()
+			defer brokenMu.Unlock()
+			if b {
+				brokenNow[r] = true
+			} else {
+				delete(brokenNow, r)
+			}
+		},
 		// reach asks every node of replica pipeline r, as it is in the plan, for an
 		// offer: one that answers and has a free slot can take its cell again. A cell
 		// whose node does not answer passes to a newcomer: a --peer not in the plan
-		// that has a free slot and the memory the cell needs.
+		// that has a free slot and the memory the cell needs; failing one, to the idle
+		// survivor of a broken pipeline after r (re-pairing: two broken pipelines make
+		// one whole one; always into the lower, so two probes never trade nodes).
 		reach: func(r int) bool {
 			cellsMu.Lock()
 			cells := slices.Clone(plan.Stages)
@@ -407,6 +434,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 			for _, a := range cells {
 				held[a.Peer] = true
 			}
+			repaired := map[string]bool{} // survivors of other pipelines taken
 			moved := map[int]peer.ID{}
 			for i, a := range cells {
 				if a.Replica != r {
@@ -422,6 +450,17 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 					}
 					moved[i], held[c.id.String()] = c.id, true
 					break
+				}
+				if _, ok := moved[i]; !ok {
+					for _, b := range cells {
+						if b.Replica <= r || !isBroken(b.Replica) || repaired[b.Peer] {
+							continue
+						}
+						if id, err := peer.Decode(b.Peer); err == nil && offerFrom(id, nil, a.Need) {
+							moved[i], repaired[b.Peer] = id, true
+							break
+						}
+					}
 				}
 				if _, ok := moved[i]; !ok {
 					return false
@@ -442,35 +481,60 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 			moved := subs[r]
 			delete(subs, r)
 			subsMu.Unlock()
-			for i, id := range moved {
+			for _, i := range slices.Sorted(maps.Keys(moved)) {
+				id := moved[i]
+				cellsMu.Lock()
 				a := plan.Stages[i]
-				was := a.Peer
+				was, wasAddrs := a.Peer, a.Addrs
 				a.Peer, a.Addrs = id.String(), nil
 				for _, m := range h.Peerstore().Addrs(id) {
 					a.Addrs = append(a.Addrs, m.String()+"/p2p/"+id.String())
 				}
-				cellsMu.Lock()
+				// A survivor of another broken pipeline leaves its cell to the node gone
+				// (a swap: no cell is ever empty, and that pipeline rejoins when the
+				// node is back or another takes it).
+				var left *assign.Assignment
+				for k, b := range plan.Stages {
+					if k != i && b.Peer == a.Peer {
+						b.Peer, b.Addrs = was, wasAddrs
+						plan.Stages[k], left = b, &b
+						break
+					}
+				}
 				plan.Stages[i] = a
 				if old, err := peer.Decode(was); err == nil {
 					delete(stagePeers, old)
+					if left != nil {
+						stagePeers[old] = *left
+					}
 				}
 				stagePeers[id] = a
 				cellsMu.Unlock()
-				log.Info("a newcomer takes the cell of a node gone", "cell", cellName(sp, a), "was", was, "now", id)
-				for _, b := range plan.Stages {
-					if b.Replica == r {
-						continue
-					}
-					bid, _ := peer.Decode(b.Peer)
-					// Made from the watch loop: a hung node must not hold it long.
-					cctx, cancel := context.WithTimeout(ctx, 5*time.Second+8*h.Peerstore().LatencyEWMA(bid))
-					rep, err := call(cctx, h, calls, nil, bid, ctlMsg{Type: msgReplace, Run: runID, Cell: &a})
-					cancel()
-					if err == nil && !rep.OK {
-						err = errors.New(rep.Error)
-					}
-					if err != nil {
-						log.Warn("a replica was not told of the newcomer", "cell", cellName(sp, b), "err", err)
+				tell := []assign.Assignment{a}
+				if left != nil {
+					repairedN++
+					tell = append(tell, *left)
+					log.Info("re-paired: the idle survivor of a broken replica pipeline takes the cell of a node gone",
+						"cell", cellName(sp, a), "from", cellName(sp, assign.Assignment{Stage: left.Stage, Replica: left.Replica}), "node", id, "was", was)
+				} else {
+					log.Info("a newcomer takes the cell of a node gone", "cell", cellName(sp, a), "was", was, "now", id)
+				}
+				for _, c := range tell {
+					for _, b := range plan.Stages {
+						if b.Replica == r || b.Replica == c.Replica || isBroken(b.Replica) {
+							continue
+						}
+						bid, _ := peer.Decode(b.Peer)
+						// Made from the watch loop: a hung node must not hold it long.
+						cctx, cancel := context.WithTimeout(ctx, 5*time.Second+8*h.Peerstore().LatencyEWMA(bid))
+						rep, err := call(cctx, h, calls, nil, bid, ctlMsg{Type: msgReplace, Run: runID, Cell: &c})
+						cancel()
+						if err == nil && !rep.OK {
+							err = errors.New(rep.Error)
+						}
+						if err != nil {
+							log.Warn("a replica was not told of the cell's new node", "cell", cellName(sp, b), "err", err)
+						}
 					}
 				}
 			}
@@ -536,6 +600,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 	}
 	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up, rj)
 	if res != nil {
+		res.Repaired = repairedN
 		res.Penalties = h.Penalties().Stats()
 		// For tools that run launch as a process (the WAN bench's netns mode).
 		if b, jerr := json.MarshalIndent(res, "", "  "); jerr == nil {
@@ -870,6 +935,9 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		}
 		broken[r] = why
 		res.Broken = append(res.Broken, r)
+		if rj.broke != nil {
+			rj.broke(r, true)
+		}
 		log.Warn("replica pipeline broken; the run goes on without it", "replica", r, "reason", why, "whole", R-len(broken))
 		idle(r, why)
 		if rejoinable {
@@ -1025,6 +1093,9 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 							}
 							delete(wantJoin, j)
 							delete(broken, j)
+							if rj.broke != nil {
+								rj.broke(j, false)
+							}
 							delete(lagging, j)
 							epoch[j], joinedAt[j] = nonce, r.Step
 							for s := range S {
@@ -1205,4 +1276,5 @@ func (c *silenceClock) overdue(now time.Time, evaluating bool) (quiet, deadline 
 type rejoiner struct {
 	reach func(r int) bool
 	join  func(r, step int) (uint64, error)
+	broke func(r int, broken bool) // the watch loop says which pipelines are broken
 }

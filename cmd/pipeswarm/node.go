@@ -312,6 +312,9 @@ The spec is checked before anything is sent.`, stderr)
 			if len(res.Rejoined) > 0 {
 				fmt.Fprintf(stdout, "replica pipelines rejoined: %v\n", res.Rejoined)
 			}
+			if res.Repaired > 0 {
+				fmt.Fprintf(stdout, "cells re-paired (taken by the survivor of another broken pipeline): %d\n", res.Repaired)
+			}
 		}
 		for _, p := range res.Pauses {
 			fmt.Fprintf(stdout, "paused after step %d for %s (%s); resumed from step %d\n", p.Recorded,

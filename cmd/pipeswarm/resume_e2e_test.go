@@ -5,6 +5,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -263,6 +264,88 @@ func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 	waitLog(t, nodes[1], "member replaced", 5*time.Second) // stage 1 of replica 0
 	back := rejoinedInAgreement(t, out, 400)
 	t.Logf("replica 1 trained again, with the newcomer, from step %d", back)
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+	}
+}
+
+// Two replica pipelines broken at different stages, their nodes gone for good: the
+// idle survivor of the later one takes the gone cell of the earlier one (its own cell
+// passes to the node gone), so the two make one whole pipeline again, which fetches
+// the state, rejoins at the next outer step and trains to the end in agreement with
+// replica 0.
+func TestSurvivorsOfTwoBrokenPipelinesArePairedIntoOne(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	spec := strings.Replace(rejoinSpec, "replicas: 2", "replicas: 3", 1)
+	// First fit in --peer order, replica by replica: node 2r+s holds stage s of replica r.
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 6, "--memory-budget", "512MiB")
+	out := filepath.Join(dir, "launched")
+	const last = 300
+	done := startLaunch(t, append([]string{specPath, "--key", keyPath, "--out", out, "--quiet", "--steps", strconv.Itoa(last)}, peerArgs...)...)
+	waitSteps(t, out, 60)
+	nodes[3].kill9() // stage 1 of replica 1
+	waitLog(t, nodes[2], "idle: this replica pipeline cannot go on", 30*time.Second)
+	nodes[4].kill9() // stage 0 of replica 2
+	waitLog(t, nodes[5], "idle: this replica pipeline cannot go on", 30*time.Second)
+	survivor := nodes[5].addrs(t)
+	survivor = survivor[strings.LastIndex(survivor, "/")+1:]
+	r := waitLaunch(t, done, 300*time.Second, "after the kills")
+	if r.code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	for _, line := range strings.Split(r.stderr, "\n") {
+		if strings.Contains(line, "re-paired") || strings.Contains(line, "rejoined") || strings.Contains(line, "broken") {
+			t.Log(line)
+		}
+	}
+	if !strings.Contains(r.stderr, "re-paired: the idle survivor of a broken replica pipeline takes the cell of a node gone") ||
+		!strings.Contains(r.stderr, survivor) {
+		t.Errorf("launch does not say the survivor %s took the gone cell:\n%s", survivor, r.stderr)
+	}
+	if !strings.Contains(r.stdout, "cells re-paired (taken by the survivor of another broken pipeline): 1") ||
+		!strings.Contains(r.stdout, "replica pipelines rejoined: [1]") {
+		t.Errorf("launch summary does not report the re-pairing and replica 1's return:\n%s", r.stdout)
+	}
+	waitLog(t, nodes[5], "rejoined: state fetched and verified", 5*time.Second)
+	steps, outers := readRun(t, out)
+	back := 0
+	for step := last; step > 0; step-- {
+		if _, ok := steps[[2]int{step, 1}]; !ok {
+			back = step + 1
+			break
+		}
+	}
+	if back > last-20 || back < 21 {
+		t.Fatalf("replica 1 trained again from step %d; want it back well before the end", back)
+	}
+	t.Logf("replica 1 trained again, re-paired, from step %d of %d", back, last)
+	for step := 1; step <= last; step++ {
+		if _, ok := steps[[2]int{step, 0}]; !ok {
+			t.Fatalf("replica 0 has no loss at step %d", step)
+		}
+	}
+	by := map[[2]int]map[int]string{}
+	for _, o := range outers {
+		k := [2]int{o.Stage, o.Step}
+		if by[k] == nil {
+			by[k] = map[int]string{}
+		}
+		by[k][o.Replica] = o.WeightsHash
+	}
+	for step := back + 19; step <= last; step += 20 {
+		for s := range 2 {
+			hs := by[[2]int{s, step}]
+			if hs[0] == "" || hs[0] != hs[1] {
+				t.Errorf("stage %d after step %d: hashes %v, want replicas 0 and 1 equal", s, step, hs)
+			}
+			if _, ok := hs[2]; ok {
+				t.Errorf("stage %d after step %d: replica 2, whose nodes are gone, reported an outer step", s, step)
+			}
+		}
+	}
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
 	}

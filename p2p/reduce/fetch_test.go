@@ -2,10 +2,13 @@ package reduce
 
 import (
 	"context"
+	"fmt"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
 )
 
 // servedStates gives member i of a cluster a state of round 5: a shared
@@ -183,5 +186,88 @@ func TestPiecesRequestBeyondTheStateIsPenalised(t *testing.T) {
 			t.Fatal("a request for piece 9 of a one-piece vector was not penalised")
 		}
 		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// Two members swap places (a survivor of a broken replica pipeline moved into
+// another's): the others Replace one place with the other's peer, each of the
+// two joins again in its new place and fetches the state, and the next round
+// counts everyone in, bit-identical to Reference.
+func TestSwappedMembersRejoinInTheirNewPlaces(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const R = 3
+	c := spec(t, "int8/32")
+	var mu sync.Mutex
+	var round uint64
+	var global []float32
+	state := func(uint64) (uint64, [][]float32) {
+		mu.Lock()
+		defer mu.Unlock()
+		return round, [][]float32{append([]float32(nil), global...)}
+	}
+	cl := newCluster(t, R, c, func(_ int, cfg *GroupConfig) { cfg.State = state })
+	ys := randVecs(R, 3*PieceValues, 9)
+	out := cl.run(ctx, 1, ys, time.Minute, nil)
+	for i, o := range out {
+		if o.err != nil {
+			t.Fatalf("round 1, member %d: %v", i, o.err)
+		}
+	}
+	mu.Lock()
+	round, global = 1, out[0].res.Avg
+	mu.Unlock()
+
+	a, b := cl.hosts[1].ID(), cl.hosts[2].ID()
+	if err := cl.groups[0].Replace(1, b); err != nil {
+		t.Fatalf("swap: %v", err)
+	}
+	if err := cl.groups[0].Replace(2, a); err != nil {
+		t.Fatalf("the swap's second half: %v", err)
+	}
+	// Hosts 1 and 2 leave their old places and join in each other's.
+	ids := []peer.ID{cl.hosts[0].ID(), b, a}
+	var wg sync.WaitGroup
+	for _, h := range []int{1, 2} {
+		cl.groups[h].Close()
+		self := 3 - h
+		g, err := cl.svcs[h].Join(GroupConfig{Run: 7, Group: 2, Peers: ids, Self: self, Codec: c, MaxValues: 1 << 20,
+			PriorRate: 100 << 20, Slack: 2 * time.Second, State: state})
+		if err != nil {
+			t.Fatal(err)
+		}
+		cl.groups[h] = g
+		wg.Go(func() {
+			got, vecs, err := g.FetchState(ctx)
+			if err != nil {
+				t.Errorf("host %d in place %d: %v", h, self, err)
+				return
+			}
+			if got != 1 {
+				t.Errorf("host %d fetched round %d, want 1", h, got)
+			}
+			mustEqual(t, fmt.Sprintf("host %d's fetched global", h), vecs[0], global)
+		})
+	}
+	wg.Wait()
+	// Place p's contribution is now made by the host in place p.
+	byHost := []int{0, 2, 1} // host → place
+	ysByHost := make([][]float32, R)
+	for h, p := range byHost {
+		ysByHost[h] = ys[p]
+	}
+	out = cl.run(ctx, 2, ysByHost, time.Minute, nil)
+	avg, _, _ := Reference(c, ys)
+	for h, o := range out {
+		if o.err != nil {
+			t.Fatalf("round 2, host %d: %v", h, o.err)
+		}
+		if len(o.res.Missing) != 0 {
+			t.Errorf("round 2, host %d: missing %v", h, o.res.Missing)
+		}
+		mustEqual(t, fmt.Sprintf("round 2 host %d Avg", h), o.res.Avg, avg)
+	}
+	if n := cl.penalties.Load(); n != 0 {
+		t.Errorf("%d penalties; swapped members are no offenders", n)
 	}
 }

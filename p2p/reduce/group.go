@@ -393,8 +393,10 @@ func (g *Group) indexOf(p peer.ID) (int, bool) {
 
 // Replace gives member's place to the peer id, which takes it as a restarted member
 // would (FetchState, then counted in from the round after): a node that took over
-// the place of one that is gone. The old peer is no longer a member; frames from it
-// are a stranger's.
+// the place of one that is gone. The old peer is no longer in that place; frames
+// from it are a stranger's. If id held another place (a survivor of a broken
+// replica pipeline moved to another's), the two swap: the old peer takes id's
+// place, and both places rejoin as restarted members do.
 func (g *Group) Replace(member int, id peer.ID) error {
 	switch {
 	case member < 0 || member >= g.R:
@@ -405,18 +407,25 @@ func (g *Group) Replace(member int, id peer.ID) error {
 		return fmt.Errorf("%w: empty peer ID", ErrBadConfig)
 	}
 	old := g.members.Load()
-	if i, ok := old.index[id]; ok {
-		if i == member {
-			return nil
-		}
-		return fmt.Errorf("%w: %s is already member %d", ErrBadConfig, id, i)
+	other, swap := old.index[id]
+	if swap && other == member {
+		return nil
+	}
+	if swap && other == g.self {
+		return fmt.Errorf("%w: %s is this member", ErrBadConfig, id)
 	}
 	peers := slices.Clone(old.peers)
 	gone := peers[member]
 	peers[member] = id
+	if swap {
+		peers[other] = gone
+	}
 	g.members.Store(newRoster(peers))
-	g.log.Info("member replaced", "member", member, "was", gone, "now", id)
+	g.log.Info("member replaced", "member", member, "was", gone, "now", id, "swapped", swap)
 	g.post(evDown{from: member, err: fmt.Errorf("its place passed to %s", id)})
+	if swap {
+		g.post(evDown{from: other, err: fmt.Errorf("its place passed to %s", gone)})
+	}
 	return nil
 }
 

@@ -592,8 +592,8 @@ func TestReplacedMemberIsTakenOverByANewPeer(t *testing.T) {
 	if err := cl.groups[0].Replace(0, h.ID()); err == nil {
 		t.Error("Replace of this member's own place: no error")
 	}
-	if err := cl.groups[0].Replace(1, h.ID()); err == nil {
-		t.Error("Replace giving a second place to a member: no error")
+	if err := cl.groups[0].Replace(1, cl.hosts[0].ID()); err == nil {
+		t.Error("Replace giving this member's peer another place: no error")
 	}
 	got, vecs, err := g.FetchState(ctx)
 	if err != nil {
