@@ -1167,6 +1167,25 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	return res, nil
 }
 
+// Gone lists the replica pipelines still broken when the run ended: broken more
+// often than they rejoined.
+func (r *LaunchResult) Gone() []int {
+	n := map[int]int{}
+	for _, b := range r.Broken {
+		n[b]++
+	}
+	for _, j := range r.Rejoined {
+		n[j]--
+	}
+	var out []int
+	for _, b := range slices.Sorted(maps.Keys(n)) {
+		if n[b] > 0 {
+			out = append(out, b)
+		}
+	}
+	return out
+}
+
 // replicable says whether an error a stage reports is one a replicated run survives by
 // dropping that stage's replica pipeline: anything but a run that cannot work at all
 // (a bad spec; a divergence is reported as such) — those would fail every replica alike.

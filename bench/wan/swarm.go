@@ -60,7 +60,13 @@ func launched(sp *spec.Spec, dir string, res *node.LaunchResult, links []LinkFig
 		syncs: syncFigures(sp, outers, nil), times: res.Times, links: links, notes: notes,
 		churn: churnFigures(sp, fired, res, steps, outers)}
 	if len(res.Broken) > 0 {
-		out.notes = append(out.notes, fmt.Sprintf("replica pipelines %v stopped early", res.Broken))
+		note := fmt.Sprintf("replica pipelines %v stopped early", res.Broken)
+		if gone := res.Gone(); len(gone) > 0 {
+			note += fmt.Sprintf("; %v were not whole again by the end", gone)
+		} else {
+			note += "; each came back"
+		}
+		out.notes = append(out.notes, note)
 	}
 	return out, nil
 }
