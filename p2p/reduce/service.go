@@ -181,8 +181,13 @@ func (s *Service) HandleStream(st network.Stream) {
 			continue
 		}
 		if !g.deliver(evFrame{from: idx, f: f}) {
-			st.Reset()
-			return
+			// The group closed after the frame's header was read (a node ending a
+			// worker, maybe to start another in the same group): drop the frame and
+			// keep the stream, which carries the peer's frames for the group that
+			// takes its place. A reset would fail the peer's writes and make it
+			// count this member down.
+			s.log.Debug("frame for a closed group dropped", "peer", from, "type", f.hdr.typ)
+			continue
 		}
 	}
 }
