@@ -266,7 +266,11 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 		return 0, 0, nil, rep, errors.New("no member has state to serve")
 	}
 	// The state most members hold (a later round on a tie, then the first
-	// candidate's); its servers in candidate order.
+	// candidate's); its servers in candidate order. Asked for a round, those
+	// that still hold it are taken first.
+	if want != 0 && slices.ContainsFunc(slices.Collect(maps.Values(infos)), func(in *stateInfo) bool { return in.round == want }) {
+		maps.DeleteFunc(infos, func(_ int, in *stateInfo) bool { return in.round != want })
+	}
 	count := map[string]int{}
 	for _, in := range infos {
 		count[in.key()]++
@@ -292,7 +296,7 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 	// Each vector's hash is the one most servers hold; they serve its pieces.
 	n := len(best.lens)
 	holders := make([][]int, n) // per vector, the servers holding its hash, candidate order
-	want2 := make([][hashLen]byte, n)
+	sums := make([][hashLen]byte, n)
 	for i := range n {
 		votes := map[[hashLen]byte]int{}
 		for _, s := range servers {
@@ -304,7 +308,7 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 				top = s.hashes[i]
 			}
 		}
-		want2[i] = top
+		sums[i] = top
 		for _, s := range servers {
 			if s.hashes[i] == top {
 				holders[i] = append(holders[i], s.from)
@@ -460,7 +464,7 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 		}
 	}
 	for i, v := range vecs {
-		if vectorHash(v) != want2[i] {
+		if vectorHash(v) != sums[i] {
 			return 0, 0, nil, rep, fmt.Errorf("vector %d of round %d assembled from %d members fails its sha256", i, r, len(holders[i]))
 		}
 	}

@@ -271,3 +271,36 @@ func TestSwappedMembersRejoinInTheirNewPlaces(t *testing.T) {
 		t.Errorf("%d penalties; swapped members are no offenders", n)
 	}
 }
+
+// Asked for the state as of a round, the fetch takes it from the members that
+// still hold that round, even when more of them have moved on.
+func TestStateAsOfARoundComesFromTheMembersStillHoldingIt(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const R, v = 4, 3
+	old, cur := randVecs(1, 2*PieceValues, 21)[0], randVecs(1, 2*PieceValues, 22)[0]
+	cl := newCluster(t, R, spec(t, "int8/32"), func(i int, cfg *GroupConfig) {
+		cfg.State = func(want uint64) (uint64, [][]float32) {
+			if i == 2 && want == 5 { // the only one that still holds round 5
+				return 5, [][]float32{append([]float32(nil), old...)}
+			}
+			return 6, [][]float32{append([]float32(nil), cur...)}
+		}
+	})
+	round, vecs, err := cl.groups[v].FetchStateAt(ctx, 5)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if round != 5 {
+		t.Fatalf("fetched round %d, want 5", round)
+	}
+	mustEqual(t, "round 5's vector", vecs[0], old)
+	round, vecs, err = cl.groups[v].FetchState(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if round != 6 {
+		t.Fatalf("the latest: round %d, want 6", round)
+	}
+	mustEqual(t, "round 6's vector", vecs[0], cur)
+}
