@@ -3,6 +3,7 @@ package reduce
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"hash"
 	"math"
 )
 
@@ -37,19 +38,8 @@ func stateHash(r uint64, vecs [][]float32) [hashLen]byte {
 	h.Write(b[:])
 	binary.LittleEndian.PutUint32(b[:4], uint32(len(vecs)))
 	h.Write(b[:4])
-	buf := make([]byte, 0, 4096)
 	for _, v := range vecs {
-		binary.LittleEndian.PutUint32(b[:4], uint32(len(v)))
-		h.Write(b[:4])
-		for _, x := range v {
-			buf = binary.LittleEndian.AppendUint32(buf, math.Float32bits(x))
-			if len(buf) == cap(buf) {
-				h.Write(buf)
-				buf = buf[:0]
-			}
-		}
-		h.Write(buf)
-		buf = buf[:0]
+		writeVector(h, v)
 	}
 	var out [hashLen]byte
 	h.Sum(out[:0])
@@ -59,6 +49,14 @@ func stateHash(r uint64, vecs [][]float32) [hashLen]byte {
 // vectorHash is the sha256 of v's length and values, little-endian.
 func vectorHash(v []float32) [hashLen]byte {
 	h := sha256.New()
+	writeVector(h, v)
+	var out [hashLen]byte
+	h.Sum(out[:0])
+	return out
+}
+
+// writeVector writes v's length and values, little-endian, to h.
+func writeVector(h hash.Hash, v []float32) {
 	var b [4]byte
 	binary.LittleEndian.PutUint32(b[:], uint32(len(v)))
 	h.Write(b[:])
@@ -71,9 +69,6 @@ func vectorHash(v []float32) [hashLen]byte {
 		}
 	}
 	h.Write(buf)
-	var out [hashLen]byte
-	h.Sum(out[:0])
-	return out
 }
 
 // servable is State's answer for round want, or false (state-none sent to
