@@ -93,9 +93,10 @@ func TestHomeProfileGivesItsRTTAndBandwidthBothWays(t *testing.T) {
 		t.Errorf("RTT %v, want %v ± 10%%", r.RTT, want)
 	}
 	// tbf counts Ethernet frames, so TCP's goodput with a 1500-byte MTU is at
-	// most 1448/1514 = 95.6% of the rate.
-	if !within(r.UpMbps, home.Mbps, 0.1) || !within(r.DownMbps, home.Mbps, 0.1) {
-		t.Errorf("up %.1f, down %.1f Mbit/s, want %v ± 10%%", r.UpMbps, r.DownMbps, home.Mbps)
+	// most 1448/1514 = 95.6% of the rate, and an 8 MiB transfer includes TCP's
+	// ramp-up (89.8 of 100 seen once in CI).
+	if !within(r.UpMbps, home.Mbps, 0.15) || !within(r.DownMbps, home.Mbps, 0.15) {
+		t.Errorf("up %.1f, down %.1f Mbit/s, want %v ± 15%%", r.UpMbps, r.DownMbps, home.Mbps)
 	}
 }
 

@@ -72,8 +72,10 @@ func TestMeasureReportsThePath(t *testing.T) {
 	if r.RTT < 3900*time.Microsecond || r.RTT > 5*time.Millisecond {
 		t.Errorf("RTT %v, want 4 ms (3.9–5)", r.RTT)
 	}
+	// A transfer of 4 MiB is timed from its reader's first to last read, so a
+	// rate a hair over the wire's can come out (200.1 seen once in CI).
 	for _, rate := range []float64{r.UpMbps, r.DownMbps} {
-		if rate < 150 || rate > 200 {
+		if rate < 150 || rate > 205 {
 			t.Errorf("up %.1f, down %.1f Mbit/s, want about 190 (200 on the wire)", r.UpMbps, r.DownMbps)
 			break
 		}
