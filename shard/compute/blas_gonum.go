@@ -2,8 +2,11 @@
 
 package compute
 
-// Backend names the BLAS implementation in use.
-func Backend() string { return "gonum (pure Go)" }
+// Backend names the GEMM implementation in use.
+func Backend() string { return "pipeswarm Go kernels, " + GoKernelISA() }
 
-// gonum's native Sgemm already splits large products across goroutines.
-const splitGemm = false
+// splitGemm reports whether Gemm should split work across goroutines itself.
+const splitGemm = true
+
+// goKernels reports whether Sgemm runs GoSgemm rather than a linked BLAS.
+const goKernels = true

@@ -25,3 +25,6 @@ func Backend() string { return "openblas (cgo, gonum.org/v1/netlib)" }
 
 // splitGemm reports whether Gemm should split work across goroutines itself.
 const splitGemm = true
+
+// goKernels reports whether Sgemm runs GoSgemm rather than a linked BLAS.
+const goKernels = false

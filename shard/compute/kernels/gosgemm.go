@@ -1,0 +1,252 @@
+package kernels
+
+import "sync"
+
+// microKernel computes one mr×nr tile of c from packed panels: a holds k steps of mr
+// values of op(a) (one column of the tile's rows per step), b k steps of nr values of
+// op(b). Each element is the sum over p = 0..k-1 in that order, fused multiply-adds
+// from zero, times alpha; load says whether to add it to the tile in c (row stride
+// ldc) or store it over what is there (c is then not read).
+type microKernel struct {
+	isa    string
+	mr, nr int
+	fn     func(k int, a, b, c []float32, ldc int, alpha float32, load bool)
+}
+
+// Cache blocking: a kc×nc block of packed op(b) is shared by every row panel, an
+// mc×kc block of packed op(a) stays in L2 while the kernel sweeps the nc columns. The
+// sizes fit the block's products (k up to 688, or 2048 for weight gradients; n up to
+// 1376): kc splits k into near-equal steps of at most maxKC, so the summation order
+// is fixed by k alone.
+const (
+	maxKC = 256
+	maxMC = 144
+	maxNC = 2048
+)
+
+// goKernel is the micro-kernel Sgemm runs, chosen once at start from the CPU's
+// features (bestKernel); tests swap it to cover each ISA.
+var goKernel = bestKernel()
+
+// ISA names the instruction set Sgemm's micro-kernel uses: "avx512", "avx2" or
+// "generic".
+func ISA() string { return goKernel.isa }
+
+// packPool holds packing buffers so a GEMM allocates nothing once warm.
+var packPool = sync.Pool{New: func() any { return new([]float32) }}
+
+// Sgemm computes c = alpha·op(a)·op(b) + beta·c on the calling goroutine (row-major, op(a) m×k, op(b)
+// k×n, c m×n). For a given shape, transposes and strides the result is the same on
+// every call: each element sums its k products in the same order whichever tile or
+// block it falls in. With beta 0, c is written without being read (it may hold NaN).
+func Sgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	goSgemm(goKernel, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+func goSgemm(kern microKernel, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	if m == 0 || n == 0 {
+		return
+	}
+	checkGemm(transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
+	if beta != 1 {
+		if beta == 0 && k > 0 && alpha != 0 {
+			// The first k step stores over c instead.
+		} else {
+			scaleRows(m, n, beta, c, ldc)
+		}
+	}
+	if k == 0 || alpha == 0 {
+		return
+	}
+	mr, nr := kern.mr, kern.nr
+	steps := (k + maxKC - 1) / maxKC
+	kcMax := (k + steps - 1) / steps
+	mcMax := min(maxMC/mr*mr, roundUp(m, mr))
+	ncMax := min(maxNC, roundUp(n, nr))
+
+	pa, pb := packPool.Get().(*[]float32), packPool.Get().(*[]float32)
+	defer packPool.Put(pa)
+	defer packPool.Put(pb)
+	ap, bp := grow(pa, mcMax*kcMax), grow(pb, ncMax*kcMax)
+	var tile [16 * 32]float32
+
+	for jc := 0; jc < n; jc += ncMax {
+		nc := min(ncMax, n-jc)
+		for pc := 0; pc < k; pc += kcMax {
+			kc := min(kcMax, k-pc)
+			load := beta != 0 || pc > 0
+			packB(bp, transB, b, ldb, pc, kc, jc, nc, nr)
+			for ic := 0; ic < m; ic += mcMax {
+				mc := min(mcMax, m-ic)
+				packA(ap, transA, a, lda, ic, mc, pc, kc, mr)
+				for jr := 0; jr < nc; jr += nr {
+					cols := min(nr, nc-jr)
+					bpan := bp[jr*kc : (jr+nr)*kc]
+					for ir := 0; ir < mc; ir += mr {
+						rows := min(mr, mc-ir)
+						apan := ap[ir*kc : (ir+mr)*kc]
+						off := (ic+ir)*ldc + jc + jr
+						if rows == mr && cols == nr {
+							kern.fn(kc, apan, bpan, c[off:], ldc, alpha, load)
+							continue
+						}
+						// An edge tile goes through a full one in tile: the same
+						// sums, then the same add (or store) per element.
+						kern.fn(kc, apan, bpan, tile[:], nr, alpha, false)
+						for i := range rows {
+							ci, ti := c[off+i*ldc:off+i*ldc+cols], tile[i*nr:i*nr+cols]
+							if load {
+								for j := range ci {
+									ci[j] += ti[j]
+								}
+							} else {
+								copy(ci, ti)
+							}
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+func roundUp(x, to int) int { return (x + to - 1) / to * to }
+
+func grow(p *[]float32, n int) []float32 {
+	if cap(*p) < n {
+		*p = make([]float32, n)
+	}
+	return (*p)[:n]
+}
+
+// checkGemm panics, as a BLAS would, when a stride or buffer cannot hold its matrix.
+func checkGemm(transA, transB bool, m, n, k int, a []float32, lda int, b []float32, ldb int, c []float32, ldc int) {
+	ar, ac := m, k
+	if transA {
+		ar, ac = k, m
+	}
+	br, bc := k, n
+	if transB {
+		br, bc = n, k
+	}
+	if m < 0 || n < 0 || k < 0 {
+		panic("kernels: negative GEMM dimension")
+	}
+	short := func(rows, cols, ld, l int) bool {
+		return ld < max(cols, 1) || (rows > 0 && cols > 0 && l < (rows-1)*ld+cols)
+	}
+	switch {
+	case short(ar, ac, lda, len(a)):
+		panic("kernels: GEMM a is too short for its rows and stride")
+	case short(br, bc, ldb, len(b)):
+		panic("kernels: GEMM b is too short for its rows and stride")
+	case short(m, n, ldc, len(c)):
+		panic("kernels: GEMM c is too short for its rows and stride")
+	}
+}
+
+// scaleRows sets c = beta·c over an m×n block; beta 0 stores zeros without reading c.
+func scaleRows(m, n int, beta float32, c []float32, ldc int) {
+	for i := range m {
+		row := c[i*ldc : i*ldc+n]
+		if beta == 0 {
+			clear(row)
+			continue
+		}
+		for j := range row {
+			row[j] *= beta
+		}
+	}
+}
+
+// packA copies rows ic..ic+mc and columns pc..pc+kc of op(a) into dst as panels of mr
+// rows, each kc steps of mr values, zero-padding the last panel.
+func packA(dst []float32, transA bool, a []float32, lda, ic, mc, pc, kc, mr int) {
+	for ir := 0; ir < mc; ir += mr {
+		rows := min(mr, mc-ir)
+		pan := dst[ir*kc : (ir+mr)*kc]
+		if transA { // op(a)[i][p] = a[p*lda+i]: each step is a contiguous run
+			for p := range kc {
+				src := a[(pc+p)*lda+ic+ir:]
+				d := pan[p*mr : p*mr+mr]
+				copy(d, src[:rows])
+				clear(d[rows:])
+			}
+			continue
+		}
+		for i := range rows {
+			src := a[(ic+ir+i)*lda+pc:]
+			src = src[:kc]
+			for p, v := range src {
+				pan[p*mr+i] = v
+			}
+		}
+		for i := rows; i < mr; i++ {
+			for p := range kc {
+				pan[p*mr+i] = 0
+			}
+		}
+	}
+}
+
+// packB copies rows pc..pc+kc and columns jc..jc+nc of op(b) into dst as panels of nr
+// columns, each kc steps of nr values, zero-padding the last panel.
+func packB(dst []float32, transB bool, b []float32, ldb, pc, kc, jc, nc, nr int) {
+	for jr := 0; jr < nc; jr += nr {
+		cols := min(nr, nc-jr)
+		pan := dst[jr*kc : (jr+nr)*kc]
+		if !transB { // op(b)[p][j] = b[p*ldb+j]
+			for p := range kc {
+				src := b[(pc+p)*ldb+jc+jr:]
+				d := pan[p*nr : p*nr+nr]
+				copy(d, src[:cols])
+				clear(d[cols:])
+			}
+			continue
+		}
+		for j := range cols {
+			src := b[(jc+jr+j)*ldb+pc:]
+			src = src[:kc]
+			for p, v := range src {
+				pan[p*nr+j] = v
+			}
+		}
+		for j := cols; j < nr; j++ {
+			for p := range kc {
+				pan[p*nr+j] = 0
+			}
+		}
+	}
+}
+
+// genericKernel is the portable micro-kernel: 4×4 tiles in plain Go.
+var genericKernel = microKernel{isa: "generic", mr: 4, nr: 4, fn: kernelGeneric}
+
+func kernelGeneric(k int, a, b, c []float32, ldc int, alpha float32, load bool) {
+	a, b = a[:4*k], b[:4*k]
+	var c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 float32
+	for p := 0; p < k; p++ {
+		ap, bp := a[4*p:4*p+4], b[4*p:4*p+4]
+		a0, a1, a2, a3 := ap[0], ap[1], ap[2], ap[3]
+		b0, b1, b2, b3 := bp[0], bp[1], bp[2], bp[3]
+		c00, c01, c02, c03 = fma32(a0, b0, c00), fma32(a0, b1, c01), fma32(a0, b2, c02), fma32(a0, b3, c03)
+		c10, c11, c12, c13 = fma32(a1, b0, c10), fma32(a1, b1, c11), fma32(a1, b2, c12), fma32(a1, b3, c13)
+		c20, c21, c22, c23 = fma32(a2, b0, c20), fma32(a2, b1, c21), fma32(a2, b2, c22), fma32(a2, b3, c23)
+		c30, c31, c32, c33 = fma32(a3, b0, c30), fma32(a3, b1, c31), fma32(a3, b2, c32), fma32(a3, b3, c33)
+	}
+	rows := [4][4]float32{{c00, c01, c02, c03}, {c10, c11, c12, c13}, {c20, c21, c22, c23}, {c30, c31, c32, c33}}
+	for i := range 4 {
+		ci := c[i*ldc : i*ldc+4]
+		for j := range ci {
+			v := rows[i][j] * alpha
+			if load {
+				v += ci[j]
+			}
+			ci[j] = v
+		}
+	}
+}
+
+// fma32 is c + a·b; the compiler fuses it where the architecture has an FMA that it
+// always uses (arm64), so a build's results do not vary from run to run.
+func fma32(a, b, c float32) float32 { return c + a*b }
