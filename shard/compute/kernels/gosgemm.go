@@ -35,8 +35,8 @@ func ISA() string { return goKernel.isa }
 // packPool holds packing buffers so a GEMM allocates nothing once warm.
 var packPool = sync.Pool{New: func() any { return new([]float32) }}
 
-// Sgemm computes c = alpha·op(a)·op(b) + beta·c on the calling goroutine (row-major, op(a) m×k, op(b)
-// k×n, c m×n). For a given shape, transposes and strides the result is the same on
+// Sgemm computes c = alpha·op(a)·op(b) + beta·c on the calling goroutine (row-major,
+// op(a) m×k, op(b) k×n, c m×n, lda, ldb, ldc the row strides). For a given shape, transposes and strides the result is the same on
 // every call: each element sums its k products in the same order whichever tile or
 // block it falls in. With beta 0, c is written without being read (it may hold NaN).
 func Sgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
