@@ -16,8 +16,8 @@ func BenchmarkSgemm(b *testing.B) {
 		beta           float32
 	}{
 		{"forward-512x1376x256", false, true, 512, 1376, 256, 0}, // y = x·Wᵀ
-		{"dW-344x256x2048", true, false, 344, 256, 2048, 1},       // dW += dyᵀ·x
-		{"dx-512x256x1376", false, false, 512, 256, 1376, 0},      // dx = dy·W
+		{"dW-344x256x2048", true, false, 344, 256, 2048, 1},      // dW += dyᵀ·x
+		{"dx-512x256x1376", false, false, 512, 256, 1376, 0},     // dx = dy·W
 	}
 	for _, kern := range kernels() {
 		for _, sh := range shapes {

@@ -138,7 +138,7 @@ func TestSgemmOnTheBlockShapes(t *testing.T) {
 	}
 	// The block's three products per projection, cut as compute.Blocks cuts them.
 	cases := []gemmCase{
-		{m: 512, n: 1376, k: 256, transB: true, alpha: 1},         // forward y = x·Wᵀ
+		{m: 512, n: 1376, k: 256, transB: true, alpha: 1},          // forward y = x·Wᵀ
 		{m: 344, n: 256, k: 2048, transA: true, alpha: 1, beta: 1}, // dW += dyᵀ·x
 		{m: 512, n: 256, k: 688, alpha: 1},                         // dx = dy·W
 		{m: 128, n: 128, k: 64, transB: true, alpha: 0.125, pad: 192},
