@@ -298,8 +298,12 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 
 	// Every stage needs the number of validation batches; stage 0 fetches its text
 	// when the run starts (loadData). Only replica 0 evaluates: right after an outer
-	// step its weights are every replica's.
+	// step its weights are every replica's. An evaluation covers the first
+	// eval_batches batches of windows, as train's does.
 	w.windows = int(plan.Data.Val.Size) / (cfg.SeqLen + 1)
+	if sp.EvalBatches > 0 {
+		w.windows = min(w.windows, sp.EvalBatches*train.EvalBatch)
+	}
 	if rep == 0 {
 		w.evalN = (w.windows + train.EvalBatch - 1) / train.EvalBatch
 	}
@@ -348,7 +352,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		w.tapes = append(w.tapes, st.NewTape(mb, cfg.SeqLen))
 		w.slotIO = append(w.slotIO, slotIO{make([]int32, mb*cfg.SeqLen), make([]int32, mb*cfg.SeqLen)})
 	}
-	w.eval = train.NewEvaluator([]*shard.Stage{st}, nil)
+	w.eval = train.NewEvaluator([]*shard.Stage{st}, nil, sp.EvalBatches)
 	w.eval.Reuse(w.tapes[:1])
 	w.ctx, w.cancel = context.WithCancelCause(ctx)
 	// Until a kind of control message has been answered, as long as staffing may take.
@@ -425,7 +429,7 @@ func (w *worker) loadData() error {
 		if w.val, err = get(d.Val, w.sp.Pipeline.Replicas, "validation split"); err != nil {
 			return err
 		}
-		w.eval = train.NewEvaluator([]*shard.Stage{w.stage}, w.val)
+		w.eval = train.NewEvaluator([]*shard.Stage{w.stage}, w.val, w.sp.EvalBatches)
 		w.eval.Reuse(w.tapes[:1])
 	}
 	return nil

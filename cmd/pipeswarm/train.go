@@ -8,6 +8,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"math"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -182,13 +183,16 @@ func (p *progress) done() {
 }
 
 func runEval(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("eval", "eval --checkpoint FILE [--data PATH] [--json]", `
-Print the validation loss (mean next-byte loss in nats over consecutive
-non-overlapping windows of seq_len+1 bytes covering the validation split) of a
-checkpoint written by train. The run spec is read from the checkpoint; --data
-replaces its data path.`, stderr)
-	ckPath := fs.String("checkpoint", "", "model.safetensors written by train (required)")
+	fs := newFlagSet("eval", "eval --checkpoint FILE|RUN_DIR [--data PATH] [--batches N] [--json]", `
+Print the validation loss (mean next-byte loss in nats over the consecutive
+non-overlapping windows of seq_len+1 bytes from the start of the validation split,
+the first eval_batches batches of 16 of them, as the run evaluated) of a model
+written by train or assembled by launch or export. --checkpoint is the model's
+safetensors file or the run directory holding it (model.safetensors). The run spec
+is read from the checkpoint; --data replaces its data path.`, stderr)
+	ckPath := fs.String("checkpoint", "", "model.safetensors written by train, launch or export, or the run directory holding it (required)")
 	dataPath := fs.String("data", "", "text to evaluate on (default: the data path recorded in the checkpoint's spec)")
+	batches := fs.Int("batches", -1, "evaluate the first N batches of 16 windows; 0: the whole validation split (default: the spec's eval_batches)")
 	asJSON := fs.Bool("json", false, "print one JSON object with a val_loss field")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -205,6 +209,14 @@ replaces its data path.`, stderr)
 		fs.Usage()
 		return errUsage
 	}
+	if st, err := os.Stat(*ckPath); err == nil && st.IsDir() {
+		model := filepath.Join(*ckPath, train.CheckpointFile)
+		if _, err := os.Stat(model); err != nil {
+			return fmt.Errorf("--checkpoint %s: a run directory without %s (a launched run's model is assembled by 'pipeswarm export %s --key … --peer …' where its spec says export: allowed)",
+				*ckPath, train.CheckpointFile, *ckPath)
+		}
+		*ckPath = model
+	}
 	ck, err := shard.LoadCheckpoint(*ckPath)
 	if err != nil {
 		return err
@@ -220,6 +232,9 @@ replaces its data path.`, stderr)
 	if *dataPath != "" {
 		sp.Data.Path = *dataPath
 	}
+	if *batches >= 0 {
+		sp.EvalBatches = *batches
+	}
 	be, err := train.Backend(sp)
 	if err != nil {
 		return err
@@ -230,6 +245,10 @@ replaces its data path.`, stderr)
 	}
 	for _, s := range stages {
 		if err := s.Load(ck); err != nil {
+			if m := ck.Metadata[shard.MetaLayers]; m != "" && m != fmt.Sprintf("0-%d", sp.Model.NLayers) {
+				return fmt.Errorf("%s holds layers %s of %d, one stage's checkpoint: evaluate the run's whole model (model.safetensors, assembled by launch or 'pipeswarm export'): %w",
+					*ckPath, m, sp.Model.NLayers, err)
+			}
 			return err
 		}
 	}
@@ -238,7 +257,7 @@ replaces its data path.`, stderr)
 		return err
 	}
 	_, val := data.Split(text, sp.Data.ValFraction)
-	ev := train.NewEvaluator(stages, val)
+	ev := train.NewEvaluator(stages, val, sp.EvalBatches)
 	if ev.Windows() == 0 {
 		return fmt.Errorf("validation split of %s (%d bytes) holds no window of %d bytes", name, len(val), sp.Model.SeqLen+1)
 	}

@@ -35,6 +35,17 @@ const (
 	MaxReplicas = 64
 )
 
+// DefaultEvalBatches is eval_batches when a spec names none: 16 batches of 16 windows,
+// 256 windows of seq_len+1 bytes. On tiny an evaluation then takes about as long as
+// 4 training steps (README, "Validation loss").
+const DefaultEvalBatches = 16
+
+// Values of Export.
+const (
+	ExportAllowed = "allowed"
+	ExportNever   = "never"
+)
+
 // ErrDecode is wrapped by every error about the text itself: malformed YAML, an empty file,
 // unknown or repeated fields, values of the wrong type.
 var ErrDecode = errors.New("cannot decode spec")
@@ -44,6 +55,16 @@ type Spec struct {
 	Name         string      `yaml:"name"`
 	Seed         uint64      `yaml:"seed"`
 	EvalInterval int         `yaml:"eval_interval"` // steps between validation evals; 0 = only at the end
+	// EvalBatches caps an evaluation at the first EvalBatches batches of validation
+	// windows (train.EvalBatch windows each), the final one included, so that it costs
+	// a bounded fraction of training; 0 evaluates the whole validation split. Default
+	// DefaultEvalBatches.
+	EvalBatches int `yaml:"eval_batches"`
+	// Export says whether the trained model may be assembled from its stages:
+	// "allowed" (the launcher collects every stage's final weights into
+	// model.safetensors where each node consents), or "never" (the default: a protocol
+	// model, whose weights stay on the nodes that trained them).
+	Export string `yaml:"export"`
 	Model        Model       `yaml:"model"`
 	Pipeline     Pipeline    `yaml:"pipeline"`
 	Train        Train       `yaml:"train"`
@@ -279,6 +300,12 @@ func DecodeStrict(src []byte, name, what string, ptr any) (map[string]int, error
 func (s *Spec) EnsureDefaults() {
 	unset := func(path string, zero bool) bool { return zero && !s.src.written(path) }
 	m, p, t, d := &s.Model, &s.Pipeline, &s.Train, &s.Data
+	if unset("eval_batches", s.EvalBatches == 0) {
+		s.EvalBatches = DefaultEvalBatches
+	}
+	if s.Export == "" && !s.src.written("export") {
+		s.Export = ExportNever
+	}
 	if unset("model.vocab", m.Vocab == 0) {
 		m.Vocab = 256 // byte-level tokens
 	}
@@ -511,6 +538,12 @@ func (s *Spec) problems() []error {
 	}
 	if s.EvalInterval < 0 {
 		c.failf("eval_interval", "%d is negative", s.EvalInterval)
+	}
+	if s.EvalBatches < 0 {
+		c.failf("eval_batches", "%d is negative; 0 evaluates the whole validation split", s.EvalBatches)
+	}
+	if s.Export != ExportAllowed && s.Export != ExportNever {
+		c.failf("export", "%q is not %s or %s", s.Export, ExportAllowed, ExportNever)
 	}
 
 	if m.Vocab < 2 || m.Vocab > 65536 {

@@ -125,7 +125,7 @@ func TestExamplesParseAndValidate(t *testing.T) {
 		got[filepath.Base(p)] = s
 	}
 	tiny := Spec{
-		Name: "tiny", Seed: 1, EvalInterval: 200,
+		Name: "tiny", Seed: 1, EvalInterval: 200, EvalBatches: DefaultEvalBatches, Export: ExportAllowed,
 		Model: Model{Vocab: 256, DModel: 128, NLayers: 4, NHeads: 4, DFF: 352, SeqLen: 128,
 			RopeTheta: 10000, NormEps: 1e-5, Precision: "fp32"},
 		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, PauseTimeout: 600, Replicas: 1},
@@ -228,6 +228,7 @@ func TestEnsureDefaultsFillsZeroFieldsOfGoSpec(t *testing.T) {
 	s := &Spec{Train: Train{LR: 0.01}}
 	s.EnsureDefaults()
 	want := Spec{
+		EvalBatches: DefaultEvalBatches, Export: ExportNever,
 		Model:       Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5, Precision: "fp32"},
 		Pipeline:    Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, PauseTimeout: 600, Replicas: 1},
 		Train:       Train{LR: 0.01, MinLR: 0.001, WeightDecay: 0.1, GradClip: 1, Beta1: 0.9, Beta2: 0.95},
@@ -363,7 +364,7 @@ func TestUnknownFieldNamesLineSectionAndKnownFields(t *testing.T) {
 	}
 
 	_, err = Parse([]byte("nmae: x\n"+base), "t.yaml")
-	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, model, pipeline, train, data, compression, diloco)`; err == nil || err.Error() != want {
+	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, eval_batches, export, model, pipeline, train, data, compression, diloco)`; err == nil || err.Error() != want {
 		t.Errorf("error:\n%v\nwant:\n%s", err, want)
 	}
 }
@@ -644,5 +645,28 @@ func TestOverlappedOuterStepsAreAppliedAfterTheNextStep(t *testing.T) {
 	}
 	if (DiLoCo{InnerSteps: 4, Fragments: 1}).Overlapped() || !o.Overlapped() {
 		t.Error("only more than one fragment overlaps")
+	}
+}
+
+func TestEvalBatchesAndExportDefaultsAndValidation(t *testing.T) {
+	s := mustParse(t, []byte(base))
+	if s.EvalBatches != DefaultEvalBatches || s.Export != ExportNever {
+		t.Errorf("unset: eval_batches %d, export %q; want %d and %q", s.EvalBatches, s.Export, DefaultEvalBatches, ExportNever)
+	}
+	top := func(extra string) []byte { return []byte(strings.Replace(base, "eval_interval: 100\n", "eval_interval: 100\n"+extra, 1)) }
+	if s = mustParse(t, top("eval_batches: 0\nexport: allowed\n")); s.EvalBatches != 0 || s.Export != ExportAllowed {
+		t.Errorf("eval_batches: 0, export: allowed read as %d, %q; a written 0 evaluates the whole split", s.EvalBatches, s.Export)
+	}
+	back := mustParse(t, []byte(s.String()))
+	if back.EvalBatches != 0 || back.Export != ExportAllowed {
+		t.Errorf("Marshal round trip gave eval_batches %d, export %q", back.EvalBatches, back.Export)
+	}
+	for _, tc := range []struct{ extra, want string }{
+		{"eval_batches: -1\n", "t.yaml:4: eval_batches: -1 is negative; 0 evaluates the whole validation split"},
+		{"export: maybe\n", `t.yaml:4: export: "maybe" is not allowed or never`},
+	} {
+		if _, err := Parse(top(tc.extra), "t.yaml"); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%q: error %v, want %q", tc.extra, err, tc.want)
+		}
 	}
 }

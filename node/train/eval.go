@@ -8,21 +8,34 @@ import (
 )
 
 // Evaluator computes the validation loss: the mean next-byte loss over the
-// consecutive non-overlapping windows of seq_len+1 bytes covering the validation
-// split (remainder dropped), EvalBatch windows per forward pass.
+// consecutive non-overlapping windows of seq_len+1 bytes from the start of the
+// validation split (remainder dropped), EvalBatch windows per forward pass, at most
+// the spec's eval_batches batches of them.
 type Evaluator struct {
-	stages []*shard.Stage
-	bounds []*Boundary // between stages, as in training; nil: none
-	val    []byte
+	stages  []*shard.Stage
+	bounds  []*Boundary // between stages, as in training; nil: none
+	val     []byte
+	batches int // at most this many batches; 0: every window
 	tapes  map[int][]*shard.Tape // by batch size: EvalBatch, and the last partial batch
 	// trace, if set, sees each stage's forward of each batch timed, with the bytes
 	// of the frame it sends on.
 	trace func(stage, batch int, d time.Duration, bytes int64)
 }
 
-// NewEvaluator evaluates stages (a whole model, in order) on val.
-func NewEvaluator(stages []*shard.Stage, val []byte) *Evaluator {
-	return &Evaluator{stages: stages, val: val, tapes: map[int][]*shard.Tape{}}
+// NewEvaluator evaluates stages (a whole model, in order) on the first batches
+// batches of windows of val (every window if batches is 0).
+func NewEvaluator(stages []*shard.Stage, val []byte, batches int) *Evaluator {
+	return &Evaluator{stages: stages, val: val, batches: batches, tapes: map[int][]*shard.Tape{}}
+}
+
+// EvalWindows is how many validation windows an evaluation of the first batches
+// batches (0: all) of val's windows of seqLen+1 bytes covers.
+func EvalWindows(val []byte, seqLen, batches int) int {
+	n := data.ValWindows(val, seqLen)
+	if batches > 0 {
+		n = min(n, batches*EvalBatch)
+	}
+	return n
 }
 
 // Reuse lets the evaluator run on tapes the caller already holds (one per stage,
@@ -34,8 +47,8 @@ func (e *Evaluator) Reuse(tapes []*shard.Tape) {
 	}
 }
 
-// Windows is the number of validation windows.
-func (e *Evaluator) Windows() int { return data.ValWindows(e.val, e.stages[0].Config.SeqLen) }
+// Windows is the number of validation windows an evaluation covers.
+func (e *Evaluator) Windows() int { return EvalWindows(e.val, e.stages[0].Config.SeqLen, e.batches) }
 
 // Loss runs the model over every window and returns the mean loss per byte. It does
 // not touch parameter gradients.

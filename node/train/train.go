@@ -229,7 +229,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 
 	// Validation runs on replica 0's weights, which right after an outer step are the
 	// global weights every replica holds.
-	eval := NewEvaluator(m.stages, valText)
+	eval := NewEvaluator(m.stages, valText, sp.EvalBatches)
 	eval.Reuse(m.tapes)
 	eval.bounds = m.bounds
 	res := &Result{Checkpoint: filepath.Join(o.OutDir, CheckpointFile), ValLoss: math.NaN(), SyncBytes: make([][]int64, R), Params: m.numParams()}

@@ -125,7 +125,7 @@ func TestValLossOfReloadedCheckpointMatchesTraining(t *testing.T) {
 	}
 	text, _, _ := Corpus(again.Data.Path)
 	_, val := data.Split(text, again.Data.ValFraction)
-	if got := NewEvaluator(stages, val).Loss(); got != res.ValLoss {
+	if got := NewEvaluator(stages, val, again.EvalBatches).Loss(); got != res.ValLoss {
 		t.Fatalf("reloaded val loss %.9f, training reported %.9f", got, res.ValLoss)
 	}
 }
@@ -154,4 +154,59 @@ data: {val_fraction: 0.05}
 		t.Fatalf("validation loss %.3f after %d steps, want <= 2.4", res.ValLoss, res.Steps)
 	}
 	t.Logf("val loss %.4f after %d steps in %s", res.ValLoss, res.Steps, res.Elapsed)
+}
+
+// eval_batches caps every evaluation, the final one included, at its first batches of
+// validation windows: what the run reports is the loss of the reloaded model over those
+// windows exactly, and not the loss over the whole split.
+func TestEvalBatchesCapsEveryEvaluation(t *testing.T) {
+	sp := testSpec(t, strings.Replace(smallSpec, "eval_interval: 0", "eval_interval: 2\neval_batches: 2", 1))
+	sp.Train.Steps = 4
+	evals := map[int]int{} // step -> validation batches run
+	dir := t.TempDir()
+	res, err := Run(context.Background(), Options{Spec: sp, OutDir: dir, Trace: func(op Op) {
+		if op.Kind == OpEval {
+			evals[op.Step]++
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(evals) != 2 || evals[2] != 2 || evals[4] != 2 {
+		t.Fatalf("validation batches by step %v, want 2 at steps 2 and 4 (the final evaluation)", evals)
+	}
+	ck, err := shard.LoadCheckpoint(res.Checkpoint)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stages, err := shard.NewStages(ModelConfig(sp), 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := stages[0].Load(ck); err != nil {
+		t.Fatal(err)
+	}
+	text, _, _ := Corpus(sp.Data.Path)
+	_, val := data.Split(text, sp.Data.ValFraction)
+	capped := NewEvaluator(stages, val, 2)
+	if capped.Windows() != 2*EvalBatch {
+		t.Fatalf("capped evaluator covers %d windows, want %d", capped.Windows(), 2*EvalBatch)
+	}
+	if got := capped.Loss(); got != res.ValLoss {
+		t.Errorf("final val_loss %.9f, the reloaded model's over the first 2 batches %.9f", res.ValLoss, got)
+	}
+	all := NewEvaluator(stages, val, 0)
+	if all.Windows() <= 2*EvalBatch {
+		t.Fatalf("the validation split holds only %d windows; the test needs more than the cap", all.Windows())
+	}
+	if whole := all.Loss(); whole == res.ValLoss {
+		t.Errorf("val_loss %.9f equals the whole split's: the cap was not applied", whole)
+	}
+	rows, err := metrics.ReadFile(filepath.Join(dir, MetricsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if last := rows[len(rows)-1]; last.ValLoss == nil || *last.ValLoss != res.ValLoss {
+		t.Errorf("metrics.jsonl's last row has val_loss %v, want %v", last.ValLoss, res.ValLoss)
+	}
 }
