@@ -52,9 +52,9 @@ var ErrDecode = errors.New("cannot decode spec")
 
 // Spec is a training run: model shape, pipeline split, optimiser and data.
 type Spec struct {
-	Name         string      `yaml:"name"`
-	Seed         uint64      `yaml:"seed"`
-	EvalInterval int         `yaml:"eval_interval"` // steps between validation evals; 0 = only at the end
+	Name         string `yaml:"name"`
+	Seed         uint64 `yaml:"seed"`
+	EvalInterval int    `yaml:"eval_interval"` // steps between validation evals; 0 = only at the end
 	// EvalBatches caps an evaluation at the first EvalBatches batches of validation
 	// windows (train.EvalBatch windows each), the final one included, so that it costs
 	// a bounded fraction of training; 0 evaluates the whole validation split. Default
@@ -64,13 +64,13 @@ type Spec struct {
 	// "allowed" (the launcher collects every stage's final weights into
 	// model.safetensors where each node consents), or "never" (the default: a protocol
 	// model, whose weights stay on the nodes that trained them).
-	Export string `yaml:"export"`
-	Model        Model       `yaml:"model"`
-	Pipeline     Pipeline    `yaml:"pipeline"`
-	Train        Train       `yaml:"train"`
-	Data         Data        `yaml:"data"`
-	Compression  Compression `yaml:"compression"`
-	DiLoCo       DiLoCo      `yaml:"diloco"`
+	Export      string      `yaml:"export"`
+	Model       Model       `yaml:"model"`
+	Pipeline    Pipeline    `yaml:"pipeline"`
+	Train       Train       `yaml:"train"`
+	Data        Data        `yaml:"data"`
+	Compression Compression `yaml:"compression"`
+	DiLoCo      DiLoCo      `yaml:"diloco"`
 
 	// src remembers where each field was written so that Validate can point at the line, and
 	// so that EnsureDefaults leaves alone a zero the file asked for (grad_clip: 0 disables

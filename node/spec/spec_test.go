@@ -653,7 +653,9 @@ func TestEvalBatchesAndExportDefaultsAndValidation(t *testing.T) {
 	if s.EvalBatches != DefaultEvalBatches || s.Export != ExportNever {
 		t.Errorf("unset: eval_batches %d, export %q; want %d and %q", s.EvalBatches, s.Export, DefaultEvalBatches, ExportNever)
 	}
-	top := func(extra string) []byte { return []byte(strings.Replace(base, "eval_interval: 100\n", "eval_interval: 100\n"+extra, 1)) }
+	top := func(extra string) []byte {
+		return []byte(strings.Replace(base, "eval_interval: 100\n", "eval_interval: 100\n"+extra, 1))
+	}
 	if s = mustParse(t, top("eval_batches: 0\nexport: allowed\n")); s.EvalBatches != 0 || s.Export != ExportAllowed {
 		t.Errorf("eval_batches: 0, export: allowed read as %d, %q; a written 0 evaluates the whole split", s.EvalBatches, s.Export)
 	}

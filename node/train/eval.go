@@ -15,8 +15,8 @@ type Evaluator struct {
 	stages  []*shard.Stage
 	bounds  []*Boundary // between stages, as in training; nil: none
 	val     []byte
-	batches int // at most this many batches; 0: every window
-	tapes  map[int][]*shard.Tape // by batch size: EvalBatch, and the last partial batch
+	batches int                   // at most this many batches; 0: every window
+	tapes   map[int][]*shard.Tape // by batch size: EvalBatch, and the last partial batch
 	// trace, if set, sees each stage's forward of each batch timed, with the bytes
 	// of the frame it sends on.
 	trace func(stage, batch int, d time.Duration, bytes int64)
