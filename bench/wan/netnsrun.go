@@ -130,7 +130,8 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 		return nil, fmt.Errorf("wan: %w", err)
 	}
 	swarmDir := filepath.Join(o.OutDir, "swarm")
-	args := []string{"launch", specPath, "--key", keyPath, "--out", swarmDir, "--quiet"}
+	// The bench owns its output directory: a run left there by an earlier bench goes.
+	args := []string{"launch", specPath, "--key", keyPath, "--out", swarmDir, "--quiet", "--force"}
 	for _, p := range peers {
 		args = append(args, "--peer", p)
 	}

@@ -8,7 +8,6 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -193,7 +192,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 }
 
 func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("launch", "launch SPEC --key FILE --peer MULTIADDR... [--out DIR] [--data PATH] [--steps N] [--resume]", `
+	fs := newFlagSet("launch", "launch SPEC --key FILE --peer MULTIADDR... [--out DIR] [--data PATH] [--steps N] [--resume | --force]", `
 Launch a pipelined run of the spec SPEC across nodes: ask each --peer what it can
 hold, give every pipeline stage of every replica pipeline a peer (pipeline.replicas
 × pipeline.stages of them), sign the plan with --key (the nodes must trust its ID),
@@ -211,11 +210,16 @@ answer again (restarted on their data directories), it resumes from that step.
 Every stage keeps its two newest checkpoints (each evaluation step, and when its node
 stops); --resume continues an interrupted run from the newest step all of them
 hold, on the nodes that hold them, appending to DIR/metrics.jsonl.
+A directory that holds a run is never written over: without --out a new run goes to
+runs/NAME, or runs/NAME-2, runs/NAME-3, … if that holds one; an --out DIR that holds
+a run is refused unless --resume continues it or --force overwrites it. A launch that
+fails before its first step leaves no run directory behind.
 The spec is checked before anything is sent.`, stderr)
 	keyPath := fs.String("key", "", "launcher key written by 'pipeswarm keygen' (required)")
 	var peers multiFlag
 	fs.Var(&peers, "peer", "multiaddr (with /p2p/ID) of a node, repeatable; or a file of them, one per line (a node's DIR/addrs)")
-	out := fs.String("out", "", "output directory (default runs/<spec name>)")
+	out := fs.String("out", "", "output directory (default runs/<spec name>, or runs/<spec name>-N if that holds a run)")
+	force := fs.Bool("force", false, "overwrite the run in --out DIR")
 	dataPath := fs.String("data", "", "training text, read here and served to the nodes over libp2p (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	be := fs.String("backend", "", "compute backend the nodes run, cpu32 or bf16 (overrides model.precision: fp32 or bf16)")
@@ -261,9 +265,15 @@ The spec is checked before anything is sent.`, stderr)
 		fmt.Fprintln(stderr, "pipeswarm launch: at least one --peer is required")
 		return errUsage
 	}
-	if *out == "" {
-		*out = filepath.Join("runs", sp.Name)
+	dir, note, err := runDir(*out, sp.Name, *resume, *force)
+	if err != nil {
+		return err
 	}
+	if note != "" {
+		fmt.Fprintln(stderr, note)
+	}
+	*out = dir
+	created := !exists(dir)
 	log := base.With("sys", "launch")
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
 	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log, Resume: *resume,
@@ -289,6 +299,9 @@ The spec is checked before anything is sent.`, stderr)
 				rows[0].OuterStep, rows[0].Stage, rows[0].Step, len(rows), slowest, assign.FormatBytes(bytes), rows[0].WeightsHash))
 		}})
 	prog.done()
+	if err != nil {
+		dropUnused(dir, created)
+	}
 	if res != nil && res.Steps > 0 {
 		fmt.Fprintf(stdout, "run %016x: %d steps in %s: loss %.4f, val_loss %.4f, %.0f tokens/s\n", res.RunID, res.Steps,
 			res.Elapsed.Round(time.Second), res.Loss, res.ValLoss, float64(res.Tokens)/res.Elapsed.Seconds())

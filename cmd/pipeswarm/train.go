@@ -21,7 +21,7 @@ import (
 )
 
 func runTrain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("train", "train [SPEC] [--data PATH] [--steps N] [--out DIR] [--resume]", `
+	fs := newFlagSet("train", "train [SPEC] [--data PATH] [--steps N] [--out DIR] [--resume | --force]", `
 Train every stage of the run spec SPEC (a YAML file) in this one process: the
 centralised baseline that distributed runs are compared against. Without SPEC it
 trains the built-in examples/tiny.yaml; without data it trains on a built-in corpus
@@ -38,10 +38,14 @@ Face config.json beside it, train-state.safetensors with replicas (outer momentu
 AdamW moments, error-feedback residuals), and loss.png.
 Ctrl-C stops after the current step and still writes the checkpoint and plot;
 --resume continues from there (or from the last evaluation after a crash) and takes
-the same steps the uninterrupted run would have.`, stderr)
+the same steps the uninterrupted run would have.
+A directory that holds a run is never written over: without --out a new run goes to
+runs/NAME, or runs/NAME-2, runs/NAME-3, … if that holds one; an --out DIR that holds
+a run is refused unless --resume continues it or --force overwrites it.`, stderr)
 	dataPath := fs.String("data", "", "training text: a file, a directory of text files, or .jsonl with a \"text\" field (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
-	out := fs.String("out", "", "output directory (default runs/<spec name>)")
+	out := fs.String("out", "", "output directory (default runs/<spec name>, or runs/<spec name>-N if that holds a run)")
+	force := fs.Bool("force", false, "overwrite the run in --out DIR")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	logf := addLogFlags(fs, slog.LevelInfo)
 	resume := fs.Bool("resume", false, "continue the run in --out from its last checkpoint (same SPEC, --data and --steps), exactly as if it had not stopped")
@@ -63,13 +67,18 @@ the same steps the uninterrupted run would have.`, stderr)
 			return fmt.Errorf("--backend: %w", err)
 		}
 	}
-	if *out == "" {
-		*out = filepath.Join("runs", sp.Name)
-	}
 	log, err := logf.logger(stderr, stderr, "train")
 	if err != nil {
 		return err
 	}
+	dir, note, err := runDir(*out, sp.Name, *resume, *force)
+	if err != nil {
+		return err
+	}
+	if note != "" {
+		fmt.Fprintln(stderr, note)
+	}
+	*out = dir
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
 	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: *out, Log: log, OnStep: prog.step, Resume: *resume})
 	prog.done()
