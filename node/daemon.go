@@ -140,10 +140,40 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 	for _, f := range hostOpts {
 		f(&ho)
 	}
+	// Told nowhere in particular, a node listens where it did the first time: the
+	// address others were given (and a port forwarded) stays right across restarts.
+	kept := []string(nil)
+	if cfg.ListenIsDefault() {
+		if kept = dir.ReadListen(); len(kept) > 0 {
+			ho.Listen = kept
+		}
+	}
 	h, err := p2p.NewHost(ctx, ho)
+	if err != nil && len(kept) > 0 {
+		log.Warn("cannot listen on the ports kept from earlier starts (another program holds them?); listening on new ones",
+			"kept", strings.Join(kept, " "), "file", dir.ListenPath(), "err", err)
+		ho.Listen = cfg.Listen
+		h, err = p2p.NewHost(ctx, ho)
+	}
 	if err != nil {
 		dir.Close()
 		return nil, err
+	}
+	if cfg.ListenIsDefault() {
+		var bound []string
+		for _, a := range h.Network().ListenAddresses() {
+			if _, err := a.ValueForProtocol(multiaddr.P_IP4); err == nil {
+				bound = append(bound, a.String()) // not the relay's /p2p-circuit
+			} else if _, err := a.ValueForProtocol(multiaddr.P_IP6); err == nil {
+				bound = append(bound, a.String())
+			}
+		}
+		slices.Sort(bound)
+		if len(bound) > 0 && !slices.Equal(bound, kept) {
+			if err := dir.WriteListen(bound); err != nil {
+				log.Warn("listen ports not kept for the next start", "err", err)
+			}
+		}
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]bool{}, ended: map[uint64]bool{},
 		warns: warns, started: time.Now(), build: build.Read(),

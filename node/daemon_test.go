@@ -7,6 +7,7 @@ import (
 	"io"
 	"log/slog"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -279,5 +280,41 @@ func TestCallDeadlinesComeFromTheCallsMeasured(t *testing.T) {
 	}
 	if got := c.deadline(msgAssign, 0); got != time.Minute {
 		t.Errorf("assign, never measured: %s; each kind is timed on its own", got)
+	}
+}
+
+// A node told nowhere to listen picks its ports on the first start and listens on the
+// same ones after a restart on its data directory; told where, it listens there.
+func TestNodeKeepsItsDefaultListenPortsAcrossRestarts(t *testing.T) {
+	dataDir := filepath.Join(t.TempDir(), "node")
+	start := func(listen []string) []string {
+		cfg := &config.Config{DataDir: dataDir, Listen: listen, Open: true}
+		cfg.EnsureDefaults()
+		d, err := NewDaemon(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer d.Close()
+		var out []string
+		for _, a := range d.host.Network().ListenAddresses() {
+			if !strings.Contains(a.String(), "p2p-circuit") {
+				out = append(out, a.String())
+			}
+		}
+		slices.Sort(out)
+		return out
+	}
+	first := start(nil)
+	if len(first) != 2 || strings.Contains(first[0], "/tcp/0") {
+		t.Fatalf("first start listens on %v, want TCP and QUIC on chosen ports", first)
+	}
+	if again := start(nil); !slices.Equal(again, first) {
+		t.Errorf("restarted, the node listens on %v, want %v as before", again, first)
+	}
+	if told := start([]string{"/ip4/127.0.0.1/tcp/0"}); len(told) != 1 || !strings.HasPrefix(told[0], "/ip4/127.0.0.1/tcp/") {
+		t.Errorf("told --listen /ip4/127.0.0.1/tcp/0, the node listens on %v", told)
+	}
+	if again := start(nil); !slices.Equal(again, first) {
+		t.Errorf("after a start told elsewhere, the node listens on %v, want its kept %v", again, first)
 	}
 }

@@ -79,7 +79,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	cfgPath := fs.String("config", "", "node config file (YAML)")
 	dataDir := fs.String("data-dir", "", "data directory (overrides data_dir)")
 	var listen, bootstrap, trust, announce multiFlag
-	fs.Var(&listen, "listen", "listen multiaddr, repeatable (default TCP and QUIC on every interface, random ports)")
+	fs.Var(&listen, "listen", "listen multiaddr, repeatable (default TCP and QUIC on every interface, on ports chosen at the first start and kept in DIR/listen)")
 	fs.Var(&bootstrap, "bootstrap", "peer multiaddr with /p2p/ID to dial at start, repeatable")
 	fs.Var(&trust, "trust", "launcher peer ID whose runs this node accepts, repeatable")
 	open := fs.Bool("open", false, "accept runs from any launcher")

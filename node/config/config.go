@@ -93,7 +93,15 @@ type Config struct {
 	// src remembers where each field was written, so that Validate can point at its line and
 	// EnsureDefaults leaves alone what the file set on purpose ("listen: []").
 	src source
+	// listenDefault: Listen is DefaultListen because nothing set it; the node then
+	// keeps the ports it was given on first start (see ListenIsDefault).
+	listenDefault bool
 }
+
+// ListenIsDefault reports whether Listen was filled in by EnsureDefaults: neither the
+// file nor a flag said where to listen, so the node picks ports on its first start and
+// keeps them in its data directory (a stable address to give others, and to forward).
+func (c *Config) ListenIsDefault() bool { return c.listenDefault }
 
 // DefaultListen is where a node listens unless told otherwise: every IPv4 interface, a
 // port the system picks, over TCP and QUIC.
@@ -169,7 +177,7 @@ func (e decodeError) Unwrap() []error { return []error{ErrDecode, e.err} }
 // "max_stages: 0"), so that Validate can say what is wrong with it.
 func (c *Config) EnsureDefaults() {
 	if c.Listen == nil && !c.src.written("listen") {
-		c.Listen = DefaultListen()
+		c.Listen, c.listenDefault = DefaultListen(), true
 	}
 	// No bootstrap peers and no trusted launchers are empty lists rather than nil, so that
 	// a config reads back from Marshal exactly as it was.

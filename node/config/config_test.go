@@ -43,7 +43,7 @@ status: 127.0.0.1:0
 // fields returns c's exported fields only, for comparing configs from different sources.
 func fields(c *Config) Config {
 	v := *c
-	v.src = source{}
+	v.src, v.listenDefault = source{}, false
 	return v
 }
 

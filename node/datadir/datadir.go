@@ -199,6 +199,27 @@ func (d *Dir) RunDir(runID string) string {
 	return filepath.Join(d.Path, "runs", runID)
 }
 
+// ListenPath holds the listen addresses a node chose on its first start (ports picked
+// by the system), so that it listens on the same ports after a restart.
+func (d *Dir) ListenPath() string { return filepath.Join(d.Path, "listen") }
+
+// ReadListen returns the listen addresses kept in ListenPath, none if there are none.
+func (d *Dir) ReadListen() []string {
+	b, err := os.ReadFile(d.ListenPath())
+	if err != nil {
+		return nil
+	}
+	return strings.Fields(string(b))
+}
+
+// WriteListen keeps addrs in ListenPath, one a line.
+func (d *Dir) WriteListen(addrs []string) error {
+	if err := writeFileAtomic(d.ListenPath(), []byte(strings.Join(addrs, "\n")+"\n")); err != nil {
+		return fmt.Errorf("write listen: %w", err)
+	}
+	return nil
+}
+
 // WriteAddrs replaces AddrsPath with addrs, one a line, atomically: a reader sees the old
 // list or the new, never part of one.
 func (d *Dir) WriteAddrs(addrs []string) error {
