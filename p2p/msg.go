@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 )
 
 // MaxMsgBytes is the largest control message the protocol allows, and the
@@ -38,7 +39,9 @@ func WriteMsg(w io.Writer, v any) error {
 // ReadMsg reads one message written by WriteMsg into v, which must be a
 // pointer. A clean end of stream before the first byte is returned as
 // io.EOF itself. maxBytes <= 0 or over MaxMsgBytes means MaxMsgBytes; a longer
-// message is refused before its body is read or allocated.
+// message is refused before its body is read or allocated. The body is read in
+// chunks, its buffer growing with the bytes that arrive: a declared length
+// costs nothing until the sender has sent that much.
 //
 // A message that is too long or not valid JSON for v is refused with an
 // error wrapping ErrBadMsg. A message cut short gives an error wrapping
@@ -59,8 +62,8 @@ func ReadMsg(r io.Reader, v any, maxBytes int) error {
 	if uint64(n) > uint64(maxBytes) {
 		return fmt.Errorf("%w: length %d exceeds limit %d", ErrBadMsg, n, maxBytes)
 	}
-	body := make([]byte, n)
-	if _, err := io.ReadFull(r, body); err != nil {
+	body, err := readChunked(r, int(n))
+	if err != nil {
 		return msgReadErr("body", err)
 	}
 	if err := json.Unmarshal(body, v); err != nil {
@@ -71,6 +74,29 @@ func ReadMsg(r io.Reader, v any, maxBytes int) error {
 		return fmt.Errorf("%w: %w", ErrBadMsg, err)
 	}
 	return nil
+}
+
+// msgChunk is the most ReadMsg allocates ahead of the bytes it has received.
+const msgChunk = 64 << 10
+
+// readChunked reads exactly n bytes from r, allocating as they arrive (at
+// most msgChunk ahead, and no more than twice what has been received).
+func readChunked(r io.Reader, n int) ([]byte, error) {
+	buf := make([]byte, 0, min(n, msgChunk))
+	for len(buf) < n {
+		if len(buf) == cap(buf) {
+			buf = slices.Grow(buf, min(n-len(buf), max(len(buf), msgChunk)))
+		}
+		k, err := r.Read(buf[len(buf):min(n, cap(buf))])
+		buf = buf[:len(buf)+k]
+		if err != nil && len(buf) < n {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, err
+		}
+	}
+	return buf, nil
 }
 
 func msgReadErr(part string, err error) error {

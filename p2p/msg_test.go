@@ -6,8 +6,10 @@ import (
 	"errors"
 	"io"
 	"reflect"
+	"runtime"
 	"strings"
 	"testing"
+	"testing/iotest"
 )
 
 type testMsg struct {
@@ -144,4 +146,41 @@ func FuzzReadMsg(f *testing.F) {
 			t.Fatalf("round trip changed the message: %#v → %#v", v, again)
 		}
 	})
+}
+
+// A peer that declares a 4 MiB message and sends a few bytes of it costs the
+// reader about what it sent, not what it declared.
+func TestReadMsgAllocatesAsBytesArriveNotTheDeclaredLength(t *testing.T) {
+	var msg bytes.Buffer
+	var p [4]byte
+	binary.BigEndian.PutUint32(p[:], MaxMsgBytes)
+	msg.Write(p[:])
+	msg.WriteString(`{"type":"offer","peers":["`)
+	msg.Write(bytes.Repeat([]byte("a"), 100<<10))
+	least := ^uint64(0)
+	for range 5 {
+		var v testMsg
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		err := ReadMsg(bytes.NewReader(msg.Bytes()), &v, MaxMsgBytes)
+		runtime.ReadMemStats(&after)
+		if !errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, ErrViolation) {
+			t.Fatalf("cut-short message: %v, want io.ErrUnexpectedEOF and no violation", err)
+		}
+		least = min(least, after.TotalAlloc-before.TotalAlloc)
+	}
+	// 100 KiB sent: the buffer may be up to twice that.
+	if least > 512<<10 {
+		t.Fatalf("reading a cut-short message declaring %d bytes allocated %d bytes, want ≤ %d", MaxMsgBytes, least, 512<<10)
+	}
+	// And a whole message of that size still reads.
+	big := testMsg{Type: "x", Peers: []string{strings.Repeat("b", MaxMsgBytes-100)}}
+	var buf bytes.Buffer
+	if err := WriteMsg(&buf, big); err != nil {
+		t.Fatal(err)
+	}
+	var got testMsg
+	if err := ReadMsg(iotest.OneByteReader(io.LimitReader(&buf, 1<<30)), &got, MaxMsgBytes); err != nil || got.Peers[0] != big.Peers[0] {
+		t.Fatalf("full message: %v", err)
+	}
 }

@@ -95,6 +95,12 @@ type PenaltyStats struct {
 	Banned   int `json:"banned"`   // peers banned now
 }
 
+// burstSlack is how far under Limit a score may be and still ban: violations
+// in quick succession have decayed a little by the last of them (ten over a
+// few seconds score 9.99), and the Limit-th of them is the one that bans. Ten
+// violations still ban within 0.07 half-lives of the first (10·2^-0.074 = 9.5).
+const burstSlack = 0.5
+
 // minPrune is the least number of records kept before pruning.
 const minPrune = 256
 
@@ -127,8 +133,8 @@ func (p *Penalties) get(id peer.ID, now time.Time) *standing {
 }
 
 // Add records one violation by id (reason is for the caller's logs) and
-// returns id's score after it and whether id is banned. Reaching Limit bans
-// id for BanFor; violations during a ban add to the score but do not extend
+// returns id's score after it and whether id is banned. Reaching Limit (less
+// the decay of a quick burst, burstSlack) bans id for BanFor; violations during a ban add to the score but do not extend
 // the ban.
 func (p *Penalties) Add(id peer.ID, reason string) (score float64, banned bool) {
 	p.mu.Lock()
@@ -141,7 +147,7 @@ func (p *Penalties) Add(id peer.ID, reason string) (score float64, banned bool) 
 	if now.Before(s.until) {
 		return s.score, true
 	}
-	if s.score >= p.opt.Limit {
+	if s.score >= p.opt.Limit-burstSlack {
 		p.ban(s, now)
 		return s.score, true
 	}
