@@ -81,6 +81,13 @@ type Daemon struct {
 	runs     map[uint64]*worker
 	seen     map[[2]uint64]bool // plans (run, rejoin nonce) accepted and not yet expired
 	ended    map[uint64]bool    // runs held here that have stopped: their late frames are dropped, not penalised
+	// members are the peers of each run held here (its cells, as moved since, and its
+	// launcher): they alone may open tensor and reduce streams to this node.
+	members map[uint64]map[peer.ID]bool
+	// ctlOpen counts each peer's control streams being served now (ctlPerPeer at most).
+	ctlOpen map[peer.ID]int
+	// refusedAt is when an untrusted launcher's offer request was last logged.
+	refusedAt time.Time
 	finished []status.Run       // the last few runs that ended here, as they ended, oldest first
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
@@ -176,6 +183,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		}
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]bool{}, ended: map[uint64]bool{},
+		members: map[uint64]map[peer.ID]bool{}, ctlOpen: map[peer.ID]int{},
 		warns: warns, started: time.Now(), build: build.Read(),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	penalise := func(p peer.ID, err error) {
@@ -189,6 +197,9 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise, reduce.WithMeter(d.meters.For(reduce.Proto)))
 	d.fetch = &corpus.Fetcher{Host: h.Host, CacheDir: filepath.Join(dir.Path, "corpus"), Log: log.With("sys", "corpus"), Penalise: penalise,
 		Meter: d.meters.For(corpus.Proto)}
+	for _, proto := range []protocol.ID{reduce.Proto, p2p.ProtoActivation, p2p.ProtoGradient} {
+		h.Gate(proto, d.isMember)
+	}
 	h.Handle(reduce.Proto, d.reduce.HandleStream)
 	h.Handle(p2p.ProtoControl, d.handleControl)
 	h.Handle(p2p.ProtoActivation, d.handleFrames(p2p.ProtoActivation))
@@ -469,14 +480,91 @@ func (d *Daemon) run(id uint64) *worker {
 	return d.runs[id]
 }
 
+// Bounds on control streams: what one peer, and every peer that is neither a
+// trusted launcher nor a peer of a run here, may hold open at once, and the
+// largest message those others may send (a plan from a launcher this node does
+// not list in trust is one of those).
+const (
+	ctlPerPeer     = 8
+	ctlStrangers   = 64
+	maxStrangerMsg = 256 << 10
+)
+
+// ctlClass is what a control stream's sender is to this node.
+type ctlClass int
+
+const (
+	ctlStranger ctlClass = iota // no run here, not trusted
+	ctlMember                   // a peer of a run held here
+	ctlLauncher                 // a trusted launcher, or the launcher of a run held here
+)
+
+// ctlAdmit counts a control stream from p, and reports what p is and whether it
+// may open one more now; release undoes it.
+func (d *Daemon) ctlAdmit(p peer.ID) (ctlClass, bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	class := ctlStranger
+	if d.trust[p] {
+		class = ctlLauncher
+	}
+	for run, m := range d.members {
+		if m[p] && class == ctlStranger {
+			class = ctlMember
+		}
+		if w := d.runs[run]; w != nil && w.launcher == p {
+			class = ctlLauncher
+		}
+	}
+	if d.ctlOpen[p] >= ctlPerPeer {
+		return class, false
+	}
+	if class == ctlStranger {
+		if d.ctlOpen[""] >= ctlStrangers {
+			return class, false
+		}
+		d.ctlOpen[""]++ // "" is no peer: the strangers' total
+	}
+	d.ctlOpen[p]++
+	return class, true
+}
+
+func (d *Daemon) ctlRelease(p peer.ID, class ctlClass) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if class == ctlStranger {
+		d.ctlOpen[""]--
+	}
+	if d.ctlOpen[p]--; d.ctlOpen[p] <= 0 {
+		delete(d.ctlOpen, p)
+	}
+}
+
 func (d *Daemon) handleControl(s network.Stream) {
-	defer s.Close()
 	from := s.Conn().RemotePeer()
+	class, ok := d.ctlAdmit(from)
+	if !ok {
+		d.log.Debug("control stream refused: too many open", "peer", from)
+		s.Reset()
+		return
+	}
+	defer d.ctlRelease(from, class)
+	defer s.Close()
 	_ = s.SetReadDeadline(time.Now().Add(wireWindow(d.host, from)))
 	meter := d.meters.For(p2p.ProtoControl)
+	limit := p2p.MaxMsgBytes
+	if class != ctlLauncher {
+		limit = maxStrangerMsg
+	}
 	var m ctlMsg
 	cr := &traffic.CountingReader{R: s}
-	if err := p2p.ReadMsg(cr, &m, p2p.MaxMsgBytes); err != nil {
+	if err := p2p.ReadMsg(cr, &m, limit); err != nil {
+		if class == ctlStranger && !errors.Is(err, p2p.ErrViolation) && !errors.Is(err, io.EOF) {
+			// Holding a stream open, or a buffer part-filled, is how a peer with no
+			// business here ties the node up: from it, a message that never arrives
+			// whole is a violation.
+			err = fmt.Errorf("%w: message cut short or stalled after %d bytes: %w", p2p.ErrBadMsg, cr.N, err)
+		}
 		d.penalise(s, from, err)
 		return
 	}
@@ -494,6 +582,20 @@ func (d *Daemon) handleControl(s network.Stream) {
 func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 	switch m.Type {
 	case msgOffer:
+		if !d.cfg.Open && !d.trust[from] {
+			// Only what a launcher needs to hear that this node will not take its run:
+			// not its memory, addresses or free slots.
+			d.mu.Lock()
+			quiet := time.Since(d.refusedAt) < time.Minute
+			if !quiet {
+				d.refusedAt = time.Now()
+			}
+			d.mu.Unlock()
+			if !quiet { // once a minute at most: strangers' offers cost no disk
+				d.log.Warn("refusing an offer request from an untrusted key", "key", from)
+			}
+			return ctlReply{Error: fmt.Sprintf("refused: %s is a key this node does not trust (trust it with --trust %s, or set open: true)", from, from)}
+		}
 		d.mu.Lock()
 		free := d.cfg.MaxStages - len(d.runs)
 		d.mu.Unlock()
@@ -513,6 +615,11 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 			return ctlReply{Error: err.Error()}
 		}
 		return ctlReply{OK: true}
+	case msgStart, msgAbort, msgIdle, msgReplace, msgNorm:
+	default:
+		err := fmt.Errorf("%w: unknown control message %q", p2p.ErrBadMsg, m.Type)
+		d.offence(from, err)
+		return ctlReply{Error: err.Error()}
 	}
 	w := d.run(m.Run)
 	if w == nil {
@@ -546,6 +653,7 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 		if m.Cell != nil {
 			if id, err := peer.Decode(m.Cell.Peer); err == nil {
 				d.addAddrs(id, m.Cell.Addrs)
+				d.addMember(m.Run, id)
 			}
 		}
 		if err := w.replace(m.Cell); err != nil {
@@ -560,11 +668,8 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 			return ctlReply{Error: err.Error()}
 		}
 		w.post(core.NormIn{Step: n.Step, Stage: n.Stage, SumSq: n.SumSq})
-		return ctlReply{OK: true}
 	}
-	err := fmt.Errorf("%w: unknown control message %q", p2p.ErrBadMsg, m.Type)
-	d.offence(from, err)
-	return ctlReply{Error: err.Error()}
+	return ctlReply{OK: true}
 }
 
 // accept checks a signed run plan and, if this node trusts its launcher and can hold
@@ -688,6 +793,13 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		return fmt.Errorf("refused: %w", err)
 	}
 	d.runs[plan.ID] = w
+	members := map[peer.ID]bool{signer: true}
+	for _, a := range plan.Stages {
+		if id, err := peer.Decode(a.Peer); err == nil && id != d.host.ID() {
+			members[id] = true
+		}
+	}
+	d.members[plan.ID] = members
 	d.seen[[2]uint64{plan.ID, nonce}] = true // a replay of the plan within its life is refused
 	delete(d.ended, plan.ID)                 // frames of the run are for this worker again
 	time.AfterFunc(time.Until(plan.Expires), func() {
@@ -724,6 +836,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 func (d *Daemon) endRun(id uint64, last status.Run) {
 	d.mu.Lock()
 	delete(d.runs, id)
+	delete(d.members, id)
 	d.ended[id] = true
 	d.finished = append(d.finished, last)
 	if len(d.finished) > keptRuns {
@@ -735,6 +848,28 @@ func (d *Daemon) endRun(id uint64, last status.Run) {
 		delete(d.ended, id)
 		d.mu.Unlock()
 	})
+}
+
+// isMember reports whether p is a peer of a run held here (Host.Gate of the
+// tensor and reduce protocols).
+func (d *Daemon) isMember(p peer.ID) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, m := range d.members {
+		if m[p] {
+			return true
+		}
+	}
+	return false
+}
+
+// addMember counts p among run's peers (a cell passed to it).
+func (d *Daemon) addMember(run uint64, p peer.ID) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if m := d.members[run]; m != nil {
+		m[p] = true
+	}
 }
 
 func (d *Daemon) addAddrs(id peer.ID, addrs []string) {

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
@@ -41,6 +42,12 @@ func testHost(t *testing.T) *p2p.Host {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return testHostWith(t, k)
+}
+
+// testHostWith is a host with identity k.
+func testHostWith(t *testing.T, k crypto.PrivKey) *p2p.Host {
+	t.Helper()
 	h, err := p2p.NewHost(context.Background(), p2p.HostOptions{Key: k, Listen: []string{"/ip4/127.0.0.1/tcp/0"},
 		Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
 	if err != nil {
@@ -54,10 +61,15 @@ func testHost(t *testing.T) *p2p.Host {
 // the node keeps serving.
 func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 	d := testDaemon(t)
-	h := testHost(t)
+	k, _ := p2p.GenerateKey()
+	h := testHostWith(t, k)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	if _, err := h.Connect(ctx, d.Addrs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	// h launches a run here, so its tensor streams are read (a stranger's are not).
+	if err := d.accept(h.ID(), signedPlanBy(t, d, k, 7, time.Now().Add(time.Minute))); err != nil {
 		t.Fatal(err)
 	}
 	good := &p2p.Frame{Kind: p2p.KindActivation, Run: 42, Step: 1, Shape: []uint32{1, 2, 2}, Codec: p2p.CodecF32,
@@ -148,6 +160,13 @@ func signedPlan(t *testing.T, d *Daemon, id uint64, expires time.Time) (peer.ID,
 		t.Fatal(err)
 	}
 	launcher, _ := p2p.PeerID(k)
+	return launcher, signedPlanBy(t, d, k, id, expires)
+}
+
+// signedPlanBy is signedPlan's plan signed by launcher key k.
+func signedPlanBy(t *testing.T, d *Daemon, k crypto.PrivKey, id uint64, expires time.Time) *p2p.Signed {
+	t.Helper()
+	launcher, _ := p2p.PeerID(k)
 	sp, err := spec.Parse([]byte(`name: p
 model: {d_model: 32, n_layers: 1, n_heads: 2, d_ff: 64, seq_len: 16}
 train: {batch_size: 2, steps: 2, lr: 0.001}
@@ -164,7 +183,7 @@ train: {batch_size: 2, steps: 2, lr: 0.001}
 	if err != nil {
 		t.Fatal(err)
 	}
-	return launcher, signed
+	return signed
 }
 
 func TestPlansAreBoundToTheirLauncherAndExpire(t *testing.T) {

@@ -737,6 +737,11 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 				continue
 			}
 			r, err := call(ctx, h, calls, nil, id, ctlMsg{Type: ask.Type, Run: ask.Run, Spec: ask.Spec})
+			if err == nil && !r.OK && r.Error != "" {
+				// A node that will not take this launcher's runs at all (its key is not
+				// trusted there): waiting does not change that.
+				return nil, fmt.Errorf("%w: %s on %s", ErrRunFailed, r.Error, addr)
+			}
 			if err != nil || !r.OK || r.Offer == nil {
 				problems = append(problems, fmt.Sprintf("%s gave no offer: %v", id, err))
 				continue

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
@@ -185,6 +186,7 @@ type Host struct {
 	reach     *reacher       // nil unless HostOptions.Reachability
 	paths     paths
 	punches   punches
+	gates     gates
 	// holePunchGrace is HostOptions.HolePunchGrace.
 	holePunchGrace time.Duration
 
@@ -330,11 +332,19 @@ func natOptions(o HostOptions, tracer *punches) []libp2p.Option {
 // ends it is served again.
 func (h *Host) Penalties() *Penalties { return h.penalties }
 
-// Handle sets fn as the handler for proto. Streams from banned peers are
-// reset before fn runs; the first refusal of each ban is logged.
+// Handle sets fn as the handler for proto. Streams from banned peers, and
+// from peers proto's gate (Gate) refuses, are reset before fn runs; the first
+// refusal of each ban is logged.
 func (h *Host) Handle(proto protocol.ID, fn func(network.Stream)) {
 	h.SetStreamHandler(proto, func(s network.Stream) {
 		id := s.Conn().RemotePeer()
+		if !h.gates.allow(proto, id) {
+			// Before a byte is read: a stranger's stream costs its negotiation only,
+			// and leaves the protocol's shared stream limit to the peers it is for.
+			h.log.Debug("stream refused by its protocol's gate", "peer", id, "protocol", proto)
+			s.Reset()
+			return
+		}
 		if banned, first := h.penalties.firstRefusal(id); banned {
 			if first {
 				h.log.Warn("refusing streams from banned peer", "peer", id, "protocol", proto,
@@ -345,6 +355,44 @@ func (h *Host) Handle(proto protocol.ID, fn func(network.Stream)) {
 		}
 		fn(s)
 	})
+}
+
+// Gate makes Handle refuse proto's streams from every peer allow says no to,
+// at once, before they are read (allow must be quick and safe for concurrent
+// use). A nil allow lifts the gate. The refusals are counted (GateRefusals),
+// not penalised: a peer may open a stream just as its run ends here.
+func (h *Host) Gate(proto protocol.ID, allow func(peer.ID) bool) {
+	h.gates.mu.Lock()
+	defer h.gates.mu.Unlock()
+	if h.gates.m == nil {
+		h.gates.m = map[protocol.ID]func(peer.ID) bool{}
+	}
+	if allow == nil {
+		delete(h.gates.m, proto)
+		return
+	}
+	h.gates.m[proto] = allow
+}
+
+// GateRefusals is how many streams the gates (Gate) have refused.
+func (h *Host) GateRefusals() int64 { return h.gates.refused.Load() }
+
+// gates are the per-protocol admission checks of Handle.
+type gates struct {
+	mu      sync.RWMutex
+	m       map[protocol.ID]func(peer.ID) bool
+	refused atomic.Int64
+}
+
+func (g *gates) allow(proto protocol.ID, id peer.ID) bool {
+	g.mu.RLock()
+	allow := g.m[proto]
+	g.mu.RUnlock()
+	if allow == nil || allow(id) {
+		return true
+	}
+	g.refused.Add(1)
+	return false
 }
 
 // Addrs is every address the host listens on as a full multiaddr string
