@@ -149,7 +149,7 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 	}
 	// An unknown message type is a violation, whatever run it names; the tenth
 	// violation in quick succession bans.
-	for i := 1+ctlPerPeer + 1; i <= p2p.DefaultPenaltyLimit; i++ {
+	for i := 1 + ctlPerPeer + 1; i <= p2p.DefaultPenaltyLimit; i++ {
 		r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: "pwn"})
 		if err != nil || r.OK {
 			t.Fatalf("message of unknown type: %+v, %v", r, err)

@@ -77,10 +77,10 @@ type Daemon struct {
 	started time.Time
 	build   build.Info
 
-	mu       sync.Mutex
-	runs     map[uint64]*worker
-	seen     map[[2]uint64]bool // plans (run, rejoin nonce) accepted and not yet expired
-	ended    map[uint64]bool    // runs held here that have stopped: their late frames are dropped, not penalised
+	mu    sync.Mutex
+	runs  map[uint64]*worker
+	seen  map[[2]uint64]bool // plans (run, rejoin nonce) accepted and not yet expired
+	ended map[uint64]bool    // runs held here that have stopped: their late frames are dropped, not penalised
 	// members are the peers of each run held here (its cells, as moved since, and its
 	// launcher): they alone may open tensor and reduce streams to this node.
 	members map[uint64]map[peer.ID]bool
@@ -88,7 +88,7 @@ type Daemon struct {
 	ctlOpen map[peer.ID]int
 	// refusedAt is when an untrusted launcher's offer request was last logged.
 	refusedAt time.Time
-	finished []status.Run       // the last few runs that ended here, as they ended, oldest first
+	finished  []status.Run // the last few runs that ended here, as they ended, oldest first
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
 	faultStallSync int
