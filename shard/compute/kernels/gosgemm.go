@@ -11,6 +11,9 @@ type microKernel struct {
 	isa    string
 	mr, nr int
 	fn     func(k int, a, b, c []float32, ldc int, alpha float32, load bool)
+	// packN and packT fill a panel of width w ≤ 32 from a run of kc rows (packN) or
+	// the transpose of a run of kc columns (packT); see packNGo and packTGo.
+	packN, packT func(pan []float32, w int, src []float32, ld, n, kc int)
 }
 
 // Cache blocking: a kc×nc block of packed op(b) is shared by every row panel, an
@@ -75,10 +78,10 @@ func goSgemm(kern microKernel, transA, transB bool, m, n, k int, alpha float32, 
 		for pc := 0; pc < k; pc += kcMax {
 			kc := min(kcMax, k-pc)
 			load := beta != 0 || pc > 0
-			packB(bp, transB, b, ldb, pc, kc, jc, nc, nr)
+			packB(kern, bp, transB, b, ldb, pc, kc, jc, nc)
 			for ic := 0; ic < m; ic += mcMax {
 				mc := min(mcMax, m-ic)
-				packA(ap, transA, a, lda, ic, mc, pc, kc, mr)
+				packA(kern, ap, transA, a, lda, ic, mc, pc, kc)
 				for jr := 0; jr < nc; jr += nr {
 					cols := min(nr, nc-jr)
 					bpan := bp[jr*kc : (jr+nr)*kc]
@@ -161,66 +164,64 @@ func scaleRows(m, n int, beta float32, c []float32, ldc int) {
 
 // packA copies rows ic..ic+mc and columns pc..pc+kc of op(a) into dst as panels of mr
 // rows, each kc steps of mr values, zero-padding the last panel.
-func packA(dst []float32, transA bool, a []float32, lda, ic, mc, pc, kc, mr int) {
+func packA(kern microKernel, dst []float32, transA bool, a []float32, lda, ic, mc, pc, kc int) {
+	mr := kern.mr
 	for ir := 0; ir < mc; ir += mr {
 		rows := min(mr, mc-ir)
 		pan := dst[ir*kc : (ir+mr)*kc]
-		if transA { // op(a)[i][p] = a[p*lda+i]: each step is a contiguous run
-			for p := range kc {
-				src := a[(pc+p)*lda+ic+ir:]
-				d := pan[p*mr : p*mr+mr]
-				copy(d, src[:rows])
-				clear(d[rows:])
-			}
-			continue
-		}
-		for i := range rows {
-			src := a[(ic+ir+i)*lda+pc:]
-			src = src[:kc]
-			for p, v := range src {
-				pan[p*mr+i] = v
-			}
-		}
-		for i := rows; i < mr; i++ {
-			for p := range kc {
-				pan[p*mr+i] = 0
-			}
+		if transA { // op(a)[i][p] = a[p*lda+i]: each step is a run of a row of a
+			kern.packN(pan, mr, a[pc*lda+ic+ir:], lda, rows, kc)
+		} else {
+			kern.packT(pan, mr, a[(ic+ir)*lda+pc:], lda, rows, kc)
 		}
 	}
 }
 
 // packB copies rows pc..pc+kc and columns jc..jc+nc of op(b) into dst as panels of nr
 // columns, each kc steps of nr values, zero-padding the last panel.
-func packB(dst []float32, transB bool, b []float32, ldb, pc, kc, jc, nc, nr int) {
+func packB(kern microKernel, dst []float32, transB bool, b []float32, ldb, pc, kc, jc, nc int) {
+	nr := kern.nr
 	for jr := 0; jr < nc; jr += nr {
 		cols := min(nr, nc-jr)
 		pan := dst[jr*kc : (jr+nr)*kc]
-		if !transB { // op(b)[p][j] = b[p*ldb+j]
-			for p := range kc {
-				src := b[(pc+p)*ldb+jc+jr:]
-				d := pan[p*nr : p*nr+nr]
-				copy(d, src[:cols])
-				clear(d[cols:])
-			}
-			continue
-		}
-		for j := range cols {
-			src := b[(jc+jr+j)*ldb+pc:]
-			src = src[:kc]
-			for p, v := range src {
-				pan[p*nr+j] = v
-			}
-		}
-		for j := cols; j < nr; j++ {
-			for p := range kc {
-				pan[p*nr+j] = 0
-			}
+		if transB { // op(b)[p][j] = b[j*ldb+p]
+			kern.packT(pan, nr, b[(jc+jr)*ldb+pc:], ldb, cols, kc)
+		} else {
+			kern.packN(pan, nr, b[pc*ldb+jc+jr:], ldb, cols, kc)
 		}
 	}
 }
 
+// packNGo sets pan[p*w+j] = src[p*ld+j] for p < kc, j < cols, and zero for cols ≤ j < w.
+func packNGo(pan []float32, w int, src []float32, ld, cols, kc int) {
+	for p := range kc {
+		d := pan[p*w : p*w+w]
+		copy(d, src[p*ld:p*ld+cols])
+		clear(d[cols:])
+	}
+}
+
+// packTGo sets pan[p*w+i] = src[i*ld+p] for p < kc, i < rows, and zero for
+// rows ≤ i < w: the transpose of rows rows of src.
+func packTGo(pan []float32, w int, src []float32, ld, rows, kc int) {
+	packTTail(pan, w, src, ld, 0, rows, 0, kc)
+}
+
+// packTTail is packTGo for rows r0.. and steps p0.. only, padding rows up to w.
+func packTTail(pan []float32, w int, src []float32, ld, r0, rows, p0, kc int) {
+	for i := r0; i < rows; i++ {
+		row := src[i*ld+p0 : i*ld+kc]
+		for p, v := range row {
+			pan[(p0+p)*w+i] = v
+		}
+	}
+	for p := p0; p < kc; p++ {
+		clear(pan[p*w+rows : p*w+w])
+	}
+}
+
 // genericKernel is the portable micro-kernel: 4×4 tiles in plain Go.
-var genericKernel = microKernel{isa: "generic", mr: 4, nr: 4, fn: kernelGeneric}
+var genericKernel = microKernel{isa: "generic", mr: 4, nr: 4, fn: kernelGeneric, packN: packNGo, packT: packTGo}
 
 func kernelGeneric(k int, a, b, c []float32, ldc int, alpha float32, load bool) {
 	a, b = a[:4*k], b[:4*k]

@@ -13,10 +13,44 @@ func sgemmKernel12x32AVX512(k int, a, b, c *float32, ldc int, alpha float32, loa
 //go:noescape
 func sgemmKernel6x16AVX2(k int, a, b, c *float32, ldc int, alpha float32, load int)
 
+//go:noescape
+func transpose4x8(dst *float32, dstStride int, src *float32, srcStride int, nblk int)
+
+//go:noescape
+func copyRowsAVX512(dst *float32, dstStride int, src *float32, srcStride int, rows int, load, store uint32)
+
 var (
-	avx512Kernel = microKernel{isa: "avx512", mr: 12, nr: 32, fn: kernelAVX512}
-	avx2Kernel   = microKernel{isa: "avx2", mr: 6, nr: 16, fn: kernelAVX2}
+	avx512Kernel = microKernel{isa: "avx512", mr: 12, nr: 32, fn: kernelAVX512, packN: packNAVX512, packT: packTAVX}
+	avx2Kernel   = microKernel{isa: "avx2", mr: 6, nr: 16, fn: kernelAVX2, packN: packNGo, packT: packTAVX}
 )
+
+// packNAVX512 is packNGo with masked 512-bit moves.
+func packNAVX512(pan []float32, w int, src []float32, ld, cols, kc int) {
+	if kc == 0 {
+		return
+	}
+	_, _ = pan[kc*w-1], src[(kc-1)*ld+cols-1]
+	if w > 32 || cols > w {
+		panic("kernels: panel wider than 32")
+	}
+	copyRowsAVX512(&pan[0], w, &src[0], ld, kc, 1<<cols-1, 1<<w-1)
+}
+
+// packTAVX is packTGo with 4×8 transposes in registers for whole groups of four rows
+// and eight steps.
+func packTAVX(pan []float32, w int, src []float32, ld, rows, kc int) {
+	rows4, kc8 := rows&^3, kc&^7
+	if kc8 > 0 && rows4 > 0 {
+		_, _ = pan[(kc8-1)*w+rows4-1], src[(rows4-1)*ld+kc8-1]
+		for i := 0; i < rows4; i += 4 {
+			transpose4x8(&pan[i], w, &src[i*ld], ld, kc8/8)
+		}
+	}
+	if kc8 > 0 {
+		packTTail(pan, w, src, ld, rows4, rows, 0, kc8)
+	}
+	packTTail(pan, w, src, ld, 0, rows, kc8, kc)
+}
 
 func kernelAVX512(k int, a, b, c []float32, ldc int, alpha float32, load bool) {
 	_, _, _ = a[12*k-1], b[32*k-1], c[11*ldc+31]
