@@ -6,6 +6,7 @@ import (
 	"unsafe"
 
 	"github.com/pipeswarm/pipeswarm/shard/compute"
+	"github.com/pipeswarm/pipeswarm/shard/compute/kernels"
 )
 
 // host is a Buf in main memory: what both CPU backends use.
@@ -293,10 +294,7 @@ func attentionBackward(dqkv, datt, p, qkv []float32, b, t, nHeads, headDim int, 
 func swiglu(m, gu []float32, n, f int) {
 	compute.ParallelFor(n, func(lo, hi int) {
 		for r := lo; r < hi; r++ {
-			g, u, mr := gu[r*2*f:r*2*f+f], gu[r*2*f+f:(r+1)*2*f], m[r*f:(r+1)*f]
-			for j, gv := range g {
-				mr[j] = gv / (1 + compute.Exp(-gv)) * u[j]
-			}
+			kernels.SwiGLU(m[r*f:(r+1)*f], gu[r*2*f:r*2*f+f], gu[r*2*f+f:(r+1)*2*f])
 		}
 	})
 }
@@ -305,13 +303,7 @@ func swiglu(m, gu []float32, n, f int) {
 func swigluBackward(dgu, dm, gu []float32, n, f int) {
 	compute.ParallelFor(n, func(lo, hi int) {
 		for r := lo; r < hi; r++ {
-			g, u, dmr := gu[r*2*f:r*2*f+f], gu[r*2*f+f:(r+1)*2*f], dm[r*f:(r+1)*f]
-			dg, du := dgu[r*2*f:r*2*f+f], dgu[r*2*f+f:(r+1)*2*f]
-			for j, gv := range g {
-				sg := 1 / (1 + compute.Exp(-gv))
-				du[j] = dmr[j] * gv * sg
-				dg[j] = dmr[j] * u[j] * sg * (1 + gv*(1-sg))
-			}
+			kernels.SwiGLUBackward(dgu[r*2*f:r*2*f+f], dgu[r*2*f+f:(r+1)*2*f], dm[r*f:(r+1)*f], gu[r*2*f:r*2*f+f], gu[r*2*f+f:(r+1)*2*f])
 		}
 	})
 }

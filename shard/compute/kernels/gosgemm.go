@@ -11,9 +11,9 @@ type microKernel struct {
 	isa    string
 	mr, nr int
 	fn     func(k int, a, b, c []float32, ldc int, alpha float32, load bool)
-	// packN and packT fill a panel of width w ≤ 32 from a run of kc rows (packN) or
-	// the transpose of a run of kc columns (packT); see packNGo and packTGo.
-	packN, packT func(pan []float32, w int, src []float32, ld, n, kc int)
+	// packRows fills panels of width w ≤ 32 from kc rows of n values (packRowsGo);
+	// packT fills one panel from the transpose of n ≤ w rows of kc values (packTGo).
+	packRows, packT func(pan []float32, w int, src []float32, ld, n, kc int)
 }
 
 // Cache blocking: a kc×nc block of packed op(b) is shared by every row panel, an
@@ -166,14 +166,13 @@ func scaleRows(m, n int, beta float32, c []float32, ldc int) {
 // rows, each kc steps of mr values, zero-padding the last panel.
 func packA(kern microKernel, dst []float32, transA bool, a []float32, lda, ic, mc, pc, kc int) {
 	mr := kern.mr
+	if transA { // op(a)[i][p] = a[p*lda+i]: each step is a run of a row of a
+		kern.packRows(dst, mr, a[pc*lda+ic:], lda, mc, kc)
+		return
+	}
 	for ir := 0; ir < mc; ir += mr {
 		rows := min(mr, mc-ir)
-		pan := dst[ir*kc : (ir+mr)*kc]
-		if transA { // op(a)[i][p] = a[p*lda+i]: each step is a run of a row of a
-			kern.packN(pan, mr, a[pc*lda+ic+ir:], lda, rows, kc)
-		} else {
-			kern.packT(pan, mr, a[(ic+ir)*lda+pc:], lda, rows, kc)
-		}
+		kern.packT(dst[ir*kc:(ir+mr)*kc], mr, a[(ic+ir)*lda+pc:], lda, rows, kc)
 	}
 }
 
@@ -181,23 +180,26 @@ func packA(kern microKernel, dst []float32, transA bool, a []float32, lda, ic, m
 // columns, each kc steps of nr values, zero-padding the last panel.
 func packB(kern microKernel, dst []float32, transB bool, b []float32, ldb, pc, kc, jc, nc int) {
 	nr := kern.nr
+	if !transB { // op(b)[p][j] = b[p*ldb+j]
+		kern.packRows(dst, nr, b[pc*ldb+jc:], ldb, nc, kc)
+		return
+	}
 	for jr := 0; jr < nc; jr += nr {
 		cols := min(nr, nc-jr)
-		pan := dst[jr*kc : (jr+nr)*kc]
-		if transB { // op(b)[p][j] = b[j*ldb+p]
-			kern.packT(pan, nr, b[(jc+jr)*ldb+pc:], ldb, cols, kc)
-		} else {
-			kern.packN(pan, nr, b[pc*ldb+jc+jr:], ldb, cols, kc)
-		}
+		kern.packT(dst[jr*kc:(jr+nr)*kc], nr, b[(jc+jr)*ldb+pc:], ldb, cols, kc)
 	}
 }
 
-// packNGo sets pan[p*w+j] = src[p*ld+j] for p < kc, j < cols, and zero for cols ≤ j < w.
-func packNGo(pan []float32, w int, src []float32, ld, cols, kc int) {
+// packRowsGo fills panels of width w, each kc steps of w values, from kc rows of n
+// values of src (ld apart): step p of panel q is src[p*ld+q*w:][:w], the last panel
+// zero-padded. It reads src a row at a time, in order.
+func packRowsGo(dst []float32, w int, src []float32, ld, n, kc int) {
 	for p := range kc {
-		d := pan[p*w : p*w+w]
-		copy(d, src[p*ld:p*ld+cols])
-		clear(d[cols:])
+		row := src[p*ld : p*ld+n]
+		for q := 0; q < n; q += w {
+			d := dst[q*kc+p*w : q*kc+p*w+w]
+			clear(d[copy(d, row[q:min(q+w, n)]):])
+		}
 	}
 }
 
@@ -221,7 +223,7 @@ func packTTail(pan []float32, w int, src []float32, ld, r0, rows, p0, kc int) {
 }
 
 // genericKernel is the portable micro-kernel: 4×4 tiles in plain Go.
-var genericKernel = microKernel{isa: "generic", mr: 4, nr: 4, fn: kernelGeneric, packN: packNGo, packT: packTGo}
+var genericKernel = microKernel{isa: "generic", mr: 4, nr: 4, fn: kernelGeneric, packRows: packRowsGo, packT: packTGo}
 
 func kernelGeneric(k int, a, b, c []float32, ldc int, alpha float32, load bool) {
 	a, b = a[:4*k], b[:4*k]

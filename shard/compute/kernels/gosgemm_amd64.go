@@ -17,23 +17,25 @@ func sgemmKernel6x16AVX2(k int, a, b, c *float32, ldc int, alpha float32, load i
 func transpose4x8(dst *float32, dstStride int, src *float32, srcStride int, nblk int)
 
 //go:noescape
-func copyRowsAVX512(dst *float32, dstStride int, src *float32, srcStride int, rows int, load, store uint32)
+func packRowsAVX512Asm(dst *float32, panelStride int, src *float32, ld int, kc int, panels int, w int, full, tail uint32)
 
 var (
-	avx512Kernel = microKernel{isa: "avx512", mr: 12, nr: 32, fn: kernelAVX512, packN: packNAVX512, packT: packTAVX}
-	avx2Kernel   = microKernel{isa: "avx2", mr: 6, nr: 16, fn: kernelAVX2, packN: packNGo, packT: packTAVX}
+	avx512Kernel = microKernel{isa: "avx512", mr: 12, nr: 32, fn: kernelAVX512, packRows: packRowsAVX512, packT: packTAVX}
+	avx2Kernel   = microKernel{isa: "avx2", mr: 6, nr: 16, fn: kernelAVX2, packRows: packRowsGo, packT: packTAVX}
 )
 
-// packNAVX512 is packNGo with masked 512-bit moves.
-func packNAVX512(pan []float32, w int, src []float32, ld, cols, kc int) {
-	if kc == 0 {
+// packRowsAVX512 is packRowsGo with masked 512-bit moves.
+func packRowsAVX512(dst []float32, w int, src []float32, ld, n, kc int) {
+	if kc == 0 || n == 0 {
 		return
 	}
-	_, _ = pan[kc*w-1], src[(kc-1)*ld+cols-1]
-	if w > 32 || cols > w {
+	panels := (n + w - 1) / w
+	_, _ = dst[panels*kc*w-1], src[(kc-1)*ld+n-1]
+	if w > 32 {
 		panic("kernels: panel wider than 32")
 	}
-	copyRowsAVX512(&pan[0], w, &src[0], ld, kc, 1<<cols-1, 1<<w-1)
+	tail := n - (panels-1)*w
+	packRowsAVX512Asm(&dst[0], kc*w, &src[0], ld, kc, panels, w, 1<<w-1, 1<<tail-1)
 }
 
 // packTAVX is packTGo with 4×8 transposes in registers for whole groups of four rows

@@ -52,39 +52,63 @@ tdone:
 	VZEROUPPER
 	RET
 
-// func copyRowsAVX512(dst *float32, dstStride int, src *float32, srcStride int, rows int, load, store uint32)
-// Copies rows rows of up to 32 floats: the lanes of load are read (the others are
-// zero), the lanes of store written. Bits 0..15 of load and store mask the first 16
-// floats of a row, bits 16..31 the next 16.
-TEXT ·copyRowsAVX512(SB), NOSPLIT, $0-48
+// func packRowsAVX512Asm(dst *float32, panelStride int, src *float32, ld int, kc int, panels int, w int, full, tail uint32)
+// Fills panels panels of width w ≤ 32 (panelStride floats apart; each kc steps of w
+// values) from kc rows of src (ld floats apart), one row at a time so src is read in
+// order: step p of panel q is src[p*ld + q*w ...]. The lanes of full are read for
+// every panel but the last, those of tail for the last (the others are zero); the
+// lanes of full are written. Bits 0..15 of a mask cover the first 16 floats.
+TEXT ·packRowsAVX512Asm(SB), NOSPLIT, $0-64
 	MOVQ dst+0(FP), DI
-	MOVQ dstStride+8(FP), R8
+	MOVQ panelStride+8(FP), R8
 	SHLQ $2, R8
 	MOVQ src+16(FP), SI
-	MOVQ srcStride+24(FP), R9
+	MOVQ ld+24(FP), R9
 	SHLQ $2, R9
-	MOVQ rows+32(FP), CX
-	MOVL load+40(FP), AX
+	MOVQ kc+32(FP), CX
+	MOVQ panels+40(FP), R10
+	MOVQ w+48(FP), R11
+	SHLQ $2, R11
+	MOVL full+56(FP), AX
 	KMOVW AX, K1
 	SHRL $16, AX
 	KMOVW AX, K2
-	MOVL store+44(FP), AX
+	MOVL tail+60(FP), AX
 	KMOVW AX, K3
 	SHRL $16, AX
 	KMOVW AX, K4
 	TESTQ CX, CX
-	JZ cdone
+	JZ rdone
+	DECQ R10 // panels before the last
+	JS rdone
 
-cloop:
-	VMOVUPS.Z (SI), K1, Z0
-	VMOVUPS.Z 64(SI), K2, Z1
-	VMOVUPS Z0, K3, (DI)
-	VMOVUPS Z1, K4, 64(DI)
+rrow:
+	MOVQ SI, R12
+	MOVQ DI, R13
+	MOVQ R10, BX
+	TESTQ BX, BX
+	JZ rlast
+
+rpanel:
+	VMOVUPS.Z (R12), K1, Z0
+	VMOVUPS.Z 64(R12), K2, Z1
+	VMOVUPS Z0, K1, (R13)
+	VMOVUPS Z1, K2, 64(R13)
+	ADDQ R11, R12
+	ADDQ R8, R13
+	DECQ BX
+	JNZ rpanel
+
+rlast:
+	VMOVUPS.Z (R12), K3, Z0
+	VMOVUPS.Z 64(R12), K4, Z1
+	VMOVUPS Z0, K1, (R13)
+	VMOVUPS Z1, K2, 64(R13)
 	ADDQ R9, SI
-	ADDQ R8, DI
+	ADDQ R11, DI
 	DECQ CX
-	JNZ cloop
+	JNZ rrow
 
-cdone:
+rdone:
 	VZEROUPPER
 	RET
