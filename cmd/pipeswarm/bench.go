@@ -32,8 +32,10 @@ subspace at d/32 with int8 — cut into at least two pipeline stages, with every
 tensor passed through a real wire frame. Writes DIR/compression.md and
 DIR/compression.json (bytes per token each way per boundary, validation loss at
 equal steps, steps to the target validation loss, and each figure's ratio to the
-uncompressed run), and each setting's run directory.`, stderr)
-	specPath := fs.String("spec", "", "run spec (default: the built-in examples/tiny.yaml)")
+uncompressed run), and each setting's run directory.
+
+`+specHelp(), stderr)
+	specPath := fs.String("spec", "", "run spec: a YAML file or a built-in example's name (default: tiny)")
 	dataPath := fs.String("data", "", "training text (overrides data.path)")
 	steps := fs.Int("steps", 0, "optimiser steps per setting (overrides train.steps)")
 	evalEvery := fs.Int("eval-interval", 0, "steps between validation evals (overrides eval_interval; steps to target are counted at this resolution)")
@@ -55,7 +57,7 @@ uncompressed run), and each setting's run directory.`, stderr)
 	if *specPath != "" {
 		specArgs = []string{*specPath}
 	}
-	sp, err := loadSpec(specArgs, *dataPath, *steps)
+	sp, err := loadSpec(specArgs, *dataPath, *steps, newLogger(stderr, slog.LevelWarn))
 	if err != nil {
 		return err
 	}

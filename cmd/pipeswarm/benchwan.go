@@ -38,8 +38,10 @@ Modes:
          compute times by F to stand in for faster hardware
 
 Before a sim or netns run the links are measured (RTT and throughput both ways) and
-printed beside the profile's figures.`, stderr)
-	specPath := fs.String("spec", "", "run spec (default: the built-in examples/tiny4-k4.yaml)")
+printed beside the profile's figures.
+
+`+specHelp(), stderr)
+	specPath := fs.String("spec", "", "run spec: a YAML file or a built-in example's name (default: tiny4-k4)")
 	profile := fs.String("profile", "home", "link profile: a name ("+strings.Join(wan.Profiles(), ", ")+") or a file")
 	mode := fs.String("mode", wan.ModeSim, "how links are emulated: sim, netns or meter")
 	dataPath := fs.String("data", "", "training text (overrides data.path)")
@@ -77,7 +79,11 @@ printed beside the profile's figures.`, stderr)
 	if *specPath != "" {
 		specArgs = []string{*specPath}
 	}
-	sp, err := loadSpecOr("tiny4-k4.yaml", specArgs, *dataPath, *steps)
+	log := newLogger(stderr, slog.LevelWarn)
+	if *quiet {
+		log = newLogger(io.Discard, slog.LevelWarn)
+	}
+	sp, err := loadSpecOr("tiny4-k4.yaml", specArgs, *dataPath, *steps, log)
 	if err != nil {
 		return err
 	}
@@ -123,10 +129,6 @@ printed beside the profile's figures.`, stderr)
 	}
 	if *out == "" {
 		*out = filepath.Join("runs", fmt.Sprintf("bench-wan-%s-%s-%s", sp.Name, prof.Name, *mode))
-	}
-	log := newLogger(stderr, slog.LevelWarn)
-	if *quiet {
-		log = newLogger(io.Discard, slog.LevelWarn)
 	}
 	var prog *progress
 	phase := ""

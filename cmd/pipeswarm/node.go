@@ -214,7 +214,9 @@ A directory that holds a run is never written over: without --out a new run goes
 runs/NAME, or runs/NAME-2, runs/NAME-3, … if that holds one; an --out DIR that holds
 a run is refused unless --resume continues it or --force overwrites it. A launch that
 fails before its first step leaves no run directory behind.
-The spec is checked before anything is sent.`, stderr)
+The spec, its text and the --peer addresses are checked before any node is asked.
+
+`+specHelp(), stderr)
 	keyPath := fs.String("key", "", "launcher key written by 'pipeswarm keygen' (required)")
 	var peers multiFlag
 	fs.Var(&peers, "peer", "multiaddr (with /p2p/ID) of a node, repeatable; or a file of them, one per line (a node's DIR/addrs)")
@@ -238,7 +240,7 @@ The spec is checked before anything is sent.`, stderr)
 		fmt.Fprintf(stderr, "pipeswarm launch: one SPEC at most, got %q\n", pos)
 		return errUsage
 	}
-	sp, err := loadSpec(pos, *dataPath, *steps)
+	sp, err := loadSpec(pos, *dataPath, *steps, base.With("sys", "launch"))
 	if err != nil {
 		return err
 	}

@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"errors"
 	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/examples"
@@ -22,9 +24,9 @@ import (
 
 func runTrain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("train", "train [SPEC] [--data PATH] [--steps N] [--out DIR] [--resume | --force]", `
-Train every stage of the run spec SPEC (a YAML file) in this one process: the
-centralised baseline that distributed runs are compared against. Without SPEC it
-trains the built-in examples/tiny.yaml; without data it trains on a built-in corpus
+Train every stage of the run spec SPEC in this one process: the centralised
+baseline that distributed runs are compared against. Without SPEC it trains the
+built-in example tiny; without data it trains on a built-in corpus
 generated in code, so nothing needs downloading.
 
 With pipeline.replicas > 1 it simulates the replica pipelines and their DiLoCo outer
@@ -41,7 +43,9 @@ Ctrl-C stops after the current step and still writes the checkpoint and plot;
 the same steps the uninterrupted run would have.
 A directory that holds a run is never written over: without --out a new run goes to
 runs/NAME, or runs/NAME-2, runs/NAME-3, … if that holds one; an --out DIR that holds
-a run is refused unless --resume continues it or --force overwrites it.`, stderr)
+a run is refused unless --resume continues it or --force overwrites it.
+
+`+specHelp(), stderr)
 	dataPath := fs.String("data", "", "training text: a file, a directory of text files, or .jsonl with a \"text\" field (overrides data.path)")
 	steps := fs.Int("steps", 0, "number of optimiser steps (overrides train.steps)")
 	out := fs.String("out", "", "output directory (default runs/<spec name>, or runs/<spec name>-N if that holds a run)")
@@ -58,7 +62,11 @@ a run is refused unless --resume continues it or --force overwrites it.`, stderr
 		fmt.Fprintf(stderr, "pipeswarm train: one SPEC at most, got %q\n", pos)
 		return errUsage
 	}
-	sp, err := loadSpec(pos, *dataPath, *steps)
+	log, err := logf.logger(stderr, stderr, "train")
+	if err != nil {
+		return err
+	}
+	sp, err := loadSpec(pos, *dataPath, *steps, log)
 	if err != nil {
 		return err
 	}
@@ -66,10 +74,6 @@ a run is refused unless --resume continues it or --force overwrites it.`, stderr
 		if err := train.SetBackend(sp, *be); err != nil {
 			return fmt.Errorf("--backend: %w", err)
 		}
-	}
-	log, err := logf.logger(stderr, stderr, "train")
-	if err != nil {
-		return err
 	}
 	dir, note, err := runDir(*out, sp.Name, *resume, *force)
 	if err != nil {
@@ -106,36 +110,75 @@ a run is refused unless --resume continues it or --force overwrites it.`, stderr
 
 // loadSpec reads the one positional SPEC, or the embedded default, and applies the
 // commands' common overrides: --data (if set) and --steps (if > 0, shortening warmup
-// to fit), then validates the result.
-func loadSpec(pos []string, data string, steps int) (*spec.Spec, error) {
-	return loadSpecOr(examples.Default, pos, data, steps)
+// to fit), then validates the result and checks that its text exists. What it
+// changed is logged.
+func loadSpec(pos []string, data string, steps int, log *slog.Logger) (*spec.Spec, error) {
+	return loadSpecOr(examples.Default, pos, data, steps, log)
+}
+
+// specHelp is what the commands' --help says a SPEC argument is.
+func specHelp() string {
+	return "SPEC is a YAML file, or the name of a built-in example (from any directory):\n  " +
+		strings.Join(examples.Specs(), ", ")
 }
 
 // loadSpecOr is loadSpec with another built-in example as the default.
-func loadSpecOr(builtin string, pos []string, data string, steps int) (*spec.Spec, error) {
-	var sp *spec.Spec
-	var err error
+func loadSpecOr(builtin string, pos []string, data string, steps int, log *slog.Logger) (*spec.Spec, error) {
+	name := builtin
 	if len(pos) == 1 {
-		sp, err = spec.Load(pos[0])
-	} else {
-		var src []byte
-		if src, err = fs.ReadFile(examples.FS, builtin); err == nil {
-			sp, err = spec.Parse(src, "examples/"+builtin)
-		}
+		name = pos[0]
 	}
+	sp, err := readSpec(name)
 	if err != nil {
 		return nil, err
 	}
+	for _, n := range sp.Notes() {
+		log.Warn(n)
+	}
 	if data != "" {
+		if _, err := os.Stat(data); err != nil {
+			var pe *fs.PathError
+			if errors.As(err, &pe) {
+				err = pe.Err
+			}
+			return nil, fmt.Errorf("--data %s: %w", data, err)
+		}
 		sp.Data.Path = data
 	}
 	if steps > 0 {
 		sp.Train.Steps = steps
-		if sp.Train.Warmup >= steps {
-			sp.Train.Warmup = steps / 10
+		if was, now, ok := sp.FitWarmup(); ok {
+			log.Warn(fmt.Sprintf("train.warmup %d is not less than --steps %d; shortened to %d (a tenth of the steps)", was, steps, now))
 		}
 	}
-	return sp, sp.Validate()
+	if err := sp.Validate(); err != nil {
+		return nil, err
+	}
+	if data == "" {
+		return sp, sp.CheckData()
+	}
+	return sp, nil
+}
+
+// readSpec reads the spec at path or, if no file is there and arg is a bare name
+// (no directory, no .yaml), the built-in example of that name.
+func readSpec(arg string) (*spec.Spec, error) {
+	bare := !strings.ContainsAny(arg, `/\`) && !strings.HasSuffix(arg, ".yaml") && !strings.HasSuffix(arg, ".yml")
+	if _, err := os.Stat(arg); err == nil || !bare {
+		sp, err := spec.Load(arg)
+		if errors.Is(err, fs.ErrNotExist) {
+			if _, _, eerr := examples.Spec(filepath.Base(arg)); eerr == nil {
+				return nil, fmt.Errorf("%w (the built-in example of that name is taken from any directory by its name alone: %s)",
+					err, strings.TrimSuffix(filepath.Base(arg), ".yaml"))
+			}
+		}
+		return sp, err
+	}
+	src, path, err := examples.Spec(arg)
+	if err != nil {
+		return nil, fmt.Errorf("spec %q: no such file, and no built-in example of that name (built in: %s)", arg, strings.Join(examples.Specs(), ", "))
+	}
+	return spec.Parse(src, path)
 }
 
 // progress draws a one-line status on a terminal, or a plain line every 10 s

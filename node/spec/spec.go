@@ -11,6 +11,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
 	"math"
 	"os"
 	"slices"
@@ -77,6 +78,8 @@ type Spec struct {
 	// so that EnsureDefaults leaves alone a zero the file asked for (grad_clip: 0 disables
 	// clipping; it must not become the default 1.0).
 	src source
+	// notes say what Parse changed in the file's values (see Notes).
+	notes []string
 }
 
 // Precisions are the values model.precision takes.
@@ -261,6 +264,10 @@ func Parse(src []byte, name string) (*Spec, error) {
 	s.src = source{file: name, lines: d.lines}
 	s.EnsureDefaults()
 	errs := d.errs
+	if was, now, ok := s.FitWarmup(); ok && !d.failedAt("train.warmup") && !d.failedAt("train.steps") {
+		s.notes = append(s.notes, (&fieldError{file: name, line: d.lines["train.warmup"], field: "train.warmup",
+			msg: fmt.Sprintf("%d is not less than train.steps %d; shortened to %d (a tenth of the steps; set train.warmup below train.steps to choose it)", was, s.Train.Steps, now)}).Error())
+	}
 	// A field that failed to decode holds a zero; complaining that it is not positive as well
 	// would only repeat the decode error.
 	for _, e := range s.problems() {
@@ -380,6 +387,45 @@ func (s *Spec) EnsureDefaults() {
 	}
 }
 
+// FitWarmup shortens a warmup that does not fit in the run, train.warmup not less than
+// train.steps, to a tenth of the steps, as shortening a run (a quick try of a long
+// spec) should just work. It returns the warmup before and after, and whether it
+// changed. Parse applies it to the file's values and says so in Notes; a command
+// that overrides train.steps applies it again.
+func (s *Spec) FitWarmup() (was, now int, changed bool) {
+	t := &s.Train
+	if t.Steps < 1 || t.Warmup < t.Steps {
+		return t.Warmup, t.Warmup, false
+	}
+	was, t.Warmup = t.Warmup, t.Steps/10
+	return was, t.Warmup, true
+}
+
+// Notes are what Parse changed in the values the file gave, one sentence each naming
+// the file, line and field (a warmup longer than the run, shortened): for the
+// caller to tell the user.
+func (s *Spec) Notes() []string { return slices.Clone(s.notes) }
+
+// CheckData reports whether data.path names text that exists, a file or a directory
+// (an empty path, the built-in corpus, always does): a run whose text is missing is
+// refused before anything else is done, with the file and line of the field.
+func (s *Spec) CheckData() error {
+	if s.Data.Path == "" {
+		return nil
+	}
+	_, err := os.Stat(s.Data.Path)
+	if err == nil {
+		return nil
+	}
+	why := err
+	var pe *fs.PathError
+	if errors.As(err, &pe) {
+		why = pe.Err
+	}
+	return &fieldError{file: s.src.file, line: s.src.lines["data.path"], field: "data.path", kind: ErrInvalid, cause: err,
+		msg: fmt.Sprintf("%q: %v; want a text file, a directory of text files or a .jsonl file (a relative path is read from the directory the command runs in), or \"\" for the built-in corpus", s.Data.Path, why)}
+}
+
 // Validate checks every field and returns all problems joined, each wrapping ErrInvalid.
 // For a spec that came from Parse, each problem names the line of the field in the file.
 func (s *Spec) Validate() error {
@@ -389,6 +435,7 @@ func (s *Spec) Validate() error {
 // Clone returns a copy of s that shares nothing mutable with it.
 func (s *Spec) Clone() *Spec {
 	c := *s
+	c.notes = slices.Clone(s.notes)
 	return &c
 }
 

@@ -5,8 +5,10 @@ import (
 	"fmt"
 	"io/fs"
 	"math"
+	"os"
 	"path/filepath"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -279,7 +281,6 @@ func TestValidateNamesFieldLineAndValue(t *testing.T) {
 		{path: "train.min_lr", value: "-0.1", want: "-0.1 is negative"},
 		{path: "train.min_lr", value: "0.01", want: "0.01 exceeds lr 0.002"},
 		{path: "train.warmup", value: "-1", want: "-1 is negative"},
-		{path: "train.warmup", value: "1000", want: "1000 is not less than steps 1000"},
 		{path: "train.weight_decay", value: "-0.1", want: "-0.1 is negative"},
 		{path: "train.grad_clip", value: "-1", want: "-1 is negative"},
 		{path: "train.beta1", value: "1", want: "1 is outside [0, 1)"},
@@ -315,6 +316,54 @@ func TestValidateNamesFieldLineAndValue(t *testing.T) {
 				t.Errorf("error:\n%v\nwant it to contain:\n%s", err, want)
 			}
 		})
+	}
+}
+
+// A warmup the run's steps do not leave room for is shortened, as --steps shortens it,
+// and the spec says so naming the file and line; a spec built in Go is refused.
+func TestParseShortensAWarmupLongerThanTheRunAndSaysSo(t *testing.T) {
+	src, line := edit(t, "train.warmup", "1000")
+	s, err := Parse(src, "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Train.Warmup != 100 {
+		t.Errorf("warmup %d, want 100 (a tenth of the 1000 steps)", s.Train.Warmup)
+	}
+	want := fmt.Sprintf("t.yaml:%d: train.warmup: 1000 is not less than train.steps 1000; shortened to 100", line)
+	if n := s.Notes(); len(n) != 1 || !strings.HasPrefix(n[0], want) {
+		t.Errorf("notes %q, want one starting %q", n, want)
+	}
+	if s, err := Parse([]byte(base), "t.yaml"); err != nil || len(s.Notes()) != 0 {
+		t.Errorf("a spec that fits: notes %q, err %v; want none", s.Notes(), err)
+	}
+	g := mustParse(t, []byte(base))
+	g.Train.Warmup = g.Train.Steps
+	if err := g.Validate(); err == nil || !strings.Contains(err.Error(), "is not less than steps") {
+		t.Errorf("Validate of a Go spec with warmup = steps: %v, want a refusal", err)
+	}
+}
+
+func TestCheckDataNamesTheLineOfAMissingPath(t *testing.T) {
+	missing := filepath.Join(t.TempDir(), "nothere.txt")
+	src, line := edit(t, "data.path", strconv.Quote(missing))
+	s, err := Parse(src, "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = s.CheckData()
+	want := fmt.Sprintf("t.yaml:%d: data.path: %q: no such file or directory; want a text file", line, missing)
+	if !errors.Is(err, ErrInvalid) || !errors.Is(err, fs.ErrNotExist) || !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("CheckData = %v, want ErrInvalid and fs.ErrNotExist, starting %q", err, want)
+	}
+	if err := os.WriteFile(missing, []byte("text"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.CheckData(); err != nil {
+		t.Errorf("CheckData of a file that exists: %v", err)
+	}
+	if err := mustParse(t, []byte(base)).CheckData(); err != nil {
+		t.Errorf("CheckData of the built-in corpus: %v", err)
 	}
 }
 
