@@ -126,18 +126,27 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	// Everything that can be checked before a node is asked is checked here, at once.
 	if err := o.Spec.Validate(); err != nil {
+		return nil, err
+	}
+	if err := o.Spec.CheckData(); err != nil {
 		return nil, err
 	}
 	if o.Key == nil {
 		return nil, errors.New("launch: no key")
 	}
-	if len(o.Peers) == 0 {
-		return nil, errors.New("launch: no peers given (--peer MULTIADDR)")
+	if err := checkPeers(o.Spec, o.Peers); err != nil {
+		return nil, err
 	}
-	if o.Resume { // refused before any node is asked
+	if o.Resume {
 		if _, err := readRunRecord(o.OutDir, o.Spec); err != nil {
 			return nil, err
+		}
+		if done := recordedThrough(filepath.Join(o.OutDir, train.MetricsFile)); done >= o.Spec.Train.Steps {
+			return nil, fmt.Errorf("the run in %s finished at step %d (train.steps %d): there is nothing to resume. "+
+				"A finished run is not extended in place (its learning-rate schedule has ended); to train longer, launch the spec again with more steps (--steps N) into another --out",
+				o.OutDir, done, o.Spec.Train.Steps)
 		}
 	}
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
@@ -761,7 +770,7 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 			}
 			if resume, offers, err = resumePoint(sp, prev.id, offers, held); err != nil {
 				if time.Now().After(deadline) {
-					return nil, fmt.Errorf("%w: %v (%s)", ErrRunFailed, err, strings.Join(problems, "; "))
+					return nil, fmt.Errorf("%w: %v%s", ErrRunFailed, err, notReached(problems))
 				}
 				say("waiting for the nodes that hold the run's checkpoints", err.Error(), "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
 				select {
@@ -789,7 +798,7 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 			return &Plan{Spec: sp.String(), Stages: stages, Created: now, Expires: now.Add(life), Resume: resume}, nil
 		}
 		if !errors.Is(err, assign.ErrUnstaffed) || time.Now().After(deadline) {
-			return nil, fmt.Errorf("%w: %v (%s)", ErrRunFailed, err, strings.Join(problems, "; "))
+			return nil, fmt.Errorf("%w: %v%s", ErrRunFailed, err, notReached(problems))
 		}
 		say("waiting for peers", err.Error(), "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
 		select {
@@ -798,6 +807,77 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 		case <-time.After(2 * time.Second):
 		}
 	}
+}
+
+// notReached says which peers staffing could not reach or get an offer from, if any.
+func notReached(problems []string) string {
+	if len(problems) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; %s not reached (is it running, at that address?): %s", plural(len(problems), "node"), strings.Join(problems, "; "))
+}
+
+// ErrNotMultiaddr is wrapped by CheckPeerAddr's error for text that is not a
+// multiaddr at all (a command may then try it as a file).
+var ErrNotMultiaddr = errors.New("not a multiaddr")
+
+// CheckPeerAddr returns the peer ID of addr, a node's full address: a multiaddr ending
+// in /p2p/ and the node's peer ID. The error says what a full address looks like and
+// where a node prints it.
+func CheckPeerAddr(addr string) (peer.ID, error) {
+	const where = "a node prints its full addresses when it starts (\"listening on ...\") and writes them to DIR/addrs in its data directory"
+	info, err := peer.AddrInfoFromString(addr)
+	if err == nil {
+		return info.ID, nil
+	}
+	if id, derr := peer.Decode(addr); derr == nil {
+		return "", fmt.Errorf("%s is a peer ID alone: give the node's full address, a multiaddr ending in /p2p/%s (%s)", addr, id, where)
+	}
+	if m, merr := ma.NewMultiaddr(addr); merr == nil {
+		return "", fmt.Errorf("%s has no peer ID: a node's full address ends in /p2p/ and its ID, as in %s/p2p/12D3KooW... (%s)", addr, m, where)
+	} else {
+		return "", fmt.Errorf("%w (%v): a node's full address looks like /ip4/10.0.0.5/tcp/4001/p2p/12D3KooW... (%s)", ErrNotMultiaddr, merr, where)
+	}
+}
+
+// checkPeers refuses peer addresses that cannot be dialled and fewer nodes than the
+// run has cells (each node holds one), before any node is asked.
+func checkPeers(sp *spec.Spec, addrs []string) error {
+	ids := map[peer.ID]bool{}
+	var errs []error
+	for _, a := range addrs {
+		id, err := CheckPeerAddr(a)
+		if err != nil {
+			errs = append(errs, fmt.Errorf("peer %w", err))
+			continue
+		}
+		ids[id] = true
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	need := S * R
+	if len(ids) >= need {
+		return nil
+	}
+	what, fix := plural(S, "stage"), "lower pipeline.stages"
+	if R > 1 {
+		what, fix = what+" × "+plural(R, "replica"), "lower pipeline.replicas"
+	}
+	offered := fmt.Sprintf("%d offered", len(ids))
+	if len(addrs) != len(ids) {
+		offered = fmt.Sprintf("%d offered (%d addresses, some of the same node)", len(ids), len(addrs))
+	}
+	return fmt.Errorf("this run needs %s (%s), %s: start %d more and pass each with --peer, or %s",
+		plural(need, "node"), what, offered, need-len(ids), fix)
+}
+
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
 }
 
 func announce(ctx context.Context, h *p2p.Host, plan *Plan, log *slog.Logger) {

@@ -347,7 +347,20 @@ func resumePoint(sp *spec.Spec, run uint64, offers []assign.Offer, held map[stri
 		return nil, nil, fmt.Errorf("no checkpoint of run %016x for %s on any node offered (restart the nodes that held them, on their data directories)",
 			run, strings.Join(nowhere, ", "))
 	}
-	return nil, nil, fmt.Errorf("the nodes offered hold checkpoints of run %016x, but of no step common to every stage", run)
+	var have []string
+	for r := range R {
+		for s := range S {
+			var at []int
+			for step := range holders[[2]int{s, r}] {
+				at = append(at, step)
+			}
+			slices.Sort(at)
+			slices.Reverse(at)
+			have = append(have, fmt.Sprintf("%s at %s", cellName(sp, assign.Assignment{Stage: s, Replica: r}), strings.Trim(fmt.Sprint(at), "[]")))
+		}
+	}
+	return nil, nil, fmt.Errorf("the nodes offered hold checkpoints of run %016x, but of no step before the last (%d) common to every stage: %s",
+		run, sp.Train.Steps, strings.Join(have, "; "))
 }
 
 // orderHolders picks a distinct holder of step for every cell, in assign.Plan's cell

@@ -5,9 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"time"
 
@@ -219,7 +219,7 @@ The spec, its text and the --peer addresses are checked before any node is asked
 `+specHelp(), stderr)
 	keyPath := fs.String("key", "", "launcher key written by 'pipeswarm keygen' (required)")
 	var peers multiFlag
-	fs.Var(&peers, "peer", "multiaddr (with /p2p/ID) of a node, repeatable; or a file of them, one per line (a node's DIR/addrs)")
+	fs.Var(&peers, "peer", "a node's full address (a multiaddr ending in /p2p/ID, as the node prints it at start), or the path of its DIR/addrs file (or of DIR), repeatable")
 	out := fs.String("out", "", "output directory (default runs/<spec name>, or runs/<spec name>-N if that holds a run)")
 	force := fs.Bool("force", false, "overwrite the run in --out DIR")
 	dataPath := fs.String("data", "", "training text, read here and served to the nodes over libp2p (overrides data.path)")
@@ -343,27 +343,47 @@ The spec, its text and the --peer addresses are checked before any node is asked
 	return err
 }
 
-// peerAddrs expands --peer values: a multiaddr, or a file with one per line.
+// peerAddrs expands --peer values: a node's full address, or a node's addrs file
+// (or its data directory, which holds one), by a relative or absolute path.
 func peerAddrs(vals []string) ([]string, error) {
 	var out []string
 	for _, v := range vals {
-		if strings.HasPrefix(v, "/") {
-			out = append(out, v)
+		st, err := os.Stat(v)
+		if err != nil {
+			_, aerr := node.CheckPeerAddr(v)
+			switch {
+			case aerr == nil:
+				out = append(out, v)
+			case errors.Is(aerr, node.ErrNotMultiaddr):
+				return nil, fmt.Errorf("--peer %s: no such file, and %v", v, aerr)
+			default:
+				return nil, fmt.Errorf("--peer %w", aerr)
+			}
 			continue
 		}
-		b, err := os.ReadFile(v)
-		if errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("--peer %q is neither a multiaddr nor a file", v)
-		} else if err != nil {
-			return nil, err
+		path := v
+		if st.IsDir() {
+			path = filepath.Join(v, "addrs")
+		}
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fmt.Errorf("--peer %s: %w", v, err)
 		}
 		// A node's addrs file lists each of its addresses; one per node is enough.
+		var first string
 		for _, line := range strings.Split(string(b), "\n") {
 			if line = strings.TrimSpace(line); line != "" {
-				out = append(out, line)
+				first = line
 				break
 			}
 		}
+		if first == "" {
+			return nil, fmt.Errorf("--peer %s: %s holds no address (a node writes its addresses there once it listens)", v, path)
+		}
+		if _, err := node.CheckPeerAddr(first); err != nil {
+			return nil, fmt.Errorf("--peer %s: the first line of %s: %w", v, path, err)
+		}
+		out = append(out, first)
 	}
 	return out, nil
 }
