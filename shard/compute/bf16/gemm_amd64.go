@@ -1,0 +1,48 @@
+//go:build amd64 && !purego
+
+package bf16
+
+import "golang.org/x/sys/cpu"
+
+// bf16Native says GoSgemmBF16 runs on the AVX512-BF16 kernels (the packers need
+// AVX512BW's word permutes too).
+var bf16Native = cpu.X86.HasAVX512BF16 && cpu.X86.HasAVX512BW && cpu.X86.HasAVX512F
+
+//go:noescape
+func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool)
+
+//go:noescape
+func packGather(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int)
+
+//go:noescape
+func packLoad(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int)
+
+// packRowsNative is packBF16's full k-pairs for k along the stored rows: a gather of
+// element pairs from 16 lines at a time.
+func packRowsNative(dst []uint32, w int, x []float32, ld, r0, count, k int) {
+	packNative(packGather, dst, w, x, ld, r0, count, k, ld)
+}
+
+// packColsNative is packBF16's full k-pairs for k down the columns: 16 consecutive
+// lines of two rows at a time.
+func packColsNative(dst []uint32, w int, x []float32, ld, r0, count, k int) {
+	packNative(packLoad, dst, w, x, ld, r0, count, k, 1)
+}
+
+func packNative(pack func(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int),
+	dst []uint32, w int, x []float32, ld, r0, count, k, lineStep int) {
+	pairs := k / 2
+	if pairs == 0 {
+		return
+	}
+	_ = dst[pairs*w-1]
+	for g := 0; g < w; g += 16 {
+		width := uint32(1)<<min(16, w-g) - 1
+		lines := min(16, max(0, count-g))
+		src := &x[0]
+		if lines > 0 {
+			src = &x[(r0+g)*lineStep]
+		}
+		pack(&dst[g], 4*w, src, ld, lines, width, pairs)
+	}
+}
