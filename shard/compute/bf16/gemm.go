@@ -210,4 +210,3 @@ func dpStep(acc, x, y float32) float32 {
 	}
 	return r
 }
-

@@ -12,15 +12,30 @@ var bf16Native = cpu.X86.HasAVX512BF16 && cpu.X86.HasAVX512BW && cpu.X86.HasAVX5
 func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool)
 
 //go:noescape
-func packGather(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int)
+func packTranspose(dst *uint32, w int, src *float32, ld, lines, pairs int)
 
 //go:noescape
 func packLoad(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int)
 
-// packRowsNative is packBF16's full k-pairs for k along the stored rows: a gather of
-// element pairs from 16 lines at a time.
+// packRowsNative is packBF16's full k-pairs for k along the stored rows: 16 lines by
+// 16 pairs at a time, transposed in registers.
 func packRowsNative(dst []uint32, w int, x []float32, ld, r0, count, k int) {
-	packNative(packGather, dst, w, x, ld, r0, count, k, ld)
+	pairs := k / 2
+	if pairs == 0 {
+		return
+	}
+	_ = dst[pairs*w-1]
+	for g := 0; g < w; g += 16 {
+		lines := min(16, max(0, count-g))
+		if lines == 0 {
+			for p := range pairs {
+				clear(dst[p*w+g : p*w+min(w, g+16)])
+			}
+			continue
+		}
+		_ = x[(r0+g+lines-1)*ld+2*pairs-1]
+		packTranspose(&dst[g], w, &x[(r0+g)*ld], ld, lines, pairs)
+	}
 }
 
 // packColsNative is packBF16's full k-pairs for k down the columns: 16 consecutive
@@ -31,6 +46,7 @@ func packColsNative(dst []uint32, w int, x []float32, ld, r0, count, k int) {
 
 func packNative(pack func(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int),
 	dst []uint32, w int, x []float32, ld, r0, count, k, lineStep int) {
+	// lineStep: 1, the lines are consecutive elements of a row.
 	pairs := k / 2
 	if pairs == 0 {
 		return

@@ -105,7 +105,7 @@ func TestSgemmNativeMatchesEmulation(t *testing.T) {
 	fills := map[string]func() float32{
 		"normal": func() float32 { return float32(rng.NormFloat64()) },
 		"wide": func() float32 { // any exponent, any mantissa
-			return math.Float32frombits(rng.Uint32() &^ (0xff << 23) | uint32(rng.IntN(255))<<23)
+			return math.Float32frombits(rng.Uint32()&^(0xff<<23) | uint32(rng.IntN(255))<<23)
 		},
 		"tiny": func() float32 { return float32(rng.NormFloat64() * 0x1p-63) }, // products near 2⁻¹²⁶
 		"special": func() float32 {
@@ -161,17 +161,24 @@ func TestToBF16MatchesInstruction(t *testing.T) {
 			}
 			x[i] = math.Float32frombits(u)
 		}
+		// Every width, partial line groups, k-pairs past a group of 16, odd k.
+		w := []int{bf16MR, bf16NR}[round%2]
+		count, kk := 1+rng.IntN(w), 1+rng.IntN(k)
 		for _, alongRows := range []bool{false, true} {
 			ld := k
 			if !alongRows {
 				ld = lines
 			}
-			got, want := make([]uint32, k/2*bf16NR), make([]uint32, k/2*bf16NR)
-			packBF16(true, got, bf16NR, x, ld, 0, lines, k, alongRows)
-			packBF16(false, want, bf16NR, x, ld, 0, lines, k, alongRows)
+			kp := (kk + 1) / 2
+			got, want := make([]uint32, kp*w), make([]uint32, kp*w)
+			for i := range got {
+				got[i], want[i] = 0xdeadbeef, 0xdeadbeef // padding must be written
+			}
+			packBF16(true, got, w, x, ld, 0, count, kk, alongRows)
+			packBF16(false, want, w, x, ld, 0, count, kk, alongRows)
 			for i := range got {
 				if got[i] != want[i] {
-					t.Fatalf("round %d alongRows=%v word %d: instruction %#08x, Go %#08x", round, alongRows, i, got[i], want[i])
+					t.Fatalf("round %d w=%d count=%d k=%d alongRows=%v word %d: instruction %#08x, Go %#08x", round, w, count, kk, alongRows, i, got[i], want[i])
 				}
 			}
 		}
@@ -246,6 +253,33 @@ func BenchmarkSgemm(b *testing.B) {
 					Sgemm(g.transA, g.transB, g.m, g.nn, g.k, 1, a, g.lda, bb, g.ldb, g.beta, c, g.ldc)
 				}
 				b.ReportMetric(2*float64(g.m)*float64(g.nn)*float64(g.k)/(b.Elapsed().Seconds()/float64(b.N))/1e9, "GFLOP/s")
+			})
+		}
+	}
+}
+
+// BenchmarkPack times rounding and packing one operand of a block's GEMM (2048×256
+// floats) into panels of each width, k along the rows and down the columns.
+func BenchmarkPack(b *testing.B) {
+	const lines, k = 192, 256
+	x := make([]float32, lines*k)
+	for i := range x {
+		x[i] = float32(i%97) / 7
+	}
+	for _, w := range []int{bf16MR, bf16NR} {
+		for _, alongRows := range []bool{true, false} {
+			ld := k
+			if !alongRows {
+				ld = lines
+			}
+			dst := make([]uint32, k/2*w)
+			b.Run(fmt.Sprintf("w=%d/alongRows=%v", w, alongRows), func(b *testing.B) {
+				for b.Loop() {
+					for r0 := 0; r0 < lines; r0 += w {
+						packBF16(bf16Native, dst, w, x, ld, r0, min(w, lines-r0), k, alongRows)
+					}
+				}
+				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(lines*k), "ns/element")
 			})
 		}
 	}

@@ -47,7 +47,7 @@ func evex(pp, op byte, dst, src1, src2, base, disp int, bcst bool) []byte {
 		rmLow, b = byte(base&7), bit(base, 3)
 	}
 	p0 := (1-bit(dst, 3))<<7 | (1-x)<<6 | (1-b)<<5 | (1-bit(dst, 4))<<4 | 0b10 // map 0F38
-	p1 := byte(0)<<7 | (^byte(src1)&0xf)<<3 | 1<<2 | pp                    // W0
+	p1 := byte(0)<<7 | (^byte(src1)&0xf)<<3 | 1<<2 | pp                        // W0
 	var bb byte
 	if bcst {
 		bb = 1
@@ -102,16 +102,119 @@ func check() {
 		got  []byte
 		want string
 	}{
-		{evex(ppF3, 0x52, 0, 24, 25, -1, 0, false), "62923e4052c1"},         // vdpbf16ps zmm0, zmm24, zmm25
-		{evex(ppF3, 0x52, 23, 24, 0, regSI, 4, true), "62e23e50527e01"},     // vdpbf16ps zmm23, zmm24, [rsi+4]{1to16}
+		{evex(ppF3, 0x52, 0, 24, 25, -1, 0, false), "62923e4052c1"},             // vdpbf16ps zmm0, zmm24, zmm25
+		{evex(ppF3, 0x52, 23, 24, 0, regSI, 4, true), "62e23e50527e01"},         // vdpbf16ps zmm23, zmm24, [rsi+4]{1to16}
 		{evex(ppF3, 0x52, 17, 25, 0, regSI, 600, true), "62e23650528e58020000"}, // [rsi+600]{1to16}
-		{evex(ppF2, 0x72, 2, 1, 0, -1, 0, false), "62f2774872d0"},           // vcvtne2ps2bf16 zmm2, zmm1, zmm0
-		{evex(ppF3, 0x72, 4, -1, 3, -1, 0, false), "62f27e4872e3"},          // vcvtneps2bf16 ymm4, zmm3
+		{evex(ppF2, 0x72, 2, 1, 0, -1, 0, false), "62f2774872d0"},               // vcvtne2ps2bf16 zmm2, zmm1, zmm0
+		{evex(ppF3, 0x72, 4, -1, 3, -1, 0, false), "62f27e4872e3"},              // vcvtneps2bf16 ymm4, zmm3
 	} {
 		if g := fmt.Sprintf("%x", c.got); g != c.want {
 			log.Fatalf("encoder: got %s, want %s", g, c.want)
 		}
 	}
+}
+
+// packTranspose emits the packer for operands whose k-pairs run along the stored lines:
+// 16 lines by 16 k-pairs at a time are loaded, rounded and transposed in registers.
+func packTranspose(p func(string, ...any), w *bytes.Buffer) {
+	p(`
+// func packTranspose(dst *uint32, w int, src *float32, ld, lines, pairs int)
+//
+// For each of 16 lines r (line r at src[r·ld]; zero past lines) and each k-pair p below
+// pairs: rounds elements 2p and 2p+1 of line r to bf16 and stores the pair at
+// dst[p·w + r] (the first min(w, 16) lines). Lines past lines reread the last one and
+// are zeroed after the transpose.
+TEXT ·packTranspose(SB), NOSPLIT, $0-48
+	MOVQ dst+0(FP), DI
+	MOVQ w+8(FP), R8
+	MOVQ src+16(FP), SI
+	MOVQ ld+24(FP), DX
+	SHLQ $2, DX
+	MOVQ lines+32(FP), R9
+	MOVQ pairs+40(FP), CX
+	MOVL $1, BX
+	SHLXL R9, BX, AX
+	DECL AX
+	KMOVW AX, K6
+	MOVQ R8, AX
+	CMPQ AX, $16
+	JLE wok
+	MOVQ $16, AX
+wok:
+	SHLXL AX, BX, AX
+	DECL AX
+	KMOVW AX, K3
+	SHLQ $2, R8
+	XORQ R11, R11
+tgroup:
+	TESTQ CX, CX
+	JLE tdone
+	MOVQ CX, AX
+	CMPQ AX, $16
+	JLE tsmall
+	MOVQ $16, AX
+tsmall:
+	MOVQ AX, R13
+	SHLQ $1, R13
+	MOVL $0xffff, R10
+	CMPQ R13, $16
+	JGE tlofull
+	SHLXL R13, BX, R10
+	DECL R10
+tlofull:
+	KMOVW R10, K4
+	SUBQ $16, R13
+	MOVL $0, R10
+	JLE thiset
+	SHLXL R13, BX, R10
+	DECL R10
+thiset:
+	KMOVW R10, K5
+	MOVQ SI, R12
+`)
+	for r := 0; r < 16; r++ {
+		p("\tVMOVUPS.Z (R12), K4, Z16\n\tVMOVUPS.Z 64(R12), K5, Z17\n")
+		w.WriteString(line(evex(ppF2, 0x72, r, 17, 16, -1, 0, false), fmt.Sprintf("VCVTNE2PS2BF16 zmm%d, zmm17, zmm16", r)))
+		if r < 15 {
+			p("\tMOVQ DX, R10\n\tCMPQ R9, $%d\n\tCMOVQLE R11, R10\n\tADDQ R10, R12\n", r+1)
+		}
+	}
+	// The 16×16 transpose of dwords: pairs within 128-bit lanes, then the lanes.
+	for i := 0; i < 16; i += 2 {
+		p("\tVPUNPCKLDQ Z%d, Z%d, Z%d\n\tVPUNPCKHDQ Z%d, Z%d, Z%d\n", i+1, i, 16+i, i+1, i, 17+i)
+	}
+	for i := 0; i < 16; i += 4 {
+		p("\tVPUNPCKLQDQ Z%d, Z%d, Z%d\n\tVPUNPCKHQDQ Z%d, Z%d, Z%d\n", 18+i, 16+i, i, 18+i, 16+i, i+1)
+		p("\tVPUNPCKLQDQ Z%d, Z%d, Z%d\n\tVPUNPCKHQDQ Z%d, Z%d, Z%d\n", 19+i, 17+i, i+2, 19+i, 17+i, i+3)
+	}
+	for _, g := range []int{0, 8} {
+		for c := 0; c < 4; c++ {
+			p("\tVSHUFI32X4 $0x88, Z%d, Z%d, Z%d\n", g+4+c, g+c, 16+g+c)
+			p("\tVSHUFI32X4 $0xdd, Z%d, Z%d, Z%d\n", g+4+c, g+c, 16+g+4+c)
+		}
+	}
+	for c := 0; c < 8; c++ {
+		p("\tVSHUFI32X4 $0x88, Z%d, Z%d, Z%d\n", 24+c, 16+c, c)
+		p("\tVSHUFI32X4 $0xdd, Z%d, Z%d, Z%d\n", 24+c, 16+c, 8+c)
+	}
+	p("\tMOVQ DI, R12\n")
+	for q := 0; q < 16; q++ {
+		p("\tVMOVDQU32.Z Z%d, K6, Z%d\n\tVMOVDQU32 Z%d, K3, (R12)\n", q, q, q)
+		if q < 15 {
+			p("\tCMPQ AX, $%d\n\tJLE tnext\n\tADDQ R8, R12\n", q+1)
+		}
+	}
+	p(`tnext:
+	MOVQ R8, R10
+	SHLQ $4, R10
+	ADDQ R10, DI
+	ADDQ $128, SI
+	SUBQ $16, CX
+	JMP tgroup
+tdone:
+	VZEROUPPER
+	RET
+`)
 }
 
 func main() {
@@ -192,6 +295,7 @@ TEXT ·dpbf16Tile(SB), NOSPLIT, $0-61
 		p("\tJMP done\n")
 	}
 	p("done:\n\tVZEROUPPER\n\tRET\n")
+	packTranspose(p, &w)
 	if err := os.WriteFile("kernel_amd64.s", w.Bytes(), 0o644); err != nil {
 		log.Fatal(err)
 	}

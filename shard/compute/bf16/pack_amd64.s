@@ -2,25 +2,6 @@
 
 #include "textflag.h"
 
-// Lane indices 0..15, for the gather's line offsets.
-DATA bf16Iota<>+0(SB)/4, $0
-DATA bf16Iota<>+4(SB)/4, $1
-DATA bf16Iota<>+8(SB)/4, $2
-DATA bf16Iota<>+12(SB)/4, $3
-DATA bf16Iota<>+16(SB)/4, $4
-DATA bf16Iota<>+20(SB)/4, $5
-DATA bf16Iota<>+24(SB)/4, $6
-DATA bf16Iota<>+28(SB)/4, $7
-DATA bf16Iota<>+32(SB)/4, $8
-DATA bf16Iota<>+36(SB)/4, $9
-DATA bf16Iota<>+40(SB)/4, $10
-DATA bf16Iota<>+44(SB)/4, $11
-DATA bf16Iota<>+48(SB)/4, $12
-DATA bf16Iota<>+52(SB)/4, $13
-DATA bf16Iota<>+56(SB)/4, $14
-DATA bf16Iota<>+60(SB)/4, $15
-GLOBL bf16Iota<>(SB), RODATA|NOPTR, $64
-
 // Word permutation interleaving two converted halves: word 2j ← j (even k), word
 // 2j+1 ← 16+j (odd k).
 DATA bf16Zip<>+0(SB)/8, $0x0011000100100000
@@ -39,47 +20,6 @@ GLOBL bf16Zip<>(SB), RODATA|NOPTR, $64
 	BYTE $0x62; BYTE $0xf2; BYTE $0x77; BYTE $0x48; BYTE $0x72; BYTE $0xd0 /* VCVTNE2PS2BF16 zmm2, zmm1, zmm0 */ \
 	VPERMW Z2, Z4, Z3 \
 	VMOVDQU32 Z3, K3, (DI)
-
-// func packGather(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int)
-//
-// For each of pairs k-pairs p: gathers elements 2p and 2p+1 of lines lines (line r at
-// src[r·ld]), zero past lines, and stores the 16 pairs under the width mask at
-// dst + p·dstStride bytes.
-TEXT ·packGather(SB), NOSPLIT, $0-56
-	MOVQ dst+0(FP), DI
-	MOVQ dstStride+8(FP), R8
-	MOVQ src+16(FP), SI
-	VPBROADCASTD ld+24(FP), Z5
-	VPMULLD bf16Iota<>(SB), Z5, Z5
-	MOVQ lines+32(FP), CX
-	MOVL $1, R10
-	SHLL CX, R10
-	DECL R10
-	CMPQ CX, $16
-	JLT masked
-	MOVL $0xffff, R10
-masked:
-	MOVL width+40(FP), AX
-	KMOVW AX, K3
-	VMOVDQU32 bf16Zip<>(SB), Z4
-	MOVQ pairs+48(FP), CX
-	TESTQ CX, CX
-	JEQ done
-loop:
-	VPXORD Z0, Z0, Z0
-	VPXORD Z1, Z1, Z1
-	KMOVW R10, K1
-	VGATHERDPS (SI)(Z5*4), K1, Z0
-	KMOVW R10, K2
-	VGATHERDPS 4(SI)(Z5*4), K2, Z1
-	ZIPSTORE
-	ADDQ $8, SI
-	ADDQ R8, DI
-	DECQ CX
-	JNE loop
-done:
-	VZEROUPPER
-	RET
 
 // func packLoad(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int)
 //
