@@ -67,6 +67,10 @@ func benchBlockTrainStep(b *testing.B, name string) {
 	if err != nil {
 		b.Skip(err)
 	}
+	benchBlockTrainStepOn(b, be)
+}
+
+func benchBlockTrainStepOn(b *testing.B, be backend.Backend) {
 	c := blockBenchConfig
 	s, err := NewStage(c, Range{0, 1}, false, false, WithBackend(be))
 	if err != nil {
