@@ -91,7 +91,7 @@ func gemm(native, transA, transB bool, m, n, k int, alpha float32, a []float32, 
 			for r := range rows {
 				cr := c[(i0+r)*ldc+j0 : (i0+r)*ldc+j0+cols]
 				for jj := range cr {
-					v := alpha * tile[r*bf16NR+jj]
+					v := float32(alpha * tile[r*bf16NR+jj]) // rounded before the sum, never fused
 					if readC {
 						v += float32(beta * cr[jj]) // rounded alone, as the kernel does
 					}
