@@ -7,8 +7,11 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"path/filepath"
+	"maps"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -32,6 +35,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 	"github.com/pipeswarm/pipeswarm/shard"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 )
 
 // Errors a daemon gives its runs when it stops them.
@@ -74,8 +78,10 @@ type Daemon struct {
 	meters  *traffic.Meters
 	warns   *status.WarnRing
 	status  *status.Server
+	local   *status.Server // on the data directory's unix socket; nil if it could not be bound
 	started time.Time
 	build   build.Info
+	compute []status.Backend // what this node's stages compute with
 
 	mu    sync.Mutex
 	runs  map[uint64]*worker
@@ -89,6 +95,9 @@ type Daemon struct {
 	// refusedAt is when an untrusted launcher's offer request was last logged.
 	refusedAt time.Time
 	finished  []status.Run // the last few runs that ended here, as they ended, oldest first
+	// heard is the newest training loss each run's last stage announced in its
+	// heartbeats, for the status of the other stages (which never see the loss).
+	heard map[uint64]heardLoss
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
 	faultStallSync int
@@ -184,7 +193,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]bool{}, ended: map[uint64]bool{},
 		members: map[uint64]map[peer.ID]bool{}, ctlOpen: map[peer.ID]int{},
-		warns: warns, started: time.Now(), build: build.Read(),
+		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	penalise := func(p peer.ID, err error) {
 		if !errors.Is(err, p2p.ErrViolation) {
@@ -207,6 +216,19 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 	if err := dir.WriteAddrs(h.Addrs()); err != nil {
 		d.Close()
 		return nil, err
+	}
+	if cfg.Open {
+		log.Warn("open: this node accepts runs from ANY launcher: anyone who can reach it can make it train their run on this machine; " +
+			"to accept only your launchers, drop --open (open: true) and name them with --trust ID (trust:)")
+	}
+	d.pruneRuns()
+	// The local socket needs no port, so every node has one: `pipeswarm status
+	// --data-dir DIR` reads it. One left by a killed node is replaced (the lock is ours).
+	sock := dir.StatusSockPath()
+	_ = os.Remove(sock)
+	if d.local, err = status.Listen(status.Options{Unix: sock, Snapshot: d.Snapshot, Log: log.With("sys", "status")}); err != nil {
+		log.Warn("no local status socket; 'pipeswarm status --data-dir' cannot reach this node (use --status ADDR)", "err", err)
+		d.local = nil
 	}
 	if cfg.Status != "" {
 		if d.status, err = status.Listen(status.Options{Addr: cfg.Status, Snapshot: d.Snapshot, Log: log.With("sys", "status")}); err != nil {
@@ -251,21 +273,97 @@ func (d *Daemon) Snapshot() status.Snapshot {
 		s.Peers = append(s.Peers, q)
 	}
 	slices.SortFunc(s.Peers, func(a, b status.Peer) int { return strings.Compare(a.ID, b.ID) })
+	s.Trust, s.Open, s.MemoryBudget, s.MaxStages, s.KeepRuns = slices.Clone(d.cfg.Trust), d.cfg.Open, d.cfg.MemoryBudget, d.cfg.MaxStages, d.cfg.KeepRuns
+	s.Compute, s.CPUOnly = d.compute, true // cpu32 and bf16, this build's backends, both run on the CPU
 	d.mu.Lock()
 	ws := make([]*worker, 0, len(d.runs))
 	for _, w := range d.runs {
 		ws = append(ws, w)
 	}
-	s.Runs = append(s.Runs, d.finished...)
+	for i := len(d.finished) - 1; i >= 0; i-- {
+		s.Runs = append(s.Runs, d.finished[i])
+	}
+	heard := maps.Clone(d.heard)
 	d.mu.Unlock()
 	held := make([]status.Run, 0, len(ws))
 	for _, w := range ws {
-		held = append(held, w.statusView())
+		held = append(held, withHeardLoss(w.statusView(), heard))
 	}
-	slices.SortFunc(held, func(a, b status.Run) int { return strings.Compare(a.Run, b.Run) })
+	slices.SortFunc(held, newestFirst)
 	s.Runs = append(held, s.Runs...)
 	return s
 }
+
+// newestFirst orders runs held now: those accepted and not started yet, then by
+// start, the latest first.
+func newestFirst(a, b status.Run) int {
+	if c := b.Started.Compare(a.Started); a.Started.IsZero() != b.Started.IsZero() {
+		return -c // the zero time is the earliest, but an accepted run is the newest
+	} else if c != 0 {
+		return c
+	}
+	return strings.Compare(a.Run, b.Run)
+}
+
+// heardLoss is a training loss a run's last stage announced.
+type heardLoss struct {
+	stage, step int
+	loss        float64
+}
+
+// withHeardLoss gives a stage that does not compute the loss the loss its run's last
+// stage announced.
+func withHeardLoss(r status.Run, heard map[uint64]heardLoss) status.Run {
+	id, err := strconv.ParseUint(r.Run, 16, 64)
+	h, ok := heard[id]
+	if err != nil || !ok || r.Stage == r.Stages-1 {
+		return r
+	}
+	r.Loss, r.LossStep, r.LossFrom = h.loss, h.step, fmt.Sprintf("from the heartbeat of stage %d", h.stage)
+	return r
+}
+
+// noteHeartbeat takes the loss a heartbeat from peer from announces for a run held
+// here, if from holds the last stage of this node's replica pipeline in it.
+func (d *Daemon) noteHeartbeat(from peer.ID, hb Heartbeat) {
+	for _, r := range hb.Runs {
+		if r.LossStep <= 0 {
+			continue
+		}
+		id, err := strconv.ParseUint(r.Run, 16, 64)
+		if err != nil {
+			continue
+		}
+		w := d.run(id)
+		if w == nil || r.Stage != w.sp.Pipeline.Stages-1 || w.idx == r.Stage || w.peerOf(r.Stage) != from {
+			continue
+		}
+		d.mu.Lock()
+		if h, ok := d.heard[id]; !ok || r.LossStep > h.step {
+			d.heard[id] = heardLoss{stage: r.Stage, step: r.LossStep, loss: r.Loss}
+		}
+		d.mu.Unlock()
+	}
+}
+
+// computeBackends are the backends cfg lets this node run stages on, as this build
+// and CPU provide them.
+func computeBackends(cfg *config.Config) []status.Backend {
+	names := cfg.Backends
+	if len(names) == 0 {
+		names = backend.Available()
+	}
+	var out []status.Backend
+	for _, name := range names {
+		if b, err := backend.Open(name); err == nil {
+			out = append(out, status.Backend{Name: name, Precision: b.Precision(), Impl: b.Describe()})
+		}
+	}
+	return out
+}
+
+// Compute is what this node's stages compute with.
+func (d *Daemon) Compute() []status.Backend { return d.compute }
 
 // SetFaultStallSync makes the stages this node holds from now on hang in the middle
 // of the all-reduce of the outer step after inner step step, as a process that stops
@@ -360,13 +458,18 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Warn("no heartbeat topic", "err", err)
 	} else if sub, err := hb.Subscribe(); err == nil {
 		// Subscribed, a node relays the others' heartbeats in the gossip mesh, so that
-		// they reach peers it is connected to and they are not (a launcher, a monitor);
-		// it has no use for them itself.
+		// they reach peers it is connected to and they are not (a launcher, a monitor).
 		go func() {
 			defer sub.Cancel()
 			for {
-				if _, err := sub.Next(ctx); err != nil {
+				m, err := sub.Next(ctx)
+				if err != nil {
 					return
+				}
+				// The last stage's heartbeats carry its loss, which the others show.
+				var hb Heartbeat
+				if m.GetFrom() != d.host.ID() && json.Unmarshal(m.Data, &hb) == nil {
+					d.noteHeartbeat(m.GetFrom(), hb)
 				}
 			}
 		}()
@@ -414,6 +517,10 @@ type HeartbeatRun struct {
 	State      string  `json:"state"` // accepted, running
 	Step       int     `json:"step"`
 	TokensPerS float64 `json:"tokens_per_s"`
+	// Loss is the training loss of step LossStep, on the last stage only (which
+	// computes it); the other stages of the run show it.
+	Loss     float64 `json:"loss,omitempty"`
+	LossStep int     `json:"loss_step,omitempty"`
 }
 
 // Heartbeat is the node's heartbeat as of now.
@@ -428,7 +535,11 @@ func (d *Daemon) Heartbeat() Heartbeat {
 	hb.Addrs = d.host.Addrs()
 	for _, w := range ws {
 		v := w.statusView()
-		hb.Runs = append(hb.Runs, HeartbeatRun{Run: v.Run, Stage: v.Stage, Replica: v.Replica, State: v.State, Step: v.Step, TokensPerS: v.TokensPerS})
+		hr := HeartbeatRun{Run: v.Run, Stage: v.Stage, Replica: v.Replica, State: v.State, Step: v.Step, TokensPerS: v.TokensPerS}
+		if n := len(v.LossCurve); n > 0 && v.Stage == v.Stages-1 {
+			hr.LossStep, hr.Loss = v.LossCurve[n-1].Step, v.LossCurve[n-1].Loss
+		}
+		hb.Runs = append(hb.Runs, hr)
 		hb.TokensPerS += v.TokensPerS
 	}
 	slices.SortFunc(hb.Runs, func(a, b HeartbeatRun) int { return strings.Compare(a.Run, b.Run) })
@@ -464,6 +575,9 @@ func (d *Daemon) close() error {
 	var statusErr error
 	if d.status != nil {
 		statusErr = errors.Join(d.status.Close(), d.dir.RemoveStatusAddr())
+	}
+	if d.local != nil {
+		statusErr = errors.Join(statusErr, d.local.Close()) // removes the socket
 	}
 	return errors.Join(statusErr, d.reduce.Close(), d.host.Close(), d.dir.Close())
 }
@@ -835,6 +949,8 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 // last is how the run ended here, kept for the status page.
 func (d *Daemon) endRun(id uint64, last status.Run) {
 	d.mu.Lock()
+	last = withHeardLoss(last, d.heard)
+	delete(d.heard, id)
 	delete(d.runs, id)
 	delete(d.members, id)
 	d.ended[id] = true
@@ -848,6 +964,7 @@ func (d *Daemon) endRun(id uint64, last status.Run) {
 		delete(d.ended, id)
 		d.mu.Unlock()
 	})
+	d.pruneRuns()
 }
 
 // isMember reports whether p is a peer of a run held here (Host.Gate of the

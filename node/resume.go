@@ -527,13 +527,20 @@ const launcherFile = "launcher.json"
 type launcherRecord struct {
 	Launcher string   `json:"launcher"`
 	Addrs    []string `json:"addrs"`
+	// ResumedFrom is the run (hex) whose checkpoints this run started from: pruning
+	// keeps it while this run is kept.
+	ResumedFrom string `json:"resumed_from,omitempty"`
 }
 
 func writeLauncherRecord(runDir string, plan *Plan) error {
 	if err := os.MkdirAll(runDir, 0o755); err != nil {
 		return err
 	}
-	b, err := json.Marshal(launcherRecord{Launcher: plan.Launcher, Addrs: plan.LauncherAddrs})
+	rec := launcherRecord{Launcher: plan.Launcher, Addrs: plan.LauncherAddrs}
+	if plan.Resume != nil {
+		rec.ResumedFrom = fmt.Sprintf("%016x", plan.Resume.Run)
+	}
+	b, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}

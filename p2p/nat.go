@@ -176,6 +176,7 @@ type reacher struct {
 	announce []string
 	relays   bool
 	private  bool // count private addresses as candidates (tests on loopback)
+	random   bool // listening on port 0: the ports change at every start
 	emit     event.Emitter
 
 	mu   sync.Mutex
@@ -236,7 +237,7 @@ func newReacher(h host.Host, o HostOptions, transports []libp2p.Option, log *slo
 		dialer.Close()
 		return nil, fmt.Errorf("p2p: reachability emitter: %w", err)
 	}
-	r := &reacher{h: h, log: log, an: an, dialer: dialer, emit: emit, private: o.reachPrivate,
+	r := &reacher{h: h, log: log, an: an, dialer: dialer, emit: emit, private: o.reachPrivate, random: randomPorts(o.Listen),
 		relays: len(o.Relays) > 0, announce: slices.Clone(o.Announce), done: make(chan struct{})}
 	sub, err := h.EventBus().Subscribe([]any{new(event.EvtPeerIdentificationCompleted), new(event.EvtAutoRelayAddrsUpdated)}, eventbus.Name("pipeswarm reachability"))
 	if err != nil {
@@ -382,10 +383,29 @@ func isRelayed(c network.Conn) bool {
 	return err == nil
 }
 
+// randomPorts reports whether any listen address asks for port 0 (any free port).
+func randomPorts(listen []string) bool {
+	if listen == nil {
+		listen = DefaultListen
+	}
+	for _, s := range listen {
+		a, err := ma.NewMultiaddr(s)
+		if err != nil {
+			continue
+		}
+		for _, p := range []int{ma.P_TCP, ma.P_UDP} {
+			if v, err := a.ValueForProtocol(p); err == nil && v == "0" {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // observations gathers what the host knows now.
 func (r *reacher) observations(st *reachState) Observations {
 	o := Observations{Announced: r.announce, Relayed: slices.Clone(st.relayed), Relays: r.relays,
-		Checked: st.checked, Errors: st.errs, AllowPrivate: r.private}
+		Checked: st.checked, Errors: st.errs, AllowPrivate: r.private, RandomPorts: r.random}
 	ifaces, _ := r.h.Network().InterfaceListenAddresses()
 	for _, a := range ifaces {
 		o.Listen = append(o.Listen, a.String())

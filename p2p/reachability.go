@@ -76,6 +76,9 @@ type Observations struct {
 	// AllowPrivate counts private and loopback addresses as candidates too: a
 	// swarm on one LAN, or tests on one machine.
 	AllowPrivate bool
+	// RandomPorts: the host was told to listen on port 0, so its ports change at every
+	// start and forwarding them is no fix; the advice is to listen on fixed ones.
+	RandomPorts bool
 }
 
 // Assess turns observations into a Reachability with its reason and fix. It does
@@ -103,6 +106,9 @@ func Assess(o Observations) Reachability {
 		r.Addrs = slices.Clone(o.Relayed)
 	}
 	tcp, udp := listenPorts(o.Listen)
+	if o.RandomPorts {
+		tcp, udp = 0, 0
+	}
 	public := publicIP(o)
 	switch {
 	case symmetric(o.Observed):
@@ -194,7 +200,8 @@ func forward(tcp, udp int, public string) string {
 	case udp > 0:
 		return fmt.Sprintf("forward UDP port %d on your router to this machine and pass --announce /ip4/%s/udp/%d/quic-v1", udp, public, udp)
 	}
-	return "listen on a port (--listen /ip4/0.0.0.0/tcp/4001), forward it on your router to this machine and pass --announce /ip4/" + public + "/tcp/4001"
+	return "listen on fixed ports (--listen /ip4/0.0.0.0/tcp/4001 --listen /ip4/0.0.0.0/udp/4001/quic-v1; the ports now are random and change at every start), " +
+		"forward TCP and UDP port 4001 on your router to this machine and pass --announce /ip4/" + public + "/tcp/4001"
 }
 
 func relayClause(r Reachability, relays bool) string {

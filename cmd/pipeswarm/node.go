@@ -8,12 +8,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/config"
+	"github.com/pipeswarm/pipeswarm/node/datadir"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/shard/backend"
@@ -27,23 +29,42 @@ func (m *multiFlag) String() string     { return strings.Join(*m, ",") }
 func (m *multiFlag) Set(v string) error { *m = append(*m, v); return nil }
 
 func runKeygen(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("keygen", "keygen --out FILE", `
+	fs := newFlagSet("keygen", "keygen --out FILE | keygen --show FILE", `
 Generate an Ed25519 key for a launcher (or a node) and print its public ID, the
 libp2p peer ID (12D3KooW...) that nodes list with --trust. The file is written with
-mode 0600 and never overwritten.`, stderr)
-	out := fs.String("out", "", "where to write the private key (required)")
+mode 0600 and never overwritten. --show FILE prints the ID of an existing key
+instead (a launcher's key, or a node's DIR/identity.key).`, stderr)
+	out := fs.String("out", "", "where to write the private key")
+	show := fs.String("show", "", "print the peer ID of this existing key file and exit")
 	if _, err := parse(fs, args); err != nil {
 		return err
 	}
-	if *out == "" {
-		fmt.Fprintln(stderr, "pipeswarm keygen: --out FILE is required")
+	switch {
+	case *show != "" && *out != "":
+		fmt.Fprintln(stderr, "pipeswarm keygen: give --out FILE (a new key) or --show FILE (an existing one), not both")
+		return errUsage
+	case *show != "":
+		k, err := p2p.LoadKey(*show)
+		if err != nil {
+			return err
+		}
+		id, err := p2p.PeerID(k)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(stdout, id)
+		return nil
+	case *out == "":
+		fmt.Fprintln(stderr, "pipeswarm keygen: --out FILE is required (or --show FILE to print an existing key's ID)")
 		return errUsage
 	}
 	k, err := p2p.GenerateKey()
 	if err != nil {
 		return err
 	}
-	if err := p2p.WriteKey(*out, k); err != nil {
+	if err := p2p.WriteKey(*out, k); errors.Is(err, os.ErrExist) {
+		return fmt.Errorf("%w (keygen never overwrites a key; 'pipeswarm keygen --show %s' prints its ID)", err, *out)
+	} else if err != nil {
 		return err
 	}
 	id, err := p2p.PeerID(k)
@@ -55,11 +76,20 @@ mode 0600 and never overwritten.`, stderr)
 }
 
 func runNode(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE] [--announce MULTIADDR]... [--relay] [--status ADDR]", `
+	if len(args) > 0 && args[0] == "prune" {
+		return runNodePrune(ctx, args[1:], stdout, stderr)
+	}
+	fs := newFlagSet("node", "node --data-dir DIR [--config FILE] [--listen MULTIADDR]... [--bootstrap MULTIADDR]... [--trust ID]... [--open] [--mdns] [--memory-budget SIZE] [--announce MULTIADDR]... [--relay] [--status ADDR] [--keep-runs N]\n       pipeswarm node prune --data-dir DIR [--keep N]", `
 Run a pipeswarm node: join the swarm, accept runs signed by trusted launchers, and
 train the pipeline stage each run gives this node. The data directory holds the
 node's identity key, its stage checkpoints and a lock (one node per directory); the
 node writes its full multiaddrs, one per line, to DIR/addrs once it listens.
+
+At start the node prints its peer ID, its addresses, and one line to give the
+launcher, "--peer MULTIADDR/p2p/ID", with the address others can most likely dial
+(a public one a peer dialled back, then one announced, another public one, one
+through a relay, a LAN one, loopback last) and why it chose it; again when that
+changes. It says what it computes with.
 
 At start it finds out whether other peers can dial it (AutoNAT v2 with the peers
 it knows) and prints one line, "reachability: reachable at ADDR" or
@@ -68,11 +98,19 @@ A node that is not reachable reserves a slot on a relay (relays:, else the
 bootstrap peers that serve one) and upgrades relayed connections to direct ones
 by hole punching.
 
-With --status ADDR (host:port; port 0 picks a free one) the node serves a status page
-at http://ADDR/ (identity, reachability, peers, the runs it serves with their loss
-curves, recent warnings), the same as JSON at /api/status, and Prometheus metrics at
-/metrics; it writes the address bound to DIR/status_addr ('pipeswarm status
---data-dir DIR' reads it). Off by default, so that many nodes can share a machine.
+Every node serves its status on the unix socket DIR/status.sock, where 'pipeswarm
+status --data-dir DIR' reads it. With --status ADDR (host:port; port 0 picks a free
+one) it also serves a status page at http://ADDR/ (identity, reachability, the
+launchers it trusts, open, memory budget, compute, peers, the runs it serves with
+their loss, recent warnings), the same as JSON at /api/status, and Prometheus
+metrics at /metrics; it writes the address bound to DIR/status_addr. Off by
+default, so that many nodes can share a machine.
+
+Each run leaves a folder in DIR/runs (checkpoints, optimiser state). The node keeps
+the newest --keep-runs (keep_runs:, default 5) and removes older ones at start and
+when a run ends, never one it holds nor one a kept run resumed from. 'pipeswarm
+node prune --data-dir DIR [--keep N]' does the same by hand while the node is
+stopped.
 
 Stops cleanly on Ctrl-C or SIGTERM: each run writes its stage checkpoint and tells
 its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
@@ -82,7 +120,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	fs.Var(&listen, "listen", "listen multiaddr, repeatable (default TCP and QUIC on every interface, on ports chosen at the first start and kept in DIR/listen)")
 	fs.Var(&bootstrap, "bootstrap", "peer multiaddr with /p2p/ID to dial at start, repeatable")
 	fs.Var(&trust, "trust", "launcher peer ID whose runs this node accepts, repeatable")
-	open := fs.Bool("open", false, "accept runs from any launcher")
+	open := fs.Bool("open", false, "accept runs from ANY launcher: anyone who reaches this node can make it train their run (overrides open)")
 	fs.Var(&announce, "announce", "address others should dial, e.g. a forwarded port /ip4/PUBLIC_IP/tcp/4001 (no /p2p), repeatable (adds to announce)")
 	relay := fs.Bool("relay", false, "serve as a circuit relay for nodes that are not reachable (a node with a public address)")
 	mdns := fs.Bool("mdns", false, "discover peers on the LAN with mDNS")
@@ -93,6 +131,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	logf := addLogFlags(fs, slog.LevelInfo)
 	onlyBackend := fs.String("backend", "", "run stages only on this compute backend, cpu32 or bf16 (overrides backends; default: every one this binary and CPU can run)")
 	threads := fs.Int("threads", 0, "compute threads for the stages held here (default: every core); set it when several nodes share a machine")
+	keepRuns := fs.Int("keep-runs", -1, "run folders to keep in DIR/runs, the newest; 0 keeps every one (overrides keep_runs; default 5)")
 	faultStall := fs.Int("fault-stall-sync", 0, "fault injection for tests: hang mid all-reduce in the outer step after inner step N")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -122,6 +161,13 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	cfg.Bootstrap = append(cfg.Bootstrap, bootstrap...)
 	cfg.Trust = append(cfg.Trust, trust...)
 	cfg.Open = cfg.Open || *open
+	if len(trust) > 0 || cfg.Open {
+		// --trust names the launcher the example config's placeholder stands for.
+		cfg.Trust = slices.DeleteFunc(cfg.Trust, func(s string) bool { return s == config.TrustPlaceholder })
+	}
+	if *keepRuns >= 0 {
+		cfg.KeepRuns = *keepRuns
+	}
 	cfg.Announce = append(cfg.Announce, announce...)
 	cfg.Relay = cfg.Relay || *relay
 	cfg.MDNS = cfg.MDNS || *mdns
@@ -166,6 +212,16 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	for _, a := range d.Addrs() {
 		fmt.Fprintf(stdout, "listening on %s\n", a)
 	}
+	var peerLine string
+	tellPeer := func(r p2p.Reachability) {
+		addr, why := p2p.Dialable(d.Addrs(), r, cfg.Announce)
+		if addr == "" || addr == peerLine {
+			return
+		}
+		peerLine = addr
+		fmt.Fprintf(stdout, "to add this node to a run, give the launcher: --peer %s\n  (%s)\n", addr, why)
+	}
+	tellPeer(p2p.Reachability{})
 	if a := d.StatusAddr(); a != "" {
 		fmt.Fprintf(stdout, "status page http://%s/\n", a)
 	}
@@ -173,7 +229,10 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	noticesDone := make(chan struct{})
 	go func() {
 		defer close(noticesDone)
-		d.ReachabilityNotices(nctx, func(r p2p.Reachability) { fmt.Fprintf(stdout, "reachability: %s\n", r.Line()) })
+		d.ReachabilityNotices(nctx, func(r p2p.Reachability) {
+			fmt.Fprintf(stdout, "reachability: %s\n", r.Line())
+			tellPeer(r)
+		})
 	}()
 	defer func() { stopNotices(); <-noticesDone }()
 	names := cfg.Backends
@@ -185,7 +244,10 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 			log.Info("compute backend", "backend", name, "precision", b.Precision(), "impl", b.Describe())
 		}
 	}
-	log.Info("node running", "precisions", cfg.Precisions(), "compute_threads", compute.Workers(), "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open, "memory_budget", cfg.MemoryBudget)
+	// Every backend of this build computes on the CPU; a GPU owner should know.
+	log.Info("CPU only: this build has no GPU backend", "compute_threads", compute.Workers())
+	log.Info("node running", "precisions", cfg.Precisions(), "compute_threads", compute.Workers(), "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open,
+		"memory_budget", cfg.MemoryBudget, "keep_runs", cfg.KeepRuns)
 	err = d.Run(ctx)
 	log.Info("node stopped")
 	return err
@@ -341,6 +403,49 @@ The spec, its text and the --peer addresses are checked before any node is asked
 		fmt.Fprintf(stdout, "wrote %s\n", *out)
 	}
 	return err
+}
+
+func runNodePrune(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("node prune", "node prune --data-dir DIR [--keep N]", `
+Remove the folders of old runs from a stopped node's data directory (DIR/runs/<run
+ID>: stage checkpoints, optimiser state): all but the newest N, sparing every run a
+kept one resumed from. A running node does this itself (keep_runs, --keep-runs);
+prune refuses a directory a node is running on.`, stderr)
+	dataDir := fs.String("data-dir", "", "the node's data directory (required)")
+	keep := fs.Int("keep", config.DefaultKeepRuns, "how many of the newest run folders to keep (at least 1)")
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	switch {
+	case len(pos) > 0:
+		fmt.Fprintf(stderr, "pipeswarm node prune: unexpected arguments %q\n", pos)
+		return errUsage
+	case *dataDir == "":
+		fmt.Fprintln(stderr, "pipeswarm node prune: --data-dir DIR is required")
+		return errUsage
+	case *keep < 1:
+		fmt.Fprintf(stderr, "pipeswarm node prune: --keep %d: want at least 1 (the newest run may still be resumed)\n", *keep)
+		return errUsage
+	}
+	if _, err := os.Stat(*dataDir); err != nil {
+		return fmt.Errorf("node prune: %w", err)
+	}
+	// Holding the lock proves no node runs there, so no run is in progress.
+	dir, err := datadir.Open(*dataDir)
+	if err != nil {
+		return fmt.Errorf("node prune: %w (a running node prunes by itself: keep_runs, --keep-runs)", err)
+	}
+	defer dir.Close()
+	done, err := node.PruneRuns(dir.Path, *keep, nil)
+	var freed int64
+	for _, f := range done {
+		freed += f.Bytes
+		fmt.Fprintf(stdout, "removed run %s (%s, last written %s)\n", f.ID, assign.FormatBytes(f.Bytes), f.Written.Format(time.DateTime))
+	}
+	left, lerr := node.RunFolders(dir.Path)
+	fmt.Fprintf(stdout, "pruned %d run folder(s), freed %s; %d kept\n", len(done), assign.FormatBytes(freed), len(left))
+	return errors.Join(err, lerr)
 }
 
 // peerAddrs expands --peer values: a node's full address, or a node's addrs file

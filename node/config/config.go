@@ -14,6 +14,7 @@ import (
 	"os"
 	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
@@ -70,6 +71,11 @@ type Config struct {
 	// is written to <data_dir>/status_addr. Empty (the default): no status server, so
 	// that many nodes can share a machine.
 	Status string `yaml:"status"`
+	// KeepRuns is how many run folders (DataDir/runs/<run ID>: checkpoints, state,
+	// logs) the node keeps: at start and whenever a run ends it removes the oldest
+	// beyond the newest KeepRuns, never one it holds now nor one a kept run resumed
+	// from. Default 5; 0 keeps every run.
+	KeepRuns int `yaml:"keep_runs"`
 
 	// Announce lists addresses others should dial besides the ones the node listens on,
 	// e.g. a cloud box's or a router's forwarded port: /ip4/203.0.113.7/tcp/4001 (no /p2p).
@@ -108,6 +114,13 @@ func (c *Config) ListenIsDefault() bool { return c.listenDefault }
 func DefaultListen() []string {
 	return []string{"/ip4/0.0.0.0/tcp/0", "/ip4/0.0.0.0/udp/0/quic-v1"}
 }
+
+// DefaultKeepRuns is how many run folders a node keeps unless told otherwise.
+const DefaultKeepRuns = 5
+
+// TrustPlaceholder stands in the example config where a launcher's peer ID goes;
+// Validate explains it rather than calling it a bad peer ID.
+const TrustPlaceholder = "LAUNCHER_PEER_ID"
 
 // DefaultMemoryBudget is the memory budget of a node whose config names none.
 const DefaultMemoryBudget = "4GiB"
@@ -196,6 +209,9 @@ func (c *Config) EnsureDefaults() {
 	if c.MaxStages == 0 && !c.src.written("max_stages") {
 		c.MaxStages = 1
 	}
+	if c.KeepRuns == 0 && !c.src.written("keep_runs") {
+		c.KeepRuns = DefaultKeepRuns
+	}
 	if c.Announce == nil {
 		c.Announce = []string{}
 	}
@@ -233,7 +249,7 @@ func (c *Config) Precisions() []string {
 func (c *Config) Validate() error {
 	v := &checker{src: c.src}
 	if c.DataDir == "" {
-		v.failf("data_dir", "missing; the node needs a directory for its key, checkpoints and lock")
+		v.failf("data_dir", "missing; the node needs a directory for its key, checkpoints and lock: pass --data-dir DIR or set data_dir:")
 	}
 	for i, s := range c.Listen {
 		if _, err := ma.NewMultiaddr(s); err != nil {
@@ -251,12 +267,18 @@ func (c *Config) Validate() error {
 		}
 	}
 	for i, s := range c.Trust {
+		if s == TrustPlaceholder {
+			v.item("trust", i, "%s is a placeholder: replace it with the peer ID of the launcher whose runs this node should train "+
+				"('pipeswarm keygen --out launcher.key' printed it; 'pipeswarm keygen --show launcher.key' prints it again), or pass --trust ID", s)
+			continue
+		}
 		if _, err := peer.Decode(s); err != nil {
 			v.item("trust", i, "%q is not a peer ID (12D3KooW...): %v", s, err)
 		}
 	}
 	if len(c.Trust) == 0 && !c.Open {
-		v.failf("trust", "empty while open is false, so no launcher's run would be accepted; list launcher peer IDs, or set open: true")
+		v.failf("trust", "no launcher is trusted and open is false, so this node would accept no run: pass --trust ID (or list it under trust:) "+
+			"with the peer ID of the launcher's key ('pipeswarm keygen --show launcher.key' prints it); or pass --open (open: true) to train any launcher's runs")
 	}
 	switch n, err := ParseBytes(c.MemoryBudget); {
 	case c.MemoryBudget == "":
@@ -273,6 +295,9 @@ func (c *Config) Validate() error {
 	}
 	if c.MaxStages < 1 {
 		v.failf("max_stages", "%d is less than 1", c.MaxStages)
+	}
+	if c.KeepRuns < 0 {
+		v.failf("keep_runs", "%d is negative; want how many run folders to keep (0 keeps every one)", c.KeepRuns)
 	}
 	for i, name := range c.Backends {
 		if _, err := backend.Open(name); err != nil {
@@ -369,7 +394,19 @@ func (v *checker) item(path string, i int, format string, args ...any) {
 }
 
 func (v *checker) at(field string, line int, format string, args ...any) {
+	// A value not written in the file came from a flag (or a default): name the flag
+	// the user typed as well as the key.
+	if f := flagOf[strings.SplitN(field, "[", 2)[0]]; line == 0 && f != "" {
+		field = f + " (" + field + ")"
+	}
 	v.errs = append(v.errs, spec.FieldProblem(v.src.file, line, field, fmt.Sprintf(format, args...), ErrInvalid))
+}
+
+// flagOf names the `pipeswarm node` flag that sets each config key.
+var flagOf = map[string]string{
+	"data_dir": "--data-dir", "listen": "--listen", "bootstrap": "--bootstrap", "trust": "--trust", "open": "--open",
+	"mdns": "--mdns", "memory_budget": "--memory-budget", "backends": "--backend", "corpus": "--corpus",
+	"status": "--status", "announce": "--announce", "relay": "--relay", "keep_runs": "--keep-runs",
 }
 
 // checkHostPort checks a TCP listen address: host:port with an IP address (or

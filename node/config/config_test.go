@@ -3,6 +3,7 @@ package config
 import (
 	"errors"
 	"io/fs"
+	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
@@ -38,6 +39,7 @@ relay: true
 relay_max_duration: 6h
 relay_max_data: 8GiB
 status: 127.0.0.1:0
+keep_runs: 3
 `
 
 // fields returns c's exported fields only, for comparing configs from different sources.
@@ -73,6 +75,7 @@ func TestParseReadsEveryField(t *testing.T) {
 		RelayMaxDuration: "6h",
 		RelayMaxData:     "8GiB",
 		Status:           "127.0.0.1:0",
+		KeepRuns:         3,
 	}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("Parse = %+v\nwant %+v", got, want)
@@ -123,9 +126,13 @@ func TestValidateNamesFileLineAndField(t *testing.T) {
 		{"trust not a peer ID", "data_dir: d\ntrust:\n  - " + launcher + "\n  - alice\n",
 			`n.yaml:4: trust[1]: "alice" is not a peer ID (12D3KooW...): `},
 		{"nobody trusted", "data_dir: d\ntrust: []\n",
-			"n.yaml:2: trust: empty while open is false, so no launcher's run would be accepted"},
+			"n.yaml:2: trust: no launcher is trusted and open is false, so this node would accept no run: pass --trust ID (or list it under trust:)"},
 		{"nobody trusted, trust unwritten", "data_dir: d\n",
-			"n.yaml: trust: empty while open is false"},
+			"n.yaml: --trust (trust): no launcher is trusted and open is false"},
+		{"trust placeholder", "data_dir: d\ntrust: [LAUNCHER_PEER_ID]\n",
+			"n.yaml:2: trust[0]: LAUNCHER_PEER_ID is a placeholder: replace it with the peer ID of the launcher"},
+		{"keep_runs negative", "data_dir: d\nopen: true\nkeep_runs: -1\n",
+			"n.yaml:3: keep_runs: -1 is negative"},
 		{"budget below minimum", "data_dir: d\nopen: true\nmemory_budget: 32MiB\n",
 			`n.yaml:3: memory_budget: "32MiB" is below the minimum of 64MiB`},
 		{"budget unparseable", "data_dir: d\nopen: true\nmemory_budget: 4 gigs\n",
@@ -135,7 +142,7 @@ func TestValidateNamesFileLineAndField(t *testing.T) {
 		{"max_stages zero", "data_dir: d\nopen: true\nmax_stages: 0\n",
 			"n.yaml:3: max_stages: 0 is less than 1"},
 		{"data_dir missing", "open: true\n",
-			"n.yaml: data_dir: missing; the node needs a directory"},
+			"n.yaml: --data-dir (data_dir): missing; the node needs a directory"},
 		{"status without a port", "data_dir: d\nopen: true\nstatus: 127.0.0.1\n",
 			`n.yaml:3: status: "127.0.0.1": want host:port`},
 		{"status port out of range", "data_dir: d\nopen: true\nstatus: 127.0.0.1:70000\n",
@@ -158,7 +165,7 @@ func TestValidateReportsEveryProblem(t *testing.T) {
 	if len(lines) != 3 {
 		t.Fatalf("error has %d problems, want 3 (data_dir, trust, max_stages):\n%v", len(lines), err)
 	}
-	for i, prefix := range []string{"n.yaml: data_dir:", "n.yaml:1: trust[0]:", "n.yaml:2: max_stages:"} {
+	for i, prefix := range []string{"n.yaml: --data-dir (data_dir):", "n.yaml:1: trust[0]:", "n.yaml:2: max_stages:"} {
 		if !strings.HasPrefix(lines[i], prefix) {
 			t.Errorf("problem %d = %q, want it to start %q", i, lines[i], prefix)
 		}
@@ -200,11 +207,33 @@ func TestBackendsAreCheckedAndGiveTheOfferedPrecisions(t *testing.T) {
 	}
 }
 
-func TestValidateWithoutFileNamesOnlyTheField(t *testing.T) {
+// A config with no file behind it came from flags: its errors name the flag the user
+// typed beside the key.
+func TestValidateWithoutFileNamesTheFlagAndTheField(t *testing.T) {
 	c := &Config{DataDir: "d", Open: true, MemoryBudget: "1MiB", MaxStages: 1}
 	err := c.Validate()
-	if !errors.Is(err, ErrInvalid) || err.Error() != `memory_budget: "1MiB" is below the minimum of 64MiB` {
+	if !errors.Is(err, ErrInvalid) || err.Error() != `--memory-budget (memory_budget): "1MiB" is below the minimum of 64MiB` {
 		t.Errorf("error = %v", err)
+	}
+	c = &Config{DataDir: "d"}
+	c.EnsureDefaults()
+	err = c.Validate()
+	if err == nil || !strings.HasPrefix(err.Error(), "--trust (trust): no launcher is trusted") || !strings.Contains(err.Error(), "--open") {
+		t.Errorf("no --trust, no --open: error = %v, want one naming --trust and --open", err)
+	}
+	c = &Config{DataDir: "d", Trust: []string{"bob"}}
+	c.EnsureDefaults()
+	if err := c.Validate(); err == nil || !strings.HasPrefix(err.Error(), `--trust (trust[0]): "bob" is not a peer ID`) {
+		t.Errorf("--trust bob: error = %v", err)
+	}
+}
+
+func TestKeepRunsDefaultsToFiveAndZeroKeepsEveryRun(t *testing.T) {
+	if c := mustParse(t, "data_dir: d\nopen: true\n"); c.KeepRuns != DefaultKeepRuns || DefaultKeepRuns != 5 {
+		t.Errorf("keep_runs defaults to %d, want 5", c.KeepRuns)
+	}
+	if c := mustParse(t, "data_dir: d\nopen: true\nkeep_runs: 0\n"); c.KeepRuns != 0 {
+		t.Errorf("keep_runs: 0 became %d, want 0 (keep every run)", c.KeepRuns)
 	}
 }
 
@@ -245,7 +274,7 @@ func TestOpenAcceptsAnyLauncherWithoutTrust(t *testing.T) {
 
 func TestUnknownFieldIsADecodeErrorWithItsLine(t *testing.T) {
 	_, err := Parse([]byte("data_dir: d\nopen: true\nmemory: 4GiB\n"), "n.yaml")
-	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, backends, corpus, status, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
+	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, backends, corpus, status, keep_runs, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
 	if !errors.Is(err, ErrDecode) || !errors.Is(err, spec.ErrDecode) || err.Error() != want {
 		t.Errorf("error = %v\nwant %q", err, want)
 	}
@@ -309,18 +338,30 @@ func TestExampleNodeConfigParses(t *testing.T) {
 		t.Fatalf("no examples/node*.yaml (%v)", err)
 	}
 	for _, p := range paths {
-		c, err := Load(p)
-		if err != nil {
-			t.Errorf("Load(%s): %v", p, err)
-			continue
-		}
 		if filepath.Base(p) == "node.yaml" {
-			want := Config{DataDir: "./node-data", Listen: DefaultListen(), Bootstrap: []string{},
-				Trust: []string{}, Open: true, MemoryBudget: "4GiB", MaxStages: 1, Backends: []string{},
+			// The example trusts a placeholder, explained until it is replaced.
+			if _, err := Load(p); err == nil || !strings.Contains(err.Error(), "trust[0]: LAUNCHER_PEER_ID is a placeholder") {
+				t.Errorf("Load(%s) = %v, want the placeholder explained", p, err)
+			}
+			src, err := os.ReadFile(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			c, err := Parse([]byte(strings.Replace(string(src), "- "+TrustPlaceholder, "- "+launcher, 1)), p)
+			if err != nil {
+				t.Errorf("%s with a launcher's ID: %v", p, err)
+				continue
+			}
+			want := Config{DataDir: "./node-data", Listen: DefaultListen(), Bootstrap: []string{}, KeepRuns: 5,
+				Trust: []string{launcher}, Open: false, MemoryBudget: "4GiB", MaxStages: 1, Backends: []string{},
 				Announce: []string{}, PortMap: true, Relays: []string{}, RelayMaxDuration: "24h", RelayMaxData: "64GiB"}
 			if !reflect.DeepEqual(fields(c), want) {
 				t.Errorf("examples/node.yaml = %+v\nwant %+v", fields(c), want)
 			}
+			continue
+		}
+		if _, err := Load(p); err != nil {
+			t.Errorf("Load(%s): %v", p, err)
 		}
 	}
 }

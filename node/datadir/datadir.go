@@ -6,6 +6,7 @@
 //	<dir>/identity.key    the node's libp2p private key
 //	<dir>/addrs           the multiaddrs the node listens on, one a line
 //	<dir>/status_addr     host:port of its status page, while it serves one
+//	<dir>/status.sock     its status (as /api/status) on a unix socket, while it runs
 //	<dir>/runs/<run ID>/  checkpoints and logs of one run
 //
 // Files are replaced by writing a temporary file whose name starts with "." and renaming it
@@ -168,6 +169,10 @@ func (d *Dir) AddrsPath() string { return filepath.Join(d.Path, "addrs") }
 
 // StatusAddrPath is where WriteStatusAddr records the status server's address.
 func (d *Dir) StatusAddrPath() string { return filepath.Join(d.Path, "status_addr") }
+
+// StatusSockPath is the unix socket a running node serves its status on, so that
+// `pipeswarm status --data-dir DIR` finds it with no port configured.
+func (d *Dir) StatusSockPath() string { return filepath.Join(d.Path, "status.sock") }
 
 // WriteStatusAddr replaces StatusAddrPath with addr (host:port) and a newline,
 // atomically.

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"strings"
 	"text/tabwriter"
@@ -18,14 +19,29 @@ func Fetch(ctx context.Context, addr string) (*Snapshot, error) {
 	if !strings.HasPrefix(base, "http://") && !strings.HasPrefix(base, "https://") {
 		base = "http://" + base
 	}
+	return fetch(ctx, http.DefaultClient, base, "is the node running, with --status?")
+}
+
+// FetchUnix reads the snapshot of the node serving its status on the unix socket at
+// path (every node does, in its data directory).
+func FetchUnix(ctx context.Context, path string) (*Snapshot, error) {
+	var d net.Dialer
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+		return d.DialContext(ctx, "unix", path)
+	}}}
+	defer c.CloseIdleConnections()
+	return fetch(ctx, c, "http://node", "is the node running? A node that was killed leaves its socket behind")
+}
+
+func fetch(ctx context.Context, c *http.Client, base, hint string) (*Snapshot, error) {
 	url := strings.TrimSuffix(base, "/") + "/api/status"
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
 	if err != nil {
 		return nil, fmt.Errorf("status: %w", err)
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := c.Do(req)
 	if err != nil {
-		return nil, fmt.Errorf("status: %w (is the node running, with --status?)", err)
+		return nil, fmt.Errorf("status: %w (%s)", err, hint)
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {
@@ -54,6 +70,24 @@ func WriteText(w io.Writer, s *Snapshot) error {
 		p("listening\t%s\n", a)
 	}
 	p("penalties\t%d given to peers\n", s.Penalties)
+	p("trust\t%s\n", trustLine(s.Trust))
+	if s.Open {
+		p("open\ttrue: ANY launcher can make this node train its run (set open: false and list launchers under trust)\n")
+	} else {
+		p("open\tfalse: only runs signed by a trusted launcher are accepted\n")
+	}
+	p("memory budget\t%s, %d stage(s) at most\n", s.MemoryBudget, s.MaxStages)
+	keep := "every run folder"
+	if s.KeepRuns > 0 {
+		keep = fmt.Sprintf("the newest %d run folder(s), and those they resumed from", s.KeepRuns)
+	}
+	p("keeps\t%s\n", keep)
+	for _, b := range s.Compute {
+		p("compute\t%s (%s): %s\n", b.Name, b.Precision, b.Impl)
+	}
+	if s.CPUOnly {
+		p("compute\tCPU only: this build has no GPU backend\n")
+	}
 	tw.Flush()
 
 	fmt.Fprintf(w, "\npeers: %d\n", len(s.Peers))
@@ -70,13 +104,16 @@ func WriteText(w io.Writer, s *Snapshot) error {
 		p("  RUN\tNAME\tSTAGE\tREPLICA\tSTATE\tSTEP\tLOSS\tVAL LOSS\tTOKENS/S\tCOMPUTE\tBYTES IN\tBYTES OUT\n")
 		for _, r := range s.Runs {
 			p("  %s\t%s\t%d/%d\t%d/%d\t%s\t%d/%d\t%s\t%s\t%.0f\t%.1fs\t%s\t%s\n", r.Run, r.Name, r.Stage, r.Stages, r.Replica, r.Replicas, r.State,
-				r.Step, r.Steps, lossText(r.Loss, len(r.LossCurve) > 0), lossText(r.ValLoss, r.ValLoss != 0), r.TokensPerS, r.ComputeS,
+				r.Step, r.Steps, lossText(r.Loss, len(r.LossCurve) > 0 || r.LossFrom != ""), lossText(r.ValLoss, r.ValLoss != 0), r.TokensPerS, r.ComputeS,
 				formatBytes(r.BytesIn), formatBytes(r.BytesOut))
 		}
 		tw.Flush()
 		for _, r := range s.Runs {
 			if r.Error != "" {
 				fmt.Fprintf(w, "  run %s stage %d: %s\n", r.Run, r.Stage, r.Error)
+			}
+			if r.LossFrom != "" {
+				fmt.Fprintf(w, "  run %s loss %.4f at step %d, %s\n", r.Run, r.Loss, r.LossStep, r.LossFrom)
 			}
 			if n := len(r.LossCurve); n > 1 {
 				tail := r.LossCurve[max(0, n-8):]
@@ -121,6 +158,13 @@ func reachabilityLine(s *Snapshot) string {
 		line += "; dial " + strings.Join(r.Addrs, " ")
 	}
 	return line
+}
+
+func trustLine(ids []string) string {
+	if len(ids) == 0 {
+		return "no launcher"
+	}
+	return strings.Join(ids, " ")
 }
 
 func lossText(v float64, known bool) string {

@@ -21,14 +21,25 @@ var page []byte
 // Options configures a Server.
 type Options struct {
 	Addr     string          // host:port to listen on; port 0 picks a free one
+	Unix     string          // or the path of a unix socket to listen on (Addr empty)
 	Snapshot func() Snapshot // required: called for every request; must be safe for concurrent calls
 	Log      *slog.Logger    // nil: slog.Default()
 }
 
 // Validate reports what is wrong with o.
 func (o Options) Validate() error {
-	if _, _, err := net.SplitHostPort(o.Addr); err != nil {
-		return fmt.Errorf("status: Options.Addr %q: want host:port: %w", o.Addr, err)
+	switch {
+	case o.Unix != "" && o.Addr != "":
+		return errors.New("status: Options.Addr and Options.Unix both set; one server listens on one")
+	case o.Unix != "":
+		// sun_path holds 108 bytes with its terminating NUL.
+		if len(o.Unix) > MaxUnixPath {
+			return fmt.Errorf("status: socket path %s is %d bytes, more than a unix socket's %d", o.Unix, len(o.Unix), MaxUnixPath)
+		}
+	default:
+		if _, _, err := net.SplitHostPort(o.Addr); err != nil {
+			return fmt.Errorf("status: Options.Addr %q: want host:port: %w", o.Addr, err)
+		}
 	}
 	if o.Snapshot == nil {
 		return errors.New("status: Options.Snapshot is nil")
@@ -53,7 +64,11 @@ func Listen(o Options) (*Server, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	ln, err := net.Listen("tcp", o.Addr)
+	network, addr := "tcp", o.Addr
+	if o.Unix != "" {
+		network, addr = "unix", o.Unix
+	}
+	ln, err := net.Listen(network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("status: listen: %w", err)
 	}
@@ -70,11 +85,17 @@ func Listen(o Options) (*Server, error) {
 			s.err = err
 		}
 	}()
-	s.log.Info("status page up", "url", "http://"+s.Addr()+"/")
+	if o.Unix == "" {
+		s.log.Info("status page up", "url", "http://"+s.Addr()+"/")
+	}
 	return s, nil
 }
 
-// Addr is the address the server listens on, with the port it was given.
+// MaxUnixPath is the longest path a unix socket can be bound to on Linux.
+const MaxUnixPath = 107
+
+// Addr is the address the server listens on, with the port it was given (or the
+// socket's path).
 func (s *Server) Addr() string { return s.ln.Addr().String() }
 
 // Close stops the server, waiting a few seconds for requests in flight.

@@ -22,11 +22,30 @@ type Snapshot struct {
 	Started      time.Time          `json:"started"`
 	Reachability p2p.Reachability   `json:"reachability"`
 	Peers        []Peer             `json:"peers"`   // connected now
-	Runs         []Run              `json:"runs"`    // held now, then recently ended, oldest first
+	Runs         []Run              `json:"runs"`    // held now, then recently ended; newest first in each
 	Traffic      []traffic.Protocol `json:"traffic"` // frames and bytes per protocol since start
 	Penalties    int                `json:"penalties"`
 	Warnings     []Warning          `json:"warnings"`       // the most recent, oldest first
 	WarningsSeen uint64             `json:"warnings_total"` // every warning since start
+
+	// What the node accepts and offers: the launchers whose runs it trains, whether
+	// it trains anyone's (open), its memory budget and how many stages it may hold,
+	// how many run folders it keeps, and what it computes with.
+	Trust        []string  `json:"trust"`
+	Open         bool      `json:"open"`
+	MemoryBudget string    `json:"memory_budget"`
+	MaxStages    int       `json:"max_stages"`
+	KeepRuns     int       `json:"keep_runs"` // 0: every one
+	Compute      []Backend `json:"compute"`
+	// CPUOnly: every backend of this build computes on the CPU; a GPU is not used.
+	CPUOnly bool `json:"cpu_only"`
+}
+
+// Backend is a compute backend a node runs stages on.
+type Backend struct {
+	Name      string `json:"name"`      // cpu32, bf16
+	Precision string `json:"precision"` // fp32, bf16
+	Impl      string `json:"impl"`      // the implementation and instruction set in use
 }
 
 // Peer is a connected peer.
@@ -62,9 +81,12 @@ type Run struct {
 	Started  time.Time `json:"started,omitzero"`
 	Step     int       `json:"step"` // optimiser steps taken
 	Steps    int       `json:"steps"`
-	// Loss and LossCurve are known on the last stage only, which computes the loss;
-	// ValLoss after an evaluation there.
+	// Loss and LossCurve are known on the last stage, which computes the loss;
+	// ValLoss after an evaluation there. Another stage shows the last stage's Loss
+	// at LossStep as its heartbeat told it (LossFrom says so), without a curve.
 	Loss       float64   `json:"loss,omitempty"`
+	LossStep   int       `json:"loss_step,omitempty"`
+	LossFrom   string    `json:"loss_from,omitempty"`
 	ValLoss    float64   `json:"val_loss,omitempty"`
 	LossCurve  []Point   `json:"loss_curve,omitempty"`
 	TokensPerS float64   `json:"tokens_per_s"` // over the last few steps
