@@ -1,6 +1,7 @@
 package node
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -285,24 +286,19 @@ func (d *Daemon) Snapshot() status.Snapshot {
 	}
 	heard := maps.Clone(d.heard)
 	d.mu.Unlock()
+	// The newest plan first, as the runs that ended are.
+	slices.SortFunc(ws, func(a, b *worker) int {
+		if c := b.plan.Created.Compare(a.plan.Created); c != 0 {
+			return c
+		}
+		return cmp.Compare(a.plan.ID, b.plan.ID)
+	})
 	held := make([]status.Run, 0, len(ws))
 	for _, w := range ws {
 		held = append(held, withHeardLoss(w.statusView(), heard))
 	}
-	slices.SortFunc(held, newestFirst)
 	s.Runs = append(held, s.Runs...)
 	return s
-}
-
-// newestFirst orders runs held now: those accepted and not started yet, then by
-// start, the latest first.
-func newestFirst(a, b status.Run) int {
-	if c := b.Started.Compare(a.Started); a.Started.IsZero() != b.Started.IsZero() {
-		return -c // the zero time is the earliest, but an accepted run is the newest
-	} else if c != 0 {
-		return c
-	}
-	return strings.Compare(a.Run, b.Run)
 }
 
 // heardLoss is a training loss a run's last stage announced.
