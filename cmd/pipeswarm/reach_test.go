@@ -31,12 +31,14 @@ func TestNodeWithOnlyPrivateAddressesPrintsTheReachabilityLineWithAFix(t *testin
 			<-exited
 		}
 	})
-	line := regexp.MustCompile(`(?m)^reachability: not reachable: no public address; fix: forward TCP port (\d+) and UDP port (\d+) on your router to this machine and pass --announce /ip4/PUBLIC_IP/tcp/(\d+), or name a relay.*$`)
+	// Listening on random ports, the fix is to listen on fixed ones and forward those;
+	// on fixed ports, to forward the ports it listens on.
+	line := regexp.MustCompile(`(?m)^reachability: not reachable: no public address; fix: (?:listen on fixed ports \(--listen /ip4/0.0.0.0/tcp/4001 --listen /ip4/0.0.0.0/udp/4001/quic-v1; the ports now are random and change at every start\), forward TCP and UDP port (\d+)|forward TCP port (\d+) and UDP port \d+) on your router to this machine and pass --announce /ip4/PUBLIC_IP/tcp/(\d+), or name a relay.*$`)
 	const within = 60 * time.Second
 	for {
 		if m := line.FindStringSubmatch(stdout.String()); m != nil {
-			if m[1] != m[3] {
-				t.Errorf("the fix forwards port %s but announces %s", m[1], m[3])
+			if m[1]+m[2] != m[3] {
+				t.Errorf("the fix forwards port %s but announces %s", m[1]+m[2], m[3])
 			}
 			t.Logf("%v after start: %s", time.Since(start).Round(time.Millisecond), m[0])
 			return
