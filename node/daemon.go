@@ -160,6 +160,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 	// Told nowhere in particular, a node listens where it did the first time: the
 	// address others were given (and a port forwarded) stays right across restarts.
 	kept := []string(nil)
+	ho.PortsKept = cfg.ListenIsDefault()
 	if cfg.ListenIsDefault() {
 		if kept = dir.ReadListen(); len(kept) > 0 {
 			ho.Listen = kept

@@ -237,7 +237,7 @@ func newReacher(h host.Host, o HostOptions, transports []libp2p.Option, log *slo
 		dialer.Close()
 		return nil, fmt.Errorf("p2p: reachability emitter: %w", err)
 	}
-	r := &reacher{h: h, log: log, an: an, dialer: dialer, emit: emit, private: o.reachPrivate, random: randomPorts(o.Listen),
+	r := &reacher{h: h, log: log, an: an, dialer: dialer, emit: emit, private: o.reachPrivate, random: randomPorts(o.Listen) && !o.PortsKept,
 		relays: len(o.Relays) > 0, announce: slices.Clone(o.Announce), done: make(chan struct{})}
 	sub, err := h.EventBus().Subscribe([]any{new(event.EvtPeerIdentificationCompleted), new(event.EvtAutoRelayAddrsUpdated)}, eventbus.Name("pipeswarm reachability"))
 	if err != nil {
