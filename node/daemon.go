@@ -86,8 +86,8 @@ type Daemon struct {
 
 	mu    sync.Mutex
 	runs  map[uint64]*worker
-	seen  map[[2]uint64]bool // plans (run, rejoin nonce) accepted and not yet expired
-	ended map[uint64]bool    // runs held here that have stopped: their late frames are dropped, not penalised
+	seen  map[[2]uint64]time.Time // plans (run, rejoin nonce) accepted and not yet expired, with their expiry; kept in the data directory too
+	ended map[uint64]bool         // runs held here that have stopped: their late frames are dropped, not penalised
 	// members are the peers of each run held here (its cells, as moved since, and its
 	// launcher): they alone may open tensor and reduce streams to this node.
 	members map[uint64]map[peer.ID]bool
@@ -193,10 +193,20 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 			}
 		}
 	}
-	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]bool{}, ended: map[uint64]bool{},
+	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]time.Time{}, ended: map[uint64]bool{},
 		members: map[uint64]map[peer.ID]bool{}, ctlOpen: map[peer.ID]int{},
 		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
+	// Plans accepted before a restart stay refused until they expire.
+	accepted, err := dir.ReadAccepted(time.Now())
+	if err != nil {
+		h.Close()
+		dir.Close()
+		return nil, err
+	}
+	for _, a := range accepted {
+		d.seen[[2]uint64{a.Run, a.Nonce}] = a.Expires
+	}
 	penalise := func(p peer.ID, err error) {
 		if !errors.Is(err, p2p.ErrViolation) {
 			log.Debug("stream failed; no penalty", "peer", p, "err", err)
@@ -579,6 +589,20 @@ func (d *Daemon) close() error {
 	return errors.Join(statusErr, d.reduce.Close(), d.host.Close(), d.dir.Close())
 }
 
+// writeAccepted keeps the plans accepted and not yet expired in the data directory.
+// d.mu is held.
+func (d *Daemon) writeAccepted() error {
+	now := time.Now()
+	var all []datadir.Accepted
+	for k, exp := range d.seen {
+		if exp.After(now) {
+			all = append(all, datadir.Accepted{Run: k[0], Nonce: k[1], Expires: exp})
+		}
+	}
+	slices.SortFunc(all, func(a, b datadir.Accepted) int { return a.Expires.Compare(b.Expires) })
+	return d.dir.WriteAccepted(all)
+}
+
 func (d *Daemon) hasEnded(id uint64) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -714,7 +738,7 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 			MemoryBytes: d.cfg.MemoryBudgetBytes(), MaxStages: free, Precisions: d.cfg.Precisions()}}
 		if m.Run != 0 && m.Spec != "" {
 			if sp, err := spec.Parse([]byte(m.Spec), "run spec"); err == nil {
-				r.Held = heldIn(d.dir.RunDir(fmt.Sprintf("%016x", m.Run)), sp.String(), sp.Pipeline.Stages, sp.Pipeline.Replicas)
+				r.Held = heldIn(d.dir.RunDir(fmt.Sprintf("%016x", m.Run)), sp.String(), sp.Pipeline.Stages, sp.Pipeline.Replicas, d.log)
 			}
 		}
 		return r
@@ -884,7 +908,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if _, dup := d.runs[plan.ID]; dup || d.seen[[2]uint64{plan.ID, nonce}] {
+	if _, dup := d.runs[plan.ID]; dup || !d.seen[[2]uint64{plan.ID, nonce}].IsZero() {
 		return fmt.Errorf("refused: run %016x already accepted here", plan.ID)
 	}
 	if len(d.runs) >= d.cfg.MaxStages {
@@ -897,10 +921,18 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		}
 		resumeDir = d.dir.RunDir(fmt.Sprintf("%016x", plan.Resume.Run))
 	}
+	// Recorded before anything else: a node restarted after this must refuse the plan.
+	d.seen[[2]uint64{plan.ID, nonce}] = plan.Expires
+	if err := d.writeAccepted(); err != nil {
+		delete(d.seen, [2]uint64{plan.ID, nonce})
+		return fmt.Errorf("refused: %w", err)
+	}
 	w, err := newWorker(context.Background(), workerEnv{host: d.host, log: d.log, reduce: d.reduce, fetch: d.fetch, corpus: d.cfg.Corpus,
 		faultStallSync: d.faultStallSync, meters: d.meters},
 		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), resumeDir)
 	if err != nil {
+		delete(d.seen, [2]uint64{plan.ID, nonce}) // not taken: the launcher may send it again
+		_ = d.writeAccepted()
 		return fmt.Errorf("refused: %w", err)
 	}
 	d.runs[plan.ID] = w
@@ -911,8 +943,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		}
 	}
 	d.members[plan.ID] = members
-	d.seen[[2]uint64{plan.ID, nonce}] = true // a replay of the plan within its life is refused
-	delete(d.ended, plan.ID)                 // frames of the run are for this worker again
+	delete(d.ended, plan.ID) // frames of the run are for this worker again
 	time.AfterFunc(time.Until(plan.Expires), func() {
 		d.mu.Lock()
 		delete(d.seen, [2]uint64{plan.ID, nonce})

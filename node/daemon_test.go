@@ -337,3 +337,49 @@ func TestNodeKeepsItsDefaultListenPortsAcrossRestarts(t *testing.T) {
 		t.Errorf("after a start told elsewhere, the node listens on %v, want its kept %v", again, first)
 	}
 }
+
+// A plan accepted before a restart is refused after it, until it expires: the node
+// keeps the plans it accepted in its data directory.
+func TestAPlanAcceptedBeforeARestartIsRefusedAfterIt(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "node")
+	newDaemon := func() *Daemon {
+		cfg := &config.Config{DataDir: dir, Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true, MaxStages: 2}
+		cfg.EnsureDefaults()
+		d, err := NewDaemon(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return d
+	}
+	d := newDaemon()
+	k, _ := p2p.GenerateKey()
+	launcher, _ := p2p.PeerID(k)
+	signed := signedPlanBy(t, d, k, 11, time.Now().Add(time.Minute))
+	if err := d.accept(launcher, signed); err != nil {
+		t.Fatal(err)
+	}
+	short := signedPlanBy(t, d, k, 12, time.Now().Add(300*time.Millisecond))
+	if err := d.accept(launcher, short); err != nil {
+		t.Fatal(err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	d = newDaemon()
+	defer d.Close()
+	if err := d.accept(launcher, signed); err == nil || !strings.Contains(err.Error(), "already accepted") {
+		t.Fatalf("the same signed plan after a restart: %v, want a refusal", err)
+	}
+	// Once a plan has expired it is forgotten (and refused as expired anyway).
+	time.Sleep(400 * time.Millisecond)
+	d.mu.Lock()
+	err := d.writeAccepted()
+	d.mu.Unlock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept, err := d.dir.ReadAccepted(time.Now())
+	if err != nil || len(kept) != 1 || kept[0].Run != 11 {
+		t.Fatalf("kept after one expired: %+v, %v; want run 11 only", kept, err)
+	}
+}

@@ -724,7 +724,7 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
 	for {
 		var offers []assign.Offer
-		var problems []string
+		var problems, refused []string
 		held := map[string][]Held{}
 		ask := ctlMsg{Type: msgOffer}
 		if prev != nil {
@@ -749,7 +749,8 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 			if err == nil && !r.OK && r.Error != "" {
 				// A node that will not take this launcher's runs at all (its key is not
 				// trusted there): waiting does not change that.
-				return nil, fmt.Errorf("%w: %s on %s", ErrRunFailed, r.Error, addr)
+				refused = append(refused, fmt.Sprintf("%s on %s", r.Error, addr))
+				continue
 			}
 			if err != nil || !r.OK || r.Offer == nil {
 				problems = append(problems, fmt.Sprintf("%s gave no offer: %v", id, err))
@@ -758,6 +759,9 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 			r.Offer.Peer = id.String()
 			offers = append(offers, *r.Offer)
 			held[id.String()] = r.Held
+		}
+		if len(refused) > 0 {
+			return nil, fmt.Errorf("%w: %s", ErrRunFailed, strings.Join(refused, "; "))
 		}
 		var resume *ResumePlan
 		if prev != nil {

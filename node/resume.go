@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -76,11 +77,13 @@ func stagePairs(dir, base string) [2]ckPair {
 // resumableStep is the step a checkpoint pair can resume from, if its two files agree
 // on it and say they are a whole step of a run of spec (any spec if spec is "").
 func (p ckPair) resumableStep(spec string) (int, error) {
-	wm, err := shard.ReadCheckpointMetadata(p.weights)
+	// Read whole and checked against their checksums: a corrupt file is never offered
+	// nor resumed from.
+	wm, err := shard.VerifyCheckpoint(p.weights)
 	if err != nil {
 		return 0, err
 	}
-	sm, err := shard.ReadCheckpointMetadata(p.state)
+	sm, err := shard.VerifyCheckpoint(p.state)
 	if err != nil {
 		return 0, err
 	}
@@ -113,14 +116,19 @@ func rotate(dir, base string, step int, whole bool) error {
 	return nil
 }
 
-// heldIn lists the resumable stage checkpoints of a run of spec in runDir.
-func heldIn(runDir, spec string, stages, replicas int) []Held {
+// heldIn lists the resumable stage checkpoints of a run of spec in runDir; each
+// corrupt file found is logged on log, by name, and left out.
+func heldIn(runDir, spec string, stages, replicas int, log *slog.Logger) []Held {
 	var out []Held
 	for s := range stages {
 		for r := range replicas {
 			h := Held{Stage: s, Replica: r}
 			for _, p := range stagePairs(runDir, stageBase(s, r, replicas)) {
-				if step, err := p.resumableStep(spec); err == nil && !slices.Contains(h.Steps, step) {
+				step, err := p.resumableStep(spec)
+				if errors.Is(err, shard.ErrCorrupt) {
+					log.Error("corrupt checkpoint: not offered for resuming", "err", err)
+				}
+				if err == nil && !slices.Contains(h.Steps, step) {
 					h.Steps = append(h.Steps, step)
 				}
 			}
@@ -156,14 +164,14 @@ func (w *worker) resumeFrom(runDir string, step int) error {
 	if pair == nil {
 		return fmt.Errorf("no checkpoint of %s at step %d here: %s", base, step, strings.Join(why, "; "))
 	}
-	ck, err := shard.LoadCheckpoint(pair.weights)
+	ck, err := shard.LoadSealed(pair.weights)
 	if err != nil {
 		return err
 	}
 	if err := w.stage.Load(ck); err != nil {
 		return err
 	}
-	st, err := shard.LoadCheckpoint(pair.state)
+	st, err := shard.LoadSealed(pair.state)
 	if err != nil {
 		return err
 	}

@@ -1,15 +1,21 @@
 package node
 
 import (
+	"bytes"
+	"errors"
+	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/shard"
 )
 
 func resumeTestSpec(t *testing.T, stages, replicas int) *spec.Spec {
@@ -121,5 +127,41 @@ func TestLauncherTargetsMergeRunsOfOneLauncherLatestFirst(t *testing.T) {
 	}
 	if filepath.Base(got[0].runDir) != "ffaa" || !slices.Equal(got[1].addrs, []string{"/ip4/127.0.0.1/tcp/2001"}) {
 		t.Errorf("targets %+v: want a's latest run ffaa, b without its stale record", got)
+	}
+}
+
+// A stage checkpoint whose bytes changed since it was written is named in the node's
+// log and not offered; the older good one beside it is.
+func TestACorruptCheckpointIsLoggedAndTheOlderGoodOneOffered(t *testing.T) {
+	dir := t.TempDir()
+	const sp = "name: x\n"
+	base := stageBase(0, 0, 1)
+	for i, p := range stagePairs(dir, base) {
+		meta := map[string]string{train.MetaStep: strconv.Itoa(120 - 60*i), metaResumable: "1", train.MetaSpec: sp}
+		vals := []float32{1, 2, 3, float32(i)}
+		if err := errors.Join(shard.SaveTensors(p.weights, meta, []shard.Named{{Name: "w", Data: vals}}),
+			shard.SaveTensors(p.state, meta, []shard.Named{{Name: "adam_m", Data: vals}})); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var logs bytes.Buffer
+	log := slog.New(slog.NewTextHandler(&logs, nil))
+	if got := heldIn(dir, sp, 1, 1, log); len(got) != 1 || !slices.Equal(got[0].Steps, []int{120, 60}) {
+		t.Fatalf("held before the corruption: %+v", got)
+	}
+	newest := stagePairs(dir, base)[0].weights
+	b, err := os.ReadFile(newest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[len(b)-2] ^= 0x10 // one bit of one weight
+	if err := os.WriteFile(newest, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := heldIn(dir, sp, 1, 1, log); len(got) != 1 || !slices.Equal(got[0].Steps, []int{60}) {
+		t.Fatalf("held after the newest weights changed: %+v, want step 60 only", got)
+	}
+	if !strings.Contains(logs.String(), "corrupt checkpoint") || !strings.Contains(logs.String(), newest) {
+		t.Fatalf("the node's log does not name the corrupt file:\n%s", logs.String())
 	}
 }

@@ -4,7 +4,9 @@ import (
 	"bufio"
 	"bytes"
 	"cmp"
+	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -46,13 +48,27 @@ const (
 	// MetaPrecision is the precision the stages trained at, their backend's: "fp32"
 	// or "bf16". The tensors are float32 (the master weights) either way.
 	MetaPrecision = "pipeswarm.precision"
+	// MetaSHA256 is the file's checksum, in hex: sha256 over the whole file as
+	// written, with this value's 64 digits as zeros. Every file this package writes
+	// carries it, and every read checks it (a file without it, another tool's,
+	// reads as before; Checkpoint.Sealed tells which).
+	MetaSHA256 = "pipeswarm.sha256"
 )
+
+// ErrCorrupt is wrapped (with ErrCheckpoint) by the error of a read whose bytes do
+// not hash to the checksum the file carries: the file changed after it was written.
+var ErrCorrupt = errors.New("checksum mismatch")
+
+// sealPlaceholder is MetaSHA256's value while the checksum is computed.
+var sealPlaceholder = strings.Repeat("0", 2*sha256.Size)
 
 // Checkpoint is a set of named float32 tensors with string metadata, as stored in a
 // safetensors file.
 type Checkpoint struct {
 	Tensors  map[string]CheckpointTensor
 	Metadata map[string]string
+	// Sealed says the file carried a checksum (MetaSHA256) and its bytes matched it.
+	Sealed bool
 }
 
 // CheckpointTensor is one tensor: its shape and its row-major values.
@@ -71,6 +87,11 @@ func WriteCheckpoint(w io.Writer, meta map[string]string, stages ...*Stage) erro
 	if err != nil {
 		return err
 	}
+	seal(header, func(w io.Writer) {
+		for _, s := range stages {
+			_ = writeFloats(w, s.Params) // a hash takes every write
+		}
+	})
 	bw := bufio.NewWriterSize(w, 1<<16)
 	if _, err := bw.Write(header); err != nil {
 		return fmt.Errorf("write checkpoint header: %w", err)
@@ -133,7 +154,12 @@ type header struct {
 }
 
 func newHeader(meta map[string]string) (*header, error) {
-	mj, err := json.Marshal(meta) // sorted keys: the same inputs give the same bytes
+	m := make(map[string]string, len(meta)+1)
+	for k, v := range meta {
+		m[k] = v
+	}
+	m[MetaSHA256] = sealPlaceholder // seal fills it in
+	mj, err := json.Marshal(m) // sorted keys: the same inputs give the same bytes
 	if err != nil {
 		return nil, fmt.Errorf("%w: metadata: %v", ErrCheckpoint, err)
 	}
@@ -160,6 +186,41 @@ func (h *header) finish() []byte {
 	b := h.b.Bytes()
 	binary.LittleEndian.PutUint64(b, uint64(len(b)-8))
 	return b
+}
+
+// sealField is how MetaSHA256 appears in a header, up to its value.
+var sealField = []byte(`"` + MetaSHA256 + `":"`)
+
+// seal puts into header (from newHeader) the checksum of the file it begins: the
+// header with the placeholder, then what data writes.
+func seal(header []byte, data func(io.Writer)) {
+	i := bytes.Index(header, []byte(`"`+MetaSHA256+`":"`+sealPlaceholder+`"`))
+	h := sha256.New()
+	h.Write(header)
+	data(h)
+	hex.Encode(header[i+len(sealField):], h.Sum(nil))
+}
+
+// unsealed is header with its checksum's digits as zeros, and the checksum, if
+// it carries one (sum is nil if not). A header whose metadata names a checksum
+// that is not where the writer puts it is corrupt.
+func unsealed(header []byte, meta map[string]string) (zeroed, sum []byte, err error) {
+	want, ok := meta[MetaSHA256]
+	if !ok {
+		return header, nil, nil
+	}
+	sum, err = hex.DecodeString(want)
+	if err != nil || len(sum) != sha256.Size || hex.EncodeToString(sum) != want { // lower case, as written
+		return nil, nil, fmt.Errorf("%w: %w: %s %q is not a sha256", ErrCheckpoint, ErrCorrupt, MetaSHA256, want)
+	}
+	field := append(slices.Clone(sealField), want...)
+	i := bytes.Index(header, field)
+	if i < 0 || bytes.Count(header, sealField) != 1 {
+		return nil, nil, fmt.Errorf("%w: %w: the header's checksum field is not as written", ErrCheckpoint, ErrCorrupt)
+	}
+	zeroed = slices.Clone(header)
+	copy(zeroed[i+len(sealField):], sealPlaceholder)
+	return zeroed, sum, nil
 }
 
 // writeFloats writes v as little-endian float32s through a small buffer.
@@ -274,11 +335,12 @@ type tensorEntry struct {
 // be exactly as long as the header says. Memory grows with the bytes actually read, not
 // with what a header claims. Every error wraps ErrCheckpoint (and the reader's error,
 // if any) and names the tensor concerned.
-func ReadCheckpoint(r io.Reader) (*Checkpoint, error) { return readCheckpoint(r, -1) }
+func ReadCheckpoint(r io.Reader) (*Checkpoint, error) { return readCheckpoint(r, -1, true) }
 
 // readCheckpoint is ReadCheckpoint for a stream of known size (-1 if unknown), which
-// lets it check the data length before reading and allocate each tensor once.
-func readCheckpoint(r io.Reader, size int64) (*Checkpoint, error) {
+// lets it check the data length before reading and allocate each tensor once. With
+// keep false it checks the file and its checksum without keeping the tensors.
+func readCheckpoint(r io.Reader, size int64, keep bool) (*Checkpoint, error) {
 	var lenBuf [8]byte
 	if _, err := io.ReadFull(r, lenBuf[:]); err != nil {
 		return nil, fmt.Errorf("%w: header length: %w", ErrCheckpoint, eofIsUnexpected(err))
@@ -298,6 +360,13 @@ func readCheckpoint(r io.Reader, size int64) (*Checkpoint, error) {
 	if err != nil {
 		return nil, err
 	}
+	zeroed, sum, err := unsealed(header, meta)
+	if err != nil {
+		return nil, err
+	}
+	hash := sha256.New()
+	hash.Write(lenBuf[:])
+	hash.Write(zeroed)
 	if size >= 0 {
 		var want int64
 		if k := len(entries); k > 0 {
@@ -315,11 +384,19 @@ func readCheckpoint(r io.Reader, size int64) (*Checkpoint, error) {
 		if size < 0 {
 			capacity = min(elems, len(buf)/4) // grow with what arrives, not what is claimed
 		}
+		if !keep {
+			capacity = 0
+		}
 		data := make([]float32, 0, capacity)
-		for len(data) < elems {
-			k := min(elems-len(data), len(buf)/4)
+		for read := 0; read < elems; {
+			k := min(elems-read, len(buf)/4)
 			if _, err := io.ReadFull(r, buf[:4*k]); err != nil {
 				return nil, fmt.Errorf("%w: tensor %q: data: %w", ErrCheckpoint, e.name, eofIsUnexpected(err))
+			}
+			hash.Write(buf[:4*k])
+			read += k
+			if !keep {
+				continue
 			}
 			for j := range k {
 				data = append(data, math.Float32frombits(binary.LittleEndian.Uint32(buf[4*j:])))
@@ -336,6 +413,12 @@ func readCheckpoint(r io.Reader, size int64) (*Checkpoint, error) {
 		return nil, fmt.Errorf("%w: data continues past the last tensor", ErrCheckpoint)
 	case err != io.EOF:
 		return nil, fmt.Errorf("%w: after the data: %w", ErrCheckpoint, err)
+	}
+	if sum != nil {
+		if got := hash.Sum(nil); !bytes.Equal(got, sum) {
+			return nil, fmt.Errorf("%w: %w: the file hashes to %x, it was written as %x", ErrCheckpoint, ErrCorrupt, got, sum)
+		}
+		ck.Sealed = true
 	}
 	return ck, nil
 }
@@ -460,8 +543,26 @@ func (e *tensorEntry) validate() error {
 	return nil
 }
 
-// LoadCheckpoint reads the safetensors file at path.
-func LoadCheckpoint(path string) (*Checkpoint, error) {
+// LoadCheckpoint reads the safetensors file at path, checking its checksum if it
+// carries one (an error wrapping ErrCorrupt if its bytes do not match).
+func LoadCheckpoint(path string) (*Checkpoint, error) { return loadCheckpoint(path, true, false) }
+
+// LoadSealed is LoadCheckpoint for a file this package wrote: one without a checksum
+// is corrupt too (a byte changed in the checksum's key leaves none).
+func LoadSealed(path string) (*Checkpoint, error) { return loadCheckpoint(path, true, true) }
+
+// VerifyCheckpoint reads the whole safetensors file at path as LoadSealed does,
+// keeping nothing but its metadata: how a node checks a checkpoint before it offers
+// to resume from it.
+func VerifyCheckpoint(path string) (meta map[string]string, err error) {
+	ck, err := loadCheckpoint(path, false, true)
+	if err != nil {
+		return nil, err
+	}
+	return ck.Metadata, nil
+}
+
+func loadCheckpoint(path string, keep, sealed bool) (*Checkpoint, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, fmt.Errorf("load checkpoint: %w", err)
@@ -475,7 +576,10 @@ func LoadCheckpoint(path string) (*Checkpoint, error) {
 	if !st.Mode().IsRegular() {
 		size = -1
 	}
-	ck, err := readCheckpoint(bufio.NewReaderSize(f, 1<<16), size)
+	ck, err := readCheckpoint(bufio.NewReaderSize(f, 1<<16), size, keep)
+	if err == nil && sealed && !ck.Sealed {
+		err = fmt.Errorf("%w: %w: the file carries no %s", ErrCheckpoint, ErrCorrupt, MetaSHA256)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("load checkpoint %s: %w", path, err)
 	}
@@ -620,6 +724,11 @@ func SaveTensors(path string, meta map[string]string, tensors []Named) error {
 		h.add(t.Name, []int{len(t.Data)}, len(t.Data))
 	}
 	hb := h.finish()
+	seal(hb, func(w io.Writer) {
+		for _, t := range tensors {
+			_ = writeFloats(w, t.Data) // a hash takes every write
+		}
+	})
 	return writeFileAtomic(path, func(w io.Writer) error {
 		bw := bufio.NewWriterSize(w, 1<<16)
 		if _, err := bw.Write(hb); err != nil {

@@ -384,7 +384,7 @@ func FuzzReadCheckpoint(f *testing.F) {
 	f.Add([]byte{})
 	f.Fuzz(func(t *testing.T, b []byte) {
 		ck, err := ReadCheckpoint(bytes.NewReader(b))
-		ck2, err2 := readCheckpoint(bytes.NewReader(b), int64(len(b)))
+		ck2, err2 := readCheckpoint(bytes.NewReader(b), int64(len(b)), true)
 		if (err == nil) != (err2 == nil) {
 			t.Fatalf("stream and sized reads disagree: %v vs %v", err, err2)
 		}
@@ -763,5 +763,84 @@ func TestCheckpointRecordsPrecisionAndKeepsFloat32Weights(t *testing.T) {
 	b, _ := NewStage(c, Range{1, 2}, false, true, WithBackend(backends(t)[1]))
 	if err := WriteCheckpoint(io.Discard, nil, a, b); !errors.Is(err, ErrCheckpoint) {
 		t.Fatalf("stages of two precisions in one checkpoint: %v, want ErrCheckpoint", err)
+	}
+}
+
+// A byte changed anywhere in a checkpoint or state file (header length, JSON,
+// padding, the checksum itself, tensor data) fails the read, as a checksum
+// mismatch or as a malformed file; never a silent load.
+func TestAByteFlippedAnywhereInACheckpointOrStateFileIsDetected(t *testing.T) {
+	src := initStages(t, ckConfig, 1, 3)
+	dir := t.TempDir()
+	weights, state := filepath.Join(dir, "stage-0.safetensors"), filepath.Join(dir, "stage-0.state.safetensors")
+	if err := SaveCheckpoint(weights, map[string]string{"pipeswarm.step": "120"}, src...); err != nil {
+		t.Fatal(err)
+	}
+	n := len(src[0].Params)
+	m, v := make([]float32, n), make([]float32, n)
+	for i := range m {
+		m[i], v[i] = float32(i)*1e-3, float32(i%7)*1e-4
+	}
+	if err := SaveTensors(state, map[string]string{"adam_step": "120"}, []Named{{"adam_m", m}, {"adam_v", v}}); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{weights, state} {
+		good, err := os.ReadFile(path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ck, err := ReadCheckpoint(bytes.NewReader(good))
+		if err != nil || !ck.Sealed {
+			t.Fatalf("%s as written: sealed %v, %v", path, ck != nil && ck.Sealed, err)
+		}
+		// Every byte of the header and its neighbourhood, and a spread of the data.
+		hlen := 8 + int(binary.LittleEndian.Uint64(good))
+		rng := rand.New(rand.NewPCG(1, uint64(len(good))))
+		var positions []int
+		for i := range min(hlen+64, len(good)) {
+			positions = append(positions, i)
+		}
+		for range 2000 {
+			positions = append(positions, hlen+rng.IntN(len(good)-hlen))
+		}
+		positions = append(positions, len(good)-1)
+		bad := make([]byte, len(good))
+		for _, i := range positions {
+			copy(bad, good)
+			bad[i] ^= byte(1 + rng.IntN(255)) // a change, never none
+			// A change in the checksum's key leaves a file without one: read as
+			// another tool's (not Sealed), refused by LoadSealed.
+			if ck, err := ReadCheckpoint(bytes.NewReader(bad)); err == nil && ck.Sealed {
+				t.Fatalf("%s: byte %d changed from %#x to %#x, and the file read as sealed", filepath.Base(path), i, good[i], bad[i])
+			} else if err != nil && !errors.Is(err, ErrCheckpoint) {
+				t.Fatalf("%s: byte %d: %v, want ErrCheckpoint", filepath.Base(path), i, err)
+			}
+		}
+		// A change in the checksum's key: LoadSealed refuses the file.
+		k := bytes.Index(good, []byte(MetaSHA256))
+		copy(bad, good)
+		bad[k+2] ^= 0x83
+		if err := os.WriteFile(path, bad, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := LoadSealed(path); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("a file whose checksum key changed: %v, want ErrCorrupt", err)
+		}
+		// On disk the same: LoadCheckpoint and VerifyCheckpoint name the file.
+		i := hlen + rng.IntN(len(good)-hlen)
+		copy(bad, good)
+		bad[i] ^= 0x40
+		if err := os.WriteFile(path, bad, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := LoadCheckpoint(path); !errors.Is(err, ErrCorrupt) || !strings.Contains(err.Error(), path) {
+			t.Fatalf("load of a corrupt %s: %v, want ErrCorrupt naming the file", path, err)
+		}
+		if _, err := LoadSealed(path); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("sealed load of a corrupt %s: %v, want ErrCorrupt", path, err)
+		}
+		if _, err := VerifyCheckpoint(path); !errors.Is(err, ErrCorrupt) {
+			t.Fatalf("verify of a corrupt %s: %v, want ErrCorrupt", path, err)
+		}
 	}
 }

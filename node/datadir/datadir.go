@@ -15,14 +15,17 @@
 package datadir
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 )
 
 // ErrLocked is wrapped by the error Open returns when another process holds the directory.
@@ -297,4 +300,45 @@ func (d *Dir) CleanTemp() (int, error) {
 		return n, fmt.Errorf("clean temporary files in %s: %w", d.Path, err)
 	}
 	return n, nil
+}
+
+// AcceptedPath holds the signed plans a node has accepted whose expiry has not
+// passed, so that a restart does not make it accept one of them again.
+func (d *Dir) AcceptedPath() string { return filepath.Join(d.Path, "accepted") }
+
+// Accepted is one accepted plan: its run, its rejoin nonce (0 for the first), its
+// expiry.
+type Accepted struct {
+	Run     uint64    `json:"run"`
+	Nonce   uint64    `json:"nonce,omitempty"`
+	Expires time.Time `json:"expires"`
+}
+
+// ReadAccepted returns the plans kept in AcceptedPath that expire after now; none if
+// the file is absent. A file that does not parse is an error naming it.
+func (d *Dir) ReadAccepted(now time.Time) ([]Accepted, error) {
+	b, err := os.ReadFile(d.AcceptedPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read accepted plans: %w", err)
+	}
+	var all []Accepted
+	if err := json.Unmarshal(b, &all); err != nil {
+		return nil, fmt.Errorf("read accepted plans %s: %w (remove the file to start afresh)", d.AcceptedPath(), err)
+	}
+	return slices.DeleteFunc(all, func(a Accepted) bool { return !a.Expires.After(now) }), nil
+}
+
+// WriteAccepted replaces AcceptedPath with plans, atomically and durably.
+func (d *Dir) WriteAccepted(plans []Accepted) error {
+	b, err := json.Marshal(plans)
+	if err != nil {
+		return fmt.Errorf("write accepted plans: %w", err)
+	}
+	if err := writeFileAtomic(d.AcceptedPath(), b); err != nil {
+		return fmt.Errorf("write accepted plans: %w", err)
+	}
+	return nil
 }

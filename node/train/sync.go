@@ -170,7 +170,7 @@ func saveState(path string, meta map[string]string, reps []*replica) error {
 // loadState restores a run from saveState's file; reps must be fresh replicas of the
 // same spec.
 func loadState(path string, reps []*replica) (*shard.Checkpoint, error) {
-	ck, err := shard.LoadCheckpoint(path)
+	ck, err := shard.LoadSealed(path)
 	if err != nil {
 		return nil, err
 	}
