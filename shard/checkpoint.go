@@ -159,7 +159,7 @@ func newHeader(meta map[string]string) (*header, error) {
 		m[k] = v
 	}
 	m[MetaSHA256] = sealPlaceholder // seal fills it in
-	mj, err := json.Marshal(m) // sorted keys: the same inputs give the same bytes
+	mj, err := json.Marshal(m)      // sorted keys: the same inputs give the same bytes
 	if err != nil {
 		return nil, fmt.Errorf("%w: metadata: %v", ErrCheckpoint, err)
 	}
