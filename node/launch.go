@@ -954,6 +954,8 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	}
 	done := map[[2]int]bool{}
 	broken := map[int]string{}
+	trained := make([]int, R)              // steps each replica pipeline reported in this part of the run
+	brokeWhy := map[int]string{}           // why each pipeline last broke, kept when it rejoins
 	hashes := map[[2]int]string{}          // (stage, step) -> the first replica's global weights hash
 	outers := map[[2]int][]metrics.Outer{} // (stage, step) -> rows so far
 	lagging := map[int]bool{}              // replica pipelines left behind by an outer step, still connected
@@ -1022,7 +1024,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			plot()
 			return fmt.Errorf("%w: %w: %s", ErrRunFailed, ErrStageDown, why)
 		}
-		broken[r] = why
+		broken[r], brokeWhy[r] = why, why
 		res.Broken = append(res.Broken, r)
 		if rj.broke != nil {
 			rj.broke(r, true)
@@ -1102,6 +1104,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 				if r.Replica == 0 {
 					res.Steps, res.Loss = r.Step, r.Loss
 				}
+				trained[r.Replica]++
 				res.Tokens += int64(sp.TokensPerStep())
 				s := metrics.Step{Step: r.Step, Loss: r.Loss, Tokens: res.Tokens, LR: r.LR, GradNorm: r.GradNorm,
 					TokensPerS: float64(sp.TokensPerStep()) / now.Sub(last[r.Replica]).Seconds(), ElapsedS: now.Sub(start).Seconds()}
@@ -1253,7 +1256,41 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	}
 	res.Elapsed = time.Since(start)
 	plot()
-	return res, nil
+	return res, finishedWell(sp, res, trained, brokeWhy)
+}
+
+// finishedWell is the error of a run that ended without failing but did not do what it
+// was for: a replica pipeline that trained no step, or no validation loss recorded.
+func finishedWell(sp *spec.Spec, res *LaunchResult, trained []int, brokeWhy map[int]string) error {
+	var idle []string
+	for r, n := range trained {
+		if n == 0 {
+			why := brokeWhy[r]
+			if why == "" {
+				why = "no step was reported"
+			}
+			idle = append(idle, fmt.Sprintf("%s trained no step of %d (%s)", replicaName(sp, r), sp.Train.Steps, why))
+		}
+	}
+	if len(idle) > 0 {
+		return fmt.Errorf("%w: %s", ErrRunFailed, strings.Join(idle, "; "))
+	}
+	if math.IsNaN(res.ValLoss) { // as it starts: none reported
+		why := brokeWhy[0]
+		if why == "" {
+			why = "its evaluation was never reported"
+		}
+		return fmt.Errorf("%w: no validation loss was recorded: replica pipeline 0, which evaluates, stopped at step %d (%s)", ErrRunFailed, res.Steps, why)
+	}
+	return nil
+}
+
+// replicaName names replica pipeline r for people: "the pipeline" in a run of one.
+func replicaName(sp *spec.Spec, r int) string {
+	if sp.Pipeline.Replicas == 1 {
+		return "the pipeline"
+	}
+	return fmt.Sprintf("replica pipeline %d", r)
 }
 
 // Gone lists the replica pipelines still broken when the run ended: broken more

@@ -77,6 +77,18 @@ func (w *watchRun) report(plan *Plan, r Report) {
 	w.reports <- r
 }
 
+// train reports steps from..to of replica pipeline r (its last stage's), with
+// replica 0's validation losses where they are due.
+func (w *watchRun) train(sp *spec.Spec, plan *Plan, r, from, to int, join uint64) {
+	last := sp.Pipeline.Stages - 1
+	for step := from; step <= to; step++ {
+		w.report(plan, Report{Stage: last, Replica: r, Join: join, Kind: ReportStep, Step: step, Loss: 3})
+		if r == 0 && (step == sp.Train.Steps || (sp.EvalInterval > 0 && step%sp.EvalInterval == 0)) {
+			w.report(plan, Report{Stage: last, Replica: r, Kind: ReportEval, Step: step, ValLoss: 3.5})
+		}
+	}
+}
+
 func TestLaunchFailsLoudlyWhenReplicasReportDifferentWeights(t *testing.T) {
 	sp, plan := gridPlan(t)
 	w := newWatchRun()
@@ -97,8 +109,10 @@ func TestALostReplicaBreaksOnlyItsPipelineAndItsPartnerIsIdled(t *testing.T) {
 	w := newWatchRun()
 	// Stage 1 of replica 2 is gone after step 2: stage 1's others say so.
 	w.down[[2]int{1, 2}] = true
+	w.train(sp, plan, 2, 1, 2, 0)
 	w.report(plan, Report{Stage: 1, Replica: 0, Kind: ReportOuter, Step: 2, Outer: &OuterReport{Hash: "h", Missing: []int{2}}})
 	for r := range 2 {
+		w.train(sp, plan, r, 1, 4, 0)
 		for s := range 2 {
 			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
 		}
@@ -117,8 +131,10 @@ func TestAStalledReplicaLagsAndIsLetGoWhenTheOthersFinish(t *testing.T) {
 	w := newWatchRun()
 	// Stage 0 of replica 1 missed an outer step but is still connected: it lags, the
 	// run does not wait for it, and when the others are done it is told to stop.
+	w.train(sp, plan, 1, 1, 2, 0)
 	w.report(plan, Report{Stage: 0, Replica: 0, Kind: ReportOuter, Step: 2, Outer: &OuterReport{Hash: "h", Missing: []int{1}}})
 	for _, r := range []int{0, 2} {
+		w.train(sp, plan, r, 1, 4, 0)
 		for s := range 2 {
 			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
 		}
@@ -202,6 +218,11 @@ func TestABrokenPipelineRejoinsAtTheNextOuterStepWhenItsNodesAreBack(t *testing.
 	// must finish like the others.
 	w.report(plan, Report{Stage: 0, Replica: 2, Kind: ReportError, Error: "stalled: old news"})
 	for r := range 3 {
+		if r == 2 {
+			w.train(sp, plan, r, 3, 8, 99)
+		} else {
+			w.train(sp, plan, r, 1, 8, 0)
+		}
 		for s := range 2 {
 			rep := Report{Stage: s, Replica: r, Kind: ReportDone}
 			if r == 2 {
@@ -231,5 +252,39 @@ func TestADivergedStageStopsAReplicatedRunWithItsMessage(t *testing.T) {
 	}
 	if len(w.aborted) != 1 || w.aborted[0] != msg || len(w.idled) != 0 {
 		t.Errorf("aborted %q, idled %v; want the run aborted with the message, no pipeline idled", w.aborted, w.idled)
+	}
+}
+
+// A run whose replica pipeline trained nothing, or that recorded no validation loss,
+// did not do what it was for: it fails, saying which and why, rather than succeed
+// with nothing to show.
+func TestARunWithAPipelineThatTrainedNothingOrNoValidationLossFails(t *testing.T) {
+	sp, plan := gridPlan(t)
+	w := newWatchRun()
+	w.report(plan, Report{Stage: 0, Replica: 0, Kind: ReportError, Error: "sending step 1 micro-batch 0: stream reset (remote)"})
+	for _, r := range []int{1, 2} {
+		w.train(sp, plan, r, 1, 4, 0)
+		for s := range 2 {
+			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
+		}
+	}
+	_, err := w.run(t, sp, plan)
+	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "replica pipeline 0 trained no step of 4") || !strings.Contains(err.Error(), "stream reset") {
+		t.Fatalf("replica 0 broke before its first step: %v; want a failure naming it and why", err)
+	}
+
+	// Every pipeline trains, but replica 0 breaks before its evaluation.
+	w = newWatchRun()
+	w.train(sp, plan, 0, 1, 3, 0)
+	w.report(plan, Report{Stage: 1, Replica: 0, Kind: ReportError, Error: "disk on fire"})
+	for _, r := range []int{1, 2} {
+		w.train(sp, plan, r, 1, 4, 0)
+		for s := range 2 {
+			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
+		}
+	}
+	_, err = w.run(t, sp, plan)
+	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "no validation loss") || !strings.Contains(err.Error(), "disk on fire") {
+		t.Fatalf("no validation loss: %v; want a failure saying so", err)
 	}
 }
