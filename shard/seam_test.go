@@ -36,6 +36,7 @@ func (s *sealed) k(name string) { s.calls[name]++ }
 func (s *sealed) Name() string                   { return s.in.Name() }
 func (s *sealed) Precision() string              { return s.in.Precision() }
 func (s *sealed) Describe() string               { return "sealed " + s.in.Describe() }
+func (s *sealed) GEMM() *backend.GEMM            { return s.in.GEMM() }
 func (s *sealed) Alloc(n int) backend.Buf        { return sealedBuf{s.in.Alloc(n)} }
 func (s *sealed) Mirror(h []float32) backend.Buf { return s.Alloc(len(h)) }
 func (s *sealed) View(b backend.Buf, off, n int) backend.Buf {

@@ -28,7 +28,7 @@ var commands = []command{
 	{"status", "show what a running node is doing: peers, runs, loss, traffic, warnings", runStatus},
 	{"keygen", "make a launcher key and print its peer ID", runKeygen},
 	{"bench", "benchmarks: 'bench compression' (boundary codecs), 'bench wan' (a swarm behind emulated internet links)", runBench},
-	{"version", "print the build, the BLAS in use and the protocols spoken", runVersion},
+	{"version", "print the build, the GEMM providers found and the protocols spoken", runVersion},
 }
 
 func main() {

@@ -11,8 +11,9 @@ import (
 
 func runVersion(_ context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("version", "version [--json]", `
-Print the build: module version, VCS commit, Go version, the BLAS compute runs on, and
-the wire protocols this binary speaks.`, stderr)
+Print the build: module version, VCS commit, Go version, the GEMM providers found here
+(pipeswarm's Go kernels; oneDNN and OpenBLAS when installed) with their versions and
+kernels, the one --gemm auto picks, and the wire protocols this binary speaks.`, stderr)
 	asJSON := fs.Bool("json", false, "print one JSON object")
 	pos, err := parse(fs, args)
 	if err != nil {
@@ -32,7 +33,14 @@ the wire protocols this binary speaks.`, stderr)
 	} else if v.Modified {
 		commit += " (modified)"
 	}
-	fmt.Fprintf(stdout, "pipeswarm %s\ncommit    %s\ngo        %s %s\nblas      %s\n", v.Version, commit, v.Go, v.Platform, v.BLAS)
+	fmt.Fprintf(stdout, "pipeswarm %s\ncommit    %s\ngo        %s %s\ngemm      %s (--gemm auto)\n", v.Version, commit, v.Go, v.Platform, v.GEMM)
+	for _, p := range v.Providers {
+		if p.Error != "" {
+			fmt.Fprintf(stdout, "  %-9s not available: %s\n", p.Name, p.Error)
+		} else {
+			fmt.Fprintf(stdout, "  %-9s %s\n", p.Name, p.Describe)
+		}
+	}
 	for _, b := range v.Backends {
 		fmt.Fprintf(stdout, "backend   %s\n", b)
 	}

@@ -1,5 +1,5 @@
 // Package build says which pipeswarm this binary is: module version, VCS commit, Go,
-// the BLAS and compute backends it runs on and the wire protocols it speaks. `pipeswarm version`
+// the GEMM providers and compute backends it finds and the wire protocols it speaks. `pipeswarm version`
 // prints it, nodes put it in their heartbeats and on their status page, so that two
 // peers can be checked for a match.
 package build
@@ -12,7 +12,6 @@ import (
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 	"github.com/pipeswarm/pipeswarm/shard/backend"
-	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 // Info is this binary's build.
@@ -22,7 +21,12 @@ type Info struct {
 	Modified bool   `json:"modified,omitempty"`
 	Go       string `json:"go"`
 	Platform string `json:"platform"`
-	BLAS     string `json:"blas"`
+	// GEMM is the provider --gemm auto picks here, described ("oneDNN 2.6.3 matmul
+	// brg:avx512_core (ISA avx512_core_bf16)", "pipeswarm Go kernels, avx512").
+	GEMM string `json:"gemm"`
+	// Providers are every GEMM provider, with its version and kernels or why it is
+	// not available here.
+	Providers []backend.ProviderStatus `json:"providers,omitempty"`
 	// Backends are the compute backends this binary can run here, "name: what it is"
 	// (implementation and ISA), cpu32 first.
 	Backends  []string `json:"backends,omitempty"`
@@ -31,8 +35,11 @@ type Info struct {
 
 // Read gathers the build information of the running binary.
 func Read() Info {
-	v := Info{Version: "(devel)", Go: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH, BLAS: compute.Backend(),
-		Protocols: Protocols()}
+	v := Info{Version: "(devel)", Go: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH, Protocols: Protocols(),
+		Providers: backend.Providers()}
+	if g, err := backend.OpenGEMM("auto"); err == nil {
+		v.GEMM = g.Describe()
+	}
 	for _, name := range backend.Available() {
 		if be, err := backend.Open(name); err == nil {
 			v.Backends = append(v.Backends, name+": "+be.Describe())

@@ -61,7 +61,7 @@ func WriteText(w io.Writer, s *Snapshot) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	p := func(format string, args ...any) { fmt.Fprintf(tw, format, args...) }
 	p("peer\t%s\n", s.Peer)
-	p("build\t%s (%s, %s)\n", s.Build.Short(), s.Build.Go, s.Build.BLAS)
+	p("build\t%s (%s, %s)\n", s.Build.Short(), s.Build.Go, s.Build.GEMM)
 	if !s.Started.IsZero() {
 		p("up\t%s\n", s.Time.Sub(s.Started).Round(time.Second))
 	}

@@ -24,7 +24,7 @@ func newCollector(snapshot func() Snapshot) *collector {
 	}
 	return &collector{
 		snapshot:     snapshot,
-		buildInfo:    d("build_info", "Always 1; the labels say which build this node runs.", "version", "commit", "go", "blas"),
+		buildInfo:    d("build_info", "Always 1; the labels say which build this node runs.", "version", "commit", "go", "gemm"),
 		peers:        d("peers", "Peers connected now."),
 		peersLimited: d("peers_limited", "Connected peers reached only over limited (relayed) connections."),
 		reachable:    d("reachable", "Whether other peers can dial this node: 1 public, 0 private (behind NAT or a firewall), -1 unknown."),
@@ -57,7 +57,7 @@ func (c *collector) Collect(ch chan<- prometheus.Metric) {
 	counter := func(d *prometheus.Desc, v float64, labels ...string) {
 		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, v, labels...)
 	}
-	gauge(c.buildInfo, 1, s.Build.Version, s.Build.Commit, s.Build.Go, s.Build.BLAS)
+	gauge(c.buildInfo, 1, s.Build.Version, s.Build.Commit, s.Build.Go, s.Build.GEMM)
 	limited := 0
 	for _, p := range s.Peers {
 		if p.Limited {

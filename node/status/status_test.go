@@ -74,7 +74,7 @@ func TestCurveStaysBoundedAndKeepsItsEnds(t *testing.T) {
 func testSnapshot(reach string, step int) Snapshot {
 	return Snapshot{
 		Time: time.Now(), Peer: "12D3KooWTestPeer", Addrs: []string{"/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWTestPeer"},
-		Build:        build.Info{Version: "(devel)", Go: "go1.26", BLAS: "gonum"},
+		Build:        build.Info{Version: "(devel)", Go: "go1.26", GEMM: "gonum"},
 		Reachability: p2p.Reachability{State: reach},
 		Peers:        []Peer{{ID: "12D3KooWA", Addr: "/ip4/127.0.0.1/tcp/1", Conns: 1}, {ID: "12D3KooWB", Addr: "/p2p-circuit", Conns: 1, Limited: true}},
 		Runs: []Run{{Run: "00000000000000aa", Name: "t", Stage: 1, Stages: 2, Replica: 0, Replicas: 1, State: RunRunning, Step: step, Steps: 100,

@@ -5,11 +5,13 @@
 // holds only Buf handles, so a device backend can keep its tensors in device memory;
 // host []float32 meets a Buf only through Mirror, Upload and Download.
 //
-// Two backends exist: cpu32 (float32 throughout, GEMMs through shard/compute:
-// OpenBLAS with cgo, gonum's pure-Go BLAS without) and bf16 (oneDNN, cgo: GEMM
+// Two backends exist, named by precision: cpu32 (float32 throughout) and bf16 (GEMM
 // inputs rounded to bfloat16 with float32 accumulation, everything else float32, as
-// PyTorch's CPU autocast does it). Both cut every GEMM into the same fixed blocks
-// whatever the thread count, so results do not depend on it.
+// PyTorch's CPU autocast does it). Their GEMMs come from a provider (gemm.go):
+// pipeswarm's own Go kernels, or oneDNN or OpenBLAS when the library is installed,
+// loaded at run time without cgo (shard/backend/dl). Every provider cuts every GEMM
+// into the same fixed blocks whatever the thread count, so results do not depend on
+// it.
 package backend
 
 import (
@@ -31,6 +33,7 @@ type Backend interface {
 	Name() string      // "cpu32" or "bf16"
 	Precision() string // what the GEMM inputs are rounded to: "fp32" or "bf16"
 	Describe() string  // the implementation and ISA in use, for the start-up log
+	GEMM() *GEMM       // the provider of its matrix products
 
 	// Alloc returns a zeroed buffer of n values.
 	Alloc(n int) Buf
@@ -109,16 +112,24 @@ func PrecisionOf(name string) (string, error) {
 	return "", fmt.Errorf("%w %q (have %s)", ErrUnknown, name, strings.Join(Names, ", "))
 }
 
-// Open returns the backend called name, or an error saying why it cannot run here
-// (and what to install).
-func Open(name string) (Backend, error) {
-	switch name {
-	case "cpu32":
-		return CPU32(), nil
-	case "bf16":
-		return openBF16()
+// Open returns the backend called name with the GEMM provider --gemm auto picks, or
+// an error saying why it cannot run here (and what to install).
+func Open(name string) (Backend, error) { return OpenWith(name, "auto") }
+
+// OpenWith returns the backend called name computing its GEMMs with the provider
+// called gemm (one of GEMMNames).
+func OpenWith(name, gemm string) (Backend, error) {
+	if name != "cpu32" && name != "bf16" {
+		return nil, fmt.Errorf("%w %q (have %s)", ErrUnknown, name, strings.Join(Names, ", "))
 	}
-	return nil, fmt.Errorf("%w %q (have %s)", ErrUnknown, name, strings.Join(Names, ", "))
+	g, err := OpenGEMM(gemm)
+	if err != nil {
+		return nil, err
+	}
+	if name == "bf16" {
+		return openBF16(g)
+	}
+	return cpu32{g: g}, nil
 }
 
 // Available lists the backends Open can return on this machine, in Names order.

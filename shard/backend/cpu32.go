@@ -53,50 +53,51 @@ func (hostMemory) Download(dst []float32, src Buf) {
 	copy(dst, s)
 }
 
-// cpu32 computes everything in float32 on the host. Its GEMMs are oneDNN's float32
-// matmul where the binary has oneDNN (measured faster than OpenBLAS here: see
-// BenchmarkGemmProjection), else compute.Gemm's (OpenBLAS, or gonum without cgo);
-// either way in compute.Blocks's fixed blocks.
-type cpu32 struct{ hostMemory }
-
-// CPU32 is the float32 host backend.
-func CPU32() Backend { return cpu32{} }
-
-// fp32GEMM is what cpu32 multiplies with: gemm splits over the workers, serial runs
-// on the caller's goroutine (inside the attention kernels' ParallelFor).
-var fp32GEMM = struct {
-	gemm, serial sgemm
-	describe     func() string
-}{compute.Gemm, compute.Sgemm, compute.Backend}
-
-func (cpu32) Name() string      { return "cpu32" }
-func (cpu32) Precision() string { return "fp32" }
-func (cpu32) Describe() string  { return "float32, GEMM " + fp32GEMM.describe() }
-
-func (cpu32) Linear(y, x, w Buf, n, in, out int) {
-	fp32GEMM.gemm(false, true, n, out, in, 1, hostOf(x), in, hostOf(w), in, 0, hostOf(y), out)
+// cpu32 computes everything in float32 on the host, its GEMMs with a provider
+// (gemm.go) in compute.Blocks's fixed blocks.
+type cpu32 struct {
+	hostMemory
+	g *GEMM
 }
 
-func (cpu32) LinearBackward(dx, dw, dy, x, w Buf, n, in, out int, accumulate bool) {
-	fp32GEMM.gemm(true, false, out, in, n, 1, hostOf(dy), out, hostOf(x), in, 1, hostOf(dw), in)
+// CPU32 is the float32 host backend with the GEMM provider --gemm auto picks.
+func CPU32() Backend {
+	g, err := OpenGEMM("auto")
+	if err != nil { // auto only picks a provider that opened
+		panic(fmt.Sprintf("backend: %v", err))
+	}
+	return cpu32{g: g}
+}
+
+func (cpu32) Name() string       { return "cpu32" }
+func (cpu32) Precision() string  { return "fp32" }
+func (b cpu32) GEMM() *GEMM      { return b.g }
+func (b cpu32) Describe() string { return "float32, GEMM " + b.g.Describe() }
+
+func (b cpu32) Linear(y, x, w Buf, n, in, out int) {
+	compute.GemmWith(b.g.sgemm, false, true, n, out, in, 1, hostOf(x), in, hostOf(w), in, 0, hostOf(y), out)
+}
+
+func (b cpu32) LinearBackward(dx, dw, dy, x, w Buf, n, in, out int, accumulate bool) {
+	compute.GemmWith(b.g.sgemm, true, false, out, in, n, 1, hostOf(dy), out, hostOf(x), in, 1, hostOf(dw), in)
 	var beta float32
 	if accumulate {
 		beta = 1
 	}
-	fp32GEMM.gemm(false, false, n, in, out, 1, hostOf(dy), out, hostOf(w), in, beta, hostOf(dx), in)
+	compute.GemmWith(b.g.sgemm, false, false, n, in, out, 1, hostOf(dy), out, hostOf(w), in, beta, hostOf(dx), in)
 }
 
-func (cpu32) Attention(att, p, qkv Buf, b, t, nHeads, headDim int) {
-	attention(hostOf(att), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, fp32GEMM.serial)
+func (b cpu32) Attention(att, p, qkv Buf, bt, t, nHeads, headDim int) {
+	attention(hostOf(att), hostOf(p), hostOf(qkv), bt, t, nHeads, headDim, b.g.sgemm)
 }
 
-func (cpu32) AttentionBackward(dqkv, datt, p, qkv Buf, b, t, nHeads, headDim int) {
-	attentionBackward(hostOf(dqkv), hostOf(datt), hostOf(p), hostOf(qkv), b, t, nHeads, headDim, fp32GEMM.serial)
+func (b cpu32) AttentionBackward(dqkv, datt, p, qkv Buf, bt, t, nHeads, headDim int) {
+	attentionBackward(hostOf(dqkv), hostOf(datt), hostOf(p), hostOf(qkv), bt, t, nHeads, headDim, b.g.sgemm)
 }
 
-// sgemm is a single-threaded row-major GEMM, c = alpha·op(a)·op(b) + beta·c, as
-// compute.Sgemm; the attention kernels take one so the bf16 backend can swap in its own.
-type sgemm func(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int)
+// sgemm is a single-threaded row-major GEMM; the attention kernels take one so each
+// backend can bring its own.
+type sgemm = compute.SgemmFunc
 
 // The host kernels below are shared by both CPU backends: float32 is the precision
 // of norms, RoPE, softmax, SwiGLU and the loss in either.

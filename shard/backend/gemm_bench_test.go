@@ -1,5 +1,3 @@
-//go:build cgo && !purego && !nodnnl
-
 package backend
 
 import (
@@ -10,10 +8,8 @@ import (
 )
 
 // BenchmarkGemmProjection times the block benchmark's largest projection (gate|up:
-// 2048 tokens × 256 → 1376) on one goroutine with each GEMM this build has:
-// compute.Gemm (OpenBLAS, or gonum without cgo), and oneDNN's float32 and bf16
-// matmuls. cpu32 uses oneDNN's float32 one when it is there, because it measured
-// faster than OpenBLAS on this machine.
+// 2048 tokens × 256 → 1376) on one goroutine with each GEMM provider available here,
+// float32, and oneDNN's bf16 matmul.
 func BenchmarkGemmProjection(b *testing.B) {
 	const m, n, k = 2048, 1376, 256
 	rng := rand.New(rand.NewPCG(1, 2))
@@ -23,30 +19,31 @@ func BenchmarkGemmProjection(b *testing.B) {
 	report := func(b *testing.B) {
 		b.ReportMetric(2*m*n*k/(b.Elapsed().Seconds()/float64(b.N))/1e9, "GFLOP/s")
 	}
-	b.Run("compute-fp32", func(b *testing.B) {
-		for b.Loop() {
-			compute.Gemm(false, true, m, n, k, 1, x, k, w, k, 0, c, n)
-		}
-		report(b)
-	})
+	for _, p := range providers {
+		b.Run(p.name+"-fp32", func(b *testing.B) {
+			g, err := OpenGEMM(p.name)
+			if err != nil {
+				b.Skip(err)
+			}
+			for b.Loop() {
+				compute.GemmWith(g.sgemm, false, true, m, n, k, 1, x, k, w, k, 0, c, n)
+			}
+			report(b)
+		})
+	}
 	b.Run("onednn-bf16", func(b *testing.B) {
-		for b.Loop() {
-			gemm16(true, false, true, m, n, k, 1, x, k, w, k, 0, c, n)
+		be, err := OpenWith("bf16", "onednn")
+		if err != nil {
+			b.Skip(err)
 		}
-		report(b)
-	})
-	b.Run("onednn-fp32", func(b *testing.B) {
 		for b.Loop() {
-			gemm32(true, false, true, m, n, k, 1, x, k, w, k, 0, c, n)
+			be.(*bf16).gemm(true, false, true, m, n, k, 1, x, k, w, k, 0, c, n)
 		}
 		report(b)
 	})
 }
 
 func BenchmarkToBF16(b *testing.B) {
-	if _, err := Open("bf16"); err != nil {
-		b.Skip(err)
-	}
 	rng := rand.New(rand.NewPCG(1, 2))
 	x := randn(rng, 2048*256)
 	d := make([]uint16, len(x))

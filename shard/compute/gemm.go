@@ -4,9 +4,6 @@ import (
 	"runtime"
 	"sync"
 	"sync/atomic"
-
-	"gonum.org/v1/gonum/blas"
-	"gonum.org/v1/gonum/blas/blas32"
 )
 
 // minSplitFlops is the product size below which splitting a Gemm across goroutines
@@ -29,13 +26,6 @@ func Workers() int {
 // sharing a few cores run best with 1 each); n ≤ 0 goes back to GOMAXPROCS.
 func SetWorkers(n int) { workers.Store(int32(max(n, 0))) }
 
-func trans(t bool) blas.Transpose {
-	if t {
-		return blas.Trans
-	}
-	return blas.NoTrans
-}
-
 // gemmParts is how many blocks a large Gemm is cut into, whatever the number of
 // workers: each block is one Sgemm call of the same shape every time, so the result
 // does not depend on the thread count (BLAS kernels may round differently for
@@ -43,13 +33,21 @@ func trans(t bool) blas.Transpose {
 // 4 blocks beat 8 (smaller blocks run the kernels less efficiently).
 const gemmParts = 4
 
+// SgemmFunc is a single-threaded row-major GEMM, c = alpha·op(a)·op(b) + beta·c, as
+// Sgemm: the kernel a GEMM provider brings (shard/backend).
+type SgemmFunc func(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int)
+
 // Gemm computes c = alpha·op(a)·op(b) + beta·c for row-major matrices, where op(x) is x
 // or xᵀ as transA/transB say, op(a) is m×k, op(b) is k×n and c is m×n; lda, ldb, ldc are
-// row strides. Large products are cut by rows (or columns) of c into gemmParts blocks
-// that Workers() goroutines share.
+// row strides, with this package's own kernels. Large products are cut by rows (or
+// columns) of c into gemmParts blocks that Workers() goroutines share.
 func Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	if !splitGemm {
-		Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	GemmWith(Sgemm, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+// GemmWith is Gemm computing each block with kernel.
+func GemmWith(kernel SgemmFunc, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	if m == 0 || n == 0 {
 		return
 	}
 	Blocks(m, n, k, func(r0, rows, c0, cols int) {
@@ -61,7 +59,7 @@ func Gemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int,
 		if transB {
 			bOff = c0 * ldb // row c0 of b
 		}
-		Sgemm(transA, transB, rows, cols, k, alpha, a[aOff:], lda, b[bOff:], ldb, beta, c[r0*ldc+c0:], ldc)
+		kernel(transA, transB, rows, cols, k, alpha, a[aOff:], lda, b[bOff:], ldb, beta, c[r0*ldc+c0:], ldc)
 	})
 }
 
@@ -101,15 +99,12 @@ func blockOf(x int) int {
 }
 
 // Sgemm is Gemm on the calling goroutine only; use it inside ParallelFor bodies.
+// It multiplies with pipeswarm's own kernels (GoSgemm).
 func Sgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
 	if m == 0 || n == 0 {
 		return
 	}
-	if goKernels {
-		GoSgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
-		return
-	}
-	blas32.Implementation().Sgemm(trans(transA), trans(transB), m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	GoSgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 }
 
 // ParallelFor splits [0, n) into at most Workers() contiguous chunks and runs fn on each
