@@ -53,6 +53,9 @@ const (
 	// carries it, and every read checks it (a file without it, another tool's,
 	// reads as before; Checkpoint.Sealed tells which).
 	MetaSHA256 = "pipeswarm.sha256"
+	// MetaGEMM is the GEMM provider the stages computed with, its library version and
+	// kernels: "go: pipeswarm Go kernels, avx512", "onednn: oneDNN 2.6.3 matmul ...".
+	MetaGEMM = "pipeswarm.gemm"
 )
 
 // ErrCorrupt is wrapped (with ErrCheckpoint) by the error of a read whose bytes do
@@ -80,7 +83,7 @@ type CheckpointTensor struct {
 // WriteCheckpoint writes the tensors of the given stages (one stage, or all stages of
 // a model = a full checkpoint) and metadata to w in safetensors format, in stage order
 // and each stage's Tensors() order. meta is the caller's (run spec, model config, ...);
-// MetaFormat, MetaLayers and MetaPrecision are set over it. The stages must share one Config and hold
+// MetaFormat, MetaLayers, MetaPrecision and MetaGEMM are set over it. The stages must share one Config and hold
 // no tensor twice.
 func WriteCheckpoint(w io.Writer, meta map[string]string, stages ...*Stage) error {
 	header, err := checkpointHeader(meta, stages)
@@ -120,6 +123,9 @@ func checkpointHeader(meta map[string]string, stages []*Stage) ([]byte, error) {
 	m[MetaFormat] = "pt"
 	m[MetaLayers] = layersString(stages)
 	m[MetaPrecision] = stages[0].be.Precision()
+	if g := stages[0].be.GEMM(); g != nil {
+		m[MetaGEMM] = g.Name + ": " + g.Describe()
+	}
 	h, err := newHeader(m)
 	if err != nil {
 		return nil, err

@@ -427,8 +427,85 @@ func TestResultsDoNotDependOnTheComputeThreads(t *testing.T) {
 	for i := range tokens {
 		tokens[i], targets[i] = int32(rng.IntN(256)), int32(rng.IntN(256))
 	}
-	for _, be := range backends(t) {
-		t.Run(be.Name(), func(t *testing.T) { checkThreadIndependence(t, be, c, tokens, targets, b) })
+	for _, be := range providerBackends(t) {
+		t.Run(be.Name()+"/"+be.GEMM().Name, func(t *testing.T) { checkThreadIndependence(t, be, c, tokens, targets, b) })
+	}
+}
+
+// providerBackends is every backend with every GEMM provider available here.
+func providerBackends(t testing.TB) []backend.Backend {
+	var out []backend.Backend
+	for _, name := range backend.Names {
+		for _, g := range backend.GEMMNames[1:] {
+			be, err := backend.OpenWith(name, g)
+			if err != nil {
+				t.Logf("%s/%s: %v", name, g, err)
+				continue
+			}
+			out = append(out, be)
+		}
+	}
+	return out
+}
+
+// Providers differ by the order of float32 sums only: one block step's loss and
+// gradients agree across them within these bounds (relative, L2 for the gradients),
+// and with the same provider they are equal bit for bit. bf16 is looser: a sum
+// rounded a little differently can round an activation to the next bf16 value.
+var crossProviderLossTol = map[string]float64{"fp32": 1e-6, "bf16": 1e-4}
+
+func TestProvidersAgreeOnABlockStepAndEachRepeatsItself(t *testing.T) {
+	c := Config{Vocab: 256, DModel: 64, NLayers: 2, NHeads: 4, DFF: 96, SeqLen: 32, RopeTheta: 10000, NormEps: 1e-5}
+	rng := rand.New(rand.NewPCG(5, 5))
+	b := 4
+	tokens, targets := make([]int32, b*c.SeqLen), make([]int32, b*c.SeqLen)
+	for i := range tokens {
+		tokens[i], targets[i] = int32(rng.IntN(256)), int32(rng.IntN(256))
+	}
+	step := func(be backend.Backend) (float64, []float32) {
+		stages, err := NewStages(c, 1, WithBackend(be))
+		if err != nil {
+			t.Fatal(err)
+		}
+		s := stages[0]
+		s.Init(7)
+		tp := s.NewTape(b, c.SeqLen)
+		s.Forward(tp, tokens, nil)
+		loss := s.Loss(tp, targets, 1)
+		s.Backward(tp, nil)
+		return loss, slices.Clone(s.Grads)
+	}
+	refs := map[string]struct {
+		gemm  string
+		loss  float64
+		grads []float32
+	}{}
+	bes := providerBackends(t)
+	if len(bes) < 3 {
+		t.Logf("only %d backend/provider pairs here: install libdnnl2 and libopenblas0 to compare the providers", len(bes))
+	}
+	for _, be := range bes {
+		name := be.Name() + "/" + be.GEMM().Name
+		loss, g := step(be)
+		if loss2, g2 := step(be); loss2 != loss || !slices.Equal(g2, g) {
+			t.Fatalf("%s: a second run gives loss %v (first %v), gradients equal: %v", name, loss2, loss, slices.Equal(g2, g))
+		}
+		ref, ok := refs[be.Precision()]
+		if !ok {
+			refs[be.Precision()] = struct {
+				gemm  string
+				loss  float64
+				grads []float32
+			}{be.GEMM().Name, loss, g}
+			continue
+		}
+		tol := crossProviderLossTol[be.Precision()]
+		dl, dg := math.Abs(loss-ref.loss)/math.Abs(ref.loss), relL2(g, ref.grads)
+		t.Logf("%s against %s: loss %.7g vs %.7g (relative %.2g), gradients relative L2 %.2g", name, ref.gemm, loss, ref.loss, dl, dg)
+		if dl > tol || dg > 100*tol || math.IsNaN(dg) {
+			t.Fatalf("%s against %s: loss relative difference %.3g (want <= %g), gradients relative L2 %.3g (want <= %g)",
+				name, ref.gemm, dl, tol, dg, 100*tol)
+		}
 	}
 }
 

@@ -17,6 +17,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
@@ -37,8 +38,9 @@ const (
 )
 
 // BaselineKey names a spec's centralised run in the cache: the spec as run (steps
-// and data path included), the content of its text, and the compute threads (0: every
-// core).
+// and data path included), the content of its text, the GEMM provider (library
+// version and kernels: providers round differently) and the compute threads (0:
+// every core).
 func BaselineKey(sp *spec.Spec, threads int) (string, error) {
 	h := sha256.New()
 	// How many forwards a stage keeps in flight changes the schedule, not the
@@ -54,6 +56,11 @@ func BaselineKey(sp *spec.Spec, threads int) (string, error) {
 			}
 		}
 	}
+	g, err := backend.ProcessGEMM()
+	if err != nil {
+		return "", err
+	}
+	fmt.Fprintf(h, "gemm=%s %s\n", g.Name, g.Describe())
 	text, _, err := train.Corpus(sp.Data.Path)
 	if err != nil {
 		return "", err

@@ -3,6 +3,7 @@ package wan
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -84,7 +85,7 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 	procs := map[string]*exec.Cmd{}
 	startNode := func(i int, cell string) error {
 		cmd := nw.Command(ctx, i, bin, "node", "--data-dir", filepath.Join(tmp, cell), "--listen", fmt.Sprintf("/ip4/%s/tcp/%d", nw.Addr(i), nodePort),
-			"--trust", lid.String(), "--threads", strconv.Itoa(o.Threads))
+			"--trust", lid.String(), "--threads", strconv.Itoa(o.Threads), "--gemm", cmp.Or(o.GEMM, "auto"))
 		f, err := os.OpenFile(filepath.Join(logDir, cell+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 		if err != nil {
 			return err

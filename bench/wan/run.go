@@ -50,6 +50,9 @@ type Options struct {
 	CheckMeter bool
 	// Churn (sim, netns) kills and restarts nodes at given steps.
 	Churn []Churn
+	// GEMM (netns) is the --gemm the node processes run with; "" means auto. Sim and
+	// meter nodes compute with this process's provider (backend.SetGEMM).
+	GEMM string
 	// Binary (netns) is the pipeswarm executable to run as nodes; "" means this one.
 	Binary string
 	Log    *slog.Logger

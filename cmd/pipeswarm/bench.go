@@ -43,6 +43,7 @@ uncompressed run), and each setting's run directory.
 	out := fs.String("out", "", "output directory (default runs/bench-compression-<spec name>)")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	logf := addLogFlags(fs, slog.LevelInfo)
+	gemm := addGEMMFlag(fs)
 	var only multiFlag
 	fs.Var(&only, "setting", "run only these settings, repeatable: CODEC or k=RANK[,tail=LAYERS]/CODEC (e.g. fp32, int8/32, k=4/int8/32, k=8,tail=4/int8/32: subspace of rank 8, last 4 layers dense); the first is the baseline")
 	pos, err := parse(fs, args[1:])
@@ -80,6 +81,9 @@ uncompressed run), and each setting's run directory.
 		return err
 	}
 	log := base.With("sys", "bench")
+	if err := useGEMM(*gemm, log); err != nil {
+		return err
+	}
 	var prog *progress
 	current := ""
 	rows, err := bench.Compression(ctx, bench.CompressionOptions{Spec: sp, Settings: settings, OutDir: *out, Target: *target, Log: log,

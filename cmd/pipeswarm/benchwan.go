@@ -56,6 +56,7 @@ printed beside the profile's figures.
 	loss := fs.Float64("loss", -1, "override the profile's packet loss, a fraction: 0.001 = 0.1% (-1: the profile's)")
 	cache := fs.String("cache", "", "where centralised baselines are kept for reuse (default: the user cache dir's pipeswarm/bench-wan)")
 	quiet := fs.Bool("quiet", false, "no progress display")
+	gemm := addGEMMFlag(fs)
 	churnFlag := fs.String("churn", "", "sim and netns modes: kill and restart nodes at given steps, e.g. s1r1:kill@20,s1r1:restart@40 (a run without replicas pauses until the node is back, then resumes from its checkpoints)")
 	churnEvery := fs.Int("churn-every", 0, "sim and netns modes, a soak: kill one node every N steps, each cell in turn (s0r0, s0r1, ..., s1r0, ...), and restart it --churn-down later")
 	churnDown := fs.Duration("churn-down", 30*time.Second, "with --churn-every: how long a killed node stays down")
@@ -82,6 +83,9 @@ printed beside the profile's figures.
 	log := newLogger(stderr, slog.LevelWarn)
 	if *quiet {
 		log = newLogger(io.Discard, slog.LevelWarn)
+	}
+	if err := useGEMM(*gemm, log); err != nil {
+		return err
 	}
 	sp, err := loadSpecOr("tiny4-k4.yaml", specArgs, *dataPath, *steps, log)
 	if err != nil {
@@ -133,7 +137,7 @@ printed beside the profile's figures.
 	var prog *progress
 	phase := ""
 	rep, err := wan.Run(ctx, wan.Options{Spec: sp, Profile: prof, Mode: *mode, OutDir: *out, Target: *target,
-		ComputeScale: *scale, Threads: *threads, CacheDir: *cache, Log: log, CheckMeter: *checkMeter, Churn: churn,
+		ComputeScale: *scale, Threads: *threads, CacheDir: *cache, GEMM: *gemm, Log: log, CheckMeter: *checkMeter, Churn: churn,
 		OnStep: func(ph string, s metrics.Step) {
 			if ph != phase {
 				if prog != nil {

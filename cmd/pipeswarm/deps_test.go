@@ -1,7 +1,9 @@
 package main
 
 import (
+	"os"
 	"os/exec"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -44,6 +46,44 @@ func TestPackageDependenciesFollowTheDesign(t *testing.T) {
 				if dep == b || strings.HasPrefix(dep, b+"/") || (b == "libp2p" && strings.Contains(dep, "libp2p")) {
 					t.Errorf("%s depends on %s", pkg, dep)
 				}
+			}
+		}
+	}
+}
+
+// TestNoCgoOutsideTheStandardLibrary: the binary builds without a C compiler (Go then
+// turns cgo off) and loads its accelerators at run time, so no package it imports
+// outside the standard library has cgo files. With a C compiler present, purego
+// links its loader through the system's cgo runtime (its internal/cgo): that one is
+// allowed there, and none of this module's packages has cgo files either way. The
+// nodlopen build does not import purego at all.
+func TestNoCgoOutsideTheStandardLibrary(t *testing.T) {
+	goTool, err := exec.LookPath("go")
+	if err != nil {
+		t.Skip("go tool not in PATH")
+	}
+	for _, c := range []struct {
+		cgo, tags string
+		allowed   []string
+	}{
+		{"0", "", nil},
+		{"1", "", []string{"github.com/ebitengine/purego/internal/cgo"}},
+		{"0", "nodlopen", nil},
+	} {
+		cmd := exec.Command(goTool, "list", "-deps", "-tags", c.tags,
+			"-f", "{{if not .Standard}}{{.ImportPath}} {{len .CgoFiles}}{{end}}", ".")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED="+c.cgo)
+		out, err := cmd.Output()
+		if err != nil {
+			t.Fatalf("CGO_ENABLED=%s go list -deps -tags %q: %v", c.cgo, c.tags, err)
+		}
+		for _, line := range strings.Split(strings.TrimSpace(string(out)), "\n") {
+			pkg, n, _ := strings.Cut(line, " ")
+			if c.tags == "nodlopen" && strings.HasPrefix(pkg, "github.com/ebitengine/purego") {
+				t.Errorf("CGO_ENABLED=0 -tags nodlopen: the binary imports %s", pkg)
+			}
+			if n != "0" && !slices.Contains(c.allowed, pkg) {
+				t.Errorf("CGO_ENABLED=%s -tags %q: %s has %s cgo files", c.cgo, c.tags, pkg, n)
 			}
 		}
 	}

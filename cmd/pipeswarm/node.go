@@ -130,6 +130,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	verbose := fs.Bool("v", false, "debug logging (same as --log-level debug)")
 	logf := addLogFlags(fs, slog.LevelInfo)
 	onlyBackend := fs.String("backend", "", "run stages only on this compute backend, cpu32 or bf16 (overrides backends; default: every one this binary and CPU can run)")
+	gemm := fs.String("gemm", "", gemmUsage+" (overrides gemm; default auto)")
 	threads := fs.Int("threads", 0, "compute threads for the stages held here (default: every core); set it when several nodes share a machine")
 	keepRuns := fs.Int("keep-runs", -1, "run folders to keep in DIR/runs, the newest; 0 keeps every one (overrides keep_runs; default 5)")
 	faultStall := fs.Int("fault-stall-sync", 0, "fault injection for tests: hang mid all-reduce in the outer step after inner step N")
@@ -183,6 +184,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	if *onlyBackend != "" {
 		cfg.Backends = []string{*onlyBackend}
 	}
+	if *gemm != "" {
+		cfg.GEMM = *gemm
+	}
 	cfg.EnsureDefaults()
 	if err := cfg.Validate(); err != nil {
 		return err
@@ -200,6 +204,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 		return err
 	}
 	log := base.With("sys", "node")
+	if err := useGEMM(cfg.GEMM, log); err != nil {
+		return err
+	}
 	d, err := node.NewDaemon(ctx, cfg, log)
 	if err != nil {
 		return err
@@ -241,7 +248,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	}
 	for _, name := range names {
 		if b, err := backend.Open(name); err == nil {
-			log.Info("compute backend", "backend", name, "precision", b.Precision(), "impl", b.Describe())
+			log.Info("compute backend", "backend", name, "precision", b.Precision(), "gemm", b.GEMM().Describe(), "impl", b.Describe())
 		}
 	}
 	// Every backend of this build computes on the CPU; a GPU owner should know.

@@ -54,6 +54,7 @@ a run is refused unless --resume continues it or --force overwrites it.
 	logf := addLogFlags(fs, slog.LevelInfo)
 	resume := fs.Bool("resume", false, "continue the run in --out from its last checkpoint (same SPEC, --data and --steps), exactly as if it had not stopped")
 	be := fs.String("backend", "", "compute backend, cpu32 or bf16 (overrides model.precision: fp32 or bf16)")
+	gemm := addGEMMFlag(fs)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
@@ -68,6 +69,9 @@ a run is refused unless --resume continues it or --force overwrites it.
 	}
 	sp, err := loadSpec(pos, *dataPath, *steps, log)
 	if err != nil {
+		return err
+	}
+	if err := useGEMM(*gemm, log); err != nil {
 		return err
 	}
 	if *be != "" {

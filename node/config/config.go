@@ -8,6 +8,7 @@
 package config
 
 import (
+	"cmp"
 	"errors"
 	"fmt"
 	"net"
@@ -62,6 +63,11 @@ type Config struct {
 	// bf16; its offers advertise their precisions. Default: every backend this binary
 	// and CPU can run (an empty list).
 	Backends []string `yaml:"backends"`
+	// GEMM is the provider of the stages' matrix products: auto (the default: oneDNN
+	// where libdnnl loads and the CPU has AVX2 or AVX-512, else pipeswarm's Go
+	// kernels), go, onednn or openblas. Precision is the run's; the provider is this
+	// node's own, so replicas of a stage may use different ones.
+	GEMM string `yaml:"gemm"`
 	// Corpus is a local copy of run text (a file, a directory of text files, or .jsonl),
 	// used instead of fetching from the launcher whenever the parts a run needs hash the
 	// same as the launcher's. Empty: always fetch (and cache in the data directory).
@@ -203,6 +209,9 @@ func (c *Config) EnsureDefaults() {
 	if c.Backends == nil {
 		c.Backends = []string{}
 	}
+	if c.GEMM == "" {
+		c.GEMM = "auto"
+	}
 	if c.MemoryBudget == "" && !c.src.written("memory_budget") {
 		c.MemoryBudget = DefaultMemoryBudget
 	}
@@ -237,7 +246,7 @@ func (c *Config) Precisions() []string {
 	}
 	var out []string
 	for _, name := range c.Backends {
-		if be, err := backend.Open(name); err == nil && !slices.Contains(out, be.Precision()) {
+		if be, err := backend.OpenWith(name, cmp.Or(c.GEMM, "auto")); err == nil && !slices.Contains(out, be.Precision()) {
 			out = append(out, be.Precision())
 		}
 	}
@@ -299,8 +308,13 @@ func (c *Config) Validate() error {
 	if c.KeepRuns < 0 {
 		v.failf("keep_runs", "%d is negative; want how many run folders to keep (0 keeps every one)", c.KeepRuns)
 	}
+	if c.GEMM != "" {
+		if _, err := backend.OpenGEMM(c.GEMM); err != nil {
+			v.failf("gemm", "%v", err) // says what to install
+		}
+	}
 	for i, name := range c.Backends {
-		if _, err := backend.Open(name); err != nil {
+		if _, err := backend.OpenWith(name, cmp.Or(c.GEMM, "auto")); err != nil {
 			v.item("backends", i, "%v", err) // says what to install
 		}
 	}

@@ -143,7 +143,7 @@ func TestMetricsParseAndFollowTheSnapshot(t *testing.T) {
 			t.Errorf("series %s is not named pipeswarm_*", name)
 		}
 	}
-	if v := value(t, fams, "pipeswarm_build_info", map[string]string{"version": "(devel)", "blas": "gonum"}); v != 1 {
+	if v := value(t, fams, "pipeswarm_build_info", map[string]string{"version": "(devel)", "gemm": "gonum"}); v != 1 {
 		t.Errorf("build_info %v", v)
 	}
 	if v := value(t, fams, "pipeswarm_peers", nil); v != 2 {

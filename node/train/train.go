@@ -38,6 +38,9 @@ const (
 	// replica its weights, AdamW state, data position and error-feedback residuals, and
 	// with replicas the global weights and outer momentum of every stage.
 	StateFile = "train-state.safetensors"
+	// RunFile records what computed the run: backend, precision, GEMM provider with
+	// its library version and kernels, compute threads.
+	RunFile = "run.json"
 )
 
 // Metadata keys a trainer writes into checkpoints.
@@ -193,8 +196,9 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		reps[r] = rp
 	}
 	m := reps[0].m
-	log.Info("compute", "backend", m.stages[0].Backend().Name(), "precision", sp.Model.Precision,
-		"impl", m.stages[0].Backend().Describe(), "workers", compute.Workers())
+	be := m.stages[0].Backend()
+	log.Info("compute", "backend", be.Name(), "precision", sp.Model.Precision, "gemm", be.GEMM().Describe(),
+		"impl", be.Describe(), "workers", compute.Workers())
 	log.Info("training", "spec", sp.Name, "corpus", corpusName, "bytes", len(text),
 		"train_bytes", len(trainText), "val_bytes", len(valText), "params", m.numParams(),
 		"stages", len(m.stages), "replicas", R, "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep()*R)
@@ -218,7 +222,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("train: %w", err)
 	}
-	if err := writeRunFiles(o.OutDir, sp, cfg); err != nil {
+	if err := writeRunFiles(o.OutDir, sp, cfg, m.stages[0].Backend()); err != nil {
 		return nil, err
 	}
 	mw, err := metrics.Create(filepath.Join(o.OutDir, MetricsFile))
@@ -471,7 +475,24 @@ func meanHistory(steps []metrics.Step, replicas int) []metrics.Step {
 
 func round4(x float64) float64 { return math.Round(x*1e4) / 1e4 }
 
-func writeRunFiles(dir string, sp *spec.Spec, cfg shard.Config) error {
+// RunInfo is the content of RunFile.
+type RunInfo struct {
+	Backend   string `json:"backend"`
+	Precision string `json:"precision"`
+	GEMM      string `json:"gemm"`      // go, onednn, openblas
+	GEMMImpl  string `json:"gemm_impl"` // library version and kernels
+	Workers   int    `json:"workers"`
+}
+
+func writeRunFiles(dir string, sp *spec.Spec, cfg shard.Config, be backend.Backend) error {
+	info, err := json.MarshalIndent(RunInfo{Backend: be.Name(), Precision: be.Precision(), GEMM: be.GEMM().Name,
+		GEMMImpl: be.GEMM().Describe(), Workers: compute.Workers()}, "", "  ")
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(filepath.Join(dir, RunFile), append(info, '\n'), 0o644); err != nil {
+		return fmt.Errorf("train: %w", err)
+	}
 	hf, err := shard.HFConfig(cfg)
 	if err != nil {
 		return err

@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 )
 
 // Buf is a float32 buffer owned by a backend. Only the backend that made it may read
@@ -112,9 +113,38 @@ func PrecisionOf(name string) (string, error) {
 	return "", fmt.Errorf("%w %q (have %s)", ErrUnknown, name, strings.Join(Names, ", "))
 }
 
-// Open returns the backend called name with the GEMM provider --gemm auto picks, or
-// an error saying why it cannot run here (and what to install).
-func Open(name string) (Backend, error) { return OpenWith(name, "auto") }
+// Open returns the backend called name with the process's GEMM provider (SetGEMM;
+// auto unless set), or an error saying why it cannot run here (and what to install).
+func Open(name string) (Backend, error) { return OpenWith(name, processGEMM()) }
+
+var (
+	gemmChoiceMu sync.Mutex
+	gemmChoice   = "auto"
+)
+
+func processGEMM() string {
+	gemmChoiceMu.Lock()
+	defer gemmChoiceMu.Unlock()
+	return gemmChoice
+}
+
+// ProcessGEMM is the provider Open gives this process's backends.
+func ProcessGEMM() (*GEMM, error) { return OpenGEMM(processGEMM()) }
+
+// SetGEMM makes the provider called name (one of GEMMNames) the one Open gives every
+// backend of this process: a node's or a trainer's --gemm. It returns the provider,
+// or an error wrapping ErrUnavailable (naming the package to install) or
+// ErrUnknownGEMM, leaving the choice as it was.
+func SetGEMM(name string) (*GEMM, error) {
+	g, err := OpenGEMM(name)
+	if err != nil {
+		return nil, err
+	}
+	gemmChoiceMu.Lock()
+	defer gemmChoiceMu.Unlock()
+	gemmChoice = name
+	return g, nil
+}
 
 // OpenWith returns the backend called name computing its GEMMs with the provider
 // called gemm (one of GEMMNames).

@@ -60,10 +60,10 @@ type cpu32 struct {
 	g *GEMM
 }
 
-// CPU32 is the float32 host backend with the GEMM provider --gemm auto picks.
+// CPU32 is the float32 host backend with the process's GEMM provider (SetGEMM).
 func CPU32() Backend {
-	g, err := OpenGEMM("auto")
-	if err != nil { // auto only picks a provider that opened
+	g, err := OpenGEMM(processGEMM())
+	if err != nil { // SetGEMM only takes a provider that opened
 		panic(fmt.Sprintf("backend: %v", err))
 	}
 	return cpu32{g: g}

@@ -85,9 +85,9 @@ func OpenGEMM(name string) (*GEMM, error) {
 		}
 		g, err := p.open()
 		if err != nil {
-			err = fmt.Errorf("%w: --gemm %s: %w", ErrUnavailable, name, err)
+			err = fmt.Errorf("%w: %w", ErrUnavailable, err)
 			if p.pkg != "" && dl.Available {
-				err = fmt.Errorf("%w (install it: apt-get install %s)", err, p.pkg)
+				err = fmt.Errorf("%w; install it: apt-get install %s", err, p.pkg)
 			}
 		}
 		gemmOpened[name] = gemmResult{g, err}
@@ -109,7 +109,7 @@ func AutoGEMM() (name, note string) {
 		return "go", ""
 	}
 	if _, err := OpenGEMM("onednn"); err != nil {
-		return "go", fmt.Sprintf("%v; computing with pipeswarm's Go kernels", err)
+		return "go", fmt.Sprintf("GEMM: %v; computing with pipeswarm's Go kernels", err)
 	}
 	return "onednn", ""
 }

@@ -53,13 +53,17 @@ func Open(names ...string) (*Lib, error) {
 	if !Available {
 		return nil, ErrNoLoader
 	}
-	var errs []error
+	var first error
 	for _, n := range names {
 		h, err := open(n)
 		if err == nil {
 			return &Lib{Name: n, h: h}, nil
 		}
-		errs = append(errs, err)
+		if first == nil {
+			first = err
+		}
 	}
-	return nil, fmt.Errorf("none of %v loads: %w", names, errors.Join(errs...))
+	// The loader's message for the preferred name says enough ("libdnnl.so.2: cannot
+	// open shared object file: No such file or directory").
+	return nil, first
 }

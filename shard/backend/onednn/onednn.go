@@ -115,7 +115,7 @@ func Load() (*Lib, error) {
 func load() (*Lib, error) {
 	h, err := dl.Open("libdnnl.so.2", "libdnnl.so.3", "libdnnl.so")
 	if err != nil {
-		return nil, fmt.Errorf("oneDNN: %w", err)
+		return nil, fmt.Errorf("oneDNN not loaded: %w", err)
 	}
 	l := &Lib{cache: map[Key]*Matmul{}}
 	if err := h.Func(&l.version, "dnnl_version"); err != nil {

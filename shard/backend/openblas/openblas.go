@@ -40,7 +40,7 @@ func Load() (*Lib, error) {
 func load() (*Lib, error) {
 	h, err := dl.Open("libopenblas.so.0", "libopenblas.so")
 	if err != nil {
-		return nil, fmt.Errorf("OpenBLAS: %w", err)
+		return nil, fmt.Errorf("OpenBLAS not loaded: %w", err)
 	}
 	var (
 		l          Lib
