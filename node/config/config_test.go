@@ -32,6 +32,7 @@ trust:
 open: false
 memory_budget: 12GiB
 max_stages: 2
+gemm: go
 announce: [/ip4/203.0.113.7/tcp/4001]
 port_map: false
 relays: [/ip4/203.0.113.8/udp/4001/quic-v1/p2p/12D3KooWJBqi4npEcgyXvYH8EAg1hUyZjSuMh6ADGvPGHLCmE5tj]
@@ -69,6 +70,7 @@ func TestParseReadsEveryField(t *testing.T) {
 		MemoryBudget:     "12GiB",
 		MaxStages:        2,
 		Backends:         []string{},
+		GEMM:             "go",
 		Announce:         []string{"/ip4/203.0.113.7/tcp/4001"},
 		Relays:           []string{"/ip4/203.0.113.8/udp/4001/quic-v1/p2p/" + other},
 		Relay:            true,
@@ -274,7 +276,7 @@ func TestOpenAcceptsAnyLauncherWithoutTrust(t *testing.T) {
 
 func TestUnknownFieldIsADecodeErrorWithItsLine(t *testing.T) {
 	_, err := Parse([]byte("data_dir: d\nopen: true\nmemory: 4GiB\n"), "n.yaml")
-	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, backends, corpus, status, keep_runs, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
+	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, backends, gemm, corpus, status, keep_runs, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
 	if !errors.Is(err, ErrDecode) || !errors.Is(err, spec.ErrDecode) || err.Error() != want {
 		t.Errorf("error = %v\nwant %q", err, want)
 	}
@@ -353,7 +355,7 @@ func TestExampleNodeConfigParses(t *testing.T) {
 				continue
 			}
 			want := Config{DataDir: "./node-data", Listen: DefaultListen(), Bootstrap: []string{}, KeepRuns: 5,
-				Trust: []string{launcher}, Open: false, MemoryBudget: "4GiB", MaxStages: 1, Backends: []string{},
+				Trust: []string{launcher}, Open: false, MemoryBudget: "4GiB", MaxStages: 1, Backends: []string{}, GEMM: "auto",
 				Announce: []string{}, PortMap: true, Relays: []string{}, RelayMaxDuration: "24h", RelayMaxData: "64GiB"}
 			if !reflect.DeepEqual(fields(c), want) {
 				t.Errorf("examples/node.yaml = %+v\nwant %+v", fields(c), want)
