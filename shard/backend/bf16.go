@@ -13,10 +13,10 @@ import (
 // (projections and attention) are rounded to bfloat16 and multiplied with float32
 // accumulation into float32 outputs; norms, RoPE, softmax, SwiGLU and the loss are
 // float32 (the host kernels cpu32 uses), and so are the master weights, gradients
-// and everything a stage stores. With oneDNN the products are its bf16 matmul; with
-// another provider the inputs are rounded to bf16 values kept in float32 and
-// multiplied by its float32 kernels, which is the same arithmetic (a product of two
-// bf16 values is exact in float32) in another order.
+// and everything a stage stores. With oneDNN the products are its bf16 matmul, with
+// the Go kernels compute.GoSgemmBF16; with OpenBLAS the inputs are rounded to bf16
+// values kept in float32 and multiplied by its float32 kernels, which is the same
+// arithmetic (a product of two bf16 values is exact in float32) in another order.
 type bf16 struct {
 	hostMemory
 	g      *GEMM
@@ -34,6 +34,9 @@ func openBF16(g *GEMM) (Backend, error) {
 			return &bf16{g: g, native: true, desc: fmt.Sprintf("bf16 GEMM inputs, float32 accumulation; oneDNN %s bf16 matmul %s (ISA %s)",
 				g.dnnl.Version, mm.Impl, g.dnnl.ISA)}, nil
 		}
+	}
+	if g.sgemm16 != nil {
+		return &bf16{g: g, desc: "bf16 GEMM inputs, float32 accumulation; pipeswarm Go kernels, " + compute.GoBF16ISA()}, nil
 	}
 	return &bf16{g: g, desc: "bf16 GEMM inputs rounded, float32 accumulation; GEMM " + g.Describe()}, nil
 }
@@ -119,6 +122,14 @@ func (be *bf16) gemm(parallel, transA, transB bool, m, n, k int, alpha float32, 
 	ar, ac := m, k
 	if transA {
 		ar, ac = k, m
+	}
+	if !be.native && be.g.sgemm16 != nil {
+		if parallel {
+			compute.GemmWith(be.g.sgemm16, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+		} else {
+			be.g.sgemm16(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+		}
+		return
 	}
 	if !be.native {
 		pa, pb := scratch32.Get().(*[]float32), scratch32.Get().(*[]float32)

@@ -28,6 +28,10 @@ type GEMM struct {
 	desc    string
 
 	sgemm compute.SgemmFunc // float32, single-threaded
+	// sgemm16 is a single-threaded GEMM of inputs rounded to bf16 with float32
+	// accumulation, where the provider has its own; the bf16 backend rounds the
+	// inputs itself for sgemm otherwise.
+	sgemm16 compute.SgemmFunc
 	dnnl  *onednn.Lib       // set for oneDNN, which also multiplies bf16 natively
 }
 
@@ -138,7 +142,7 @@ func Providers() []ProviderStatus {
 
 func openGo() (*GEMM, error) {
 	isa := goKernelISA()
-	return &GEMM{Name: "go", ISA: isa, desc: "pipeswarm Go kernels, " + isa, sgemm: goSgemm}, nil
+	return &GEMM{Name: "go", ISA: isa, desc: "pipeswarm Go kernels, " + isa, sgemm: goSgemm, sgemm16: compute.GoSgemmBF16}, nil
 }
 
 // goSgemm and goKernelISA are pipeswarm's own float32 kernels.
