@@ -32,7 +32,7 @@ type GEMM struct {
 	// accumulation, where the provider has its own; the bf16 backend rounds the
 	// inputs itself for sgemm otherwise.
 	sgemm16 compute.SgemmFunc
-	dnnl  *onednn.Lib       // set for oneDNN, which also multiplies bf16 natively
+	dnnl    *onednn.Lib // set for oneDNN, which also multiplies bf16 natively
 }
 
 // Describe is the provider for the start-up log: "pipeswarm Go kernels, avx512",
