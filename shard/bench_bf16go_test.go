@@ -11,14 +11,16 @@ import (
 
 // goBF16 is the bf16 backend with its GEMMs on compute.GoSgemmBF16 (pipeswarm's own
 // bf16 kernels) instead of oneDNN, for measuring them in a block step before the
-// backend package offers them: cpu32's host kernels, the projections in
-// compute.Blocks's fixed blocks, attention as the backend computes it (a copy, with
+// backend package offers them: cpu32's host kernels, the projections on
+// compute.GemmBF16, attention as the backend computes it (a copy, with
 // the per-head GEMMs on GoSgemmBF16).
 type goBF16 struct{ backend.Backend }
 
 func (goBF16) Name() string { return "bf16" }
 
-func (goBF16) Describe() string { return "bf16 GEMM inputs, float32 accumulation; Go kernels " + compute.GoBF16ISA() }
+func (goBF16) Describe() string {
+	return "bf16 GEMM inputs, float32 accumulation; Go kernels " + compute.GoBF16ISA()
+}
 
 // hostBuf is the storage of cpu32's buffer b (a []float32 under another name).
 func hostBuf(b backend.Buf) []float32 {
@@ -113,17 +115,5 @@ func BenchmarkBlockTrainStepGoBF16(b *testing.B) {
 	benchBlockTrainStepOn(b, goBF16{backend.CPU32()})
 }
 
-// gemmBF16 is compute.GoSgemmBF16 in compute.Blocks's fixed blocks.
-func gemmBF16(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	compute.Blocks(m, n, k, func(r0, rows, c0, cols int) {
-		aOff := r0 * lda
-		if transA {
-			aOff = r0
-		}
-		bOff := c0
-		if transB {
-			bOff = c0 * ldb
-		}
-		compute.GoSgemmBF16(transA, transB, rows, cols, k, alpha, a[aOff:], lda, b[bOff:], ldb, beta, c[r0*ldc+c0:], ldc)
-	})
-}
+// gemmBF16 is the bf16 GEMM spread over the workers.
+var gemmBF16 = compute.GemmBF16

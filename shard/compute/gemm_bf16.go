@@ -11,6 +11,18 @@ func GoSgemmBF16(transA, transB bool, m, n, k int, alpha float32, a []float32, l
 	bf16.Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 }
 
+// GemmBF16 is GoSgemmBF16 spread over Workers() goroutines (inline when the product is
+// small), with the same result bit for bit whatever the number of workers: each
+// operand is rounded and packed once, its panels shared out, then the tiles of c,
+// and every element of c is computed alone the same way whoever computes it.
+func GemmBF16(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	if 2*m*n*k < minSplitFlops {
+		bf16.Sgemm(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+		return
+	}
+	bf16.Gemm(ParallelFor, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
 // GoBF16ISA names what GoSgemmBF16 runs on: "avx512bf16", or "generic" (the Go
 // emulation, far slower).
 func GoBF16ISA() string { return bf16.ISA() }

@@ -27,7 +27,21 @@ const (
 // every call, on every CPU: with AVX512-BF16 the products run on it, elsewhere a Go
 // emulation of it gives the same bits (only a NaN's payload may differ).
 func Sgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	gemm(bf16Native, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	gemm(bf16Native, serial, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+// Gemm is Sgemm spread over goroutines by parallelFor, which runs fn over [0, n) cut
+// into ranges (compute.ParallelFor). Each operand is packed once, its panels shared
+// out, then the tiles of c; as every element of c is computed alone in the same way
+// whoever computes it, the result is Sgemm's, bit for bit, whatever the split.
+func Gemm(parallelFor func(n int, fn func(lo, hi int)), transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+	gemm(bf16Native, parallelFor, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+}
+
+func serial(n int, fn func(lo, hi int)) {
+	if n > 0 {
+		fn(0, n)
+	}
 }
 
 // ISA names what Sgemm multiplies with: "avx512bf16", or "generic" for the
@@ -52,8 +66,8 @@ func getPack(n int) *[]uint32 {
 	return p
 }
 
-// gemm is Sgemm on the native kernels when native, else on the Go ones.
-func gemm(native, transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+// gemm is Gemm on the native kernels when native, else on the Go ones.
+func gemm(native bool, par func(int, func(lo, hi int)), transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
 	if m == 0 || n == 0 {
 		return
 	}
@@ -66,30 +80,82 @@ func gemm(native, transA, transB bool, m, n, k int, alpha float32, a []float32, 
 	ap, bp := *pa, *pb
 	// A's k-pairs run along its rows unless transposed; B's along its columns unless
 	// transposed (Bᵀ's rows).
-	for i := 0; i < mp; i++ {
-		packBF16(native, ap[i*kp*bf16MR:(i+1)*kp*bf16MR], bf16MR, a, lda, i*bf16MR, min(bf16MR, m-i*bf16MR), k, !transA)
+	// An operand whose k runs along its stored rows is packed a panel at a time; one
+	// whose k runs down its columns a range of k-pairs at a time across every panel,
+	// reading it in the order it is stored.
+	jobs := func(alongRows bool, panels int) int {
+		if alongRows {
+			return panels
+		}
+		return (kp + pairsPerJob - 1) / pairsPerJob
 	}
-	for j := 0; j < np; j++ {
-		packBF16(native, bp[j*kp*bf16NR:(j+1)*kp*bf16NR], bf16NR, b, ldb, j*bf16NR, min(bf16NR, n-j*bf16NR), k, transB)
-	}
-	readC := beta != 0
-	var tile [bf16MR * bf16NR]float32
-	for j := 0; j < np; j++ {
-		j0 := j * bf16NR
-		cols := min(bf16NR, n-j0)
-		mask := uint32(1)<<cols - 1
-		bj := bp[j*kp*bf16NR:]
-		for i := 0; i < mp; i++ {
-			i0 := i * bf16MR
-			rows := min(bf16MR, m-i0)
-			ai := ap[i*kp*bf16MR:]
-			if native && kp > 0 {
-				dpbf16Tile(kp, &ai[0], &bj[0], &c[i0*ldc+j0], ldc, alpha, beta, rows, mask, readC)
-				continue
+	ja, jb := jobs(!transA, mp), jobs(transB, np)
+	pack := func(dst []uint32, w int, x []float32, ld, count int, alongRows bool, job int) {
+		if alongRows {
+			packBF16(native, dst[job*kp*w:(job+1)*kp*w], w, x, ld, job*w, min(w, count-job*w), k, true)
+			return
+		}
+		p0 := job * pairsPerJob
+		p1 := min(p0+pairsPerJob, kp)
+		packCols(native, dst, w, kp, x, ld, count, p0, min(p1, k/2))
+		if p1 == kp && k%2 == 1 { // the last pair has no odd element
+			for i := range (count + w - 1) / w {
+				d := dst[(i*kp+kp-1)*w : (i*kp+kp)*w]
+				lines := min(w, count-i*w)
+				for r := range lines {
+					d[r] = uint32(toBF16(x[(k-1)*ld+i*w+r]))
+				}
+				clear(d[lines:])
 			}
-			dpbf16TileGo(kp, ai, bj, &tile)
-			for r := range rows {
-				cr := c[(i0+r)*ldc+j0 : (i0+r)*ldc+j0+cols]
+		}
+	}
+	par(ja+jb, func(lo, hi int) {
+		for x := lo; x < hi; x++ {
+			if x < ja {
+				pack(ap, bf16MR, a, lda, m, !transA, x)
+			} else {
+				pack(bp, bf16NR, b, ldb, n, transB, x-ja)
+			}
+		}
+	})
+	readC := beta != 0
+	var accs []float32
+	if native && kp > kcPairs {
+		pacc := bf16Acc.Get().(*[]float32)
+		defer bf16Acc.Put(pacc)
+		if cap(*pacc) < mp*np*bf16MR*bf16NR {
+			*pacc = make([]float32, mp*np*bf16MR*bf16NR)
+		}
+		accs = (*pacc)[:mp*np*bf16MR*bf16NR]
+	}
+	tiles := func(j0, j1, i0, i1 int) {
+		if native && kp > 0 {
+			tilesNative(kp, mp, j0, j1, i0, i1, ap, bp, m, n, alpha, beta, c, ldc, readC, accs)
+		} else {
+			tilesGo(kp, j0, j1, i0, i1, ap, bp, m, n, alpha, beta, c, ldc, readC)
+		}
+	}
+	// Cut c along its longer side in panels.
+	if np >= mp {
+		par(np, func(lo, hi int) { tiles(lo, hi, 0, mp) })
+	} else {
+		par(mp, func(lo, hi int) { tiles(0, np, lo, hi) })
+	}
+}
+
+// tilesGo is the Go emulation over the tiles of column panels [j0, j1) and row
+// panels [i0, i1).
+func tilesGo(kp, j0, j1, i0, i1 int, ap, bp []uint32, m, n int, alpha, beta float32, c []float32, ldc int, readC bool) {
+	var tile [bf16MR * bf16NR]float32
+	for j := j0; j < j1; j++ {
+		col := j * bf16NR
+		cols := min(bf16NR, n-col)
+		bj := bp[j*kp*bf16NR:]
+		for i := i0; i < i1; i++ {
+			row := i * bf16MR
+			dpbf16TileGo(kp, ap[i*kp*bf16MR:], bj, &tile)
+			for r := range min(bf16MR, m-row) {
+				cr := c[(row+r)*ldc+col : (row+r)*ldc+col+cols]
 				for jj := range cr {
 					v := float32(alpha * tile[r*bf16NR+jj]) // rounded before the sum, never fused
 					if readC {
@@ -97,6 +163,51 @@ func gemm(native, transA, transB bool, m, n, k int, alpha float32, a []float32, 
 					}
 					cr[jj] = v
 				}
+			}
+		}
+	}
+}
+
+// pairsPerJob is how many k-pairs of an operand whose k runs down its columns one
+// packing job takes.
+const pairsPerJob = 64
+
+// kcPairs is how many k-pairs the native kernels take at a time: a B panel's slice
+// (16 KiB) then stays in L1 while every A panel passes it. Each tile's sums are kept
+// in float32 between slices and picked up where they stopped, so the result is the
+// same as one pass over k.
+const kcPairs = 128
+
+// bf16Acc holds the tiles' sums between slices of k; pooled like the panels.
+var bf16Acc = sync.Pool{New: func() any { return new([]float32) }}
+
+// tilesNative runs the AVX512-BF16 kernel over the tiles of column panels [j0, j1)
+// and row panels [i0, i1), in slices of k; accs holds every tile's sums (mp row
+// panels to a column) when there is more than one slice.
+func tilesNative(kp, mp, j0, j1, i0, i1 int, ap, bp []uint32, m, n int, alpha, beta float32, c []float32, ldc int, readC bool, accs []float32) {
+	slices := (kp + kcPairs - 1) / kcPairs
+	var one [bf16MR * bf16NR]float32
+	for s := range slices {
+		p0 := s * kcPairs
+		pk := min(kcPairs, kp-p0)
+		var mode int
+		if s > 0 {
+			mode |= 1 // resume from the stored sums
+		}
+		if s == slices-1 {
+			mode |= 2 // the last slice: alpha, beta and the store into c
+		}
+		for j := j0; j < j1; j++ {
+			col := j * bf16NR
+			mask := uint32(1)<<min(bf16NR, n-col) - 1
+			bj := bp[(j*kp+p0)*bf16NR:]
+			for i := i0; i < i1; i++ {
+				row := i * bf16MR
+				acc := one[:]
+				if slices > 1 {
+					acc = accs[(j*mp+i)*len(one):]
+				}
+				dpbf16Tile(pk, &ap[(i*kp+p0)*bf16MR], &bj[0], &c[row*ldc+col], ldc, alpha, beta, min(bf16MR, m-row), mask, readC, &acc[0], mode)
 			}
 		}
 	}
@@ -132,22 +243,15 @@ func checkGemm(name string, transA, transB bool, m, n, k int, a []float32, lda i
 // rows (x[line·ld + kk]); otherwise down the columns (x[kk·ld + line]).
 func packBF16(native bool, dst []uint32, w int, x []float32, ld, r0, count, k int, alongRows bool) {
 	kp := (k + 1) / 2
-	if native {
-		if alongRows {
-			packRowsNative(dst, w, x, ld, r0, count, k)
-		} else {
-			packColsNative(dst, w, x, ld, r0, count, k)
-		}
+	if !alongRows {
+		packCols(native, dst, w, kp, x[min(r0, len(x)):], ld, count, 0, k/2)
+	} else if native {
+		packRowsNative(dst, w, x, ld, r0, count, k)
 	} else {
 		for p := range k / 2 {
 			d := dst[p*w : (p+1)*w]
 			for r := range count {
-				var lo, hi float32
-				if alongRows {
-					lo, hi = x[(r0+r)*ld+2*p], x[(r0+r)*ld+2*p+1]
-				} else {
-					lo, hi = x[2*p*ld+r0+r], x[(2*p+1)*ld+r0+r]
-				}
+				lo, hi := x[(r0+r)*ld+2*p], x[(r0+r)*ld+2*p+1]
 				d[r] = uint32(toBF16(lo)) | uint32(toBF16(hi))<<16
 			}
 			clear(d[count:])
@@ -163,6 +267,27 @@ func packBF16(native bool, dst []uint32, w int, x []float32, ld, r0, count, k in
 			}
 		}
 		clear(d[count:])
+	}
+}
+
+// packCols packs the full k-pairs [p0, p1) of every panel of width w (kp k-pairs each,
+// one after another in dst) of an operand whose k runs down its columns: line r is
+// column r of x, count lines in all, the panels' lines past count zero.
+func packCols(native bool, dst []uint32, w, kp int, x []float32, ld, count, p0, p1 int) {
+	if native {
+		packColsNative(dst, w, kp, x, ld, count, p0, p1)
+		return
+	}
+	for i := range (count + w - 1) / w {
+		lines := min(w, count-i*w)
+		for p := p0; p < p1; p++ {
+			d := dst[(i*kp+p)*w : (i*kp+p+1)*w]
+			r0, r1 := x[2*p*ld+i*w:], x[(2*p+1)*ld+i*w:]
+			for r := range lines {
+				d[r] = uint32(toBF16(r0[r])) | uint32(toBF16(r1[r]))<<16
+			}
+			clear(d[lines:])
+		}
 	}
 }
 

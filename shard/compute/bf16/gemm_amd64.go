@@ -9,13 +9,10 @@ import "golang.org/x/sys/cpu"
 var bf16Native = cpu.X86.HasAVX512BF16 && cpu.X86.HasAVX512BW && cpu.X86.HasAVX512F
 
 //go:noescape
-func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool)
+func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool, acc *float32, mode int)
 
 //go:noescape
 func packTranspose(dst *uint32, w int, src *float32, ld, lines, pairs int)
-
-//go:noescape
-func packLoad(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int)
 
 // packRowsNative is packBF16's full k-pairs for k along the stored rows: 16 lines by
 // 16 pairs at a time, transposed in registers.
@@ -38,27 +35,27 @@ func packRowsNative(dst []uint32, w int, x []float32, ld, r0, count, k int) {
 	}
 }
 
-// packColsNative is packBF16's full k-pairs for k down the columns: 16 consecutive
-// lines of two rows at a time.
-func packColsNative(dst []uint32, w int, x []float32, ld, r0, count, k int) {
-	packNative(packLoad, dst, w, x, ld, r0, count, k, 1)
-}
+//go:noescape
+func packPairRow(dst *uint32, panel, half int, src0, src1 *float32, lines, cw, chunks int)
 
-func packNative(pack func(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int),
-	dst []uint32, w int, x []float32, ld, r0, count, k, lineStep int) {
-	// lineStep: 1, the lines are consecutive elements of a row.
-	pairs := k / 2
-	if pairs == 0 {
+// packColsNative is packCols on AVX-512: a row pair at a time across every panel, so
+// the operand is read in the order it is stored.
+func packColsNative(dst []uint32, w, kp int, x []float32, ld, count, p0, p1 int) {
+	if p0 >= p1 {
 		return
 	}
-	_ = dst[pairs*w-1]
-	for g := 0; g < w; g += 16 {
-		width := uint32(1)<<min(16, w-g) - 1
-		lines := min(16, max(0, count-g))
-		src := &x[0]
-		if lines > 0 {
-			src = &x[(r0+g)*lineStep]
-		}
-		pack(&dst[g], 4*w, src, ld, lines, width, pairs)
+	cw, half := 12, 0
+	switch w {
+	case 12:
+	case 32:
+		cw, half = 16, 64
+	default:
+		panic("bf16: no native packer for panels of width other than 12 or 32")
+	}
+	panels := (count + w - 1) / w
+	_ = dst[(panels-1)*kp*w+p1*w-1]
+	_ = x[(2*p1-1)*ld+count-1]
+	for p := p0; p < p1; p++ {
+		packPairRow(&dst[p*w], 4*kp*w, half, &x[2*p*ld], &x[(2*p+1)*ld], count, cw, panels*w/cw)
 	}
 }

@@ -5,7 +5,7 @@ package bf16
 // bf16Native is false: GoSgemmBF16 runs its Go emulation of AVX512-BF16.
 const bf16Native = false
 
-func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool) {
+func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool, acc *float32, mode int) {
 	panic("compute: no AVX512-BF16 kernel in this build")
 }
 
@@ -13,6 +13,6 @@ func packRowsNative(dst []uint32, w int, x []float32, ld, r0, count, k int) {
 	panic("compute: no AVX512-BF16 kernel in this build")
 }
 
-func packColsNative(dst []uint32, w int, x []float32, ld, r0, count, k int) {
+func packColsNative(dst []uint32, w, kp int, x []float32, ld, count, p0, p1 int) {
 	panic("compute: no AVX512-BF16 kernel in this build")
 }

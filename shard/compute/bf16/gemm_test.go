@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"sync"
 	"testing"
 )
 
@@ -40,7 +41,7 @@ func TestSgemmMatchesReference(t *testing.T) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	fill := func() float32 { return float32(rng.NormFloat64()) }
 	for _, native := range nativeModes() {
-		for _, sh := range [][3]int{{1, 1, 1}, {5, 7, 3}, {12, 32, 2}, {13, 33, 17}, {31, 16, 64}, {40, 70, 129}, {128, 64, 128}} {
+		for _, sh := range [][3]int{{1, 1, 1}, {5, 7, 3}, {12, 32, 2}, {13, 33, 17}, {31, 16, 64}, {40, 70, 129}, {128, 64, 128}, {14, 33, 2*kcPairs*3 + 3}} {
 			for _, tr := range [][2]bool{{false, false}, {false, true}, {true, false}, {true, true}} {
 				for _, ab := range [][2]float32{{1, 0}, {0.125, 0}, {1, 1}, {-2, 0.5}} {
 					m, n, k := sh[0], sh[1], sh[2]
@@ -52,7 +53,7 @@ func TestSgemmMatchesReference(t *testing.T) {
 							c[i] = float32(math.NaN()) // beta 0 must not read c
 						}
 					}
-					gemm(native, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], c, ldc)
+					gemm(native, serial, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], c, ldc)
 					for i := range m {
 						for j := range n {
 							var want, mag float64
@@ -116,14 +117,14 @@ func TestSgemmNativeMatchesEmulation(t *testing.T) {
 		},
 	}
 	for name, fill := range fills {
-		for _, sh := range [][3]int{{13, 33, 17}, {24, 64, 256}, {7, 48, 3}} {
+		for _, sh := range [][3]int{{13, 33, 17}, {24, 64, 256}, {7, 48, 3}, {25, 40, 2*kcPairs*2 + 37}} {
 			for _, tr := range [][2]bool{{false, false}, {false, true}, {true, false}, {true, true}} {
 				for _, ab := range [][2]float32{{1, 0}, {0.3, 0.7}, {1, 1}} {
 					m, n, k := sh[0], sh[1], sh[2]
 					a, lda, b, ldb, c, ldc := operands(tr[0], tr[1], m, n, k, 1, fill)
 					cn := append([]float32(nil), c...)
-					gemm(false, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], c, ldc)
-					gemm(true, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], cn, ldc)
+					gemm(false, serial, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], c, ldc)
+					gemm(true, serial, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], cn, ldc)
 					for i := range c {
 						g, w := math.Float32bits(cn[i]), math.Float32bits(c[i])
 						if g != w && !(math.IsNaN(float64(cn[i])) && math.IsNaN(float64(c[i]))) {
@@ -191,9 +192,9 @@ func TestSgemmRepeatable(t *testing.T) {
 	for _, native := range nativeModes() {
 		a, lda, b, ldb, c, ldc := operands(false, true, 100, 200, 300, 0, fill)
 		c1 := append([]float32(nil), c...)
-		gemm(native, false, true, 100, 200, 300, 1, a, lda, b, ldb, 1, c, ldc)
-		gemm(native, false, false, 37, 21, 5, 1, a, lda, b, ldb, 0, make([]float32, 37*21), 21) // other shapes reuse the pool
-		gemm(native, false, true, 100, 200, 300, 1, a, lda, b, ldb, 1, c1, ldc)
+		gemm(native, serial, false, true, 100, 200, 300, 1, a, lda, b, ldb, 1, c, ldc)
+		gemm(native, serial, false, false, 37, 21, 5, 1, a, lda, b, ldb, 0, make([]float32, 37*21), 21) // other shapes reuse the pool
+		gemm(native, serial, false, true, 100, 200, 300, 1, a, lda, b, ldb, 1, c1, ldc)
 		for i := range c {
 			if math.Float32bits(c[i]) != math.Float32bits(c1[i]) {
 				t.Fatalf("native=%v: c[%d] %g then %g", native, i, c[i], c1[i])
@@ -202,10 +203,43 @@ func TestSgemmRepeatable(t *testing.T) {
 	}
 }
 
+// TestGemmSplitIsSgemm: Gemm spread over goroutines in any ranges is Sgemm, bit for bit.
+func TestGemmSplitIsSgemm(t *testing.T) {
+	rng := rand.New(rand.NewPCG(9, 10))
+	fill := func() float32 { return float32(rng.NormFloat64()) }
+	for _, native := range nativeModes() {
+		for _, sh := range [][3]int{{200, 70, 600}, {30, 300, 45}} {
+			for _, tr := range [][2]bool{{false, true}, {true, false}} {
+				m, n, k := sh[0], sh[1], sh[2]
+				a, lda, b, ldb, c, ldc := operands(tr[0], tr[1], m, n, k, 2, fill)
+				want := append([]float32(nil), c...)
+				gemm(native, serial, tr[0], tr[1], m, n, k, 0.5, a, lda, b, ldb, 1, want, ldc)
+				for _, parts := range []int{1, 2, 3, 7} {
+					got := append([]float32(nil), c...)
+					par := func(n int, fn func(lo, hi int)) {
+						var wg sync.WaitGroup
+						chunk := (n + parts - 1) / parts
+						for lo := 0; lo < n; lo += chunk {
+							wg.Go(func() { fn(lo, min(lo+chunk, n)) })
+						}
+						wg.Wait()
+					}
+					gemm(native, par, tr[0], tr[1], m, n, k, 0.5, a, lda, b, ldb, 1, got, ldc)
+					for i := range got {
+						if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+							t.Fatalf("native=%v %v %dx%dx%d in %d parts: c[%d] = %g, serially %g", native, tr, m, n, k, parts, i, got[i], want[i])
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
 func TestSgemmZeroK(t *testing.T) {
 	for _, native := range nativeModes() {
 		c := []float32{1, 2, 3, 4}
-		gemm(native, false, false, 2, 2, 0, 1, nil, 0, nil, 2, 0.5, c, 2)
+		gemm(native, serial, false, false, 2, 2, 0, 1, nil, 0, nil, 2, 0.5, c, 2)
 		if c[0] != 0.5 || c[3] != 2 {
 			t.Fatalf("native=%v: k=0 with beta 0.5 gave %v, want beta·c", native, c)
 		}

@@ -4,16 +4,48 @@
 
 #include "textflag.h"
 
-// func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool)
+// func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool, acc *float32, mode int)
 //
 // c[rows, cols] (row stride ldc floats) = alpha·acc + beta·c, with beta·c only when
 // readC, where acc[12, 32] is the dot product of the packed A panel a (kp k-pairs of
 // 12 rows) and the packed B panel b (kp k-pairs of 32 columns), each k-pair added by
-// VDPBF16PS in order. cols is the mask of the columns stored.
-TEXT ·dpbf16Tile(SB), NOSPLIT, $0-61
+// VDPBF16PS in order. cols is the mask of the columns stored. A product cut along k
+// runs in parts: mode bit 0 starts from the tile acc (row-major, unpadded) instead of
+// zero; without bit 1 the sums are stored back to acc and c is left alone.
+TEXT ·dpbf16Tile(SB), NOSPLIT, $0-80
 	MOVQ kp+0(FP), CX
 	MOVQ a+8(FP), SI
 	MOVQ b+16(FP), DI
+	MOVQ acc+64(FP), R10
+	MOVQ mode+72(FP), R11
+	TESTQ $1, R11
+	JEQ zero
+	VMOVUPS 0(R10), Z0
+	VMOVUPS 64(R10), Z1
+	VMOVUPS 128(R10), Z2
+	VMOVUPS 192(R10), Z3
+	VMOVUPS 256(R10), Z4
+	VMOVUPS 320(R10), Z5
+	VMOVUPS 384(R10), Z6
+	VMOVUPS 448(R10), Z7
+	VMOVUPS 512(R10), Z8
+	VMOVUPS 576(R10), Z9
+	VMOVUPS 640(R10), Z10
+	VMOVUPS 704(R10), Z11
+	VMOVUPS 768(R10), Z12
+	VMOVUPS 832(R10), Z13
+	VMOVUPS 896(R10), Z14
+	VMOVUPS 960(R10), Z15
+	VMOVUPS 1024(R10), Z16
+	VMOVUPS 1088(R10), Z17
+	VMOVUPS 1152(R10), Z18
+	VMOVUPS 1216(R10), Z19
+	VMOVUPS 1280(R10), Z20
+	VMOVUPS 1344(R10), Z21
+	VMOVUPS 1408(R10), Z22
+	VMOVUPS 1472(R10), Z23
+	JMP acc
+zero:
 	VPXORD Z0, Z0, Z0
 	VPXORD Z1, Z1, Z1
 	VPXORD Z2, Z2, Z2
@@ -38,6 +70,7 @@ TEXT ·dpbf16Tile(SB), NOSPLIT, $0-61
 	VPXORD Z21, Z21, Z21
 	VPXORD Z22, Z22, Z22
 	VPXORD Z23, Z23, Z23
+acc:
 	MOVQ CX, AX
 	SHRQ $1, AX
 	JEQ tail
@@ -128,6 +161,34 @@ tail:
 	BYTE $0x62; BYTE $0xe2; BYTE $0x3e; BYTE $0x50; BYTE $0x52; BYTE $0x76; BYTE $0x0b // VDPBF16PS zmm22, zmm24, [rsi+44]{1to16}
 	BYTE $0x62; BYTE $0xe2; BYTE $0x36; BYTE $0x50; BYTE $0x52; BYTE $0x7e; BYTE $0x0b // VDPBF16PS zmm23, zmm25, [rsi+44]{1to16}
 store:
+	TESTQ $2, R11
+	JNE final
+	VMOVUPS Z0, 0(R10)
+	VMOVUPS Z1, 64(R10)
+	VMOVUPS Z2, 128(R10)
+	VMOVUPS Z3, 192(R10)
+	VMOVUPS Z4, 256(R10)
+	VMOVUPS Z5, 320(R10)
+	VMOVUPS Z6, 384(R10)
+	VMOVUPS Z7, 448(R10)
+	VMOVUPS Z8, 512(R10)
+	VMOVUPS Z9, 576(R10)
+	VMOVUPS Z10, 640(R10)
+	VMOVUPS Z11, 704(R10)
+	VMOVUPS Z12, 768(R10)
+	VMOVUPS Z13, 832(R10)
+	VMOVUPS Z14, 896(R10)
+	VMOVUPS Z15, 960(R10)
+	VMOVUPS Z16, 1024(R10)
+	VMOVUPS Z17, 1088(R10)
+	VMOVUPS Z18, 1152(R10)
+	VMOVUPS Z19, 1216(R10)
+	VMOVUPS Z20, 1280(R10)
+	VMOVUPS Z21, 1344(R10)
+	VMOVUPS Z22, 1408(R10)
+	VMOVUPS Z23, 1472(R10)
+	JMP done
+final:
 	MOVQ c+24(FP), DX
 	MOVQ ldc+32(FP), R8
 	SHLQ $2, R8

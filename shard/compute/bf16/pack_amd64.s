@@ -21,40 +21,60 @@ GLOBL bf16Zip<>(SB), RODATA|NOPTR, $64
 	VPERMW Z2, Z4, Z3 \
 	VMOVDQU32 Z3, K3, (DI)
 
-// func packLoad(dst *uint32, dstStride int, src *float32, ld, lines int, width uint32, pairs int)
+// func packPairRow(dst *uint32, panel, half int, src0, src1 *float32, lines, cw, chunks int)
 //
-// For each of pairs k-pairs p: loads lines consecutive elements of rows 2p and 2p+1
-// (row r at src[r·ld]), zero past lines, and stores the 16 pairs under the width mask
-// at dst + p·dstStride bytes.
-TEXT ·packLoad(SB), NOSPLIT, $0-56
+// Rounds rows 2p (src0) and 2p+1 (src1) of an operand whose k runs down its columns
+// and stores their pairs into k-pair p of every panel, chunks of cw lines at a time
+// (zero past lines): dst is pair p of the first panel, panel the bytes between panels,
+// half 64 when a panel takes two chunks (32 lines), else 0.
+TEXT ·packPairRow(SB), NOSPLIT, $0-64
 	MOVQ dst+0(FP), DI
-	MOVQ dstStride+8(FP), R8
-	MOVQ src+16(FP), SI
-	MOVQ ld+24(FP), DX
-	SHLQ $2, DX
-	MOVQ lines+32(FP), CX
-	MOVL $1, R10
-	SHLL CX, R10
-	DECL R10
-	CMPQ CX, $16
-	JLT masked
-	MOVL $0xffff, R10
-masked:
-	KMOVW R10, K1
-	MOVL width+40(FP), AX
+	MOVQ panel+8(FP), R8
+	MOVQ half+16(FP), R9
+	MOVQ src0+24(FP), SI
+	MOVQ src1+32(FP), DX
+	MOVQ lines+40(FP), R10
+	MOVQ cw+48(FP), R11
+	MOVQ chunks+56(FP), CX
+	MOVL $1, BX
+	SHLXL R11, BX, AX
+	DECL AX
 	KMOVW AX, K3
 	VMOVDQU32 bf16Zip<>(SB), Z4
-	MOVQ pairs+48(FP), CX
+	XORQ R12, R12
+	XORQ R13, R13
+chunk:
 	TESTQ CX, CX
-	JEQ done
-loop:
+	JEQ pdone
+	MOVQ R10, AX
+	CMPQ AX, R11
+	CMOVQGT R11, AX
+	CMPQ AX, $0
+	CMOVQLT R13, AX
+	SHLXL AX, BX, AX
+	DECL AX
+	KMOVW AX, K1
 	VMOVUPS.Z (SI), K1, Z0
-	VMOVUPS.Z (SI)(DX*1), K1, Z1
+	VMOVUPS.Z (DX), K1, Z1
 	ZIPSTORE
-	LEAQ (SI)(DX*2), SI
+	LEAQ (SI)(R11*4), SI
+	LEAQ (DX)(R11*4), DX
+	SUBQ R11, R10
+	TESTQ R9, R9
+	JEQ whole
+	XORQ $1, R12
+	JEQ second
+	ADDQ R9, DI
+	JMP next
+second:
+	SUBQ R9, DI
 	ADDQ R8, DI
+	JMP next
+whole:
+	ADDQ R8, DI
+next:
 	DECQ CX
-	JNE loop
-done:
+	JMP chunk
+pdone:
 	VZEROUPPER
 	RET
