@@ -78,26 +78,41 @@ type LaunchOptions struct {
 // LaunchResult summarises a finished run.
 type LaunchResult struct {
 	RunID   uint64
-	Steps   int
+	Steps   int // the last step recorded, as metrics.jsonl counts steps
 	Loss    float64
 	ValLoss float64
+	// Tokens and Elapsed are the run's, as metrics.jsonl counts them: every replica's
+	// tokens, and a resumed run's include what it went on from.
 	Tokens  int64
 	Elapsed time.Duration
-	// Per stage boundary i (stage i → i+1): encoded bytes of the training
-	// activation frames sent forward and the gradient frames sent back.
+	// This launch's own share of the run, over every part of it (steps taken again
+	// after a pause included), from which its throughput and traffic are figured:
+	// FromStep is the step it went on from (0 for a new run), StepsRun the steps
+	// replica pipeline 0 took, TokensRun the tokens every replica trained, TimeRun
+	// the wall time from each part's start to its end (staffing and pauses left out).
+	FromStep  int
+	StepsRun  int
+	TokensRun int64
+	TimeRun   time.Duration
+	// Per stage boundary i (stage i → i+1): encoded bytes of the training activation
+	// frames replica pipeline 0 sent forward and the gradient frames it sent back, over
+	// its StepsRun.
 	BoundaryFwd, BoundaryBwd []int64
-	Checkpoints              []string // each stage's checkpoint (replica 0's), on its node
-	// SyncBytes[r][s]: what replica r of stage s sent in its outer steps, both phases.
+	// Checkpoints[r][s] is replica r's stage s checkpoint, on its node, as the node
+	// last said ("" if it stopped without saying).
+	Checkpoints [][]string
+	// SyncBytes[r][s]: what replica r of stage s sent in its outer steps, both phases,
+	// over every part of the run.
 	SyncBytes  [][]int64
-	OuterSteps int   // outer steps of stage 0's replicas
+	OuterSteps int   // outer steps of stage 0's replicas, over every part of the run
 	Broken     []int // replica pipelines that stopped early (a stage's peer died or stalled)
 	Rejoined   []int // replica pipelines brought back (once each time) after they broke
 	// Repaired counts cells taken by the idle survivor of another broken replica
 	// pipeline: two broken pipelines made one whole one.
 	Repaired int
 	// Pauses: each time the run stopped because a stage had no live node, and how it
-	// went on. Broken and Rejoined are over every part of the run; the byte counts,
-	// checkpoints and Times are the last part's.
+	// went on. Broken and Rejoined are over every part of the run, as are the byte
+	// counts; checkpoints and Times are the last part's.
 	Pauses []Pause
 	// Times: where each stage's wall time went, one per (stage, replica) that finished.
 	Times []StageTime
@@ -168,6 +183,19 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	idle := listenIdle(ctx, h, log)
 	res, err := launchOnce(ctx, h, calls, idle, o, log, 0, nil)
 	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second
+	// The parts before the last: their share of the run is added to the last's.
+	before := newResult(0, o.Spec.Pipeline.Stages, o.Spec.Pipeline.Replicas)
+	from := 0
+	if res != nil {
+		from = res.FromStep
+	}
+	share := func(last *LaunchResult) *LaunchResult {
+		if last != nil {
+			last.add(before)
+			last.FromStep = from
+		}
+		return last
+	}
 	var pauses []Pause
 	var broken, rejoined []int
 	repaired := 0
@@ -194,13 +222,16 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 			if res != nil {
 				res.Pauses = pauses
 			}
-			return res, fmt.Errorf("%w; paused %s and not resumed: %v", err, time.Since(stopped).Round(time.Second), nerr)
+			return share(res), fmt.Errorf("%w; paused %s and not resumed: %v", err, time.Since(stopped).Round(time.Second), nerr)
 		}
 		pauses = append(pauses, p)
+		if res != nil {
+			before.add(res)
+		}
 		if errors.Is(nerr, ErrStageDown) && next != nil && next.Steps <= p.ResumedAt {
 			// Stopped again before a step was taken: whatever stops it is not going away.
 			next.Pauses = pauses
-			return next, fmt.Errorf("%w; it had been paused and resumed from step %d, and stopped again before taking a step", nerr, p.ResumedAt)
+			return share(next), fmt.Errorf("%w; it had been paused and resumed from step %d, and stopped again before taking a step", nerr, p.ResumedAt)
 		}
 		res, err = next, nerr
 	}
@@ -209,7 +240,7 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		res.Repaired += repaired
 		res.Pauses = pauses
 	}
-	return res, err
+	return share(res), err
 }
 
 // launchOnce is one part of a launched run, from staffing to the run's end or the
@@ -608,6 +639,9 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 		},
 	}
 	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up, rj)
+	if err != nil && res != nil {
+		drainEnds(res, plan, reports, 2*time.Second)
+	}
 	if res != nil {
 		res.Repaired = repairedN
 		res.Penalties = h.Penalties().Stats()
@@ -930,17 +964,18 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			}
 		}
 	}
-	res := &LaunchResult{RunID: plan.ID, BoundaryFwd: make([]int64, S-1), BoundaryBwd: make([]int64, S-1),
-		Checkpoints: make([]string, S), ValLoss: math.NaN(), SyncBytes: make([][]int64, R)}
-	for r := range res.SyncBytes {
-		res.SyncBytes[r] = make([]int64, S)
-	}
+	res := newResult(plan.ID, S, R)
 	var history []metrics.Step
 	pending := map[int]*metrics.Step{} // replica 0's steps whose evaluation is still to come
 	start := time.Now()
+	began := start
+	// However the run ends, its times are known.
+	defer func() {
+		res.Elapsed, res.TimeRun = time.Since(start), time.Since(began)
+	}()
 	if kept != nil {
 		// Tokens and elapsed time go on from where the interrupted run left them.
-		res.Tokens, res.Steps = kept.tokens, plan.Resume.Step
+		res.Tokens, res.Steps, res.FromStep = kept.tokens, plan.Resume.Step, plan.Resume.Step
 		start = start.Add(-time.Duration(kept.elapsedS * float64(time.Second)))
 		for _, s := range kept.steps {
 			if s.Replica == nil || *s.Replica == 0 {
@@ -1094,6 +1129,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			silence.heard(time.Now(), r.Kind == ReportStep)
 			if _, ok := broken[r.Replica]; ok && r.Kind != ReportOuter {
 				if r.Kind == ReportIdle || r.Kind == ReportError {
+					res.stageEnded(r)
 					log.Info("stage of a broken replica pipeline stopped", "stage", r.Stage, "replica", r.Replica, "reason", r.Error)
 				}
 				continue
@@ -1103,9 +1139,11 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 				now := time.Now()
 				if r.Replica == 0 {
 					res.Steps, res.Loss = r.Step, r.Loss
+					res.StepsRun++
 				}
 				trained[r.Replica]++
 				res.Tokens += int64(sp.TokensPerStep())
+				res.TokensRun += int64(sp.TokensPerStep())
 				s := metrics.Step{Step: r.Step, Loss: r.Loss, Tokens: res.Tokens, LR: r.LR, GradNorm: r.GradNorm,
 					TokensPerS: float64(sp.TokensPerStep()) / now.Sub(last[r.Replica]).Seconds(), ElapsedS: now.Sub(start).Seconds()}
 				if R > 1 {
@@ -1220,16 +1258,9 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					t.Stage, t.Replica = r.Stage, r.Replica
 					res.Times = append(res.Times, t)
 				}
-				if r.Replica == 0 {
-					res.Checkpoints[r.Stage] = r.Checkpoint
-					if r.Stage < S-1 {
-						res.BoundaryFwd[r.Stage] = r.BytesFwd
-					}
-					if r.Stage > 0 {
-						res.BoundaryBwd[r.Stage-1] = r.BytesBwd
-					}
-				}
+				res.stageEnded(r)
 			case ReportIdle, ReportError:
+				res.stageEnded(r)
 				if r.Kind == ReportError && r.Diverged {
 					// Every replica trains the same way: the run cannot go on.
 					abort(r.Error)
@@ -1254,7 +1285,6 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			return res, err
 		}
 	}
-	res.Elapsed = time.Since(start)
 	plot()
 	return res, finishedWell(sp, res, trained, brokeWhy)
 }
@@ -1291,6 +1321,83 @@ func replicaName(sp *spec.Spec, r int) string {
 		return "the pipeline"
 	}
 	return fmt.Sprintf("replica pipeline %d", r)
+}
+
+func newResult(run uint64, S, R int) *LaunchResult {
+	res := &LaunchResult{RunID: run, BoundaryFwd: make([]int64, S-1), BoundaryBwd: make([]int64, S-1),
+		Checkpoints: make([][]string, R), ValLoss: math.NaN(), SyncBytes: make([][]int64, R)}
+	for r := range R {
+		res.SyncBytes[r] = make([]int64, S)
+		res.Checkpoints[r] = make([]string, S)
+	}
+	return res
+}
+
+// stageEnded notes what a stage says when it stops, done or not: where its
+// checkpoint is and, for replica pipeline 0, what it sent over its boundaries.
+func (res *LaunchResult) stageEnded(r Report) {
+	S := len(res.BoundaryFwd) + 1
+	if r.Replica < 0 || r.Replica >= len(res.Checkpoints) || r.Stage < 0 || r.Stage >= S {
+		return
+	}
+	if r.Checkpoint != "" {
+		res.Checkpoints[r.Replica][r.Stage] = r.Checkpoint
+	}
+	if r.Replica != 0 || (r.BytesFwd == 0 && r.BytesBwd == 0) {
+		return
+	}
+	if r.Stage < S-1 {
+		res.BoundaryFwd[r.Stage] = r.BytesFwd
+	}
+	if r.Stage > 0 {
+		res.BoundaryBwd[r.Stage-1] = r.BytesBwd
+	}
+}
+
+// drainEnds, after a run stopped early, listens a little longer for its stages'
+// last words (they report once the abort reaches them): where each checkpoint is,
+// and what it sent. It returns once every cell has said where its checkpoint is, or
+// after wait.
+func drainEnds(res *LaunchResult, plan *Plan, reports <-chan Report, wait time.Duration) {
+	told := func() bool {
+		for _, row := range res.Checkpoints {
+			for _, c := range row {
+				if c == "" {
+					return false
+				}
+			}
+		}
+		return true
+	}
+	deadline := time.After(wait)
+	for !told() {
+		select {
+		case <-deadline:
+			return
+		case r := <-reports:
+			if a, ok := plan.cell(r.Stage, r.Replica); ok && a.Peer == r.Peer &&
+				(r.Kind == ReportDone || r.Kind == ReportIdle || r.Kind == ReportError) {
+				res.stageEnded(r)
+			}
+		}
+	}
+}
+
+// add counts another part's share of the run (see LaunchResult.StepsRun) into res.
+func (res *LaunchResult) add(part *LaunchResult) {
+	res.StepsRun += part.StepsRun
+	res.TokensRun += part.TokensRun
+	res.TimeRun += part.TimeRun
+	for i := range min(len(res.BoundaryFwd), len(part.BoundaryFwd)) {
+		res.BoundaryFwd[i] += part.BoundaryFwd[i]
+		res.BoundaryBwd[i] += part.BoundaryBwd[i]
+	}
+	res.OuterSteps += part.OuterSteps
+	for r := range min(len(res.SyncBytes), len(part.SyncBytes)) {
+		for s := range min(len(res.SyncBytes[r]), len(part.SyncBytes[r])) {
+			res.SyncBytes[r][s] += part.SyncBytes[r][s]
+		}
+	}
 }
 
 // Gone lists the replica pipelines still broken when the run ended: broken more

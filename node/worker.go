@@ -95,6 +95,9 @@ type worker struct {
 	jobs   chan func() any
 	out    *outbox
 	sent   sentBytes // tensor frames sent, by kind
+	// stepSent is what sent counted of training frames when the last step was taken:
+	// a stage stopped mid-step has sent part of the next, which is no step's traffic.
+	stepSent [2]int64
 	recvd  sentBytes // tensor frames received and accepted for this run, by kind
 
 	// What the status page shows, kept by the loop and published to view as a new
@@ -452,10 +455,11 @@ func (w *worker) start() {
 			if w.group != nil {
 				w.group.Leave()
 			}
-			w.report(Report{Kind: ReportIdle, Error: w.err.Error(), Checkpoint: w.checkpointPath()})
+			w.report(Report{Kind: ReportIdle, Error: w.err.Error(), Checkpoint: w.checkpointHeld(), BytesFwd: w.stepSent[0], BytesBwd: w.stepSent[1]})
 		case w.err != nil:
 			w.log.Error("run stopped", "err", w.err)
-			w.report(Report{Kind: ReportError, Error: w.err.Error(), Diverged: errors.Is(w.err, ErrDiverged), Checkpoint: w.checkpointPath()})
+			w.report(Report{Kind: ReportError, Error: w.err.Error(), Diverged: errors.Is(w.err, ErrDiverged), Checkpoint: w.checkpointHeld(),
+				BytesFwd: w.stepSent[0], BytesBwd: w.stepSent[1]})
 		}
 		w.out.close()
 		if w.group != nil {
@@ -831,6 +835,9 @@ func (w *worker) do(a any) error {
 		if err := w.stepTaken(a.Step); err != nil {
 			return err
 		}
+		// The step's frames are all sent: the next stage had its activations and the
+		// previous one its gradients before the step's norms were exchanged.
+		w.stepSent = [2]int64{w.sent.act.Load(), w.sent.grad.Load()}
 		w.stepTimes = append(w.stepTimes, time.Now())
 		if len(w.stepTimes) > tokensWindow+1 {
 			w.stepTimes = w.stepTimes[1:]
@@ -1181,6 +1188,15 @@ func (w *worker) from(kind p2p.Kind) (peer.ID, bool) {
 
 func (w *worker) checkpointPath() string {
 	return pairAt(w.dir, stageBase(w.idx, w.rep, w.sp.Pipeline.Replicas)).weights
+}
+
+// checkpointHeld is checkpointPath if a checkpoint is there, "" otherwise (a stage
+// stopped before it wrote one).
+func (w *worker) checkpointHeld() string {
+	if _, err := os.Stat(w.checkpointPath()); err != nil {
+		return ""
+	}
+	return w.checkpointPath()
 }
 
 // checkpoint writes the stage's tensors (global layer names), the spec and the step.

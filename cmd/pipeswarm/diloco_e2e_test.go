@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"syscall"
@@ -75,6 +76,17 @@ func TestDiLoCoOnFourNodesMatchesTrain(t *testing.T) {
 			t.Logf("node %d:\n%s", i, n.stderr)
 		}
 		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
+	}
+	// The summary names every replica's checkpoints, each on its node.
+	for r := range 2 {
+		for s := range 2 {
+			m := regexp.MustCompile(fmt.Sprintf(`(?m)^stage %d of replica %d checkpoint: (.*)$`, s, r)).FindStringSubmatch(stdout)
+			if m == nil {
+				t.Errorf("the summary does not list stage %d of replica %d's checkpoint:\n%s", s, r, stdout)
+			} else if _, err := os.Stat(m[1]); err != nil {
+				t.Errorf("stage %d of replica %d's checkpoint: %v", s, r, err)
+			}
+		}
 	}
 	ref := filepath.Join(dir, "trained")
 	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet", "--data", "corpus.txt", "--steps", steps); code != 0 {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"os"
 	"path/filepath"
 	"slices"
@@ -17,6 +18,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/datadir"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
@@ -374,40 +376,10 @@ The spec, its text and the --peer addresses are checked before any node is asked
 		dropUnused(dir, created)
 	}
 	if res != nil && res.Steps > 0 {
-		fmt.Fprintf(stdout, "run %016x: %d steps in %s: loss %.4f, val_loss %.4f, %.0f tokens/s\n", res.RunID, res.Steps,
-			res.Elapsed.Round(time.Second), res.Loss, res.ValLoss, float64(res.Tokens)/res.Elapsed.Seconds())
-		tokens := float64(sp.TokensPerStep()) * float64(res.Steps)
-		for i := range res.BoundaryFwd {
-			fmt.Fprintf(stdout, "boundary %d→%d: %.1f bytes/token forward, %.1f bytes/token backward\n", i, i+1,
-				float64(res.BoundaryFwd[i])/tokens, float64(res.BoundaryBwd[i])/tokens)
-		}
-		if sp.Pipeline.Replicas > 1 {
-			var sync int64
-			for _, row := range res.SyncBytes {
-				for _, b := range row {
-					sync += b
-				}
-			}
-			fmt.Fprintf(stdout, "outer steps: %d; all-reduce bytes sent, all replicas and stages: %s (%.1f bytes per inner step per replica pipeline)\n",
-				res.OuterSteps, assign.FormatBytes(sync), float64(sync)/float64(res.Steps)/float64(sp.Pipeline.Replicas))
-			if len(res.Broken) > 0 {
-				fmt.Fprintf(stdout, "replica pipelines stopped early: %v\n", res.Broken)
-			}
-			if len(res.Rejoined) > 0 {
-				fmt.Fprintf(stdout, "replica pipelines rejoined: %v\n", res.Rejoined)
-			}
-			if res.Repaired > 0 {
-				fmt.Fprintf(stdout, "cells re-paired (taken by the survivor of another broken pipeline): %d\n", res.Repaired)
-			}
-		}
-		for _, p := range res.Pauses {
-			fmt.Fprintf(stdout, "paused after step %d for %s (%s); resumed from step %d\n", p.Recorded,
-				time.Duration(p.WaitedS*float64(time.Second)).Round(time.Second), p.Why, p.ResumedAt)
-		}
-		for i, c := range res.Checkpoints {
-			fmt.Fprintf(stdout, "stage %d checkpoint: %s\n", i, c)
-		}
-		fmt.Fprintf(stdout, "wrote %s\n", *out)
+		printLaunchSummary(stdout, sp, res, *out)
+	}
+	if res != nil && res.Steps > 0 && (errors.Is(err, context.Canceled) || errors.Is(err, node.ErrStageDown)) {
+		fmt.Fprintf(stderr, "resume with: %s\n", resumeCommand("launch", args, *out))
 	}
 	return err
 }
@@ -453,6 +425,118 @@ prune refuses a directory a node is running on.`, stderr)
 	left, lerr := node.RunFolders(dir.Path)
 	fmt.Fprintf(stdout, "pruned %d run folder(s), freed %s; %d kept\n", len(done), assign.FormatBytes(freed), len(left))
 	return errors.Join(err, lerr)
+}
+
+// printLaunchSummary prints what a launched run did: its figures are this launch's
+// own (the steps it took, their tokens, time and traffic), whether it ran the
+// whole run, went on from an earlier launch, or stopped early.
+func printLaunchSummary(w io.Writer, sp *spec.Spec, res *node.LaunchResult, out string) {
+	what := fmt.Sprintf("%d steps", res.StepsRun)
+	if res.FromStep > 0 || res.StepsRun != res.Steps {
+		what = fmt.Sprintf("%d steps (resumed from step %d, now at step %d of %d)", res.StepsRun, res.FromStep, res.Steps, sp.Train.Steps)
+	}
+	figures := fmt.Sprintf("loss %.4f", res.Loss)
+	if !math.IsNaN(res.ValLoss) {
+		figures += fmt.Sprintf(", val_loss %.4f", res.ValLoss)
+	}
+	if res.StepsRun > 0 && res.TimeRun > 0 {
+		figures += fmt.Sprintf(", %.0f tokens/s", float64(res.TokensRun)/res.TimeRun.Seconds())
+	}
+	fmt.Fprintf(w, "run %016x: %s in %s: %s\n", res.RunID, what, roundDuration(res.TimeRun), figures)
+	tokens := float64(sp.TokensPerStep()) * float64(res.StepsRun)
+	for i := range res.BoundaryFwd {
+		if res.BoundaryFwd[i] == 0 && res.BoundaryBwd[i] == 0 || tokens == 0 {
+			fmt.Fprintf(w, "boundary %d→%d: not reported (the stages stopped before saying what they sent)\n", i, i+1)
+			continue
+		}
+		fmt.Fprintf(w, "boundary %d→%d: %.1f bytes/token forward, %.1f bytes/token backward\n", i, i+1,
+			float64(res.BoundaryFwd[i])/tokens, float64(res.BoundaryBwd[i])/tokens)
+	}
+	R := sp.Pipeline.Replicas
+	if R > 1 {
+		var sync int64
+		for _, row := range res.SyncBytes {
+			for _, b := range row {
+				sync += b
+			}
+		}
+		perStep := 0.0
+		if res.StepsRun > 0 {
+			perStep = float64(sync) / float64(res.StepsRun) / float64(R)
+		}
+		fmt.Fprintf(w, "outer steps: %d; all-reduce bytes sent, all replicas and stages: %s (%.1f bytes per inner step per replica pipeline)\n",
+			res.OuterSteps, assign.FormatBytes(sync), perStep)
+		if len(res.Broken) > 0 {
+			fmt.Fprintf(w, "replica pipelines stopped early: %v\n", res.Broken)
+		}
+		if len(res.Rejoined) > 0 {
+			fmt.Fprintf(w, "replica pipelines rejoined: %v\n", res.Rejoined)
+		}
+		if res.Repaired > 0 {
+			fmt.Fprintf(w, "cells re-paired (taken by the survivor of another broken pipeline): %d\n", res.Repaired)
+		}
+	}
+	for _, p := range res.Pauses {
+		went := fmt.Sprintf("resumed from step %d", p.ResumedAt)
+		if p.ResumedAt == 0 {
+			went = "not resumed"
+		}
+		fmt.Fprintf(w, "paused after step %d for %s (%s); %s\n", p.Recorded,
+			time.Duration(p.WaitedS*float64(time.Second)).Round(time.Second), p.Why, went)
+	}
+	for r, row := range res.Checkpoints {
+		for s, c := range row {
+			cell := fmt.Sprintf("stage %d", s)
+			if R > 1 {
+				cell = fmt.Sprintf("stage %d of replica %d", s, r)
+			}
+			if c == "" {
+				c = "not reported (its node stopped without saying; launch --resume finds the newest on the nodes)"
+			}
+			fmt.Fprintf(w, "%s checkpoint: %s\n", cell, c)
+		}
+	}
+	fmt.Fprintf(w, "wrote %s\n", out)
+}
+
+// roundDuration rounds d for people: to 0.1 s below 10 s, to 1 s above.
+func roundDuration(d time.Duration) time.Duration {
+	if d < 10*time.Second {
+		return d.Round(100 * time.Millisecond)
+	}
+	return d.Round(time.Second)
+}
+
+// resumeCommand is the command line that resumes a run started by `pipeswarm cmd
+// args...` into out: the same arguments, --out out and --resume (any --force dropped).
+func resumeCommand(cmd string, args []string, out string) string {
+	words := []string{"pipeswarm", cmd}
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		name, _, hasValue := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if strings.HasPrefix(a, "-") && (name == "out" || name == "resume" || name == "force") {
+			if name == "out" && !hasValue {
+				i++ // its value
+			}
+			continue
+		}
+		words = append(words, a)
+	}
+	words = append(words, "--out", out, "--resume")
+	for i, w := range words {
+		words[i] = shellQuote(w)
+	}
+	return strings.Join(words, " ")
+}
+
+// shellQuote quotes s for a POSIX shell if it needs it.
+func shellQuote(s string) string {
+	if s != "" && strings.IndexFunc(s, func(r rune) bool {
+		return !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || strings.ContainsRune("-_./=:,+@%", r))
+	}) < 0 {
+		return s
+	}
+	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
 }
 
 // peerAddrs expands --peer values: a node's full address, or a node's addrs file

@@ -109,6 +109,9 @@ a run is refused unless --resume continues it or --force overwrites it.
 		}
 		fmt.Fprintf(stdout, "wrote %s\n", *out)
 	}
+	if res != nil && res.Steps > 0 && errors.Is(err, context.Canceled) {
+		fmt.Fprintf(stderr, "resume with: %s\n", resumeCommand("train", args, *out))
+	}
 	return err
 }
 
@@ -208,8 +211,16 @@ func (p *progress) step(s metrics.Step) {
 		p.valLoss = *s.ValLoss
 	}
 	eta := time.Duration(float64(p.total-s.Step) * s.ElapsedS / float64(s.Step) * float64(time.Second)).Round(time.Second)
-	line := fmt.Sprintf("step %d/%d  loss %.4f  val %.4f  %.0f tok/s  elapsed %s  eta %s",
-		s.Step, p.total, s.Loss, p.valLoss, s.TokensPerS, time.Duration(s.ElapsedS*float64(time.Second)).Round(time.Second), eta)
+	line := fmt.Sprintf("step %d/%d", s.Step, p.total)
+	if s.Replica != nil { // every replica pipeline reports its own steps
+		line += fmt.Sprintf("  replica %d", *s.Replica)
+	}
+	line += fmt.Sprintf("  loss %.4f", s.Loss)
+	if !math.IsNaN(p.valLoss) { // none before the first evaluation
+		line += fmt.Sprintf("  val %.4f", p.valLoss)
+	}
+	line += fmt.Sprintf("  %.0f tok/s  elapsed %s  eta %s",
+		s.TokensPerS, time.Duration(s.ElapsedS*float64(time.Second)).Round(time.Second), eta)
 	if p.tty {
 		fmt.Fprintf(p.w, "\r\033[K%s", line)
 		return
