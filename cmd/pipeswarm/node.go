@@ -444,13 +444,14 @@ func printLaunchSummary(w io.Writer, sp *spec.Spec, res *node.LaunchResult, out 
 	}
 	fmt.Fprintf(w, "run %016x: %s in %s: %s\n", res.RunID, what, roundDuration(res.TimeRun), figures)
 	tokens := float64(sp.TokensPerStep()) * float64(res.StepsRun)
-	for i := range res.BoundaryFwd {
-		if res.BoundaryFwd[i] == 0 && res.BoundaryBwd[i] == 0 || tokens == 0 {
-			fmt.Fprintf(w, "boundary %d→%d: not reported (the stages stopped before saying what they sent)\n", i, i+1)
-			continue
+	perToken := func(b int64, dir string) string {
+		if b == 0 || tokens == 0 {
+			return dir + " not reported (its stage stopped without saying what it sent)"
 		}
-		fmt.Fprintf(w, "boundary %d→%d: %.1f bytes/token forward, %.1f bytes/token backward\n", i, i+1,
-			float64(res.BoundaryFwd[i])/tokens, float64(res.BoundaryBwd[i])/tokens)
+		return fmt.Sprintf("%.1f bytes/token %s", float64(b)/tokens, dir)
+	}
+	for i := range res.BoundaryFwd {
+		fmt.Fprintf(w, "boundary %d→%d: %s, %s\n", i, i+1, perToken(res.BoundaryFwd[i], "forward"), perToken(res.BoundaryBwd[i], "backward"))
 	}
 	R := sp.Pipeline.Replicas
 	if R > 1 {

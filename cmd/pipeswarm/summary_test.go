@@ -212,3 +212,69 @@ func TestAShortenedWarmupIsSaid(t *testing.T) {
 		t.Errorf("--steps 2 with warmup 2: exit %d, stderr:\n%s", code, stderr)
 	}
 }
+
+// A run that paused when a stage's node died and was not resumed in time still
+// sums up what it did: real figures, the pause, the checkpoint the live stage
+// reported and a sentence for the dead one's, and the command that resumes it.
+func TestLaunchSummaryOfARunPausedAndNotResumed(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	src := strings.Replace(pipeSpec, "stages: 4, micro_batches: 4, in_flight: 4, pause_timeout: 0", "stages: 2, micro_batches: 2, pause_timeout: 2", 1)
+	src = strings.Replace(src, "steps: 6,", "steps: 100000,", 1)
+	src = strings.Replace(src, "eval_interval: 3", "eval_interval: 0", 1)
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, src, 2)
+	out := filepath.Join(dir, "paused")
+	var o, e bytes.Buffer
+	exited := make(chan int, 1)
+	go func() {
+		exited <- run(context.Background(), append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...), &o, &e)
+	}()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if rows, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl")); len(rows) >= 3 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no progress in 60 s")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = nodes[1].cmd.Process.Kill()
+	<-nodes[1].exited
+	var code int
+	select {
+	case code = <-exited:
+	case <-time.After(60 * time.Second):
+		t.Fatal("launch still running 60 s after its stage 1 died, with a pause timeout of 2 s")
+	}
+	_ = nodes[0].cmd.Process.Signal(syscall.SIGTERM)
+	<-nodes[0].exited
+	t.Logf("exit %d:\n%s%s", code, o.String(), e.String())
+	got := o.String()
+	if code != 1 {
+		t.Fatalf("exit %d, want 1", code)
+	}
+	head := regexp.MustCompile(`(?m)^run [0-9a-f]{16}: (\d+) steps in ([0-9.]+m?s): loss [0-9.]+, ([0-9]+) tokens/s$`).FindStringSubmatch(got)
+	if head == nil || head[1] == "0" || head[2] == "0s" || strings.Contains(got, "Inf") || strings.Contains(got, "NaN") {
+		t.Errorf("summary line: %q", head)
+	}
+	for _, re := range []string{
+		`(?m)^boundary 0→1: [0-9.]+ bytes/token forward, (backward not reported \(its stage stopped without saying what it sent\)|[0-9.]+ bytes/token backward)$`,
+		`(?m)^paused after step \d+ for [0-9]+s \(.*\); not resumed$`,
+		`(?m)^stage 1 checkpoint: not reported \(its node stopped without saying; launch --resume finds the newest on the nodes\)$`,
+	} {
+		if !regexp.MustCompile(re).MatchString(got) {
+			t.Errorf("summary does not match %s", re)
+		}
+	}
+	if m := regexp.MustCompile(`(?m)^stage 0 checkpoint: (.*)$`).FindStringSubmatch(got); m == nil {
+		t.Error("no stage 0 checkpoint line")
+	} else if _, err := os.Stat(m[1]); err != nil {
+		t.Errorf("stage 0 checkpoint: %v", err)
+	}
+	if !strings.Contains(e.String(), "resume with: pipeswarm launch "+specPath) || !strings.Contains(e.String(), "--out "+out+" --resume") {
+		t.Errorf("no resume command:\n%s", e.String())
+	}
+}
