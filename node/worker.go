@@ -98,7 +98,7 @@ type worker struct {
 	// stepSent is what sent counted of training frames when the last step was taken:
 	// a stage stopped mid-step has sent part of the next, which is no step's traffic.
 	stepSent [2]int64
-	recvd  sentBytes // tensor frames received and accepted for this run, by kind
+	recvd    sentBytes // tensor frames received and accepted for this run, by kind
 
 	// What the status page shows, kept by the loop and published to view as a new
 	// value after every step: readers never see the loop's own fields.
