@@ -156,12 +156,13 @@ type adamwStep struct {
 }
 
 // run updates one span; keep is 1-lr·wd inside Decay segments and 1 outside
-// (multiplying by 1 is exact, so one loop serves both).
+// (multiplying by 1 is exact, so one loop serves both). Vector kernels (runVec) do
+// the same operations on whole blocks of 16, the loop the rest.
 func (k *adamwStep) run(p, g, m, v []float32, keep float32) {
 	g, m, v = g[:len(p)], m[:len(p)], v[:len(p)] // lets the compiler drop bounds checks
 	b1, b2, c1, c2 := k.b1, k.b2, k.c1, k.c2
 	stepSize, invBC2, eps := k.stepSize, k.invBC2, k.eps
-	for i := range p {
+	for i := k.runVec(p, g, m, v, keep); i < len(p); i++ {
 		gi := g[i]
 		mi := b1*m[i] + c1*gi
 		vi := b2*v[i] + c2*gi*gi

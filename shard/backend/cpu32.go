@@ -159,16 +159,10 @@ func rmsnorm(out, rstd, x, w []float32, n, d int, eps float32) {
 	compute.ParallelFor(n, func(lo, hi int) {
 		for i := lo; i < hi; i++ {
 			xr := x[i*d : (i+1)*d]
-			var ss float32
-			for _, v := range xr {
-				ss += v * v
-			}
+			ss := kernels.Dot(xr, xr)
 			r := float32(1 / math.Sqrt(float64(ss/float32(d)+eps)))
 			rstd[i] = r
-			or := out[i*d : (i+1)*d]
-			for j, v := range xr {
-				or[j] = w[j] * (v * r)
-			}
+			kernels.RMSScale(out[i*d:(i+1)*d], w, xr, r)
 		}
 	})
 }
@@ -239,20 +233,7 @@ func attention(att, p, qkv []float32, b, t, nHeads, headDim int, gemm sgemm) {
 
 // causalSoftmaxRow replaces row[:n] by its softmax and zeroes row[n:].
 func causalSoftmaxRow(row []float32, n int) {
-	m := row[0]
-	for _, v := range row[1:n] {
-		m = max(m, v)
-	}
-	var sum float32
-	for j := range n {
-		e := compute.Exp(row[j] - m)
-		row[j] = e
-		sum += e
-	}
-	inv := 1 / sum
-	for j := range n {
-		row[j] *= inv
-	}
+	kernels.Softmax(row[:n])
 	clear(row[n:])
 }
 
@@ -274,14 +255,8 @@ func attentionBackward(dqkv, datt, p, qkv []float32, b, t, nHeads, headDim int, 
 			gemm(false, true, t, t, headDim, 1, do, d, v, 3*d, 0, dp, t)
 			// dS = P ⊙ (dP − rowsum(dP ⊙ P)), times the score scale.
 			for i := range t {
-				pr, dr := s[i*t:i*t+i+1], dp[i*t:(i+1)*t]
-				var dot float32
-				for j, pv := range pr {
-					dot += pv * dr[j]
-				}
-				for j, pv := range pr {
-					dr[j] = scale * pv * (dr[j] - dot)
-				}
+				dr := dp[i*t : (i+1)*t]
+				kernels.SoftmaxBackward(dr[:i+1], s[i*t:i*t+i+1], scale)
 				clear(dr[i+1:])
 			}
 			// dQ = dS·K, dK = dSᵀ·Q

@@ -163,3 +163,158 @@ swbloop:
 swbdone:
 	VZEROUPPER
 	RET
+
+// func maxAVX512(x *float32, n int) float32
+// The largest of x[:n], n a positive multiple of 16 (NaN aside).
+TEXT ·maxAVX512(SB), NOSPLIT, $0-20
+	MOVQ x+0(FP), SI
+	MOVQ n+8(FP), CX
+	SHRQ $4, CX
+	VMOVUPS (SI), Z0
+	ADDQ $64, SI
+	DECQ CX
+	JZ maxreduce
+
+maxloop:
+	VMAXPS (SI), Z0, Z0
+	ADDQ $64, SI
+	DECQ CX
+	JNZ maxloop
+
+maxreduce:
+	VEXTRACTF64X4 $1, Z0, Y1
+	VMAXPS Y1, Y0, Y0
+	VEXTRACTF128 $1, Y0, X1
+	VMAXPS X1, X0, X0
+	VPERMILPS $0x4e, X0, X1
+	VMAXPS X1, X0, X0
+	VPERMILPS $0xb1, X0, X1
+	VMAXPS X1, X0, X0
+	VMOVSS X0, ret+16(FP)
+	VZEROUPPER
+	RET
+
+// func expSubSumAVX512(x *float32, n int, m float32, part *float32)
+// x[i] = e^(x[i] − m) for n a multiple of 16; part[l] = the sum, in order, of the new
+// x[16b + l].
+TEXT ·expSubSumAVX512(SB), NOSPLIT, $0-32
+	MOVQ x+0(FP), SI
+	MOVQ n+8(FP), CX
+	VBROADCASTSS m+16(FP), Z6
+	MOVQ part+24(FP), DI
+	VPXORD Z7, Z7, Z7
+	SHRQ $4, CX
+	JZ essdone
+	EXPCONSTS
+
+essloop:
+	VMOVUPS (SI), Z0
+	VSUBPS Z6, Z0, Z0
+	EXP
+	VMOVUPS Z4, (SI)
+	VADDPS Z4, Z7, Z7
+	ADDQ $64, SI
+	DECQ CX
+	JNZ essloop
+
+essdone:
+	VMOVUPS Z7, (DI)
+	VZEROUPPER
+	RET
+
+// func scaleAVX512(x *float32, n int, s float32)
+// x[i] *= s for n a multiple of 16.
+TEXT ·scaleAVX512(SB), NOSPLIT, $0-20
+	MOVQ x+0(FP), SI
+	MOVQ n+8(FP), CX
+	VBROADCASTSS s+16(FP), Z1
+	SHRQ $4, CX
+	JZ scdone
+
+scloop:
+	VMULPS (SI), Z1, Z0
+	VMOVUPS Z0, (SI)
+	ADDQ $64, SI
+	DECQ CX
+	JNZ scloop
+
+scdone:
+	VZEROUPPER
+	RET
+
+// func dotAVX512(a, b *float32, n int, part *float32)
+// part[l] = the sum, in order, of a[16j + l]·b[16j + l] (each product rounded, then
+// added) for n a multiple of 16.
+TEXT ·dotAVX512(SB), NOSPLIT, $0-32
+	MOVQ a+0(FP), SI
+	MOVQ b+8(FP), DX
+	MOVQ n+16(FP), CX
+	MOVQ part+24(FP), DI
+	VPXORD Z2, Z2, Z2
+	SHRQ $4, CX
+	JZ dotdone
+
+dotloop:
+	VMOVUPS (SI), Z0
+	VMULPS (DX), Z0, Z0
+	VADDPS Z0, Z2, Z2
+	ADDQ $64, SI
+	ADDQ $64, DX
+	DECQ CX
+	JNZ dotloop
+
+dotdone:
+	VMOVUPS Z2, (DI)
+	VZEROUPPER
+	RET
+
+// func softmaxGradAVX512(dp, p *float32, n int, scale, dot float32)
+// dp[i] = scale·p[i]·(dp[i] − dot) for n a multiple of 16.
+TEXT ·softmaxGradAVX512(SB), NOSPLIT, $0-32
+	MOVQ dp+0(FP), DI
+	MOVQ p+8(FP), SI
+	MOVQ n+16(FP), CX
+	VBROADCASTSS scale+24(FP), Z5
+	VBROADCASTSS dot+28(FP), Z6
+	SHRQ $4, CX
+	JZ sgdone
+
+sgloop:
+	VMULPS (SI), Z5, Z0
+	VMOVUPS (DI), Z1
+	VSUBPS Z6, Z1, Z1
+	VMULPS Z1, Z0, Z0
+	VMOVUPS Z0, (DI)
+	ADDQ $64, SI
+	ADDQ $64, DI
+	DECQ CX
+	JNZ sgloop
+
+sgdone:
+	VZEROUPPER
+	RET
+
+// func rmsScaleAVX512(out, w, x *float32, n int, r float32)
+// out[i] = w[i]·(x[i]·r) for n a multiple of 16.
+TEXT ·rmsScaleAVX512(SB), NOSPLIT, $0-36
+	MOVQ out+0(FP), DI
+	MOVQ w+8(FP), DX
+	MOVQ x+16(FP), SI
+	MOVQ n+24(FP), CX
+	VBROADCASTSS r+32(FP), Z5
+	SHRQ $4, CX
+	JZ rsdone
+
+rsloop:
+	VMULPS (SI), Z5, Z0
+	VMULPS (DX), Z0, Z0
+	VMOVUPS Z0, (DI)
+	ADDQ $64, SI
+	ADDQ $64, DX
+	ADDQ $64, DI
+	DECQ CX
+	JNZ rsloop
+
+rsdone:
+	VZEROUPPER
+	RET

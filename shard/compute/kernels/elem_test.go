@@ -71,5 +71,63 @@ func TestElementwiseVectorMatchesScalarBitForBit(t *testing.T) {
 		withScalar(func() { SwiGLUBackward(wdg, wdu, z, x, y) })
 		sameBits(t, "swiglu dg", dg, wdg, z, x, y)
 		sameBits(t, "swiglu du", du, wdu, z, x, y)
+
+		// Scores and gradients of a plausible size for the softmax kernels.
+		sc, dsc := make([]float32, n), make([]float32, n)
+		for i := range sc {
+			sc[i], dsc[i] = float32(rng.NormFloat64()*3), float32(rng.NormFloat64())
+		}
+		copy(got, sc)
+		Softmax(got)
+		copy(want, sc)
+		withScalar(func() { Softmax(want) })
+		sameBits(t, "softmax", got, want, sc)
+
+		p := append([]float32(nil), got...)
+		copy(got, dsc)
+		SoftmaxBackward(got, p, 0.125)
+		copy(want, dsc)
+		withScalar(func() { SoftmaxBackward(want, p, 0.125) })
+		sameBits(t, "softmax backward", got, want, dsc, p)
+
+		d := []float32{Dot(x, y)}
+		withScalar(func() { d = append(d, Dot(x, y)) })
+		sameBits(t, "dot", d[:1], d[1:])
+
+		RMSScale(got, y, z, 0.37)
+		withScalar(func() { RMSScale(want, y, z, 0.37) })
+		sameBits(t, "rms scale", got, want, y, z)
+
+		copy(got, x)
+		Scale(got, -1.5)
+		copy(want, x)
+		withScalar(func() { Scale(want, -1.5) })
+		sameBits(t, "scale", got, want, x)
+	}
+}
+
+func TestSoftmaxMatchesFloat64(t *testing.T) {
+	rng := rand.New(rand.NewPCG(11, 12))
+	for _, n := range []int{1, 2, 16, 31, 128, 1000} {
+		x := make([]float32, n)
+		for i := range x {
+			x[i] = float32(rng.NormFloat64() * 5)
+		}
+		mx := math.Inf(-1)
+		for _, v := range x {
+			mx = math.Max(mx, float64(v))
+		}
+		var sum float64
+		for _, v := range x {
+			sum += math.Exp(float64(v) - mx)
+		}
+		got := append([]float32(nil), x...)
+		Softmax(got)
+		for i, v := range x {
+			want := math.Exp(float64(v)-mx) / sum
+			if d := math.Abs(float64(got[i]) - want); d > 1e-6*want+1e-9 {
+				t.Fatalf("n=%d: softmax[%d] = %g, want %g", n, i, got[i], want)
+			}
+		}
 	}
 }
