@@ -278,3 +278,43 @@ func TestLaunchSummaryOfARunPausedAndNotResumed(t *testing.T) {
 		t.Errorf("no resume command:\n%s", e.String())
 	}
 }
+
+// An interrupted train prints the command that resumes it, and that command
+// finishes the run.
+func TestInterruptedTrainPrintsTheCommandThatResumesIt(t *testing.T) {
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "run.yaml")
+	must(t, os.WriteFile(specPath, []byte(strings.Replace(strings.Replace(testSpec, "eval_interval: 4", "eval_interval: 0", 1),
+		"steps: 8,", "steps: 400,", 1)), 0o644))
+	out := filepath.Join(dir, "out")
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var o, e bytes.Buffer
+	exited := make(chan int, 1)
+	go func() { exited <- run(ctx, []string{"train", specPath, "--out", out, "--quiet"}, &o, &e) }()
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if rows, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl")); len(rows) >= 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("no progress in 60 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	cancel()
+	if code := <-exited; code != 130 {
+		t.Fatalf("interrupted train exited %d, want 130:\n%s", code, e.String())
+	}
+	want := "resume with: pipeswarm train " + specPath + " --quiet --out " + out + " --resume\n"
+	if !strings.Contains(e.String(), want) {
+		t.Fatalf("stderr:\n%s\nwant %q", e.String(), want)
+	}
+	code, _, stderr := runCLI(t, strings.Fields(strings.TrimPrefix(strings.TrimSpace(want), "resume with: pipeswarm "))...)
+	if code != 0 {
+		t.Fatalf("the resume command exited %d:\n%s", code, stderr)
+	}
+	if rows, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl")); len(rows) != 400 {
+		t.Errorf("%d rows after resuming, want 400", len(rows))
+	}
+}
