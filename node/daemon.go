@@ -215,7 +215,8 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		score, banned := h.Penalties().Add(p, err.Error())
 		log.Warn("protocol violation", "peer", p, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
 	}
-	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise, reduce.WithMeter(d.meters.For(reduce.Proto)))
+	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise, reduce.WithMeter(d.meters.For(reduce.Proto)),
+		reduce.WithRuns(d.holdsRun))
 	d.fetch = &corpus.Fetcher{Host: h.Host, CacheDir: filepath.Join(dir.Path, "corpus"), Log: log.With("sys", "corpus"), Penalise: penalise,
 		Meter: d.meters.For(corpus.Proto)}
 	for _, proto := range []protocol.ID{reduce.Proto, p2p.ProtoActivation, p2p.ProtoGradient} {
@@ -601,6 +602,14 @@ func (d *Daemon) writeAccepted() error {
 	}
 	slices.SortFunc(all, func(a, b datadir.Accepted) int { return a.Expires.Compare(b.Expires) })
 	return d.dir.WriteAccepted(all)
+}
+
+// holdsRun reports whether run is held here or ended here a moment ago (its peers'
+// late all-reduce frames are then dropped, not penalised).
+func (d *Daemon) holdsRun(run uint64) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.runs[run] != nil || d.ended[run]
 }
 
 func (d *Daemon) hasEnded(id uint64) bool {

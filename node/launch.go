@@ -286,6 +286,17 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 		_ = p2p.WriteMsg(s, ctlReply{OK: true})
 	})
 
+	// stagePeers are the nodes holding the plan's cells, as cells pass to other nodes;
+	// cellsMu guards them and plan.Stages against the goroutines that read them besides
+	// the watch loop. Only they may fetch the run's text.
+	var cellsMu sync.Mutex
+	stagePeers := map[peer.ID]assign.Assignment{}
+	h.Gate(corpus.Proto, func(p peer.ID) bool {
+		cellsMu.Lock()
+		defer cellsMu.Unlock()
+		_, ok := stagePeers[p]
+		return ok
+	})
 	dataPlan, err := serveData(sp, h, log)
 	if err != nil {
 		return nil, err
@@ -315,14 +326,12 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 	if err != nil {
 		return nil, err
 	}
-	stagePeers := map[peer.ID]assign.Assignment{}
+	cellsMu.Lock()
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
 		stagePeers[id] = a
 	}
-	// A cell can pass to a new node (rejoin, below) on the watch loop; cellsMu guards
-	// plan.Stages and stagePeers against the goroutines that read them besides it.
-	var cellsMu sync.Mutex
+	cellsMu.Unlock()
 	// Abort tells every node at once, each given a few of its round trips: a hung node
 	// (often the reason for the abort) must not hold the launcher up.
 	abort := func(reason string) {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -424,4 +425,45 @@ func TestMDNSFoundPeersAreConnectedAndCloseIsIdempotent(t *testing.T) {
 		t.Fatalf("second Close: %v", err)
 	}
 	mdnsNotifee{a}.HandlePeerFound(peer.AddrInfo{ID: b.ID(), Addrs: b.Host.Addrs()}) // after Close: no dial, no panic
+}
+
+// A gated protocol's streams from peers the gate refuses are reset before the
+// handler runs; the others reach it; lifting the gate lets everyone in.
+func TestGateRefusesStreamsBeforeTheHandlerRuns(t *testing.T) {
+	srv, friend, stranger := newTestHost(t, tcpLoopback), newTestHost(t, tcpLoopback), newTestHost(t, tcpLoopback)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	const proto = "/pipeswarm/test-gate/1"
+	var handled atomic.Int64
+	srv.Handle(proto, func(s network.Stream) {
+		handled.Add(1)
+		_, _ = s.Write([]byte("y"))
+		s.Close()
+	})
+	srv.Gate(proto, func(p peer.ID) bool { return p == friend.ID() })
+	open := func(h *Host) error {
+		if _, err := h.Connect(ctx, srv.Addrs()[0]); err != nil {
+			t.Fatal(err)
+		}
+		s, err := h.NewStream(ctx, srv.ID(), proto)
+		if err != nil {
+			return err
+		}
+		defer s.Close()
+		_, err = io.ReadAll(s)
+		return err
+	}
+	if err := open(stranger); err == nil {
+		t.Fatal("a stranger's stream was served")
+	}
+	if err := open(friend); err != nil {
+		t.Fatalf("the friend's stream: %v", err)
+	}
+	if handled.Load() != 1 || srv.GateRefusals() != 1 {
+		t.Fatalf("handled %d, refused %d; want 1 and 1", handled.Load(), srv.GateRefusals())
+	}
+	srv.Gate(proto, nil)
+	if err := open(stranger); err != nil {
+		t.Fatalf("with the gate lifted: %v", err)
+	}
 }

@@ -502,7 +502,10 @@ func rawStream(t *testing.T, from, to host.Host) network.Stream {
 
 func TestServerRefusesUnknownBlobWithReplyAndKeepsServingTheStream(t *testing.T) {
 	hs := hosts(t, 2)
-	srv := serve(hs[0], NewServer(quiet))
+	var pen penalties
+	srv := NewServer(quiet)
+	srv.Penalise = pen.add
+	serve(hs[0], srv)
 	data := []byte("the quick brown fox")
 	b := srv.Add(data)
 	other := BlobOf([]byte("not served"))
@@ -520,6 +523,10 @@ func TestServerRefusesUnknownBlobWithReplyAndKeepsServingTheStream(t *testing.T)
 	}
 	if s := srv.Stats(); s.Requests != 2 || s.Refused != 1 || s.Bytes != 5 || s.Malformed != 0 {
 		t.Fatalf("stats %+v", s)
+	}
+	// Asking for what is not served is how a stranger probes for a hash: it counts.
+	if got := pen.list(); len(got) != 1 || got[0] != hs[1].ID() || !errors.Is(pen.errs()[0], ErrNotServed) {
+		t.Fatalf("penalised %v (%v), want the asker once for ErrNotServed", got, pen.errs())
 	}
 }
 
@@ -689,7 +696,7 @@ func FuzzServeRequest(f *testing.F) {
 	srv.Add(data)
 	f.Fuzz(func(t *testing.T, in []byte) {
 		rw := &fakeStream{Reader: bytes.NewReader(in)}
-		err := srv.serve(rw)
+		err := srv.serve(rw, nil)
 		if err != nil && !errors.Is(err, ErrBadRequest) && !errors.Is(err, io.ErrUnexpectedEOF) {
 			t.Fatalf("error %v is neither ErrBadRequest nor a truncation", err)
 		}

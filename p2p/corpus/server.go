@@ -84,7 +84,11 @@ func (s *Server) Stats() ServerStats {
 // DefaultMinRate.
 func (s *Server) HandleStream(st network.Stream) {
 	from := st.Conn().RemotePeer()
-	err := s.serve(st)
+	err := s.serve(st, func(err error) {
+		if s.Penalise != nil {
+			s.Penalise(from, err)
+		}
+	})
 	switch {
 	case err == nil:
 		st.Close()
@@ -110,8 +114,10 @@ type deadlineRW interface {
 }
 
 // serve answers requests on rw until a clean end of stream (nil) or an
-// error; a malformed request's error wraps ErrBadRequest.
-func (s *Server) serve(rw deadlineRW) error {
+// error; a malformed request's error wraps ErrBadRequest. A request for a blob
+// the server does not hold is answered, and told to penalise (nil: not told):
+// only a fetcher that probes for what is served asks for that.
+func (s *Server) serve(rw deadlineRW, penalise func(error)) error {
 	for {
 		rw.SetReadDeadline(time.Now().Add(transferTimeout(requestLen, DefaultMinRate)))
 		q, err := readRequest(rw)
@@ -137,6 +143,9 @@ func (s *Server) serve(rw deadlineRW) error {
 		}
 		if status != statusOK {
 			s.refused.Add(1)
+			if status == statusUnknown && penalise != nil {
+				penalise(fmt.Errorf("%w: %s", ErrNotServed, reason))
+			}
 			rw.SetWriteDeadline(time.Now().Add(transferTimeout(replyHeaderLen+int64(len(reason)), DefaultMinRate)))
 			if _, err := rw.Write(append(replyHeader(status, len(reason)), reason...)); err != nil {
 				return fmt.Errorf("corpus: write refusal: %w", err)

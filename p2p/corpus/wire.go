@@ -70,6 +70,10 @@ var (
 	// ErrBadRequest is wrapped by errors that report a malformed request.
 	// It wraps p2p.ErrViolation: the peer that sent it should be penalised.
 	ErrBadRequest = p2p.NewViolation("corpus: bad request")
+	// ErrNotServed is a well-formed request for a blob the server does not hold;
+	// the server answers it, and counts it against the asker (a violation: a
+	// fetcher asks for what its run's plan names, which its launcher serves).
+	ErrNotServed = p2p.NewViolation("corpus: request for a blob not served")
 	// ErrBadReply is wrapped by errors that report a malformed reply: an
 	// unknown status, a length other than the one asked for, an oversized
 	// reason. It wraps p2p.ErrViolation: the peer that sent it should be

@@ -206,6 +206,7 @@ type limits struct {
 	align     int
 	plen      int  // values per piece
 	stranger  bool // the sender is not a member: refuse everything
+	noRun     bool // the frame names a run this host does not hold: refuse everything
 }
 
 func newLimits(members int, c codec.Spec, maxValues int) limits {
@@ -220,6 +221,9 @@ func newLimits(members int, c codec.Spec, maxValues int) limits {
 func (l *limits) check(h *header) error {
 	if l.stranger {
 		return badFrame("%v from a peer that is not a member of group %d", h.typ, h.group)
+	}
+	if l.noRun {
+		return badFrame("%v for group %d of run %016x, which this host does not hold", h.typ, h.group, h.run)
 	}
 	if h.codec != l.codec {
 		return badFrame("%v: codec %v, the group's is %v", h.typ, h.codec, l.codec)

@@ -8,12 +8,14 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	mocknet "github.com/libp2p/go-libp2p/p2p/net/mock"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
@@ -659,4 +661,56 @@ func TestMetersCountEveryFrameOnBothEnds(t *testing.T) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// A frame for a run the host does not hold (WithRuns) is refused at its header
+// and counts against its sender: a peer cannot make the host read and drop a
+// large payload at will. A frame for a group of a held run not joined yet is
+// still skipped without penalty.
+func TestAFrameForARunNotHeldIsRefusedAtItsHeader(t *testing.T) {
+	mn, err := mocknet.FullMeshConnected(2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer mn.Close()
+	hs := mn.Hosts()
+	var penalties []error
+	var mu sync.Mutex
+	svc := NewService(hs[0], testLog(), func(p peer.ID, err error) {
+		mu.Lock()
+		penalties = append(penalties, err)
+		mu.Unlock()
+	}, WithRuns(func(run uint64) bool { return run == 7 }))
+	defer svc.Close()
+	hs[0].SetStreamHandler(Proto, svc.HandleStream)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	send := func(run uint64, plen uint32) network.Stream {
+		s, err := hs[1].NewStream(ctx, hs[0].ID(), Proto)
+		if err != nil {
+			t.Fatal(err)
+		}
+		h := header{typ: typeStateReq, run: run, group: 3, plen: plen}
+		var b [headerLen]byte
+		h.put(&b)
+		if _, err := s.Write(b[:]); err != nil {
+			t.Fatal(err)
+		}
+		return s
+	}
+	// A held run's group not joined yet: a small payload is read and dropped.
+	s := send(7, 4)
+	_, _ = s.Write(make([]byte, 4))
+	// Another run's, declaring 64 MiB and sending none of it: refused at once.
+	s2 := send(9, 64<<20)
+	_ = s2.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := s2.Read(make([]byte, 1)); err == nil || strings.Contains(err.Error(), "deadline") {
+		t.Fatalf("frame for a run not held: %v, want the stream reset at its header", err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(penalties) != 1 || !errors.Is(penalties[0], ErrBadFrame) || !strings.Contains(penalties[0].Error(), "does not hold") {
+		t.Fatalf("penalties %v, want one for the frame of a run not held", penalties)
+	}
+	s.Close()
 }

@@ -36,7 +36,8 @@ type Service struct {
 	h        host.Host
 	log      *slog.Logger
 	penalise func(peer.ID, error)
-	meter    *traffic.Meter // nil: not counted
+	meter    *traffic.Meter        // nil: not counted
+	held     func(run uint64) bool // nil: every run may be joined later (WithRuns)
 	ctx      context.Context
 	cancel   context.CancelFunc
 	notifiee network.Notifiee
@@ -54,6 +55,11 @@ type Option func(*Service)
 // WithMeter counts every frame the service reads and writes, headers
 // included, on m.
 func WithMeter(m *traffic.Meter) Option { return func(s *Service) { s.meter = m } }
+
+// WithRuns tells the service which runs its host holds (or held a moment ago):
+// a frame for any other run is refused at its header, as a violation, instead
+// of its payload being read and dropped as a group not joined yet would be.
+func WithRuns(held func(run uint64) bool) Option { return func(s *Service) { s.held = held } }
 
 // NewService returns the service for h. penalise (may be nil) is called
 // with the sender of every bad frame, and an error wrapping p2p.ErrViolation;
@@ -142,6 +148,9 @@ func (s *Service) HandleStream(st network.Stream) {
 	find := func(run uint64, group uint32) (*limits, bool) {
 		var ok bool
 		if g, ok = s.find(run, group); !ok {
+			if s.held != nil && !s.held(run) {
+				return &limits{noRun: true}, true
+			}
 			return nil, false
 		}
 		if _, member := g.indexOf(from); !member {
