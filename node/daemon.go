@@ -91,6 +91,9 @@ type Daemon struct {
 	// members are the peers of each run held here (its cells, as moved since, and its
 	// launcher): they alone may open tensor and reduce streams to this node.
 	members map[uint64]map[peer.ID]bool
+	// reserved are the addresses of each run's peers let past the host's connection
+	// limits (p2p.Host.Reserve), released when the run ends here.
+	reserved map[uint64][]reservation
 	// ctlOpen counts each peer's control streams being served now (ctlPerPeer at most).
 	ctlOpen map[peer.ID]int
 	// refusedAt is when an untrusted launcher's offer request was last logged.
@@ -194,7 +197,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		}
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]time.Time{}, ended: map[uint64]bool{},
-		members: map[uint64]map[peer.ID]bool{}, ctlOpen: map[peer.ID]int{},
+		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, ctlOpen: map[peer.ID]int{},
 		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	// Plans accepted before a restart stay refused until they expire.
@@ -797,7 +800,7 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 		if m.Cell != nil {
 			if id, err := peer.Decode(m.Cell.Peer); err == nil {
 				d.addAddrs(id, m.Cell.Addrs)
-				d.addMember(m.Run, id)
+				d.addMember(m.Run, id, m.Cell.Addrs)
 			}
 		}
 		if err := w.replace(m.Cell); err != nil {
@@ -952,6 +955,12 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		}
 	}
 	d.members[plan.ID] = members
+	for _, a := range plan.Stages {
+		if id, err := peer.Decode(a.Peer); err == nil && id != d.host.ID() {
+			d.reserveLocked(plan.ID, id, a.Addrs)
+		}
+	}
+	d.reserveLocked(plan.ID, signer, plan.LauncherAddrs)
 	delete(d.ended, plan.ID) // frames of the run are for this worker again
 	time.AfterFunc(time.Until(plan.Expires), func() {
 		d.mu.Lock()
@@ -990,6 +999,10 @@ func (d *Daemon) endRun(id uint64, last status.Run) {
 	delete(d.heard, id)
 	delete(d.runs, id)
 	delete(d.members, id)
+	for _, r := range d.reserved[id] {
+		d.host.Release(r.id, r.addrs)
+	}
+	delete(d.reserved, id)
 	d.ended[id] = true
 	d.finished = append(d.finished, last)
 	if len(d.finished) > keptRuns {
@@ -1017,13 +1030,37 @@ func (d *Daemon) isMember(p peer.ID) bool {
 	return false
 }
 
-// addMember counts p among run's peers (a cell passed to it).
-func (d *Daemon) addMember(run uint64, p peer.ID) {
+// addMember counts p, at addrs, among run's peers (a cell passed to it).
+func (d *Daemon) addMember(run uint64, p peer.ID, addrs []string) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if m := d.members[run]; m != nil {
 		m[p] = true
+		d.reserveLocked(run, p, addrs)
 	}
+}
+
+// reservation is one p2p.Host.Reserve a run made.
+type reservation struct {
+	id    peer.ID
+	addrs []multiaddr.Multiaddr
+}
+
+// reserveLocked lets run's peer p at addrs (full or bare multiaddrs) past the host's
+// connection limits while the run is held here. d.mu is held.
+func (d *Daemon) reserveLocked(run uint64, p peer.ID, addrs []string) {
+	var r reservation
+	for _, s := range addrs {
+		if a, err := multiaddr.NewMultiaddr(s); err == nil {
+			r.addrs = append(r.addrs, a)
+		}
+	}
+	if len(r.addrs) == 0 {
+		return
+	}
+	r.id = p
+	d.host.Reserve(p, r.addrs)
+	d.reserved[run] = append(d.reserved[run], r)
 }
 
 func (d *Daemon) addAddrs(id peer.ID, addrs []string) {

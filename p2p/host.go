@@ -51,6 +51,11 @@ const (
 	mdnsDialTimeout = 10 * time.Second
 )
 
+// subnetLimitsV4 bound the connections open at once from one IPv4 address and
+// from one /24 (loopback is exempt): a peer, or a few addresses of one network,
+// cannot take every connection slot however many identities they make.
+var subnetLimitsV4 = []rcmgr.ConnLimitPerSubnet{{PrefixLength: 32, ConnCount: 8}, {PrefixLength: 24, ConnCount: 64}}
+
 // ErrBadOptions is wrapped by HostOptions.Validate errors.
 var ErrBadOptions = errors.New("p2p: bad host options")
 
@@ -190,6 +195,7 @@ type Host struct {
 	paths     paths
 	punches   punches
 	gates     gates
+	allow     *rcmgr.Allowlist // Reserve's entries
 	// holePunchGrace is HostOptions.HolePunchGrace.
 	holePunchGrace time.Duration
 
@@ -227,7 +233,8 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 	h.punches = punches{log: h.log.With("part", "holepunch"), m: map[peer.ID]HolePunch{}}
 
 	limits := rcmgr.DefaultLimits // a copy: Scale must not touch the package default
-	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.Scale(o.MemoryLimit, fdLimit)), rcmgr.WithMetricsDisabled())
+	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.Scale(o.MemoryLimit, fdLimit)), rcmgr.WithMetricsDisabled(),
+		rcmgr.WithLimitPerSubnet(subnetLimitsV4, nil)) // IPv6: libp2p's /56 and /48 limits
 	if err != nil {
 		return nil, fmt.Errorf("p2p: resource manager: %w", err)
 	}
@@ -254,6 +261,7 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 		return nil, fmt.Errorf("p2p: new host on %v: %w", o.Listen, err)
 	}
 	h.Host = lh
+	h.allow = rcmgr.GetAllowlist(rm)
 	h.ctx, h.cancel = context.WithCancel(context.Background())
 	if o.RelayService != nil {
 		if h.relay, err = startRelay(lh, *o.RelayService); err != nil {
@@ -375,6 +383,34 @@ func (h *Host) Gate(proto protocol.ID, allow func(peer.ID) bool) {
 		return
 	}
 	h.gates.m[proto] = allow
+}
+
+// Reserve lets connections from id at the IP addresses in addrs past the host's
+// connection limits once they are full (not past the per-address ones): a run's
+// own peers and its launcher get in while strangers hold every other slot.
+// Release undoes one Reserve of the same arguments.
+func (h *Host) Reserve(id peer.ID, addrs []ma.Multiaddr) { h.reserve(id, addrs, h.allow.Add) }
+
+// Release undoes one Reserve(id, addrs).
+func (h *Host) Release(id peer.ID, addrs []ma.Multiaddr) { h.reserve(id, addrs, h.allow.Remove) }
+
+func (h *Host) reserve(id peer.ID, addrs []ma.Multiaddr, do func(ma.Multiaddr) error) {
+	if h.allow == nil {
+		return
+	}
+	for _, a := range addrs {
+		ip, err := manet.ToIP(a)
+		if err != nil || ip.IsLoopback() {
+			continue // loopback has no limit to pass
+		}
+		proto := "ip4"
+		if ip.To4() == nil {
+			proto = "ip6"
+		}
+		if m, err := ma.NewMultiaddr("/" + proto + "/" + ip.String() + "/p2p/" + id.String()); err == nil {
+			_ = do(m)
+		}
+	}
 }
 
 // GateRefusals is how many streams the gates (Gate) have refused.
