@@ -1313,7 +1313,7 @@ func (w *worker) stalled(a core.Stalled) error {
 	if a.Down {
 		err = fmt.Errorf("%w: stage %d's node %s is unreachable (this stage was at step %d, waiting for %s)", ErrStalled, a.Stage, p, a.Step, a.Wait)
 	} else {
-		what := map[core.Wait]string{core.WaitActivation: "no activation", core.WaitGradient: "no gradient", core.WaitNorm: "no gradient norm"}[a.Wait]
+		what := map[core.Wait]string{core.WaitActivation: "no activation", core.WaitGradient: "no gradient", core.WaitNorm: "no gradient norm", core.WaitBubble: "no gradient norm"}[a.Wait]
 		if what == "" {
 			what = "nothing"
 		}

@@ -12,7 +12,11 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
+	"strconv"
+	"strings"
+	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
@@ -30,12 +34,45 @@ type Baseline struct {
 	Result train.Result
 	Trace  *Trace
 	Reused bool // found in the cache, not run now
+	// Made is when and how it was trained; zero for a baseline cached before it was
+	// recorded.
+	Made BaselineMade
+}
+
+// BaselineMade is when and how a centralised baseline was trained, kept beside it
+// (made.json): its timings are of that moment's machine.
+type BaselineMade struct {
+	Trained time.Time `json:"trained"`
+	Mode    string    `json:"mode"`    // the bench mode of the run that trained it
+	Threads int       `json:"threads"` // compute threads (0: every core)
+	Cores   int       `json:"cores"`
+	// Load is the 1-minute load average as training began and ended (-1 unknown).
+	LoadBefore float64 `json:"load_before"`
+	LoadAfter  float64 `json:"load_after"`
 }
 
 const (
 	traceFile  = "trace.gob"
+	madeFile   = "made.json"
 	resultFile = "result.json" // written last: a baseline directory without it is incomplete
 )
+
+// loadAvg is the machine's 1-minute load average, or -1 where /proc/loadavg is not.
+func loadAvg() float64 {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return -1
+	}
+	f := strings.Fields(string(b))
+	if len(f) == 0 {
+		return -1
+	}
+	v, err := strconv.ParseFloat(f[0], 64)
+	if err != nil {
+		return -1
+	}
+	return v
+}
 
 // BaselineKey names a spec's centralised run in the cache: the spec as run (steps
 // and data path included), the content of its text, the GEMM provider (library
@@ -75,8 +112,8 @@ func BaselineKey(sp *spec.Spec, threads int) (string, error) {
 
 // RunBaseline returns sp's centralised run from cacheDir if a complete one is there,
 // and otherwise trains it (with its trace) into cacheDir/KEY, on threads compute
-// threads (0: every core).
-func RunBaseline(ctx context.Context, sp *spec.Spec, threads int, cacheDir string, log *slog.Logger, onStep func(metrics.Step)) (*Baseline, error) {
+// threads (0: every core), recording that a bench in mode trained it.
+func RunBaseline(ctx context.Context, sp *spec.Spec, threads int, mode, cacheDir string, log *slog.Logger, onStep func(metrics.Step)) (*Baseline, error) {
 	key, err := BaselineKey(sp, threads)
 	if err != nil {
 		return nil, err
@@ -94,6 +131,7 @@ func RunBaseline(ctx context.Context, sp *spec.Spec, threads int, cacheDir strin
 	}
 	log.Info("baseline: training the centralised run", "dir", dir, "steps", sp.Train.Steps)
 	tr := NewTrace()
+	made := BaselineMade{Trained: time.Now().UTC(), Mode: mode, Threads: threads, Cores: runtime.NumCPU(), LoadBefore: loadAvg()}
 	compute.SetWorkers(threads)
 	defer compute.SetWorkers(0)
 	res, err := train.Run(ctx, train.Options{Spec: sp, OutDir: dir, Log: log.With("run", "baseline"), OnStep: onStep, Trace: tr.Add})
@@ -102,6 +140,14 @@ func RunBaseline(ctx context.Context, sp *spec.Spec, threads int, cacheDir strin
 	}
 	if err := writeTrace(filepath.Join(dir, traceFile), tr); err != nil {
 		return nil, err
+	}
+	made.LoadAfter = loadAvg()
+	mb, err := json.MarshalIndent(made, "", "  ")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, madeFile), mb, 0o644); err != nil {
+		return nil, fmt.Errorf("wan: baseline: %w", err)
 	}
 	rb, err := json.MarshalIndent(res, "", "  ")
 	if err != nil {
@@ -121,6 +167,9 @@ func loadBaseline(dir string) (*Baseline, error) {
 	b := &Baseline{Dir: dir}
 	if err := json.Unmarshal(rb, &b.Result); err != nil {
 		return nil, fmt.Errorf("wan: baseline %s: %w", dir, err)
+	}
+	if mb, err := os.ReadFile(filepath.Join(dir, madeFile)); err == nil {
+		_ = json.Unmarshal(mb, &b.Made) // a record that does not read is as none: the report says it is unknown
 	}
 	f, err := os.Open(filepath.Join(dir, train.MetricsFile))
 	if err != nil {

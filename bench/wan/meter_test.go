@@ -42,14 +42,18 @@ func TestMeterTimesFramesByLinkBandwidthAndLatency(t *testing.T) {
 	// s0 forward 0–10, frame on the link 10–20, +25 → s1 forward 45–55, backward
 	// 55–75, gradient 75–85 +25 → s0 backward 110–130. s1's norm goes out behind
 	// the gradient (85) and arrives at 110+; s0's leaves at 130 and reaches s1 at
-	// 155+, whose optimiser step ends the step at 156+.
+	// 155+, whose optimiser step ends the step at 156+. s1 waits 75 to 155+ for
+	// s0's backward and its norm: the pipeline's drain, not the norm exchange.
 	want := 156*ms + norm
 	if sc.Wall != want || sc.StepEnd[0] != want {
 		t.Fatalf("wall %v, step end %v, want %v", sc.Wall, sc.StepEnd[0], want)
 	}
 	l := sc.Ledgers[0][1]
-	if l.Total[core.WaitActivation] != 45*ms || l.Total[core.Computing] != 31*ms || l.Total[core.WaitNorm] != 80*ms+norm {
+	if l.Total[core.WaitActivation] != 45*ms || l.Total[core.Computing] != 31*ms || l.Total[core.WaitBubble] != 80*ms+norm || l.Total[core.WaitNorm] != 0 {
 		t.Fatalf("stage 1 ledger %v", l.Total)
+	}
+	if b := sc.Ledgers[0][0].Total[core.WaitBubble]; b != 0 {
+		t.Fatalf("stage 0 has no earlier stage to wait for, yet %v in the bubble", b)
 	}
 	// An ideal network: the same compute, back to back.
 	sc, err = Meter(sp, tr, nil, 2)

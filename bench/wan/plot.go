@@ -19,6 +19,7 @@ var (
 		"activation": color.RGBA{R: 240, G: 200, B: 60, A: 255},
 		"gradient":   color.RGBA{R: 240, G: 140, B: 50, A: 255},
 		"norm":       color.RGBA{R: 200, G: 60, B: 60, A: 255},
+		"bubble":     color.RGBA{R: 170, G: 170, B: 170, A: 255},
 		"sync":       color.RGBA{R: 140, G: 80, B: 180, A: 255},
 		"send":       color.RGBA{R: 60, G: 120, B: 220, A: 255},
 	}
@@ -130,7 +131,11 @@ func plotTimeline(path string, r *Report) error {
 		if !legend[sp.What] {
 			legend[sp.What] = true
 			label := sp.What
-			if label != "compute" && label != "send" {
+			switch label {
+			case "compute", "send":
+			case "bubble":
+				label = "pipeline bubble (earlier stages' backward)"
+			default:
 				label = "waiting for " + label
 			}
 			p.Legend.Add(label, poly)

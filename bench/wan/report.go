@@ -7,6 +7,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"time"
@@ -31,7 +32,11 @@ type Report struct {
 	Replicas     int         `json:"replicas"`
 	ComputeScale float64     `json:"compute_scale"`
 	Threads      int         `json:"threads_per_node,omitempty"`
+	Cores        int         `json:"cores"`  // of the machine that ran the bench
 	Config       string      `json:"config"` // the effective run spec, YAML
+	// Caveats are what limits how far the figures can be taken: links off their
+	// profile, a reused baseline, a target that fell back, nodes sharing cores.
+	Caveats []string `json:"caveats,omitempty"`
 
 	Links []LinkFigures `json:"links"`
 
@@ -110,7 +115,10 @@ type StageFigures struct {
 	ActivationS float64 `json:"wait_activation_s"`
 	GradientS   float64 `json:"wait_gradient_s"`
 	NormS       float64 `json:"wait_norm_s"`
-	SyncS       float64 `json:"wait_sync_s"`
+	// BubbleS is the pipeline's drain: waiting for the earlier stages' backward
+	// passes (their norms come when those end), not for the norm exchange.
+	BubbleS float64 `json:"wait_bubble_s"`
+	SyncS   float64 `json:"wait_sync_s"`
 	WallS       float64 `json:"wall_s"`
 }
 
@@ -131,6 +139,10 @@ type BaselineFigures struct {
 	StepsToTarget *int     `json:"steps_to_target"`
 	FinalValLoss  float64  `json:"final_val_loss"`
 	Dir           string   `json:"dir"`
+	Reused        bool     `json:"reused"` // from the cache: trained by an earlier bench
+	// Made is when, by a bench in which mode, and under what load it was trained
+	// (absent for a baseline cached before that was recorded).
+	Made *BaselineMade `json:"made,omitempty"`
 }
 
 // NodePenalties is what one node (by the cell whose link it has, or "launcher")
@@ -226,7 +238,7 @@ func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 		sec := func(w core.Wait) float64 { return t.Seconds[w.String()] }
 		r.StageTimes = append(r.StageTimes, StageFigures{Stage: t.Stage, Replica: t.Replica, Utilisation: t.Utilisation(),
 			ComputeS: sec(core.Computing), ActivationS: sec(core.WaitActivation), GradientS: sec(core.WaitGradient),
-			NormS: sec(core.WaitNorm), SyncS: sec(core.WaitSync), WallS: t.WallS})
+			NormS: sec(core.WaitNorm), BubbleS: sec(core.WaitBubble), SyncS: sec(core.WaitSync), WallS: t.WallS})
 		for _, s := range t.Spans {
 			r.Timeline = append(r.Timeline, TimelineSpan{Stage: t.Stage, Replica: t.Replica, What: s.Wait.String(), Start: shift + s.Start.Seconds(), End: shift + s.End.Seconds()})
 		}
@@ -260,7 +272,93 @@ func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 		}
 	}
 	bf.FinalValLoss = b.Result.ValLoss
+	bf.Reused = b.Reused
+	if !b.Made.Trained.IsZero() {
+		m := b.Made
+		bf.Made = &m
+	}
+	r.Cores = numCPU()
+	r.Caveats = caveats(o, sp, b, r, loadAvg())
 	return r
+}
+
+// numCPU is a variable so that tests can stand in another machine.
+var numCPU = runtime.NumCPU
+
+// linkTolerance is how far a measured link may be off its profile before the report
+// says so.
+const linkTolerance = 0.10
+
+// caveats says what limits the report's figures: links measured off their profile,
+// a baseline reused from an earlier bench, a target that fell back to a later
+// evaluation, nodes sharing this machine's cores. loadNow is the load average now
+// (-1 unknown).
+func caveats(o Options, sp *spec.Spec, b *Baseline, r *Report, loadNow float64) []string {
+	var out []string
+	off := func(got, want float64) bool { return want > 0 && math.Abs(got-want) > linkTolerance*want }
+	for _, l := range r.Links {
+		if off(l.MeasuredMbps, l.ProfileMbps) || off(l.ReverseMbps, l.ProfileMbps) {
+			out = append(out, fmt.Sprintf("link %s ↔ %s measured %.1f / %.1f Mbit/s (→ / ←) against the profile's %g: more than %.0f%% off, so the swarm ran on other links than the profile names",
+				l.From, l.To, l.MeasuredMbps, l.ReverseMbps, l.ProfileMbps, 100*linkTolerance))
+		}
+		if off(l.MeasuredRTTMs, l.ProfileRTTMs) && math.Abs(l.MeasuredRTTMs-l.ProfileRTTMs) > 1 {
+			out = append(out, fmt.Sprintf("link %s ↔ %s measured a %.1f ms round trip against the profile's %g ms: more than %.0f%% off",
+				l.From, l.To, l.MeasuredRTTMs, l.ProfileRTTMs, 100*linkTolerance))
+		}
+	}
+	if b.Reused {
+		when := "at an unknown time, by an earlier bench"
+		if m := b.Made; !m.Trained.IsZero() {
+			when = fmt.Sprintf("at %s by a %s-mode bench, on %d core(s) with a load average of %s", m.Trained.UTC().Format("2006-01-02 15:04 UTC"),
+				m.Mode, m.Cores, loadText(m.LoadBefore))
+			if m.Mode != o.Mode {
+				when += fmt.Sprintf(" (this bench is %s mode)", o.Mode)
+			}
+		}
+		out = append(out, fmt.Sprintf("the centralised run is reused from %s, trained %s; the load average now is %s. Its wall time and tokens/s are of that moment: remove the directory to train it again",
+			b.Dir, when, loadText(loadNow)))
+	}
+	if o.Target == 0 {
+		half := sp.Train.Steps / 2
+		if at := targetStep(r.bhist, half); at > half {
+			final := ""
+			if at == sp.Train.Steps {
+				final = " (its final evaluation)"
+			}
+			out = append(out, fmt.Sprintf("the target validation loss %.4f is the centralised run's at step %d%s: it evaluated nothing at or before step %d, half of the %d steps (eval_interval %d), so time to target is nearly the whole run; set eval_interval to at most %d, or give --target",
+				r.TargetValLoss, at, final, half, sp.Train.Steps, sp.EvalInterval, max(1, half)))
+		}
+	}
+	if nodes := sp.Pipeline.Stages * sp.Pipeline.Replicas; o.Mode != ModeMeter && nodes*max(1, o.Threads) > r.Cores {
+		out = append(out, fmt.Sprintf("%d nodes with %d compute thread(s) each shared this machine's %d core(s): utilisation and tokens/s reflect that sharing, not %d machines (meter mode times each stage as if on a machine of its own)",
+			nodes, max(1, o.Threads), r.Cores, nodes))
+	}
+	return out
+}
+
+// targetStep is the step whose validation loss TargetAt(h, step) takes, 0 if none.
+func targetStep(h []metrics.Step, step int) int {
+	at := 0
+	for _, s := range h {
+		if s.ValLoss == nil {
+			continue
+		}
+		if s.Step > step {
+			if at == 0 {
+				at = s.Step
+			}
+			break
+		}
+		at = s.Step
+	}
+	return at
+}
+
+func loadText(v float64) string {
+	if v < 0 {
+		return "unknown"
+	}
+	return fmt.Sprintf("%.2f", v)
 }
 
 // replica0 keeps the rows of replica 0 (validation rides on them).
@@ -344,6 +442,13 @@ func (r *Report) Markdown(w io.Writer) {
 		fmt.Fprintf(w, "; overrides %s", strings.Join(r.LinkOverride, ", "))
 	}
 	fmt.Fprintln(w, ".")
+	if len(r.Caveats) > 0 {
+		fmt.Fprintln(w, "\n## Caveats")
+		fmt.Fprintln(w)
+		for _, c := range r.Caveats {
+			fmt.Fprintf(w, "- %s.\n", c)
+		}
+	}
 	if r.Mode == ModeMeter {
 		fmt.Fprintf(w, "\nMeter mode: the compute and frames are the centralised run's, measured here; network time is virtual and every stage runs as if on a machine of its own, which the sim and netns modes cannot show when every node shares this machine's cores. Compute times are divided by %g (compute scale) for the swarm and the baseline alike.\n", r.ComputeScale)
 	}
@@ -389,11 +494,13 @@ func (r *Report) Markdown(w io.Writer) {
 		}
 	}
 	fmt.Fprintln(w, "\n## Where each stage's time went")
-	fmt.Fprintln(w, "\n| stage | replica | utilisation | compute s | waiting for activations s | for gradients s | for norms s | for outer syncs s |")
-	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|")
+	fmt.Fprintln(w, "\n| stage | replica | utilisation | compute s | waiting for activations s | for gradients s | in the pipeline bubble s | for norms s | for outer syncs s |")
+	fmt.Fprintln(w, "|---|---|---|---|---|---|---|---|---|")
 	for _, s := range r.StageTimes {
-		fmt.Fprintf(w, "| %d | %d | %.1f%% | %.2f | %.2f | %.2f | %.2f | %.2f |\n", s.Stage, s.Replica, 100*s.Utilisation, s.ComputeS, s.ActivationS, s.GradientS, s.NormS, s.SyncS)
+		fmt.Fprintf(w, "| %d | %d | %.1f%% | %.2f | %.2f | %.2f | %.2f | %.2f | %.2f |\n", s.Stage, s.Replica, 100*s.Utilisation, s.ComputeS, s.ActivationS, s.GradientS,
+			s.BubbleS, s.NormS, s.SyncS)
 	}
+	fmt.Fprintln(w, "\nThe pipeline bubble is a stage's wait, after its own backward passes, for the earlier stages to finish theirs (their gradient norms come when they do): the pipeline's drain. Waiting for norms is the norm exchange itself.")
 	if len(r.LossGap) > 0 {
 		fmt.Fprintln(w, "\n## Validation loss at equal tokens")
 		fmt.Fprintln(w, "\n| step | tokens | swarm | centralised | gap |")

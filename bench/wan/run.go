@@ -121,13 +121,13 @@ func Run(ctx context.Context, o Options) (*Report, error) {
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("wan: %w", err)
 	}
-	b, err := RunBaseline(ctx, o.Spec, 0, o.CacheDir, o.Log, func(s metrics.Step) { o.OnStep("baseline", s) })
+	b, err := RunBaseline(ctx, o.Spec, 0, o.Mode, o.CacheDir, o.Log, func(s metrics.Step) { o.OnStep("baseline", s) })
 	if err != nil {
 		return nil, err
 	}
 	var check *Baseline
 	if o.CheckMeter {
-		if check, err = RunBaseline(ctx, o.Spec, o.Threads, o.CacheDir, o.Log, func(s metrics.Step) { o.OnStep("meter check", s) }); err != nil {
+		if check, err = RunBaseline(ctx, o.Spec, o.Threads, o.Mode, o.CacheDir, o.Log, func(s metrics.Step) { o.OnStep("meter check", s) }); err != nil {
 			return nil, err
 		}
 	}

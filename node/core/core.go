@@ -525,13 +525,16 @@ const (
 	Computing      Wait = iota // a compute action is out
 	WaitActivation             // the previous stage's output (training or validation)
 	WaitGradient               // the next stage's input gradient
-	WaitNorm                   // the other stages' gradient norms
+	WaitNorm                   // the later stages' gradient norms, in flight (the exchange itself)
 	WaitSync                   // the outer step with the other replicas
-	Stopped                    // not started, or finished
+	// WaitBubble is the pipeline's drain: an earlier stage's norm, which it sends
+	// when its own backward passes, run after this stage's, are done.
+	WaitBubble
+	Stopped // not started, or finished
 	NumWaits
 )
 
-var waitNames = [NumWaits]string{"compute", "activation", "gradient", "norm", "sync", "stopped"}
+var waitNames = [NumWaits]string{"compute", "activation", "gradient", "norm", "sync", "bubble", "stopped"}
 
 func (w Wait) String() string {
 	if w < 0 || w >= NumWaits {
@@ -555,7 +558,16 @@ func (c *Core) Waiting() Wait {
 			return WaitGradient
 		}
 		return WaitActivation
-	case sharing, stepping:
+	case sharing:
+		// An earlier stage's backward passes follow this one's, and its norm follows
+		// them: waiting for it is waiting for the pipeline to drain.
+		for s := range c.cfg.Stage {
+			if !c.hasNorm(s) {
+				return WaitBubble
+			}
+		}
+		return WaitNorm
+	case stepping:
 		return WaitNorm
 	case syncing:
 		return WaitSync
@@ -691,7 +703,7 @@ func (c *Core) waitedFor() int {
 		if !c.cfg.last() {
 			return c.cfg.Stage + 1
 		}
-	case WaitNorm:
+	case WaitNorm, WaitBubble:
 		for s := range c.cfg.Stages {
 			if _, ok := c.norms[c.step][s]; !ok {
 				return s

@@ -374,8 +374,13 @@ func TestWaitingNamesWhatAnIdleStageNeeds(t *testing.T) {
 		mustHandle(t, c, GradientIn{Step: 1, Micro: m})
 		mustHandle(t, c, Done{})
 	}
+	// Stage 0's backwards come after this stage's: its norm is the pipeline's drain.
+	if got := c.Waiting(); got != WaitBubble {
+		t.Fatalf("after the backwards, stage 0's norm missing: %v, want bubble", got)
+	}
+	mustHandle(t, c, NormIn{Step: 1, Stage: 0})
 	if got := c.Waiting(); got != WaitNorm {
-		t.Fatalf("after the backwards: %v, want norm", got)
+		t.Fatalf("stage 0's norm in, stage 2's missing: %v, want norm", got)
 	}
 }
 
