@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -77,47 +78,80 @@ type LaunchOptions struct {
 
 // LaunchResult summarises a finished run.
 type LaunchResult struct {
-	RunID   uint64
-	Steps   int // the last step recorded, as metrics.jsonl counts steps
-	Loss    float64
-	ValLoss float64
+	RunID   uint64  `json:"-"`     // "run" in JSON, 16 hex digits, as run.json and the nodes' folders name it
+	Steps   int     `json:"steps"` // the last step recorded, as metrics.jsonl counts steps
+	Loss    float64 `json:"loss"`
+	ValLoss float64 `json:"val_loss"`
 	// Tokens and Elapsed are the run's, as metrics.jsonl counts them: every replica's
 	// tokens, and a resumed run's include what it went on from.
-	Tokens  int64
-	Elapsed time.Duration
+	Tokens  int64         `json:"tokens"`
+	Elapsed time.Duration `json:"-"` // "elapsed_s" in JSON, seconds
 	// This launch's own share of the run, over every part of it (steps taken again
 	// after a pause included), from which its throughput and traffic are figured:
 	// FromStep is the step it went on from (0 for a new run), StepsRun the steps
 	// replica pipeline 0 took, TokensRun the tokens every replica trained, TimeRun
 	// the wall time from each part's start to its end (staffing and pauses left out).
-	FromStep  int
-	StepsRun  int
-	TokensRun int64
-	TimeRun   time.Duration
+	FromStep  int           `json:"from_step"`
+	StepsRun  int           `json:"steps_run"`
+	TokensRun int64         `json:"tokens_run"`
+	TimeRun   time.Duration `json:"-"` // "time_run_s" in JSON, seconds
 	// Per stage boundary i (stage i → i+1): encoded bytes of the training activation
 	// frames replica pipeline 0 sent forward and the gradient frames it sent back, over
 	// its StepsRun.
-	BoundaryFwd, BoundaryBwd []int64
+	BoundaryFwd []int64 `json:"boundary_fwd_bytes"`
+	BoundaryBwd []int64 `json:"boundary_bwd_bytes"`
 	// Checkpoints[r][s] is replica r's stage s checkpoint, on its node, as the node
 	// last said ("" if it stopped without saying).
-	Checkpoints [][]string
+	Checkpoints [][]string `json:"checkpoints"`
 	// SyncBytes[r][s]: what replica r of stage s sent in its outer steps, both phases,
 	// over every part of the run.
-	SyncBytes  [][]int64
-	OuterSteps int   // outer steps of stage 0's replicas, over every part of the run
-	Broken     []int // replica pipelines that stopped early (a stage's peer died or stalled)
-	Rejoined   []int // replica pipelines brought back (once each time) after they broke
+	SyncBytes  [][]int64 `json:"sync_bytes"`
+	OuterSteps int       `json:"outer_steps"` // outer steps of stage 0's replicas, over every part of the run
+	Broken     []int     `json:"broken"`      // replica pipelines that stopped early (a stage's peer died or stalled)
+	Rejoined   []int     `json:"rejoined"`    // replica pipelines brought back (once each time) after they broke
 	// Repaired counts cells taken by the idle survivor of another broken replica
 	// pipeline: two broken pipelines made one whole one.
-	Repaired int
+	Repaired int `json:"repaired"`
 	// Pauses: each time the run stopped because a stage had no live node, and how it
 	// went on. Broken and Rejoined are over every part of the run, as are the byte
 	// counts; checkpoints and Times are the last part's.
-	Pauses []Pause
+	Pauses []Pause `json:"pauses"`
 	// Times: where each stage's wall time went, one per (stage, replica) that finished.
-	Times []StageTime
+	Times []StageTime `json:"times"`
 	// Penalties: the protocol violations and bans the launcher's host recorded.
-	Penalties p2p.PenaltyStats
+	Penalties p2p.PenaltyStats `json:"penalties"`
+}
+
+// launchResultJSON is LaunchResult as result.json has it: the run ID in hex and the
+// elapsed time in seconds, as run.json and metrics.jsonl write them.
+type launchResultJSON struct {
+	Run      string  `json:"run"`
+	ElapsedS float64 `json:"elapsed_s"`
+	TimeRunS float64 `json:"time_run_s"`
+	plainLaunchResult
+}
+
+type plainLaunchResult LaunchResult
+
+// MarshalJSON writes result.json's form.
+func (r LaunchResult) MarshalJSON() ([]byte, error) {
+	return json.Marshal(launchResultJSON{Run: fmt.Sprintf("%016x", r.RunID), ElapsedS: r.Elapsed.Seconds(), TimeRunS: r.TimeRun.Seconds(),
+		plainLaunchResult: plainLaunchResult(r)})
+}
+
+// UnmarshalJSON reads result.json's form.
+func (r *LaunchResult) UnmarshalJSON(b []byte) error {
+	var j launchResultJSON
+	if err := json.Unmarshal(b, &j); err != nil {
+		return err
+	}
+	id, err := strconv.ParseUint(j.Run, 16, 64)
+	if err != nil {
+		return fmt.Errorf("result: run %q: want 16 hex digits: %w", j.Run, err)
+	}
+	*r = LaunchResult(j.plainLaunchResult)
+	r.RunID, r.Elapsed, r.TimeRun = id, time.Duration(j.ElapsedS*float64(time.Second)), time.Duration(j.TimeRunS*float64(time.Second))
+	return nil
 }
 
 // Pause is one stop of a launched run for want of a live node for some stage.

@@ -52,9 +52,11 @@ type BaselineMade struct {
 }
 
 const (
-	traceFile  = "trace.gob"
-	madeFile   = "made.json"
-	resultFile = "result.json" // written last: a baseline directory without it is incomplete
+	traceFile = "trace.gob"
+	madeFile  = "made.json"
+	// resultFile is train.Result as encoding/json writes it (Elapsed in nanoseconds),
+	// read only by this cache; written last: a directory without it is incomplete.
+	resultFile = "result.json"
 )
 
 // loadAvg is the machine's 1-minute load average, or -1 where /proc/loadavg is not.

@@ -119,7 +119,7 @@ type StageFigures struct {
 	// passes (their norms come when those end), not for the norm exchange.
 	BubbleS float64 `json:"wait_bubble_s"`
 	SyncS   float64 `json:"wait_sync_s"`
-	WallS       float64 `json:"wall_s"`
+	WallS   float64 `json:"wall_s"`
 }
 
 // GapPoint compares validation losses at one evaluation (equal tokens).
