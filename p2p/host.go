@@ -61,14 +61,14 @@ var ErrBadOptions = errors.New("p2p: bad host options")
 
 // HostOptions configures NewHost.
 type HostOptions struct {
-	Key    crypto.PrivKey // required: the host's identity
-	Listen []string       // multiaddrs (TCP or QUIC-v1); nil = DefaultListen
+	Key         crypto.PrivKey // required: the host's identity
+	Listen      []string       // multiaddrs (TCP or QUIC-v1); nil = DefaultListen
+	MemoryLimit int64          // memory budget in bytes; libp2p's default resource limits are scaled to it; 0 = DefaultMemoryLimit
+	MDNS        bool           // LAN discovery: connect to pipeswarm peers found by mDNS (service MDNSService)
+	Log         *slog.Logger   // nil = slog.Default()
 	// PortsKept: the caller keeps the ports port 0 picks for the next start, so the
 	// reachability fix may name them; otherwise port 0 is advised against.
-	PortsKept   bool
-	MemoryLimit int64        // memory budget in bytes; libp2p's default resource limits are scaled to it; 0 = DefaultMemoryLimit
-	MDNS        bool         // LAN discovery: connect to pipeswarm peers found by mDNS (service MDNSService)
-	Log         *slog.Logger // nil = slog.Default()
+	PortsKept bool
 	// Transports, if set, replace the TCP and QUIC transports (and the default
 	// security and muxer options stay): e.g. QUIC over an in-process simulated
 	// network for the WAN bench. Listen must then be addresses they serve.
