@@ -103,6 +103,12 @@ func TestBenchWANMeterWritesTheReportAndReusesTheBaseline(t *testing.T) {
 	if ents, _ := os.ReadDir(cache); len(ents) != 1 {
 		t.Fatalf("the baseline was not reused: %d in the cache", len(ents))
 	}
+	// The second report says its baseline is reused, and from when; the first does not.
+	caveats := func(r map[string]any) string { b, _ := json.Marshal(r["caveats"]); return string(b) }
+	if strings.Contains(caveats(r), "reused") || !strings.Contains(caveats(r2), "the centralised run is reused from "+cache) ||
+		!strings.Contains(caveats(r2), "by a meter-mode bench") {
+		t.Errorf("caveats: first %s, second %s; want the second only to say the baseline is reused, when and by which mode", caveats(r), caveats(r2))
+	}
 	if !(r2["tokens_per_s"].(float64) < r["tokens_per_s"].(float64)) {
 		t.Errorf("intercontinental %v tokens/s not below home %v", r2["tokens_per_s"], r["tokens_per_s"])
 	}
