@@ -43,6 +43,48 @@ func BenchmarkGemmProjection(b *testing.B) {
 	})
 }
 
+// BenchmarkGemmBlockShapes times, on one goroutine, the block's three float32
+// products of its widest projection (d_model 256, gate|up 1376, 2048 tokens) with each
+// GEMM provider available here: the forward y = x·Wᵀ, the weight gradient
+// dW += dyᵀ·x and the input gradient dx = dy·W, each cut into compute.Blocks's blocks
+// as a training step cuts it.
+func BenchmarkGemmBlockShapes(b *testing.B) {
+	const tokens, in, out = 2048, 256, 1376
+	rng := rand.New(rand.NewPCG(1, 2))
+	x, w, dy := randn(rng, tokens*in), randn(rng, out*in), randn(rng, tokens*out)
+	y, dw, dx := make([]float32, tokens*out), make([]float32, out*in), make([]float32, tokens*in)
+	compute.SetWorkers(1)
+	defer compute.SetWorkers(0)
+	shapes := []struct {
+		name string
+		run  func(g compute.SgemmFunc)
+	}{
+		{"forward", func(g compute.SgemmFunc) {
+			compute.GemmWith(g, false, true, tokens, out, in, 1, x, in, w, in, 0, y, out)
+		}},
+		{"dW", func(g compute.SgemmFunc) {
+			compute.GemmWith(g, true, false, out, in, tokens, 1, dy, out, x, in, 1, dw, in)
+		}},
+		{"dx", func(g compute.SgemmFunc) {
+			compute.GemmWith(g, false, false, tokens, in, out, 1, dy, out, w, in, 0, dx, in)
+		}},
+	}
+	for _, sh := range shapes {
+		for _, p := range providers {
+			b.Run(sh.name+"/"+p.name, func(b *testing.B) {
+				g, err := OpenGEMM(p.name)
+				if err != nil {
+					b.Skip(err)
+				}
+				for b.Loop() {
+					sh.run(g.sgemm)
+				}
+				b.ReportMetric(2*tokens*in*out/(b.Elapsed().Seconds()/float64(b.N))/1e9, "GFLOP/s")
+			})
+		}
+	}
+}
+
 func BenchmarkToBF16(b *testing.B) {
 	rng := rand.New(rand.NewPCG(1, 2))
 	x := randn(rng, 2048*256)
