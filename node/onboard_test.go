@@ -309,3 +309,31 @@ func TestLaunchResultJSONHasTheRunInHexAndSeconds(t *testing.T) {
 		t.Errorf("read back %+v, want %+v", out, in)
 	}
 }
+
+// A data directory deeper than a unix socket address can name still gets its
+// status socket, and `status` reaches it; a closed node removes it.
+func TestStatusSocketInADeepDataDirectory(t *testing.T) {
+	data := filepath.Join(t.TempDir(), strings.Repeat("d", 60), strings.Repeat("e", 60), "node")
+	cfg := &config.Config{DataDir: data, Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true}
+	cfg.EnsureDefaults()
+	d, err := NewDaemon(context.Background(), cfg, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sock := filepath.Join(data, "status.sock")
+	if len(sock) <= 107 {
+		t.Fatalf("socket path %d bytes: the test wants one longer than 107", len(sock))
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	snap, err := status.FetchUnix(ctx, sock)
+	if err != nil || snap.Peer != d.ID().String() {
+		t.Fatalf("status over %s: %v", sock, err)
+	}
+	if err := d.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(sock); !os.IsNotExist(err) {
+		t.Errorf("socket left behind: %v", err)
+	}
+}

@@ -26,8 +26,12 @@ func Fetch(ctx context.Context, addr string) (*Snapshot, error) {
 // path (every node does, in its data directory).
 func FetchUnix(ctx context.Context, path string) (*Snapshot, error) {
 	var d net.Dialer
-	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-		return d.DialContext(ctx, "unix", path)
+	c := &http.Client{Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (conn net.Conn, err error) {
+		err = viaDir(path, func(p string) error {
+			conn, err = d.DialContext(ctx, "unix", p)
+			return err
+		})
+		return conn, err
 	}}}
 	defer c.CloseIdleConnections()
 	return fetch(ctx, c, "http://node", "is the node running? A node that was killed leaves its socket behind")

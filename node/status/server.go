@@ -9,6 +9,8 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -32,10 +34,6 @@ func (o Options) Validate() error {
 	case o.Unix != "" && o.Addr != "":
 		return errors.New("status: Options.Addr and Options.Unix both set; one server listens on one")
 	case o.Unix != "":
-		// sun_path holds 108 bytes with its terminating NUL.
-		if len(o.Unix) > MaxUnixPath {
-			return fmt.Errorf("status: socket path %s is %d bytes, more than a unix socket's %d", o.Unix, len(o.Unix), MaxUnixPath)
-		}
 	default:
 		if _, _, err := net.SplitHostPort(o.Addr); err != nil {
 			return fmt.Errorf("status: Options.Addr %q: want host:port: %w", o.Addr, err)
@@ -54,6 +52,7 @@ type Server struct {
 	log  *slog.Logger
 	done chan struct{}
 	err  error
+	unix string // the socket's path, removed on Close; "" for TCP
 }
 
 // Listen binds o.Addr and starts serving; Close stops it.
@@ -64,11 +63,22 @@ func Listen(o Options) (*Server, error) {
 	if o.Log == nil {
 		o.Log = slog.Default()
 	}
-	network, addr := "tcp", o.Addr
+	var ln net.Listener
+	var err error
 	if o.Unix != "" {
-		network, addr = "unix", o.Unix
+		err = viaDir(o.Unix, func(p string) error {
+			ul, err := net.Listen("unix", p)
+			if err == nil {
+				// Close removes the socket by its real path: p may be a /proc name
+				// that is gone by then.
+				ul.(*net.UnixListener).SetUnlinkOnClose(false)
+				ln = ul
+			}
+			return err
+		})
+	} else {
+		ln, err = net.Listen("tcp", o.Addr)
 	}
-	ln, err := net.Listen(network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("status: listen: %w", err)
 	}
@@ -77,7 +87,7 @@ func Listen(o Options) (*Server, error) {
 		ln.Close()
 		return nil, fmt.Errorf("status: %w", err)
 	}
-	s := &Server{ln: ln, log: o.Log, done: make(chan struct{})}
+	s := &Server{ln: ln, log: o.Log, done: make(chan struct{}), unix: o.Unix}
 	s.srv = &http.Server{Handler: Handler(o.Snapshot, reg), ReadHeaderTimeout: 10 * time.Second}
 	go func() {
 		defer close(s.done)
@@ -91,8 +101,24 @@ func Listen(o Options) (*Server, error) {
 	return s, nil
 }
 
-// MaxUnixPath is the longest path a unix socket can be bound to on Linux.
-const MaxUnixPath = 107
+// maxUnixPath is the longest path a unix socket can be bound to or dialled on Linux
+// (sun_path holds 108 bytes with the terminating NUL).
+const maxUnixPath = 107
+
+// viaDir calls f with path, or, if path is too long for a socket address, with a
+// short name of it through an open descriptor of its directory (/proc/self/fd/N/NAME),
+// so that a data directory deep in a tree still has its socket.
+func viaDir(path string, f func(string) error) error {
+	if len(path) <= maxUnixPath {
+		return f(path)
+	}
+	dir, err := os.Open(filepath.Dir(path))
+	if err != nil {
+		return err
+	}
+	defer dir.Close()
+	return f(fmt.Sprintf("/proc/self/fd/%d/%s", dir.Fd(), filepath.Base(path)))
+}
 
 // Addr is the address the server listens on, with the port it was given (or the
 // socket's path).
@@ -103,6 +129,11 @@ func (s *Server) Close() error {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	err := s.srv.Shutdown(ctx)
+	if s.unix != "" {
+		if rerr := os.Remove(s.unix); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			err = errors.Join(err, rerr)
+		}
+	}
 	if err != nil {
 		err = errors.Join(err, s.srv.Close())
 	}
