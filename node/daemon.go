@@ -807,6 +807,23 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 			return ctlReply{Error: err.Error()}
 		}
 		return ctlReply{OK: true}
+	case msgCheckpoint, msgRecorded, msgStopAt:
+		if from != w.launcher {
+			return ctlReply{Error: "only the run's launcher may say when its stages checkpoint or stop"}
+		}
+		e := launcherOrder{kind: m.Type, step: m.Step, reason: m.Reason, reply: make(chan error, 1)}
+		w.post(e)
+		select {
+		case err := <-e.reply:
+			if err != nil {
+				return ctlReply{Error: err.Error()}
+			}
+			return ctlReply{OK: true}
+		case <-w.done:
+			return ctlReply{Error: "the run has stopped here"}
+		case <-time.After(5 * time.Second):
+			return ctlReply{Error: "the stage did not take the order in 5 s"}
+		}
 	case msgNorm:
 		n := m.Norm
 		if n == nil || n.Stage < 0 || n.Stage >= w.sp.Pipeline.Stages || w.peerOf(n.Stage) != from || n.Stage == w.idx {

@@ -26,6 +26,7 @@ import (
 	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
@@ -159,6 +160,9 @@ type Pause struct {
 	Why       string  `json:"why"`        // the failure that paused it, naming the stage and peer
 	Recorded  int     `json:"recorded"`   // the last step recorded before it stopped
 	ResumedAt int     `json:"resumed_at"` // the step every stage had checkpointed, which it went on from; 0 if it did not
+	// Restarted: no step had a checkpoint of every stage, and the run started again
+	// from its beginning (ResumedAt 0).
+	Restarted bool `json:"restarted,omitempty"`
 	WaitedS   float64 `json:"waited_s"`   // from the stop until the run was going again (or given up)
 }
 
@@ -245,12 +249,18 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 			"why", err, "for_up_to", wait)
 		ro := o
 		ro.Resume = true
+		going := false
 		next, nerr := launchOnce(ctx, h, calls, idle, ro, log, wait, func(from int) {
-			p.ResumedAt = from
+			going = true
+			p.ResumedAt, p.Restarted = from, from == 0
 			p.WaitedS = time.Since(stopped).Seconds()
-			log.Info("run resumed", "from_step", from, "paused_for", time.Since(stopped).Round(time.Second))
+			if from == 0 {
+				log.Warn("run restarted from its start: no step had a checkpoint of every stage", "paused_for", time.Since(stopped).Round(time.Second))
+			} else {
+				log.Info("run resumed", "from_step", from, "paused_for", time.Since(stopped).Round(time.Second))
+			}
 		})
-		if p.ResumedAt == 0 {
+		if !going {
 			p.WaitedS = time.Since(stopped).Seconds()
 			pauses = append(pauses, p)
 			if res != nil {
@@ -426,6 +436,8 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 	announce(ctx, h, plan, log)
 	if started != nil && plan.Resume != nil {
 		started(plan.Resume.Step)
+	} else if started != nil && plan.restarted {
+		started(0)
 	}
 	log.Info("run started", "run", fmt.Sprintf("%016x", runID), "stages", sp.Pipeline.Stages, "replicas", sp.Pipeline.Replicas, "steps", sp.Train.Steps)
 	idle := func(r int, reason string) {
@@ -681,7 +693,63 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 			return j.Join.Nonce, nil
 		},
 	}
-	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up, rj)
+	// Orders to every cell (or a pipeline's), each a call of its own, bounded by the
+	// node's round trips: a hung node must not hold the others' orders up.
+	order := func(r int, m ctlMsg) (refused []string) {
+		cellsMu.Lock()
+		cells := slices.Clone(plan.Stages)
+		cellsMu.Unlock()
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		for _, a := range cells {
+			if r >= 0 && a.Replica != r {
+				continue
+			}
+			id, err := peer.Decode(a.Peer)
+			if err != nil {
+				continue
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second+8*h.Peerstore().LatencyEWMA(id))
+				defer cancel()
+				rep, err := call(cctx, h, calls, nil, id, m)
+				if err == nil && !rep.OK {
+					err = errors.New(rep.Error)
+				}
+				if err != nil {
+					mu.Lock()
+					refused = append(refused, fmt.Sprintf("%s: %v", cellName(sp, a), err))
+					mu.Unlock()
+				}
+			}()
+		}
+		wg.Wait()
+		return refused
+	}
+	tell := stageOrders{
+		checkpoint: func(step int, acked chan<- int) {
+			go func() {
+				if refused := order(-1, ctlMsg{Type: msgCheckpoint, Run: runID, Step: step}); len(refused) > 0 {
+					log.Warn("a checkpoint due by time was not taken by every stage; it is not one to resume from", "step", step, "refused", strings.Join(refused, "; "))
+					return
+				}
+				acked <- step
+			}()
+		},
+		recorded: func(step int) {
+			go order(-1, ctlMsg{Type: msgRecorded, Run: runID, Step: step})
+		},
+		stopAt: func(r, step int, reason string) {
+			go func() {
+				if refused := order(r, ctlMsg{Type: msgStopAt, Run: runID, Step: step, Reason: reason}); len(refused) > 0 {
+					log.Debug("not every stage took the stop", "step", step, "refused", strings.Join(refused, "; "))
+				}
+			}()
+		},
+	}
+	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up, rj, tell)
 	if err != nil && res != nil {
 		drainEnds(res, plan, reports, 2*time.Second)
 	}
@@ -799,6 +867,7 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 		log.Warn(msg, append([]any{"missing", missing}, args...)...)
 	}
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
+	noCommon := 0 // staffing rounds in a row in which every node answered and none held a common step
 	for {
 		var offers []assign.Offer
 		var problems, refused []string
@@ -841,15 +910,24 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 			return nil, fmt.Errorf("%w: %s", ErrRunFailed, strings.Join(refused, "; "))
 		}
 		var resume *ResumePlan
+		restart := false
 		if prev != nil {
-			var err error
-			for p, hs := range held {
-				for i := range hs {
-					hs[i].Steps = slices.DeleteFunc(hs[i].Steps, func(s int) bool { return s > through })
+			r, ordered, err := resumePoint(sp, prev.id, through, offers, held)
+			switch {
+			case err == nil:
+				resume, offers, noCommon = r, ordered, 0
+			case len(problems) == 0 && noCommon >= 1:
+				// Every node given has answered, twice, and none holds more: no step every
+				// stage checkpointed will come. The run starts again from its beginning,
+				// which is as exact as resuming.
+				log.Warn("the run restarts from its start: no step has a checkpoint of every stage", "why", err)
+				restart = true
+			default:
+				if len(problems) == 0 {
+					noCommon++
+				} else {
+					noCommon = 0
 				}
-				held[p] = hs
-			}
-			if resume, offers, err = resumePoint(sp, prev.id, offers, held); err != nil {
 				if time.Now().After(deadline) {
 					return nil, fmt.Errorf("%w: %v%s", ErrRunFailed, err, notReached(problems))
 				}
@@ -876,7 +954,7 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 			if err := resumeHolders(sp, resume, stages, offers); err != nil {
 				return nil, fmt.Errorf("%w: %v", ErrRunFailed, err)
 			}
-			return &Plan{Spec: sp.String(), Stages: stages, Created: now, Expires: now.Add(life), Resume: resume}, nil
+			return &Plan{Spec: sp.String(), Stages: stages, Created: now, Expires: now.Add(life), Resume: resume, restarted: restart}, nil
 		}
 		if !errors.Is(err, assign.ErrUnstaffed) || time.Now().After(deadline) {
 			return nil, fmt.Errorf("%w: %v%s", ErrRunFailed, err, notReached(problems))
@@ -959,6 +1037,7 @@ func plural(n int, what string) string {
 		return "1 " + what
 	}
 	return fmt.Sprintf("%d %ss", n, what)
+
 }
 
 func announce(ctx context.Context, h *p2p.Host, plan *Plan, log *slog.Logger) {
@@ -980,7 +1059,7 @@ func announce(ctx context.Context, h *p2p.Host, plan *Plan, log *slog.Logger) {
 // run goes on while one pipeline is whole. Every outer step's weight hashes must agree
 // across the replicas of a stage, or the run fails.
 func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, reports <-chan Report, lost <-chan peer.ID,
-	abort func(string), idle func(int, string), up func(stage, replica int) bool, rj rejoiner) (*LaunchResult, error) {
+	abort func(string), idle func(int, string), up func(stage, replica int) bool, rj rejoiner, tell stageOrders) (*LaunchResult, error) {
 	sp := o.Spec
 	out := o.OutDir
 	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
@@ -1030,6 +1109,48 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	for r := range last {
 		last[r] = time.Now()
 	}
+	// Checkpoints: the count rule's steps and the time rule's, ordered here, are taken
+	// by every stage; once every row up to one is recorded, the stages are told, and
+	// keep no older checkpoint.
+	partStart := time.Now()
+	align := 1
+	if R > 1 {
+		align = sp.DiLoCo.InnerSteps
+	}
+	ckClock := core.CheckpointClock{Every: time.Duration(sp.CheckpointSeconds) * time.Second, Interval: sp.CheckpointInterval,
+		Align: align, Last: sp.Train.Steps, Lead: time.Second}
+	commonCk := map[int]bool{} // steps of orders every cell took
+	ckAcked := make(chan int, 16)
+	rowsIn := map[int]bool{} // replica 0's rows recorded past through
+	through, toldRecorded := 0, 0
+	if plan.Resume != nil {
+		through, toldRecorded = plan.Resume.Step, plan.Resume.Step
+	}
+	tellRecorded := func() {
+		c := 0
+		if sp.CheckpointInterval > 0 {
+			c = through / sp.CheckpointInterval * sp.CheckpointInterval
+		}
+		for k := range commonCk {
+			if k <= through {
+				c = max(c, k)
+			}
+		}
+		if c > toldRecorded && tell.recorded != nil {
+			toldRecorded = c
+			tell.recorded(c)
+		}
+	}
+	// Stopping: a node stopping gracefully said after which step; the other stages of
+	// its pipeline were told to stop after it too, and the pipeline is taken out once
+	// every stage has stopped (or stopWait has passed).
+	type stopState struct {
+		step    int
+		why     string
+		since   time.Time
+		stopped map[int]bool
+	}
+	stopping := map[int]*stopState{}
 	done := map[[2]int]bool{}
 	broken := map[int]string{}
 	trained := make([]int, R)              // steps each replica pipeline reported in this part of the run
@@ -1078,6 +1199,12 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		}
 		if s.Replica == nil || *s.Replica == 0 {
 			history = append(history, s) // the plot follows replica 0, which also carries validation
+			rowsIn[s.Step] = true
+			for rowsIn[through+1] {
+				through++
+				delete(rowsIn, through)
+			}
+			tellRecorded()
 		}
 		return nil
 	}
@@ -1114,6 +1241,20 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		}
 		return nil
 	}
+	// stopped notes that cell (stage, r) has stopped; if its pipeline is stopping it
+	// reports whether every stage of it has (then the pipeline is out).
+	stopped := func(stage, r int) (handled bool, err error) {
+		st, ok := stopping[r]
+		if !ok {
+			return false, nil
+		}
+		st.stopped[stage] = true
+		if len(st.stopped) == S {
+			delete(stopping, r)
+			return true, breakPipeline(r, st.why)
+		}
+		return true, nil
+	}
 	remaining := func() int {
 		n := 0
 		for r := range R {
@@ -1146,7 +1287,18 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 				wantJoin[r] = true
 				log.Info("the nodes of a broken replica pipeline are reachable again; it rejoins at the next outer step", "replica", r)
 			}
+		case at := <-ckAcked:
+			commonCk[at] = true
+			tellRecorded()
 		case now := <-check.C:
+			for r, st := range stopping {
+				if now.Sub(st.since) > stopWait {
+					delete(stopping, r)
+					if err := breakPipeline(r, st.why+" (not every stage had stopped "+stopWait.String()+" later)"); err != nil {
+						return res, err
+					}
+				}
+			}
 			if quiet, dl := silence.overdue(now, len(pending) > 0); quiet > 0 {
 				why := fmt.Sprintf("no report from any stage for %s (deadline %s, from the steps measured)", quiet.Round(time.Second), dl.Round(time.Second))
 				abort(why)
@@ -1159,6 +1311,12 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 				continue
 			}
 			if _, ok := broken[a.Replica]; ok {
+				continue
+			}
+			if handled, err := stopped(a.Stage, a.Replica); handled {
+				if err != nil {
+					return res, err
+				}
 				continue
 			}
 			if err := breakPipeline(a.Replica, fmt.Sprintf("the node holding %s (%s) disconnected", cellName(sp, *a), id)); err != nil {
@@ -1194,6 +1352,16 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					s.Replica = &rep
 				}
 				last[r.Replica] = now
+				if r.Replica == 0 {
+					var mean time.Duration
+					if silence.steps > 0 {
+						mean = silence.sum / time.Duration(silence.steps)
+					}
+					if at, ok := ckClock.Recorded(r.Step, time.Since(partStart), mean); ok && tell.checkpoint != nil {
+						log.Info("checkpoint due by time; every stage takes it at a step ahead", "step", at, "now_at", r.Step)
+						tell.checkpoint(at, ckAcked)
+					}
+				}
 				if r.Replica == 0 && evalDue(r.Step) {
 					pending[r.Step] = &s
 					continue
@@ -1302,6 +1470,17 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					res.Times = append(res.Times, t)
 				}
 				res.stageEnded(r)
+			case ReportStopping:
+				if _, ok := stopping[r.Replica]; ok {
+					continue
+				}
+				why := fmt.Sprintf("the node holding %s (%s) is stopping; every stage of its pipeline stops after step %d", cellName(sp, a), r.Peer, r.Step)
+				log.Warn("a node is stopping: every stage of its pipeline stops after the same step, keeping its checkpoint",
+					"cell", cellName(sp, a), "node", r.Peer, "after_step", r.Step)
+				stopping[r.Replica] = &stopState{step: r.Step, why: why, since: time.Now(), stopped: map[int]bool{}}
+				if tell.stopAt != nil {
+					tell.stopAt(r.Replica, r.Step, fmt.Sprintf("the node holding %s is stopping", cellName(sp, a)))
+				}
 			case ReportIdle, ReportError:
 				res.stageEnded(r)
 				if r.Kind == ReportError && r.Diverged {
@@ -1314,6 +1493,12 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					abort(fmt.Sprintf("stage %d failed", r.Stage))
 					plot()
 					return res, fmt.Errorf("%w: %s on %s: %s", ErrRunFailed, cellName(sp, a), r.Peer, r.Error)
+				}
+				if handled, err := stopped(r.Stage, r.Replica); handled {
+					if err != nil {
+						return res, err
+					}
+					continue
 				}
 				if err := breakPipeline(r.Replica, fmt.Sprintf("%s on %s stopped: %s", cellName(sp, a), r.Peer, r.Error)); err != nil {
 					return res, err
@@ -1564,6 +1749,23 @@ func (c *silenceClock) overdue(now time.Time, evaluating bool) (quiet, deadline 
 		return q, deadline
 	}
 	return 0, deadline
+}
+
+// stopWait bounds how long a pipeline whose node is stopping waits for all of its
+// stages to stop after the same step before it is taken out regardless.
+const stopWait = 15 * time.Second
+
+// stageOrders is how watch tells a run's stages when to checkpoint and stop. Each
+// returns at once; the calls go on on their own goroutines.
+type stageOrders struct {
+	// checkpoint orders every cell to checkpoint at step too; acked is sent step if
+	// every cell took the order in time.
+	checkpoint func(step int, acked chan<- int)
+	// recorded tells every cell that every row up to step, a checkpoint step of every
+	// stage, is recorded.
+	recorded func(step int)
+	// stopAt tells the cells of replica pipeline r to stop after step.
+	stopAt func(r, step int, reason string)
 }
 
 // rejoiner is how watch brings a broken replica pipeline back: reach connects to its

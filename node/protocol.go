@@ -29,6 +29,14 @@ const (
 	// launcher → node: a cell of another replica pipeline passed to a new node (one
 	// that took the place of a node gone); the stage's all-reduce counts it in.
 	msgReplace = "replace"
+	// launcher → node: checkpoint at step Step too (the time rule, turned into a step
+	// every stage takes); refused if this stage has done that step already.
+	msgCheckpoint = "checkpoint"
+	// launcher → node: every metrics row up to step Step, a checkpoint step, is
+	// recorded; older checkpoints will not be resumed from.
+	msgRecorded = "recorded"
+	// launcher → node: stop after step Step, keeping its checkpoint (Reason says why).
+	msgStopAt = "stop-at"
 )
 
 type ctlMsg struct {
@@ -40,6 +48,7 @@ type ctlMsg struct {
 	Reason string             `json:"reason,omitempty"`
 	Spec   string             `json:"spec,omitempty"` // an offer request for a resumed run: its spec
 	Cell   *assign.Assignment `json:"cell,omitempty"` // msgReplace: the cell and its new peer
+	Step   int                `json:"step,omitempty"` // msgCheckpoint, msgRecorded, msgStopAt
 }
 
 type ctlReply struct {
@@ -77,6 +86,10 @@ type Plan struct {
 	// their stage's global state from the live replicas as of the outer step after
 	// Step and train on from the step after it.
 	Join *JoinPlan `json:"join,omitempty"`
+
+	// restarted: a resumed launch found no step to resume from and starts the run
+	// again from its beginning (the launcher's own note; nodes see a fresh run).
+	restarted bool
 }
 
 // JoinPlan is a rejoin of replica pipeline Replica at outer step Step. Nonce tells
@@ -117,6 +130,9 @@ const (
 	ReportError = "error" // any stage: the run failed here
 	ReportOuter = "outer" // any stage of a replicated run: an outer step is done
 	ReportIdle  = "idle"  // any stage: its replica pipeline is broken; it stopped and kept its state
+	// ReportStopping: any stage whose node is stopping: it stops after step Step, and
+	// the launcher stops the other stages of its pipeline after that step too.
+	ReportStopping = "stopping"
 )
 
 // Report is a node's progress message to its launcher.

@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -25,10 +26,11 @@ import (
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
-// A stage keeps two checkpoints in its run directory: the newest and, beside it with
-// ".prev" in the name, the one before. Stages stopped together can end a step apart
-// (one has taken its optimiser step, a neighbour has not); the newest step every stage
-// still holds is then the previous one, and a resumed run starts from there.
+// A stage keeps its checkpoints in its run directory: the newest under the stage's
+// name, and older ones beside it with ".step-N" in the name, as many as a resumed run
+// may need: every one since the newest step the launcher has recorded every metrics
+// row of (it says so, see prune). Stages checkpoint the same steps (core.Checkpoints)
+// and stop on the same step, so a step every stage holds is always among them.
 
 // Metadata keys of a stage checkpoint besides train's.
 const (
@@ -69,9 +71,27 @@ func pairAt(dir, base string) ckPair {
 	return ckPair{filepath.Join(dir, base+".safetensors"), filepath.Join(dir, base+".state.safetensors")}
 }
 
-// stagePairs are the newest and previous checkpoints of a stage in dir.
-func stagePairs(dir, base string) [2]ckPair {
-	return [2]ckPair{pairAt(dir, base), pairAt(dir, base+".prev")}
+// stagePairs are the checkpoints of a stage in dir: the newest, then the older ones
+// kept, newest first.
+func stagePairs(dir, base string) []ckPair {
+	out := []ckPair{pairAt(dir, base)}
+	type kept struct {
+		step int
+		p    ckPair
+	}
+	var ks []kept
+	names, _ := filepath.Glob(filepath.Join(dir, base+".step-*.safetensors"))
+	for _, n := range names {
+		rest := strings.TrimSuffix(strings.TrimPrefix(filepath.Base(n), base+".step-"), ".safetensors")
+		if step, err := strconv.Atoi(rest); err == nil {
+			ks = append(ks, kept{step, pairAt(dir, fmt.Sprintf("%s.step-%d", base, step))})
+		}
+	}
+	slices.SortFunc(ks, func(a, b kept) int { return b.step - a.step })
+	for _, k := range ks {
+		out = append(out, k.p)
+	}
+	return out
 }
 
 // resumableStep is the step a checkpoint pair can resume from, if its two files agree
@@ -99,21 +119,46 @@ func (p ckPair) resumableStep(spec string) (int, error) {
 }
 
 // rotate makes room for a new checkpoint of step (whole, or written mid-step): the
-// newest pair becomes the previous one, unless it is not a whole step itself or is a
-// whole one of the same step that a whole one replaces. A checkpoint written mid-step
-// never replaces the newest whole one.
+// newest, if it is a whole step other than the one a whole one replaces, is kept
+// under its step's name. A checkpoint written mid-step never replaces a whole one.
 func rotate(dir, base string, step int, whole bool) error {
-	ps := stagePairs(dir, base)
-	have, err := ps[0].resumableStep("")
+	newest := pairAt(dir, base)
+	have, err := newest.resumableStep("")
 	if err != nil || (whole && have == step) {
 		return nil
 	}
-	for _, mv := range [][2]string{{ps[0].weights, ps[1].weights}, {ps[0].state, ps[1].state}} {
+	to := pairAt(dir, fmt.Sprintf("%s.step-%d", base, have))
+	for _, mv := range [][2]string{{newest.weights, to.weights}, {newest.state, to.state}} {
 		if err := os.Rename(mv[0], mv[1]); err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("keeping the previous checkpoint: %w", err)
 		}
 	}
 	return nil
+}
+
+// prune removes the stage's kept checkpoints older than step, once it holds step:
+// the launcher has recorded every metrics row up to step, which every stage
+// checkpointed, so a resumed run never goes back further.
+func prune(dir, base string, step int) (removed int) {
+	ps := stagePairs(dir, base)
+	holds := false
+	for _, p := range ps {
+		if s, err := p.resumableStep(""); err == nil && s == step {
+			holds = true
+		}
+	}
+	if !holds {
+		return 0
+	}
+	for _, p := range ps[1:] {
+		if s, err := p.resumableStep(""); err == nil && s < step {
+			if os.Remove(p.weights) == nil {
+				removed++
+			}
+			_ = os.Remove(p.state)
+		}
+	}
+	return removed
 }
 
 // heldIn lists the resumable stage checkpoints of a run of spec in runDir; each
@@ -294,14 +339,16 @@ func readRunRecord(dir string, sp *spec.Spec) (*runRecord, error) {
 	return &r, nil
 }
 
-// resumePoint picks the step a resumed run continues from — the newest step of which
-// some offering node holds a checkpoint for every cell — and orders the offers so that
-// assign.Plan, first fit in cell order, gives each cell to a node that holds it. It
-// names the cells whose state is nowhere.
-func resumePoint(sp *spec.Spec, run uint64, offers []assign.Offer, held map[string][]Held) (*ResumePlan, []assign.Offer, error) {
+// resumePoint picks the step a resumed run continues from — the newest step, no later
+// than through (the last step whose metrics rows are all recorded), of which some
+// offering node holds a checkpoint for every cell — and orders the offers so that
+// assign.Plan, first fit in cell order, gives each cell to a node that holds it.
+// Failing that, its error (wrapping errNoCommonStep) says which cell lacks which step.
+func resumePoint(sp *spec.Spec, run uint64, through int, offers []assign.Offer, held map[string][]Held) (*ResumePlan, []assign.Offer, error) {
 	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
 	holders := map[[2]int]map[int][]string{} // cell -> step -> peers
 	steps := map[int]bool{}
+	late := map[[2]int][]int{} // cell -> steps held but after through
 	for _, o := range offers {
 		for _, h := range held[o.Peer] {
 			c := [2]int{h.Stage, h.Replica}
@@ -309,21 +356,20 @@ func resumePoint(sp *spec.Spec, run uint64, offers []assign.Offer, held map[stri
 				holders[c] = map[int][]string{}
 			}
 			for _, s := range h.Steps {
+				if s > through || s >= sp.Train.Steps {
+					if !slices.Contains(late[c], s) {
+						late[c] = append(late[c], s)
+					}
+					continue
+				}
 				holders[c][s] = append(holders[c][s], o.Peer)
 				steps[s] = true
 			}
 		}
 	}
-	var candidates []int
-	for s := range steps {
-		candidates = append(candidates, s)
-	}
-	slices.Sort(candidates)
+	candidates := slices.Sorted(maps.Keys(steps))
 	slices.Reverse(candidates)
 	for _, step := range candidates {
-		if step >= sp.Train.Steps {
-			continue
-		}
 		order, ok := orderHolders(S, R, step, holders)
 		if !ok {
 			continue
@@ -343,32 +389,46 @@ func resumePoint(sp *spec.Spec, run uint64, offers []assign.Offer, held map[stri
 		}
 		return &ResumePlan{Run: run, Step: step}, out, nil
 	}
-	var nowhere []string
+	var cells []string
 	for r := range R {
 		for s := range S {
-			if len(holders[[2]int{s, r}]) == 0 {
-				nowhere = append(nowhere, cellName(sp, assign.Assignment{Stage: s, Replica: r}))
+			c := [2]int{s, r}
+			name := cellName(sp, assign.Assignment{Stage: s, Replica: r})
+			have := slices.Sorted(maps.Keys(holders[c]))
+			slices.Reverse(have)
+			l := slices.Sorted(slices.Values(late[c]))
+			switch {
+			case len(have) == 0 && len(l) == 0:
+				cells = append(cells, name+" holds none")
+			case len(have) == 0 && through < sp.Train.Steps:
+				cells = append(cells, fmt.Sprintf("%s holds only step %s, after step %d", name, joinInts(l), through))
+			case len(have) == 0:
+				cells = append(cells, fmt.Sprintf("%s holds only step %s, the run's end", name, joinInts(l)))
+			default:
+				cells = append(cells, fmt.Sprintf("%s holds step %s", name, joinInts(have)))
 			}
 		}
 	}
-	if len(nowhere) > 0 {
-		return nil, nil, fmt.Errorf("no checkpoint of run %016x for %s on any node offered (restart the nodes that held them, on their data directories)",
-			run, strings.Join(nowhere, ", "))
+	why := fmt.Sprintf("no step of run %016x has a checkpoint of every stage on the nodes offered: %s", run, strings.Join(cells, "; "))
+	if len(late) > 0 && through < sp.Train.Steps {
+		why += fmt.Sprintf(" (metrics.jsonl records every step only up to step %d; a run resumes from no later step)", through)
 	}
-	var have []string
-	for r := range R {
-		for s := range S {
-			var at []int
-			for step := range holders[[2]int{s, r}] {
-				at = append(at, step)
-			}
-			slices.Sort(at)
-			slices.Reverse(at)
-			have = append(have, fmt.Sprintf("%s at %s", cellName(sp, assign.Assignment{Stage: s, Replica: r}), strings.Trim(fmt.Sprint(at), "[]")))
+	return nil, nil, fmt.Errorf("%w: %s", errNoCommonStep, why)
+}
+
+// errNoCommonStep: the nodes offered hold no step of a run's checkpoints for every
+// stage.
+var errNoCommonStep = errors.New("no common checkpoint")
+
+func joinInts(xs []int) string {
+	var b strings.Builder
+	for i, x := range xs {
+		if i > 0 {
+			b.WriteString(", ")
 		}
+		b.WriteString(strconv.Itoa(x))
 	}
-	return nil, nil, fmt.Errorf("the nodes offered hold checkpoints of run %016x, but of no step before the last (%d) common to every stage: %s",
-		run, sp.Train.Steps, strings.Join(have, "; "))
+	return b.String()
 }
 
 // orderHolders picks a distinct holder of step for every cell, in assign.Plan's cell

@@ -3,6 +3,7 @@ package node
 import (
 	"bytes"
 	"errors"
+	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -38,7 +39,7 @@ func TestResumePointIsTheNewestStepEveryCellHolds(t *testing.T) {
 		"a": {{Stage: 0, Steps: []int{18, 10}}},
 		"b": {{Stage: 1, Steps: []int{17, 10}}},
 	}
-	rp, ordered, err := resumePoint(sp, 7, offers, held)
+	rp, ordered, err := resumePoint(sp, 7, 50, offers, held)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -51,13 +52,22 @@ func TestResumePointIsTheNewestStepEveryCellHolds(t *testing.T) {
 
 	held["b"] = append(held["b"], Held{Stage: 1, Steps: []int{18}})
 	held["b"] = held["b"][1:]
-	if rp, _, err := resumePoint(sp, 7, offers, held); err != nil || rp.Step != 18 {
+	if rp, _, err := resumePoint(sp, 7, 50, offers, held); err != nil || rp.Step != 18 {
 		t.Errorf("with both at 18: %+v, %v; want step 18", rp, err)
 	}
 
+	// Only steps whose rows are all recorded count; the error says which stage lacks
+	// which step, and blames no node.
+	if _, _, err := resumePoint(sp, 7, 17, offers, held); !errors.Is(err, errNoCommonStep) || err.Error() !=
+		"no common checkpoint: no step of run 0000000000000007 has a checkpoint of every stage on the nodes offered: "+
+			"stage 0 holds step 10; stage 1 holds only step 18, after step 17 "+
+			"(metrics.jsonl records every step only up to step 17; a run resumes from no later step)" {
+		t.Errorf("stage 1 held only after the recorded steps: %v", err)
+	}
 	delete(held, "b")
-	if _, _, err := resumePoint(sp, 7, offers, held); err == nil || !strings.Contains(err.Error(), "stage 1") {
-		t.Errorf("stage 1's state nowhere: %v, want an error naming stage 1", err)
+	if _, _, err := resumePoint(sp, 7, 50, offers, held); err == nil || !strings.Contains(err.Error(), "stage 1 holds none") ||
+		strings.Contains(err.Error(), "()") || strings.Contains(err.Error(), "restart") {
+		t.Errorf("stage 1's state nowhere: %v, want an error saying stage 1 holds none", err)
 	}
 }
 
@@ -69,7 +79,7 @@ func TestResumePointGivesEachReplicaItsOwnHolder(t *testing.T) {
 		"a": {{Stage: 0, Replica: 1, Steps: []int{20}}},
 		"b": {{Stage: 0, Replica: 0, Steps: []int{20}}},
 	}
-	rp, ordered, err := resumePoint(sp, 3, offers, held)
+	rp, ordered, err := resumePoint(sp, 3, 50, offers, held)
 	if err != nil || rp.Step != 20 {
 		t.Fatalf("%+v, %v", rp, err)
 	}
@@ -136,7 +146,7 @@ func TestACorruptCheckpointIsLoggedAndTheOlderGoodOneOffered(t *testing.T) {
 	dir := t.TempDir()
 	const sp = "name: x\n"
 	base := stageBase(0, 0, 1)
-	for i, p := range stagePairs(dir, base) {
+	for i, p := range []ckPair{pairAt(dir, base), pairAt(dir, base+".step-60")} {
 		meta := map[string]string{train.MetaStep: strconv.Itoa(120 - 60*i), metaResumable: "1", train.MetaSpec: sp}
 		vals := []float32{1, 2, 3, float32(i)}
 		if err := errors.Join(shard.SaveTensors(p.weights, meta, []shard.Named{{Name: "w", Data: vals}}),
@@ -163,5 +173,50 @@ func TestACorruptCheckpointIsLoggedAndTheOlderGoodOneOffered(t *testing.T) {
 	}
 	if !strings.Contains(logs.String(), "corrupt checkpoint") || !strings.Contains(logs.String(), newest) {
 		t.Fatalf("the node's log does not name the corrupt file:\n%s", logs.String())
+	}
+}
+
+// A stage keeps every checkpoint until the launcher says which step it has recorded
+// through; then only that one and those after.
+func TestStageKeepsCheckpointsBackToTheRecordedStep(t *testing.T) {
+	dir := t.TempDir()
+	base := stageBase(0, 0, 1)
+	write := func(step int, whole bool) {
+		t.Helper()
+		if err := rotate(dir, base, step, whole); err != nil {
+			t.Fatal(err)
+		}
+		meta := map[string]string{train.MetaStep: strconv.Itoa(step), train.MetaSpec: "s"}
+		if whole {
+			meta[metaResumable] = "1"
+		}
+		p := pairAt(dir, base)
+		ts := []shard.Named{{Name: "x", Data: []float32{float32(step)}}}
+		if err := errors.Join(shard.SaveTensors(p.weights, meta, ts), shard.SaveTensors(p.state, meta, ts)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	held := func() []int {
+		hs := heldIn(dir, "s", 1, 1, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		if len(hs) != 1 {
+			return nil
+		}
+		return hs[0].Steps
+	}
+	for _, s := range []int{5, 10, 12, 12} {
+		write(s, true)
+	}
+	if got := held(); !slices.Equal(got, []int{12, 10, 5}) {
+		t.Fatalf("held %v, want [12 10 5]", got)
+	}
+	write(13, false) // stopped mid-step: kept beside, never instead of, the whole ones
+	if got := held(); !slices.Equal(got, []int{12, 10, 5}) {
+		t.Fatalf("after a mid-step checkpoint, held %v, want [12 10 5]", got)
+	}
+	if n := prune(dir, base, 11); n != 0 || !slices.Equal(held(), []int{12, 10, 5}) {
+		t.Errorf("pruned %d for a step not held here; held %v", n, held())
+	}
+	if n := prune(dir, base, 10); n != 1 || !slices.Equal(held(), []int{12, 10}) {
+		t.Errorf("pruned %d back to step 10; held %v, want [12 10]", n, held())
 	}
 }

@@ -64,7 +64,7 @@ func (w *watchRun) run(t *testing.T, sp *spec.Spec, plan *Plan) (*LaunchResult, 
 	return watch(context.Background(), o, log, plan, w.reports, w.lost,
 		func(why string) { w.aborted = append(w.aborted, why) },
 		func(r int, _ string) { w.idled = append(w.idled, r) },
-		func(s, r int) bool { return !w.down[[2]int{s, r}] }, w.rj)
+		func(s, r int) bool { return !w.down[[2]int{s, r}] }, w.rj, stageOrders{})
 }
 
 func newWatchRun() *watchRun {

@@ -113,6 +113,7 @@ type worker struct {
 	startOnce sync.Once
 	started   chan struct{} // closed when the loop starts
 	idle      chan struct{} // closed when the compute goroutine has returned
+	ck        core.Checkpoints
 	stepped   bool          // an optimiser step has been taken: there is something to keep
 	doneStep  int           // the last step whose optimiser step has run
 
@@ -147,6 +148,15 @@ type (
 	}
 	// launcherLost: the connection to the run's launcher closed.
 	launcherLost struct{}
+	// launcherOrder: the launcher orders a checkpoint at step (msgCheckpoint), says
+	// every row up to step is recorded (msgRecorded), or stops this stage after step
+	// (msgStopAt); the loop answers on reply.
+	launcherOrder struct {
+		kind   string
+		step   int
+		reason string
+		reply  chan error
+	}
 	// stopReq: the node is stopping; cause is the run's error once it has stopped.
 	stopReq struct{ cause error }
 	// reduceDone: the all-reduces of an outer step finished (or the replica fell
@@ -303,6 +313,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	// when the run starts (loadData). Only replica 0 evaluates: right after an outer
 	// step its weights are every replica's. An evaluation covers the first
 	// eval_batches batches of windows, as train's does.
+	w.ck = core.Checkpoints{Interval: sp.CheckpointInterval, Last: sp.Train.Steps}
 	w.windows = int(plan.Data.Val.Size) / (cfg.SeqLen + 1)
 	if sp.EvalBatches > 0 {
 		w.windows = min(w.windows, sp.EvalBatches*train.EvalBatch)
@@ -625,6 +636,8 @@ func (w *worker) loop() error {
 				w.stopping(e.cause)
 			case cellMoved:
 				w.grid[e.replica][e.stage] = e.id
+			case launcherOrder:
+				e.reply <- w.order(e)
 			case launcherLost:
 				if w.reaching.CompareAndSwap(false, true) { // one attempt at a time
 					steps := max(1, w.core.Step())
@@ -843,9 +856,9 @@ func (w *worker) do(a any) error {
 			w.stepTimes = w.stepTimes[1:]
 		}
 		w.publish()
-		// Every stage checkpoints at every evaluation step, so a crash loses at most the
-		// steps since; the last step's checkpoint is written when the run finishes.
-		if w.sp.EvalInterval > 0 && a.Step%w.sp.EvalInterval == 0 && a.Step != w.sp.Train.Steps {
+		// Every stage checkpoints the same steps, so a crash loses at most the steps
+		// since; the last step's checkpoint is written when the run finishes.
+		if w.ck.Due(a.Step) {
 			if err := w.checkpoint(); err != nil {
 				return err
 			}
@@ -1249,6 +1262,52 @@ func (w *worker) checkpoint() error {
 	return shard.SaveTensors(pair.state, meta, ts)
 }
 
+// ErrStopped is the cause of a stage the launcher stopped after a step: another
+// stage's node of its pipeline was stopping.
+var ErrStopped = errors.New("stopped by the launcher")
+
+// stopAfter stops the stage once step is done (at once if it is), keeping its
+// checkpoint of that step.
+func (w *worker) stopAfter(step int, cause error) error {
+	w.log.Info("stopping after a step, as the launcher says", "step", step, "reason", cause)
+	if step <= w.ckStep {
+		if step < w.ckStep {
+			w.log.Warn("told to stop after a step already done; stopping now", "step", step, "done", w.ckStep)
+		}
+		w.cancel(cause)
+		return nil
+	}
+	w.stopCause, w.stopAt = cause, step
+	time.AfterFunc(stopBackstop, func() { w.cancel(cause) })
+	return nil
+}
+
+// order carries out what the launcher says of checkpoints and stopping.
+func (w *worker) order(e launcherOrder) error {
+	switch e.kind {
+	case msgCheckpoint:
+		if err := w.ck.Order(e.step, w.ckStep); err != nil {
+			w.log.Warn("checkpoint ordered too late", "err", err)
+			return err
+		}
+		w.log.Debug("checkpoint ordered", "step", e.step)
+	case msgRecorded:
+		if n := prune(w.dir, stageBase(w.idx, w.rep, w.sp.Pipeline.Replicas), e.step); n > 0 {
+			w.log.Debug("older checkpoints removed: the launcher has recorded the run up to a later one", "step", e.step, "removed", n)
+		}
+	case msgStopAt:
+		if w.stopCause != nil {
+			return nil // stopping already, of its own accord
+		}
+		cause := fmt.Errorf("%w after step %d: %s", ErrStopped, e.step, e.reason)
+		if w.sp.Pipeline.Replicas > 1 {
+			cause = fmt.Errorf("%w: replica pipeline %d: %w", ErrIdle, w.rep, cause) // the run goes on without it
+		}
+		return w.stopAfter(e.step, cause)
+	}
+	return nil
+}
+
 // stepTaken records what a checkpoint of step needs besides the parameters and the
 // optimiser state, as they are at the step's end.
 func (w *worker) stepTaken(step int) error {
@@ -1335,7 +1394,21 @@ const stopBackstop = 8 * time.Second
 // step is done or after a grace of four times the mean wait for the norms, plus a
 // second, at most 6 s: stages stopped together then keep checkpoints of one step.
 func (w *worker) stopping(cause error) {
-	if !w.core.Stepping() || w.core.Finished() {
+	if w.core.Finished() {
+		w.cancel(cause)
+		return
+	}
+	// The launcher stops the other stages after the same step, so that all of them
+	// hold its checkpoint: this one's step in hand once its norm is shared (the others
+	// may have stepped it), else the last one done (none can step past it without
+	// this stage).
+	at := w.ckStep
+	if w.core.Stepping() {
+		at = w.core.Step()
+	}
+	w.report(Report{Kind: ReportStopping, Step: at, Error: cause.Error()})
+	if !w.core.Stepping() {
+		w.stopCause = cause
 		w.cancel(cause)
 		return
 	}

@@ -433,7 +433,15 @@ prune refuses a directory a node is running on.`, stderr)
 func printLaunchSummary(w io.Writer, sp *spec.Spec, res *node.LaunchResult, out string) {
 	what := fmt.Sprintf("%d steps", res.StepsRun)
 	if res.FromStep > 0 || res.StepsRun != res.Steps {
-		what = fmt.Sprintf("%d steps (resumed from step %d, now at step %d of %d)", res.StepsRun, res.FromStep, res.Steps, sp.Train.Steps)
+		var notes []string
+		if res.FromStep > 0 {
+			notes = append(notes, fmt.Sprintf("resumed from step %d", res.FromStep))
+		}
+		if again := res.StepsRun - (res.Steps - res.FromStep); again > 0 {
+			notes = append(notes, fmt.Sprintf("%d of them taken again after a pause", again))
+		}
+		notes = append(notes, fmt.Sprintf("now at step %d of %d", res.Steps, sp.Train.Steps))
+		what = fmt.Sprintf("%d steps (%s)", res.StepsRun, strings.Join(notes, ", "))
 	}
 	figures := fmt.Sprintf("loss %.4f", res.Loss)
 	if !math.IsNaN(res.ValLoss) {
@@ -479,7 +487,10 @@ func printLaunchSummary(w io.Writer, sp *spec.Spec, res *node.LaunchResult, out 
 	}
 	for _, p := range res.Pauses {
 		went := fmt.Sprintf("resumed from step %d", p.ResumedAt)
-		if p.ResumedAt == 0 {
+		switch {
+		case p.Restarted:
+			went = "no step had a checkpoint of every stage: restarted from the start"
+		case p.ResumedAt == 0:
 			went = "not resumed"
 		}
 		fmt.Fprintf(w, "paused after step %d for %s (%s); %s\n", p.Recorded,

@@ -121,6 +121,7 @@ func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {
 const pauseSpec = `name: e2e-pause
 seed: 23
 eval_interval: 10
+checkpoint_interval: 10
 model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
 pipeline: {stages: 2, micro_batches: 2, in_flight: 2, pause_timeout: 120}
 train: {batch_size: 4, steps: 80, lr: 0.003, warmup: 2}

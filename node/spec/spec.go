@@ -42,6 +42,11 @@ const (
 // own text").
 const DefaultEvalBatches = 16
 
+// DefaultCheckpointSeconds is checkpoint_seconds when a spec names none: a crash loses
+// at most five minutes of training, and a checkpoint of tiny's (a few MB per stage)
+// costs well under 1% of that.
+const DefaultCheckpointSeconds = 300
+
 // Values of Export.
 const (
 	ExportAllowed = "allowed"
@@ -62,6 +67,13 @@ type Spec struct {
 	// a bounded fraction of training; 0 evaluates the whole validation split. Default
 	// DefaultEvalBatches.
 	EvalBatches int `yaml:"eval_batches"`
+	// CheckpointInterval: every stage writes a checkpoint every CheckpointInterval
+	// steps (0: none by count). CheckpointSeconds: and when that many seconds have
+	// passed since the last one (0: none by time; default DefaultCheckpointSeconds);
+	// a launcher turns the time into a step, so that every stage checkpoints the same
+	// one. Both are apart from evaluation; the last step is always checkpointed.
+	CheckpointInterval int `yaml:"checkpoint_interval"`
+	CheckpointSeconds  int `yaml:"checkpoint_seconds"`
 	// Export says whether the trained model may be assembled from its stages:
 	// "allowed" (the launcher collects every stage's final weights into
 	// model.safetensors where each node consents), or "never" (the default: a protocol
@@ -310,6 +322,9 @@ func (s *Spec) EnsureDefaults() {
 	m, p, t, d := &s.Model, &s.Pipeline, &s.Train, &s.Data
 	if unset("eval_batches", s.EvalBatches == 0) {
 		s.EvalBatches = DefaultEvalBatches
+	}
+	if unset("checkpoint_seconds", s.CheckpointSeconds == 0) {
+		s.CheckpointSeconds = DefaultCheckpointSeconds
 	}
 	if s.Export == "" && !s.src.written("export") {
 		s.Export = ExportNever
@@ -587,6 +602,12 @@ func (s *Spec) problems() []error {
 	if s.EvalInterval < 0 {
 		c.failf("eval_interval", "%d is negative", s.EvalInterval)
 	}
+	if s.CheckpointInterval < 0 {
+		c.failf("checkpoint_interval", "%d is negative; 0 checkpoints by time only (checkpoint_seconds)", s.CheckpointInterval)
+	}
+	if s.CheckpointSeconds < 0 {
+		c.failf("checkpoint_seconds", "%d is negative; 0 checkpoints by step count only (checkpoint_interval)", s.CheckpointSeconds)
+	}
 	if s.EvalBatches < 0 {
 		c.failf("eval_batches", "%d is negative; 0 evaluates the whole validation split", s.EvalBatches)
 	}
@@ -694,6 +715,10 @@ func (s *Spec) problems() []error {
 	}
 	if o.WarmupSteps < 0 {
 		c.failf("diloco.warmup_steps", "%d is negative", o.WarmupSteps)
+	}
+	if p.Replicas > 1 && innerOK && s.CheckpointInterval > 0 && s.CheckpointInterval%o.InnerSteps != 0 {
+		c.failf("checkpoint_interval", "%d is not a multiple of diloco.inner_steps %d: with replicas, checkpoints are taken right after an outer step",
+			s.CheckpointInterval, o.InnerSteps)
 	}
 	if p.Replicas > 1 && innerOK && s.EvalInterval > 0 && s.EvalInterval%o.InnerSteps != 0 {
 		// Validation is taken on the global weights, which exist right after an outer step.

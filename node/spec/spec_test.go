@@ -128,6 +128,7 @@ func TestExamplesParseAndValidate(t *testing.T) {
 	}
 	tiny := Spec{
 		Name: "tiny", Seed: 1, EvalInterval: 200, EvalBatches: DefaultEvalBatches, Export: ExportAllowed,
+		CheckpointSeconds: DefaultCheckpointSeconds,
 		Model: Model{Vocab: 256, DModel: 128, NLayers: 4, NHeads: 4, DFF: 352, SeqLen: 128,
 			RopeTheta: 10000, NormEps: 1e-5, Precision: "fp32"},
 		Pipeline: Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, PauseTimeout: 600, Replicas: 1},
@@ -230,7 +231,7 @@ func TestEnsureDefaultsFillsZeroFieldsOfGoSpec(t *testing.T) {
 	s := &Spec{Train: Train{LR: 0.01}}
 	s.EnsureDefaults()
 	want := Spec{
-		EvalBatches: DefaultEvalBatches, Export: ExportNever,
+		EvalBatches: DefaultEvalBatches, Export: ExportNever, CheckpointSeconds: DefaultCheckpointSeconds,
 		Model:       Model{Vocab: 256, RopeTheta: 10000, NormEps: 1e-5, Precision: "fp32"},
 		Pipeline:    Pipeline{Stages: 1, MicroBatches: 1, StaffTimeout: 60, PauseTimeout: 600, Replicas: 1},
 		Train:       Train{LR: 0.01, MinLR: 0.001, WeightDecay: 0.1, GradClip: 1, Beta1: 0.9, Beta2: 0.95},
@@ -413,7 +414,7 @@ func TestUnknownFieldNamesLineSectionAndKnownFields(t *testing.T) {
 	}
 
 	_, err = Parse([]byte("nmae: x\n"+base), "t.yaml")
-	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, eval_batches, export, model, pipeline, train, data, compression, diloco)`; err == nil || err.Error() != want {
+	if want := `t.yaml:1: unknown field "nmae" (known: name, seed, eval_interval, eval_batches, checkpoint_interval, checkpoint_seconds, export, model, pipeline, train, data, compression, diloco)`; err == nil || err.Error() != want {
 		t.Errorf("error:\n%v\nwant:\n%s", err, want)
 	}
 }
@@ -719,5 +720,36 @@ func TestEvalBatchesAndExportDefaultsAndValidation(t *testing.T) {
 		if _, err := Parse(top(tc.extra), "t.yaml"); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%q: error %v, want %q", tc.extra, err, tc.want)
 		}
+	}
+}
+
+// The checkpoint rules are checked where they are written, and with replicas a count
+// must fall on outer steps.
+func TestCheckpointFieldsAreValidatedAtTheirLines(t *testing.T) {
+	line := strings.Count(base, "\n") + 1
+	for _, tc := range []struct{ add, want string }{
+		{"checkpoint_interval: -5", fmt.Sprintf("t.yaml:%d: checkpoint_interval: -5 is negative; 0 checkpoints by time only (checkpoint_seconds)", line)},
+		{"checkpoint_seconds: -1", fmt.Sprintf("t.yaml:%d: checkpoint_seconds: -1 is negative; 0 checkpoints by step count only (checkpoint_interval)", line)},
+	} {
+		_, err := Parse([]byte(base+tc.add+"\n"), "t.yaml")
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s: error %v, want %q", tc.add, err, tc.want)
+		}
+	}
+	src, _ := edit(t, "pipeline.replicas", "2")
+	src = []byte(strings.Replace(string(src), "eval_interval: 100", "eval_interval: 90", 1) + "checkpoint_interval: 50\n")
+	want := fmt.Sprintf("t.yaml:%d: checkpoint_interval: 50 is not a multiple of diloco.inner_steps 30", line)
+	if _, err := Parse(src, "t.yaml"); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("replicas with checkpoint_interval 50: error %v, want %q", err, want)
+	}
+	s, err := Parse([]byte(base), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.CheckpointInterval != 0 || s.CheckpointSeconds != DefaultCheckpointSeconds {
+		t.Errorf("defaults: checkpoint_interval %d, checkpoint_seconds %d; want 0 and %d", s.CheckpointInterval, s.CheckpointSeconds, DefaultCheckpointSeconds)
+	}
+	if s, err = Parse([]byte(base+"checkpoint_seconds: 0\n"), "t.yaml"); err != nil || s.CheckpointSeconds != 0 {
+		t.Errorf("checkpoint_seconds: 0 became %v (%v); 0 turns the time rule off", s, err)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
@@ -274,6 +275,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		res.Steps, res.Tokens, first = from.done, from.tokens, from.done+1
 		log.Info("resuming", "after_step", from.done, "tokens", from.tokens, "dir", o.OutDir)
 	}
+	ck := core.Checkpoints{Interval: sp.CheckpointInterval, Last: sp.Train.Steps}
+	ckEvery, lastCk := time.Duration(sp.CheckpointSeconds)*time.Second, now()
 	for step := first; step <= sp.Train.Steps; step++ {
 		if err := ctx.Err(); err != nil {
 			log.Info("interrupted; writing checkpoint", "step", step-1)
@@ -350,8 +353,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		plotRec := recs[0]
 		plotRec.Loss, plotRec.Replica = mean, nil
 		history = append(history, plotRec)
-		if recs[0].ValLoss != nil && step != sp.Train.Steps {
-			// A checkpoint at every evaluation bounds what a crash can lose.
+		// Checkpoints by count at the steps a launched run's stages take them, and by
+		// time since the last one, bound what a crash can lose (the last step's is
+		// written below).
+		if ck.Due(step) || (ckEvery > 0 && step != sp.Train.Steps && now().Sub(lastCk) >= ckEvery) {
+			lastCk = now()
 			if err := finish(step); err != nil {
 				return res, err
 			}

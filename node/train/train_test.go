@@ -3,6 +3,7 @@ package train
 import (
 	"context"
 	"errors"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -208,5 +209,26 @@ func TestEvalBatchesCapsEveryEvaluation(t *testing.T) {
 	}
 	if last := rows[len(rows)-1]; last.ValLoss == nil || *last.ValLoss != res.ValLoss {
 		t.Errorf("metrics.jsonl's last row has val_loss %v, want %v", last.ValLoss, res.ValLoss)
+	}
+}
+
+// train checkpoints every checkpoint_interval steps, apart from evaluation.
+func TestTrainCheckpointsEveryCheckpointInterval(t *testing.T) {
+	sp := testSpec(t, smallSpec+"checkpoint_interval: 3\ncheckpoint_seconds: 0\n")
+	sp.Train.Steps = 8
+	dir := t.TempDir()
+	seen := map[int]string{}
+	_, err := Run(context.Background(), Options{Spec: sp, OutDir: dir, OnStep: func(s metrics.Step) {
+		if m, err := shard.ReadCheckpointMetadata(filepath.Join(dir, CheckpointFile)); err == nil {
+			seen[s.Step] = m[MetaStep]
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// OnStep sees a step's row before its checkpoint is written.
+	want := map[int]string{4: "3", 5: "3", 6: "3", 7: "6", 8: "6"}
+	if !maps.Equal(seen, want) {
+		t.Errorf("checkpoint on disk at each step: %v, want %v", seen, want)
 	}
 }

@@ -1,0 +1,62 @@
+package core
+
+import (
+	"errors"
+	"slices"
+	"testing"
+	"time"
+)
+
+func TestCheckpointsAreDueEveryIntervalAndWhereOrdered(t *testing.T) {
+	c := Checkpoints{Interval: 5, Last: 20}
+	if err := c.Order(12, 10); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Order(10, 10); !errors.Is(err, ErrStale) {
+		t.Errorf("an order for a step done here: %v, want ErrStale", err)
+	}
+	var due []int
+	for s := range 21 {
+		if c.Due(s) {
+			due = append(due, s)
+		}
+	}
+	if want := []int{5, 10, 12, 15}; !slices.Equal(due, want) {
+		t.Errorf("due at %v, want %v (not 0, not the last step: the run's end is checkpointed anyway)", due, want)
+	}
+}
+
+// The time rule orders one step, ahead by the lead at the pace of the steps, aligned to
+// outer steps, and none again until that one is recorded and the time has passed.
+func TestCheckpointClockOrdersAStepAheadOnceTheTimeHasPassed(t *testing.T) {
+	k := CheckpointClock{Every: 10 * time.Second, Align: 4, Last: 1000, Lead: time.Second}
+	sec := func(s int) time.Duration { return time.Duration(s) * time.Second }
+	if _, ok := k.Recorded(3, sec(9), 100*time.Millisecond); ok {
+		t.Error("ordered before the time passed")
+	}
+	at, ok := k.Recorded(90, sec(10), 100*time.Millisecond)
+	// 90 + 2 + 1 s / 100 ms = 102, rounded up to a multiple of 4.
+	if !ok || at != 104 {
+		t.Fatalf("ordered %d (%v), want 104", at, ok)
+	}
+	if _, ok := k.Recorded(100, sec(30), 100*time.Millisecond); ok {
+		t.Error("ordered again before the pending one was recorded")
+	}
+	if _, ok := k.Recorded(104, sec(31), 100*time.Millisecond); ok {
+		t.Error("ordered again as the last one was recorded")
+	}
+	if at, ok := k.Recorded(200, sec(41), time.Second); !ok || at != 204 {
+		t.Errorf("next order %d (%v), want 204", at, ok)
+	}
+	end := CheckpointClock{Every: time.Second, Last: 50, Align: 1, Lead: time.Second}
+	if at, ok := end.Recorded(47, sec(5), time.Second); ok {
+		t.Errorf("ordered step %d at the run's end, which is checkpointed anyway", at)
+	}
+	count := CheckpointClock{Every: time.Second, Interval: 10, Last: 100, Align: 1}
+	if at, ok := count.Recorded(18, sec(5), time.Second); ok {
+		t.Errorf("ordered step %d though the count rule checkpoints step 20", at)
+	}
+	if _, ok := (&CheckpointClock{Last: 100}).Recorded(50, sec(1e4), time.Second); ok {
+		t.Error("ordered with no time rule")
+	}
+}
