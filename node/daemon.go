@@ -762,7 +762,7 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 			return ctlReply{Error: err.Error()}
 		}
 		return ctlReply{OK: true}
-	case msgStart, msgAbort, msgIdle, msgReplace, msgNorm:
+	case msgStart, msgAbort, msgIdle, msgReplace, msgNorm, msgCheckpoint, msgRecorded, msgStopAt:
 	default:
 		err := fmt.Errorf("%w: unknown control message %q", p2p.ErrBadMsg, m.Type)
 		d.offence(from, err)

@@ -457,7 +457,7 @@ func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
 		t.Skip("starts processes; skipped in -short mode")
 	}
 	dir := t.TempDir()
-	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, strings.Replace(pipeSpec, "stages: 4", "stages: 2", 1), 2)
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, strings.NewReplacer("stages: 4", "stages: 2", "eval_interval: 3\n", "eval_interval: 3\ncheckpoint_interval: 3\n").Replace(pipeSpec), 2)
 	out := filepath.Join(dir, "orphaned")
 	launcher := exec.Command(os.Args[0], append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet", "--steps", "100000"}, peerArgs...)...)
 	launcher.Env = append(os.Environ(), "PIPESWARM_AS_CLI=1")
@@ -474,7 +474,7 @@ func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	// Every stage, not only the first, checkpoints at the evaluation steps (every 3rd).
+	// Every stage, not only the first, checkpoints at the checkpoint steps (every 3rd).
 	for i, n := range nodes {
 		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 			if ck, _ := filepath.Glob(filepath.Join(n.dir, "runs", "*", fmt.Sprintf("stage-%d.safetensors", i))); len(ck) == 1 {
