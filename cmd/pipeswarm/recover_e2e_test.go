@@ -106,7 +106,7 @@ func TestNodeKilledAfterATimedCheckpointResumesFromIt(t *testing.T) {
 	ready := func(out string, n *nodeProc) {
 		deadline := time.Now().Add(60 * time.Second)
 		for {
-			if ck, _ := filepath.Glob(filepath.Join(n.dir, "runs", "*", "stage-1.safetensors")); len(ck) == 2 { // the earlier run's and this one's
+			if ck, _ := filepath.Glob(filepath.Join(n.dir, "runs", "*", "stage-1.state.safetensors")); len(ck) == 2 { // the earlier run's and this one's (the state is written last)
 				break
 			}
 			if time.Now().After(deadline) {
