@@ -157,13 +157,13 @@ func (r *LaunchResult) UnmarshalJSON(b []byte) error {
 
 // Pause is one stop of a launched run for want of a live node for some stage.
 type Pause struct {
-	Why       string  `json:"why"`        // the failure that paused it, naming the stage and peer
-	Recorded  int     `json:"recorded"`   // the last step recorded before it stopped
-	ResumedAt int     `json:"resumed_at"` // the step every stage had checkpointed, which it went on from; 0 if it did not
+	Why       string `json:"why"`        // the failure that paused it, naming the stage and peer
+	Recorded  int    `json:"recorded"`   // the last step recorded before it stopped
+	ResumedAt int    `json:"resumed_at"` // the step every stage had checkpointed, which it went on from; 0 if it did not
 	// Restarted: no step had a checkpoint of every stage, and the run started again
 	// from its beginning (ResumedAt 0).
-	Restarted bool `json:"restarted,omitempty"`
-	WaitedS   float64 `json:"waited_s"`   // from the stop until the run was going again (or given up)
+	Restarted bool    `json:"restarted,omitempty"`
+	WaitedS   float64 `json:"waited_s"` // from the stop until the run was going again (or given up)
 }
 
 // Launch staffs sp's stages with the given peers, sends each a signed plan, starts

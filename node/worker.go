@@ -114,8 +114,8 @@ type worker struct {
 	started   chan struct{} // closed when the loop starts
 	idle      chan struct{} // closed when the compute goroutine has returned
 	ck        core.Checkpoints
-	stepped   bool          // an optimiser step has been taken: there is something to keep
-	doneStep  int           // the last step whose optimiser step has run
+	stepped   bool // an optimiser step has been taken: there is something to keep
+	doneStep  int  // the last step whose optimiser step has run
 
 	// What a checkpoint needs of the last step done besides the parameters and the
 	// optimiser state: taken at StepDone, because by the time a stopped stage writes
