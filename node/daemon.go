@@ -229,6 +229,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 	h.Handle(p2p.ProtoControl, d.handleControl)
 	h.Handle(p2p.ProtoActivation, d.handleFrames(p2p.ProtoActivation))
 	h.Handle(p2p.ProtoGradient, d.handleFrames(p2p.ProtoGradient))
+	h.Handle(p2p.ProtoWeights, d.handleWeights)
 	if err := dir.WriteAddrs(h.Addrs()); err != nil {
 		d.Close()
 		return nil, err

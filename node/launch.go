@@ -121,6 +121,12 @@ type LaunchResult struct {
 	Times []StageTime `json:"times"`
 	// Penalties: the protocol violations and bans the launcher's host recorded.
 	Penalties p2p.PenaltyStats `json:"penalties"`
+	// Model is the model assembled from the stages' final weights, of a run whose spec
+	// says export: allowed (see Export); nil if it was not, and ExportError says why.
+	Model       *ExportResult `json:"model,omitempty"`
+	ExportError string        `json:"export_error,omitempty"`
+
+	cells []assign.Assignment // the run's cells as it ended
 }
 
 // launchResultJSON is LaunchResult as result.json has it: the run ID in hex and the
@@ -284,7 +290,39 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 		res.Repaired += repaired
 		res.Pauses = pauses
 	}
-	return share(res), err
+	res = share(res)
+	if err == nil && res != nil && o.Spec.Export == spec.ExportAllowed {
+		// The stages' final weights, from the nodes that trained them.
+		var ids []peer.ID
+		for _, a := range res.cells {
+			if id, derr := peer.Decode(a.Peer); derr == nil && !slices.Contains(ids, id) {
+				ids = append(ids, id)
+			}
+		}
+		m, xerr := collect(ctx, h, calls, o.Spec, res.RunID, ids, o.OutDir, log)
+		if xerr != nil {
+			res.ExportError = xerr.Error()
+			log.Warn("model not assembled", "err", xerr)
+		}
+		res.Model = m
+		if werr := writeResult(o.OutDir, res); werr != nil {
+			log.Warn("no "+ResultFile, "err", werr)
+		}
+	}
+	return res, err
+}
+
+// writeResult writes res as JSON into dir's ResultFile, for tools that run launch as
+// a process (the WAN bench's netns mode).
+func writeResult(dir string, res *LaunchResult) error {
+	b, err := json.MarshalIndent(res, "", "  ")
+	if err == nil {
+		err = os.WriteFile(filepath.Join(dir, ResultFile), b, 0o644)
+	}
+	if err != nil {
+		return fmt.Errorf("launch: %w", err)
+	}
+	return nil
 }
 
 // launchOnce is one part of a launched run, from staffing to the run's end or the
@@ -756,11 +794,11 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 	if res != nil {
 		res.Repaired = repairedN
 		res.Penalties = h.Penalties().Stats()
-		// For tools that run launch as a process (the WAN bench's netns mode).
-		if b, jerr := json.MarshalIndent(res, "", "  "); jerr == nil {
-			if werr := os.WriteFile(filepath.Join(o.OutDir, ResultFile), b, 0o644); werr != nil && err == nil {
-				err = fmt.Errorf("launch: %w", werr)
-			}
+		cellsMu.Lock()
+		res.cells = slices.Clone(plan.Stages)
+		cellsMu.Unlock()
+		if werr := writeResult(o.OutDir, res); werr != nil && err == nil {
+			err = werr
 		}
 	}
 	return res, err

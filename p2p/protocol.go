@@ -11,6 +11,9 @@ const (
 	ProtoActivation protocol.ID = "/pipeswarm/act/2"
 	// ProtoGradient carries tensor frames in the backward direction.
 	ProtoGradient protocol.ID = "/pipeswarm/grad/2"
+	// ProtoWeights carries a stage's checkpoint of a run to the run's launcher, to
+	// assemble the model: a JSON request and reply (WriteMsg), then the checkpoint file.
+	ProtoWeights protocol.ID = "/pipeswarm/weights/1"
 )
 
 // Gossipsub topics. They carry control traffic only, never tensors.

@@ -25,6 +25,7 @@ var commands = []command{
 	{"eval", "print the validation loss of a checkpoint", runEval},
 	{"node", "run a node: hold and train pipeline stages for trusted launchers", runNode},
 	{"launch", "staff, start and watch a pipelined run across nodes", runLaunch},
+	{"export", "assemble a launched run's model from its nodes' checkpoints", runExport},
 	{"status", "show what a running node is doing: peers, runs, loss, traffic, warnings", runStatus},
 	{"keygen", "make a launcher key and print its peer ID", runKeygen},
 	{"bench", "benchmarks: 'bench compression' (boundary codecs), 'bench wan' (a swarm behind emulated internet links)", runBench},

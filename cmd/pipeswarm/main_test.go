@@ -115,14 +115,14 @@ func TestVersionNamesGEMMProvidersAndProtocols(t *testing.T) {
 	if code != 0 {
 		t.Fatalf("version exited %d: %s", code, stderr)
 	}
-	for _, want := range []string{"go1.", "gemm", "go        pipeswarm Go kernels", "/pipeswarm/reduce/1", "/pipeswarm/data/1"} {
+	for _, want := range []string{"go1.", "gemm", "go        pipeswarm Go kernels", "/pipeswarm/reduce/1", "/pipeswarm/data/1", "/pipeswarm/weights/1"} {
 		if !strings.Contains(stdout, want) {
 			t.Errorf("version output lacks %q:\n%s", want, stdout)
 		}
 	}
 	code, stdout, _ = runCLI(t, "version", "--json")
 	var v build.Info
-	if code != 0 || json.Unmarshal([]byte(stdout), &v) != nil || v.Go == "" || v.GEMM == "" || len(v.Providers) != 3 || len(v.Protocols) != 5 {
+	if code != 0 || json.Unmarshal([]byte(stdout), &v) != nil || v.Go == "" || v.GEMM == "" || len(v.Providers) != 3 || len(v.Protocols) != 6 {
 		t.Errorf("version --json: exit %d, %q", code, stdout)
 	}
 }

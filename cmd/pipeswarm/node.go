@@ -19,6 +19,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/datadir"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
@@ -128,6 +129,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	mdns := fs.Bool("mdns", false, "discover peers on the LAN with mDNS")
 	budget := fs.String("memory-budget", "", "memory this node may use for stages, e.g. 4GiB (overrides memory_budget)")
 	corpusPath := fs.String("corpus", "", "local copy of run text, used where it hashes the same as the launcher's (overrides corpus)")
+	exportConsent := fs.String("export", "", "allow or deny: whether a run's launcher may collect this node's stage weights to assemble the model, where the run's spec says export: allowed (overrides export; default allow)")
 	statusAddr := fs.String("status", "", "serve the status page and /metrics on host:port, e.g. 127.0.0.1:9090 or 127.0.0.1:0 (overrides status)")
 	verbose := fs.Bool("v", false, "debug logging (same as --log-level debug)")
 	logf := addLogFlags(fs, slog.LevelInfo)
@@ -182,6 +184,9 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	}
 	if *statusAddr != "" {
 		cfg.Status = *statusAddr
+	}
+	if *exportConsent != "" {
+		cfg.Export = *exportConsent // Validate names the flag if it is neither allow nor deny
 	}
 	if *onlyBackend != "" {
 		cfg.Backends = []string{*onlyBackend}
@@ -256,7 +261,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	// Every backend of this build computes on the CPU; a GPU owner should know.
 	log.Info("CPU only: this build has no GPU backend", "compute_threads", compute.Workers())
 	log.Info("node running", "precisions", cfg.Precisions(), "compute_threads", compute.Workers(), "data_dir", cfg.DataDir, "trust", len(cfg.Trust), "open", cfg.Open,
-		"memory_budget", cfg.MemoryBudget, "keep_runs", cfg.KeepRuns)
+		"memory_budget", cfg.MemoryBudget, "keep_runs", cfg.KeepRuns, "export", cfg.Export)
 	err = d.Run(ctx)
 	log.Info("node stopped")
 	return err
@@ -272,7 +277,10 @@ each outer step's sync time, bytes and weight hash. The launcher reads the train
 text (--data or data.path, else the built-in corpus) and serves each first stage the
 shard it trains on over libp2p; nodes verify it by sha256 and cache it.
 Writes metrics.jsonl, spec.yaml and loss.png into DIR; each node keeps its own stage
-checkpoint and optimiser state. Exits 0 when the run has finished, non-zero with the
+checkpoint and optimiser state. Where the spec says export: allowed and every node
+consents (its export: allow, the default), the launcher then collects the stages'
+final weights into DIR/model.safetensors with config.json ('pipeswarm export' does it
+later); export: never, the default, keeps the weights on the nodes. Exits 0 when the run has finished, non-zero with the
 reason otherwise: a stage that fails, or replicas whose global weights differ. With
 replicas, a stage that dies or stalls stops only its replica pipeline. A stage left
 with no live node pauses the run, for up to pipeline.pause_timeout seconds (default
@@ -508,6 +516,15 @@ func printLaunchSummary(w io.Writer, sp *spec.Spec, res *node.LaunchResult, out 
 			fmt.Fprintf(w, "%s checkpoint: %s\n", cell, c)
 		}
 	}
+	switch {
+	case res.Model != nil:
+		fmt.Fprintf(w, "model of step %d: %s and %s (pipeswarm eval --checkpoint %s)\n", res.Model.Step, res.Model.Model, res.Model.Config, out)
+	case res.ExportError != "":
+		fmt.Fprintf(w, "model not assembled: %s\n", res.ExportError)
+	case sp.Export == spec.ExportNever && res.Steps == sp.Train.Steps:
+		fmt.Fprintf(w, "model not assembled: the spec says export: never, so its weights stay on the nodes that trained them (export: allowed has launch collect them into %s)\n",
+			filepath.Join(out, train.CheckpointFile))
+	}
 	fmt.Fprintf(w, "wrote %s\n", out)
 }
 
@@ -549,6 +566,58 @@ func shellQuote(s string) string {
 		return s
 	}
 	return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'"
+}
+
+func runExport(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := newFlagSet("export", "export RUN_DIR --key FILE --peer MULTIADDR...", `
+Assemble the model of a launched run from its nodes' checkpoints into
+RUN_DIR/model.safetensors (Llama tensor names, as train writes it) with config.json,
+as launch does at the end of a run whose spec says export: allowed: after an
+interrupted run, or once a node that refused has consented. It asks the --peer nodes
+which checkpoints of the run (RUN_DIR/run.json) they hold and takes every stage's of
+the newest step they all have; with replicas, replica 0's (after the run's last outer
+step every replica holds the global weights, and another replica's stands in for it).
+A node gives its weights only to the run's launcher, so --key must be the key the
+run was launched with; only where the run's spec says export: allowed and the node
+consents (its config's export: allow, the default; --export on the node).`, stderr)
+	keyPath := fs.String("key", "", "the launcher key the run was launched with (required)")
+	var peers multiFlag
+	fs.Var(&peers, "peer", "multiaddr (with /p2p/ID) of a node that holds stages of the run, repeatable; or a file of them (a node's DIR/addrs)")
+	logf := addLogFlags(fs, slog.LevelWarn)
+	pos, err := parse(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 {
+		fmt.Fprintln(stderr, "pipeswarm export: one RUN_DIR is required")
+		fs.Usage()
+		return errUsage
+	}
+	if *keyPath == "" {
+		fmt.Fprintln(stderr, "pipeswarm export: --key FILE is required (the launcher key the run was launched with)")
+		return errUsage
+	}
+	log, err := logf.logger(stderr, stderr, "export")
+	if err != nil {
+		return err
+	}
+	key, err := p2p.LoadKey(*keyPath)
+	if err != nil {
+		return err
+	}
+	addrs, err := peerAddrs(peers)
+	if err != nil {
+		return err
+	}
+	res, err := node.Export(ctx, node.ExportOptions{Key: key, Peers: addrs, RunDir: pos[0], Log: log.With("sys", "export")})
+	if err != nil {
+		return err
+	}
+	for _, f := range res.From {
+		fmt.Fprintln(stdout, f)
+	}
+	fmt.Fprintf(stdout, "model of step %d: %s and %s (pipeswarm eval --checkpoint %s)\n", res.Step, res.Model, res.Config, pos[0])
+	return nil
 }
 
 // peerAddrs expands --peer values: a node's full address, or a node's addrs file

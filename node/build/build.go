@@ -63,7 +63,7 @@ func Read() Info {
 
 // Protocols are the stream protocols a node speaks, in a fixed order.
 func Protocols() []string {
-	return []string{string(p2p.ProtoControl), string(p2p.ProtoActivation), string(p2p.ProtoGradient), string(reduce.Proto), string(corpus.Proto)}
+	return []string{string(p2p.ProtoControl), string(p2p.ProtoActivation), string(p2p.ProtoGradient), string(p2p.ProtoWeights), string(reduce.Proto), string(corpus.Proto)}
 }
 
 // Short is the version and, when known, the first 12 digits of the commit, with a

@@ -59,6 +59,10 @@ type Config struct {
 	MemoryBudget string `yaml:"memory_budget"`
 	// MaxStages is how many stages this node may hold at once. Default 1.
 	MaxStages int `yaml:"max_stages"`
+	// Export says whether this node lets the launcher of a run it trained collect the
+	// weights of its stage, to assemble the model, where the run's spec says export:
+	// allowed: "allow" (the default) or "deny".
+	Export string `yaml:"export"`
 	// Backends lists the compute backends this node runs stages on, cpu32 (fp32) and
 	// bf16; its offers advertise their precisions. Default: every backend this binary
 	// and CPU can run (an empty list).
@@ -127,6 +131,12 @@ const DefaultKeepRuns = 5
 // TrustPlaceholder stands in the example config where a launcher's peer ID goes;
 // Validate explains it rather than calling it a bad peer ID.
 const TrustPlaceholder = "LAUNCHER_PEER_ID"
+
+// Values of Export.
+const (
+	ExportAllow = "allow"
+	ExportDeny  = "deny"
+)
 
 // DefaultMemoryBudget is the memory budget of a node whose config names none.
 const DefaultMemoryBudget = "4GiB"
@@ -221,6 +231,9 @@ func (c *Config) EnsureDefaults() {
 	if c.KeepRuns == 0 && !c.src.written("keep_runs") {
 		c.KeepRuns = DefaultKeepRuns
 	}
+	if c.Export == "" && !c.src.written("export") {
+		c.Export = ExportAllow
+	}
 	if c.Announce == nil {
 		c.Announce = []string{}
 	}
@@ -313,6 +326,10 @@ func (c *Config) Validate() error {
 			v.failf("gemm", "%v", err) // says what to install
 		}
 	}
+	// A config built in code may leave it out: the zero value allows, as the default does.
+	if c.Export != "" && c.Export != ExportAllow && c.Export != ExportDeny {
+		v.failf("export", "%q is not %s or %s", c.Export, ExportAllow, ExportDeny)
+	}
 	for i, name := range c.Backends {
 		if _, err := backend.OpenWith(name, cmp.Or(c.GEMM, "auto")); err != nil {
 			v.item("backends", i, "%v", err) // says what to install
@@ -342,6 +359,10 @@ func (c *Config) Validate() error {
 	}
 	return errors.Join(v.errs...)
 }
+
+// ExportAllowed reports whether the node consents to its stages' weights being
+// collected by their runs' launchers (export: allow, the default).
+func (c *Config) ExportAllowed() bool { return c.Export != ExportDeny }
 
 // RelayLimits are the limits of one relayed connection through this node, or the
 // defaults where the config's do not parse (Validate reports that).
@@ -420,7 +441,7 @@ func (v *checker) at(field string, line int, format string, args ...any) {
 var flagOf = map[string]string{
 	"data_dir": "--data-dir", "listen": "--listen", "bootstrap": "--bootstrap", "trust": "--trust", "open": "--open",
 	"mdns": "--mdns", "memory_budget": "--memory-budget", "backends": "--backend", "corpus": "--corpus",
-	"status": "--status", "announce": "--announce", "relay": "--relay", "keep_runs": "--keep-runs",
+	"status": "--status", "announce": "--announce", "relay": "--relay", "keep_runs": "--keep-runs", "export": "--export",
 }
 
 // checkHostPort checks a TCP listen address: host:port with an IP address (or

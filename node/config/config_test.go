@@ -69,6 +69,7 @@ func TestParseReadsEveryField(t *testing.T) {
 		Trust:            []string{launcher},
 		MemoryBudget:     "12GiB",
 		MaxStages:        2,
+		Export:           ExportAllow,
 		Backends:         []string{},
 		GEMM:             "go",
 		Announce:         []string{"/ip4/203.0.113.7/tcp/4001"},
@@ -276,7 +277,7 @@ func TestOpenAcceptsAnyLauncherWithoutTrust(t *testing.T) {
 
 func TestUnknownFieldIsADecodeErrorWithItsLine(t *testing.T) {
 	_, err := Parse([]byte("data_dir: d\nopen: true\nmemory: 4GiB\n"), "n.yaml")
-	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, backends, gemm, corpus, status, keep_runs, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
+	want := `n.yaml:3: unknown field "memory" (known: data_dir, listen, bootstrap, mdns, trust, open, memory_budget, max_stages, export, backends, gemm, corpus, status, keep_runs, announce, port_map, relays, relay, relay_max_duration, relay_max_data)`
 	if !errors.Is(err, ErrDecode) || !errors.Is(err, spec.ErrDecode) || err.Error() != want {
 		t.Errorf("error = %v\nwant %q", err, want)
 	}
@@ -355,7 +356,7 @@ func TestExampleNodeConfigParses(t *testing.T) {
 				continue
 			}
 			want := Config{DataDir: "./node-data", Listen: DefaultListen(), Bootstrap: []string{}, KeepRuns: 5,
-				Trust: []string{launcher}, Open: false, MemoryBudget: "4GiB", MaxStages: 1, Backends: []string{}, GEMM: "auto",
+				Trust: []string{launcher}, Open: false, MemoryBudget: "4GiB", MaxStages: 1, Export: ExportAllow, Backends: []string{}, GEMM: "auto",
 				Announce: []string{}, PortMap: true, Relays: []string{}, RelayMaxDuration: "24h", RelayMaxData: "64GiB"}
 			if !reflect.DeepEqual(fields(c), want) {
 				t.Errorf("examples/node.yaml = %+v\nwant %+v", fields(c), want)
@@ -383,5 +384,19 @@ func TestStatusAcceptsHostPortWithPortZeroAndIsOffByDefault(t *testing.T) {
 		if c := mustParse(t, "data_dir: d\nopen: true\nstatus: \""+addr+"\"\n"); c.Status != addr {
 			t.Errorf("status %q parsed as %q", addr, c.Status)
 		}
+	}
+}
+
+func TestExportConsentDefaultsToAllowAndIsChecked(t *testing.T) {
+	c, err := Parse([]byte("data_dir: d\nopen: true\n"), "n.yaml")
+	if err != nil || c.Export != ExportAllow || !c.ExportAllowed() {
+		t.Fatalf("unset export: %+v, %v; want allow", c, err)
+	}
+	if c, err = Parse([]byte("data_dir: d\nopen: true\nexport: deny\n"), "n.yaml"); err != nil || c.ExportAllowed() {
+		t.Fatalf("export: deny: %+v, %v; want a node that does not consent", c, err)
+	}
+	_, err = Parse([]byte("data_dir: d\nopen: true\nexport: yes\n"), "n.yaml")
+	if want := `n.yaml:3: export: "yes" is not allow or deny`; err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("export: yes: %v; want %q", err, want)
 	}
 }

@@ -1,0 +1,397 @@
+package node
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// Export assembles a launched run's model from its stages. A node hands a stage's
+// checkpoint of a run over p2p.ProtoWeights only to that run's launcher (the peer ID
+// that signed its plan, as the connection proves it), only where the run's spec says
+// export: allowed and only if the node consents (its config's export: allow). The
+// launcher checks each checkpoint against the run's spec and the stage's layout, and
+// writes model.safetensors (Llama tensor names, as train writes it) and config.json.
+//
+// With replicas, a run ends with an outer step, after which every replica of a stage
+// holds the stage's global weights: the DiLoCo model. Replica 0's checkpoint is taken,
+// or at that last step another replica's where replica 0's is not to be had.
+
+// ErrExportRefused is wrapped by the error of an export a node or the spec refused.
+var ErrExportRefused = errors.New("export refused")
+
+// exportErr is an export that failed for want of a stage's weights; refused if a
+// node said no.
+type exportErr struct {
+	msg     string
+	refused bool
+}
+
+func (e *exportErr) Error() string { return e.msg }
+func (e *exportErr) Unwrap() error {
+	if e.refused {
+		return ErrExportRefused
+	}
+	return nil
+}
+
+// weightsReq asks a node for its checkpoint of a cell of a run at a step.
+type weightsReq struct {
+	Run     uint64 `json:"run"`
+	Stage   int    `json:"stage"`
+	Replica int    `json:"replica"`
+	Step    int    `json:"step"`
+}
+
+// weightsReply answers a weightsReq; with OK, Bytes bytes of the checkpoint file follow.
+type weightsReply struct {
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+	Bytes int64  `json:"bytes,omitempty"`
+}
+
+// maxWeightsMsg bounds the request and the reply on p2p.ProtoWeights.
+const maxWeightsMsg = 4 << 10
+
+// handleWeights serves p2p.ProtoWeights: one request, one reply, then the file.
+func (d *Daemon) handleWeights(s network.Stream) {
+	defer s.Close()
+	from := s.Conn().RemotePeer()
+	_ = s.SetReadDeadline(time.Now().Add(wireWindow(d.host, from)))
+	var req weightsReq
+	if err := p2p.ReadMsg(s, &req, maxWeightsMsg); err != nil {
+		d.penalise(s, from, err)
+		return
+	}
+	path, size, err := d.weightsFor(from, req)
+	reply := weightsReply{OK: err == nil, Bytes: size}
+	if err != nil {
+		reply.Error = err.Error()
+		d.log.Warn("stage weights not given", "peer", from, "run", fmt.Sprintf("%016x", req.Run), "stage", req.Stage, "replica", req.Replica, "err", err)
+	}
+	// The file at a link's slowest plausible rate, 256 KiB/s, on top of the usual window.
+	_ = s.SetWriteDeadline(time.Now().Add(wireWindow(d.host, from) + time.Duration(size>>18)*time.Second))
+	if err := p2p.WriteMsg(s, reply); err != nil || !reply.OK {
+		return
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		s.Reset()
+		return
+	}
+	defer f.Close()
+	if n, err := io.Copy(s, io.LimitReader(f, size)); err != nil || n != size {
+		d.log.Warn("stage weights cut short", "peer", from, "path", path, "sent", n, "err", err)
+		s.Reset()
+		return
+	}
+	d.log.Info("stage weights given to the run's launcher for export", "run", fmt.Sprintf("%016x", req.Run), "stage", req.Stage,
+		"replica", req.Replica, "step", req.Step, "bytes", size)
+}
+
+// weightsFor checks a request for a cell's weights and finds the checkpoint file: the
+// node's consent, the run's launcher, the run's spec.
+func (d *Daemon) weightsFor(from peer.ID, req weightsReq) (string, int64, error) {
+	if req.Run == 0 || req.Stage < 0 || req.Replica < 0 || req.Step < 1 {
+		return "", 0, fmt.Errorf("bad request: run %016x stage %d replica %d step %d", req.Run, req.Stage, req.Replica, req.Step)
+	}
+	runDir := d.dir.RunDir(fmt.Sprintf("%016x", req.Run))
+	b, err := os.ReadFile(filepath.Join(runDir, launcherFile))
+	if err != nil {
+		return "", 0, fmt.Errorf("no run %016x here", req.Run)
+	}
+	var rec launcherRecord
+	if err := json.Unmarshal(b, &rec); err != nil {
+		return "", 0, fmt.Errorf("run %016x: unreadable launcher record: %w", req.Run, err)
+	}
+	if from.String() != rec.Launcher {
+		return "", 0, fmt.Errorf("%w: only the run's launcher %s may collect its weights, not %s", ErrExportRefused, rec.Launcher, from)
+	}
+	if !d.cfg.ExportAllowed() {
+		return "", 0, fmt.Errorf("%w: this node's config says export: deny (its owner can set export: allow in its config, or start it with --export allow)",
+			ErrExportRefused)
+	}
+	for _, replicas := range []int{1, 2} { // stage-N, else stage-N-replica-R
+		if replicas == 1 && req.Replica != 0 {
+			continue
+		}
+		for _, p := range stagePairs(runDir, stageBase(req.Stage, req.Replica, replicas)) {
+			meta, err := shard.ReadCheckpointMetadata(p.weights)
+			if err != nil || meta[train.MetaStep] != strconv.Itoa(req.Step) {
+				continue
+			}
+			sp, err := spec.Parse([]byte(meta[train.MetaSpec]), "checkpoint spec")
+			if err != nil {
+				return "", 0, fmt.Errorf("%s: %w", p.weights, err)
+			}
+			if sp.Export != spec.ExportAllowed {
+				return "", 0, fmt.Errorf("%w: run %016x's spec says export: %s: its weights stay on the nodes that trained them", ErrExportRefused, req.Run, sp.Export)
+			}
+			st, err := os.Stat(p.weights)
+			if err != nil {
+				return "", 0, err
+			}
+			return p.weights, st.Size(), nil
+		}
+	}
+	return "", 0, fmt.Errorf("no checkpoint of stage %d replica %d of run %016x at step %d here", req.Stage, req.Replica, req.Run, req.Step)
+}
+
+// ExportResult is an assembled model.
+type ExportResult struct {
+	Model  string `json:"model"`  // RUN_DIR/model.safetensors
+	Config string `json:"config"` // RUN_DIR/config.json
+	Step   int    `json:"step"`   // the step its weights are of
+	// From names, per stage, the node and replica whose checkpoint was taken.
+	From []string `json:"from"`
+}
+
+// ExportOptions configure Export.
+type ExportOptions struct {
+	Key    crypto.PrivKey // the run's launcher key
+	Peers  []string       // multiaddrs of the nodes that hold the run's stages
+	RunDir string         // the launched run's directory: spec.yaml, run.json; the model goes here
+	Log    *slog.Logger
+}
+
+// Export assembles, from the nodes' checkpoints, the model of the run launched into
+// o.RunDir, as of the newest step every stage holds.
+func Export(ctx context.Context, o ExportOptions) (*ExportResult, error) {
+	log := o.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	src, err := os.ReadFile(filepath.Join(o.RunDir, train.SpecFile))
+	if err != nil {
+		return nil, fmt.Errorf("export: %s is not a launched run's directory: %w", o.RunDir, err)
+	}
+	sp, err := spec.Parse(src, filepath.Join(o.RunDir, train.SpecFile))
+	if err != nil {
+		return nil, err
+	}
+	if sp.Export != spec.ExportAllowed {
+		return nil, fmt.Errorf("%w: %s says export: %s: the run is a protocol model, whose weights stay on the nodes that trained them (only a run whose spec says export: allowed can be exported)",
+			ErrExportRefused, filepath.Join(o.RunDir, train.SpecFile), sp.Export)
+	}
+	rec, err := readRunRecord(o.RunDir, sp)
+	if err != nil {
+		return nil, err
+	}
+	if len(o.Peers) == 0 {
+		return nil, errors.New("export: no peers given (--peer MULTIADDR of the nodes that hold the run's stages)")
+	}
+	h, err := p2p.NewHost(ctx, p2p.HostOptions{Key: o.Key, Log: log.With("sys", "p2p")})
+	if err != nil {
+		return nil, err
+	}
+	defer h.Close()
+	var ids []peer.ID
+	var problems []string
+	for _, a := range o.Peers {
+		id, err := h.Connect(ctx, a)
+		if err != nil {
+			problems = append(problems, err.Error())
+			continue
+		}
+		ids = append(ids, id)
+	}
+	if len(ids) == 0 {
+		return nil, fmt.Errorf("export: no node reachable: %s", strings.Join(problems, "; "))
+	}
+	calls := newCallClock(time.Duration(sp.Pipeline.StaffTimeout) * time.Second)
+	return collect(ctx, h, calls, sp, rec.id, ids, o.RunDir, log)
+}
+
+// collect asks the nodes ids which checkpoints of run they hold, picks the newest
+// step every stage has, fetches each stage's checkpoint of it and writes the model
+// into dir.
+func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, run uint64, ids []peer.ID, dir string, log *slog.Logger) (*ExportResult, error) {
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	type holder struct {
+		id      peer.ID
+		replica int
+	}
+	at := map[int]map[int][]holder{} // step → stage → holders, replica 0 first
+	for _, id := range ids {
+		r, err := call(ctx, h, calls, nil, id, ctlMsg{Type: msgOffer, Run: run, Spec: sp.String()})
+		if err != nil || !r.OK {
+			log.Warn("node did not say what it holds", "peer", id, "err", err)
+			continue
+		}
+		for _, hd := range r.Held {
+			if hd.Stage < 0 || hd.Stage >= S || hd.Replica < 0 || hd.Replica >= R {
+				continue
+			}
+			for _, step := range hd.Steps {
+				// Replicas agree only right after the run's last outer step: other
+				// replicas' weights stand in for replica 0's only at the final step.
+				if hd.Replica != 0 && step != sp.Train.Steps {
+					continue
+				}
+				if at[step] == nil {
+					at[step] = map[int][]holder{}
+				}
+				at[step][hd.Stage] = append(at[step][hd.Stage], holder{id, hd.Replica})
+			}
+		}
+	}
+	var steps []int
+	for step, byStage := range at {
+		if len(byStage) == S {
+			steps = append(steps, step)
+		}
+	}
+	if len(steps) == 0 {
+		var have []string
+		for s := range S {
+			n := 0
+			for _, byStage := range at {
+				n += len(byStage[s])
+			}
+			if n == 0 {
+				have = append(have, fmt.Sprintf("stage %d", s))
+			}
+		}
+		if len(have) > 0 {
+			return nil, fmt.Errorf("export: no checkpoint of run %016x for %s on the nodes given (pass the nodes that held them with --peer)", run, strings.Join(have, ", "))
+		}
+		return nil, fmt.Errorf("export: the nodes given hold checkpoints of run %016x, but of no step common to every stage", run)
+	}
+	step := slices.Max(steps)
+	be, err := train.Backend(sp)
+	if err != nil {
+		return nil, err
+	}
+	stages, err := shard.NewStages(train.ModelConfig(sp), S, shard.WithBackend(be))
+	if err != nil {
+		return nil, err
+	}
+	res := &ExportResult{Step: step}
+	for s := range S {
+		hs := at[step][s]
+		slices.SortStableFunc(hs, func(a, b holder) int { return a.replica - b.replica })
+		var refusals []string
+		got := false
+		for _, hd := range hs {
+			err := fetchWeights(ctx, h, hd.id, sp, weightsReq{Run: run, Stage: s, Replica: hd.replica, Step: step}, stages[s])
+			if err == nil {
+				from := fmt.Sprintf("stage %d from %s", s, hd.id)
+				if R > 1 {
+					from = fmt.Sprintf("stage %d from replica %d on %s", s, hd.replica, hd.id)
+				}
+				res.From = append(res.From, from)
+				got = true
+				break
+			}
+			refusals = append(refusals, fmt.Sprintf("%s on %s: %v", cellName(sp, cellAt(s, hd.replica)), hd.id, err))
+		}
+		if !got {
+			err := &exportErr{msg: "export: " + strings.Join(refusals, "; ")}
+			for _, r := range refusals {
+				err.refused = err.refused || strings.Contains(r, ErrExportRefused.Error())
+			}
+			return nil, err
+		}
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, fmt.Errorf("export: %w", err)
+	}
+	res.Model, res.Config = filepath.Join(dir, train.CheckpointFile), filepath.Join(dir, train.HFConfigFile)
+	meta := map[string]string{train.MetaSpec: sp.String(), train.MetaStep: strconv.Itoa(step)}
+	if err := shard.SaveCheckpoint(res.Model, meta, stages...); err != nil {
+		return nil, err
+	}
+	hf, err := shard.HFConfig(train.ModelConfig(sp))
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(res.Config, hf, 0o644); err != nil {
+		return nil, fmt.Errorf("export: %w", err)
+	}
+	log.Info("model assembled", "model", res.Model, "step", step, "from", res.From)
+	return res, nil
+}
+
+// fetchWeights asks id for its checkpoint of a cell and loads it into st after checking
+// it: at most the size the stage's layout gives, every tensor the stage owns with its
+// shape, finite values, and the run's spec and step in its metadata.
+func fetchWeights(ctx context.Context, h *p2p.Host, id peer.ID, sp *spec.Spec, req weightsReq, st *shard.Stage) error {
+	limit := 4*int64(len(st.Params)) + 1<<20 // the tensors, and a header with the spec
+	ctx, cancel := context.WithTimeout(ctx, callMargin+8*h.Peerstore().LatencyEWMA(id)+time.Duration(limit>>18)*time.Second)
+	defer cancel()
+	s, err := h.NewStream(p2p.AllowRelayed(ctx, "export"), id, p2p.ProtoWeights)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	if dl, ok := ctx.Deadline(); ok {
+		_ = s.SetDeadline(dl)
+	}
+	if err := p2p.WriteMsg(s, req); err != nil {
+		s.Reset()
+		return err
+	}
+	var r weightsReply
+	if err := p2p.ReadMsg(s, &r, maxWeightsMsg); err != nil {
+		s.Reset()
+		return fmt.Errorf("no reply: %w", err)
+	}
+	if !r.OK {
+		return errors.New(r.Error)
+	}
+	bad := func(format string, args ...any) error {
+		s.Reset()
+		err := fmt.Errorf("%w: stage weights: "+format, append([]any{p2p.ErrBadMsg}, args...)...)
+		h.Penalties().Add(id, err.Error())
+		return err
+	}
+	if r.Bytes <= 0 || r.Bytes > limit {
+		return bad("%d bytes, want at most %d for stage %d", r.Bytes, limit, req.Stage)
+	}
+	ck, err := shard.ReadCheckpoint(io.LimitReader(s, r.Bytes))
+	if err != nil {
+		return bad("%v", err)
+	}
+	switch {
+	case ck.Metadata[train.MetaSpec] != sp.String():
+		return bad("a checkpoint of another spec")
+	case ck.Metadata[train.MetaStep] != strconv.Itoa(req.Step):
+		return bad("a checkpoint of step %s, asked for %d", ck.Metadata[train.MetaStep], req.Step)
+	case ck.Metadata[metaStage] != strconv.Itoa(req.Stage):
+		return bad("a checkpoint of stage %s, asked for %d", ck.Metadata[metaStage], req.Stage)
+	}
+	for name, t := range ck.Tensors {
+		for _, v := range t.Data {
+			if math.IsNaN(float64(v)) || math.IsInf(float64(v), 0) {
+				return bad("tensor %s holds %g", name, v)
+			}
+		}
+	}
+	if err := st.Load(ck); err != nil {
+		return bad("%v", err)
+	}
+	return nil
+}
+
+// cellAt is the cell of stage s in replica pipeline r, for cellName.
+func cellAt(s, r int) assign.Assignment { return assign.Assignment{Stage: s, Replica: r} }
