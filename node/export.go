@@ -232,10 +232,14 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 		replica int
 	}
 	at := map[int]map[int][]holder{} // step → stage → holders, replica 0 first
+	var silent []string               // nodes that did not say what they hold, and why
 	for _, id := range ids {
 		r, err := call(ctx, h, calls, nil, id, ctlMsg{Type: msgOffer, Run: run, Spec: sp.String()})
-		if err != nil || !r.OK {
-			log.Warn("node did not say what it holds", "peer", id, "err", err)
+		if err == nil && !r.OK {
+			err = errors.New(r.Error)
+		}
+		if err != nil {
+			silent = append(silent, fmt.Sprintf("%s: %v", id, err))
 			continue
 		}
 		for _, hd := range r.Held {
@@ -272,8 +276,12 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 				have = append(have, fmt.Sprintf("stage %d", s))
 			}
 		}
+		why := ""
+		if len(silent) > 0 {
+			why = "; not answered: " + strings.Join(silent, "; ")
+		}
 		if len(have) > 0 {
-			return nil, fmt.Errorf("export: no checkpoint of run %016x for %s on the nodes given (pass the nodes that held them with --peer)", run, strings.Join(have, ", "))
+			return nil, fmt.Errorf("export: no checkpoint of run %016x for %s on the nodes given (pass the nodes that held them with --peer)%s", run, strings.Join(have, ", "), why)
 		}
 		return nil, fmt.Errorf("export: the nodes given hold checkpoints of run %016x, but of no step common to every stage", run)
 	}

@@ -131,12 +131,19 @@ func TestExportIsRefusedBySpecNeverAndByADenyingNode(t *testing.T) {
 		t.Skip("starts processes; skipped in -short mode")
 	}
 	dir := t.TempDir()
+	// Another launcher the nodes trust, but not the one of the runs below.
+	other := filepath.Join(dir, "other.key")
+	code, otherID, errs := runCLI(t, "keygen", "--out", other)
+	if code != 0 {
+		t.Fatal(errs)
+	}
 	twoStages := strings.Replace(pipeSpec, "stages: 4, micro_batches: 4, in_flight: 4", "stages: 2, micro_batches: 2", 1)
 	specPath, keyPath, nodes, peerArgs := startSwarmWith(t, dir, twoStages, 2, func(i int) []string {
+		args := []string{"--trust", strings.TrimSpace(otherID)}
 		if i == 1 {
-			return []string{"--export", "deny"}
+			args = append(args, "--export", "deny")
 		}
-		return nil
+		return args
 	})
 	// The spec leaves export out: never, the protocol-model default.
 	never := filepath.Join(dir, "never")
@@ -178,11 +185,7 @@ func TestExportIsRefusedBySpecNeverAndByADenyingNode(t *testing.T) {
 	if code == 0 || !strings.Contains(stderr, "stage 1 on "+denier+": export refused: this node's config says export: deny") {
 		t.Errorf("export with a denying node: exit %d, stderr %q", code, stderr)
 	}
-	// Only the run's launcher may collect: another key is refused by every node.
-	other := filepath.Join(dir, "other.key")
-	if code, _, stderr := runCLI(t, "keygen", "--out", other); code != 0 {
-		t.Fatal(stderr)
-	}
+	// Only the run's launcher may collect: another key, trusted or not, is refused.
 	code, _, stderr = runCLI(t, append([]string{"export", out, "--key", other}, peerArgs...)...)
 	if code == 0 || !strings.Contains(stderr, "export refused: only the run's launcher") {
 		t.Errorf("export with another key: exit %d, stderr %q", code, stderr)
