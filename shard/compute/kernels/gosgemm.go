@@ -18,14 +18,15 @@ type microKernel struct {
 
 // Cache blocking: a kc×nc block of packed op(b) (at most 576 KB) stays in L2 while
 // one mr×kc panel of packed op(a) (18 KB for the AVX-512 kernel) stays in L1 and the
-// kernel sweeps the block's columns with it; mc rows of op(a) are packed at a time.
-// kc splits k into near-equal steps of at most maxKC, so the summation order is fixed
-// by k alone. The sizes were measured on the block's products (k 256, 688 or 2048; n
-// 256 to 1376) on a Zen 4 core (1 MB L2): within a few per cent of each other from kc
-// 256 to 512, nc 256 to 2048.
+// kernel sweeps the block's columns with it. Up to maxMC rows of op(a) are packed at
+// a time, so each operand of one of compute.Blocks's blocks of the block's products
+// is packed once. kc splits k into near-equal steps of at most maxKC, so the
+// summation order is fixed by k alone. The sizes were measured on the block's products
+// (k 256, 688 or 2048; n 256 to 1376) on a Zen 4 core (1 MB L2): within a few per cent
+// of each other from kc 256 to 512, nc 256 to 2048.
 const (
 	maxKC = 384
-	maxMC = 144
+	maxMC = 528
 	maxNC = 384
 )
 
@@ -75,15 +76,15 @@ func goSgemm(kern microKernel, transA, transB bool, m, n, k int, alpha float32, 
 	ap, bp := grow(pa, mcMax*kcMax), grow(pb, ncMax*kcMax)
 	var tile [16 * 32]float32
 
-	for jc := 0; jc < n; jc += ncMax {
-		nc := min(ncMax, n-jc)
+	for ic := 0; ic < m; ic += mcMax {
+		mc := min(mcMax, m-ic)
 		for pc := 0; pc < k; pc += kcMax {
 			kc := min(kcMax, k-pc)
 			load := beta != 0 || pc > 0
-			packB(kern, bp, transB, b, ldb, pc, kc, jc, nc)
-			for ic := 0; ic < m; ic += mcMax {
-				mc := min(mcMax, m-ic)
-				packA(kern, ap, transA, a, lda, ic, mc, pc, kc)
+			packA(kern, ap, transA, a, lda, ic, mc, pc, kc)
+			for jc := 0; jc < n; jc += ncMax {
+				nc := min(ncMax, n-jc)
+				packB(kern, bp, transB, b, ldb, pc, kc, jc, nc)
 				for ir := 0; ir < mc; ir += mr {
 					rows := min(mr, mc-ir)
 					apan := ap[ir*kc : (ir+mr)*kc]
