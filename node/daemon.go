@@ -22,6 +22,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peerstore"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/multiformats/go-multiaddr"
+	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/build"
@@ -96,6 +97,7 @@ type Daemon struct {
 	reserved map[uint64][]reservation
 	// ctlOpen counts each peer's control streams being served now (ctlPerPeer at most).
 	ctlOpen map[peer.ID]int
+	ctlIP   map[string]int // strangers' control streams being served, by remote IP address
 	// refusedAt is when an untrusted launcher's offer request was last logged.
 	refusedAt time.Time
 	finished  []status.Run // the last few runs that ended here, as they ended, oldest first
@@ -197,7 +199,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		}
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]time.Time{}, ended: map[uint64]bool{},
-		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, ctlOpen: map[peer.ID]int{},
+		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, ctlOpen: map[peer.ID]int{}, ctlIP: map[string]int{},
 		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	// Plans accepted before a restart stay refused until they expire.
@@ -632,9 +634,13 @@ func (d *Daemon) run(id uint64) *worker {
 // trusted launcher nor a peer of a run here, may hold open at once, and the
 // largest message those others may send (a plan from a launcher this node does
 // not list in trust is one of those).
+// The strangers' streams are bounded per address too (identities are free, addresses
+// are not) so that one attacker's do not crowd out an honest stranger's, and in all,
+// so that what they may send (ctlStrangers × maxStrangerMsg) stays small.
 const (
 	ctlPerPeer     = 8
-	ctlStrangers   = 64
+	ctlPerIP       = 16
+	ctlStrangers   = 256
 	maxStrangerMsg = 256 << 10
 )
 
@@ -647,9 +653,9 @@ const (
 	ctlLauncher                 // a trusted launcher, or the launcher of a run held here
 )
 
-// ctlAdmit counts a control stream from p, and reports what p is and whether it
-// may open one more now; release undoes it.
-func (d *Daemon) ctlAdmit(p peer.ID) (ctlClass, bool) {
+// ctlAdmit counts a control stream from p at ip, and reports what p is and whether
+// it may open one more now; release undoes it.
+func (d *Daemon) ctlAdmit(p peer.ID, ip string) (ctlClass, bool) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	class := ctlStranger
@@ -668,20 +674,24 @@ func (d *Daemon) ctlAdmit(p peer.ID) (ctlClass, bool) {
 		return class, false
 	}
 	if class == ctlStranger {
-		if d.ctlOpen[""] >= ctlStrangers {
+		if d.ctlOpen[""] >= ctlStrangers || d.ctlIP[ip] >= ctlPerIP {
 			return class, false
 		}
 		d.ctlOpen[""]++ // "" is no peer: the strangers' total
+		d.ctlIP[ip]++
 	}
 	d.ctlOpen[p]++
 	return class, true
 }
 
-func (d *Daemon) ctlRelease(p peer.ID, class ctlClass) {
+func (d *Daemon) ctlRelease(p peer.ID, ip string, class ctlClass) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if class == ctlStranger {
 		d.ctlOpen[""]--
+		if d.ctlIP[ip]--; d.ctlIP[ip] <= 0 {
+			delete(d.ctlIP, ip)
+		}
 	}
 	if d.ctlOpen[p]--; d.ctlOpen[p] <= 0 {
 		delete(d.ctlOpen, p)
@@ -690,13 +700,17 @@ func (d *Daemon) ctlRelease(p peer.ID, class ctlClass) {
 
 func (d *Daemon) handleControl(s network.Stream) {
 	from := s.Conn().RemotePeer()
-	class, ok := d.ctlAdmit(from)
+	ip := "" // a connection with no IP (a relayed one): its relay's limits hold
+	if a, err := manet.ToIP(s.Conn().RemoteMultiaddr()); err == nil {
+		ip = a.String()
+	}
+	class, ok := d.ctlAdmit(from, ip)
 	if !ok {
 		d.log.Debug("control stream refused: too many open", "peer", from)
 		s.Reset()
 		return
 	}
-	defer d.ctlRelease(from, class)
+	defer d.ctlRelease(from, ip, class)
 	defer s.Close()
 	_ = s.SetReadDeadline(time.Now().Add(wireWindow(d.host, from)))
 	meter := d.meters.For(p2p.ProtoControl)

@@ -22,6 +22,9 @@ import (
 // PIPESWARM_AS_CLI=1 it is the CLI, so end-to-end tests start real node processes
 // without a separate build.
 func TestMain(m *testing.M) {
+	if spec := os.Getenv(attackEnv); spec != "" {
+		os.Exit(attackMain(spec))
+	}
 	if os.Getenv("PIPESWARM_AS_CLI") == "1" {
 		ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 		code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
