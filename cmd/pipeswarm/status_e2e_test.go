@@ -156,6 +156,21 @@ func TestStatusPageAndMetricsFollowATwoNodeRun(t *testing.T) {
 				t.Errorf("pipeswarm status lacks %q:\n%s", want, stdout)
 			}
 		}
+		// The first stage never computes the loss; it shows the one the last stage
+		// announced in its heartbeat (every HeartbeatInterval, 5 s).
+		first := 1 - last
+		deadline := time.Now().Add(20 * time.Second)
+		for {
+			code, stdout, stderr := runCLI(t, "status", "--data-dir", nodes[first].dir)
+			if i := strings.Index(stdout, "from the heartbeat of stage 1"); code == 0 && i >= 0 {
+				t.Logf("the first stage's status: %s", stdout[strings.LastIndex(stdout[:i], "\n")+1:i+len("from the heartbeat of stage 1")])
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the first stage's status shows no loss 20 s on (exit %d, %s):\n%s", code, stderr, stdout)
+			}
+			time.Sleep(200 * time.Millisecond)
+		}
 	})
 
 	t.Run("page in chromium", func(t *testing.T) {
