@@ -56,7 +56,7 @@ type attackPlan struct {
 
 // attackReport is what the attacker saw.
 type attackReport struct {
-	Streams     map[string]int `json:"streams_opened"`    // per protocol, streams opened
+	Streams     map[string]int `json:"streams_opened"`     // per protocol, streams opened
 	StillOpen   map[string]int `json:"streams_still_open"` // per protocol, open after Hold
 	CtlFloodIn  int64          `json:"ctl_flood_bytes_accepted"`
 	ConnsHeld   int            `json:"conns_held"` // of Conns, open after Hold
