@@ -27,7 +27,7 @@ const (
 // every call, on every CPU: with AVX512-BF16 the products run on it, elsewhere a Go
 // emulation of it gives the same bits (only a NaN's payload may differ).
 func Sgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	gemm(bf16Native, serial, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	gemm(best, serial, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 }
 
 // Gemm is Sgemm spread over goroutines by parallelFor, which runs fn over [0, n) cut
@@ -35,7 +35,7 @@ func Sgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda int
 // out, then the tiles of c; as every element of c is computed alone in the same way
 // whoever computes it, the result is Sgemm's, bit for bit, whatever the split.
 func Gemm(parallelFor func(n int, fn func(lo, hi int)), transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
-	gemm(bf16Native, parallelFor, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+	gemm(best, parallelFor, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 }
 
 func serial(n int, fn func(lo, hi int)) {
@@ -44,13 +44,22 @@ func serial(n int, fn func(lo, hi int)) {
 	}
 }
 
-// ISA names what Sgemm multiplies with: "avx512bf16", or "generic" for the
-// Go emulation (much slower).
-func ISA() string {
-	if bf16Native {
-		return "avx512bf16"
-	}
-	return "generic"
+// ISA names what Sgemm multiplies with: "avx512bf16"; "avx512" (AVX-512 without
+// AVX512-BF16: the instruction emulated with fused multiply-adds, the operands
+// rounded in Go); or "generic", the Go emulation, hundreds of times slower.
+func ISA() string { return best.String() }
+
+// isa is a set of kernels.
+type isa int
+
+const (
+	isaGeneric    isa = iota // Go
+	isaAVX512                // FMA emulation of VDPBF16PS, Go packing
+	isaAVX512BF16            // VDPBF16PS, AVX-512 packing
+)
+
+func (i isa) String() string {
+	return [...]string{"generic", "avx512", "avx512bf16"}[i]
 }
 
 // bf16Pack holds a call's packed operands; pooled, as attention calls with small
@@ -66,12 +75,13 @@ func getPack(n int) *[]uint32 {
 	return p
 }
 
-// gemm is Gemm on the native kernels when native, else on the Go ones.
-func gemm(native bool, par func(int, func(lo, hi int)), transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
+// gemm is Gemm on the kernels of set.
+func gemm(set isa, par func(int, func(lo, hi int)), transA, transB bool, m, n, k int, alpha float32, a []float32, lda int, b []float32, ldb int, beta float32, c []float32, ldc int) {
 	if m == 0 || n == 0 {
 		return
 	}
 	checkGemm("Sgemm", transA, transB, m, n, k, a, lda, b, ldb, c, ldc)
+	native := set == isaAVX512BF16 // the packers need its rounding instruction
 	kp := (k + 1) / 2
 	mp, np := (m+bf16MR-1)/bf16MR, (n+bf16NR-1)/bf16NR
 	pa, pb := getPack(mp*kp*bf16MR), getPack(np*kp*bf16NR)
@@ -120,7 +130,7 @@ func gemm(native bool, par func(int, func(lo, hi int)), transA, transB bool, m, 
 	})
 	readC := beta != 0
 	var accs []float32
-	if native && kp > kcPairs {
+	if set != isaGeneric && kp > kcPairs {
 		pacc := bf16Acc.Get().(*[]float32)
 		defer bf16Acc.Put(pacc)
 		if cap(*pacc) < mp*np*bf16MR*bf16NR {
@@ -129,8 +139,8 @@ func gemm(native bool, par func(int, func(lo, hi int)), transA, transB bool, m, 
 		accs = (*pacc)[:mp*np*bf16MR*bf16NR]
 	}
 	tiles := func(j0, j1, i0, i1 int) {
-		if native && kp > 0 {
-			tilesNative(kp, mp, j0, j1, i0, i1, ap, bp, m, n, alpha, beta, c, ldc, readC, accs)
+		if set != isaGeneric && kp > 0 {
+			tilesNative(set, kp, mp, j0, j1, i0, i1, ap, bp, m, n, alpha, beta, c, ldc, readC, accs)
 		} else {
 			tilesGo(kp, j0, j1, i0, i1, ap, bp, m, n, alpha, beta, c, ldc, readC)
 		}
@@ -184,7 +194,11 @@ var bf16Acc = sync.Pool{New: func() any { return new([]float32) }}
 // tilesNative runs the AVX512-BF16 kernel over the tiles of column panels [j0, j1)
 // and row panels [i0, i1), in slices of k; accs holds every tile's sums (mp row
 // panels to a column) when there is more than one slice.
-func tilesNative(kp, mp, j0, j1, i0, i1 int, ap, bp []uint32, m, n int, alpha, beta float32, c []float32, ldc int, readC bool, accs []float32) {
+func tilesNative(set isa, kp, mp, j0, j1, i0, i1 int, ap, bp []uint32, m, n int, alpha, beta float32, c []float32, ldc int, readC bool, accs []float32) {
+	kernel := dpbf16Tile
+	if set == isaAVX512 {
+		kernel = dpbf16TileFMA
+	}
 	slices := (kp + kcPairs - 1) / kcPairs
 	var one [bf16MR * bf16NR]float32
 	for s := range slices {
@@ -207,7 +221,7 @@ func tilesNative(kp, mp, j0, j1, i0, i1 int, ap, bp []uint32, m, n int, alpha, b
 				if slices > 1 {
 					acc = accs[(j*mp+i)*len(one):]
 				}
-				dpbf16Tile(pk, &ap[(i*kp+p0)*bf16MR], &bj[0], &c[row*ldc+col], ldc, alpha, beta, min(bf16MR, m-row), mask, readC, &acc[0], mode)
+				kernel(pk, &ap[(i*kp+p0)*bf16MR], &bj[0], &c[row*ldc+col], ldc, alpha, beta, min(bf16MR, m-row), mask, readC, &acc[0], mode)
 			}
 		}
 	}

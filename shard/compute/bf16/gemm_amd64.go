@@ -4,12 +4,23 @@ package bf16
 
 import "golang.org/x/sys/cpu"
 
-// bf16Native says GoSgemmBF16 runs on the AVX512-BF16 kernels (the packers need
+// best is the fastest set of kernels this CPU runs (the AVX512-BF16 packers need
 // AVX512BW's word permutes too).
-var bf16Native = cpu.X86.HasAVX512BF16 && cpu.X86.HasAVX512BW && cpu.X86.HasAVX512F
+var best = func() isa {
+	switch {
+	case cpu.X86.HasAVX512BF16 && cpu.X86.HasAVX512BW && cpu.X86.HasAVX512F:
+		return isaAVX512BF16
+	case cpu.X86.HasAVX512F:
+		return isaAVX512
+	}
+	return isaGeneric
+}()
 
 //go:noescape
 func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool, acc *float32, mode int)
+
+//go:noescape
+func dpbf16TileFMA(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool, acc *float32, mode int)
 
 //go:noescape
 func packTranspose(dst *uint32, w int, src *float32, ld, lines, pairs int)

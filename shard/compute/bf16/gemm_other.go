@@ -2,8 +2,12 @@
 
 package bf16
 
-// bf16Native is false: GoSgemmBF16 runs its Go emulation of AVX512-BF16.
-const bf16Native = false
+// best is the Go emulation of AVX512-BF16: this build has no assembly kernels.
+const best = isaGeneric
+
+func dpbf16TileFMA(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool, acc *float32, mode int) {
+	panic("compute: no AVX-512 kernel in this build")
+}
 
 func dpbf16Tile(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool, acc *float32, mode int) {
 	panic("compute: no AVX512-BF16 kernel in this build")

@@ -45,7 +45,7 @@ func TestSgemmMatchesReference(t *testing.T) {
 			for _, tr := range [][2]bool{{false, false}, {false, true}, {true, false}, {true, true}} {
 				for _, ab := range [][2]float32{{1, 0}, {0.125, 0}, {1, 1}, {-2, 0.5}} {
 					m, n, k := sh[0], sh[1], sh[2]
-					name := fmt.Sprintf("native=%v/%dx%dx%d/ta=%v,tb=%v/alpha=%g,beta=%g", native, m, n, k, tr[0], tr[1], ab[0], ab[1])
+					name := fmt.Sprintf("kernels=%v/%dx%dx%d/ta=%v,tb=%v/alpha=%g,beta=%g", native, m, n, k, tr[0], tr[1], ab[0], ab[1])
 					a, lda, b, ldb, c, ldc := operands(tr[0], tr[1], m, n, k, 3, fill)
 					c0 := append([]float32(nil), c...)
 					if ab[1] == 0 {
@@ -86,19 +86,21 @@ func TestSgemmMatchesReference(t *testing.T) {
 	}
 }
 
-func nativeModes() []bool {
-	if bf16Native {
-		return []bool{false, true}
+// nativeModes lists every set of kernels this CPU runs.
+func nativeModes() []isa {
+	var out []isa
+	for i := isaGeneric; i <= best; i++ {
+		out = append(out, i)
 	}
-	return []bool{false}
+	return out
 }
 
 // TestSgemmNativeMatchesEmulation asserts that the Go emulation computes the same bits
 // as the AVX512-BF16 kernels, over values spanning float32's whole range (products and
 // sums that overflow, underflow into the flushed range, cancel, and NaNs).
 func TestSgemmNativeMatchesEmulation(t *testing.T) {
-	if !bf16Native {
-		t.Skip("this CPU has no AVX512-BF16: nothing to compare the emulation with")
+	if best == isaGeneric {
+		t.Skip("this CPU has no AVX-512: nothing to compare the emulation with")
 	}
 	rng := rand.New(rand.NewPCG(3, 4))
 	special := []float32{0, float32(math.Copysign(0, -1)), 1, -1, float32(math.Inf(1)), float32(math.Inf(-1)), float32(math.NaN()),
@@ -122,14 +124,17 @@ func TestSgemmNativeMatchesEmulation(t *testing.T) {
 				for _, ab := range [][2]float32{{1, 0}, {0.3, 0.7}, {1, 1}} {
 					m, n, k := sh[0], sh[1], sh[2]
 					a, lda, b, ldb, c, ldc := operands(tr[0], tr[1], m, n, k, 1, fill)
-					cn := append([]float32(nil), c...)
-					gemm(false, serial, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], c, ldc)
-					gemm(true, serial, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], cn, ldc)
-					for i := range c {
-						g, w := math.Float32bits(cn[i]), math.Float32bits(c[i])
-						if g != w && !(math.IsNaN(float64(cn[i])) && math.IsNaN(float64(c[i]))) {
-							t.Fatalf("%s %dx%dx%d ta=%v tb=%v alpha=%g beta=%g: c[%d]: native %#08x (%g), emulation %#08x (%g)",
-								name, m, n, k, tr[0], tr[1], ab[0], ab[1], i, g, cn[i], w, c[i])
+					c0 := append([]float32(nil), c...)
+					gemm(isaGeneric, serial, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], c, ldc)
+					for _, set := range nativeModes()[1:] {
+						cn := append([]float32(nil), c0...)
+						gemm(set, serial, tr[0], tr[1], m, n, k, ab[0], a, lda, b, ldb, ab[1], cn, ldc)
+						for i := range c {
+							g, w := math.Float32bits(cn[i]), math.Float32bits(c[i])
+							if g != w && !(math.IsNaN(float64(cn[i])) && math.IsNaN(float64(c[i]))) {
+								t.Fatalf("%s %dx%dx%d ta=%v tb=%v alpha=%g beta=%g: c[%d]: %v %#08x (%g), emulation %#08x (%g)",
+									name, m, n, k, tr[0], tr[1], ab[0], ab[1], i, set, g, cn[i], w, c[i])
+							}
 						}
 					}
 				}
@@ -141,7 +146,7 @@ func TestSgemmNativeMatchesEmulation(t *testing.T) {
 // TestToBF16MatchesInstruction compares the Go rounding with the packers' instruction
 // on every class of float32: halfway cases, denormals, NaNs, infinities, overflow.
 func TestToBF16MatchesInstruction(t *testing.T) {
-	if !bf16Native {
+	if best != isaAVX512BF16 {
 		t.Skip("this CPU has no AVX512-BF16")
 	}
 	rng := rand.New(rand.NewPCG(5, 6))
@@ -197,7 +202,7 @@ func TestSgemmRepeatable(t *testing.T) {
 		gemm(native, serial, false, true, 100, 200, 300, 1, a, lda, b, ldb, 1, c1, ldc)
 		for i := range c {
 			if math.Float32bits(c[i]) != math.Float32bits(c1[i]) {
-				t.Fatalf("native=%v: c[%d] %g then %g", native, i, c[i], c1[i])
+				t.Fatalf("kernels=%v: c[%d] %g then %g", native, i, c[i], c1[i])
 			}
 		}
 	}
@@ -227,7 +232,7 @@ func TestGemmSplitIsSgemm(t *testing.T) {
 					gemm(native, par, tr[0], tr[1], m, n, k, 0.5, a, lda, b, ldb, 1, got, ldc)
 					for i := range got {
 						if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
-							t.Fatalf("native=%v %v %dx%dx%d in %d parts: c[%d] = %g, serially %g", native, tr, m, n, k, parts, i, got[i], want[i])
+							t.Fatalf("kernels=%v %v %dx%dx%d in %d parts: c[%d] = %g, serially %g", native, tr, m, n, k, parts, i, got[i], want[i])
 						}
 					}
 				}
@@ -241,7 +246,7 @@ func TestSgemmZeroK(t *testing.T) {
 		c := []float32{1, 2, 3, 4}
 		gemm(native, serial, false, false, 2, 2, 0, 1, nil, 0, nil, 2, 0.5, c, 2)
 		if c[0] != 0.5 || c[3] != 2 {
-			t.Fatalf("native=%v: k=0 with beta 0.5 gave %v, want beta·c", native, c)
+			t.Fatalf("kernels=%v: k=0 with beta 0.5 gave %v, want beta·c", native, c)
 		}
 	}
 }
@@ -310,7 +315,7 @@ func BenchmarkPack(b *testing.B) {
 			b.Run(fmt.Sprintf("w=%d/alongRows=%v", w, alongRows), func(b *testing.B) {
 				for b.Loop() {
 					for r0 := 0; r0 < lines; r0 += w {
-						packBF16(bf16Native, dst, w, x, ld, r0, min(w, lines-r0), k, alongRows)
+						packBF16(best == isaAVX512BF16, dst, w, x, ld, r0, min(w, lines-r0), k, alongRows)
 					}
 				}
 				b.ReportMetric(float64(b.Elapsed().Nanoseconds())/float64(b.N)/float64(lines*k), "ns/element")

@@ -217,6 +217,91 @@ tdone:
 `)
 }
 
+// fmaTile emits dpbf16TileFMA: dpbf16Tile for CPUs with AVX-512 but not AVX512-BF16.
+// Each k-pair's bf16 halves are widened to float32 (exactly) and added by two fused
+// multiply-adds, odd then even, with MXCSR's flush-to-zero set for the kernel: the
+// same roundings as VDPBF16PS.
+func fmaTile(p func(string, ...any)) {
+	p(`
+// func dpbf16TileFMA(kp int, a, b *uint32, c *float32, ldc int, alpha, beta float32, rows int, cols uint32, readC bool, acc *float32, mode int)
+//
+// dpbf16Tile on AVX-512F alone.
+TEXT ·dpbf16TileFMA(SB), NOSPLIT, $16-80
+	STMXCSR 0(SP)
+	MOVL 0(SP), AX
+	ORL $0x8000, AX // flush to zero
+	MOVL AX, 8(SP)
+	LDMXCSR 8(SP)
+	MOVQ kp+0(FP), CX
+	MOVQ a+8(FP), SI
+	MOVQ b+16(FP), DI
+	MOVQ acc+64(FP), R10
+	MOVQ mode+72(FP), R11
+	MOVL $0xffff0000, AX
+	VPBROADCASTD AX, Z31
+	TESTQ $1, R11
+	JEQ fzero
+`)
+	for i := 0; i < 2*mr; i++ {
+		p("\tVMOVUPS %d(R10), Z%d\n", 64*i, i)
+	}
+	p("\tJMP facc\nfzero:\n")
+	for i := 0; i < 2*mr; i++ {
+		p("\tVPXORD Z%d, Z%d, Z%d\n", i, i, i)
+	}
+	p("facc:\n\tTESTQ CX, CX\n\tJEQ fstore\nfloop:\n")
+	p("\tVMOVDQU32 (DI), Z24\n\tVMOVDQU32 64(DI), Z25\n")
+	p("\tVPSLLD $16, Z24, Z26\n\tVPANDD Z31, Z24, Z24\n\tVPSLLD $16, Z25, Z27\n\tVPANDD Z31, Z25, Z25\n")
+	for i := 0; i < mr; i++ {
+		p("\tVPBROADCASTD %d(SI), Z28\n\tVPSLLD $16, Z28, Z29\n\tVPANDD Z31, Z28, Z28\n", 4*i)
+		p("\tVFMADD231PS Z24, Z28, Z%d\n\tVFMADD231PS Z25, Z28, Z%d\n", 2*i, 2*i+1)
+		p("\tVFMADD231PS Z26, Z29, Z%d\n\tVFMADD231PS Z27, Z29, Z%d\n", 2*i, 2*i+1)
+	}
+	p("\tADDQ $%d, SI\n\tADDQ $%d, DI\n\tDECQ CX\n\tJNE floop\n", mr*4, nr*4)
+	p("fstore:\n\tLDMXCSR 0(SP)\n\tTESTQ $2, R11\n\tJNE ffinal\n")
+	for i := 0; i < 2*mr; i++ {
+		p("\tVMOVUPS Z%d, %d(R10)\n", i, 64*i)
+	}
+	p(`	JMP fdone
+ffinal:
+	MOVQ c+24(FP), DX
+	MOVQ ldc+32(FP), R8
+	SHLQ $2, R8
+	VBROADCASTSS alpha+40(FP), Z28
+	VBROADCASTSS beta+44(FP), Z29
+	MOVQ rows+48(FP), R9
+	MOVL cols+56(FP), AX
+	KMOVW AX, K1
+	SHRL $16, AX
+	KMOVW AX, K2
+	MOVBLZX readC+60(FP), AX
+	TESTQ AX, AX
+	JNE fstoreC
+`)
+	for _, readC := range []bool{false, true} {
+		label := "fstore0"
+		if readC {
+			label = "fstoreC"
+		}
+		p("%s:\n", label)
+		for i := 0; i < mr; i++ {
+			for h := 0; h < 2; h++ {
+				z := 2*i + h
+				p("\tVMULPS Z28, Z%d, Z%d\n", z, z)
+				if readC {
+					p("\tVMOVUPS.Z %d(DX), K%d, Z30\n\tVMULPS Z29, Z30, Z30\n\tVADDPS Z30, Z%d, Z%d\n", 64*h, h+1, z, z)
+				}
+				p("\tVMOVUPS Z%d, K%d, %d(DX)\n", z, h+1, 64*h)
+			}
+			if i < mr-1 {
+				p("\tDECQ R9\n\tJEQ fdone\n\tADDQ R8, DX\n")
+			}
+		}
+		p("\tJMP fdone\n")
+	}
+	p("fdone:\n\tVZEROUPPER\n\tRET\n")
+}
+
 func main() {
 	check()
 	var w bytes.Buffer
@@ -312,6 +397,7 @@ final:
 	}
 	p("done:\n\tVZEROUPPER\n\tRET\n")
 	packTranspose(p, &w)
+	fmaTile(p)
 	if err := os.WriteFile("kernel_amd64.s", w.Bytes(), 0o644); err != nil {
 		log.Fatal(err)
 	}
