@@ -97,10 +97,13 @@ type LaunchResult struct {
 	TokensRun int64         `json:"tokens_run"`
 	TimeRun   time.Duration `json:"-"` // "time_run_s" in JSON, seconds
 	// Per stage boundary i (stage i → i+1): encoded bytes of the training activation
-	// frames replica pipeline 0 sent forward and the gradient frames it sent back, over
-	// its StepsRun.
-	BoundaryFwd []int64 `json:"boundary_fwd_bytes"`
-	BoundaryBwd []int64 `json:"boundary_bwd_bytes"`
+	// frames replica pipeline 0 sent forward and the gradient frames it sent back, and
+	// how many steps of the sending stage they are (a stage stopped early says how far
+	// it got, which may be a step past the steps recorded).
+	BoundaryFwd      []int64 `json:"boundary_fwd_bytes"`
+	BoundaryBwd      []int64 `json:"boundary_bwd_bytes"`
+	BoundaryFwdSteps []int   `json:"boundary_fwd_steps"`
+	BoundaryBwdSteps []int   `json:"boundary_bwd_steps"`
 	// Checkpoints[r][s] is replica r's stage s checkpoint, on its node, as the node
 	// last said ("" if it stopped without saying).
 	Checkpoints [][]string `json:"checkpoints"`
@@ -1591,6 +1594,7 @@ func replicaName(sp *spec.Spec, r int) string {
 
 func newResult(run uint64, S, R int) *LaunchResult {
 	res := &LaunchResult{RunID: run, BoundaryFwd: make([]int64, S-1), BoundaryBwd: make([]int64, S-1),
+		BoundaryFwdSteps: make([]int, S-1), BoundaryBwdSteps: make([]int, S-1),
 		Checkpoints: make([][]string, R), ValLoss: math.NaN(), SyncBytes: make([][]int64, R)}
 	for r := range R {
 		res.SyncBytes[r] = make([]int64, S)
@@ -1600,7 +1604,8 @@ func newResult(run uint64, S, R int) *LaunchResult {
 }
 
 // stageEnded notes what a stage says when it stops, done or not: where its
-// checkpoint is and, for replica pipeline 0, what it sent over its boundaries.
+// checkpoint is and, for replica pipeline 0, what it sent over its boundaries in
+// the steps it took since the part began (res.FromStep).
 func (res *LaunchResult) stageEnded(r Report) {
 	S := len(res.BoundaryFwd) + 1
 	if r.Replica < 0 || r.Replica >= len(res.Checkpoints) || r.Stage < 0 || r.Stage >= S {
@@ -1609,14 +1614,15 @@ func (res *LaunchResult) stageEnded(r Report) {
 	if r.Checkpoint != "" {
 		res.Checkpoints[r.Replica][r.Stage] = r.Checkpoint
 	}
-	if r.Replica != 0 || (r.BytesFwd == 0 && r.BytesBwd == 0) {
+	steps := r.Step - res.FromStep
+	if r.Replica != 0 || steps <= 0 || (r.BytesFwd == 0 && r.BytesBwd == 0) {
 		return
 	}
 	if r.Stage < S-1 {
-		res.BoundaryFwd[r.Stage] = r.BytesFwd
+		res.BoundaryFwd[r.Stage], res.BoundaryFwdSteps[r.Stage] = r.BytesFwd, steps
 	}
 	if r.Stage > 0 {
-		res.BoundaryBwd[r.Stage-1] = r.BytesBwd
+		res.BoundaryBwd[r.Stage-1], res.BoundaryBwdSteps[r.Stage-1] = r.BytesBwd, steps
 	}
 }
 
@@ -1657,6 +1663,8 @@ func (res *LaunchResult) add(part *LaunchResult) {
 	for i := range min(len(res.BoundaryFwd), len(part.BoundaryFwd)) {
 		res.BoundaryFwd[i] += part.BoundaryFwd[i]
 		res.BoundaryBwd[i] += part.BoundaryBwd[i]
+		res.BoundaryFwdSteps[i] += part.BoundaryFwdSteps[i]
+		res.BoundaryBwdSteps[i] += part.BoundaryBwdSteps[i]
 	}
 	res.OuterSteps += part.OuterSteps
 	for r := range min(len(res.SyncBytes), len(part.SyncBytes)) {

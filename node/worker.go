@@ -95,9 +95,11 @@ type worker struct {
 	jobs   chan func() any
 	out    *outbox
 	sent   sentBytes // tensor frames sent, by kind
-	// stepSent is what sent counted of training frames when the last step was taken:
-	// a stage stopped mid-step has sent part of the next, which is no step's traffic.
-	stepSent [2]int64
+	// stepSent is what sent counted of training frames when step stepSentAt was
+	// taken: a stage stopped mid-step has sent part of the next, which is no step's
+	// traffic. Its reports at the end give both, so the bytes are per step taken.
+	stepSent   [2]int64
+	stepSentAt int
 	recvd    sentBytes // tensor frames received and accepted for this run, by kind
 
 	// What the status page shows, kept by the loop and published to view as a new
@@ -466,11 +468,11 @@ func (w *worker) start() {
 			if w.group != nil {
 				w.group.Leave()
 			}
-			w.report(Report{Kind: ReportIdle, Error: w.err.Error(), Checkpoint: w.checkpointHeld(), BytesFwd: w.stepSent[0], BytesBwd: w.stepSent[1]})
+			w.report(Report{Kind: ReportIdle, Error: w.err.Error(), Checkpoint: w.checkpointHeld(), Step: w.stepSentAt, BytesFwd: w.stepSent[0], BytesBwd: w.stepSent[1]})
 		case w.err != nil:
 			w.log.Error("run stopped", "err", w.err)
 			w.report(Report{Kind: ReportError, Error: w.err.Error(), Diverged: errors.Is(w.err, ErrDiverged), Checkpoint: w.checkpointHeld(),
-				BytesFwd: w.stepSent[0], BytesBwd: w.stepSent[1]})
+				Step: w.stepSentAt, BytesFwd: w.stepSent[0], BytesBwd: w.stepSent[1]})
 		}
 		w.out.close()
 		if w.group != nil {
@@ -665,7 +667,7 @@ func (w *worker) loop() error {
 	if err := w.checkpoint(); err != nil {
 		return err
 	}
-	w.report(Report{Kind: ReportDone, Checkpoint: w.checkpointPath(), BytesFwd: w.sent.act.Load(), BytesBwd: w.sent.grad.Load(),
+	w.report(Report{Kind: ReportDone, Checkpoint: w.checkpointPath(), Step: w.stepSentAt, BytesFwd: w.sent.act.Load(), BytesBwd: w.sent.grad.Load(),
 		Time: w.stageTime()})
 	w.log.Info("run finished", "checkpoint", w.checkpointPath(), "bytes_fwd", w.sent.act.Load(), "bytes_bwd", w.sent.grad.Load(), "bytes_eval", w.sent.eval.Load())
 	return nil
@@ -850,7 +852,7 @@ func (w *worker) do(a any) error {
 		}
 		// The step's frames are all sent: the next stage had its activations and the
 		// previous one its gradients before the step's norms were exchanged.
-		w.stepSent = [2]int64{w.sent.act.Load(), w.sent.grad.Load()}
+		w.stepSent, w.stepSentAt = [2]int64{w.sent.act.Load(), w.sent.grad.Load()}, a.Step
 		w.stepTimes = append(w.stepTimes, time.Now())
 		if len(w.stepTimes) > tokensWindow+1 {
 			w.stepTimes = w.stepTimes[1:]

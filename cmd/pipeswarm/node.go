@@ -450,6 +450,8 @@ func printLaunchSummary(w io.Writer, sp *spec.Spec, res *node.LaunchResult, out 
 		}
 		notes = append(notes, fmt.Sprintf("now at step %d of %d", res.Steps, sp.Train.Steps))
 		what = fmt.Sprintf("%d steps (%s)", res.StepsRun, strings.Join(notes, ", "))
+	} else if res.Steps < sp.Train.Steps {
+		what = fmt.Sprintf("%d of %d steps", res.StepsRun, sp.Train.Steps)
 	}
 	figures := fmt.Sprintf("loss %.4f", res.Loss)
 	if !math.IsNaN(res.ValLoss) {
@@ -459,15 +461,15 @@ func printLaunchSummary(w io.Writer, sp *spec.Spec, res *node.LaunchResult, out 
 		figures += fmt.Sprintf(", %.0f tokens/s", float64(res.TokensRun)/res.TimeRun.Seconds())
 	}
 	fmt.Fprintf(w, "run %016x: %s in %s: %s\n", res.RunID, what, roundDuration(res.TimeRun), figures)
-	tokens := float64(sp.TokensPerStep()) * float64(res.StepsRun)
-	perToken := func(b int64, dir string) string {
-		if b == 0 || tokens == 0 {
+	perToken := func(b int64, steps int, dir string) string {
+		if b == 0 || steps == 0 {
 			return dir + " not reported (its stage stopped without saying what it sent)"
 		}
-		return fmt.Sprintf("%.1f bytes/token %s", float64(b)/tokens, dir)
+		return fmt.Sprintf("%.1f bytes/token %s", float64(b)/float64(steps)/float64(sp.TokensPerStep()), dir)
 	}
 	for i := range res.BoundaryFwd {
-		fmt.Fprintf(w, "boundary %d→%d: %s, %s\n", i, i+1, perToken(res.BoundaryFwd[i], "forward"), perToken(res.BoundaryBwd[i], "backward"))
+		fmt.Fprintf(w, "boundary %d→%d: %s, %s\n", i, i+1, perToken(res.BoundaryFwd[i], res.BoundaryFwdSteps[i], "forward"),
+			perToken(res.BoundaryBwd[i], res.BoundaryBwdSteps[i], "backward"))
 	}
 	R := sp.Pipeline.Replicas
 	if R > 1 {

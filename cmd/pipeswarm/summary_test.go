@@ -29,7 +29,9 @@ func TestLaunchSummariesAfterAnInterruptAndAResume(t *testing.T) {
 	dir := t.TempDir()
 	src := strings.Replace(pipeSpec, "stages: 4, micro_batches: 4, in_flight: 4", "stages: 2, micro_batches: 2", 1)
 	src = strings.Replace(src, "steps: 6,", "steps: 30,", 1)
-	src = strings.Replace(src, "eval_interval: 3", "eval_interval: 0", 1)
+	// Every stage checkpoints at every evaluation: whichever step each stopped after,
+	// they share one.
+	src = strings.Replace(src, "eval_interval: 3", "eval_interval: 1", 1)
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, src, 2)
 	defer func() {
 		for _, n := range nodes {
@@ -94,15 +96,16 @@ func TestLaunchSummariesAfterAnInterruptAndAResume(t *testing.T) {
 	}
 	var k int
 	fmt.Sscan(from[1], &k)
-	if k != first || second+k != 30 {
-		t.Errorf("interrupted after %d steps, resumed from step %d and took %d: want them to make 30", first, k, second)
+	// The stages may have stopped a step apart: it goes on from the newest step all hold.
+	if k < first-1 || k > first || second+k != 30 {
+		t.Errorf("interrupted after %d steps, resumed from step %d and took %d: want it to go on from step %d or the one before, to 30", first, k, second, first)
 	}
 }
 
 // checkSummary checks a launch summary's figures and returns the steps it says it took.
 func checkSummary(t *testing.T, out, boundaryLine string, stages int) int {
 	t.Helper()
-	head := regexp.MustCompile(`(?m)^run [0-9a-f]{16}: (\d+) steps.* in ([0-9.]+)(m?s): loss [0-9.]+(, val_loss [0-9.]+)?, ([0-9]+) tokens/s$`).FindStringSubmatch(out)
+	head := regexp.MustCompile(`(?m)^run [0-9a-f]{16}: (\d+) (?:of 30 )?steps.* in ([0-9.]+)(m?s): loss [0-9.]+(, val_loss [0-9.]+)?, ([0-9]+) tokens/s$`).FindStringSubmatch(out)
 	if head == nil {
 		t.Fatalf("summary has no run line with steps, time and tokens/s:\n%s", out)
 	}
@@ -138,7 +141,7 @@ func TestLaunchSummaryListsEveryReplicasCheckpoints(t *testing.T) {
 		t.Fatal(err)
 	}
 	res := &node.LaunchResult{RunID: 1, Steps: 8, Loss: 5, ValLoss: math.NaN(), StepsRun: 8, TokensRun: 2 * 8 * 128, TimeRun: 1500 * time.Millisecond,
-		BoundaryFwd: []int64{8 * 128 * 514}, BoundaryBwd: []int64{8 * 128 * 512}, SyncBytes: [][]int64{{1, 2}, {3, 4}},
+		BoundaryFwd: []int64{8 * 128 * 514}, BoundaryBwd: []int64{8 * 128 * 512}, BoundaryFwdSteps: []int{8}, BoundaryBwdSteps: []int{8}, SyncBytes: [][]int64{{1, 2}, {3, 4}},
 		Checkpoints: [][]string{{"/n0/stage-0-replica-0.safetensors", "/n1/stage-1-replica-0.safetensors"}, {"/n2/stage-0-replica-1.safetensors", ""}},
 		Pauses:      []node.Pause{{Why: "stage 1 gone", Recorded: 8}}}
 	var b bytes.Buffer
@@ -256,7 +259,7 @@ func TestLaunchSummaryOfARunPausedAndNotResumed(t *testing.T) {
 	if code != 1 {
 		t.Fatalf("exit %d, want 1", code)
 	}
-	head := regexp.MustCompile(`(?m)^run [0-9a-f]{16}: (\d+) steps in ([0-9.]+m?s): loss [0-9.]+, ([0-9]+) tokens/s$`).FindStringSubmatch(got)
+	head := regexp.MustCompile(`(?m)^run [0-9a-f]{16}: (\d+) of 100000 steps in ([0-9.]+m?s): loss [0-9.]+, ([0-9]+) tokens/s$`).FindStringSubmatch(got)
 	if head == nil || head[1] == "0" || head[2] == "0s" || strings.Contains(got, "Inf") || strings.Contains(got, "NaN") {
 		t.Errorf("summary line: %q", head)
 	}
