@@ -50,13 +50,27 @@ func linkNote(f LinkFigures) string {
 		f.From, f.To, f.MeasuredRTTMs, f.ProfileRTTMs, f.MeasuredMbps, f.ReverseMbps, f.ProfileMbps)
 }
 
+// overRun scales what was sent over each boundary in the steps its stage counted
+// (after a pause, steps taken twice are counted twice) to the run's train.steps,
+// which the report divides by.
+func overRun(sp *spec.Spec, bytes []int64, steps []int) []int64 {
+	out := make([]int64, len(bytes))
+	for i, b := range bytes {
+		if i < len(steps) && steps[i] > 0 {
+			out[i] = b * int64(sp.Train.Steps) / int64(steps[i])
+		}
+	}
+	return out
+}
+
 // launched turns a launched run's result and metrics into an outcome.
 func launched(sp *spec.Spec, dir string, res *node.LaunchResult, links []LinkFigures, notes []string, fired []Churn) (*outcome, error) {
 	steps, outers, err := metricsOf(dir)
 	if err != nil {
 		return nil, err
 	}
-	out := &outcome{steps: steps, outers: outers, wall: res.Elapsed, tokens: res.Tokens, fwd: res.BoundaryFwd, bwd: res.BoundaryBwd,
+	out := &outcome{steps: steps, outers: outers, wall: res.Elapsed, tokens: res.Tokens,
+		fwd: overRun(sp, res.BoundaryFwd, res.BoundaryFwdSteps), bwd: overRun(sp, res.BoundaryBwd, res.BoundaryBwdSteps),
 		syncs: syncFigures(sp, outers, nil), times: res.Times, links: links, notes: notes,
 		churn: churnFigures(sp, fired, res, steps, outers)}
 	if len(res.Broken) > 0 {
