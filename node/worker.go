@@ -100,7 +100,7 @@ type worker struct {
 	// traffic. Its reports at the end give both, so the bytes are per step taken.
 	stepSent   [2]int64
 	stepSentAt int
-	recvd    sentBytes // tensor frames received and accepted for this run, by kind
+	recvd      sentBytes // tensor frames received and accepted for this run, by kind
 
 	// What the status page shows, kept by the loop and published to view as a new
 	// value after every step: readers never see the loop's own fields.
