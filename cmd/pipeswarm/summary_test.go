@@ -29,9 +29,9 @@ func TestLaunchSummariesAfterAnInterruptAndAResume(t *testing.T) {
 	dir := t.TempDir()
 	src := strings.Replace(pipeSpec, "stages: 4, micro_batches: 4, in_flight: 4", "stages: 2, micro_batches: 2", 1)
 	src = strings.Replace(src, "steps: 6,", "steps: 30,", 1)
-	// Every stage checkpoints at every evaluation: whichever step each stopped after,
-	// they share one.
-	src = strings.Replace(src, "eval_interval: 3", "eval_interval: 1", 1)
+	// Every stage checkpoints at every step: whichever step each stopped after, they
+	// share one.
+	src = strings.Replace(src, "eval_interval: 3", "eval_interval: 0\ncheckpoint_interval: 1", 1)
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, src, 2)
 	defer func() {
 		for _, n := range nodes {
