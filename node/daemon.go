@@ -864,7 +864,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	}
 	if !d.cfg.Open && !d.trust[signer] {
 		d.log.Warn("refusing run: signed by an untrusted key", "key", signer, "from", from)
-		return fmt.Errorf("refused: run signed by %s, a key this node does not trust (trust it with --trust %s, or set open: true)", signer, signer)
+		return fmt.Errorf("refused: run signed by %s, a key this node does not trust (trust it with --trust %s, or accept any launcher with --open / open: true)", signer, signer)
 	}
 	plan, err := decodePlan(signed.Payload)
 	if err != nil {
