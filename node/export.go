@@ -232,7 +232,7 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 		replica int
 	}
 	at := map[int]map[int][]holder{} // step → stage → holders, replica 0 first
-	var silent []string               // nodes that did not say what they hold, and why
+	var silent []string              // nodes that did not say what they hold, and why
 	for _, id := range ids {
 		r, err := call(ctx, h, calls, nil, id, ctlMsg{Type: msgOffer, Run: run, Spec: sp.String()})
 		if err == nil && !r.OK {
