@@ -46,13 +46,16 @@ func BenchmarkBlockForwardBackward(b *testing.B) {
 }
 
 // BenchmarkBlockTrainStep times forward + backward + AdamW of one block on the
-// issue's shapes on each backend (cpu32, bf16), and in the same run the PyTorch
+// issue's shapes on each backend (cpu32, bf16) with each GEMM provider available
+// (cpu32/go, cpu32/onednn, cpu32/openblas, bf16/go, ...), and in the same run the PyTorch
 // reference (bench/block_step.py, Debian python3-torch, 2 threads,
 // OMP_WAIT_POLICY=PASSIVE), fp32 and with bf16 autocast, on the same shapes. Each
 // reports its median step.
 func BenchmarkBlockTrainStep(b *testing.B) {
 	for _, name := range backend.Names {
-		b.Run(name, func(b *testing.B) { benchBlockTrainStep(b, name) })
+		for _, g := range backend.GEMMNames[1:] {
+			b.Run(name+"/"+g, func(b *testing.B) { benchBlockTrainStep(b, name, g) })
+		}
 	}
 	for _, arm := range []struct {
 		name string
@@ -62,8 +65,8 @@ func BenchmarkBlockTrainStep(b *testing.B) {
 	}
 }
 
-func benchBlockTrainStep(b *testing.B, name string) {
-	be, err := backend.Open(name)
+func benchBlockTrainStep(b *testing.B, name, gemm string) {
+	be, err := backend.OpenWith(name, gemm)
 	if err != nil {
 		b.Skip(err)
 	}
