@@ -261,8 +261,12 @@ is read from the checkpoint; --data replaces its data path.`, stderr)
 	dataPath := fs.String("data", "", "text to evaluate on (default: the data path recorded in the checkpoint's spec)")
 	batches := fs.Int("batches", -1, "evaluate the first N batches of 16 windows; 0: the whole validation split (default: the spec's eval_batches)")
 	asJSON := fs.Bool("json", false, "print one JSON object with a val_loss field")
+	gemm := addGEMMFlag(fs)
 	pos, err := parse(fs, args)
 	if err != nil {
+		return err
+	}
+	if err := useGEMM(*gemm, newLogger(stderr, slog.LevelWarn)); err != nil {
 		return err
 	}
 	if *ckPath == "" && len(pos) == 1 {
