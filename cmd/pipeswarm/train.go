@@ -35,8 +35,8 @@ the same pseudo-gradient codec, the same all-reduce arithmetic), and prints what
 outer syncs would send: the quick way to tune diloco.* before launching.
 
 Writes into DIR: metrics.jsonl (one JSON object per step and replica, and per outer
-step and stage), spec.yaml (the effective spec), model.safetensors with a Hugging
-Face config.json beside it, train-state.safetensors with replicas (outer momentum,
+step and stage), spec.yaml (the effective spec), run.json (backend and GEMM
+provider), model.safetensors with a Hugging Face config.json beside it, train-state.safetensors with replicas (outer momentum,
 AdamW moments, error-feedback residuals), and loss.png.
 Ctrl-C stops after the current step and still writes the checkpoint and plot;
 --resume continues from there (or from the last evaluation after a crash) and takes
