@@ -131,7 +131,7 @@ func specHelp() string {
 
 // loadSpecOr is loadSpec with another built-in example as the default.
 func loadSpecOr(builtin string, pos []string, data string, steps int, log *slog.Logger) (*spec.Spec, error) {
-	name := builtin
+	name := strings.TrimSuffix(builtin, ".yaml") // a built-in example, by its name
 	if len(pos) == 1 {
 		name = pos[0]
 	}
