@@ -103,3 +103,11 @@ func TestLaunchNeverOverwritesARunAndLeavesNoEmptyFolder(t *testing.T) {
 		t.Errorf("a failed launch left runs/cli-test behind (%v, %d entries)", err, len(ents))
 	}
 }
+
+// Without SPEC, train takes the built-in tiny example whatever the directory holds.
+func TestTrainWithoutSpecTrainsTheBuiltInExampleFromAnyDirectory(t *testing.T) {
+	t.Chdir(t.TempDir())
+	if code, stdout, stderr := runCLI(t, "train", "--steps", "1", "--quiet"); code != 0 || !strings.Contains(stdout, "wrote runs/tiny\n") {
+		t.Fatalf("train with no spec: exit %d\n%s\n%s", code, stdout, stderr)
+	}
+}
