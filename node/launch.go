@@ -1530,6 +1530,14 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 					plot()
 					return res, fmt.Errorf("%w: %w", ErrRunFailed, &divergedErr{fmt.Sprintf("%s (node %s)", r.Error, r.Peer)})
 				}
+				if r.Kind == ReportError && r.CheckpointFailed {
+					// A node that cannot write its checkpoint cannot keep what it trains;
+					// waiting for it would not help.
+					abort(fmt.Sprintf("%s could not write its checkpoint", cellName(sp, a)))
+					plot()
+					return res, fmt.Errorf("%w: %s on %s %s (free space or fix the disk on that node, then continue with launch --resume)",
+						ErrRunFailed, cellName(sp, a), r.Peer, r.Error)
+				}
 				if r.Kind == ReportError && !replicable(r.Error) {
 					abort(fmt.Sprintf("stage %d failed", r.Stage))
 					plot()

@@ -155,6 +155,9 @@ type Report struct {
 	Outer      *OuterReport `json:"outer,omitempty"`
 	Time       *StageTime   `json:"time,omitempty"`     // with ReportDone
 	Diverged   bool         `json:"diverged,omitempty"` // with ReportError: this stage's own values went non-finite (Error says where); no replica can go on
+	// CheckpointFailed, with ReportError: the stage could not write its checkpoint
+	// (Error says why: a full disk, an I/O error); the run stops rather than waits.
+	CheckpointFailed bool `json:"checkpoint_failed,omitempty"`
 }
 
 // StageTime is where one stage's wall time went: seconds computing and waiting

@@ -9,6 +9,7 @@ import (
 	"math"
 	"math/bits"
 	"os"
+	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
@@ -471,7 +472,8 @@ func (w *worker) start() {
 			w.report(Report{Kind: ReportIdle, Error: w.err.Error(), Checkpoint: w.checkpointHeld(), Step: w.stepSentAt, BytesFwd: w.stepSent[0], BytesBwd: w.stepSent[1]})
 		case w.err != nil:
 			w.log.Error("run stopped", "err", w.err)
-			w.report(Report{Kind: ReportError, Error: w.err.Error(), Diverged: errors.Is(w.err, ErrDiverged), Checkpoint: w.checkpointHeld(),
+			w.report(Report{Kind: ReportError, Error: w.err.Error(), Diverged: errors.Is(w.err, ErrDiverged),
+				CheckpointFailed: errors.Is(w.err, ErrCheckpointWrite), Checkpoint: w.checkpointHeld(),
 				Step: w.stepSentAt, BytesFwd: w.stepSent[0], BytesBwd: w.stepSent[1]})
 		}
 		w.out.close()
@@ -679,7 +681,7 @@ func (w *worker) loop() error {
 func (w *worker) fail(err error) error {
 	w.cancel(err)
 	<-w.idle
-	if w.stepped {
+	if w.stepped && !errors.Is(err, ErrCheckpointWrite) { // one that failed is not tried again
 		if cerr := w.checkpoint(); cerr != nil {
 			return errors.Join(err, cerr)
 		}
@@ -1217,6 +1219,22 @@ func (w *worker) checkpointHeld() string {
 // checkpoint writes the stage's tensors (global layer names), the spec and the step.
 // It runs only while the compute goroutine is idle or stopped.
 func (w *worker) checkpoint() error {
+	if err := w.writeCheckpoint(); err != nil {
+		return fmt.Errorf("%w at step %d in %s: %w", ErrCheckpointWrite, w.doneStep, w.dir, err)
+	}
+	// A long run keeps its launcher record fresh: a node restarted days into it
+	// still dials its launcher (see relaunchWindow).
+	now := time.Now()
+	_ = os.Chtimes(filepath.Join(w.dir, launcherFile), now, now)
+	return nil
+}
+
+// ErrCheckpointWrite is wrapped by the error of a stage whose checkpoint could not be
+// written (a full disk, an I/O error): the run stops with that reason, as waiting
+// for the node would not help.
+var ErrCheckpointWrite = errors.New("could not write its checkpoint")
+
+func (w *worker) writeCheckpoint() error {
 	if err := os.MkdirAll(w.dir, 0o755); err != nil {
 		return err
 	}

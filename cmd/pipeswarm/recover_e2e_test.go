@@ -1,6 +1,8 @@
 package main
 
 import (
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -126,4 +128,37 @@ func TestNodeKilledBeforeAnyCheckpointRestartsTheRunFromItsStart(t *testing.T) {
 	}
 	spec := strings.Replace(recoverSpec, "checkpoint_interval: 5\n", "", 1)
 	restartMidRun(t, spec, afterSteps(t, 12), (*nodeProc).kill9, "no step had a checkpoint of every stage: restarted from the start")
+}
+
+// A node whose disk is full cannot write its checkpoint: it says so, and the launcher
+// stops the run with that reason at once, rather than pause for a node that is there.
+// The stage-1 node's data directory is a tmpfs of 1 MiB (it needs root to mount).
+func TestACheckpointThatCannotBeWrittenStopsTheRunSayingWhy(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	small := filepath.Join(dir, "node1")
+	if err := os.MkdirAll(small, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", small).CombinedOutput(); err != nil {
+		t.Skipf("cannot mount a small tmpfs (needs root): %v: %s", err, out)
+	}
+	t.Cleanup(func() { _ = exec.Command("umount", "-l", small).Run() })
+	specPath, keyPath, _, peerArgs := startSwarm(t, dir, strings.Replace(recoverSpec, "pause_timeout: 120", "pause_timeout: 600", 1), 2, "--memory-budget", "512MiB")
+	began := time.Now()
+	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", filepath.Join(dir, "launched"), "--quiet"}, peerArgs...)...)
+	took := time.Since(began)
+	last := strings.TrimSpace(stderr[strings.LastIndex(stderr, "pipeswarm launch:"):])
+	t.Logf("launch exited %d after %s: %s", code, took.Round(time.Millisecond), last)
+	if code == 0 {
+		t.Fatalf("launch exited 0 with a stage that could not checkpoint:\n%s\n%s", stdout, stderr)
+	}
+	if !strings.Contains(last, "stage 1") || !strings.Contains(last, "could not write its checkpoint") || !strings.Contains(last, "no space left on device") {
+		t.Errorf("launch's error does not say stage 1 could not write its checkpoint for want of space:\n%s", last)
+	}
+	if strings.Contains(stderr, "run paused") {
+		t.Errorf("the run was paused, waiting for a node that is there:\n%s", stderr)
+	}
 }
