@@ -762,7 +762,7 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 		free := d.cfg.MaxStages - len(d.runs)
 		d.mu.Unlock()
 		r := ctlReply{OK: true, Offer: &assign.Offer{Peer: d.host.ID().String(), Addrs: d.host.Addrs(),
-			MemoryBytes: d.cfg.MemoryBudgetBytes(), MaxStages: free, Precisions: d.cfg.Precisions()}}
+			MemoryBytes: d.cfg.MemoryBudgetBytes(), MaxStages: free, Precisions: d.cfg.Precisions(), NoExport: !d.cfg.ExportAllowed()}}
 		if m.Run != 0 && m.Spec != "" {
 			if sp, err := spec.Parse([]byte(m.Spec), "run spec"); err == nil {
 				r.Held = heldIn(d.dir.RunDir(fmt.Sprintf("%016x", m.Run)), sp.String(), sp.Pipeline.Stages, sp.Pipeline.Replicas, d.log)

@@ -401,5 +401,21 @@ func fetchWeights(ctx context.Context, h *p2p.Host, id peer.ID, sp *spec.Spec, r
 	return nil
 }
 
+// warnNoExport says, before a run starts, which of its cells went to nodes that do not
+// consent to export: the model can be assembled at the end only if another replica of
+// each such stage holds it.
+func warnNoExport(sp *spec.Spec, cells []assign.Assignment, offers []assign.Offer, log *slog.Logger) {
+	deny := map[string]bool{}
+	for _, o := range offers {
+		deny[o.Peer] = o.NoExport
+	}
+	for _, a := range cells {
+		if deny[a.Peer] {
+			log.Warn("the node holding "+cellName(sp, a)+" does not consent to export (its config says export: deny; --export allow on the node consents): "+
+				"the model is assembled at the end only if another replica of the stage gives its weights", "peer", a.Peer)
+		}
+	}
+}
+
 // cellAt is the cell of stage s in replica pipeline r, for cellName.
 func cellAt(s, r int) assign.Assignment { return assign.Assignment{Stage: s, Replica: r} }

@@ -995,6 +995,9 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 			if err := resumeHolders(sp, resume, stages, offers); err != nil {
 				return nil, fmt.Errorf("%w: %v", ErrRunFailed, err)
 			}
+			if sp.Export == spec.ExportAllowed {
+				warnNoExport(sp, stages, offers, log)
+			}
 			return &Plan{Spec: sp.String(), Stages: stages, Created: now, Expires: now.Add(life), Resume: resume, restarted: restart}, nil
 		}
 		if !errors.Is(err, assign.ErrUnstaffed) || time.Now().After(deadline) {

@@ -178,6 +178,9 @@ func TestExportIsRefusedBySpecNeverAndByADenyingNode(t *testing.T) {
 	if !strings.Contains(stdout, want) {
 		t.Errorf("launch with a denying node:\n%s\nwant it to say:\n%s", stdout, want)
 	}
+	if !strings.Contains(stderr, "the node holding stage 1 does not consent to export") {
+		t.Errorf("launch did not warn, before the run, of the node that denies export:\n%s", stderr)
+	}
 	if _, err := os.Stat(filepath.Join(out, "model.safetensors")); err == nil {
 		t.Error("a model was assembled although a node denied")
 	}

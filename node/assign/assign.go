@@ -103,6 +103,9 @@ type Offer struct {
 	// Precisions are the model.precision values the peer can compute in (fp32, bf16);
 	// empty means fp32 only, as nodes from before precisions were offered.
 	Precisions []string `json:",omitempty"`
+	// NoExport: the node does not consent to its stages' weights being collected to
+	// assemble a model (its config's export: deny).
+	NoExport bool `json:",omitempty"`
 }
 
 // Runs reports whether the peer can compute a run at precision p.
