@@ -269,7 +269,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	if err != nil {
 		return nil, err
 	}
-	st, err := shard.NewStage(cfg, self.Range, idx == 0, idx == S-1, shard.WithBackend(be))
+	st, err := shard.NewStage(cfg, self.Range, idx == 0, idx == S-1, shard.WithBackend(be), shard.WithRecompute(sp.Model.Recompute))
 	if err != nil {
 		return nil, err
 	}

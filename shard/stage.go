@@ -36,6 +36,11 @@ type Stage struct {
 	g   views
 	rot struct{ cos, sin backend.Buf }
 	ws  workspace
+
+	// recompute keeps only each tape's input; the blocks' activations live in one
+	// shared full tape per micro-batch shape, refilled by Backward (WithRecompute).
+	recompute bool
+	full      map[[2]int][]blockTape
 }
 
 // views are one flat buffer on the backend and its tensors.
@@ -80,6 +85,22 @@ func WithBackend(b backend.Backend) Option {
 		return nil
 	}
 }
+
+// WithRecompute, if on, makes the stage keep only each micro-batch's input on its tape
+// (and, on the last stage, the head's activations, which Loss writes into) and run the
+// blocks' forward again in Backward, into one full set of block activations the stage
+// shares across tapes. Memory for activations then grows by one input per micro-batch in
+// flight instead of one full tape, for one more forward of the blocks per micro-batch;
+// the kernels are deterministic, so the gradients are the same, bit for bit.
+func WithRecompute(on bool) Option {
+	return func(s *Stage) error {
+		s.recompute = on
+		return nil
+	}
+}
+
+// Recompute reports whether the stage recomputes activations in Backward.
+func (s *Stage) Recompute() bool { return s.recompute }
 
 // NewStage allocates the stage owning layers r of a model shaped c, with zero
 // parameters; call Init or load a checkpoint next.
@@ -172,7 +193,8 @@ type blockTape struct {
 
 // Tape holds the activations of one micro-batch through one stage, from Forward
 // until Backward, on the stage's backend. Several tapes let several micro-batches be
-// in flight at once.
+// in flight at once. On a stage that recomputes, a tape holds the input and the head's
+// activations only, and blocks is the stage's shared set.
 type Tape struct {
 	B, T   int
 	tokens []int32     // stage 0's input ids
@@ -186,23 +208,29 @@ type Tape struct {
 }
 
 // NewTape allocates activation storage for micro-batches of b sequences of t tokens.
+// On a stage that recomputes, the first tape of each shape also allocates the shared
+// block activations.
 func (s *Stage) NewTape(b, t int) *Tape {
 	if t > s.Config.SeqLen || b < 1 || t < 1 {
 		panic(fmt.Sprintf("shard: tape %d×%d exceeds seq_len %d", b, t, s.Config.SeqLen))
 	}
 	c, be := s.Config, s.be
-	n, d, f := b*t, c.DModel, c.DFF
+	n, d := b*t, c.DModel
 	tp := &Tape{B: b, T: t, x0: be.Alloc(n * d)}
 	if s.First {
 		tp.tokens = make([]int32, n)
 	}
-	for range s.lay.blocks {
-		tp.blocks = append(tp.blocks, blockTape{
-			a1: be.Alloc(n * d), rstd1: be.Alloc(n), qkv: be.Alloc(n * 3 * d),
-			p: be.Alloc(b * c.NHeads * t * t), att: be.Alloc(n * d), x2: be.Alloc(n * d),
-			a2: be.Alloc(n * d), rstd2: be.Alloc(n), gu: be.Alloc(n * 2 * f),
-			m: be.Alloc(n * f), out: be.Alloc(n * d),
-		})
+	if s.recompute {
+		if s.full == nil {
+			s.full = map[[2]int][]blockTape{}
+		}
+		key := [2]int{b, t}
+		if _, ok := s.full[key]; !ok {
+			s.full[key] = s.newBlockTapes(b, t)
+		}
+		tp.blocks = s.full[key]
+	} else {
+		tp.blocks = s.newBlockTapes(b, t)
 	}
 	if s.Last {
 		tp.hf, tp.rstdF, tp.logits = be.Alloc(n*d), be.Alloc(n), be.Alloc(n*c.Vocab)
@@ -211,6 +239,22 @@ func (s *Stage) NewTape(b, t int) *Tape {
 		tp.out = make([]float32, n*d)
 	}
 	return tp
+}
+
+// newBlockTapes allocates every block's activations for b sequences of t tokens.
+func (s *Stage) newBlockTapes(b, t int) []blockTape {
+	c, be := s.Config, s.be
+	n, d, f := b*t, c.DModel, c.DFF
+	var out []blockTape
+	for range s.lay.blocks {
+		out = append(out, blockTape{
+			a1: be.Alloc(n * d), rstd1: be.Alloc(n), qkv: be.Alloc(n * 3 * d),
+			p: be.Alloc(b * c.NHeads * t * t), att: be.Alloc(n * d), x2: be.Alloc(n * d),
+			a2: be.Alloc(n * d), rstd2: be.Alloc(n), gu: be.Alloc(n * 2 * f),
+			m: be.Alloc(n * f), out: be.Alloc(n * d),
+		})
+	}
+	return out
 }
 
 // Forward runs the stage on one micro-batch recorded in tp. The first stage reads
@@ -238,11 +282,7 @@ func (s *Stage) Forward(tp *Tape, tokens []int32, x []float32) []float32 {
 		}
 		be.Upload(tp.x0, x)
 	}
-	in := tp.x0
-	for i := range s.lay.blocks {
-		s.blockForward(&tp.blocks[i], s.p.blocks[i], in, tp.B, tp.T)
-		in = tp.blocks[i].out
-	}
+	in := s.blocksForward(tp)
 	tp.lossed = false
 	if !s.Last {
 		be.Download(tp.out, in)
@@ -284,14 +324,21 @@ func (s *Stage) Backward(tp *Tape, dout []float32) []float32 {
 	dres := ws.dres
 	be.Upload(s.p.all, s.Params)
 	be.Upload(s.g.all, s.Grads)
-	if s.Last {
-		if !tp.lossed {
-			panic("shard: Backward on the last stage before Loss")
-		}
-		in := tp.x0
+	if s.Last && !tp.lossed {
+		panic("shard: Backward on the last stage before Loss")
+	}
+	var in backend.Buf
+	if s.recompute {
+		// The shared block activations may hold another micro-batch's: run the blocks
+		// again from this one's input, exactly as Forward did.
+		in = s.blocksForward(tp)
+	} else {
+		in = tp.x0
 		if k := len(tp.blocks); k > 0 {
 			in = tp.blocks[k-1].out
 		}
+	}
+	if s.Last {
 		be.LinearBackward(ws.dtmp, s.g.head, tp.logits, tp.hf, s.p.head, n, d, c.Vocab, false)
 		be.Zero(dres)
 		be.RMSNormBackward(dres, s.g.normF, ws.dtmp, in, tp.rstdF, s.p.normF, n, d)
@@ -317,6 +364,17 @@ func (s *Stage) Backward(tp *Tape, dout []float32) []float32 {
 	}
 	be.Download(s.Grads, s.g.all)
 	return dx
+}
+
+// blocksForward runs every block of the stage on tp's input and returns the last
+// block's output (the input itself on a stage of no blocks).
+func (s *Stage) blocksForward(tp *Tape) backend.Buf {
+	in := tp.x0
+	for i := range s.lay.blocks {
+		s.blockForward(&tp.blocks[i], s.p.blocks[i], in, tp.B, tp.T)
+		in = tp.blocks[i].out
+	}
+	return in
 }
 
 // blockForward: out = h + MLP(norm(h)), h = x + Attn(norm(x)).

@@ -408,7 +408,7 @@ func TestUnknownFieldNamesLineSectionAndKnownFields(t *testing.T) {
 	if !errors.Is(err, ErrDecode) {
 		t.Fatalf("error = %v, want ErrDecode", err)
 	}
-	want := fmt.Sprintf(`t.yaml:%d: unknown field "d_modle" in model (known: vocab, d_model, n_layers, n_heads, d_ff, seq_len, rope_theta, norm_eps, precision)`, line+1)
+	want := fmt.Sprintf(`t.yaml:%d: unknown field "d_modle" in model (known: vocab, d_model, n_layers, n_heads, d_ff, seq_len, rope_theta, norm_eps, precision, recompute)`, line+1)
 	if err.Error() != want {
 		t.Errorf("error:\n%v\nwant:\n%s", err, want)
 	}
@@ -751,5 +751,21 @@ func TestCheckpointFieldsAreValidatedAtTheirLines(t *testing.T) {
 	}
 	if s, err = Parse([]byte(base+"checkpoint_seconds: 0\n"), "t.yaml"); err != nil || s.CheckpointSeconds != 0 {
 		t.Errorf("checkpoint_seconds: 0 became %v (%v); 0 turns the time rule off", s, err)
+	}
+}
+
+func TestRecomputeIsABoolThatRoundTrips(t *testing.T) {
+	const body = "  d_model: 32\n  n_layers: 2\n  n_heads: 2\n  d_ff: 64\n  seq_len: 16\ntrain: {batch_size: 4, steps: 10, lr: 0.001}\n"
+	s, err := Parse([]byte("name: p\nmodel:\n  recompute: true\n"+body), "p.yaml")
+	if err != nil || !s.Model.Recompute {
+		t.Fatalf("recompute: true gave %v, %v", s.Model.Recompute, err)
+	}
+	back, err := Parse([]byte(s.String()), "round.yaml")
+	if err != nil || !back.Model.Recompute {
+		t.Errorf("round trip gave %v, %v", back.Model.Recompute, err)
+	}
+	_, err = Parse([]byte("name: p\nmodel:\n  recompute: sometimes\n"+body), "p.yaml")
+	if err == nil || !strings.Contains(err.Error(), "p.yaml:3: model.recompute") {
+		t.Errorf("recompute: sometimes: error %v, want one naming p.yaml:3: model.recompute", err)
 	}
 }

@@ -29,7 +29,7 @@ func newModel(sp *spec.Spec) (*model, error) {
 	if err != nil {
 		return nil, err
 	}
-	stages, err := shard.NewStages(cfg, sp.Pipeline.Stages, shard.WithBackend(be))
+	stages, err := shard.NewStages(cfg, sp.Pipeline.Stages, shard.WithBackend(be), shard.WithRecompute(sp.Model.Recompute))
 	if err != nil {
 		return nil, err
 	}
