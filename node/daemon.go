@@ -945,8 +945,8 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	}
 	a, _ := plan.cell(idx, rep)
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
-	slots := min(S-idx, sp.Pipeline.MicroBatches)
-	need := assign.Need(train.ModelConfig(sp), a.Range, idx == 0, idx == S-1, mb, slots)
+	slots := assign.Slots(S, idx, sp.Pipeline.MicroBatches, sp.Pipeline.InFlight)
+	need := assign.Need(train.ModelConfig(sp), a.Range, idx == 0, idx == S-1, mb, slots, sp.Model.Recompute)
 	if need > d.cfg.MemoryBudgetBytes() {
 		return fmt.Errorf("refused: stage %d needs %d MiB, this node's memory budget is %d MiB", idx, need>>20, d.cfg.MemoryBudgetBytes()>>20)
 	}

@@ -982,7 +982,7 @@ func staff(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, o 
 			}
 		}
 		able, refusals := assign.ForPrecision(offers, sp.Model.Precision)
-		stages, planRefusals, err := assign.Plan(train.ModelConfig(sp), sp.Pipeline.Stages, sp.Pipeline.Replicas, mb, sp.Pipeline.MicroBatches, sp.Pipeline.InFlight, able)
+		stages, planRefusals, err := assign.Plan(train.ModelConfig(sp), sp.Pipeline.Stages, sp.Pipeline.Replicas, mb, sp.Pipeline.MicroBatches, sp.Pipeline.InFlight, sp.Model.Recompute, able)
 		refusals = append(refusals, planRefusals...)
 		for _, r := range refusals {
 			log.Warn("peer not given a stage", "reason", r)

@@ -23,25 +23,69 @@ var ErrUnstaffed = errors.New("run cannot be staffed")
 // runtime, libp2p, message buffers, the codec's scratch.
 const Overhead = 64 << 20
 
-// Need estimates the bytes a peer needs to hold the stage owning layers r of a model shaped
-// c (with the embedding if first, the final norm and head if last), training micro-batches
-// of microBatch sequences of c.SeqLen tokens with up to slots of them in flight at once:
+// Memory is what a peer needs to hold one stage, by part, in bytes.
+type Memory struct {
+	Weights     int64 // the stage's parameters, float32
+	Grads       int64 // their gradients, float32
+	Optimizer   int64 // AdamW's two moments, float32
+	Activations int64 // the activation tapes of the micro-batches in flight
+	Workspace   int64 // the backward workspace and the RoPE tables, shared by the tapes
+	Overhead    int64 // Overhead: the runtime, libp2p, buffers
+}
+
+// Total is the sum of the parts.
+func (m Memory) Total() int64 {
+	return m.Weights + m.Grads + m.Optimizer + m.Activations + m.Workspace + m.Overhead
+}
+
+// StageMemory estimates the memory a peer needs to hold the stage owning layers r of a
+// model shaped c (with the embedding if first, the final norm and head if last), training
+// micro-batches of microBatch sequences of c.SeqLen tokens with up to slots of them in
+// flight at once:
 //
 //   - parameters, gradients and AdamW's two moments: 4 float32 buffers of the stage's
 //     parameter count;
-//   - one activation tape per slot, as shard's Stage.NewTape allocates it;
+//   - one activation tape per slot, as shard's Stage.NewTape allocates it; with
+//     recompute, a tape holds the stage's input (and the head's activations), and the
+//     blocks' activations are held once, for the micro-batch being recomputed;
 //   - the backward workspace and the RoPE tables the stage shares across tapes;
 //   - Overhead.
 //
 // It panics if microBatch < 1 or slots < 0.
-func Need(c shard.Config, r shard.Range, first, last bool, microBatch, slots int) int64 {
+func StageMemory(c shard.Config, r shard.Range, first, last bool, microBatch, slots int, recompute bool) Memory {
 	if microBatch < 1 || slots < 0 {
 		panic(fmt.Sprintf("assign: need for %d slots of micro-batch %d", slots, microBatch))
 	}
 	const f32 = 4
-	state := 4 * paramCount(c, r, first, last)
-	tapes := int64(slots) * tapeBytes(c, r, first, last, microBatch, c.SeqLen)
-	return f32*(state+stageScratch(c, microBatch, c.SeqLen)) + tapes + Overhead
+	params := f32 * paramCount(c, r, first, last)
+	in, blocks := tapeBytes(c, r, first, last, microBatch, c.SeqLen)
+	acts := int64(slots) * (in + blocks)
+	if recompute && slots > 0 {
+		acts = int64(slots)*in + blocks
+	}
+	return Memory{Weights: params, Grads: params, Optimizer: 2 * params, Activations: acts,
+		Workspace: f32 * stageScratch(c, microBatch, c.SeqLen), Overhead: Overhead}
+}
+
+// Need is StageMemory's total.
+func Need(c shard.Config, r shard.Range, first, last bool, microBatch, slots int, recompute bool) int64 {
+	return StageMemory(c, r, first, last, microBatch, slots, recompute).Total()
+}
+
+// Slots is how many micro-batches stage s of stages keeps in flight: min(stages−s,
+// microBatches), the most a one-forward-one-backward schedule needs, or min(inFlight,
+// microBatches) if inFlight > 0 (the spec's pipeline.in_flight).
+func Slots(stages, s, microBatches, inFlight int) int {
+	n := stages - s
+	if inFlight > 0 {
+		n = inFlight
+	}
+	return min(n, microBatches)
+}
+
+// ParamCount is the number of parameters of a model shaped c.
+func ParamCount(c shard.Config) int64 {
+	return paramCount(c, shard.Range{Lo: 0, Hi: c.NLayers}, true, true)
 }
 
 // paramCount is the length of the flat parameter buffer of the stage, as shard lays it out:
@@ -59,28 +103,28 @@ func paramCount(c shard.Config, r shard.Range, first, last bool) int64 {
 	return n
 }
 
-// tapeBytes is what Stage.NewTape(b, t) allocates, in bytes, with n = b·t tokens: the input
-// residual [n,d] and, on the first stage, the token ids [n] (int32); per block a1, att, x2,
-// a2, out [n,d], rstd1, rstd2 [n], qkv [n,3d], the attention probabilities [b,H,t,t],
-// gate|up [n,2F] and m [n,F]; on the last stage hf [n,d], rstdF [n] and logits [n,V];
-// and the host copy of what Forward returns, [n,V] on the last stage, else [n,d].
-func tapeBytes(c shard.Config, r shard.Range, first, last bool, b, t int) int64 {
+// tapeBytes is what Stage.NewTape(b, t) allocates, in bytes, with n = b·t tokens, in two
+// parts. in: the input residual [n,d] and, on the first stage, the token ids [n] (int32);
+// on the last stage hf [n,d], rstdF [n] and logits [n,V]; and the host copy of what
+// Forward returns, [n,V] on the last stage, else [n,d]. blocks: per block a1, att, x2, a2,
+// out [n,d], rstd1, rstd2 [n], qkv [n,3d], the attention probabilities [b,H,t,t], gate|up
+// [n,2F] and m [n,F]; a stage that recomputes allocates them once, on its first tape.
+func tapeBytes(c shard.Config, r shard.Range, first, last bool, b, t int) (in, blocks int64) {
 	const f32, i32 = 4, 4
 	n, d, f := int64(b)*int64(t), int64(c.DModel), int64(c.DFF)
 	floats := n * d // x0
-	block := 5*n*d + 2*n + 3*n*d + int64(b)*int64(c.NHeads)*int64(t)*int64(t) + 2*n*f + n*f
-	floats += int64(r.Len()) * block
 	if last {
 		floats += n*d + n + n*int64(c.Vocab)
 		floats += n * int64(c.Vocab)
 	} else {
 		floats += n * d
 	}
-	bytes := f32 * floats
+	in = f32 * floats
 	if first {
-		bytes += i32 * n
+		in += i32 * n
 	}
-	return bytes
+	block := 5*n*d + 2*n + 3*n*d + int64(b)*int64(c.NHeads)*int64(t)*int64(t) + 2*n*f + n*f
+	return in, f32 * int64(r.Len()) * block
 }
 
 // stageScratch is the float32 count of what a stage holds besides its parameter-sized
@@ -141,15 +185,16 @@ type Assignment struct {
 	Addrs   []string
 	Range   shard.Range
 	Need    int64
+	// Memory is Need by part, for a plan to show; not sent with it.
+	Memory Memory `json:"-"`
 }
 
 // Plan gives each of the stages of a model shaped c its own peer from offers. Stage 0 gets
 // the first offer that can hold it, stage 1 the first of the rest that can hold it, and so
 // on: deterministic, and in the order the caller ranks the peers. A peer gets at most one
 // stage; a second offer from the same peer, and an offer with no free stage slot, are not
-// used. Stage s keeps min(stages−s, microBatches) micro-batches of microBatch sequences in
-// flight, the most a one-forward-one-backward schedule needs, or min(inFlight,
-// microBatches) if inFlight > 0 (the spec's pipeline.in_flight).
+// used. Stage s keeps Slots micro-batches of microBatch sequences in flight, each
+// holding a full activation tape or, with recompute, its input only.
 //
 // The second result gives the reason for each peer that was refused, because it offered no
 // usable slot or its memory fits no stage; peers merely not needed are not listed. If some
@@ -162,7 +207,7 @@ type Assignment struct {
 //
 // With replicas > 1 every stage is staffed once per replica pipeline, replica 0's stages
 // first: the grid (stage × replica → peer), each peer holding one cell.
-func Plan(c shard.Config, stages, replicas, microBatch, microBatches, inFlight int, offers []Offer) ([]Assignment, []string, error) {
+func Plan(c shard.Config, stages, replicas, microBatch, microBatches, inFlight int, recompute bool, offers []Offer) ([]Assignment, []string, error) {
 	if err := c.Validate(); err != nil {
 		return nil, nil, fmt.Errorf("plan run: %w", err)
 	}
@@ -177,12 +222,10 @@ func Plan(c shard.Config, stages, replicas, microBatch, microBatches, inFlight i
 		return nil, nil, fmt.Errorf("plan run: %d replicas", replicas)
 	}
 	needs := make([]int64, stages)
+	mems := make([]Memory, stages)
 	for s, r := range ranges {
-		slots := stages - s // the one-forward-one-backward bound
-		if inFlight > 0 {
-			slots = inFlight
-		}
-		needs[s] = Need(c, r, s == 0, s == stages-1, microBatch, min(slots, microBatches))
+		mems[s] = StageMemory(c, r, s == 0, s == stages-1, microBatch, Slots(stages, s, microBatches, inFlight), recompute)
+		needs[s] = mems[s].Total()
 	}
 
 	// Offers that can be used at all, in order; the others are refused at once.
@@ -224,7 +267,7 @@ func Plan(c shard.Config, stages, replicas, microBatch, microBatches, inFlight i
 			}
 			usable[taken] = false
 			o := offers[taken]
-			plan = append(plan, Assignment{Stage: s, Replica: rep, Peer: o.Peer, Addrs: o.Addrs, Range: r, Need: needs[s]})
+			plan = append(plan, Assignment{Stage: s, Replica: rep, Peer: o.Peer, Addrs: o.Addrs, Range: r, Need: needs[s], Memory: mems[s]})
 		}
 	}
 

@@ -80,10 +80,36 @@ func TestTapeBytesMatchWhatNewTapeAllocates(t *testing.T) {
 			var tp *shard.Tape
 			got := allocated(func() { tp = st.NewTape(b, c.SeqLen) })
 			runtime.KeepAlive(tp)
-			if want := tapeBytes(c, r, first, last, b, c.SeqLen); !closeTo(got, want) {
+			in, blocks := tapeBytes(c, r, first, last, b, c.SeqLen)
+			if want := in + blocks; !closeTo(got, want) {
 				t.Errorf("%s b=%d: NewTape allocated %d bytes, tapeBytes counts %d", name, b, got, want)
 			}
 		}
+	})
+}
+
+func TestRecomputeTapesMatchWhatNewTapeAllocates(t *testing.T) {
+	stagesOf(t, func(name string, c shard.Config, r shard.Range, first, last bool) {
+		st, err := shard.NewStage(c, r, first, last, shard.WithRecompute(true))
+		if err != nil {
+			t.Fatal(err)
+		}
+		const b = 2
+		in, blocks := tapeBytes(c, r, first, last, b, c.SeqLen)
+		// The first tape brings the stage's one set of block activations, the next only
+		// their inputs.
+		var tapes [3]*shard.Tape
+		for i := range tapes {
+			got := allocated(func() { tapes[i] = st.NewTape(b, c.SeqLen) })
+			want := in
+			if i == 0 {
+				want += blocks
+			}
+			if !closeTo(got, want) {
+				t.Errorf("%s tape %d: NewTape allocated %d bytes, counted %d", name, i, got, want)
+			}
+		}
+		runtime.KeepAlive(tapes)
 	})
 }
 
@@ -132,11 +158,25 @@ func TestNeedAddsUpByHand(t *testing.T) {
 	// Workspace 3nd + n·max(3d, 2F) + nF = 28; RoPE cos, sin 2·T·(hd/2) = 4.
 	const scratch = 28 + 4
 	want := int64(4*(4*params+scratch) + tape + 64<<20)
-	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 1); got != want {
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 1, false); got != want {
 		t.Errorf("Need = %d, want %d", got, want)
 	}
-	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 3); got != want+2*tape {
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 3, false); got != want+2*tape {
 		t.Errorf("Need with 3 slots = %d, want %d (two more tapes)", got, want+2*tape)
+	}
+	// Recomputing, the two more micro-batches hold only what is not the block's: x0, the
+	// head's activations, the host copy of the logits and the token ids.
+	const input = 4*(4+14+8) + 4*2
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 3, true); got != want+2*input {
+		t.Errorf("Need with 3 slots recomputing = %d, want %d (two more inputs)", got, want+2*input)
+	}
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 1, true); got != want {
+		t.Errorf("Need with 1 slot recomputing = %d, want %d (as without)", got, want)
+	}
+	m := StageMemory(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 3, false)
+	if m.Weights != 4*params || m.Grads != 4*params || m.Optimizer != 8*params || m.Activations != 3*tape ||
+		m.Workspace != 4*scratch || m.Overhead != Overhead || m.Total() != want+2*tape {
+		t.Errorf("StageMemory = %+v, want weights, grads %d, optimizer %d, activations %d, workspace %d", m, 4*params, 8*params, 3*tape, 4*scratch)
 	}
 }
 
@@ -148,7 +188,7 @@ func TestNeedOfAGPT2SizedStageIsDominatedByAttentionTapes(t *testing.T) {
 	// residuals and the host copies of the output. The backward workspace
 	// n·(3d + 2F + F) adds 280 MB, the overhead 67 MB.
 	c := shard.Config{Vocab: 50304, DModel: 768, NLayers: 12, NHeads: 12, DFF: 2048, SeqLen: 1024, RopeTheta: 1e4, NormEps: 1e-5}
-	got := Need(c, shard.Range{Lo: 3, Hi: 6}, false, false, 8, 2)
+	got := Need(c, shard.Range{Lo: 3, Hi: 6}, false, false, 8, 2, false)
 	if got < 5.6e9 || got > 5.65e9 {
 		t.Errorf("Need = %d (%s), want 5.6-5.65 GB", got, FormatBytes(got))
 	}
@@ -163,7 +203,7 @@ func TestNeedPanicsOnImpossibleMicroBatches(t *testing.T) {
 					t.Errorf("Need(microBatch %d, slots %d) did not panic", tc.mb, tc.slots)
 				}
 			}()
-			Need(c, shard.Range{Lo: 0, Hi: 1}, true, false, tc.mb, tc.slots)
+			Need(c, shard.Range{Lo: 0, Hi: 1}, true, false, tc.mb, tc.slots, false)
 		}()
 	}
 }
