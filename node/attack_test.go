@@ -87,7 +87,13 @@ func TestStreamsFromPeersOfNoRunHereAreRefusedAtOnce(t *testing.T) {
 	if _, err := s.Read(make([]byte, 1)); err == nil || !strings.Contains(err.Error(), "deadline") {
 		t.Fatalf("a run's peer's stream: %v, want it open (read deadline)", err)
 	}
-	s.Reset()
+	// When the run ends here, its peers' idle streams are closed.
+	w := d.run(9)
+	w.stop(ErrShutdown)
+	w.startOnce.Do(w.start)
+	if !refusedAtOnce(s) {
+		t.Fatal("a peer's idle tensor stream stayed open after its run ended here")
+	}
 }
 
 // ctlStream opens a control stream from h and writes a length prefix declaring

@@ -92,6 +92,9 @@ type Daemon struct {
 	// members are the peers of each run held here (its cells, as moved since, and its
 	// launcher): they alone may open tensor and reduce streams to this node.
 	members map[uint64]map[peer.ID]bool
+	// tensorIn are the tensor streams being read, by sender: a sender that is no
+	// longer a peer of any run here has its streams reset, not left open idle.
+	tensorIn map[peer.ID]map[network.Stream]bool
 	// reserved are the addresses of each run's peers let past the host's connection
 	// limits (p2p.Host.Reserve), released when the run ends here.
 	reserved map[uint64][]reservation
@@ -199,7 +202,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		}
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]time.Time{}, ended: map[uint64]bool{},
-		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, ctlOpen: map[peer.ID]int{}, ctlIP: map[string]int{},
+		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, tensorIn: map[peer.ID]map[network.Stream]bool{}, ctlOpen: map[peer.ID]int{}, ctlIP: map[string]int{},
 		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	// Plans accepted before a restart stay refused until they expire.
@@ -1030,7 +1033,16 @@ func (d *Daemon) endRun(id uint64, last status.Run) {
 	last = withHeardLoss(last, d.heard)
 	delete(d.heard, id)
 	delete(d.runs, id)
+	gone := d.members[id]
 	delete(d.members, id)
+	// Its peers' tensor streams have nothing more to carry here, unless for another run.
+	for p := range gone {
+		if !d.isMemberLocked(p) {
+			for s := range d.tensorIn[p] {
+				s.Reset()
+			}
+		}
+	}
 	for _, r := range d.reserved[id] {
 		d.host.Release(r.id, r.addrs)
 	}
@@ -1054,6 +1066,10 @@ func (d *Daemon) endRun(id uint64, last status.Run) {
 func (d *Daemon) isMember(p peer.ID) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	return d.isMemberLocked(p)
+}
+
+func (d *Daemon) isMemberLocked(p peer.ID) bool {
 	for _, m := range d.members {
 		if m[p] {
 			return true
@@ -1115,6 +1131,11 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 	meter := d.meters.For(proto)
 	return func(s network.Stream) {
 		from := s.Conn().RemotePeer()
+		if !d.trackTensorIn(from, s) {
+			s.Reset() // its run ended between the gate and here
+			return
+		}
+		defer d.untrackTensorIn(from, s)
 		d.host.NoteStream(s)
 		r := &traffic.CountingReader{R: s}
 		for {
@@ -1134,6 +1155,30 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 				return
 			}
 		}
+	}
+}
+
+// trackTensorIn records s, a tensor stream from p being read, if p is still a peer of
+// a run here.
+func (d *Daemon) trackTensorIn(p peer.ID, s network.Stream) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if !d.isMemberLocked(p) {
+		return false
+	}
+	if d.tensorIn[p] == nil {
+		d.tensorIn[p] = map[network.Stream]bool{}
+	}
+	d.tensorIn[p][s] = true
+	return true
+}
+
+func (d *Daemon) untrackTensorIn(p peer.ID, s network.Stream) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	delete(d.tensorIn[p], s)
+	if len(d.tensorIn[p]) == 0 {
+		delete(d.tensorIn, p)
 	}
 }
 
