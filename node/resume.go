@@ -660,6 +660,10 @@ func (d *Daemon) redialLaunchers(ctx context.Context) {
 		}
 		targets = left
 	}
+	for _, t := range targets {
+		d.log.Info("the launcher of a run held here before is not reachable; it finds this node again if it lists it as a --peer",
+			"launcher", t.id, "run_dir", t.runDir)
+	}
 }
 
 // launcherTarget is a launcher a restarted node dials: every address its runs'
