@@ -661,7 +661,7 @@ func (d *Daemon) redialLaunchers(ctx context.Context) {
 		targets = left
 	}
 	for _, t := range targets {
-		d.log.Info("the launcher of a run held here before is not reachable; it finds this node again if it lists it as a --peer",
+		d.log.Debug("the launcher of a run held here before is not reachable; it finds this node again if it lists it as a --peer",
 			"launcher", t.id, "run_dir", t.runDir)
 	}
 }
