@@ -288,3 +288,40 @@ func TestARunWithAPipelineThatTrainedNothingOrNoValidationLossFails(t *testing.T
 		t.Fatalf("no validation loss: %v; want a failure saying so", err)
 	}
 }
+
+// A node stopping says after which step; the launcher stops the rest of its pipeline
+// after the same step, and takes the pipeline out only once every stage has stopped.
+// With one replica the run then pauses (ErrStageDown) saying which node stopped.
+func TestAStoppingNodeStopsItsPipelineAfterTheSameStep(t *testing.T) {
+	sp, err := spec.Parse([]byte("name: one\nmodel: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}\npipeline: {stages: 2}\ntrain: {batch_size: 4, steps: 40, lr: 0.003}\n"), "one.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan := &Plan{ID: 9}
+	for s := range 2 {
+		k, _ := p2p.GenerateKey()
+		id, _ := p2p.PeerID(k)
+		plan.Stages = append(plan.Stages, assign.Assignment{Stage: s, Peer: id.String()})
+	}
+	w := newWatchRun()
+	type stopAt struct{ r, step int }
+	var told []stopAt
+	w.train(sp, plan, 0, 1, 12, 0)
+	w.report(plan, Report{Stage: 1, Kind: ReportStopping, Step: 13, Error: "node shutting down"})
+	w.train(sp, plan, 0, 13, 13, 0)
+	w.report(plan, Report{Stage: 1, Kind: ReportError, Error: "node shutting down"})
+	w.report(plan, Report{Stage: 0, Kind: ReportError, Error: "stopped by the launcher after step 13"})
+	o := LaunchOptions{Spec: sp, OutDir: t.TempDir()}
+	res, err := watch(context.Background(), o, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
+		func(why string) { w.aborted = append(w.aborted, why) }, func(int, string) {}, func(int, int) bool { return true }, w.rj,
+		stageOrders{stopAt: func(r, step int, _ string) { told = append(told, stopAt{r, step}) }})
+	if !errors.Is(err, ErrStageDown) || !strings.Contains(err.Error(), "is stopping; every stage of its pipeline stops after step 13") {
+		t.Fatalf("error %v, want the run down for the stopping node, after step 13", err)
+	}
+	if len(told) != 1 || told[0] != (stopAt{0, 13}) {
+		t.Errorf("told %v, want replica pipeline 0 to stop after step 13", told)
+	}
+	if res.Steps != 13 {
+		t.Errorf("recorded through step %d, want 13: the step the stages stop after is recorded", res.Steps)
+	}
+}
