@@ -5,10 +5,14 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/pipeswarm/pipeswarm/examples"
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/train"
 )
 
 // Every built-in example is taken by its name alone from a directory that holds no
@@ -73,5 +77,35 @@ func TestREADMEReferencesNothingOutsideTheRepository(t *testing.T) {
 		if strings.Contains(line, "../shared") {
 			t.Errorf("README.md:%d refers outside the repository: %s", i+1, line)
 		}
+	}
+}
+
+// An example that states its parameter count ("# parameters: 1,028,737,024") states
+// the count of the model it describes.
+func TestExamplesStateTheirParameterCount(t *testing.T) {
+	re := regexp.MustCompile(`(?m)^# parameters: ([0-9,]+)$`)
+	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
+	stated := 0
+	for _, name := range examples.Specs() {
+		src, _, err := examples.Spec(name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		m := re.FindSubmatch(src)
+		if m == nil {
+			continue
+		}
+		stated++
+		sp, err := loadSpecOr(examples.Default, []string{name}, "", 0, quiet)
+		if err != nil {
+			t.Fatal(err)
+		}
+		want := assign.ParamCount(train.ModelConfig(sp))
+		if got := strings.ReplaceAll(string(m[1]), ",", ""); got != strconv.FormatInt(want, 10) {
+			t.Errorf("%s.yaml states %s parameters; its model has %d", name, m[1], want)
+		}
+	}
+	if stated < 4 {
+		t.Errorf("%d examples state their parameter count, want the presets 25m, 125m, 350m and 1b", stated)
 	}
 }

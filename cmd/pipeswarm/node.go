@@ -268,7 +268,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 }
 
 func runLaunch(ctx context.Context, args []string, stdout, stderr io.Writer) error {
-	fs := newFlagSet("launch", "launch SPEC --key FILE --peer MULTIADDR... [--out DIR] [--data PATH] [--steps N] [--resume | --force]", `
+	fs := newFlagSet("launch", "launch SPEC --key FILE --peer MULTIADDR... [--out DIR] [--data PATH] [--steps N] [--resume | --force]\n       pipeswarm launch SPEC --plan-only --nodes N --node-memory SIZE", `
 Launch a pipelined run of the spec SPEC across nodes: ask each --peer what it can
 hold, give every pipeline stage of every replica pipeline a peer (pipeline.replicas
 × pipeline.stages of them), sign the plan with --key (the nodes must trust its ID),
@@ -294,6 +294,9 @@ runs/NAME, or runs/NAME-2, runs/NAME-3, … if that holds one; an --out DIR that
 a run is refused unless --resume continues it or --force overwrites it. A launch that
 fails before its first step leaves no run directory behind.
 The spec, its text and the --peer addresses are checked before any node is asked.
+With --plan-only, launch staffs the run on --nodes N nodes of --node-memory SIZE each
+and prints each stage's memory (weights, gradients, AdamW moments, activations,
+workspace) and node, then exits without training: 0 if every stage fits a node.
 
 `+specHelp(), stderr)
 	keyPath := fs.String("key", "", "launcher key written by 'pipeswarm keygen' (required)")
@@ -306,10 +309,17 @@ The spec, its text and the --peer addresses are checked before any node is asked
 	be := fs.String("backend", "", "compute backend the nodes run, cpu32 or bf16 (overrides model.precision: fp32 or bf16)")
 	quiet := fs.Bool("quiet", false, "no progress display")
 	resume := fs.Bool("resume", false, "continue the interrupted run in --out DIR (same spec and overrides) from the newest step whose checkpoint the nodes still hold for every stage")
+	planOnlyF := fs.Bool("plan-only", false, "print the staffing plan with each stage's memory for --nodes N of --node-memory SIZE, and exit without training")
+	nodes := fs.Int("nodes", 0, "with --plan-only: how many nodes to plan for")
+	nodeMemory := fs.String("node-memory", "", "with --plan-only: each node's memory budget, such as 24GiB")
 	logf := addLogFlags(fs, slog.LevelInfo)
 	pos, err := parse(fs, args)
 	if err != nil {
 		return err
+	}
+	if !*planOnlyF && (*nodes != 0 || *nodeMemory != "") {
+		fmt.Fprintln(stderr, "pipeswarm launch: --nodes and --node-memory describe nodes to plan for: use them with --plan-only")
+		return errUsage
 	}
 	base, err := logf.logger(stderr, stderr, "launch")
 	if err != nil {
@@ -329,6 +339,13 @@ The spec, its text and the --peer addresses are checked before any node is asked
 			return fmt.Errorf("--backend: %w", err)
 		}
 		sp.Model.Precision = p
+	}
+	if *planOnlyF {
+		if len(peers) > 0 {
+			fmt.Fprintln(stderr, "pipeswarm launch: --plan-only plans for --nodes N of --node-memory SIZE, not for --peer")
+			return errUsage
+		}
+		return planOnly(stdout, sp, *nodes, *nodeMemory)
 	}
 	if *keyPath == "" {
 		fmt.Fprintln(stderr, "pipeswarm launch: --key FILE is required (make one with 'pipeswarm keygen --out FILE')")
