@@ -28,6 +28,7 @@ var commands = []command{
 	{"export", "assemble a launched run's model from its nodes' checkpoints", runExport},
 	{"status", "show what a running node is doing: peers, runs, loss, traffic, warnings", runStatus},
 	{"keygen", "make a launcher key and print its peer ID", runKeygen},
+	{"tokenizer", "learn a byte-level BPE tokenizer from text ('train'), or encode and decode with one", runTokenizer},
 	{"bench", "benchmarks: 'bench compression' (boundary codecs), 'bench wan' (a swarm behind emulated internet links)", runBench},
 	{"version", "print the build, the GEMM providers found and the protocols spoken", runVersion},
 }
@@ -74,7 +75,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 func usage(w io.Writer) {
 	fmt.Fprintf(w, "pipeswarm trains one model across many machines, one pipeline stage per peer.\n\nUsage:\n  pipeswarm <command> [arguments]\n\nCommands:\n")
 	for _, c := range commands {
-		fmt.Fprintf(w, "  %-8s %s\n", c.name, c.summary)
+		fmt.Fprintf(w, "  %-9s %s\n", c.name, c.summary)
 	}
 	fmt.Fprintf(w, "\nRun 'pipeswarm <command> --help' for a command's flags.\n")
 }
