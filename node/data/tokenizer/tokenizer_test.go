@@ -111,6 +111,9 @@ func TestPatternsHandChecked(t *testing.T) {
 		{patternGPT2, "I'M we'll", []string{"I", "'", "M", " we", "'ll"}},
 		{patternGPT2, "end   ", []string{"end", "   "}},
 		{patternGPT2, "a \u3000b", []string{"a", " ", "\u3000", "b"}},
+		// \s is Unicode's White_Space, as in Oniguruma: U+0085 is white space, U+FEFF is not.
+		{patternGPT2, "a\u0085\u0085b", []string{"a", "\u0085", "\u0085", "b"}},
+		{patternGPT2, "a \ufeffb", []string{"a", " \ufeff", "b"}},
 		{patternLlama3, "I'M we'LL", []string{"I", "'M", " we", "'LL"}},
 		{patternLlama3, "abc12345 def", []string{"abc", "123", "45", " def"}},
 		{patternLlama3, "hello\n\n  world", []string{"hello", "\n\n", " ", " world"}},
