@@ -33,7 +33,7 @@ func runTokenizer(ctx context.Context, args []string, stdout, stderr io.Writer) 
 	return errUsage
 }
 
-const tokenizerUsage = `Usage:
+const tokenizerUsage = `Usage: pipeswarm tokenizer train|encode|decode ...
   pipeswarm tokenizer train --vocab N --out tokenizer.json FILE...
   pipeswarm tokenizer encode --tokenizer FILE [--json] [--special] < text
   pipeswarm tokenizer decode --tokenizer FILE < ids
