@@ -111,8 +111,9 @@ func ctlStream(ctx context.Context, t *testing.T, h *p2p.Host, d *Daemon, n uint
 }
 
 // A peer with no run here and no trust gets a small control message, a few
-// streams at a time; one that never finishes its message is penalised when
-// the read deadline passes, and an unknown message type is a violation.
+// streams at a time (per identity and per address); one that never finishes
+// its message is penalised when the read deadline passes, and an unknown message
+// type is a violation.
 func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 	d := testDaemon(t)
 	d.cfg.Open = false
@@ -138,7 +139,23 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 			t.Fatalf("control stream %d past the per-peer limit was served", ctlPerPeer+i+1)
 		}
 	}
-	// The stalled ones are reset at the deadline and each counts against h.
+	// Another identity from the same address gets the rest of the address's share.
+	h2 := testHost(t)
+	if _, err := h2.Connect(ctx, d.Addrs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	for range ctlPerIP - ctlPerPeer {
+		stalled = append(stalled, ctlStream(ctx, t, h2, d, maxStrangerMsg, 1000))
+	}
+	time.Sleep(200 * time.Millisecond)
+	h3 := testHost(t)
+	if _, err := h3.Connect(ctx, d.Addrs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	if s := ctlStream(ctx, t, h3, d, maxStrangerMsg, 1000); !refusedAtOnce(s) {
+		t.Fatalf("a control stream past the address's %d was served", ctlPerIP)
+	}
+	// The stalled ones are reset at the deadline and each counts against its sender.
 	for i, s := range stalled {
 		_ = s.SetReadDeadline(time.Now().Add(wireWindow(d.host, h.ID()) + 5*time.Second))
 		if _, err := s.Read(make([]byte, 1)); err == nil || errors.Is(err, io.EOF) || strings.Contains(err.Error(), "deadline") {
@@ -147,6 +164,9 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 	}
 	if n := d.host.Penalties().Offences(h.ID()); n != 1+ctlPerPeer {
 		t.Fatalf("after %d stalled messages the stranger has %d violations, want %d", ctlPerPeer, n, 1+ctlPerPeer)
+	}
+	if n := d.host.Penalties().Offences(h2.ID()); n != ctlPerIP-ctlPerPeer {
+		t.Fatalf("the second stranger has %d violations, want %d", n, ctlPerIP-ctlPerPeer)
 	}
 	// An offer to a key this node does not trust says nothing of the node.
 	r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer})

@@ -376,12 +376,15 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 	// the watch loop. Only they may fetch the run's text.
 	var cellsMu sync.Mutex
 	stagePeers := map[peer.ID]assign.Assignment{}
-	h.Gate(corpus.Proto, func(p peer.ID) bool {
+	inPlan := func(p peer.ID) bool {
 		cellsMu.Lock()
 		defer cellsMu.Unlock()
 		_, ok := stagePeers[p]
 		return ok
-	})
+	}
+	// Reports come from the plan's nodes too; anyone else's control stream is refused.
+	h.Gate(corpus.Proto, inPlan)
+	h.Gate(p2p.ProtoControl, inPlan)
 	dataPlan, err := serveData(sp, h, log)
 	if err != nil {
 		return nil, err
