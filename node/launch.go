@@ -1173,13 +1173,28 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	if plan.Resume != nil {
 		through, toldRecorded = plan.Resume.Step, plan.Resume.Step
 	}
+	latest := map[int]int{}   // replica > 0 -> its last row recorded
+	var recordedTo func() int // set once the broken pipelines are known, below
+	// tellRecorded tells the stages the newest common checkpoint step whose rows are
+	// all recorded (as recordedThrough will read them): replica 0's through, and no
+	// later than any other replica whose pipeline is whole has got.
+	recordedAll := func(live func(r int) bool) int {
+		n := through
+		for r, l := range latest {
+			if live(r) {
+				n = min(n, l)
+			}
+		}
+		return n
+	}
 	tellRecorded := func() {
+		upTo := recordedTo()
 		c := 0
 		if sp.CheckpointInterval > 0 {
-			c = through / sp.CheckpointInterval * sp.CheckpointInterval
+			c = upTo / sp.CheckpointInterval * sp.CheckpointInterval
 		}
 		for k := range commonCk {
-			if k <= through {
+			if k <= upTo {
 				c = max(c, k)
 			}
 		}
@@ -1237,12 +1252,19 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 			}
 		}()
 	}
+	recordedTo = func() int {
+		return recordedAll(func(r int) bool { _, b := broken[r]; return !b && !lagging[r] })
+	}
 	emit := func(s metrics.Step) error {
 		if err := mw.Write(s); err != nil {
 			return err
 		}
 		if o.OnStep != nil {
 			o.OnStep(s)
+		}
+		if s.Replica != nil && *s.Replica > 0 {
+			latest[*s.Replica] = max(latest[*s.Replica], s.Step)
+			tellRecorded()
 		}
 		if s.Replica == nil || *s.Replica == 0 {
 			history = append(history, s) // the plot follows replica 0, which also carries validation

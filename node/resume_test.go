@@ -101,6 +101,22 @@ func TestResumeStopsAtTheLastStepWhoseRowsAreAllRecorded(t *testing.T) {
 	if got := recordedThrough(path); got != 2 {
 		t.Errorf("recordedThrough = %d, want 2: step 3's row is missing", got)
 	}
+	// With replicas, replica 1's last row (step 4) bounds it too: its step 5 never came.
+	reps := `{"step":4,"loss":4,"replica":0}
+{"step":4,"loss":4,"replica":1}
+{"step":5,"loss":4,"replica":0}
+{"step":6,"loss":4,"replica":0}
+`
+	if err := os.WriteFile(path, []byte(strings.Replace(strings.Replace(rows, `{"step":4,"loss":4}`+"\n", "", 1), `{"step":5,"lo`, "", 1)+`{"step":3,"loss":4.2,"replica":0}
+{"step":1,"loss":5,"replica":1}
+{"step":2,"loss":4.5,"replica":1}
+{"step":3,"loss":4.2,"replica":1}
+`+reps), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if got := recordedThrough(path); got != 4 {
+		t.Errorf("with replicas, recordedThrough = %d, want 4: replica 1 has no row after step 4", got)
+	}
 	if got := recordedThrough(filepath.Join(t.TempDir(), "none.jsonl")); got != 0 {
 		t.Errorf("no metrics file: %d, want 0", got)
 	}
