@@ -23,6 +23,7 @@ type command struct {
 var commands = []command{
 	{"train", "train a run spec with every stage in this process", runTrain},
 	{"eval", "print the validation loss of a checkpoint", runEval},
+	{"generate", "sample text from a trained model's checkpoint", runGenerate},
 	{"node", "run a node: hold and train pipeline stages for trusted launchers", runNode},
 	{"launch", "staff, start and watch a pipelined run across nodes", runLaunch},
 	{"export", "assemble a launched run's model from its nodes' checkpoints", runExport},
