@@ -172,18 +172,7 @@ func rmsnorm(out, rstd, x, w []float32, n, d int, eps float32) {
 // dw sums over rows, and a fixed order keeps it independent of the thread count.
 func rmsnormBackward(dx, dw, dout, x, rstd, w []float32, n, d int) {
 	for i := range n {
-		xr, dr, dxr := x[i*d:(i+1)*d], dout[i*d:(i+1)*d], dx[i*d:(i+1)*d]
-		r := rstd[i]
-		var dot float32
-		for j, v := range xr {
-			g := dr[j]
-			dot += w[j] * g * v
-			dw[j] += g * v * r
-		}
-		c := r * r * r * dot / float32(d)
-		for j, v := range xr {
-			dxr[j] += r*w[j]*dr[j] - c*v
-		}
+		kernels.RMSNormBackwardRow(dx[i*d:(i+1)*d], dw, dout[i*d:(i+1)*d], x[i*d:(i+1)*d], w, rstd[i])
 	}
 }
 

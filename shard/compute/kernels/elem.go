@@ -144,3 +144,36 @@ func RMSScale(out, w, x []float32, r float32) {
 		out[j] = w[j] * (x[j] * r)
 	}
 }
+
+// RMSNormBackwardRow is one row of RMSNorm's backward, y = w·x·r with
+// r = (mean(x²)+eps)^-½ saved: with dot = Σ w·dy·x (in the fixed order),
+// dw += dy·x·r and dx += r·w·dy − (r³·dot/d)·x, d = len(x).
+func RMSNormBackwardRow(dx, dw, dy, x, w []float32, r float32) {
+	d := len(x)
+	dx, dw, dy, w = dx[:d], dw[:d], dy[:d], w[:d]
+	full := d &^ 15
+	var part [16]float32
+	if !rmsBackwardDotVec(dw[:full], w[:full], dy[:full], x[:full], r, &part) {
+		for b := 0; b < full; b += 16 {
+			for l := range 16 {
+				j := b + l
+				g, v := dy[j], x[j]
+				part[l] += w[j] * g * v
+				dw[j] += g * v * r
+			}
+		}
+	}
+	dot := laneSum16(&part)
+	for j := full; j < d; j++ {
+		g, v := dy[j], x[j]
+		dot += w[j] * g * v
+		dw[j] += g * v * r
+	}
+	c := r * r * r * dot / float32(d)
+	if !rmsBackwardDxVec(dx[:full], w[:full], dy[:full], x[:full], r, c) {
+		full = 0
+	}
+	for j := full; j < d; j++ {
+		dx[j] += r*w[j]*dy[j] - c*x[j]
+	}
+}

@@ -31,6 +31,12 @@ func softmaxGradAVX512(dp, p *float32, n int, scale, dot float32)
 //go:noescape
 func rmsScaleAVX512(out, w, x *float32, n int, r float32)
 
+//go:noescape
+func rmsBackwardDotAVX512(dw, w, gr, x *float32, n int, r float32, part *float32)
+
+//go:noescape
+func rmsBackwardDxAVX512(dx, w, gr, x *float32, n int, r, c float32)
+
 // vecAVX512 says whether the element-wise kernels use AVX-512; tests turn it off to
 // compare with the scalar loops.
 var vecAVX512 = cpu.X86.HasAVX512F
@@ -112,5 +118,21 @@ func rmsScaleVec(out, w, x []float32, r float32) bool {
 		return false
 	}
 	rmsScaleAVX512(&out[0], &w[0], &x[0], len(out), r)
+	return true
+}
+
+func rmsBackwardDotVec(dw, w, g, x []float32, r float32, part *[16]float32) bool {
+	if !vecAVX512 || len(dw) == 0 {
+		return false
+	}
+	rmsBackwardDotAVX512(&dw[0], &w[0], &g[0], &x[0], len(dw), r, &part[0])
+	return true
+}
+
+func rmsBackwardDxVec(dx, w, g, x []float32, r, c float32) bool {
+	if !vecAVX512 || len(dx) == 0 {
+		return false
+	}
+	rmsBackwardDxAVX512(&dx[0], &w[0], &g[0], &x[0], len(dx), r, c)
 	return true
 }

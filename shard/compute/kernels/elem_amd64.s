@@ -318,3 +318,71 @@ rsloop:
 rsdone:
 	VZEROUPPER
 	RET
+
+// func rmsBackwardDotAVX512(dw, w, g, x *float32, n int, r float32, part *float32)
+// For n a multiple of 16: part[l] = the sum, in order, of w·g·x over elements 16j + l,
+// and dw[i] += g[i]·x[i]·r.
+TEXT ·rmsBackwardDotAVX512(SB), NOSPLIT, $0-56
+	MOVQ dw+0(FP), DI
+	MOVQ w+8(FP), R8
+	MOVQ gr+16(FP), R9
+	MOVQ x+24(FP), SI
+	MOVQ n+32(FP), CX
+	VBROADCASTSS r+40(FP), Z5
+	MOVQ part+48(FP), AX
+	VPXORD Z6, Z6, Z6
+	SHRQ $4, CX
+	JZ rbddone
+
+rbdloop:
+	VMOVUPS (R9), Z0       // g
+	VMOVUPS (SI), Z1       // x
+	VMULPS (R8), Z0, Z2    // w·g
+	VMULPS Z1, Z2, Z2      // ·x
+	VADDPS Z2, Z6, Z6
+	VMULPS Z1, Z0, Z3      // g·x
+	VMULPS Z5, Z3, Z3      // ·r
+	VADDPS (DI), Z3, Z3
+	VMOVUPS Z3, (DI)
+	ADDQ $64, DI
+	ADDQ $64, R8
+	ADDQ $64, R9
+	ADDQ $64, SI
+	DECQ CX
+	JNZ rbdloop
+
+rbddone:
+	VMOVUPS Z6, (AX)
+	VZEROUPPER
+	RET
+
+// func rmsBackwardDxAVX512(dx, w, g, x *float32, n int, r, c float32)
+// dx[i] += r·w[i]·g[i] − c·x[i] for n a multiple of 16.
+TEXT ·rmsBackwardDxAVX512(SB), NOSPLIT, $0-48
+	MOVQ dx+0(FP), DI
+	MOVQ w+8(FP), R8
+	MOVQ gr+16(FP), R9
+	MOVQ x+24(FP), SI
+	MOVQ n+32(FP), CX
+	VBROADCASTSS r+40(FP), Z5
+	VBROADCASTSS c+44(FP), Z6
+	SHRQ $4, CX
+	JZ rbxdone
+
+rbxloop:
+	VMULPS (R8), Z5, Z0    // r·w
+	VMULPS (R9), Z0, Z0    // ·g
+	VMULPS (SI), Z6, Z1    // c·x
+	VSUBPS Z1, Z0, Z0
+	VADDPS (DI), Z0, Z0
+	VMOVUPS Z0, (DI)
+	ADDQ $64, DI
+	ADDQ $64, R8
+	ADDQ $64, R9
+	ADDQ $64, SI
+	DECQ CX
+	JNZ rbxloop
+
+rbxdone:
+	VZEROUPPER
+	RET

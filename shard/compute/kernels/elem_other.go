@@ -14,3 +14,6 @@ func scaleVec(x []float32, s float32) bool                        { return false
 func dotVec(a, b []float32, part *[16]float32) bool               { return false }
 func softmaxGradVec(dp, p []float32, scale, dot float32) bool     { return false }
 func rmsScaleVec(out, w, x []float32, r float32) bool             { return false }
+
+func rmsBackwardDotVec(dw, w, g, x []float32, r float32, part *[16]float32) bool { return false }
+func rmsBackwardDxVec(dx, w, g, x []float32, r, c float32) bool                  { return false }

@@ -98,6 +98,17 @@ func TestElementwiseVectorMatchesScalarBitForBit(t *testing.T) {
 		withScalar(func() { RMSScale(want, y, z, 0.37) })
 		sameBits(t, "rms scale", got, want, y, z)
 
+		dx0, dw0 := make([]float32, n), make([]float32, n)
+		for i := range dx0 {
+			dx0[i], dw0[i] = float32(rng.NormFloat64()), float32(rng.NormFloat64())
+		}
+		gdx, gdw := append([]float32(nil), dx0...), append([]float32(nil), dw0...)
+		wdx, wdw := append([]float32(nil), dx0...), append([]float32(nil), dw0...)
+		RMSNormBackwardRow(gdx, gdw, dsc, sc, y, 0.8)
+		withScalar(func() { RMSNormBackwardRow(wdx, wdw, dsc, sc, y, 0.8) })
+		sameBits(t, "rmsnorm backward dx", gdx, wdx, dsc, sc, y)
+		sameBits(t, "rmsnorm backward dw", gdw, wdw, dsc, sc, y)
+
 		copy(got, x)
 		Scale(got, -1.5)
 		copy(want, x)
