@@ -844,3 +844,36 @@ func TestAByteFlippedAnywhereInACheckpointOrStateFileIsDetected(t *testing.T) {
 		}
 	}
 }
+
+// FuzzAChangedByteOfASealedFileIsDetected changes one byte of a sealed state file at
+// any position to any other value: the read fails, or (the checksum's key changed)
+// the file no longer reads as sealed.
+func FuzzAChangedByteOfASealedFileIsDetected(f *testing.F) {
+	path := filepath.Join(f.TempDir(), "s.safetensors")
+	vals := make([]float32, 300)
+	for i := range vals {
+		vals[i] = float32(i) / 7
+	}
+	if err := SaveTensors(path, map[string]string{"adam_step": "7", "pipeswarm.step": "7"}, []Named{{"adam_m", vals}, {"adam_v", vals[:100]}}); err != nil {
+		f.Fatal(err)
+	}
+	good, err := os.ReadFile(path)
+	if err != nil {
+		f.Fatal(err)
+	}
+	for _, pos := range []uint{0, 7, 8, 20, 60, 100, 150, uint(len(good)) - 1} {
+		f.Add(pos, byte(1))
+		f.Add(pos, byte(0x80))
+	}
+	f.Fuzz(func(t *testing.T, pos uint, x byte) {
+		if x == 0 {
+			return // no change
+		}
+		bad := slices.Clone(good)
+		i := int(pos % uint(len(bad)))
+		bad[i] ^= x
+		if ck, err := ReadCheckpoint(bytes.NewReader(bad)); err == nil && ck.Sealed {
+			t.Fatalf("byte %d changed from %#x to %#x: read as sealed", i, good[i], bad[i])
+		}
+	})
+}
