@@ -5,7 +5,7 @@
 //
 // It builds, all without cgo (no C compiler or cross toolchain needed):
 //
-//	pipeswarm-linux-amd64, pipeswarm-linux-arm64, pipeswarm-darwin-arm64
+//	pipeswarm-linux-amd64, pipeswarm-linux-arm64
 //	    the default build: dynamically linked against the system C library only,
 //	    it loads oneDNN or OpenBLAS at run time where they are installed;
 //	pipeswarm-linux-amd64-static, pipeswarm-linux-arm64-static
@@ -13,6 +13,7 @@
 //	    with pipeswarm's own kernels only.
 //
 // Each binary for this machine's OS and architecture then runs `train --steps N`.
+// There is no darwin build: bench wan's netns mode (bench/netns) is Linux only.
 package main
 
 import (
@@ -47,7 +48,6 @@ func (t target) name() string {
 var targets = []target{
 	{"linux", "amd64", false},
 	{"linux", "arm64", false},
-	{"darwin", "arm64", false},
 	{"linux", "amd64", true},
 	{"linux", "arm64", true},
 }
