@@ -59,12 +59,17 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	h := testHost(t)
+	k, _ := p2p.GenerateKey()
+	h := testHostWith(t, k)
 	if _, err := h.Connect(ctx, d.Addrs()[0]); err != nil {
 		t.Fatal(err)
 	}
 	if r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer}); err != nil || !r.OK {
 		t.Fatalf("offer: %+v %v", r, err)
+	}
+	// h launches a run here (so its tensor streams are read), then sends a bad frame.
+	if err := d.accept(h.ID(), signedPlanBy(t, d, k, 0xab, time.Now().Add(time.Minute))); err != nil {
+		t.Fatal(err)
 	}
 	s, err := h.NewStream(ctx, d.ID(), p2p.ProtoActivation)
 	if err != nil {
@@ -74,10 +79,6 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 	_ = s.CloseWrite()
 	_ = s.SetReadDeadline(time.Now().Add(10 * time.Second))
 	_, _ = s.Read(make([]byte, 1)) // reset once the node has judged it
-	launcher, signed := signedPlan(t, d, 0xab, time.Now().Add(time.Minute))
-	if err := d.accept(launcher, signed); err != nil {
-		t.Fatal(err)
-	}
 
 	snap, err := status.Fetch(ctx, d.StatusAddr())
 	if err != nil {
