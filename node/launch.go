@@ -192,6 +192,9 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err := o.Spec.Validate(); err != nil {
 		return nil, err
 	}
+	if err := o.Spec.ByteLevelOnly("launch"); err != nil {
+		return nil, err
+	}
 	if err := o.Spec.CheckData(); err != nil {
 		return nil, err
 	}

@@ -60,9 +60,9 @@ type worker struct {
 	slotIO []slotIO      // tokens and targets of the micro-batch in each slot
 	eval   *train.Evaluator
 
-	sampler *data.Sampler // stage 0
-	val     []byte        // stage 0 of replica 0: validation split
-	evalN   int           // validation batches (0 on replicas other than 0: they do not evaluate)
+	sampler *data.Sampler[byte] // stage 0
+	val     []byte              // stage 0 of replica 0: validation split
+	evalN   int                 // validation batches (0 on replicas other than 0: they do not evaluate)
 	windows int
 
 	// DiLoCo, with replicas: this replica's outer state for the stage, the stage's
@@ -369,7 +369,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		w.tapes = append(w.tapes, st.NewTape(mb, cfg.SeqLen))
 		w.slotIO = append(w.slotIO, slotIO{make([]int32, mb*cfg.SeqLen), make([]int32, mb*cfg.SeqLen)})
 	}
-	w.eval = train.NewEvaluator([]*shard.Stage{st}, nil, sp.EvalBatches)
+	w.eval = train.NewEvaluator[byte]([]*shard.Stage{st}, nil, sp.EvalBatches)
 	w.eval.Reuse(w.tapes[:1])
 	w.ctx, w.cancel = context.WithCancelCause(ctx)
 	// Until a kind of control message has been answered, as long as staffing may take.

@@ -12,7 +12,7 @@ import (
 )
 
 // runFiles are the files train and launch write into a run's directory.
-var runFiles = []string{train.MetricsFile, train.SpecFile, train.CheckpointFile, train.HFConfigFile, train.PlotFile,
+var runFiles = []string{train.MetricsFile, train.SpecFile, train.CheckpointFile, train.HFConfigFile, train.TokenizerFile, train.PlotFile,
 	train.StateFile, node.RunFile, node.ResultFile}
 
 // holdsRun says which file of a run dir holds, "" if none: a directory that holds a

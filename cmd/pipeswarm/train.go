@@ -16,6 +16,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/examples"
 	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/data/tokenizer"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
@@ -159,6 +160,9 @@ func loadSpecOr(builtin string, pos []string, data string, steps int, log *slog.
 		}
 	}
 	if err := sp.Validate(); err != nil {
+		return nil, err
+	}
+	if _, err := sp.CheckTokenizer(); err != nil {
 		return nil, err
 	}
 	if data == "" {
@@ -327,7 +331,15 @@ is read from the checkpoint; --data replaces its data path.`, stderr)
 	if err != nil {
 		return err
 	}
-	_, val := data.Split(text, sp.Data.ValFraction)
+	tk, err := evalTokenizer(sp, *ckPath)
+	if err != nil {
+		return err
+	}
+	tokens, err := train.Tokenize(tk, text, sp.Model.Vocab)
+	if err != nil {
+		return err
+	}
+	_, val := data.Split(tokens, sp.Data.ValFraction)
 	ev := train.NewEvaluator(stages, val, sp.EvalBatches)
 	if ev.Windows() == 0 {
 		return fmt.Errorf("validation split of %s (%d bytes) holds no window of %d bytes", name, len(val), sp.Model.SeqLen+1)
@@ -339,4 +351,17 @@ is read from the checkpoint; --data replaces its data path.`, stderr)
 	}
 	fmt.Fprintf(stdout, "val_loss %.6f  (%d windows of %d bytes from %s)\n", loss, ev.Windows(), sp.Model.SeqLen+1, name)
 	return nil
+}
+
+// evalTokenizer is the tokenizer a checkpoint's run used: none for bytes, else the
+// tokenizer.json beside the checkpoint, or the file its spec names.
+func evalTokenizer(sp *spec.Spec, ckPath string) (*tokenizer.Tokenizer, error) {
+	if sp.Data.ByteLevel() {
+		return nil, nil
+	}
+	beside := filepath.Join(filepath.Dir(ckPath), train.TokenizerFile)
+	if _, err := os.Stat(beside); err == nil {
+		return tokenizer.Load(beside)
+	}
+	return train.LoadTokenizer(sp)
 }

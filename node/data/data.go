@@ -165,10 +165,23 @@ func isText(b []byte) bool {
 	return bytes.IndexByte(b, 0) < 0 && utf8.Valid(b)
 }
 
+// Token is what a text is a sequence of: bytes for a byte-level model, token ids (int32)
+// for a tokenizer's.
+type Token interface{ ~byte | ~int32 }
+
+// Widen returns text's bytes as int32 tokens.
+func Widen(text []byte) []int32 {
+	out := make([]int32, len(text))
+	for i, b := range text {
+		out[i] = int32(b)
+	}
+	return out
+}
+
 // Split returns the first 1-valFraction of text for training and the rest, floor(len(text) *
 // valFraction) bytes, for validation. The two share text's memory but appending to train
 // cannot overwrite val. It panics if valFraction is outside [0, 1].
-func Split(text []byte, valFraction float64) (train, val []byte) {
+func Split[T Token](text []T, valFraction float64) (train, val []T) {
 	if !(valFraction >= 0 && valFraction <= 1) {
 		panic(fmt.Sprintf("data: Split: valFraction %v outside [0, 1]", valFraction))
 	}
@@ -178,7 +191,7 @@ func Split(text []byte, valFraction float64) (train, val []byte) {
 
 // ValWindows returns how many windows of seqLen+1 bytes fit in val, one after another
 // without overlap; the remainder is not evaluated.
-func ValWindows(val []byte, seqLen int) int {
+func ValWindows[T Token](val []T, seqLen int) int {
 	if seqLen <= 0 {
 		panic(fmt.Sprintf("data: ValWindows: seqLen %d is not positive", seqLen))
 	}
@@ -187,7 +200,7 @@ func ValWindows(val []byte, seqLen int) int {
 
 // ValWindow fills inputs and targets, each seqLen long, with window i of val: the bytes
 // starting at i*(seqLen+1), and for each the byte after it.
-func ValWindow(val []byte, seqLen, i int, inputs, targets []int32) {
+func ValWindow[T Token](val []T, seqLen, i int, inputs, targets []int32) {
 	if len(inputs) != seqLen || len(targets) != seqLen {
 		panic(fmt.Sprintf("data: ValWindow: inputs %d and targets %d, want seqLen %d", len(inputs), len(targets), seqLen))
 	}
@@ -198,7 +211,7 @@ func ValWindow(val []byte, seqLen, i int, inputs, targets []int32) {
 }
 
 // fill sets inputs to the first len(inputs) bytes of src and targets to the bytes one on.
-func fill(src []byte, inputs, targets []int32) {
+func fill[T Token](src []T, inputs, targets []int32) {
 	for j := range inputs {
 		inputs[j] = int32(src[j])
 		targets[j] = int32(src[j+1])
@@ -208,15 +221,15 @@ func fill(src []byte, inputs, targets []int32) {
 // Sampler draws training sequences from random offsets of a text. Each replica of a stage
 // gets its own stream, so replicas train on different data, and a restart with the same
 // (seed, replica) draws the same sequences again.
-type Sampler struct {
-	train  []byte
+type Sampler[T Token] struct {
+	train  []T
 	seqLen int
 	rng    *rand.PCG
 }
 
 // NewSampler returns a sampler of sequences of seqLen tokens from train, which it keeps and
 // which must not change while it is in use.
-func NewSampler(train []byte, seqLen int, seed uint64, replica int) (*Sampler, error) {
+func NewSampler[T Token](train []T, seqLen int, seed uint64, replica int) (*Sampler[T], error) {
 	if seqLen <= 0 {
 		return nil, fmt.Errorf("data: sampler: seq_len %d is not positive", seqLen)
 	}
@@ -226,13 +239,13 @@ func NewSampler(train []byte, seqLen int, seed uint64, replica int) (*Sampler, e
 	}
 	// Mixing the replica keeps streams of neighbouring replicas from starting at
 	// neighbouring states.
-	return &Sampler{train: train, seqLen: seqLen, rng: rand.NewPCG(seed, mix(uint64(replica)))}, nil
+	return &Sampler[T]{train: train, seqLen: seqLen, rng: rand.NewPCG(seed, mix(uint64(replica)))}, nil
 }
 
 // Next fills inputs and targets with len(inputs)/seqLen sequences, one after another, each
 // from a uniformly random offset; targets are the inputs shifted by one byte. It panics
 // unless len(inputs) is a multiple of seqLen and len(targets) == len(inputs).
-func (s *Sampler) Next(inputs, targets []int32) {
+func (s *Sampler[T]) Next(inputs, targets []int32) {
 	if len(inputs)%s.seqLen != 0 || len(targets) != len(inputs) {
 		panic(fmt.Sprintf("data: Sampler.Next: inputs %d and targets %d, want equal multiples of seqLen %d",
 			len(inputs), len(targets), s.seqLen))
@@ -263,7 +276,7 @@ func mix(x uint64) uint64 {
 // Shard returns replica r's part of the training text when n replica pipelines share
 // it: the r-th of n contiguous, disjoint, nearly equal slices, so replicas train on
 // different text. With n = 1 it is the whole text. It panics unless 0 <= r < n.
-func Shard(train []byte, r, n int) []byte {
+func Shard[T Token](train []T, r, n int) []T {
 	if n < 1 || r < 0 || r >= n {
 		panic(fmt.Sprintf("data: Shard %d of %d", r, n))
 	}
@@ -272,15 +285,15 @@ func Shard(train []byte, r, n int) []byte {
 }
 
 // State returns the sampler's position in its stream, for a checkpoint.
-func (s *Sampler) State() ([]byte, error) { return s.rng.MarshalBinary() }
+func (s *Sampler[T]) State() ([]byte, error) { return s.rng.MarshalBinary() }
 
 // AppendState appends State to dst: a caller that records it every step reuses one
 // buffer.
-func (s *Sampler) AppendState(dst []byte) ([]byte, error) { return s.rng.AppendBinary(dst) }
+func (s *Sampler[T]) AppendState(dst []byte) ([]byte, error) { return s.rng.AppendBinary(dst) }
 
 // SetState moves the sampler to a position State returned, so a resumed run draws
 // the sequences the uninterrupted one would have.
-func (s *Sampler) SetState(b []byte) error {
+func (s *Sampler[T]) SetState(b []byte) error {
 	if err := s.rng.UnmarshalBinary(b); err != nil {
 		return fmt.Errorf("data: sampler state: %w", err)
 	}

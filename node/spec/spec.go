@@ -19,6 +19,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/pipeswarm/pipeswarm/node/data/tokenizer"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
 )
 
@@ -182,7 +183,25 @@ type Train struct {
 type Data struct {
 	Path        string  `yaml:"path"`         // file, directory, or .jsonl; empty = built-in default corpus
 	ValFraction float64 `yaml:"val_fraction"` // default 0.1
+	// Tokenizer is "bytes" (or empty: a token is a byte) or the path of a Hugging Face
+	// tokenizer.json of the byte-level BPE kind; model.vocab then defaults to its size.
+	Tokenizer string `yaml:"tokenizer,omitempty"`
 }
+
+// ByteLevel reports whether tokens are bytes (no tokenizer file).
+func (d Data) ByteLevel() bool { return d.Tokenizer == "" || d.Tokenizer == "bytes" }
+
+// TokenizerName is "bytes" or the tokenizer's path, for logs.
+func (d Data) TokenizerName() string {
+	if d.ByteLevel() {
+		return "bytes"
+	}
+	return d.Tokenizer
+}
+
+// MaxVocab bounds model.vocab: token ids are int32 on the wire, and a vocabulary far
+// beyond the largest in use (Llama 3's 128,256, Gemma's 262,144) is a mistake.
+const MaxVocab = 1 << 20
 
 // Compression is what crosses a stage boundary: the residual subspace the model is
 // constrained to (Pluralis protocol models) and the wire codecs on top.
@@ -426,6 +445,39 @@ func (s *Spec) FitWarmup() (was, now int, changed bool) {
 // caller to tell the user.
 func (s *Spec) Notes() []string { return slices.Clone(s.notes) }
 
+// CheckTokenizer loads the tokenizer data.tokenizer names, if any, and sizes the model
+// for it: model.vocab, when the spec does not set it, becomes the tokenizer's vocabulary
+// size; when it does, it must be at least that. A tokenizer that is missing or cannot be
+// followed exactly is refused with the file and line of the field.
+func (s *Spec) CheckTokenizer() (*tokenizer.Tokenizer, error) {
+	if s.Data.ByteLevel() {
+		return nil, nil
+	}
+	tk, err := tokenizer.Load(s.Data.Tokenizer)
+	if err != nil {
+		return nil, &fieldError{file: s.src.file, line: s.src.lines["data.tokenizer"], field: "data.tokenizer", kind: ErrInvalid, cause: err,
+			msg: fmt.Sprintf("%v; want the path of a Hugging Face tokenizer.json of the byte-level BPE kind ('pipeswarm tokenizer train' makes one), or bytes", err)}
+	}
+	switch n := tk.VocabSize(); {
+	case !s.src.written("model.vocab"):
+		s.Model.Vocab = n
+	case s.Model.Vocab < n:
+		return nil, &fieldError{file: s.src.file, line: s.src.lines["model.vocab"], field: "model.vocab", kind: ErrInvalid,
+			msg: fmt.Sprintf("%d is smaller than the %d tokens of data.tokenizer %s; leave it out to use the tokenizer's size", s.Model.Vocab, n, s.Data.Tokenizer)}
+	}
+	return tk, nil
+}
+
+// ByteLevelOnly refuses a tokenizer file for what does not support one yet, naming
+// data.tokenizer.
+func (s *Spec) ByteLevelOnly(what string) error {
+	if s.Data.ByteLevel() {
+		return nil
+	}
+	return &fieldError{file: s.src.file, line: s.src.lines["data.tokenizer"], field: "data.tokenizer", kind: ErrInvalid,
+		msg: fmt.Sprintf("%q: %s trains byte-level models only for now; train with a tokenizer in one process with 'pipeswarm train', or set bytes", s.Data.Tokenizer, what)}
+}
+
 // CheckData reports whether data.path names text that exists, a file or a directory
 // (an empty path, the built-in corpus, always does): a run whose text is missing is
 // refused before anything else is done, with the file and line of the field.
@@ -620,8 +672,8 @@ func (s *Spec) problems() []error {
 		c.failf("export", "%q is not %s or %s", s.Export, ExportAllowed, ExportNever)
 	}
 
-	if m.Vocab < 2 || m.Vocab > 65536 {
-		c.failf("model.vocab", "%d is outside [2, 65536]", m.Vocab)
+	if m.Vocab < 2 || m.Vocab > MaxVocab {
+		c.failf("model.vocab", "%d is outside [2, %d]", m.Vocab, MaxVocab)
 	}
 	dOK := c.positive("model.d_model", m.DModel)
 	layersOK := c.positive("model.n_layers", m.NLayers)

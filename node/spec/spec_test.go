@@ -253,8 +253,8 @@ func TestValidateNamesFieldLineAndValue(t *testing.T) {
 		{path: "name", value: `""`, want: `"" is empty`},
 		{path: "name", value: `"my run"`, want: `"my run" must be`},
 		{path: "eval_interval", value: "-1", want: "-1 is negative"},
-		{path: "model.vocab", value: "1", want: "1 is outside [2, 65536]"},
-		{path: "model.vocab", value: "65537", want: "65537 is outside [2, 65536]"},
+		{path: "model.vocab", value: "1", want: "1 is outside [2, 1048576]"},
+		{path: "model.vocab", value: "1048577", want: "1048577 is outside [2, 1048576]"},
 		{path: "model.vocab", value: "0", want: "0 is outside"},
 		{path: "model.d_model", value: "0", want: "0 is not positive"},
 		{path: "model.n_layers", value: "-2", want: "-2 is not positive"},
@@ -767,5 +767,29 @@ func TestRecomputeIsABoolThatRoundTrips(t *testing.T) {
 	_, err = Parse([]byte("name: p\nmodel:\n  recompute: sometimes\n"+body), "p.yaml")
 	if err == nil || !strings.Contains(err.Error(), "p.yaml:3: model.recompute") {
 		t.Errorf("recompute: sometimes: error %v, want one naming p.yaml:3: model.recompute", err)
+	}
+}
+
+func TestDataTokenizerIsCheckedWhereItIsUsed(t *testing.T) {
+	s := mustParse(t, []byte(base))
+	if !s.Data.ByteLevel() || s.ByteLevelOnly("launch") != nil || strings.Contains(s.String(), "tokenizer") {
+		t.Errorf("a spec without data.tokenizer is not byte-level as before: %q", s.String())
+	}
+	if tk, err := s.CheckTokenizer(); tk != nil || err != nil {
+		t.Errorf("CheckTokenizer of a byte-level spec: %v, %v", tk, err)
+	}
+	missing := filepath.Join(t.TempDir(), "missing.json")
+	src := strings.Replace(base, "  val_fraction: 0.1\n", "  val_fraction: 0.1\n  tokenizer: "+strconv.Quote(missing)+"\n", 1)
+	line := strings.Count(src[:strings.Index(src, "  tokenizer:")], "\n") + 1
+	s, err := Parse([]byte(src), "t.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := fmt.Sprintf("t.yaml:%d: data.tokenizer:", line)
+	if _, err := s.CheckTokenizer(); err == nil || !strings.Contains(err.Error(), want) || !errors.Is(err, ErrInvalid) {
+		t.Errorf("a missing tokenizer: %v, want an ErrInvalid containing %q", err, want)
+	}
+	if err := s.ByteLevelOnly("launch"); err == nil || !strings.Contains(err.Error(), want) {
+		t.Errorf("launch of a tokenizer run: %v, want a refusal containing %q", err, want)
 	}
 }

@@ -94,7 +94,7 @@ func TestReplicatedRunWritesReplicaAndOuterRows(t *testing.T) {
 func TestPlainAveragingOuterStepGivesTheMeanOfTheReplicas(t *testing.T) {
 	sp := testSpec(t, strings.Replace(replicaSpec, "sync: int8/32", "sync: fp32", 1))
 	text, _, _ := Corpus("")
-	tr, _ := data.Split(text, sp.Data.ValFraction)
+	tr, _ := data.Split(data.Widen(text), sp.Data.ValFraction)
 	reps := make([]*replica, 2)
 	for r := range reps {
 		rp, err := newReplica(sp, tr, r)

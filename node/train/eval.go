@@ -14,7 +14,7 @@ import (
 type Evaluator struct {
 	stages  []*shard.Stage
 	bounds  []*Boundary // between stages, as in training; nil: none
-	val     []byte
+	val     []int32
 	batches int                   // at most this many batches; 0: every window
 	tapes   map[int][]*shard.Tape // by batch size: EvalBatch, and the last partial batch
 	// trace, if set, sees each stage's forward of each batch timed, with the bytes
@@ -24,13 +24,25 @@ type Evaluator struct {
 
 // NewEvaluator evaluates stages (a whole model, in order) on the first batches
 // batches of windows of val (every window if batches is 0).
-func NewEvaluator(stages []*shard.Stage, val []byte, batches int) *Evaluator {
-	return &Evaluator{stages: stages, val: val, batches: batches, tapes: map[int][]*shard.Tape{}}
+func NewEvaluator[T data.Token](stages []*shard.Stage, val []T, batches int) *Evaluator {
+	return &Evaluator{stages: stages, val: asInt32(val), batches: batches, tapes: map[int][]*shard.Tape{}}
+}
+
+// asInt32 returns tokens as int32s: the slice itself when it holds them already.
+func asInt32[T data.Token](tokens []T) []int32 {
+	if t, ok := any(tokens).([]int32); ok {
+		return t
+	}
+	out := make([]int32, len(tokens))
+	for i, t := range tokens {
+		out[i] = int32(t)
+	}
+	return out
 }
 
 // EvalWindows is how many validation windows an evaluation of the first batches
 // batches (0: all) of val's windows of seqLen+1 bytes covers.
-func EvalWindows(val []byte, seqLen, batches int) int {
+func EvalWindows[T data.Token](val []T, seqLen, batches int) int {
 	n := data.ValWindows(val, seqLen)
 	if batches > 0 {
 		n = min(n, batches*EvalBatch)

@@ -106,7 +106,7 @@ type tracer func(kind OpKind, stage, item int, d time.Duration, bytes int64)
 
 // step runs one optimiser step over m.micro micro-batches and returns the mean loss
 // and the gradient norm before clipping. tr, if set, sees every stage's compute timed.
-func (m *model) step(sampler *data.Sampler, inputs, targets []int32, lr float32, clip float64, tr tracer) (loss, norm float64) {
+func (m *model) step(sampler *data.Sampler[int32], inputs, targets []int32, lr float32, clip float64, tr tracer) (loss, norm float64) {
 	for _, s := range m.stages {
 		s.ZeroGrads()
 	}

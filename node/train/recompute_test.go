@@ -15,7 +15,7 @@ func TestRecomputeTrainsTheSameModelBitForBit(t *testing.T) {
 	src := strings.Replace(smallSpec, "n_layers: 2", "n_layers: 3", 1)
 	src = strings.Replace(src, "stages: 1, micro_batches: 1", "stages: 3, micro_batches: 2", 1)
 	var runs [2]*model
-	var samplers [2]*data.Sampler
+	var samplers [2]*data.Sampler[int32]
 	for i, on := range []bool{false, true} {
 		sp := testSpec(t, src)
 		sp.Model.Recompute = on
@@ -31,7 +31,7 @@ func TestRecomputeTrainsTheSameModelBitForBit(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if samplers[i], err = data.NewSampler(text, sp.Model.SeqLen, sp.Seed, 0); err != nil {
+		if samplers[i], err = data.NewSampler(data.Widen(text), sp.Model.SeqLen, sp.Seed, 0); err != nil {
 			t.Fatal(err)
 		}
 	}

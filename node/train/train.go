@@ -18,6 +18,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/data/tokenizer"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/shard"
@@ -34,7 +35,10 @@ const (
 	SpecFile       = "spec.yaml"
 	CheckpointFile = "model.safetensors"
 	HFConfigFile   = "config.json"
-	PlotFile       = "loss.png"
+	// TokenizerFile is the run's tokenizer.json, beside config.json as in a Hugging Face
+	// model directory; a byte-level run has none.
+	TokenizerFile = "tokenizer.json"
+	PlotFile      = "loss.png"
 	// StateFile holds what model.safetensors does not and a resumed run needs: per
 	// replica its weights, AdamW state, data position and error-feedback residuals, and
 	// with replicas the global weights and outer momentum of every stage.
@@ -156,8 +160,37 @@ func Corpus(path string) (text []byte, name string, err error) {
 	return text, path, err
 }
 
+// LoadTokenizer returns the tokenizer data.tokenizer names, or nil for bytes.
+func LoadTokenizer(sp *spec.Spec) (*tokenizer.Tokenizer, error) {
+	if sp.Data.ByteLevel() {
+		return nil, nil
+	}
+	tk, err := tokenizer.Load(sp.Data.Tokenizer)
+	if err != nil {
+		return nil, fmt.Errorf("data.tokenizer: %w", err)
+	}
+	return tk, nil
+}
+
+// Tokenize returns the tokens of text: its bytes without a tokenizer, else the ids tk
+// gives it (no special tokens), each checked to be below vocab.
+func Tokenize(tk *tokenizer.Tokenizer, text []byte, vocab int) ([]int32, error) {
+	if tk == nil {
+		return data.Widen(text), nil
+	}
+	ids := tk.Encode(string(text))
+	out := make([]int32, len(ids))
+	for i, id := range ids {
+		if id >= vocab {
+			return nil, fmt.Errorf("train: token %d of the text is id %d, outside model.vocab %d", i, id, vocab)
+		}
+		out[i] = int32(id)
+	}
+	return out, nil
+}
+
 // Run trains sp's model in one process and writes metrics.jsonl, spec.yaml,
-// model.safetensors (+ config.json) and loss.png into OutDir. On ctx cancellation it
+// model.safetensors (+ config.json, and tokenizer.json with data.tokenizer) and loss.png into OutDir. On ctx cancellation it
 // stops after the current step, still writes the checkpoint and plot of what it did,
 // and returns ctx's error with the partial Result.
 func Run(ctx context.Context, o Options) (*Result, error) {
@@ -182,9 +215,17 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err != nil {
 		return nil, err
 	}
-	trainText, valText := data.Split(text, sp.Data.ValFraction)
+	tk, err := LoadTokenizer(sp)
+	if err != nil {
+		return nil, err
+	}
+	tokens, err := Tokenize(tk, text, sp.Model.Vocab)
+	if err != nil {
+		return nil, err
+	}
+	trainText, valText := data.Split(tokens, sp.Data.ValFraction)
 	if data.ValWindows(valText, cfg.SeqLen) == 0 {
-		return nil, fmt.Errorf("train: validation split of %d bytes holds no window of seq_len+1 = %d bytes; use more text or a larger data.val_fraction",
+		return nil, fmt.Errorf("train: validation split of %d tokens holds no window of seq_len+1 = %d tokens; use more text or a larger data.val_fraction",
 			len(valText), cfg.SeqLen+1)
 	}
 	R := sp.Pipeline.Replicas
@@ -200,8 +241,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	be := m.stages[0].Backend()
 	log.Info("compute", "backend", be.Name(), "precision", sp.Model.Precision, "gemm", be.GEMM().Describe(),
 		"impl", be.Describe(), "workers", compute.Workers())
-	log.Info("training", "spec", sp.Name, "corpus", corpusName, "bytes", len(text),
-		"train_bytes", len(trainText), "val_bytes", len(valText), "params", m.numParams(),
+	log.Info("training", "spec", sp.Name, "corpus", corpusName, "bytes", len(text), "tokenizer", sp.Data.TokenizerName(),
+		"train_tokens", len(trainText), "val_tokens", len(valText), "params", m.numParams(),
 		"stages", len(m.stages), "replicas", R, "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep()*R)
 
 	var sync *syncer
@@ -223,7 +264,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	if err := os.MkdirAll(o.OutDir, 0o755); err != nil {
 		return nil, fmt.Errorf("train: %w", err)
 	}
-	if err := writeRunFiles(o.OutDir, sp, cfg, m.stages[0].Backend()); err != nil {
+	if err := writeRunFiles(o.OutDir, sp, cfg, m.stages[0].Backend(), tk); err != nil {
 		return nil, err
 	}
 	mw, err := metrics.Create(filepath.Join(o.OutDir, MetricsFile))
@@ -376,11 +417,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 // replica is one replica pipeline: a whole model on its own shard of the text.
 type replica struct {
 	m       *model
-	sampler *data.Sampler
+	sampler *data.Sampler[int32]
 	outers  []*Outer // per stage; nil with one replica
 }
 
-func newReplica(sp *spec.Spec, trainText []byte, r int) (*replica, error) {
+func newReplica(sp *spec.Spec, trainText []int32, r int) (*replica, error) {
 	m, err := newModel(sp)
 	if err != nil {
 		return nil, err
@@ -490,7 +531,7 @@ type RunInfo struct {
 	Workers   int    `json:"workers"`
 }
 
-func writeRunFiles(dir string, sp *spec.Spec, cfg shard.Config, be backend.Backend) error {
+func writeRunFiles(dir string, sp *spec.Spec, cfg shard.Config, be backend.Backend, tk *tokenizer.Tokenizer) error {
 	info, err := json.MarshalIndent(RunInfo{Backend: be.Name(), Precision: be.Precision(), GEMM: be.GEMM().Name,
 		GEMMImpl: be.GEMM().Describe(), Workers: compute.Workers()}, "", "  ")
 	if err != nil {
@@ -505,6 +546,11 @@ func writeRunFiles(dir string, sp *spec.Spec, cfg shard.Config, be backend.Backe
 	}
 	if err := os.WriteFile(filepath.Join(dir, HFConfigFile), hf, 0o644); err != nil {
 		return fmt.Errorf("train: %w", err)
+	}
+	if tk != nil {
+		if err := os.WriteFile(filepath.Join(dir, TokenizerFile), tk.JSON(), 0o644); err != nil {
+			return fmt.Errorf("train: %w", err)
+		}
 	}
 	if err := os.WriteFile(filepath.Join(dir, SpecFile), []byte(sp.String()), 0o644); err != nil {
 		return fmt.Errorf("train: %w", err)
