@@ -24,7 +24,7 @@ func trainedStages(t *testing.T, steps int) []*shard.Stage {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sampler, err := data.NewSampler(text, sp.Model.SeqLen, sp.Seed, 0)
+	sampler, err := data.NewSampler(data.Widen(text), sp.Model.SeqLen, sp.Seed, 0)
 	if err != nil {
 		t.Fatal(err)
 	}
