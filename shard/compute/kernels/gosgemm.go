@@ -231,10 +231,9 @@ var genericKernel = microKernel{isa: "generic", mr: 4, nr: 4, fn: kernelGeneric,
 func kernelGeneric(k int, a, b, c []float32, ldc int, alpha float32, load bool) {
 	a, b = a[:4*k], b[:4*k]
 	var c00, c01, c02, c03, c10, c11, c12, c13, c20, c21, c22, c23, c30, c31, c32, c33 float32
-	for p := 0; p < k; p++ {
-		ap, bp := a[4*p:4*p+4], b[4*p:4*p+4]
-		a0, a1, a2, a3 := ap[0], ap[1], ap[2], ap[3]
-		b0, b1, b2, b3 := bp[0], bp[1], bp[2], bp[3]
+	for ; len(a) >= 4 && len(b) >= 4; a, b = a[4:], b[4:] {
+		a0, a1, a2, a3 := a[0], a[1], a[2], a[3]
+		b0, b1, b2, b3 := b[0], b[1], b[2], b[3]
 		c00, c01, c02, c03 = fma32(a0, b0, c00), fma32(a0, b1, c01), fma32(a0, b2, c02), fma32(a0, b3, c03)
 		c10, c11, c12, c13 = fma32(a1, b0, c10), fma32(a1, b1, c11), fma32(a1, b2, c12), fma32(a1, b3, c13)
 		c20, c21, c22, c23 = fma32(a2, b0, c20), fma32(a2, b1, c21), fma32(a2, b2, c22), fma32(a2, b3, c23)
