@@ -22,7 +22,8 @@ tokens of it). --temperature 0 is greedy (the most likely token every time); abo
 the draw repeatable: the same model, prompt and flags print the same text.
 --checkpoint is the model's safetensors file or the run directory holding it
 (model.safetensors), written by train or assembled by launch or export. Tokens are
-bytes (model.vocab 256); the text is written as the model produced it.`, stderr)
+bytes (model.vocab 256), or those of the run's tokenizer.json (beside the checkpoint,
+else the one its spec names); the text is written as the model produced it.`, stderr)
 	ckPath := fs.String("checkpoint", "", "model.safetensors written by train, launch or export, or the run directory holding it (required)")
 	prompt := fs.String("prompt", "", "text the generated text continues (required)")
 	maxTokens := fs.Int("max-tokens", 200, "how many tokens to generate")
@@ -60,17 +61,37 @@ bytes (model.vocab 256); the text is written as the model produced it.`, stderr)
 	if err != nil {
 		return err
 	}
-	if sp.Model.Vocab != 256 {
-		return fmt.Errorf("%s: model.vocab %d: generate reads and writes bytes, the tokens of a model of vocab 256", *ckPath, sp.Model.Vocab)
+	model := *ckPath
+	if st, err := os.Stat(model); err == nil && st.IsDir() {
+		model = filepath.Join(model, train.CheckpointFile)
 	}
-	ids := make([]int32, len(*prompt))
-	for i := range len(*prompt) {
-		ids[i] = int32((*prompt)[i])
+	tk, err := evalTokenizer(sp, model)
+	if err != nil {
+		return err
+	}
+	if tk == nil && sp.Model.Vocab != 256 {
+		return fmt.Errorf("%s: model.vocab %d without data.tokenizer: generate reads and writes bytes, the tokens of a model of vocab 256", *ckPath, sp.Model.Vocab)
+	}
+	ids, err := train.Tokenize(tk, []byte(*prompt), sp.Model.Vocab)
+	if err != nil {
+		return err
 	}
 	toks, err := train.NewGenerator(stages).Generate(ctx, ids, *maxTokens, o)
-	out := make([]byte, len(toks))
-	for i, t := range toks {
-		out[i] = byte(t)
+	var out []byte
+	if tk == nil {
+		out = make([]byte, len(toks))
+		for i, t := range toks {
+			out[i] = byte(t)
+		}
+	} else {
+		gen := make([]int, len(toks))
+		for i, t := range toks {
+			gen[i] = int(t)
+		}
+		var derr error
+		if out, derr = tk.DecodeBytes(gen); derr != nil && err == nil {
+			err = derr
+		}
 	}
 	if _, werr := fmt.Fprintf(stdout, "%s%s\n", *prompt, out); werr != nil && err == nil {
 		err = werr

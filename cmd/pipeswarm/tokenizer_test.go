@@ -133,6 +133,11 @@ func TestTrainWithATokenizer(t *testing.T) {
 		t.Fatalf("eval val_loss %v (%v), training's final %v", r.ValLoss, err, *steps[3].ValLoss)
 	}
 
+	code, stdout, stderr = runCLI(t, "generate", "--checkpoint", out, "--prompt", "First Citizen", "--max-tokens", "8")
+	if code != 0 || !strings.HasPrefix(stdout, "First Citizen") || len(stdout) <= len("First Citizen\n") {
+		t.Errorf("generate with the run's tokenizer: exit %d, %q, %s", code, stdout, stderr)
+	}
+
 	small := strings.Replace(src, "model: {", "model: {vocab: 256, ", 1)
 	if err := os.WriteFile(specPath, []byte(small), 0o644); err != nil {
 		t.Fatal(err)
