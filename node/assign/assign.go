@@ -20,7 +20,8 @@ import (
 var ErrUnstaffed = errors.New("run cannot be staffed")
 
 // Overhead is the fixed memory Need adds for everything that is not a stage buffer: the Go
-// runtime, libp2p, message buffers, the codec's scratch.
+// runtime, libp2p, message buffers, the codec's scratch, and the GEMM kernels' packing
+// buffers (compute.GemmPackBytes per computing goroutine, about 1.4 MB).
 const Overhead = 64 << 20
 
 // Memory is what a peer needs to hold one stage, by part, in bytes.

@@ -6,6 +6,7 @@ import (
 	"testing"
 
 	"github.com/pipeswarm/pipeswarm/shard"
+	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
 // shapes are model shapes small enough to allocate for real, with the ways to cut them.
@@ -139,8 +140,10 @@ func TestStageBuffersMatchWhatTheStageAllocates(t *testing.T) {
 		ws := 4 * (stageScratch(c, b, c.SeqLen) - rope)
 		// Compute kernels may allocate a little on any step, so allow that either way;
 		// a backend's first call of each kernel may also set up a little of its own
-		// (seen: 20 KB over a 93 KB workspace).
-		if got := cold - warm; got < ws-8192 || got > ws+ws/4+16384 {
+		// (seen: 20 KB over a 93 KB workspace), and the GEMM kernels' pooled packing
+		// buffers (counted in Overhead) may be made on the first step.
+		packing := int64(compute.Workers()) * compute.GemmPackBytes()
+		if got := cold - warm; got < ws-8192 || got > ws+ws/4+16384+packing {
 			t.Errorf("%s: first Backward allocated %d bytes more than the next, workspace counted %d", name, got, ws)
 		}
 	})

@@ -12,3 +12,7 @@ func GoSgemm(transA, transB bool, m, n, k int, alpha float32, a []float32, lda i
 
 // GoKernelISA names the instruction set GoSgemm runs: "avx512", "avx2" or "generic".
 func GoKernelISA() string { return kernels.ISA() }
+
+// GemmPackBytes bounds the packing buffers GoSgemm holds per goroutine computing at
+// once (pooled across calls).
+func GemmPackBytes() int64 { return kernels.PackBytes }

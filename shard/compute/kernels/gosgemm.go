@@ -38,6 +38,11 @@ var goKernel = bestKernel()
 // "generic".
 func ISA() string { return goKernel.isa }
 
+// PackBytes bounds the packing buffers one goroutine's Sgemm holds (a panel of op(a)
+// and a block of op(b)); they are pooled, so a process holds about that much per
+// goroutine computing at once, whatever the shapes.
+const PackBytes = 4 * (maxMC*maxKC + maxNC*maxKC)
+
 // packPool holds packing buffers so a GEMM allocates nothing once warm.
 var packPool = sync.Pool{New: func() any { return new([]float32) }}
 
