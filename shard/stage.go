@@ -38,9 +38,11 @@ type Stage struct {
 	ws  workspace
 
 	// recompute keeps only each tape's input; the blocks' activations live in one
-	// shared full tape per micro-batch shape, refilled by Backward (WithRecompute).
+	// shared set per micro-batch shape (WithRecompute). Backward fills one per block;
+	// Forward, whose activations Backward does not read, runs every block on the first
+	// two in turn, so a shape only ever run forward (evaluation) holds two.
 	recompute bool
-	full      map[[2]int][]blockTape
+	shared    map[[2]int][]blockTape
 }
 
 // views are one flat buffer on the backend and its tensors.
@@ -208,8 +210,8 @@ type Tape struct {
 }
 
 // NewTape allocates activation storage for micro-batches of b sequences of t tokens.
-// On a stage that recomputes, the first tape of each shape also allocates the shared
-// block activations.
+// On a stage that recomputes, the first tape of each shape also allocates the two
+// block tapes Forward shares; the first Backward of a shape allocates the others.
 func (s *Stage) NewTape(b, t int) *Tape {
 	if t > s.Config.SeqLen || b < 1 || t < 1 {
 		panic(fmt.Sprintf("shard: tape %d×%d exceeds seq_len %d", b, t, s.Config.SeqLen))
@@ -221,16 +223,9 @@ func (s *Stage) NewTape(b, t int) *Tape {
 		tp.tokens = make([]int32, n)
 	}
 	if s.recompute {
-		if s.full == nil {
-			s.full = map[[2]int][]blockTape{}
-		}
-		key := [2]int{b, t}
-		if _, ok := s.full[key]; !ok {
-			s.full[key] = s.newBlockTapes(b, t)
-		}
-		tp.blocks = s.full[key]
+		s.sharedTapes(b, t, min(2, len(s.lay.blocks)))
 	} else {
-		tp.blocks = s.newBlockTapes(b, t)
+		tp.blocks = s.newBlockTapes(b, t, len(s.lay.blocks))
 	}
 	if s.Last {
 		tp.hf, tp.rstdF, tp.logits = be.Alloc(n*d), be.Alloc(n), be.Alloc(n*c.Vocab)
@@ -241,12 +236,27 @@ func (s *Stage) NewTape(b, t int) *Tape {
 	return tp
 }
 
-// newBlockTapes allocates every block's activations for b sequences of t tokens.
-func (s *Stage) newBlockTapes(b, t int) []blockTape {
+// sharedTapes returns the first k of a recomputing stage's shared block tapes for b
+// sequences of t tokens, allocating those it does not have yet.
+func (s *Stage) sharedTapes(b, t, k int) []blockTape {
+	if s.shared == nil {
+		s.shared = map[[2]int][]blockTape{}
+	}
+	key := [2]int{b, t}
+	have := s.shared[key]
+	if len(have) < k {
+		have = append(have, s.newBlockTapes(b, t, k-len(have))...)
+		s.shared[key] = have
+	}
+	return have[:k]
+}
+
+// newBlockTapes allocates k blocks' activations for b sequences of t tokens.
+func (s *Stage) newBlockTapes(b, t, k int) []blockTape {
 	c, be := s.Config, s.be
 	n, d, f := b*t, c.DModel, c.DFF
 	var out []blockTape
-	for range s.lay.blocks {
+	for range k {
 		out = append(out, blockTape{
 			a1: be.Alloc(n * d), rstd1: be.Alloc(n), qkv: be.Alloc(n * 3 * d),
 			p: be.Alloc(b * c.NHeads * t * t), att: be.Alloc(n * d), x2: be.Alloc(n * d),
@@ -282,7 +292,18 @@ func (s *Stage) Forward(tp *Tape, tokens []int32, x []float32) []float32 {
 		}
 		be.Upload(tp.x0, x)
 	}
-	in := s.blocksForward(tp)
+	var in backend.Buf
+	if s.recompute {
+		// Block i reads block i−1's output and writes the other tape of the two.
+		in = tp.x0
+		two := s.sharedTapes(tp.B, tp.T, min(2, len(s.lay.blocks)))
+		for i := range s.lay.blocks {
+			s.blockForward(&two[i%2], s.p.blocks[i], in, tp.B, tp.T)
+			in = two[i%2].out
+		}
+	} else {
+		in = s.blocksForward(tp, tp.blocks)
+	}
 	tp.lossed = false
 	if !s.Last {
 		be.Download(tp.out, in)
@@ -329,9 +350,10 @@ func (s *Stage) Backward(tp *Tape, dout []float32) []float32 {
 	}
 	var in backend.Buf
 	if s.recompute {
-		// The shared block activations may hold another micro-batch's: run the blocks
-		// again from this one's input, exactly as Forward did.
-		in = s.blocksForward(tp)
+		// Run the blocks again from this micro-batch's input, exactly as Forward did,
+		// keeping every block's activations this time.
+		tp.blocks = s.sharedTapes(tp.B, tp.T, len(s.lay.blocks))
+		in = s.blocksForward(tp, tp.blocks)
 	} else {
 		in = tp.x0
 		if k := len(tp.blocks); k > 0 {
@@ -366,13 +388,13 @@ func (s *Stage) Backward(tp *Tape, dout []float32) []float32 {
 	return dx
 }
 
-// blocksForward runs every block of the stage on tp's input and returns the last
-// block's output (the input itself on a stage of no blocks).
-func (s *Stage) blocksForward(tp *Tape) backend.Buf {
+// blocksForward runs every block of the stage on tp's input, recording into bts, and
+// returns the last block's output (the input itself on a stage of no blocks).
+func (s *Stage) blocksForward(tp *Tape, bts []blockTape) backend.Buf {
 	in := tp.x0
 	for i := range s.lay.blocks {
-		s.blockForward(&tp.blocks[i], s.p.blocks[i], in, tp.B, tp.T)
-		in = tp.blocks[i].out
+		s.blockForward(&bts[i], s.p.blocks[i], in, tp.B, tp.T)
+		in = bts[i].out
 	}
 	return in
 }

@@ -75,7 +75,7 @@ func printPlan(w io.Writer, sp *spec.Spec, plan []assign.Assignment) {
 		given[[2]int{a.Stage, a.Replica}] = a.Peer
 	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "stage\treplica\tlayers\tin flight\tweights\tgradients\tAdamW\tactivations\tworkspace\toverhead\ttotal\tnode\t")
+	fmt.Fprintln(tw, "stage\treplica\tlayers\tin flight\tweights\tgradients\tAdamW\tactivations\tevaluation\tworkspace\toverhead\ttotal\tnode\t")
 	for rep := range p.Replicas {
 		for s, r := range ranges {
 			slots := assign.Slots(p.Stages, s, p.MicroBatches, p.InFlight)
@@ -84,9 +84,9 @@ func printPlan(w io.Writer, sp *spec.Spec, plan []assign.Assignment) {
 			if !ok {
 				node = "none fits"
 			}
-			fmt.Fprintf(tw, "%d\t%d\t[%d,%d)\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s, rep, r.Lo, r.Hi, slots,
+			fmt.Fprintf(tw, "%d\t%d\t[%d,%d)\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s, rep, r.Lo, r.Hi, slots,
 				assign.FormatBytes(me.Weights), assign.FormatBytes(me.Grads), assign.FormatBytes(me.Optimizer),
-				assign.FormatBytes(me.Activations), assign.FormatBytes(me.Workspace), assign.FormatBytes(me.Overhead),
+				assign.FormatBytes(me.Activations), assign.FormatBytes(me.Evaluation), assign.FormatBytes(me.Workspace), assign.FormatBytes(me.Overhead),
 				assign.FormatBytes(me.Total()), node)
 		}
 	}

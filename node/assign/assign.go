@@ -30,13 +30,14 @@ type Memory struct {
 	Grads       int64 // their gradients, float32
 	Optimizer   int64 // AdamW's two moments, float32
 	Activations int64 // the activation tapes of the micro-batches in flight
+	Evaluation  int64 // the tape of a validation batch, where it is not a training tape's shape
 	Workspace   int64 // the backward workspace and the RoPE tables, shared by the tapes
 	Overhead    int64 // Overhead: the runtime, libp2p, buffers
 }
 
 // Total is the sum of the parts.
 func (m Memory) Total() int64 {
-	return m.Weights + m.Grads + m.Optimizer + m.Activations + m.Workspace + m.Overhead
+	return m.Weights + m.Grads + m.Optimizer + m.Activations + m.Evaluation + m.Workspace + m.Overhead
 }
 
 // StageMemory estimates the memory a peer needs to hold the stage owning layers r of a
@@ -49,6 +50,9 @@ func (m Memory) Total() int64 {
 //   - one activation tape per slot, as shard's Stage.NewTape allocates it; with
 //     recompute, a tape holds the stage's input (and the head's activations), and the
 //     blocks' activations are held once, for the micro-batch being recomputed;
+//   - the tape of a validation batch of EvalBatch sequences, unless that is the
+//     micro-batch (evaluation then runs on a training tape); forward only, so with
+//     recompute it holds two blocks' activations, used in turn;
 //   - the backward workspace and the RoPE tables the stage shares across tapes;
 //   - Overhead.
 //
@@ -64,9 +68,21 @@ func StageMemory(c shard.Config, r shard.Range, first, last bool, microBatch, sl
 	if recompute && slots > 0 {
 		acts = int64(slots)*in + blocks
 	}
-	return Memory{Weights: params, Grads: params, Optimizer: 2 * params, Activations: acts,
+	var eval int64
+	if microBatch != EvalBatch {
+		in, blocks := tapeBytes(c, r, first, last, EvalBatch, c.SeqLen)
+		if recompute && r.Len() > 2 {
+			blocks = blocks / int64(r.Len()) * 2
+		}
+		eval = in + blocks
+	}
+	return Memory{Weights: params, Grads: params, Optimizer: 2 * params, Activations: acts, Evaluation: eval,
 		Workspace: f32 * stageScratch(c, microBatch, c.SeqLen), Overhead: Overhead}
 }
+
+// EvalBatch is how many validation windows a stage runs forward at once, as node/train
+// evaluates.
+const EvalBatch = 16
 
 // Need is StageMemory's total.
 func Need(c shard.Config, r shard.Range, first, last bool, microBatch, slots int, recompute bool) int64 {
@@ -109,7 +125,8 @@ func paramCount(c shard.Config, r shard.Range, first, last bool) int64 {
 // on the last stage hf [n,d], rstdF [n] and logits [n,V]; and the host copy of what
 // Forward returns, [n,V] on the last stage, else [n,d]. blocks: per block a1, att, x2, a2,
 // out [n,d], rstd1, rstd2 [n], qkv [n,3d], the attention probabilities [b,H,t,t], gate|up
-// [n,2F] and m [n,F]; a stage that recomputes allocates them once, on its first tape.
+// [n,2F] and m [n,F]; a stage that recomputes allocates them once per shape, two on its
+// first tape and the rest in its first Backward.
 func tapeBytes(c shard.Config, r shard.Range, first, last bool, b, t int) (in, blocks int64) {
 	const f32, i32 = 4, 4
 	n, d, f := int64(b)*int64(t), int64(c.DModel), int64(c.DFF)
