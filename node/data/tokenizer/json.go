@@ -5,6 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+
+	"golang.org/x/text/unicode/norm"
 )
 
 // fileJSON is the part of Hugging Face's tokenizer.json this package reads. Raw fields are
@@ -98,7 +100,10 @@ func Parse(data []byte) (*Tokenizer, error) {
 			Type string `json:"type"`
 		}
 		_ = json.Unmarshal(f.Normalizer, &n)
-		return nil, unsupported("normalizer.type", "%q: only a null normalizer is supported (byte-level BPE needs none)", n.Type)
+		if n.Type != "NFC" {
+			return nil, unsupported("normalizer.type", "%q: only NFC (as Qwen2 has) or none is supported", n.Type)
+		}
+		t.nfc = true
 	}
 	if err := t.parsePreTokenizer(f.PreTokenizer); err != nil {
 		return nil, err
@@ -259,6 +264,8 @@ func (t *Tokenizer) parseAdded(list []addedJSON) error {
 			return invalid(f+".id", "%d is negative", a.ID)
 		case a.SingleWord:
 			return unsupported(f+".single_word", "true is not supported")
+		case t.nfc && a.Normalized && norm.NFC.String(a.Content) != a.Content:
+			return unsupported(f+".normalized", "true for content NFC changes: only tokens found in the text as written are supported")
 		}
 		if a.ID >= len(t.tokens) {
 			t.tokens = append(t.tokens, make([]string, a.ID+1-len(t.tokens))...)

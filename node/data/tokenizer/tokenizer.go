@@ -6,7 +6,8 @@
 // out first, the rest is cut into pre-tokens by the tokenizer's pattern (written by hand,
 // as Go's regexp has no look-ahead), each pre-token's bytes are spelt in the byte-level
 // alphabet and merged by the BPE rules, lowest rank first. A tokenizer.json this package
-// cannot follow exactly (another model kind, a normalizer, an unknown pattern) is refused
+// cannot follow exactly (another model kind, a normalizer other than NFC, an unknown
+// pattern) is refused
 // with the field named. Text that is not valid UTF-8 has each maximal ill-formed
 // subsequence replaced by U+FFFD before encoding, as Hugging Face's tokenizers do when
 // given bytes decoded with errors="replace" (and as TextDecoder does in JavaScript).
@@ -21,6 +22,8 @@ import (
 	"sync"
 	"unicode"
 	"unicode/utf8"
+
+	"golang.org/x/text/unicode/norm"
 )
 
 // ErrUnsupported means a tokenizer.json asks for something this package does not do.
@@ -49,6 +52,7 @@ type Tokenizer struct {
 	usePattern   bool
 	prefixSpace  bool
 	ignoreMerges bool
+	nfc          bool  // the text between added tokens is put in Unicode NFC first
 	unk          int32 // -1 without an unknown token
 
 	added      []AddedToken
@@ -111,6 +115,9 @@ func (t *Tokenizer) AppendEncode(dst []int, text string, special bool) []int {
 		if sec.added != nil {
 			dst = append(dst, sec.added.ID)
 			continue
+		}
+		if t.nfc {
+			sec.text = norm.NFC.String(sec.text)
 		}
 		dst = t.encodeSection(dst, sec.text, c)
 	}

@@ -153,7 +153,7 @@ func TestRefusesWhatItCannotFollow(t *testing.T) {
 		mutate func(m map[string]any)
 	}{
 		{"model.type", func(m map[string]any) { m["model"].(map[string]any)["type"] = "WordPiece" }},
-		{"normalizer.type", func(m map[string]any) { m["normalizer"] = map[string]any{"type": "NFC"} }},
+		{"normalizer.type", func(m map[string]any) { m["normalizer"] = map[string]any{"type": "NFKC"} }},
 		{"pre_tokenizer.type", func(m map[string]any) { m["pre_tokenizer"] = map[string]any{"type": "Metaspace"} }},
 		{"pre_tokenizer.pretokenizers[0].pattern.Regex", func(m map[string]any) {
 			m["pre_tokenizer"] = map[string]any{"type": "Sequence", "pretokenizers": []any{
