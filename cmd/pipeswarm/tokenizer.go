@@ -45,8 +45,8 @@ Llama 3, Qwen2, or one made by 'train'). Each command takes --help.
 func runTokenizerTrain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := newFlagSet("tokenizer train", "tokenizer train --vocab N --out tokenizer.json FILE...", `
 Learn a byte-level BPE tokenizer from text, with GPT-2's pre-tokenizer, and write it
-as a Hugging Face tokenizer.json (readable by Hugging Face's tokenizers and
-Tokenizers.js). Each FILE is a text file, a directory of text files or a .jsonl file
+as a Hugging Face tokenizer.json (in the format of Hugging Face's tokenizers; Tokenizers.js
+reads it). Each FILE is a text file, a directory of text files or a .jsonl file
 whose records' "text" fields are read. The vocabulary holds the 256 bytes, N−257
 merges and the special token <|endoftext|>, which 'encode --special' puts before a
 text.`, stderr)
