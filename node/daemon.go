@@ -780,7 +780,7 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 			return ctlReply{Error: err.Error()}
 		}
 		return ctlReply{OK: true}
-	case msgStart, msgAbort, msgIdle, msgReplace, msgNorm, msgCheckpoint, msgRecorded, msgStopAt:
+	case msgStart, msgAbort, msgIdle, msgReplace, msgDrop, msgNorm, msgCheckpoint, msgRecorded, msgStopAt:
 	default:
 		err := fmt.Errorf("%w: unknown control message %q", p2p.ErrBadMsg, m.Type)
 		d.offence(from, err)
@@ -822,6 +822,14 @@ func (d *Daemon) control(from peer.ID, m ctlMsg) ctlReply {
 			}
 		}
 		if err := w.replace(m.Cell); err != nil {
+			return ctlReply{Error: err.Error()}
+		}
+		return ctlReply{OK: true}
+	case msgDrop:
+		if from != w.launcher {
+			return ctlReply{Error: "only the run's launcher may drop a replica pipeline"}
+		}
+		if err := w.drop(m.Cell, m.Reason); err != nil {
 			return ctlReply{Error: err.Error()}
 		}
 		return ctlReply{OK: true}

@@ -487,15 +487,6 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 		started(0)
 	}
 	log.Info("run started", "run", fmt.Sprintf("%016x", runID), "stages", sp.Pipeline.Stages, "replicas", sp.Pipeline.Replicas, "steps", sp.Train.Steps)
-	idle := func(r int, reason string) {
-		for id, a := range stagePeers {
-			if a.Replica == r {
-				go func() {
-					_, _ = call(context.WithoutCancel(ctx), h, calls, nil, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
-				}()
-			}
-		}
-	}
 	up := func(stage, replica int) bool {
 		a, ok := plan.cell(stage, replica)
 		id, err := peer.Decode(a.Peer)
@@ -551,6 +542,32 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 		brokenMu.Lock()
 		defer brokenMu.Unlock()
 		return brokenNow[r]
+	}
+	// idle stops the nodes of broken replica pipeline r, keeping their state, and
+	// tells every node of the pipelines still whole to drop r's node of its stage from
+	// the all-reduce: a round waiting for a hung node ends now, not at its deadline.
+	idle := func(r int, reason string) {
+		for id, a := range stagePeers {
+			if a.Replica == r {
+				go func() {
+					_, _ = call(context.WithoutCancel(ctx), h, calls, nil, id, ctlMsg{Type: msgIdle, Run: runID, Reason: reason})
+				}()
+				continue
+			}
+			gone, ok := plan.cell(a.Stage, r)
+			if !ok || isBroken(a.Replica) {
+				continue
+			}
+			go func() {
+				rep, err := call(context.WithoutCancel(ctx), h, calls, nil, id, ctlMsg{Type: msgDrop, Run: runID, Cell: &gone, Reason: reason})
+				if err == nil && !rep.OK {
+					err = errors.New(rep.Error)
+				}
+				if err != nil {
+					log.Debug("a replica was not told to drop a broken pipeline from its all-reduce", "cell", cellName(sp, a), "err", err)
+				}
+			}()
+		}
 	}
 	rj := rejoiner{
 		broke: func(r int, b bool) {

@@ -37,6 +37,9 @@ const (
 	msgRecorded = "recorded"
 	// launcher → node: stop after step Step, keeping its checkpoint (Reason says why).
 	msgStopAt = "stop-at"
+	// launcher → node: Cell, of another replica pipeline, is broken (Reason says why);
+	// the stage's all-reduce goes on without it at once, the round in progress too.
+	msgDrop = "drop"
 )
 
 type ctlMsg struct {
@@ -47,7 +50,7 @@ type ctlMsg struct {
 	Report *Report            `json:"report,omitempty"`
 	Reason string             `json:"reason,omitempty"`
 	Spec   string             `json:"spec,omitempty"` // an offer request for a resumed run: its spec
-	Cell   *assign.Assignment `json:"cell,omitempty"` // msgReplace: the cell and its new peer
+	Cell   *assign.Assignment `json:"cell,omitempty"` // msgReplace: the cell and its new peer; msgDrop: the cell dropped
 	Step   int                `json:"step,omitempty"` // msgCheckpoint, msgRecorded, msgStopAt
 }
 

@@ -550,6 +550,26 @@ func (w *worker) replace(a *assign.Assignment) error {
 	return nil
 }
 
+// drop takes cell a, this stage's cell in a replica pipeline the launcher found
+// broken, out of the stage's all-reduce: a round waiting for it goes on without it.
+// A cell that has passed to another node since is left alone.
+func (w *worker) drop(a *assign.Assignment, reason string) error {
+	if a == nil || a.Replica < 0 || a.Replica >= len(w.grid) || a.Replica == w.rep || a.Stage != w.idx {
+		return errors.New("drop: not a cell of this stage in another replica pipeline")
+	}
+	id, err := peer.Decode(a.Peer)
+	if err != nil {
+		return fmt.Errorf("drop: %w", err)
+	}
+	if w.group == nil {
+		return nil
+	}
+	if w.group.Drop(a.Replica, id, fmt.Errorf("the launcher took replica pipeline %d out: %s", a.Replica, reason)) {
+		w.log.Info("a broken replica pipeline is dropped from the all-reduce", "replica", a.Replica, "node", id, "reason", reason)
+	}
+	return nil
+}
+
 // cellMoved is replace's news for the loop, which alone writes the grid.
 type cellMoved struct {
 	stage, replica int

@@ -509,3 +509,145 @@ func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
 		<-n.exited
 	}
 }
+
+// outerRowsSoFar reads the outer rows a running launch has written to dir's
+// metrics.jsonl so far (up to its last whole line).
+func outerRowsSoFar(dir string) []metrics.Outer {
+	b, _ := os.ReadFile(filepath.Join(dir, "metrics.jsonl"))
+	b = b[:bytes.LastIndexByte(b, '\n')+1]
+	_, outers, err := metrics.ReadRun(bytes.NewReader(b))
+	if err != nil {
+		return nil
+	}
+	return outers
+}
+
+// stepRowsSoFar is outerRowsSoFar for loss rows: (step, replica) of each.
+func stepRowsSoFar(dir string) map[[2]int]bool {
+	b, _ := os.ReadFile(filepath.Join(dir, "metrics.jsonl"))
+	b = b[:bytes.LastIndexByte(b, '\n')+1]
+	steps, _, err := metrics.ReadRun(bytes.NewReader(b))
+	out := map[[2]int]bool{}
+	if err != nil {
+		return out
+	}
+	for _, s := range steps {
+		r := 0
+		if s.Replica != nil {
+			r = *s.Replica
+		}
+		out[[2]int{s.Step, r}] = true
+	}
+	return out
+}
+
+// A replica pipeline whose node hangs (SIGSTOP: its connections stay up) a few steps
+// before an outer step holds up the whole pipelines' outer step only until it is found
+// stalled: the launcher drops it from every stage's all-reduce, and the round in
+// progress finishes without it. The healthy replica's outer step is in before the
+// hung node is let go (SIGCONT), however long the all-reduce would have waited for it.
+func TestAHungReplicaHoldsUpTheOuterStepOnlyUntilItIsFoundStalled(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	spec := `name: e2e-hung-replica
+seed: 5
+eval_interval: 300
+model: {d_model: 64, n_layers: 2, n_heads: 2, d_ff: 128, seq_len: 64}
+pipeline: {stages: 2, micro_batches: 2, replicas: 2, staff_timeout: 30}
+train: {batch_size: 8, steps: 300, lr: 0.003, warmup: 2}
+diloco: {inner_steps: 150, outer_lr: 1.0, outer_momentum: 0, sync: int8/32}
+data: {val_fraction: 0.05}
+`
+	dir := t.TempDir()
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 4)
+	// Staffing is first-fit in --peer order, replica by replica: node 3 holds stage 1
+	// of replica 1, the stage that reports replica 1's losses.
+	victim := nodes[3]
+	t.Cleanup(func() { _ = victim.cmd.Process.Kill() })
+	type result struct {
+		code           int
+		stdout, stderr string
+	}
+	done := make(chan result, 1)
+	out := filepath.Join(dir, "launched")
+	go func() {
+		code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out}, peerArgs...)...)
+		done <- result{code, stdout, stderr}
+	}()
+	// Hang the victim three steps before the first outer step (after step 150). The
+	// all-reduce waits for a replica that has not started a round three times the
+	// inner steps took, much longer than the steps take to find a hung neighbour.
+	deadline := time.Now().Add(60 * time.Second)
+	for !stepRowsSoFar(out)[[2]int{147, 1}] {
+		if time.Now().After(deadline) {
+			t.Fatal("replica 1 did not reach step 147 within 60 s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if err := victim.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	stopped := time.Now()
+	// The hang lasts until the healthy replica's outer step is in, at most stopFor.
+	const stopFor = 25 * time.Second
+	var healthy *metrics.Outer
+	for healthy == nil && time.Since(stopped) < stopFor {
+		for _, o := range outerRowsSoFar(out) {
+			if o.Stage == 1 && o.Replica == 0 && o.Step == 150 {
+				healthy = &o
+			}
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	in := time.Since(stopped)
+	if err := victim.cmd.Process.Signal(syscall.SIGCONT); err != nil {
+		t.Fatal(err)
+	}
+	var r result
+	select {
+	case r = <-done:
+	case <-time.After(90 * time.Second):
+		t.Fatal("launch did not finish within 90 s of the hang")
+	}
+	if healthy == nil {
+		t.Fatalf("replica 0's outer step after step 150 was not in %s after stage 1 of replica 1 hung: the whole pipeline waited for the hung one\n%s", stopFor, r.stderr)
+	}
+	// How long the hang took to find: the stage that waited for the victim says.
+	m := regexp.MustCompile(`sent no \w+ for step \d+ in ([0-9.]+m?s) \(deadline`).FindStringSubmatch(r.stderr)
+	if m == nil {
+		t.Fatalf("the launcher's log does not say the hung stage was found stalled:\n%s", r.stderr)
+	}
+	found, err := time.ParseDuration(m[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("hung at replica 1's step 147; replica 0's outer step (stage 1) in %s later (sync_s %.3f, contributors %d); the stall was found after %s",
+		in.Round(time.Millisecond), healthy.SyncS, healthy.Contributors, found)
+	if r.code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", r.code, r.stdout, r.stderr)
+	}
+	// The stall is timed from the victim's last gradient, a moment before SIGSTOP; what
+	// follows its finding (the launcher's word to the nodes, an all-reduce of one,
+	// the report) takes milliseconds. Waiting out the all-reduce's own deadline for
+	// the hung replica (three times the 150 inner steps) takes seconds more.
+	if in > found+2*time.Second {
+		t.Errorf("replica 0's outer step came %s after the hang, %s after it was found stalled: it waited for the hung replica", in.Round(time.Millisecond), (in - found).Round(time.Millisecond))
+	}
+	if healthy.Contributors != 1 {
+		t.Errorf("replica 0's outer step after step 150: %+v; want it made without the hung replica", *healthy)
+	}
+	steps, _ := readRun(t, out)
+	for step := 1; step <= 300; step++ {
+		if _, ok := steps[[2]int{step, 0}]; !ok {
+			t.Errorf("replica 0 has no loss at step %d: the whole pipeline should run to the end", step)
+		}
+	}
+	if !strings.Contains(r.stdout, "replica pipelines stopped early: [1]") {
+		t.Errorf("launch summary does not name the broken pipeline:\n%s", r.stdout)
+	}
+	for _, n := range nodes[:3] {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+		<-n.exited
+	}
+}

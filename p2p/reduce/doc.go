@@ -37,7 +37,8 @@
 // # Faults and deadlines
 //
 // A member whose connection closes (disconnect notification, reset
-// stream, failed write) or that sends Leave is given up at once. Otherwise
+// stream, failed write), that sends Leave, or that the caller drops (Drop:
+// found gone by other means) is given up at once. Otherwise
 // a member that has sent nothing in this round is waited for until the
 // caller's arrive duration (from its inner-step time) plus slack. Once it
 // has arrived, the deadline comes from measurement: with B the bytes still

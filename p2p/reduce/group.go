@@ -429,6 +429,19 @@ func (g *Group) Replace(member int, id peer.ID) error {
 	return nil
 }
 
+// Drop gives up member, if peer id still holds its place, as if its connection
+// had closed: at once, in the round in progress too, and in later rounds until it
+// rejoins. It is for a member found gone by someone else (a hung node keeps its
+// connections up, so only its deadline would give it up here). It reports whether
+// id held the place.
+func (g *Group) Drop(member int, id peer.ID, why error) bool {
+	if member < 0 || member >= g.R || member == g.self || g.peerAt(member) != id {
+		return false
+	}
+	g.post(evDown{from: member, err: why})
+	return true
+}
+
 // onFrame dispatches a frame from a member.
 func (g *Group) onFrame(ev evFrame) {
 	h := &ev.f.hdr

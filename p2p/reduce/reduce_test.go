@@ -714,3 +714,55 @@ func TestAFrameForARunNotHeldIsRefusedAtItsHeader(t *testing.T) {
 	}
 	s.Close()
 }
+
+// A member that hangs, in either phase, with its connections up, and that another
+// party drops (Drop) from the live members' groups while they wait for it: the round
+// in progress finishes without it at once, not at its deadline (a minute here), and
+// the next round does not wait for it either. A Drop naming a peer that no longer
+// holds the place changes nothing.
+func TestADroppedMemberIsGivenUpInTheRoundInProgress(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := spec(t, "bf16")
+	for _, mode := range []string{"never-starts", "stops-mid-way"} {
+		t.Run(mode, func(t *testing.T) {
+			const R, v = 3, 2
+			cl := newCluster(t, R, c, nil)
+			n := 8 * PieceValues
+			ys := randVecs(R, n, 11)
+			live := others(R, v)
+			if mode == "stops-mid-way" {
+				cl.groups[v].Close()
+				rawSend(t, ctx, cl.hosts[v], cl.hosts[0].ID(), contribFrames(c, R, 1, ys[v], 0)[0])
+			}
+			if cl.groups[0].Drop(v, cl.hosts[0].ID(), errors.New("not its place")) {
+				t.Error("Drop of a peer that does not hold the place: reported dropped")
+			}
+			const dropAfter = 300 * time.Millisecond
+			time.AfterFunc(dropAfter, func() {
+				for _, i := range live {
+					if !cl.groups[i].Drop(v, cl.hosts[v].ID(), errors.New("its pipeline is broken")) {
+						t.Errorf("member %d: Drop(%d) reported the place held by another peer", i, v)
+					}
+				}
+			})
+			start := time.Now()
+			out := cl.run(ctx, 1, ys, time.Minute, live)
+			elapsed := time.Since(start)
+			res := checkSurvivors(t, c, ys, out, live)
+			if len(res.Missing) != 1 || res.Missing[0] != v {
+				t.Errorf("missing %v, want [%d]", res.Missing, v)
+			}
+			t.Logf("round done %v after it started, dropped after %v", elapsed.Round(time.Millisecond), dropAfter)
+			if elapsed > 10*time.Second {
+				t.Errorf("round took %v: it waited for the dropped member's deadline", elapsed)
+			}
+			start = time.Now()
+			out = cl.run(ctx, 2, ys, time.Minute, live)
+			if d := time.Since(start); d > 10*time.Second {
+				t.Errorf("next round took %v: it waited for the dropped member", d)
+			}
+			checkSurvivors(t, c, ys, out, live)
+		})
+	}
+}
