@@ -30,6 +30,7 @@ var commands = []command{
 	{"status", "show what a running node is doing: peers, runs, loss, traffic, warnings", runStatus},
 	{"keygen", "make a launcher key and print its peer ID", runKeygen},
 	{"tokenizer", "learn a byte-level BPE tokenizer from text ('train'), or encode and decode with one", runTokenizer},
+	{"data", "tokenise text once into shards of token ids ('prepare') that runs train on", runData},
 	{"bench", "benchmarks: 'bench compression' (boundary codecs), 'bench wan' (a swarm behind emulated internet links)", runBench},
 	{"version", "print the build, the GEMM providers found and the protocols spoken", runVersion},
 }

@@ -38,7 +38,33 @@ var ErrTooShort = errors.New("text too short")
 // recursively in sorted path order (hidden files and directories, and files that are not
 // UTF-8 text, are skipped) and joined with "\n"; or a .jsonl file, whose records' "text"
 // fields are joined with "\n".
-func Load(path string) ([]byte, error) {
+func Load(path string) ([]byte, error) { return LoadField(path, "") }
+
+// LoadField is Load reading field of JSON-lines records ("" = "text"). A path with glob
+// metacharacters (* ? [) is a glob: its matches, in sorted order, are loaded and joined
+// with "\n".
+func LoadField(path, field string) ([]byte, error) {
+	if field == "" {
+		field = "text"
+	}
+	if IsGlob(path) {
+		matches, err := Glob(path)
+		if err != nil {
+			return nil, fmt.Errorf("load corpus: %w", err)
+		}
+		var out []byte
+		for _, m := range matches {
+			b, err := LoadField(m, field)
+			if err != nil {
+				return nil, err
+			}
+			if len(out) > 0 {
+				out = append(out, '\n')
+			}
+			out = append(out, b...)
+		}
+		return out, nil
+	}
 	info, err := os.Stat(path)
 	if err != nil {
 		return nil, fmt.Errorf("load corpus: %w", err)
@@ -48,7 +74,7 @@ func Load(path string) ([]byte, error) {
 	case info.IsDir():
 		text, err = loadDir(path)
 	case strings.EqualFold(filepath.Ext(path), ".jsonl"):
-		text, err = loadJSONL(path)
+		text, err = loadJSONL(path, field)
 	default:
 		text, err = os.ReadFile(path)
 		if err == nil && !isText(text) {
@@ -65,6 +91,30 @@ func Load(path string) ([]byte, error) {
 }
 
 func loadDir(root string) ([]byte, error) {
+	paths, err := dirFiles(root)
+	if err != nil {
+		return nil, err
+	}
+	var out []byte
+	for _, p := range paths {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			return nil, err
+		}
+		if len(b) == 0 || !isText(b) {
+			continue
+		}
+		if len(out) > 0 {
+			out = append(out, '\n')
+		}
+		out = append(out, b...)
+	}
+	return out, nil
+}
+
+// dirFiles lists the regular files under root (following symlinks to files), hidden ones
+// left out, in sorted path order.
+func dirFiles(root string) ([]string, error) {
 	var paths []string
 	err := filepath.WalkDir(root, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -96,24 +146,10 @@ func loadDir(root string) ([]byte, error) {
 	// WalkDir's order is per directory ("a/b" before "a.txt"); sort the whole paths instead so
 	// the order is the one a reader would expect from a sorted listing.
 	slices.Sort(paths)
-	var out []byte
-	for _, p := range paths {
-		b, err := os.ReadFile(p)
-		if err != nil {
-			return nil, err
-		}
-		if len(b) == 0 || !isText(b) {
-			continue
-		}
-		if len(out) > 0 {
-			out = append(out, '\n')
-		}
-		out = append(out, b...)
-	}
-	return out, nil
+	return paths, nil
 }
 
-func loadJSONL(path string) ([]byte, error) {
+func loadJSONL(path, field string) ([]byte, error) {
 	f, err := os.Open(path)
 	if err != nil {
 		return nil, err
@@ -125,7 +161,7 @@ func loadJSONL(path string) ([]byte, error) {
 	for n := 1; ; n++ {
 		line, err := r.ReadBytes('\n')
 		if len(bytes.TrimSpace(line)) > 0 {
-			text, perr := record(line)
+			text, perr := recordField(line, field)
 			if perr != nil {
 				return nil, fmt.Errorf("%s:%d: %w", path, n, perr)
 			}
@@ -144,21 +180,26 @@ func loadJSONL(path string) ([]byte, error) {
 	}
 }
 
-// record returns the "text" field of one JSON-lines record.
-func record(line []byte) (string, error) {
+// recordField returns the field (a string) of one JSON-lines record.
+func recordField(line []byte, field string) (string, error) {
 	var obj map[string]json.RawMessage
 	if err := json.Unmarshal(line, &obj); err != nil {
 		return "", fmt.Errorf("%w: %w", ErrBadRecord, err)
 	}
-	raw, ok := obj["text"]
+	raw, ok := obj[field]
 	if !ok {
-		return "", fmt.Errorf(`%w: no "text" field`, ErrBadRecord)
+		return "", fmt.Errorf(`%w: no %q field (set data.text_field to the field that holds the text)`, ErrBadRecord, field)
 	}
 	var text string
 	if err := json.Unmarshal(raw, &text); err != nil || string(bytes.TrimSpace(raw)) == "null" {
-		return "", fmt.Errorf(`%w: "text" is not a string: %s`, ErrBadRecord, raw)
+		return "", fmt.Errorf(`%w: %q is not a string: %.80s`, ErrBadRecord, field, raw)
 	}
 	return text, nil
+}
+
+func jsonIndent(v any) ([]byte, error) {
+	b, err := json.MarshalIndent(v, "", "  ")
+	return append(b, '\n'), err
 }
 
 func isText(b []byte) bool {
