@@ -192,11 +192,13 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err := o.Spec.Validate(); err != nil {
 		return nil, err
 	}
-	if err := o.Spec.ByteLevelOnly("launch"); err != nil {
-		return nil, err
-	}
 	if err := o.Spec.CheckData(); err != nil {
 		return nil, err
+	}
+	if !o.Spec.Data.Prepared() { // prepared shards hold ids: the nodes need no tokenizer
+		if err := o.Spec.ByteLevelOnly("launch"); err != nil {
+			return nil, err
+		}
 	}
 	if o.Key == nil {
 		return nil, errors.New("launch: no key")
@@ -1777,19 +1779,33 @@ func cellOf(plan *Plan, id peer.ID) *assign.Assignment {
 // serveData loads the run's text, cuts it as the trainer does (validation tail, one
 // training shard per replica pipeline) and serves the parts over corpus.Proto.
 func serveData(sp *spec.Spec, h *p2p.Host, log *slog.Logger) (*DataPlan, error) {
-	text, name, err := train.Corpus(sp.Data.Path)
-	if err != nil {
-		return nil, err
-	}
-	tr, val := data.Split(text, sp.Data.ValFraction)
-	if data.ValWindows(val, sp.Model.SeqLen) == 0 {
-		return nil, fmt.Errorf("launch: validation split of %d bytes holds no window of seq_len+1 = %d bytes; use more text or a larger data.val_fraction",
-			len(val), sp.Model.SeqLen+1)
-	}
 	srv := corpus.NewServer(log.With("sys", "corpus"))
 	srv.Penalise = func(p peer.ID, err error) { // err wraps p2p.ErrViolation
 		score, banned := h.Penalties().Add(p, err.Error())
 		log.Warn("protocol violation", "peer", p, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
+	}
+	if sp.Data.Prepared() {
+		dp, err := servePrepared(sp, srv, log)
+		if err != nil {
+			return nil, err
+		}
+		h.Handle(corpus.Proto, srv.HandleStream)
+		return dp, nil
+	}
+	text, name, err := train.CorpusField(sp.Data.Path, sp.Data.TextField)
+	if err != nil {
+		return nil, err
+	}
+	tr, val := data.Split(text, sp.Data.ValFraction)
+	if sp.Data.ValPath != "" {
+		tr = text
+		if val, err = data.LoadField(sp.Data.ValPath, sp.Data.TextField); err != nil {
+			return nil, fmt.Errorf("data.val_path: %w", err)
+		}
+	}
+	if data.ValWindows(val, sp.Model.SeqLen) == 0 {
+		return nil, fmt.Errorf("launch: validation split of %d bytes holds no window of seq_len+1 = %d bytes; use more text or a larger data.val_fraction (or data.val_path)",
+			len(val), sp.Model.SeqLen+1)
 	}
 	dp := &DataPlan{Val: srv.Add(val)}
 	for r := range sp.Pipeline.Replicas {
@@ -1797,6 +1813,60 @@ func serveData(sp *spec.Spec, h *p2p.Host, log *slog.Logger) (*DataPlan, error) 
 	}
 	h.Handle(corpus.Proto, srv.HandleStream)
 	log.Info("serving data", "corpus", name, "bytes", len(text), "train_shards", len(dp.Train), "val_bytes", len(val))
+	return dp, nil
+}
+
+// servePrepared serves a prepared dataset's shard files as they are on disk, each
+// content-addressed by the sha256 its manifest gives: replica r gets shards r, r+R,
+// r+2R, … (data.ReplicaShards), replica 0's first stage also every validation shard.
+// The files are mapped, not read, so the launcher's memory holds no copy of the
+// dataset: the kernel pages them in as they are served.
+func servePrepared(sp *spec.Spec, srv *corpus.Server, log *slog.Logger) (*DataPlan, error) {
+	R := sp.Pipeline.Replicas
+	m, dir, err := data.ReadManifest(sp.Data.Path)
+	if err != nil {
+		return nil, fmt.Errorf("data.path: %w", err)
+	}
+	if len(m.Shards) < R {
+		return nil, fmt.Errorf("data.path %s: %d shards for %d replica pipelines; each needs one at least: prepare it again with a smaller --shard-tokens", sp.Data.Path, len(m.Shards), R)
+	}
+	vm, vdir, err := data.ReadManifest(sp.Data.ValPath)
+	if err != nil {
+		return nil, fmt.Errorf("data.val_path: %w", err)
+	}
+	if vm.Tokens < int64(sp.Model.SeqLen+1) {
+		return nil, fmt.Errorf("launch: data.val_path %s holds %d tokens, no window of seq_len+1 = %d tokens; prepare more validation text",
+			sp.Data.ValPath, vm.Tokens, sp.Model.SeqLen+1)
+	}
+	add := func(m *data.Manifest, dir string, i int) (corpus.Blob, error) {
+		b, err := m.MapShardFile(dir, i)
+		if err != nil {
+			return corpus.Blob{}, err
+		}
+		if len(b) > corpus.MaxBlobBytes {
+			return corpus.Blob{}, fmt.Errorf("%s: %d bytes, more than the %d a blob may hold; prepare it again with a smaller --shard-tokens", m.Shards[i].File, len(b), corpus.MaxBlobBytes)
+		}
+		return srv.Add(b), nil
+	}
+	dp := &DataPlan{Shards: make([][]corpus.Blob, R), ValTokens: vm.Tokens}
+	for r := range R {
+		for _, i := range data.ReplicaShards(len(m.Shards), r, R) {
+			b, err := add(m, dir, i)
+			if err != nil {
+				return nil, fmt.Errorf("data.path: %w", err)
+			}
+			dp.Shards[r] = append(dp.Shards[r], b)
+		}
+	}
+	for i := range vm.Shards {
+		b, err := add(vm, vdir, i)
+		if err != nil {
+			return nil, fmt.Errorf("data.val_path: %w", err)
+		}
+		dp.ValShards = append(dp.ValShards, b)
+	}
+	log.Info("serving prepared shards", "dataset", sp.Data.Path, "shards", len(m.Shards), "tokens", m.Tokens, "dtype", m.Dtype,
+		"replicas", R, "rule", "shard i to replica i mod replicas", "val_shards", len(vm.Shards), "val_tokens", vm.Tokens)
 	return dp, nil
 }
 

@@ -108,11 +108,28 @@ type JoinPlan struct {
 const MaxPlanLife = time.Hour
 
 // DataPlan is the run's text as the launcher serves it over corpus.Proto: one shard
-// of the training split per replica pipeline, and the validation split. Nodes fetch
-// only what their stage reads, verify it by hash and cache it.
+// of the training split per replica pipeline, and the validation split; or, for a
+// prepared dataset, each replica's shard files (data.ReplicaShards: shard i to replica
+// i mod replicas) and the validation shard files. Nodes fetch only what their stage
+// reads, verify it by hash and cache it.
 type DataPlan struct {
-	Train []corpus.Blob `json:"train"` // [replica]
-	Val   corpus.Blob   `json:"val"`
+	Train []corpus.Blob `json:"train"` // [replica]; text
+	Val   corpus.Blob   `json:"val"`   // text
+
+	Shards    [][]corpus.Blob `json:"shards,omitempty"`     // [replica][k]; a prepared dataset's files
+	ValShards []corpus.Blob   `json:"val_shards,omitempty"` // the prepared validation files
+	ValTokens int64           `json:"val_tokens,omitempty"` // tokens in ValShards
+}
+
+// Prepared reports whether the plan serves a prepared dataset's shard files.
+func (d *DataPlan) Prepared() bool { return len(d.Shards) > 0 }
+
+// valTokens is the number of validation tokens.
+func (d *DataPlan) valTokens() int64 {
+	if d.Prepared() {
+		return d.ValTokens
+	}
+	return d.Val.Size
 }
 
 // cell finds the assignment of stage s in replica pipeline r.
@@ -310,6 +327,30 @@ func decodePlan(b []byte) (*Plan, error) {
 func (d *DataPlan) validate(replicas int) error {
 	if d == nil {
 		return errors.New("plan names no data (a launcher from before data was served over libp2p?)")
+	}
+	if d.Prepared() {
+		if len(d.Shards) != replicas || len(d.Train) != 0 {
+			return fmt.Errorf("plan data has shard lists for %d replicas, want %d (and no text)", len(d.Shards), replicas)
+		}
+		for r, bs := range d.Shards {
+			if len(bs) == 0 {
+				return fmt.Errorf("plan data: replica %d has no shards", r)
+			}
+			for k, b := range bs {
+				if err := b.Validate(); err != nil {
+					return fmt.Errorf("plan data: replica %d's shard %d: %w", r, k, err)
+				}
+			}
+		}
+		if len(d.ValShards) == 0 || d.ValTokens < 1 {
+			return errors.New("plan data: no validation shards")
+		}
+		for k, b := range d.ValShards {
+			if err := b.Validate(); err != nil {
+				return fmt.Errorf("plan data: validation shard %d: %w", k, err)
+			}
+		}
+		return nil
 	}
 	if len(d.Train) != replicas {
 		return fmt.Errorf("plan data has %d training shards for %d replicas", len(d.Train), replicas)

@@ -60,8 +60,8 @@ type worker struct {
 	slotIO []slotIO      // tokens and targets of the micro-batch in each slot
 	eval   *train.Evaluator
 
-	sampler *data.Sampler[byte] // stage 0
-	val     []byte              // stage 0 of replica 0: validation split
+	sampler *data.Sampler[int32] // stage 0
+	val     []int32              // stage 0 of replica 0: validation split
 	evalN   int                 // validation batches (0 on replicas other than 0: they do not evaluate)
 	windows int
 
@@ -317,7 +317,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	// step its weights are every replica's. An evaluation covers the first
 	// eval_batches batches of windows, as train's does.
 	w.ck = core.Checkpoints{Interval: sp.CheckpointInterval, Last: sp.Train.Steps}
-	w.windows = int(plan.Data.Val.Size) / (cfg.SeqLen + 1)
+	w.windows = int(plan.Data.valTokens()) / (cfg.SeqLen + 1)
 	if sp.EvalBatches > 0 {
 		w.windows = min(w.windows, sp.EvalBatches*train.EvalBatch)
 	}
@@ -404,7 +404,7 @@ func (w *worker) loadData() error {
 	}
 	d := w.plan.Data
 	var local [][]byte // the local copy cut as the launcher cut it: [train shards..., val]
-	if w.env.corpus != "" {
+	if w.env.corpus != "" && !d.Prepared() {
 		text, err := data.Load(w.env.corpus)
 		if err != nil {
 			w.log.Warn("local corpus unusable; fetching from the launcher", "path", w.env.corpus, "err", err)
@@ -417,7 +417,7 @@ func (w *worker) loadData() error {
 		}
 	}
 	get := func(b corpus.Blob, i int, what string) ([]byte, error) {
-		if i < len(local) && corpus.BlobOf(local[i]) == b {
+		if i >= 0 && i < len(local) && corpus.BlobOf(local[i]) == b {
 			w.log.Info("data from the local corpus", "part", what, "sha256", b.Hash[:12], "bytes", b.Size)
 			return local[i], nil
 		}
@@ -429,10 +429,43 @@ func (w *worker) loadData() error {
 		w.log.Info("data fetched and verified", "part", what, "sha256", b.Hash[:12], "bytes", b.Size, "took", time.Since(t0).Round(time.Millisecond))
 		return buf, nil
 	}
-	text, err := get(d.Train[w.rep], w.rep, fmt.Sprintf("training shard %d", w.rep))
-	if err != nil {
-		return err
+	var text, val []int32
+	if d.Prepared() {
+		// The replica's own shard files, one after another, as train reads them.
+		for k, b := range d.Shards[w.rep] {
+			buf, err := get(b, -1, fmt.Sprintf("training shard %d of replica %d", k, w.rep))
+			if err != nil {
+				return err
+			}
+			if text, err = data.AppendShard(text, buf, w.sp.Model.Vocab); err != nil {
+				return fmt.Errorf("training shard %d (%s): %w", k, b, err)
+			}
+		}
+		if w.rep == 0 {
+			for k, b := range d.ValShards {
+				buf, err := get(b, -1, fmt.Sprintf("validation shard %d", k))
+				if err != nil {
+					return err
+				}
+				if val, err = data.AppendShard(val, buf, w.sp.Model.Vocab); err != nil {
+					return fmt.Errorf("validation shard %d (%s): %w", k, b, err)
+				}
+			}
+		}
+	} else {
+		buf, err := get(d.Train[w.rep], w.rep, fmt.Sprintf("training shard %d", w.rep))
+		if err != nil {
+			return err
+		}
+		text = data.Widen(buf)
+		if w.rep == 0 {
+			if buf, err = get(d.Val, w.sp.Pipeline.Replicas, "validation split"); err != nil {
+				return err
+			}
+			val = data.Widen(buf)
+		}
 	}
+	var err error
 	if w.sampler, err = data.NewSampler(text, w.stage.Config.SeqLen, w.sp.Seed, w.rep); err != nil {
 		return err
 	}
@@ -443,9 +476,7 @@ func (w *worker) loadData() error {
 		w.ckSampler = w.resumeSampler
 	}
 	if w.rep == 0 {
-		if w.val, err = get(d.Val, w.sp.Pipeline.Replicas, "validation split"); err != nil {
-			return err
-		}
+		w.val = val
 		w.eval = train.NewEvaluator([]*shard.Stage{w.stage}, w.val, w.sp.EvalBatches)
 		w.eval.Reuse(w.tapes[:1])
 	}

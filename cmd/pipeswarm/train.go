@@ -124,6 +124,33 @@ func loadSpec(pos []string, data string, steps int, log *slog.Logger) (*spec.Spe
 	return loadSpecOr(examples.Default, pos, data, steps, log)
 }
 
+// evalText returns the validation tokens of sp's data, as train cuts them, and the
+// corpus name.
+func evalText(sp *spec.Spec, tk *tokenizer.Tokenizer) ([]int32, string, error) {
+	if sp.Data.Prepared() {
+		val, err := train.LoadValShards(sp)
+		return val, sp.Data.ValPath, err
+	}
+	if sp.Data.ValPath != "" {
+		text, err := data.LoadField(sp.Data.ValPath, sp.Data.TextField)
+		if err != nil {
+			return nil, "", fmt.Errorf("data.val_path: %w", err)
+		}
+		val, err := train.Tokenize(tk, text, sp.Model.Vocab)
+		return val, sp.Data.ValPath, err
+	}
+	text, name, err := train.CorpusField(sp.Data.Path, sp.Data.TextField)
+	if err != nil {
+		return nil, "", err
+	}
+	tokens, err := train.Tokenize(tk, text, sp.Model.Vocab)
+	if err != nil {
+		return nil, "", err
+	}
+	_, val := data.Split(tokens, sp.Data.ValFraction)
+	return val, name, nil
+}
+
 // specHelp is what the commands' --help says a SPEC argument is.
 func specHelp() string {
 	return "SPEC is a YAML file, or the name of a built-in example (from any directory):\n  " +
@@ -327,19 +354,14 @@ is read from the checkpoint; --data replaces its data path.`, stderr)
 			return err
 		}
 	}
-	text, name, err := train.Corpus(sp.Data.Path)
-	if err != nil {
-		return err
-	}
 	tk, err := evalTokenizer(sp, *ckPath)
 	if err != nil {
 		return err
 	}
-	tokens, err := train.Tokenize(tk, text, sp.Model.Vocab)
+	val, name, err := evalText(sp, tk)
 	if err != nil {
 		return err
 	}
-	_, val := data.Split(tokens, sp.Data.ValFraction)
 	ev := train.NewEvaluator(stages, val, sp.EvalBatches)
 	if ev.Windows() == 0 {
 		return fmt.Errorf("validation split of %s (%d bytes) holds no window of %d bytes", name, len(val), sp.Model.SeqLen+1)

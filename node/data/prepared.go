@@ -12,6 +12,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 )
 
 // A prepared dataset is a directory of shard files of token ids and a manifest.json that
@@ -311,4 +312,33 @@ func (w *shardWriter) close() error {
 	s.SHA256, s.Tokens, s.Bytes = hex.EncodeToString(h.Sum(nil)), w.n, size
 	w.m.Tokens += w.n
 	return nil
+}
+
+// MapShardFile maps shard i of a manifest in dir read-only and checks its hash: the
+// bytes live in the page cache, not in the process's heap, so a launcher serving a
+// dataset larger than its memory can. The mapping lasts as long as the process.
+func (m *Manifest) MapShardFile(dir string, i int) ([]byte, error) {
+	s := m.Shards[i]
+	name := filepath.Join(dir, s.File)
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if info.Size() != s.Bytes {
+		return nil, fmt.Errorf("%s: %w: %d bytes, the manifest says %d", name, ErrBadShard, info.Size(), s.Bytes)
+	}
+	b, err := syscall.Mmap(int(f.Fd()), 0, int(s.Bytes), syscall.PROT_READ, syscall.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("%s: map: %w", name, err)
+	}
+	if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != s.SHA256 {
+		syscall.Munmap(b)
+		return nil, fmt.Errorf("%s: %w: sha256 %x, the manifest says %s", name, ErrBadShard, sum, s.SHA256)
+	}
+	return b, nil
 }

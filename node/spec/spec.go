@@ -9,6 +9,8 @@ package spec
 
 import (
 	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -19,6 +21,7 @@ import (
 
 	"gopkg.in/yaml.v3"
 
+	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/data/tokenizer"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
 )
@@ -181,8 +184,16 @@ type Train struct {
 
 // Data is where the training text comes from.
 type Data struct {
-	Path        string  `yaml:"path"`         // file, directory, or .jsonl; empty = built-in default corpus
-	ValFraction float64 `yaml:"val_fraction"` // default 0.1
+	// Path is a text file, a directory of text files, a .jsonl file, a glob of those, or
+	// a dataset 'pipeswarm data prepare' wrote (its directory or manifest.json); empty =
+	// the built-in default corpus.
+	Path        string  `yaml:"path"`
+	ValFraction float64 `yaml:"val_fraction"` // default 0.1; not used with val_path
+	// ValPath, if set, is the validation text (any form Path takes; prepared when Path
+	// is): the run trains on all of Path and evaluates on this. A prepared Path needs it.
+	ValPath string `yaml:"val_path,omitempty"`
+	// TextField is the field of .jsonl records that holds the text; empty = "text".
+	TextField string `yaml:"text_field,omitempty"`
 	// Tokenizer is "bytes" (or empty: a token is a byte) or the path of a Hugging Face
 	// tokenizer.json of the byte-level BPE kind; model.vocab then defaults to its size.
 	Tokenizer string `yaml:"tokenizer,omitempty"`
@@ -478,14 +489,83 @@ func (s *Spec) ByteLevelOnly(what string) error {
 		msg: fmt.Sprintf("%q: %s trains byte-level models only for now; train with a tokenizer in one process with 'pipeswarm train', or set bytes", s.Data.Tokenizer, what)}
 }
 
-// CheckData reports whether data.path names text that exists, a file or a directory
-// (an empty path, the built-in corpus, always does): a run whose text is missing is
-// refused before anything else is done, with the file and line of the field.
+// CheckData reports whether data.path (and data.val_path) name text that exists: a
+// file, a directory, a glob that matches, or a prepared dataset whose manifest reads (an
+// empty path, the built-in corpus, always does). A run whose text is missing is refused
+// before anything else is done, with the file and line of the field. A prepared
+// data.path needs a prepared data.val_path, a tokenizer it names must be the one the
+// shards were made with, and model.vocab (when the spec leaves it out) becomes the
+// dataset's vocabulary size.
 func (s *Spec) CheckData() error {
-	if s.Data.Path == "" {
+	d := &s.Data
+	if err := s.checkPath("data.path", d.Path); err != nil {
+		return err
+	}
+	if d.ValPath != "" {
+		if err := s.checkPath("data.val_path", d.ValPath); err != nil {
+			return err
+		}
+	}
+	prepared, valPrepared := d.Prepared(), d.ValPath != "" && data.IsPrepared(d.ValPath)
+	switch {
+	case prepared && d.ValPath == "":
+		return s.dataErr("data.val_path", nil, "missing: a prepared data.path needs validation shards; prepare them with 'pipeswarm data prepare --out DIR' from held-out text and set data.val_path: DIR")
+	case prepared != valPrepared && d.ValPath != "":
+		return s.dataErr("data.val_path", nil, fmt.Sprintf("%q: data.path and data.val_path must both be prepared datasets or both be text", d.ValPath))
+	case !prepared:
 		return nil
 	}
-	_, err := os.Stat(s.Data.Path)
+	m, _, err := data.ReadManifest(d.Path)
+	if err != nil {
+		return s.dataErr("data.path", err, fmt.Sprintf("%q: %v", d.Path, err))
+	}
+	vm, _, err := data.ReadManifest(d.ValPath)
+	if err != nil {
+		return s.dataErr("data.val_path", err, fmt.Sprintf("%q: %v", d.ValPath, err))
+	}
+	if vm.TokenizerSHA256 != m.TokenizerSHA256 || vm.Vocab != m.Vocab {
+		return s.dataErr("data.val_path", nil, fmt.Sprintf("%q was prepared with tokenizer %s (%d tokens), data.path with %s (%d tokens); prepare both with the same --tokenizer",
+			d.ValPath, vm.Tokenizer, vm.Vocab, m.Tokenizer, m.Vocab))
+	}
+	if !d.ByteLevel() {
+		raw, err := os.ReadFile(d.Tokenizer)
+		if err != nil {
+			return s.dataErr("data.tokenizer", err, fmt.Sprintf("%q: %v", d.Tokenizer, err))
+		}
+		if sum := sha256.Sum256(raw); hex.EncodeToString(sum[:]) != m.TokenizerSHA256 {
+			return s.dataErr("data.tokenizer", nil, fmt.Sprintf("%q is not the tokenizer data.path %q was prepared with (%s, sha256 %.12s); name that one, or leave data.tokenizer out", d.Tokenizer, d.Path, m.Tokenizer, m.TokenizerSHA256))
+		}
+	} else if m.TokenizerSHA256 != "" && d.Tokenizer == "bytes" {
+		return s.dataErr("data.tokenizer", nil, fmt.Sprintf("bytes, but data.path %q holds the ids of tokenizer %s; name that tokenizer.json or leave data.tokenizer out", d.Path, m.Tokenizer))
+	}
+	switch {
+	case !s.src.written("model.vocab"):
+		s.Model.Vocab = m.Vocab
+	case s.Model.Vocab < m.Vocab:
+		return s.dataErr("model.vocab", nil, fmt.Sprintf("%d is smaller than the %d tokens data.path %q was prepared with; leave it out to use that size", s.Model.Vocab, m.Vocab, d.Path))
+	}
+	return nil
+}
+
+// Prepared reports whether data.path is a dataset 'pipeswarm data prepare' wrote.
+func (d Data) Prepared() bool { return d.Path != "" && data.IsPrepared(d.Path) }
+
+func (s *Spec) dataErr(field string, cause error, msg string) error {
+	return &fieldError{file: s.src.file, line: s.src.lines[field], field: field, kind: ErrInvalid, cause: cause, msg: msg}
+}
+
+func (s *Spec) checkPath(field, path string) error {
+	if path == "" {
+		if field == "data.path" {
+			return nil
+		}
+	}
+	var err error
+	if data.IsGlob(path) {
+		_, err = data.Glob(path)
+	} else {
+		_, err = os.Stat(path)
+	}
 	if err == nil {
 		return nil
 	}
@@ -494,8 +574,7 @@ func (s *Spec) CheckData() error {
 	if errors.As(err, &pe) {
 		why = pe.Err
 	}
-	return &fieldError{file: s.src.file, line: s.src.lines["data.path"], field: "data.path", kind: ErrInvalid, cause: err,
-		msg: fmt.Sprintf("%q: %v; want a text file, a directory of text files or a .jsonl file (a relative path is read from the directory the command runs in), or \"\" for the built-in corpus", s.Data.Path, why)}
+	return s.dataErr(field, err, fmt.Sprintf("%q: %v; want a text file, a directory of text files, a .jsonl file, a glob of those, or a directory 'pipeswarm data prepare' wrote (a relative path is read from the directory the command runs in), or \"\" for the built-in corpus", path, why))
 }
 
 // Validate checks every field and returns all problems joined, each wrapping ErrInvalid.

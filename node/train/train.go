@@ -211,27 +211,23 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	sp := o.Spec
 	cfg := ModelConfig(sp)
 
-	text, corpusName, err := Corpus(sp.Data.Path)
-	if err != nil {
-		return nil, err
-	}
 	tk, err := LoadTokenizer(sp)
 	if err != nil {
 		return nil, err
 	}
-	tokens, err := Tokenize(tk, text, sp.Model.Vocab)
+	ds, err := LoadDataset(sp, tk)
 	if err != nil {
 		return nil, err
 	}
-	trainText, valText := data.Split(tokens, sp.Data.ValFraction)
+	valText := ds.Val
 	if data.ValWindows(valText, cfg.SeqLen) == 0 {
-		return nil, fmt.Errorf("train: validation split of %d tokens holds no window of seq_len+1 = %d tokens; use more text or a larger data.val_fraction",
+		return nil, fmt.Errorf("train: validation split of %d tokens holds no window of seq_len+1 = %d tokens; use more text or a larger data.val_fraction (or data.val_path)",
 			len(valText), cfg.SeqLen+1)
 	}
 	R := sp.Pipeline.Replicas
 	reps := make([]*replica, R)
 	for r := range reps {
-		rp, err := newReplica(sp, trainText, r)
+		rp, err := newReplica(sp, ds.Replicas[r], r)
 		if err != nil {
 			return nil, err
 		}
@@ -241,8 +237,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	be := m.stages[0].Backend()
 	log.Info("compute", "backend", be.Name(), "precision", sp.Model.Precision, "gemm", be.GEMM().Describe(),
 		"impl", be.Describe(), "workers", compute.Workers())
-	log.Info("training", "spec", sp.Name, "corpus", corpusName, "bytes", len(text), "tokenizer", sp.Data.TokenizerName(),
-		"train_tokens", len(trainText), "val_tokens", len(valText), "params", m.numParams(),
+	log.Info("training", "spec", sp.Name, "corpus", ds.Name, "tokenizer", sp.Data.TokenizerName(),
+		"train_tokens", ds.Tokens, "val_tokens", len(valText), "params", m.numParams(),
 		"stages", len(m.stages), "replicas", R, "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep()*R)
 
 	var sync *syncer
@@ -421,12 +417,11 @@ type replica struct {
 	outers  []*Outer // per stage; nil with one replica
 }
 
-func newReplica(sp *spec.Spec, trainText []int32, r int) (*replica, error) {
+func newReplica(sp *spec.Spec, shard []int32, r int) (*replica, error) {
 	m, err := newModel(sp)
 	if err != nil {
 		return nil, err
 	}
-	shard := data.Shard(trainText, r, sp.Pipeline.Replicas)
 	sampler, err := data.NewSampler(shard, sp.Model.SeqLen, sp.Seed, r)
 	if err != nil {
 		return nil, fmt.Errorf("train: replica %d: %w", r, err)
