@@ -509,7 +509,8 @@ func (s *Spec) CheckData() error {
 	prepared, valPrepared := d.Prepared(), d.ValPath != "" && data.IsPrepared(d.ValPath)
 	switch {
 	case prepared && d.ValPath == "":
-		return s.dataErr("data.val_path", nil, "missing: a prepared data.path needs validation shards; prepare them with 'pipeswarm data prepare --out DIR' from held-out text and set data.val_path: DIR")
+		return &fieldError{file: s.src.file, line: s.src.lines["data.path"], field: "data.val_path", kind: ErrInvalid,
+			msg: fmt.Sprintf("missing: data.path %q is a prepared dataset, which needs validation shards; prepare them with 'pipeswarm data prepare --out DIR' from held-out text and set data.val_path: DIR", d.Path)}
 	case prepared != valPrepared && d.ValPath != "":
 		return s.dataErr("data.val_path", nil, fmt.Sprintf("%q: data.path and data.val_path must both be prepared datasets or both be text", d.ValPath))
 	case !prepared:
