@@ -1,0 +1,131 @@
+package main
+
+import (
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"testing"
+
+	"github.com/pipeswarm/pipeswarm/node/data"
+)
+
+const preparedSpec = `name: e2e-prepared
+seed: 5
+eval_interval: 4
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 2, micro_batches: 2, replicas: 2, pause_timeout: 0}
+train: {batch_size: 4, steps: 12, lr: 0.003, warmup: 2}
+diloco: {inner_steps: 4, outer_lr: 0.7, outer_momentum: 0.9, sync: int8/32}
+data: {path: prepared, val_path: prepared-val}
+`
+
+// prepareCLI runs 'data prepare' and returns the manifest it wrote.
+func prepareCLI(t *testing.T, args ...string) *data.Manifest {
+	t.Helper()
+	code, stdout, stderr := runCLI(t, append([]string{"data", "prepare"}, args...)...)
+	if code != 0 || !strings.HasPrefix(stdout, "wrote ") {
+		t.Fatalf("data prepare exited %d: %s%s", code, stdout, stderr)
+	}
+	m, _, err := data.ReadManifest(args[slices.Index(args, "--out")+1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// A 2-stage × 2-replica run on a prepared dataset: the launcher serves the shard files,
+// replica r's first stage fetches exactly shards r, r+2, … (replica 0's also the
+// validation shards), nothing else reaches a node's cache, and the run equals `train` on
+// the same prepared directory bit for bit.
+func TestLaunchOnPreparedShardsMatchesTrain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	var text, held strings.Builder
+	for i := range 3000 {
+		line := []string{"To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
+			"The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"}[i%4]
+		text.WriteString(line + "\n")
+		if i < 300 {
+			held.WriteString(line + " (held out)\n")
+		}
+	}
+	os.WriteFile(filepath.Join(dir, "train.txt"), []byte(text.String()), 0o644)
+	os.WriteFile(filepath.Join(dir, "val.txt"), []byte(held.String()), 0o644)
+	m := prepareCLI(t, "--tokenizer", "bytes", "--out", filepath.Join(dir, "prepared"), "--shard-tokens", "30000", filepath.Join(dir, "train.txt"))
+	vm := prepareCLI(t, "--tokenizer", "bytes", "--out", filepath.Join(dir, "prepared-val"), "--shard-tokens", "6000", filepath.Join(dir, "val.txt"))
+	if len(m.Shards) != 5 || len(vm.Shards) != 3 {
+		t.Fatalf("prepared %d training and %d validation shards, want 5 and 3", len(m.Shards), len(vm.Shards))
+	}
+
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, preparedSpec, 4, "--memory-budget", "1GiB")
+	t.Chdir(dir) // the data paths are relative to the launcher's directory, which no node shares
+	out := filepath.Join(dir, "launched")
+	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
+	if code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
+	}
+	ref := filepath.Join(dir, "trained")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	launched, lOuter := readRun(t, out)
+	trained, tOuter := readRun(t, ref)
+	if len(trained) != 24 || len(launched) != len(trained) {
+		t.Fatalf("launch recorded %d loss rows, train %d; want 24 (12 steps × 2 replicas)", len(launched), len(trained))
+	}
+	vals := 0
+	for k, b := range trained {
+		a := launched[k]
+		if a.Loss != b.Loss || (a.ValLoss == nil) != (b.ValLoss == nil) || a.ValLoss != nil && *a.ValLoss != *b.ValLoss {
+			t.Errorf("step %d replica %d: launched %+v, trained %+v", k[0], k[1], a, b)
+		}
+		if b.ValLoss != nil {
+			vals++
+		}
+	}
+	if vals == 0 || len(lOuter) != len(tOuter) || len(tOuter) != 3*2*2 {
+		t.Fatalf("%d validation losses; %d outer rows launched, %d trained, want 12", vals, len(lOuter), len(tOuter))
+	}
+	type key struct{ step, stage, replica int }
+	refOuter := map[key]string{}
+	for _, o := range tOuter {
+		refOuter[key{o.Step, o.Stage, o.Replica}] = o.WeightsHash
+	}
+	for _, o := range lOuter {
+		if h, ok := refOuter[key{o.Step, o.Stage, o.Replica}]; !ok || h != o.WeightsHash {
+			t.Errorf("outer row %+v: train's hash is %q", o, h)
+		}
+	}
+
+	// Each node's cache holds exactly what its stage reads. Staffing is replica by
+	// replica: node i holds stage i%2 of replica i/2.
+	want := map[int][]string{}
+	for r := range 2 {
+		for _, i := range data.ReplicaShards(len(m.Shards), r, 2) {
+			want[2*r] = append(want[2*r], m.Shards[i].SHA256)
+		}
+	}
+	for _, s := range vm.Shards {
+		want[0] = append(want[0], s.SHA256)
+	}
+	for i, n := range nodes {
+		cached, _ := filepath.Glob(filepath.Join(n.dir, "corpus", "*"))
+		var got []string
+		for _, c := range cached {
+			got = append(got, filepath.Base(c))
+		}
+		slices.Sort(got)
+		slices.Sort(want[i])
+		if !slices.Equal(got, want[i]) {
+			t.Errorf("node %d (stage %d of replica %d) cached %v, want %v", i, i%2, i/2, got, want[i])
+		}
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+		<-n.exited
+	}
+}
