@@ -62,7 +62,7 @@ type worker struct {
 
 	sampler *data.Sampler[int32] // stage 0
 	val     []int32              // stage 0 of replica 0: validation split
-	evalN   int                 // validation batches (0 on replicas other than 0: they do not evaluate)
+	evalN   int                  // validation batches (0 on replicas other than 0: they do not evaluate)
 	windows int
 
 	// DiLoCo, with replicas: this replica's outer state for the stage, the stage's

@@ -14,7 +14,7 @@ type Dataset struct {
 	Name     string    // the corpus, for logs
 	Replicas [][]int32 // [replica]
 	Val      []int32
-	Tokens   int       // training tokens, all replicas'
+	Tokens   int // training tokens, all replicas'
 }
 
 // LoadDataset reads sp's data and cuts it for sp's replica pipelines:
