@@ -125,7 +125,9 @@ func (be *bf16) gemm(parallel, transA, transB bool, m, n, k int, alpha float32, 
 	}
 	if !be.native && be.g.sgemm16 != nil {
 		if parallel {
-			compute.GemmWith(be.g.sgemm16, transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
+			// Each operand rounded and packed once for all the workers; every element
+			// of c is computed alone, so the split changes no bit.
+			compute.GemmBF16(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 		} else {
 			be.g.sgemm16(transA, transB, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc)
 		}

@@ -101,12 +101,14 @@ func OpenGEMM(name string) (*GEMM, error) {
 }
 
 // AutoGEMM is what --gemm auto picks, by a fixed rule that never measures (a run
-// must be repeatable, and train and the nodes compute alike): oneDNN where it loads
-// and the CPU has AVX2 or AVX-512, else the Go kernels. OpenBLAS only when asked:
-// it takes some VMs' CPUs for a Prescott and runs its SSE3 kernels there. note says
-// why oneDNN was not taken ("" when it was).
+// must be repeatable, and train and the nodes compute alike): the Go kernels on a CPU
+// with AVX-512 (level with oneDNN's float32 matmul on the block's products, and with
+// AVX512-BF16 faster than its bf16 one); oneDNN where it loads on a CPU with AVX2 but
+// not AVX-512 (the Go kernels' AVX2 path is the less tuned); else the Go kernels.
+// OpenBLAS only when asked: it takes some VMs' CPUs for a Prescott and runs its SSE3
+// kernels there. note says why oneDNN was not taken where the rule wanted it ("" else).
 func AutoGEMM() (name, note string) {
-	if runtime.GOARCH != "amd64" || !(cpu.X86.HasAVX2 || cpu.X86.HasAVX512F) {
+	if runtime.GOARCH != "amd64" || cpu.X86.HasAVX512F || !cpu.X86.HasAVX2 {
 		return "go", ""
 	}
 	if !dl.Available {
