@@ -429,17 +429,30 @@ func (w *worker) loadData() error {
 		w.log.Info("data fetched and verified", "part", what, "sha256", b.Hash[:12], "bytes", b.Size, "took", time.Since(t0).Round(time.Millisecond))
 		return buf, nil
 	}
-	var text, val []int32
+	var val []int32
 	if d.Prepared() {
-		// The replica's own shard files, one after another, as train reads them.
+		// The replica's own shard files, one after another, as train reads them; read
+		// where they lie in the cache (mapped), so the node's heap holds no copy of them.
+		var files [][]byte
 		for k, b := range d.Shards[w.rep] {
-			buf, err := get(b, -1, fmt.Sprintf("training shard %d of replica %d", k, w.rep))
-			if err != nil {
+			if _, err := get(b, -1, fmt.Sprintf("training shard %d of replica %d", k, w.rep)); err != nil {
 				return err
 			}
-			if text, err = data.AppendShard(text, buf, w.sp.Model.Vocab); err != nil {
+			f, err := data.MapFile(filepath.Join(w.env.fetch.CacheDir, b.Hash))
+			if err != nil {
 				return fmt.Errorf("training shard %d (%s): %w", k, b, err)
 			}
+			if int64(len(f)) != b.Size {
+				return fmt.Errorf("training shard %d (%s): the cached file holds %d bytes", k, b, len(f))
+			}
+			files = append(files, f)
+		}
+		view, err := data.NewShardView(files, w.sp.Model.Vocab)
+		if err != nil {
+			return fmt.Errorf("replica %d's training shards: %w", w.rep, err)
+		}
+		if w.sampler, err = data.NewViewSampler(view, w.stage.Config.SeqLen, w.sp.Seed, w.rep); err != nil {
+			return err
 		}
 		if w.rep == 0 {
 			for k, b := range d.ValShards {
@@ -457,17 +470,15 @@ func (w *worker) loadData() error {
 		if err != nil {
 			return err
 		}
-		text = data.Widen(buf)
+		if w.sampler, err = data.NewSampler(data.Widen(buf), w.stage.Config.SeqLen, w.sp.Seed, w.rep); err != nil {
+			return err
+		}
 		if w.rep == 0 {
 			if buf, err = get(d.Val, w.sp.Pipeline.Replicas, "validation split"); err != nil {
 				return err
 			}
 			val = data.Widen(buf)
 		}
-	}
-	var err error
-	if w.sampler, err = data.NewSampler(text, w.stage.Config.SeqLen, w.sp.Seed, w.rep); err != nil {
-		return err
 	}
 	if w.resumeSampler != nil {
 		if err := w.sampler.SetState(w.resumeSampler); err != nil {

@@ -264,6 +264,7 @@ func fill[T Token](src []T, inputs, targets []int32) {
 // (seed, replica) draws the same sequences again.
 type Sampler[T Token] struct {
 	train  []T
+	view   *ShardView // read instead of train when set
 	seqLen int
 	rng    *rand.PCG
 }
@@ -283,6 +284,19 @@ func NewSampler[T Token](train []T, seqLen int, seed uint64, replica int) (*Samp
 	return &Sampler[T]{train: train, seqLen: seqLen, rng: rand.NewPCG(seed, mix(uint64(replica)))}, nil
 }
 
+// NewViewSampler is NewSampler reading the tokens of shard files in place: it draws
+// exactly the sequences NewSampler does from the same tokens decoded into a slice.
+func NewViewSampler(v *ShardView, seqLen int, seed uint64, replica int) (*Sampler[int32], error) {
+	if seqLen <= 0 {
+		return nil, fmt.Errorf("data: sampler: seq_len %d is not positive", seqLen)
+	}
+	if v.Len() < seqLen+1 {
+		return nil, fmt.Errorf("data: sampler: %d tokens of training text, need at least seq_len+1 = %d: %w",
+			v.Len(), seqLen+1, ErrTooShort)
+	}
+	return &Sampler[int32]{view: v, seqLen: seqLen, rng: rand.NewPCG(seed, mix(uint64(replica)))}, nil
+}
+
 // Next fills inputs and targets with len(inputs)/seqLen sequences, one after another, each
 // from a uniformly random offset; targets are the inputs shifted by one byte. It panics
 // unless len(inputs) is a multiple of seqLen and len(targets) == len(inputs).
@@ -291,10 +305,18 @@ func (s *Sampler[T]) Next(inputs, targets []int32) {
 		panic(fmt.Sprintf("data: Sampler.Next: inputs %d and targets %d, want equal multiples of seqLen %d",
 			len(inputs), len(targets), s.seqLen))
 	}
-	starts := uint64(len(s.train) - s.seqLen) // offsets 0 .. len-seqLen-1 leave room for the last target
+	n := len(s.train)
+	if s.view != nil {
+		n = s.view.Len()
+	}
+	starts := uint64(n - s.seqLen) // offsets 0 .. len-seqLen-1 leave room for the last target
 	for b := 0; b < len(inputs); b += s.seqLen {
 		off := below(s.rng, starts)
-		fill(s.train[off:], inputs[b:b+s.seqLen], targets[b:b+s.seqLen])
+		if s.view != nil {
+			s.view.fill(int(off), inputs[b:b+s.seqLen], targets[b:b+s.seqLen])
+		} else {
+			fill(s.train[off:], inputs[b:b+s.seqLen], targets[b:b+s.seqLen])
+		}
 	}
 }
 

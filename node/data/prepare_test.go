@@ -197,3 +197,63 @@ func TestLoadGlobAndTextField(t *testing.T) {
 		t.Errorf("ReplicaShards(7, 1, 3) = %v, want [1 4]", got)
 	}
 }
+
+// A sampler reading shard files in place draws exactly what one over their decoded ids
+// draws, windows across shard boundaries included, from the same position on.
+func TestViewSamplerEqualsSliceSampler(t *testing.T) {
+	for _, vocab := range []int{300, 70000} {
+		out := filepath.Join(t.TempDir(), "p")
+		in := filepath.Join(t.TempDir(), "in.txt")
+		os.WriteFile(in, []byte(strings.Join(randomDocs(3, 20), "\n")), 0o644)
+		rng := rand.New(rand.NewPCG(4, 4))
+		m, err := data.Prepare(context.Background(), []string{in}, data.PrepareOptions{Out: out, ShardTokens: 97, Vocab: vocab,
+			Encode: func(s string) []int32 {
+				ids := make([]int32, len(s))
+				for i := range ids {
+					ids[i] = int32(rng.IntN(vocab)) // any ids below vocab
+				}
+				return ids
+			}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		idx := []int{0, 2, 3, 5}
+		ids, err := m.LoadShards(out, idx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var files [][]byte
+		for _, i := range idx {
+			f, err := data.MapFile(filepath.Join(out, m.Shards[i].File))
+			if err != nil {
+				t.Fatal(err)
+			}
+			files = append(files, f)
+		}
+		view, err := data.NewShardView(files, vocab)
+		if err != nil || view.Len() != len(ids) {
+			t.Fatalf("view of %d ids, %v; want %d", view.Len(), err, len(ids))
+		}
+		a, _ := data.NewSampler(ids, 40, 9, 1)
+		b, err := data.NewViewSampler(view, 40, 9, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ia, ta, ib, tb := make([]int32, 400), make([]int32, 400), make([]int32, 400), make([]int32, 400)
+		for step := range 50 {
+			if step == 25 { // a resumed sampler continues the same stream
+				st, _ := a.State()
+				b, _ = data.NewViewSampler(view, 40, 9, 1)
+				b.SetState(st)
+			}
+			a.Next(ia, ta)
+			b.Next(ib, tb)
+			if !slices.Equal(ia, ib) || !slices.Equal(ta, tb) {
+				t.Fatalf("vocab %d, draw %d: the view sampler's sequences differ", vocab, step)
+			}
+		}
+		if _, err := data.NewShardView(files, 10); !errors.Is(err, data.ErrBadShard) {
+			t.Errorf("ids over the vocabulary: %v, want ErrBadShard", err)
+		}
+	}
+}

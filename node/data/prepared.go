@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"sort"
 	"strings"
 	"syscall"
 )
@@ -339,6 +340,96 @@ func (m *Manifest) MapShardFile(dir string, i int) ([]byte, error) {
 	if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != s.SHA256 {
 		syscall.Munmap(b)
 		return nil, fmt.Errorf("%s: %w: sha256 %x, the manifest says %s", name, ErrBadShard, sum, s.SHA256)
+	}
+	return b, nil
+}
+
+// ShardView reads the ids of shard files, one after another, where they lie (typically
+// read-only mappings of the files), so a node samples a dataset larger than its memory.
+type ShardView struct {
+	segs   [][]byte // each file's ids, header cut off
+	starts []int    // index of each segment's first id
+	width  int
+	n      int
+}
+
+// NewShardView checks the shard files (header, width, every id below vocab) and returns a
+// view of their ids in order. It keeps files, which must not change.
+func NewShardView(files [][]byte, vocab int) (*ShardView, error) {
+	v := &ShardView{}
+	for i, f := range files {
+		if len(f) < shardHeader || string(f[:8]) != shardMagic {
+			return nil, fmt.Errorf("shard %d: %w: no %q header", i, ErrBadShard, shardMagic)
+		}
+		w := int(binary.LittleEndian.Uint32(f[8:]))
+		n := binary.LittleEndian.Uint64(f[16:])
+		if (w != 2 && w != 4) || uint64(len(f)-shardHeader) != n*uint64(w) || (v.width != 0 && w != v.width) {
+			return nil, fmt.Errorf("shard %d: %w: width %d and %d ids in %d bytes", i, ErrBadShard, w, n, len(f))
+		}
+		v.width = w
+		body := f[shardHeader:]
+		for j := 0; j < len(body); j += w {
+			var id uint32
+			if w == 2 {
+				id = uint32(binary.LittleEndian.Uint16(body[j:]))
+			} else {
+				id = binary.LittleEndian.Uint32(body[j:])
+			}
+			if id >= uint32(vocab) {
+				return nil, fmt.Errorf("shard %d: %w: id %d at %d is outside the vocabulary of %d", i, ErrBadShard, id, j/w, vocab)
+			}
+		}
+		v.segs = append(v.segs, body)
+		v.starts = append(v.starts, v.n)
+		v.n += int(n)
+	}
+	return v, nil
+}
+
+// Len is the number of ids in the view.
+func (v *ShardView) Len() int { return v.n }
+
+// fill sets inputs to the len(inputs) ids from off and targets to the ids one on, as fill
+// does on a slice.
+func (v *ShardView) fill(off int, inputs, targets []int32) {
+	k := sort.Search(len(v.starts), func(i int) bool { return v.starts[i] > off }) - 1
+	pos := (off - v.starts[k]) * v.width
+	next := func() int32 {
+		for pos >= len(v.segs[k]) {
+			k, pos = k+1, 0
+		}
+		b := v.segs[k][pos:]
+		pos += v.width
+		if v.width == 2 {
+			return int32(binary.LittleEndian.Uint16(b))
+		}
+		return int32(binary.LittleEndian.Uint32(b))
+	}
+	prev := next()
+	for j := range inputs {
+		inputs[j] = prev
+		prev = next()
+		targets[j] = prev
+	}
+}
+
+// MapFile maps a file read-only, for a ShardView of files already verified (a cache's).
+func MapFile(name string) ([]byte, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	info, err := f.Stat()
+	if err != nil {
+		return nil, err
+	}
+	if info.Size() == 0 {
+		return nil, fmt.Errorf("%s: %w: empty", name, ErrBadShard)
+	}
+	b, err := syscall.Mmap(int(f.Fd()), 0, int(info.Size()), syscall.PROT_READ, syscall.MAP_SHARED)
+	if err != nil {
+		return nil, fmt.Errorf("%s: map: %w", name, err)
 	}
 	return b, nil
 }
