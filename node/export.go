@@ -336,6 +336,15 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 	if err := os.WriteFile(res.Config, hf, 0o644); err != nil {
 		return nil, fmt.Errorf("export: %w", err)
 	}
+	if !sp.Data.ByteLevel() {
+		// The launcher's tokenizer.json beside config.json, as train writes it, so the
+		// directory reads as a Hugging Face model.
+		if raw, err := os.ReadFile(sp.Data.Tokenizer); err != nil {
+			log.Warn("model assembled without its tokenizer.json", "data.tokenizer", sp.Data.Tokenizer, "err", err)
+		} else if err := os.WriteFile(filepath.Join(dir, train.TokenizerFile), raw, 0o644); err != nil {
+			return nil, fmt.Errorf("export: %w", err)
+		}
+	}
 	log.Info("model assembled", "model", res.Model, "step", step, "from", res.From)
 	return res, nil
 }

@@ -195,10 +195,8 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err := o.Spec.CheckData(); err != nil {
 		return nil, err
 	}
-	if !o.Spec.Data.Prepared() { // prepared shards hold ids: the nodes need no tokenizer
-		if err := o.Spec.ByteLevelOnly("launch"); err != nil {
-			return nil, err
-		}
+	if _, err := o.Spec.CheckTokenizer(); err != nil {
+		return nil, err
 	}
 	if o.Key == nil {
 		return nil, errors.New("launch: no key")
@@ -1784,8 +1782,12 @@ func serveData(sp *spec.Spec, h *p2p.Host, log *slog.Logger) (*DataPlan, error) 
 		score, banned := h.Penalties().Add(p, err.Error())
 		log.Warn("protocol violation", "peer", p, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
 	}
-	if sp.Data.Prepared() {
-		dp, err := servePrepared(sp, srv, log)
+	if sp.Data.Prepared() || !sp.Data.ByteLevel() {
+		serve := servePrepared
+		if !sp.Data.Prepared() {
+			serve = serveTokenized
+		}
+		dp, err := serve(sp, srv, log)
 		if err != nil {
 			return nil, err
 		}
@@ -1813,6 +1815,47 @@ func serveData(sp *spec.Spec, h *p2p.Host, log *slog.Logger) (*DataPlan, error) 
 	}
 	h.Handle(corpus.Proto, srv.HandleStream)
 	log.Info("serving data", "corpus", name, "bytes", len(text), "train_shards", len(dp.Train), "val_bytes", len(val))
+	return dp, nil
+}
+
+// serveTokenized tokenises the run's text with data.tokenizer, cuts it as train does
+// (train.LoadDataset), and serves each replica's part and the validation part as one
+// shard file each: the nodes read ids and need no tokenizer.
+func serveTokenized(sp *spec.Spec, srv *corpus.Server, log *slog.Logger) (*DataPlan, error) {
+	tk, err := train.LoadTokenizer(sp)
+	if err != nil {
+		return nil, err
+	}
+	ds, err := train.LoadDataset(sp, tk)
+	if err != nil {
+		return nil, err
+	}
+	if data.ValWindows(ds.Val, sp.Model.SeqLen) == 0 {
+		return nil, fmt.Errorf("launch: validation split of %d tokens holds no window of seq_len+1 = %d tokens; use more text or a larger data.val_fraction (or data.val_path)",
+			len(ds.Val), sp.Model.SeqLen+1)
+	}
+	add := func(ids []int32, what string) (corpus.Blob, error) {
+		b := data.EncodeShard(ids, sp.Model.Vocab)
+		if len(b) > corpus.MaxBlobBytes {
+			return corpus.Blob{}, fmt.Errorf("launch: the %s is %d bytes of token ids, more than the %d a blob may hold; prepare the text with 'pipeswarm data prepare' and name that directory as data.path",
+				what, len(b), corpus.MaxBlobBytes)
+		}
+		return srv.Add(b), nil
+	}
+	dp := &DataPlan{Shards: make([][]corpus.Blob, len(ds.Replicas)), ValTokens: int64(len(ds.Val))}
+	for r, ids := range ds.Replicas {
+		b, err := add(ids, fmt.Sprintf("training part of replica %d", r))
+		if err != nil {
+			return nil, err
+		}
+		dp.Shards[r] = []corpus.Blob{b}
+	}
+	b, err := add(ds.Val, "validation part")
+	if err != nil {
+		return nil, err
+	}
+	dp.ValShards = []corpus.Blob{b}
+	log.Info("serving tokenised data", "corpus", ds.Name, "tokenizer", sp.Data.Tokenizer, "train_tokens", ds.Tokens, "val_tokens", len(ds.Val))
 	return dp, nil
 }
 

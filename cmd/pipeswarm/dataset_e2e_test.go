@@ -129,3 +129,55 @@ func TestLaunchOnPreparedShardsMatchesTrain(t *testing.T) {
 		<-n.exited
 	}
 }
+
+// A launched run with a tokenizer on raw text: the launcher tokenises and cuts the text
+// as train does and serves each replica its ids, so the nodes need no tokenizer; the run
+// equals train bit for bit, and the collected model has the tokenizer.json beside it.
+func TestLaunchWithATokenizerMatchesTrain(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	var text strings.Builder
+	for i := range 2000 {
+		text.WriteString([]string{"To be, or not to be, that is the question.", "Whether 'tis nobler in the mind to suffer",
+			"The slings and arrows of outrageous fortune,", "Or to take arms against a sea of troubles"}[i%4] + "\n")
+	}
+	os.WriteFile(filepath.Join(dir, "train.txt"), []byte(text.String()), 0o644)
+	if code, stdout, stderr := runCLI(t, "tokenizer", "train", "--vocab", "300", "--out", filepath.Join(dir, "tok.json"), filepath.Join(dir, "train.txt")); code != 0 {
+		t.Fatalf("tokenizer train exited %d: %s%s", code, stdout, stderr)
+	}
+	spec := strings.Replace(preparedSpec, "data: {path: prepared, val_path: prepared-val}", "data: {path: train.txt, tokenizer: tok.json, val_fraction: 0.1}\nexport: allowed", 1)
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 4, "--memory-budget", "1GiB")
+	t.Chdir(dir)
+	out := filepath.Join(dir, "launched")
+	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
+	if code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
+	}
+	ref := filepath.Join(dir, "trained")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	launched, _ := readRun(t, out)
+	trained, _ := readRun(t, ref)
+	if len(trained) != 24 || len(launched) != len(trained) {
+		t.Fatalf("launch recorded %d loss rows, train %d; want 24", len(launched), len(trained))
+	}
+	for k, b := range trained {
+		a := launched[k]
+		if a.Loss != b.Loss || (a.ValLoss == nil) != (b.ValLoss == nil) || a.ValLoss != nil && *a.ValLoss != *b.ValLoss {
+			t.Errorf("step %d replica %d: launched %+v, trained %+v", k[0], k[1], a, b)
+		}
+	}
+	tok, _ := os.ReadFile(filepath.Join(dir, "tok.json"))
+	for _, d := range []string{out, ref} {
+		if got, err := os.ReadFile(filepath.Join(d, "tokenizer.json")); err != nil || string(got) != string(tok) {
+			t.Errorf("%s/tokenizer.json: %v; want the run's tokenizer", d, err)
+		}
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+		<-n.exited
+	}
+}

@@ -171,7 +171,7 @@ func loadSpecOr(builtin string, pos []string, data string, steps int, log *slog.
 		log.Warn(n)
 	}
 	if data != "" {
-		if _, err := os.Stat(data); err != nil {
+		if _, err := os.Stat(data); err != nil && !strings.ContainsAny(data, "*?[") { // a glob is checked with the spec's data
 			var pe *fs.PathError
 			if errors.As(err, &pe) {
 				err = pe.Err

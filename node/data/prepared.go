@@ -433,3 +433,20 @@ func MapFile(name string) ([]byte, error) {
 	}
 	return b, nil
 }
+
+// EncodeShard returns the shard file of ids, in the id width vocab needs.
+func EncodeShard(ids []int32, vocab int) []byte {
+	_, w := DtypeFor(vocab)
+	b := make([]byte, shardHeader, shardHeader+len(ids)*w)
+	copy(b, shardMagic)
+	binary.LittleEndian.PutUint32(b[8:], uint32(w))
+	binary.LittleEndian.PutUint64(b[16:], uint64(len(ids)))
+	for _, id := range ids {
+		if w == 2 {
+			b = binary.LittleEndian.AppendUint16(b, uint16(id))
+		} else {
+			b = binary.LittleEndian.AppendUint32(b, uint32(id))
+		}
+	}
+	return b
+}

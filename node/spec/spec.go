@@ -479,16 +479,6 @@ func (s *Spec) CheckTokenizer() (*tokenizer.Tokenizer, error) {
 	return tk, nil
 }
 
-// ByteLevelOnly refuses a tokenizer file for what does not support one yet, naming
-// data.tokenizer.
-func (s *Spec) ByteLevelOnly(what string) error {
-	if s.Data.ByteLevel() {
-		return nil
-	}
-	return &fieldError{file: s.src.file, line: s.src.lines["data.tokenizer"], field: "data.tokenizer", kind: ErrInvalid,
-		msg: fmt.Sprintf("%q: %s trains byte-level models only for now; train with a tokenizer in one process with 'pipeswarm train', or set bytes", s.Data.Tokenizer, what)}
-}
-
 // CheckData reports whether data.path (and data.val_path) name text that exists: a
 // file, a directory, a glob that matches, or a prepared dataset whose manifest reads (an
 // empty path, the built-in corpus, always does). A run whose text is missing is refused
