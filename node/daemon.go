@@ -512,7 +512,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 // Heartbeat is what a node announces on p2p.TopicHeartbeats every
 // HeartbeatInterval, as JSON: enough for any peer to draw the swarm. The field
-// names are stable (the README lists them); new fields may be added.
+// names are stable (docs/node.md lists them); new fields may be added.
 type Heartbeat struct {
 	Peer       string  `json:"peer"`
 	Version    string  `json:"version"`      // module version, and the commit if known: build.Info.Short

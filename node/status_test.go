@@ -135,7 +135,7 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 }
 
 // Heartbeats on gossip carry the node's version and what it serves, under the field
-// names the README lists.
+// names docs/node.md lists.
 func TestHeartbeatsOnGossipCarryVersionAndStages(t *testing.T) {
 	defer func(i time.Duration) { HeartbeatInterval = i }(HeartbeatInterval)
 	HeartbeatInterval = 200 * time.Millisecond

@@ -162,7 +162,7 @@ func TestBenchWANNetnsRunsFourNodesAndLeavesNothing(t *testing.T) {
 		for _, k := range [][2]string{{"measured_mbps", "profile_mbps"}, {"measured_mbps_reverse", "profile_mbps"}, {"measured_rtt_ms", "profile_rtt_ms"}} {
 			// 20%: go test runs packages side by side on this machine's two cores,
 			// and a measurement can wake late; the 10% the bench meets on a quiet
-			// machine is in the README.
+			// machine is in docs/bench.md.
 			got, want := m[k[0]].(float64), m[k[1]].(float64)
 			if got < 0.8*want || got > 1.2*want {
 				t.Errorf("link %v→%v: %s %.1f, profile %.1f: not within 20%%", m["from"], m["to"], k[0], got, want)

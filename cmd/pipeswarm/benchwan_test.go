@@ -153,7 +153,7 @@ func TestBenchWANSimRunsTheSwarmOverSimulatedLinks(t *testing.T) {
 	}
 	l := links[0].(map[string]any)
 	// Loose bounds: go test runs packages side by side on two cores (the bench's
-	// figures on a quiet machine are in the README).
+	// figures on a quiet machine are in docs/bench.md).
 	if got := l["measured_rtt_ms"].(float64); got < 45 || got > 60 {
 		t.Errorf("RTT %.1f ms on a 2 × 25 ms path", got)
 	}
@@ -253,7 +253,7 @@ data: {val_fraction: 0.01}
 // goodbye) half-way and restarted 2 s later. The run completes, the broken replica
 // pipeline rejoins (its state fetched from a live replica, hash-checked, its weights
 // agreeing with the others' at the next outer step, or the launcher would fail the
-// run), and no outer step is lost. The 30-minute soak runs outside CI (README).
+// run), and no outer step is lost. The 30-minute soak runs outside CI (docs/bench.md).
 func TestBenchWANSoakRejoinsTheBrokenPipeline(t *testing.T) {
 	if testing.Short() {
 		t.Skip("a 6-node run with a kill; skipped in -short")

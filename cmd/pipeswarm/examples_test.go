@@ -67,19 +67,6 @@ func TestExamplesAreTakenByNameFromAnyDirectory(t *testing.T) {
 	}
 }
 
-// A user's clone has only the repository: the README points at nothing outside it.
-func TestREADMEReferencesNothingOutsideTheRepository(t *testing.T) {
-	b, err := os.ReadFile("../../README.md")
-	if err != nil {
-		t.Fatal(err)
-	}
-	for i, line := range strings.Split(string(b), "\n") {
-		if strings.Contains(line, "../shared") {
-			t.Errorf("README.md:%d refers outside the repository: %s", i+1, line)
-		}
-	}
-}
-
 // An example that states its parameter count ("# parameters: 1,028,737,024") states
 // the count of the model it describes.
 func TestExamplesStateTheirParameterCount(t *testing.T) {

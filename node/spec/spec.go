@@ -30,7 +30,7 @@ import (
 // of range or inconsistent with another.
 var ErrInvalid = errors.New("invalid spec")
 
-// DiLoCo defaults, chosen by a sweep on tiny (README, "Replicas").
+// DiLoCo defaults, chosen by a sweep on tiny (docs/runs.md, "Replicas and DiLoCo").
 const (
 	DefaultInnerSteps    = 30
 	DefaultOuterLR       = 1.0
@@ -42,8 +42,8 @@ const (
 
 // DefaultEvalBatches is eval_batches when a spec names none: 16 batches of 16 windows,
 // 256 windows of seq_len+1 bytes. On tiny an evaluation then costs about as much as 7
-// training steps, 3.5% of the 200 between its evaluations (README, "Training on your
-// own text").
+// training steps, 3.5% of the 200 between its evaluations (docs/runs.md, "Data and
+// evaluation").
 const DefaultEvalBatches = 16
 
 // DefaultCheckpointSeconds is checkpoint_seconds when a spec names none: a crash loses
