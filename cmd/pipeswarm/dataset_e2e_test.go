@@ -1,6 +1,7 @@
 package main
 
 import (
+	"encoding/json"
 	"os"
 	"path/filepath"
 	"slices"
@@ -76,6 +77,14 @@ func TestLaunchOnPreparedShardsMatchesTrain(t *testing.T) {
 	trained, tOuter := readRun(t, ref)
 	if len(trained) != 24 || len(launched) != len(trained) {
 		t.Fatalf("launch recorded %d loss rows, train %d; want 24 (12 steps × 2 replicas)", len(launched), len(trained))
+	}
+	// eval reads the validation shards as the run did.
+	code, evalOut, stderr := runCLI(t, "eval", "--checkpoint", filepath.Join(ref, "model.safetensors"), "--json")
+	var ev struct {
+		ValLoss float64 `json:"val_loss"`
+	}
+	if final := trained[[2]int{12, 0}].ValLoss; code != 0 || json.Unmarshal([]byte(evalOut), &ev) != nil || final == nil || ev.ValLoss != *final {
+		t.Errorf("eval: exit %d, %q %s; want the run's final validation loss %v", code, evalOut, stderr, final)
 	}
 	vals := 0
 	for k, b := range trained {
@@ -179,5 +188,34 @@ func TestLaunchWithATokenizerMatchesTrain(t *testing.T) {
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
 		<-n.exited
+	}
+}
+
+// data prepare's flags are checked, naming the flag, and a prepared directory is never
+// overwritten.
+func TestDataPrepareRefusesBadFlags(t *testing.T) {
+	dir := t.TempDir()
+	in := filepath.Join(dir, "in.txt")
+	os.WriteFile(in, []byte("some text\n"), 0o644)
+	out := filepath.Join(dir, "out")
+	for _, c := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--out", out, in}, "--tokenizer: want the path of a tokenizer.json, or bytes"},
+		{[]string{"--tokenizer", "bytes", in}, "--out: want the directory"},
+		{[]string{"--tokenizer", "bytes", "--out", out, "--shard-tokens", "0", in}, `--shard-tokens "0": want a positive number`},
+		{[]string{"--tokenizer", "bytes", "--out", out}, "want one or more INPUTs"},
+		{[]string{"--tokenizer", filepath.Join(dir, "none.json"), "--out", out, in}, "--tokenizer: open"},
+		{[]string{"--tokenizer", "bytes", "--out", out, filepath.Join(dir, "*.jsonl")}, "matches no file"},
+	} {
+		code, _, stderr := runCLI(t, append([]string{"data", "prepare"}, c.args...)...)
+		if code == 0 || !strings.Contains(stderr, c.want) {
+			t.Errorf("data prepare %v: exit %d, %q; want an error containing %q", c.args, code, stderr, c.want)
+		}
+	}
+	prepareCLI(t, "--tokenizer", "bytes", "--out", out, in)
+	if code, _, stderr := runCLI(t, "data", "prepare", "--tokenizer", "bytes", "--out", out, in); code == 0 || !strings.Contains(stderr, "already holds a prepared dataset") {
+		t.Errorf("data prepare into a prepared directory: exit %d, %q", code, stderr)
 	}
 }

@@ -1,8 +1,9 @@
-// Package data turns text into training tokens. The model is byte-level, so a token is a
-// byte: this package loads corpora (a file, a directory of files, or JSON lines), splits off
-// a validation tail, cuts it into evaluation windows, and samples training sequences from
-// the rest. When a run names no corpus, Builtin provides one generated in code, so a run
-// needs no download.
+// Package data turns text into training tokens: it loads corpora (a file, a directory of
+// files, JSON lines, or a glob of those), splits off a validation tail, cuts it into
+// evaluation windows, and samples training sequences from the rest. Prepare tokenises
+// text once into the shard files of a prepared dataset (see Manifest), which runs read
+// instead of text. When a run names no corpus, Builtin provides one generated in code,
+// so a run needs no download.
 package data
 
 import (
