@@ -766,3 +766,54 @@ func TestADroppedMemberIsGivenUpInTheRoundInProgress(t *testing.T) {
 		})
 	}
 }
+
+// Streams idle past the receiving service's WithIdle bound are closed, and that
+// costs nothing: the next round's senders open fresh streams (one retry on a
+// stream the peer closed) and every member takes part, none counted down. Real
+// hosts: mocknet streams have no deadlines.
+func TestStreamsClosedForIdlenessAreReopenedByTheNextRound(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	c := spec(t, "bf16")
+	const R, idle = 3, 200 * time.Millisecond
+	hs := loopbackHosts(t, R)
+	ids := make([]peer.ID, R)
+	for i, h := range hs {
+		ids[i] = h.ID()
+	}
+	var closed atomic.Int64
+	gs := make([]*Group, R)
+	for i, h := range hs {
+		svc := NewService(h, testLog(), nil, WithIdle(func(peer.ID) time.Duration { return idle }))
+		h.SetStreamHandler(Proto, func(s network.Stream) {
+			svc.HandleStream(s)
+			closed.Add(1)
+		})
+		t.Cleanup(func() { svc.Close() })
+		g, err := svc.Join(GroupConfig{Run: 1, Group: 1, Peers: ids, Self: i, Codec: c, MaxValues: 1 << 20})
+		if err != nil {
+			t.Fatal(err)
+		}
+		gs[i] = g
+	}
+	ys := randVecs(R, 4*PieceValues, 3)
+	for round := uint64(1); round <= 3; round++ {
+		out := make([]outcome, R)
+		var wg sync.WaitGroup
+		for i, g := range gs {
+			wg.Go(func() {
+				res, err := g.AllReduce(ctx, round, ys[i], 10*time.Second)
+				out[i] = outcome{res, err}
+			})
+		}
+		wg.Wait()
+		res := checkSurvivors(t, c, ys, out, others(R))
+		if len(res.Missing) != 0 {
+			t.Fatalf("round %d: missing %v after the streams idled out; want every member", round, res.Missing)
+		}
+		time.Sleep(5 * idle) // every stream idles out
+		if n := closed.Load(); n < int64(round)*R*(R-1) {
+			t.Fatalf("after round %d, %d inbound streams closed, want all %d", round, n, round*R*(R-1))
+		}
+	}
+}
