@@ -441,21 +441,15 @@ func (w *worker) loadData() error {
 	if d.Prepared() {
 		// The replica's own shard files, one after another, as train reads them; read
 		// where they lie in the cache (mapped), so the node's heap holds no copy of them.
-		var files [][]byte
+		var paths, sums []string
 		for k, b := range d.Shards[w.rep] {
 			if _, err := get(b, -1, fmt.Sprintf("training shard %d of replica %d", k, w.rep)); err != nil {
 				return err
 			}
-			f, err := data.MapFile(filepath.Join(w.env.fetch.CacheDir, b.Hash))
-			if err != nil {
-				return fmt.Errorf("training shard %d (%s): %w", k, b, err)
-			}
-			if int64(len(f)) != b.Size {
-				return fmt.Errorf("training shard %d (%s): the cached file holds %d bytes", k, b, len(f))
-			}
-			files = append(files, f)
+			paths = append(paths, filepath.Join(w.env.fetch.CacheDir, b.Hash))
+			sums = append(sums, b.Hash)
 		}
-		view, err := data.NewShardView(files, w.sp.Model.Vocab)
+		view, err := data.OpenShardView(paths, sums, w.sp.Model.Vocab)
 		if err != nil {
 			return fmt.Errorf("replica %d's training shards: %w", w.rep, err)
 		}

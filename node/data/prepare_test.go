@@ -222,15 +222,12 @@ func TestViewSamplerEqualsSliceSampler(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		var files [][]byte
+		var paths, sums []string
 		for _, i := range idx {
-			f, err := data.MapFile(filepath.Join(out, m.Shards[i].File))
-			if err != nil {
-				t.Fatal(err)
-			}
-			files = append(files, f)
+			paths = append(paths, filepath.Join(out, m.Shards[i].File))
+			sums = append(sums, m.Shards[i].SHA256)
 		}
-		view, err := data.NewShardView(files, vocab)
+		view, err := data.OpenShardView(paths, sums, vocab)
 		if err != nil || view.Len() != len(ids) {
 			t.Fatalf("view of %d ids, %v; want %d", view.Len(), err, len(ids))
 		}
@@ -252,8 +249,12 @@ func TestViewSamplerEqualsSliceSampler(t *testing.T) {
 				t.Fatalf("vocab %d, draw %d: the view sampler's sequences differ", vocab, step)
 			}
 		}
-		if _, err := data.NewShardView(files, 10); !errors.Is(err, data.ErrBadShard) {
+		if _, err := data.OpenShardView(paths, sums, 10); !errors.Is(err, data.ErrBadShard) {
 			t.Errorf("ids over the vocabulary: %v, want ErrBadShard", err)
+		}
+		sums[1] = m.Shards[0].SHA256
+		if _, err := data.OpenShardView(paths, sums, vocab); !errors.Is(err, data.ErrBadShard) || !strings.Contains(err.Error(), "sha256") {
+			t.Errorf("a shard that is not the one named: %v, want ErrBadShard naming the sha256", err)
 		}
 	}
 }

@@ -333,13 +333,18 @@ func (m *Manifest) MapShardFile(dir string, i int) ([]byte, error) {
 	if info.Size() != s.Bytes {
 		return nil, fmt.Errorf("%s: %w: %d bytes, the manifest says %d", name, ErrBadShard, info.Size(), s.Bytes)
 	}
+	// Hashed by reading, not through the mapping, so checking it does not page the whole
+	// file into this process's resident set.
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return nil, fmt.Errorf("%s: %w", name, err)
+	}
+	if sum := h.Sum(nil); hex.EncodeToString(sum) != s.SHA256 {
+		return nil, fmt.Errorf("%s: %w: sha256 %x, the manifest says %s", name, ErrBadShard, sum, s.SHA256)
+	}
 	b, err := syscall.Mmap(int(f.Fd()), 0, int(s.Bytes), syscall.PROT_READ, syscall.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("%s: map: %w", name, err)
-	}
-	if sum := sha256.Sum256(b); hex.EncodeToString(sum[:]) != s.SHA256 {
-		syscall.Munmap(b)
-		return nil, fmt.Errorf("%s: %w: sha256 %x, the manifest says %s", name, ErrBadShard, sum, s.SHA256)
 	}
 	return b, nil
 }
@@ -353,37 +358,89 @@ type ShardView struct {
 	n      int
 }
 
-// NewShardView checks the shard files (header, width, every id below vocab) and returns a
-// view of their ids in order. It keeps files, which must not change.
-func NewShardView(files [][]byte, vocab int) (*ShardView, error) {
+// OpenShardView checks the shard files at paths (header, width, every id below vocab,
+// and the sha256 given for each, unless that is "") by reading them, then maps them
+// read-only and returns a view of their ids in order: the ids stay in the page cache, out
+// of the process's heap and, until sampled, out of its resident set. The files must not
+// change while the view is in use.
+func OpenShardView(paths, sha256s []string, vocab int) (*ShardView, error) {
 	v := &ShardView{}
-	for i, f := range files {
-		if len(f) < shardHeader || string(f[:8]) != shardMagic {
-			return nil, fmt.Errorf("shard %d: %w: no %q header", i, ErrBadShard, shardMagic)
+	for i, p := range paths {
+		want := ""
+		if sha256s != nil {
+			want = sha256s[i]
 		}
-		w := int(binary.LittleEndian.Uint32(f[8:]))
-		n := binary.LittleEndian.Uint64(f[16:])
-		if (w != 2 && w != 4) || uint64(len(f)-shardHeader) != n*uint64(w) || (v.width != 0 && w != v.width) {
-			return nil, fmt.Errorf("shard %d: %w: width %d and %d ids in %d bytes", i, ErrBadShard, w, n, len(f))
+		w, n, err := checkShardFile(p, want, vocab)
+		if err != nil {
+			return nil, err
+		}
+		if v.width != 0 && w != v.width {
+			return nil, fmt.Errorf("%s: %w: ids of %d bytes after shards of %d", p, ErrBadShard, w, v.width)
 		}
 		v.width = w
-		body := f[shardHeader:]
-		for j := 0; j < len(body); j += w {
-			var id uint32
-			if w == 2 {
-				id = uint32(binary.LittleEndian.Uint16(body[j:]))
-			} else {
-				id = binary.LittleEndian.Uint32(body[j:])
-			}
-			if id >= uint32(vocab) {
-				return nil, fmt.Errorf("shard %d: %w: id %d at %d is outside the vocabulary of %d", i, ErrBadShard, id, j/w, vocab)
-			}
+		b, err := mapFile(p, shardHeader+n*int64(w))
+		if err != nil {
+			return nil, err
 		}
-		v.segs = append(v.segs, body)
+		v.segs = append(v.segs, b[shardHeader:])
 		v.starts = append(v.starts, v.n)
 		v.n += int(n)
 	}
 	return v, nil
+}
+
+// checkShardFile reads a shard file through once: its header, its ids against vocab and
+// its sha256 against want (when not ""). It returns the id width and count.
+func checkShardFile(name, want string, vocab int) (width int, n int64, err error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	r := io.TeeReader(f, h)
+	var hdr [shardHeader]byte
+	if _, err := io.ReadFull(r, hdr[:]); err != nil || string(hdr[:8]) != shardMagic {
+		return 0, 0, fmt.Errorf("%s: %w: no %q header", name, ErrBadShard, shardMagic)
+	}
+	width = int(binary.LittleEndian.Uint32(hdr[8:]))
+	n = int64(binary.LittleEndian.Uint64(hdr[16:]))
+	if width != 2 && width != 4 {
+		return 0, 0, fmt.Errorf("%s: %w: id width %d", name, ErrBadShard, width)
+	}
+	buf := make([]byte, 1<<20-(1<<20)%width)
+	var seen int64
+	for {
+		k, err := io.ReadFull(r, buf)
+		if k%width != 0 {
+			return 0, 0, fmt.Errorf("%s: %w: a partial id at the end", name, ErrBadShard)
+		}
+		for j := 0; j < k; j += width {
+			var id uint32
+			if width == 2 {
+				id = uint32(binary.LittleEndian.Uint16(buf[j:]))
+			} else {
+				id = binary.LittleEndian.Uint32(buf[j:])
+			}
+			if id >= uint32(vocab) {
+				return 0, 0, fmt.Errorf("%s: %w: id %d at %d is outside the vocabulary of %d", name, ErrBadShard, id, seen+int64(j/width), vocab)
+			}
+		}
+		seen += int64(k / width)
+		if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) {
+			break
+		}
+		if err != nil {
+			return 0, 0, fmt.Errorf("%s: %w", name, err)
+		}
+	}
+	if seen != n {
+		return 0, 0, fmt.Errorf("%s: %w: %d ids, the header says %d", name, ErrBadShard, seen, n)
+	}
+	if sum := h.Sum(nil); want != "" && hex.EncodeToString(sum) != want {
+		return 0, 0, fmt.Errorf("%s: %w: sha256 %x, want %s", name, ErrBadShard, sum, want)
+	}
+	return width, n, nil
 }
 
 // Len is the number of ids in the view.
@@ -413,21 +470,14 @@ func (v *ShardView) fill(off int, inputs, targets []int32) {
 	}
 }
 
-// MapFile maps a file read-only, for a ShardView of files already verified (a cache's).
-func MapFile(name string) ([]byte, error) {
+// mapFile maps the first size bytes of a file read-only.
+func mapFile(name string, size int64) ([]byte, error) {
 	f, err := os.Open(name)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	info, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if info.Size() == 0 {
-		return nil, fmt.Errorf("%s: %w: empty", name, ErrBadShard)
-	}
-	b, err := syscall.Mmap(int(f.Fd()), 0, int(info.Size()), syscall.PROT_READ, syscall.MAP_SHARED)
+	b, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED)
 	if err != nil {
 		return nil, fmt.Errorf("%s: map: %w", name, err)
 	}

@@ -2,6 +2,7 @@ package train
 
 import (
 	"fmt"
+	"path/filepath"
 
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/data/tokenizer"
@@ -11,15 +12,25 @@ import (
 // Dataset is what a run trains and evaluates on: each replica pipeline's training tokens
 // and the validation tokens.
 type Dataset struct {
-	Name     string    // the corpus, for logs
-	Replicas [][]int32 // [replica]
+	Name     string            // the corpus, for logs
+	Replicas [][]int32         // [replica]; text
+	Views    []*data.ShardView // [replica]; a prepared dataset's shard files, mapped
 	Val      []int32
 	Tokens   int // training tokens, all replicas'
 }
 
+// Sampler returns replica r's sampler of training sequences.
+func (d *Dataset) Sampler(r, seqLen int, seed uint64) (*data.Sampler[int32], error) {
+	if d.Views != nil {
+		return data.NewViewSampler(d.Views[r], seqLen, seed, r)
+	}
+	return data.NewSampler(d.Replicas[r], seqLen, seed, r)
+}
+
 // LoadDataset reads sp's data and cuts it for sp's replica pipelines:
 //   - a prepared data.path: replica r trains on its shards (data.ReplicaShards: shard i goes
-//     to replica i mod replicas) one after another; validation is all of data.val_path's shards;
+//     to replica i mod replicas) one after another, read where they lie (mapped, each
+//     checked against its manifest hash); validation is all of data.val_path's shards;
 //   - text with data.val_path: all of data.path is training text, cut into one contiguous
 //     part per replica (data.Shard); validation is data.val_path's text;
 //   - text alone: the tail data.val_fraction of it is validation, the rest is cut per replica.
@@ -37,12 +48,17 @@ func LoadDataset(sp *spec.Spec, tk *tokenizer.Tokenizer) (*Dataset, error) {
 			return nil, fmt.Errorf("data.path %s: %d shards for %d replica pipelines; each needs one at least: prepare it again with a smaller --shard-tokens", sp.Data.Path, len(m.Shards), R)
 		}
 		for r := range R {
-			ids, err := m.LoadShards(dir, data.ReplicaShards(len(m.Shards), r, R))
-			if err != nil {
-				return nil, fmt.Errorf("data.path: %w", err)
+			var paths, sums []string
+			for _, i := range data.ReplicaShards(len(m.Shards), r, R) {
+				paths = append(paths, filepath.Join(dir, m.Shards[i].File))
+				sums = append(sums, m.Shards[i].SHA256)
 			}
-			d.Replicas = append(d.Replicas, ids)
-			d.Tokens += len(ids)
+			v, err := data.OpenShardView(paths, sums, sp.Model.Vocab)
+			if err != nil {
+				return nil, fmt.Errorf("data.path: replica %d's shards: %w", r, err)
+			}
+			d.Views = append(d.Views, v)
+			d.Tokens += v.Len()
 		}
 		if d.Val, err = LoadValShards(sp); err != nil {
 			return nil, err

@@ -96,8 +96,9 @@ func TestPlainAveragingOuterStepGivesTheMeanOfTheReplicas(t *testing.T) {
 	text, _, _ := Corpus("")
 	tr, _ := data.Split(data.Widen(text), sp.Data.ValFraction)
 	reps := make([]*replica, 2)
+	ds := &Dataset{Replicas: [][]int32{data.Shard(tr, 0, 2), data.Shard(tr, 1, 2)}}
 	for r := range reps {
-		rp, err := newReplica(sp, tr, r)
+		rp, err := newReplica(sp, ds, r)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -227,7 +227,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	R := sp.Pipeline.Replicas
 	reps := make([]*replica, R)
 	for r := range reps {
-		rp, err := newReplica(sp, ds.Replicas[r], r)
+		rp, err := newReplica(sp, ds, r)
 		if err != nil {
 			return nil, err
 		}
@@ -417,12 +417,12 @@ type replica struct {
 	outers  []*Outer // per stage; nil with one replica
 }
 
-func newReplica(sp *spec.Spec, shard []int32, r int) (*replica, error) {
+func newReplica(sp *spec.Spec, ds *Dataset, r int) (*replica, error) {
 	m, err := newModel(sp)
 	if err != nil {
 		return nil, err
 	}
-	sampler, err := data.NewSampler(shard, sp.Model.SeqLen, sp.Seed, r)
+	sampler, err := ds.Sampler(r, sp.Model.SeqLen, sp.Seed)
 	if err != nil {
 		return nil, fmt.Errorf("train: replica %d: %w", r, err)
 	}
