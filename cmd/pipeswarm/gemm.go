@@ -11,7 +11,7 @@ import (
 
 // gemmUsage is the --gemm flag's help, shared by the commands that compute.
 var gemmUsage = "GEMM provider: " + strings.Join(backend.GEMMNames, ", ") +
-	" (auto: oneDNN where libdnnl loads and the CPU has AVX2 or AVX-512, else pipeswarm's Go kernels; OpenBLAS only when asked)"
+	" (auto: pipeswarm's Go kernels, or oneDNN where libdnnl loads on a CPU with AVX2 but not AVX-512; OpenBLAS only when asked)"
 
 func addGEMMFlag(fs *flag.FlagSet) *string { return fs.String("gemm", "auto", gemmUsage) }
 

@@ -67,9 +67,9 @@ type Config struct {
 	// bf16; its offers advertise their precisions. Default: every backend this binary
 	// and CPU can run (an empty list).
 	Backends []string `yaml:"backends"`
-	// GEMM is the provider of the stages' matrix products: auto (the default: oneDNN
-	// where libdnnl loads and the CPU has AVX2 or AVX-512, else pipeswarm's Go
-	// kernels), go, onednn or openblas. Precision is the run's; the provider is this
+	// GEMM is the provider of the stages' matrix products: auto (the default:
+	// pipeswarm's Go kernels, or oneDNN where libdnnl loads on a CPU with AVX2 but not
+	// AVX-512), go, onednn or openblas. Precision is the run's; the provider is this
 	// node's own, so replicas of a stage may use different ones.
 	GEMM string `yaml:"gemm"`
 	// Corpus is a local copy of run text (a file, a directory of text files, or .jsonl),
