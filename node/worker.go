@@ -440,7 +440,7 @@ func (w *worker) loadData() error {
 	var val []int32
 	if d.Prepared() {
 		// The replica's own shard files, one after another, as train reads them; read
-		// where they lie in the cache (mapped), so the node's heap holds no copy of them.
+		// from the cached files, window by window, so the node holds no copy of them.
 		var paths, sums []string
 		for k, b := range d.Shards[w.rep] {
 			if _, err := get(b, -1, fmt.Sprintf("training shard %d of replica %d", k, w.rep)); err != nil {

@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"syscall"
@@ -349,19 +350,21 @@ func (m *Manifest) MapShardFile(dir string, i int) ([]byte, error) {
 	return b, nil
 }
 
-// ShardView reads the ids of shard files, one after another, where they lie (typically
-// read-only mappings of the files), so a node samples a dataset larger than its memory.
+// ShardView reads the ids of shard files, one after another, from the files themselves
+// (a read per sequence drawn), so a process samples a dataset larger than its memory and
+// holds none of it.
 type ShardView struct {
-	segs   [][]byte // each file's ids, header cut off
-	starts []int    // index of each segment's first id
+	files  []*os.File
+	lens   []int // ids in each file
+	starts []int // index of each file's first id
 	width  int
 	n      int
+	buf    []byte
 }
 
 // OpenShardView checks the shard files at paths (header, width, every id below vocab,
-// and the sha256 given for each, unless that is "") by reading them, then maps them
-// read-only and returns a view of their ids in order: the ids stay in the page cache, out
-// of the process's heap and, until sampled, out of its resident set. The files must not
+// and the sha256 given for each, unless that is "") by reading them through once, and
+// returns a view of their ids in order, which keeps the files open. The files must not
 // change while the view is in use.
 func OpenShardView(paths, sha256s []string, vocab int) (*ShardView, error) {
 	v := &ShardView{}
@@ -378,11 +381,12 @@ func OpenShardView(paths, sha256s []string, vocab int) (*ShardView, error) {
 			return nil, fmt.Errorf("%s: %w: ids of %d bytes after shards of %d", p, ErrBadShard, w, v.width)
 		}
 		v.width = w
-		b, err := mapFile(p, shardHeader+n*int64(w))
+		f, err := os.Open(p)
 		if err != nil {
 			return nil, err
 		}
-		v.segs = append(v.segs, b[shardHeader:])
+		v.files = append(v.files, f)
+		v.lens = append(v.lens, int(n))
 		v.starts = append(v.starts, v.n)
 		v.n += int(n)
 	}
@@ -447,41 +451,35 @@ func checkShardFile(name, want string, vocab int) (width int, n int64, err error
 func (v *ShardView) Len() int { return v.n }
 
 // fill sets inputs to the len(inputs) ids from off and targets to the ids one on, as fill
-// does on a slice.
+// does on a slice. A file that can no longer be read (truncated under a running process)
+// is a panic: the view cannot go on and has no error to return.
 func (v *ShardView) fill(off int, inputs, targets []int32) {
+	need := len(inputs) + 1
+	v.buf = slices.Grow(v.buf[:0], need*v.width)[:need*v.width]
 	k := sort.Search(len(v.starts), func(i int) bool { return v.starts[i] > off }) - 1
-	pos := (off - v.starts[k]) * v.width
-	next := func() int32 {
-		for pos >= len(v.segs[k]) {
-			k, pos = k+1, 0
+	at, got := off-v.starts[k], 0
+	for got < need {
+		if at >= v.lens[k] {
+			k, at = k+1, 0
+			continue
 		}
-		b := v.segs[k][pos:]
-		pos += v.width
+		c := min(need-got, v.lens[k]-at)
+		dst := v.buf[got*v.width : (got+c)*v.width]
+		if _, err := v.files[k].ReadAt(dst, int64(shardHeader+at*v.width)); err != nil {
+			panic(fmt.Sprintf("data: reading %s: %v", v.files[k].Name(), err))
+		}
+		got, at = got+c, at+c
+	}
+	id := func(j int) int32 {
 		if v.width == 2 {
-			return int32(binary.LittleEndian.Uint16(b))
+			return int32(binary.LittleEndian.Uint16(v.buf[2*j:]))
 		}
-		return int32(binary.LittleEndian.Uint32(b))
+		return int32(binary.LittleEndian.Uint32(v.buf[4*j:]))
 	}
-	prev := next()
 	for j := range inputs {
-		inputs[j] = prev
-		prev = next()
-		targets[j] = prev
+		inputs[j] = id(j)
+		targets[j] = id(j + 1)
 	}
-}
-
-// mapFile maps the first size bytes of a file read-only.
-func mapFile(name string, size int64) ([]byte, error) {
-	f, err := os.Open(name)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	b, err := syscall.Mmap(int(f.Fd()), 0, int(size), syscall.PROT_READ, syscall.MAP_SHARED)
-	if err != nil {
-		return nil, fmt.Errorf("%s: map: %w", name, err)
-	}
-	return b, nil
 }
 
 // EncodeShard returns the shard file of ids, in the id width vocab needs.

@@ -14,7 +14,7 @@ import (
 type Dataset struct {
 	Name     string            // the corpus, for logs
 	Replicas [][]int32         // [replica]; text
-	Views    []*data.ShardView // [replica]; a prepared dataset's shard files, mapped
+	Views    []*data.ShardView // [replica]; a prepared dataset's shard files, read as sampled
 	Val      []int32
 	Tokens   int // training tokens, all replicas'
 }
@@ -29,7 +29,7 @@ func (d *Dataset) Sampler(r, seqLen int, seed uint64) (*data.Sampler[int32], err
 
 // LoadDataset reads sp's data and cuts it for sp's replica pipelines:
 //   - a prepared data.path: replica r trains on its shards (data.ReplicaShards: shard i goes
-//     to replica i mod replicas) one after another, read where they lie (mapped, each
+//     to replica i mod replicas) one after another, read from the files as windows are drawn (each
 //     checked against its manifest hash); validation is all of data.val_path's shards;
 //   - text with data.val_path: all of data.path is training text, cut into one contiguous
 //     part per replica (data.Shard); validation is data.val_path's text;
