@@ -3,13 +3,16 @@ package main
 import (
 	"encoding/json"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
 )
 
 const preparedSpec = `name: e2e-prepared
@@ -218,4 +221,67 @@ func TestDataPrepareRefusesBadFlags(t *testing.T) {
 	if code, _, stderr := runCLI(t, "data", "prepare", "--tokenizer", "bytes", "--out", out, in); code == 0 || !strings.Contains(stderr, "already holds a prepared dataset") {
 		t.Errorf("data prepare into a prepared directory: exit %d, %q", code, stderr)
 	}
+}
+
+// On prepared shards too, a run stopped by SIGTERM and resumed draws the sequences the
+// uninterrupted one draws: every loss equal.
+func TestTrainOnPreparedShardsResumesExactly(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	text := strings.Repeat("Now is the winter of our discontent made glorious summer by this sun of York.\n", 800)
+	os.WriteFile(filepath.Join(dir, "train.txt"), []byte(text), 0o644)
+	os.WriteFile(filepath.Join(dir, "val.txt"), []byte(text[:6000]), 0o644)
+	prepareCLI(t, "--tokenizer", "bytes", "--out", filepath.Join(dir, "p"), "--shard-tokens", "9000", filepath.Join(dir, "train.txt"))
+	prepareCLI(t, "--tokenizer", "bytes", "--out", filepath.Join(dir, "v"), filepath.Join(dir, "val.txt"))
+	spec := strings.Replace(strings.Replace(faultSpec, "steps: 12", "steps: 100", 1), "data: {val_fraction: 0.01}",
+		"data: {path: "+filepath.Join(dir, "p")+", val_path: "+filepath.Join(dir, "v")+"}", 1)
+	specPath := filepath.Join(dir, "run.yaml")
+	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	full := filepath.Join(dir, "full")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", full, "--quiet"); code != 0 {
+		t.Fatalf("train exited %d: %s", code, stderr)
+	}
+	part := filepath.Join(dir, "part")
+	cmd := exec.Command(os.Args[0], "train", specPath, "--out", part, "--quiet")
+	cmd.Env = append(os.Environ(), "PIPESWARM_AS_CLI=1")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		if steps, _ := metrics.ReadFile(filepath.Join(part, "metrics.jsonl")); len(steps) >= 30 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("train made no progress in 60 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	if err := cmd.Wait(); err == nil {
+		t.Fatal("train exited 0 after SIGTERM; want the interruption reported")
+	}
+	stopped, _ := metrics.ReadFile(filepath.Join(part, "metrics.jsonl"))
+	if last := stopped[len(stopped)-1].Step; last >= 100 {
+		t.Fatalf("SIGTERM came after the last step (%d)", last)
+	}
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", part, "--quiet", "--resume"); code != 0 {
+		t.Fatalf("train --resume exited %d: %s", code, stderr)
+	}
+	a, _ := readRun(t, part)
+	b, _ := readRun(t, full)
+	if len(a) != len(b) || len(b) != 300 {
+		t.Fatalf("%d loss rows after resuming, %d uninterrupted; want 300", len(a), len(b))
+	}
+	for k, want := range b {
+		got := a[k]
+		if got.Loss != want.Loss || (got.ValLoss == nil) != (want.ValLoss == nil) || (got.ValLoss != nil && *got.ValLoss != *want.ValLoss) {
+			t.Fatalf("step %d replica %d: resumed loss %v (val %v), uninterrupted %v (val %v)", k[0], k[1], got.Loss, got.ValLoss, want.Loss, want.ValLoss)
+		}
+	}
+	t.Logf("stopped after step %d of 100, resumed; all %d rows equal", stopped[len(stopped)-1].Step, len(b))
 }
