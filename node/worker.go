@@ -609,7 +609,7 @@ func (w *worker) drop(a *assign.Assignment, reason string) error {
 		return nil
 	}
 	if w.group.Drop(a.Replica, id, fmt.Errorf("the launcher took replica pipeline %d out: %s", a.Replica, reason)) {
-		w.log.Info("a broken replica pipeline is dropped from the all-reduce", "replica", a.Replica, "node", id, "reason", reason)
+		w.log.Info("a broken replica pipeline is dropped from the all-reduce", "broken_replica", a.Replica, "node", id, "reason", reason)
 	}
 	return nil
 }

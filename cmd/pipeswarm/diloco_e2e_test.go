@@ -637,6 +637,14 @@ data: {val_fraction: 0.05}
 	if healthy.Contributors != 1 {
 		t.Errorf("replica 0's outer step after step 150: %+v; want it made without the hung replica", *healthy)
 	}
+	// Node 1 holds stage 1 of replica 0: the launcher told it to go on without the hung node.
+	const dropped = "a broken replica pipeline is dropped from the all-reduce"
+	if log := nodes[1].stderr.String(); !strings.Contains(log, dropped) {
+		t.Errorf("stage 1 of replica 0 does not log %q:\n%s", dropped, log)
+	} else {
+		line := log[strings.Index(log, dropped):]
+		t.Logf("stage 1 of replica 0: ...%s", line[:strings.IndexByte(line, '\n')])
+	}
 	steps, _ := readRun(t, out)
 	for step := 1; step <= 300; step++ {
 		if _, ok := steps[[2]int{step, 0}]; !ok {
