@@ -12,8 +12,10 @@ first K consecutive non-overlapping windows of seq_len+1 tokens of the data, as 
 If `transformers` is importable it also loads the same weights into LlamaForCausalLM and
 adds "loss_transformers" to the output.
 
-The data is a file's raw bytes (token id = byte, --data) or a raw little-endian array of
-token ids without a header (--tokens, --token-dtype uint16|int32).
+The data is a file's raw bytes (token id = byte, --data), a raw little-endian array of
+token ids without a header (--tokens, --token-dtype uint16|int32), or a JSON file holding a
+list of ids or an object with one under "ids" (--token-json; e.g. what a tokenizer printed).
+Ids must be below config.json's vocab_size.
 
     python3 bench/hf_llama_loss.py --checkpoint run/model.safetensors \
         --data input.txt --seq-len 128 --windows 16
@@ -188,6 +190,7 @@ def main():
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--data", help="file whose bytes are the tokens")
     src.add_argument("--tokens", help="raw little-endian token ids, no header")
+    src.add_argument("--token-json", help='JSON list of token ids, or an object with the list under "ids"')
     ap.add_argument("--token-dtype", choices=["uint16", "int32"], default="int32")
     ap.add_argument("--seq-len", type=int, required=True, help="predictions per window (window = seq_len+1 tokens)")
     ap.add_argument("--windows", type=int, required=True, help="number of consecutive windows from the start")
@@ -201,6 +204,12 @@ def main():
     if args.data:
         with open(args.data, "rb") as f:
             ids = list(f.read())
+    elif args.token_json:
+        with open(args.token_json) as f:
+            doc = json.load(f)
+        ids = doc["ids"] if isinstance(doc, dict) else doc
+        if not all(isinstance(i, int) for i in ids):
+            sys.exit(f"{args.token_json}: want a list of integer token ids")
     else:
         with open(args.tokens, "rb") as f:
             raw = f.read()
