@@ -2,6 +2,8 @@ package node
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -326,6 +328,11 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 	}
 	res.Model, res.Config = filepath.Join(dir, train.CheckpointFile), filepath.Join(dir, train.HFConfigFile)
 	meta := map[string]string{train.MetaSpec: sp.String(), train.MetaStep: strconv.Itoa(step)}
+	var tokSum string // the run's, from run.json
+	if rec, err := readRunRecord(dir, sp); err == nil && rec.TokenizerSHA256 != "" {
+		tokSum = rec.TokenizerSHA256
+		meta[metaTokenizer] = tokSum
+	}
 	if err := shard.SaveCheckpoint(res.Model, meta, stages...); err != nil {
 		return nil, err
 	}
@@ -339,7 +346,11 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 	if !sp.Data.ByteLevel() {
 		// The launcher's tokenizer.json beside config.json, as train writes it, so the
 		// directory reads as a Hugging Face model.
-		if raw, err := os.ReadFile(sp.Data.Tokenizer); err != nil {
+		raw, err := os.ReadFile(sp.Data.Tokenizer)
+		if sum := sha256.Sum256(raw); err == nil && tokSum != "" && hex.EncodeToString(sum[:]) != tokSum {
+			err = fmt.Errorf("its sha256 is now %x, the run's was %s (run.json): it changed since the run started", sum, tokSum)
+		}
+		if err != nil {
 			log.Warn("model assembled without its tokenizer.json", "data.tokenizer", sp.Data.Tokenizer, "err", err)
 		} else if err := os.WriteFile(filepath.Join(dir, train.TokenizerFile), raw, 0o644); err != nil {
 			return nil, fmt.Errorf("export: %w", err)

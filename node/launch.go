@@ -204,8 +204,16 @@ func Launch(ctx context.Context, o LaunchOptions) (*LaunchResult, error) {
 	if err := checkPeers(o.Spec, o.Peers); err != nil {
 		return nil, err
 	}
+	tokSum, err := tokenizerSHA256(o.Spec)
+	if err != nil {
+		return nil, err
+	}
 	if o.Resume {
-		if _, err := readRunRecord(o.OutDir, o.Spec); err != nil {
+		rec, err := readRunRecord(o.OutDir, o.Spec)
+		if err != nil {
+			return nil, err
+		}
+		if err := checkSameTokenizer(rec, o.Spec, tokSum); err != nil {
 			return nil, err
 		}
 		if done := recordedThrough(filepath.Join(o.OutDir, train.MetricsFile)); done >= o.Spec.Train.Steps {
@@ -392,6 +400,14 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 	if err != nil {
 		return nil, err
 	}
+	if dataPlan.TokenizerSHA256, err = tokenizerSHA256(sp); err != nil {
+		return nil, err
+	}
+	if prev != nil {
+		if err := checkSameTokenizer(prev, sp, dataPlan.TokenizerSHA256); err != nil {
+			return nil, err
+		}
+	}
 	if staffFor == 0 {
 		staffFor = time.Duration(sp.Pipeline.StaffTimeout) * time.Second
 	}
@@ -401,7 +417,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *callClock, spares *idle
 	}
 	plan.Data = dataPlan
 	plan.ID = runID
-	if err := writeRunRecord(o.OutDir, runRecord{Run: fmt.Sprintf("%016x", runID), Resume: plan.Resume}); err != nil {
+	if err := writeRunRecord(o.OutDir, runRecord{Run: fmt.Sprintf("%016x", runID), Resume: plan.Resume, TokenizerSHA256: dataPlan.TokenizerSHA256}); err != nil {
 		return nil, err
 	}
 	plan.Launcher = h.ID().String()

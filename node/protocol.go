@@ -119,6 +119,11 @@ type DataPlan struct {
 	Shards    [][]corpus.Blob `json:"shards,omitempty"`     // [replica][k]; a prepared dataset's files
 	ValShards []corpus.Blob   `json:"val_shards,omitempty"` // the prepared validation files
 	ValTokens int64           `json:"val_tokens,omitempty"` // tokens in ValShards
+
+	// TokenizerSHA256 binds the run to the exact tokenizer its ids come from (the
+	// data.tokenizer file, or a prepared dataset's manifest's); empty for bytes. Nodes
+	// read ids and need no tokenizer; stages record it in their checkpoints.
+	TokenizerSHA256 string `json:"tokenizer_sha256,omitempty"`
 }
 
 // Prepared reports whether the plan serves a prepared dataset's shard files.

@@ -3,6 +3,7 @@ package node
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -19,6 +20,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
@@ -39,6 +41,9 @@ const (
 	metaResumable = "resumable"
 	metaStage     = "stage"
 	metaReplica   = "replica"
+	// metaTokenizer is the plan's tokenizer hash (DataPlan.TokenizerSHA256); absent for
+	// bytes. An exported model carries it too.
+	metaTokenizer = "pipeswarm.tokenizer_sha256"
 )
 
 // ResumePlan tells the nodes of a resumed run where to continue from: the stage
@@ -295,6 +300,9 @@ const RunFile = "run.json"
 type runRecord struct {
 	Run    string      `json:"run"` // hex, as nodes name its directory
 	Resume *ResumePlan `json:"resumed_from,omitempty"`
+	// TokenizerSHA256 is the sha256 of the tokenizer the run's ids come from (see
+	// tokenizerSHA256); empty for bytes.
+	TokenizerSHA256 string `json:"tokenizer_sha256,omitempty"`
 
 	id uint64
 }
@@ -337,6 +345,51 @@ func readRunRecord(dir string, sp *spec.Spec) (*runRecord, error) {
 			dir, filepath.Join(dir, train.SpecFile))
 	}
 	return &r, nil
+}
+
+// tokenizerSHA256 is the hex sha256 of the tokenizer sp's token ids come from: the
+// data.tokenizer file, or else the one a prepared data.path's manifest names; "" for
+// bytes. The signed plan carries it, so that it binds the exact tokenizer, and a
+// resumed run checks that it has not changed.
+func tokenizerSHA256(sp *spec.Spec) (string, error) {
+	if !sp.Data.ByteLevel() {
+		raw, err := os.ReadFile(sp.Data.Tokenizer)
+		if err != nil {
+			return "", fmt.Errorf("data.tokenizer: %w", err)
+		}
+		sum := sha256.Sum256(raw)
+		return hex.EncodeToString(sum[:]), nil
+	}
+	if sp.Data.Prepared() {
+		m, _, err := data.ReadManifest(sp.Data.Path)
+		if err != nil {
+			return "", fmt.Errorf("data.path: %w", err)
+		}
+		return m.TokenizerSHA256, nil
+	}
+	return "", nil
+}
+
+// checkSameTokenizer refuses to resume run r with a tokenizer other than the one it
+// started with (now is tokenizerSHA256 of the spec): its ids would mean other text. A
+// record without a hash (bytes, or written before runs recorded one) is not checked.
+func checkSameTokenizer(r *runRecord, sp *spec.Spec, now string) error {
+	if r.TokenizerSHA256 == "" || r.TokenizerSHA256 == now {
+		return nil
+	}
+	what := fmt.Sprintf("data.tokenizer %q", sp.Data.Tokenizer)
+	if sp.Data.ByteLevel() {
+		what = fmt.Sprintf("the tokenizer of data.path %q (its manifest's tokenizer_sha256)", sp.Data.Path)
+	}
+	return fmt.Errorf("launch: resume: %s has changed since run %s started: its sha256 is now %s, the run's was %s (run.json); the run's token ids need the tokenizer it started with: put that file back, or launch a new run",
+		what, r.Run, orNone(now), r.TokenizerSHA256)
+}
+
+func orNone(h string) string {
+	if h == "" {
+		return "none (bytes)"
+	}
+	return h
 }
 
 // resumePoint picks the step a resumed run continues from — the newest step, no later

@@ -1315,6 +1315,9 @@ func (w *worker) writeCheckpoint() error {
 	if whole {
 		meta[metaResumable] = "1"
 	}
+	if d := w.plan.Data; d != nil && d.TokenizerSHA256 != "" {
+		meta[metaTokenizer] = d.TokenizerSHA256
+	}
 	if err := rotate(w.dir, base, w.doneStep, whole); err != nil {
 		return err
 	}

@@ -1,7 +1,10 @@
 package main
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +16,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/shard"
 )
 
 const preparedSpec = `name: e2e-prepared
@@ -187,6 +191,59 @@ func TestLaunchWithATokenizerMatchesTrain(t *testing.T) {
 		if got, err := os.ReadFile(filepath.Join(d, "tokenizer.json")); err != nil || string(got) != string(tok) {
 			t.Errorf("%s/tokenizer.json: %v; want the run's tokenizer", d, err)
 		}
+	}
+
+	// The plan bound the tokenizer's sha256: run.json, every stage checkpoint and the
+	// assembled model record it.
+	sum := sha256.Sum256(tok)
+	tokSum := hex.EncodeToString(sum[:])
+	var rec struct {
+		TokenizerSHA256 string `json:"tokenizer_sha256"`
+	}
+	if raw, err := os.ReadFile(filepath.Join(out, "run.json")); err != nil || json.Unmarshal(raw, &rec) != nil || rec.TokenizerSHA256 != tokSum {
+		t.Errorf("run.json: tokenizer_sha256 %q (%v), want %s", rec.TokenizerSHA256, err, tokSum)
+	}
+	if meta, err := shard.ReadCheckpointMetadata(filepath.Join(out, "model.safetensors")); err != nil || meta["pipeswarm.tokenizer_sha256"] != tokSum {
+		t.Errorf("the assembled model's metadata: tokenizer %q (%v), want %s", meta["pipeswarm.tokenizer_sha256"], err, tokSum)
+	}
+	stageFiles := 0
+	for i := range nodes {
+		filepath.WalkDir(filepath.Join(dir, fmt.Sprintf("node%d", i)), func(p string, e os.DirEntry, err error) error {
+			if err != nil || e.IsDir() || !strings.HasSuffix(p, ".safetensors") {
+				return nil
+			}
+			meta, err := shard.ReadCheckpointMetadata(p)
+			if err != nil || meta["stage"] == "" {
+				return nil
+			}
+			stageFiles++
+			if meta["pipeswarm.tokenizer_sha256"] != tokSum {
+				t.Errorf("%s: tokenizer %q, want %s", p, meta["pipeswarm.tokenizer_sha256"], tokSum)
+			}
+			return nil
+		})
+	}
+	if stageFiles < 4 {
+		t.Errorf("found %d stage checkpoints on the nodes, want one per cell at least", stageFiles)
+	}
+
+	// A resumed launch refuses a tokenizer that changed since the run started, naming
+	// data.tokenizer and both hashes; the same file again passes that check (and the
+	// run, finished, has nothing to resume).
+	changed := append(slices.Clone(tok), '\n')
+	if err := os.WriteFile(filepath.Join(dir, "tok.json"), changed, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sum2 := sha256.Sum256(changed)
+	code, _, stderr = runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--resume", "--quiet"}, peerArgs...)...)
+	if code == 0 || !strings.Contains(stderr, `data.tokenizer "tok.json" has changed`) || !strings.Contains(stderr, tokSum) || !strings.Contains(stderr, hex.EncodeToString(sum2[:])) {
+		t.Errorf("launch --resume with a changed tokenizer: exit %d, %q", code, stderr)
+	}
+	t.Logf("%d stage checkpoints record the tokenizer; a changed one: %s", stageFiles, strings.TrimSpace(stderr))
+	os.WriteFile(filepath.Join(dir, "tok.json"), tok, 0o644)
+	code, _, stderr = runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--resume", "--quiet"}, peerArgs...)...)
+	if code == 0 || !strings.Contains(stderr, "nothing to resume") {
+		t.Errorf("launch --resume of the finished run with its tokenizer: exit %d, %q", code, stderr)
 	}
 	for _, n := range nodes {
 		_ = n.cmd.Process.Signal(syscall.SIGTERM)
