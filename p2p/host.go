@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
+	"net"
+	"net/netip"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -52,9 +55,42 @@ const (
 )
 
 // subnetLimitsV4 bound the connections open at once from one IPv4 address and
-// from one /24 (loopback is exempt): a peer, or a few addresses of one network,
+// from one /24 (loopback and this machine's own addresses are exempt): a peer, or a few addresses of one network,
 // cannot take every connection slot however many identities they make.
 var subnetLimitsV4 = []rcmgr.ConnLimitPerSubnet{{PrefixLength: 32, ConnCount: 8}, {PrefixLength: 24, ConnCount: 64}}
+
+// ownAddressLimits are the network prefixes exempt from the per-address limits:
+// loopback, as libp2p has it, and this machine's own interface addresses. A connection
+// from one of those comes from this machine (several nodes, or a node and its
+// launcher, side by side), not from a stranger on the network; counted, the processes
+// of one machine would share eight connections, and a restarted one's stale
+// connections could lock it out.
+func ownAddressLimits() (v4, v6 []rcmgr.NetworkPrefixLimit) {
+	v4 = slices.Clone(rcmgr.DefaultNetworkPrefixLimitV4)
+	v6 = slices.Clone(rcmgr.DefaultNetworkPrefixLimitV6)
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return v4, v6
+	}
+	for _, a := range addrs {
+		n, ok := a.(*net.IPNet)
+		if !ok {
+			continue
+		}
+		ip, ok := netip.AddrFromSlice(n.IP)
+		if !ok || ip.IsLoopback() {
+			continue
+		}
+		ip = ip.Unmap()
+		lim := rcmgr.NetworkPrefixLimit{Network: netip.PrefixFrom(ip, ip.BitLen()), ConnCount: math.MaxInt}
+		if ip.Is4() {
+			v4 = append(v4, lim)
+		} else {
+			v6 = append(v6, lim)
+		}
+	}
+	return v4, v6
+}
 
 // ErrBadOptions is wrapped by HostOptions.Validate errors.
 var ErrBadOptions = errors.New("p2p: bad host options")
@@ -233,8 +269,10 @@ func NewHost(ctx context.Context, o HostOptions) (*Host, error) {
 	h.punches = punches{log: h.log.With("part", "holepunch"), m: map[peer.ID]HolePunch{}}
 
 	limits := rcmgr.DefaultLimits // a copy: Scale must not touch the package default
+	own4, own6 := ownAddressLimits()
 	rm, err := rcmgr.NewResourceManager(rcmgr.NewFixedLimiter(limits.Scale(o.MemoryLimit, fdLimit)), rcmgr.WithMetricsDisabled(),
-		rcmgr.WithLimitPerSubnet(subnetLimitsV4, nil)) // IPv6: libp2p's /56 and /48 limits
+		rcmgr.WithLimitPerSubnet(subnetLimitsV4, nil), // IPv6: libp2p's /56 and /48 limits
+		rcmgr.WithNetworkPrefixLimit(own4, own6))
 	if err != nil {
 		return nil, fmt.Errorf("p2p: resource manager: %w", err)
 	}
