@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bufio"
 	"cmp"
 	"context"
 	"encoding/json"
@@ -229,7 +228,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		log.Warn("protocol violation", "peer", p, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
 	}
 	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise, reduce.WithMeter(d.meters.For(reduce.Proto)),
-		reduce.WithRuns(d.holdsRun), reduce.WithIdle(d.idleFor, tickEvery))
+		reduce.WithRuns(d.holdsRun), reduce.WithIdle(d.idleFor))
 	d.fetch = &corpus.Fetcher{Host: h.Host, CacheDir: filepath.Join(dir.Path, "corpus"), Log: log.With("sys", "corpus"), Penalise: penalise,
 		Meter: d.meters.For(corpus.Proto)}
 	for _, proto := range []protocol.ID{reduce.Proto, p2p.ProtoActivation, p2p.ProtoGradient} {
@@ -1158,32 +1157,29 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 		}
 		defer d.untrackIn(from, s)
 		d.host.NoteStream(s)
-		br := bufio.NewReaderSize(s, 64<<10)
-		r := &traffic.CountingReader{R: br}
-		last := time.Now()
+		r := &traffic.CountingReader{R: s}
 		for {
-			// Nothing for longer than any neighbour of a run here stays silent while the
-			// run goes on: closed; the sender opens another if it has more to send.
-			err := p2p.AwaitData(s, br, last, func() time.Duration { return d.idleFor(from) }, tickEvery)
-			if errors.Is(err, p2p.ErrIdle) {
-				s.Reset()
-				d.log.Debug("idle stream closed", "peer", from, "protocol", proto, "idle", time.Since(last).Round(time.Millisecond))
-				return
-			}
 			before := r.N
-			var f *p2p.Frame
-			if err == nil {
-				f, err = p2p.ReadFrame(r, d.frameLimit())
+			idle := d.idleFor(from)
+			if idle > 0 {
+				_ = s.SetReadDeadline(time.Now().Add(idle))
 			}
+			f, err := p2p.ReadFrame(r, d.frameLimit())
 			if errors.Is(err, io.EOF) {
 				s.Close()
+				return
+			}
+			if p2p.IsTimeout(err) && r.N == before {
+				// Nothing for longer than any neighbour of a run here stays silent while
+				// the run goes on: the sender opens another stream if it has more to send.
+				s.Reset()
+				d.log.Debug("idle stream closed", "peer", from, "protocol", proto, "idle", idle.Round(time.Millisecond))
 				return
 			}
 			if err != nil {
 				d.penalise(s, from, err)
 				return
 			}
-			last = time.Now()
 			meter.In(r.N - before)
 			if err := d.route(proto, from, f, r.N-before); err != nil {
 				d.penalise(s, from, err)

@@ -1,7 +1,6 @@
 package p2p
 
 import (
-	"bufio"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -9,7 +8,6 @@ import (
 	"io"
 	"os"
 	"slices"
-	"time"
 )
 
 // MaxMsgBytes is the largest control message the protocol allows, and the
@@ -107,41 +105,6 @@ func msgReadErr(part string, err error) error {
 		return fmt.Errorf("p2p: read message: truncated %s: %w", part, io.ErrUnexpectedEOF)
 	}
 	return fmt.Errorf("p2p: read message %s: %w", part, err)
-}
-
-// ErrIdle is AwaitData's verdict on a stream that carried nothing for as long as
-// its bound allows. It is no violation: the peer opens another when it has more.
-var ErrIdle = errors.New("p2p: stream idle")
-
-// Deadliner is the part of a stream AwaitData sets deadlines on.
-type Deadliner interface{ SetReadDeadline(time.Time) error }
-
-// AwaitData waits until br has a byte to read from s, which carried its last one at
-// since. Every every it asks idle() how long the stream may carry nothing (0: no
-// bound), so a bound that shrinks once the run has measured its pace applies to a
-// stream already waiting; past it, it returns ErrIdle. Once a byte is in, it sets
-// s's read deadline to idle() from now for the rest of the frame (none if 0).
-// Other errors (EOF, reset) are returned as they are.
-func AwaitData(s Deadliner, br *bufio.Reader, since time.Time, idle func() time.Duration, every time.Duration) error {
-	for {
-		bound := idle()
-		if bound > 0 && time.Since(since) >= bound {
-			return ErrIdle
-		}
-		_ = s.SetReadDeadline(time.Now().Add(every))
-		_, err := br.Peek(1)
-		if err == nil {
-			if bound = idle(); bound > 0 {
-				_ = s.SetReadDeadline(time.Now().Add(bound))
-			} else {
-				_ = s.SetReadDeadline(time.Time{})
-			}
-			return nil
-		}
-		if !IsTimeout(err) {
-			return err
-		}
-	}
 }
 
 // IsTimeout reports whether err is a read or write deadline passing

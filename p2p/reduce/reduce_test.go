@@ -784,7 +784,7 @@ func TestStreamsClosedForIdlenessAreReopenedByTheNextRound(t *testing.T) {
 	var closed atomic.Int64
 	gs := make([]*Group, R)
 	for i, h := range hs {
-		svc := NewService(h, testLog(), nil, WithIdle(func(peer.ID) time.Duration { return idle }, idle/4))
+		svc := NewService(h, testLog(), nil, WithIdle(func(peer.ID) time.Duration { return idle }))
 		h.SetStreamHandler(Proto, func(s network.Stream) {
 			svc.HandleStream(s)
 			closed.Add(1)

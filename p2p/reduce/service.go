@@ -34,16 +34,15 @@ type groupKey struct {
 // Service routes reduce streams of one libp2p host to the groups joined
 // on it, and owns the outbound stream to each peer.
 type Service struct {
-	h         host.Host
-	log       *slog.Logger
-	penalise  func(peer.ID, error)
-	meter     *traffic.Meter              // nil: not counted
-	held      func(run uint64) bool       // nil: every run may be joined later (WithRuns)
-	idle      func(peer.ID) time.Duration // nil: no bound (WithIdle)
-	idleEvery time.Duration
-	ctx       context.Context
-	cancel    context.CancelFunc
-	notifiee  network.Notifiee
+	h        host.Host
+	log      *slog.Logger
+	penalise func(peer.ID, error)
+	meter    *traffic.Meter        // nil: not counted
+	held     func(run uint64) bool // nil: every run may be joined later (WithRuns)
+	idle     func(peer.ID) time.Duration
+	ctx      context.Context
+	cancel   context.CancelFunc
+	notifiee network.Notifiee
 
 	// mu guards only these two lookup tables; group state is owned by each
 	// group's loop and peer queues by their writers.
@@ -65,12 +64,9 @@ func WithMeter(m *traffic.Meter) Option { return func(s *Service) { s.meter = m 
 func WithRuns(held func(run uint64) bool) Option { return func(s *Service) { s.held = held } }
 
 // WithIdle bounds how long an inbound stream from a peer may carry nothing:
-// idle(peer) (0: no bound), asked again every every while the stream waits. A
-// stream idle that long is reset without counting the peer down; the peer opens
-// another when it next sends.
-func WithIdle(idle func(peer.ID) time.Duration, every time.Duration) Option {
-	return func(s *Service) { s.idle, s.idleEvery = idle, every }
-}
+// idle(peer) from each frame on (0: no bound). A stream idle that long is reset
+// without counting the peer down; the peer opens another when it next sends.
+func WithIdle(idle func(peer.ID) time.Duration) Option { return func(s *Service) { s.idle = idle } }
 
 // NewService returns the service for h. penalise (may be nil) is called
 // with the sender of every bad frame, and an error wrapping p2p.ErrViolation;
@@ -154,9 +150,7 @@ func (s *Service) HandleStream(st network.Stream) {
 	from := st.Conn().RemotePeer()
 	s.log.Debug("stream in", "peer", from)
 	// Counted above the buffer: the frame's own bytes, not what was read ahead.
-	br := bufio.NewReaderSize(st, 64<<10)
-	r := &traffic.CountingReader{R: br}
-	last := time.Now()
+	r := &traffic.CountingReader{R: bufio.NewReaderSize(st, 64<<10)}
 	var g *Group
 	find := func(run uint64, group uint32) (*limits, bool) {
 		var ok bool
@@ -172,25 +166,25 @@ func (s *Service) HandleStream(st network.Stream) {
 		return &g.lim, true
 	}
 	for {
+		before := r.N
 		if s.idle != nil {
-			err := p2p.AwaitData(st, br, last, func() time.Duration { return s.idle(from) }, s.idleEvery)
-			if errors.Is(err, p2p.ErrIdle) {
-				// Not a member gone: one that is gone is found by its connection or by
-				// the round's deadlines.
-				s.log.Debug("idle stream closed", "peer", from)
-				st.Reset()
-				return
+			if d := s.idle(from); d > 0 {
+				_ = st.SetReadDeadline(time.Now().Add(d))
 			}
 		}
-		before := r.N
 		f, err := readFrame(r, find)
-		last = time.Now()
 		if err == nil || errors.Is(err, errUnknownGroup) {
 			s.meter.In(r.N - before)
 		}
 		switch {
 		case errors.Is(err, errUnknownGroup):
 			continue
+		case p2p.IsTimeout(err) && r.N == before:
+			// Idle past the bound: not a member gone (one that is gone is found by
+			// its connection or by the round's deadlines).
+			s.log.Debug("idle stream closed", "peer", from)
+			st.Reset()
+			return
 		case errors.Is(err, p2p.ErrViolation):
 			s.log.Warn("bad frame", "peer", from, "err", err)
 			s.penalise(from, err)
