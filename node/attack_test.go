@@ -5,18 +5,14 @@ import (
 	"encoding/binary"
 	"errors"
 	"io"
-	"log/slog"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/protocol"
 
-	"github.com/pipeswarm/pipeswarm/node/metrics"
-	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 )
@@ -198,116 +194,5 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 	r, err = call(ctx, l, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.MemoryBytes == 0 || len(r.Offer.Addrs) == 0 {
 		t.Fatalf("offer to a trusted launcher: %+v, %v", r, err)
-	}
-}
-
-// A peer of a run (here one that is not the stage's neighbour) that opens many idle
-// activation streams to a stage gets at most inboundPerRun of them, the rest reset at
-// once; those it keeps are closed once idle past the run's measured bound (twice its
-// stall deadline); and the run trains every step meanwhile.
-func TestARunPeersIdleStreamsAreCappedAndClosedAndTheRunTrainsOn(t *testing.T) {
-	ds := []*Daemon{testDaemon(t), testDaemon(t)}
-	sp, err := spec.Parse([]byte(`name: idle-streams
-model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 16}
-pipeline: {stages: 2, micro_batches: 2}
-train: {batch_size: 4, steps: 5000, lr: 0.003, warmup: 2}
-`), "idle.yaml")
-	if err != nil {
-		t.Fatal(err)
-	}
-	key, err := p2p.GenerateKey()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
-	defer cancel()
-	var steps atomic.Int64
-	type result struct {
-		res *LaunchResult
-		err error
-		at  time.Time
-	}
-	done := make(chan result, 1)
-	go func() {
-		res, err := Launch(ctx, LaunchOptions{Spec: sp, Key: key, Peers: []string{ds[0].Addrs()[0], ds[1].Addrs()[0]},
-			Listen: []string{"/ip4/127.0.0.1/tcp/0"}, OutDir: t.TempDir(), Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
-			OnStep: func(metrics.Step) { steps.Add(1) }})
-		done <- result{res, err, time.Now()}
-	}()
-	for steps.Load() < 20 {
-		select {
-		case r := <-done:
-			t.Fatalf("launch ended before step 20: %v", r.err)
-		case <-time.After(10 * time.Millisecond):
-		}
-	}
-	// A peer of the run that is not a neighbour of the stage (as a node given a cell of
-	// another replica pipeline would be).
-	a := testHost(t)
-	ds[1].mu.Lock()
-	var run uint64
-	for id := range ds[1].runs {
-		run = id
-	}
-	ds[1].mu.Unlock()
-	ds[1].addMember(run, a.ID(), nil)
-	if _, err := a.Connect(ctx, ds[1].Addrs()[0]); err != nil {
-		t.Fatal(err)
-	}
-	const n = 66
-	type verdict struct {
-		s     network.Stream
-		reset bool
-	}
-	verdicts := make(chan verdict, n)
-	for range n {
-		go func() {
-			s, err := a.NewStream(ctx, ds[1].ID(), p2p.ProtoActivation)
-			if err != nil {
-				verdicts <- verdict{nil, true}
-				return
-			}
-			_ = s.SetReadDeadline(time.Now().Add(time.Second))
-			_, err = s.Read(make([]byte, 1))
-			verdicts <- verdict{s, err != nil && !strings.Contains(err.Error(), "deadline")}
-		}()
-	}
-	var kept []network.Stream
-	for range n {
-		if v := <-verdicts; !v.reset {
-			kept = append(kept, v.s)
-		}
-	}
-	held := time.Now()
-	t.Logf("%d of %d idle activation streams kept open, %d refused over the cap", len(kept), n, ds[1].overCap.Load())
-	if len(kept) > inboundPerRun {
-		t.Errorf("a run's peer kept %d idle activation streams open, want at most %d", len(kept), inboundPerRun)
-	}
-	if got := ds[1].overCap.Load(); got < n-inboundPerRun {
-		t.Errorf("%d streams refused over the cap, want at least %d", got, n-inboundPerRun)
-	}
-	// Those kept are closed for idleness, while the run still trains.
-	idle := ds[1].idleFor(a.ID())
-	closed := make(chan time.Time, len(kept))
-	for _, s := range kept {
-		go func() {
-			_ = s.SetReadDeadline(time.Now().Add(time.Minute))
-			_, _ = s.Read(make([]byte, 1))
-			closed <- time.Now()
-		}()
-	}
-	r := <-done
-	for range kept {
-		at := <-closed
-		t.Logf("an idle stream closed %s after it was found open (bound %s); the run ended %s after", at.Sub(held).Round(time.Millisecond), idle.Round(time.Millisecond), r.at.Sub(held).Round(time.Millisecond))
-		if !at.Before(r.at) {
-			t.Errorf("an idle stream stayed open until the run ended (%s); want it closed after about %s", r.at.Sub(held).Round(time.Millisecond), idle)
-		}
-	}
-	if r.err != nil {
-		t.Fatalf("launch: %v", r.err)
-	}
-	if r.res.Steps != 5000 || steps.Load() != 5000 {
-		t.Fatalf("the run reached step %d with %d step rows, want every one of 5000", r.res.Steps, steps.Load())
 	}
 }

@@ -15,7 +15,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -93,12 +92,9 @@ type Daemon struct {
 	// members are the peers of each run held here (its cells, as moved since, and its
 	// launcher): they alone may open tensor and reduce streams to this node.
 	members map[uint64]map[peer.ID]bool
-	// tensorIn are the tensor and reduce streams being read, by sender, with their
-	// protocol: a sender that is no longer a peer of any run here has its streams
-	// reset, not left open idle, and one may have only so many open (inboundPerRun).
-	tensorIn map[peer.ID]map[network.Stream]protocol.ID
-	// overCap counts streams refused for being over a peer's inboundPerRun.
-	overCap atomic.Int64
+	// tensorIn are the tensor streams being read, by sender: a sender that is no
+	// longer a peer of any run here has its streams reset, not left open idle.
+	tensorIn map[peer.ID]map[network.Stream]bool
 	// reserved are the addresses of each run's peers let past the host's connection
 	// limits (p2p.Host.Reserve), released when the run ends here.
 	reserved map[uint64][]reservation
@@ -206,7 +202,7 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		}
 	}
 	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker{}, seen: map[[2]uint64]time.Time{}, ended: map[uint64]bool{},
-		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, tensorIn: map[peer.ID]map[network.Stream]protocol.ID{}, ctlOpen: map[peer.ID]int{}, ctlIP: map[string]int{},
+		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, tensorIn: map[peer.ID]map[network.Stream]bool{}, ctlOpen: map[peer.ID]int{}, ctlIP: map[string]int{},
 		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	// Plans accepted before a restart stay refused until they expire.
@@ -228,21 +224,13 @@ func NewDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOp
 		log.Warn("protocol violation", "peer", p, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
 	}
 	d.reduce = reduce.NewService(h.Host, log.With("sys", "reduce"), penalise, reduce.WithMeter(d.meters.For(reduce.Proto)),
-		reduce.WithRuns(d.holdsRun), reduce.WithIdle(d.idleFor))
+		reduce.WithRuns(d.holdsRun))
 	d.fetch = &corpus.Fetcher{Host: h.Host, CacheDir: filepath.Join(dir.Path, "corpus"), Log: log.With("sys", "corpus"), Penalise: penalise,
 		Meter: d.meters.For(corpus.Proto)}
 	for _, proto := range []protocol.ID{reduce.Proto, p2p.ProtoActivation, p2p.ProtoGradient} {
 		h.Gate(proto, d.isMember)
 	}
-	h.Handle(reduce.Proto, func(s network.Stream) {
-		from := s.Conn().RemotePeer()
-		if !d.trackIn(from, reduce.Proto, s) {
-			s.Reset()
-			return
-		}
-		defer d.untrackIn(from, s)
-		d.reduce.HandleStream(s)
-	})
+	h.Handle(reduce.Proto, d.reduce.HandleStream)
 	h.Handle(p2p.ProtoControl, d.handleControl)
 	h.Handle(p2p.ProtoActivation, d.handleFrames(p2p.ProtoActivation))
 	h.Handle(p2p.ProtoGradient, d.handleFrames(p2p.ProtoGradient))
@@ -1151,29 +1139,18 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 	meter := d.meters.For(proto)
 	return func(s network.Stream) {
 		from := s.Conn().RemotePeer()
-		if !d.trackIn(from, proto, s) {
-			s.Reset() // its run ended between the gate and here, or it has streams enough
+		if !d.trackTensorIn(from, s) {
+			s.Reset() // its run ended between the gate and here
 			return
 		}
-		defer d.untrackIn(from, s)
+		defer d.untrackTensorIn(from, s)
 		d.host.NoteStream(s)
 		r := &traffic.CountingReader{R: s}
 		for {
 			before := r.N
-			idle := d.idleFor(from)
-			if idle > 0 {
-				_ = s.SetReadDeadline(time.Now().Add(idle))
-			}
 			f, err := p2p.ReadFrame(r, d.frameLimit())
 			if errors.Is(err, io.EOF) {
 				s.Close()
-				return
-			}
-			if p2p.IsTimeout(err) && r.N == before {
-				// Nothing for longer than any neighbour of a run here stays silent while
-				// the run goes on: the sender opens another stream if it has more to send.
-				s.Reset()
-				d.log.Debug("idle stream closed", "peer", from, "protocol", proto, "idle", idle.Round(time.Millisecond))
 				return
 			}
 			if err != nil {
@@ -1189,65 +1166,28 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 	}
 }
 
-// inboundPerRun is how many streams of one protocol a peer may have open to this node
-// for each run here it is a peer of: a worker (and the reduce service) keeps one
-// stream per peer and protocol, and opens another when that one breaks, which may
-// be before this node has seen the broken one end.
-const inboundPerRun = 2
-
-// trackIn records s, a stream of proto from p about to be read, if p is still a peer
-// of a run here and has fewer than inboundPerRun such streams open per run it is in.
-func (d *Daemon) trackIn(p peer.ID, proto protocol.ID, s network.Stream) bool {
+// trackTensorIn records s, a tensor stream from p being read, if p is still a peer of
+// a run here.
+func (d *Daemon) trackTensorIn(p peer.ID, s network.Stream) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	runs := 0
-	for _, m := range d.members {
-		if m[p] {
-			runs++
-		}
-	}
-	if runs == 0 {
-		return false
-	}
-	n := 0
-	for _, pr := range d.tensorIn[p] {
-		if pr == proto {
-			n++
-		}
-	}
-	if n >= inboundPerRun*runs {
-		d.overCap.Add(1)
-		d.log.Debug("stream refused: the peer has as many open as a run needs", "peer", p, "protocol", proto, "open", n)
+	if !d.isMemberLocked(p) {
 		return false
 	}
 	if d.tensorIn[p] == nil {
-		d.tensorIn[p] = map[network.Stream]protocol.ID{}
+		d.tensorIn[p] = map[network.Stream]bool{}
 	}
-	d.tensorIn[p][s] = proto
+	d.tensorIn[p][s] = true
 	return true
 }
 
-func (d *Daemon) untrackIn(p peer.ID, s network.Stream) {
+func (d *Daemon) untrackTensorIn(p peer.ID, s network.Stream) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	delete(d.tensorIn[p], s)
 	if len(d.tensorIn[p]) == 0 {
 		delete(d.tensorIn, p)
 	}
-}
-
-// idleFor is how long a stream from p may carry nothing: the longest of the runs
-// here p is a peer of (each from its stall deadline), 0 if none says.
-func (d *Daemon) idleFor(p peer.ID) time.Duration {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	var idle time.Duration
-	for id, m := range d.members {
-		if w := d.runs[id]; w != nil && m[p] {
-			idle = max(idle, time.Duration(w.streamIdle.Load()))
-		}
-	}
-	return idle
 }
 
 // frameLimit is the largest frame any run here expects, so a compressed frame cannot

@@ -83,11 +83,6 @@ type worker struct {
 	outerAllow time.Duration
 	syncTook   time.Duration // the last outer step's all-reduce
 	served     servedState
-	// streamIdle is how long a stream from a peer of this run may carry nothing
-	// before the node closes it (nanoseconds; 0: no bound yet): twice the stall
-	// deadline the core has measured plus what an outer step may take. A live
-	// neighbour sends within the deadline, or the stage would have stopped.
-	streamIdle atomic.Int64
 
 	// ledger is where this stage's time went (computing, waiting for what), with the
 	// timeline of a few early steps, reported when the run finishes.
@@ -362,9 +357,6 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 	}
 	if err == nil {
 		w.core, err = core.New(cc)
-	}
-	if err == nil {
-		w.streamIdle.Store(int64(2 * w.core.Deadline()))
 	}
 	if err != nil {
 		if w.group != nil {
@@ -673,9 +665,6 @@ func (w *worker) loop() error {
 	for !w.core.Finished() {
 		select {
 		case <-ticks.C:
-			if dl := w.core.Deadline(); dl > 0 {
-				w.streamIdle.Store(int64(2 * (dl + w.outerAllow)))
-			}
 			if err := w.handle(core.Tick{Now: time.Since(w.started0), RTT: w.neighbourRTT(), Outer: w.outerAllow}); err != nil {
 				return w.fail(err)
 			}

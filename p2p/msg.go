@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"slices"
 )
 
@@ -105,14 +104,4 @@ func msgReadErr(part string, err error) error {
 		return fmt.Errorf("p2p: read message: truncated %s: %w", part, io.ErrUnexpectedEOF)
 	}
 	return fmt.Errorf("p2p: read message %s: %w", part, err)
-}
-
-// IsTimeout reports whether err is a read or write deadline passing
-// (SetReadDeadline, SetWriteDeadline), as the stream muxers and sockets say it.
-func IsTimeout(err error) bool {
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return true
-	}
-	var t interface{ Timeout() bool }
-	return errors.As(err, &t) && t.Timeout()
 }

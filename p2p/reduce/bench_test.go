@@ -15,7 +15,7 @@ import (
 
 // loopbackHosts starts R real libp2p hosts on TCP over 127.0.0.1, all
 // connected to each other.
-func loopbackHosts(b testing.TB, R int) []host.Host {
+func loopbackHosts(b *testing.B, R int) []host.Host {
 	hs := make([]host.Host, R)
 	for i := range hs {
 		h, err := libp2p.New(libp2p.ListenAddrStrings("/ip4/127.0.0.1/tcp/0"), libp2p.DisableRelay())

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"sync"
-	"time"
 
 	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/network"
@@ -39,7 +38,6 @@ type Service struct {
 	penalise func(peer.ID, error)
 	meter    *traffic.Meter        // nil: not counted
 	held     func(run uint64) bool // nil: every run may be joined later (WithRuns)
-	idle     func(peer.ID) time.Duration
 	ctx      context.Context
 	cancel   context.CancelFunc
 	notifiee network.Notifiee
@@ -62,11 +60,6 @@ func WithMeter(m *traffic.Meter) Option { return func(s *Service) { s.meter = m 
 // a frame for any other run is refused at its header, as a violation, instead
 // of its payload being read and dropped as a group not joined yet would be.
 func WithRuns(held func(run uint64) bool) Option { return func(s *Service) { s.held = held } }
-
-// WithIdle bounds how long an inbound stream from a peer may carry nothing:
-// idle(peer) from each frame on (0: no bound). A stream idle that long is reset
-// without counting the peer down; the peer opens another when it next sends.
-func WithIdle(idle func(peer.ID) time.Duration) Option { return func(s *Service) { s.idle = idle } }
 
 // NewService returns the service for h. penalise (may be nil) is called
 // with the sender of every bad frame, and an error wrapping p2p.ErrViolation;
@@ -167,11 +160,6 @@ func (s *Service) HandleStream(st network.Stream) {
 	}
 	for {
 		before := r.N
-		if s.idle != nil {
-			if d := s.idle(from); d > 0 {
-				_ = st.SetReadDeadline(time.Now().Add(d))
-			}
-		}
 		f, err := readFrame(r, find)
 		if err == nil || errors.Is(err, errUnknownGroup) {
 			s.meter.In(r.N - before)
@@ -179,12 +167,6 @@ func (s *Service) HandleStream(st network.Stream) {
 		switch {
 		case errors.Is(err, errUnknownGroup):
 			continue
-		case p2p.IsTimeout(err) && r.N == before:
-			// Idle past the bound: not a member gone (one that is gone is found by
-			// its connection or by the round's deadlines).
-			s.log.Debug("idle stream closed", "peer", from)
-			st.Reset()
-			return
 		case errors.Is(err, p2p.ErrViolation):
 			s.log.Warn("bad frame", "peer", from, "err", err)
 			s.penalise(from, err)
@@ -304,14 +286,30 @@ func (o *peerOut) run() {
 				st = nil
 			}
 
-			// A stream the peer has closed (idle for long, say) fails the write: once
-			// more on a fresh stream tells that from a peer gone.
-			fresh := st == nil
-			err := o.write(&st, f)
-			if err != nil && !fresh {
-				err = o.write(&st, f)
+			var err error
+			if st == nil {
+				// Never dial: a member's connection is the node's to
+				// keep, and redialling a member that just died would hide
+				// its death from the disconnect notification.
+				if !linked(o.s.h.Network(), o.id) {
+					err = errors.New("not connected")
+				} else {
+					// A relayed connection will do where hole punching failed.
+					ctx := network.WithAllowLimitedConn(network.WithNoDial(o.s.ctx, "reduce"), "reduce")
+					st, err = o.s.h.NewStream(ctx, o.id, Proto)
+				}
+				o.s.log.Debug("stream out", "peer", o.id, "err", err)
+			}
+			if err == nil {
+				if err = writeFrame(st, &f.hdr, f.payload); err == nil {
+					o.s.meter.Out(frameSize(len(f.payload)))
+				}
 			}
 			if err != nil {
+				if st != nil {
+					st.Reset()
+					st = nil
+				}
 				o.mu.Lock()
 				o.q = nil
 				o.mu.Unlock()
@@ -323,35 +321,6 @@ func (o *peerOut) run() {
 			}
 		}
 	}
-}
-
-// write writes f on *st, opening the stream first if there is none; a stream that
-// fails is reset and *st left nil.
-func (o *peerOut) write(st *network.Stream, f outFrame) error {
-	var err error
-	if *st == nil {
-		// Never dial: a member's connection is the node's to keep, and redialling a
-		// member that just died would hide its death from the disconnect notification.
-		if !linked(o.s.h.Network(), o.id) {
-			err = errors.New("not connected")
-		} else {
-			// A relayed connection will do where hole punching failed.
-			ctx := network.WithAllowLimitedConn(network.WithNoDial(o.s.ctx, "reduce"), "reduce")
-			*st, err = o.s.h.NewStream(ctx, o.id, Proto)
-		}
-		o.s.log.Debug("stream out", "peer", o.id, "err", err)
-		if err != nil {
-			*st = nil
-			return err
-		}
-	}
-	if err = writeFrame(*st, &f.hdr, f.payload); err != nil {
-		(*st).Reset()
-		*st = nil
-		return err
-	}
-	o.s.meter.Out(frameSize(len(f.payload)))
-	return nil
 }
 
 // linked reports whether n has a connection to p, direct or through a relay.
