@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 
 	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/train"
@@ -13,7 +14,23 @@ import (
 
 // runFiles are the files train and launch write into a run's directory.
 var runFiles = []string{train.MetricsFile, train.SpecFile, train.CheckpointFile, train.HFConfigFile, train.TokenizerFile, train.PlotFile,
-	train.StateFile, node.RunFile, node.ResultFile}
+	node.RunFile, node.ResultFile}
+
+// removeRunFiles removes the files train and launch write into dir: runFiles and
+// train's stage checkpoints.
+func removeRunFiles(dir string) error {
+	files := slices.Clone(runFiles)
+	for i := range files {
+		files[i] = filepath.Join(dir, files[i])
+	}
+	stages, _ := filepath.Glob(filepath.Join(dir, "stage-*.safetensors"))
+	for _, f := range append(files, stages...) {
+		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return err
+		}
+	}
+	return nil
+}
 
 // holdsRun says which file of a run dir holds, "" if none: a directory that holds a
 // run is never written over unasked.
@@ -51,10 +68,8 @@ func runDir(out, name string, resume, force bool) (dir, note string, err error) 
 	case !force:
 		return "", "", fmt.Errorf("--out %s holds a run (%s): continue it with --resume, overwrite it with --force, or choose another --out", out, held)
 	}
-	for _, f := range runFiles {
-		if err := os.Remove(filepath.Join(out, f)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return "", "", fmt.Errorf("--force: %w", err)
-		}
+	if err := removeRunFiles(out); err != nil {
+		return "", "", fmt.Errorf("--force: %w", err)
 	}
 	return out, fmt.Sprintf("--force: the earlier run in %s is overwritten", out), nil
 }
@@ -68,9 +83,7 @@ func dropUnused(dir string, created bool) {
 	if st, err := os.Stat(filepath.Join(dir, train.MetricsFile)); err == nil && st.Size() > 0 {
 		return
 	}
-	for _, f := range runFiles {
-		_ = os.Remove(filepath.Join(dir, f))
-	}
+	_ = removeRunFiles(dir)
 	_ = os.Remove(dir) // only if nothing else is in it
 }
 

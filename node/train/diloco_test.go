@@ -73,19 +73,21 @@ func TestReplicatedRunWritesReplicaAndOuterRows(t *testing.T) {
 	if res.SyncBytes[0][0] == 0 || res.SyncBytes[1][1] == 0 {
 		t.Errorf("sync bytes %v, want every cell counted", res.SyncBytes)
 	}
-	// The training state beside the weights holds what the weights file does not.
-	ck, err := shard.LoadCheckpoint(filepath.Join(dir, StateFile))
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, name := range []string{"stage.0.outer_momentum", "stage.1.outer_momentum", "stage.0.replica.1.adam_m",
-		"stage.1.replica.0.adam_v", "stage.1.replica.1.ef_residual"} {
-		if _, ok := ck.Tensors[name]; !ok {
-			t.Errorf("%s has no tensor %q", StateFile, name)
+	// Every stage of every replica keeps its checkpoint as a launched run's stages
+	// do: the weights, and beside them what the weights file does not hold.
+	for _, name := range []string{"stage-0-replica-0", "stage-0-replica-1", "stage-1-replica-0", "stage-1-replica-1"} {
+		ck, err := shard.LoadCheckpoint(filepath.Join(dir, name+".state.safetensors"))
+		if err != nil {
+			t.Fatal(err)
 		}
-	}
-	if ck.Metadata["stage.0.replica.1.adam_step"] != "8" {
-		t.Errorf("adam step %q, want 8", ck.Metadata["stage.0.replica.1.adam_step"])
+		for _, tn := range []string{"adam_m", "adam_v", "global", "outer_momentum", "ef_residual"} {
+			if _, ok := ck.Tensors[tn]; !ok {
+				t.Errorf("%s.state.safetensors has no tensor %q", name, tn)
+			}
+		}
+		if ck.Metadata["adam_step"] != "8" {
+			t.Errorf("%s: adam step %q, want 8", name, ck.Metadata["adam_step"])
+		}
 	}
 }
 

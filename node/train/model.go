@@ -6,16 +6,17 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
 // model is every stage of a run with its optimiser, stepped in one process.
 type model struct {
-	stages []*shard.Stage
-	bounds []*Boundary // between stage i and i+1
-	opts   []*optim.AdamW
-	tapes  []*shard.Tape // one per stage, reused by every micro-batch
+	units  []*stage.Unit
+	stages []*shard.Stage // the units' stages, in order
+	bounds []*Boundary    // between stage i and i+1: unit i+1's In, which carries its residual
+	tapes  []*shard.Tape  // one per stage, reused by every micro-batch
 	// per-stage scratch for step's timings, allocated once
 	fwd, opt []time.Duration
 	fwdBytes []int64
@@ -25,15 +26,11 @@ type model struct {
 
 func newModel(sp *spec.Spec) (*model, error) {
 	cfg := ModelConfig(sp)
-	be, err := Backend(sp)
+	ranges, err := shard.SplitLayers(cfg.NLayers, sp.Pipeline.Stages)
 	if err != nil {
 		return nil, err
 	}
-	stages, err := shard.NewStages(cfg, sp.Pipeline.Stages, shard.WithBackend(be), shard.WithRecompute(sp.Model.Recompute))
-	if err != nil {
-		return nil, err
-	}
-	m := &model{stages: stages, micro: sp.Pipeline.MicroBatches}
+	m := &model{micro: sp.Pipeline.MicroBatches}
 	m.sched = optim.Cosine{Peak: float32(sp.Train.LR), Min: float32(sp.Train.MinLR), Warmup: sp.Train.Warmup, Total: sp.Train.Steps}
 	if err := m.sched.Validate(); err != nil {
 		return nil, err
@@ -43,54 +40,38 @@ func newModel(sp *spec.Spec) (*model, error) {
 	if err != nil {
 		return nil, err
 	}
-	for i, s := range stages {
-		s.Init(sp.Seed)
-		if sub != nil {
-			if err := s.SetSubspace(sub, sp.Compression.DenseTail); err != nil {
-				return nil, err
-			}
-		}
-		if i > 0 {
-			b, err := NewBoundary(sp, sub)
-			if err != nil {
-				return nil, err
-			}
-			m.bounds = append(m.bounds, b)
-		}
-		ac := AdamWConfig(sp, s)
-		opt, err := optim.NewAdamW(len(s.Params), ac)
+	for i, r := range ranges {
+		u, err := stage.New(sp, i, r, sub)
 		if err != nil {
 			return nil, err
 		}
-		m.opts = append(m.opts, opt)
-		m.tapes = append(m.tapes, s.NewTape(mb, cfg.SeqLen))
+		m.units = append(m.units, u)
+		m.stages = append(m.stages, u.Stage)
+		if i > 0 {
+			m.bounds = append(m.bounds, u.In)
+		}
+		m.tapes = append(m.tapes, u.Stage.NewTape(mb, cfg.SeqLen))
 	}
 	return m, nil
 }
 
-// RunSubspace is the residual subspace sp's compression section asks for, derived
-// from the run seed; nil when the model is dense.
-func RunSubspace(sp *spec.Spec) (*shard.Subspace, error) {
-	if sp.Compression.Subspace == 0 {
-		return nil, nil
-	}
-	return shard.NewSubspace(ModelConfig(sp), sp.Compression.Subspace, sp.Seed)
-}
+// The stage-training pieces, under the names the trainer's callers know them by.
+var (
+	ModelConfig = stage.ModelConfig
+	Backend     = stage.Backend
+	RunSubspace = stage.RunSubspace
+	AdamWConfig = stage.AdamWConfig
+	NewBoundary = stage.NewBoundary
+	NewOuter    = stage.NewOuter
+	Fragments   = stage.Fragments
+	WeightsHash = stage.WeightsHash
+)
 
-// AdamWConfig is the inner optimiser for stage s under sp: weight decay on matrices
-// only.
-func AdamWConfig(sp *spec.Spec, s *shard.Stage) optim.AdamWConfig {
-	c := optim.DefaultAdamW()
-	c.Beta1, c.Beta2 = float32(sp.Train.Beta1), float32(sp.Train.Beta2)
-	c.WeightDecay = float32(sp.Train.WeightDecay)
-	c.Decay = []optim.Segment{}
-	for _, t := range s.Tensors() {
-		if t.Decay {
-			c.Decay = append(c.Decay, optim.Segment{Off: t.Off, Len: t.Len()})
-		}
-	}
-	return c
-}
+type (
+	Boundary = stage.Boundary
+	Outer    = stage.Outer
+	Span     = stage.Span
+)
 
 func (m *model) numParams() int {
 	n := 0
@@ -156,21 +137,15 @@ func (m *model) step(sampler *data.Sampler[int32], inputs, targets []int32, lr f
 		}
 	}
 	var ss float64
-	for i, s := range m.stages {
+	for i, u := range m.units {
 		t0 := time.Now()
-		s.ProjectGrads() // a no-op without a subspace
-		ss += optim.SumSquares(s.Grads)
+		ss += u.GradSumSquares()
 		opt[i] += time.Since(t0)
 	}
 	norm = math.Sqrt(ss)
-	f := optim.ClipFactor(norm, clip)
-	for i, s := range m.stages {
+	for i, u := range m.units {
 		t0 := time.Now()
-		if f != 1 {
-			optim.Scale(s.Grads, f)
-		}
-		m.opts[i].Step(s.Params, s.Grads, lr)
-		s.ProjectParams()
+		u.Update(norm, clip, lr)
 		opt[i] += time.Since(t0)
 		if tr != nil {
 			tr(OpOptimize, i, 0, opt[i], 0)

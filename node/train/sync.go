@@ -4,11 +4,15 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"strconv"
+	"io/fs"
+	"maps"
+	"os"
+	"path/filepath"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
@@ -123,131 +127,71 @@ func (y *syncer) resumeAfter(step, steps int) {
 	y.begin(step, steps, sent, took, applied, time.Now)
 }
 
-// saveState writes what model.safetensors does not hold and a resumed run needs: per
-// replica its weights, AdamW moments and step, data sampler position and boundary
-// error-feedback residuals, and with replicas per stage the global weights and outer
-// momentum and per replica the pseudo-gradient residual and Begin's snapshot.
-func saveState(path string, meta map[string]string, reps []*replica) error {
-	m := map[string]string{}
-	for k, v := range meta {
-		m[k] = v
-	}
-	var ts []shard.Named
-	add := func(name string, data []float32) {
-		if data != nil {
-			ts = append(ts, shard.Named{Name: name, Data: data})
-		}
-	}
-	for s, o := range reps[0].outers {
-		add(stateName(s, -1, "global"), o.Global)
-		add(stateName(s, -1, "outer_momentum"), o.Momentum())
-		m[stateName(s, -1, "outer_steps")] = strconv.Itoa(o.Rounds)
-	}
+// saveState writes every unit's checkpoint into dir (stage.Unit.Save), named as a
+// launched run's stages name theirs: what model.safetensors does not hold and a
+// resumed run needs. Each replica's first stage also keeps its data position.
+func saveState(dir string, meta map[string]string, reps []*replica) error {
 	for r, rp := range reps {
-		for s, st := range rp.m.stages {
-			add(stateName(s, r, "params"), st.Params)
-			mo, vo := rp.m.opts[s].Moments()
-			add(stateName(s, r, "adam_m"), mo)
-			add(stateName(s, r, "adam_v"), vo)
-			m[stateName(s, r, "adam_step")] = strconv.Itoa(rp.m.opts[s].StepCount())
-		}
-		for s, o := range rp.outers {
-			add(stateName(s, r, "ef_residual"), o.Residual())
-			add(stateName(s, r, "base"), o.Base())
-		}
-		for b, bd := range rp.m.bounds {
-			add(replicaName(r, "boundary."+strconv.Itoa(b)+".ef_residual"), bd.Residual())
-		}
-		st, err := rp.sampler.State()
-		if err != nil {
-			return err
-		}
-		m[replicaName(r, "sampler")] = hex.EncodeToString(st)
-	}
-	return shard.SaveTensors(path, m, ts)
-}
-
-// loadState restores a run from saveState's file; reps must be fresh replicas of the
-// same spec.
-func loadState(path string, reps []*replica) (*shard.Checkpoint, error) {
-	ck, err := shard.LoadSealed(path)
-	if err != nil {
-		return nil, err
-	}
-	get := func(name string, dst []float32) error {
-		t, ok := ck.Tensors[name]
-		if !ok {
-			return fmt.Errorf("train: resume: %s has no %s", path, name)
-		}
-		if len(t.Data) != len(dst) {
-			return fmt.Errorf("train: resume: %s: %s has %d values, want %d", path, name, len(t.Data), len(dst))
-		}
-		copy(dst, t.Data)
-		return nil
-	}
-	getInt := func(key string) (int, error) {
-		v, err := strconv.Atoi(ck.Metadata[key])
-		if err != nil {
-			return 0, fmt.Errorf("train: resume: %s: metadata %s: %w", path, key, err)
-		}
-		return v, nil
-	}
-	for r, rp := range reps {
-		for s, st := range rp.m.stages {
-			if err := get(stateName(s, r, "params"), st.Params); err != nil {
-				return nil, err
-			}
-			mo, vo := make([]float32, len(st.Params)), make([]float32, len(st.Params))
-			if err := errors.Join(get(stateName(s, r, "adam_m"), mo), get(stateName(s, r, "adam_v"), vo)); err != nil {
-				return nil, err
-			}
-			n, err := getInt(stateName(s, r, "adam_step"))
-			if err != nil {
-				return nil, err
-			}
-			if err := rp.m.opts[s].SetState(n, mo, vo); err != nil {
-				return nil, err
-			}
-		}
-		for s, o := range rp.outers {
-			n, err := getInt(stateName(s, -1, "outer_steps"))
-			if err != nil {
-				return nil, err
-			}
-			o.Rounds = n
-			if err := errors.Join(get(stateName(s, -1, "global"), o.Global), get(stateName(s, -1, "outer_momentum"), o.Momentum()),
-				get(stateName(s, r, "base"), o.Base())); err != nil {
-				return nil, err
-			}
-			if res := o.Residual(); res != nil {
-				if err := get(stateName(s, r, "ef_residual"), res); err != nil {
-					return nil, err
+		for s, u := range rp.m.units {
+			m := meta
+			if s == 0 {
+				st, err := rp.sampler.State()
+				if err != nil {
+					return err
 				}
+				m = maps.Clone(meta)
+				m[stage.MetaSampler] = hex.EncodeToString(st)
 			}
-		}
-		for b, bd := range rp.m.bounds {
-			if t, ok := ck.Tensors[replicaName(r, "boundary."+strconv.Itoa(b)+".ef_residual")]; ok {
-				bd.SetResidual(t.Data)
+			u.Mark()
+			if err := u.Save(stage.At(dir, stage.Name(s, r, len(reps))), m); err != nil {
+				return err
 			}
-		}
-		st, err := hex.DecodeString(ck.Metadata[replicaName(r, "sampler")])
-		if err == nil {
-			err = rp.sampler.SetState(st)
-		}
-		if err != nil {
-			return nil, fmt.Errorf("train: resume: %s: replica %d's sampler: %w", path, r, err)
 		}
 	}
-	return ck, nil
+	return nil
 }
 
-func replicaName(r int, name string) string { return "replica." + strconv.Itoa(r) + "." + name }
-
-// stateName names a state tensor: "stage.S.NAME" for one shared by the replicas of a
-// stage (r < 0), "stage.S.replica.R.NAME" otherwise.
-func stateName(s, r int, name string) string {
-	if r < 0 {
-		return "stage." + strconv.Itoa(s) + "." + name
+// loadState restores a run from saveState's files in dir into reps, fresh replicas
+// of sp, and returns the metadata they share, after checking they were written by a
+// run of sp at one step.
+func loadState(dir string, sp *spec.Spec, reps []*replica) (map[string]string, error) {
+	first := stage.At(dir, stage.Name(0, 0, len(reps)))
+	meta, err := shard.ReadCheckpointMetadata(first.State)
+	if errors.Is(err, fs.ErrNotExist) {
+		if _, err := os.Stat(filepath.Join(dir, oldStateFile)); err == nil {
+			return nil, fmt.Errorf("train: resume: %s holds the training state of an earlier version of pipeswarm, which this one does not read: "+
+				"resume it with that version, or train afresh (--force)", filepath.Join(dir, oldStateFile))
+		}
 	}
-	return "stage." + strconv.Itoa(s) + ".replica." + strconv.Itoa(r) + "." + name
+	if err != nil {
+		return nil, fmt.Errorf("train: nothing to resume in %s: %w", dir, err)
+	}
+	if meta[MetaSpec] != sp.String() {
+		return nil, fmt.Errorf("train: resume: %s was written by a run of another spec; resume with the spec in %s",
+			first.State, filepath.Join(dir, SpecFile))
+	}
+	for r, rp := range reps {
+		for s, u := range rp.m.units {
+			p := stage.At(dir, stage.Name(s, r, len(reps)))
+			m, err := u.Restore(p)
+			if err != nil {
+				return nil, fmt.Errorf("train: resume: %w", err)
+			}
+			if m[MetaStep] != meta[MetaStep] || m[MetaSpec] != meta[MetaSpec] {
+				return nil, fmt.Errorf("train: resume: %s is of step %s, %s of step %s: the run stopped while writing its checkpoint",
+					p.State, m[MetaStep], first.State, meta[MetaStep])
+			}
+			if s > 0 {
+				continue
+			}
+			st, err := hex.DecodeString(m[stage.MetaSampler])
+			if err == nil {
+				err = rp.sampler.SetState(st)
+			}
+			if err != nil {
+				return nil, fmt.Errorf("train: resume: %s: replica %d's sampler: %w", p.State, r, err)
+			}
+		}
+	}
+	return meta, nil
 }

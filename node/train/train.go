@@ -39,14 +39,15 @@ const (
 	// model directory; a byte-level run has none.
 	TokenizerFile = "tokenizer.json"
 	PlotFile      = "loss.png"
-	// StateFile holds what model.safetensors does not and a resumed run needs: per
-	// replica its weights, AdamW state, data position and error-feedback residuals, and
-	// with replicas the global weights and outer momentum of every stage.
-	StateFile = "train-state.safetensors"
 	// RunFile records what computed the run: backend, precision, GEMM provider with
 	// its library version and kernels, compute threads.
 	RunFile = "run.json"
 )
+
+// oldStateFile is where an earlier version kept the training state, in a format
+// this one refuses to resume from (every stage's checkpoint is now its own pair of
+// files, as a launched run's are; see saveState).
+const oldStateFile = "train-state.safetensors"
 
 // Metadata keys a trainer writes into checkpoints.
 const (
@@ -115,27 +116,6 @@ type Result struct {
 	// SyncBytes[r][s]: what replica r of stage s sent in all its outer steps (both
 	// phases of every all-reduce), as the swarm would.
 	SyncBytes [][]int64
-}
-
-// ModelConfig is the shard.Config a spec describes.
-func ModelConfig(sp *spec.Spec) shard.Config {
-	m := sp.Model
-	return shard.Config{Vocab: m.Vocab, DModel: m.DModel, NLayers: m.NLayers, NHeads: m.NHeads,
-		DFF: m.DFF, SeqLen: m.SeqLen, RopeTheta: m.RopeTheta, NormEps: float32(m.NormEps)}
-}
-
-// Backend opens the compute backend for the run's model.precision: cpu32 for fp32,
-// bf16 for bf16. An error says why it cannot run here and what to install.
-func Backend(sp *spec.Spec) (backend.Backend, error) {
-	name, err := backend.ForPrecision(sp.Model.Precision)
-	if err != nil {
-		return nil, err
-	}
-	be, err := backend.Open(name)
-	if err != nil {
-		return nil, fmt.Errorf("model.precision %s: %w", sp.Model.Precision, err)
-	}
-	return be, nil
 }
 
 // SetBackend makes sp's model.precision the one backend name computes in (the
@@ -284,7 +264,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		meta := map[string]string{MetaSpec: sp.String(), MetaStep: strconv.Itoa(step)}
 		err := shard.SaveCheckpoint(res.Checkpoint, meta, m.stages...)
 		meta[metaTokens] = strconv.FormatInt(res.Tokens, 10)
-		err = errors.Join(err, saveState(filepath.Join(o.OutDir, StateFile), meta, reps))
+		err = errors.Join(err, saveState(o.OutDir, meta, reps))
 		if len(history) > 0 {
 			err = errors.Join(err, metrics.PlotLoss(filepath.Join(o.OutDir, PlotFile), sp.Name, history))
 		}
@@ -428,12 +408,8 @@ func newReplica(sp *spec.Spec, ds *Dataset, r int) (*replica, error) {
 	}
 	rp := &replica{m: m, sampler: sampler}
 	if sp.Pipeline.Replicas > 1 {
-		for _, st := range m.stages {
-			o, err := NewOuter(sp, st)
-			if err != nil {
-				return nil, err
-			}
-			rp.outers = append(rp.outers, o)
+		for _, u := range m.units {
+			rp.outers = append(rp.outers, u.Outer)
 		}
 	}
 	return rp, nil
@@ -455,19 +431,14 @@ type resumePoint struct {
 // to the checkpoint (a row torn by a crash, or written after the checkpoint, is
 // dropped).
 func loadResume(dir string, sp *spec.Spec, reps []*replica) (*resumePoint, error) {
-	statePath := filepath.Join(dir, StateFile)
-	ck, err := loadState(statePath, reps)
+	meta, err := loadState(dir, sp, reps)
 	if err != nil {
-		return nil, fmt.Errorf("train: nothing to resume in %s: %w", dir, err)
+		return nil, err
 	}
-	if ck.Metadata[MetaSpec] != sp.String() {
-		return nil, fmt.Errorf("train: resume: %s was written by a run of another spec; resume with the spec in %s",
-			statePath, filepath.Join(dir, SpecFile))
-	}
-	done, err1 := strconv.Atoi(ck.Metadata[MetaStep])
-	tokens, err2 := strconv.ParseInt(ck.Metadata[metaTokens], 10, 64)
+	done, err1 := strconv.Atoi(meta[MetaStep])
+	tokens, err2 := strconv.ParseInt(meta[metaTokens], 10, 64)
 	if err := errors.Join(err1, err2); err != nil {
-		return nil, fmt.Errorf("train: resume: %s: %w", statePath, err)
+		return nil, fmt.Errorf("train: resume: %s: %w", dir, err)
 	}
 	b, err := os.ReadFile(filepath.Join(dir, MetricsFile))
 	if err != nil {

@@ -1,4 +1,4 @@
-package train
+package stage
 
 import (
 	"crypto/sha256"
@@ -125,7 +125,7 @@ func (o *Outer) Begin(f int, local []float32) []float32 {
 func (o *Outer) Apply(f int, y, own, avg []float32, st *shard.Stage, overlapped bool) {
 	s := o.Frags[f]
 	if len(y) != s.Len() || len(own) != s.Len() || len(avg) != s.Len() {
-		panic(fmt.Sprintf("train: Outer.Apply: fragment %d has %d values, got y %d own %d avg %d", f, s.Len(), len(y), len(own), len(avg)))
+		panic(fmt.Sprintf("stage: Outer.Apply: fragment %d has %d values, got y %d own %d avg %d", f, s.Len(), len(y), len(own), len(avg)))
 	}
 	if o.resid != nil {
 		r := o.resid[s.Lo:s.Hi]

@@ -1,4 +1,4 @@
-package train
+package stage
 
 import (
 	"bytes"
@@ -142,18 +142,18 @@ func (b *Boundary) carry(f *p2p.Frame) ([]float32, int64) {
 	if f.Codec.Kind == codec.F32 && !f.Codec.Zstd {
 		var c countingWriter
 		if err := p2p.WriteFrame(&c, f); err != nil {
-			panic(fmt.Sprintf("train: encoding a boundary frame: %v", err)) // our own frame: a bug
+			panic(fmt.Sprintf("stage: encoding a boundary frame: %v", err)) // our own frame: a bug
 		}
 		return f.Data, c.n
 	}
 	b.buf.Reset()
 	if err := p2p.WriteFrame(&b.buf, f); err != nil {
-		panic(fmt.Sprintf("train: encoding a boundary frame: %v", err))
+		panic(fmt.Sprintf("stage: encoding a boundary frame: %v", err))
 	}
 	n := int64(b.buf.Len())
 	got, err := p2p.ReadFrame(&b.buf, 0)
 	if err != nil {
-		panic(fmt.Sprintf("train: decoding our own boundary frame: %v", err))
+		panic(fmt.Sprintf("stage: decoding our own boundary frame: %v", err))
 	}
 	return got.Data, n
 }

@@ -1,0 +1,162 @@
+// Package stage is the training state of one pipeline stage and the arithmetic that
+// moves it: the stage's weights, its AdamW state, the codecs of its boundaries with
+// their error-feedback residuals and, with replicas, its DiLoCo outer state; its
+// optimiser step; and its checkpoint. The centralised trainer (node/train) holds one
+// Unit per stage and replica, a swarm's worker holds one: both step, save and restore
+// through the same code, so a launched run computes what `train` computes.
+package stage
+
+import (
+	"fmt"
+
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/optim"
+	"github.com/pipeswarm/pipeswarm/shard"
+	"github.com/pipeswarm/pipeswarm/shard/backend"
+)
+
+// Unit is the training state of stage Index of one replica pipeline. Its loop (a
+// worker, or the trainer) runs Stage's forward and backward passes and carries
+// frames through In and Out; the optimiser step, the outer step's arithmetic and the
+// checkpoint are the Unit's.
+type Unit struct {
+	Index int
+	Stage *shard.Stage
+	In    *Boundary // with the previous stage; nil on the first
+	Out   *Boundary // with the next stage; nil on the last
+	Outer *Outer    // the DiLoCo state; nil without replicas
+
+	opt *optim.AdamW
+
+	// The boundaries' residuals as Mark kept them: a checkpoint's, of its step's end.
+	markIn, markOut []float32
+}
+
+// New builds stage idx (holding layers) of sp's model, initialised from the run seed
+// as every replica's is, in the run's subspace sub (RunSubspace(sp); passed in so the
+// units of one process share it, nil when the model is dense).
+func New(sp *spec.Spec, idx int, layers shard.Range, sub *shard.Subspace) (*Unit, error) {
+	S := sp.Pipeline.Stages
+	if idx < 0 || idx >= S {
+		return nil, fmt.Errorf("stage: index %d outside the pipeline's %d stages", idx, S)
+	}
+	be, err := Backend(sp)
+	if err != nil {
+		return nil, err
+	}
+	st, err := shard.NewStage(ModelConfig(sp), layers, idx == 0, idx == S-1, shard.WithBackend(be), shard.WithRecompute(sp.Model.Recompute))
+	if err != nil {
+		return nil, err
+	}
+	st.Init(sp.Seed)
+	if sub != nil {
+		if err := st.SetSubspace(sub, sp.Compression.DenseTail); err != nil {
+			return nil, err
+		}
+	}
+	u := &Unit{Index: idx, Stage: st}
+	if idx > 0 {
+		if u.In, err = NewBoundary(sp, sub); err != nil {
+			return nil, err
+		}
+	}
+	if idx < S-1 {
+		if u.Out, err = NewBoundary(sp, sub); err != nil {
+			return nil, err
+		}
+	}
+	if u.opt, err = optim.NewAdamW(len(st.Params), AdamWConfig(sp, st)); err != nil {
+		return nil, err
+	}
+	if sp.Pipeline.Replicas > 1 {
+		if u.Outer, err = NewOuter(sp, st); err != nil {
+			return nil, err
+		}
+	}
+	return u, nil
+}
+
+// GradSumSquares is the first half of the optimiser step: it projects the gradients
+// into the run's subspace (a no-op without one), so that the norm is of what the
+// optimiser sees, and returns their sum of squares, this stage's share of the global
+// gradient norm. Update takes the step once every stage's share is summed.
+func (u *Unit) GradSumSquares() float64 {
+	u.Stage.ProjectGrads()
+	return optim.SumSquares(u.Stage.Grads)
+}
+
+// Update is the second half of the optimiser step: it scales the gradients by the
+// clip factor of the global norm against clip (0: no clipping), takes the update
+// rule's step at learning rate lr, and puts the parameters back into the subspace.
+// The gradients are left as scaled; the caller zeroes them before the next step.
+func (u *Unit) Update(norm, clip float64, lr float32) {
+	st := u.Stage
+	if f := optim.ClipFactor(norm, clip); f != 1 {
+		optim.Scale(st.Grads, f)
+	}
+	// The update rule: another (a delay-corrected one, say) replaces this call and
+	// keeps its state beside the AdamW moments in the checkpoint.
+	u.opt.Step(st.Params, st.Grads, lr)
+	st.ProjectParams()
+}
+
+// Steps is how many optimiser steps the unit has taken (restored ones included).
+func (u *Unit) Steps() int { return u.opt.StepCount() }
+
+// Mark keeps the boundaries' error-feedback residuals as they are now, which Save
+// writes: call it at a step's end. A loop that checkpoints later (a worker whose
+// first stage has begun the next step meanwhile) still saves the step's end.
+func (u *Unit) Mark() {
+	keep := func(dst []float32, b *Boundary) []float32 {
+		if b == nil || b.Residual() == nil {
+			return nil
+		}
+		return append(dst[:0], b.Residual()...)
+	}
+	u.markIn, u.markOut = keep(u.markIn, u.In), keep(u.markOut, u.Out)
+}
+
+// ModelConfig is the shard.Config a spec describes.
+func ModelConfig(sp *spec.Spec) shard.Config {
+	m := sp.Model
+	return shard.Config{Vocab: m.Vocab, DModel: m.DModel, NLayers: m.NLayers, NHeads: m.NHeads,
+		DFF: m.DFF, SeqLen: m.SeqLen, RopeTheta: m.RopeTheta, NormEps: float32(m.NormEps)}
+}
+
+// Backend opens the compute backend for the run's model.precision: cpu32 for fp32,
+// bf16 for bf16. An error says why it cannot run here and what to install.
+func Backend(sp *spec.Spec) (backend.Backend, error) {
+	name, err := backend.ForPrecision(sp.Model.Precision)
+	if err != nil {
+		return nil, err
+	}
+	be, err := backend.Open(name)
+	if err != nil {
+		return nil, fmt.Errorf("model.precision %s: %w", sp.Model.Precision, err)
+	}
+	return be, nil
+}
+
+// RunSubspace is the residual subspace sp's compression section asks for, derived
+// from the run seed; nil when the model is dense.
+func RunSubspace(sp *spec.Spec) (*shard.Subspace, error) {
+	if sp.Compression.Subspace == 0 {
+		return nil, nil
+	}
+	return shard.NewSubspace(ModelConfig(sp), sp.Compression.Subspace, sp.Seed)
+}
+
+// AdamWConfig is the inner optimiser for stage s under sp: weight decay on matrices
+// only.
+func AdamWConfig(sp *spec.Spec, s *shard.Stage) optim.AdamWConfig {
+	c := optim.DefaultAdamW()
+	c.Beta1, c.Beta2 = float32(sp.Train.Beta1), float32(sp.Train.Beta2)
+	c.WeightDecay = float32(sp.Train.WeightDecay)
+	c.Decay = []optim.Segment{}
+	for _, t := range s.Tensors() {
+		if t.Decay {
+			c.Decay = append(c.Decay, optim.Segment{Off: t.Off, Len: t.Len()})
+		}
+	}
+	return c
+}
