@@ -37,8 +37,10 @@ outer syncs would send: the quick way to tune diloco.* before launching.
 
 Writes into DIR: metrics.jsonl (one JSON object per step and replica, and per outer
 step and stage), spec.yaml (the effective spec), run.json (backend and GEMM
-provider), model.safetensors with a Hugging Face config.json beside it, train-state.safetensors with replicas (outer momentum,
-AdamW moments, error-feedback residuals), and loss.png.
+provider), model.safetensors with a Hugging Face config.json beside it, loss.png,
+and every stage's checkpoint as a launched run's nodes keep it: stage-S.safetensors
+(stage-S-replica-R with replicas) and stage-S.state.safetensors beside it (AdamW
+moments and step, data position, error-feedback residuals, outer momentum).
 Ctrl-C stops after the current step and still writes the checkpoint and plot;
 --resume continues from there (or from the last evaluation after a crash) and takes
 the same steps the uninterrupted run would have.
