@@ -12,7 +12,8 @@ import (
 // DESIGN.md in one place: the model and the optimiser know nothing of the network or
 // the node and do not log; the network layer knows nothing of the model, the
 // optimiser or the node; the status page reads what the daemon gives it and knows
-// nothing of the daemon, the trainer or the core. A ban ending in "$" bans that
+// nothing of the daemon, the trainer or the core; the stage-training unit knows
+// nothing of what drives it. A ban ending in "$" bans that
 // package alone, not its subpackages.
 func TestPackageDependenciesFollowTheDesign(t *testing.T) {
 	goTool, err := exec.LookPath("go")
@@ -26,6 +27,9 @@ func TestPackageDependenciesFollowTheDesign(t *testing.T) {
 		"p2p":         {mod + "shard", mod + "optim", mod + "node"},
 		"p2p/traffic": {mod + "shard", mod + "optim", mod + "node"},
 		"node/status": {mod + "node$", mod + "node/core", mod + "node/train", mod + "optim"},
+		// The stage-training unit is what the trainer and the worker share: it knows
+		// neither of them, nor the decisions of the core.
+		"node/stage": {mod + "node$", mod + "node/train", mod + "node/core", mod + "node/worker", mod + "node/launcher", mod + "node/daemon"},
 	}
 	for pkg, bans := range banned {
 		out, err := exec.Command(goTool, "list", "-deps", "../../"+pkg).Output()
