@@ -1162,8 +1162,23 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		return nil, err
 	}
 	defer mw.Close()
+	pending := map[int]*metrics.Step{} // replica 0's steps whose evaluation is still to come
+	// A run that ends with a step's evaluation still to come records the step without
+	// it: every stage holds that step's checkpoint (stages stop right after a step), and
+	// a resumed run evaluates it again first (core.Config.EvalFrom) and fills it in.
+	defer func() {
+		for _, step := range slices.Sorted(maps.Keys(pending)) {
+			if err := mw.Write(*pending[step]); err != nil {
+				log.Warn("a step's row was not recorded", "step", step, "err", err)
+			}
+		}
+	}()
 	if kept != nil {
 		for _, row := range kept.rows {
+			if st, ok := evalRow(row, plan.Resume.Step, sp); ok {
+				pending[st.Step] = st // written with its validation loss, evaluated again
+				continue
+			}
 			if err := mw.WriteRaw(row); err != nil {
 				return nil, err
 			}
@@ -1171,7 +1186,6 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	}
 	res := newResult(plan.ID, S, R)
 	var history []metrics.Step
-	pending := map[int]*metrics.Step{} // replica 0's steps whose evaluation is still to come
 	start := time.Now()
 	began := start
 	// However the run ends, its times are known.
@@ -1183,7 +1197,7 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 		res.Tokens, res.Steps, res.FromStep = kept.tokens, plan.Resume.Step, plan.Resume.Step
 		start = start.Add(-time.Duration(kept.elapsedS * float64(time.Second)))
 		for _, s := range kept.steps {
-			if s.Replica == nil || *s.Replica == 0 {
+			if (s.Replica == nil || *s.Replica == 0) && pending[s.Step] == nil {
 				history = append(history, s)
 			}
 		}
@@ -1696,6 +1710,24 @@ func (res *LaunchResult) stageEnded(r Report) {
 	if r.Stage > 0 {
 		res.BoundaryBwd[r.Stage-1], res.BoundaryBwdSteps[r.Stage-1] = r.BytesBwd, steps
 	}
+}
+
+// evalRow parses row as replica 0's row of step, if that step is one a resumed run
+// evaluates again (core.Config.EvalFrom).
+func evalRow(row json.RawMessage, step int, sp *spec.Spec) (*metrics.Step, bool) {
+	if step != sp.Train.Steps && (sp.EvalInterval <= 0 || step%sp.EvalInterval != 0) {
+		return nil, false
+	}
+	var probe struct {
+		Loss *float64 `json:"loss"` // absent: not a step's row
+	}
+	var st metrics.Step
+	if json.Unmarshal(row, &probe) != nil || probe.Loss == nil || json.Unmarshal(row, &st) != nil ||
+		st.Step != step || (st.Replica != nil && *st.Replica != 0) {
+		return nil, false
+	}
+	st.ValLoss = nil
+	return &st, true
 }
 
 // drainEnds, after a run stopped early, listens a little longer for its stages'

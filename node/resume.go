@@ -561,9 +561,10 @@ func readKeptRows(path string, step int) (*keptRows, error) {
 
 // recordedThrough is the last step s such that metrics.jsonl at path holds a row of
 // replica 0 for every step 1..s and, with replicas, a row of every other replica at s
-// or later. A run stopped between a step's checkpoint and its row (an evaluated step's
-// row waits for its validation loss; a replica's row may be the one in flight when the
-// launcher died) must not resume after it: that row would be missing for good. (A
+// or later. A run stopped between a step's checkpoint and its row (a launcher killed
+// while an evaluated step's row waited for its validation loss; a replica's row may be
+// the one in flight when the launcher died) must not resume after it: that row would
+// be missing for good. (A
 // replica pipeline broken for good holds no checkpoint of a later step anyway.)
 func recordedThrough(path string) int {
 	k, err := readKeptRows(path, math.MaxInt)

@@ -3,15 +3,20 @@ package node
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
@@ -323,5 +328,77 @@ func TestAStoppingNodeStopsItsPipelineAfterTheSameStep(t *testing.T) {
 	}
 	if res.Steps != 13 {
 		t.Errorf("recorded through step %d, want 13: the step the stages stop after is recorded", res.Steps)
+	}
+}
+
+// A pipeline stopped right after an evaluated step, before its evaluation: the step's
+// row is recorded without the validation loss, so a resumed run may continue from it;
+// the resumed run evaluates it again first and the row gets its validation loss, once.
+func TestRunStoppedBeforeAStepsEvaluationResumesFromThatStep(t *testing.T) {
+	sp, err := spec.Parse([]byte("name: evalstop\nseed: 1\neval_interval: 2\nmodel: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}\n"+
+		"pipeline: {stages: 2}\ntrain: {batch_size: 4, steps: 4, lr: 0.003}\n"), "evalstop.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	plan := &Plan{ID: 9}
+	for s := range 2 {
+		k, err := p2p.GenerateKey()
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, _ := p2p.PeerID(k)
+		plan.Stages = append(plan.Stages, assign.Assignment{Stage: s, Peer: id.String()})
+	}
+	out := t.TempDir()
+	run := func(w *watchRun, plan *Plan) error {
+		_, err := watch(context.Background(), LaunchOptions{Spec: sp, OutDir: out}, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
+			func(string) {}, func(int, string) {}, func(int, int) bool { return true }, rejoiner{}, stageOrders{})
+		return err
+	}
+
+	w := newWatchRun()
+	for step := 1; step <= 2; step++ {
+		w.report(plan, Report{Stage: 1, Kind: ReportStep, Step: step, Loss: float64(step)})
+	}
+	w.report(plan, Report{Stage: 0, Kind: ReportStopping, Step: 2, Error: "node shutting down"})
+	for s := range 2 {
+		w.report(plan, Report{Stage: s, Kind: ReportError, Error: "node shutting down"})
+	}
+	if err := run(w, plan); !errors.Is(err, ErrRunFailed) {
+		t.Fatalf("the stopped run's watch returned %v, want ErrRunFailed", err)
+	}
+	metricsPath := filepath.Join(out, train.MetricsFile)
+	if got := recordedThrough(metricsPath); got != 2 {
+		t.Fatalf("recorded through step %d after the stop, want 2", got)
+	}
+
+	resumed := *plan
+	resumed.Resume = &ResumePlan{Run: plan.ID, Step: 2}
+	w = newWatchRun()
+	w.report(&resumed, Report{Stage: 1, Kind: ReportEval, Step: 2, ValLoss: 2.5})
+	for step := 3; step <= 4; step++ {
+		w.report(&resumed, Report{Stage: 1, Kind: ReportStep, Step: step, Loss: float64(step)})
+	}
+	w.report(&resumed, Report{Stage: 1, Kind: ReportEval, Step: 4, ValLoss: 4.5})
+	for s := range 2 {
+		w.report(&resumed, Report{Stage: s, Kind: ReportDone})
+	}
+	if err := run(w, &resumed); err != nil {
+		t.Fatal(err)
+	}
+	rows, err := metrics.ReadFile(metricsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, r := range rows {
+		v := "-"
+		if r.ValLoss != nil {
+			v = fmt.Sprint(*r.ValLoss)
+		}
+		got = append(got, fmt.Sprintf("%d:%g:%s", r.Step, r.Loss, v))
+	}
+	if want := []string{"1:1:-", "2:2:2.5", "3:3:-", "4:4:4.5"}; !slices.Equal(got, want) {
+		t.Errorf("metrics rows (step:loss:val) %v, want %v", got, want)
 	}
 }

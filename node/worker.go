@@ -329,7 +329,7 @@ func newWorker(ctx context.Context, env workerEnv, plan *Plan, sp *spec.Spec, id
 		// Until a step is measured, a neighbour may take as long as staffing may.
 		StartTimeout: time.Duration(sp.Pipeline.StaffTimeout) * time.Second}
 	if plan.Resume != nil {
-		cc.From = plan.Resume.Step
+		cc.From, cc.EvalFrom = plan.Resume.Step, true
 	}
 	if plan.Join != nil {
 		cc.From = plan.Join.Step

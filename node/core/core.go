@@ -37,7 +37,11 @@ type Config struct {
 	MicroBatches  int // per optimiser step
 	Steps         int
 	// From is the last step already taken (a resumed run): Start begins step From+1.
-	From         int
+	From int
+	// EvalFrom: a resumed run first runs the evaluation due after step From, then step
+	// From+1. Stages stopped together stop right after a step, before its evaluation,
+	// so the evaluation is run again rather than lost (it is exact: same weights).
+	EvalFrom     bool
 	EvalInterval int // 0: evaluate after the last step only
 	EvalBatches  int // validation batches per evaluation
 	// MaxInFlight bounds forwards not yet matched by a backward; 0 means the 1F1B
@@ -255,6 +259,10 @@ func (c *Core) Handle(e any) ([]any, error) {
 	case Start:
 		if c.phase != idle {
 			return nil, fmt.Errorf("%w: start twice", ErrProtocol)
+		}
+		if c.cfg.EvalFrom && c.cfg.From > 0 && c.cfg.EvalDue(c.cfg.From) {
+			c.step, c.phase, c.evalNext = c.cfg.From, evaluating, 0
+			break
 		}
 		out = c.beginStep(c.cfg.From+1, out)
 	case ActivationIn:

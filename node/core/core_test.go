@@ -431,6 +431,55 @@ func TestResumedCoreBeginsAfterItsLastStepAndRunsTheRest(t *testing.T) {
 	}
 }
 
+// Stages stopped together stop right after a step, before its evaluation: a resumed
+// run runs that evaluation first, on every stage, then the next step; after a step
+// with no evaluation due it begins the next step at once.
+func TestResumedCoreEvaluatesTheStepItContinuesFromFirst(t *testing.T) {
+	const stages, micro, steps = 3, 2, 5
+	for _, tc := range []struct {
+		from  int
+		evals []int // the steps evaluated, in order
+	}{
+		{from: 2, evals: []int{2, 4, 5}},
+		{from: 3, evals: []int{4, 5}},
+	} {
+		var cfgs []Config
+		for s := range stages {
+			cfgs = append(cfgs, Config{Stage: s, Stages: stages, MicroBatches: micro, Steps: steps, From: tc.from, EvalFrom: true, EvalInterval: 2, EvalBatches: 2})
+		}
+		log := simulate(t, cfgs, 1)
+		for s, acts := range log {
+			var evals, done []int
+			firstEval, firstForward := -1, -1
+			for i, a := range acts {
+				switch a := a.(type) {
+				case EvalDone:
+					evals = append(evals, a.Step)
+				case StepDone:
+					done = append(done, a.Step)
+				case EvalForward:
+					if firstEval < 0 {
+						firstEval = i
+					}
+				case Forward:
+					if firstForward < 0 {
+						firstForward = i
+					}
+				}
+			}
+			if !reflect.DeepEqual(evals, tc.evals) {
+				t.Errorf("from %d: stage %d evaluated after steps %v, want %v", tc.from, s, evals, tc.evals)
+			}
+			if want := []int{tc.from + 1, tc.from + 2, tc.from + 3}[:steps-tc.from]; !reflect.DeepEqual(done, want) {
+				t.Errorf("from %d: stage %d finished steps %v, want %v", tc.from, s, done, want)
+			}
+			if tc.from == 2 && !(firstEval >= 0 && firstEval < firstForward) {
+				t.Errorf("from %d: stage %d began step %d before evaluating step %d: %v", tc.from, s, tc.from+1, tc.from, acts)
+			}
+		}
+	}
+}
+
 func TestSteppingFromNormSharedUntilTheStepIsDone(t *testing.T) {
 	c := mustNew(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 2})
 	script(t, c,
