@@ -51,6 +51,10 @@ type Config struct {
 	FromStep int
 	Tokens   int64
 	Elapsed  time.Duration
+	// Unevaluated are kept rows of replica 0 whose evaluation the resumed run runs
+	// again (stages stop right after a step, before its evaluation): each is recorded
+	// once its validation loss comes.
+	Unevaluated []metrics.Step
 }
 
 // Cell is a stage of a replica pipeline and the node holding it.
@@ -184,6 +188,10 @@ func New(c Config, now time.Time) (*Run, error) {
 		r.tally.Tokens, r.tally.Steps, r.tally.FromStep = c.Tokens, c.FromStep, c.FromStep
 		r.start = now.Add(-c.Elapsed)
 		r.through, r.toldRecorded = c.FromStep, c.FromStep
+		for _, s := range c.Unevaluated {
+			s.ValLoss = nil
+			r.pending[s.Step] = &s
+		}
 	}
 	r.silence.staff = c.StaffTimeout
 	r.silence.heard(now, false)
@@ -192,6 +200,17 @@ func New(c Config, now time.Time) (*Run, error) {
 
 // Cells returns who holds each cell now, in the plan's order.
 func (r *Run) Cells() []Cell { return slices.Clone(r.cells) }
+
+// Unevaluated returns replica 0's rows still waiting for their evaluation, by step.
+// A run that ends so records them without it: every stage holds that step's
+// checkpoint, and a resumed run evaluates it again first and fills it in.
+func (r *Run) Unevaluated() []metrics.Step {
+	var out []metrics.Step
+	for _, step := range slices.Sorted(maps.Keys(r.pending)) {
+		out = append(out, *r.pending[step])
+	}
+	return out
+}
 
 // Over reports whether the run has finished (Finish was returned).
 func (r *Run) Over() bool { return r.over }

@@ -101,6 +101,32 @@ func TestAStagesReportsBecomeRowsAndTheRunFinishes(t *testing.T) {
 	}
 }
 
+// A run stopped before a step's evaluation leaves the row unevaluated; resumed from
+// that step, it evaluates it again first and records the row with its validation loss.
+func TestAStepsEvaluationLeftOutIsRunAgainOnResume(t *testing.T) {
+	c := grid(1, 1, 4)
+	c.EvalInterval = 2
+	r := mustNew(t, c)
+	script(t, r,
+		at{1, StepTaken{From: from(0, 0), Step: 1, Loss: 1}, acts{WriteStep{metrics.Step{Step: 1, Loss: 1, Tokens: 100, TokensPerS: 100, ElapsedS: 1}}}},
+		at{2, StepTaken{From: from(0, 0), Step: 2, Loss: 2}, nil},
+		at{3, StageStopped{From: from(0, 0), Failed: true, Error: "node shutting down"}, acts{KeepEnd{0, 0}, Abort{"stage 0 on s0r0 stopped: node shutting down"},
+			Finish{RunDown, "stage 0 on s0r0 stopped: node shutting down"}}},
+	)
+	left := r.Unevaluated()
+	if want := []metrics.Step{{Step: 2, Loss: 2, Tokens: 200, TokensPerS: 100, ElapsedS: 2}}; !reflect.DeepEqual(left, want) {
+		t.Fatalf("unevaluated %v, want %v", left, want)
+	}
+	c.Resumed, c.FromStep, c.Tokens, c.Elapsed, c.Unevaluated = true, 2, 200, 3*time.Second, left
+	r = mustNew(t, c)
+	script(t, r,
+		at{1, Evaluated{From: from(0, 0), Step: 2, ValLoss: 2.5}, acts{WriteStep{metrics.Step{Step: 2, Loss: 2, ValLoss: val(2.5), Tokens: 200, TokensPerS: 100, ElapsedS: 4}}}},
+	)
+	if len(r.Unevaluated()) != 0 {
+		t.Errorf("still unevaluated: %v", r.Unevaluated())
+	}
+}
+
 func TestAResumedRunGoesOnFromItsStepTokensAndTime(t *testing.T) {
 	c := grid(1, 1, 12)
 	c.CheckpointInterval = 5
