@@ -51,6 +51,25 @@ const DefaultEvalBatches = 16
 // costs well under 1% of that.
 const DefaultCheckpointSeconds = 300
 
+// Values of Pipeline.Schedule and Train.Delay.
+const (
+	ScheduleSync  = "sync"
+	ScheduleAsync = "async"
+
+	DelayNone     = "none"
+	DelayStash    = "stash"
+	DelayNesterov = "nesterov"
+	// DefaultDelay is train.delay in an async run that names none (docs/runs.md,
+	// "The asynchronous pipeline").
+	DefaultDelay = DelayNesterov
+)
+
+// Delays are the values train.delay takes.
+var Delays = []string{DelayNone, DelayStash, DelayNesterov}
+
+// Async reports whether the pipeline runs the async schedule.
+func (p Pipeline) Async() bool { return p.Schedule == ScheduleAsync }
+
 // Values of Export.
 const (
 	ExportAllowed = "allowed"
@@ -132,6 +151,14 @@ type Pipeline struct {
 	// input arrives, so over slow links a stage does not wait a round trip for a
 	// gradient before its next forward. The arithmetic is the same either way.
 	InFlight int `yaml:"in_flight,omitempty"`
+	// Schedule is sync (empty means sync): every step ends when the last micro-batch's
+	// backward is back and the stages step together; or async: no stage waits for the
+	// pipeline to drain, each applies an update after every micro_batches backwards,
+	// so its forwards and backwards run on weights a fixed number of updates old (the
+	// schedule's delay, handled as train.delay says). In async, in_flight bounds the
+	// forwards stage 0 runs ahead of its backwards (0: stages), and the stages after it
+	// proportionally fewer, down to one at the last.
+	Schedule string `yaml:"schedule,omitempty"`
 	// StaffTimeout is how many seconds a launcher waits for enough peers to hold
 	// every stage before it gives up; default 60.
 	StaffTimeout int `yaml:"staff_timeout"`
@@ -180,6 +207,11 @@ type Train struct {
 	GradClip    float64 `yaml:"grad_clip"`    // default 1.0; 0 disables
 	Beta1       float64 `yaml:"beta1"`        // default 0.9
 	Beta2       float64 `yaml:"beta2"`        // default 0.95
+	// Delay is how an async pipeline's stages handle their weight delay: none (the
+	// backward runs on the current weights), stash (on the weights its forward used)
+	// or nesterov (stash, and a NAdam update whose momentum grows with the stage's
+	// delay). Only with pipeline.schedule: async; default DefaultDelay there.
+	Delay string `yaml:"delay,omitempty"`
 }
 
 // Data is where the training text comes from.
@@ -432,6 +464,10 @@ func (s *Spec) EnsureDefaults() {
 	if unset("train.beta2", t.Beta2 == 0) {
 		t.Beta2 = 0.95
 	}
+	// A sync run's spec keeps its text as it was without these fields.
+	if p.Async() && t.Delay == "" && !s.src.written("train.delay") {
+		t.Delay = DefaultDelay
+	}
 	if unset("data.val_fraction", d.ValFraction == 0) {
 		d.ValFraction = 0.1
 	}
@@ -572,6 +608,22 @@ func (s *Spec) checkPath(field, path string) error {
 // For a spec that came from Parse, each problem names the line of the field in the file.
 func (s *Spec) Validate() error {
 	return errors.Join(s.problems()...)
+}
+
+// ErrTrainOnly is wrapped by CheckLive's error: the spec is valid, but only `pipeswarm
+// train` runs it so far.
+var ErrTrainOnly = errors.New("runs in train only")
+
+// CheckLive reports what a spec asks for that only `pipeswarm train` runs so far, not
+// a swarm of nodes: the async schedule. Commands that run a pipeline over the network
+// (launch, the WAN bench) call it after Validate.
+func (s *Spec) CheckLive() error {
+	if !s.Pipeline.Async() {
+		return nil
+	}
+	return &fieldError{file: s.src.file, line: s.src.lines["pipeline.schedule"], field: "pipeline.schedule",
+		msg:  "async runs in `pipeswarm train` only for now (the delays simulated exactly in one process); a swarm of nodes runs sync: remove the field or set it to sync",
+		kind: ErrTrainOnly}
 }
 
 // Clone returns a copy of s that shares nothing mutable with it.
@@ -782,6 +834,12 @@ func (s *Spec) problems() []error {
 	case microOK && p.InFlight > p.MicroBatches:
 		c.failf("pipeline.in_flight", "%d exceeds micro_batches %d; more forwards than a step has cannot be in flight", p.InFlight, p.MicroBatches)
 	}
+	switch {
+	case p.Schedule == "" && c.src.written("pipeline.schedule"):
+		c.failf("pipeline.schedule", `"" is empty; want %s or %s`, ScheduleSync, ScheduleAsync)
+	case p.Schedule != "" && p.Schedule != ScheduleSync && p.Schedule != ScheduleAsync:
+		c.failf("pipeline.schedule", "%q is not %s or %s", p.Schedule, ScheduleSync, ScheduleAsync)
+	}
 
 	if c.positive("train.batch_size", t.BatchSize) && microOK && t.BatchSize%p.MicroBatches != 0 {
 		c.failf("train.batch_size", "%d is not divisible by micro_batches %d", t.BatchSize, p.MicroBatches)
@@ -798,6 +856,12 @@ func (s *Spec) problems() []error {
 		c.failf("train.warmup", "%d is not less than steps %d", t.Warmup, t.Steps)
 	}
 	c.nonNegative("train.weight_decay", t.WeightDecay)
+	switch {
+	case !p.Async() && (t.Delay != "" || c.src.written("train.delay")):
+		c.failf("train.delay", "%q is set but pipeline.schedule is not async; a sync pipeline has no weight delay: remove it, or set pipeline.schedule: async", t.Delay)
+	case p.Async() && !slices.Contains(Delays, t.Delay):
+		c.failf("train.delay", "%q is not one of %s", t.Delay, strings.Join(Delays, ", "))
+	}
 	c.nonNegative("train.grad_clip", t.GradClip)
 	for _, b := range []struct {
 		path string

@@ -790,3 +790,66 @@ func TestDataTokenizerIsCheckedWhereItIsUsed(t *testing.T) {
 		t.Errorf("a missing tokenizer: %v, want an ErrInvalid containing %q", err, want)
 	}
 }
+
+func TestScheduleAndDelayAreValidatedAtTheirLines(t *testing.T) {
+	const base = "name: a\nmodel: {d_model: 32, n_layers: 4, n_heads: 2, d_ff: 64, seq_len: 16}\ntrain: {batch_size: 4, steps: 10, lr: 0.001}\n"
+	for src, want := range map[string]string{
+		"pipeline:\n  schedule: async\n":                          "",
+		"pipeline:\n  schedule: sync\n":                           "",
+		"pipeline:\n  schedule: async\ntrain2:\n  delay: stash\n": "unknown", // a misspelt section is still an error
+		"pipeline:\n  schedule: eventually\n":                     `a.yaml:5: pipeline.schedule: "eventually" is not sync or async`,
+		"pipeline:\n  schedule: \"\"\n":                           `a.yaml:5: pipeline.schedule: "" is empty; want sync or async`,
+	} {
+		_, err := Parse([]byte(base+src), "a.yaml")
+		switch {
+		case want == "" && err != nil:
+			t.Errorf("%q: %v", src, err)
+		case want != "" && (err == nil || !strings.Contains(err.Error(), want)):
+			t.Errorf("%q: error %v, want one containing %q", src, err, want)
+		}
+	}
+	const full = "name: a\nmodel: {d_model: 32, n_layers: 4, n_heads: 2, d_ff: 64, seq_len: 16}\npipeline:\n  schedule: %s\ntrain:\n  batch_size: 4\n  steps: 10\n  lr: 0.001\n  delay: %s\n"
+	for _, c := range []struct{ schedule, delay, want string }{
+		{"async", "none", ""},
+		{"async", "stash", ""},
+		{"async", "nesterov", ""},
+		{"async", "lookahead", `a.yaml:9: train.delay: "lookahead" is not one of none, stash, nesterov`},
+		{"sync", "stash", `a.yaml:9: train.delay: "stash" is set but pipeline.schedule is not async`},
+	} {
+		s, err := Parse([]byte(fmt.Sprintf(full, c.schedule, c.delay)), "a.yaml")
+		switch {
+		case c.want == "" && err != nil:
+			t.Errorf("%s/%s: %v", c.schedule, c.delay, err)
+		case c.want != "" && (err == nil || !strings.Contains(err.Error(), c.want)):
+			t.Errorf("%s/%s: error %v, want one containing %q", c.schedule, c.delay, err, c.want)
+		case c.want == "":
+			back, err := Parse([]byte(s.String()), "round.yaml")
+			if err != nil || back.Train.Delay != c.delay || !back.Pipeline.Async() {
+				t.Errorf("%s/%s: round trip gave %+v, %v", c.schedule, c.delay, back, err)
+			}
+		}
+	}
+}
+
+func TestAsyncDefaultsItsDelayAndSyncTextIsUnchanged(t *testing.T) {
+	s := mustParse(t, []byte(base))
+	if s.Pipeline.Async() || s.Train.Delay != "" {
+		t.Fatalf("base: schedule %q, delay %q; want sync, no delay", s.Pipeline.Schedule, s.Train.Delay)
+	}
+	if txt := s.String(); strings.Contains(txt, "schedule") || strings.Contains(txt, "delay") {
+		t.Errorf("a sync spec's text names schedule or delay:\n%s", txt)
+	}
+	if err := s.CheckLive(); err != nil {
+		t.Errorf("CheckLive of a sync spec: %v", err)
+	}
+	src, line := edit(t, "pipeline.in_flight", "0\n  schedule: async")
+	a := mustParse(t, src)
+	if !a.Pipeline.Async() || a.Train.Delay != DefaultDelay {
+		t.Errorf("async without delay: schedule %q, delay %q; want async, %s", a.Pipeline.Schedule, a.Train.Delay, DefaultDelay)
+	}
+	err := a.CheckLive()
+	want := fmt.Sprintf("t.yaml:%d: pipeline.schedule: async runs in `pipeswarm train` only", line+1)
+	if !errors.Is(err, ErrTrainOnly) || !strings.Contains(err.Error(), want) {
+		t.Errorf("CheckLive of an async spec: %v; want ErrTrainOnly containing %q", err, want)
+	}
+}
