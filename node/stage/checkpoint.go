@@ -25,15 +25,16 @@ const (
 	// loop, which owns the sampler, puts it in the first stage's metadata.
 	MetaSampler = "sampler"
 
-	stateAdamStep   = "adam_step"       // metadata: AdamW's step count
-	stateAdamM      = "adam_m"          // AdamW's first moment
-	stateAdamV      = "adam_v"          // AdamW's second moment
+	stateAdamStep   = "adam_step"       // metadata: the update rule's step count (AdamW's, or NAdam's)
+	stateAdamM      = "adam_m"          // its first moment
+	stateAdamV      = "adam_v"          // its second moment
 	stateGlobal     = "global"          // with replicas: the weights the replicas last agreed on
 	stateMomentum   = "outer_momentum"  // with replicas: the outer optimiser's momentum
 	stateOuterRes   = "ef_residual"     // with a lossy outer codec: what this replica's contributions left out
 	stateOuterSteps = "outer_steps"     // metadata: outer steps taken
 	stateInRes      = "in_ef_residual"  // a lossy gradient codec's residual at the boundary with the previous stage
 	stateOutRes     = "out_ef_residual" // the same at the boundary with the next stage
+	statePast       = "past."           // + N, in an async run: the weights as they were N updates ago
 )
 
 // ErrFormat is wrapped by Restore's error for a state file of another format.
@@ -77,6 +78,9 @@ func (u *Unit) Save(p Paths, meta map[string]string) error {
 			ts = append(ts, shard.Named{Name: stateOuterRes, Data: r})
 		}
 		sm[stateOuterSteps] = strconv.Itoa(o.Rounds)
+	}
+	for a, p := range u.past {
+		ts = append(ts, shard.Named{Name: statePast + strconv.Itoa(a+1), Data: p})
 	}
 	if u.markIn != nil {
 		ts = append(ts, shard.Named{Name: stateInRes, Data: u.markIn})
@@ -140,6 +144,11 @@ func (u *Unit) Restore(p Paths) (map[string]string, error) {
 	}
 	if err := u.opt.SetState(steps, m, v); err != nil {
 		return nil, fmt.Errorf("%s: %w", p.State, err)
+	}
+	for a, p := range u.past {
+		if err := get(statePast+strconv.Itoa(a+1), p); err != nil {
+			return nil, err
+		}
 	}
 	if o := u.Outer; o != nil {
 		if err := errors.Join(get(stateGlobal, o.Global), get(stateMomentum, o.Momentum())); err != nil {

@@ -26,7 +26,11 @@ type Unit struct {
 	Out   *Boundary // with the next stage; nil on the last
 	Outer *Outer    // the DiLoCo state; nil without replicas
 
-	opt *optim.AdamW
+	opt rule
+
+	// past[a-1] holds the weights as they were a updates ago, in an async run: the
+	// versions the stage's forwards and backwards may still run on (SetAsync).
+	past [][]float32
 
 	// The boundaries' residuals as Mark kept them: a checkpoint's, of its step's end.
 	markIn, markOut []float32
@@ -76,6 +80,44 @@ func New(sp *spec.Spec, idx int, layers shard.Range, sub *shard.Subspace) (*Unit
 	return u, nil
 }
 
+// rule is the update rule: AdamW, or NAdam for an async run's train.delay: nesterov.
+type rule interface {
+	Step(params, grads []float32, lr float32)
+	Moments() (m, v []float32)
+	StepCount() int
+	SetState(t int, m, v []float32) error
+}
+
+// SetAsync readies the unit for the async schedule, before its first step: it keeps
+// the weights of its last keep updates (the schedule's largest delay for this stage),
+// which Past returns, and with train.delay: nesterov its update rule becomes NAdam
+// with β1 raised from train.beta1 by delay, the stage's mean delay in updates
+// (optim.DelayMomentum).
+func (u *Unit) SetAsync(sp *spec.Spec, keep int, delay float64) error {
+	if keep < 0 || delay < 0 {
+		return fmt.Errorf("stage: async with %d past versions and a delay of %v", keep, delay)
+	}
+	u.past = u.past[:0]
+	for range keep {
+		u.past = append(u.past, make([]float32, len(u.Stage.Params)))
+	}
+	if sp.Train.Delay == spec.DelayNesterov {
+		opt, err := optim.NewNAdam(len(u.Stage.Params), NAdamConfig(sp, u.Stage, delay))
+		if err != nil {
+			return err
+		}
+		u.opt = opt
+	}
+	return nil
+}
+
+// Past returns the weights as they were age updates ago, 1 <= age <= keep (SetAsync),
+// as the unit's own buffer: the caller does not change it.
+func (u *Unit) Past(age int) []float32 { return u.past[age-1] }
+
+// Kept is the memory of the past weight versions the unit holds.
+func (u *Unit) Kept() int64 { return int64(len(u.past)) * int64(len(u.Stage.Params)) * 4 }
+
 // GradSumSquares is the first half of the optimiser step: it projects the gradients
 // into the run's subspace (a no-op without one), so that the norm is of what the
 // optimiser sees, and returns their sum of squares, this stage's share of the global
@@ -94,8 +136,12 @@ func (u *Unit) Update(norm, clip float64, lr float32) {
 	if f := optim.ClipFactor(norm, clip); f != 1 {
 		optim.Scale(st.Grads, f)
 	}
-	// The update rule: another (a delay-corrected one, say) replaces this call and
-	// keeps its state beside the AdamW moments in the checkpoint.
+	if n := len(u.past); n > 0 { // the current weights become one update old
+		last := u.past[n-1]
+		copy(u.past[1:], u.past[:n-1])
+		u.past[0] = last
+		copy(last, st.Params)
+	}
 	u.opt.Step(st.Params, st.Grads, lr)
 	st.ProjectParams()
 }
@@ -114,6 +160,16 @@ func (u *Unit) Mark() {
 		return append(dst[:0], b.Residual()...)
 	}
 	u.markIn, u.markOut = keep(u.markIn, u.In), keep(u.markOut, u.Out)
+}
+
+// NAdamConfig is the delay-corrected update rule of stage s under sp, whose
+// gradients arrive delay updates late on average: NAdam with AdamW's β2 and decoupled
+// weight decay on matrices only, β1 raised from train.beta1 by the delay.
+func NAdamConfig(sp *spec.Spec, s *shard.Stage, delay float64) optim.NAdamConfig {
+	a := AdamWConfig(sp, s)
+	c := optim.DefaultNAdam()
+	c.Beta1, c.Beta2, c.WeightDecay, c.Decay = optim.DelayMomentum(sp.Train.Beta1, delay), a.Beta2, a.WeightDecay, a.Decay
+	return c
 }
 
 // ModelConfig is the shard.Config a spec describes.

@@ -310,3 +310,68 @@ func TestRestoreRefusesACorruptFileAndAnotherFormat(t *testing.T) {
 		t.Errorf("another format: %v, want an error wrapping ErrFormat", err)
 	}
 }
+
+// An async unit keeps the weights of its last updates, newest first, saves and
+// restores them, and with train.delay nesterov steps with NAdam, β1 raised by the
+// delay.
+func TestAsyncUnitKeepsPastVersionsAndStepsWithNAdam(t *testing.T) {
+	src := `name: unit
+seed: 7
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 16}
+pipeline: {stages: 2, micro_batches: 1, schedule: async}
+train: {batch_size: 2, steps: 10, lr: 0.01, warmup: 1, delay: nesterov}
+data: {val_fraction: 0.01}
+`
+	sp := testSpec(t, src)
+	run := pipeline(t, sp)
+	if err := run[0].SetAsync(sp, 2, 0.5); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := run[0].opt.(*optim.NAdam); !ok {
+		t.Fatalf("update rule %T with delay nesterov, want *optim.NAdam", run[0].opt)
+	}
+	if _, ok := run[1].opt.(*optim.AdamW); !ok {
+		t.Fatalf("update rule %T without SetAsync, want *optim.AdamW", run[1].opt)
+	}
+	if c := NAdamConfig(sp, run[0].Stage, 0.5); math.Abs(float64(c.Beta1)-(1-0.1/1.5)) > 1e-7 || c.Beta2 != 0.95 || c.WeightDecay != 0.1 {
+		t.Errorf("NAdam config %+v, want beta1 1-0.1/1.5, beta2 0.95, weight decay 0.1", c)
+	}
+	var versions [][]float32
+	for n := range 3 {
+		versions = append(versions, slices.Clone(run[0].Stage.Params))
+		step(t, sp, run, n)
+	}
+	if !slices.Equal(run[0].Past(1), versions[2]) || !slices.Equal(run[0].Past(2), versions[1]) {
+		t.Fatal("Past(1), Past(2) are not the weights of one and two updates ago")
+	}
+	if got, want := run[0].Kept(), int64(2*len(run[0].Stage.Params)*4); got != want {
+		t.Errorf("Kept() = %d, want %d", got, want)
+	}
+	dir := t.TempDir()
+	for i, u := range run {
+		u.Mark()
+		if err := u.Save(At(dir, Name(i, 0, 1)), map[string]string{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	resumed := pipeline(t, sp)
+	if err := resumed[0].SetAsync(sp, 2, 0.5); err != nil {
+		t.Fatal(err)
+	}
+	for i, u := range resumed {
+		if _, err := u.Restore(At(dir, Name(i, 0, 1))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !slices.Equal(resumed[0].Past(2), versions[1]) {
+		t.Fatal("the restored unit's Past(2) is not the saved one's")
+	}
+	for n := 3; n < 6; n++ {
+		if a, b := step(t, sp, run, n), step(t, sp, resumed, n); a != b {
+			t.Fatalf("step %d: loss %v resumed, %v uninterrupted", n, b, a)
+		}
+	}
+	if !slices.Equal(run[0].Stage.Params, resumed[0].Stage.Params) {
+		t.Error("the resumed unit's weights differ from the uninterrupted one's")
+	}
+}

@@ -22,6 +22,9 @@ type model struct {
 	fwdBytes []int64
 	micro    int
 	sched    optim.Cosine
+	// async, when the pipeline runs the async schedule, says which weight version
+	// each forward and backward runs on.
+	async *asyncState
 }
 
 func newModel(sp *spec.Spec) (*model, error) {
@@ -51,6 +54,11 @@ func newModel(sp *spec.Spec) (*model, error) {
 			m.bounds = append(m.bounds, u.In)
 		}
 		m.tapes = append(m.tapes, u.Stage.NewTape(mb, cfg.SeqLen))
+	}
+	if sp.Pipeline.Async() {
+		if m.async, err = newAsyncState(sp, m.units); err != nil {
+			return nil, err
+		}
 	}
 	return m, nil
 }

@@ -221,6 +221,16 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		"train_tokens", ds.Tokens, "val_tokens", len(valText), "params", m.numParams(),
 		"stages", len(m.stages), "replicas", R, "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep()*R)
 
+	if a := m.async; a != nil {
+		var delays []float64
+		var stashed int64
+		for s, u := range m.units {
+			delays = append(delays, a.sched.Delay(s))
+			stashed += a.Stashed(u)
+		}
+		log.Info("async pipeline", "delay", sp.Train.Delay, "updates_of_delay", delays,
+			"stashed_bytes", stashed, "clip_per_stage", a.clip)
+	}
 	var sync *syncer
 	if R > 1 {
 		sync = newSyncer(sp, reps)
@@ -310,7 +320,12 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 					o.Trace(Op{Replica: r, Stage: stage, Kind: k, Step: step, Item: item, Dur: d, Bytes: b})
 				}
 			}
-			loss, norm := rp.m.step(rp.sampler, inputs, targets, lr, sp.Train.GradClip, tr)
+			var loss, norm float64
+			if rp.m.async != nil {
+				loss, norm = rp.m.asyncStep(step, rp.sampler, inputs, targets, lr, tr)
+			} else {
+				loss, norm = rp.m.step(rp.sampler, inputs, targets, lr, sp.Train.GradClip, tr)
+			}
 			if math.IsNaN(loss) || math.IsInf(loss, 0) {
 				return res, fmt.Errorf("%w at step %d (loss %g, replica %d); try a lower train.lr", ErrDiverged, step, loss, r)
 			}
