@@ -91,6 +91,9 @@ printed beside the profile's figures.
 	if err != nil {
 		return err
 	}
+	if err := sp.CheckLive(); err != nil {
+		return err
+	}
 	if *evalEvery > 0 {
 		sp.EvalInterval = *evalEvery
 		if err := sp.Validate(); err != nil {
