@@ -1395,7 +1395,37 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 	silence.heard(time.Now(), false)
 	check := time.NewTicker(time.Second)
 	defer check.Stop()
+	// nodeLost takes the news that node id's connection closed.
+	nodeLost := func(id peer.ID) error {
+		a := cellOf(plan, id)
+		if a == nil || done[[2]int{a.Stage, a.Replica}] {
+			return nil
+		}
+		if _, ok := broken[a.Replica]; ok {
+			return nil
+		}
+		if handled, err := stopped(a.Stage, a.Replica); handled {
+			return err
+		}
+		return breakPipeline(a.Replica, fmt.Sprintf("the node holding %s (%s) disconnected", cellName(sp, *a), id))
+	}
+	// A node's reports are queued before it has their replies, hence before its
+	// connection can close: a lost node waits here until the reports queued when it was
+	// lost are taken, so that its last ones (the step it stopped after) count first.
+	type lostNode struct {
+		id    peer.ID
+		after int // reports still to take before it
+	}
+	var gone []lostNode
 	for remaining() > 0 {
+		if len(gone) > 0 && gone[0].after <= 0 {
+			id := gone[0].id
+			gone = gone[1:]
+			if err := nodeLost(id); err != nil {
+				return res, err
+			}
+			continue
+		}
 		select {
 		case <-ctx.Done():
 			abort("launcher interrupted")
@@ -1425,23 +1455,11 @@ func watch(ctx context.Context, o LaunchOptions, log *slog.Logger, plan *Plan, r
 				return res, fmt.Errorf("%w: %s", ErrRunFailed, why)
 			}
 		case id := <-lost:
-			a := cellOf(plan, id)
-			if a == nil || done[[2]int{a.Stage, a.Replica}] {
-				continue
-			}
-			if _, ok := broken[a.Replica]; ok {
-				continue
-			}
-			if handled, err := stopped(a.Stage, a.Replica); handled {
-				if err != nil {
-					return res, err
-				}
-				continue
-			}
-			if err := breakPipeline(a.Replica, fmt.Sprintf("the node holding %s (%s) disconnected", cellName(sp, *a), id)); err != nil {
-				return res, err
-			}
+			gone = append(gone, lostNode{id, len(reports)})
 		case r := <-reports:
+			for i := range gone {
+				gone[i].after--
+			}
 			a, ok := plan.cell(r.Stage, r.Replica)
 			if !ok || a.Peer != r.Peer || r.Join != epoch[r.Replica] {
 				continue // not from the peer holding that cell, or from before it rejoined

@@ -334,7 +334,10 @@ func TestAStoppingNodeStopsItsPipelineAfterTheSameStep(t *testing.T) {
 // A pipeline stopped right after an evaluated step, before its evaluation: the step's
 // row is recorded without the validation loss, so a resumed run may continue from it;
 // the resumed run evaluates it again first and the row gets its validation loss, once.
-func TestRunStoppedBeforeAStepsEvaluationResumesFromThatStep(t *testing.T) {
+// pipePlan is a run of one pipeline of 2 stages, 4 steps, evaluated every 2, on
+// made-up peers, and a watch of it that writes to out.
+func pipePlan(t *testing.T, out string) (*Plan, func(*watchRun, *Plan) error) {
+	t.Helper()
 	sp, err := spec.Parse([]byte("name: evalstop\nseed: 1\neval_interval: 2\nmodel: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}\n"+
 		"pipeline: {stages: 2}\ntrain: {batch_size: 4, steps: 4, lr: 0.003}\n"), "evalstop.yaml")
 	if err != nil {
@@ -349,12 +352,16 @@ func TestRunStoppedBeforeAStepsEvaluationResumesFromThatStep(t *testing.T) {
 		id, _ := p2p.PeerID(k)
 		plan.Stages = append(plan.Stages, assign.Assignment{Stage: s, Peer: id.String()})
 	}
-	out := t.TempDir()
-	run := func(w *watchRun, plan *Plan) error {
+	return plan, func(w *watchRun, plan *Plan) error {
 		_, err := watch(context.Background(), LaunchOptions{Spec: sp, OutDir: out}, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
 			func(string) {}, func(int, string) {}, func(int, int) bool { return true }, rejoiner{}, stageOrders{})
 		return err
 	}
+}
+
+func TestRunStoppedBeforeAStepsEvaluationResumesFromThatStep(t *testing.T) {
+	out := t.TempDir()
+	plan, run := pipePlan(t, out)
 
 	w := newWatchRun()
 	for step := 1; step <= 2; step++ {
@@ -400,5 +407,31 @@ func TestRunStoppedBeforeAStepsEvaluationResumesFromThatStep(t *testing.T) {
 	}
 	if want := []string{"1:1:-", "2:2:2.5", "3:3:-", "4:4:4.5"}; !slices.Equal(got, want) {
 		t.Errorf("metrics rows (step:loss:val) %v, want %v", got, want)
+	}
+}
+
+// Every node stopping at once: each stage's reports (its last step) are queued before
+// its connection closes, and the launcher takes them before it counts the node as
+// gone, so the step the pipeline stopped after is recorded, whatever the order the
+// launcher happens to see the two in.
+func TestStoppedNodesLastReportsCountBeforeTheirDisconnect(t *testing.T) {
+	for range 20 {
+		out := t.TempDir()
+		plan, run := pipePlan(t, out)
+		w := newWatchRun()
+		w.report(plan, Report{Stage: 1, Kind: ReportStep, Step: 1, Loss: 1})
+		w.report(plan, Report{Stage: 0, Kind: ReportStopping, Step: 1, Error: "node shutting down"})
+		w.report(plan, Report{Stage: 0, Kind: ReportError, Error: "node shutting down"})
+		w.report(plan, Report{Stage: 1, Kind: ReportError, Error: "node shutting down"})
+		for _, a := range plan.Stages {
+			id, _ := peer.Decode(a.Peer)
+			w.lost <- id
+		}
+		if err := run(w, plan); !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "is stopping") {
+			t.Fatalf("the stopped run's watch returned %v, want ErrRunFailed saying a node is stopping", err)
+		}
+		if got := recordedThrough(filepath.Join(out, train.MetricsFile)); got != 1 {
+			t.Fatalf("recorded through step %d, want 1", got)
+		}
 	}
 }
