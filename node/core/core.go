@@ -18,6 +18,8 @@ import (
 	"fmt"
 	"math"
 	"time"
+
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 )
 
 var sqrt = math.Sqrt
@@ -642,29 +644,21 @@ func (c *Core) needs(s int) bool {
 	return false
 }
 
-// Deadline margins: a stage idle for longer than stallSteps mean steps (or stallMax
-// times its slowest step), plus stallRTTs round trips and 3 s (a loaded machine pauses), is stalled. A
-// slow but steady neighbour only lengthens the steps measured, and the deadline with
-// them; one that stops is found within a few of its usual steps.
-const (
-	stallSteps = 4
-	stallMax   = 2
-	stallRTTs  = 8
-	stallSlack = 3 * time.Second
-)
-
-// Deadline is how long the stage may wait idle for a neighbour now: derived from the
-// step times it has measured and the round trip, or Config.StartTimeout before it has
-// measured a step; 0 means no deadline.
+// Deadline is how long the stage may wait idle for a neighbour now, by the deadline
+// rule (clock.Deadline): what the step times measured lead one to expect
+// (clock.Expect), or Config.StartTimeout before it has measured a step, plus round
+// trips to the farthest neighbour and, once steps are measured, clock.Busy (a loaded
+// machine pauses); 0 means no deadline. A slow but steady neighbour only lengthens the
+// steps measured, and the deadline with them; one that stops is found within a few of
+// its usual steps.
 func (c *Core) Deadline() time.Duration {
 	if c.stepN == 0 {
 		if c.cfg.StartTimeout == 0 {
 			return 0
 		}
-		return c.cfg.StartTimeout + stallRTTs*c.rtt
+		return clock.Deadline(c.cfg.StartTimeout, c.rtt, 0)
 	}
-	mean := c.stepSum / time.Duration(c.stepN)
-	d := max(stallSteps*mean, stallMax*c.stepMax) + stallRTTs*c.rtt + stallSlack
+	d := clock.Deadline(clock.Expect(c.stepSum/time.Duration(c.stepN), c.stepMax), c.rtt, clock.Busy)
 	// What a neighbour sends next may wait for its outer step: in the step after one,
 	// and in the evaluation that follows one.
 	if due := c.cfg.OuterDue; due != nil && ((c.phase == evaluating && due(c.step)) || (c.phase != evaluating && c.step > 1 && due(c.step-1))) {

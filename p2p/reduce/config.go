@@ -7,6 +7,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
 )
 
@@ -22,9 +23,9 @@ const (
 	// DefaultPriorRate is the bytes/s assumed before any round measured
 	// one: slow, so that a first round is not cut short on a slow link.
 	DefaultPriorRate = 1 << 20
-	// DefaultSlack is added to every transfer deadline on top of four
-	// measured round trips: scheduling and GC pauses, and round trips a
-	// mock network cannot measure.
+	// DefaultSlack is the slack of every transfer deadline (clock.Deadline):
+	// scheduling and GC pauses, and round trips a mock network cannot
+	// measure.
 	DefaultSlack = 500 * time.Millisecond
 )
 
@@ -47,8 +48,8 @@ type GroupConfig struct {
 	Codec     codec.Spec // wire encoding of contributions and results
 	MaxValues int        // the largest vector a round may carry; bounds every frame
 
-	// Margin: a peer is given up after Margin × (bytes still to come /
-	// measured rate) + Slack + 4 RTTs without progress. 0 = DefaultMargin;
+	// Margin: a peer is given up after clock.Deadline(Margin × (bytes still
+	// to come / measured rate), RTT, Slack) without progress. 0 = DefaultMargin;
 	// otherwise at least 1.
 	Margin float64
 	// PriorRate is the transfer rate in bytes/s assumed until a round has
@@ -68,8 +69,8 @@ type GroupConfig struct {
 	// else its latest.
 	State func(want uint64) (round uint64, vecs [][]float32)
 
-	// Now is the clock deadlines are measured with; nil = time.Now.
-	Now func() time.Time
+	// Clock is what deadlines are measured and timed with; nil = clock.Real.
+	Clock clock.Clock
 
 	// FaultStallRound is fault injection for tests of the others' fault handling:
 	// in this round the member stops just before publishing the chunks it owns, as
@@ -127,8 +128,6 @@ func (c GroupConfig) withDefaults() GroupConfig {
 	if c.Slack == 0 {
 		c.Slack = DefaultSlack
 	}
-	if c.Now == nil {
-		c.Now = time.Now
-	}
+	c.Clock = clock.Or(c.Clock)
 	return c
 }

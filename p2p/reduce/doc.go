@@ -44,8 +44,9 @@
 // has arrived, the deadline comes from measurement: with B the bytes still
 // to come from all members this round, r the transfer rate measured this
 // round (bytes received over the time since the first frame; else the
-// previous round's; else GroupConfig.PriorRate) and slack =
-// GroupConfig.Slack + 4 × the largest peerstore RTT, a member owing us
+// previous round's; else GroupConfig.PriorRate) and slack the deadline
+// rule's (clock.Deadline: GroupConfig.Slack + clock.RTTs × the largest
+// peerstore RTT), a member owing us
 // contribution pieces is given up Margin·B/r + slack after the last
 // progress (a frame or a membership change). A member owing us its result
 // gets twice that, and never less than arriveBy + Margin·B/r + slack,

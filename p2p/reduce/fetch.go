@@ -151,11 +151,11 @@ func (g *Group) FetchStateAt(ctx context.Context, want uint64) (round uint64, ve
 	if !g.deliver(evFetched{round: r, live: live, reply: acked}) {
 		return 0, nil, ErrClosed
 	}
-	timer := time.NewTimer(g.fetchStall())
+	timer := g.cfg.Clock.NewTimer(g.fetchStall())
 	defer timer.Stop()
 	select {
 	case <-acked:
-	case <-timer.C:
+	case <-timer.C():
 		g.log.Info("rejoined without every member's acknowledgement", "round", r)
 	case <-ctx.Done():
 		return 0, nil, fmt.Errorf("reduce: fetch state: %w", ctx.Err())
@@ -223,7 +223,7 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 	stall := g.fetchStall()
 	infos := map[int]*stateInfo{}
 	answered := uint64(0)
-	timer := time.NewTimer(stall)
+	timer := g.cfg.Clock.NewTimer(stall)
 	defer timer.Stop()
 	for answered|reg.gone() != mask {
 		select {
@@ -251,7 +251,7 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 			}
 			answered |= bit(ff.from)
 		case <-reg.downCh:
-		case <-timer.C:
+		case <-timer.C():
 			if len(infos) == 0 {
 				return 0, 0, nil, rep, fmt.Errorf("no member described its state within %v", stall)
 			}
@@ -340,7 +340,7 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 			load[to]++
 			ask[to] = append(ask[to], pc)
 			if len(owed[to]) == 0 {
-				owed[to], last[to] = map[piece]bool{}, time.Now()
+				owed[to], last[to] = map[piece]bool{}, g.cfg.Clock.Now()
 			}
 			owed[to][pc] = true
 		}
@@ -383,7 +383,7 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 		rep.Resent += len(ps)
 		return assign(ps)
 	}
-	check := time.NewTicker(max(stall/4, 10*time.Millisecond))
+	check := g.cfg.Clock.NewTicker(max(stall/4, 10*time.Millisecond))
 	defer check.Stop()
 	for {
 		outstanding := 0
@@ -417,7 +417,7 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 				copy(vecs[pc.i][h.offset:], ff.f.vals)
 				delete(owed[s], pc)
 				rep.Pieces[g.peerAt(s)]++
-				last[s] = time.Now()
+				last[s] = g.cfg.Clock.Now()
 			case typeStatePiecesEnd:
 				// Frames come in order: every piece of the request it ends is in.
 				short := -1
@@ -449,9 +449,9 @@ func (g *Group) fetchMany(ctx context.Context, cands []int, want uint64) (r, liv
 					}
 				}
 			}
-		case <-check.C:
+		case <-check.C():
 			for s := range owed {
-				if len(owed[s]) > 0 && time.Since(last[s]) > stall {
+				if len(owed[s]) > 0 && g.cfg.Clock.Since(last[s]) > stall {
 					if err := giveUp(s, fmt.Sprintf("nothing for %v", stall)); err != nil {
 						return 0, 0, nil, rep, err
 					}
@@ -481,7 +481,7 @@ func (g *Group) fetchFrom(ctx context.Context, p int, want uint64) (r uint64, li
 		return 0, 0, nil, ErrClosed
 	}
 	stall := g.fetchStall()
-	timer := time.NewTimer(stall)
+	timer := g.cfg.Clock.NewTimer(stall)
 	defer timer.Stop()
 	var lens []int
 	first := true
@@ -490,7 +490,7 @@ func (g *Group) fetchFrom(ctx context.Context, p int, want uint64) (r uint64, li
 		select {
 		case ff := <-reg.frames:
 			f = ff.f
-		case <-timer.C:
+		case <-timer.C():
 			return 0, 0, nil, fmt.Errorf("nothing for %v", stall)
 		case <-reg.downCh:
 			return 0, 0, nil, errors.New("member went down")

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 )
 
 var (
@@ -210,7 +211,7 @@ func call[T any](ctx context.Context, g *Group, ev event, reply chan T) (T, erro
 // without us or no longer count us in; FetchState then makes us a member
 // again. Rounds must increase from call to call.
 func (g *Group) AllReduce(ctx context.Context, round uint64, y []float32, arrive time.Duration) (*Result, error) {
-	start := g.cfg.Now()
+	start := g.cfg.Clock.Now()
 	if len(y) > g.cfg.MaxValues {
 		return nil, fmt.Errorf("reduce: round %d: %d values exceed MaxValues %d", round, len(y), g.cfg.MaxValues)
 	}
@@ -309,13 +310,13 @@ type roundReply struct {
 // loop owns the group's state until Close.
 func (g *Group) loop() {
 	defer close(g.done)
-	timer := time.NewTimer(time.Hour)
+	timer := g.cfg.Clock.NewTimer(time.Hour)
 	timer.Stop()
 	for {
 		select {
 		case ev := <-g.events:
 			g.handle(ev)
-		case <-timer.C:
+		case <-timer.C():
 			g.onTimer()
 		case <-g.quit:
 			if rs := g.cur; rs != nil && rs.reply != nil {
@@ -328,7 +329,7 @@ func (g *Group) loop() {
 			g.wakeAt = time.Time{}
 		} else {
 			g.wakeAt = next
-			timer.Reset(max(0, next.Sub(g.cfg.Now())))
+			timer.Reset(max(0, next.Sub(g.cfg.Clock.Now())))
 		}
 	}
 }
@@ -651,8 +652,9 @@ func (g *Group) onFetched(r uint64, live uint64, reply chan struct{}) {
 	g.log.Info("state fetched; rejoining", "round", r, "live", fmt.Sprintf("%#x", g.live))
 }
 
-// slack is what every transfer deadline adds to the expected time: the
-// configured Slack plus four of the largest measured round trip.
+// slack is what every transfer deadline adds to the expected time:
+// clock.Deadline's round trips (to the farthest member) and the configured
+// Slack.
 func (g *Group) slack() time.Duration {
 	var rtt time.Duration
 	ps := g.svc.h.Peerstore()
@@ -661,11 +663,11 @@ func (g *Group) slack() time.Duration {
 			rtt = max(rtt, ps.LatencyEWMA(id))
 		}
 	}
-	return g.cfg.Slack + 4*rtt
+	return clock.Deadline(0, rtt, g.cfg.Slack)
 }
 
 func (g *Group) onTimer() {
-	now := g.cfg.Now()
+	now := g.cfg.Clock.Now()
 	// Woken much later than asked: this process was paused or starved, so
 	// nothing can be concluded about the peers yet. Give them a slack
 	// period to be heard before giving up on anyone.

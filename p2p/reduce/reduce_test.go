@@ -433,13 +433,14 @@ func TestStalledMemberIsExcluded(t *testing.T) {
 			if len(res.Missing) != 1 || res.Missing[0] != v {
 				t.Errorf("missing %v, want [%d]", res.Missing, v)
 			}
-			// arrive, plus slack and margin: far below a minute.
-			if elapsed > 5*time.Second {
+			// arrive, plus the deadline rule's slack and round trips (which a
+			// loaded machine measures long), and margin: far below a minute.
+			if elapsed > 15*time.Second {
 				t.Errorf("round with a stalled member took %v", elapsed)
 			}
 			start = time.Now()
 			out = cl.run(ctx, 2, ys, time.Minute, live)
-			if d := time.Since(start); d > 5*time.Second {
+			if d := time.Since(start); d > 15*time.Second {
 				t.Errorf("next round took %v: it waited for the excluded member", d)
 			}
 			res = checkSurvivors(t, c, ys, out, live)

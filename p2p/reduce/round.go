@@ -100,7 +100,7 @@ func (g *Group) startRound(req *startReq) {
 	}
 	g.live |= bit(g.self)
 	R := g.R
-	now := g.cfg.Now()
+	now := g.cfg.Clock.Now()
 	rs := &round{
 		id: req.round, n: req.n, chunks: Chunks(req.n, R, g.lim.align), np: make([]int, R),
 		start: req.start, arriveBy: now.Add(req.arrive + g.slack()),
@@ -173,7 +173,7 @@ func (g *Group) receive(rs *round, ev evFrame) {
 		g.advance(rs)
 		return
 	}
-	now := g.cfg.Now()
+	now := g.cfg.Clock.Now()
 	size := ev.f.wireSize()
 	if rs.frames == 0 {
 		rs.firstRecv, rs.firstBytes = now, size
@@ -342,7 +342,7 @@ func (g *Group) checkDone(rs *round) {
 	res := &Result{
 		Round: rs.id, Own: rs.own, Avg: make([]float32, rs.n), Chunks: make([]ChunkResult, len(rs.chunks)),
 		Missing: members(^rs.alive() & (bit(g.R-1)<<1 - 1)),
-		Sent:    rs.sent, Received: rs.recv, Duration: g.cfg.Now().Sub(rs.start),
+		Sent:    rs.sent, Received: rs.recv, Duration: g.cfg.Clock.Now().Sub(rs.start),
 	}
 	for c, ch := range rs.chunks {
 		ps := rs.res[c][owners[c]]
@@ -370,7 +370,7 @@ func (g *Group) checkDone(rs *round) {
 func (g *Group) markMissing(rs *round, m int, why error, ours bool) {
 	rs.missing |= bit(m)
 	g.live &^= bit(m)
-	rs.progress = g.cfg.Now()
+	rs.progress = g.cfg.Clock.Now()
 	g.log.Info("member missing", "round", rs.id, "member", m, "why", why)
 	if !ours {
 		return
@@ -413,7 +413,7 @@ func (g *Group) checkDeadlines() time.Time {
 		if rs == nil || rs.done {
 			return time.Time{}
 		}
-		now := g.cfg.Now()
+		now := g.cfg.Clock.Now()
 		if now.Before(rs.graceUntil) {
 			return rs.graceUntil
 		}
