@@ -1,11 +1,18 @@
 package membership
 
-import "time"
+import (
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
+)
 
 // silenceClock measures the time between the reports a launcher gets, and says when
-// silence has lasted far longer than that: 10 mean steps or 3 of the longest gap seen
-// (which includes evaluations), plus 5 s; before two steps are measured, or while an
-// evaluation is under way, at least the staffing timeout.
+// silence has lasted far longer than that, by the deadline rule (clock.Deadline): the
+// gaps measured stretched by clock.Outwait (the longest gap includes evaluations; the
+// stages judge each other by the narrower clock.Expect, so they report a stall first),
+// plus clock.Busy, and no round trips (the gaps measured include the reports' way
+// here); before two steps are measured, or while an evaluation is under way, at least
+// the staffing timeout.
 type silenceClock struct {
 	staff          time.Duration
 	last, lastStep time.Time
@@ -44,7 +51,7 @@ func (c *silenceClock) heard(now time.Time, step bool) {
 func (c *silenceClock) overdue(now time.Time, evaluating bool) (quiet, deadline time.Duration) {
 	deadline = 2 * c.staff
 	if c.steps >= 2 {
-		deadline = max(10*c.sum/time.Duration(c.steps), 3*c.longest) + 5*time.Second + 3*c.outerGap + 4*c.syncMax
+		deadline = clock.Deadline(clock.Outwait(c.sum/time.Duration(c.steps), c.longest)+3*c.outerGap+4*c.syncMax, 0, clock.Busy)
 		if evaluating {
 			deadline = max(deadline, c.staff)
 		}

@@ -121,6 +121,9 @@ func TestDeadlineRule(t *testing.T) {
 	if got, want := Deadline(8*time.Second, 50*time.Millisecond, Busy), 8*time.Second+400*time.Millisecond+5*time.Second; got != want {
 		t.Fatalf("Deadline = %v, want %v", got, want)
 	}
+	if got, want := Outwait(time.Second, 5*time.Second), 15*time.Second; got != want {
+		t.Fatalf("Outwait(1s, 5s) = %v, want %v (three times the slowest)", got, want)
+	}
 	if Or(nil) != Real {
 		t.Fatal("Or(nil) is not Real")
 	}

@@ -31,6 +31,12 @@ const (
 	MeanTimes    = 4
 	SlowestTimes = 2
 
+	// OutwaitMeans and OutwaitSlowest are a wider stretch (Outwait) for a watcher that
+	// oversees waits judged by Expect (the launcher over the stages), so that those find
+	// a stall and report it before the watcher gives up on them all.
+	OutwaitMeans   = 10
+	OutwaitSlowest = 3
+
 	// Busy is the slack where the peer may be busy computing: a node whose compute
 	// saturates its cores can hold a reply back for seconds.
 	Busy = 5 * time.Second
@@ -49,4 +55,10 @@ func Deadline(expected, rtt, slack time.Duration) time.Duration {
 // expect of the next: max(MeanTimes × mean, SlowestTimes × slowest).
 func Expect(mean, slowest time.Duration) time.Duration {
 	return max(MeanTimes*mean, SlowestTimes*slowest)
+}
+
+// Outwait is Expect's wider counterpart for a watcher of peers that judge each other
+// by Expect: max(OutwaitMeans × mean, OutwaitSlowest × slowest).
+func Outwait(mean, slowest time.Duration) time.Duration {
+	return max(OutwaitMeans*mean, OutwaitSlowest*slowest)
 }
