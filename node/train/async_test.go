@@ -61,9 +61,18 @@ func TestAsyncDelayHandlingsDiffer(t *testing.T) {
 // An async run stopped and resumed takes the uninterrupted run's steps bit for bit:
 // the checkpoint holds the past weight versions the next forwards and backwards use.
 func TestAsyncResumeTakesTheSameSteps(t *testing.T) {
+	cases := map[string]string{}
 	for _, delay := range []string{"none", "stash", "nesterov"} {
-		t.Run(delay, func(t *testing.T) {
-			sp := testSpec(t, asyncSpec(delay))
+		cases[delay] = asyncSpec(delay)
+	}
+	// Replicas with overlapped outer steps of two fragments, a subspace and lossy
+	// boundaries: the past versions include the weights outer steps gave.
+	cases["nesterov, replicas, fragments, subspace, lossy boundaries"] = strings.Replace(strings.Replace(replicaSpec,
+		"replicas: 2}", "replicas: 2, schedule: async}", 1), "sync: int8/32}",
+		"sync: int8/32, fragments: 2}\ncompression: {subspace: 8, gradients: int8/32}", 1)
+	for name, src := range cases {
+		t.Run(name, func(t *testing.T) {
+			sp := testSpec(t, src)
 			sp.Train.Steps = 8
 			full := t.TempDir()
 			if _, err := Run(context.Background(), Options{Spec: sp, OutDir: full}); err != nil {
@@ -85,9 +94,9 @@ func TestAsyncResumeTakesTheSameSteps(t *testing.T) {
 				OnStep: func(s metrics.Step) { got = append(got, s.Loss) }}); err != nil {
 				t.Fatal(err)
 			}
-			want := losses(t, sp)
-			if fmt.Sprint(got) != fmt.Sprint(want[3:]) {
-				t.Errorf("resumed losses %v, uninterrupted %v", got, want[3:])
+			want := losses(t, sp)[3*sp.Pipeline.Replicas:] // a row per replica and step
+			if fmt.Sprint(got) != fmt.Sprint(want) {
+				t.Errorf("resumed losses %v, uninterrupted %v", got, want)
 			}
 			a, _ := os.ReadFile(filepath.Join(part, CheckpointFile))
 			b, _ := os.ReadFile(filepath.Join(full, CheckpointFile))
