@@ -8,11 +8,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 )
 
 // A report states what limits its figures, in report.md and report.json: a link
@@ -49,7 +49,7 @@ train: {batch_size: 1, steps: 40, lr: 0.001, warmup: 0}
 			{From: "s0r0", To: "s1r0", ProfileMbps: 100, MeasuredMbps: 113.3, ReverseMbps: 24.7, ProfileRTTMs: 50, MeasuredRTTMs: 51},
 			{From: "s1r0", To: "s2r0", ProfileMbps: 100, MeasuredMbps: 98, ReverseMbps: 104, ProfileRTTMs: 50, MeasuredRTTMs: 50.4},
 		},
-		times: []node.StageTime{{Stage: 3, WallS: 10, Seconds: map[string]float64{"compute": 4, "bubble": 4.81, "norm": 0.05},
+		times: []wire.StageTime{{Stage: 3, WallS: 10, Seconds: map[string]float64{"compute": 4, "bubble": 4.81, "norm": 0.05},
 			Spans: []core.Span{{Step: 2, Wait: core.WaitBubble, Start: time.Second, End: 2 * time.Second}}}}}
 	r := build(Options{Mode: ModeSim, Threads: 1, ComputeScale: 1, Profile: &Profile{Name: "home", BandwidthMbps: 100, LatencyMs: 25}}, sp, b, out)
 

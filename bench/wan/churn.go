@@ -7,7 +7,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 )
@@ -105,7 +105,7 @@ type ChurnFigures struct {
 	OuterStepsTaken        int `json:"outer_steps_taken"`
 }
 
-func churnFigures(sp *spec.Spec, fired []Churn, res *node.LaunchResult, steps []metrics.Step, outers []metrics.Outer) *ChurnFigures {
+func churnFigures(sp *spec.Spec, fired []Churn, res *launcher.Result, steps []metrics.Step, outers []metrics.Outer) *ChurnFigures {
 	if len(fired) == 0 {
 		return nil
 	}

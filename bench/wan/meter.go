@@ -6,10 +6,10 @@ import (
 	"math"
 	"time"
 
-	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 )
 
 // normBytes is what a gradient-norm control message costs on the wire (framing,
@@ -130,7 +130,7 @@ func Meter(sp *spec.Spec, tr *Trace, prof *Profile, scale float64) (*Schedule, e
 	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
 	m := &meter{sp: sp, tr: tr, prof: prof, scale: scale, links: map[[2]*mnode]time.Duration{}, groups: map[[2]int]*syncGroup{},
 		sched: &Schedule{StepEnd: make([]time.Duration, sp.Train.Steps), EvalEnd: map[int]time.Duration{}}}
-	lo, hi := node.TimelineSteps(sp.Train.Steps)
+	lo, hi := wire.TimelineSteps(sp.Train.Steps)
 	evalN := 0
 	for k := range tr.ops {
 		if k.kind == train.OpEval && k.rep == 0 && k.stage == 0 {

@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/bench/netns"
-	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/p2p"
@@ -215,13 +215,13 @@ func runNetns(ctx context.Context, o Options) (*outcome, error) {
 	if launch.ProcessState == nil || !launch.ProcessState.Success() {
 		return nil, fmt.Errorf("wan: netns: the launcher failed: %s", tail(filepath.Join(logDir, "launcher.log")))
 	}
-	rb, err := os.ReadFile(filepath.Join(swarmDir, node.ResultFile))
+	rb, err := os.ReadFile(filepath.Join(swarmDir, launcher.ResultFile))
 	if err != nil {
 		return nil, fmt.Errorf("wan: netns: %w", err)
 	}
-	var res node.LaunchResult
+	var res launcher.Result
 	if err := json.Unmarshal(rb, &res); err != nil {
-		return nil, fmt.Errorf("wan: netns: %s: %w", node.ResultFile, err)
+		return nil, fmt.Errorf("wan: netns: %s: %w", launcher.ResultFile, err)
 	}
 	return launched(sp, swarmDir, &res, measured, nil, churn.fired())
 }

@@ -13,10 +13,10 @@ import (
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/bench"
-	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
@@ -172,7 +172,7 @@ type outcome struct {
 	tokens    int64
 	fwd, bwd  []int64 // per boundary, replica 0
 	syncs     []SyncFigures
-	times     []node.StageTime
+	times     []wire.StageTime
 	sends     map[[2]int][]core.Span // (stage, replica) → link busy (meter)
 	links     []LinkFigures
 	loopback  float64 // tokens/s on an ideal network (meter)

@@ -11,11 +11,11 @@ import (
 	"slices"
 	"time"
 
-	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 )
 
 // Modes.
@@ -194,7 +194,7 @@ func runMeter(o Options, b *Baseline) (*outcome, error) {
 	}
 	for r, row := range sc.Ledgers {
 		for s, l := range row {
-			t := node.NewStageTime(l)
+			t := wire.NewStageTime(l)
 			t.Stage, t.Replica = s, r
 			out.times = append(out.times, *t)
 			out.sends[[2]int{s, r}] = sc.Sends[r][s]

@@ -13,9 +13,10 @@ import (
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/peer"
 
-	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/config"
+	"github.com/pipeswarm/pipeswarm/node/daemon"
+	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/probe"
@@ -62,7 +63,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		cancel()
 		wg.Wait()
 	}()
-	daemons := make([]*node.Daemon, len(grid))
+	daemons := make([]*daemon.Daemon, len(grid))
 	listens := make([]string, len(grid))
 	trs := make([][]libp2p.Option, len(grid))
 	var started []simNode // every daemon started, restarted ones too: each has its own penalty record
@@ -81,7 +82,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		}
 		cfg := &config.Config{DataDir: filepath.Join(dirs, cell), Listen: listen, Trust: []string{lid.String()}}
 		cfg.EnsureDefaults()
-		d, err := node.NewDaemon(ctx, cfg, nlog.With("node", cell), func(h *p2p.HostOptions) {
+		d, err := daemon.New(ctx, cfg, nlog.With("node", cell), func(h *p2p.HostOptions) {
 			// Simulated links: no NAT to find out about or traverse.
 			h.Transports, h.Reachability, h.HolePunch, h.PortMap, h.Relays = tr, false, false, false, nil
 		})
@@ -161,7 +162,7 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 		o.OnNote(fmt.Sprintf("churn %s: no such cell in this run", c))
 	}}
 	swarmDir := filepath.Join(o.OutDir, "swarm")
-	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: lkey, Peers: addrs, Listen: llisten, Transports: ltr,
+	res, err := launcher.Launch(ctx, launcher.Options{Spec: sp, Key: lkey, Peers: addrs, Listen: llisten, Transports: ltr,
 		OutDir: swarmDir, Log: o.Log.With("sys", "launch"),
 		OnPlan: func(plan []assign.Assignment) {
 			for _, a := range plan {
@@ -195,12 +196,12 @@ func runSim(ctx context.Context, o Options) (*outcome, error) {
 // simNode is a daemon of a sim run and the cell whose link it has.
 type simNode struct {
 	cell string
-	d    *node.Daemon
+	d    *daemon.Daemon
 }
 
 // measureSim measures a chain of links between the nodes (node i−1 ↔ node i, and
 // every node whose link is overridden against node 0), at most maxMeasured.
-func measureSim(ctx context.Context, o Options, grid [][2]int, daemons []*node.Daemon, addrs []string) ([]LinkFigures, error) {
+func measureSim(ctx context.Context, o Options, grid [][2]int, daemons []*daemon.Daemon, addrs []string) ([]LinkFigures, error) {
 	var pairs [][2]int
 	for i := 1; i < len(grid) && len(pairs) < maxMeasured; i++ {
 		pairs = append(pairs, [2]int{i - 1, i})

@@ -4,7 +4,7 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 )
 
@@ -64,7 +64,7 @@ func overRun(sp *spec.Spec, bytes []int64, steps []int) []int64 {
 }
 
 // launched turns a launched run's result and metrics into an outcome.
-func launched(sp *spec.Spec, dir string, res *node.LaunchResult, links []LinkFigures, notes []string, fired []Churn) (*outcome, error) {
+func launched(sp *spec.Spec, dir string, res *launcher.Result, links []LinkFigures, notes []string, fired []Churn) (*outcome, error) {
 	steps, outers, err := metricsOf(dir)
 	if err != nil {
 		return nil, err

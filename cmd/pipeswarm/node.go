@@ -13,10 +13,11 @@ import (
 	"strings"
 	"time"
 
-	"github.com/pipeswarm/pipeswarm/node"
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/config"
+	"github.com/pipeswarm/pipeswarm/node/daemon"
 	"github.com/pipeswarm/pipeswarm/node/datadir"
+	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
@@ -214,7 +215,7 @@ its launcher. Flags override the config file (see examples/node.yaml).`, stderr)
 	if err := useGEMM(cfg.GEMM, log); err != nil {
 		return err
 	}
-	d, err := node.NewDaemon(ctx, cfg, log)
+	d, err := daemon.New(ctx, cfg, log)
 	if err != nil {
 		return err
 	}
@@ -377,7 +378,7 @@ workspace) and node, then exits without training: 0 if every stage fits a node.
 	created := !exists(dir)
 	log := base.With("sys", "launch")
 	prog := newProgress(stderr, sp.Train.Steps, *quiet)
-	res, err := node.Launch(ctx, node.LaunchOptions{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log, Resume: *resume,
+	res, err := launcher.Launch(ctx, launcher.Options{Spec: sp, Key: key, Peers: addrs, OutDir: *out, Log: log, Resume: *resume,
 		OnStep: prog.step, OnPlan: func(as []assign.Assignment) {
 			for _, a := range as {
 				cell := fmt.Sprintf("stage %d", a.Stage)
@@ -406,7 +407,7 @@ workspace) and node, then exits without training: 0 if every stage fits a node.
 	if res != nil && res.Steps > 0 {
 		printLaunchSummary(stdout, sp, res, *out)
 	}
-	if res != nil && res.Steps > 0 && (errors.Is(err, context.Canceled) || errors.Is(err, node.ErrStageDown)) {
+	if res != nil && res.Steps > 0 && (errors.Is(err, context.Canceled) || errors.Is(err, launcher.ErrStageDown)) {
 		fmt.Fprintf(stderr, "resume with: %s\n", resumeCommand("launch", args, *out))
 	}
 	return err
@@ -444,13 +445,13 @@ prune refuses a directory a node is running on.`, stderr)
 		return fmt.Errorf("node prune: %w (a running node prunes by itself: keep_runs, --keep-runs)", err)
 	}
 	defer dir.Close()
-	done, err := node.PruneRuns(dir.Path, *keep, nil)
+	done, err := daemon.PruneRuns(dir.Path, *keep, nil)
 	var freed int64
 	for _, f := range done {
 		freed += f.Bytes
 		fmt.Fprintf(stdout, "removed run %s (%s, last written %s)\n", f.ID, assign.FormatBytes(f.Bytes), f.Written.Format(time.DateTime))
 	}
-	left, lerr := node.RunFolders(dir.Path)
+	left, lerr := daemon.RunFolders(dir.Path)
 	fmt.Fprintf(stdout, "pruned %d run folder(s), freed %s; %d kept\n", len(done), assign.FormatBytes(freed), len(left))
 	return errors.Join(err, lerr)
 }
@@ -458,7 +459,7 @@ prune refuses a directory a node is running on.`, stderr)
 // printLaunchSummary prints what a launched run did: its figures are this launch's
 // own (the steps it took, their tokens, time and traffic), whether it ran the
 // whole run, went on from an earlier launch, or stopped early.
-func printLaunchSummary(w io.Writer, sp *spec.Spec, res *node.LaunchResult, out string) {
+func printLaunchSummary(w io.Writer, sp *spec.Spec, res *launcher.Result, out string) {
 	what := fmt.Sprintf("%d steps", res.StepsRun)
 	if res.FromStep > 0 || res.StepsRun != res.Steps {
 		var notes []string
@@ -631,7 +632,7 @@ consents (its config's export: allow, the default; --export on the node).`, stde
 	if err != nil {
 		return err
 	}
-	res, err := node.Export(ctx, node.ExportOptions{Key: key, Peers: addrs, RunDir: pos[0], Log: log.With("sys", "export")})
+	res, err := launcher.Export(ctx, launcher.ExportOptions{Key: key, Peers: addrs, RunDir: pos[0], Log: log.With("sys", "export")})
 	if err != nil {
 		return err
 	}
@@ -649,11 +650,11 @@ func peerAddrs(vals []string) ([]string, error) {
 	for _, v := range vals {
 		st, err := os.Stat(v)
 		if err != nil {
-			_, aerr := node.CheckPeerAddr(v)
+			_, aerr := launcher.CheckPeerAddr(v)
 			switch {
 			case aerr == nil:
 				out = append(out, v)
-			case errors.Is(aerr, node.ErrNotMultiaddr):
+			case errors.Is(aerr, launcher.ErrNotMultiaddr):
 				return nil, fmt.Errorf("--peer %s: no such file, and %v", v, aerr)
 			default:
 				return nil, fmt.Errorf("--peer %w", aerr)
@@ -679,7 +680,7 @@ func peerAddrs(vals []string) ([]string, error) {
 		if first == "" {
 			return nil, fmt.Errorf("--peer %s: %s holds no address (a node writes its addresses there once it listens)", v, path)
 		}
-		if _, err := node.CheckPeerAddr(first); err != nil {
+		if _, err := launcher.CheckPeerAddr(first); err != nil {
 			return nil, fmt.Errorf("--peer %s: the first line of %s: %w", v, path, err)
 		}
 		out = append(out, first)

@@ -8,13 +8,13 @@ import (
 	"path/filepath"
 	"slices"
 
-	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/train"
 )
 
 // runFiles are the files train and launch write into a run's directory.
 var runFiles = []string{train.MetricsFile, train.SpecFile, train.CheckpointFile, train.HFConfigFile, train.TokenizerFile, train.PlotFile,
-	node.RunFile, node.ResultFile}
+	launcher.RunFile, launcher.ResultFile}
 
 // removeRunFiles removes the files train and launch write into dir: runFiles and
 // train's stage checkpoints.
@@ -35,7 +35,7 @@ func removeRunFiles(dir string) error {
 // holdsRun says which file of a run dir holds, "" if none: a directory that holds a
 // run is never written over unasked.
 func holdsRun(dir string) string {
-	for _, f := range []string{train.MetricsFile, train.SpecFile, node.RunFile} {
+	for _, f := range []string{train.MetricsFile, train.SpecFile, launcher.RunFile} {
 		if _, err := os.Stat(filepath.Join(dir, f)); err == nil {
 			return filepath.Join(dir, f)
 		}

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/pipeswarm/pipeswarm/node"
+	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 )
@@ -140,10 +140,10 @@ func TestLaunchSummaryListsEveryReplicasCheckpoints(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	res := &node.LaunchResult{RunID: 1, Steps: 8, Loss: 5, ValLoss: math.NaN(), StepsRun: 8, TokensRun: 2 * 8 * 128, TimeRun: 1500 * time.Millisecond,
+	res := &launcher.Result{RunID: 1, Steps: 8, Loss: 5, ValLoss: math.NaN(), StepsRun: 8, TokensRun: 2 * 8 * 128, TimeRun: 1500 * time.Millisecond,
 		BoundaryFwd: []int64{8 * 128 * 514}, BoundaryBwd: []int64{8 * 128 * 512}, BoundaryFwdSteps: []int{8}, BoundaryBwdSteps: []int{8}, SyncBytes: [][]int64{{1, 2}, {3, 4}},
 		Checkpoints: [][]string{{"/n0/stage-0-replica-0.safetensors", "/n1/stage-1-replica-0.safetensors"}, {"/n2/stage-0-replica-1.safetensors", ""}},
-		Pauses:      []node.Pause{{Why: "stage 1 gone", Recorded: 8}}}
+		Pauses:      []launcher.Pause{{Why: "stage 1 gone", Recorded: 8}}}
 	var b bytes.Buffer
 	printLaunchSummary(&b, sp, res, "runs/x")
 	got := b.String()

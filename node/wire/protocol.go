@@ -1,60 +1,65 @@
-package node
+// Package wire holds what the nodes and the launcher of a run say to each other, and
+// the types both sides share: the signed run plan (Plan, DataPlan, JoinPlan,
+// ResumePlan), control messages and their replies (Msg, Reply) with the call that
+// carries them (Call, CallClock), stage reports (Report, OuterReport, StageTime),
+// heartbeats, the checkpoints a node holds (Held), export requests, and how cells and
+// divergence are named.
+//
+// Control messages are length-prefixed JSON on p2p.ProtoControl, one request and one
+// reply per stream; gossipsub carries heartbeats and run announcements only.
+package wire
 
 import (
-	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sync"
 	"time"
-
-	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/core"
+	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
-	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
 // Control message types on p2p.ProtoControl: one request and one reply per stream.
 const (
-	msgOffer  = "offer"  // launcher → node: what can you hold?
-	msgAssign = "assign" // launcher → node: a signed run plan
-	msgStart  = "start"  // launcher → node: every stage is staffed; go
-	msgAbort  = "abort"  // launcher → node: drop the run
-	msgNorm   = "norm"   // stage → stage: gradient sum of squares for a step
-	msgReport = "report" // node → launcher: progress
-	msgIdle   = "idle"   // launcher → node: your replica pipeline is broken; stop and keep your state
+	MsgOffer  = "offer"  // launcher → node: what can you hold?
+	MsgAssign = "assign" // launcher → node: a signed run plan
+	MsgStart  = "start"  // launcher → node: every stage is staffed; go
+	MsgAbort  = "abort"  // launcher → node: drop the run
+	MsgNorm   = "norm"   // stage → stage: gradient sum of squares for a step
+	MsgReport = "report" // node → launcher: progress
+	MsgIdle   = "idle"   // launcher → node: your replica pipeline is broken; stop and keep your state
 	// launcher → node: a cell of another replica pipeline passed to a new node (one
 	// that took the place of a node gone); the stage's all-reduce counts it in.
-	msgReplace = "replace"
+	MsgReplace = "replace"
 	// launcher → node: checkpoint at step Step too (the time rule, turned into a step
 	// every stage takes); refused if this stage has done that step already.
-	msgCheckpoint = "checkpoint"
+	MsgCheckpoint = "checkpoint"
 	// launcher → node: every metrics row up to step Step, a checkpoint step, is
 	// recorded; older checkpoints will not be resumed from.
-	msgRecorded = "recorded"
+	MsgRecorded = "recorded"
 	// launcher → node: stop after step Step, keeping its checkpoint (Reason says why).
-	msgStopAt = "stop-at"
+	MsgStopAt = "stop-at"
 	// launcher → node: Cell, of another replica pipeline, is broken (Reason says why);
 	// the stage's all-reduce goes on without it at once, the round in progress too.
-	msgDrop = "drop"
+	MsgDrop = "drop"
 )
 
-type ctlMsg struct {
+type Msg struct {
 	Type   string             `json:"type"`
 	Run    uint64             `json:"run,omitempty"`
 	Signed *p2p.Signed        `json:"signed,omitempty"`
-	Norm   *normMsg           `json:"norm,omitempty"`
+	Norm   *Norm              `json:"norm,omitempty"`
 	Report *Report            `json:"report,omitempty"`
 	Reason string             `json:"reason,omitempty"`
 	Spec   string             `json:"spec,omitempty"` // an offer request for a resumed run: its spec
-	Cell   *assign.Assignment `json:"cell,omitempty"` // msgReplace: the cell and its new peer; msgDrop: the cell dropped
-	Step   int                `json:"step,omitempty"` // msgCheckpoint, msgRecorded, msgStopAt
+	Cell   *assign.Assignment `json:"cell,omitempty"` // MsgReplace: the cell and its new peer; MsgDrop: the cell dropped
+	Step   int                `json:"step,omitempty"` // MsgCheckpoint, MsgRecorded, MsgStopAt
 }
 
-type ctlReply struct {
+type Reply struct {
 	OK    bool          `json:"ok"`
 	Error string        `json:"error,omitempty"`
 	Offer *assign.Offer `json:"offer,omitempty"`
@@ -63,7 +68,7 @@ type ctlReply struct {
 	Held []Held `json:"held,omitempty"`
 }
 
-type normMsg struct {
+type Norm struct {
 	Step  int     `json:"step"`
 	Stage int     `json:"stage"`
 	SumSq float64 `json:"sumsq"`
@@ -90,9 +95,9 @@ type Plan struct {
 	// Step and train on from the step after it.
 	Join *JoinPlan `json:"join,omitempty"`
 
-	// restarted: a resumed launch found no step to resume from and starts the run
+	// Restarted: a resumed launch found no step to resume from and starts the run
 	// again from its beginning (the launcher's own note; nodes see a fresh run).
-	restarted bool
+	Restarted bool `json:"-"`
 }
 
 // JoinPlan is a rejoin of replica pipeline Replica at outer step Step. Nonce tells
@@ -129,16 +134,16 @@ type DataPlan struct {
 // Prepared reports whether the plan serves a prepared dataset's shard files.
 func (d *DataPlan) Prepared() bool { return len(d.Shards) > 0 }
 
-// valTokens is the number of validation tokens.
-func (d *DataPlan) valTokens() int64 {
+// ValidationTokens is the number of validation tokens.
+func (d *DataPlan) ValidationTokens() int64 {
 	if d.Prepared() {
 		return d.ValTokens
 	}
 	return d.Val.Size
 }
 
-// cell finds the assignment of stage s in replica pipeline r.
-func (p *Plan) cell(s, r int) (assign.Assignment, bool) {
+// Cell finds the assignment of stage s in replica pipeline r.
+func (p *Plan) Cell(s, r int) (assign.Assignment, bool) {
 	for _, a := range p.Stages {
 		if a.Stage == s && a.Replica == r {
 			return a, true
@@ -233,94 +238,7 @@ type OuterReport struct {
 	Fetched      bool    `json:"fetched,omitempty"` // fell behind and fetched the global state instead
 }
 
-// callClock gives control calls deadlines from what it has measured: for each
-// message type, the time calls of it took to be answered (4 times their mean or
-// twice the slowest, whichever is longer), plus 8 round trips to the peer and
-// callMargin. Until a type has been answered once, a call may take first (the run's
-// staffing timeout: as long as a node may take to join at all).
-type callClock struct {
-	first time.Duration
-	mu    sync.Mutex
-	seen  map[string]*callTimes
-}
-
-// callMargin covers what a measured call time does not: a busy machine (a node's
-// compute saturates its cores) can hold a reply back for seconds.
-const callMargin = 5 * time.Second
-
-// wireWindow is how long the end that answers a control call gives each of its two
-// halves on the wire, reading the message and writing the reply: a control message
-// is small, so round trips to the peer and the margin.
-func wireWindow(h *p2p.Host, p peer.ID) time.Duration {
-	return callMargin + 8*h.Peerstore().LatencyEWMA(p)
-}
-
-type callTimes struct {
-	n         int
-	sum, slow time.Duration
-}
-
-func newCallClock(first time.Duration) *callClock {
-	return &callClock{first: first, seen: map[string]*callTimes{}}
-}
-
-// deadline is how long a call of typ to a peer rtt away may take.
-func (c *callClock) deadline(typ string, rtt time.Duration) time.Duration {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	t := c.seen[typ]
-	if t == nil {
-		return c.first
-	}
-	return max(4*t.sum/time.Duration(t.n), 2*t.slow) + 8*rtt + callMargin
-}
-
-// took records a call of typ answered after d.
-func (c *callClock) took(typ string, d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	t := c.seen[typ]
-	if t == nil {
-		t = &callTimes{}
-		c.seen[typ] = t
-	}
-	t.n++
-	t.sum += d
-	t.slow = max(t.slow, d)
-}
-
-// call sends one control message to id and waits for the reply, within the deadline
-// clock gives (and ctx's, if sooner), counting both on meter (which may be nil).
-func call(ctx context.Context, h *p2p.Host, clock *callClock, meter *traffic.Meter, id peer.ID, m ctlMsg) (*ctlReply, error) {
-	began := time.Now()
-	ctx, cancel := context.WithTimeout(ctx, clock.deadline(m.Type, h.Peerstore().LatencyEWMA(id)))
-	defer cancel()
-	s, err := h.NewStream(p2p.AllowRelayed(ctx, "control"), id, p2p.ProtoControl)
-	if err != nil {
-		return nil, fmt.Errorf("%s to %s: %w", m.Type, id, err)
-	}
-	defer s.Close()
-	if dl, ok := ctx.Deadline(); ok {
-		_ = s.SetDeadline(dl)
-	}
-	cw := &traffic.CountingWriter{W: s}
-	if err := p2p.WriteMsg(cw, m); err != nil {
-		s.Reset()
-		return nil, fmt.Errorf("%s to %s: %w", m.Type, id, err)
-	}
-	meter.Out(cw.N)
-	var r ctlReply
-	cr := &traffic.CountingReader{R: s}
-	if err := p2p.ReadMsg(cr, &r, p2p.MaxMsgBytes); err != nil {
-		s.Reset()
-		return nil, fmt.Errorf("%s to %s: no reply: %w", m.Type, id, err)
-	}
-	meter.In(cr.N)
-	clock.took(m.Type, time.Since(began))
-	return &r, nil
-}
-
-func decodePlan(b []byte) (*Plan, error) {
+func DecodePlan(b []byte) (*Plan, error) {
 	var p Plan
 	if err := json.Unmarshal(b, &p); err != nil {
 		return nil, fmt.Errorf("run plan: %w", err)
@@ -328,8 +246,8 @@ func decodePlan(b []byte) (*Plan, error) {
 	return &p, nil
 }
 
-// validate checks a plan's data section against the spec's replica count.
-func (d *DataPlan) validate(replicas int) error {
+// Validate checks a plan's data section against the spec's replica count.
+func (d *DataPlan) Validate(replicas int) error {
 	if d == nil {
 		return errors.New("plan names no data (a launcher from before data was served over libp2p?)")
 	}
@@ -370,3 +288,87 @@ func (d *DataPlan) validate(replicas int) error {
 	}
 	return nil
 }
+
+// ResumePlan tells the nodes of a resumed run where to continue from: the stage
+// checkpoints each kept of run Run at step Step.
+type ResumePlan struct {
+	Run  uint64 `json:"run"`
+	Step int    `json:"step"`
+}
+
+// Held is a stage checkpoint a node holds for a run, as it answers a resuming
+// launcher's offer request.
+type Held struct {
+	Stage   int   `json:"stage"`
+	Replica int   `json:"replica"`
+	Steps   []int `json:"steps"` // the whole steps it can resume from, newest first
+}
+
+// HeartbeatInterval is how often a daemon announces itself on gossipsub (a variable
+// so that tests need not wait as long).
+var HeartbeatInterval = 5 * time.Second
+
+// Heartbeat is what a node announces on p2p.TopicHeartbeats every
+// HeartbeatInterval, as JSON: enough for any peer to draw the swarm. The field
+// names are stable (docs/node.md lists them); new fields may be added.
+type Heartbeat struct {
+	Peer       string  `json:"peer"`
+	Version    string  `json:"version"`      // module version, and the commit if known: build.Info.Short
+	Reachable  string  `json:"reachable"`    // "public", "private" or "unknown"
+	TokensPerS float64 `json:"tokens_per_s"` // summed over the stages held
+	// Addrs are where the node can be dialled (with /p2p/ID): how a launcher that
+	// hears an idle node can give it a cell whose node is gone.
+	Addrs []string `json:"addrs"`
+	// Runs are the stages held: each cell of a run this node trains, with its
+	// progress. Empty when idle.
+	Runs []HeartbeatRun `json:"runs"`
+}
+
+// HeartbeatRun is one stage a node holds.
+type HeartbeatRun struct {
+	Run        string  `json:"run"` // 16 hex digits
+	Stage      int     `json:"stage"`
+	Replica    int     `json:"replica"`
+	State      string  `json:"state"` // accepted, running
+	Step       int     `json:"step"`
+	TokensPerS float64 `json:"tokens_per_s"`
+	// Loss is the training loss of step LossStep, on the last stage only (which
+	// computes it); the other stages of the run show it.
+	Loss     float64 `json:"loss,omitempty"`
+	LossStep int     `json:"loss_step,omitempty"`
+}
+
+// ErrDiverged is wrapped by the error of a stage whose own computation went
+// non-finite (its loss, or values it was about to send), and by a launched run's
+// error when a stage reported that: the run stops, and nobody is penalised.
+var ErrDiverged = errors.New("diverged")
+
+// CellName names a cell for people: "stage 1" in a run of one replica pipeline,
+// "stage 1 of replica 2" otherwise.
+func CellName(sp *spec.Spec, a assign.Assignment) string {
+	if sp.Pipeline.Replicas > 1 {
+		return fmt.Sprintf("stage %d of replica %d", a.Stage, a.Replica)
+	}
+	return fmt.Sprintf("stage %d", a.Stage)
+}
+
+// ErrExportRefused is wrapped by the error of an export a node or the spec refused.
+var ErrExportRefused = errors.New("export refused")
+
+// WeightsReq asks a node for its checkpoint of a cell of a run at a step.
+type WeightsReq struct {
+	Run     uint64 `json:"run"`
+	Stage   int    `json:"stage"`
+	Replica int    `json:"replica"`
+	Step    int    `json:"step"`
+}
+
+// WeightsReply answers a WeightsReq; with OK, Bytes bytes of the checkpoint file follow.
+type WeightsReply struct {
+	OK    bool   `json:"ok"`
+	Error string `json:"error,omitempty"`
+	Bytes int64  `json:"bytes,omitempty"`
+}
+
+// MaxWeightsMsg bounds the request and the reply on p2p.ProtoWeights.
+const MaxWeightsMsg = 4 << 10

@@ -1,4 +1,4 @@
-package node
+package daemon
 
 import (
 	"encoding/json"
@@ -10,6 +10,8 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/pipeswarm/pipeswarm/node/ckpt"
 )
 
 // RunFolder is one run's folder in a node's data directory (DIR/runs/<run ID>):
@@ -55,7 +57,7 @@ func RunFolders(dataDir string) ([]RunFolder, error) {
 			}
 			return nil
 		})
-		if b, err := os.ReadFile(filepath.Join(f.Path, launcherFile)); err == nil {
+		if b, err := os.ReadFile(filepath.Join(f.Path, ckpt.LauncherFile)); err == nil {
 			var r launcherRecord
 			if json.Unmarshal(b, &r) == nil {
 				f.ResumedFrom = r.ResumedFrom
@@ -156,8 +158,8 @@ func (d *Daemon) pruneRuns() {
 	inUse := map[string]bool{}
 	for id, w := range d.runs {
 		inUse[fmt.Sprintf("%016x", id)] = true
-		if w.plan.Resume != nil {
-			inUse[fmt.Sprintf("%016x", w.plan.Resume.Run)] = true
+		if w.Plan().Resume != nil {
+			inUse[fmt.Sprintf("%016x", w.Plan().Resume.Run)] = true
 		}
 	}
 	var moved []RunFolder

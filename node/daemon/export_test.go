@@ -1,4 +1,4 @@
-package node
+package daemon
 
 import (
 	"fmt"
@@ -7,9 +7,11 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/pipeswarm/pipeswarm/node/ckpt"
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
@@ -47,31 +49,31 @@ train: {batch_size: 2, steps: 5, lr: 0.01}
 		}
 		st.Init(1)
 		dir := d.dir.RunDir(fmt.Sprintf("%016x", run))
-		if err := writeLauncherRecord(dir, &Plan{Launcher: launcher.String()}); err != nil {
+		if err := writeLauncherRecord(dir, &wire.Plan{Launcher: launcher.String()}); err != nil {
 			t.Fatal(err)
 		}
-		meta := map[string]string{train.MetaSpec: sp.String(), train.MetaStep: "5", metaStage: "0", metaReplica: "0"}
-		if err := shard.SaveCheckpoint(pairAt(dir, stageBase(0, 0, 1)).weights, meta, st); err != nil {
+		meta := map[string]string{train.MetaSpec: sp.String(), train.MetaStep: "5", ckpt.MetaStage: "0", ckpt.MetaReplica: "0"}
+		if err := shard.SaveCheckpoint(ckpt.PairAt(dir, ckpt.Base(0, 0, 1)).Weights, meta, st); err != nil {
 			t.Fatal(err)
 		}
 	}
 	write(1, spec.ExportAllowed)
 	write(3, spec.ExportNever)
 
-	if path, size, err := d.weightsFor(launcher, weightsReq{Run: 1, Stage: 0, Step: 5}); err != nil || size <= 0 || !strings.HasSuffix(path, "stage-0.safetensors") {
+	if path, size, err := d.weightsFor(launcher, wire.WeightsReq{Run: 1, Stage: 0, Step: 5}); err != nil || size <= 0 || !strings.HasSuffix(path, "stage-0.safetensors") {
 		t.Fatalf("the launcher of an exportable run: %q, %d bytes, %v; want the stage's checkpoint", path, size, err)
 	}
 	for name, tc := range map[string]struct {
 		from peer.ID
-		req  weightsReq
+		req  wire.WeightsReq
 		want string
 	}{
-		"another peer":    {stranger, weightsReq{Run: 1, Stage: 0, Step: 5}, "export refused: only the run's launcher " + launcher.String() + " may collect its weights"},
-		"spec never":      {launcher, weightsReq{Run: 3, Stage: 0, Step: 5}, "export refused: run 0000000000000003's spec says export: never"},
-		"another step":    {launcher, weightsReq{Run: 1, Stage: 0, Step: 4}, "no checkpoint of stage 0 replica 0 of run 0000000000000001 at step 4 here"},
-		"another stage":   {launcher, weightsReq{Run: 1, Stage: 1, Step: 5}, "no checkpoint of stage 1"},
-		"a run not here":  {launcher, weightsReq{Run: 2, Stage: 0, Step: 5}, "no run 0000000000000002 here"},
-		"a malformed ask": {launcher, weightsReq{Run: 1, Stage: -1, Step: 5}, "bad request"},
+		"another peer":    {stranger, wire.WeightsReq{Run: 1, Stage: 0, Step: 5}, "export refused: only the run's launcher " + launcher.String() + " may collect its weights"},
+		"spec never":      {launcher, wire.WeightsReq{Run: 3, Stage: 0, Step: 5}, "export refused: run 0000000000000003's spec says export: never"},
+		"another step":    {launcher, wire.WeightsReq{Run: 1, Stage: 0, Step: 4}, "no checkpoint of stage 0 replica 0 of run 0000000000000001 at step 4 here"},
+		"another stage":   {launcher, wire.WeightsReq{Run: 1, Stage: 1, Step: 5}, "no checkpoint of stage 1"},
+		"a run not here":  {launcher, wire.WeightsReq{Run: 2, Stage: 0, Step: 5}, "no run 0000000000000002 here"},
+		"a malformed ask": {launcher, wire.WeightsReq{Run: 1, Stage: -1, Step: 5}, "bad request"},
 	} {
 		if _, _, err := d.weightsFor(tc.from, tc.req); err == nil || !strings.Contains(err.Error(), tc.want) {
 			t.Errorf("%s: %v; want %q", name, err, tc.want)
@@ -79,7 +81,7 @@ train: {batch_size: 2, steps: 5, lr: 0.01}
 	}
 	d.cfg.Export = config.ExportDeny
 	want := "export refused: this node's config says export: deny (its owner can set export: allow in its config, or start it with --export allow)"
-	if _, _, err := d.weightsFor(launcher, weightsReq{Run: 1, Stage: 0, Step: 5}); err == nil || err.Error() != want {
+	if _, _, err := d.weightsFor(launcher, wire.WeightsReq{Run: 1, Stage: 0, Step: 5}); err == nil || err.Error() != want {
 		t.Errorf("a node that denies: %v; want %q", err, want)
 	}
 }

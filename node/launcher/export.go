@@ -1,10 +1,9 @@
-package node
+package launcher
 
 import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,12 +17,13 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/crypto"
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/ckpt"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
@@ -39,9 +39,6 @@ import (
 // holds the stage's global weights: the DiLoCo model. Replica 0's checkpoint is taken,
 // or at that last step another replica's where replica 0's is not to be had.
 
-// ErrExportRefused is wrapped by the error of an export a node or the spec refused.
-var ErrExportRefused = errors.New("export refused")
-
 // exportErr is an export that failed for want of a stage's weights; refused if a
 // node said no.
 type exportErr struct {
@@ -52,111 +49,9 @@ type exportErr struct {
 func (e *exportErr) Error() string { return e.msg }
 func (e *exportErr) Unwrap() error {
 	if e.refused {
-		return ErrExportRefused
+		return wire.ErrExportRefused
 	}
 	return nil
-}
-
-// weightsReq asks a node for its checkpoint of a cell of a run at a step.
-type weightsReq struct {
-	Run     uint64 `json:"run"`
-	Stage   int    `json:"stage"`
-	Replica int    `json:"replica"`
-	Step    int    `json:"step"`
-}
-
-// weightsReply answers a weightsReq; with OK, Bytes bytes of the checkpoint file follow.
-type weightsReply struct {
-	OK    bool   `json:"ok"`
-	Error string `json:"error,omitempty"`
-	Bytes int64  `json:"bytes,omitempty"`
-}
-
-// maxWeightsMsg bounds the request and the reply on p2p.ProtoWeights.
-const maxWeightsMsg = 4 << 10
-
-// handleWeights serves p2p.ProtoWeights: one request, one reply, then the file.
-func (d *Daemon) handleWeights(s network.Stream) {
-	defer s.Close()
-	from := s.Conn().RemotePeer()
-	_ = s.SetReadDeadline(time.Now().Add(wireWindow(d.host, from)))
-	var req weightsReq
-	if err := p2p.ReadMsg(s, &req, maxWeightsMsg); err != nil {
-		d.penalise(s, from, err)
-		return
-	}
-	path, size, err := d.weightsFor(from, req)
-	reply := weightsReply{OK: err == nil, Bytes: size}
-	if err != nil {
-		reply.Error = err.Error()
-		d.log.Warn("stage weights not given", "peer", from, "run", fmt.Sprintf("%016x", req.Run), "stage", req.Stage, "replica", req.Replica, "err", err)
-	}
-	// The file at a link's slowest plausible rate, 256 KiB/s, on top of the usual window.
-	_ = s.SetWriteDeadline(time.Now().Add(wireWindow(d.host, from) + time.Duration(size>>18)*time.Second))
-	if err := p2p.WriteMsg(s, reply); err != nil || !reply.OK {
-		return
-	}
-	f, err := os.Open(path)
-	if err != nil {
-		s.Reset()
-		return
-	}
-	defer f.Close()
-	if n, err := io.Copy(s, io.LimitReader(f, size)); err != nil || n != size {
-		d.log.Warn("stage weights cut short", "peer", from, "path", path, "sent", n, "err", err)
-		s.Reset()
-		return
-	}
-	d.log.Info("stage weights given to the run's launcher for export", "run", fmt.Sprintf("%016x", req.Run), "stage", req.Stage,
-		"replica", req.Replica, "step", req.Step, "bytes", size)
-}
-
-// weightsFor checks a request for a cell's weights and finds the checkpoint file: the
-// node's consent, the run's launcher, the run's spec.
-func (d *Daemon) weightsFor(from peer.ID, req weightsReq) (string, int64, error) {
-	if req.Run == 0 || req.Stage < 0 || req.Replica < 0 || req.Step < 1 {
-		return "", 0, fmt.Errorf("bad request: run %016x stage %d replica %d step %d", req.Run, req.Stage, req.Replica, req.Step)
-	}
-	runDir := d.dir.RunDir(fmt.Sprintf("%016x", req.Run))
-	b, err := os.ReadFile(filepath.Join(runDir, launcherFile))
-	if err != nil {
-		return "", 0, fmt.Errorf("no run %016x here", req.Run)
-	}
-	var rec launcherRecord
-	if err := json.Unmarshal(b, &rec); err != nil {
-		return "", 0, fmt.Errorf("run %016x: unreadable launcher record: %w", req.Run, err)
-	}
-	if from.String() != rec.Launcher {
-		return "", 0, fmt.Errorf("%w: only the run's launcher %s may collect its weights, not %s", ErrExportRefused, rec.Launcher, from)
-	}
-	if !d.cfg.ExportAllowed() {
-		return "", 0, fmt.Errorf("%w: this node's config says export: deny (its owner can set export: allow in its config, or start it with --export allow)",
-			ErrExportRefused)
-	}
-	for _, replicas := range []int{1, 2} { // stage-N, else stage-N-replica-R
-		if replicas == 1 && req.Replica != 0 {
-			continue
-		}
-		for _, p := range stagePairs(runDir, stageBase(req.Stage, req.Replica, replicas)) {
-			meta, err := shard.ReadCheckpointMetadata(p.weights)
-			if err != nil || meta[train.MetaStep] != strconv.Itoa(req.Step) {
-				continue
-			}
-			sp, err := spec.Parse([]byte(meta[train.MetaSpec]), "checkpoint spec")
-			if err != nil {
-				return "", 0, fmt.Errorf("%s: %w", p.weights, err)
-			}
-			if sp.Export != spec.ExportAllowed {
-				return "", 0, fmt.Errorf("%w: run %016x's spec says export: %s: its weights stay on the nodes that trained them", ErrExportRefused, req.Run, sp.Export)
-			}
-			st, err := os.Stat(p.weights)
-			if err != nil {
-				return "", 0, err
-			}
-			return p.weights, st.Size(), nil
-		}
-	}
-	return "", 0, fmt.Errorf("no checkpoint of stage %d replica %d of run %016x at step %d here", req.Stage, req.Replica, req.Run, req.Step)
 }
 
 // ExportResult is an assembled model.
@@ -193,7 +88,7 @@ func Export(ctx context.Context, o ExportOptions) (*ExportResult, error) {
 	}
 	if sp.Export != spec.ExportAllowed {
 		return nil, fmt.Errorf("%w: %s says export: %s: the run is a protocol model, whose weights stay on the nodes that trained them (only a run whose spec says export: allowed can be exported)",
-			ErrExportRefused, filepath.Join(o.RunDir, train.SpecFile), sp.Export)
+			wire.ErrExportRefused, filepath.Join(o.RunDir, train.SpecFile), sp.Export)
 	}
 	rec, err := readRunRecord(o.RunDir, sp)
 	if err != nil {
@@ -220,14 +115,14 @@ func Export(ctx context.Context, o ExportOptions) (*ExportResult, error) {
 	if len(ids) == 0 {
 		return nil, fmt.Errorf("export: no node reachable: %s", strings.Join(problems, "; "))
 	}
-	calls := newCallClock(time.Duration(sp.Pipeline.StaffTimeout) * time.Second)
+	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout) * time.Second)
 	return collect(ctx, h, calls, sp, rec.id, ids, o.RunDir, log)
 }
 
 // collect asks the nodes ids which checkpoints of run they hold, picks the newest
 // step every stage has, fetches each stage's checkpoint of it and writes the model
 // into dir.
-func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, run uint64, ids []peer.ID, dir string, log *slog.Logger) (*ExportResult, error) {
+func collect(ctx context.Context, h *p2p.Host, calls *wire.CallClock, sp *spec.Spec, run uint64, ids []peer.ID, dir string, log *slog.Logger) (*ExportResult, error) {
 	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
 	type holder struct {
 		id      peer.ID
@@ -236,7 +131,7 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 	at := map[int]map[int][]holder{} // step → stage → holders, replica 0 first
 	var silent []string              // nodes that did not say what they hold, and why
 	for _, id := range ids {
-		r, err := call(ctx, h, calls, nil, id, ctlMsg{Type: msgOffer, Run: run, Spec: sp.String()})
+		r, err := wire.Call(ctx, h, calls, nil, id, wire.Msg{Type: wire.MsgOffer, Run: run, Spec: sp.String()})
 		if err == nil && !r.OK {
 			err = errors.New(r.Error)
 		}
@@ -303,7 +198,7 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 		var refusals []string
 		got := false
 		for _, hd := range hs {
-			err := fetchWeights(ctx, h, hd.id, sp, weightsReq{Run: run, Stage: s, Replica: hd.replica, Step: step}, stages[s])
+			err := fetchWeights(ctx, h, hd.id, sp, wire.WeightsReq{Run: run, Stage: s, Replica: hd.replica, Step: step}, stages[s])
 			if err == nil {
 				from := fmt.Sprintf("stage %d from %s", s, hd.id)
 				if R > 1 {
@@ -313,12 +208,12 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 				got = true
 				break
 			}
-			refusals = append(refusals, fmt.Sprintf("%s on %s: %v", cellName(sp, cellAt(s, hd.replica)), hd.id, err))
+			refusals = append(refusals, fmt.Sprintf("%s on %s: %v", wire.CellName(sp, cellAt(s, hd.replica)), hd.id, err))
 		}
 		if !got {
 			err := &exportErr{msg: "export: " + strings.Join(refusals, "; ")}
 			for _, r := range refusals {
-				err.refused = err.refused || strings.Contains(r, ErrExportRefused.Error())
+				err.refused = err.refused || strings.Contains(r, wire.ErrExportRefused.Error())
 			}
 			return nil, err
 		}
@@ -331,7 +226,7 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 	var tokSum string // the run's, from run.json
 	if rec, err := readRunRecord(dir, sp); err == nil && rec.TokenizerSHA256 != "" {
 		tokSum = rec.TokenizerSHA256
-		meta[metaTokenizer] = tokSum
+		meta[ckpt.MetaTokenizer] = tokSum
 	}
 	if err := shard.SaveCheckpoint(res.Model, meta, stages...); err != nil {
 		return nil, err
@@ -363,9 +258,9 @@ func collect(ctx context.Context, h *p2p.Host, calls *callClock, sp *spec.Spec, 
 // fetchWeights asks id for its checkpoint of a cell and loads it into st after checking
 // it: at most the size the stage's layout gives, every tensor the stage owns with its
 // shape, finite values, and the run's spec and step in its metadata.
-func fetchWeights(ctx context.Context, h *p2p.Host, id peer.ID, sp *spec.Spec, req weightsReq, st *shard.Stage) error {
+func fetchWeights(ctx context.Context, h *p2p.Host, id peer.ID, sp *spec.Spec, req wire.WeightsReq, st *shard.Stage) error {
 	limit := 4*int64(len(st.Params)) + 1<<20 // the tensors, and a header with the spec
-	ctx, cancel := context.WithTimeout(ctx, callMargin+8*h.Peerstore().LatencyEWMA(id)+time.Duration(limit>>18)*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, wire.CallMargin+8*h.Peerstore().LatencyEWMA(id)+time.Duration(limit>>18)*time.Second)
 	defer cancel()
 	s, err := h.NewStream(p2p.AllowRelayed(ctx, "export"), id, p2p.ProtoWeights)
 	if err != nil {
@@ -379,8 +274,8 @@ func fetchWeights(ctx context.Context, h *p2p.Host, id peer.ID, sp *spec.Spec, r
 		s.Reset()
 		return err
 	}
-	var r weightsReply
-	if err := p2p.ReadMsg(s, &r, maxWeightsMsg); err != nil {
+	var r wire.WeightsReply
+	if err := p2p.ReadMsg(s, &r, wire.MaxWeightsMsg); err != nil {
 		s.Reset()
 		return fmt.Errorf("no reply: %w", err)
 	}
@@ -405,8 +300,8 @@ func fetchWeights(ctx context.Context, h *p2p.Host, id peer.ID, sp *spec.Spec, r
 		return bad("a checkpoint of another spec")
 	case ck.Metadata[train.MetaStep] != strconv.Itoa(req.Step):
 		return bad("a checkpoint of step %s, asked for %d", ck.Metadata[train.MetaStep], req.Step)
-	case ck.Metadata[metaStage] != strconv.Itoa(req.Stage):
-		return bad("a checkpoint of stage %s, asked for %d", ck.Metadata[metaStage], req.Stage)
+	case ck.Metadata[ckpt.MetaStage] != strconv.Itoa(req.Stage):
+		return bad("a checkpoint of stage %s, asked for %d", ck.Metadata[ckpt.MetaStage], req.Stage)
 	}
 	for name, t := range ck.Tensors {
 		for _, v := range t.Data {
@@ -431,11 +326,11 @@ func warnNoExport(sp *spec.Spec, cells []assign.Assignment, offers []assign.Offe
 	}
 	for _, a := range cells {
 		if deny[a.Peer] {
-			log.Warn("the node holding "+cellName(sp, a)+" does not consent to export (its config says export: deny; --export allow on the node consents): "+
+			log.Warn("the node holding "+wire.CellName(sp, a)+" does not consent to export (its config says export: deny; --export allow on the node consents): "+
 				"the model is assembled at the end only if another replica of the stage gives its weights", "peer", a.Peer)
 		}
 	}
 }
 
-// cellAt is the cell of stage s in replica pipeline r, for cellName.
+// cellAt is the cell of stage s in replica pipeline r, for wire.CellName.
 func cellAt(s, r int) assign.Assignment { return assign.Assignment{Stage: s, Replica: r} }

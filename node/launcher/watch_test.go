@@ -1,4 +1,4 @@
-package node
+package launcher
 
 import (
 	"context"
@@ -17,6 +17,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
@@ -29,13 +30,13 @@ diloco: {inner_steps: 2}
 `
 
 // gridPlan is a plan of 2 stages × 3 replicas on made-up peers.
-func gridPlan(t *testing.T) (*spec.Spec, *Plan) {
+func gridPlan(t *testing.T) (*spec.Spec, *wire.Plan) {
 	t.Helper()
 	sp, err := spec.Parse([]byte(gridSpec), "grid.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	plan := &Plan{ID: 7}
+	plan := &wire.Plan{ID: 7}
 	for r := range 3 {
 		for s := range 2 {
 			k, err := p2p.GenerateKey()
@@ -50,7 +51,7 @@ func gridPlan(t *testing.T) (*spec.Spec, *Plan) {
 }
 
 type watchRun struct {
-	reports chan Report
+	reports chan wire.Report
 	lost    chan peer.ID
 	aborted []string
 	idled   []int
@@ -59,9 +60,9 @@ type watchRun struct {
 	log     *slog.Logger
 }
 
-func (w *watchRun) run(t *testing.T, sp *spec.Spec, plan *Plan) (*LaunchResult, error) {
+func (w *watchRun) run(t *testing.T, sp *spec.Spec, plan *wire.Plan) (*Result, error) {
 	t.Helper()
-	o := LaunchOptions{Spec: sp, OutDir: t.TempDir()}
+	o := Options{Spec: sp, OutDir: t.TempDir()}
 	log := w.log
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -73,23 +74,23 @@ func (w *watchRun) run(t *testing.T, sp *spec.Spec, plan *Plan) (*LaunchResult, 
 }
 
 func newWatchRun() *watchRun {
-	return &watchRun{reports: make(chan Report, 100), lost: make(chan peer.ID, 10), down: map[[2]int]bool{}}
+	return &watchRun{reports: make(chan wire.Report, 100), lost: make(chan peer.ID, 10), down: map[[2]int]bool{}}
 }
 
-func (w *watchRun) report(plan *Plan, r Report) {
-	a, _ := plan.cell(r.Stage, r.Replica)
+func (w *watchRun) report(plan *wire.Plan, r wire.Report) {
+	a, _ := plan.Cell(r.Stage, r.Replica)
 	r.Run, r.Peer = plan.ID, a.Peer
 	w.reports <- r
 }
 
 // train reports steps from..to of replica pipeline r (its last stage's), with
 // replica 0's validation losses where they are due.
-func (w *watchRun) train(sp *spec.Spec, plan *Plan, r, from, to int, join uint64) {
+func (w *watchRun) train(sp *spec.Spec, plan *wire.Plan, r, from, to int, join uint64) {
 	last := sp.Pipeline.Stages - 1
 	for step := from; step <= to; step++ {
-		w.report(plan, Report{Stage: last, Replica: r, Join: join, Kind: ReportStep, Step: step, Loss: 3})
+		w.report(plan, wire.Report{Stage: last, Replica: r, Join: join, Kind: wire.ReportStep, Step: step, Loss: 3})
 		if r == 0 && (step == sp.Train.Steps || (sp.EvalInterval > 0 && step%sp.EvalInterval == 0)) {
-			w.report(plan, Report{Stage: last, Replica: r, Kind: ReportEval, Step: step, ValLoss: 3.5})
+			w.report(plan, wire.Report{Stage: last, Replica: r, Kind: wire.ReportEval, Step: step, ValLoss: 3.5})
 		}
 	}
 }
@@ -97,9 +98,9 @@ func (w *watchRun) train(sp *spec.Spec, plan *Plan, r, from, to int, join uint64
 func TestLaunchFailsLoudlyWhenReplicasReportDifferentWeights(t *testing.T) {
 	sp, plan := gridPlan(t)
 	w := newWatchRun()
-	w.report(plan, Report{Stage: 1, Replica: 0, Kind: ReportOuter, Step: 2, Outer: &OuterReport{OuterStep: 1, Hash: "aaaa"}})
-	w.report(plan, Report{Stage: 1, Replica: 2, Kind: ReportOuter, Step: 2, Outer: &OuterReport{OuterStep: 1, Hash: "aaaa"}})
-	w.report(plan, Report{Stage: 1, Replica: 1, Kind: ReportOuter, Step: 2, Outer: &OuterReport{OuterStep: 1, Hash: "bbbb"}})
+	w.report(plan, wire.Report{Stage: 1, Replica: 0, Kind: wire.ReportOuter, Step: 2, Outer: &wire.OuterReport{OuterStep: 1, Hash: "aaaa"}})
+	w.report(plan, wire.Report{Stage: 1, Replica: 2, Kind: wire.ReportOuter, Step: 2, Outer: &wire.OuterReport{OuterStep: 1, Hash: "aaaa"}})
+	w.report(plan, wire.Report{Stage: 1, Replica: 1, Kind: wire.ReportOuter, Step: 2, Outer: &wire.OuterReport{OuterStep: 1, Hash: "bbbb"}})
 	_, err := w.run(t, sp, plan)
 	if !errors.Is(err, ErrRunFailed) || !strings.Contains(err.Error(), "diverged") || !strings.Contains(err.Error(), "bbbb") {
 		t.Fatalf("error %v, want a failure saying the replicas diverged, naming the hashes", err)
@@ -115,11 +116,11 @@ func TestALostReplicaBreaksOnlyItsPipelineAndItsPartnerIsIdled(t *testing.T) {
 	// Stage 1 of replica 2 is gone after step 2: stage 1's others say so.
 	w.down[[2]int{1, 2}] = true
 	w.train(sp, plan, 2, 1, 2, 0)
-	w.report(plan, Report{Stage: 1, Replica: 0, Kind: ReportOuter, Step: 2, Outer: &OuterReport{Hash: "h", Missing: []int{2}}})
+	w.report(plan, wire.Report{Stage: 1, Replica: 0, Kind: wire.ReportOuter, Step: 2, Outer: &wire.OuterReport{Hash: "h", Missing: []int{2}}})
 	for r := range 2 {
 		w.train(sp, plan, r, 1, 4, 0)
 		for s := range 2 {
-			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
+			w.report(plan, wire.Report{Stage: s, Replica: r, Kind: wire.ReportDone})
 		}
 	}
 	res, err := w.run(t, sp, plan)
@@ -137,11 +138,11 @@ func TestAStalledReplicaLagsAndIsLetGoWhenTheOthersFinish(t *testing.T) {
 	// Stage 0 of replica 1 missed an outer step but is still connected: it lags, the
 	// run does not wait for it, and when the others are done it is told to stop.
 	w.train(sp, plan, 1, 1, 2, 0)
-	w.report(plan, Report{Stage: 0, Replica: 0, Kind: ReportOuter, Step: 2, Outer: &OuterReport{Hash: "h", Missing: []int{1}}})
+	w.report(plan, wire.Report{Stage: 0, Replica: 0, Kind: wire.ReportOuter, Step: 2, Outer: &wire.OuterReport{Hash: "h", Missing: []int{1}}})
 	for _, r := range []int{0, 2} {
 		w.train(sp, plan, r, 1, 4, 0)
 		for s := range 2 {
-			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
+			w.report(plan, wire.Report{Stage: s, Replica: r, Kind: wire.ReportDone})
 		}
 	}
 	res, err := w.run(t, sp, plan)
@@ -157,7 +158,7 @@ func TestLosingTheLastWholePipelineFailsTheRun(t *testing.T) {
 	sp, plan := gridPlan(t)
 	w := newWatchRun()
 	for r := range 3 {
-		w.report(plan, Report{Stage: 0, Replica: r, Kind: ReportIdle, Error: "idle: lost a neighbour"})
+		w.report(plan, wire.Report{Stage: 0, Replica: r, Kind: wire.ReportIdle, Error: "idle: lost a neighbour"})
 	}
 	_, err := w.run(t, sp, plan)
 	if !errors.Is(err, ErrRunFailed) {
@@ -198,13 +199,13 @@ func TestABrokenPipelineRejoinsAtTheNextOuterStepWhenItsNodesAreBack(t *testing.
 		},
 	}
 	results := make(chan error, 1)
-	var res *LaunchResult
+	var res *Result
 	go func() {
 		var err error
 		res, err = w.run(t, sp, plan)
 		results <- err
 	}()
-	w.report(plan, Report{Stage: 1, Replica: 2, Kind: ReportIdle, Error: "idle: lost a neighbour"})
+	w.report(plan, wire.Report{Stage: 1, Replica: 2, Kind: wire.ReportIdle, Error: "idle: lost a neighbour"})
 	for m := range msgs {
 		if strings.Contains(m, "rejoins at the next outer step") {
 			break
@@ -213,7 +214,7 @@ func TestABrokenPipelineRejoinsAtTheNextOuterStepWhenItsNodesAreBack(t *testing.
 	// The outer step after step 2, taken by both stages of the two whole pipelines.
 	for s := range 2 {
 		for r := range 2 {
-			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportOuter, Step: 2, Outer: &OuterReport{Hash: "h"}})
+			w.report(plan, wire.Report{Stage: s, Replica: r, Kind: wire.ReportOuter, Step: 2, Outer: &wire.OuterReport{Hash: "h"}})
 		}
 	}
 	if j := <-joins; j != (joinCall{2, 2}) {
@@ -221,7 +222,7 @@ func TestABrokenPipelineRejoinsAtTheNextOuterStepWhenItsNodesAreBack(t *testing.
 	}
 	// A late report of the pipeline's first incarnation is ignored; the rejoined one
 	// must finish like the others.
-	w.report(plan, Report{Stage: 0, Replica: 2, Kind: ReportError, Error: "stalled: old news"})
+	w.report(plan, wire.Report{Stage: 0, Replica: 2, Kind: wire.ReportError, Error: "stalled: old news"})
 	for r := range 3 {
 		if r == 2 {
 			w.train(sp, plan, r, 3, 8, 99)
@@ -229,7 +230,7 @@ func TestABrokenPipelineRejoinsAtTheNextOuterStepWhenItsNodesAreBack(t *testing.
 			w.train(sp, plan, r, 1, 8, 0)
 		}
 		for s := range 2 {
-			rep := Report{Stage: s, Replica: r, Kind: ReportDone}
+			rep := wire.Report{Stage: s, Replica: r, Kind: wire.ReportDone}
 			if r == 2 {
 				rep.Join = 99
 			}
@@ -250,9 +251,9 @@ func TestADivergedStageStopsAReplicatedRunWithItsMessage(t *testing.T) {
 	sp, plan := gridPlan(t)
 	w := newWatchRun()
 	msg := "diverged at step 3 on stage 1 of replica 2: the loss of micro-batch 0 is NaN; try a lower train.lr"
-	w.report(plan, Report{Stage: 1, Replica: 2, Kind: ReportError, Step: 3, Error: msg, Diverged: true})
+	w.report(plan, wire.Report{Stage: 1, Replica: 2, Kind: wire.ReportError, Step: 3, Error: msg, Diverged: true})
 	_, err := w.run(t, sp, plan)
-	if !errors.Is(err, ErrRunFailed) || !errors.Is(err, ErrDiverged) || !strings.Contains(err.Error(), msg) {
+	if !errors.Is(err, ErrRunFailed) || !errors.Is(err, wire.ErrDiverged) || !strings.Contains(err.Error(), msg) {
 		t.Fatalf("error %v, want the run failed with %q", err, msg)
 	}
 	if len(w.aborted) != 1 || w.aborted[0] != msg || len(w.idled) != 0 {
@@ -266,11 +267,11 @@ func TestADivergedStageStopsAReplicatedRunWithItsMessage(t *testing.T) {
 func TestARunWithAPipelineThatTrainedNothingOrNoValidationLossFails(t *testing.T) {
 	sp, plan := gridPlan(t)
 	w := newWatchRun()
-	w.report(plan, Report{Stage: 0, Replica: 0, Kind: ReportError, Error: "sending step 1 micro-batch 0: stream reset (remote)"})
+	w.report(plan, wire.Report{Stage: 0, Replica: 0, Kind: wire.ReportError, Error: "sending step 1 micro-batch 0: stream reset (remote)"})
 	for _, r := range []int{1, 2} {
 		w.train(sp, plan, r, 1, 4, 0)
 		for s := range 2 {
-			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
+			w.report(plan, wire.Report{Stage: s, Replica: r, Kind: wire.ReportDone})
 		}
 	}
 	_, err := w.run(t, sp, plan)
@@ -281,11 +282,11 @@ func TestARunWithAPipelineThatTrainedNothingOrNoValidationLossFails(t *testing.T
 	// Every pipeline trains, but replica 0 breaks before its evaluation.
 	w = newWatchRun()
 	w.train(sp, plan, 0, 1, 3, 0)
-	w.report(plan, Report{Stage: 1, Replica: 0, Kind: ReportError, Error: "disk on fire"})
+	w.report(plan, wire.Report{Stage: 1, Replica: 0, Kind: wire.ReportError, Error: "disk on fire"})
 	for _, r := range []int{1, 2} {
 		w.train(sp, plan, r, 1, 4, 0)
 		for s := range 2 {
-			w.report(plan, Report{Stage: s, Replica: r, Kind: ReportDone})
+			w.report(plan, wire.Report{Stage: s, Replica: r, Kind: wire.ReportDone})
 		}
 	}
 	_, err = w.run(t, sp, plan)
@@ -302,7 +303,7 @@ func TestAStoppingNodeStopsItsPipelineAfterTheSameStep(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	plan := &Plan{ID: 9}
+	plan := &wire.Plan{ID: 9}
 	for s := range 2 {
 		k, _ := p2p.GenerateKey()
 		id, _ := p2p.PeerID(k)
@@ -312,11 +313,11 @@ func TestAStoppingNodeStopsItsPipelineAfterTheSameStep(t *testing.T) {
 	type stopAt struct{ r, step int }
 	var told []stopAt
 	w.train(sp, plan, 0, 1, 12, 0)
-	w.report(plan, Report{Stage: 1, Kind: ReportStopping, Step: 13, Error: "node shutting down"})
+	w.report(plan, wire.Report{Stage: 1, Kind: wire.ReportStopping, Step: 13, Error: "node shutting down"})
 	w.train(sp, plan, 0, 13, 13, 0)
-	w.report(plan, Report{Stage: 1, Kind: ReportError, Error: "node shutting down"})
-	w.report(plan, Report{Stage: 0, Kind: ReportError, Error: "stopped by the launcher after step 13"})
-	o := LaunchOptions{Spec: sp, OutDir: t.TempDir()}
+	w.report(plan, wire.Report{Stage: 1, Kind: wire.ReportError, Error: "node shutting down"})
+	w.report(plan, wire.Report{Stage: 0, Kind: wire.ReportError, Error: "stopped by the launcher after step 13"})
+	o := Options{Spec: sp, OutDir: t.TempDir()}
 	res, err := watch(context.Background(), o, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
 		func(why string) { w.aborted = append(w.aborted, why) }, func(int, string) {}, func(int, int) bool { return true }, w.rj,
 		stageOrders{stopAt: func(r, step int, _ string) { told = append(told, stopAt{r, step}) }})
@@ -336,14 +337,14 @@ func TestAStoppingNodeStopsItsPipelineAfterTheSameStep(t *testing.T) {
 // the resumed run evaluates it again first and the row gets its validation loss, once.
 // pipePlan is a run of one pipeline of 2 stages, 4 steps, evaluated every 2, on
 // made-up peers, and a watch of it that writes to out.
-func pipePlan(t *testing.T, out string) (*Plan, func(*watchRun, *Plan) error) {
+func pipePlan(t *testing.T, out string) (*wire.Plan, func(*watchRun, *wire.Plan) error) {
 	t.Helper()
 	sp, err := spec.Parse([]byte("name: evalstop\nseed: 1\neval_interval: 2\nmodel: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}\n"+
 		"pipeline: {stages: 2}\ntrain: {batch_size: 4, steps: 4, lr: 0.003}\n"), "evalstop.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
-	plan := &Plan{ID: 9}
+	plan := &wire.Plan{ID: 9}
 	for s := range 2 {
 		k, err := p2p.GenerateKey()
 		if err != nil {
@@ -352,8 +353,8 @@ func pipePlan(t *testing.T, out string) (*Plan, func(*watchRun, *Plan) error) {
 		id, _ := p2p.PeerID(k)
 		plan.Stages = append(plan.Stages, assign.Assignment{Stage: s, Peer: id.String()})
 	}
-	return plan, func(w *watchRun, plan *Plan) error {
-		_, err := watch(context.Background(), LaunchOptions{Spec: sp, OutDir: out}, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
+	return plan, func(w *watchRun, plan *wire.Plan) error {
+		_, err := watch(context.Background(), Options{Spec: sp, OutDir: out}, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
 			func(string) {}, func(int, string) {}, func(int, int) bool { return true }, rejoiner{}, stageOrders{})
 		return err
 	}
@@ -365,11 +366,11 @@ func TestRunStoppedBeforeAStepsEvaluationResumesFromThatStep(t *testing.T) {
 
 	w := newWatchRun()
 	for step := 1; step <= 2; step++ {
-		w.report(plan, Report{Stage: 1, Kind: ReportStep, Step: step, Loss: float64(step)})
+		w.report(plan, wire.Report{Stage: 1, Kind: wire.ReportStep, Step: step, Loss: float64(step)})
 	}
-	w.report(plan, Report{Stage: 0, Kind: ReportStopping, Step: 2, Error: "node shutting down"})
+	w.report(plan, wire.Report{Stage: 0, Kind: wire.ReportStopping, Step: 2, Error: "node shutting down"})
 	for s := range 2 {
-		w.report(plan, Report{Stage: s, Kind: ReportError, Error: "node shutting down"})
+		w.report(plan, wire.Report{Stage: s, Kind: wire.ReportError, Error: "node shutting down"})
 	}
 	if err := run(w, plan); !errors.Is(err, ErrRunFailed) {
 		t.Fatalf("the stopped run's watch returned %v, want ErrRunFailed", err)
@@ -380,15 +381,15 @@ func TestRunStoppedBeforeAStepsEvaluationResumesFromThatStep(t *testing.T) {
 	}
 
 	resumed := *plan
-	resumed.Resume = &ResumePlan{Run: plan.ID, Step: 2}
+	resumed.Resume = &wire.ResumePlan{Run: plan.ID, Step: 2}
 	w = newWatchRun()
-	w.report(&resumed, Report{Stage: 1, Kind: ReportEval, Step: 2, ValLoss: 2.5})
+	w.report(&resumed, wire.Report{Stage: 1, Kind: wire.ReportEval, Step: 2, ValLoss: 2.5})
 	for step := 3; step <= 4; step++ {
-		w.report(&resumed, Report{Stage: 1, Kind: ReportStep, Step: step, Loss: float64(step)})
+		w.report(&resumed, wire.Report{Stage: 1, Kind: wire.ReportStep, Step: step, Loss: float64(step)})
 	}
-	w.report(&resumed, Report{Stage: 1, Kind: ReportEval, Step: 4, ValLoss: 4.5})
+	w.report(&resumed, wire.Report{Stage: 1, Kind: wire.ReportEval, Step: 4, ValLoss: 4.5})
 	for s := range 2 {
-		w.report(&resumed, Report{Stage: s, Kind: ReportDone})
+		w.report(&resumed, wire.Report{Stage: s, Kind: wire.ReportDone})
 	}
 	if err := run(w, &resumed); err != nil {
 		t.Fatal(err)
@@ -419,10 +420,10 @@ func TestStoppedNodesLastReportsCountBeforeTheirDisconnect(t *testing.T) {
 		out := t.TempDir()
 		plan, run := pipePlan(t, out)
 		w := newWatchRun()
-		w.report(plan, Report{Stage: 1, Kind: ReportStep, Step: 1, Loss: 1})
-		w.report(plan, Report{Stage: 0, Kind: ReportStopping, Step: 1, Error: "node shutting down"})
-		w.report(plan, Report{Stage: 0, Kind: ReportError, Error: "node shutting down"})
-		w.report(plan, Report{Stage: 1, Kind: ReportError, Error: "node shutting down"})
+		w.report(plan, wire.Report{Stage: 1, Kind: wire.ReportStep, Step: 1, Loss: 1})
+		w.report(plan, wire.Report{Stage: 0, Kind: wire.ReportStopping, Step: 1, Error: "node shutting down"})
+		w.report(plan, wire.Report{Stage: 0, Kind: wire.ReportError, Error: "node shutting down"})
+		w.report(plan, wire.Report{Stage: 1, Kind: wire.ReportError, Error: "node shutting down"})
 		for _, a := range plan.Stages {
 			id, _ := peer.Decode(a.Peer)
 			w.lost <- id

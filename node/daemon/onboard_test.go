@@ -1,4 +1,4 @@
-package node
+package daemon
 
 import (
 	"bytes"
@@ -14,9 +14,11 @@ import (
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/ckpt"
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/status"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/shard"
@@ -31,7 +33,7 @@ func writeRunFolder(t *testing.T, dataDir, id, resumedFrom string, size int, whe
 		t.Fatal(err)
 	}
 	rec, _ := json.Marshal(launcherRecord{Launcher: "L", ResumedFrom: resumedFrom})
-	for name, b := range map[string][]byte{launcherFile: rec, "stage-0.safetensors": make([]byte, size)} {
+	for name, b := range map[string][]byte{ckpt.LauncherFile: rec, "stage-0.safetensors": make([]byte, size)} {
 		p := filepath.Join(dir, name)
 		if err := os.WriteFile(p, b, 0o644); err != nil {
 			t.Fatal(err)
@@ -101,7 +103,7 @@ func TestADaemonPrunesOldRunFoldersAtStart(t *testing.T) {
 	}
 	cfg := &config.Config{DataDir: data, Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true, KeepRuns: 2}
 	cfg.EnsureDefaults()
-	d, err := NewDaemon(context.Background(), cfg, slog.New(slog.DiscardHandler))
+	d, err := New(context.Background(), cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,7 +122,7 @@ func TestStatusOnTheDataDirectorysSocketShowsTrustOpenBudgetAndCompute(t *testin
 	cfg := &config.Config{DataDir: filepath.Join(t.TempDir(), "node"), Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true,
 		Trust: []string{"12D3KooWAkC88sNgQmYS6s3EBH4yw18uirscCMtJKXUhufsxoe7V"}, MemoryBudget: "2GiB"}
 	cfg.EnsureDefaults()
-	d, err := NewDaemon(context.Background(), cfg, slog.New(slog.NewTextHandler(&logs, nil)))
+	d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(&logs, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -175,9 +177,9 @@ train: {batch_size: 2, steps: 20, lr: 0.001}
 		t.Fatal(err)
 	}
 	ranges, _ := shard.SplitLayers(2, 2)
-	plan := Plan{ID: id, Spec: sp.String(), Launcher: lid.String(), Created: time.Now(), Expires: time.Now().Add(time.Minute),
+	plan := wire.Plan{ID: id, Spec: sp.String(), Launcher: lid.String(), Created: time.Now(), Expires: time.Now().Add(time.Minute),
 		Stages: []assign.Assignment{{Stage: 0, Peer: d.ID().String(), Range: ranges[0]}, {Stage: 1, Peer: last, Range: ranges[1]}},
-		Data:   &DataPlan{Train: []corpus.Blob{corpus.BlobOf([]byte("some text"))}, Val: corpus.BlobOf([]byte("more text"))}}
+		Data:   &wire.DataPlan{Train: []corpus.Blob{corpus.BlobOf([]byte("some text"))}, Val: corpus.BlobOf([]byte("more text"))}}
 	b, _ := json.Marshal(plan)
 	signed, err := p2p.Sign(k, b)
 	if err != nil {
@@ -190,11 +192,11 @@ train: {batch_size: 2, steps: 20, lr: 0.001}
 // stage announces in heartbeats on gossip, and only that peer's. Runs are listed
 // newest first.
 func TestAFirstStageShowsTheLossItsLastStageAnnounces(t *testing.T) {
-	defer func(i time.Duration) { HeartbeatInterval = i }(HeartbeatInterval)
-	HeartbeatInterval = 200 * time.Millisecond
+	defer func(i time.Duration) { wire.HeartbeatInterval = i }(wire.HeartbeatInterval)
+	wire.HeartbeatInterval = 200 * time.Millisecond
 	cfg := &config.Config{DataDir: filepath.Join(t.TempDir(), "node"), Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true, MaxStages: 2}
 	cfg.EnsureDefaults()
-	d, err := NewDaemon(context.Background(), cfg, slog.New(slog.DiscardHandler))
+	d, err := New(context.Background(), cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -215,8 +217,8 @@ func TestAFirstStageShowsTheLossItsLastStageAnnounces(t *testing.T) {
 	if len(snap.Runs) != 2 || snap.Runs[0].Run != "00000000000000a2" {
 		t.Errorf("runs %+v, want the newest (a2) first", snap.Runs)
 	}
-	beat := func(h *p2p.Host, loss float64, step int) Heartbeat {
-		return Heartbeat{Peer: h.ID().String(), Runs: []HeartbeatRun{{Run: "00000000000000a1", Stage: 1, State: "running", Step: step, Loss: loss, LossStep: step}}}
+	beat := func(h *p2p.Host, loss float64, step int) wire.Heartbeat {
+		return wire.Heartbeat{Peer: h.ID().String(), Runs: []wire.HeartbeatRun{{Run: "00000000000000a1", Stage: 1, State: "running", Step: step, Loss: loss, LossStep: step}}}
 	}
 	// A peer that does not hold the run's last stage is not believed.
 	other := testHost(t)
@@ -282,41 +284,13 @@ func TestEndedRunsAreListedNewestFirst(t *testing.T) {
 	}
 }
 
-// result.json writes the run ID in hex and the elapsed time in seconds, as run.json
-// and metrics.jsonl do, and reads back the same result.
-func TestLaunchResultJSONHasTheRunInHexAndSeconds(t *testing.T) {
-	in := LaunchResult{RunID: 0x8a405f4bde62b593, Steps: 40, Loss: 2.5, ValLoss: 2.75, Tokens: 5120, Elapsed: 12500 * time.Millisecond,
-		FromStep: 8, StepsRun: 32, TimeRun: 10 * time.Second,
-		BoundaryFwd: []int64{100}, BoundaryBwd: []int64{90}, Checkpoints: [][]string{{"/n0/runs/8a405f4bde62b593/stage-0.safetensors"}},
-		Pauses: []Pause{{Why: "stage 1 gone", Recorded: 10, ResumedAt: 8, WaitedS: 3}}}
-	b, err := json.Marshal(in)
-	if err != nil {
-		t.Fatal(err)
-	}
-	var fields map[string]any
-	if err := json.Unmarshal(b, &fields); err != nil {
-		t.Fatal(err)
-	}
-	if fields["run"] != "8a405f4bde62b593" || fields["elapsed_s"] != 12.5 || fields["val_loss"] != 2.75 || fields["time_run_s"] != 10.0 || fields["steps_run"] != 32.0 || fields["RunID"] != nil || fields["Elapsed"] != nil {
-		t.Errorf("result.json %s: want run in hex, elapsed_s in seconds, snake_case keys", b)
-	}
-	var out LaunchResult
-	if err := json.Unmarshal(b, &out); err != nil {
-		t.Fatal(err)
-	}
-	if out.RunID != in.RunID || out.Elapsed != in.Elapsed || out.Steps != 40 || out.Pauses[0] != in.Pauses[0] || out.Checkpoints[0][0] != in.Checkpoints[0][0] ||
-		out.TimeRun != in.TimeRun || out.FromStep != 8 {
-		t.Errorf("read back %+v, want %+v", out, in)
-	}
-}
-
 // A data directory deeper than a unix socket address can name still gets its
 // status socket, and `status` reaches it; a closed node removes it.
 func TestStatusSocketInADeepDataDirectory(t *testing.T) {
 	data := filepath.Join(t.TempDir(), strings.Repeat("d", 60), strings.Repeat("e", 60), "node")
 	cfg := &config.Config{DataDir: data, Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true}
 	cfg.EnsureDefaults()
-	d, err := NewDaemon(context.Background(), cfg, slog.New(slog.DiscardHandler))
+	d, err := New(context.Background(), cfg, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

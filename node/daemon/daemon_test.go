@@ -1,4 +1,4 @@
-package node
+package daemon
 
 import (
 	"bytes"
@@ -19,6 +19,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/status"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/shard"
@@ -28,7 +29,7 @@ func testDaemon(t *testing.T) *Daemon {
 	t.Helper()
 	cfg := &config.Config{DataDir: filepath.Join(t.TempDir(), "node"), Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true}
 	cfg.EnsureDefaults()
-	d, err := NewDaemon(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,13 +117,13 @@ func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 		t.Fatalf("a truncated frame changed the sender's penalties to %d, want them left at 2", n)
 	}
 	// An assignment without a signed plan is a violation too.
-	if r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgAssign}); err != nil || r.OK {
+	if r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgAssign}); err != nil || r.OK {
 		t.Fatalf("unsigned assignment: %+v, %v; want a refusal", r, err)
 	}
 	if n := d.host.Penalties().Offences(h.ID()); n != 3 {
 		t.Fatalf("an unsigned assignment left the sender at %d penalties, want 3", n)
 	}
-	r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer})
+	r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.Peer != d.ID().String() {
 		t.Fatalf("node stopped answering after bad frames: %+v, %v", r, err)
 	}
@@ -175,9 +176,9 @@ train: {batch_size: 2, steps: 2, lr: 0.001}
 		t.Fatal(err)
 	}
 	ranges, _ := shard.SplitLayers(1, 1)
-	plan := Plan{ID: id, Spec: sp.String(), Launcher: launcher.String(), Created: time.Now(), Expires: expires,
+	plan := wire.Plan{ID: id, Spec: sp.String(), Launcher: launcher.String(), Created: time.Now(), Expires: expires,
 		Stages: []assign.Assignment{{Stage: 0, Peer: d.ID().String(), Range: ranges[0]}},
-		Data:   &DataPlan{Train: []corpus.Blob{corpus.BlobOf([]byte("some text"))}, Val: corpus.BlobOf([]byte("more text"))}}
+		Data:   &wire.DataPlan{Train: []corpus.Blob{corpus.BlobOf([]byte("some text"))}, Val: corpus.BlobOf([]byte("more text"))}}
 	b, _ := json.Marshal(plan)
 	signed, err := p2p.Sign(k, b)
 	if err != nil {
@@ -199,7 +200,7 @@ func TestPlansAreBoundToTheirLauncherAndExpire(t *testing.T) {
 	if err := d.accept(launcher, signed); err == nil || !strings.Contains(err.Error(), "expired") {
 		t.Errorf("expired plan: %v, want a refusal", err)
 	}
-	launcher, signed = signedPlan(t, d, 3, time.Now().Add(2*MaxPlanLife))
+	launcher, signed = signedPlan(t, d, 3, time.Now().Add(2*wire.MaxPlanLife))
 	if err := d.accept(launcher, signed); err == nil || !strings.Contains(err.Error(), "ahead") {
 		t.Errorf("plan valid for too long: %v, want a refusal", err)
 	}
@@ -281,27 +282,6 @@ func TestAnEndedRunIsForgottenAfterAWhile(t *testing.T) {
 	}
 }
 
-func TestCallDeadlinesComeFromTheCallsMeasured(t *testing.T) {
-	c := newCallClock(time.Minute)
-	if got := c.deadline(msgNorm, 0); got != time.Minute {
-		t.Errorf("before any norm was answered: %s, want the staffing bound 1m", got)
-	}
-	for _, d := range []time.Duration{10 * time.Millisecond, 30 * time.Millisecond, 20 * time.Millisecond} {
-		c.took(msgNorm, d)
-	}
-	// 4 × the 20 ms mean beats 2 × the 30 ms slowest; then 8 round trips and the margin.
-	if got, want := c.deadline(msgNorm, 50*time.Millisecond), 80*time.Millisecond+400*time.Millisecond+callMargin; got != want {
-		t.Errorf("after norms of 10, 30 and 20 ms over a 50 ms path: %s, want %s", got, want)
-	}
-	c.took(msgNorm, time.Second)
-	if got, want := c.deadline(msgNorm, 0), 2*time.Second+callMargin; got != want {
-		t.Errorf("after a 1 s norm: %s, want twice the slowest plus the margin, %s", got, want)
-	}
-	if got := c.deadline(msgAssign, 0); got != time.Minute {
-		t.Errorf("assign, never measured: %s; each kind is timed on its own", got)
-	}
-}
-
 // A node told nowhere to listen picks its ports on the first start and listens on the
 // same ones after a restart on its data directory; told where, it listens there.
 func TestNodeKeepsItsDefaultListenPortsAcrossRestarts(t *testing.T) {
@@ -309,7 +289,7 @@ func TestNodeKeepsItsDefaultListenPortsAcrossRestarts(t *testing.T) {
 	start := func(listen []string) []string {
 		cfg := &config.Config{DataDir: dataDir, Listen: listen, Open: true}
 		cfg.EnsureDefaults()
-		d, err := NewDaemon(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -345,7 +325,7 @@ func TestAPlanAcceptedBeforeARestartIsRefusedAfterIt(t *testing.T) {
 	newDaemon := func() *Daemon {
 		cfg := &config.Config{DataDir: dir, Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true, MaxStages: 2}
 		cfg.EnsureDefaults()
-		d, err := NewDaemon(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+		d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 		if err != nil {
 			t.Fatal(err)
 		}

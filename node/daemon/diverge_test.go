@@ -1,4 +1,4 @@
-package node
+package daemon
 
 import (
 	"context"
@@ -9,7 +9,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
@@ -33,9 +35,9 @@ train: {batch_size: 4, steps: 20, lr: 1.0e+30, warmup: 0}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	res, err := Launch(ctx, LaunchOptions{Spec: sp, Key: key, Peers: []string{ds[0].Addrs()[0], ds[1].Addrs()[0]},
+	res, err := launcher.Launch(ctx, launcher.Options{Spec: sp, Key: key, Peers: []string{ds[0].Addrs()[0], ds[1].Addrs()[0]},
 		Listen: []string{"/ip4/127.0.0.1/tcp/0"}, OutDir: t.TempDir(), Log: slog.New(slog.NewTextHandler(io.Discard, nil))})
-	if !errors.Is(err, ErrRunFailed) || !errors.Is(err, ErrDiverged) {
+	if !errors.Is(err, launcher.ErrRunFailed) || !errors.Is(err, wire.ErrDiverged) {
 		t.Fatalf("launch: %v, want a failed run that diverged", err)
 	}
 	if want := "diverged at step 2 on stage 1: the gradient values for micro-batch 0 it was to send are not finite in fp32"; !strings.Contains(err.Error(), want) {

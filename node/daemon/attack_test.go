@@ -1,4 +1,4 @@
-package node
+package daemon
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/protocol"
 
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 )
@@ -89,8 +90,8 @@ func TestStreamsFromPeersOfNoRunHereAreRefusedAtOnce(t *testing.T) {
 	}
 	// When the run ends here, its peers' idle streams are closed.
 	w := d.run(9)
-	w.stop(ErrShutdown)
-	w.startOnce.Do(w.start)
+	w.Stop(ErrShutdown)
+	w.Start()
 	if !refusedAtOnce(s) {
 		t.Fatal("a peer's idle tensor stream stayed open after its run ended here")
 	}
@@ -157,7 +158,7 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 	}
 	// The stalled ones are reset at the deadline and each counts against its sender.
 	for i, s := range stalled {
-		_ = s.SetReadDeadline(time.Now().Add(wireWindow(d.host, h.ID()) + 5*time.Second))
+		_ = s.SetReadDeadline(time.Now().Add(wire.Window(d.host, h.ID()) + 5*time.Second))
 		if _, err := s.Read(make([]byte, 1)); err == nil || errors.Is(err, io.EOF) || strings.Contains(err.Error(), "deadline") {
 			t.Fatalf("stalled control stream %d: %v, want a reset", i, err)
 		}
@@ -169,14 +170,14 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 		t.Fatalf("the second stranger has %d violations, want %d", n, ctlPerIP-ctlPerPeer)
 	}
 	// An offer to a key this node does not trust says nothing of the node.
-	r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer})
+	r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
 	if err != nil || r.OK || r.Offer != nil || !strings.Contains(r.Error, "does not trust") {
 		t.Fatalf("offer to an untrusted key: %+v, %v; want a refusal and nothing else", r, err)
 	}
 	// An unknown message type is a violation, whatever run it names; the tenth
 	// violation in quick succession bans.
 	for i := 1 + ctlPerPeer + 1; i <= p2p.DefaultPenaltyLimit; i++ {
-		r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: "pwn"})
+		r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: "pwn"})
 		if err != nil || r.OK {
 			t.Fatalf("message of unknown type: %+v, %v", r, err)
 		}
@@ -191,7 +192,7 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 	if _, err := l.Connect(ctx, d.Addrs()[0]); err != nil {
 		t.Fatal(err)
 	}
-	r, err = call(ctx, l, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer})
+	r, err = wire.Call(ctx, l, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.MemoryBytes == 0 || len(r.Offer.Addrs) == 0 {
 		t.Fatalf("offer to a trusted launcher: %+v, %v", r, err)
 	}

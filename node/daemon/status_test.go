@@ -1,4 +1,4 @@
-package node
+package daemon
 
 import (
 	"context"
@@ -17,6 +17,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/status"
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
@@ -24,7 +25,7 @@ func statusDaemon(t *testing.T) *Daemon {
 	t.Helper()
 	cfg := &config.Config{DataDir: filepath.Join(t.TempDir(), "node"), Listen: []string{"/ip4/127.0.0.1/tcp/0"}, Open: true, Status: "127.0.0.1:0"}
 	cfg.EnsureDefaults()
-	d, err := NewDaemon(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	d, err := New(context.Background(), cfg, slog.New(slog.NewTextHandler(io.Discard, nil)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -64,7 +65,7 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 	if _, err := h.Connect(ctx, d.Addrs()[0]); err != nil {
 		t.Fatal(err)
 	}
-	if r, err := call(ctx, h, newCallClock(10*time.Second), nil, d.ID(), ctlMsg{Type: msgOffer}); err != nil || !r.OK {
+	if r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgOffer}); err != nil || !r.OK {
 		t.Fatalf("offer: %+v %v", r, err)
 	}
 	// h launches a run here (so its tensor streams are read), then sends a bad frame.
@@ -137,8 +138,8 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 // Heartbeats on gossip carry the node's version and what it serves, under the field
 // names docs/node.md lists.
 func TestHeartbeatsOnGossipCarryVersionAndStages(t *testing.T) {
-	defer func(i time.Duration) { HeartbeatInterval = i }(HeartbeatInterval)
-	HeartbeatInterval = 200 * time.Millisecond
+	defer func(i time.Duration) { wire.HeartbeatInterval = i }(wire.HeartbeatInterval)
+	wire.HeartbeatInterval = 200 * time.Millisecond
 	d := testDaemon(t)
 	h := testHost(t)
 	topic, err := h.PubSub.Join(p2p.TopicHeartbeats)

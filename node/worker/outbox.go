@@ -1,4 +1,4 @@
-package node
+package worker
 
 import (
 	"context"
@@ -13,6 +13,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
@@ -26,7 +27,7 @@ type outbox struct {
 	log    *slog.Logger
 	sent   *sentBytes
 	meters *traffic.Meters // nil: not counted
-	calls  *callClock      // control messages' deadlines
+	calls  *wire.CallClock // control messages' deadlines
 	fail   func(error)     // a frame or norm that cannot be delivered ends the run
 	// undelivered, if set, hears of every other control message (a report) that
 	// could not be delivered, with its destination.
@@ -61,14 +62,14 @@ func (b *sentBytes) add(k p2p.Kind, n int64) {
 	}
 }
 
-func newOutbox(h *p2p.Host, log *slog.Logger, sent *sentBytes, meters *traffic.Meters, calls *callClock, fail func(error)) *outbox {
+func newOutbox(h *p2p.Host, log *slog.Logger, sent *sentBytes, meters *traffic.Meters, calls *wire.CallClock, fail func(error)) *outbox {
 	ctx, cancel := context.WithCancel(context.Background())
 	return &outbox{host: h, log: log, sent: sent, meters: meters, calls: calls, fail: fail, ctx: ctx, cancel: cancel, queues: map[qkey]chan any{}}
 }
 
 func (o *outbox) send(to peer.ID, proto protocol.ID, f *p2p.Frame) { o.enqueue(qkey{to, proto}, f) }
 
-func (o *outbox) control(to peer.ID, m ctlMsg) { o.enqueue(qkey{to, p2p.ProtoControl}, m) }
+func (o *outbox) control(to peer.ID, m wire.Msg) { o.enqueue(qkey{to, p2p.ProtoControl}, m) }
 
 func (o *outbox) enqueue(k qkey, item any) {
 	o.mu.Lock()
@@ -119,14 +120,14 @@ func (o *outbox) run(k qkey, q chan any) {
 	}()
 	for item := range q {
 		switch item := item.(type) {
-		case ctlMsg:
-			r, err := call(o.ctx, o.host, o.calls, o.meters.For(p2p.ProtoControl), k.to, item)
+		case wire.Msg:
+			r, err := wire.Call(o.ctx, o.host, o.calls, o.meters.For(p2p.ProtoControl), k.to, item)
 			if err == nil && !r.OK {
 				err = fmt.Errorf("%s refused by %s: %s", item.Type, k.to, r.Error)
 			}
 			if err != nil {
 				o.log.Warn("control message not delivered", "type", item.Type, "to", k.to, "err", err)
-				if item.Type == msgNorm {
+				if item.Type == wire.MsgNorm {
 					o.fail(err)
 				} else if o.undelivered != nil && o.ctx.Err() == nil {
 					o.undelivered(k.to)

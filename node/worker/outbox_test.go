@@ -1,4 +1,4 @@
-package node
+package worker
 
 import (
 	"errors"
@@ -11,6 +11,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	ma "github.com/multiformats/go-multiaddr"
 
+	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
 )
 
@@ -79,7 +80,7 @@ func TestOutboxMovesATensorStreamFromTheRelayToADirectConnection(t *testing.T) {
 	}
 
 	failed := make(chan error, 1)
-	o := newOutbox(send, slog.New(slog.NewTextHandler(t.Output(), nil)), &sentBytes{}, nil, newCallClock(10*time.Second), func(err error) { failed <- err })
+	o := newOutbox(send, slog.New(slog.NewTextHandler(t.Output(), nil)), &sentBytes{}, nil, wire.NewCallClock(10*time.Second), func(err error) { failed <- err })
 	t.Cleanup(o.close)
 	frame := func(step uint32) *p2p.Frame {
 		return &p2p.Frame{Kind: p2p.KindActivation, Run: 42, Step: step, Shape: []uint32{1, 2, 2}, Codec: p2p.CodecF32, Data: []float32{1, 2, 3, 4}}

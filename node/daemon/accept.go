@@ -1,0 +1,293 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
+	"github.com/multiformats/go-multiaddr"
+
+	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/status"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/wire"
+	"github.com/pipeswarm/pipeswarm/node/worker"
+	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// accept checks a signed run plan and, if this node trusts its launcher and can hold
+// its stage, creates the worker (it starts on wire.MsgStart).
+func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
+	if signed == nil {
+		return fmt.Errorf("%w: assign without a signed plan", p2p.ErrBadSignature)
+	}
+	signer, err := signed.Verify()
+	if err != nil {
+		d.log.Warn("refusing run: bad signature", "from", from, "err", err)
+		return fmt.Errorf("refused: %w", err)
+	}
+	if !d.cfg.Open && !d.trust[signer] {
+		d.log.Warn("refusing run: signed by an untrusted key", "key", signer, "from", from)
+		return fmt.Errorf("refused: run signed by %s, a key this node does not trust (trust it with --trust %s, or accept any launcher with --open / open: true)", signer, signer)
+	}
+	plan, err := wire.DecodePlan(signed.Payload)
+	if err != nil {
+		return err
+	}
+	if plan.Launcher != signer.String() {
+		return fmt.Errorf("refused: plan names launcher %s but is signed by %s", plan.Launcher, signer)
+	}
+	if from != signer {
+		d.log.Warn("refusing run: plan relayed by another peer", "from", from, "launcher", signer)
+		return fmt.Errorf("refused: plan signed by launcher %s but sent by %s; a node takes plans from their launcher only", signer, from)
+	}
+	switch now := time.Now(); {
+	case plan.Expires.IsZero():
+		return errors.New("refused: plan has no expiry (a launcher older than this node?)")
+	case now.After(plan.Expires):
+		d.log.Warn("refusing run: plan expired", "run", fmt.Sprintf("%016x", plan.ID), "expired", plan.Expires)
+		return fmt.Errorf("refused: plan expired at %s (replayed or delayed)", plan.Expires.Format(time.RFC3339))
+	case plan.Expires.Sub(now) > wire.MaxPlanLife:
+		return fmt.Errorf("refused: plan valid until %s, more than %s ahead", plan.Expires.Format(time.RFC3339), wire.MaxPlanLife)
+	}
+	sp, err := spec.Parse([]byte(plan.Spec), "run spec")
+	if err != nil {
+		return fmt.Errorf("refused: %w", err)
+	}
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	if len(plan.Stages) != S*R {
+		return fmt.Errorf("refused: plan has %d cells, spec %d stages × %d replicas", len(plan.Stages), S, R)
+	}
+	want, err := shard.SplitLayers(sp.Model.NLayers, S)
+	if err != nil {
+		return fmt.Errorf("refused: %w", err)
+	}
+	idx, rep := -1, -1
+	seen := map[[2]int]bool{}
+	for _, a := range plan.Stages {
+		id, err := peer.Decode(a.Peer)
+		if err != nil {
+			return fmt.Errorf("refused: stage %d replica %d peer %q: %w", a.Stage, a.Replica, a.Peer, err)
+		}
+		if a.Stage < 0 || a.Stage >= S || a.Replica < 0 || a.Replica >= R || seen[[2]int{a.Stage, a.Replica}] {
+			return fmt.Errorf("refused: cell stage %d replica %d is outside the %d×%d grid or given twice", a.Stage, a.Replica, S, R)
+		}
+		seen[[2]int{a.Stage, a.Replica}] = true
+		if a.Range != want[a.Stage] {
+			return fmt.Errorf("refused: stage %d holds layers %v, want %v", a.Stage, a.Range, want[a.Stage])
+		}
+		if id == d.host.ID() {
+			if idx >= 0 {
+				return errors.New("refused: the plan gives this node two cells of one run")
+			}
+			idx, rep = a.Stage, a.Replica
+		}
+		d.addAddrs(id, a.Addrs)
+	}
+	if idx < 0 {
+		return errors.New("refused: the plan gives this node no stage")
+	}
+	var nonce uint64
+	if j := plan.Join; j != nil {
+		switch {
+		case j.Replica != rep:
+			return fmt.Errorf("refused: a rejoin of replica pipeline %d, but this node holds replica %d", j.Replica, rep)
+		case R < 2 || sp.DiLoCo.Fragments != 1:
+			return errors.New("refused: rejoining needs replicas with one fragment")
+		case j.Step < 1 || j.Step >= sp.Train.Steps || !sp.DiLoCo.SyncAt(j.Step, sp.Train.Steps):
+			return fmt.Errorf("refused: rejoin at step %d, not an outer step of the run", j.Step)
+		case j.Nonce == 0 || plan.Resume != nil:
+			return errors.New("refused: a rejoin needs a nonce and no resume")
+		}
+		nonce = j.Nonce
+	}
+	if err := plan.Data.Validate(R); err != nil {
+		return fmt.Errorf("refused: %w", err)
+	}
+	if lid, err := peer.Decode(plan.Launcher); err == nil {
+		d.addAddrs(lid, plan.LauncherAddrs)
+	}
+	a, _ := plan.Cell(idx, rep)
+	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
+	slots := assign.Slots(S, idx, sp.Pipeline.MicroBatches, sp.Pipeline.InFlight)
+	need := assign.Need(train.ModelConfig(sp), a.Range, idx == 0, idx == S-1, mb, slots, sp.Model.Recompute)
+	if need > d.cfg.MemoryBudgetBytes() {
+		return fmt.Errorf("refused: stage %d needs %d MiB, this node's memory budget is %d MiB", idx, need>>20, d.cfg.MemoryBudgetBytes()>>20)
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if _, dup := d.runs[plan.ID]; dup || !d.seen[[2]uint64{plan.ID, nonce}].IsZero() {
+		return fmt.Errorf("refused: run %016x already accepted here", plan.ID)
+	}
+	if len(d.runs) >= d.cfg.MaxStages {
+		return fmt.Errorf("refused: this node already holds %d stage(s), its max_stages", len(d.runs))
+	}
+	var resumeDir string
+	if plan.Resume != nil {
+		if plan.Resume.Run == plan.ID || plan.Resume.Step < 1 || plan.Resume.Step >= sp.Train.Steps {
+			return fmt.Errorf("refused: resume from run %016x step %d in a run of %d steps", plan.Resume.Run, plan.Resume.Step, sp.Train.Steps)
+		}
+		resumeDir = d.dir.RunDir(fmt.Sprintf("%016x", plan.Resume.Run))
+	}
+	// Recorded before anything else: a node restarted after this must refuse the plan.
+	d.seen[[2]uint64{plan.ID, nonce}] = plan.Expires
+	if err := d.writeAccepted(); err != nil {
+		delete(d.seen, [2]uint64{plan.ID, nonce})
+		return fmt.Errorf("refused: %w", err)
+	}
+	w, err := worker.New(context.Background(), worker.Env{Host: d.host, Log: d.log, Reduce: d.reduce, Fetch: d.fetch, Corpus: d.cfg.Corpus,
+		FaultStallSync: d.faultStallSync, Meters: d.meters},
+		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), resumeDir)
+	if err != nil {
+		delete(d.seen, [2]uint64{plan.ID, nonce}) // not taken: the launcher may send it again
+		_ = d.writeAccepted()
+		return fmt.Errorf("refused: %w", err)
+	}
+	d.runs[plan.ID] = w
+	members := map[peer.ID]bool{signer: true}
+	for _, a := range plan.Stages {
+		if id, err := peer.Decode(a.Peer); err == nil && id != d.host.ID() {
+			members[id] = true
+		}
+	}
+	d.members[plan.ID] = members
+	for _, a := range plan.Stages {
+		if id, err := peer.Decode(a.Peer); err == nil && id != d.host.ID() {
+			d.reserveLocked(plan.ID, id, a.Addrs)
+		}
+	}
+	d.reserveLocked(plan.ID, signer, plan.LauncherAddrs)
+	delete(d.ended, plan.ID) // frames of the run are for this worker again
+	time.AfterFunc(time.Until(plan.Expires), func() {
+		d.mu.Lock()
+		delete(d.seen, [2]uint64{plan.ID, nonce})
+		d.mu.Unlock()
+		select {
+		case <-w.Started():
+		default:
+			d.log.Warn("releasing a run its launcher never started", "run", fmt.Sprintf("%016x", plan.ID), "expired", plan.Expires)
+			w.Cancel(fmt.Errorf("%w: plan expired at %s", ErrNeverStarted, plan.Expires.Format(time.RFC3339)))
+			w.Start()
+		}
+	})
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		<-w.Started()
+		<-w.Done()
+		d.endRun(plan.ID, w.FinalView())
+	}()
+	if err := writeLauncherRecord(d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), plan); err != nil {
+		d.log.Warn("launcher not recorded; after a restart this node will not find it", "err", err)
+	}
+	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
+		"launcher", signer, "need_mib", need>>20)
+	return nil
+}
+
+// endRun forgets a run that stopped here but remembers, for endedMemory, that it
+// ended: late frames come within seconds of the end, and the record need not
+// outlive them.
+// last is how the run ended here, kept for the status page.
+func (d *Daemon) endRun(id uint64, last status.Run) {
+	d.mu.Lock()
+	last = withHeardLoss(last, d.heard)
+	delete(d.heard, id)
+	delete(d.runs, id)
+	gone := d.members[id]
+	delete(d.members, id)
+	// Its peers' tensor streams have nothing more to carry here, unless for another run.
+	for p := range gone {
+		if !d.isMemberLocked(p) {
+			for s := range d.tensorIn[p] {
+				s.Reset()
+			}
+		}
+	}
+	for _, r := range d.reserved[id] {
+		d.host.Release(r.id, r.addrs)
+	}
+	delete(d.reserved, id)
+	d.ended[id] = true
+	d.finished = append(d.finished, last)
+	if len(d.finished) > keptRuns {
+		d.finished = slices.Delete(d.finished, 0, len(d.finished)-keptRuns)
+	}
+	d.mu.Unlock()
+	time.AfterFunc(endedMemory, func() {
+		d.mu.Lock()
+		delete(d.ended, id)
+		d.mu.Unlock()
+	})
+	d.pruneRuns()
+}
+
+// isMember reports whether p is a peer of a run held here (Host.Gate of the
+// tensor and reduce protocols).
+func (d *Daemon) isMember(p peer.ID) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.isMemberLocked(p)
+}
+
+func (d *Daemon) isMemberLocked(p peer.ID) bool {
+	for _, m := range d.members {
+		if m[p] {
+			return true
+		}
+	}
+	return false
+}
+
+// addMember counts p, at addrs, among run's peers (a cell passed to it).
+func (d *Daemon) addMember(run uint64, p peer.ID, addrs []string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if m := d.members[run]; m != nil {
+		m[p] = true
+		d.reserveLocked(run, p, addrs)
+	}
+}
+
+// reservation is one p2p.Host.Reserve a run made.
+type reservation struct {
+	id    peer.ID
+	addrs []multiaddr.Multiaddr
+}
+
+// reserveLocked lets run's peer p at addrs (full or bare multiaddrs) past the host's
+// connection limits while the run is held here. d.mu is held.
+func (d *Daemon) reserveLocked(run uint64, p peer.ID, addrs []string) {
+	var r reservation
+	for _, s := range addrs {
+		if a, err := multiaddr.NewMultiaddr(s); err == nil {
+			r.addrs = append(r.addrs, a)
+		}
+	}
+	if len(r.addrs) == 0 {
+		return
+	}
+	r.id = p
+	d.host.Reserve(p, r.addrs)
+	d.reserved[run] = append(d.reserved[run], r)
+}
+
+func (d *Daemon) addAddrs(id peer.ID, addrs []string) {
+	for _, s := range addrs {
+		ma, err := multiaddr.NewMultiaddr(s)
+		if err != nil {
+			continue
+		}
+		if info, err := peer.AddrInfoFromP2pAddr(ma); err == nil && info.ID == id {
+			d.host.Peerstore().AddAddrs(id, info.Addrs, peerstore.PermanentAddrTTL)
+		} else {
+			d.host.Peerstore().AddAddr(id, ma, peerstore.PermanentAddrTTL)
+		}
+	}
+}

@@ -1,0 +1,97 @@
+package worker
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/node/ckpt"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+func (w *Worker) checkpointPath() string {
+	return ckpt.PairAt(w.dir, ckpt.Base(w.idx, w.rep, w.sp.Pipeline.Replicas)).Weights
+}
+
+// checkpointHeld is checkpointPath if a checkpoint is there, "" otherwise (a stage
+// stopped before it wrote one).
+func (w *Worker) checkpointHeld() string {
+	if _, err := os.Stat(w.checkpointPath()); err != nil {
+		return ""
+	}
+	return w.checkpointPath()
+}
+
+// checkpoint writes the stage's tensors (global layer names), the spec and the step.
+// It runs only while the compute goroutine is idle or stopped.
+func (w *Worker) checkpoint() error {
+	if err := w.writeCheckpoint(); err != nil {
+		return fmt.Errorf("%w at step %d in %s: %w", ErrCheckpointWrite, w.doneStep, w.dir, err)
+	}
+	// A long run keeps its launcher record fresh: a node restarted days into it
+	// still dials its launcher (see relaunchWindow).
+	now := time.Now()
+	_ = os.Chtimes(filepath.Join(w.dir, ckpt.LauncherFile), now, now)
+	return nil
+}
+
+// ErrCheckpointWrite is wrapped by the error of a stage whose checkpoint could not be
+// written (a full disk, an I/O error): the run stops with that reason, as waiting
+// for the node would not help.
+var ErrCheckpointWrite = errors.New("could not write its checkpoint")
+
+func (w *Worker) writeCheckpoint() error {
+	if err := os.MkdirAll(w.dir, 0o755); err != nil {
+		return err
+	}
+	base := ckpt.Base(w.idx, w.rep, w.sp.Pipeline.Replicas)
+	pair := ckpt.PairAt(w.dir, base)
+	meta := map[string]string{train.MetaSpec: w.sp.String(), train.MetaStep: strconv.Itoa(w.doneStep),
+		ckpt.MetaStage: strconv.Itoa(w.idx), ckpt.MetaReplica: strconv.Itoa(w.rep)}
+	// Whole only if no optimiser step has run since the step's end was recorded (a
+	// stage stopped between its optimiser step and its outer step is not).
+	whole := w.doneStep == w.ckStep
+	if whole {
+		meta[ckpt.MetaResumable] = "1"
+	}
+	if d := w.plan.Data; d != nil && d.TokenizerSHA256 != "" {
+		meta[ckpt.MetaTokenizer] = d.TokenizerSHA256
+	}
+	if err := ckpt.Rotate(w.dir, base, w.doneStep, whole); err != nil {
+		return err
+	}
+	if err := shard.SaveCheckpoint(pair.Weights, meta, w.stage); err != nil {
+		return err
+	}
+	// The optimiser state, so that nothing of it is lost: AdamW's moments and step, and
+	// with replicas the global weights, outer momentum and error-feedback residual.
+	m, v := w.opt.Moments()
+	ts := []shard.Named{{Name: "adam_m", Data: m}, {Name: "adam_v", Data: v}}
+	meta["adam_step"] = strconv.Itoa(w.opt.StepCount())
+	if w.outer != nil {
+		ts = append(ts, shard.Named{Name: "global", Data: w.outer.Global}, shard.Named{Name: "outer_momentum", Data: w.outer.Momentum()})
+		if r := w.outer.Residual(); r != nil {
+			ts = append(ts, shard.Named{Name: "ef_residual", Data: r})
+		}
+		meta["outer_steps"] = strconv.Itoa(w.outer.Rounds)
+	}
+	// Where the data stream was and what the lossy boundary codecs carried over at the
+	// step's end.
+	if w.ckSampler != nil {
+		meta["sampler"] = hex.EncodeToString(w.ckSampler)
+	}
+	for _, b := range []struct {
+		name string
+		r    []float32
+	}{{"in_ef_residual", w.ckIn}, {"out_ef_residual", w.ckOut}} {
+		if b.r != nil {
+			ts = append(ts, shard.Named{Name: b.name, Data: b.r})
+		}
+	}
+	return shard.SaveTensors(pair.State, meta, ts)
+}

@@ -1,0 +1,177 @@
+package worker
+
+import (
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/node/ckpt"
+	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/shard"
+)
+
+// resumeFrom loads into the worker's stage the checkpoint of its cell at step from
+// runDir: weights, AdamW moments and step, outer state, residuals and the data
+// sampler's position (applied when the data is loaded).
+func (w *Worker) resumeFrom(runDir string, step int) error {
+	base := ckpt.Base(w.idx, w.rep, w.sp.Pipeline.Replicas)
+	var pair *ckpt.Pair
+	var why []string
+	for _, p := range ckpt.Pairs(runDir, base) {
+		s, err := p.ResumableStep(w.sp.String())
+		if err == nil && s == step {
+			pair = &p
+			break
+		}
+		if err != nil {
+			why = append(why, err.Error())
+		} else {
+			why = append(why, fmt.Sprintf("%s is of step %d", p.Weights, s))
+		}
+	}
+	if pair == nil {
+		return fmt.Errorf("no checkpoint of %s at step %d here: %s", base, step, strings.Join(why, "; "))
+	}
+	ck, err := shard.LoadSealed(pair.Weights)
+	if err != nil {
+		return err
+	}
+	if err := w.stage.Load(ck); err != nil {
+		return err
+	}
+	st, err := shard.LoadSealed(pair.State)
+	if err != nil {
+		return err
+	}
+	get := func(name string, dst []float32) error {
+		t, ok := st.Tensors[name]
+		if !ok {
+			return fmt.Errorf("%s has no %s", pair.State, name)
+		}
+		if len(t.Data) != len(dst) {
+			return fmt.Errorf("%s: %s has %d values, want %d", pair.State, name, len(t.Data), len(dst))
+		}
+		copy(dst, t.Data)
+		return nil
+	}
+	n := len(w.stage.Params)
+	m, v := make([]float32, n), make([]float32, n)
+	if err := errors.Join(get("adam_m", m), get("adam_v", v)); err != nil {
+		return err
+	}
+	adamStep, err := strconv.Atoi(st.Metadata["adam_step"])
+	if err != nil {
+		return fmt.Errorf("%s: adam_step: %w", pair.State, err)
+	}
+	if err := w.opt.SetState(adamStep, m, v); err != nil {
+		return err
+	}
+	if w.outer != nil {
+		if err := errors.Join(get("global", w.outer.Global), get("outer_momentum", w.outer.Momentum())); err != nil {
+			return err
+		}
+		if r := w.outer.Residual(); r != nil {
+			if err := get("ef_residual", r); err != nil {
+				return err
+			}
+		}
+		if w.outer.Rounds, err = strconv.Atoi(st.Metadata["outer_steps"]); err != nil {
+			return fmt.Errorf("%s: outer_steps: %w", pair.State, err)
+		}
+		w.serve(uint64(step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1))
+	}
+	for _, b := range []struct {
+		name string
+		b    *train.Boundary
+	}{{"in_ef_residual", w.inB}, {"out_ef_residual", w.outB}} {
+		if t, ok := st.Tensors[b.name]; ok && b.b != nil {
+			b.b.SetResidual(t.Data)
+		}
+	}
+	if w.stage.First {
+		if w.resumeSampler, err = hex.DecodeString(st.Metadata["sampler"]); err != nil || len(w.resumeSampler) == 0 {
+			return fmt.Errorf("%s: no data sampler position: %v", pair.State, err)
+		}
+	}
+	// The new run's directory starts with the checkpoint it resumed from, so that if
+	// this run stops too, even before its first step, it can be resumed in turn.
+	if filepath.Clean(runDir) != filepath.Clean(w.dir) {
+		if err := os.MkdirAll(w.dir, 0o755); err != nil {
+			return err
+		}
+		to := ckpt.PairAt(w.dir, base)
+		if err := errors.Join(shard.CopyCheckpoint(to.Weights, pair.Weights), shard.CopyCheckpoint(to.State, pair.State)); err != nil {
+			return fmt.Errorf("keeping the resumed checkpoint: %w", err)
+		}
+	}
+	// Nothing trained yet: stopping now keeps the copy rather than writing a
+	// checkpoint without the data position, which is only known once the data loads.
+	w.doneStep, w.ckStep, w.stepped = step, step, false
+	w.log.Info("resuming from checkpoint", "step", step, "checkpoint", pair.Weights)
+	return nil
+}
+
+// serve publishes the state a replica that falls behind or joins fetches: the global
+// weights and outer momentum as of round, and this replica's AdamW moments.
+func (w *Worker) serve(round uint64) {
+	m, v := w.opt.Moments()
+	w.served.set(round, w.outer.Global, w.outer.Momentum(), m, v)
+}
+
+// rejoin brings this stage into a running run as the plan's Join says: it fetches
+// the stage's global weights and outer momentum from every live replica at once and
+// AdamW moments from one (each vector verified by its sha256; see reduce.FetchState),
+// which must be as of the outer step
+// after the plan's step, and puts the data sampler where this replica's would be.
+// The all-reduce group counts it in from the next round.
+func (w *Worker) rejoin() error {
+	j := w.plan.Join
+	want := uint64(j.Step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1)
+	t0 := time.Now()
+	w.connectReplicas() // the group fetches over connections that exist
+	round, vecs, err := w.group.FetchStateAt(w.ctx, want)
+	if err != nil {
+		return fmt.Errorf("rejoin: fetching the stage's state: %w", err)
+	}
+	n := len(w.stage.Params)
+	switch {
+	case round != want:
+		return fmt.Errorf("rejoin: the live replicas are at round %d, the plan's step %d is round %d (they moved on: rejoin at a later step)", round, j.Step, want)
+	case len(vecs) != 4 || len(vecs[0]) != n || len(vecs[1]) != n || len(vecs[2]) != n || len(vecs[3]) != n:
+		return fmt.Errorf("rejoin: fetched state has the wrong shape (%d vectors)", len(vecs))
+	}
+	copy(w.outer.Global, vecs[0])
+	copy(w.outer.Momentum(), vecs[1])
+	copy(w.stage.Params, vecs[0])
+	// Every replica has taken as many inner steps: the moments' step count is j.Step.
+	if err := w.opt.SetState(j.Step, vecs[2], vecs[3]); err != nil {
+		return fmt.Errorf("rejoin: %w", err)
+	}
+	for s := 1; s <= j.Step; s++ {
+		if w.sp.DiLoCo.SyncAt(s, w.sp.Train.Steps) {
+			w.outer.Rounds++
+		}
+	}
+	w.serve(round)
+	if w.sampler != nil {
+		// This replica's data stream, where it would be after j.Step steps.
+		mb := w.sp.Train.BatchSize / w.sp.Pipeline.MicroBatches
+		io := w.slotIO[0]
+		for range j.Step * w.sp.Pipeline.MicroBatches {
+			w.sampler.Next(io.tokens[:mb*w.stage.Config.SeqLen], io.targets[:mb*w.stage.Config.SeqLen])
+		}
+	}
+	w.doneStep, w.ckStep, w.stepped = j.Step, j.Step, true
+	if err := w.stepTaken(j.Step); err != nil {
+		return err
+	}
+	rep := w.group.LastFetch()
+	w.log.Info("rejoined: state fetched and verified", "step", j.Step, "round", round, "weights_hash", w.outer.Hash(),
+		"replicas", len(rep.Pieces), "pieces_resent", rep.Resent, "took", time.Since(t0).Round(time.Millisecond))
+	return nil
+}
