@@ -11,6 +11,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/examples"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/shard"
@@ -65,7 +66,7 @@ func TestOneBStageStepMemoryIsWhatStaffingCounts(t *testing.T) {
 		t.Fatal(err)
 	}
 	st.Init(sp.Seed)
-	opt, err := optim.NewAdamW(len(st.Params), train.AdamWConfig(sp, st))
+	opt, err := optim.NewAdamW(len(st.Params), stage.AdamWConfig(sp, st))
 	if err != nil {
 		t.Fatal(err)
 	}

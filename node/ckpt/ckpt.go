@@ -21,6 +21,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/shard"
@@ -39,20 +40,14 @@ const (
 )
 
 // Base is the file name, without extension, of a stage's checkpoint.
-func Base(idx, rep, replicas int) string {
-	if replicas > 1 {
-		return fmt.Sprintf("stage-%d-replica-%d", idx, rep)
-	}
-	return fmt.Sprintf("stage-%d", idx)
-}
+func Base(idx, rep, replicas int) string { return stage.Name(idx, rep, replicas) }
 
-// Pair is a checkpoint's two files: the weights and the optimiser state beside them.
-type Pair struct{ Weights, State string }
+// Pair is a checkpoint's two files, the weights and the optimiser state beside
+// them, as stage.Unit.Save writes them.
+type Pair stage.Paths
 
 // PairAt is the pair of files named base in dir.
-func PairAt(dir, base string) Pair {
-	return Pair{filepath.Join(dir, base+".safetensors"), filepath.Join(dir, base+".state.safetensors")}
-}
+func PairAt(dir, base string) Pair { return Pair(stage.At(dir, base)) }
 
 // Pairs are the checkpoints of a stage in dir: the newest, then the older ones
 // kept, newest first.

@@ -3,6 +3,7 @@ package stage
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
 	"strconv"
 
@@ -59,9 +60,15 @@ func At(dir, name string) Paths {
 
 // Save writes the unit's checkpoint to p: the weights and optimiser state as they
 // are now, the boundaries' residuals as Mark last kept them. meta goes into both
-// files; Save does not change it.
+// files, but for MetaSampler, which goes into the state file only; Save does not
+// change it.
 func (u *Unit) Save(p Paths, meta map[string]string) error {
-	if err := shard.SaveCheckpoint(p.Weights, meta, u.Stage); err != nil {
+	wm := meta
+	if _, ok := meta[MetaSampler]; ok {
+		wm = maps.Clone(meta)
+		delete(wm, MetaSampler)
+	}
+	if err := shard.SaveCheckpoint(p.Weights, wm, u.Stage); err != nil {
 		return err
 	}
 	sm := make(map[string]string, len(meta)+3)

@@ -149,6 +149,13 @@ func (u *Unit) Update(norm, clip float64, lr float32) {
 // Steps is how many optimiser steps the unit has taken (restored ones included).
 func (u *Unit) Steps() int { return u.opt.StepCount() }
 
+// Moments are the update rule's state, AdamW's first and second moments: what a
+// replica rejoining a run fetches from a live one. They alias the unit's state.
+func (u *Unit) Moments() (m, v []float32) { return u.opt.Moments() }
+
+// SetMoments takes another replica's moments as of its step count steps.
+func (u *Unit) SetMoments(steps int, m, v []float32) error { return u.opt.SetState(steps, m, v) }
+
 // Mark keeps the boundaries' error-feedback residuals as they are now, which Save
 // writes: call it at a step's end. A loop that checkpoints later (a worker whose
 // first stage has begun the next step meanwhile) still saves the step's end.

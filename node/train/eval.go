@@ -4,6 +4,7 @@ import (
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -13,7 +14,7 @@ import (
 // the spec's eval_batches batches of them.
 type Evaluator struct {
 	stages  []*shard.Stage
-	bounds  []*Boundary // between stages, as in training; nil: none
+	bounds  []*stage.Boundary // between stages, as in training; nil: none
 	val     []int32
 	batches int                   // at most this many batches; 0: every window
 	tapes   map[int][]*shard.Tape // by batch size: EvalBatch, and the last partial batch

@@ -14,9 +14,9 @@ import (
 // model is every stage of a run with its optimiser, stepped in one process.
 type model struct {
 	units  []*stage.Unit
-	stages []*shard.Stage // the units' stages, in order
-	bounds []*Boundary    // between stage i and i+1: unit i+1's In, which carries its residual
-	tapes  []*shard.Tape  // one per stage, reused by every micro-batch
+	stages []*shard.Stage    // the units' stages, in order
+	bounds []*stage.Boundary // between stage i and i+1: unit i+1's In, which carries its residual
+	tapes  []*shard.Tape     // one per stage, reused by every micro-batch
 	// per-stage scratch for step's timings, allocated once
 	fwd, opt []time.Duration
 	fwdBytes []int64
@@ -39,7 +39,7 @@ func newModel(sp *spec.Spec) (*model, error) {
 		return nil, err
 	}
 	mb := sp.Train.BatchSize / m.micro
-	sub, err := RunSubspace(sp)
+	sub, err := stage.RunSubspace(sp)
 	if err != nil {
 		return nil, err
 	}
@@ -63,22 +63,11 @@ func newModel(sp *spec.Spec) (*model, error) {
 	return m, nil
 }
 
-// The stage-training pieces, under the names the trainer's callers know them by.
+// ModelConfig is the shard.Config a spec describes; Backend opens the compute
+// backend of its model.precision (see node/stage, which builds every stage from them).
 var (
 	ModelConfig = stage.ModelConfig
 	Backend     = stage.Backend
-	RunSubspace = stage.RunSubspace
-	AdamWConfig = stage.AdamWConfig
-	NewBoundary = stage.NewBoundary
-	NewOuter    = stage.NewOuter
-	Fragments   = stage.Fragments
-	WeightsHash = stage.WeightsHash
-)
-
-type (
-	Boundary = stage.Boundary
-	Outer    = stage.Outer
-	Span     = stage.Span
 )
 
 func (m *model) numParams() int {

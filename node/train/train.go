@@ -21,6 +21,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/data/tokenizer"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/shard"
 	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
@@ -409,7 +410,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 type replica struct {
 	m       *model
 	sampler *data.Sampler[int32]
-	outers  []*Outer // per stage; nil with one replica
+	outers  []*stage.Outer // per stage; nil with one replica
 }
 
 func newReplica(sp *spec.Spec, ds *Dataset, r int) (*replica, error) {

@@ -10,8 +10,8 @@ import (
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/ckpt"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/node/train"
-	"github.com/pipeswarm/pipeswarm/shard"
 )
 
 func (w *Worker) checkpointPath() string {
@@ -65,33 +65,10 @@ func (w *Worker) writeCheckpoint() error {
 	if err := ckpt.Rotate(w.dir, base, w.doneStep, whole); err != nil {
 		return err
 	}
-	if err := shard.SaveCheckpoint(pair.Weights, meta, w.stage); err != nil {
-		return err
-	}
-	// The optimiser state, so that nothing of it is lost: AdamW's moments and step, and
-	// with replicas the global weights, outer momentum and error-feedback residual.
-	m, v := w.opt.Moments()
-	ts := []shard.Named{{Name: "adam_m", Data: m}, {Name: "adam_v", Data: v}}
-	meta["adam_step"] = strconv.Itoa(w.opt.StepCount())
-	if w.outer != nil {
-		ts = append(ts, shard.Named{Name: "global", Data: w.outer.Global}, shard.Named{Name: "outer_momentum", Data: w.outer.Momentum()})
-		if r := w.outer.Residual(); r != nil {
-			ts = append(ts, shard.Named{Name: "ef_residual", Data: r})
-		}
-		meta["outer_steps"] = strconv.Itoa(w.outer.Rounds)
-	}
-	// Where the data stream was and what the lossy boundary codecs carried over at the
-	// step's end.
+	// Where the data stream was at the step's end; the unit saves the boundaries'
+	// residuals of then (stepTaken marked them).
 	if w.ckSampler != nil {
-		meta["sampler"] = hex.EncodeToString(w.ckSampler)
+		meta[stage.MetaSampler] = hex.EncodeToString(w.ckSampler)
 	}
-	for _, b := range []struct {
-		name string
-		r    []float32
-	}{{"in_ef_residual", w.ckIn}, {"out_ef_residual", w.ckOut}} {
-		if b.r != nil {
-			ts = append(ts, shard.Named{Name: b.name, Data: b.r})
-		}
-	}
-	return shard.SaveTensors(pair.State, meta, ts)
+	return w.unit.Save(stage.Paths(pair), meta)
 }

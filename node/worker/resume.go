@@ -6,12 +6,11 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/ckpt"
-	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -37,64 +36,15 @@ func (w *Worker) resumeFrom(runDir string, step int) error {
 	if pair == nil {
 		return fmt.Errorf("no checkpoint of %s at step %d here: %s", base, step, strings.Join(why, "; "))
 	}
-	ck, err := shard.LoadSealed(pair.Weights)
+	meta, err := w.unit.Restore(stage.Paths(*pair))
 	if err != nil {
-		return err
-	}
-	if err := w.stage.Load(ck); err != nil {
-		return err
-	}
-	st, err := shard.LoadSealed(pair.State)
-	if err != nil {
-		return err
-	}
-	get := func(name string, dst []float32) error {
-		t, ok := st.Tensors[name]
-		if !ok {
-			return fmt.Errorf("%s has no %s", pair.State, name)
-		}
-		if len(t.Data) != len(dst) {
-			return fmt.Errorf("%s: %s has %d values, want %d", pair.State, name, len(t.Data), len(dst))
-		}
-		copy(dst, t.Data)
-		return nil
-	}
-	n := len(w.stage.Params)
-	m, v := make([]float32, n), make([]float32, n)
-	if err := errors.Join(get("adam_m", m), get("adam_v", v)); err != nil {
-		return err
-	}
-	adamStep, err := strconv.Atoi(st.Metadata["adam_step"])
-	if err != nil {
-		return fmt.Errorf("%s: adam_step: %w", pair.State, err)
-	}
-	if err := w.opt.SetState(adamStep, m, v); err != nil {
 		return err
 	}
 	if w.outer != nil {
-		if err := errors.Join(get("global", w.outer.Global), get("outer_momentum", w.outer.Momentum())); err != nil {
-			return err
-		}
-		if r := w.outer.Residual(); r != nil {
-			if err := get("ef_residual", r); err != nil {
-				return err
-			}
-		}
-		if w.outer.Rounds, err = strconv.Atoi(st.Metadata["outer_steps"]); err != nil {
-			return fmt.Errorf("%s: outer_steps: %w", pair.State, err)
-		}
 		w.serve(uint64(step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1))
 	}
-	for _, b := range []struct {
-		name string
-		b    *train.Boundary
-	}{{"in_ef_residual", w.inB}, {"out_ef_residual", w.outB}} {
-		if t, ok := st.Tensors[b.name]; ok && b.b != nil {
-			b.b.SetResidual(t.Data)
-		}
-	}
 	if w.stage.First {
-		if w.resumeSampler, err = hex.DecodeString(st.Metadata["sampler"]); err != nil || len(w.resumeSampler) == 0 {
+		if w.resumeSampler, err = hex.DecodeString(meta[stage.MetaSampler]); err != nil || len(w.resumeSampler) == 0 {
 			return fmt.Errorf("%s: no data sampler position: %v", pair.State, err)
 		}
 	}
@@ -119,7 +69,7 @@ func (w *Worker) resumeFrom(runDir string, step int) error {
 // serve publishes the state a replica that falls behind or joins fetches: the global
 // weights and outer momentum as of round, and this replica's AdamW moments.
 func (w *Worker) serve(round uint64) {
-	m, v := w.opt.Moments()
+	m, v := w.unit.Moments()
 	w.served.set(round, w.outer.Global, w.outer.Momentum(), m, v)
 }
 
@@ -149,7 +99,7 @@ func (w *Worker) rejoin() error {
 	copy(w.outer.Momentum(), vecs[1])
 	copy(w.stage.Params, vecs[0])
 	// Every replica has taken as many inner steps: the moments' step count is j.Step.
-	if err := w.opt.SetState(j.Step, vecs[2], vecs[3]); err != nil {
+	if err := w.unit.SetMoments(j.Step, vecs[2], vecs[3]); err != nil {
 		return fmt.Errorf("rejoin: %w", err)
 	}
 	for s := 1; s <= j.Step; s++ {

@@ -13,9 +13,9 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/data"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
-	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/p2p"
 	"github.com/pipeswarm/pipeswarm/p2p/codec"
 )
@@ -240,8 +240,7 @@ func (w *Worker) do(a any) error {
 	case core.ShareNorm:
 		w.normSent = time.Now()
 		// Compute is idle: the core asked for no job.
-		w.stage.ProjectGrads() // a no-op without a subspace; norms are of what the optimiser sees
-		ss := optim.SumSquares(w.stage.Grads)
+		ss := w.unit.GradSumSquares()
 		if math.IsNaN(ss) || math.IsInf(ss, 0) {
 			return w.diverged(a.Step, fmt.Sprintf("its gradients' sum of squares is %g", ss))
 		}
@@ -259,11 +258,7 @@ func (w *Worker) do(a any) error {
 		w.lastNorm = a.Norm
 		clip := w.sp.Train.GradClip
 		w.submit(func() any {
-			if f := optim.ClipFactor(a.Norm, clip); f != 1 {
-				optim.Scale(w.stage.Grads, f)
-			}
-			w.opt.Step(w.stage.Params, w.stage.Grads, lr)
-			w.stage.ProjectParams()
+			w.unit.Update(a.Norm, clip, lr)
 			w.stage.ZeroGrads()
 			w.doneStep = a.Step // read by the loop after this job's result, or once compute has stopped
 			return computeDone{}
@@ -366,7 +361,7 @@ func (w *Worker) take(m map[[2]int]*p2p.Frame, step, i int) *p2p.Frame {
 // frame builds the frame that carries x (a stage's output, or the gradient of its
 // input when kind is KindGradient) across boundary b: compressed into the run's
 // subspace and encoded with its codec for that direction. The frame owns its data.
-func (w *Worker) frame(kind p2p.Kind, step, micro, batch, t int, b *train.Boundary, x []float32, io slotIO) *p2p.Frame {
+func (w *Worker) frame(kind p2p.Kind, step, micro, batch, t int, b *stage.Boundary, x []float32, io slotIO) *p2p.Frame {
 	fwd, bwd := b.Codecs()
 	var data []float32
 	c := fwd

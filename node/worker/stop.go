@@ -7,7 +7,6 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/ckpt"
 	"github.com/pipeswarm/pipeswarm/node/core"
-	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 )
 
@@ -68,13 +67,7 @@ func (w *Worker) stepTaken(step int) error {
 		}
 		w.ckSampler = st
 	}
-	keep := func(dst []float32, b *train.Boundary) []float32 {
-		if b == nil || b.Residual() == nil {
-			return nil
-		}
-		return append(dst[:0], b.Residual()...)
-	}
-	w.ckIn, w.ckOut = keep(w.ckIn, w.inB), keep(w.ckOut, w.outB)
+	w.unit.Mark()
 	return nil
 }
 

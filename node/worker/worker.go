@@ -27,6 +27,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/data"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/node/status"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
@@ -53,10 +54,12 @@ type Worker struct {
 	dir      string      // run directory for the stage checkpoint
 	grid     [][]peer.ID // [replica][stage]
 
+	// unit is the stage's training state; stage, inB and outB are its Stage, In and
+	// Out, named here for the many lines that use them.
+	unit   *stage.Unit
 	stage  *shard.Stage
-	inB    *train.Boundary // with the previous stage (nil on stage 0)
-	outB   *train.Boundary // with the next stage (nil on the last)
-	opt    *optim.AdamW
+	inB    *stage.Boundary // with the previous stage (nil on stage 0)
+	outB   *stage.Boundary // with the next stage (nil on the last)
 	sched  optim.Cosine
 	core   *core.Core
 	tapes  []*shard.Tape // per slot
@@ -70,7 +73,7 @@ type Worker struct {
 
 	// DiLoCo, with replicas: this replica's outer state for the stage, the stage's
 	// all-reduce group, and what the last sync took.
-	outer     *train.Outer
+	outer     *stage.Outer // the unit's
 	group     *reduce.Group
 	syncStart time.Time
 	lastSync  time.Time
@@ -129,8 +132,7 @@ type Worker struct {
 	// the codecs carried residuals into them.
 	ckStep        int
 	ckSampler     []byte
-	ckIn, ckOut   []float32 // the boundaries' error-feedback residuals
-	resumeSampler []byte    // a resumed run's sampler position, applied when the data is loaded
+	resumeSampler []byte // a resumed run's sampler position, applied when the data is loaded
 
 	// Stopping: a stage asked to stop while its step is in hand (its norm shared)
 	// finishes that step, so that stages stopped together end on the same step.
@@ -214,39 +216,15 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 	for _, a := range plan.Stages {
 		grid[a.Replica][a.Stage], _ = peer.Decode(a.Peer) // validated when the plan was accepted
 	}
-	be, err := train.Backend(sp)
+	sub, err := stage.RunSubspace(sp)
 	if err != nil {
 		return nil, err
 	}
-	st, err := shard.NewStage(cfg, self.Range, idx == 0, idx == S-1, shard.WithBackend(be), shard.WithRecompute(sp.Model.Recompute))
+	u, err := stage.New(sp, idx, self.Range, sub)
 	if err != nil {
 		return nil, err
 	}
-	st.Init(sp.Seed)
-	sub, err := train.RunSubspace(sp)
-	if err != nil {
-		return nil, err
-	}
-	if sub != nil {
-		if err := st.SetSubspace(sub, sp.Compression.DenseTail); err != nil {
-			return nil, err
-		}
-	}
-	var inB, outB *train.Boundary
-	if idx > 0 {
-		if inB, err = train.NewBoundary(sp, sub); err != nil {
-			return nil, err
-		}
-	}
-	if idx < S-1 {
-		if outB, err = train.NewBoundary(sp, sub); err != nil {
-			return nil, err
-		}
-	}
-	opt, err := optim.NewAdamW(len(st.Params), train.AdamWConfig(sp, st))
-	if err != nil {
-		return nil, err
-	}
+	st := u.Stage
 	launcher, err := peer.Decode(plan.Launcher)
 	if err != nil {
 		return nil, fmt.Errorf("plan: launcher %q: %w", plan.Launcher, err)
@@ -256,7 +234,7 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 		wlog = wlog.With("replica", rep)
 	}
 	w := &Worker{host: h, env: env, log: wlog, plan: plan, sp: sp, idx: idx, rep: rep, grid: grid,
-		self: self, launcher: launcher, dir: runDir, stage: st, inB: inB, outB: outB, opt: opt,
+		self: self, launcher: launcher, dir: runDir, unit: u, stage: st, inB: u.In, outB: u.Out, outer: u.Outer,
 		sched: optim.Cosine{Peak: float32(sp.Train.LR), Min: float32(sp.Train.MinLR), Warmup: sp.Train.Warmup, Total: sp.Train.Steps},
 		acts:  map[[2]int]*p2p.Frame{}, grads: map[[2]int]*p2p.Frame{}, evals: map[[2]int]*p2p.Frame{},
 		events: make(chan any, 1024), jobs: make(chan func() any), started: make(chan struct{}), idle: make(chan struct{}), done: make(chan struct{})}
@@ -286,9 +264,6 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 	if R > 1 {
 		d, steps := sp.DiLoCo, sp.Train.Steps
 		cc.OuterDue = func(step int) bool { return d.SyncAt(step, steps) }
-		if w.outer, err = train.NewOuter(sp, st); err != nil {
-			return nil, err
-		}
 		peers := make([]peer.ID, R)
 		for r := range peers {
 			peers[r] = grid[r][idx]
