@@ -5,21 +5,19 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
-const replicaSpec = `name: reps
-seed: 5
-eval_interval: 4
-model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 32}
-pipeline: {stages: 2, micro_batches: 2, replicas: 2}
-train: {batch_size: 4, steps: 8, lr: 0.003, warmup: 1}
-diloco: {inner_steps: 4, outer_lr: 1.0, outer_momentum: 0, sync: int8/32}
-data: {val_fraction: 0.01}
-`
+// outerSpec is fullSpec without a subspace and with a lossless outer step of plain
+// averaging, whose arithmetic is then exact.
+func outerSpec(t *testing.T) *spec.Spec {
+	return testSpec(t, strings.NewReplacer("outer_lr: 0.7, outer_momentum: 0.9, sync: int8/32", "outer_lr: 1.0, outer_momentum: 0, sync: fp32",
+		"compression: {subspace: 8, gradients: int8/32}\n", "").Replace(fullSpec))
+}
 
 func TestFragmentsCutAtTensorBoundariesAndCoverTheStage(t *testing.T) {
-	sp := testSpec(t, replicaSpec)
+	sp := outerSpec(t)
 	st, err := shard.NewStages(ModelConfig(sp), 2)
 	if err != nil {
 		t.Fatal(err)
@@ -50,7 +48,7 @@ func TestFragmentsCutAtTensorBoundariesAndCoverTheStage(t *testing.T) {
 // An overlapped outer step (Streaming DiLoCo) keeps what the inner step taken during
 // its all-reduce changed: local = new global + (local now − local when it began).
 func TestOverlappedOuterStepKeepsTheInnerProgressMadeMeanwhile(t *testing.T) {
-	sp := testSpec(t, strings.Replace(replicaSpec, "sync: int8/32", "sync: fp32", 1))
+	sp := outerSpec(t)
 	st, err := shard.NewStages(ModelConfig(sp), 2)
 	if err != nil {
 		t.Fatal(err)
