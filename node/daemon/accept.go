@@ -24,89 +24,19 @@ import (
 // accept checks a signed run plan and, if this node trusts its launcher and can hold
 // its stage, creates the worker (it starts on wire.MsgStart).
 func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
-	if signed == nil {
-		return fmt.Errorf("%w: assign without a signed plan", p2p.ErrBadSignature)
-	}
-	signer, err := signed.Verify()
-	if err != nil {
-		d.log.Warn("refusing run: bad signature", "from", from, "err", err)
-		return fmt.Errorf("refused: %w", err)
-	}
-	if !d.cfg.Open && !d.trust[signer] {
-		d.log.Warn("refusing run: signed by an untrusted key", "key", signer, "from", from)
-		return fmt.Errorf("refused: run signed by %s, a key this node does not trust (trust it with --trust %s, or accept any launcher with --open / open: true)", signer, signer)
-	}
-	plan, err := wire.DecodePlan(signed.Payload)
+	plan, signer, err := d.verifyPlan(from, signed)
 	if err != nil {
 		return err
-	}
-	if plan.Launcher != signer.String() {
-		return fmt.Errorf("refused: plan names launcher %s but is signed by %s", plan.Launcher, signer)
-	}
-	if from != signer {
-		d.log.Warn("refusing run: plan relayed by another peer", "from", from, "launcher", signer)
-		return fmt.Errorf("refused: plan signed by launcher %s but sent by %s; a node takes plans from their launcher only", signer, from)
-	}
-	switch now := time.Now(); {
-	case plan.Expires.IsZero():
-		return errors.New("refused: plan has no expiry (a launcher older than this node?)")
-	case now.After(plan.Expires):
-		d.log.Warn("refusing run: plan expired", "run", fmt.Sprintf("%016x", plan.ID), "expired", plan.Expires)
-		return fmt.Errorf("refused: plan expired at %s (replayed or delayed)", plan.Expires.Format(time.RFC3339))
-	case plan.Expires.Sub(now) > wire.MaxPlanLife:
-		return fmt.Errorf("refused: plan valid until %s, more than %s ahead", plan.Expires.Format(time.RFC3339), wire.MaxPlanLife)
 	}
 	sp, err := spec.Parse([]byte(plan.Spec), "run spec")
 	if err != nil {
 		return fmt.Errorf("refused: %w", err)
 	}
-	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
-	if len(plan.Stages) != S*R {
-		return fmt.Errorf("refused: plan has %d cells, spec %d stages × %d replicas", len(plan.Stages), S, R)
-	}
-	want, err := shard.SplitLayers(sp.Model.NLayers, S)
+	idx, rep, nonce, err := d.cellHere(plan, sp)
 	if err != nil {
-		return fmt.Errorf("refused: %w", err)
+		return err
 	}
-	idx, rep := -1, -1
-	seen := map[[2]int]bool{}
-	for _, a := range plan.Stages {
-		id, err := peer.Decode(a.Peer)
-		if err != nil {
-			return fmt.Errorf("refused: stage %d replica %d peer %q: %w", a.Stage, a.Replica, a.Peer, err)
-		}
-		if a.Stage < 0 || a.Stage >= S || a.Replica < 0 || a.Replica >= R || seen[[2]int{a.Stage, a.Replica}] {
-			return fmt.Errorf("refused: cell stage %d replica %d is outside the %d×%d grid or given twice", a.Stage, a.Replica, S, R)
-		}
-		seen[[2]int{a.Stage, a.Replica}] = true
-		if a.Range != want[a.Stage] {
-			return fmt.Errorf("refused: stage %d holds layers %v, want %v", a.Stage, a.Range, want[a.Stage])
-		}
-		if id == d.host.ID() {
-			if idx >= 0 {
-				return errors.New("refused: the plan gives this node two cells of one run")
-			}
-			idx, rep = a.Stage, a.Replica
-		}
-		d.addAddrs(id, a.Addrs)
-	}
-	if idx < 0 {
-		return errors.New("refused: the plan gives this node no stage")
-	}
-	var nonce uint64
-	if j := plan.Join; j != nil {
-		switch {
-		case j.Replica != rep:
-			return fmt.Errorf("refused: a rejoin of replica pipeline %d, but this node holds replica %d", j.Replica, rep)
-		case R < 2 || sp.DiLoCo.Fragments != 1:
-			return errors.New("refused: rejoining needs replicas with one fragment")
-		case j.Step < 1 || j.Step >= sp.Train.Steps || !sp.DiLoCo.SyncAt(j.Step, sp.Train.Steps):
-			return fmt.Errorf("refused: rejoin at step %d, not an outer step of the run", j.Step)
-		case j.Nonce == 0 || plan.Resume != nil:
-			return errors.New("refused: a rejoin needs a nonce and no resume")
-		}
-		nonce = j.Nonce
-	}
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
 	if err := plan.Data.Validate(R); err != nil {
 		return fmt.Errorf("refused: %w", err)
 	}
@@ -149,6 +79,110 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		_ = d.writeAccepted()
 		return fmt.Errorf("refused: %w", err)
 	}
+	d.holdLocked(plan, w, signer, nonce)
+	if err := writeLauncherRecord(d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), plan); err != nil {
+		d.log.Warn("launcher not recorded; after a restart this node will not find it", "err", err)
+	}
+	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
+		"launcher", signer, "need_mib", need>>20)
+	return nil
+}
+
+// verifyPlan checks that signed is a plan its launcher signed and sent itself, that
+// this node trusts that launcher, and that the plan is within its life.
+func (d *Daemon) verifyPlan(from peer.ID, signed *p2p.Signed) (*wire.Plan, peer.ID, error) {
+	if signed == nil {
+		return nil, "", fmt.Errorf("%w: assign without a signed plan", p2p.ErrBadSignature)
+	}
+	signer, err := signed.Verify()
+	if err != nil {
+		d.log.Warn("refusing run: bad signature", "from", from, "err", err)
+		return nil, "", fmt.Errorf("refused: %w", err)
+	}
+	if !d.cfg.Open && !d.trust[signer] {
+		d.log.Warn("refusing run: signed by an untrusted key", "key", signer, "from", from)
+		return nil, "", fmt.Errorf("refused: run signed by %s, a key this node does not trust (trust it with --trust %s, or accept any launcher with --open / open: true)", signer, signer)
+	}
+	plan, err := wire.DecodePlan(signed.Payload)
+	if err != nil {
+		return nil, "", err
+	}
+	if plan.Launcher != signer.String() {
+		return nil, "", fmt.Errorf("refused: plan names launcher %s but is signed by %s", plan.Launcher, signer)
+	}
+	if from != signer {
+		d.log.Warn("refusing run: plan relayed by another peer", "from", from, "launcher", signer)
+		return nil, "", fmt.Errorf("refused: plan signed by launcher %s but sent by %s; a node takes plans from their launcher only", signer, from)
+	}
+	switch now := time.Now(); {
+	case plan.Expires.IsZero():
+		return nil, "", errors.New("refused: plan has no expiry (a launcher older than this node?)")
+	case now.After(plan.Expires):
+		d.log.Warn("refusing run: plan expired", "run", fmt.Sprintf("%016x", plan.ID), "expired", plan.Expires)
+		return nil, "", fmt.Errorf("refused: plan expired at %s (replayed or delayed)", plan.Expires.Format(time.RFC3339))
+	case plan.Expires.Sub(now) > wire.MaxPlanLife:
+		return nil, "", fmt.Errorf("refused: plan valid until %s, more than %s ahead", plan.Expires.Format(time.RFC3339), wire.MaxPlanLife)
+	}
+	return plan, signer, nil
+}
+
+// cellHere checks plan's grid against sp and finds this node's cell in it, and the
+// nonce of the rejoin the plan is (0 if none). The peers' addresses are noted as the
+// cells are read.
+func (d *Daemon) cellHere(plan *wire.Plan, sp *spec.Spec) (idx, rep int, nonce uint64, err error) {
+	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	if len(plan.Stages) != S*R {
+		return 0, 0, 0, fmt.Errorf("refused: plan has %d cells, spec %d stages × %d replicas", len(plan.Stages), S, R)
+	}
+	want, err := shard.SplitLayers(sp.Model.NLayers, S)
+	if err != nil {
+		return 0, 0, 0, fmt.Errorf("refused: %w", err)
+	}
+	idx, rep = -1, -1
+	seen := map[[2]int]bool{}
+	for _, a := range plan.Stages {
+		id, err := peer.Decode(a.Peer)
+		if err != nil {
+			return 0, 0, 0, fmt.Errorf("refused: stage %d replica %d peer %q: %w", a.Stage, a.Replica, a.Peer, err)
+		}
+		if a.Stage < 0 || a.Stage >= S || a.Replica < 0 || a.Replica >= R || seen[[2]int{a.Stage, a.Replica}] {
+			return 0, 0, 0, fmt.Errorf("refused: cell stage %d replica %d is outside the %d×%d grid or given twice", a.Stage, a.Replica, S, R)
+		}
+		seen[[2]int{a.Stage, a.Replica}] = true
+		if a.Range != want[a.Stage] {
+			return 0, 0, 0, fmt.Errorf("refused: stage %d holds layers %v, want %v", a.Stage, a.Range, want[a.Stage])
+		}
+		if id == d.host.ID() {
+			if idx >= 0 {
+				return 0, 0, 0, errors.New("refused: the plan gives this node two cells of one run")
+			}
+			idx, rep = a.Stage, a.Replica
+		}
+		d.addAddrs(id, a.Addrs)
+	}
+	if idx < 0 {
+		return 0, 0, 0, errors.New("refused: the plan gives this node no stage")
+	}
+	if j := plan.Join; j != nil {
+		switch {
+		case j.Replica != rep:
+			return 0, 0, 0, fmt.Errorf("refused: a rejoin of replica pipeline %d, but this node holds replica %d", j.Replica, rep)
+		case R < 2 || sp.DiLoCo.Fragments != 1:
+			return 0, 0, 0, errors.New("refused: rejoining needs replicas with one fragment")
+		case j.Step < 1 || j.Step >= sp.Train.Steps || !sp.DiLoCo.SyncAt(j.Step, sp.Train.Steps):
+			return 0, 0, 0, fmt.Errorf("refused: rejoin at step %d, not an outer step of the run", j.Step)
+		case j.Nonce == 0 || plan.Resume != nil:
+			return 0, 0, 0, errors.New("refused: a rejoin needs a nonce and no resume")
+		}
+		nonce = j.Nonce
+	}
+	return idx, rep, nonce, nil
+}
+
+// holdLocked makes w the run's worker here: the run's members and their connection
+// reservations, the release of a plan never started, and the end of the run once w
+// is done. d.mu is held.
+func (d *Daemon) holdLocked(plan *wire.Plan, w *worker.Worker, signer peer.ID, nonce uint64) {
 	d.runs[plan.ID] = w
 	members := map[peer.ID]bool{signer: true}
 	for _, a := range plan.Stages {
@@ -183,12 +217,6 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		<-w.Done()
 		d.endRun(plan.ID, w.FinalView())
 	}()
-	if err := writeLauncherRecord(d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), plan); err != nil {
-		d.log.Warn("launcher not recorded; after a restart this node will not find it", "err", err)
-	}
-	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
-		"launcher", signer, "need_mib", need>>20)
-	return nil
 }
 
 // endRun forgets a run that stopped here but remembers, for endedMemory, that it
