@@ -277,22 +277,9 @@ func TestCheapAttacksLeaveARunTrainingAndAnHonestPeerGettingIn(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := nw.Close(); err != nil {
-			t.Error(err)
-		}
-	})
+	closeAtEnd(t, nw)
 	dir := t.TempDir()
-	keyPath := filepath.Join(dir, "launcher.key")
-	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
-	if code != 0 {
-		t.Fatalf("keygen exited %d: %s", code, stderr)
-	}
-	launcherID := strings.TrimSpace(idOut)
-	specPath := filepath.Join(dir, "run.yaml")
-	if err := os.WriteFile(specPath, []byte(attackSpec), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	keyPath, launcherID, specPath := launcherKeyAndSpec(t, dir, attackSpec)
 	peerID := regexp.MustCompile(`(?m)^peer ID (\S+)$`)
 	var nodes []*natProc
 	var addrs []string
@@ -406,20 +393,7 @@ func startNetnsProcEnv(t *testing.T, nw *netns.Net, i int, name string, env []st
 	t.Helper()
 	cmd := nw.Command(t.Context(), i, os.Args[0], args...)
 	cmd.Env = append(os.Environ(), env...)
-	p := &natProc{name: name, cmd: cmd, stdout: &syncBuffer{}, stderr: &syncBuffer{}, exited: make(chan error, 1)}
-	cmd.Stdout, cmd.Stderr = p.stdout, p.stderr
-	p.started = time.Now()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { p.exited <- cmd.Wait() }()
-	t.Cleanup(func() {
-		_ = cmd.Process.Kill()
-		if t.Failed() {
-			t.Logf("%s stdout:\n%s\n%s stderr (tail):\n%s", name, p.stdout, name, tail(p.stderr.String(), 4000))
-		}
-	})
-	return p
+	return startProc(t, name, cmd)
 }
 
 func tail(s string, n int) string {

@@ -35,6 +35,16 @@ func needNetns(t *testing.T) {
 	}
 }
 
+// closeAtEnd closes c (a namespace network) when the test ends, failing the test if
+// that fails: namespaces, links or rules would be left behind.
+func closeAtEnd(t *testing.T, c interface{ Close() error }) {
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Error(err)
+		}
+	})
+}
+
 // harness is a `pipeswarm bench wan --mode netns` child process with its own TMPDIR.
 type harness struct {
 	cmd    *exec.Cmd

@@ -6,16 +6,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
 	"syscall"
 	"testing"
-	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/data"
-	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -298,47 +295,7 @@ func TestTrainOnPreparedShardsResumesExactly(t *testing.T) {
 	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	full := filepath.Join(dir, "full")
-	if code, _, stderr := runCLI(t, "train", specPath, "--out", full, "--quiet"); code != 0 {
-		t.Fatalf("train exited %d: %s", code, stderr)
+	if rows := trainStoppedAndResumed(t, dir, specPath, 100); rows != 300 {
+		t.Fatalf("%d loss rows; want 300 (100 steps of 3 replicas)", rows)
 	}
-	part := filepath.Join(dir, "part")
-	cmd := exec.Command(os.Args[0], "train", specPath, "--out", part, "--quiet")
-	cmd.Env = append(os.Environ(), "PIPESWARM_AS_CLI=1")
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if steps, _ := metrics.ReadFile(filepath.Join(part, "metrics.jsonl")); len(steps) >= 30 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("train made no progress in 60 s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	if err := cmd.Wait(); err == nil {
-		t.Fatal("train exited 0 after SIGTERM; want the interruption reported")
-	}
-	stopped, _ := metrics.ReadFile(filepath.Join(part, "metrics.jsonl"))
-	if last := stopped[len(stopped)-1].Step; last >= 100 {
-		t.Fatalf("SIGTERM came after the last step (%d)", last)
-	}
-	if code, _, stderr := runCLI(t, "train", specPath, "--out", part, "--quiet", "--resume"); code != 0 {
-		t.Fatalf("train --resume exited %d: %s", code, stderr)
-	}
-	a, _ := readRun(t, part)
-	b, _ := readRun(t, full)
-	if len(a) != len(b) || len(b) != 300 {
-		t.Fatalf("%d loss rows after resuming, %d uninterrupted; want 300", len(a), len(b))
-	}
-	for k, want := range b {
-		got := a[k]
-		if got.Loss != want.Loss || (got.ValLoss == nil) != (want.ValLoss == nil) || (got.ValLoss != nil && *got.ValLoss != *want.ValLoss) {
-			t.Fatalf("step %d replica %d: resumed loss %v (val %v), uninterrupted %v (val %v)", k[0], k[1], got.Loss, got.ValLoss, want.Loss, want.ValLoss)
-		}
-	}
-	t.Logf("stopped after step %d of 100, resumed; all %d rows equal", stopped[len(stopped)-1].Step, len(b))
 }

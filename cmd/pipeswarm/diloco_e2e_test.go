@@ -404,6 +404,15 @@ func TestTrainSIGTERMedAndResumedMatchesTheUninterruptedRun(t *testing.T) {
 	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	trainStoppedAndResumed(t, dir, specPath, 100)
+}
+
+// trainStoppedAndResumed runs `train` on specPath (a run of steps steps) to the end,
+// and again in dir stopped by SIGTERM once 30 steps are recorded, then resumed with
+// --resume: every row of the two (loss and validation loss, per step and replica)
+// must be equal. It returns how many rows each holds.
+func trainStoppedAndResumed(t *testing.T, dir, specPath string, steps int) int {
+	t.Helper()
 	full := filepath.Join(dir, "full")
 	if code, _, stderr := runCLI(t, "train", specPath, "--out", full, "--quiet"); code != 0 {
 		t.Fatalf("train exited %d: %s", code, stderr)
@@ -414,22 +423,13 @@ func TestTrainSIGTERMedAndResumedMatchesTheUninterruptedRun(t *testing.T) {
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if steps, _ := metrics.ReadFile(filepath.Join(part, "metrics.jsonl")); len(steps) >= 30 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("train made no progress in 60 s")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	waitSteps(t, part, 30)
 	_ = cmd.Process.Signal(syscall.SIGTERM)
 	if err := cmd.Wait(); err == nil {
 		t.Fatal("train exited 0 after SIGTERM; want the interruption reported")
 	}
 	stopped, _ := metrics.ReadFile(filepath.Join(part, "metrics.jsonl"))
-	if last := stopped[len(stopped)-1].Step; last >= 100 {
+	if last := stopped[len(stopped)-1].Step; last >= steps {
 		t.Fatalf("SIGTERM came after the last step (%d)", last)
 	}
 	if code, _, stderr := runCLI(t, "train", specPath, "--out", part, "--quiet", "--resume"); code != 0 {
@@ -446,7 +446,8 @@ func TestTrainSIGTERMedAndResumedMatchesTheUninterruptedRun(t *testing.T) {
 			t.Fatalf("step %d replica %d: resumed loss %v (val %v), uninterrupted %v (val %v)", k[0], k[1], got.Loss, got.ValLoss, want.Loss, want.ValLoss)
 		}
 	}
-	t.Logf("stopped after step %d of 100, resumed; all %d rows equal", stopped[len(stopped)-1].Step, len(b))
+	t.Logf("stopped after step %d of %d, resumed; all %d rows equal", stopped[len(stopped)-1].Step, steps, len(b))
+	return len(b)
 }
 
 // A launcher killed in the middle of a run does not leave its nodes training for
@@ -464,16 +465,7 @@ func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
 	if err := launcher.Start(); err != nil {
 		t.Fatal(err)
 	}
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		if steps, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl")); len(steps) >= 3 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatal("the run made no progress in 60 s")
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+	waitSteps(t, out, 3)
 	// Every stage, not only the first, checkpoints at the checkpoint steps (every 3rd).
 	for i, n := range nodes {
 		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(20 * time.Millisecond) {

@@ -102,15 +102,16 @@ func startSwarm(t *testing.T, dir, spec string, n int, nodeArgs ...string) (spec
 	return startSwarmWith(t, dir, spec, n, func(int) []string { return nodeArgs })
 }
 
-// startSwarmWith is startSwarm with each node's extra arguments given by args(i).
-func startSwarmWith(t *testing.T, dir, spec string, n int, args func(i int) []string) (specPath, keyPath string, nodes []*nodeProc, peerArgs []string) {
+// launcherKeyAndSpec makes a launcher key in dir (keyPath, its peer ID launcherID, for
+// the nodes to trust) and writes spec to specPath there.
+func launcherKeyAndSpec(t *testing.T, dir, spec string) (keyPath, launcherID, specPath string) {
 	t.Helper()
 	keyPath = filepath.Join(dir, "launcher.key")
 	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
 	if code != 0 {
 		t.Fatalf("keygen exited %d: %s", code, stderr)
 	}
-	launcherID := strings.TrimSpace(idOut)
+	launcherID = strings.TrimSpace(idOut)
 	if !strings.HasPrefix(launcherID, "12D3KooW") {
 		t.Fatalf("keygen printed %q, want a peer ID", launcherID)
 	}
@@ -118,6 +119,13 @@ func startSwarmWith(t *testing.T, dir, spec string, n int, args func(i int) []st
 	if err := os.WriteFile(specPath, []byte(spec), 0o644); err != nil {
 		t.Fatal(err)
 	}
+	return keyPath, launcherID, specPath
+}
+
+// startSwarmWith is startSwarm with each node's extra arguments given by args(i).
+func startSwarmWith(t *testing.T, dir, spec string, n int, args func(i int) []string) (specPath, keyPath string, nodes []*nodeProc, peerArgs []string) {
+	t.Helper()
+	keyPath, launcherID, specPath := launcherKeyAndSpec(t, dir, spec)
 	for i := range n {
 		nodes = append(nodes, startNode(t, filepath.Join(dir, fmt.Sprintf("node%d", i)), append([]string{"--trust", launcherID}, args(i)...)...))
 	}

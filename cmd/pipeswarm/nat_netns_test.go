@@ -37,6 +37,13 @@ func startIn(t *testing.T, net *netns.NATNet, ns, name string, args ...string) *
 	t.Helper()
 	cmd := net.Command(t.Context(), ns, os.Args[0], args...)
 	cmd.Env = append(os.Environ(), "PIPESWARM_AS_CLI=1")
+	return startProc(t, name, cmd)
+}
+
+// startProc starts cmd, a process named name in the test's logs, keeping its output;
+// it is killed when the test ends, and its output logged if the test failed.
+func startProc(t *testing.T, name string, cmd *exec.Cmd) *natProc {
+	t.Helper()
 	p := &natProc{name: name, cmd: cmd, stdout: &syncBuffer{}, stderr: &syncBuffer{}, exited: make(chan error, 1)}
 	cmd.Stdout, cmd.Stderr = p.stdout, p.stderr
 	p.started = time.Now()
@@ -45,8 +52,9 @@ func startIn(t *testing.T, net *netns.NATNet, ns, name string, args ...string) *
 	}
 	go func() { p.exited <- cmd.Wait() }()
 	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
 		if t.Failed() {
-			t.Logf("%s stdout:\n%s\n%s stderr:\n%s", name, p.stdout, name, p.stderr)
+			t.Logf("%s stdout:\n%s\n%s stderr (tail):\n%s", name, p.stdout, name, tail(p.stderr.String(), 16000))
 		}
 	})
 	return p
@@ -96,22 +104,9 @@ func natRun(t *testing.T, randomPorts bool) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() {
-		if err := net.Close(); err != nil {
-			t.Error(err)
-		}
-	})
+	closeAtEnd(t, net)
 	dir := t.TempDir()
-	keyPath := filepath.Join(dir, "launcher.key")
-	code, idOut, stderr := runCLI(t, "keygen", "--out", keyPath)
-	if code != 0 {
-		t.Fatalf("keygen exited %d: %s", code, stderr)
-	}
-	launcherID := strings.TrimSpace(idOut)
-	specPath := filepath.Join(dir, "run.yaml")
-	if err := os.WriteFile(specPath, []byte(natSpec), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	keyPath, launcherID, specPath := launcherKeyAndSpec(t, dir, natSpec)
 	listen := []string{"--listen", "/ip4/0.0.0.0/tcp/4001", "--listen", "/ip4/0.0.0.0/udp/4001/quic-v1", "--threads", "1"}
 	peerID := regexp.MustCompile(`(?m)^peer ID (\S+)$`)
 
