@@ -94,6 +94,17 @@ func (s *sealed) CrossEntropy(logits backend.Buf, targets []int32, v int, scale 
 	s.k("CrossEntropy")
 	return s.in.CrossEntropy(s.un(logits), targets, v, scale)
 }
+func (s *sealed) ProjectCols(w, u, t backend.Buf, d, k, cols int) {
+	s.k("ProjectCols")
+	s.in.ProjectCols(s.un(w), s.un(u), s.un(t), d, k, cols)
+}
+func (s *sealed) ProjectRows(e, base, u, t backend.Buf, rows, d, k int) {
+	s.k("ProjectRows")
+	if base != nil {
+		base = s.un(base)
+	}
+	s.in.ProjectRows(s.un(e), base, s.un(u), s.un(t), rows, d, k)
+}
 func (s *sealed) Add(dst, src backend.Buf) {
 	s.k("Add")
 	s.in.Add(s.un(dst), s.un(src))
@@ -107,7 +118,8 @@ type stepResult struct {
 	grads   [][]float32
 }
 
-func runPipeline(t *testing.T, be backend.Backend, c Config, n int) stepResult {
+// runPipeline runs n stages of c on be, constrained to sub if it is not nil.
+func runPipeline(t *testing.T, be backend.Backend, c Config, n int, sub *Subspace) stepResult {
 	t.Helper()
 	stages, err := NewStages(c, n, WithBackend(be))
 	if err != nil {
@@ -118,6 +130,11 @@ func runPipeline(t *testing.T, be backend.Backend, c Config, n int) stepResult {
 	var r stepResult
 	for _, s := range stages {
 		s.Init(11)
+		if sub != nil {
+			if err := s.SetSubspace(sub, 1); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	for range 2 { // steps
 		for _, s := range stages {
@@ -140,11 +157,14 @@ func runPipeline(t *testing.T, be backend.Backend, c Config, n int) stepResult {
 			}
 		}
 		for _, s := range stages {
+			s.ProjectGrads()
 			r.grads = append(r.grads, slices.Clone(s.Grads))
 			// An optimiser-like change on the host, which the next step must see.
 			for i := range s.Params {
 				s.Params[i] -= 0.1 * s.Grads[i]
 			}
+			s.ProjectParams()
+			r.grads = append(r.grads, slices.Clone(s.Params))
 		}
 	}
 	return r
@@ -152,33 +172,49 @@ func runPipeline(t *testing.T, be backend.Backend, c Config, n int) stepResult {
 
 // A stage's forward and backward compute only through its backend: on a backend whose
 // buffers nobody else can read, a split pipeline gives, bit for bit, what it gives on
-// the backend it wraps, and every kernel of a stage went through the seam.
+// the backend it wraps, and every kernel of a stage went through the seam; so do the
+// projections into a residual subspace.
 func TestStagesComputeOnlyThroughTheirBackend(t *testing.T) {
 	c := Config{Vocab: 13, DModel: 16, NLayers: 3, NHeads: 2, DFF: 24, SeqLen: 6, RopeTheta: 10000, NormEps: 1e-5}
+	sub, err := NewSubspace(c, 4, 9)
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, be := range backends(t) {
 		for _, n := range []int{1, 3} {
-			want := runPipeline(t, be, c, n)
-			sb := &sealed{in: be, calls: map[string]int{}}
-			got := runPipeline(t, sb, c, n)
-			if !slices.Equal(got.losses, want.losses) {
-				t.Fatalf("%s, %d stages: losses %v on the sealed backend, %v on the open one", be.Name(), n, got.losses, want.losses)
-			}
-			for i := range want.outputs {
-				if !slices.Equal(got.outputs[i], want.outputs[i]) {
-					t.Fatalf("%s, %d stages: result %d of Forward/Backward differs on the sealed backend", be.Name(), n, i)
+			for _, sub := range []*Subspace{nil, sub} {
+				kernels := []string{"Linear", "LinearBackward", "RMSNorm", "RMSNormBackward", "RoPE", "Attention",
+					"AttentionBackward", "SwiGLU", "SwiGLUBackward", "Embed", "EmbedBackward", "CrossEntropy", "Add"}
+				if sub != nil {
+					kernels = append(kernels, "ProjectCols", "ProjectRows")
 				}
+				sealedMatchesOpen(t, be, c, n, sub, kernels)
 			}
-			for i := range want.grads {
-				if !slices.Equal(got.grads[i], want.grads[i]) {
-					t.Fatalf("%s, %d stages: stage %d's gradients differ on the sealed backend", be.Name(), n, i%n)
-				}
-			}
-			for _, k := range []string{"Linear", "LinearBackward", "RMSNorm", "RMSNormBackward", "RoPE", "Attention",
-				"AttentionBackward", "SwiGLU", "SwiGLUBackward", "Embed", "EmbedBackward", "CrossEntropy", "Add"} {
-				if sb.calls[k] == 0 {
-					t.Fatalf("%s, %d stages: %s never called through the backend", be.Name(), n, k)
-				}
-			}
+		}
+	}
+}
+
+func sealedMatchesOpen(t *testing.T, be backend.Backend, c Config, n int, sub *Subspace, kernels []string) {
+	t.Helper()
+	want := runPipeline(t, be, c, n, sub)
+	sb := &sealed{in: be, calls: map[string]int{}}
+	got := runPipeline(t, sb, c, n, sub)
+	if !slices.Equal(got.losses, want.losses) {
+		t.Fatalf("%s, %d stages: losses %v on the sealed backend, %v on the open one", be.Name(), n, got.losses, want.losses)
+	}
+	for i := range want.outputs {
+		if !slices.Equal(got.outputs[i], want.outputs[i]) {
+			t.Fatalf("%s, %d stages: result %d of Forward/Backward differs on the sealed backend", be.Name(), n, i)
+		}
+	}
+	for i := range want.grads {
+		if !slices.Equal(got.grads[i], want.grads[i]) {
+			t.Fatalf("%s, %d stages, subspace %t: gradients or weights %d differ on the sealed backend", be.Name(), n, sub != nil, i)
+		}
+	}
+	for _, k := range kernels {
+		if sb.calls[k] == 0 {
+			t.Fatalf("%s, %d stages: %s never called through the backend", be.Name(), n, k)
 		}
 	}
 }

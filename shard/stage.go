@@ -29,6 +29,9 @@ type Stage struct {
 	// Sub, if set, constrains the residual writes to a shared subspace (SetSubspace).
 	Sub       *Subspace
 	denseTail int
+	// sub is Sub on the stage's backend: the basis, the first stage's frozen
+	// embedding, and the projections' scratch.
+	sub struct{ u, fixed, t backend.Buf }
 
 	lay layout
 	be  backend.Backend

@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/rand/v2"
 
+	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
 )
 
@@ -19,22 +20,14 @@ import (
 // U and the fixed table are pure functions of the run seed, so every stage of every
 // replica derives the same ones without a download.
 //
-// Compress, Expand and their gradient forms are safe for concurrent use; the stage
-// projections share scratch space, so, like a Stage, they are not.
+// Compress, Expand and their gradient forms are safe for concurrent use. A stage
+// projects its parameters and gradients on its backend (Stage.ProjectGrads).
 type Subspace struct {
 	D, K  int
 	U     []float32 // [d, k], orthonormal columns
 	Fixed []float32 // [vocab, d], the embedding's frozen part
 
-	fixedU  []float32 // [vocab, k] = Fixed·U, so Compress needs no scratch
-	scratch []float32 // for the projections only
-}
-
-func (s *Subspace) tmp(n int) []float32 {
-	if cap(s.scratch) < n {
-		s.scratch = make([]float32, n)
-	}
-	return s.scratch[:n]
+	fixedU []float32 // [vocab, k] = Fixed·U, so Compress needs no scratch
 }
 
 // NewSubspace derives the basis and fixed embedding of rank k for c from seed.
@@ -120,31 +113,6 @@ func (s *Subspace) ExpandGrad(g, c []float32, n int) {
 	compute.Gemm(false, true, n, s.D, s.K, 1, c, s.K, s.U, s.K, 0, g, s.D)
 }
 
-// projectCols sets w[d,cols] ← U·Uᵀ·w: every column into span(U).
-func (s *Subspace) projectCols(w []float32, cols int) {
-	t := s.tmp(s.K * cols)
-	compute.Gemm(true, false, s.K, cols, s.D, 1, s.U, s.K, w, cols, 0, t, cols)
-	compute.Gemm(false, false, s.D, cols, s.K, 1, s.U, s.K, t, cols, 0, w, cols)
-}
-
-// projectRows sets e[rows,d] ← base + (e − base)·U·Uᵀ row by row (base nil: zero), so
-// each row differs from base only inside span(U).
-func (s *Subspace) projectRows(e, base []float32, rows int) {
-	if base != nil {
-		for i := range e {
-			e[i] -= base[i]
-		}
-	}
-	t := s.tmp(rows * s.K)
-	compute.Gemm(false, false, rows, s.K, s.D, 1, e, s.D, s.U, s.K, 0, t, s.K)
-	compute.Gemm(false, true, rows, s.D, s.K, 1, t, s.K, s.U, s.K, 0, e, s.D)
-	if base != nil {
-		for i := range e {
-			e[i] += base[i]
-		}
-	}
-}
-
 // SetSubspace constrains the stage to sub: the embedding (first stage) and the
 // residual-writing projections of every block below layer NLayers−denseTail. The
 // parameters are projected at once; keep them there with ProjectGrads before and
@@ -161,6 +129,16 @@ func (s *Stage) SetSubspace(sub *Subspace, denseTail int) error {
 			ErrConfig, s.Layers.Lo, s.Layers.Hi, denseTail)
 	}
 	s.Sub, s.denseTail = sub, denseTail
+	be, c := s.be, s.Config
+	s.sub.u = be.Mirror(sub.U)
+	be.Upload(s.sub.u, sub.U)
+	n := sub.K * max(c.DModel, c.DFF)
+	if s.First {
+		s.sub.fixed = be.Mirror(sub.Fixed)
+		be.Upload(s.sub.fixed, sub.Fixed)
+		n = max(n, c.Vocab*sub.K)
+	}
+	s.sub.t = be.Alloc(n)
 	s.ProjectParams()
 	return nil
 }
@@ -174,28 +152,32 @@ func (s *Stage) constrained(b blockOffsets) bool {
 // subspace, so the optimiser's moments (and so its steps) see only the directions
 // the parameters may move in; then a compressed boundary gradient and a full one give
 // the same step.
-func (s *Stage) ProjectGrads() { s.project(s.Grads, nil) }
+func (s *Stage) ProjectGrads() { s.project(s.Grads, s.g, nil) }
 
 // ProjectParams puts the constrained parameters back in the subspace after an
 // optimiser step (Adam's per-coordinate scaling leaves it slightly).
 func (s *Stage) ProjectParams() {
 	if s.Sub != nil {
-		s.project(s.Params, s.Sub.Fixed)
+		s.project(s.Params, s.p, s.sub.fixed)
 	}
 }
 
-func (s *Stage) project(buf, fixed []float32) {
+// project puts buf (Params or Grads, host) into the subspace on the stage's backend,
+// whose view of it is v; fixed is the embedding's frozen part there, or nil.
+func (s *Stage) project(buf []float32, v views, fixed backend.Buf) {
 	if s.Sub == nil {
 		return
 	}
-	c := s.Config
+	be, c, k := s.be, s.Config, s.Sub.K
+	be.Upload(v.all, buf) // free on a host backend: all mirrors buf
 	if s.First {
-		s.Sub.projectRows(buf[s.lay.embed:s.lay.embed+c.Vocab*c.DModel], fixed, c.Vocab)
+		be.ProjectRows(v.embed, fixed, s.sub.u, s.sub.t, c.Vocab, c.DModel, k)
 	}
-	for _, b := range s.lay.blocks {
+	for i, b := range s.lay.blocks {
 		if s.constrained(b) {
-			s.Sub.projectCols(buf[b.wo:b.wo+c.DModel*c.DModel], c.DModel)
-			s.Sub.projectCols(buf[b.down:b.down+c.DModel*c.DFF], c.DFF)
+			be.ProjectCols(v.blocks[i].wo, s.sub.u, s.sub.t, c.DModel, k, c.DModel)
+			be.ProjectCols(v.blocks[i].down, s.sub.u, s.sub.t, c.DModel, k, c.DFF)
 		}
 	}
+	be.Download(buf, v.all)
 }

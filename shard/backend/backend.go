@@ -1,7 +1,8 @@
 // Package backend is the seam between a stage and the hardware it computes on: every
 // operation a stage's forward and backward need (the projections' GEMMs, batched
 // attention with its causal softmax, RMSNorm, RoPE, SwiGLU, cross-entropy, the
-// embedding gather and scatter, residual adds) over buffers the backend owns. A stage
+// embedding gather and scatter, residual adds), and the projections into a residual
+// subspace that bracket its optimiser step, over buffers the backend owns. A stage
 // holds only Buf handles, so a device backend can keep its tensors in device memory;
 // host []float32 meets a Buf only through Mirror, Upload and Download.
 //
@@ -78,6 +79,15 @@ type Backend interface {
 	CrossEntropy(logits Buf, targets []int32, v int, scale float32) float64
 	// Add: dst += src.
 	Add(dst, src Buf)
+
+	// ProjectCols: w[d,cols] ← U·(Uᵀ·w), every column of w into span(U), where
+	// U[d,k] has orthonormal columns; t[k,cols] is scratch.
+	ProjectCols(w, u, t Buf, d, k, cols int)
+	// ProjectRows: e[rows,d] ← base + (e − base)·U·Uᵀ, each row's difference from
+	// base[rows,d] into span(U) (base nil: zero); t[rows,k] is scratch.
+	// Both projections are float32 on every backend: they keep a stage's parameters
+	// and gradients in the run's residual subspace, where every replica's must agree.
+	ProjectRows(e, base, u, t Buf, rows, d, k int)
 }
 
 // ErrUnavailable is wrapped by Open's error for a backend this binary or this CPU

@@ -145,6 +145,28 @@ func (hostMemory) CrossEntropy(logits Buf, targets []int32, v int, scale float32
 	return crossEntropy(hostOf(logits), targets, v, scale)
 }
 
+func (hostMemory) ProjectCols(w, u, t Buf, d, k, cols int) {
+	wh, uh, th := hostOf(w), hostOf(u), hostOf(t)[:k*cols]
+	compute.Gemm(true, false, k, cols, d, 1, uh, k, wh, cols, 0, th, cols)
+	compute.Gemm(false, false, d, cols, k, 1, uh, k, th, cols, 0, wh, cols)
+}
+
+func (hostMemory) ProjectRows(e, base, u, t Buf, rows, d, k int) {
+	eh, uh, th := hostOf(e), hostOf(u), hostOf(t)[:rows*k]
+	var bh []float32
+	if base != nil {
+		bh = hostOf(base)
+		for i := range eh {
+			eh[i] -= bh[i]
+		}
+	}
+	compute.Gemm(false, false, rows, k, d, 1, eh, d, uh, k, 0, th, k)
+	compute.Gemm(false, true, rows, d, k, 1, th, k, uh, k, 0, eh, d)
+	for i, b := range bh {
+		eh[i] += b
+	}
+}
+
 func (hostMemory) Add(dst, src Buf) {
 	d, s := hostOf(dst), hostOf(src)
 	compute.ParallelFor(len(s), func(lo, hi int) {
