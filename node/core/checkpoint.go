@@ -5,15 +5,32 @@ import (
 	"time"
 )
 
+// EvalAt reports whether validation runs after step of a run of steps that
+// evaluates every interval steps (0: after the last step only). The stages' cores and
+// the single-process trainer both ask it.
+func EvalAt(step, steps, interval int) bool {
+	return step == steps || (interval > 0 && step%interval == 0)
+}
+
 // Checkpoints decides at which steps a stage writes a checkpoint during a run: every
 // Interval steps, and at the steps its launcher ordered (the time rule, turned into a
 // step by CheckpointClock). Every stage of a run decides alike, so they checkpoint the
 // same steps and a resumed run always finds one that all of them hold. The last step is
-// checkpointed when the run finishes, not here.
+// checkpointed when the run finishes, not here. A stage's Core keeps one; the
+// single-process trainer keeps one with its own time rule (Every).
 type Checkpoints struct {
 	Interval int // 0: none by count
 	Last     int // the run's last step
-	ordered  map[int]bool
+	// Every is the single-process trainer's time rule: a checkpoint once that long has
+	// passed since the last one (DueAfter). 0: none by time.
+	Every   time.Duration
+	ordered map[int]bool
+}
+
+// DueAfter is Due with the time rule: since is how long ago the last checkpoint (or
+// the run's start) was written.
+func (c *Checkpoints) DueAfter(step int, since time.Duration) bool {
+	return c.Due(step) || (c.Every > 0 && step > 0 && step < c.Last && since >= c.Every)
 }
 
 // Due reports whether step ends with a checkpoint.

@@ -60,3 +60,22 @@ func TestCheckpointClockOrdersAStepAheadOnceTheTimeHasPassed(t *testing.T) {
 		t.Error("ordered with no time rule")
 	}
 }
+
+func TestTrainersTimeRuleAddsCheckpointsButNotAtTheEnd(t *testing.T) {
+	c := Checkpoints{Interval: 10, Last: 30, Every: time.Minute}
+	for _, tc := range []struct {
+		step  int
+		since time.Duration
+		want  bool
+	}{
+		{10, 0, true}, // the count rule
+		{11, 59 * time.Second, false},
+		{11, time.Minute, true}, // the time rule
+		{30, time.Hour, false},  // the run's end is written anyway
+		{0, time.Hour, false},   // nothing trained yet
+	} {
+		if got := c.DueAfter(tc.step, tc.since); got != tc.want {
+			t.Errorf("step %d, %s since the last: %v, want %v", tc.step, tc.since, got, tc.want)
+		}
+	}
+}

@@ -1,16 +1,20 @@
 // Package core is the decision-making of one pipeline stage in a run, with no I/O, no
 // goroutines and no clock: the daemon feeds it events (an activation arrived, a compute
-// finished, a peer's gradient norm arrived) and carries out the actions it returns
-// (compute this, send that, step the optimiser). Everything that decides what happens
-// next lives here, so it is tested by feeding scripts of events.
+// finished, a peer's gradient norm arrived, an all-reduce is over) and carries out the
+// actions it returns (compute this, send that, step the optimiser, start the outer
+// step's all-reduce, write a checkpoint). Everything that decides what happens next
+// lives here, so it is tested by feeding scripts of events; the WAN bench's meter runs
+// the same core on virtual time.
 //
 // A step is M micro-batches scheduled one-forward-one-backward (1F1B): a stage prefers
 // a backward whenever a gradient is waiting, and runs at most Stages−Stage forwards
-// ahead of its backwards, which bounds the activations it holds. When a stage has all M
-// backwards it shares its gradient's sum of squares with every other stage; once it has
-// all of them it clips by the global norm and steps, exactly as the single-process
-// trainer does. On evaluation steps the validation batches then flow forward through
-// the pipeline.
+// ahead of its backwards, which bounds the activations it holds. When a run clips by
+// the global gradient norm, a stage with all M backwards shares its gradient's sum of
+// squares with every other stage and, once it has all of them, clips and steps, exactly
+// as the single-process trainer does; a run that does not clip exchanges nothing and
+// steps at once. With replicas, the outer (DiLoCo) step comes next (outer.go), then the
+// checkpoint if one is due (checkpoint.go), then on evaluation steps the validation
+// batches flow forward through the pipeline.
 package core
 
 import (
@@ -18,8 +22,6 @@ import (
 	"fmt"
 	"math"
 	"time"
-
-	"github.com/pipeswarm/pipeswarm/p2p/clock"
 )
 
 var sqrt = math.Sqrt
@@ -49,14 +51,33 @@ type Config struct {
 	// MaxInFlight bounds forwards not yet matched by a backward; 0 means the 1F1B
 	// bound Stages−Stage.
 	MaxInFlight int
-	// OuterDue, if set, says after which steps the stage takes an outer (DiLoCo) step
-	// with the other replicas of its stage, after its optimiser step and before the
-	// step is done; nil means never (one replica).
-	OuterDue func(step int) bool
+	// Clip says the optimiser step clips by the global gradient norm (train.grad_clip
+	// above 0): every stage then shares its gradient's sum of squares and steps only
+	// once it has every stage's, a barrier across the pipeline. Without it no norm is
+	// exchanged and a stage steps as soon as its own backwards are done.
+	Clip bool
+	// CheckpointInterval asks for a checkpoint every that many steps (0: none by
+	// count); the launcher may order more (CheckpointAt).
+	CheckpointInterval int
+	// Outer is when the stage takes outer (DiLoCo) steps with the other replicas of
+	// its stage, after its optimiser step and before the step is done; nil means
+	// never (one replica).
+	Outer *Outer
 	// StartTimeout bounds a wait before the stage has measured a step of its own (the
 	// first step: neighbours still loading data, dialling, warming up); after that,
 	// deadlines come from the step times measured. 0 means no deadline before then.
 	StartTimeout time.Duration
+}
+
+// Outer is a stage's outer-step schedule.
+type Outer struct {
+	Fragments int // the stage's parameters are cut into this many, each synced on its own schedule
+	// Due reports whether fragment f takes an outer step after step (spec.DiLoCo.Due).
+	Due func(f, step int) bool
+	// Overlap (Streaming DiLoCo): an outer step due after a step other than the last
+	// begins its all-reduce then and is applied after the next step, which runs
+	// meanwhile; otherwise the stage waits for it.
+	Overlap bool
 }
 
 // Validate reports an impossible configuration.
@@ -74,6 +95,10 @@ func (c Config) Validate() error {
 		return fmt.Errorf("core: eval interval %d, batches %d", c.EvalInterval, c.EvalBatches)
 	case c.MaxInFlight < 0:
 		return fmt.Errorf("core: max in flight %d", c.MaxInFlight)
+	case c.CheckpointInterval < 0:
+		return fmt.Errorf("core: checkpoint interval %d", c.CheckpointInterval)
+	case c.Outer != nil && (c.Outer.Fragments < 1 || c.Outer.Due == nil):
+		return fmt.Errorf("core: outer steps on %d fragments, due %v", c.Outer.Fragments, c.Outer.Due != nil)
 	case c.StartTimeout < 0:
 		return fmt.Errorf("core: start timeout %s", c.StartTimeout)
 	}
@@ -95,86 +120,8 @@ func (c Config) last() bool  { return c.Stage == c.Stages-1 }
 
 // EvalDue reports whether validation runs after step.
 func (c Config) EvalDue(step int) bool {
-	return c.EvalBatches > 0 && (step == c.Steps || (c.EvalInterval > 0 && step%c.EvalInterval == 0))
+	return c.EvalBatches > 0 && EvalAt(step, c.Steps, c.EvalInterval)
 }
-
-// Events.
-type (
-	// Start begins the run.
-	Start struct{}
-	// ActivationIn: the previous stage's output for a micro-batch arrived.
-	ActivationIn struct{ Step, Micro int }
-	// GradientIn: the next stage's input gradient for a micro-batch arrived.
-	GradientIn struct{ Step, Micro int }
-	// NormIn: a stage's (possibly this one's) gradient sum of squares for a step.
-	NormIn struct {
-		Step, Stage int
-		SumSq       float64
-	}
-	// EvalIn: the previous stage's output for a validation batch arrived.
-	EvalIn struct{ Step, Batch int }
-	// Done: the compute action the core last asked for finished.
-	Done struct{}
-	// Synced: the outer step asked for by Sync is applied.
-	Synced struct{ Step int }
-	// Tick: time has passed. Now is the time since the run began on the caller's clock
-	// (the core has none); RTT is the longest round trip to the stage's neighbours
-	// measured so far; Outer is how long a neighbour's outer step may take (its
-	// all-reduce waits that long for a replica that is gone, as this stage's does).
-	// Other events happen at the last tick's Now.
-	Tick struct{ Now, RTT, Outer time.Duration }
-	// PeerDown: the node holding stage Stage of this pipeline is unreachable.
-	PeerDown struct{ Stage int }
-)
-
-// Actions. Forward, Backward, Optimize and EvalForward are compute: the core asks for
-// one at a time and waits for Done.
-type (
-	// Forward runs micro-batch Micro of Step into tape Slot (stage 0 samples it first;
-	// the last stage also computes its loss). Send, if set, says to send the output on.
-	Forward struct {
-		Step, Micro, Slot int
-		Send              bool
-	}
-	// Backward runs the micro-batch in Slot backward; Send says to send the input
-	// gradient back to the previous stage.
-	Backward struct {
-		Step, Micro, Slot int
-		Send              bool
-	}
-	// ShareNorm: compute this stage's gradient sum of squares for Step, send it to
-	// every other stage, and feed it back as NormIn.
-	ShareNorm struct{ Step int }
-	// Optimize: clip by the global gradient norm Norm and take the optimiser step.
-	Optimize struct {
-		Step int
-		Norm float64
-	}
-	// EvalForward runs validation batch Batch forward (the last stage adds its loss
-	// to the evaluation); Send says to send the output on.
-	EvalForward struct {
-		Step, Batch int
-		Send        bool
-	}
-	// StepDone: Step is finished on this stage (the last stage reports its loss).
-	StepDone struct{ Step int }
-	// EvalDone: the evaluation after Step is finished on this stage.
-	EvalDone struct{ Step int }
-	// Sync: take the outer step after Step with the stage's other replicas; answer
-	// with Synced. Compute is idle meanwhile; frames for the next step may arrive.
-	Sync struct{ Step int }
-	// Finished: every step is done; write the checkpoint and report.
-	Finished struct{}
-	// Stalled: the stage cannot go on: it has waited for stage Stage (for what Wait
-	// says) past its deadline, or that stage's node is down. The core asks for nothing
-	// more.
-	Stalled struct {
-		Step, Stage      int
-		Wait             Wait
-		Waited, Deadline time.Duration
-		Down             bool
-	}
-)
 
 type phase int
 
@@ -196,6 +143,7 @@ type Core struct {
 	cfg   Config
 	phase phase
 	step  int
+	done  int     // the last step finished (StepDone)
 	busy  bool    // a compute action is out
 	cur   pending // which one
 
@@ -211,10 +159,13 @@ type Core struct {
 	evalNext int
 	evalIns  map[key]bool
 
+	outer outerState
+	ck    Checkpoints
+
 	// time, from ticks: the last tick, the last event that was not one (liveness of the
 	// neighbours, or this stage's own progress), and the step times measured.
 	now, rtt  time.Duration
-	outer     time.Duration
+	outerWait time.Duration
 	downAfter int // a stage whose node went down, to stall on once the step in hand is done; -1: none
 	lastEvent time.Duration
 	stepFrom  time.Duration
@@ -230,33 +181,44 @@ func New(cfg Config) (*Core, error) {
 		return nil, err
 	}
 	return &Core{cfg: cfg, acts: map[key]bool{}, grads: map[key]bool{}, norms: map[int]map[int]float64{},
-		evalIns: map[key]bool{}, slotOf: map[int]int{}, downAfter: -1}, nil
+		evalIns: map[key]bool{}, slotOf: map[int]int{}, downAfter: -1, done: cfg.From,
+		ck: Checkpoints{Interval: cfg.CheckpointInterval, Last: cfg.Steps}}, nil
 }
 
 // Step is the step in progress (0 before Start).
 func (c *Core) Step() int { return c.step }
 
-// Stepping reports whether the stage has shared its gradient norm for the step in
-// progress and waits for the others', runs its optimiser step or takes its outer
-// step: the step will be taken by every stage once the norms are in, so a stage asked
-// to stop lets it finish.
+// Stepping reports whether the other stages may finish the step in progress whatever
+// this one does next, so a stage asked to stop lets it finish: it has shared its
+// gradient norm (a run that clips: the others step once they have it) or, in a run
+// that does not clip, sent every forward of the step (the later stages need nothing
+// more of it); or it runs its optimiser step or its outer step.
 func (c *Core) Stepping() bool {
-	return c.phase == sharing || c.phase == stepping || c.phase == syncing
+	switch c.phase {
+	case sharing, stepping, syncing:
+		return true
+	case training:
+		return !c.cfg.Clip && c.forwarded == c.cfg.MicroBatches
+	}
+	return false
 }
 
 // Finished reports whether the run is over for this stage.
 func (c *Core) Finished() bool { return c.phase == finished }
 
 // Handle takes one event and returns what to do, in order.
-func (c *Core) Handle(e any) ([]any, error) {
-	if t, ok := e.(Tick); ok {
-		return c.tick(t), nil
+func (c *Core) Handle(e Event) ([]Action, error) {
+	switch e := e.(type) {
+	case Tick:
+		return c.tick(e), nil
+	case CheckpointAt: // the launcher's order says nothing of the neighbours' liveness
+		return nil, c.ck.Order(e.Step, c.done)
 	}
 	if c.stalled {
 		return nil, nil // the stage is stopping; nothing more is asked for
 	}
 	c.lastEvent = c.now
-	var out []any
+	var out []Action
 	switch e := e.(type) {
 	case Start:
 		if c.phase != idle {
@@ -291,12 +253,15 @@ func (c *Core) Handle(e any) ([]any, error) {
 		case e.Micro < 0 || e.Micro >= c.forwarded:
 			return nil, fmt.Errorf("%w: gradient for micro-batch %d never sent", ErrProtocol, e.Micro)
 		}
-		backing := c.busy && c.cur.kind == 2 && c.cur.micro == e.Micro // its gradient already came
+		backing := c.busy && c.cur.kind == kindBackward && c.cur.micro == e.Micro // its gradient already came
 		if _, ok := c.slotOf[e.Micro]; !ok || backing || c.grads[key{e.Step, e.Micro}] {
 			return nil, fmt.Errorf("%w: gradient for micro-batch %d twice", ErrStale, e.Micro)
 		}
 		c.grads[key{e.Step, e.Micro}] = true
 	case NormIn:
+		if !c.cfg.Clip {
+			return nil, fmt.Errorf("%w: norm from stage %d in a run that does not clip", ErrProtocol, e.Stage)
+		}
 		if e.Stage < 0 || e.Stage >= c.cfg.Stages || e.Step > c.cfg.Steps || e.Step < 1 {
 			return nil, fmt.Errorf("%w: norm from stage %d for step %d at step %d", ErrProtocol, e.Stage, e.Step, c.step)
 		}
@@ -327,11 +292,10 @@ func (c *Core) Handle(e any) ([]any, error) {
 			return nil, fmt.Errorf("%w: validation batch %d of step %d twice", ErrStale, e.Batch, e.Step)
 		}
 		c.evalIns[k] = true
-	case Synced:
-		if c.phase != syncing || e.Step != c.step {
-			return nil, fmt.Errorf("%w: synced step %d while at step %d, not syncing", ErrProtocol, e.Step, c.step)
+	case ReduceDone:
+		if err := c.reduceDone(e.Step); err != nil {
+			return nil, err
 		}
-		out = c.stepDone(out)
 	case Done:
 		if !c.busy {
 			return nil, fmt.Errorf("%w: done with nothing running", ErrProtocol)
@@ -345,21 +309,35 @@ func (c *Core) Handle(e any) ([]any, error) {
 		if !c.needs(e.Stage) {
 			return nil, nil
 		}
-		// A step whose norms are all in (or whose norm from that stage is) can still
-		// be finished here: do so, so that stages stopped together keep one step,
-		// and stop after it.
-		if c.phase == stepping || c.phase == syncing || (c.phase == sharing && c.hasNorm(e.Stage)) {
+		// A step that needs nothing more of that stage can still be finished here: do
+		// so, so that stages stopped together keep one step, and stop after it.
+		if c.finishable(e.Stage) {
 			if c.downAfter < 0 {
 				c.downAfter = e.Stage
 			}
 			return c.advance(nil), nil
 		}
 		c.stalled = true
-		return []any{Stalled{Step: c.step, Stage: e.Stage, Wait: c.Waiting(), Down: true}}, nil
+		return []Action{Stalled{Step: c.step, Stage: e.Stage, Wait: c.Waiting(), Down: true}}, nil
 	default:
 		return nil, fmt.Errorf("%w: unknown event %T", ErrProtocol, e)
 	}
 	return c.advance(out), nil
+}
+
+// finishable reports whether the step in progress can be finished without stage s:
+// its optimiser step or outer step is under way, or every stage's norm it still
+// needs is in, or (no clipping) stage s is an earlier one and every forward is out.
+func (c *Core) finishable(s int) bool {
+	switch c.phase {
+	case stepping, syncing:
+		return true
+	case sharing:
+		return c.hasNorm(s)
+	case training:
+		return !c.cfg.Clip && s < c.cfg.Stage && c.forwarded == c.cfg.MicroBatches
+	}
+	return false
 }
 
 func (c *Core) checkItem(step, i, n int, what string) error {
@@ -372,7 +350,7 @@ func (c *Core) checkItem(step, i, n int, what string) error {
 	return nil
 }
 
-func (c *Core) beginStep(step int, out []any) []any {
+func (c *Core) beginStep(step int, out []Action) []Action {
 	c.step, c.phase = step, training
 	c.stepFrom = c.now
 	c.forwarded, c.backwarded = 0, 0
@@ -384,21 +362,35 @@ func (c *Core) beginStep(step int, out []any) []any {
 	return out
 }
 
-// pending is what the compute in progress is, for completed().
+// computeKind is what the compute in progress is.
+type computeKind int
+
+const (
+	kindForward computeKind = iota + 1
+	kindBackward
+	kindOptimize
+	kindEval
+	kindApplyOuter
+)
+
+// pending is the compute in progress, for completed().
 type pending struct {
-	kind        int // 1 forward, 2 backward, 3 optimize, 4 eval
+	kind        computeKind
 	micro, slot int
 }
 
-// advance issues the next compute if none is running and one is ready.
-func (c *Core) advance(out []any) []any {
-	for !c.busy {
-		var next []any
+// advance issues the next compute if none is running and one is ready, and whatever
+// comes before it.
+func (c *Core) advance(out []Action) []Action {
+	for !c.busy && !c.stalled {
+		var next []Action
 		switch c.phase {
 		case training:
 			next = c.nextTraining()
 		case sharing:
 			next = c.tryOptimize()
+		case syncing:
+			next = c.nextOuter()
 		case evaluating:
 			next = c.nextEval()
 		}
@@ -412,15 +404,15 @@ func (c *Core) advance(out []any) []any {
 
 func (c *Core) inFlight() int { return c.forwarded - c.backwarded }
 
-func (c *Core) nextTraining() []any {
+func (c *Core) nextTraining() []Action {
 	// 1F1B: a waiting gradient first.
 	if !c.cfg.last() {
 		for m := c.forwarded - c.inFlight(); m < c.forwarded; m++ {
 			slot, ok := c.slotOf[m]
 			if ok && c.grads[key{c.step, m}] {
 				delete(c.grads, key{c.step, m})
-				c.busy, c.cur = true, pending{kind: 2, micro: m, slot: slot}
-				return []any{Backward{Step: c.step, Micro: m, Slot: slot, Send: !c.cfg.first()}}
+				c.busy, c.cur = true, pending{kind: kindBackward, micro: m, slot: slot}
+				return []Action{Backward{Step: c.step, Micro: m, Slot: slot, Send: !c.cfg.first()}}
 			}
 		}
 	}
@@ -432,55 +424,69 @@ func (c *Core) nextTraining() []any {
 			c.free = c.free[:len(c.free)-1]
 			c.slotOf[m] = slot
 			c.forwarded++
-			c.busy, c.cur = true, pending{kind: 1, micro: m, slot: slot}
-			return []any{Forward{Step: c.step, Micro: m, Slot: slot, Send: !c.cfg.last()}}
+			c.busy, c.cur = true, pending{kind: kindForward, micro: m, slot: slot}
+			return []Action{Forward{Step: c.step, Micro: m, Slot: slot, Send: !c.cfg.last()}}
 		}
 	}
 	return nil
 }
 
 // completed updates the state for the compute that just finished.
-func (c *Core) completed(out []any) []any {
+func (c *Core) completed(out []Action) []Action {
 	switch p := c.cur; p.kind {
-	case 1: // forward
+	case kindForward:
 		if c.cfg.last() {
 			// The last stage has the loss right away: its backward is next, on the
 			// same tape, with no gradient to wait for.
-			c.busy, c.cur = true, pending{kind: 2, micro: p.micro, slot: p.slot}
+			c.busy, c.cur = true, pending{kind: kindBackward, micro: p.micro, slot: p.slot}
 			out = append(out, Backward{Step: c.step, Micro: p.micro, Slot: p.slot, Send: !c.cfg.first()})
 		}
-	case 2: // backward
+	case kindBackward:
 		delete(c.slotOf, p.micro)
 		c.free = append(c.free, p.slot)
 		c.backwarded++
-		if c.backwarded == c.cfg.MicroBatches {
-			c.phase = sharing
-			out = append(out, ShareNorm{Step: c.step})
+		if c.backwarded < c.cfg.MicroBatches {
+			break
 		}
-	case 3: // optimize
+		if !c.cfg.Clip {
+			// Nothing to wait for: the stage's own gradients are all it steps with.
+			c.phase = stepping
+			c.busy, c.cur = true, pending{kind: kindOptimize}
+			return append(out, Optimize{Step: c.step})
+		}
+		c.phase = sharing
+		out = append(out, ShareNorm{Step: c.step})
+	case kindOptimize:
 		delete(c.norms, c.step)
-		if c.cfg.OuterDue != nil && c.cfg.OuterDue(c.step) {
-			c.phase = syncing
-			return append(out, Sync{Step: c.step})
+		if c.outerDue() {
+			c.beginOuter()
+			return out // advance runs the outer step
 		}
 		out = c.stepDone(out)
-	case 4: // evaluation batch
+	case kindEval:
 		c.evalNext++
 		if c.evalNext == c.cfg.EvalBatches {
 			out = append(out, EvalDone{Step: c.step})
 			out = c.nextStep(out)
 		}
+	case kindApplyOuter:
+		// advance goes on with the outer step
 	}
 	return out
 }
 
-// stepDone finishes the step: evaluation if due, else the next step.
-func (c *Core) stepDone(out []any) []any {
+// stepDone finishes the step: its checkpoint if one is due, then evaluation if due,
+// else the next step.
+func (c *Core) stepDone(out []Action) []Action {
 	d := c.now - c.stepFrom
 	c.stepSum += d
 	c.stepMax = max(c.stepMax, d)
 	c.stepN++
+	c.done = c.step
 	out = append(out, StepDone{Step: c.step})
+	if c.ck.Due(c.step) {
+		out = append(out, Checkpoint{Step: c.step})
+	}
 	if c.downAfter >= 0 {
 		c.stalled = true
 		return append(out, Stalled{Step: c.step, Stage: c.downAfter, Wait: WaitActivation, Down: true})
@@ -492,7 +498,7 @@ func (c *Core) stepDone(out []any) []any {
 	return c.nextStep(out)
 }
 
-func (c *Core) nextStep(out []any) []any {
+func (c *Core) nextStep(out []Action) []Action {
 	if c.step == c.cfg.Steps {
 		c.phase = finished
 		return append(out, Finished{})
@@ -501,7 +507,7 @@ func (c *Core) nextStep(out []any) []any {
 }
 
 // tryOptimize steps once every stage's norm for this step is in.
-func (c *Core) tryOptimize() []any {
+func (c *Core) tryOptimize() []Action {
 	m := c.norms[c.step]
 	if len(m) < c.cfg.Stages {
 		return nil
@@ -511,11 +517,11 @@ func (c *Core) tryOptimize() []any {
 		ss += m[s]
 	}
 	c.phase = stepping
-	c.busy, c.cur = true, pending{kind: 3}
-	return []any{Optimize{Step: c.step, Norm: sqrt(ss)}}
+	c.busy, c.cur = true, pending{kind: kindOptimize}
+	return []Action{Optimize{Step: c.step, Norm: sqrt(ss), Clip: true}}
 }
 
-func (c *Core) nextEval() []any {
+func (c *Core) nextEval() []Action {
 	b := c.evalNext
 	if !c.cfg.first() {
 		k := key{c.step, b}
@@ -524,105 +530,8 @@ func (c *Core) nextEval() []any {
 		}
 		delete(c.evalIns, k)
 	}
-	c.busy, c.cur = true, pending{kind: 4, micro: b}
-	return []any{EvalForward{Step: c.step, Batch: b, Send: !c.cfg.last()}}
-}
-
-// Wait is what a stage is doing, or waiting for when it computes nothing.
-type Wait int
-
-const (
-	Computing      Wait = iota // a compute action is out
-	WaitActivation             // the previous stage's output (training or validation)
-	WaitGradient               // the next stage's input gradient
-	WaitNorm                   // the later stages' gradient norms, in flight (the exchange itself)
-	WaitSync                   // the outer step with the other replicas
-	// WaitBubble is the pipeline's drain: an earlier stage's norm, which it sends
-	// when its own backward passes, run after this stage's, are done.
-	WaitBubble
-	Stopped // not started, or finished
-	NumWaits
-)
-
-var waitNames = [NumWaits]string{"compute", "activation", "gradient", "norm", "sync", "bubble", "stopped"}
-
-func (w Wait) String() string {
-	if w < 0 || w >= NumWaits {
-		return fmt.Sprintf("wait(%d)", int(w))
-	}
-	return waitNames[w]
-}
-
-// Waiting says what the stage is doing now: computing, or, idle, what it needs
-// before it can compute again. Utilisation and the split of idle time come from it.
-func (c *Core) Waiting() Wait {
-	if c.busy {
-		return Computing
-	}
-	switch c.phase {
-	case training:
-		if !c.cfg.first() && c.forwarded < c.cfg.MicroBatches && c.inFlight() < c.cfg.maxInFlight() && c.inFlight() == 0 {
-			return WaitActivation
-		}
-		if c.cfg.last() || c.inFlight() > 0 {
-			return WaitGradient
-		}
-		return WaitActivation
-	case sharing:
-		// An earlier stage's backward passes follow this one's, and its norm follows
-		// them: waiting for it is waiting for the pipeline to drain.
-		for s := range c.cfg.Stage {
-			if !c.hasNorm(s) {
-				return WaitBubble
-			}
-		}
-		return WaitNorm
-	case stepping:
-		return WaitNorm
-	case syncing:
-		return WaitSync
-	case evaluating:
-		return WaitActivation
-	}
-	return Stopped
-}
-
-// Ledger adds up how long a stage spent in each Wait, and keeps the intervals that
-// fall in a window of steps for a timeline. Times are offsets from the run's start,
-// measured (a node) or virtual (the WAN bench's meter), so it is deterministic.
-type Ledger struct {
-	Total [NumWaits]time.Duration
-	// Window, if Hi > 0, is the steps [Lo, Hi] whose intervals are kept in Spans.
-	Window struct{ Lo, Hi int }
-	Spans  []Span
-
-	at      time.Duration
-	cur     Wait
-	step    int
-	started bool
-}
-
-// Span is one interval of a stage's timeline.
-type Span struct {
-	Step       int
-	Wait       Wait
-	Start, End time.Duration
-}
-
-// Mark closes the interval since the last mark, in the state then current, and
-// enters state w (of step) at time at.
-func (l *Ledger) Mark(at time.Duration, w Wait, step int) {
-	if d := at - l.at; d > 0 && l.started {
-		l.Total[l.cur] += d
-		if l.Window.Hi > 0 && l.step >= l.Window.Lo && l.step <= l.Window.Hi {
-			if n := len(l.Spans); n > 0 && l.Spans[n-1].Wait == l.cur && l.Spans[n-1].End == l.at {
-				l.Spans[n-1].End = at
-			} else {
-				l.Spans = append(l.Spans, Span{Step: l.step, Wait: l.cur, Start: l.at, End: at})
-			}
-		}
-	}
-	l.at, l.cur, l.step, l.started = at, w, step, true
+	c.busy, c.cur = true, pending{kind: kindEval, micro: b}
+	return []Action{EvalForward{Step: c.step, Batch: b, Send: !c.cfg.last()}}
 }
 
 func (c *Core) hasNorm(s int) bool {
@@ -631,7 +540,8 @@ func (c *Core) hasNorm(s int) bool {
 }
 
 // needs says whether the stage still needs stage s's node: every stage takes part in
-// every step's norm exchange; an evaluation needs only the previous stage.
+// every step (its activations or gradients pass through each, and with clipping its
+// norm); an evaluation needs only the previous stage.
 func (c *Core) needs(s int) bool {
 	switch c.phase {
 	case training, sharing:
@@ -642,75 +552,4 @@ func (c *Core) needs(s int) bool {
 		return s == c.cfg.Stage-1 || c.step < c.cfg.Steps
 	}
 	return false
-}
-
-// Deadline is how long the stage may wait idle for a neighbour now, by the deadline
-// rule (clock.Deadline): what the step times measured lead one to expect
-// (clock.Expect), or Config.StartTimeout before it has measured a step, plus round
-// trips to the farthest neighbour and, once steps are measured, clock.Busy (a loaded
-// machine pauses); 0 means no deadline. A slow but steady neighbour only lengthens the
-// steps measured, and the deadline with them; one that stops is found within a few of
-// its usual steps.
-func (c *Core) Deadline() time.Duration {
-	if c.stepN == 0 {
-		if c.cfg.StartTimeout == 0 {
-			return 0
-		}
-		return clock.Deadline(c.cfg.StartTimeout, c.rtt, 0)
-	}
-	d := clock.Deadline(clock.Expect(c.stepSum/time.Duration(c.stepN), c.stepMax), c.rtt, clock.Busy)
-	// What a neighbour sends next may wait for its outer step: in the step after one,
-	// and in the evaluation that follows one.
-	if due := c.cfg.OuterDue; due != nil && ((c.phase == evaluating && due(c.step)) || (c.phase != evaluating && c.step > 1 && due(c.step-1))) {
-		d += c.outer
-	}
-	return d
-}
-
-// tick advances the core's time and reports a stall once: idle, waiting for a
-// neighbour (not for its own compute, nor for an outer step, which the all-reduce
-// times itself), for longer than the deadline since anything last happened.
-func (c *Core) tick(t Tick) []any {
-	if t.Now > c.now {
-		c.now = t.Now
-	}
-	c.rtt = max(c.rtt, t.RTT)
-	c.outer = t.Outer
-	if c.stalled || c.busy {
-		return nil
-	}
-	switch c.phase {
-	case training, sharing, evaluating:
-	default:
-		return nil
-	}
-	dl := c.Deadline()
-	waited := c.now - c.lastEvent
-	if dl == 0 || waited <= dl {
-		return nil
-	}
-	c.stalled = true
-	return []any{Stalled{Step: c.step, Stage: c.waitedFor(), Wait: c.Waiting(), Waited: waited, Deadline: dl}}
-}
-
-// waitedFor is the stage whose silence holds this one up: the previous stage for an
-// activation, the next for a gradient, the first stage whose norm is missing.
-func (c *Core) waitedFor() int {
-	switch c.Waiting() {
-	case WaitActivation:
-		if !c.cfg.first() {
-			return c.cfg.Stage - 1
-		}
-	case WaitGradient:
-		if !c.cfg.last() {
-			return c.cfg.Stage + 1
-		}
-	case WaitNorm, WaitBubble:
-		for s := range c.cfg.Stages {
-			if _, ok := c.norms[c.step][s]; !ok {
-				return s
-			}
-		}
-	}
-	return c.cfg.Stage
 }

@@ -24,13 +24,13 @@ func mustNew(t *testing.T, c Config) *Core {
 func script(t *testing.T, c *Core, steps ...[2]any) {
 	t.Helper()
 	for i, s := range steps {
-		got, err := c.Handle(s[0])
+		got, err := c.Handle(s[0].(Event))
 		if err != nil {
 			t.Fatalf("event %d %#v: %v", i, s[0], err)
 		}
-		var want []any
+		var want []Action
 		if s[1] != nil {
-			want = s[1].([]any)
+			want = s[1].([]Action)
 		}
 		if len(got) == 0 && len(want) == 0 {
 			continue
@@ -41,11 +41,11 @@ func script(t *testing.T, c *Core, steps ...[2]any) {
 	}
 }
 
-type acts = []any
+type acts = []Action
 
 func TestMiddleStageRunsOneForwardOneBackward(t *testing.T) {
 	// Stage 1 of 3 with 3 micro-batches holds at most 2 forwards in flight.
-	c := mustNew(t, Config{Stage: 1, Stages: 3, MicroBatches: 3, Steps: 1})
+	c := mustNew(t, Config{Clip: true, Stage: 1, Stages: 3, MicroBatches: 3, Steps: 1})
 	script(t, c,
 		[2]any{Start{}, nil},
 		[2]any{ActivationIn{1, 0}, acts{Forward{Step: 1, Micro: 0, Slot: 0, Send: true}}},
@@ -62,7 +62,7 @@ func TestMiddleStageRunsOneForwardOneBackward(t *testing.T) {
 		[2]any{NormIn{Step: 1, Stage: 2, SumSq: 4}, nil}, // a peer's norm may come early
 		[2]any{Done{}, acts{ShareNorm{Step: 1}}},
 		[2]any{NormIn{Step: 1, Stage: 1, SumSq: 9}, nil},
-		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 12}, acts{Optimize{Step: 1, Norm: 5}}},
+		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 12}, acts{Optimize{Step: 1, Norm: 5, Clip: true}}},
 		[2]any{Done{}, acts{StepDone{Step: 1}, Finished{}}},
 	)
 	if !c.Finished() {
@@ -71,7 +71,7 @@ func TestMiddleStageRunsOneForwardOneBackward(t *testing.T) {
 }
 
 func TestLastStageRunsBackwardRightAfterForward(t *testing.T) {
-	c := mustNew(t, Config{Stage: 1, Stages: 2, MicroBatches: 2, Steps: 2, EvalInterval: 1, EvalBatches: 2})
+	c := mustNew(t, Config{Clip: true, Stage: 1, Stages: 2, MicroBatches: 2, Steps: 2, EvalInterval: 1, EvalBatches: 2})
 	script(t, c,
 		[2]any{Start{}, nil},
 		[2]any{ActivationIn{1, 0}, acts{Forward{Step: 1, Micro: 0, Slot: 0}}},
@@ -81,7 +81,7 @@ func TestLastStageRunsBackwardRightAfterForward(t *testing.T) {
 		[2]any{Done{}, acts{Backward{Step: 1, Micro: 1, Slot: 0, Send: true}}},
 		[2]any{Done{}, acts{ShareNorm{Step: 1}}},
 		[2]any{NormIn{Step: 1, Stage: 1, SumSq: 1}, nil},
-		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 3}, acts{Optimize{Step: 1, Norm: 2}}},
+		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 3}, acts{Optimize{Step: 1, Norm: 2, Clip: true}}},
 		[2]any{EvalIn{1, 0}, nil}, // evaluation waits for this stage's optimiser step
 		[2]any{Done{}, acts{StepDone{Step: 1}, EvalForward{Step: 1, Batch: 0}}},
 		[2]any{ActivationIn{2, 0}, nil}, // next step's input waits for the evaluation
@@ -92,7 +92,7 @@ func TestLastStageRunsBackwardRightAfterForward(t *testing.T) {
 }
 
 func TestFirstStageNeedsNoInputAndSendsNoGradient(t *testing.T) {
-	c := mustNew(t, Config{Stage: 0, Stages: 2, MicroBatches: 3, Steps: 1})
+	c := mustNew(t, Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 3, Steps: 1})
 	script(t, c,
 		[2]any{Start{}, acts{Forward{Step: 1, Micro: 0, Slot: 0, Send: true}}},
 		[2]any{Done{}, acts{Forward{Step: 1, Micro: 1, Slot: 1, Send: true}}},
@@ -104,17 +104,17 @@ func TestFirstStageNeedsNoInputAndSendsNoGradient(t *testing.T) {
 func TestBadEventsAreProtocolErrors(t *testing.T) {
 	cases := map[string]struct {
 		cfg    Config
-		events []any
+		events []Event
 	}{
-		"activation to stage 0":     {Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 1}, []any{Start{}, ActivationIn{1, 0}}},
-		"gradient to last stage":    {Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 1}, []any{Start{}, GradientIn{1, 0}}},
-		"micro-batch out of range":  {Config{Stage: 1, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, ActivationIn{1, 2}}},
-		"step beyond the run":       {Config{Stage: 1, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, ActivationIn{2, 0}}},
-		"gradient never sent":       {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, GradientIn{1, 1}}},
-		"norm from unknown stage":   {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, NormIn{Step: 1, Stage: 5}}},
-		"done with nothing running": {Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 1}, []any{Start{}, Done{}}},
-		"eval on a non-eval step":   {Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3, EvalBatches: 1}, []any{Start{}, EvalIn{1, 0}}},
-		"unknown event":             {Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 1}, []any{Start{}, "hello"}},
+		"activation to stage 0":            {Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 1, Steps: 1}, []Event{Start{}, ActivationIn{1, 0}}},
+		"gradient to last stage":           {Config{Clip: true, Stage: 1, Stages: 2, MicroBatches: 1, Steps: 1}, []Event{Start{}, GradientIn{1, 0}}},
+		"micro-batch out of range":         {Config{Clip: true, Stage: 1, Stages: 2, MicroBatches: 2, Steps: 1}, []Event{Start{}, ActivationIn{1, 2}}},
+		"step beyond the run":              {Config{Clip: true, Stage: 1, Stages: 2, MicroBatches: 2, Steps: 1}, []Event{Start{}, ActivationIn{2, 0}}},
+		"gradient never sent":              {Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []Event{Start{}, GradientIn{1, 1}}},
+		"norm from unknown stage":          {Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []Event{Start{}, NormIn{Step: 1, Stage: 5}}},
+		"done with nothing running":        {Config{Clip: true, Stage: 1, Stages: 2, MicroBatches: 1, Steps: 1}, []Event{Start{}, Done{}}},
+		"norm in a run that does not clip": {Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 1}, []Event{Start{}, NormIn{Step: 1, Stage: 1}}},
+		"eval on a non-eval step":          {Config{Clip: true, Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3, EvalBatches: 1}, []Event{Start{}, EvalIn{1, 0}}},
 	}
 	for name, tc := range cases {
 		c := mustNew(t, tc.cfg)
@@ -133,15 +133,15 @@ func TestBadEventsAreProtocolErrors(t *testing.T) {
 func TestDuplicateAndLateEventsAreStaleAndChangeNothing(t *testing.T) {
 	cases := map[string]struct {
 		cfg    Config
-		events []any
+		events []Event
 	}{
-		"duplicate activation":    {Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2}, []any{Start{}, ActivationIn{1, 0}, ActivationIn{1, 0}}},
-		"activation already used": {Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2}, []any{Start{}, ActivationIn{1, 0}, Done{}, ActivationIn{1, 0}}},
-		"duplicate norm":          {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []any{Start{}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 1}}},
-		"duplicate gradient": {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1},
-			[]any{Start{}, Done{}, GradientIn{1, 0}, GradientIn{1, 0}}},
-		"gradient already used": {Config{Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1},
-			[]any{Start{}, Done{}, GradientIn{1, 0}, Done{}, GradientIn{1, 0}}},
+		"duplicate activation":    {Config{Clip: true, Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2}, []Event{Start{}, ActivationIn{1, 0}, ActivationIn{1, 0}}},
+		"activation already used": {Config{Clip: true, Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2}, []Event{Start{}, ActivationIn{1, 0}, Done{}, ActivationIn{1, 0}}},
+		"duplicate norm":          {Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1}, []Event{Start{}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 1}}},
+		"duplicate gradient": {Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1},
+			[]Event{Start{}, Done{}, GradientIn{1, 0}, GradientIn{1, 0}}},
+		"gradient already used": {Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 2, Steps: 1},
+			[]Event{Start{}, Done{}, GradientIn{1, 0}, Done{}, GradientIn{1, 0}}},
 	}
 	for name, tc := range cases {
 		c := mustNew(t, tc.cfg)
@@ -165,13 +165,13 @@ func TestDuplicateAndLateEventsAreStaleAndChangeNothing(t *testing.T) {
 // simulate connects the stages of a run through per-link FIFO queues and delivers
 // events in a random order (as concurrent peers would), carrying out actions the way
 // the daemon does. It returns each stage's actions.
-func simulate(t *testing.T, cfgs []Config, seed uint64) [][]any {
+func simulate(t *testing.T, cfgs []Config, seed uint64) [][]Action {
 	t.Helper()
 	rng := rand.New(rand.NewPCG(seed, 1))
 	n := len(cfgs)
 	cores := make([]*Core, n)
-	queues := make([][]any, n) // events waiting for each stage, FIFO
-	log := make([][]any, n)
+	queues := make([][]Event, n) // events waiting for each stage, FIFO
+	log := make([][]Action, n)
 	for i, c := range cfgs {
 		cores[i] = mustNew(t, c)
 		queues[i] = append(queues[i], Start{})
@@ -216,7 +216,9 @@ func simulate(t *testing.T, cfgs []Config, seed uint64) [][]any {
 				for j := range n {
 					queues[j] = append(queues[j], NormIn{Step: a.Step, Stage: i, SumSq: float64(i + a.Step)})
 				}
-			case Optimize, EvalForward:
+			case StartReduce:
+				queues[i] = append(queues[i], ReduceDone{Step: a.Step})
+			case Optimize, EvalForward, ApplyOuter:
 				if ef, ok := a.(EvalForward); ok && ef.Send {
 					queues[i+1] = append(queues[i+1], EvalIn{ef.Step, ef.Batch})
 				}
@@ -236,7 +238,7 @@ func TestPipelineRunsToCompletionUnderAnyDeliveryOrder(t *testing.T) {
 	const stages, micro, steps, evalBatches = 4, 5, 4, 3
 	var cfgs []Config
 	for s := range stages {
-		cfgs = append(cfgs, Config{Stage: s, Stages: stages, MicroBatches: micro, Steps: steps, EvalInterval: 2, EvalBatches: evalBatches})
+		cfgs = append(cfgs, Config{Clip: true, Stage: s, Stages: stages, MicroBatches: micro, Steps: steps, EvalInterval: 2, EvalBatches: evalBatches})
 	}
 	for seed := range uint64(50) {
 		log := simulate(t, cfgs, seed)
@@ -276,7 +278,7 @@ func TestEveryForwardInFlightKeepsBackwardsInMicroBatchOrder(t *testing.T) {
 	const stages, micro, steps = 4, 6, 3
 	var cfgs []Config
 	for s := range stages {
-		cfgs = append(cfgs, Config{Stage: s, Stages: stages, MicroBatches: micro, MaxInFlight: micro, Steps: steps})
+		cfgs = append(cfgs, Config{Clip: true, Stage: s, Stages: stages, MicroBatches: micro, MaxInFlight: micro, Steps: steps})
 	}
 	if got := cfgs[1].Slots(); got != micro {
 		t.Fatalf("slots %d, want %d", got, micro)
@@ -304,7 +306,7 @@ func TestEveryForwardInFlightKeepsBackwardsInMicroBatchOrder(t *testing.T) {
 func TestSameEventsSameActions(t *testing.T) {
 	var cfgs []Config
 	for s := range 3 {
-		cfgs = append(cfgs, Config{Stage: s, Stages: 3, MicroBatches: 4, Steps: 3, EvalBatches: 2})
+		cfgs = append(cfgs, Config{Clip: true, Stage: s, Stages: 3, MicroBatches: 4, Steps: 3, EvalBatches: 2})
 	}
 	a, b := simulate(t, cfgs, 7), simulate(t, cfgs, 7)
 	if !reflect.DeepEqual(a, b) {
@@ -312,45 +314,161 @@ func TestSameEventsSameActions(t *testing.T) {
 	}
 }
 
+func everyOther(_, step int) bool { return step%2 == 0 }
+
 func TestOuterStepFollowsTheOptimiserStepAndPrecedesEvaluation(t *testing.T) {
 	// The last of 2 stages, one micro-batch, outer steps after even steps, evaluation
-	// after step 2: the sync comes between the optimiser step and the evaluation, and
-	// the next step's input waits for it.
-	c := mustNew(t, Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3, EvalInterval: 2, EvalBatches: 1,
-		OuterDue: func(step int) bool { return step%2 == 0 }})
+	// after step 2: the outer step comes between the optimiser step and the
+	// evaluation, and the next step's input waits for it.
+	c := mustNew(t, Config{Clip: true, Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3, EvalInterval: 2, EvalBatches: 1,
+		Outer: &Outer{Fragments: 1, Due: everyOther}})
 	script(t, c,
 		[2]any{Start{}, nil},
 		[2]any{ActivationIn{1, 0}, acts{Forward{Step: 1, Micro: 0, Slot: 0}}},
 		[2]any{Done{}, acts{Backward{Step: 1, Micro: 0, Slot: 0, Send: true}}},
 		[2]any{Done{}, acts{ShareNorm{Step: 1}}},
 		[2]any{NormIn{Step: 1, Stage: 1, SumSq: 1}, nil},
-		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 0}, acts{Optimize{Step: 1, Norm: 1}}},
+		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 0}, acts{Optimize{Step: 1, Norm: 1, Clip: true}}},
 		[2]any{Done{}, acts{StepDone{Step: 1}}}, // step 1: no outer step
 		[2]any{ActivationIn{2, 0}, acts{Forward{Step: 2, Micro: 0, Slot: 0}}},
 		[2]any{Done{}, acts{Backward{Step: 2, Micro: 0, Slot: 0, Send: true}}},
 		[2]any{Done{}, acts{ShareNorm{Step: 2}}},
 		[2]any{NormIn{Step: 2, Stage: 1, SumSq: 1}, nil},
-		[2]any{NormIn{Step: 2, Stage: 0, SumSq: 0}, acts{Optimize{Step: 2, Norm: 1}}},
-		[2]any{Done{}, acts{Sync{Step: 2}}},
+		[2]any{NormIn{Step: 2, Stage: 0, SumSq: 0}, acts{Optimize{Step: 2, Norm: 1, Clip: true}}},
+		[2]any{Done{}, acts{StartReduce{Step: 2, Frags: []int{0}}}},
 		[2]any{EvalIn{2, 0}, nil},       // evaluation waits for the outer step
 		[2]any{ActivationIn{3, 0}, nil}, // and so does the next step
-		[2]any{Synced{Step: 2}, acts{StepDone{Step: 2}, EvalForward{Step: 2, Batch: 0}}},
+		[2]any{ReduceDone{Step: 2}, acts{ApplyOuter{Step: 2}}},
+		[2]any{Done{}, acts{OuterDone{Step: 2}, StepDone{Step: 2}, EvalForward{Step: 2, Batch: 0}}},
 		[2]any{Done{}, acts{EvalDone{Step: 2}, Forward{Step: 3, Micro: 0, Slot: 0}}},
 	)
 }
 
-func TestSyncedOutOfTurnIsAProtocolError(t *testing.T) {
-	c := mustNew(t, Config{Stage: 0, Stages: 1, MicroBatches: 1, Steps: 2, OuterDue: func(int) bool { return true }})
-	if _, err := c.Handle(Start{}); err != nil {
-		t.Fatal(err)
+// streaming is Streaming DiLoCo's schedule for 2 fragments over H = 4 inner steps:
+// fragment 0 after steps 2, 6, ..., fragment 1 after 4, 8, ..., both after the last.
+func streaming(steps int) *Outer {
+	return &Outer{Fragments: 2, Overlap: true, Due: func(f, step int) bool {
+		return step == steps || step%4 == (f+1)*4/2%4
+	}}
+}
+
+// single runs one stage alone (one micro-batch, no clipping) through step s's
+// forward, backward and optimiser step, checking each asks for the next.
+func single(t *testing.T, c *Core, s int) []Action {
+	t.Helper()
+	out := must(t, c, Done{}) // the forward: the backward comes next
+	if !reflect.DeepEqual(out, acts{Backward{Step: s, Micro: 0, Slot: 0}}) {
+		t.Fatalf("step %d: after the forward %v", s, out)
 	}
-	if _, err := c.Handle(Synced{Step: 1}); !errors.Is(err, ErrProtocol) {
-		t.Errorf("Synced while training: error %v, want ErrProtocol", err)
+	if out := must(t, c, Done{}); !reflect.DeepEqual(out, acts{Optimize{Step: s}}) {
+		t.Fatalf("step %d: after the backward %v", s, out)
+	}
+	return must(t, c, Done{})
+}
+
+func must(t *testing.T, c *Core, e Event) []Action {
+	t.Helper()
+	out, err := c.Handle(e)
+	if err != nil {
+		t.Fatalf("%T%+v: %v", e, e, err)
+	}
+	return out
+}
+
+func TestOverlappedOuterStepIsAppliedAfterTheNextStep(t *testing.T) {
+	// One stage, 2 fragments, H = 4, 6 steps: fragment 0's all-reduce begins after
+	// step 2 and is applied after step 3 (the stage goes on meanwhile); fragment 1's
+	// after step 4, applied after 5; at the last step, 6, both are due and the stage
+	// waits for them (a run ends on global weights), after applying fragment 0's from
+	// step... none: step 5 began nothing.
+	c := mustNew(t, Config{Stages: 1, MicroBatches: 1, Steps: 6, Outer: streaming(6)})
+	if out := must(t, c, Start{}); !reflect.DeepEqual(out, acts{Forward{Step: 1, Micro: 0, Slot: 0}}) {
+		t.Fatalf("start: %v", out)
+	}
+	next := func(s int) Action { return Forward{Step: s, Micro: 0, Slot: 0} }
+	if out := single(t, c, 1); !reflect.DeepEqual(out, acts{StepDone{Step: 1}, next(2)}) {
+		t.Fatalf("step 1: %v", out)
+	}
+	if out := single(t, c, 2); !reflect.DeepEqual(out, acts{StartReduce{Step: 2, Frags: []int{0}, Overlap: true}, StepDone{Step: 2}, next(3)}) {
+		t.Fatalf("step 2: %v", out)
+	}
+	// The all-reduce is over while step 3 computes: nothing to do until step 3 is.
+	if out := must(t, c, ReduceDone{Step: 2}); len(out) > 0 {
+		t.Fatalf("all-reduce done mid-step: %v", out)
+	}
+	if out := single(t, c, 3); !reflect.DeepEqual(out, acts{ApplyOuter{Step: 2, Overlapped: true}}) {
+		t.Fatalf("step 3: %v", out)
+	}
+	if out := must(t, c, Done{}); !reflect.DeepEqual(out, acts{OuterDone{Step: 3}, StepDone{Step: 3}, next(4)}) {
+		t.Fatalf("step 3's outer step applied: %v", out)
+	}
+	if out := single(t, c, 4); !reflect.DeepEqual(out, acts{StartReduce{Step: 4, Frags: []int{1}, Overlap: true}, StepDone{Step: 4}, next(5)}) {
+		t.Fatalf("step 4: %v", out)
+	}
+	// Step 5 ends before step 4's all-reduce: the stage waits for it.
+	if out := single(t, c, 5); len(out) > 0 {
+		t.Fatalf("step 5 with step 4's all-reduce under way: %v", out)
+	}
+	if c.Waiting() != WaitSync || !c.Stepping() {
+		t.Fatalf("waiting %v, stepping %v; want the outer step", c.Waiting(), c.Stepping())
+	}
+	if out := must(t, c, ReduceDone{Step: 4}); !reflect.DeepEqual(out, acts{ApplyOuter{Step: 4, Overlapped: true}}) {
+		t.Fatalf("step 4's all-reduce done: %v", out)
+	}
+	if out := must(t, c, Done{}); !reflect.DeepEqual(out, acts{OuterDone{Step: 5}, StepDone{Step: 5}, next(6)}) {
+		t.Fatalf("step 5's outer step applied: %v", out)
+	}
+	// The last step: every fragment, not overlapped.
+	if out := single(t, c, 6); !reflect.DeepEqual(out, acts{StartReduce{Step: 6, Frags: []int{0, 1}}}) {
+		t.Fatalf("step 6: %v", out)
+	}
+	if out := must(t, c, ReduceDone{Step: 6}); !reflect.DeepEqual(out, acts{ApplyOuter{Step: 6}}) {
+		t.Fatalf("step 6's all-reduce done: %v", out)
+	}
+	if out := must(t, c, Done{}); !reflect.DeepEqual(out, acts{OuterDone{Step: 6}, StepDone{Step: 6}, Finished{}}) {
+		t.Fatalf("the end: %v", out)
+	}
+}
+
+func TestOverlappedStepBeforeTheLastIsAppliedThenTheLastWaited(t *testing.T) {
+	// 2 fragments, H = 4, 5 steps: fragment 1's all-reduce begun after step 4 is
+	// applied first after step 5, then every fragment's blocking one: one outer step.
+	c := mustNew(t, Config{Stages: 1, MicroBatches: 1, Steps: 5, From: 3, Outer: streaming(5)})
+	must(t, c, Start{})
+	if out := single(t, c, 4); !reflect.DeepEqual(out, acts{StartReduce{Step: 4, Frags: []int{1}, Overlap: true}, StepDone{Step: 4}, Forward{Step: 5, Micro: 0, Slot: 0}}) {
+		t.Fatalf("step 4: %v", out)
+	}
+	must(t, c, ReduceDone{Step: 4})
+	if out := single(t, c, 5); !reflect.DeepEqual(out, acts{ApplyOuter{Step: 4, Overlapped: true}}) {
+		t.Fatalf("step 5: %v", out)
+	}
+	if out := must(t, c, Done{}); !reflect.DeepEqual(out, acts{StartReduce{Step: 5, Frags: []int{0, 1}}}) {
+		t.Fatalf("step 5, overlapped one applied: %v", out)
+	}
+	if out := must(t, c, ReduceDone{Step: 5}); !reflect.DeepEqual(out, acts{ApplyOuter{Step: 5}}) {
+		t.Fatalf("step 5's all-reduce done: %v", out)
+	}
+	if out := must(t, c, Done{}); !reflect.DeepEqual(out, acts{OuterDone{Step: 5}, StepDone{Step: 5}, Finished{}}) {
+		t.Fatalf("the end: %v", out)
+	}
+}
+
+func TestReduceDoneOutOfTurnIsAProtocolError(t *testing.T) {
+	c := mustNew(t, Config{Clip: true, Stage: 0, Stages: 1, MicroBatches: 1, Steps: 2, Outer: &Outer{Fragments: 1, Due: func(int, int) bool { return true }}})
+	must(t, c, Start{})
+	if _, err := c.Handle(ReduceDone{Step: 1}); !errors.Is(err, ErrProtocol) {
+		t.Errorf("ReduceDone while training: error %v, want ErrProtocol", err)
+	}
+	for _, e := range []Event{Done{}, Done{}, NormIn{Step: 1, Stage: 0}, Done{}, ReduceDone{Step: 1}} {
+		must(t, c, e)
+	}
+	if _, err := c.Handle(ReduceDone{Step: 1}); !errors.Is(err, ErrProtocol) {
+		t.Errorf("ReduceDone twice: error %v, want ErrProtocol", err)
 	}
 }
 
 func TestWaitingNamesWhatAnIdleStageNeeds(t *testing.T) {
-	cfg := Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 1}
+	cfg := Config{Clip: true, Stage: 1, Stages: 3, MicroBatches: 2, Steps: 1}
 	c, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
@@ -403,7 +521,7 @@ func TestLedgerSumsTimePerStateAndKeepsTheWindow(t *testing.T) {
 	}
 }
 
-func mustHandle(t *testing.T, c *Core, e any) {
+func mustHandle(t *testing.T, c *Core, e Event) {
 	t.Helper()
 	if _, err := c.Handle(e); err != nil {
 		t.Fatalf("%T%+v: %v", e, e, err)
@@ -414,7 +532,7 @@ func TestResumedCoreBeginsAfterItsLastStepAndRunsTheRest(t *testing.T) {
 	const stages, micro, steps, from = 3, 2, 5, 3
 	var cfgs []Config
 	for s := range stages {
-		cfgs = append(cfgs, Config{Stage: s, Stages: stages, MicroBatches: micro, Steps: steps, From: from, EvalInterval: 2, EvalBatches: 1})
+		cfgs = append(cfgs, Config{Clip: true, Stage: s, Stages: stages, MicroBatches: micro, Steps: steps, From: from, EvalInterval: 2, EvalBatches: 1})
 	}
 	log := simulate(t, cfgs, 1)
 	for s, acts := range log {
@@ -428,7 +546,7 @@ func TestResumedCoreBeginsAfterItsLastStepAndRunsTheRest(t *testing.T) {
 			t.Errorf("stage %d finished steps %v, want [4 5]", s, done)
 		}
 	}
-	if _, err := New(Config{Stages: 1, MicroBatches: 1, Steps: 3, From: 3}); err == nil {
+	if _, err := New(Config{Clip: true, Stages: 1, MicroBatches: 1, Steps: 3, From: 3}); err == nil {
 		t.Error("a core resuming after its last step was accepted")
 	}
 }
@@ -483,7 +601,7 @@ func TestResumedCoreEvaluatesTheStepItContinuesFromFirst(t *testing.T) {
 }
 
 func TestSteppingFromNormSharedUntilTheStepIsDone(t *testing.T) {
-	c := mustNew(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 2})
+	c := mustNew(t, Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 1, Steps: 2})
 	script(t, c,
 		[2]any{Start{}, acts{Forward{Step: 1, Micro: 0, Slot: 0, Send: true}}},
 		[2]any{Done{}, nil},
@@ -498,7 +616,7 @@ func TestSteppingFromNormSharedUntilTheStepIsDone(t *testing.T) {
 	}
 	script(t, c,
 		[2]any{NormIn{Step: 1, Stage: 0, SumSq: 1}, nil},
-		[2]any{NormIn{Step: 1, Stage: 1, SumSq: 3}, acts{Optimize{Step: 1, Norm: 2}}},
+		[2]any{NormIn{Step: 1, Stage: 1, SumSq: 3}, acts{Optimize{Step: 1, Norm: 2, Clip: true}}},
 	)
 	if !c.Stepping() {
 		t.Fatal("not stepping while the optimiser runs")
@@ -523,7 +641,7 @@ func newClocked(t *testing.T, cfg Config) *clocked {
 	return k
 }
 
-func (k *clocked) must(e any) []any {
+func (k *clocked) must(e Event) []Action {
 	k.t.Helper()
 	out, err := k.c.Handle(e)
 	if err != nil {
@@ -533,8 +651,8 @@ func (k *clocked) must(e any) []any {
 }
 
 // advance moves the clock by d in ticks of 100 ms and returns what the ticks asked for.
-func (k *clocked) advance(d time.Duration) []any {
-	var out []any
+func (k *clocked) advance(d time.Duration) []Action {
+	var out []Action
 	for end := k.now + d; k.now < end; {
 		k.now = min(end, k.now+100*time.Millisecond)
 		out = append(out, k.must(Tick{Now: k.now, RTT: k.rtt})...)
@@ -559,7 +677,7 @@ func (k *clocked) step(d time.Duration) {
 	k.must(Done{}) // optimiser
 }
 
-func stalledIn(out []any) (Stalled, bool) {
+func stalledIn(out []Action) (Stalled, bool) {
 	for _, a := range out {
 		if s, ok := a.(Stalled); ok {
 			return s, true
@@ -569,7 +687,7 @@ func stalledIn(out []any) (Stalled, bool) {
 }
 
 func TestDeadlineComesFromTheStepTimesMeasured(t *testing.T) {
-	k := newClocked(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
+	k := newClocked(t, Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
 	k.advance(100 * time.Millisecond) // the first tick brings the round trip
 	if got := k.c.Deadline(); got != 30*time.Second+80*time.Millisecond {
 		t.Errorf("before any step: deadline %s, want the start timeout plus 8 round trips", got)
@@ -584,7 +702,7 @@ func TestDeadlineComesFromTheStepTimesMeasured(t *testing.T) {
 }
 
 func TestSlowPeerWithinItsPaceIsNotStalled(t *testing.T) {
-	k := newClocked(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 20, StartTimeout: 30 * time.Second})
+	k := newClocked(t, Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 1, Steps: 20, StartTimeout: 30 * time.Second})
 	// The neighbour slows down step by step: the deadline follows the steps measured.
 	for d := time.Second; d <= 6*time.Second; d += time.Second {
 		k.step(d)
@@ -595,7 +713,7 @@ func TestSlowPeerWithinItsPaceIsNotStalled(t *testing.T) {
 }
 
 func TestSilentNeighbourIsStalledAtItsDeadline(t *testing.T) {
-	k := newClocked(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
+	k := newClocked(t, Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
 	k.step(time.Second)
 	k.step(time.Second)
 	k.must(Done{}) // step 3's forward; now the gradient never comes
@@ -621,8 +739,8 @@ func TestSilentNeighbourIsStalledAtItsDeadline(t *testing.T) {
 }
 
 func TestMissingNormIsStalledNamingItsStage(t *testing.T) {
-	c := mustNew(t, Config{Stage: 1, Stages: 3, MicroBatches: 1, Steps: 2, StartTimeout: 5 * time.Second})
-	for _, e := range []any{Start{}, ActivationIn{1, 0}, Done{}, GradientIn{1, 0}, Done{}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 0}} {
+	c := mustNew(t, Config{Clip: true, Stage: 1, Stages: 3, MicroBatches: 1, Steps: 2, StartTimeout: 5 * time.Second})
+	for _, e := range []Event{Start{}, ActivationIn{1, 0}, Done{}, GradientIn{1, 0}, Done{}, NormIn{Step: 1, Stage: 1}, NormIn{Step: 1, Stage: 0}} {
 		if _, err := c.Handle(e); err != nil {
 			t.Fatal(err)
 		}
@@ -635,8 +753,8 @@ func TestMissingNormIsStalledNamingItsStage(t *testing.T) {
 }
 
 func TestPeerDownStallsTheStageInEveryPhase(t *testing.T) {
-	cfg := Config{Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2, OuterDue: func(int) bool { return true }}
-	phases := map[string][]any{
+	cfg := Config{Clip: true, Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2, Outer: &Outer{Fragments: 1, Due: func(int, int) bool { return true }}}
+	phases := map[string][]Event{
 		"forward":       {Start{}},                             // waiting for an activation
 		"backward":      {Start{}, ActivationIn{1, 0}, Done{}}, // waiting for a gradient
 		"norm exchange": {Start{}, ActivationIn{1, 0}, ActivationIn{1, 1}, Done{}, Done{}, GradientIn{1, 0}, Done{}, GradientIn{1, 1}, Done{}},
@@ -657,7 +775,10 @@ func TestPeerDownStallsTheStageInEveryPhase(t *testing.T) {
 			if len(out) > 0 || err != nil {
 				t.Fatalf("%s: %v, %v; want nothing until the outer step is done", name, out, err)
 			}
-			out, err = c.Handle(Synced{Step: 1})
+			if out, err = c.Handle(ReduceDone{Step: 1}); err != nil || !reflect.DeepEqual(out, acts{ApplyOuter{Step: 1}}) {
+				t.Fatalf("%s: all-reduce done: %v, %v; want it applied", name, out, err)
+			}
+			out, err = c.Handle(Done{})
 		}
 		s, ok := stalledIn(out)
 		if err != nil || !ok || !s.Down || s.Stage != 0 {
@@ -667,8 +788,8 @@ func TestPeerDownStallsTheStageInEveryPhase(t *testing.T) {
 }
 
 func TestOuterStepIsNotTimedByTheCore(t *testing.T) {
-	c := mustNew(t, Config{Stage: 0, Stages: 1, MicroBatches: 1, Steps: 2, StartTimeout: time.Second, OuterDue: func(int) bool { return true }})
-	for _, e := range []any{Start{}, Done{}, Done{}, NormIn{Step: 1, Stage: 0}, Done{}} {
+	c := mustNew(t, Config{Clip: true, Stage: 0, Stages: 1, MicroBatches: 1, Steps: 2, StartTimeout: time.Second, Outer: &Outer{Fragments: 1, Due: func(int, int) bool { return true }}})
+	for _, e := range []Event{Start{}, Done{}, Done{}, NormIn{Step: 1, Stage: 0}, Done{}} {
 		if _, err := c.Handle(e); err != nil {
 			t.Fatal(err)
 		}
@@ -682,7 +803,7 @@ func TestOuterStepIsNotTimedByTheCore(t *testing.T) {
 }
 
 func TestPartitionShorterThanTheDeadlineHeals(t *testing.T) {
-	k := newClocked(t, Config{Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
+	k := newClocked(t, Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * time.Second})
 	k.step(time.Second)
 	k.step(time.Second)
 	k.must(Done{})
@@ -703,8 +824,8 @@ func TestPartitionShorterThanTheDeadlineHeals(t *testing.T) {
 }
 
 func TestPeerDownAfterItsNormCameLetsTheStepFinishFirst(t *testing.T) {
-	c := mustNew(t, Config{Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3})
-	for _, e := range []any{Start{}, ActivationIn{1, 0}, Done{}, Done{}, NormIn{Step: 1, Stage: 0}} {
+	c := mustNew(t, Config{Clip: true, Stage: 1, Stages: 2, MicroBatches: 1, Steps: 3})
+	for _, e := range []Event{Start{}, ActivationIn{1, 0}, Done{}, Done{}, NormIn{Step: 1, Stage: 0}} {
 		if _, err := c.Handle(e); err != nil {
 			t.Fatal(err)
 		}
