@@ -103,11 +103,16 @@ type mnode struct {
 	link       Link
 	core       *core.Core
 	ledger     *core.Ledger
-	pendDone   time.Duration // an overlapped all-reduce of this stage ends then
+	// charged says the trace's outer arithmetic of a step is on the clock already
+	// (it is timed once per step, whether one all-reduce or two are applied then).
+	charged map[int]bool
+	begun   map[int]int // step → fragments of the overlapped all-reduce begun after it
 }
 
+// syncGroup is the replicas of a stage in the all-reduce begun after a step.
 type syncGroup struct {
-	ready []time.Duration // per replica; -1 not yet
+	ready []time.Duration // per replica, once it has started
+	bytes []int64
 	n     int
 }
 
@@ -143,20 +148,15 @@ func Meter(sp *spec.Spec, tr *Trace, prof *Profile, scale float64) (*Schedule, e
 	for r := range R {
 		m.sched.Sends[r] = make([][]core.Span, S)
 		for s := range S {
-			cc := core.Config{Stage: s, Stages: S, MicroBatches: sp.Pipeline.MicroBatches, MaxInFlight: sp.Pipeline.InFlight,
-				Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval}
+			cc := train.StageCore(sp, s)
 			if r == 0 {
 				cc.EvalBatches = evalN
-			}
-			if R > 1 {
-				d, steps := sp.DiLoCo, sp.Train.Steps
-				cc.OuterDue = func(step int) bool { return d.SyncAt(step, steps) }
 			}
 			c, err := core.New(cc)
 			if err != nil {
 				return nil, err
 			}
-			n := &mnode{rep: r, stage: s, core: c, ledger: &core.Ledger{}, link: Link{Mbps: math.Inf(1)}}
+			n := &mnode{rep: r, stage: s, core: c, ledger: &core.Ledger{}, link: Link{Mbps: math.Inf(1)}, charged: map[int]bool{}, begun: map[int]int{}}
 			if prof != nil {
 				n.link = prof.Link(Cell(s, r))
 			}
@@ -189,7 +189,7 @@ func Meter(sp *spec.Spec, tr *Trace, prof *Profile, scale float64) (*Schedule, e
 	return m.sched, nil
 }
 
-func (m *meter) push(at time.Duration, n *mnode, e any) {
+func (m *meter) push(at time.Duration, n *mnode, e core.Event) {
 	m.seq++
 	heap.Push(&m.events, &event{at: at, seq: m.seq, n: n, e: e})
 }
@@ -200,7 +200,7 @@ func (m *meter) fail(err error) {
 	}
 }
 
-func (m *meter) handle(n *mnode, e any) {
+func (m *meter) handle(n *mnode, e core.Event) {
 	acts, err := n.core.Handle(e)
 	if err != nil {
 		m.fail(fmt.Errorf("wan: meter: stage %d replica %d: %w", n.stage, n.rep, err))
@@ -239,7 +239,7 @@ func (m *meter) send(n, to *mnode, at time.Duration, b int64) time.Duration {
 	return end + n.link.Latency
 }
 
-func (m *meter) do(n *mnode, a any) {
+func (m *meter) do(n *mnode, a core.Action) {
 	row := m.nodes[n.rep]
 	switch a := a.(type) {
 	case core.Forward:
@@ -272,34 +272,72 @@ func (m *meter) do(n *mnode, a any) {
 		if n.stage == len(row)-1 {
 			m.sched.EvalEnd[a.Step] = m.now
 		}
-	case core.Sync:
-		m.sync(n, a.Step)
+	case core.StartReduce:
+		m.startReduce(n, a)
+	case core.ApplyOuter:
+		// Overlapped, the outer arithmetic is compute here, after the next step;
+		// otherwise it was timed before the all-reduce (startReduce).
+		var d time.Duration
+		if a.Overlapped {
+			d = m.outerArith(n, n.core.Step())
+		}
+		m.push(m.now+d, n, core.Done{})
 	}
 }
 
-// sync is an outer step: an overlapped all-reduce still going is waited for first;
-// then, if the stage all-reduces after this step, the replicas meet.
-func (m *meter) sync(n *mnode, step int) {
-	ready := max(m.now, n.pendDone)
-	op, ok := m.tr.ops[opKey{n.rep, n.stage, train.OpOuter, step, 0}]
-	if !ok || op.Bytes == 0 {
-		m.push(ready, n, core.Synced{Step: step})
+// outerArith is how long the outer arithmetic of the outer step after step takes on
+// n, the first time it is asked for (the trace times all of it at once).
+func (m *meter) outerArith(n *mnode, step int) time.Duration {
+	if n.charged[step] {
+		return 0
+	}
+	n.charged[step] = true
+	op, err := m.tr.op(opKey{n.rep, n.stage, train.OpOuter, step, 0})
+	if err != nil {
+		m.fail(err)
+	}
+	return time.Duration(float64(op.Dur) / m.scale)
+}
+
+// startReduce enters n in the all-reduce begun after a.Step. A blocking one starts
+// once the outer arithmetic is done; an overlapped one at once, the stage going on
+// with its next step. Once every replica is in, the all-reduce takes the longest time
+// any of them needs to send its share at its bandwidth, plus two latencies
+// (reduce-scatter and all-gather are pipelined), and each replica hears ReduceDone.
+func (m *meter) startReduce(n *mnode, a core.StartReduce) {
+	// The trace has the bytes of the outer steps applied after a step: after the next
+	// one for an overlapped all-reduce. Two applied after the same step (an overlapped
+	// one, then the last step's) share them by their fragments, which are of about
+	// equal size.
+	at, frags, with := a.Step, len(a.Frags), 0
+	if a.Overlap {
+		at++
+		n.begun[a.Step] = frags
+		if at == m.sp.Train.Steps {
+			with = m.sp.DiLoCo.Fragments
+		}
+	} else {
+		with = n.begun[a.Step-1]
+	}
+	op, err := m.tr.op(opKey{n.rep, n.stage, train.OpOuter, at, 0})
+	if err != nil {
+		m.fail(err)
 		return
 	}
+	bytes := op.Bytes * int64(frags) / int64(frags+with)
+	ready := m.now
+	if !a.Overlap {
+		ready += m.outerArith(n, a.Step)
+	}
 	R := len(m.nodes)
-	k := [2]int{n.stage, step}
+	k := [2]int{n.stage, a.Step}
 	g := m.groups[k]
 	if g == nil {
-		g = &syncGroup{ready: make([]time.Duration, R)}
+		g = &syncGroup{ready: make([]time.Duration, R), bytes: make([]int64, R)}
 		m.groups[k] = g
 	}
-	g.ready[n.rep] = ready + time.Duration(float64(op.Dur)/m.scale)
-	g.n++
-	overlap := m.sp.DiLoCo.Overlapped() && step != m.sp.Train.Steps
-	if overlap {
-		m.push(g.ready[n.rep], n, core.Synced{Step: step})
-	}
-	if g.n < R {
+	g.ready[n.rep], g.bytes[n.rep] = ready, bytes
+	if g.n++; g.n < R {
 		return
 	}
 	delete(m.groups, k)
@@ -308,22 +346,16 @@ func (m *meter) sync(n *mnode, step int) {
 	for r := range R {
 		o := m.nodes[r][n.stage]
 		start = max(start, g.ready[r])
-		b := m.tr.ops[opKey{r, n.stage, train.OpOuter, step, 0}].Bytes
-		total += b
+		total += g.bytes[r]
 		if !math.IsInf(o.link.Mbps, 1) {
-			send = max(send, time.Duration(float64(b)*8/(o.link.Mbps*1e6)*float64(time.Second)))
+			send = max(send, time.Duration(float64(g.bytes[r])*8/(o.link.Mbps*1e6)*float64(time.Second)))
 		}
 		lat = max(lat, o.link.Latency)
 	}
 	dur := send + 2*lat
-	m.sched.Syncs = append(m.sched.Syncs, SyncTime{Stage: n.stage, Step: step, Bytes: total, Dur: dur})
+	m.sched.Syncs = append(m.sched.Syncs, SyncTime{Stage: n.stage, Step: a.Step, Bytes: total, Dur: dur})
 	for r := range R {
-		o := m.nodes[r][n.stage]
-		if overlap {
-			o.pendDone = start + dur
-		} else {
-			m.push(start+dur, o, core.Synced{Step: step})
-		}
+		m.push(start+dur, m.nodes[r][n.stage], core.ReduceDone{Step: a.Step})
 	}
 }
 
@@ -331,7 +363,7 @@ type event struct {
 	at  time.Duration
 	seq int
 	n   *mnode
-	e   any
+	e   core.Event
 }
 
 // eventQueue orders events by time, then by when they were pushed, so the schedule

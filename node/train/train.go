@@ -303,8 +303,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		res.Steps, res.Tokens, first = from.done, from.tokens, from.done+1
 		log.Info("resuming", "after_step", from.done, "tokens", from.tokens, "dir", o.OutDir)
 	}
-	ck := core.Checkpoints{Interval: sp.CheckpointInterval, Last: sp.Train.Steps}
-	ckEvery, lastCk := time.Duration(sp.CheckpointSeconds)*time.Second, now()
+	ck, lastCk := checkpoints(sp), now()
 	for step := first; step <= sp.Train.Steps; step++ {
 		if err := ctx.Err(); err != nil {
 			log.Info("interrupted; writing checkpoint", "step", step-1)
@@ -356,7 +355,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			recs[r].TokensPerS = float64(sp.TokensPerStep()*R) / dt.Seconds()
 			recs[r].ElapsedS = now().Sub(start).Seconds()
 		}
-		if (sp.EvalInterval > 0 && step%sp.EvalInterval == 0) || step == sp.Train.Steps {
+		if core.EvalAt(step, sp.Train.Steps, sp.EvalInterval) {
 			if o.Trace != nil {
 				eval.trace = func(stage, batch int, d time.Duration, b int64) {
 					o.Trace(Op{Stage: stage, Kind: OpEval, Step: step, Item: batch, Dur: d, Bytes: b})
@@ -389,7 +388,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		// Checkpoints by count at the steps a launched run's stages take them, and by
 		// time since the last one, bound what a crash can lose (the last step's is
 		// written below).
-		if ck.Due(step) || (ckEvery > 0 && step != sp.Train.Steps && now().Sub(lastCk) >= ckEvery) {
+		if ck.DueAfter(step, now().Sub(lastCk)) {
 			lastCk = now()
 			if err := finish(step); err != nil {
 				return res, err
