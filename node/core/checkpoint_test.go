@@ -2,6 +2,7 @@ package core
 
 import (
 	"errors"
+	"reflect"
 	"slices"
 	"testing"
 	"time"
@@ -77,5 +78,64 @@ func TestTrainersTimeRuleAddsCheckpointsButNotAtTheEnd(t *testing.T) {
 		if got := c.DueAfter(tc.step, tc.since); got != tc.want {
 			t.Errorf("step %d, %s since the last: %v, want %v", tc.step, tc.since, got, tc.want)
 		}
+	}
+}
+
+func TestCheckpointsFollowTheStepAtIntervalsAndWhereOrdered(t *testing.T) {
+	// One stage, 5 steps, a checkpoint every 2 and one ordered at 3: after steps 2, 3
+	// and 4, never after the last (the run's end writes it), and an order for a step
+	// done is refused.
+	c := mustNew(t, Config{Stages: 1, MicroBatches: 1, Steps: 5, CheckpointInterval: 2})
+	must(t, c, Start{})
+	if _, err := c.Handle(CheckpointAt{Step: 3}); err != nil {
+		t.Fatal(err)
+	}
+	var cks []int
+	for s := 1; s <= 5; s++ {
+		for _, a := range single(t, c, s) {
+			if k, ok := a.(Checkpoint); ok {
+				cks = append(cks, k.Step)
+			}
+		}
+		if s == 1 {
+			if _, err := c.Handle(CheckpointAt{Step: 1}); !errors.Is(err, ErrStale) {
+				t.Fatalf("a checkpoint ordered at step 1, done: %v, want ErrStale", err)
+			}
+		}
+	}
+	if want := []int{2, 3, 4}; !reflect.DeepEqual(cks, want) {
+		t.Fatalf("checkpoints after steps %v, want %v", cks, want)
+	}
+}
+
+func TestCheckpointFollowsTheOuterStepAndPrecedesEvaluation(t *testing.T) {
+	c := mustNew(t, Config{Stages: 1, MicroBatches: 1, Steps: 3, CheckpointInterval: 2, EvalInterval: 2, EvalBatches: 1,
+		Outer: &Outer{Fragments: 1, Due: everyOther}})
+	must(t, c, Start{})
+	single(t, c, 1)
+	if out := single(t, c, 2); !reflect.DeepEqual(out, acts{StartReduce{Step: 2, Frags: []int{0}}}) {
+		t.Fatalf("step 2: %v", out)
+	}
+	must(t, c, ReduceDone{Step: 2})
+	if out := must(t, c, Done{}); !reflect.DeepEqual(out, acts{OuterDone{Step: 2}, StepDone{Step: 2}, Checkpoint{Step: 2}, EvalForward{Step: 2}}) {
+		t.Fatalf("step 2's outer step applied: %v", out)
+	}
+}
+
+func TestCheckpointOrderIsNotANeighbourSpeaking(t *testing.T) {
+	// The launcher's orders come from elsewhere: a silent neighbour is stalled at its
+	// deadline however many orders arrive meanwhile.
+	k := newClocked(t, Config{Clip: true, Stage: 0, Stages: 2, MicroBatches: 1, Steps: 10, StartTimeout: 30 * 1e9})
+	k.step(1e9)
+	k.must(Done{})
+	dl := k.c.Deadline()
+	for i := range 3 {
+		k.advance(dl / 3)
+		if _, err := k.c.Handle(CheckpointAt{Step: 5 + i}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, ok := stalledIn(k.advance(200 * 1e6)); !ok {
+		t.Fatal("not stalled: the launcher's orders were taken for the neighbour's liveness")
 	}
 }
