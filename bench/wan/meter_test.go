@@ -1,6 +1,7 @@
 package wan
 
 import (
+	"reflect"
 	"testing"
 	"time"
 
@@ -69,5 +70,77 @@ func TestMeterNamesAMissingOp(t *testing.T) {
 	sp := twoStageSpec(t)
 	if _, err := Meter(sp, NewTrace(), nil, 1); err == nil {
 		t.Fatal("an empty trace was scheduled")
+	}
+}
+
+func TestMeterWithoutClippingHasNoNormExchange(t *testing.T) {
+	sp := twoStageSpec(t)
+	sp.Train.GradClip = 0
+	tr := NewTrace()
+	ms := time.Millisecond
+	tr.Add(train.Op{Stage: 0, Kind: train.OpForward, Step: 1, Dur: 10 * ms, Bytes: 125_000})
+	tr.Add(train.Op{Stage: 1, Kind: train.OpForward, Step: 1, Dur: 10 * ms})
+	tr.Add(train.Op{Stage: 1, Kind: train.OpBackward, Step: 1, Dur: 20 * ms, Bytes: 125_000})
+	tr.Add(train.Op{Stage: 0, Kind: train.OpBackward, Step: 1, Dur: 20 * ms})
+	tr.Add(train.Op{Stage: 0, Kind: train.OpOptimize, Step: 1, Dur: ms})
+	tr.Add(train.Op{Stage: 1, Kind: train.OpOptimize, Step: 1, Dur: ms})
+	sc, err := Meter(sp, tr, &Profile{BandwidthMbps: 100, LatencyMs: 25}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// As with clipping up to s0's backward (110–130), then s0 steps at once (131);
+	// s1 stepped right after its backward (75–76) and waits for nothing more.
+	if want := 131 * ms; sc.Wall != want || sc.StepEnd[0] != want {
+		t.Fatalf("wall %v, step end %v, want %v", sc.Wall, sc.StepEnd[0], want)
+	}
+	for s, l := range sc.Ledgers[0] {
+		if l.Total[core.WaitBubble] != 0 || l.Total[core.WaitNorm] != 0 {
+			t.Fatalf("stage %d waited for norms in a run that does not clip: %v", s, l.Total)
+		}
+	}
+}
+
+func TestMeterOverlapsOuterStepsAsTheCoreSchedulesThem(t *testing.T) {
+	// One stage, two replicas, Streaming DiLoCo with 2 fragments over H = 2, 3 steps:
+	// fragment 0's all-reduce begins after step 1 and is applied after step 2,
+	// fragment 1's after 2 (applied after 3), and both after the last step, waited for.
+	sp, err := spec.Parse([]byte(`
+name: m
+model: {d_model: 16, n_layers: 2, n_heads: 2, d_ff: 32, seq_len: 8}
+pipeline: {stages: 1, replicas: 2, micro_batches: 1}
+train: {batch_size: 1, steps: 3, lr: 0.001, warmup: 0}
+diloco: {inner_steps: 2, fragments: 2}
+`), "m.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ms := time.Millisecond
+	tr := NewTrace()
+	for r := range 2 {
+		for step := 1; step <= 3; step++ {
+			tr.Add(train.Op{Replica: r, Kind: train.OpForward, Step: step, Dur: 10 * ms})
+			tr.Add(train.Op{Replica: r, Kind: train.OpBackward, Step: step, Dur: 10 * ms})
+			tr.Add(train.Op{Replica: r, Kind: train.OpOptimize, Step: step, Dur: ms})
+		}
+		// The outer steps applied after steps 2 (fragment 0's) and 3 (fragment 1's,
+		// then both): 100 ms of sending per fragment at 100 Mbit/s.
+		tr.Add(train.Op{Replica: r, Kind: train.OpOuter, Step: 2, Dur: 2 * ms, Bytes: 1_250_000})
+		tr.Add(train.Op{Replica: r, Kind: train.OpOuter, Step: 3, Dur: 2 * ms, Bytes: 3_750_000})
+	}
+	sc, err := Meter(sp, tr, &Profile{BandwidthMbps: 100, LatencyMs: 25}, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Step 1 ends at 21 and its all-reduce runs 21–171 (100 ms + 2 × 25) while step 2
+	// computes (21–42); step 2 waits for it, applies it (2 ms) and ends at 173, its own
+	// all-reduce 173–323 under step 3 (173–194); step 3 applies that (323–325), then
+	// both fragments' all-reduce, 200 ms + 50: the run ends at 575.
+	if want := []time.Duration{21 * ms, 173 * ms, 575 * ms}; !reflect.DeepEqual(sc.StepEnd, want) {
+		t.Fatalf("steps end at %v, want %v", sc.StepEnd, want)
+	}
+	want := []SyncTime{{Stage: 0, Step: 1, Bytes: 2_500_000, Dur: 150 * ms}, {Stage: 0, Step: 2, Bytes: 2_500_000, Dur: 150 * ms},
+		{Stage: 0, Step: 3, Bytes: 5_000_000, Dur: 250 * ms}}
+	if !reflect.DeepEqual(sc.Syncs, want) {
+		t.Fatalf("all-reduces %+v, want %+v", sc.Syncs, want)
 	}
 }

@@ -20,7 +20,9 @@ type Step struct {
 	TokensPerS float64  `json:"tokens_per_s"`       // of this step
 	ElapsedS   float64  `json:"elapsed_s"`          // since the run started
 	LR         float64  `json:"lr"`
-	GradNorm   float64  `json:"grad_norm"`
+	// GradNorm is the global gradient norm before clipping; 0 (absent) in a launched
+	// run that does not clip, whose stages exchange no norms.
+	GradNorm float64 `json:"grad_norm,omitempty"`
 	// Replica is the replica pipeline the loss is of; absent in runs with one replica.
 	// With replicas, validation loss (of the global weights) rides on replica 0's row.
 	Replica *int `json:"replica,omitempty"`

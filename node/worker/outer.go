@@ -71,57 +71,23 @@ func (s *servedState) get(want uint64) (uint64, [][]float32) {
 	return sl.round, out
 }
 
-// beginSync does the outer-step work after step, with compute idle: first it applies
-// the overlapped outer steps begun after the step before (waiting for their
-// all-reduce if it is still going), then it takes the contributions of every fragment
-// due now and all-reduces them on another goroutine, so the loop keeps taking frames.
-// Overlapped (Streaming DiLoCo, not the last step), those are applied after the next
-// step and the core goes on at once; otherwise synced applies them when they are done.
-func (w *Worker) beginSync(step int) error {
-	w.syncStep = step
-	if w.pend != nil && !w.pend.done {
-		w.waiting = true // reduced resumes here when w.pend's all-reduce is done
-		return nil
-	}
-	rep := &wire.OuterReport{Contributors: w.sp.Pipeline.Replicas}
-	applied := false
-	if p := w.pend; p != nil {
-		w.pend = nil
-		if err := w.apply(p, rep, true); err != nil {
-			return err
-		}
-		applied = true
-	}
-	d := w.sp.DiLoCo
-	overlap := d.Overlapped() && step != w.sp.Train.Steps
-	e := &syncDone{step: step, overlapped: overlap}
-	for f := range d.Fragments {
-		if d.Due(f, step, w.sp.Train.Steps) {
-			e.frags = append(e.frags, f)
-			// Fragments are disjoint parts of the Outer's scratch, untouched until applied.
-			if overlap {
-				e.ys = append(e.ys, w.outer.Begin(f, w.stage.Params))
-			} else {
-				e.ys = append(e.ys, w.outer.Contribution(f, w.stage.Params))
-			}
+// startReduce takes this replica's contributions to the outer step after a.Step on
+// a.Frags, with compute idle, and all-reduces them on another goroutine, so the loop
+// keeps taking frames (and, overlapped, the next step runs meanwhile); the core hears
+// ReduceDone when they are done and asks for ApplyOuter.
+func (w *Worker) startReduce(a core.StartReduce) {
+	e := &syncDone{step: a.Step, overlapped: a.Overlap, frags: a.Frags}
+	for _, f := range a.Frags {
+		// Fragments are disjoint parts of the Outer's scratch, untouched until applied.
+		if a.Overlap {
+			e.ys = append(e.ys, w.outer.Begin(f, w.stage.Params))
+		} else {
+			e.ys = append(e.ys, w.outer.Contribution(f, w.stage.Params))
 		}
 	}
-	if len(e.frags) > 0 {
-		w.syncStart = time.Now()
-		w.runReduce(e)
-		if !overlap {
-			w.partial = nil
-			if applied {
-				w.partial = rep
-			}
-			return nil // synced finishes the step
-		}
-		w.pend = e
-	}
-	if applied {
-		w.finishOuter(step, rep)
-	}
-	return w.handle(core.Synced{Step: step})
+	w.syncStart = time.Now()
+	w.reduces[a.Step] = e
+	w.runReduce(e)
 }
 
 // runReduce all-reduces e's contributions on its own goroutine and posts e back.
@@ -160,19 +126,11 @@ func (w *Worker) runReduce(e *syncDone) {
 	}()
 }
 
-// reduced takes a finished all-reduce: an overlapped one waits to be applied after
-// the next step (or is applied now if that step is already waiting for it).
+// reduced keeps a finished all-reduce's results for ApplyOuter and tells the core.
 func (w *Worker) reduced(r reduceDone) error {
 	e := r.e
-	e.results, e.fetched, e.err, e.done = r.results, r.fetched, r.err, true
-	if !e.overlapped {
-		return w.synced(e)
-	}
-	if w.waiting {
-		w.waiting = false
-		return w.beginSync(w.syncStep)
-	}
-	return nil
+	e.results, e.fetched, e.err = r.results, r.fetched, r.err
+	return w.handle(core.ReduceDone{Step: e.step})
 }
 
 // fetchState downloads the stage's global weights and outer momentum from a live
@@ -225,20 +183,21 @@ func (w *Worker) connectReplicas() {
 	wg.Wait()
 }
 
-// synced applies a blocking outer step's all-reduce results, reports them (with
-// whatever overlapped steps were applied before them at the same step), and lets the
-// core go on.
-func (w *Worker) synced(e *syncDone) error {
-	rep := w.partial
-	w.partial = nil
-	if rep == nil {
-		rep = &wire.OuterReport{Contributors: w.sp.Pipeline.Replicas}
+// applyOuter applies the all-reduce begun after a.Step (with compute idle, the core
+// waiting for it as for a compute) and adds it to this step's outer report.
+func (w *Worker) applyOuter(a core.ApplyOuter) error {
+	e := w.reduces[a.Step]
+	delete(w.reduces, a.Step)
+	if e == nil {
+		return fmt.Errorf("outer step: no all-reduce was begun after step %d", a.Step)
 	}
-	if err := w.apply(e, rep, false); err != nil {
+	if w.outerRep == nil {
+		w.outerRep = &wire.OuterReport{Contributors: w.sp.Pipeline.Replicas}
+	}
+	if err := w.apply(e, w.outerRep, a.Overlapped); err != nil {
 		return err
 	}
-	w.finishOuter(e.step, rep)
-	return w.handle(core.Synced{Step: e.step})
+	return w.handle(core.Done{})
 }
 
 // apply applies a finished all-reduce (or the global state fetched instead) to the
@@ -276,9 +235,11 @@ func (w *Worker) apply(e *syncDone, rep *wire.OuterReport, overlapped bool) erro
 	return nil
 }
 
-// finishOuter records an outer step applied after step: the state served to replicas
+// finishOuter records the outer step applied after step: the state served to replicas
 // that fall behind, the log line and the report to the launcher.
-func (w *Worker) finishOuter(step int, rep *wire.OuterReport) {
+func (w *Worker) finishOuter(step int) {
+	rep := w.outerRep
+	w.outerRep = nil
 	w.outer.Rounds++
 	rep.OuterStep, rep.Hash = w.outer.Rounds, w.outer.Hash()
 	w.serve(uint64(step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1))

@@ -108,12 +108,14 @@ func (w *Worker) loop() error {
 						w.reachLauncher(grace)
 					}()
 				}
-			default:
+			case core.Event:
 				err = w.handle(e)
 				if errors.Is(err, core.ErrStale) { // a norm resent or late
 					w.log.Debug("stale event dropped", "err", err)
 					err = nil
 				}
+			default:
+				err = fmt.Errorf("worker: unknown event %T", e)
 			}
 			if err != nil {
 				return w.fail(err)
@@ -157,7 +159,7 @@ func (w *Worker) stageTime() *wire.StageTime {
 func (w *Worker) accept(f *p2p.Frame) error {
 	k := [2]int{int(f.Step), int(f.Micro)}
 	var m map[[2]int]*p2p.Frame
-	var e any
+	var e core.Event
 	switch f.Kind {
 	case p2p.KindActivation:
 		m, e = w.acts, core.ActivationIn{Step: k[0], Micro: k[1]}
@@ -184,7 +186,7 @@ func (w *Worker) accept(f *p2p.Frame) error {
 
 // handle feeds the core an event and carries out its actions. An event the core finds
 // stale is returned as such (wrapping core.ErrStale) with nothing done.
-func (w *Worker) handle(e any) error {
+func (w *Worker) handle(e core.Event) error {
 	acts, err := w.core.Handle(e)
 	if err != nil {
 		return err
@@ -194,10 +196,13 @@ func (w *Worker) handle(e any) error {
 			return err
 		}
 	}
+	if w.core.Stepping() && w.handSince.IsZero() && w.handStep != w.core.Step() {
+		w.handSince = time.Now()
+	}
 	return nil
 }
 
-func (w *Worker) do(a any) error {
+func (w *Worker) do(a core.Action) error {
 	cfg := w.stage.Config
 	switch a := a.(type) {
 	case core.Forward:
@@ -238,7 +243,6 @@ func (w *Worker) do(a any) error {
 			return computeDone{}
 		})
 	case core.ShareNorm:
-		w.normSent = time.Now()
 		// Compute is idle: the core asked for no job.
 		ss := w.unit.GradSumSquares()
 		if math.IsNaN(ss) || math.IsInf(ss, 0) {
@@ -251,13 +255,19 @@ func (w *Worker) do(a any) error {
 		}
 		return w.handle(core.NormIn{Step: a.Step, Stage: w.idx, SumSq: ss})
 	case core.Optimize:
-		w.normWaited += time.Since(w.normSent)
-		w.normSteps++
+		if !w.handSince.IsZero() {
+			w.handWaited += time.Since(w.handSince)
+			w.handSteps++
+			w.handSince, w.handStep = time.Time{}, a.Step
+		}
 		w.stepped = true
 		lr := w.sched.At(a.Step - 1)
 		w.lastNorm = a.Norm
 		clip := w.sp.Train.GradClip
 		w.submit(func() any {
+			if !a.Clip {
+				w.stage.ProjectGrads() // GradSumSquares (ShareNorm) does it in a run that clips
+			}
 			w.unit.Update(a.Norm, clip, lr)
 			w.stage.ZeroGrads()
 			w.doneStep = a.Step // read by the loop after this job's result, or once compute has stopped
@@ -312,19 +322,20 @@ func (w *Worker) do(a any) error {
 			w.stepTimes = w.stepTimes[1:]
 		}
 		w.publish()
-		// Every stage checkpoints the same steps, so a crash loses at most the steps
-		// since; the last step's checkpoint is written when the run finishes.
-		if w.ck.Due(a.Step) {
-			if err := w.checkpoint(); err != nil {
-				return err
-			}
-		}
 		if w.stopCause != nil && a.Step >= w.stopAt {
 			w.log.Info("step finished; stopping", "step", a.Step)
 			w.cancel(w.stopCause)
 		}
-	case core.Sync:
-		return w.beginSync(a.Step)
+	case core.Checkpoint:
+		// Every stage checkpoints the same steps, so a crash loses at most the steps
+		// since; the last step's checkpoint is written when the run finishes.
+		return w.checkpoint()
+	case core.StartReduce:
+		w.startReduce(a)
+	case core.ApplyOuter:
+		return w.applyOuter(a)
+	case core.OuterDone:
+		w.finishOuter(a.Step)
 	case core.EvalDone:
 		if w.stage.Last {
 			v := w.lossSum / float64(w.windows)

@@ -34,7 +34,7 @@ func (w *Worker) stopAfter(step int, cause error) error {
 func (w *Worker) order(e launcherOrder) error {
 	switch e.kind {
 	case wire.MsgCheckpoint:
-		if err := w.ck.Order(e.step, w.ckStep); err != nil {
+		if err := w.handle(core.CheckpointAt{Step: e.step}); err != nil {
 			w.log.Warn("checkpoint ordered too late", "err", err)
 			return err
 		}
@@ -131,19 +131,21 @@ func (w *Worker) stalled(a core.Stalled) error {
 // stopBackstop bounds how long a stopping stage may take to finish its step.
 const stopBackstop = 8 * time.Second
 
-// stopping decides, in the loop, when a stage asked to stop does: at once, or, if it
-// has shared this step's norm (every other stage may already have stepped), once the
-// step is done or after a grace of four times the mean wait for the norms, plus a
-// second, at most 6 s: stages stopped together then keep checkpoints of one step.
+// stopping decides, in the loop, when a stage asked to stop does: at once, or, if the
+// step in progress is the others' to finish (core.Stepping: its norm is shared, or
+// without clipping its forwards are all out; another stage may already have stepped),
+// once the step is done or after a grace of four times the mean wait from then to the
+// optimiser step, plus a second, at most 6 s: stages stopped together then keep
+// checkpoints of one step.
 func (w *Worker) stopping(cause error) {
 	if w.core.Finished() {
 		w.cancel(cause)
 		return
 	}
 	// The launcher stops the other stages after the same step, so that all of them
-	// hold its checkpoint: this one's step in hand once its norm is shared (the others
-	// may have stepped it), else the last one done (none can step past it without
-	// this stage).
+	// hold its checkpoint: this one's step in hand once it is the others' to finish
+	// (they may have stepped it), else the last one done (none can step past it
+	// without this stage).
 	at := w.ckStep
 	if w.core.Stepping() {
 		at = w.core.Step()
@@ -155,8 +157,8 @@ func (w *Worker) stopping(cause error) {
 		return
 	}
 	grace := time.Second
-	if w.normSteps > 0 {
-		grace += 4 * w.normWaited / time.Duration(w.normSteps)
+	if w.handSteps > 0 {
+		grace += 4 * w.handWaited / time.Duration(w.handSteps)
 	}
 	grace = min(grace, 6*time.Second)
 	w.stopCause, w.stopAt = cause, w.core.Step()

@@ -77,10 +77,8 @@ type Worker struct {
 	group     *reduce.Group
 	syncStart time.Time
 	lastSync  time.Time
-	pend      *syncDone         // overlapped outer step to apply after the next step
-	waiting   bool              // the core waits in Sync{syncStep} for pend's all-reduce
-	syncStep  int               // the step whose outer-step work is in progress
-	partial   *wire.OuterReport // what was applied before a blocking outer step at the same step
+	reduces   map[int]*syncDone // all-reduces begun after a step (at most two), until applied
+	outerRep  *wire.OuterReport // what the outer step in progress has applied
 	started0  time.Time         // when training began, for the mean time between syncs
 	reaching  atomic.Bool       // a reachLauncher is under way
 	syncs     int               // outer steps taken
@@ -122,9 +120,8 @@ type Worker struct {
 	startOnce sync.Once
 	started   chan struct{} // closed when the loop starts
 	idle      chan struct{} // closed when the compute goroutine has returned
-	ck        core.Checkpoints
-	stepped   bool // an optimiser step has been taken: there is something to keep
-	doneStep  int  // the last step whose optimiser step has run
+	stepped   bool          // an optimiser step has been taken: there is something to keep
+	doneStep  int           // the last step whose optimiser step has run
 
 	// What a checkpoint needs of the last step done besides the parameters and the
 	// optimiser state: taken at StepDone, because by the time a stopped stage writes
@@ -134,13 +131,17 @@ type Worker struct {
 	ckSampler     []byte
 	resumeSampler []byte // a resumed run's sampler position, applied when the data is loaded
 
-	// Stopping: a stage asked to stop while its step is in hand (its norm shared)
+	// Stopping: a stage asked to stop while its step is in hand (core.Stepping)
 	// finishes that step, so that stages stopped together end on the same step.
-	stopCause  error
-	stopAt     int
-	normSent   time.Time     // when this step's norm was shared
-	normWaited time.Duration // total time from sharing the norm to stepping
-	normSteps  int
+	stopCause error
+	stopAt    int
+	// handSince is when the step in progress became the other stages' to finish
+	// (core.Stepping), handStep the last step whose wait from then to its optimiser
+	// step is in handWaited (over handSteps steps).
+	handSince  time.Time
+	handStep   int
+	handWaited time.Duration
+	handSteps  int
 	done       chan struct{} // closed when the loop has returned and the outbox drained
 	err        error
 }
@@ -178,13 +179,12 @@ type (
 )
 
 // syncDone is an outer step begun after step: its fragments and contributions, and
-// once its all-reduces are done (done), their results.
+// once its all-reduces are done, their results.
 type syncDone struct {
 	step       int
 	overlapped bool // applied after the next step (Streaming DiLoCo)
 	frags      []int
 	ys         [][]float32
-	done       bool
 	results    []*reduce.Result
 	fetched    *fetchedState
 	err        error
@@ -243,7 +243,6 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 	// when the run starts (loadData). Only replica 0 evaluates: right after an outer
 	// step its weights are every replica's. An evaluation covers the first
 	// eval_batches batches of windows, as train's does.
-	w.ck = core.Checkpoints{Interval: sp.CheckpointInterval, Last: sp.Train.Steps}
 	w.windows = int(plan.Data.ValidationTokens()) / (cfg.SeqLen + 1)
 	if sp.EvalBatches > 0 {
 		w.windows = min(w.windows, sp.EvalBatches*train.EvalBatch)
@@ -251,10 +250,10 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 	if rep == 0 {
 		w.evalN = (w.windows + train.EvalBatch - 1) / train.EvalBatch
 	}
-	cc := core.Config{Stage: idx, Stages: S, MicroBatches: sp.Pipeline.MicroBatches, MaxInFlight: sp.Pipeline.InFlight,
-		Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval, EvalBatches: w.evalN,
-		// Until a step is measured, a neighbour may take as long as staffing may.
-		StartTimeout: time.Duration(sp.Pipeline.StaffTimeout) * time.Second}
+	cc := train.StageCore(sp, idx)
+	cc.EvalBatches = w.evalN
+	// Until a step is measured, a neighbour may take as long as staffing may.
+	cc.StartTimeout = time.Duration(sp.Pipeline.StaffTimeout) * time.Second
 	if plan.Resume != nil {
 		cc.From, cc.EvalFrom = plan.Resume.Step, true
 	}
@@ -262,8 +261,7 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 		cc.From = plan.Join.Step
 	}
 	if R > 1 {
-		d, steps := sp.DiLoCo, sp.Train.Steps
-		cc.OuterDue = func(step int) bool { return d.SyncAt(step, steps) }
+		w.reduces = map[int]*syncDone{}
 		peers := make([]peer.ID, R)
 		for r := range peers {
 			peers[r] = grid[r][idx]
