@@ -351,3 +351,41 @@ func TestCompressedPipelineMatchesTrain(t *testing.T) {
 		<-n.exited
 	}
 }
+
+// A run that does not clip exchanges no gradient norms between its stages (each steps
+// as soon as its own backwards are done) and still takes exactly train's steps.
+func TestUnclippedPipelineMatchesTrainWithoutANormExchange(t *testing.T) {
+	if testing.Short() {
+		t.Skip("starts processes; skipped in -short mode")
+	}
+	dir := t.TempDir()
+	spec := strings.Replace(pipeSpec, "stages: 4, micro_batches: 4, in_flight: 4", "stages: 2, micro_batches: 2", 1)
+	spec = strings.Replace(spec, "warmup: 2}", "warmup: 2, grad_clip: 0}", 1)
+	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 2)
+	out := filepath.Join(dir, "launched")
+	if code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...); code != 0 {
+		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
+	}
+	ref := filepath.Join(dir, "trained")
+	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
+		t.Fatal(stderr)
+	}
+	launched, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
+	trained, _ := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
+	if len(launched) != 6 || len(trained) != 6 {
+		t.Fatalf("%d and %d steps recorded, want 6", len(launched), len(trained))
+	}
+	for i, b := range trained {
+		a := launched[i]
+		if a.Loss != b.Loss || (a.ValLoss == nil) != (b.ValLoss == nil) || (a.ValLoss != nil && *a.ValLoss != *b.ValLoss) {
+			t.Errorf("step %d: launched loss %.9f (val %v), trained %.9f (val %v)", i+1, a.Loss, a.ValLoss, b.Loss, b.ValLoss)
+		}
+		if a.GradNorm != 0 {
+			t.Errorf("step %d: launched grad_norm %g; the stages exchanged no norms to know it", i+1, a.GradNorm)
+		}
+	}
+	for _, n := range nodes {
+		_ = n.cmd.Process.Signal(syscall.SIGTERM)
+		<-n.exited
+	}
+}
