@@ -63,6 +63,14 @@ type Config struct {
 	// its stage, after its optimiser step and before the step is done; nil means
 	// never (one replica).
 	Outer *Outer
+	// Async runs the asynchronous schedule (asynccore.go) instead of 1F1B: no flush
+	// and no step barrier; Steps, EvalInterval, CheckpointInterval and Outer count
+	// updates, MaxInFlight is the schedule's in-flight bound of stage 0 (Async.Bound)
+	// and the stage clips by its own gradient norm (Optimize.Own).
+	Async bool
+	// Stash: in an async run, a backward runs on the weights its forward ran on
+	// (train.delay stash or nesterov) rather than the current ones (none).
+	Stash bool
 	// StartTimeout bounds a wait before the stage has measured a step of its own (the
 	// first step: neighbours still loading data, dialling, warming up); after that,
 	// deadlines come from the step times measured. 0 means no deadline before then.
@@ -106,9 +114,17 @@ func (c Config) Validate() error {
 }
 
 // Slots is how many activation tapes the stage needs: one per forward in flight.
-func (c Config) Slots() int { return min(c.maxInFlight(), c.MicroBatches) }
+func (c Config) Slots() int {
+	if c.Async {
+		return c.schedule().Bound(c.Stage)
+	}
+	return min(c.maxInFlight(), c.MicroBatches)
+}
 
 func (c Config) maxInFlight() int {
+	if c.Async {
+		return c.schedule().Bound(c.Stage)
+	}
 	if c.MaxInFlight > 0 {
 		return c.MaxInFlight
 	}
@@ -149,6 +165,7 @@ type Core struct {
 
 	// training step state
 	forwarded, backwarded int
+	fwd, bwd              int         // async: the next micro-batch (over the run) to run forward, backward
 	slotOf                map[int]int // micro -> tape slot, while in flight
 	free                  []int
 	acts                  map[key]bool
@@ -180,9 +197,13 @@ func New(cfg Config) (*Core, error) {
 	if err := cfg.Validate(); err != nil {
 		return nil, err
 	}
-	return &Core{cfg: cfg, acts: map[key]bool{}, grads: map[key]bool{}, norms: map[int]map[int]float64{},
+	c := &Core{cfg: cfg, acts: map[key]bool{}, grads: map[key]bool{}, norms: map[int]map[int]float64{},
 		evalIns: map[key]bool{}, slotOf: map[int]int{}, downAfter: -1, done: cfg.From,
-		ck: Checkpoints{Interval: cfg.CheckpointInterval, Last: cfg.Steps}}, nil
+		ck: Checkpoints{Interval: cfg.CheckpointInterval, Last: cfg.Steps}}
+	if cfg.Async {
+		c.asyncStart()
+	}
+	return c, nil
 }
 
 // Step is the step in progress (0 before Start).
@@ -198,6 +219,9 @@ func (c *Core) Stepping() bool {
 	case sharing, stepping, syncing:
 		return true
 	case training:
+		if c.cfg.Async {
+			return c.fwd >= c.step*c.cfg.MicroBatches
+		}
 		return !c.cfg.Clip && c.forwarded == c.cfg.MicroBatches
 	}
 	return false
@@ -233,6 +257,12 @@ func (c *Core) Handle(e Event) ([]Action, error) {
 		if c.cfg.first() {
 			return nil, fmt.Errorf("%w: activation sent to stage 0", ErrProtocol)
 		}
+		if c.cfg.Async {
+			if err := c.asyncActivation(e); err != nil {
+				return nil, err
+			}
+			break
+		}
 		if err := c.checkItem(e.Step, e.Micro, c.cfg.MicroBatches, "micro-batch"); err != nil {
 			return nil, err
 		}
@@ -244,6 +274,12 @@ func (c *Core) Handle(e Event) ([]Action, error) {
 	case GradientIn:
 		if c.cfg.last() {
 			return nil, fmt.Errorf("%w: gradient sent to the last stage", ErrProtocol)
+		}
+		if c.cfg.Async {
+			if err := c.asyncGradient(e); err != nil {
+				return nil, err
+			}
+			break
 		}
 		switch {
 		case e.Step < c.step || (e.Step == c.step && c.phase != training):
@@ -335,6 +371,9 @@ func (c *Core) finishable(s int) bool {
 	case sharing:
 		return c.hasNorm(s)
 	case training:
+		if c.cfg.Async {
+			return s < c.cfg.Stage && c.fwd >= c.step*c.cfg.MicroBatches
+		}
 		return !c.cfg.Clip && s < c.cfg.Stage && c.forwarded == c.cfg.MicroBatches
 	}
 	return false
@@ -353,6 +392,9 @@ func (c *Core) checkItem(step, i, n int, what string) error {
 func (c *Core) beginStep(step int, out []Action) []Action {
 	c.step, c.phase = step, training
 	c.stepFrom = c.now
+	if c.cfg.Async { // the tapes in flight carry over from update to update
+		return out
+	}
 	c.forwarded, c.backwarded = 0, 0
 	c.free = c.free[:0]
 	for s := c.cfg.Slots() - 1; s >= 0; s-- {
@@ -386,7 +428,11 @@ func (c *Core) advance(out []Action) []Action {
 		var next []Action
 		switch c.phase {
 		case training:
-			next = c.nextTraining()
+			if c.cfg.Async {
+				next = c.nextAsync()
+			} else {
+				next = c.nextTraining()
+			}
 		case sharing:
 			next = c.tryOptimize()
 		case syncing:
@@ -433,6 +479,9 @@ func (c *Core) nextTraining() []Action {
 
 // completed updates the state for the compute that just finished.
 func (c *Core) completed(out []Action) []Action {
+	if c.cfg.Async && (c.cur.kind == kindForward || c.cur.kind == kindBackward) {
+		return c.asyncCompleted(out)
+	}
 	switch p := c.cur; p.kind {
 	case kindForward:
 		if c.cfg.last() {

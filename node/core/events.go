@@ -62,15 +62,19 @@ func (PeerDown) isEvent()     {}
 type (
 	// Forward runs micro-batch Micro of Step into tape Slot (stage 0 samples it first;
 	// the last stage also computes its loss). Send, if set, says to send the output on.
+	// Age is how many updates old the weights it runs on are (always 0 in a sync run;
+	// in an async one, the version the schedule gives it, kept by the stage).
 	Forward struct {
 		Step, Micro, Slot int
 		Send              bool
+		Age               int
 	}
 	// Backward runs the micro-batch in Slot backward; Send says to send the input
-	// gradient back to the previous stage.
+	// gradient back to the previous stage. Age is as Forward's.
 	Backward struct {
 		Step, Micro, Slot int
 		Send              bool
+		Age               int
 	}
 	// ShareNorm: project this stage's gradients as the optimiser sees them, compute
 	// their sum of squares for Step, send it to every other stage, and feed it back as
@@ -79,10 +83,14 @@ type (
 	// Optimize takes the optimiser step. With Clip it clips by Norm, the global
 	// gradient norm from every stage's ShareNorm; without it the run does not clip, no
 	// norm was exchanged, Norm is 0 and the gradients are not projected yet.
+	// Own (an async run): the stage projects its gradients and clips them by their
+	// own norm against its share of grad_clip, grad_clip/√Stages, with nothing
+	// exchanged (Norm and Clip are then unused).
 	Optimize struct {
 		Step int
 		Norm float64
 		Clip bool
+		Own  bool
 	}
 	// EvalForward runs validation batch Batch forward (the last stage adds its loss
 	// to the evaluation); Send says to send the output on.

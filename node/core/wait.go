@@ -40,6 +40,12 @@ func (c *Core) Waiting() Wait {
 	}
 	switch c.phase {
 	case training:
+		if c.cfg.Async {
+			if c.asyncNextIsForward() && !c.cfg.first() {
+				return WaitActivation
+			}
+			return WaitGradient
+		}
 		if !c.cfg.first() && c.forwarded < c.cfg.MicroBatches && c.inFlight() < c.cfg.maxInFlight() && c.inFlight() == 0 {
 			return WaitActivation
 		}
