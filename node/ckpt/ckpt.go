@@ -22,7 +22,6 @@ import (
 	"strings"
 
 	"github.com/pipeswarm/pipeswarm/node/stage"
-	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
@@ -86,14 +85,32 @@ func (p Pair) ResumableStep(spec string) (int, error) {
 		return 0, err
 	}
 	switch {
-	case wm[train.MetaStep] != sm[train.MetaStep]:
-		return 0, fmt.Errorf("%s is of step %s, %s of step %s (a crash between the two writes)", p.Weights, wm[train.MetaStep], p.State, sm[train.MetaStep])
+	case wm[stage.MetaStep] != sm[stage.MetaStep]:
+		return 0, fmt.Errorf("%s is of step %s, %s of step %s (a crash between the two writes)", p.Weights, wm[stage.MetaStep], p.State, sm[stage.MetaStep])
 	case wm[MetaResumable] != "1" || sm[MetaResumable] != "1":
 		return 0, fmt.Errorf("%s was written in the middle of a step", p.Weights)
-	case spec != "" && wm[train.MetaSpec] != spec:
+	case spec != "" && wm[stage.MetaSpec] != spec:
 		return 0, fmt.Errorf("%s was written by a run of another spec", p.Weights)
 	}
-	return strconv.Atoi(wm[train.MetaStep])
+	return strconv.Atoi(wm[stage.MetaStep])
+}
+
+// Find is the checkpoint named base in dir that a run of spec can resume from at
+// step, or an error saying what each one found is instead.
+func Find(dir, base, spec string, step int) (Pair, error) {
+	var why []string
+	for _, p := range Pairs(dir, base) {
+		s, err := p.ResumableStep(spec)
+		if err == nil && s == step {
+			return p, nil
+		}
+		if err != nil {
+			why = append(why, err.Error())
+		} else {
+			why = append(why, fmt.Sprintf("%s is of step %d", p.Weights, s))
+		}
+	}
+	return Pair{}, fmt.Errorf("no checkpoint of %s at step %d here: %s", base, step, strings.Join(why, "; "))
 }
 
 // Rotate makes room for a new checkpoint of step (whole, or written mid-step): the

@@ -11,7 +11,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/pipeswarm/pipeswarm/node/train"
+	"github.com/pipeswarm/pipeswarm/node/stage"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -22,7 +22,7 @@ func TestACorruptCheckpointIsLoggedAndTheOlderGoodOneOffered(t *testing.T) {
 	const sp = "name: x\n"
 	base := Base(0, 0, 1)
 	for i, p := range []Pair{PairAt(dir, base), PairAt(dir, base+".step-60")} {
-		meta := map[string]string{train.MetaStep: strconv.Itoa(120 - 60*i), MetaResumable: "1", train.MetaSpec: sp}
+		meta := map[string]string{stage.MetaStep: strconv.Itoa(120 - 60*i), MetaResumable: "1", stage.MetaSpec: sp}
 		vals := []float32{1, 2, 3, float32(i)}
 		if err := errors.Join(shard.SaveTensors(p.Weights, meta, []shard.Named{{Name: "w", Data: vals}}),
 			shard.SaveTensors(p.State, meta, []shard.Named{{Name: "adam_m", Data: vals}})); err != nil {
@@ -61,7 +61,7 @@ func TestStageKeepsCheckpointsBackToTheRecordedStep(t *testing.T) {
 		if err := Rotate(dir, base, step, whole); err != nil {
 			t.Fatal(err)
 		}
-		meta := map[string]string{train.MetaStep: strconv.Itoa(step), train.MetaSpec: "s"}
+		meta := map[string]string{stage.MetaStep: strconv.Itoa(step), stage.MetaSpec: "s"}
 		if whole {
 			meta[MetaResumable] = "1"
 		}

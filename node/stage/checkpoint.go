@@ -22,6 +22,10 @@ const (
 	// MetaFormat says the state file is this package's format, which Restore reads.
 	MetaFormat = "pipeswarm.stage_format"
 	format     = "1"
+	// MetaSpec and MetaStep are the run's spec and the step a checkpoint is of: every
+	// checkpoint's caller puts them in its metadata.
+	MetaSpec = "pipeswarm.spec"
+	MetaStep = "pipeswarm.step"
 	// MetaSampler is the data sampler's position (hex) at the checkpoint's step; its
 	// loop, which owns the sampler, puts it in the first stage's metadata.
 	MetaSampler = "sampler"

@@ -225,3 +225,81 @@ func TestResumeRefusesAnotherSpecAndAnEmptyDirectory(t *testing.T) {
 		t.Error("a refused resume changed metrics.jsonl")
 	}
 }
+
+// A run that crashed while writing a checkpoint (some stages had written step 6's,
+// others not yet) resumes from the newest step every stage holds, and takes the
+// uninterrupted run's steps from there.
+func TestACheckpointTornByACrashResumesFromTheStepEveryStageHolds(t *testing.T) {
+	sp := testSpec(t, strings.Replace(replicaSpec, "sync: int8/32}", "sync: int8/32}\ncompression: {gradients: int8/32}", 1))
+	full, part, held := t.TempDir(), t.TempDir(), t.TempDir()
+	if _, err := Run(context.Background(), Options{Spec: sp, OutDir: full}); err != nil {
+		t.Fatal(err)
+	}
+	stopAfter := func(step int, resume bool) {
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		_, err := Run(ctx, Options{Spec: sp, OutDir: part, Resume: resume, OnStep: func(s metrics.Step) {
+			if s.Step == step {
+				cancel()
+			}
+		}})
+		if err == nil {
+			t.Fatalf("the run stopped after step %d finished", step)
+		}
+	}
+	stopAfter(4, false)
+	names, _ := filepath.Glob(filepath.Join(part, "stage-*.safetensors"))
+	for _, n := range names {
+		b, err := os.ReadFile(n)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(held, filepath.Base(n)), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	stopAfter(6, true)
+	// The crash: stage 1 of replica 1 had not written step 6's yet; the others had,
+	// keeping step 4's beside it until every stage had.
+	for _, n := range names {
+		b, _ := os.ReadFile(filepath.Join(held, filepath.Base(n)))
+		to := n
+		if !strings.HasPrefix(filepath.Base(n), "stage-1-replica-1.") {
+			to = strings.Replace(n, "replica-0.", "replica-0.step-4.", 1)
+			to = strings.Replace(to, "replica-1.", "replica-1.step-4.", 1)
+		}
+		if err := os.WriteFile(to, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	res, err := Run(context.Background(), Options{Spec: sp, OutDir: part, Resume: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.Steps != sp.Train.Steps {
+		t.Fatalf("the resumed run ended after step %d, want %d", res.Steps, sp.Train.Steps)
+	}
+	losses := func(dir string) []float64 {
+		b, err := os.ReadFile(filepath.Join(dir, MetricsFile))
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []float64
+		for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			var s metrics.Step
+			if err := json.Unmarshal([]byte(line), &s); err != nil {
+				t.Fatal(err)
+			}
+			out = append(out, float64(s.Step), s.Loss)
+		}
+		return out
+	}
+	if a, b := losses(part), losses(full); !slices.Equal(a, b) {
+		t.Errorf("steps and losses resumed %v, uninterrupted %v", a, b)
+	}
+	a, _ := os.ReadFile(filepath.Join(part, CheckpointFile))
+	b, _ := os.ReadFile(filepath.Join(full, CheckpointFile))
+	if !bytes.Equal(a, b) {
+		t.Error("resumed model.safetensors differs from the uninterrupted run's")
+	}
+}

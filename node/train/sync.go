@@ -5,11 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"log/slog"
 	"maps"
 	"os"
 	"path/filepath"
+	"strconv"
 	"time"
 
+	"github.com/pipeswarm/pipeswarm/node/ckpt"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/stage"
@@ -127,36 +130,50 @@ func (y *syncer) resumeAfter(step, steps int) {
 	y.begin(step, steps, sent, took, applied, time.Now)
 }
 
-// saveState writes every unit's checkpoint into dir (stage.Unit.Save), named as a
-// launched run's stages name theirs: what model.safetensors does not hold and a
-// resumed run needs. Each replica's first stage also keeps its data position.
-func saveState(dir string, meta map[string]string, reps []*replica) error {
+// saveState writes every unit's checkpoint of step into dir (stage.Unit.Save), named
+// and kept as a launched run's stages keep theirs (node/ckpt): what
+// model.safetensors does not hold and a resumed run needs. Each replica's first
+// stage also keeps its data position. A unit's previous checkpoint is kept until
+// every unit has written this one, so that a crash while writing leaves a step every
+// unit holds.
+func saveState(dir string, step int, meta map[string]string, reps []*replica) error {
+	R := len(reps)
 	for r, rp := range reps {
 		for s, u := range rp.m.units {
-			m := meta
+			m := maps.Clone(meta)
+			m[ckpt.MetaResumable], m[ckpt.MetaStage], m[ckpt.MetaReplica] = "1", strconv.Itoa(s), strconv.Itoa(r)
 			if s == 0 {
 				st, err := rp.sampler.State()
 				if err != nil {
 					return err
 				}
-				m = maps.Clone(meta)
 				m[stage.MetaSampler] = hex.EncodeToString(st)
 			}
-			u.Mark()
-			if err := u.Save(stage.At(dir, stage.Name(s, r, len(reps))), m); err != nil {
+			base := ckpt.Base(s, r, R)
+			if err := ckpt.Rotate(dir, base, step, true); err != nil {
 				return err
 			}
+			u.Mark()
+			if err := u.Save(stage.Paths(ckpt.PairAt(dir, base)), m); err != nil {
+				return err
+			}
+		}
+	}
+	for r, rp := range reps {
+		for s := range rp.m.units {
+			ckpt.Prune(dir, ckpt.Base(s, r, R), step)
 		}
 	}
 	return nil
 }
 
-// loadState restores a run from saveState's files in dir into reps, fresh replicas
-// of sp, and returns the metadata they share, after checking they were written by a
-// run of sp at one step.
+// loadState restores into reps, fresh replicas of sp, the newest step of which every
+// unit holds a checkpoint in dir (saveState's), and returns that checkpoint's
+// metadata, shared by the units.
 func loadState(dir string, sp *spec.Spec, reps []*replica) (map[string]string, error) {
-	first := stage.At(dir, stage.Name(0, 0, len(reps)))
-	meta, err := shard.ReadCheckpointMetadata(first.State)
+	R, S := len(reps), len(reps[0].m.units)
+	newest := ckpt.PairAt(dir, ckpt.Base(0, 0, R))
+	meta, err := shard.ReadCheckpointMetadata(newest.State)
 	if errors.Is(err, fs.ErrNotExist) {
 		if _, err := os.Stat(filepath.Join(dir, oldStateFile)); err == nil {
 			return nil, fmt.Errorf("train: resume: %s holds the training state of an earlier version of pipeswarm, which this one does not read: "+
@@ -168,18 +185,36 @@ func loadState(dir string, sp *spec.Spec, reps []*replica) (map[string]string, e
 	}
 	if meta[MetaSpec] != sp.String() {
 		return nil, fmt.Errorf("train: resume: %s was written by a run of another spec; resume with the spec in %s",
-			first.State, filepath.Join(dir, SpecFile))
+			newest.State, filepath.Join(dir, SpecFile))
+	}
+	held := ckpt.HeldIn(dir, sp.String(), S, R, slog.Default())
+	count := map[int]int{}
+	for _, h := range held {
+		for _, st := range h.Steps {
+			count[st]++
+		}
+	}
+	step := -1
+	for st, n := range count {
+		if n == S*R && st > step {
+			step = st
+		}
+	}
+	if step < 0 {
+		return nil, fmt.Errorf("train: nothing to resume in %s: no step of which every stage holds a whole checkpoint", dir)
 	}
 	for r, rp := range reps {
 		for s, u := range rp.m.units {
-			p := stage.At(dir, stage.Name(s, r, len(reps)))
-			m, err := u.Restore(p)
+			p, err := ckpt.Find(dir, ckpt.Base(s, r, R), sp.String(), step)
 			if err != nil {
 				return nil, fmt.Errorf("train: resume: %w", err)
 			}
-			if m[MetaStep] != meta[MetaStep] || m[MetaSpec] != meta[MetaSpec] {
-				return nil, fmt.Errorf("train: resume: %s is of step %s, %s of step %s: the run stopped while writing its checkpoint",
-					p.State, m[MetaStep], first.State, meta[MetaStep])
+			m, err := u.Restore(stage.Paths(p))
+			if err != nil {
+				return nil, fmt.Errorf("train: resume: %w", err)
+			}
+			if s == 0 && r == 0 {
+				meta = m
 			}
 			if s > 0 {
 				continue

@@ -52,8 +52,8 @@ const oldStateFile = "train-state.safetensors"
 
 // Metadata keys a trainer writes into checkpoints.
 const (
-	MetaSpec = "pipeswarm.spec"
-	MetaStep = "pipeswarm.step"
+	MetaSpec = stage.MetaSpec
+	MetaStep = stage.MetaStep
 	// metaTokens (training state only) is how many tokens the run had trained on.
 	metaTokens = "pipeswarm.tokens"
 )
@@ -275,7 +275,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		meta := map[string]string{MetaSpec: sp.String(), MetaStep: strconv.Itoa(step)}
 		err := shard.SaveCheckpoint(res.Checkpoint, meta, m.stages...)
 		meta[metaTokens] = strconv.FormatInt(res.Tokens, 10)
-		err = errors.Join(err, saveState(o.OutDir, meta, reps))
+		err = errors.Join(err, saveState(o.OutDir, step, meta, reps))
 		if len(history) > 0 {
 			err = errors.Join(err, metrics.PlotLoss(filepath.Join(o.OutDir, PlotFile), sp.Name, history))
 		}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/ckpt"
@@ -19,24 +18,11 @@ import (
 // sampler's position (applied when the data is loaded).
 func (w *Worker) resumeFrom(runDir string, step int) error {
 	base := ckpt.Base(w.idx, w.rep, w.sp.Pipeline.Replicas)
-	var pair *ckpt.Pair
-	var why []string
-	for _, p := range ckpt.Pairs(runDir, base) {
-		s, err := p.ResumableStep(w.sp.String())
-		if err == nil && s == step {
-			pair = &p
-			break
-		}
-		if err != nil {
-			why = append(why, err.Error())
-		} else {
-			why = append(why, fmt.Sprintf("%s is of step %d", p.Weights, s))
-		}
+	pair, err := ckpt.Find(runDir, base, w.sp.String(), step)
+	if err != nil {
+		return err
 	}
-	if pair == nil {
-		return fmt.Errorf("no checkpoint of %s at step %d here: %s", base, step, strings.Join(why, "; "))
-	}
-	meta, err := w.unit.Restore(stage.Paths(*pair))
+	meta, err := w.unit.Restore(stage.Paths(pair))
 	if err != nil {
 		return err
 	}
