@@ -12,7 +12,6 @@ import (
 	"github.com/pipeswarm/pipeswarm/examples"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/stage"
-	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
@@ -55,7 +54,7 @@ func TestOneBStageStepMemoryIsWhatStaffingCounts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	c := train.ModelConfig(sp)
+	c := stage.ModelConfig(sp)
 	ranges, err := shard.SplitLayers(c.NLayers, sp.Pipeline.Stages)
 	if err != nil {
 		t.Fatal(err)
