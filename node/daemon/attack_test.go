@@ -170,14 +170,14 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 		t.Fatalf("the second stranger has %d violations, want %d", n, ctlPerIP-ctlPerPeer)
 	}
 	// An offer to a key this node does not trust says nothing of the node.
-	r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
+	r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second, nil), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
 	if err != nil || r.OK || r.Offer != nil || !strings.Contains(r.Error, "does not trust") {
 		t.Fatalf("offer to an untrusted key: %+v, %v; want a refusal and nothing else", r, err)
 	}
 	// An unknown message type is a violation, whatever run it names; the tenth
 	// violation in quick succession bans.
 	for i := 1 + ctlPerPeer + 1; i <= p2p.DefaultPenaltyLimit; i++ {
-		r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: "pwn"})
+		r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second, nil), nil, d.ID(), wire.Msg{Type: "pwn"})
 		if err != nil || r.OK {
 			t.Fatalf("message of unknown type: %+v, %v", r, err)
 		}
@@ -192,7 +192,7 @@ func TestControlStreamsOfStrangersAreBoundedAndTheirStallsCount(t *testing.T) {
 	if _, err := l.Connect(ctx, d.Addrs()[0]); err != nil {
 		t.Fatal(err)
 	}
-	r, err = wire.Call(ctx, l, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
+	r, err = wire.Call(ctx, l, wire.NewCallClock(10*time.Second, nil), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.MemoryBytes == 0 || len(r.Offer.Addrs) == 0 {
 		t.Fatalf("offer to a trusted launcher: %+v, %v", r, err)
 	}

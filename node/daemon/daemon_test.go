@@ -117,13 +117,13 @@ func TestBadFramesResetTheStreamAndPenaliseTheSender(t *testing.T) {
 		t.Fatalf("a truncated frame changed the sender's penalties to %d, want them left at 2", n)
 	}
 	// An assignment without a signed plan is a violation too.
-	if r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgAssign}); err != nil || r.OK {
+	if r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second, nil), nil, d.ID(), wire.Msg{Type: wire.MsgAssign}); err != nil || r.OK {
 		t.Fatalf("unsigned assignment: %+v, %v; want a refusal", r, err)
 	}
 	if n := d.host.Penalties().Offences(h.ID()); n != 3 {
 		t.Fatalf("an unsigned assignment left the sender at %d penalties, want 3", n)
 	}
-	r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
+	r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second, nil), nil, d.ID(), wire.Msg{Type: wire.MsgOffer})
 	if err != nil || !r.OK || r.Offer == nil || r.Offer.Peer != d.ID().String() {
 		t.Fatalf("node stopped answering after bad frames: %+v, %v", r, err)
 	}

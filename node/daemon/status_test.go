@@ -65,7 +65,7 @@ func TestStatusServerShowsPeersTrafficWarningsAndRuns(t *testing.T) {
 	if _, err := h.Connect(ctx, d.Addrs()[0]); err != nil {
 		t.Fatal(err)
 	}
-	if r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second), nil, d.ID(), wire.Msg{Type: wire.MsgOffer}); err != nil || !r.OK {
+	if r, err := wire.Call(ctx, h, wire.NewCallClock(10*time.Second, nil), nil, d.ID(), wire.Msg{Type: wire.MsgOffer}); err != nil || !r.OK {
 		t.Fatalf("offer: %+v %v", r, err)
 	}
 	// h launches a run here (so its tensor streams are read), then sends a bad frame.

@@ -25,6 +25,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -115,7 +116,7 @@ func Export(ctx context.Context, o ExportOptions) (*ExportResult, error) {
 	if len(ids) == 0 {
 		return nil, fmt.Errorf("export: no node reachable: %s", strings.Join(problems, "; "))
 	}
-	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout) * time.Second)
+	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout) * time.Second, nil)
 	return collect(ctx, h, calls, sp, rec.id, ids, o.RunDir, log)
 }
 
@@ -260,7 +261,7 @@ func collect(ctx context.Context, h *p2p.Host, calls *wire.CallClock, sp *spec.S
 // shape, finite values, and the run's spec and step in its metadata.
 func fetchWeights(ctx context.Context, h *p2p.Host, id peer.ID, sp *spec.Spec, req wire.WeightsReq, st *shard.Stage) error {
 	limit := 4*int64(len(st.Params)) + 1<<20 // the tensors, and a header with the spec
-	ctx, cancel := context.WithTimeout(ctx, wire.CallMargin+8*h.Peerstore().LatencyEWMA(id)+time.Duration(limit>>18)*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, clock.Deadline(time.Duration(limit>>18)*time.Second, h.Peerstore().LatencyEWMA(id), clock.Busy))
 	defer cancel()
 	s, err := h.NewStream(p2p.AllowRelayed(ctx, "export"), id, p2p.ProtoWeights)
 	if err != nil {

@@ -32,6 +32,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 )
 
@@ -134,7 +135,7 @@ func Launch(ctx context.Context, o Options) (*Result, error) {
 	}
 	defer h.Close()
 	// Until a call of a kind is measured, it may take as long as staffing may.
-	calls := wire.NewCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout) * time.Second)
+	calls := wire.NewCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout) * time.Second, nil)
 	idle := listenIdle(ctx, h, log)
 	res, err := launchOnce(ctx, h, calls, idle, o, log, 0, nil)
 	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second
@@ -331,7 +332,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second+8*h.Peerstore().LatencyEWMA(id))
+				actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), clock.Deadline(0, h.Peerstore().LatencyEWMA(id), clock.Brief))
 				defer cancel()
 				_, _ = wire.Call(actx, h, calls, nil, id, wire.Msg{Type: wire.MsgAbort, Run: runID, Reason: reason})
 			}()
@@ -395,7 +396,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 	// offerFrom asks id, within a few of its round trips, whether it has a free slot
 	// that holds a cell needing need bytes; a hung node cannot answer.
 	offerFrom := func(id peer.ID, addrs []string, need int64) bool {
-		cctx, cancel := context.WithTimeout(p2p.AllowRelayed(ctx, "rejoin"), time.Second+8*h.Peerstore().LatencyEWMA(id))
+		cctx, cancel := context.WithTimeout(p2p.AllowRelayed(ctx, "rejoin"), clock.Deadline(0, h.Peerstore().LatencyEWMA(id), clock.Brief))
 		defer cancel()
 		for _, a := range addrs {
 			if info, err := peer.AddrInfoFromString(a); err == nil && info.ID == id {
@@ -585,7 +586,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 						}
 						bid, _ := peer.Decode(b.Peer)
 						// Made from the watch loop: a hung node must not hold it long.
-						cctx, cancel := context.WithTimeout(ctx, 5*time.Second+8*h.Peerstore().LatencyEWMA(bid))
+						cctx, cancel := context.WithTimeout(ctx, clock.Deadline(0, h.Peerstore().LatencyEWMA(bid), clock.Busy))
 						rep, err := wire.Call(cctx, h, calls, nil, bid, wire.Msg{Type: wire.MsgReplace, Run: runID, Cell: &c})
 						cancel()
 						if err == nil && !rep.OK {
@@ -639,7 +640,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 					if typ == wire.MsgAssign {
 						m.Signed = signed
 					}
-					cctx, cancel := context.WithTimeout(ctx, 5*time.Second+8*h.Peerstore().LatencyEWMA(id))
+					cctx, cancel := context.WithTimeout(ctx, clock.Deadline(0, h.Peerstore().LatencyEWMA(id), clock.Busy))
 					rep, err := wire.Call(cctx, h, calls, nil, id, m)
 					cancel()
 					if err == nil && !rep.OK {
@@ -676,7 +677,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
-				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second+8*h.Peerstore().LatencyEWMA(id))
+				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), clock.Deadline(0, h.Peerstore().LatencyEWMA(id), clock.Busy))
 				defer cancel()
 				rep, err := wire.Call(cctx, h, calls, nil, id, m)
 				if err == nil && !rep.OK {

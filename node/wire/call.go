@@ -9,29 +9,27 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 	"github.com/pipeswarm/pipeswarm/p2p/traffic"
 )
 
-// CallClock gives control calls deadlines from what it has measured: for each
-// message type, the time calls of it took to be answered (4 times their mean or
-// twice the slowest, whichever is longer), plus 8 round trips to the peer and
-// CallMargin. Until a type has been answered once, a call may take first (the run's
-// staffing timeout: as long as a node may take to join at all).
+// CallClock gives control calls deadlines from what it has measured, by the deadline
+// rule (clock.Deadline): for each message type, clock.Expect of the time calls of it
+// took to be answered, plus round trips to the peer and clock.Busy. Until a type has
+// been answered once, a call may take first (the run's staffing timeout: as long as a
+// node may take to join at all).
 type CallClock struct {
 	first time.Duration
+	clock clock.Clock
 	mu    sync.Mutex
 	seen  map[string]*callTimes
 }
 
-// CallMargin covers what a measured call time does not: a busy machine (a node's
-// compute saturates its cores) can hold a reply back for seconds.
-const CallMargin = 5 * time.Second
-
 // Window is how long the end that answers a control call gives each of its two
 // halves on the wire, reading the message and writing the reply: a control message
-// is small, so round trips to the peer and the margin.
+// is small, so the deadline rule with no work expected.
 func Window(h *p2p.Host, p peer.ID) time.Duration {
-	return CallMargin + 8*h.Peerstore().LatencyEWMA(p)
+	return clock.Deadline(0, h.Peerstore().LatencyEWMA(p), clock.Busy)
 }
 
 type callTimes struct {
@@ -39,8 +37,9 @@ type callTimes struct {
 	sum, slow time.Duration
 }
 
-func NewCallClock(first time.Duration) *CallClock {
-	return &CallClock{first: first, seen: map[string]*callTimes{}}
+// NewCallClock returns a CallClock that measures calls on clk (nil: clock.Real).
+func NewCallClock(first time.Duration, clk clock.Clock) *CallClock {
+	return &CallClock{first: first, clock: clock.Or(clk), seen: map[string]*callTimes{}}
 }
 
 // Deadline is how long a call of typ to a peer rtt away may take.
@@ -51,7 +50,7 @@ func (c *CallClock) Deadline(typ string, rtt time.Duration) time.Duration {
 	if t == nil {
 		return c.first
 	}
-	return max(4*t.sum/time.Duration(t.n), 2*t.slow) + 8*rtt + CallMargin
+	return clock.Deadline(clock.Expect(t.sum/time.Duration(t.n), t.slow), rtt, clock.Busy)
 }
 
 // Took records a call of typ answered after d.
@@ -70,9 +69,9 @@ func (c *CallClock) Took(typ string, d time.Duration) {
 
 // Call sends one control message to id and waits for the reply, within the deadline
 // clock gives (and ctx's, if sooner), counting both on meter (which may be nil).
-func Call(ctx context.Context, h *p2p.Host, clock *CallClock, meter *traffic.Meter, id peer.ID, m Msg) (*Reply, error) {
-	began := time.Now()
-	ctx, cancel := context.WithTimeout(ctx, clock.Deadline(m.Type, h.Peerstore().LatencyEWMA(id)))
+func Call(ctx context.Context, h *p2p.Host, calls *CallClock, meter *traffic.Meter, id peer.ID, m Msg) (*Reply, error) {
+	began := calls.clock.Now()
+	ctx, cancel := context.WithTimeout(ctx, calls.Deadline(m.Type, h.Peerstore().LatencyEWMA(id)))
 	defer cancel()
 	s, err := h.NewStream(p2p.AllowRelayed(ctx, "control"), id, p2p.ProtoControl)
 	if err != nil {
@@ -95,6 +94,6 @@ func Call(ctx context.Context, h *p2p.Host, clock *CallClock, meter *traffic.Met
 		return nil, fmt.Errorf("%s to %s: no reply: %w", m.Type, id, err)
 	}
 	meter.In(cr.N)
-	clock.Took(m.Type, time.Since(began))
+	calls.Took(m.Type, calls.clock.Since(began))
 	return &r, nil
 }

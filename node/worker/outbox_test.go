@@ -80,7 +80,7 @@ func TestOutboxMovesATensorStreamFromTheRelayToADirectConnection(t *testing.T) {
 	}
 
 	failed := make(chan error, 1)
-	o := newOutbox(send, slog.New(slog.NewTextHandler(t.Output(), nil)), &sentBytes{}, nil, wire.NewCallClock(10*time.Second), func(err error) { failed <- err })
+	o := newOutbox(send, slog.New(slog.NewTextHandler(t.Output(), nil)), &sentBytes{}, nil, wire.NewCallClock(10*time.Second, nil), func(err error) { failed <- err })
 	t.Cleanup(o.close)
 	frame := func(step uint32) *p2p.Frame {
 		return &p2p.Frame{Kind: p2p.KindActivation, Run: 42, Step: step, Shape: []uint32{1, 2, 2}, Codec: p2p.CodecF32, Data: []float32{1, 2, 3, 4}}

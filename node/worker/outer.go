@@ -14,6 +14,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 )
 
@@ -160,9 +161,9 @@ func (w *Worker) fetchState(round uint64, wait time.Duration) (*fetchedState, er
 // stage: the all-reduce only speaks on connections that exist, so that a member
 // whose connection dies is given up at once instead of redialled mid-round.
 //
-// The dials go in parallel, each given two seconds and ten of the peer's round trips
-// (a handshake takes a few): a replica that is gone must not hold up the outer step
-// longer than the all-reduce would wait for it.
+// The dials go in parallel, each given the deadline rule's round trips and
+// clock.Brief: a replica that is gone must not hold up the outer step longer than the
+// all-reduce would wait for it.
 func (w *Worker) connectReplicas() {
 	var wg sync.WaitGroup
 	for r, row := range w.grid {
@@ -173,7 +174,7 @@ func (w *Worker) connectReplicas() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(p2p.AllowRelayed(w.ctx, "replica"), 2*time.Second+10*w.host.Peerstore().LatencyEWMA(id))
+			ctx, cancel := context.WithTimeout(p2p.AllowRelayed(w.ctx, "replica"), clock.Deadline(0, w.host.Peerstore().LatencyEWMA(id), clock.Brief))
 			defer cancel()
 			if err := w.host.Host.Connect(ctx, peer.AddrInfo{ID: id}); err != nil {
 				w.log.Warn("cannot reach a replica of this stage", "replica", r, "peer", id, "err", err)
