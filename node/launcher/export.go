@@ -116,7 +116,7 @@ func Export(ctx context.Context, o ExportOptions) (*ExportResult, error) {
 	if len(ids) == 0 {
 		return nil, fmt.Errorf("export: no node reachable: %s", strings.Join(problems, "; "))
 	}
-	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout) * time.Second, nil)
+	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout)*time.Second, nil)
 	return collect(ctx, h, calls, sp, rec.id, ids, o.RunDir, log)
 }
 

@@ -135,7 +135,7 @@ func Launch(ctx context.Context, o Options) (*Result, error) {
 	}
 	defer h.Close()
 	// Until a call of a kind is measured, it may take as long as staffing may.
-	calls := wire.NewCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout) * time.Second, nil)
+	calls := wire.NewCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout)*time.Second, nil)
 	idle := listenIdle(ctx, h, log)
 	res, err := launchOnce(ctx, h, calls, idle, o, log, 0, nil)
 	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second

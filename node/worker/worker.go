@@ -295,7 +295,7 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 	w.eval.Reuse(w.tapes[:1])
 	w.ctx, w.cancel = context.WithCancelCause(ctx)
 	// Until a kind of control message has been answered, as long as staffing may take.
-	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout) * time.Second, nil)
+	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout)*time.Second, nil)
 	w.out = newOutbox(h, w.log, &w.sent, env.Meters, calls, func(err error) {
 		if R > 1 {
 			// A neighbour in this replica pipeline is gone: the pipeline is broken, the
