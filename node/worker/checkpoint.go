@@ -35,7 +35,7 @@ func (w *Worker) checkpoint() error {
 	}
 	// A long run keeps its launcher record fresh: a node restarted days into it
 	// still dials its launcher (see relaunchWindow).
-	now := time.Now()
+	now := time.Now() // a file's time, read by other processes: the wall clock
 	_ = os.Chtimes(filepath.Join(w.dir, ckpt.LauncherFile), now, now)
 	return nil
 }

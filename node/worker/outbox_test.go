@@ -3,6 +3,8 @@ package worker
 import (
 	"errors"
 	"log/slog"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -80,7 +82,7 @@ func TestOutboxMovesATensorStreamFromTheRelayToADirectConnection(t *testing.T) {
 	}
 
 	failed := make(chan error, 1)
-	o := newOutbox(send, slog.New(slog.NewTextHandler(t.Output(), nil)), &sentBytes{}, nil, wire.NewCallClock(10*time.Second, nil), func(err error) { failed <- err })
+	o := newOutbox(send, slog.New(slog.NewTextHandler(t.Output(), nil)), nil, &sentBytes{}, nil, wire.NewCallClock(10*time.Second, nil), func(err error) { failed <- err })
 	t.Cleanup(o.close)
 	frame := func(step uint32) *p2p.Frame {
 		return &p2p.Frame{Kind: p2p.KindActivation, Run: 42, Step: step, Shape: []uint32{1, 2, 2}, Codec: p2p.CodecF32, Data: []float32{1, 2, 3, 4}}
@@ -121,5 +123,90 @@ func TestOutboxMovesATensorStreamFromTheRelayToADirectConnection(t *testing.T) {
 	case err := <-failed:
 		t.Fatal(errors.Join(errors.New("send failed"), err))
 	default:
+	}
+}
+
+// A peer that stops reading holds up only its own queue: with its stream's window
+// full and more frames queued for it than the outbox keeps, every send returns at
+// once, the frames beyond the queue are reported undeliverable (naming why), and a
+// frame to another peer arrives.
+func TestOutboxStalledPeerDoesNotBlockSendsToOthers(t *testing.T) {
+	stalled := natTestHost(t, p2p.HostOptions{})
+	healthy := natTestHost(t, p2p.HostOptions{})
+	send := natTestHost(t, p2p.HostOptions{})
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	t.Cleanup(func() { releaseOnce.Do(func() { close(release) }) })
+	stalled.Handle(p2p.ProtoActivation, func(s network.Stream) {
+		<-release // never reads: the stream's window fills and the sender's write blocks
+		s.Reset()
+	})
+	arrivals := make(chan uint32, 1)
+	healthy.Handle(p2p.ProtoActivation, func(s network.Stream) {
+		for {
+			f, err := p2p.ReadFrame(s, 1<<24)
+			if err != nil {
+				s.Close()
+				return
+			}
+			arrivals <- f.Step
+		}
+	})
+	for _, h := range []*p2p.Host{stalled, healthy} {
+		if err := send.Host.Connect(t.Context(), peer.AddrInfo{ID: h.ID(), Addrs: h.Host.Addrs()}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	failed := make(chan error, 2*maxQueued)
+	o := newOutbox(send, slog.New(slog.NewTextHandler(t.Output(), nil)), nil, &sentBytes{}, nil, wire.NewCallClock(10*time.Second, nil), func(err error) {
+		select {
+		case failed <- err:
+		default:
+		}
+	})
+	t.Cleanup(func() {
+		releaseOnce.Do(func() { close(release) })
+		o.close()
+	})
+	// 1 MiB a frame: a few fill the stream's window, the rest queue.
+	big := &p2p.Frame{Kind: p2p.KindActivation, Run: 42, Step: 1, Shape: []uint32{1, 512, 512}, Codec: p2p.CodecF32, Data: make([]float32, 512*512)}
+	const extra = 10
+	returned := make(chan struct{})
+	go func() {
+		defer close(returned)
+		for range maxQueued + 8 + extra {
+			o.send(stalled.ID(), p2p.ProtoActivation, big)
+		}
+	}()
+	select {
+	case <-returned:
+	case <-time.After(30 * time.Second):
+		t.Fatal("sends to a peer that stopped reading block the caller")
+	}
+	small := &p2p.Frame{Kind: p2p.KindActivation, Run: 42, Step: 7, Shape: []uint32{1, 2, 2}, Codec: p2p.CodecF32, Data: []float32{1, 2, 3, 4}}
+	sent := make(chan struct{})
+	go func() { o.send(healthy.ID(), p2p.ProtoActivation, small); close(sent) }()
+	select {
+	case <-sent:
+	case <-time.After(30 * time.Second):
+		t.Fatal("a send to a healthy peer blocked behind a stalled one")
+	}
+	select {
+	case step := <-arrivals:
+		if step != 7 {
+			t.Fatalf("healthy peer got step %d, want 7", step)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("the frame to the healthy peer never arrived")
+	}
+	// The queue is full only once the sender's write blocks, so at least the frames
+	// sent on top of maxQueued + what the stream took are given up, each reported.
+	select {
+	case err := <-failed:
+		if !strings.Contains(err.Error(), "stopped reading") || !strings.Contains(err.Error(), stalled.ID().String()) {
+			t.Fatalf("undeliverable frame reported as %v; want its peer and that it stopped reading", err)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("frames beyond the stalled peer's queue were not reported undeliverable")
 	}
 }

@@ -86,7 +86,7 @@ func (w *Worker) startReduce(a core.StartReduce) {
 			e.ys = append(e.ys, w.outer.Contribution(f, w.stage.Params))
 		}
 	}
-	w.syncStart = time.Now()
+	w.syncStart = w.clock.Now()
 	w.reduces[a.Step] = e
 	w.runReduce(e)
 }
@@ -138,7 +138,7 @@ func (w *Worker) reduced(r reduceDone) error {
 // replica once they include round: the others may still be finishing it when this
 // one learns it was left out. It tries for as long as a replica is waited for.
 func (w *Worker) fetchState(round uint64, wait time.Duration) (*fetchedState, error) {
-	deadline := time.Now().Add(wait)
+	deadline := w.clock.Now().Add(wait)
 	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
 		r, vecs, err := w.group.FetchState(w.ctx)
 		switch {
@@ -147,18 +147,18 @@ func (w *Worker) fetchState(round uint64, wait time.Duration) (*fetchedState, er
 		case err == nil:
 			err = fmt.Errorf("the replicas' state is of round %d, before round %d", r, round)
 		}
-		if time.Now().After(deadline) || w.ctx.Err() != nil {
+		if w.clock.Now().After(deadline) || w.ctx.Err() != nil {
 			return nil, fmt.Errorf("behind the other replicas, and fetching their state failed: %w", err)
 		}
 		select {
-		case <-time.After(pause):
+		case <-w.clock.After(pause):
 		case <-w.ctx.Done():
 		}
 	}
 }
 
 // connectReplicas makes sure this stage is connected to the other replicas of its
-// stage: the all-reduce only speaks on connections that exist, so that a member
+// stage (as the loop last published them; it runs on goroutines of its own): the all-reduce only speaks on connections that exist, so that a member
 // whose connection dies is given up at once instead of redialled mid-round.
 //
 // The dials go in parallel, each given the deadline rule's round trips and
@@ -166,8 +166,7 @@ func (w *Worker) fetchState(round uint64, wait time.Duration) (*fetchedState, er
 // all-reduce would wait for it.
 func (w *Worker) connectReplicas() {
 	var wg sync.WaitGroup
-	for r, row := range w.grid {
-		id := row[w.idx]
+	for r, id := range *w.replicas.Load() {
 		if r == w.rep || p2p.Linked(w.host.Network(), id) {
 			continue
 		}
@@ -207,8 +206,8 @@ func (w *Worker) apply(e *syncDone, rep *wire.OuterReport, overlapped bool) erro
 	if e.err != nil {
 		return e.err
 	}
-	rep.SyncS = max(rep.SyncS, time.Since(w.syncStart).Seconds())
-	w.syncTook = time.Since(w.syncStart)
+	rep.SyncS = max(rep.SyncS, w.clock.Since(w.syncStart).Seconds())
+	w.syncTook = w.clock.Since(w.syncStart)
 	if e.fetched != nil {
 		if len(e.fetched.vecs) < 2 || len(e.fetched.vecs[0]) != len(w.outer.Global) || len(e.fetched.vecs[1]) != len(w.outer.Momentum()) {
 			return fmt.Errorf("fetched stage state has the wrong shape")
@@ -244,7 +243,7 @@ func (w *Worker) finishOuter(step int) {
 	w.outer.Rounds++
 	rep.OuterStep, rep.Hash = w.outer.Rounds, w.outer.Hash()
 	w.serve(uint64(step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1))
-	w.lastSync = time.Now()
+	w.lastSync = w.clock.Now()
 	w.syncs++
 	w.log.Info("outer step", "step", step, "outer_step", rep.OuterStep, "sync_bytes", rep.SyncBytes,
 		"sync_s", fmt.Sprintf("%.3f", rep.SyncS), "weights_hash", rep.Hash, "contributors", rep.Contributors, "missing", rep.Missing, "fetched", rep.Fetched)

@@ -29,7 +29,7 @@ func (w *Worker) loop() error {
 			return err
 		}
 	}
-	w.lastSync = time.Now()
+	w.lastSync = w.clock.Now()
 	w.started0 = w.lastSync
 	w.publish()
 	if w.group != nil {
@@ -39,7 +39,7 @@ func (w *Worker) loop() error {
 	if err := w.handle(core.Start{}); err != nil {
 		return err
 	}
-	w.ledger.Mark(time.Since(w.started0), w.core.Waiting(), w.core.Step())
+	w.ledger.Mark(w.clock.Since(w.started0), w.core.Waiting(), w.core.Step())
 	// A run whose launcher is gone has no one to report to or to finish it: it stops
 	// (keeping its checkpoint) unless the launcher can be reached again soon.
 	// A neighbour's node going away stops this stage at once (the core decides whether
@@ -61,12 +61,12 @@ func (w *Worker) loop() error {
 	}}
 	w.host.Network().Notify(watch)
 	defer w.host.Network().StopNotify(watch)
-	ticks := time.NewTicker(tickEvery)
+	ticks := w.clock.NewTicker(tickEvery)
 	defer ticks.Stop()
 	for !w.core.Finished() {
 		select {
-		case <-ticks.C:
-			if err := w.handle(core.Tick{Now: time.Since(w.started0), RTT: w.neighbourRTT(), Outer: w.outerAllow}); err != nil {
+		case <-ticks.C():
+			if err := w.handle(core.Tick{Now: w.clock.Since(w.started0), RTT: w.neighbourRTT(), Outer: w.outerAllow}); err != nil {
 				return w.fail(err)
 			}
 		case <-w.ctx.Done():
@@ -96,13 +96,13 @@ func (w *Worker) loop() error {
 			case stopReq:
 				w.stopping(e.cause)
 			case cellMoved:
-				w.grid[e.replica][e.stage] = e.id
+				w.moved(e)
 			case launcherOrder:
 				e.reply <- w.order(e)
 			case launcherLost:
 				if w.reaching.CompareAndSwap(false, true) { // one attempt at a time
 					steps := max(1, w.core.Step())
-					grace := max(5*time.Second, 3*time.Since(w.started0)/time.Duration(steps))
+					grace := max(5*time.Second, 3*w.clock.Since(w.started0)/time.Duration(steps))
 					go func() {
 						defer w.reaching.Store(false)
 						w.reachLauncher(grace)
@@ -120,7 +120,7 @@ func (w *Worker) loop() error {
 			if err != nil {
 				return w.fail(err)
 			}
-			w.ledger.Mark(time.Since(w.started0), w.core.Waiting(), w.core.Step())
+			w.ledger.Mark(w.clock.Since(w.started0), w.core.Waiting(), w.core.Step())
 		}
 	}
 	w.cancel(nil) // stops the compute goroutine, which is idle: the core asks for nothing more
@@ -197,7 +197,7 @@ func (w *Worker) handle(e core.Event) error {
 		}
 	}
 	if w.core.Stepping() && w.handSince.IsZero() && w.handStep != w.core.Step() {
-		w.handSince = time.Now()
+		w.handSince = w.clock.Now()
 	}
 	return nil
 }
@@ -256,7 +256,7 @@ func (w *Worker) do(a core.Action) error {
 		return w.handle(core.NormIn{Step: a.Step, Stage: w.idx, SumSq: ss})
 	case core.Optimize:
 		if !w.handSince.IsZero() {
-			w.handWaited += time.Since(w.handSince)
+			w.handWaited += w.clock.Since(w.handSince)
 			w.handSteps++
 			w.handSince, w.handStep = time.Time{}, a.Step
 		}
@@ -317,7 +317,7 @@ func (w *Worker) do(a core.Action) error {
 		// The step's frames are all sent: the next stage had its activations and the
 		// previous one its gradients before the step's norms were exchanged.
 		w.stepSent, w.stepSentAt = [2]int64{w.sent.act.Load(), w.sent.grad.Load()}, a.Step
-		w.stepTimes = append(w.stepTimes, time.Now())
+		w.stepTimes = append(w.stepTimes, w.clock.Now())
 		if len(w.stepTimes) > tokensWindow+1 {
 			w.stepTimes = w.stepTimes[1:]
 		}

@@ -26,7 +26,7 @@ func (w *Worker) stopAfter(step int, cause error) error {
 		return nil
 	}
 	w.stopCause, w.stopAt = cause, step
-	time.AfterFunc(stopBackstop, func() { w.cancel(cause) })
+	w.clock.AfterFunc(stopBackstop, func() { w.cancel(cause) })
 	return nil
 }
 
@@ -78,7 +78,7 @@ func (w *Worker) Stop(cause error) {
 	case <-w.started:
 		select {
 		case w.events <- stopReq{cause}:
-			time.AfterFunc(stopBackstop, func() { w.cancel(cause) })
+			w.clock.AfterFunc(stopBackstop, func() { w.cancel(cause) })
 			return
 		default:
 		}
@@ -163,5 +163,5 @@ func (w *Worker) stopping(cause error) {
 	grace = min(grace, 6*time.Second)
 	w.stopCause, w.stopAt = cause, w.core.Step()
 	w.log.Info("stopping after the step in hand", "step", w.stopAt, "grace", grace.Round(time.Millisecond))
-	time.AfterFunc(grace, func() { w.cancel(cause) })
+	w.clock.AfterFunc(grace, func() { w.cancel(cause) })
 }

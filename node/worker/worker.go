@@ -33,6 +33,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 	"github.com/pipeswarm/pipeswarm/p2p/traffic"
@@ -44,6 +45,7 @@ import (
 type Worker struct {
 	host     *p2p.Host
 	env      Env
+	clock    clock.Clock // see Env.Clock
 	log      *slog.Logger
 	plan     *wire.Plan
 	sp       *spec.Spec
@@ -52,7 +54,10 @@ type Worker struct {
 	self     assign.Assignment
 	launcher peer.ID
 	dir      string      // run directory for the stage checkpoint
-	grid     [][]peer.ID // [replica][stage]
+	grid     [][]peer.ID // [replica][stage]; the loop's alone once it runs
+	// replicas is this stage's column of grid, [replica], for goroutines other than the
+	// loop (the replica dials): the loop publishes a fresh copy when a cell moves.
+	replicas atomic.Pointer[[]peer.ID]
 
 	// unit is the stage's training state; stage, inB and outB are its Stage, In and
 	// Out, named here for the many lines that use them.
@@ -200,6 +205,9 @@ type Env struct {
 	// FaultStallSync > 0 hangs this stage mid all-reduce after that step (testing).
 	FaultStallSync int
 	Meters         *traffic.Meters // the daemon's: frames and bytes per protocol
+	// Clock times the stage: the core's ticks, waits, backstops and the time-based
+	// checkpoints. nil = clock.Real.
+	Clock clock.Clock
 }
 
 // New builds the worker of cell (idx, rep) of plan; a resumed plan's state is
@@ -233,11 +241,12 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 	if R > 1 {
 		wlog = wlog.With("replica", rep)
 	}
-	w := &Worker{host: h, env: env, log: wlog, plan: plan, sp: sp, idx: idx, rep: rep, grid: grid,
+	w := &Worker{host: h, env: env, clock: clock.Or(env.Clock), log: wlog, plan: plan, sp: sp, idx: idx, rep: rep, grid: grid,
 		self: self, launcher: launcher, dir: runDir, unit: u, stage: st, inB: u.In, outB: u.Out, outer: u.Outer,
 		sched: optim.Cosine{Peak: float32(sp.Train.LR), Min: float32(sp.Train.MinLR), Warmup: sp.Train.Warmup, Total: sp.Train.Steps},
 		acts:  map[[2]int]*p2p.Frame{}, grads: map[[2]int]*p2p.Frame{}, evals: map[[2]int]*p2p.Frame{},
 		events: make(chan any, 1024), jobs: make(chan func() any), started: make(chan struct{}), idle: make(chan struct{}), done: make(chan struct{})}
+	w.publishReplicas()
 
 	// Every stage needs the number of validation batches; stage 0 fetches its text
 	// when the run starts (loadData). Only replica 0 evaluates: right after an outer
@@ -295,8 +304,8 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 	w.eval.Reuse(w.tapes[:1])
 	w.ctx, w.cancel = context.WithCancelCause(ctx)
 	// Until a kind of control message has been answered, as long as staffing may take.
-	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout)*time.Second, nil)
-	w.out = newOutbox(h, w.log, &w.sent, env.Meters, calls, func(err error) {
+	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout)*time.Second, w.clock)
+	w.out = newOutbox(h, w.log, w.clock, &w.sent, env.Meters, calls, func(err error) {
 		if R > 1 {
 			// A neighbour in this replica pipeline is gone: the pipeline is broken, the
 			// run is not.
@@ -362,7 +371,7 @@ func (w *Worker) Order(kind string, step int, reason string) error {
 		return err
 	case <-w.done:
 		return errors.New("the run has stopped here")
-	case <-time.After(5 * time.Second):
+	case <-w.clock.After(5 * time.Second):
 		return errors.New("the stage did not take the order in 5 s")
 	}
 }
@@ -416,12 +425,12 @@ func (w *Worker) loadData() error {
 			w.log.Info("data from the local corpus", "part", what, "sha256", b.Hash[:12], "bytes", b.Size)
 			return local[i], nil
 		}
-		t0 := time.Now()
+		t0 := w.clock.Now()
 		buf, err := w.env.Fetch.Fetch(w.ctx, []peer.ID{w.launcher}, b, nil)
 		if err != nil {
 			return nil, fmt.Errorf("fetching the %s (%s) from the launcher: %w", what, b, err)
 		}
-		w.log.Info("data fetched and verified", "part", what, "sha256", b.Hash[:12], "bytes", b.Size, "took", time.Since(t0).Round(time.Millisecond))
+		w.log.Info("data fetched and verified", "part", what, "sha256", b.Hash[:12], "bytes", b.Size, "took", w.clock.Since(t0).Round(time.Millisecond))
 		return buf, nil
 	}
 	var val []int32
@@ -536,7 +545,7 @@ func (w *Worker) compute() {
 // (three times the mean time a step has taken here, and at least 5 s, a few dial
 // attempts); if it cannot, it stops the run.
 func (w *Worker) reachLauncher(grace time.Duration) {
-	deadline := time.Now().Add(grace)
+	deadline := w.clock.Now().Add(grace)
 	for pause := 250 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
 		ctx, cancel := context.WithTimeout(w.ctx, pause)
 		err := w.host.Host.Connect(p2p.AllowRelayed(ctx, "launcher"), peer.AddrInfo{ID: w.launcher})
@@ -548,13 +557,13 @@ func (w *Worker) reachLauncher(grace time.Duration) {
 		if w.ctx.Err() != nil {
 			return
 		}
-		if time.Now().After(deadline) {
+		if w.clock.Now().After(deadline) {
 			w.log.Warn("launcher gone; stopping the run and keeping the checkpoint", "launcher", w.launcher, "waited", grace.Round(time.Millisecond), "err", err)
 			w.cancel(fmt.Errorf("%w: %s unreachable for %s", ErrLauncherGone, w.launcher, grace.Round(time.Millisecond)))
 			return
 		}
 		select {
-		case <-time.After(pause):
+		case <-w.clock.After(pause):
 		case <-w.ctx.Done():
 			return
 		}
@@ -599,6 +608,23 @@ func (w *Worker) Drop(a *assign.Assignment, reason string) error {
 		w.log.Info("a broken replica pipeline is dropped from the all-reduce", "broken_replica", a.Replica, "node", id, "reason", reason)
 	}
 	return nil
+}
+
+// moved is the loop's: it writes cell e into the grid and, if it is of this stage,
+// publishes the stage's new column for the replica dials.
+func (w *Worker) moved(e cellMoved) {
+	w.grid[e.replica][e.stage] = e.id
+	if e.stage == w.idx {
+		w.publishReplicas()
+	}
+}
+
+func (w *Worker) publishReplicas() {
+	col := make([]peer.ID, len(w.grid))
+	for r, row := range w.grid {
+		col[r] = row[w.idx]
+	}
+	w.replicas.Store(&col)
 }
 
 // cellMoved is replace's news for the loop, which alone writes the grid.
