@@ -52,6 +52,12 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
+	// Plans expired are refused by their expiry: no need to remember them.
+	for k, exp := range d.seen {
+		if !exp.After(d.clock.Now()) {
+			delete(d.seen, k)
+		}
+	}
 	if _, dup := d.runs[plan.ID]; dup || !d.seen[[2]uint64{plan.ID, nonce}].IsZero() {
 		return fmt.Errorf("refused: run %016x already accepted here", plan.ID)
 	}
@@ -72,7 +78,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 		return fmt.Errorf("refused: %w", err)
 	}
 	w, err := worker.New(context.Background(), worker.Env{Host: d.host, Log: d.log, Reduce: d.reduce, Fetch: d.fetch, Corpus: d.cfg.Corpus,
-		FaultStallSync: d.faultStallSync, Meters: d.meters},
+		FaultStallSync: d.faultStallSync, Meters: d.meters, Clock: d.clock},
 		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), resumeDir)
 	if err != nil {
 		delete(d.seen, [2]uint64{plan.ID, nonce}) // not taken: the launcher may send it again
@@ -114,7 +120,7 @@ func (d *Daemon) verifyPlan(from peer.ID, signed *p2p.Signed) (*wire.Plan, peer.
 		d.log.Warn("refusing run: plan relayed by another peer", "from", from, "launcher", signer)
 		return nil, "", fmt.Errorf("refused: plan signed by launcher %s but sent by %s; a node takes plans from their launcher only", signer, from)
 	}
-	switch now := time.Now(); {
+	switch now := d.clock.Now(); {
 	case plan.Expires.IsZero():
 		return nil, "", errors.New("refused: plan has no expiry (a launcher older than this node?)")
 	case now.After(plan.Expires):
@@ -198,10 +204,9 @@ func (d *Daemon) holdLocked(plan *wire.Plan, w *worker.Worker, signer peer.ID, n
 	}
 	d.reserveLocked(plan.ID, signer, plan.LauncherAddrs)
 	delete(d.ended, plan.ID) // frames of the run are for this worker again
-	time.AfterFunc(time.Until(plan.Expires), func() {
-		d.mu.Lock()
-		delete(d.seen, [2]uint64{plan.ID, nonce})
-		d.mu.Unlock()
+	// The timer touches the worker alone (safe from any goroutine), none of the
+	// daemon's maps: the plan's entry in seen goes when a later accept finds it expired.
+	d.clock.AfterFunc(plan.Expires.Sub(d.clock.Now()), func() {
 		select {
 		case <-w.Started():
 		default:
@@ -242,17 +247,18 @@ func (d *Daemon) endRun(id uint64, last status.Run) {
 		d.host.Release(r.id, r.addrs)
 	}
 	delete(d.reserved, id)
-	d.ended[id] = true
+	now := d.clock.Now()
+	d.ended[id] = now
+	for r, t := range d.ended {
+		if now.Sub(t) >= endedMemory {
+			delete(d.ended, r)
+		}
+	}
 	d.finished = append(d.finished, last)
 	if len(d.finished) > keptRuns {
 		d.finished = slices.Delete(d.finished, 0, len(d.finished)-keptRuns)
 	}
 	d.mu.Unlock()
-	time.AfterFunc(endedMemory, func() {
-		d.mu.Lock()
-		delete(d.ended, id)
-		d.mu.Unlock()
-	})
 	d.pruneRuns()
 }
 

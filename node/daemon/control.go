@@ -137,9 +137,9 @@ func (d *Daemon) control(from peer.ID, m wire.Msg) wire.Reply {
 			// Only what a launcher needs to hear that this node will not take its run:
 			// not its memory, addresses or free slots.
 			d.mu.Lock()
-			quiet := time.Since(d.refusedAt) < time.Minute
+			quiet := d.clock.Since(d.refusedAt) < time.Minute
 			if !quiet {
-				d.refusedAt = time.Now()
+				d.refusedAt = d.clock.Now()
 			}
 			d.mu.Unlock()
 			if !quiet { // once a minute at most: strangers' offers cost no disk

@@ -34,6 +34,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/node/worker"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/p2p/reduce"
 	"github.com/pipeswarm/pipeswarm/p2p/traffic"
@@ -76,10 +77,14 @@ type Daemon struct {
 	build   build.Info
 	compute []status.Backend // what this node's stages compute with
 
+	// clock times what the daemon decides by time (plan expiries, the memory of ended
+	// runs, heartbeats, waits) and its stages; clock.Real but in tests. Stream deadlines
+	// and file times stay on the wall clock, which the network and the disk use.
+	clock clock.Clock
 	mu    sync.Mutex
 	runs  map[uint64]*worker.Worker
 	seen  map[[2]uint64]time.Time // plans (run, rejoin nonce) accepted and not yet expired, with their expiry; kept in the data directory too
-	ended map[uint64]bool         // runs held here that have stopped: their late frames are dropped, not penalised
+	ended map[uint64]time.Time    // when runs held here stopped: their late frames are dropped, not penalised, for endedMemory
 	// members are the peers of each run held here (its cells, as moved since, and its
 	// launcher): they alone may open tensor and reduce streams to this node.
 	members map[uint64]map[peer.ID]bool
@@ -192,7 +197,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOpts ...
 			}
 		}
 	}
-	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker.Worker{}, seen: map[[2]uint64]time.Time{}, ended: map[uint64]bool{},
+	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker.Worker{}, seen: map[[2]uint64]time.Time{}, ended: map[uint64]time.Time{}, clock: clock.Real,
 		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, tensorIn: map[peer.ID]map[network.Stream]bool{}, ctlOpen: map[peer.ID]int{}, ctlIP: map[string]int{},
 		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
@@ -402,7 +407,7 @@ const ReachabilityDeadline = 30 * time.Second
 // another known state, until ctx ends.
 func (d *Daemon) ReachabilityNotices(ctx context.Context, say func(p2p.Reachability)) {
 	changes := d.host.WatchReachability(ctx)
-	deadline := time.NewTimer(ReachabilityDeadline)
+	deadline := d.clock.NewTimer(ReachabilityDeadline)
 	defer deadline.Stop()
 	var n notices
 	for {
@@ -413,7 +418,7 @@ func (d *Daemon) ReachabilityNotices(ctx context.Context, say func(p2p.Reachabil
 				return
 			}
 			tell = n.changed(r)
-		case <-deadline.C:
+		case <-deadline.C():
 			tell = n.deadline()
 		case <-ctx.Done():
 			return
@@ -482,7 +487,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 			}
 		}()
 	}
-	tick := time.NewTicker(wire.HeartbeatInterval)
+	tick := d.clock.NewTicker(wire.HeartbeatInterval)
 	defer tick.Stop()
 	for {
 		select {
@@ -491,7 +496,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 				hb.Close()
 			}
 			return d.Close()
-		case <-tick.C:
+		case <-tick.C():
 			if hb != nil {
 				if b, err := json.Marshal(d.Heartbeat()); err == nil {
 					_ = hb.Publish(ctx, b)
@@ -547,7 +552,7 @@ func (d *Daemon) close() error {
 	go func() { d.wg.Wait(); close(done) }()
 	select {
 	case <-done:
-	case <-time.After(10 * time.Second):
+	case <-d.clock.After(10 * time.Second):
 		d.log.Warn("runs did not stop in time")
 	}
 	var statusErr error
@@ -563,7 +568,7 @@ func (d *Daemon) close() error {
 // writeAccepted keeps the plans accepted and not yet expired in the data directory.
 // d.mu is held.
 func (d *Daemon) writeAccepted() error {
-	now := time.Now()
+	now := d.clock.Now()
 	var all []datadir.Accepted
 	for k, exp := range d.seen {
 		if exp.After(now) {
@@ -579,13 +584,20 @@ func (d *Daemon) writeAccepted() error {
 func (d *Daemon) holdsRun(run uint64) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.runs[run] != nil || d.ended[run]
+	return d.runs[run] != nil || d.endedLocked(run)
 }
 
 func (d *Daemon) hasEnded(id uint64) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.ended[id]
+	return d.endedLocked(id)
+}
+
+// endedLocked reports whether run id ended here less than endedMemory ago. d.mu is
+// held.
+func (d *Daemon) endedLocked(id uint64) bool {
+	t, ok := d.ended[id]
+	return ok && d.clock.Since(t) < endedMemory
 }
 
 func (d *Daemon) run(id uint64) *worker.Worker {

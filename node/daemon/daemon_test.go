@@ -21,6 +21,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/status"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 	"github.com/pipeswarm/pipeswarm/p2p/corpus"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
@@ -237,7 +238,7 @@ func TestAnAssignmentNeverStartedIsReleasedWhenItsPlanExpires(t *testing.T) {
 func TestLateFramesForAnEndedRunAreDroppedWithoutPenalty(t *testing.T) {
 	d := testDaemon(t)
 	d.mu.Lock()
-	d.ended[42] = true
+	d.ended[42] = d.clock.Now()
 	d.mu.Unlock()
 	h := testHost(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
@@ -265,20 +266,30 @@ func TestLateFramesForAnEndedRunAreDroppedWithoutPenalty(t *testing.T) {
 	}
 }
 
+// A run that ended is remembered for endedMemory on the daemon's clock, then
+// forgotten; its record goes when a later run ends.
 func TestAnEndedRunIsForgottenAfterAWhile(t *testing.T) {
-	defer func(m time.Duration) { endedMemory = m }(endedMemory)
-	endedMemory = 20 * time.Millisecond
 	d := testDaemon(t)
+	m := clock.NewManual(time.Now())
+	d.clock = m // before any traffic: nothing else reads it yet
 	d.endRun(7, status.Run{})
 	if !d.hasEnded(7) {
 		t.Fatal("a run that just ended is not remembered")
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for d.hasEnded(7) {
-		if time.Now().After(deadline) {
-			t.Fatal("an ended run is remembered for good")
-		}
-		time.Sleep(5 * time.Millisecond)
+	m.Advance(endedMemory - time.Nanosecond)
+	if !d.hasEnded(7) {
+		t.Fatal("an ended run is forgotten before endedMemory")
+	}
+	m.Advance(time.Nanosecond)
+	if d.hasEnded(7) {
+		t.Fatal("an ended run is remembered past endedMemory")
+	}
+	d.endRun(8, status.Run{})
+	d.mu.Lock()
+	_, kept := d.ended[7]
+	d.mu.Unlock()
+	if kept || !d.hasEnded(8) {
+		t.Fatalf("after run 8 ended: run 7's record kept %v, run 8 remembered %v; want false, true", kept, d.hasEnded(8))
 	}
 }
 
