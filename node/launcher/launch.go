@@ -71,6 +71,9 @@ type Options struct {
 	OnPlan  func([]assign.Assignment)
 	OnStep  func(metrics.Step)
 	OnOuter func([]metrics.Outer)
+	// Clock times what the launcher decides by time (staffing waits, silence, stops,
+	// time-based checkpoints); nil = clock.Real.
+	Clock clock.Clock
 }
 
 // Launch staffs sp's stages with the given peers, sends each a signed plan, starts
@@ -86,6 +89,7 @@ func Launch(ctx context.Context, o Options) (*Result, error) {
 	if log == nil {
 		log = slog.Default()
 	}
+	o.Clock = clock.Or(o.Clock)
 	// Everything that can be checked before a node is asked is checked here, at once.
 	if err := o.Spec.Validate(); err != nil {
 		return nil, err
@@ -135,7 +139,7 @@ func Launch(ctx context.Context, o Options) (*Result, error) {
 	}
 	defer h.Close()
 	// Until a call of a kind is measured, it may take as long as staffing may.
-	calls := wire.NewCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout)*time.Second, nil)
+	calls := wire.NewCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout)*time.Second, o.Clock)
 	idle := listenIdle(ctx, h, log)
 	res, err := launchOnce(ctx, h, calls, idle, o, log, 0, nil)
 	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second

@@ -21,6 +21,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 )
 
 // idlePeers are the nodes heard on the heartbeat topic holding no stage, with when
@@ -102,7 +103,8 @@ func newRunID() uint64 {
 // staff asks every peer for an offer and plans the stages, retrying until
 // StaffTimeout while stages are missing.
 func staff(ctx context.Context, h *p2p.Host, calls *wire.CallClock, sp *spec.Spec, o Options, prev *runRecord, timeout time.Duration, log *slog.Logger) (*wire.Plan, error) {
-	deadline := time.Now().Add(timeout)
+	o.Clock = clock.Or(o.Clock)
+	deadline := o.Clock.Now().Add(timeout)
 	// Waiting can last minutes (a paused run): say what is missing when it changes,
 	// and otherwise every half minute.
 	var said string
@@ -114,10 +116,10 @@ func staff(ctx context.Context, h *p2p.Host, calls *wire.CallClock, sp *spec.Spe
 		through = recordedThrough(filepath.Join(o.OutDir, train.MetricsFile))
 	}
 	say := func(msg, missing string, args ...any) {
-		if missing == said && time.Since(saidAt) < 30*time.Second {
+		if missing == said && o.Clock.Since(saidAt) < 30*time.Second {
 			return
 		}
-		said, saidAt = missing, time.Now()
+		said, saidAt = missing, o.Clock.Now()
 		log.Warn(msg, append([]any{"missing", missing}, args...)...)
 	}
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
@@ -182,14 +184,14 @@ func staff(ctx context.Context, h *p2p.Host, calls *wire.CallClock, sp *spec.Spe
 				} else {
 					noCommon = 0
 				}
-				if time.Now().After(deadline) {
+				if o.Clock.Now().After(deadline) {
 					return nil, fmt.Errorf("%w: %v%s", ErrRunFailed, err, notReached(problems))
 				}
-				say("waiting for the nodes that hold the run's checkpoints", err.Error(), "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
+				say("waiting for the nodes that hold the run's checkpoints", err.Error(), "unreachable", len(problems), "timeout_in", deadline.Sub(o.Clock.Now()).Round(time.Second))
 				select {
 				case <-ctx.Done():
 					return nil, ctx.Err()
-				case <-time.After(2 * time.Second):
+				case <-o.Clock.After(2 * time.Second):
 				}
 				continue
 			}
@@ -213,14 +215,14 @@ func staff(ctx context.Context, h *p2p.Host, calls *wire.CallClock, sp *spec.Spe
 			}
 			return &wire.Plan{Spec: sp.String(), Stages: stages, Created: now, Expires: now.Add(life), Resume: resume, Restarted: restart}, nil
 		}
-		if !errors.Is(err, assign.ErrUnstaffed) || time.Now().After(deadline) {
+		if !errors.Is(err, assign.ErrUnstaffed) || o.Clock.Now().After(deadline) {
 			return nil, fmt.Errorf("%w: %v%s", ErrRunFailed, err, notReached(problems))
 		}
-		say("waiting for peers", err.Error(), "unreachable", len(problems), "timeout_in", time.Until(deadline).Round(time.Second))
+		say("waiting for peers", err.Error(), "unreachable", len(problems), "timeout_in", deadline.Sub(o.Clock.Now()).Round(time.Second))
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
-		case <-time.After(2 * time.Second):
+		case <-o.Clock.After(2 * time.Second):
 		}
 	}
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/node/wire"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 )
 
 // watch turns reports into metrics until every stage of every replica pipeline still
@@ -29,6 +30,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 	sp := o.Spec
 	out := o.OutDir
 	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
+	o.Clock = clock.Or(o.Clock)
 	if err := os.WriteFile(filepath.Join(out, train.SpecFile), []byte(sp.String()), 0o644); err != nil {
 		return nil, fmt.Errorf("launch: %w", err)
 	}
@@ -69,11 +71,11 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 	}
 	res := newResult(plan.ID, S, R)
 	var history []metrics.Step
-	start := time.Now()
+	start := o.Clock.Now()
 	began := start
 	// However the run ends, its times are known.
 	defer func() {
-		res.Elapsed, res.TimeRun = time.Since(start), time.Since(began)
+		res.Elapsed, res.TimeRun = o.Clock.Since(start), o.Clock.Since(began)
 	}()
 	if kept != nil {
 		// Tokens and elapsed time go on from where the interrupted run left them.
@@ -87,12 +89,12 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 	}
 	last := make([]time.Time, R)
 	for r := range last {
-		last[r] = time.Now()
+		last[r] = o.Clock.Now()
 	}
 	// Checkpoints: the count rule's steps and the time rule's, ordered here, are taken
 	// by every stage; once every row up to one is recorded, the stages are told, and
 	// keep no older checkpoint.
-	partStart := time.Now()
+	partStart := o.Clock.Now()
 	align := 1
 	if R > 1 {
 		align = sp.DiLoCo.InnerSteps
@@ -173,7 +175,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 					return
 				case <-stopProbes:
 					return
-				case <-time.After(2 * time.Second):
+				case <-o.Clock.After(2 * time.Second):
 				}
 				if rj.reach(r) {
 					select {
@@ -275,8 +277,8 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 	// stage that stalled): no report at all for much longer than the steps have taken.
 	var silence silenceClock
 	silence.staff = time.Duration(sp.Pipeline.StaffTimeout) * time.Second
-	silence.heard(time.Now(), false)
-	check := time.NewTicker(time.Second)
+	silence.heard(o.Clock.Now(), false)
+	check := o.Clock.NewTicker(time.Second)
 	defer check.Stop()
 	// nodeLost takes the news that node id's connection closed.
 	nodeLost := func(id peer.ID) error {
@@ -322,7 +324,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 		case at := <-ckAcked:
 			commonCk[at] = true
 			tellRecorded()
-		case now := <-check.C:
+		case now := <-check.C():
 			for r, st := range stopping {
 				if now.Sub(st.since) > stopWait {
 					delete(stopping, r)
@@ -347,7 +349,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 			if !ok || a.Peer != r.Peer || r.Join != epoch[r.Replica] {
 				continue // not from the peer holding that cell, or from before it rejoined
 			}
-			silence.heard(time.Now(), r.Kind == wire.ReportStep)
+			silence.heard(o.Clock.Now(), r.Kind == wire.ReportStep)
 			if _, ok := broken[r.Replica]; ok && r.Kind != wire.ReportOuter {
 				if r.Kind == wire.ReportIdle || r.Kind == wire.ReportError {
 					res.stageEnded(r)
@@ -357,7 +359,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 			}
 			switch r.Kind {
 			case wire.ReportStep:
-				now := time.Now()
+				now := o.Clock.Now()
 				if r.Replica == 0 {
 					res.Steps, res.Loss = r.Step, r.Loss
 					res.StepsRun++
@@ -377,7 +379,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 					if silence.steps > 0 {
 						mean = silence.sum / time.Duration(silence.steps)
 					}
-					if at, ok := ckClock.Recorded(r.Step, time.Since(partStart), mean); ok && tell.checkpoint != nil {
+					if at, ok := ckClock.Recorded(r.Step, o.Clock.Since(partStart), mean); ok && tell.checkpoint != nil {
 						log.Info("checkpoint due by time; every stage takes it at a step ahead", "step", at, "now_at", r.Step)
 						tell.checkpoint(at, ckAcked)
 					}
@@ -397,12 +399,12 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 				v := r.ValLoss
 				p.ValLoss, res.ValLoss = &v, v
 				// As train does: an evaluated step's time is when its validation loss is known.
-				p.ElapsedS = time.Since(start).Seconds()
+				p.ElapsedS = o.Clock.Since(start).Seconds()
 				if err := emit(*p); err != nil {
 					return res, err
 				}
 				delete(pending, r.Step)
-				last[0] = time.Now() // evaluation time is not training throughput
+				last[0] = o.Clock.Now() // evaluation time is not training throughput
 			case wire.ReportOuter:
 				if r.Outer == nil {
 					continue
@@ -425,7 +427,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 					return res, fmt.Errorf("%w: %s", ErrRunFailed, why)
 				}
 				row := metrics.Outer{Step: r.Step, OuterStep: r.Outer.OuterStep, Stage: r.Stage, Replica: r.Replica, SyncBytes: r.Outer.SyncBytes,
-					SyncS: r.Outer.SyncS, WeightsHash: r.Outer.Hash, Contributors: r.Outer.Contributors, ElapsedS: time.Since(start).Seconds()}
+					SyncS: r.Outer.SyncS, WeightsHash: r.Outer.Hash, Contributors: r.Outer.Contributors, ElapsedS: o.Clock.Since(start).Seconds()}
 				if err := mw.WriteOuter(row); err != nil {
 					return res, err
 				}
@@ -434,7 +436,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 					res.OuterSteps++
 				}
 				if r.Stage == 0 && !stageSynced[k] {
-					silence.outer(time.Now(), time.Duration(r.Outer.SyncS*float64(time.Second)))
+					silence.outer(o.Clock.Now(), time.Duration(r.Outer.SyncS*float64(time.Second)))
 				}
 				outers[k] = append(outers[k], row)
 				complete := len(outers[k]) >= R-len(broken)-len(lagging)
@@ -497,7 +499,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 				why := fmt.Sprintf("the node holding %s (%s) is stopping; every stage of its pipeline stops after step %d", wire.CellName(sp, a), r.Peer, r.Step)
 				log.Warn("a node is stopping: every stage of its pipeline stops after the same step, keeping its checkpoint",
 					"cell", wire.CellName(sp, a), "node", r.Peer, "after_step", r.Step)
-				stopping[r.Replica] = &stopState{step: r.Step, why: why, since: time.Now(), stopped: map[int]bool{}}
+				stopping[r.Replica] = &stopState{step: r.Step, why: why, since: o.Clock.Now(), stopped: map[int]bool{}}
 				if tell.stopAt != nil {
 					tell.stopAt(r.Replica, r.Step, fmt.Sprintf("the node holding %s is stopping", wire.CellName(sp, a)))
 				}
@@ -594,7 +596,7 @@ func (c *silenceClock) heard(now time.Time, step bool) {
 func (c *silenceClock) overdue(now time.Time, evaluating bool) (quiet, deadline time.Duration) {
 	deadline = 2 * c.staff
 	if c.steps >= 2 {
-		deadline = max(10*c.sum/time.Duration(c.steps), 3*c.longest) + 5*time.Second + 3*c.outerGap + 4*c.syncMax
+		deadline = clock.Deadline(clock.Outwait(c.sum/time.Duration(c.steps), c.longest)+3*c.outerGap+4*c.syncMax, 0, clock.Busy)
 		if evaluating {
 			deadline = max(deadline, c.staff)
 		}
