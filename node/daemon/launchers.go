@@ -63,7 +63,7 @@ func (d *Daemon) redialLaunchers(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(wait):
+		case <-d.clock.After(wait):
 		}
 		var left []launcherTarget
 		for _, t := range targets {

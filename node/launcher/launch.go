@@ -160,7 +160,7 @@ func Launch(ctx context.Context, o Options) (*Result, error) {
 	var broken, rejoined []int
 	repaired := 0
 	for wait > 0 && errors.Is(err, ErrStageDown) && ctx.Err() == nil {
-		stopped := time.Now()
+		stopped := o.Clock.Now()
 		p := Pause{Why: err.Error()}
 		if res != nil {
 			p.Recorded = res.Steps
@@ -175,20 +175,20 @@ func Launch(ctx context.Context, o Options) (*Result, error) {
 		next, nerr := launchOnce(ctx, h, calls, idle, ro, log, wait, func(from int) {
 			going = true
 			p.ResumedAt, p.Restarted = from, from == 0
-			p.WaitedS = time.Since(stopped).Seconds()
+			p.WaitedS = o.Clock.Since(stopped).Seconds()
 			if from == 0 {
-				log.Warn("run restarted from its start: no step had a checkpoint of every stage", "paused_for", time.Since(stopped).Round(time.Second))
+				log.Warn("run restarted from its start: no step had a checkpoint of every stage", "paused_for", o.Clock.Since(stopped).Round(time.Second))
 			} else {
-				log.Info("run resumed", "from_step", from, "paused_for", time.Since(stopped).Round(time.Second))
+				log.Info("run resumed", "from_step", from, "paused_for", o.Clock.Since(stopped).Round(time.Second))
 			}
 		})
 		if !going {
-			p.WaitedS = time.Since(stopped).Seconds()
+			p.WaitedS = o.Clock.Since(stopped).Seconds()
 			pauses = append(pauses, p)
 			if res != nil {
 				res.Pauses = pauses
 			}
-			return share(res), fmt.Errorf("%w; paused %s and not resumed: %v", err, time.Since(stopped).Round(time.Second), nerr)
+			return share(res), fmt.Errorf("%w; paused %s and not resumed: %v", err, o.Clock.Since(stopped).Round(time.Second), nerr)
 		}
 		pauses = append(pauses, p)
 		if res != nil {
