@@ -10,6 +10,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/launcher"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
+	"github.com/pipeswarm/pipeswarm/node/train"
 )
 
 // Churn is one event of a churn schedule: at training step Step (as replica 0's
@@ -126,8 +127,9 @@ func churnFigures(sp *spec.Spec, fired []Churn, res *launcher.Result, steps []me
 	for _, o := range outers {
 		taken[[2]int{o.Stage, o.Step}] = true
 	}
-	for s := 1; s <= sp.Train.Steps; s++ {
-		if sp.DiLoCo.SyncAt(s, sp.Train.Steps) {
+	outer := train.OuterSchedule(sp)
+	for s := 1; outer != nil && s <= sp.Train.Steps; s++ {
+		if outer.Applied(s, sp.Train.Steps) { // the steps whose outer step has a row
 			f.OuterStepsDue += sp.Pipeline.Stages
 			for st := range sp.Pipeline.Stages {
 				if taken[[2]int{st, s}] {

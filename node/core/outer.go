@@ -31,19 +31,36 @@ type outerState struct {
 	last    int       // the last step that had an outer step, for the deadline
 }
 
-// outerDue reports whether the step just optimised has outer-step work.
-func (c *Core) outerDue() bool {
-	return c.cfg.Outer != nil && (c.outer.pend.step > 0 || len(c.dueFrags(c.step)) > 0)
-}
-
-func (c *Core) dueFrags(step int) []int {
-	var fs []int
-	for f := range c.cfg.Outer.Fragments {
-		if c.cfg.Outer.Due(f, step) {
-			fs = append(fs, f)
+// Begin is the outer-step work begun after step of a run of steps: the fragments due
+// then, and whether their all-reduce overlaps the next step (Streaming DiLoCo, every
+// step but the last) or is waited for. The single-process trainer asks it too.
+func (o *Outer) Begin(step, steps int) (frags []int, overlap bool) {
+	for f := range o.Fragments {
+		if o.Due(f, step) {
+			frags = append(frags, f)
 		}
 	}
-	return fs
+	return frags, len(frags) > 0 && o.Overlap && step != steps
+}
+
+// Applied reports whether the run takes an outer step after step (OuterDone): one
+// waited for is due then, or an overlapped one begun after the step before is
+// applied then.
+func (o *Outer) Applied(step, steps int) bool {
+	if fs, overlap := o.Begin(step, steps); len(fs) > 0 && !overlap {
+		return true
+	}
+	_, overlap := o.Begin(step-1, steps)
+	return step > 1 && overlap
+}
+
+// outerDue reports whether the step just optimised has outer-step work.
+func (c *Core) outerDue() bool {
+	if c.cfg.Outer == nil {
+		return false
+	}
+	fs, _ := c.cfg.Outer.Begin(c.step, c.cfg.Steps)
+	return c.outer.pend.step > 0 || len(fs) > 0
 }
 
 func (c *Core) beginOuter() {
@@ -65,8 +82,7 @@ func (c *Core) nextOuter() []Action {
 	var out []Action
 	if !o.started {
 		o.started = true
-		if fs := c.dueFrags(c.step); len(fs) > 0 {
-			overlap := c.cfg.Outer.Overlap && c.step != c.cfg.Steps
+		if fs, overlap := c.cfg.Outer.Begin(c.step, c.cfg.Steps); len(fs) > 0 {
 			out = append(out, StartReduce{Step: c.step, Frags: fs, Overlap: overlap})
 			if overlap {
 				o.pend = reduction{step: c.step}

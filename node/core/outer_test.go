@@ -189,3 +189,43 @@ func TestOuterStepsUnderAnyDeliveryOrderApplyEachAllReduceOnceInOrder(t *testing
 		}
 	}
 }
+
+func TestAppliedIsWhereTheCoreTakesItsOuterSteps(t *testing.T) {
+	warm := &Outer{Fragments: 2, Overlap: true, Due: func(f, step int) bool { return step <= 2 || step%4 == (f+1)*4/2%4 }}
+	for name, tc := range map[string]struct {
+		o     *Outer
+		steps int
+	}{
+		"streaming, 7 steps":   {streaming(7), 7},
+		"streaming, 8 steps":   {streaming(8), 8},
+		"one fragment":         {&Outer{Fragments: 1, Due: everyOther}, 7},
+		"streaming and warmup": {warm, 9},
+	} {
+		c := mustNew(t, Config{Stages: 1, MicroBatches: 1, Steps: tc.steps, Outer: tc.o})
+		queue := []Event{Start{}}
+		var took []int
+		for len(queue) > 0 {
+			out := must(t, c, queue[0])
+			queue = queue[1:]
+			for _, a := range out {
+				switch a := a.(type) {
+				case Forward, Backward, Optimize, ApplyOuter:
+					queue = append(queue, Done{})
+				case StartReduce:
+					queue = append(queue, ReduceDone{Step: a.Step})
+				case OuterDone:
+					took = append(took, a.Step)
+				}
+			}
+		}
+		var want []int
+		for s := 1; s <= tc.steps; s++ {
+			if tc.o.Applied(s, tc.steps) {
+				want = append(want, s)
+			}
+		}
+		if !c.Finished() || !reflect.DeepEqual(took, want) {
+			t.Errorf("%s: the core took outer steps after %v (finished %v); Applied says %v", name, took, c.Finished(), want)
+		}
+	}
+}

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/wire"
@@ -204,7 +205,7 @@ func (res *Result) stageEnded(r wire.Report) {
 // evalRow parses row as replica 0's row of step, if that step is one a resumed run
 // evaluates again (core.Config.EvalFrom).
 func evalRow(row json.RawMessage, step int, sp *spec.Spec) (*metrics.Step, bool) {
-	if step != sp.Train.Steps && (sp.EvalInterval <= 0 || step%sp.EvalInterval != 0) {
+	if !core.EvalAt(step, sp.Train.Steps, sp.EvalInterval) {
 		return nil, false
 	}
 	var probe struct {

@@ -219,9 +219,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 			}
 		}
 	}
-	evalDue := func(step int) bool {
-		return step == sp.Train.Steps || (sp.EvalInterval > 0 && step%sp.EvalInterval == 0)
-	}
+	evalDue := func(step int) bool { return core.EvalAt(step, sp.Train.Steps, sp.EvalInterval) }
 	// breakPipeline takes replica pipeline r out of the run, or fails the run when it
 	// was the last one whole (or there is only one).
 	breakPipeline := func(r int, why string) error {

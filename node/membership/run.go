@@ -331,7 +331,7 @@ func (r *Run) replicaName(replica int) string {
 }
 
 func (r *Run) evalDue(step int) bool {
-	return step == r.c.Steps || (r.c.EvalInterval > 0 && step%r.c.EvalInterval == 0)
+	return core.EvalAt(step, r.c.Steps, r.c.EvalInterval)
 }
 
 func (r *Run) stepTaken(e StepTaken) {

@@ -81,15 +81,11 @@ func (y *syncer) step(step, steps int, now func() time.Time) []metrics.Outer {
 // begin takes the outer steps due after step: overlapped ones are all-reduced now and
 // left pending, the others applied (marked in applied, their bytes added to sent).
 func (y *syncer) begin(step, steps int, sent [][]int64, took []float64, applied []bool, now func() time.Time) {
-	d := y.sp.DiLoCo
 	S, R := len(y.reps[0].outers), len(y.reps)
-	overlap := d.Overlapped() && step != steps
+	frags, overlap := OuterSchedule(y.sp).Begin(step, steps) // as a stage's core begins them
 	for s := range S {
 		t0 := now()
-		for f := range d.Fragments {
-			if !d.Due(f, step, steps) {
-				continue
-			}
+		for _, f := range frags {
 			ys := make([][]float32, R)
 			for r, rp := range y.reps {
 				if overlap {
@@ -118,8 +114,7 @@ func (y *syncer) begin(step, steps int, sent [][]int64, took []float64, applied 
 // weights, residuals and momentum as they were when they began), so they give the
 // same results.
 func (y *syncer) resumeAfter(step, steps int) {
-	d := y.sp.DiLoCo
-	if !d.Overlapped() || step == steps || !d.AnyDue(step, steps) {
+	if _, overlap := OuterSchedule(y.sp).Begin(step, steps); !overlap {
 		return
 	}
 	S, R := len(y.reps[0].outers), len(y.reps)

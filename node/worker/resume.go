@@ -10,6 +10,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/ckpt"
 	"github.com/pipeswarm/pipeswarm/node/stage"
+	"github.com/pipeswarm/pipeswarm/node/train"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -88,8 +89,9 @@ func (w *Worker) rejoin() error {
 	if err := w.unit.SetMoments(j.Step, vecs[2], vecs[3]); err != nil {
 		return fmt.Errorf("rejoin: %w", err)
 	}
+	outer := train.OuterSchedule(w.sp)
 	for s := 1; s <= j.Step; s++ {
-		if w.sp.DiLoCo.SyncAt(s, w.sp.Train.Steps) {
+		if outer.Applied(s, w.sp.Train.Steps) {
 			w.outer.Rounds++
 		}
 	}
