@@ -32,6 +32,9 @@ type Unit struct {
 	// versions the stage's forwards and backwards may still run on (SetAsync).
 	past [][]float32
 
+	// projected says GradSumSquares has projected the gradients since the last Update.
+	projected bool
+
 	// The boundaries' residuals as Mark kept them: a checkpoint's, of its step's end.
 	markIn, markOut []float32
 }
@@ -124,15 +127,22 @@ func (u *Unit) Kept() int64 { return int64(len(u.past)) * int64(len(u.Stage.Para
 // gradient norm. Update takes the step once every stage's share is summed.
 func (u *Unit) GradSumSquares() float64 {
 	u.Stage.ProjectGrads()
+	u.projected = true
 	return optim.SumSquares(u.Stage.Grads)
 }
 
 // Update is the second half of the optimiser step: it scales the gradients by the
 // clip factor of the global norm against clip (0: no clipping), takes the update
 // rule's step at learning rate lr, and puts the parameters back into the subspace.
-// The gradients are left as scaled; the caller zeroes them before the next step.
+// A run that does not clip needs no norm: Update then projects the gradients itself
+// (norm is not read). The gradients are left as scaled; the caller zeroes them
+// before the next step.
 func (u *Unit) Update(norm, clip float64, lr float32) {
 	st := u.Stage
+	if !u.projected {
+		st.ProjectGrads()
+	}
+	u.projected = false
 	if f := optim.ClipFactor(norm, clip); f != 1 {
 		optim.Scale(st.Grads, f)
 	}

@@ -375,3 +375,25 @@ data: {val_fraction: 0.01}
 		t.Error("the resumed unit's weights differ from the uninterrupted one's")
 	}
 }
+
+// A run that does not clip exchanges no norm: Update alone projects the gradients,
+// and takes the same step as after GradSumSquares.
+func TestUpdateWithoutANormProjectsTheGradientsItself(t *testing.T) {
+	sp := testSpec(t, fullSpec)
+	a, b := pipeline(t, sp), pipeline(t, sp)
+	rng := rand.New(rand.NewPCG(8, 9))
+	for n := range 3 {
+		for i := range a {
+			for j := range a[i].Stage.Grads {
+				g := float32(rng.NormFloat64() * 0.01)
+				a[i].Stage.Grads[j], b[i].Stage.Grads[j] = g, g
+			}
+			a[i].GradSumSquares()
+			a[i].Update(0, 0, 0.01)
+			b[i].Update(0, 0, 0.01)
+			if !slices.Equal(a[i].Stage.Params, b[i].Stage.Params) {
+				t.Fatalf("step %d stage %d: Update without GradSumSquares took another step", n, i)
+			}
+		}
+	}
+}

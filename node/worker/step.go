@@ -265,9 +265,6 @@ func (w *Worker) do(a core.Action) error {
 		w.lastNorm = a.Norm
 		clip := w.sp.Train.GradClip
 		w.submit(func() any {
-			if !a.Clip {
-				w.stage.ProjectGrads() // GradSumSquares (ShareNorm) does it in a run that clips
-			}
 			w.unit.Update(a.Norm, clip, lr)
 			w.stage.ZeroGrads()
 			w.doneStep = a.Step // read by the loop after this job's result, or once compute has stopped
