@@ -202,7 +202,7 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOpts ...
 		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	// Plans accepted before a restart stay refused until they expire.
-	accepted, err := dir.ReadAccepted(time.Now())
+	accepted, err := dir.ReadAccepted(d.clock.Now())
 	if err != nil {
 		h.Close()
 		dir.Close()

@@ -140,7 +140,7 @@ func Launch(ctx context.Context, o Options) (*Result, error) {
 	defer h.Close()
 	// Until a call of a kind is measured, it may take as long as staffing may.
 	calls := wire.NewCallClock(time.Duration(o.Spec.Pipeline.StaffTimeout)*time.Second, o.Clock)
-	idle := listenIdle(ctx, h, log)
+	idle := listenIdle(ctx, h, o.Clock, log)
 	res, err := launchOnce(ctx, h, calls, idle, o, log, 0, nil)
 	wait := time.Duration(o.Spec.Pipeline.PauseTimeout) * time.Second
 	// The parts before the last: their share of the run is added to the last's.
@@ -720,7 +720,7 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 	}
 	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up, rj, tell)
 	if err != nil && res != nil {
-		drainEnds(res, plan, reports, 2*time.Second)
+		drainEnds(res, plan, reports, clock.Or(o.Clock), 2*time.Second)
 	}
 	if res != nil {
 		res.Repaired = repairedN

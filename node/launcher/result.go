@@ -18,6 +18,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 )
 
 // Result summarises a finished run.
@@ -224,7 +225,7 @@ func evalRow(row json.RawMessage, step int, sp *spec.Spec) (*metrics.Step, bool)
 // last words (they report once the abort reaches them): where each checkpoint is,
 // and what it sent. It returns once every cell has said where its checkpoint is, or
 // after wait.
-func drainEnds(res *Result, plan *wire.Plan, reports <-chan wire.Report, wait time.Duration) {
+func drainEnds(res *Result, plan *wire.Plan, reports <-chan wire.Report, clk clock.Clock, wait time.Duration) {
 	told := func() bool {
 		for _, row := range res.Checkpoints {
 			for _, c := range row {
@@ -235,7 +236,7 @@ func drainEnds(res *Result, plan *wire.Plan, reports <-chan wire.Report, wait ti
 		}
 		return true
 	}
-	deadline := time.After(wait)
+	deadline := clk.After(wait)
 	for !told() {
 		select {
 		case <-deadline:

@@ -27,8 +27,9 @@ import (
 // idlePeers are the nodes heard on the heartbeat topic holding no stage, with when
 // each was last heard so: candidates for a cell whose node is gone.
 type idlePeers struct {
-	mu   sync.Mutex
-	seen map[peer.ID]idleSeen
+	clock clock.Clock
+	mu    sync.Mutex
+	seen  map[peer.ID]idleSeen
 }
 
 type idleSeen struct {
@@ -37,8 +38,8 @@ type idleSeen struct {
 }
 
 // listenIdle follows the heartbeat topic on h until ctx ends or h closes.
-func listenIdle(ctx context.Context, h *p2p.Host, log *slog.Logger) *idlePeers {
-	ip := &idlePeers{seen: map[peer.ID]idleSeen{}}
+func listenIdle(ctx context.Context, h *p2p.Host, clk clock.Clock, log *slog.Logger) *idlePeers {
+	ip := &idlePeers{clock: clock.Or(clk), seen: map[peer.ID]idleSeen{}}
 	t, err := h.PubSub.Join(p2p.TopicHeartbeats)
 	if err != nil {
 		log.Debug("no heartbeat topic: only --peers can take a gone node's cell", "err", err)
@@ -70,7 +71,7 @@ func listenIdle(ctx context.Context, h *p2p.Host, log *slog.Logger) *idlePeers {
 						addrs = append(addrs, a) // only its own
 					}
 				}
-				ip.seen[from] = idleSeen{time.Now(), addrs}
+				ip.seen[from] = idleSeen{ip.clock.Now(), addrs}
 			} else {
 				delete(ip.seen, from)
 			}
@@ -87,7 +88,7 @@ func (ip *idlePeers) recent() map[peer.ID][]string {
 	defer ip.mu.Unlock()
 	out := map[peer.ID][]string{}
 	for id, s := range ip.seen {
-		if time.Since(s.at) < 3*wire.HeartbeatInterval {
+		if ip.clock.Since(s.at) < 3*wire.HeartbeatInterval {
 			out[id] = s.addrs
 		}
 	}
