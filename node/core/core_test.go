@@ -543,7 +543,7 @@ func TestDeadlineComesFromTheStepTimesMeasured(t *testing.T) {
 		k.step(time.Second)
 	}
 	// 4 × the mean step (the first took the 100 ms before it too) + 8 × 10 ms + 3 s.
-	if got, want := k.c.Deadline(), 4*(3100*time.Millisecond/3)+80*time.Millisecond+clock.Busy; got != want {
+	if got, want := k.c.Deadline(), 4*(3100*time.Millisecond/3)+80*time.Millisecond+clock.Stall; got != want {
 		t.Errorf("after three 1 s steps: deadline %s, want %s", got, want)
 	}
 }

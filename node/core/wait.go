@@ -113,7 +113,7 @@ func (l *Ledger) Mark(at time.Duration, w Wait, step int) {
 // Deadline is how long the stage may wait idle for a neighbour now, by the deadline
 // rule (clock.Deadline): what the step times measured lead one to expect
 // (clock.Expect), or Config.StartTimeout before it has measured a step, plus round
-// trips to the farthest neighbour and, once steps are measured, clock.Busy (a loaded
+// trips to the farthest neighbour and, once steps are measured, clock.Stall (a loaded
 // machine pauses); 0 means no deadline. A slow but steady neighbour only lengthens the
 // steps measured, and the deadline with them; one that stops is found within a few of
 // its usual steps.
@@ -124,7 +124,7 @@ func (c *Core) Deadline() time.Duration {
 		}
 		return clock.Deadline(c.cfg.StartTimeout, c.rtt, 0)
 	}
-	d := clock.Deadline(clock.Expect(c.stepSum/time.Duration(c.stepN), c.stepMax), c.rtt, clock.Busy)
+	d := clock.Deadline(clock.Expect(c.stepSum/time.Duration(c.stepN), c.stepMax), c.rtt, clock.Stall)
 	// What a neighbour sends next may wait for its outer step: in the step after one,
 	// and in the evaluation that follows one.
 	if l := c.outer.last; l > 0 && ((c.phase == evaluating && l == c.step) || (c.phase != evaluating && l == c.step-1)) {

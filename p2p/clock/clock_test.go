@@ -124,6 +124,11 @@ func TestDeadlineRule(t *testing.T) {
 	if got, want := Outwait(time.Second, 5*time.Second), 15*time.Second; got != want {
 		t.Fatalf("Outwait(1s, 5s) = %v, want %v (three times the slowest)", got, want)
 	}
+	// A stage's neighbour that hangs must be found stalled, and named, before a control
+	// call to it (a gradient norm) runs out: equal measured times, a smaller slack.
+	if Stall >= Busy {
+		t.Fatalf("Stall %v is not below Busy %v", Stall, Busy)
+	}
 	if Or(nil) != Real {
 		t.Fatal("Or(nil) is not Real")
 	}

@@ -13,8 +13,8 @@ import "time"
 // margin (p2p/reduce), a configured timeout before anything is measured, or 0 for a
 // message that carries no work. rtt is the longest round trip to the peers waited on
 // as libp2p measures it (Peerstore().LatencyEWMA; 0 until it has measured one). slack
-// covers what neither measures: Busy where the peer may be computing, Brief where a
-// hung peer must not hold the caller up. A slow but steady peer only lengthens what is
+// covers what neither measures: Busy where the peer may be computing, Stall for a
+// stage waiting on its neighbours, Brief where a hung peer must not hold the caller up. A slow but steady peer only lengthens what is
 // measured, and the deadline with it; one that stops is found within a few of its
 // usual times.
 const (
@@ -40,6 +40,10 @@ const (
 	// Busy is the slack where the peer may be busy computing: a node whose compute
 	// saturates its cores can hold a reply back for seconds.
 	Busy = 5 * time.Second
+	// Stall is the slack of a stage waiting for its neighbours' frames: a loaded
+	// machine pauses too, but this must stay below Busy, so that a neighbour that hangs
+	// is found stalled (and named) before a control call to it runs out.
+	Stall = 3 * time.Second
 	// Brief is the slack where a hung peer (often why the call is made) must not hold
 	// the caller up: an abort, an offer, a dial.
 	Brief = 2 * time.Second
