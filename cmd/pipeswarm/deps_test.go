@@ -29,6 +29,9 @@ func TestPackageDependenciesFollowTheDesign(t *testing.T) {
 		"optim":       {"libp2p", mod + "node", mod + "p2p", mod + "shard", "log/slog", "log"},
 		"p2p":         {mod + "shard", mod + "optim", mod + "node"},
 		"p2p/traffic": {mod + "shard", mod + "optim", mod + "node"},
+		// The clock and the deadline rule are what the cores share with the I/O around
+		// them: nothing but the standard library's time, no network, no files, no logs.
+		"p2p/clock":   {"libp2p", mod + "p2p$", mod + "shard", mod + "optim", mod + "node", "os", "net", "log/slog", "log"},
 		"node/status": {mod + "node/daemon", mod + "node/worker", mod + "node/launcher", mod + "node/core", mod + "node/train", mod + "optim"},
 		// The stage-training unit is what the trainer and the worker share: it knows
 		// neither of them, nor the decisions of the core.
