@@ -69,9 +69,12 @@ func (queued) outboxMsg()     {}
 func (senderIdle) outboxMsg() {}
 func (closing) outboxMsg()    {}
 
-// maxQueued bounds what waits for one destination. 1F1B keeps only a few frames in
-// flight to a neighbour and a step sends a few control messages, so a queue this long
-// means its peer has stopped reading: what comes on top is undeliverable.
+// maxQueued bounds the frames that wait for one destination: 1F1B keeps only a few in
+// flight to a neighbour, so a queue this long means its peer has stopped reading, and
+// what comes on top is undeliverable. Control messages are not bounded here: each
+// call has its deadline, and one that runs out is reported (a norm ends the run, a
+// report makes the stage look for its launcher), so a slow launcher's queue drains or
+// the run stops.
 const maxQueued = 1024
 
 // closeWait is how long close lets queued messages drain before giving up on them.
@@ -164,7 +167,7 @@ func (o *outbox) loop() {
 				o.senders.Add(1)
 				go o.run(m.k, q.work)
 			}
-			if len(q.pending) >= maxQueued {
+			if _, frame := m.item.(*p2p.Frame); frame && len(q.pending) >= maxQueued {
 				o.senders.Add(1)
 				go func() {
 					defer o.senders.Done()
