@@ -127,7 +127,9 @@ type syncGroup struct {
 // is twice its latency). An outer step's all-reduce takes, once every replica is
 // there, the longest time any replica needs to send its share at its bandwidth, plus
 // two latencies (reduce-scatter and all-gather are pipelined); it does not compete
-// with the pipeline's frames for the links.
+// with the pipeline's frames for the links. It starts where the core starts it
+// (StartReduce) and the core hears ReduceDone when it ends, so with Streaming DiLoCo
+// it runs under the next step as on the nodes.
 func Meter(sp *spec.Spec, tr *Trace, prof *Profile, scale float64) (*Schedule, error) {
 	if scale <= 0 || math.IsNaN(scale) || math.IsInf(scale, 0) {
 		return nil, fmt.Errorf("wan: compute scale %g: want > 0", scale)
