@@ -334,9 +334,6 @@ workspace) and node, then exits without training: 0 if every stage fits a node.
 	if err != nil {
 		return err
 	}
-	if err := sp.CheckLive(); err != nil {
-		return err
-	}
 	if *be != "" {
 		p, err := backend.PrecisionOf(*be)
 		if err != nil {

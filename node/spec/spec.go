@@ -611,18 +611,17 @@ func (s *Spec) Validate() error {
 }
 
 // ErrTrainOnly is wrapped by CheckLive's error: the spec is valid, but only `pipeswarm
-// train` runs it so far.
-var ErrTrainOnly = errors.New("runs in train only")
+// train` and `pipeswarm launch` run it so far.
+var ErrTrainOnly = errors.New("runs in train and launch only")
 
-// CheckLive reports what a spec asks for that only `pipeswarm train` runs so far, not
-// a swarm of nodes: the async schedule. Commands that run a pipeline over the network
-// (launch, the WAN bench) call it after Validate.
+// CheckLive reports what a spec asks for that the WAN bench does not schedule yet: the
+// async schedule (train and launch run it). The bench calls it after Validate.
 func (s *Spec) CheckLive() error {
 	if !s.Pipeline.Async() {
 		return nil
 	}
 	return &fieldError{file: s.src.file, line: s.src.lines["pipeline.schedule"], field: "pipeline.schedule",
-		msg:  "async runs in `pipeswarm train` only for now (the delays simulated exactly in one process); a swarm of nodes runs sync: remove the field or set it to sync",
+		msg:  "async runs in `pipeswarm train` and `pipeswarm launch` only for now, not in `pipeswarm bench wan`: bench the spec with the field removed or set to sync",
 		kind: ErrTrainOnly}
 }
 

@@ -23,13 +23,9 @@ type asyncState struct {
 
 func newAsyncState(sp *spec.Spec, units []*stage.Unit) (*asyncState, error) {
 	a := &asyncState{
-		sched: core.Async{Stages: len(units), MicroBatches: sp.Pipeline.MicroBatches, InFlight: sp.Pipeline.InFlight},
+		sched: AsyncSchedule(sp),
 		delay: sp.Train.Delay,
-		// Each stage clips its own gradient, with nothing exchanged: a stage's update
-		// would otherwise wait for every other stage's norm. Its bound is its share of
-		// grad_clip, so that when every stage clips, the whole gradient's norm is
-		// grad_clip, as in a sync step.
-		clip: sp.Train.GradClip / math.Sqrt(float64(len(units))),
+		clip:  AsyncClip(sp),
 	}
 	for s, u := range units {
 		if err := u.SetAsync(sp, a.sched.MaxDelay(s), a.sched.Delay(s)); err != nil {

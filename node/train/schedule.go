@@ -1,6 +1,7 @@
 package train
 
 import (
+	"math"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/core"
@@ -13,7 +14,21 @@ import (
 func StageCore(sp *spec.Spec, stage int) core.Config {
 	return core.Config{Stage: stage, Stages: sp.Pipeline.Stages, MicroBatches: sp.Pipeline.MicroBatches,
 		MaxInFlight: sp.Pipeline.InFlight, Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval,
-		Clip: sp.Train.GradClip > 0, CheckpointInterval: sp.CheckpointInterval, Outer: OuterSchedule(sp)}
+		Clip: sp.Train.GradClip > 0, CheckpointInterval: sp.CheckpointInterval, Outer: OuterSchedule(sp),
+		Async: sp.Pipeline.Async(), Stash: sp.Pipeline.Async() && sp.Train.Delay != spec.DelayNone}
+}
+
+// AsyncSchedule is the async schedule of a run of sp (pipeline.schedule: async).
+func AsyncSchedule(sp *spec.Spec) core.Async {
+	return core.Async{Stages: sp.Pipeline.Stages, MicroBatches: sp.Pipeline.MicroBatches, InFlight: sp.Pipeline.InFlight}
+}
+
+// AsyncClip is the bound each stage of an async run clips its own gradient's norm to:
+// its share of grad_clip, so that when every stage clips, the whole gradient's norm is
+// grad_clip, as in a sync step. Nothing is exchanged: an update would otherwise wait
+// for every other stage's norm.
+func AsyncClip(sp *spec.Spec) float64 {
+	return sp.Train.GradClip / math.Sqrt(float64(sp.Pipeline.Stages))
 }
 
 // OuterSchedule is when the stages of sp take outer steps (nil: one replica, none).

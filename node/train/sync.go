@@ -85,6 +85,10 @@ func (y *syncer) begin(step, steps int, sent [][]int64, took []float64, applied 
 	frags, overlap := OuterSchedule(y.sp).Begin(step, steps) // as a stage's core begins them
 	for s := range S {
 		t0 := now()
+		// Every due fragment's contributions are taken before any is applied, as a
+		// node's stage takes them (its all-reduces start together): applying one
+		// fragment projects the whole stage into the subspace.
+		contrib := make([][][]float32, 0, len(frags))
 		for _, f := range frags {
 			ys := make([][]float32, R)
 			for r, rp := range y.reps {
@@ -94,6 +98,10 @@ func (y *syncer) begin(step, steps int, sent [][]int64, took []float64, applied 
 					ys[r] = rp.outers[s].Contribution(f, rp.m.stages[s].Params)
 				}
 			}
+			contrib = append(contrib, ys)
+		}
+		for i, f := range frags {
+			ys := contrib[i]
 			avg, own, bytes := reduce.Reference(y.reps[0].outers[s].Codec, ys)
 			if overlap {
 				y.pending = append(y.pending, begun{s: s, f: f, ys: ys, own: own, avg: avg, sent: bytes})

@@ -210,6 +210,13 @@ func (w *Worker) do(a core.Action) error {
 		var x []float32
 		if w.stage.First {
 			w.sampler.Next(io.tokens, io.targets)
+			if w.cutSampler != nil && a.Micro == w.sp.Pipeline.MicroBatches-1 {
+				st, err := w.sampler.AppendState(nil)
+				if err != nil {
+					return err
+				}
+				w.cutSampler[a.Step] = st
+			}
 		} else {
 			f := w.take(w.acts, a.Step, a.Micro)
 			copy(io.tokens, f.Tokens)
@@ -219,7 +226,11 @@ func (w *Worker) do(a core.Action) error {
 		tp := w.tapes[a.Slot]
 		scale := 1 / float32(w.sp.Pipeline.MicroBatches)
 		w.submit(func() any {
+			loaded := w.loadPast(a.Age)
 			out := w.stage.Forward(tp, io.tokens, x)
+			if loaded {
+				copy(w.stage.Params, w.curParams)
+			}
 			if w.stage.Last {
 				loss := w.stage.Loss(tp, io.targets, scale)
 				if math.IsNaN(loss) || math.IsInf(loss, 0) {
@@ -236,7 +247,11 @@ func (w *Worker) do(a core.Action) error {
 			g = w.outB.DecodeGrad(w.take(w.grads, a.Step, a.Micro).Data, tp.B*tp.T)
 		}
 		w.submit(func() any {
+			loaded := w.loadPast(a.Age)
 			dx := w.stage.Backward(tp, g)
+			if loaded {
+				copy(w.stage.Params, w.curParams)
+			}
 			if a.Send {
 				return computeDone{err: w.sendFinite(w.peerOf(w.idx-1), p2p.ProtoGradient, w.frame(p2p.KindGradient, a.Step, a.Micro, tp.B, tp.T, w.inB, dx, slotIO{}))}
 			}
@@ -264,6 +279,18 @@ func (w *Worker) do(a core.Action) error {
 		lr := w.sched.At(a.Step - 1)
 		w.lastNorm = a.Norm
 		clip := w.sp.Train.GradClip
+		if a.Own {
+			// No norm exchanged; reporting this stage's own would misname it.
+			w.lastNorm = 0
+			clip := train.AsyncClip(w.sp)
+			w.submit(func() any {
+				w.unit.Update(math.Sqrt(w.unit.GradSumSquares()), clip, lr)
+				w.stage.ZeroGrads()
+				w.doneStep = a.Step
+				return computeDone{}
+			})
+			return nil
+		}
 		w.submit(func() any {
 			w.unit.Update(a.Norm, clip, lr)
 			w.stage.ZeroGrads()
@@ -350,6 +377,18 @@ func (w *Worker) do(a core.Action) error {
 		return fmt.Errorf("unknown action %T", a)
 	}
 	return nil
+}
+
+// loadPast makes the stage compute on its weights of age updates ago (an async
+// run's past version; 0: the current ones, nothing done), keeping the current ones
+// in curParams for the caller to put back. It runs in the compute job.
+func (w *Worker) loadPast(age int) bool {
+	if age == 0 {
+		return false
+	}
+	copy(w.curParams, w.stage.Params)
+	copy(w.stage.Params, w.unit.Past(age))
+	return true
 }
 
 func (w *Worker) submit(job func() any) {

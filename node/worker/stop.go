@@ -60,7 +60,10 @@ func (w *Worker) order(e launcherOrder) error {
 // optimiser state, as they are at the step's end.
 func (w *Worker) stepTaken(step int) error {
 	w.ckStep = step
-	if w.sampler != nil {
+	if st, ok := w.cutSampler[step]; ok {
+		w.ckSampler = append(w.ckSampler[:0], st...)
+		delete(w.cutSampler, step)
+	} else if w.sampler != nil {
 		st, err := w.sampler.AppendState(w.ckSampler[:0])
 		if err != nil {
 			return err

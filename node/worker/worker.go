@@ -134,6 +134,13 @@ type Worker struct {
 	// the codecs carried residuals into them.
 	ckStep        int
 	ckSampler     []byte
+	// An async run's first stage samples micro-batches of later updates before an
+	// update ends: where its sampler stood after each update's last micro-batch,
+	// until that update is done (the cut a checkpoint keeps, core/asynccore.go).
+	cutSampler map[int][]byte
+	// async: the current weights, kept while a forward or backward runs on a past
+	// version (core.Forward.Age).
+	curParams []float32
 	resumeSampler []byte // a resumed run's sampler position, applied when the data is loaded
 
 	// Stopping: a stage asked to stop while its step is in hand (core.Stepping)
@@ -283,7 +290,19 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 			return nil, err
 		}
 	}
-	if plan.Resume != nil {
+	if sp.Pipeline.Async() {
+		// The stage keeps the past weight versions the schedule's delays reach back to,
+		// whatever train.delay: a resumed run runs the forwards in flight at its
+		// checkpoint again on them.
+		a := train.AsyncSchedule(sp)
+		if plan.Join != nil {
+			err = fmt.Errorf("plan: a stage cannot join an async run in progress yet (it would need a replica's past weight versions)")
+		} else {
+			err = u.SetAsync(sp, a.MaxDelay(idx), a.Delay(idx))
+		}
+		w.curParams, w.cutSampler = make([]float32, len(st.Params)), map[int][]byte{}
+	}
+	if plan.Resume != nil && err == nil {
 		err = w.resumeFrom(resumeDir, plan.Resume.Step)
 	}
 	if err == nil {
@@ -301,7 +320,9 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 		w.slotIO = append(w.slotIO, slotIO{make([]int32, mb*cfg.SeqLen), make([]int32, mb*cfg.SeqLen)})
 	}
 	w.eval = train.NewEvaluator[byte]([]*shard.Stage{st}, nil, sp.EvalBatches)
-	w.eval.Reuse(w.tapes[:1])
+	if !sp.Pipeline.Async() { // an async stage evaluates with forwards in flight: tapes of its own
+		w.eval.Reuse(w.tapes[:1])
+	}
 	w.ctx, w.cancel = context.WithCancelCause(ctx)
 	// Until a kind of control message has been answered, as long as staffing may take.
 	calls := wire.NewCallClock(time.Duration(sp.Pipeline.StaffTimeout)*time.Second, w.clock)
@@ -487,7 +508,9 @@ func (w *Worker) loadData() error {
 	if w.rep == 0 {
 		w.val = val
 		w.eval = train.NewEvaluator([]*shard.Stage{w.stage}, w.val, w.sp.EvalBatches)
-		w.eval.Reuse(w.tapes[:1])
+		if !w.sp.Pipeline.Async() {
+			w.eval.Reuse(w.tapes[:1])
+		}
 	}
 	return nil
 }
