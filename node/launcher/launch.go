@@ -12,19 +12,16 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"maps"
 	"os"
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/libp2p/go-libp2p"
 	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
-	"github.com/libp2p/go-libp2p/core/peerstore"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
@@ -242,49 +239,16 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 	}
 	reports := make(chan wire.Report, 1024)
 	runID := newRunID()
-	h.Handle(p2p.ProtoControl, func(s network.Stream) {
-		defer s.Close()
-		from := s.Conn().RemotePeer()
-		_ = s.SetDeadline(time.Now().Add(wire.Window(h, from)))
-		var m wire.Msg
-		err := p2p.ReadMsg(s, &m, p2p.MaxMsgBytes)
-		if err == nil && (m.Type != wire.MsgReport || m.Report == nil) {
-			err = fmt.Errorf("%w: %q message to a launcher", p2p.ErrBadMsg, m.Type)
-		}
-		if err != nil {
-			if errors.Is(err, p2p.ErrViolation) {
-				score, banned := h.Penalties().Add(from, err.Error())
-				log.Warn("protocol violation", "peer", from, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
-			} else {
-				log.Debug("report stream failed", "peer", from, "err", err)
-			}
-			s.Reset()
-			return
-		}
-		if m.Report.Run != runID {
-			// A node still reporting on an earlier run of this launcher's key: late, not malicious.
-			_ = p2p.WriteMsg(s, wire.Reply{Error: fmt.Sprintf("run %016x is not this launcher's", m.Report.Run)})
-			return
-		}
-		m.Report.Peer = s.Conn().RemotePeer().String() // what the stream proves, not what it says
-		reports <- *m.Report
-		_ = p2p.WriteMsg(s, wire.Reply{OK: true})
-	})
+	// Reports are taken until this part of the run returns: one that comes later is
+	// refused, not left waiting on a channel nobody reads any more.
+	over := make(chan struct{})
+	defer close(over)
+	h.Handle(p2p.ProtoControl, reportHandler(h, runID, reports, over, log))
 
-	// stagePeers are the nodes holding the plan's cells, as cells pass to other nodes;
-	// cellsMu guards them and plan.Stages against the goroutines that read them besides
-	// the watch loop. Only they may fetch the run's text.
-	var cellsMu sync.Mutex
-	stagePeers := map[peer.ID]assign.Assignment{}
-	inPlan := func(p peer.ID) bool {
-		cellsMu.Lock()
-		defer cellsMu.Unlock()
-		_, ok := stagePeers[p]
-		return ok
-	}
-	// Reports come from the plan's nodes too; anyone else's control stream is refused.
-	h.Gate(corpus.Proto, inPlan)
-	h.Gate(p2p.ProtoControl, inPlan)
+	// Only the nodes holding the plan's cells may fetch the run's text, or report.
+	nodes := newLaunchNodes(ctx, h, calls, o, log, runID, spares)
+	h.Gate(corpus.Proto, nodes.holds)
+	h.Gate(p2p.ProtoControl, nodes.holds)
 	dataPlan, err := serveData(sp, h, log)
 	if err != nil {
 		return nil, err
@@ -322,27 +286,8 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 	if err != nil {
 		return nil, err
 	}
-	cellsMu.Lock()
-	for _, a := range plan.Stages {
-		id, _ := peer.Decode(a.Peer)
-		stagePeers[id] = a
-	}
-	cellsMu.Unlock()
-	// Abort tells every node at once, each given a few of its round trips: a hung node
-	// (often the reason for the abort) must not hold the launcher up.
-	abort := func(reason string) {
-		var wg sync.WaitGroup
-		for id := range stagePeers {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				actx, cancel := context.WithTimeout(context.WithoutCancel(ctx), clock.Deadline(0, h.Peerstore().LatencyEWMA(id), clock.Brief))
-				defer cancel()
-				_, _ = wire.Call(actx, h, calls, nil, id, wire.Msg{Type: wire.MsgAbort, Run: runID, Reason: reason})
-			}()
-		}
-		wg.Wait()
-	}
+	nodes.staffed(plan)
+	abort := nodes.abort
 	var refusals []string
 	for _, a := range plan.Stages {
 		id, _ := peer.Decode(a.Peer)
@@ -360,12 +305,9 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 	}
 
 	// A stage's node going away ends the run, or with replicas its replica pipeline.
-	lost := make(chan peer.ID, 2*len(stagePeers))
+	lost := make(chan peer.ID, 2*len(plan.Stages))
 	notify := &network.NotifyBundle{DisconnectedF: func(n network.Network, c network.Conn) {
-		cellsMu.Lock()
-		_, ok := stagePeers[c.RemotePeer()]
-		cellsMu.Unlock()
-		if ok && !p2p.Linked(n, c.RemotePeer()) {
+		if nodes.holds(c.RemotePeer()) && !p2p.Linked(n, c.RemotePeer()) {
 			select {
 			case lost <- c.RemotePeer():
 			default:
@@ -392,345 +334,53 @@ func launchOnce(ctx context.Context, h *p2p.Host, calls *wire.CallClock, spares 
 		started(0)
 	}
 	log.Info("run started", "run", fmt.Sprintf("%016x", runID), "stages", sp.Pipeline.Stages, "replicas", sp.Pipeline.Replicas, "steps", sp.Train.Steps)
-	up := func(stage, replica int) bool {
-		a, ok := plan.Cell(stage, replica)
-		id, err := peer.Decode(a.Peer)
-		return ok && err == nil && p2p.Linked(h.Network(), id)
-	}
-	// offerFrom asks id, within a few of its round trips, whether it has a free slot
-	// that holds a cell needing need bytes; a hung node cannot answer.
-	offerFrom := func(id peer.ID, addrs []string, need int64) bool {
-		cctx, cancel := context.WithTimeout(p2p.AllowRelayed(ctx, "rejoin"), clock.Deadline(0, h.Peerstore().LatencyEWMA(id), clock.Brief))
-		defer cancel()
-		for _, a := range addrs {
-			if info, err := peer.AddrInfoFromString(a); err == nil && info.ID == id {
-				h.Peerstore().AddAddrs(id, info.Addrs, peerstore.TempAddrTTL)
-			}
-		}
-		err := h.Host.Connect(cctx, peer.AddrInfo{ID: id})
-		var rep *wire.Reply
-		if err == nil {
-			rep, err = wire.Call(cctx, h, calls, nil, id, wire.Msg{Type: wire.MsgOffer})
-		}
-		return err == nil && rep.OK && rep.Offer != nil && rep.Offer.MaxStages >= 1 && rep.Offer.MemoryBytes >= need
-	}
-	// newcomers are the nodes that might take a cell: the --peers, then the nodes heard
-	// on the heartbeat topic holding nothing (one that joined the swarm since).
-	type newcomer struct {
-		id    peer.ID
-		addrs []string
-	}
-	newcomers := func() []newcomer {
-		var out []newcomer
-		listed := map[peer.ID]bool{}
-		for _, addr := range o.Peers {
-			if info, err := peer.AddrInfoFromString(addr); err == nil {
-				out, listed[info.ID] = append(out, newcomer{info.ID, []string{addr}}), true
-			}
-		}
-		heard := spares.recent()
-		for _, id := range slices.Sorted(maps.Keys(heard)) {
-			if !listed[id] {
-				out = append(out, newcomer{id, heard[id]})
-			}
-		}
-		return out
-	}
-	var subsMu sync.Mutex
-	subs := map[int]map[int]peer.ID{} // replica → plan.Stages index → the newcomer to take it
-	// The replica pipelines broken now, as the watch loop last said; reach reads it
-	// from the probes' goroutines.
-	var brokenMu sync.Mutex
-	brokenNow := map[int]bool{}
-	repairedN := 0 // cells a survivor took; join runs on the watch loop
-	isBroken := func(r int) bool {
-		brokenMu.Lock()
-		defer brokenMu.Unlock()
-		return brokenNow[r]
-	}
-	// idle stops the nodes of broken replica pipeline r, keeping their state, and
-	// tells every node of the pipelines still whole to drop r's node of its stage from
-	// the all-reduce: a round waiting for a hung node ends now, not at its deadline.
-	idle := func(r int, reason string) {
-		for id, a := range stagePeers {
-			if a.Replica == r {
-				go func() {
-					_, _ = wire.Call(context.WithoutCancel(ctx), h, calls, nil, id, wire.Msg{Type: wire.MsgIdle, Run: runID, Reason: reason})
-				}()
-				continue
-			}
-			gone, ok := plan.Cell(a.Stage, r)
-			if !ok || isBroken(a.Replica) {
-				continue
-			}
-			go func() {
-				rep, err := wire.Call(context.WithoutCancel(ctx), h, calls, nil, id, wire.Msg{Type: wire.MsgDrop, Run: runID, Cell: &gone, Reason: reason})
-				if err == nil && !rep.OK {
-					err = errors.New(rep.Error)
-				}
-				if err != nil {
-					log.Debug("a replica was not told to drop a broken pipeline from its all-reduce", "cell", wire.CellName(sp, a), "err", err)
-				}
-			}()
-		}
-	}
-	rj := rejoiner{
-		broke: func(r int, b bool) {
-			brokenMu.Lock()
-			defer brokenMu.Unlock()
-			if b {
-				brokenNow[r] = true
-			} else {
-				delete(brokenNow, r)
-			}
-		},
-		// reach asks every node of replica pipeline r, as it is in the plan, for an
-		// offer: one that answers and has a free slot can take its cell again. A cell
-		// whose node does not answer passes to a newcomer: a --peer not in the plan
-		// that has a free slot and the memory the cell needs; failing one, to the idle
-		// survivor of a broken pipeline after r (re-pairing: two broken pipelines make
-		// one whole one; always into the lower, so two probes never trade nodes).
-		reach: func(r int) bool {
-			cellsMu.Lock()
-			cells := slices.Clone(plan.Stages)
-			cellsMu.Unlock()
-			held := map[string]bool{}
-			for _, a := range cells {
-				held[a.Peer] = true
-			}
-			repaired := map[string]bool{} // survivors of other pipelines taken
-			moved := map[int]peer.ID{}
-			for i, a := range cells {
-				if a.Replica != r {
-					continue
-				}
-				id, _ := peer.Decode(a.Peer)
-				if offerFrom(id, nil, 0) {
-					continue
-				}
-				for _, c := range newcomers() {
-					if held[c.id.String()] || !offerFrom(c.id, c.addrs, a.Need) {
-						continue
-					}
-					moved[i], held[c.id.String()] = c.id, true
-					break
-				}
-				if _, ok := moved[i]; !ok {
-					for _, b := range cells {
-						if b.Replica <= r || !isBroken(b.Replica) || repaired[b.Peer] {
-							continue
-						}
-						if id, err := peer.Decode(b.Peer); err == nil && offerFrom(id, nil, a.Need) {
-							moved[i], repaired[b.Peer] = id, true
-							break
-						}
-					}
-				}
-				if _, ok := moved[i]; !ok {
-					return false
-				}
-			}
-			subsMu.Lock()
-			subs[r] = moved
-			subsMu.Unlock()
-			return true
-		},
-		// join signs a plan that brings replica pipeline r back after outer step step,
-		// with the newcomers reach found in the cells whose nodes are gone (the other
-		// replicas of their stages are told first, so that their all-reduce counts the
-		// newcomer in), gives it to the pipeline's nodes and starts it; the nonce tells
-		// its reports.
-		join: func(r, step int) (uint64, error) {
-			subsMu.Lock()
-			moved := subs[r]
-			delete(subs, r)
-			subsMu.Unlock()
-			for _, i := range slices.Sorted(maps.Keys(moved)) {
-				id := moved[i]
-				cellsMu.Lock()
-				a := plan.Stages[i]
-				was, wasAddrs := a.Peer, a.Addrs
-				a.Peer, a.Addrs = id.String(), nil
-				for _, m := range h.Peerstore().Addrs(id) {
-					a.Addrs = append(a.Addrs, m.String()+"/p2p/"+id.String())
-				}
-				// A survivor of another broken pipeline leaves its cell to the node gone
-				// (a swap: no cell is ever empty, and that pipeline rejoins when the
-				// node is back or another takes it).
-				var left *assign.Assignment
-				for k, b := range plan.Stages {
-					if k != i && b.Peer == a.Peer {
-						b.Peer, b.Addrs = was, wasAddrs
-						plan.Stages[k], left = b, &b
-						break
-					}
-				}
-				plan.Stages[i] = a
-				if old, err := peer.Decode(was); err == nil {
-					delete(stagePeers, old)
-					if left != nil {
-						stagePeers[old] = *left
-					}
-				}
-				stagePeers[id] = a
-				cellsMu.Unlock()
-				tell := []assign.Assignment{a}
-				if left != nil {
-					repairedN++
-					tell = append(tell, *left)
-					log.Info("re-paired: the idle survivor of a broken replica pipeline takes the cell of a node gone",
-						"cell", wire.CellName(sp, a), "from", wire.CellName(sp, assign.Assignment{Stage: left.Stage, Replica: left.Replica}), "node", id, "was", was)
-				} else {
-					log.Info("a newcomer takes the cell of a node gone", "cell", wire.CellName(sp, a), "was", was, "now", id)
-				}
-				for _, c := range tell {
-					for _, b := range plan.Stages {
-						if b.Replica == r || b.Replica == c.Replica || isBroken(b.Replica) {
-							continue
-						}
-						bid, _ := peer.Decode(b.Peer)
-						// Made from the watch loop: a hung node must not hold it long.
-						cctx, cancel := context.WithTimeout(ctx, clock.Deadline(0, h.Peerstore().LatencyEWMA(bid), clock.Busy))
-						rep, err := wire.Call(cctx, h, calls, nil, bid, wire.Msg{Type: wire.MsgReplace, Run: runID, Cell: &c})
-						cancel()
-						if err == nil && !rep.OK {
-							err = errors.New(rep.Error)
-						}
-						if err != nil {
-							log.Warn("a replica was not told of the cell's new node", "cell", wire.CellName(sp, b), "err", err)
-						}
-					}
-				}
-			}
-			j := *plan
-			// A restarted node may listen elsewhere now: every cell carries the addresses
-			// its node has told this launcher (identify) since.
-			j.Stages = slices.Clone(plan.Stages)
-			for i, a := range j.Stages {
-				id, _ := peer.Decode(a.Peer)
-				if now := h.Peerstore().Addrs(id); len(now) > 0 {
-					if full, err := peer.AddrInfoToP2pAddrs(&peer.AddrInfo{ID: id, Addrs: now}); err == nil {
-						j.Stages[i].Addrs = nil
-						for _, m := range full {
-							j.Stages[i].Addrs = append(j.Stages[i].Addrs, m.String())
-						}
-					}
-				}
-			}
-			now := time.Now().UTC()
-			j.Created, j.Expires = now, now.Add(max(time.Minute, time.Duration(sp.Pipeline.StaffTimeout)*time.Second))
-			j.Join = &wire.JoinPlan{Replica: r, Step: step, Nonce: newRunID()}
-			payload, err := json.Marshal(j)
-			if err != nil {
-				return 0, err
-			}
-			signed, err := p2p.Sign(o.Key, payload)
-			if err != nil {
-				return 0, err
-			}
-			var taken []peer.ID
-			undo := func() {
-				for _, id := range taken {
-					_, _ = wire.Call(context.WithoutCancel(ctx), h, calls, nil, id, wire.Msg{Type: wire.MsgAbort, Run: runID, Reason: "rejoin failed"})
-				}
-			}
-			for _, typ := range []string{wire.MsgAssign, wire.MsgStart} {
-				for _, a := range plan.Stages {
-					if a.Replica != r {
-						continue
-					}
-					id, _ := peer.Decode(a.Peer)
-					m := wire.Msg{Type: typ, Run: runID}
-					if typ == wire.MsgAssign {
-						m.Signed = signed
-					}
-					cctx, cancel := context.WithTimeout(ctx, clock.Deadline(0, h.Peerstore().LatencyEWMA(id), clock.Busy))
-					rep, err := wire.Call(cctx, h, calls, nil, id, m)
-					cancel()
-					if err == nil && !rep.OK {
-						err = errors.New(rep.Error)
-					}
-					if err != nil {
-						undo()
-						return 0, fmt.Errorf("%s of %s: %w", typ, wire.CellName(sp, a), err)
-					}
-					if typ == wire.MsgAssign {
-						taken = append(taken, id)
-					}
-				}
-			}
-			return j.Join.Nonce, nil
-		},
-	}
-	// Orders to every cell (or a pipeline's), each a call of its own, bounded by the
-	// node's round trips: a hung node must not hold the others' orders up.
-	order := func(r int, m wire.Msg) (refused []string) {
-		cellsMu.Lock()
-		cells := slices.Clone(plan.Stages)
-		cellsMu.Unlock()
-		var wg sync.WaitGroup
-		var mu sync.Mutex
-		for _, a := range cells {
-			if r >= 0 && a.Replica != r {
-				continue
-			}
-			id, err := peer.Decode(a.Peer)
-			if err != nil {
-				continue
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				cctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), clock.Deadline(0, h.Peerstore().LatencyEWMA(id), clock.Busy))
-				defer cancel()
-				rep, err := wire.Call(cctx, h, calls, nil, id, m)
-				if err == nil && !rep.OK {
-					err = errors.New(rep.Error)
-				}
-				if err != nil {
-					mu.Lock()
-					refused = append(refused, fmt.Sprintf("%s: %v", wire.CellName(sp, a), err))
-					mu.Unlock()
-				}
-			}()
-		}
-		wg.Wait()
-		return refused
-	}
-	tell := stageOrders{
-		checkpoint: func(step int, acked chan<- int) {
-			go func() {
-				if refused := order(-1, wire.Msg{Type: wire.MsgCheckpoint, Run: runID, Step: step}); len(refused) > 0 {
-					log.Warn("a checkpoint due by time was not taken by every stage; it is not one to resume from", "step", step, "refused", strings.Join(refused, "; "))
-					return
-				}
-				acked <- step
-			}()
-		},
-		recorded: func(step int) {
-			go order(-1, wire.Msg{Type: wire.MsgRecorded, Run: runID, Step: step})
-		},
-		stopAt: func(r, step int, reason string) {
-			go func() {
-				if refused := order(r, wire.Msg{Type: wire.MsgStopAt, Run: runID, Step: step, Reason: reason}); len(refused) > 0 {
-					log.Debug("not every stage took the stop", "step", step, "refused", strings.Join(refused, "; "))
-				}
-			}()
-		},
-	}
-	res, err := watch(ctx, o, log, plan, reports, lost, abort, idle, up, rj, tell)
+	res, err := watch(ctx, o, log, plan, reports, lost, nodes)
 	if err != nil && res != nil {
 		drainEnds(res, plan, reports, clock.Or(o.Clock), 2*time.Second)
 	}
 	if res != nil {
-		res.Repaired = repairedN
 		res.Penalties = h.Penalties().Stats()
-		cellsMu.Lock()
-		res.cells = slices.Clone(plan.Stages)
-		cellsMu.Unlock()
+		res.cells = nodes.cells()
 		if werr := writeResult(o.OutDir, res); werr != nil && err == nil {
 			err = werr
 		}
 	}
 	return res, err
+}
+
+// reportHandler takes the reports of run's stages into reports until over is closed;
+// after that it refuses them.
+func reportHandler(h *p2p.Host, run uint64, reports chan<- wire.Report, over <-chan struct{}, log *slog.Logger) network.StreamHandler {
+	return func(s network.Stream) {
+		defer s.Close()
+		from := s.Conn().RemotePeer()
+		_ = s.SetDeadline(time.Now().Add(wire.Window(h, from)))
+		var m wire.Msg
+		err := p2p.ReadMsg(s, &m, p2p.MaxMsgBytes)
+		if err == nil && (m.Type != wire.MsgReport || m.Report == nil) {
+			err = fmt.Errorf("%w: %q message to a launcher", p2p.ErrBadMsg, m.Type)
+		}
+		if err != nil {
+			if errors.Is(err, p2p.ErrViolation) {
+				score, banned := h.Penalties().Add(from, err.Error())
+				log.Warn("protocol violation", "peer", from, "err", err, "score", fmt.Sprintf("%.1f", score), "banned", banned)
+			} else {
+				log.Debug("report stream failed", "peer", from, "err", err)
+			}
+			s.Reset()
+			return
+		}
+		if m.Report.Run != run {
+			// A node still reporting on an earlier run of this launcher's key: late, not malicious.
+			_ = p2p.WriteMsg(s, wire.Reply{Error: fmt.Sprintf("run %016x is not this launcher's", m.Report.Run)})
+			return
+		}
+		m.Report.Peer = from.String() // what the stream proves, not what it says
+		select {
+		case reports <- *m.Report:
+			_ = p2p.WriteMsg(s, wire.Reply{OK: true})
+		case <-over:
+			_ = p2p.WriteMsg(s, wire.Reply{Error: fmt.Sprintf("run %016x is over here", run)})
+		}
+	}
 }

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"slices"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
@@ -134,40 +133,6 @@ func writeResult(dir string, res *Result) error {
 
 // ResultFile is where Launch writes its Result (JSON) in the run's directory.
 const ResultFile = "result.json"
-
-// finishedWell is the error of a run that ended without failing but did not do what it
-// was for: a replica pipeline that trained no step, or no validation loss recorded.
-func finishedWell(sp *spec.Spec, res *Result, trained []int, brokeWhy map[int]string) error {
-	var idle []string
-	for r, n := range trained {
-		if n == 0 {
-			why := brokeWhy[r]
-			if why == "" {
-				why = "no step was reported"
-			}
-			idle = append(idle, fmt.Sprintf("%s trained no step of %d (%s)", replicaName(sp, r), sp.Train.Steps, why))
-		}
-	}
-	if len(idle) > 0 {
-		return fmt.Errorf("%w: %s", ErrRunFailed, strings.Join(idle, "; "))
-	}
-	if math.IsNaN(res.ValLoss) { // as it starts: none reported
-		why := brokeWhy[0]
-		if why == "" {
-			why = "its evaluation was never reported"
-		}
-		return fmt.Errorf("%w: no validation loss was recorded: replica pipeline 0, which evaluates, stopped at step %d (%s)", ErrRunFailed, res.Steps, why)
-	}
-	return nil
-}
-
-// replicaName names replica pipeline r for people: "the pipeline" in a run of one.
-func replicaName(sp *spec.Spec, r int) string {
-	if sp.Pipeline.Replicas == 1 {
-		return "the pipeline"
-	}
-	return fmt.Sprintf("replica pipeline %d", r)
-}
 
 func newResult(run uint64, S, R int) *Result {
 	res := &Result{RunID: run, BoundaryFwd: make([]int64, S-1), BoundaryBwd: make([]int64, S-1),

@@ -312,12 +312,3 @@ func announce(ctx context.Context, h *p2p.Host, plan *wire.Plan, log *slog.Logge
 		log.Debug("run announcement not published", "err", err)
 	}
 }
-
-func cellOf(plan *wire.Plan, id peer.ID) *assign.Assignment {
-	for i, a := range plan.Stages {
-		if a.Peer == id.String() {
-			return &plan.Stages[i]
-		}
-	}
-	return nil
-}

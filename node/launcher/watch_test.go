@@ -14,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
+	"github.com/pipeswarm/pipeswarm/node/membership"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/train"
@@ -56,8 +57,34 @@ type watchRun struct {
 	aborted []string
 	idled   []int
 	down    map[[2]int]bool
-	rj      rejoiner
 	log     *slog.Logger
+	// offers: every node asked has a free slot; rejoin answers a rejoin.
+	offers bool
+	rejoin func(r, step int) (uint64, error)
+	stops  []stopAt
+}
+
+type stopAt struct{ r, step int }
+
+// watchRun is the run's nodes, as watch sees them.
+func (w *watchRun) abort(why string)                       { w.aborted = append(w.aborted, why) }
+func (w *watchRun) idle(a membership.Idle)                 { w.idled = append(w.idled, a.Replica) }
+func (w *watchRun) drop(membership.Drop)                   {}
+func (w *watchRun) checkpoint(int, func(membership.Event)) {}
+func (w *watchRun) recorded(int)                           {}
+func (w *watchRun) stopAt(r, step int, _ string)           { w.stops = append(w.stops, stopAt{r, step}) }
+func (w *watchRun) up(s, r int) bool                       { return !w.down[[2]int{s, r}] }
+func (w *watchRun) newcomers() []membership.Candidate      { return nil }
+func (w *watchRun) askOffer(q membership.AskOffer, post func(membership.Event)) {
+	if w.offers {
+		go post(membership.OfferAnswered{Replica: q.Replica, Peer: q.Peer, Answered: true, MaxStages: 1, Memory: 1 << 40})
+	}
+}
+func (w *watchRun) join(j membership.SignJoin) (uint64, error) {
+	if w.rejoin == nil {
+		return 0, errors.New("no rejoin here")
+	}
+	return w.rejoin(j.Replica, j.Step)
 }
 
 func (w *watchRun) run(t *testing.T, sp *spec.Spec, plan *wire.Plan) (*Result, error) {
@@ -67,10 +94,7 @@ func (w *watchRun) run(t *testing.T, sp *spec.Spec, plan *wire.Plan) (*Result, e
 	if log == nil {
 		log = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	return watch(context.Background(), o, log, plan, w.reports, w.lost,
-		func(why string) { w.aborted = append(w.aborted, why) },
-		func(r int, _ string) { w.idled = append(w.idled, r) },
-		func(s, r int) bool { return !w.down[[2]int{s, r}] }, w.rj, stageOrders{})
+	return watch(context.Background(), o, log, plan, w.reports, w.lost, w)
 }
 
 func newWatchRun() *watchRun {
@@ -191,12 +215,10 @@ func TestABrokenPipelineRejoinsAtTheNextOuterStepWhenItsNodesAreBack(t *testing.
 	w.log = slog.New(logSignal{msgs})
 	type joinCall struct{ r, step int }
 	joins := make(chan joinCall, 4)
-	w.rj = rejoiner{
-		reach: func(int) bool { return true },
-		join: func(r, step int) (uint64, error) {
-			joins <- joinCall{r, step}
-			return 99, nil
-		},
+	w.offers = true
+	w.rejoin = func(r, step int) (uint64, error) {
+		joins <- joinCall{r, step}
+		return 99, nil
 	}
 	results := make(chan error, 1)
 	var res *Result
@@ -310,22 +332,18 @@ func TestAStoppingNodeStopsItsPipelineAfterTheSameStep(t *testing.T) {
 		plan.Stages = append(plan.Stages, assign.Assignment{Stage: s, Peer: id.String()})
 	}
 	w := newWatchRun()
-	type stopAt struct{ r, step int }
-	var told []stopAt
 	w.train(sp, plan, 0, 1, 12, 0)
 	w.report(plan, wire.Report{Stage: 1, Kind: wire.ReportStopping, Step: 13, Error: "node shutting down"})
 	w.train(sp, plan, 0, 13, 13, 0)
 	w.report(plan, wire.Report{Stage: 1, Kind: wire.ReportError, Error: "node shutting down"})
 	w.report(plan, wire.Report{Stage: 0, Kind: wire.ReportError, Error: "stopped by the launcher after step 13"})
 	o := Options{Spec: sp, OutDir: t.TempDir()}
-	res, err := watch(context.Background(), o, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
-		func(why string) { w.aborted = append(w.aborted, why) }, func(int, string) {}, func(int, int) bool { return true }, w.rj,
-		stageOrders{stopAt: func(r, step int, _ string) { told = append(told, stopAt{r, step}) }})
+	res, err := watch(context.Background(), o, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost, w)
 	if !errors.Is(err, ErrStageDown) || !strings.Contains(err.Error(), "is stopping; every stage of its pipeline stops after step 13") {
 		t.Fatalf("error %v, want the run down for the stopping node, after step 13", err)
 	}
-	if len(told) != 1 || told[0] != (stopAt{0, 13}) {
-		t.Errorf("told %v, want replica pipeline 0 to stop after step 13", told)
+	if len(w.stops) != 1 || w.stops[0] != (stopAt{0, 13}) {
+		t.Errorf("told %v, want replica pipeline 0 to stop after step 13", w.stops)
 	}
 	if res.Steps != 13 {
 		t.Errorf("recorded through step %d, want 13: the step the stages stop after is recorded", res.Steps)
@@ -354,8 +372,7 @@ func pipePlan(t *testing.T, out string) (*wire.Plan, func(*watchRun, *wire.Plan)
 		plan.Stages = append(plan.Stages, assign.Assignment{Stage: s, Peer: id.String()})
 	}
 	return plan, func(w *watchRun, plan *wire.Plan) error {
-		_, err := watch(context.Background(), Options{Spec: sp, OutDir: out}, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost,
-			func(string) {}, func(int, string) {}, func(int, int) bool { return true }, rejoiner{}, stageOrders{})
+		_, err := watch(context.Background(), Options{Spec: sp, OutDir: out}, slog.New(slog.NewTextHandler(io.Discard, nil)), plan, w.reports, w.lost, w)
 		return err
 	}
 }
