@@ -41,6 +41,9 @@ func TestPackageDependenciesFollowTheDesign(t *testing.T) {
 		"node/worker":   {mod + "node/launcher", mod + "node/daemon"},
 		"node/launcher": {mod + "node/worker", mod + "node/daemon"},
 		"node/daemon":   {mod + "node/launcher"},
+		// The launcher's decisions about a run: no network, no wire, no one who
+		// carries them out.
+		"node/membership": {"libp2p", "net", mod + "p2p$", mod + "node/wire", mod + "node/worker", mod + "node/launcher", mod + "node/daemon", mod + "node/train"},
 	}
 	for pkg, bans := range banned {
 		out, err := exec.Command(goTool, "list", "-deps", "../../"+pkg).Output()
