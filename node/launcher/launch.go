@@ -3,7 +3,9 @@
 // signs and sends the plan, serves the run's text, watches the stages' reports
 // (writing metrics.jsonl and result.json), replaces nodes that go and brings broken
 // replica pipelines back, pauses and resumes a run, and assembles an exportable run's
-// model from the nodes' checkpoints (Export).
+// model from the nodes' checkpoints (Export). What happens to a running run (who
+// holds each cell, which pipelines are whole, when the run fails or ends) is decided
+// by node/membership; watch carries its decisions out.
 package launcher
 
 import (
