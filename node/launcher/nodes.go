@@ -19,6 +19,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/membership"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
+	"github.com/pipeswarm/pipeswarm/p2p/clock"
 )
 
 // launchNodes is runNodes over the launcher's host: control calls, each bounded by
@@ -69,9 +70,9 @@ func (n *launchNodes) cells() []assign.Assignment {
 	return slices.Clone(n.plan.Stages)
 }
 
-// within is a context for a call to id: a few of its round trips past base.
-func (n *launchNodes) within(ctx context.Context, base time.Duration, id peer.ID) (context.Context, context.CancelFunc) {
-	return context.WithTimeout(ctx, base+8*n.h.Peerstore().LatencyEWMA(id))
+// within is a context for a call to id, by the deadline rule with slack.
+func (n *launchNodes) within(ctx context.Context, slack time.Duration, id peer.ID) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(ctx, clock.Deadline(0, n.h.Peerstore().LatencyEWMA(id), slack))
 }
 
 // tell calls id with m, an error if it says no.
@@ -94,7 +95,7 @@ func (n *launchNodes) abort(reason string) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			actx, cancel := n.within(context.WithoutCancel(n.ctx), time.Second, id)
+			actx, cancel := n.within(context.WithoutCancel(n.ctx), clock.Brief, id)
 			defer cancel()
 			_, _ = wire.Call(actx, n.h, n.calls, nil, id, wire.Msg{Type: wire.MsgAbort, Run: n.run, Reason: reason})
 		}()
@@ -140,7 +141,7 @@ func (n *launchNodes) askOffer(q membership.AskOffer, post func(membership.Event
 	go func() {
 		a := membership.OfferAnswered{Replica: q.Replica, Peer: q.Peer}
 		if id, err := peer.Decode(q.Peer); err == nil {
-			cctx, cancel := n.within(p2p.AllowRelayed(n.ctx, "rejoin"), time.Second, id)
+			cctx, cancel := n.within(p2p.AllowRelayed(n.ctx, "rejoin"), clock.Brief, id)
 			defer cancel()
 			for _, addr := range q.Addrs {
 				if info, err := peer.AddrInfoFromString(addr); err == nil && info.ID == id {
@@ -203,7 +204,7 @@ func (n *launchNodes) order(r int, m wire.Msg) (refused []string) {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			cctx, cancel := n.within(context.WithoutCancel(n.ctx), 5*time.Second, id)
+			cctx, cancel := n.within(context.WithoutCancel(n.ctx), clock.Busy, id)
 			defer cancel()
 			if err := n.tell(cctx, id, m); err != nil {
 				mu.Lock()
@@ -267,7 +268,7 @@ func (n *launchNodes) join(j membership.SignJoin) (uint64, error) {
 			if typ == wire.MsgAssign {
 				m.Signed = signed
 			}
-			cctx, cancel := n.within(n.ctx, 5*time.Second, id)
+			cctx, cancel := n.within(n.ctx, clock.Busy, id)
 			err := n.tell(cctx, id, m)
 			cancel()
 			if err != nil {
@@ -324,7 +325,7 @@ func (n *launchNodes) move(m membership.Move) {
 		for _, k := range t.To {
 			b := cells[k]
 			bid, _ := peer.Decode(b.Peer)
-			cctx, cancel := n.within(n.ctx, 5*time.Second, bid)
+			cctx, cancel := n.within(n.ctx, clock.Busy, bid)
 			err := n.tell(cctx, bid, wire.Msg{Type: wire.MsgReplace, Run: n.run, Cell: &c})
 			cancel()
 			if err != nil {
