@@ -144,3 +144,43 @@ diloco: {inner_steps: 2, fragments: 2}
 		t.Fatalf("all-reduces %+v, want %+v", sc.Syncs, want)
 	}
 }
+
+func TestMeterSchedulesTheAsyncPipelineFromTheCores(t *testing.T) {
+	sp, err := spec.Parse([]byte(`
+name: m
+model: {d_model: 16, n_layers: 2, n_heads: 2, d_ff: 32, seq_len: 8}
+pipeline: {stages: 2, micro_batches: 2, schedule: async}
+train: {batch_size: 2, steps: 2, lr: 0.001, warmup: 0}
+`), "m.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := NewTrace()
+	ms := time.Millisecond
+	for s := range 2 {
+		for step := 1; step <= 2; step++ {
+			for m := range 2 {
+				tr.Add(train.Op{Stage: s, Kind: train.OpForward, Step: step, Item: m, Dur: 10 * ms})
+				tr.Add(train.Op{Stage: s, Kind: train.OpBackward, Step: step, Item: m, Dur: 20 * ms})
+			}
+			tr.Add(train.Op{Stage: s, Kind: train.OpOptimize, Step: step, Dur: ms})
+		}
+	}
+	sc, err := Meter(sp, tr, nil, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Stage 0 (bound 2): F0 0–10, F1 10–20, B0 40–60 (stage 1: F0 10–20, B0 20–40),
+	// F2 60–70, B1 70–90 (stage 1: F1 40–50, B1 50–70, U1 70–71), U1 90–91, F3
+	// 91–101, B2 101–121 (stage 1: F2 71–81, B2 81–101), B3 131–151 (stage 1: F3
+	// 101–111, B3 111–131, U2 131–132), U2 151–152. Stage 1 runs update 2's forwards
+	// before stage 0 has taken update 1: no flush between updates.
+	if want := 152 * ms; sc.Wall != want || sc.StepEnd[1] != want || sc.StepEnd[0] != 91*ms {
+		t.Fatalf("wall %v, update ends %v; want 152ms, [91ms 152ms]", sc.Wall, sc.StepEnd)
+	}
+	for s, l := range sc.Ledgers[0] {
+		if l.Total[core.WaitNorm] != 0 || l.Total[core.WaitBubble] != 0 {
+			t.Fatalf("stage %d waited for norms or a drain in an async run: %v", s, l.Total)
+		}
+	}
+}

@@ -610,18 +610,19 @@ func (s *Spec) Validate() error {
 	return errors.Join(s.problems()...)
 }
 
-// ErrTrainOnly is wrapped by CheckLive's error: the spec is valid, but only `pipeswarm
-// train` and `pipeswarm launch` run it so far.
-var ErrTrainOnly = errors.New("runs in train and launch only")
+// ErrTrainOnly is wrapped by CheckLive's error: the spec is valid, but the WAN bench's
+// swarms do not run it yet.
+var ErrTrainOnly = errors.New("runs in train, launch and the meter only")
 
-// CheckLive reports what a spec asks for that the WAN bench does not schedule yet: the
-// async schedule (train and launch run it). The bench calls it after Validate.
+// CheckLive reports what a spec asks for that the WAN bench's swarms (its sim and
+// netns modes) do not run yet: the async schedule (train, launch and the bench's
+// meter run it). The bench calls it after Validate.
 func (s *Spec) CheckLive() error {
 	if !s.Pipeline.Async() {
 		return nil
 	}
 	return &fieldError{file: s.src.file, line: s.src.lines["pipeline.schedule"], field: "pipeline.schedule",
-		msg:  "async runs in `pipeswarm train` and `pipeswarm launch` only for now, not in `pipeswarm bench wan`: bench the spec with the field removed or set to sync",
+		msg:  "async runs in `pipeswarm train`, `pipeswarm launch` and `pipeswarm bench wan --mode meter` only for now, not in the bench's sim or netns modes: use --mode meter, or remove the field or set it to sync",
 		kind: ErrTrainOnly}
 }
 

@@ -848,7 +848,7 @@ func TestAsyncDefaultsItsDelayAndSyncTextIsUnchanged(t *testing.T) {
 		t.Errorf("async without delay: schedule %q, delay %q; want async, %s", a.Pipeline.Schedule, a.Train.Delay, DefaultDelay)
 	}
 	err := a.CheckLive()
-	want := fmt.Sprintf("t.yaml:%d: pipeline.schedule: async runs in `pipeswarm train` and `pipeswarm launch` only", line+1)
+	want := fmt.Sprintf("t.yaml:%d: pipeline.schedule: async runs in `pipeswarm train`, `pipeswarm launch` and `pipeswarm bench wan --mode meter` only", line+1)
 	if !errors.Is(err, ErrTrainOnly) || !strings.Contains(err.Error(), want) {
 		t.Errorf("CheckLive of an async spec: %v; want ErrTrainOnly containing %q", err, want)
 	}
