@@ -132,15 +132,15 @@ type Worker struct {
 	// optimiser state: taken at StepDone, because by the time a stopped stage writes
 	// its checkpoint the first stage may have sampled the next step's micro-batches and
 	// the codecs carried residuals into them.
-	ckStep        int
-	ckSampler     []byte
+	ckStep    int
+	ckSampler []byte
 	// An async run's first stage samples micro-batches of later updates before an
 	// update ends: where its sampler stood after each update's last micro-batch,
 	// until that update is done (the cut a checkpoint keeps, core/asynccore.go).
 	cutSampler map[int][]byte
 	// async: the current weights, kept while a forward or backward runs on a past
 	// version (core.Forward.Age).
-	curParams []float32
+	curParams     []float32
 	resumeSampler []byte // a resumed run's sampler position, applied when the data is loaded
 
 	// Stopping: a stage asked to stop while its step is in hand (core.Stepping)
