@@ -831,8 +831,9 @@ func (s *Spec) problems() []error {
 	switch {
 	case p.InFlight < 0:
 		c.failf("pipeline.in_flight", "%d is negative", p.InFlight)
-	case microOK && p.InFlight > p.MicroBatches:
-		c.failf("pipeline.in_flight", "%d exceeds micro_batches %d; more forwards than a step has cannot be in flight", p.InFlight, p.MicroBatches)
+	case microOK && p.InFlight > p.MicroBatches && p.Schedule != ScheduleAsync:
+		// An async stage's forwards run on into later updates; a sync step's cannot.
+		c.failf("pipeline.in_flight", "%d exceeds micro_batches %d; more forwards than a step has cannot be in flight (unless schedule: async)", p.InFlight, p.MicroBatches)
 	}
 	switch {
 	case p.Schedule == "" && c.src.written("pipeline.schedule"):

@@ -852,4 +852,10 @@ func TestAsyncDefaultsItsDelayAndSyncTextIsUnchanged(t *testing.T) {
 	if !errors.Is(err, ErrTrainOnly) || !strings.Contains(err.Error(), want) {
 		t.Errorf("CheckLive of an async spec: %v; want ErrTrainOnly containing %q", err, want)
 	}
+	// An async stage's forwards run on into later updates: in_flight may exceed a
+	// step's micro-batches.
+	src, _ = edit(t, "pipeline.in_flight", "3\n  schedule: async")
+	if b := mustParse(t, src); b.Pipeline.InFlight != 3 {
+		t.Errorf("async in_flight 3 with 2 micro-batches: %d", b.Pipeline.InFlight)
+	}
 }
