@@ -82,10 +82,13 @@ func loadAvg() float64 {
 // every core).
 func BaselineKey(sp *spec.Spec, threads int) (string, error) {
 	h := sha256.New()
-	// How many forwards a stage keeps in flight changes the schedule, not the
-	// arithmetic: the centralised run is the same.
+	// How many forwards a stage keeps in flight changes a sync run's schedule, not its
+	// arithmetic: the centralised run is the same. In an async run it sets the weight
+	// versions every forward and backward runs on: another run.
 	same := *sp
-	same.Pipeline.InFlight = 0
+	if !sp.Pipeline.Async() {
+		same.Pipeline.InFlight = 0
+	}
 	h.Write([]byte(same.String()))
 	// A baseline from another build may have computed differently.
 	if bi, ok := debug.ReadBuildInfo(); ok {

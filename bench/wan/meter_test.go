@@ -184,3 +184,27 @@ train: {batch_size: 2, steps: 2, lr: 0.001, warmup: 0}
 		}
 	}
 }
+
+func TestBaselineKeyKeepsAnAsyncRunsInFlight(t *testing.T) {
+	key := func(schedule string, inFlight int) string {
+		sp := twoStageSpec(t)
+		sp.Pipeline.MicroBatches, sp.Train.BatchSize = 2, 2
+		sp.Pipeline.Schedule, sp.Pipeline.InFlight = schedule, inFlight
+		if schedule == spec.ScheduleAsync {
+			sp.Train.Delay = spec.DefaultDelay
+		}
+		k, err := BaselineKey(sp, 1)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return k
+	}
+	// A sync run's in-flight bound changes its schedule only; an async run's changes
+	// the weight versions its centralised run computes on.
+	if key(spec.ScheduleSync, 0) != key(spec.ScheduleSync, 2) {
+		t.Error("sync: the in-flight bound changed the baseline's key")
+	}
+	if key(spec.ScheduleAsync, 0) == key(spec.ScheduleAsync, 2) {
+		t.Error("async: runs with another in-flight bound share a baseline")
+	}
+}
