@@ -248,6 +248,7 @@ func (c *Core) Handle(e Event) ([]Action, error) {
 		if c.phase != idle {
 			return nil, fmt.Errorf("%w: start twice", ErrProtocol)
 		}
+		out = c.resumeOuter(out)
 		if c.cfg.EvalFrom && c.cfg.From > 0 && c.cfg.EvalDue(c.cfg.From) {
 			c.step, c.phase, c.evalNext = c.cfg.From, evaluating, 0
 			break

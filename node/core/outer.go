@@ -54,6 +54,21 @@ func (o *Outer) Applied(step, steps int) bool {
 	return step > 1 && overlap
 }
 
+// resumeOuter begins again, on a resumed run's Start, the overlapped all-reduce that
+// was under way when the step resumed from ended: its checkpoint holds the weights,
+// global weights and residual as they were when it began, so the contributions are
+// the same, and it is applied after the next step as it would have been.
+func (c *Core) resumeOuter(out []Action) []Action {
+	if c.cfg.Outer == nil || c.cfg.From == 0 || c.cfg.Async {
+		return out
+	}
+	if fs, overlap := c.cfg.Outer.Begin(c.cfg.From, c.cfg.Steps); overlap {
+		c.outer.pend = reduction{step: c.cfg.From}
+		out = append(out, StartReduce{Step: c.cfg.From, Frags: fs, Overlap: true})
+	}
+	return out
+}
+
 // outerDue reports whether the step just optimised has outer-step work.
 func (c *Core) outerDue() bool {
 	if c.cfg.Outer == nil {

@@ -229,3 +229,21 @@ func TestAppliedIsWhereTheCoreTakesItsOuterSteps(t *testing.T) {
 		}
 	}
 }
+
+func TestResumedCoreBeginsTheOverlappedAllReduceUnderWayAgain(t *testing.T) {
+	// Resumed after step 4, whose fragment-1 all-reduce was under way: it is begun
+	// again first and applied after step 5, as the uninterrupted run applies it.
+	c := mustNew(t, Config{Stages: 1, MicroBatches: 1, Steps: 7, From: 4, Outer: streaming(7)})
+	if out := must(t, c, Start{}); !reflect.DeepEqual(out, acts{StartReduce{Step: 4, Frags: []int{1}, Overlap: true}, Forward{Step: 5, Micro: 0, Slot: 0}}) {
+		t.Fatalf("start: %v", out)
+	}
+	must(t, c, ReduceDone{Step: 4})
+	if out := single(t, c, 5); !reflect.DeepEqual(out, acts{ApplyOuter{Step: 4, Overlapped: true}}) {
+		t.Fatalf("step 5: %v", out)
+	}
+	// After step 5 nothing was under way: a run resumed there begins nothing.
+	c = mustNew(t, Config{Stages: 1, MicroBatches: 1, Steps: 7, From: 5, Outer: streaming(7)})
+	if out := must(t, c, Start{}); !reflect.DeepEqual(out, acts{Forward{Step: 6, Micro: 0, Slot: 0}}) {
+		t.Fatalf("start after step 5: %v", out)
+	}
+}
