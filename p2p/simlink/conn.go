@@ -121,6 +121,10 @@ func (c *conn) WriteTo(p []byte, addr net.Addr) (int, error) {
 		n.drop(dropNoRoute)
 		return len(p), nil
 	}
+	if n.muted(c.node.ip, dst.node.ip) {
+		n.drop(dropSilent)
+		return len(p), nil
+	}
 
 	now := time.Now()
 	c.upMu.Lock()

@@ -95,6 +95,7 @@ type Network struct {
 	nodes   []*node
 	open    map[netip.AddrPort]*conn
 	latency map[[2]int]time.Duration // by node indices, lower first
+	silent  map[netip.Addr]bool      // nodes whose packets, either way, are dropped (Silence)
 
 	drops [numDropReasons]atomic.Int64
 	sent  atomic.Int64
@@ -109,6 +110,7 @@ func New(seed int64) *Network {
 		clock:   newClock(),
 		open:    make(map[netip.AddrPort]*conn),
 		latency: make(map[[2]int]time.Duration),
+		silent:  make(map[netip.Addr]bool),
 	}
 }
 
@@ -245,6 +247,13 @@ func (n *Network) lookup(ap netip.AddrPort) *conn {
 	return n.open[ap]
 }
 
+// muted says whether a packet between the nodes at a and b is dropped by Silence.
+func (n *Network) muted(a, b netip.Addr) bool {
+	n.mu.RLock()
+	defer n.mu.RUnlock()
+	return n.silent[a] || n.silent[b]
+}
+
 func (n *Network) unregister(c *conn) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
@@ -262,6 +271,7 @@ const (
 	dropNoRoute                   // nobody listens on the destination
 	dropMTU                       // larger than MTU
 	dropBuffer                    // the receiver's buffer was full (a reader starved of CPU)
+	dropSilent                    // to or from a node silenced by Silence
 	numDropReasons
 )
 
@@ -271,8 +281,9 @@ type Stats struct {
 	Delivered int64 // datagrams read
 	// Drops by cause: a full drop-tail queue (congestion), random loss,
 	// no listener, over MTU, a full receive buffer (the reader did not
-	// keep up: the machine is short of CPU for the simulated rate).
-	QueueDrops, LossDrops, NoRouteDrops, MTUDrops, BufferDrops int64
+	// keep up: the machine is short of CPU for the simulated rate), to or
+	// from a silenced node.
+	QueueDrops, LossDrops, NoRouteDrops, MTUDrops, BufferDrops, SilentDrops int64
 }
 
 // Stats returns the packet counters.
@@ -285,10 +296,44 @@ func (n *Network) Stats() Stats {
 		NoRouteDrops: n.drops[dropNoRoute].Load(),
 		MTUDrops:     n.drops[dropMTU].Load(),
 		BufferDrops:  n.drops[dropBuffer].Load(),
+		SilentDrops:  n.drops[dropSilent].Load(),
 	}
 }
 
 func (n *Network) drop(r dropReason) { n.drops[r].Add(1) }
+
+// Silence drops every packet to or from the node that listens on listen (as Node
+// returned it) while on is true, without closing anything: the node's sockets keep
+// working and it can still send, but nothing arrives either way, as from a process
+// stopped with SIGSTOP or a link that went dead. Its peers find out by their own
+// timeouts. Silence(listen, false) lets packets through again.
+func (n *Network) Silence(listen string, on bool) error {
+	ip, err := listenIP(listen)
+	if err != nil {
+		return fmt.Errorf("simlink: silence %q: %w", listen, err)
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if on {
+		n.silent[ip] = true
+	} else {
+		delete(n.silent, ip)
+	}
+	return nil
+}
+
+// listenIP is the IPv4 address of a listen address Node returned.
+func listenIP(listen string) (netip.Addr, error) {
+	a, err := ma.NewMultiaddr(listen)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	ipStr, err := a.ValueForProtocol(ma.P_IP4)
+	if err != nil {
+		return netip.Addr{}, err
+	}
+	return netip.ParseAddr(ipStr)
+}
 
 // Cut closes every endpoint of the node that listens on listen (as Node returned it)
 // at once, dropping what waits in them: the host sees its sockets fail and can send
@@ -296,15 +341,7 @@ func (n *Network) drop(r dropReason) { n.drops[r].Add(1) }
 // sends no resets (UDP). Peers find out by their own timeouts. The node may listen
 // again afterwards.
 func (n *Network) Cut(listen string) error {
-	a, err := ma.NewMultiaddr(listen)
-	if err != nil {
-		return fmt.Errorf("simlink: cut %q: %w", listen, err)
-	}
-	ipStr, err := a.ValueForProtocol(ma.P_IP4)
-	if err != nil {
-		return fmt.Errorf("simlink: cut %q: %w", listen, err)
-	}
-	ip, err := netip.ParseAddr(ipStr)
+	ip, err := listenIP(listen)
 	if err != nil {
 		return fmt.Errorf("simlink: cut %q: %w", listen, err)
 	}

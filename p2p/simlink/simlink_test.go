@@ -152,3 +152,48 @@ func TestCutSilencesANodeWithoutGoodbye(t *testing.T) {
 		t.Errorf("the node cannot listen again after a cut: %v", err)
 	}
 }
+
+func TestSilenceDropsEveryPacketBothWaysUntilLifted(t *testing.T) {
+	n := New(1)
+	defer n.Close()
+	var conns []*conn
+	var listens []string
+	for range 2 {
+		_, l, err := n.Node(Link{Mbps: 100, Latency: time.Millisecond})
+		if err != nil {
+			t.Fatal(err)
+		}
+		nd := n.nodes[len(n.nodes)-1]
+		c, err := n.listen(nd, &net.UDPAddr{IP: net.IP(nd.ip.AsSlice()), Port: Port})
+		if err != nil {
+			t.Fatal(err)
+		}
+		conns, listens = append(conns, c), append(listens, l[0])
+	}
+	send := func(from, to int) {
+		t.Helper()
+		if _, err := conns[from].WriteTo([]byte("hello"), conns[to].udp); err != nil {
+			t.Fatalf("a silenced node's socket fails: %v", err)
+		}
+	}
+	if err := n.Silence(listens[1], true); err != nil {
+		t.Fatal(err)
+	}
+	send(0, 1)
+	send(1, 0)
+	if s := n.Stats(); s.SilentDrops != 2 || s.Sent != 2 {
+		t.Fatalf("after one packet each way to and from a silenced node: %+v; want both sent and dropped", s)
+	}
+	if err := n.Silence(listens[1], false); err != nil {
+		t.Fatal(err)
+	}
+	send(1, 0)
+	buf := make([]byte, 64)
+	_ = conns[0].SetReadDeadline(time.Now().Add(5 * time.Second))
+	if k, _, err := conns[0].ReadFrom(buf); err != nil || string(buf[:k]) != "hello" {
+		t.Fatalf("after Silence(false): read %q, %v; want the packet", buf[:k], err)
+	}
+	if s := n.Stats(); s.SilentDrops != 2 {
+		t.Errorf("SilentDrops %d after lifting the silence, want still 2", s.SilentDrops)
+	}
+}
