@@ -599,6 +599,23 @@ func TestMissingNormIsStalledNamingItsStage(t *testing.T) {
 	}
 }
 
+// The last stage, its backward passes done, waits for the earlier stages' norms. Stage
+// 1 has gone silent, so stage 0, waiting for stage 1's gradients, has sent no norm
+// either: the stall names stage 1, the one whose norm nothing else holds up.
+func TestABubbleStallNamesTheLastStageWhoseNormIsMissing(t *testing.T) {
+	c := mustNew(t, Config{Clip: true, Stage: 2, Stages: 3, MicroBatches: 1, Steps: 2, StartTimeout: 5 * time.Second})
+	for _, e := range []Event{Start{}, ActivationIn{1, 0}, Done{}, Done{}, NormIn{Step: 1, Stage: 2}} {
+		if _, err := c.Handle(e); err != nil {
+			t.Fatal(err)
+		}
+	}
+	out, _ := c.Handle(Tick{Now: 6 * time.Second})
+	s, ok := stalledIn(out)
+	if !ok || s.Stage != 1 || s.Wait != WaitBubble {
+		t.Errorf("%v: want a stall naming stage 1, waiting in the bubble", out)
+	}
+}
+
 func TestPeerDownStallsTheStageInEveryPhase(t *testing.T) {
 	cfg := Config{Clip: true, Stage: 1, Stages: 3, MicroBatches: 2, Steps: 2, Outer: &Outer{Fragments: 1, Due: func(int, int) bool { return true }}}
 	phases := map[string][]Event{

@@ -160,7 +160,7 @@ func (c *Core) tick(t Tick) []Action {
 }
 
 // waitedFor is the stage whose silence holds this one up: the previous stage for an
-// activation, the next for a gradient, the first stage whose norm is missing.
+// activation, the next for a gradient, the last stage whose norm is missing.
 func (c *Core) waitedFor() int {
 	switch c.Waiting() {
 	case WaitActivation:
@@ -172,7 +172,10 @@ func (c *Core) waitedFor() int {
 			return c.cfg.Stage + 1
 		}
 	case WaitNorm, WaitBubble:
-		for s := range c.cfg.Stages {
+		// A stage's norm follows its backward passes, which follow the next stage's:
+		// every stage before a silent one waits on it too, and is missing its norm
+		// as well. The last stage whose norm is missing is the one held up by no other.
+		for s := c.cfg.Stages - 1; s >= 0; s-- {
 			if _, ok := c.norms[c.step][s]; !ok {
 				return s
 			}
