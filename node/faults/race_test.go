@@ -1,0 +1,6 @@
+//go:build race
+
+package faults
+
+// raceDetector: the race detector slows training several times over.
+const raceDetector = true
