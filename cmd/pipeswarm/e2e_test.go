@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"math"
 	"os"
 	"os/exec"
 	"os/signal"
@@ -193,15 +192,16 @@ func TestPipelinedRunOnFourNodeProcessesMatchesTrainAndShutsDownCleanly(t *testi
 	if len(launched) != len(trained) || len(trained) != 6 {
 		t.Fatalf("launch recorded %d steps, train %d; want 6 each", len(launched), len(trained))
 	}
+	// Bit for bit: the stages compute what train computes, in the same order.
 	for i := range trained {
 		a, b := launched[i], trained[i]
-		if math.Abs(a.Loss-b.Loss) > 1e-3*b.Loss {
-			t.Errorf("step %d: pipelined loss %.6f, single-process %.6f", b.Step, a.Loss, b.Loss)
+		if a.Loss != b.Loss {
+			t.Errorf("step %d: pipelined loss %.9g, single-process %.9g", b.Step, a.Loss, b.Loss)
 		}
 		if (a.ValLoss == nil) != (b.ValLoss == nil) {
 			t.Errorf("step %d: val_loss present %v pipelined, %v single-process", b.Step, a.ValLoss != nil, b.ValLoss != nil)
-		} else if a.ValLoss != nil && math.Abs(*a.ValLoss-*b.ValLoss) > 1e-3**b.ValLoss {
-			t.Errorf("step %d: pipelined val_loss %.6f, single-process %.6f", b.Step, *a.ValLoss, *b.ValLoss)
+		} else if a.ValLoss != nil && *a.ValLoss != *b.ValLoss {
+			t.Errorf("step %d: pipelined val_loss %.9g, single-process %.9g", b.Step, *a.ValLoss, *b.ValLoss)
 		}
 	}
 	if _, err := os.Stat(filepath.Join(out, "loss.png")); err != nil {
@@ -308,47 +308,6 @@ func TestLaunchRefusesABadSpecBeforeContactingPeers(t *testing.T) {
 		if code == 0 || !strings.Contains(stderr, "bad.yaml:") {
 			t.Errorf("%s: exit %d, stderr %q; want a refusal naming bad.yaml and its line", name, code, stderr)
 		}
-	}
-}
-
-// With the residual subspace and lossy codecs on the wire, the pipelined run still
-// takes exactly the single-process trainer's steps: both send every boundary tensor
-// through the same frames.
-func TestCompressedPipelineMatchesTrain(t *testing.T) {
-	if testing.Short() {
-		t.Skip("starts processes; skipped in -short mode")
-	}
-	dir := t.TempDir()
-	spec := strings.Replace(pipeSpec, "stages: 4, micro_batches: 4, in_flight: 4", "stages: 2, micro_batches: 2", 1) +
-		"compression: {subspace: 8, dense_tail: 1, activations: int8/32+zstd, gradients: int8/32}\n"
-	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, spec, 2)
-	out := filepath.Join(dir, "launched")
-	code, stdout, stderr := runCLI(t, append([]string{"launch", specPath, "--key", keyPath, "--out", out, "--quiet"}, peerArgs...)...)
-	if code != 0 {
-		t.Fatalf("launch exited %d:\n%s\n%s", code, stdout, stderr)
-	}
-	ref := filepath.Join(dir, "trained")
-	if code, _, stderr := runCLI(t, "train", specPath, "--out", ref, "--quiet"); code != 0 {
-		t.Fatal(stderr)
-	}
-	launched, _ := metrics.ReadFile(filepath.Join(out, "metrics.jsonl"))
-	trained, _ := metrics.ReadFile(filepath.Join(ref, "metrics.jsonl"))
-	if len(launched) != 6 || len(trained) != 6 {
-		t.Fatalf("%d and %d steps recorded, want 6", len(launched), len(trained))
-	}
-	for i := range trained {
-		if math.Abs(launched[i].Loss-trained[i].Loss) > 1e-3*trained[i].Loss {
-			t.Errorf("step %d: pipelined loss %.6f, single-process %.6f", i+1, launched[i].Loss, trained[i].Loss)
-		}
-	}
-	// k = 8 int8 values with zstd plus two 1-byte token ids: far below the 4·32 bytes of fp32.
-	var fwd float64
-	if _, err := fmt.Sscanf(stdout[strings.Index(stdout, "boundary 0→1: "):], "boundary 0→1: %f", &fwd); err != nil || fwd <= 0 || fwd > 16 {
-		t.Errorf("forward bytes per token %.1f (parse error %v), want at most 16:\n%s", fwd, err, stdout)
-	}
-	for _, n := range nodes {
-		_ = n.cmd.Process.Signal(syscall.SIGTERM)
-		<-n.exited
 	}
 }
 
