@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
@@ -335,3 +336,22 @@ func trainStoppedAndResumed(t *testing.T, dir, specPath string, steps int) int {
 	return len(b)
 }
 
+// stepRowsSoFar reads the loss rows a running launch has written to dir's
+// metrics.jsonl so far (up to its last whole line): (step, replica) of each.
+func stepRowsSoFar(dir string) map[[2]int]bool {
+	b, _ := os.ReadFile(filepath.Join(dir, "metrics.jsonl"))
+	b = b[:bytes.LastIndexByte(b, '\n')+1]
+	steps, _, err := metrics.ReadRun(bytes.NewReader(b))
+	out := map[[2]int]bool{}
+	if err != nil {
+		return out
+	}
+	for _, s := range steps {
+		r := 0
+		if s.Replica != nil {
+			r = *s.Replica
+		}
+		out[[2]int{s.Step, r}] = true
+	}
+	return out
+}

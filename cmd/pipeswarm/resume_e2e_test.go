@@ -11,6 +11,16 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 )
 
+// resumeSpec is a 3-stage run of 60 steps.
+const resumeSpec = `name: resume
+seed: 5
+eval_interval: 10
+model: {d_model: 32, n_layers: 3, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 3, micro_batches: 4, in_flight: 4, pause_timeout: 0}
+train: {batch_size: 4, steps: 60, lr: 0.003, warmup: 2}
+data: {val_fraction: 0.005}
+`
+
 const pauseSpec = `name: e2e-pause
 seed: 23
 eval_interval: 10

@@ -11,12 +11,12 @@ import (
 // killSpec is a 2 × 2 DiLoCo run whose checkpoints fall on outer steps.
 const killSpec = `name: launcher-kill
 seed: 31
-eval_interval: 120
+eval_interval: 80
 checkpoint_interval: 10
 checkpoint_seconds: 0
 model: {d_model: 64, n_layers: 2, n_heads: 2, d_ff: 128, seq_len: 64}
 pipeline: {stages: 2, replicas: 2, micro_batches: 2}
-train: {batch_size: 8, steps: 120, lr: 0.003, warmup: 2}
+train: {batch_size: 8, steps: 80, lr: 0.003, warmup: 2}
 diloco: {inner_steps: 10, outer_lr: 1.0, outer_momentum: 0, sync: int8/32}
 data: {val_fraction: 0.005}
 `
@@ -25,13 +25,13 @@ data: {val_fraction: 0.005}
 // records a step, then its process gone): its nodes stop the run on their own,
 // keeping their checkpoints, and a resumed launch continues it; every replica's
 // every step then has the loss of the uninterrupted run (train's), bit for bit.
-// Three kills of one run, after steps 25, 64 and 97 of replica 0.
+// Three kills of one run, after steps 25, 47 and 64 of replica 0.
 func TestLauncherKilledMidRunResumesExactly(t *testing.T) {
 	sw := newSwarm(t, 4)
 	sp := mustSpec(t, killSpec)
 	out := filepath.Join(sw.dir, "launched")
 	var l *launch
-	for i, at := range []int{25, 64, 97} {
+	for i, at := range []int{25, 47, 64} {
 		l = sw.launch(sp, out, i > 0, sw.peers())
 		l.steps.on(0, at, func() { l.cut(t, sw.net) })
 		l.steps.wait(t, 0, at, 120*time.Second)
