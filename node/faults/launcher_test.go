@@ -83,7 +83,11 @@ func TestNodesStopARunWhoseLauncherDied(t *testing.T) {
 	// A node stops the run when it cannot reach its launcher for its grace, or when
 	// its neighbour, having done so, stops: either way it keeps its checkpoint.
 	for _, nd := range sw.nodes {
-		nd.waitLog(`msg="run stopped"`, 120*time.Second)
+		if !nd.log.waitFor(func(s string) bool {
+			return strings.Contains(s, "launcher gone; stopping the run") || strings.Contains(s, `msg="run stopped"`)
+		}, 120*time.Second) {
+			t.Fatalf("%s did not stop the orphaned run", nd.name)
+		}
 	}
 	t.Logf("the nodes stopped the orphaned run %s after its launcher died", time.Since(killed).Round(time.Millisecond))
 	gone := 0

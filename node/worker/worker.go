@@ -21,7 +21,9 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/host"
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/p2p/protocol/ping"
 
 	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/core"
@@ -572,6 +574,12 @@ func (w *Worker) reachLauncher(grace time.Duration) {
 	for pause := 250 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
 		ctx, cancel := context.WithTimeout(w.ctx, pause)
 		err := w.host.Host.Connect(p2p.AllowRelayed(ctx, "launcher"), peer.AddrInfo{ID: w.launcher})
+		if err == nil {
+			// Connect takes any connection it has for one that works: one to a launcher
+			// gone without a word (its machine off, its link dead, over QUIC) stays
+			// open until it idles out. A round trip says it is there.
+			err = roundTrip(ctx, w.host.Host, w.launcher)
+		}
 		cancel()
 		if err == nil {
 			w.log.Info("launcher reachable again", "launcher", w.launcher)
@@ -591,6 +599,15 @@ func (w *Worker) reachLauncher(grace time.Duration) {
 			return
 		}
 	}
+}
+
+// roundTrip pings p once: nil if it answered before ctx ended.
+func roundTrip(ctx context.Context, h host.Host, p peer.ID) error {
+	res, ok := <-ping.Ping(p2p.AllowRelayed(ctx, "launcher"), h, p)
+	if !ok {
+		return fmt.Errorf("no answer to a ping: %w", context.Cause(ctx))
+	}
+	return res.Error
 }
 
 // Replace takes note that cell a, of another replica pipeline, is held by a new node
