@@ -55,7 +55,7 @@ func (w *Worker) loop() error {
 		}
 		for s := range w.sp.Pipeline.Stages {
 			if s != w.idx && w.peerOf(s) == p {
-				go w.post(core.PeerDown{Stage: s})
+				go w.neighbourGone(s, p)
 			}
 		}
 	}}
@@ -482,4 +482,22 @@ func (w *Worker) from(kind p2p.Kind) (peer.ID, bool) {
 		return "", false
 	}
 	return w.peerOf(w.idx - 1), true
+}
+
+// redialWithin bounds the one attempt to reach a neighbour whose last connection
+// closed before it counts as down.
+const redialWithin = 2 * time.Second
+
+// neighbourGone tells the core that stage s's node p is down, unless it answers at
+// once over a new connection: a node killed and started again at its address (a
+// pause's resume) leaves its peers QUIC connections to the old process, which are
+// reset only when they next carry something, perhaps in the resumed run.
+func (w *Worker) neighbourGone(s int, p peer.ID) {
+	ctx, cancel := context.WithTimeout(w.ctx, redialWithin)
+	defer cancel()
+	if w.host.Host.Connect(ctx, peer.AddrInfo{ID: p}) == nil && roundTrip(ctx, w.host.Host, p) == nil {
+		w.log.Info("a neighbour's connection closed; reconnected", "stage", s, "node", p)
+		return
+	}
+	w.post(core.PeerDown{Stage: s})
 }

@@ -603,7 +603,7 @@ func (w *Worker) reachLauncher(grace time.Duration) {
 
 // roundTrip pings p once: nil if it answered before ctx ended.
 func roundTrip(ctx context.Context, h host.Host, p peer.ID) error {
-	res, ok := <-ping.Ping(p2p.AllowRelayed(ctx, "launcher"), h, p)
+	res, ok := <-ping.Ping(p2p.AllowRelayed(ctx, "ping"), h, p)
 	if !ok {
 		return fmt.Errorf("no answer to a ping: %w", context.Cause(ctx))
 	}
