@@ -29,7 +29,7 @@ data: {val_fraction: 0.01}
 // to the end in agreement with it.
 func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	sw := newSwarm(t, 4)
-	const last = 600 // long enough for the node to come back (see restart)
+	const last = 1000 // long enough for the node to come back (see restart)
 	sp := mustSpec(t, fmt.Sprintf(rejoinSpec, last))
 	out := filepath.Join(sw.dir, "launched")
 	l := sw.launch(sp, out, false, sw.peers())
@@ -62,7 +62,7 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 // replica, and the pipeline trains on in agreement.
 func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 	sw := newSwarm(t, 4)
-	const last = 200
+	const last = 400
 	sp := mustSpec(t, fmt.Sprintf(rejoinSpec, last))
 	out := filepath.Join(sw.dir, "launched")
 	l := sw.launch(sp, out, false, sw.peers())
