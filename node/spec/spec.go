@@ -157,7 +157,9 @@ type Pipeline struct {
 	// so its forwards and backwards run on weights a fixed number of updates old (the
 	// schedule's delay, handled as train.delay says). In async, in_flight bounds the
 	// forwards stage 0 runs ahead of its backwards (0: stages), and the stages after it
-	// proportionally fewer, down to one at the last.
+	// proportionally fewer, down to one at the last; it may exceed micro_batches (the
+	// forwards then span updates), which covers a longer round trip with work at the
+	// price of a longer delay.
 	Schedule string `yaml:"schedule,omitempty"`
 	// StaffTimeout is how many seconds a launcher waits for enough peers to hold
 	// every stage before it gives up; default 60.
