@@ -211,7 +211,18 @@ func (m *meter) handle(n *mnode, e core.Event) {
 	for _, a := range acts {
 		m.do(n, a)
 	}
-	n.ledger.Mark(m.now, n.core.Waiting(), n.core.Step())
+	n.ledger.Mark(m.now, n.core.Waiting(), m.windowStep(n))
+}
+
+// windowStep is the step by which n's timeline is kept: its own, or in an async run,
+// where the stages sit at different update counts at once, stage 0's, so that every
+// stage's timeline covers the same stretch of time (stage 0's updates 2 to 4 follow
+// the pipeline's fill).
+func (m *meter) windowStep(n *mnode) int {
+	if m.sp.Pipeline.Async() {
+		return m.nodes[n.rep][0].core.Step()
+	}
+	return n.core.Step()
 }
 
 func (m *meter) compute(n *mnode, k opKey) train.Op {
@@ -235,8 +246,8 @@ func (m *meter) send(n, to *mnode, at time.Duration, b int64) time.Duration {
 		end += time.Duration(float64(b) * 8 / (bw * 1e6) * float64(time.Second))
 	}
 	m.links[k] = end
-	if w := n.ledger.Window; w.Hi > 0 && n.core.Step() >= w.Lo && n.core.Step() <= w.Hi && end > start {
-		m.sched.Sends[n.rep][n.stage] = append(m.sched.Sends[n.rep][n.stage], core.Span{Step: n.core.Step(), Start: start, End: end})
+	if w, step := n.ledger.Window, m.windowStep(n); w.Hi > 0 && step >= w.Lo && step <= w.Hi && end > start {
+		m.sched.Sends[n.rep][n.stage] = append(m.sched.Sends[n.rep][n.stage], core.Span{Step: step, Start: start, End: end})
 	}
 	return end + n.link.Latency
 }

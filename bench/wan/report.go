@@ -28,12 +28,15 @@ type Report struct {
 	LinkOverride []string    `json:"link_overrides,omitempty"`
 	Spec         string      `json:"spec"`
 	Steps        int         `json:"steps"`
-	Stages       int         `json:"pipeline_stages"`
-	Replicas     int         `json:"replicas"`
-	ComputeScale float64     `json:"compute_scale"`
-	Threads      int         `json:"threads_per_node,omitempty"`
-	Cores        int         `json:"cores"`  // of the machine that ran the bench
-	Config       string      `json:"config"` // the effective run spec, YAML
+	// Schedule is the pipeline's: sync, or async with its in-flight bound and delay
+	// handling (steps then count updates).
+	Schedule     string  `json:"schedule"`
+	Stages       int     `json:"pipeline_stages"`
+	Replicas     int     `json:"replicas"`
+	ComputeScale float64 `json:"compute_scale"`
+	Threads      int     `json:"threads_per_node,omitempty"`
+	Cores        int     `json:"cores"`  // of the machine that ran the bench
+	Config       string  `json:"config"` // the effective run spec, YAML
 	// Caveats are what limits how far the figures can be taken: links off their
 	// profile, a reused baseline, a target that fell back, nodes sharing cores.
 	Caveats []string `json:"caveats,omitempty"`
@@ -181,6 +184,19 @@ type outcome struct {
 	churn     *ChurnFigures
 }
 
+// scheduleOf names sp's pipeline schedule for the report.
+func scheduleOf(sp *spec.Spec) string {
+	p := sp.Pipeline
+	if !p.Async() {
+		return spec.ScheduleSync
+	}
+	inFlight := p.InFlight
+	if inFlight == 0 {
+		inFlight = p.Stages
+	}
+	return fmt.Sprintf("%s (stage 0 keeps %d forwards in flight, train.delay %s)", spec.ScheduleAsync, inFlight, sp.Train.Delay)
+}
+
 // build assembles the report of one swarm run against its baseline.
 func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 	scale := o.ComputeScale
@@ -188,7 +204,7 @@ func build(o Options, sp *spec.Spec, b *Baseline, out *outcome) *Report {
 		Replicas: sp.Pipeline.Replicas, ComputeScale: scale, Threads: o.Threads, Config: sp.String(), Links: out.links,
 		ProfileLink:  LinkProfile{Mbps: o.Profile.BandwidthMbps, OneWayMs: o.Profile.LatencyMs, Loss: o.Profile.Loss},
 		LinkOverride: o.Profile.Links, Tokens: out.tokens, WallS: out.wall.Seconds(), Notes: out.notes, Sync: out.syncs,
-		Penalties: out.penalties, Churn: out.churn}
+		Penalties: out.penalties, Churn: out.churn, Schedule: scheduleOf(sp)}
 	if r.Mode != ModeMeter {
 		r.ComputeScale = 1
 	} else {
@@ -436,7 +452,7 @@ func fsec(p *float64) string {
 // Markdown writes the report's tables.
 func (r *Report) Markdown(w io.Writer) {
 	fmt.Fprintf(w, "# bench wan: %s, %s profile, %s mode\n\n", r.Spec, r.Profile, r.Mode)
-	fmt.Fprintf(w, "%d steps, %d stage(s) × %d replica(s); profile: %g Mbit/s, %g ms one way, %g%% loss", r.Steps, r.Stages, r.Replicas,
+	fmt.Fprintf(w, "%d steps, %d stage(s) × %d replica(s), %s schedule; profile: %g Mbit/s, %g ms one way, %g%% loss", r.Steps, r.Stages, r.Replicas, r.Schedule,
 		r.ProfileLink.Mbps, r.ProfileLink.OneWayMs, 100*r.ProfileLink.Loss)
 	if len(r.LinkOverride) > 0 {
 		fmt.Fprintf(w, "; overrides %s", strings.Join(r.LinkOverride, ", "))

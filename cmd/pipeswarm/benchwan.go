@@ -35,7 +35,8 @@ Modes:
   meter  the centralised run's real compute and frames scheduled on virtual time,
          each stage as if on a machine of its own (what sim and netns cannot show
          when every node shares this machine's cores); --compute-scale F divides
-         compute times by F to stand in for faster hardware
+         compute times by F to stand in for faster hardware. The stages' own
+         schedulers decide what runs when, sync or async (pipeline.schedule)
 
 Before a sim or netns run the links are measured (RTT and throughput both ways) and
 printed beside the profile's figures.

@@ -336,3 +336,41 @@ func TestBenchWANSimHonestPeersOverALossyProfileCollectNoPenalty(t *testing.T) {
 		t.Errorf("report.md lacks the penalty summary:\n%s", stdout)
 	}
 }
+
+func TestBenchWANMeterSchedulesAnAsyncRun(t *testing.T) {
+	dir := t.TempDir()
+	src := strings.Replace(wanSpec, "pipeline: {stages: 2, micro_batches: 2}", "pipeline: {stages: 2, micro_batches: 2, in_flight: 4, schedule: async}", 1)
+	specPath := filepath.Join(dir, "run.yaml")
+	if err := os.WriteFile(specPath, []byte(src), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cache := filepath.Join(dir, "cache")
+	out := filepath.Join(dir, "home")
+	code, stdout, stderr := runCLI(t, "bench", "wan", "--spec", specPath, "--mode", "meter", "--profile", "home", "--out", out, "--cache", cache, "--quiet")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	r := checkReport(t, out, "meter", 2)
+	if s, _ := r["schedule"].(string); !strings.HasPrefix(s, "async (stage 0 keeps 4 forwards in flight, train.delay nesterov)") {
+		t.Errorf("report schedule %q, want the async one named", r["schedule"])
+	}
+	if !strings.Contains(stdout, "async (stage 0 keeps 4") {
+		t.Errorf("stdout does not name the schedule:\n%s", stdout)
+	}
+	if f, _ := r["loopback_fraction"].(float64); !(f > 0 && f <= 1) {
+		t.Errorf("loopback_fraction %v", r["loopback_fraction"])
+	}
+	for _, s := range r["stages"].([]any) {
+		if n, _ := s.(map[string]any)["wait_norm_s"].(float64); n != 0 {
+			t.Errorf("a stage of an async run waited %v s for norms (each clips its own)", n)
+		}
+	}
+	tl, _ := r["timeline"].([]any)
+	if len(tl) == 0 {
+		t.Error("no timeline")
+	}
+	// The swarm's losses are `train`'s of the async spec: the baseline is that run.
+	if r["final_val_loss"] != r["baseline"].(map[string]any)["final_val_loss"] {
+		t.Errorf("final validation loss %v, baseline's %v: the meter's losses are the centralised async run's", r["final_val_loss"], r["baseline"])
+	}
+}

@@ -859,3 +859,16 @@ func TestAsyncDefaultsItsDelayAndSyncTextIsUnchanged(t *testing.T) {
 		t.Errorf("async in_flight 3 with 2 micro-batches: %d", b.Pipeline.InFlight)
 	}
 }
+
+// An async pipeline's forwards in flight may span updates: in_flight above
+// micro_batches covers a longer round trip; a sync step has no more to send.
+func TestAsyncInFlightMayExceedMicroBatches(t *testing.T) {
+	src, _ := edit(t, "pipeline.in_flight", "5\n  schedule: async")
+	if a := mustParse(t, src); a.Pipeline.InFlight != 5 {
+		t.Errorf("async in_flight %d, want 5", a.Pipeline.InFlight)
+	}
+	src, _ = edit(t, "pipeline.in_flight", "5")
+	if _, err := Parse(src, "t.yaml"); err == nil || !strings.Contains(err.Error(), "5 exceeds micro_batches 2") {
+		t.Errorf("sync in_flight 5 of 2 micro-batches: %v; want it refused", err)
+	}
+}
