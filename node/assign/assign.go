@@ -91,8 +91,13 @@ func Need(c shard.Config, r shard.Range, first, last bool, microBatch, slots int
 
 // Slots is how many micro-batches stage s of stages keeps in flight: min(stages−s,
 // microBatches), the most a one-forward-one-backward schedule needs, or min(inFlight,
-// microBatches) if inFlight > 0 (the spec's pipeline.in_flight).
+// microBatches) if inFlight > 0 (the spec's pipeline.in_flight). Only an async run's
+// forwards span steps (inFlight above microBatches): then inFlight, the most any of
+// its stages keeps.
 func Slots(stages, s, microBatches, inFlight int) int {
+	if inFlight > microBatches {
+		return inFlight
+	}
 	n := stages - s
 	if inFlight > 0 {
 		n = inFlight

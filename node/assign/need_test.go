@@ -270,3 +270,12 @@ func TestFormatBytesReadsLikeAPerson(t *testing.T) {
 		}
 	}
 }
+
+func TestSlotsOfAnAsyncRunWhoseForwardsSpanSteps(t *testing.T) {
+	if got := Slots(4, 0, 4, 16); got != 16 {
+		t.Errorf("async, 16 in flight of 4 micro-batches: %d slots, want 16", got)
+	}
+	if got := Slots(4, 0, 4, 0); got != 4 {
+		t.Errorf("1F1B of 4 stages: %d slots at stage 0, want 4", got)
+	}
+}
