@@ -415,6 +415,9 @@ func (s *stepLog) add(st metrics.Step) {
 // step each replica has recorded.
 func (s *stepLog) wait(t *testing.T, replica, step int, within time.Duration) map[int]int {
 	t.Helper()
+	if raceDetector {
+		within *= 4 // steps take several times as long
+	}
 	deadline := time.After(within)
 	for {
 		s.mu.Lock()
