@@ -173,7 +173,9 @@ func Tokenize(tk *tokenizer.Tokenizer, text []byte, vocab int) ([]int32, error) 
 // Run trains sp's model in one process and writes metrics.jsonl, spec.yaml,
 // model.safetensors (+ config.json, and tokenizer.json with data.tokenizer) and loss.png into OutDir. On ctx cancellation it
 // stops after the current step, still writes the checkpoint and plot of what it did,
-// and returns ctx's error with the partial Result.
+// and returns ctx's error with the partial Result. It is long because it is the run read
+// top to bottom (set up, resume, the step loop, the last checkpoint); each part that is
+// more than bookkeeping is a function of its own.
 func Run(ctx context.Context, o Options) (*Result, error) {
 	if o.Spec == nil {
 		return nil, errors.New("train: no spec")
@@ -222,16 +224,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		"train_tokens", ds.Tokens, "val_tokens", len(valText), "params", m.numParams(),
 		"stages", len(m.stages), "replicas", R, "steps", sp.Train.Steps, "tokens_per_step", sp.TokensPerStep()*R)
 
-	if a := m.async; a != nil {
-		var delays []float64
-		var stashed int64
-		for s, u := range m.units {
-			delays = append(delays, a.sched.Delay(s))
-			stashed += a.Stashed(u)
-		}
-		log.Info("async pipeline", "delay", sp.Train.Delay, "updates_of_delay", delays,
-			"stashed_bytes", stashed, "clip_per_stage", a.clip)
-	}
+	logAsync(log, sp, m)
 	var sync *syncer
 	if R > 1 {
 		sync = newSyncer(sp, reps)
@@ -286,21 +279,13 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	inputs, targets := make([]int32, mb*cfg.SeqLen), make([]int32, mb*cfg.SeqLen)
 	first := 1
 	if from != nil {
-		for _, row := range from.rows {
-			if err := mw.WriteRaw(row); err != nil {
-				return nil, err
-			}
-		}
-		for _, or := range from.outers {
-			if or.Replica < R && or.Stage < len(m.stages) {
-				res.SyncBytes[or.Replica][or.Stage] += or.SyncBytes
-			}
+		if history, err = from.carryOver(mw, res, R, len(m.stages)); err != nil {
+			return nil, err
 		}
 		if n := len(from.steps); n > 0 { // elapsed_s goes on from where it was
 			start = now().Add(-time.Duration(from.steps[n-1].ElapsedS * float64(time.Second)))
 		}
-		history = meanHistory(from.steps, R)
-		res.Steps, res.Tokens, first = from.done, from.tokens, from.done+1
+		first = from.done + 1
 		log.Info("resuming", "after_step", from.done, "tokens", from.tokens, "dir", o.OutDir)
 	}
 	ck, lastCk := checkpoints(sp), now()
@@ -311,44 +296,11 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 		t0 := now()
 		lr := m.sched.At(step - 1)
-		recs := make([]metrics.Step, R)
-		var mean float64
-		for r, rp := range reps {
-			var tr tracer
-			if o.Trace != nil {
-				tr = func(k OpKind, stage, item int, d time.Duration, b int64) {
-					o.Trace(Op{Replica: r, Stage: stage, Kind: k, Step: step, Item: item, Dur: d, Bytes: b})
-				}
-			}
-			var loss, norm float64
-			if rp.m.async != nil {
-				loss, norm = rp.m.asyncStep(step, rp.sampler, inputs, targets, lr, tr)
-			} else {
-				loss, norm = rp.m.step(rp.sampler, inputs, targets, lr, sp.Train.GradClip, tr)
-			}
-			if math.IsNaN(loss) || math.IsInf(loss, 0) {
-				return res, fmt.Errorf("%w at step %d (loss %g, replica %d); try a lower train.lr", ErrDiverged, step, loss, r)
-			}
-			res.Tokens += int64(sp.TokensPerStep())
-			recs[r] = metrics.Step{Step: step, Loss: loss, Tokens: res.Tokens, LR: float64(lr), GradNorm: norm}
-			if R > 1 {
-				recs[r].Replica = &r
-			}
-			mean += loss / float64(R)
+		recs, mean, err := stepReplicas(o, reps, step, lr, inputs, targets, res)
+		if err != nil {
+			return res, err
 		}
-		var outers []metrics.Outer
-		if sync != nil {
-			t0 := time.Now()
-			outers = sync.step(step, sp.Train.Steps, now)
-			// The arithmetic of all R×S outer steps ran here in turn; each node does its own.
-			each := time.Since(t0) / time.Duration(max(1, len(outers)))
-			for _, or := range outers {
-				res.SyncBytes[or.Replica][or.Stage] += or.SyncBytes
-				if o.Trace != nil {
-					o.Trace(Op{Replica: or.Replica, Stage: or.Stage, Kind: OpOuter, Step: step, Dur: each, Bytes: or.SyncBytes})
-				}
-			}
-		}
+		outers := outerSteps(o, sync, step, now, res)
 		dt := now().Sub(t0)
 		res.Steps, res.Loss = step, mean
 		for r := range recs {
@@ -367,19 +319,8 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 				"tokens_per_s", int(recs[0].TokensPerS), "elapsed", time.Duration(recs[0].ElapsedS*float64(time.Second)).Round(time.Second))
 			recs[0].ElapsedS = now().Sub(start).Seconds()
 		}
-		for _, rec := range recs {
-			if err := mw.Write(rec); err != nil {
-				return res, err
-			}
-			if o.OnStep != nil {
-				o.OnStep(rec)
-			}
-		}
-		for _, or := range outers {
-			or.ElapsedS = now().Sub(start).Seconds()
-			if err := mw.WriteOuter(or); err != nil {
-				return res, err
-			}
+		if err := writeRows(o, mw, recs, outers, now().Sub(start)); err != nil {
+			return res, err
 		}
 		// The plot shows the mean over replicas.
 		plotRec := recs[0]
@@ -403,6 +344,93 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return res, err
 	}
 	return res, nil
+}
+
+// stepReplicas takes step on every replica in turn and returns each one's metrics row
+// and the mean loss over them.
+func stepReplicas(o Options, reps []*replica, step int, lr float32, inputs, targets []int32, res *Result) ([]metrics.Step, float64, error) {
+	sp, R := o.Spec, len(reps)
+	recs := make([]metrics.Step, R)
+	var mean float64
+	for r, rp := range reps {
+		var tr tracer
+		if o.Trace != nil {
+			tr = func(k OpKind, stage, item int, d time.Duration, b int64) {
+				o.Trace(Op{Replica: r, Stage: stage, Kind: k, Step: step, Item: item, Dur: d, Bytes: b})
+			}
+		}
+		var loss, norm float64
+		if rp.m.async != nil {
+			loss, norm = rp.m.asyncStep(step, rp.sampler, inputs, targets, lr, tr)
+		} else {
+			loss, norm = rp.m.step(rp.sampler, inputs, targets, lr, sp.Train.GradClip, tr)
+		}
+		if math.IsNaN(loss) || math.IsInf(loss, 0) {
+			return nil, 0, fmt.Errorf("%w at step %d (loss %g, replica %d); try a lower train.lr", ErrDiverged, step, loss, r)
+		}
+		res.Tokens += int64(sp.TokensPerStep())
+		recs[r] = metrics.Step{Step: step, Loss: loss, Tokens: res.Tokens, LR: float64(lr), GradNorm: norm}
+		if R > 1 {
+			recs[r].Replica = &r
+		}
+		mean += loss / float64(R)
+	}
+	return recs, mean, nil
+}
+
+// outerSteps takes the outer steps due after step (none without replicas) and counts
+// their bytes into res.
+func outerSteps(o Options, sync *syncer, step int, now func() time.Time, res *Result) []metrics.Outer {
+	if sync == nil {
+		return nil
+	}
+	t0 := time.Now()
+	outers := sync.step(step, o.Spec.Train.Steps, now)
+	// The arithmetic of all R×S outer steps ran here in turn; each node does its own.
+	each := time.Since(t0) / time.Duration(max(1, len(outers)))
+	for _, or := range outers {
+		res.SyncBytes[or.Replica][or.Stage] += or.SyncBytes
+		if o.Trace != nil {
+			o.Trace(Op{Replica: or.Replica, Stage: or.Stage, Kind: OpOuter, Step: step, Dur: each, Bytes: or.SyncBytes})
+		}
+	}
+	return outers
+}
+
+// writeRows records a step's rows, then its outer steps' (elapsed since the run began).
+func writeRows(o Options, mw *metrics.Writer, recs []metrics.Step, outers []metrics.Outer, elapsed time.Duration) error {
+	for _, rec := range recs {
+		if err := mw.Write(rec); err != nil {
+			return err
+		}
+		if o.OnStep != nil {
+			o.OnStep(rec)
+		}
+	}
+	for _, or := range outers {
+		or.ElapsedS = elapsed.Seconds()
+		if err := mw.WriteOuter(or); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// logAsync says how an async run's schedule delays each stage and what the stashed
+// weight versions cost.
+func logAsync(log *slog.Logger, sp *spec.Spec, m *model) {
+	a := m.async
+	if a == nil {
+		return
+	}
+	var delays []float64
+	var stashed int64
+	for s, u := range m.units {
+		delays = append(delays, a.sched.Delay(s))
+		stashed += a.Stashed(u)
+	}
+	log.Info("async pipeline", "delay", sp.Train.Delay, "updates_of_delay", delays,
+		"stashed_bytes", stashed, "clip_per_stage", a.clip)
 }
 
 // replica is one replica pipeline: a whole model on its own shard of the text.
@@ -445,6 +473,23 @@ type resumePoint struct {
 // of sp, after checking it was written by a run of sp, and reads the run's metrics up
 // to the checkpoint (a row torn by a crash, or written after the checkpoint, is
 // dropped).
+// carryOver writes the rows recorded before the resumed step into mw, counts what they
+// record into res and returns the loss history to plot.
+func (from *resumePoint) carryOver(mw *metrics.Writer, res *Result, replicas, stages int) ([]metrics.Step, error) {
+	for _, row := range from.rows {
+		if err := mw.WriteRaw(row); err != nil {
+			return nil, err
+		}
+	}
+	for _, or := range from.outers {
+		if or.Replica < replicas && or.Stage < stages {
+			res.SyncBytes[or.Replica][or.Stage] += or.SyncBytes
+		}
+	}
+	res.Steps, res.Tokens = from.done, from.tokens
+	return meanHistory(from.steps, replicas), nil
+}
+
 func loadResume(dir string, sp *spec.Spec, reps []*replica) (*resumePoint, error) {
 	meta, err := loadState(dir, sp, reps)
 	if err != nil {

@@ -202,6 +202,9 @@ func (w *Worker) handle(e core.Event) error {
 	return nil
 }
 
+// do carries out one action of the core. It is long because it is the table of every
+// action the core can ask for, one case each, read in one place; the cases that grew
+// past a few lines call methods of their own.
 func (w *Worker) do(a core.Action) error {
 	cfg := w.stage.Config
 	switch a := a.(type) {
