@@ -68,65 +68,18 @@ func (a *asyncState) restore(s int, u *stage.Unit) { copy(u.Stage.Params, a.cur[
 // before clipping, as step does.
 func (m *model) asyncStep(step int, sampler *data.Sampler[int32], inputs, targets []int32, lr float32, tr tracer) (loss, norm float64) {
 	a := m.async
-	for _, s := range m.stages {
-		s.ZeroGrads()
-	}
-	last := len(m.stages) - 1
-	if len(m.fwd) != len(m.stages) {
-		m.fwd, m.opt, m.fwdBytes = make([]time.Duration, len(m.stages)), make([]time.Duration, len(m.stages)), make([]int64, len(m.stages))
-	}
-	fwd, fwdBytes := m.fwd, m.fwdBytes
 	cur := step - 1 // the version every stage holds during this update's micro-batches
-	for micro := range m.micro {
+	loss = m.microBatches(sampler, inputs, targets, tr, func(i, micro int, backward bool) func() {
 		j := cur*m.micro + micro
-		sampler.Next(inputs, targets)
-		var x []float32
-		for i, s := range m.stages {
-			t0 := time.Now()
-			if i > 0 {
-				// The sender encodes, the receiver decodes: both on the sender's account.
-				x = m.bounds[i-1].Forward(x, inputs, targets, m.tapes[i].B, m.tapes[i].T, true)
-				fwd[i-1] += time.Since(t0)
-				fwdBytes[i-1] = m.bounds[i-1].LastBytes
-				t0 = time.Now()
-			}
-			loaded := a.load(i, m.units[i], a.sched.ForwardVersion(i, j), cur)
-			x = s.Forward(m.tapes[i], inputs, x)
-			if i == last {
-				loss += s.Loss(m.tapes[last], targets, 1/float32(m.micro))
-			}
-			if loaded {
-				a.restore(i, m.units[i])
-			}
-			fwd[i] = time.Since(t0)
+		v := a.sched.ForwardVersion(i, j)
+		if backward && a.delay == spec.DelayNone {
+			v = a.sched.BackwardVersion(j)
 		}
-		if tr != nil {
-			for i := range m.stages {
-				tr(OpForward, i, micro, fwd[i], fwdBytes[i])
-			}
+		if !a.load(i, m.units[i], v, cur) {
+			return nil
 		}
-		var g []float32
-		for i := last; i >= 0; i-- {
-			t0 := time.Now()
-			var sent int64
-			v := a.sched.BackwardVersion(j)
-			if a.delay != spec.DelayNone {
-				v = a.sched.ForwardVersion(i, j)
-			}
-			loaded := a.load(i, m.units[i], v, cur)
-			g = m.stages[i].Backward(m.tapes[i], g)
-			if loaded {
-				a.restore(i, m.units[i])
-			}
-			if i > 0 {
-				g = m.bounds[i-1].Backward(g, m.tapes[i].B, m.tapes[i].T)
-				sent = m.bounds[i-1].LastBytes
-			}
-			if tr != nil {
-				tr(OpBackward, i, micro, time.Since(t0), sent)
-			}
-		}
-	}
+		return func() { a.restore(i, m.units[i]) }
+	})
 	var ss float64
 	for i, u := range m.units {
 		t0 := time.Now()
@@ -137,5 +90,5 @@ func (m *model) asyncStep(step int, sampler *data.Sampler[int32], inputs, target
 			tr(OpOptimize, i, 0, time.Since(t0), 0)
 		}
 	}
-	return loss / float64(m.micro), math.Sqrt(ss)
+	return loss, math.Sqrt(ss)
 }

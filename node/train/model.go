@@ -85,54 +85,9 @@ type tracer func(kind OpKind, stage, item int, d time.Duration, bytes int64)
 // step runs one optimiser step over m.micro micro-batches and returns the mean loss
 // and the gradient norm before clipping. tr, if set, sees every stage's compute timed.
 func (m *model) step(sampler *data.Sampler[int32], inputs, targets []int32, lr float32, clip float64, tr tracer) (loss, norm float64) {
-	for _, s := range m.stages {
-		s.ZeroGrads()
-	}
-	last := len(m.stages) - 1
-	if len(m.fwd) != len(m.stages) {
-		m.fwd, m.opt, m.fwdBytes = make([]time.Duration, len(m.stages)), make([]time.Duration, len(m.stages)), make([]int64, len(m.stages))
-	}
-	fwd, fwdBytes, opt := m.fwd, m.fwdBytes, m.opt
+	loss = m.microBatches(sampler, inputs, targets, tr, nil)
+	opt := m.opt
 	clear(opt)
-	for micro := range m.micro {
-		sampler.Next(inputs, targets)
-		var x []float32
-		clear(fwd)
-		for i, s := range m.stages {
-			t0 := time.Now()
-			if i > 0 {
-				// The sender encodes, the receiver decodes: both are on the sender's
-				// account, with the frame's size.
-				x = m.bounds[i-1].Forward(x, inputs, targets, m.tapes[i].B, m.tapes[i].T, true)
-				fwd[i-1] += time.Since(t0)
-				fwdBytes[i-1] = m.bounds[i-1].LastBytes
-				t0 = time.Now()
-			}
-			x = s.Forward(m.tapes[i], inputs, x)
-			if i == last {
-				loss += s.Loss(m.tapes[last], targets, 1/float32(m.micro))
-			}
-			fwd[i] += time.Since(t0)
-		}
-		if tr != nil {
-			for i := range m.stages {
-				tr(OpForward, i, micro, fwd[i], fwdBytes[i])
-			}
-		}
-		var g []float32
-		for i := last; i >= 0; i-- {
-			t0 := time.Now()
-			var sent int64
-			g = m.stages[i].Backward(m.tapes[i], g)
-			if i > 0 {
-				g = m.bounds[i-1].Backward(g, m.tapes[i].B, m.tapes[i].T)
-				sent = m.bounds[i-1].LastBytes
-			}
-			if tr != nil {
-				tr(OpBackward, i, micro, time.Since(t0), sent)
-			}
-		}
-	}
 	var ss float64
 	for i, u := range m.units {
 		t0 := time.Now()
@@ -148,5 +103,79 @@ func (m *model) step(sampler *data.Sampler[int32], inputs, targets []int32, lr f
 			tr(OpOptimize, i, 0, opt[i], 0)
 		}
 	}
-	return loss / float64(m.micro), norm
+	return loss, norm
+}
+
+// onVersion, if set, puts the weights stage i computes micro-batch micro's forward
+// (backward false) or backward on in place before it runs, and returns what puts the
+// current weights back after it (nil when they did not change).
+type onVersion func(i, micro int, backward bool) (restore func())
+
+// microBatches zeroes the gradients and runs m.micro micro-batches forward and back
+// through every stage, accumulating the gradients; it returns their mean loss. The
+// sync and the async schedules both run through it, the async one with weights
+// swapped per stage by at.
+func (m *model) microBatches(sampler *data.Sampler[int32], inputs, targets []int32, tr tracer, at onVersion) (loss float64) {
+	for _, s := range m.stages {
+		s.ZeroGrads()
+	}
+	last := len(m.stages) - 1
+	if len(m.fwd) != len(m.stages) {
+		m.fwd, m.opt, m.fwdBytes = make([]time.Duration, len(m.stages)), make([]time.Duration, len(m.stages)), make([]int64, len(m.stages))
+	}
+	fwd, fwdBytes := m.fwd, m.fwdBytes
+	swap := func(i, micro int, backward bool) func() {
+		if at == nil {
+			return nil
+		}
+		return at(i, micro, backward)
+	}
+	for micro := range m.micro {
+		sampler.Next(inputs, targets)
+		var x []float32
+		clear(fwd)
+		for i, s := range m.stages {
+			t0 := time.Now()
+			if i > 0 {
+				// The sender encodes, the receiver decodes: both are on the sender's
+				// account, with the frame's size.
+				x = m.bounds[i-1].Forward(x, inputs, targets, m.tapes[i].B, m.tapes[i].T, true)
+				fwd[i-1] += time.Since(t0)
+				fwdBytes[i-1] = m.bounds[i-1].LastBytes
+				t0 = time.Now()
+			}
+			restore := swap(i, micro, false)
+			x = s.Forward(m.tapes[i], inputs, x)
+			if i == last {
+				loss += s.Loss(m.tapes[last], targets, 1/float32(m.micro))
+			}
+			if restore != nil {
+				restore()
+			}
+			fwd[i] += time.Since(t0)
+		}
+		if tr != nil {
+			for i := range m.stages {
+				tr(OpForward, i, micro, fwd[i], fwdBytes[i])
+			}
+		}
+		var g []float32
+		for i := last; i >= 0; i-- {
+			t0 := time.Now()
+			var sent int64
+			restore := swap(i, micro, true)
+			g = m.stages[i].Backward(m.tapes[i], g)
+			if restore != nil {
+				restore()
+			}
+			if i > 0 {
+				g = m.bounds[i-1].Backward(g, m.tapes[i].B, m.tapes[i].T)
+				sent = m.bounds[i-1].LastBytes
+			}
+			if tr != nil {
+				tr(OpBackward, i, micro, time.Since(t0), sent)
+			}
+		}
+	}
+	return loss / float64(m.micro)
 }
