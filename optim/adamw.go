@@ -50,9 +50,8 @@ type span struct {
 // parameters. It owns the first and second moment buffers m and v and the step
 // count t; the parameters and gradients belong to the caller.
 type AdamW struct {
-	cfg   AdamWConfig
-	m, v  []float32
-	t     int
+	cfg AdamWConfig
+	moments
 	spans []span // covers [0, n) in order, so Step is one pass over the buffers
 }
 
@@ -70,7 +69,7 @@ func NewAdamW(n int, cfg AdamWConfig) (*AdamW, error) {
 		return nil, err
 	}
 	cfg.Decay = slices.Clone(cfg.Decay)
-	return &AdamW{cfg: cfg, m: make([]float32, n), v: make([]float32, n), spans: spans}, nil
+	return &AdamW{cfg: cfg, moments: newMoments(n), spans: spans}, nil
 }
 
 // decaySpans turns the Decay segments into an ordered partition of [0, n).
@@ -172,27 +171,7 @@ func (k *adamwStep) run(p, g, m, v []float32, keep float32) {
 	}
 }
 
-// Moments returns the live first and second moment buffers, for checkpointing.
-func (o *AdamW) Moments() (m, v []float32) { return o.m, o.v }
-
-// StepCount returns the number of steps taken, t in the bias corrections.
-func (o *AdamW) StepCount() int { return o.t }
-
 // SetState restores a checkpoint: it sets the step count and copies m and v into
 // the moment buffers. It returns an error, changing nothing, if t < 0 or a buffer
 // length is not n.
-func (o *AdamW) SetState(t int, m, v []float32) error {
-	n := len(o.m)
-	switch {
-	case t < 0:
-		return fieldErr("t", t, "t >= 0")
-	case len(m) != n:
-		return fieldErr("len(m)", len(m), fmt.Sprint(n))
-	case len(v) != n:
-		return fieldErr("len(v)", len(v), fmt.Sprint(n))
-	}
-	o.t = t
-	copy(o.m, m)
-	copy(o.v, v)
-	return nil
-}
+func (o *AdamW) SetState(t int, m, v []float32) error { return o.set(t, m, v) }

@@ -58,9 +58,8 @@ func DelayMomentum(beta1, delay float64) float32 {
 // buffer of n parameters. It owns the moments m and v, the step count t and the
 // product of the momentum schedule Πμ.
 type NAdam struct {
-	cfg    NAdamConfig
-	m, v   []float32
-	t      int
+	cfg NAdamConfig
+	moments
 	muProd float32 // Πμᵢ for i ≤ t, kept in float32 as PyTorch keeps it
 	spans  []span
 }
@@ -79,7 +78,7 @@ func NewNAdam(n int, cfg NAdamConfig) (*NAdam, error) {
 		return nil, err
 	}
 	cfg.Decay = slices.Clone(cfg.Decay)
-	return &NAdam{cfg: cfg, m: make([]float32, n), v: make([]float32, n), muProd: 1, spans: spans}, nil
+	return &NAdam{cfg: cfg, moments: newMoments(n), muProd: 1, spans: spans}, nil
 }
 
 // mu is the momentum schedule μₜ.
@@ -129,30 +128,16 @@ func (o *NAdam) Step(params, grads []float32, lr float32) {
 	}
 }
 
-// Moments returns the live first and second moment buffers, for checkpointing.
-func (o *NAdam) Moments() (m, v []float32) { return o.m, o.v }
-
-// StepCount returns the number of steps taken.
-func (o *NAdam) StepCount() int { return o.t }
-
 // SetState restores a checkpoint: the step count, m and v; Πμ is recomputed from the
 // step count by the same float32 products Step takes, so it is the value it was. It
 // returns an error, changing nothing, if t < 0 or a buffer length is not n.
 func (o *NAdam) SetState(t int, m, v []float32) error {
-	n := len(o.m)
-	switch {
-	case t < 0:
-		return fieldErr("t", t, "t >= 0")
-	case len(m) != n:
-		return fieldErr("len(m)", len(m), fmt.Sprint(n))
-	case len(v) != n:
-		return fieldErr("len(v)", len(v), fmt.Sprint(n))
+	if err := o.set(t, m, v); err != nil {
+		return err
 	}
-	o.t, o.muProd = t, 1
+	o.muProd = 1
 	for i := 1; i <= t; i++ {
 		o.muProd = float32(float64(o.muProd) * o.mu(i))
 	}
-	copy(o.m, m)
-	copy(o.v, v)
 	return nil
 }
