@@ -27,15 +27,21 @@ func DefaultAdamW() AdamWConfig {
 // Validate reports the first hyperparameter out of range. Decay segments are
 // checked by NewAdamW, which knows the buffer size.
 func (c AdamWConfig) Validate() error {
+	return checkAdam(c.Beta1, c.Beta2, c.Eps, c.WeightDecay)
+}
+
+// checkAdam reports the first of the hyperparameters every Adam-family optimiser has
+// that is out of range.
+func checkAdam(beta1, beta2, eps, weightDecay float32) error {
 	switch {
-	case !inUnit(c.Beta1):
-		return fieldErr("beta1", c.Beta1, "0 <= beta1 < 1")
-	case !inUnit(c.Beta2):
-		return fieldErr("beta2", c.Beta2, "0 <= beta2 < 1")
-	case !positive(c.Eps):
-		return fieldErr("eps", c.Eps, "finite eps > 0")
-	case !nonNeg(c.WeightDecay):
-		return fieldErr("weight_decay", c.WeightDecay, "finite weight_decay >= 0")
+	case !inUnit(beta1):
+		return fieldErr("beta1", beta1, "0 <= beta1 < 1")
+	case !inUnit(beta2):
+		return fieldErr("beta2", beta2, "0 <= beta2 < 1")
+	case !positive(eps):
+		return fieldErr("eps", eps, "finite eps > 0")
+	case !nonNeg(weightDecay):
+		return fieldErr("weight_decay", weightDecay, "finite weight_decay >= 0")
 	}
 	return nil
 }

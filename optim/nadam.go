@@ -25,15 +25,10 @@ func DefaultNAdam() NAdamConfig {
 
 // Validate reports the first hyperparameter out of range.
 func (c NAdamConfig) Validate() error {
+	if err := checkAdam(c.Beta1, c.Beta2, c.Eps, c.WeightDecay); err != nil {
+		return err
+	}
 	switch {
-	case !inUnit(c.Beta1):
-		return fieldErr("beta1", c.Beta1, "0 <= beta1 < 1")
-	case !inUnit(c.Beta2):
-		return fieldErr("beta2", c.Beta2, "0 <= beta2 < 1")
-	case !positive(c.Eps):
-		return fieldErr("eps", c.Eps, "finite eps > 0")
-	case !nonNeg(c.WeightDecay):
-		return fieldErr("weight_decay", c.WeightDecay, "finite weight_decay >= 0")
 	case !nonNeg(c.MomentumDecay):
 		return fieldErr("momentum_decay", c.MomentumDecay, "finite momentum_decay >= 0")
 	}
