@@ -50,42 +50,31 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if need > d.cfg.MemoryBudgetBytes() {
 		return fmt.Errorf("refused: stage %d needs %d MiB, this node's memory budget is %d MiB", idx, need>>20, d.cfg.MemoryBudgetBytes()>>20)
 	}
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	// Plans expired are refused by their expiry: no need to remember them.
-	for k, exp := range d.seen {
-		if !exp.After(d.clock.Now()) {
-			delete(d.seen, k)
-		}
+	adm := &admitPlan{plan: plan, nonce: nonce, steps: sp.Train.Steps}
+	if !d.ask(adm) {
+		return fmt.Errorf("refused: %w", ErrShutdown)
 	}
-	if _, dup := d.runs[plan.ID]; dup || !d.seen[[2]uint64{plan.ID, nonce}].IsZero() {
-		return fmt.Errorf("refused: run %016x already accepted here", plan.ID)
-	}
-	if len(d.runs) >= d.cfg.MaxStages {
-		return fmt.Errorf("refused: this node already holds %d stage(s), its max_stages", len(d.runs))
+	if adm.err != nil {
+		return adm.err
 	}
 	var resumeDir string
 	if plan.Resume != nil {
-		if plan.Resume.Run == plan.ID || plan.Resume.Step < 1 || plan.Resume.Step >= sp.Train.Steps {
-			return fmt.Errorf("refused: resume from run %016x step %d in a run of %d steps", plan.Resume.Run, plan.Resume.Step, sp.Train.Steps)
-		}
 		resumeDir = d.dir.RunDir(fmt.Sprintf("%016x", plan.Resume.Run))
 	}
-	// Recorded before anything else: a node restarted after this must refuse the plan.
-	d.seen[[2]uint64{plan.ID, nonce}] = plan.Expires
-	if err := d.writeAccepted(); err != nil {
-		delete(d.seen, [2]uint64{plan.ID, nonce})
-		return fmt.Errorf("refused: %w", err)
-	}
+	// Built off the loop (it loads a checkpoint); the plan holds its slot meanwhile.
 	w, err := worker.New(context.Background(), worker.Env{Host: d.host, Log: d.log, Reduce: d.reduce, Fetch: d.fetch, Corpus: d.cfg.Corpus,
-		FaultStallSync: d.faultStallSync, Meters: d.meters, Clock: d.clock},
+		FaultStallSync: int(d.faultStallSync.Load()), Meters: d.meters, Clock: d.clock},
 		plan, sp, idx, rep, d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), resumeDir)
 	if err != nil {
-		delete(d.seen, [2]uint64{plan.ID, nonce}) // not taken: the launcher may send it again
-		_ = d.writeAccepted()
+		d.ask(&dropPlan{id: plan.ID, nonce: nonce})
 		return fmt.Errorf("refused: %w", err)
 	}
-	d.holdLocked(plan, w, signer, nonce)
+	hold := &holdRun{plan: plan, w: w, signer: signer}
+	if !d.ask(hold) || !hold.held {
+		w.Stop(ErrShutdown)
+		w.Start() // never started: it has to wind down all the same
+		return fmt.Errorf("refused: %w", ErrShutdown)
+	}
 	if err := writeLauncherRecord(d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), plan); err != nil {
 		d.log.Warn("launcher not recorded; after a restart this node will not find it", "err", err)
 	}
@@ -185,27 +174,28 @@ func (d *Daemon) cellHere(plan *wire.Plan, sp *spec.Spec) (idx, rep int, nonce u
 	return idx, rep, nonce, nil
 }
 
-// holdLocked makes w the run's worker here: the run's members and their connection
+// hold makes w the run's worker here: the run's members and their connection
 // reservations, the release of a plan never started, and the end of the run once w
-// is done. d.mu is held.
-func (d *Daemon) holdLocked(plan *wire.Plan, w *worker.Worker, signer peer.ID, nonce uint64) {
-	d.runs[plan.ID] = w
+// is done. It runs on the loop.
+func (d *Daemon) hold(t *table, plan *wire.Plan, w *worker.Worker, signer peer.ID) {
+	t.runs[plan.ID] = w
+	t.changed = true
 	members := map[peer.ID]bool{signer: true}
 	for _, a := range plan.Stages {
 		if id, err := peer.Decode(a.Peer); err == nil && id != d.host.ID() {
 			members[id] = true
 		}
 	}
-	d.members[plan.ID] = members
+	t.members[plan.ID] = members
 	for _, a := range plan.Stages {
 		if id, err := peer.Decode(a.Peer); err == nil && id != d.host.ID() {
-			d.reserveLocked(plan.ID, id, a.Addrs)
+			d.reserve(t, plan.ID, id, a.Addrs)
 		}
 	}
-	d.reserveLocked(plan.ID, signer, plan.LauncherAddrs)
-	delete(d.ended, plan.ID) // frames of the run are for this worker again
-	// The timer touches the worker alone (safe from any goroutine), none of the
-	// daemon's maps: the plan's entry in seen goes when a later accept finds it expired.
+	d.reserve(t, plan.ID, signer, plan.LauncherAddrs)
+	delete(t.ended, plan.ID) // frames of the run are for this worker again
+	// The timer touches the worker alone (safe from any goroutine), not the table: the
+	// plan's entry in seen goes when a later accept finds it expired.
 	d.clock.AfterFunc(plan.Expires.Sub(d.clock.Now()), func() {
 		select {
 		case <-w.Started():
@@ -224,69 +214,55 @@ func (d *Daemon) holdLocked(plan *wire.Plan, w *worker.Worker, signer peer.ID, n
 	}()
 }
 
-// endRun forgets a run that stopped here but remembers, for endedMemory, that it
-// ended: late frames come within seconds of the end, and the record need not
-// outlive them.
-// last is how the run ended here, kept for the status page.
+// endRun forgets a run that stopped here; last is how it ended here, kept for the
+// status page.
 func (d *Daemon) endRun(id uint64, last status.Run) {
-	d.mu.Lock()
-	last = withHeardLoss(last, d.heard)
-	delete(d.heard, id)
-	delete(d.runs, id)
-	gone := d.members[id]
-	delete(d.members, id)
+	d.ask(&runEnded{id: id, last: last})
+	d.pruneRuns()
+}
+
+// forget forgets a run that stopped here but remembers, for endedMemory, that it
+// ended: late frames come within seconds of the end, and the record need not
+// outlive them. It runs on the loop.
+func (d *Daemon) forget(t *table, id uint64, last status.Run) {
+	last = withHeardLoss(last, t.heard)
+	delete(t.heard, id)
+	delete(t.runs, id)
+	gone := t.members[id]
+	delete(t.members, id)
+	t.changed = true
 	// Its peers' tensor streams have nothing more to carry here, unless for another run.
 	for p := range gone {
-		if !d.isMemberLocked(p) {
-			for s := range d.tensorIn[p] {
+		if !t.isMember(p) {
+			for s := range t.tensorIn[p] {
 				s.Reset()
 			}
 		}
 	}
-	for _, r := range d.reserved[id] {
+	for _, r := range t.reserved[id] {
 		d.host.Release(r.id, r.addrs)
 	}
-	delete(d.reserved, id)
+	delete(t.reserved, id)
 	now := d.clock.Now()
-	d.ended[id] = now
-	for r, t := range d.ended {
-		if now.Sub(t) >= endedMemory {
-			delete(d.ended, r)
+	t.ended[id] = now
+	for r, at := range t.ended {
+		if now.Sub(at) >= endedMemory {
+			delete(t.ended, r)
 		}
 	}
-	d.finished = append(d.finished, last)
-	if len(d.finished) > keptRuns {
-		d.finished = slices.Delete(d.finished, 0, len(d.finished)-keptRuns)
+	t.finished = append(t.finished, last)
+	if len(t.finished) > keptRuns {
+		t.finished = slices.Delete(t.finished, 0, len(t.finished)-keptRuns)
 	}
-	d.mu.Unlock()
-	d.pruneRuns()
 }
 
-// isMember reports whether p is a peer of a run held here (Host.Gate of the
-// tensor and reduce protocols).
-func (d *Daemon) isMember(p peer.ID) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.isMemberLocked(p)
-}
-
-func (d *Daemon) isMemberLocked(p peer.ID) bool {
-	for _, m := range d.members {
-		if m[p] {
-			return true
-		}
-	}
-	return false
-}
+// isMember reports whether p is a peer of a run held here (Host.Gate of the tensor
+// and reduce protocols, asked on every stream: it reads the loop's view).
+func (d *Daemon) isMember(p peer.ID) bool { return d.view.Load().members[p] }
 
 // addMember counts p, at addrs, among run's peers (a cell passed to it).
 func (d *Daemon) addMember(run uint64, p peer.ID, addrs []string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if m := d.members[run]; m != nil {
-		m[p] = true
-		d.reserveLocked(run, p, addrs)
-	}
+	d.ask(&memberAdded{run: run, p: p, addrs: addrs})
 }
 
 // reservation is one p2p.Host.Reserve a run made.
@@ -295,9 +271,9 @@ type reservation struct {
 	addrs []multiaddr.Multiaddr
 }
 
-// reserveLocked lets run's peer p at addrs (full or bare multiaddrs) past the host's
-// connection limits while the run is held here. d.mu is held.
-func (d *Daemon) reserveLocked(run uint64, p peer.ID, addrs []string) {
+// reserve lets run's peer p at addrs (full or bare multiaddrs) past the host's
+// connection limits while the run is held here. It runs on the loop.
+func (d *Daemon) reserve(t *table, run uint64, p peer.ID, addrs []string) {
 	var r reservation
 	for _, s := range addrs {
 		if a, err := multiaddr.NewMultiaddr(s); err == nil {
@@ -309,7 +285,7 @@ func (d *Daemon) reserveLocked(run uint64, p peer.ID, addrs []string) {
 	}
 	r.id = p
 	d.host.Reserve(p, r.addrs)
-	d.reserved[run] = append(d.reserved[run], r)
+	t.reserved[run] = append(t.reserved[run], r)
 }
 
 func (d *Daemon) addAddrs(id peer.ID, addrs []string) {

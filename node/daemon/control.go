@@ -45,46 +45,15 @@ const (
 // ctlAdmit counts a control stream from p at ip, and reports what p is and whether
 // it may open one more now; release undoes it.
 func (d *Daemon) ctlAdmit(p peer.ID, ip string) (ctlClass, bool) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	class := ctlStranger
-	if d.trust[p] {
-		class = ctlLauncher
+	r := &ctlOpened{p: p, ip: ip}
+	if !d.ask(r) {
+		return ctlStranger, false
 	}
-	for run, m := range d.members {
-		if m[p] && class == ctlStranger {
-			class = ctlMember
-		}
-		if w := d.runs[run]; w != nil && w.Launcher() == p {
-			class = ctlLauncher
-		}
-	}
-	if d.ctlOpen[p] >= ctlPerPeer {
-		return class, false
-	}
-	if class == ctlStranger {
-		if d.ctlOpen[""] >= ctlStrangers || d.ctlIP[ip] >= ctlPerIP {
-			return class, false
-		}
-		d.ctlOpen[""]++ // "" is no peer: the strangers' total
-		d.ctlIP[ip]++
-	}
-	d.ctlOpen[p]++
-	return class, true
+	return r.class, r.ok
 }
 
 func (d *Daemon) ctlRelease(p peer.ID, ip string, class ctlClass) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if class == ctlStranger {
-		d.ctlOpen[""]--
-		if d.ctlIP[ip]--; d.ctlIP[ip] <= 0 {
-			delete(d.ctlIP, ip)
-		}
-	}
-	if d.ctlOpen[p]--; d.ctlOpen[p] <= 0 {
-		delete(d.ctlOpen, p)
-	}
+	d.ask(&ctlClosed{p: p, ip: ip, class: class})
 }
 
 func (d *Daemon) handleControl(s network.Stream) {
@@ -136,20 +105,14 @@ func (d *Daemon) control(from peer.ID, m wire.Msg) wire.Reply {
 		if !d.cfg.Open && !d.trust[from] {
 			// Only what a launcher needs to hear that this node will not take its run:
 			// not its memory, addresses or free slots.
-			d.mu.Lock()
-			quiet := d.clock.Since(d.refusedAt) < time.Minute
-			if !quiet {
-				d.refusedAt = d.clock.Now()
-			}
-			d.mu.Unlock()
-			if !quiet { // once a minute at most: strangers' offers cost no disk
+			r := &offerRefused{}
+			if d.ask(r) && !r.quiet { // once a minute at most: strangers' offers cost no disk
 				d.log.Warn("refusing an offer request from an untrusted key", "key", from)
 			}
 			return wire.Reply{Error: fmt.Sprintf("refused: %s is a key this node does not trust (trust it with --trust %s, or set open: true)", from, from)}
 		}
-		d.mu.Lock()
-		free := d.cfg.MaxStages - len(d.runs)
-		d.mu.Unlock()
+		v := d.view.Load()
+		free := d.cfg.MaxStages - len(v.runs) - v.pending
 		r := wire.Reply{OK: true, Offer: &assign.Offer{Peer: d.host.ID().String(), Addrs: d.host.Addrs(),
 			MemoryBytes: d.cfg.MemoryBudgetBytes(), MaxStages: free, Precisions: d.cfg.Precisions(), NoExport: !d.cfg.ExportAllowed()}}
 		if m.Run != 0 && m.Spec != "" {

@@ -20,9 +20,9 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/multiformats/go-multiaddr"
@@ -81,31 +81,16 @@ type Daemon struct {
 	// runs, heartbeats, waits) and its stages; clock.Real but in tests. Stream deadlines
 	// and file times stay on the wall clock, which the network and the disk use.
 	clock clock.Clock
-	mu    sync.Mutex
-	runs  map[uint64]*worker.Worker
-	seen  map[[2]uint64]time.Time // plans (run, rejoin nonce) accepted and not yet expired, with their expiry; kept in the data directory too
-	ended map[uint64]time.Time    // when runs held here stopped: their late frames are dropped, not penalised, for endedMemory
-	// members are the peers of each run held here (its cells, as moved since, and its
-	// launcher): they alone may open tensor and reduce streams to this node.
-	members map[uint64]map[peer.ID]bool
-	// tensorIn are the tensor streams being read, by sender: a sender that is no
-	// longer a peer of any run here has its streams reset, not left open idle.
-	tensorIn map[peer.ID]map[network.Stream]bool
-	// reserved are the addresses of each run's peers let past the host's connection
-	// limits (p2p.Host.Reserve), released when the run ends here.
-	reserved map[uint64][]reservation
-	// ctlOpen counts each peer's control streams being served now (ctlPerPeer at most).
-	ctlOpen map[peer.ID]int
-	ctlIP   map[string]int // strangers' control streams being served, by remote IP address
-	// refusedAt is when an untrusted launcher's offer request was last logged.
-	refusedAt time.Time
-	finished  []status.Run // the last few runs that ended here, as they ended, oldest first
-	// heard is the newest training loss each run's last stage announced in its
-	// heartbeats, for the status of the other stages (which never see the loss).
-	heard map[uint64]heardLoss
+	// The run table is owned by the loop goroutine (table.go): reqs carries requests
+	// to it, quit ends it, stopped is closed once it has ended. view is what it
+	// publishes for the stream gates and the frames path.
+	reqs    chan envelope
+	quit    chan struct{}
+	stopped chan struct{}
+	view    atomic.Pointer[view]
 	// faultStallSync, if set, makes this node's stages hang in the all-reduce of the
 	// outer step after that inner step (fault injection for tests; see SetFaultStallSync).
-	faultStallSync int
+	faultStallSync atomic.Int64
 	wg             sync.WaitGroup
 
 	closeOnce sync.Once
@@ -197,9 +182,8 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOpts ...
 			}
 		}
 	}
-	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, runs: map[uint64]*worker.Worker{}, seen: map[[2]uint64]time.Time{}, ended: map[uint64]time.Time{}, clock: clock.Real,
-		members: map[uint64]map[peer.ID]bool{}, reserved: map[uint64][]reservation{}, tensorIn: map[peer.ID]map[network.Stream]bool{}, ctlOpen: map[peer.ID]int{}, ctlIP: map[string]int{},
-		heard: map[uint64]heardLoss{}, warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
+	d := &Daemon{cfg: cfg, log: log, dir: dir, host: h, trust: trust, clock: clock.Real,
+		reqs: make(chan envelope), quit: make(chan struct{}), stopped: make(chan struct{}), warns: warns, started: time.Now(), build: build.Read(), compute: computeBackends(cfg),
 		meters: traffic.NewMeters(p2p.ProtoControl, p2p.ProtoActivation, p2p.ProtoGradient, reduce.Proto, corpus.Proto)}
 	// Plans accepted before a restart stay refused until they expire.
 	accepted, err := dir.ReadAccepted(d.clock.Now())
@@ -208,9 +192,12 @@ func New(ctx context.Context, cfg *config.Config, log *slog.Logger, hostOpts ...
 		dir.Close()
 		return nil, err
 	}
+	t := newTable()
 	for _, a := range accepted {
-		d.seen[[2]uint64{a.Run, a.Nonce}] = a.Expires
+		t.seen[[2]uint64{a.Run, a.Nonce}] = a.Expires
 	}
+	d.view.Store(t.view())
+	go d.loop(t)
 	penalise := func(p peer.ID, err error) {
 		if !errors.Is(err, p2p.ErrViolation) {
 			log.Debug("stream failed; no penalty", "peer", p, "err", err)
@@ -293,16 +280,10 @@ func (d *Daemon) Snapshot() status.Snapshot {
 	slices.SortFunc(s.Peers, func(a, b status.Peer) int { return strings.Compare(a.ID, b.ID) })
 	s.Trust, s.Open, s.MemoryBudget, s.MaxStages, s.KeepRuns = slices.Clone(d.cfg.Trust), d.cfg.Open, d.cfg.MemoryBudget, d.cfg.MaxStages, d.cfg.KeepRuns
 	s.Compute, s.CPUOnly = d.compute, true // cpu32 and bf16, this build's backends, both run on the CPU
-	d.mu.Lock()
-	ws := make([]*worker.Worker, 0, len(d.runs))
-	for _, w := range d.runs {
-		ws = append(ws, w)
-	}
-	for i := len(d.finished) - 1; i >= 0; i-- {
-		s.Runs = append(s.Runs, d.finished[i])
-	}
-	heard := maps.Clone(d.heard)
-	d.mu.Unlock()
+	var st statusOf
+	d.ask(&st)
+	ws, heard := st.runs, st.heard
+	s.Runs = st.finished
 	// The newest plan first, as the runs that ended are.
 	slices.SortFunc(ws, func(a, b *worker.Worker) int {
 		if c := b.Plan().Created.Compare(a.Plan().Created); c != 0 {
@@ -351,11 +332,7 @@ func (d *Daemon) noteHeartbeat(from peer.ID, hb wire.Heartbeat) {
 		if w == nil || r.Stage != w.Spec().Pipeline.Stages-1 || !w.PeerHolds(from, r.Stage) {
 			continue
 		}
-		d.mu.Lock()
-		if h, ok := d.heard[id]; !ok || r.LossStep > h.step {
-			d.heard[id] = heardLoss{stage: r.Stage, step: r.LossStep, loss: r.Loss}
-		}
-		d.mu.Unlock()
+		d.ask(&lossHeard{run: id, loss: heardLoss{stage: r.Stage, step: r.LossStep, loss: r.Loss}})
 	}
 }
 
@@ -383,9 +360,7 @@ func (d *Daemon) Compute() []status.Backend { return d.compute }
 // responding would: they send their contributions, then never publish the chunks
 // they own. Fault injection for testing how the other replicas cope; 0 turns it off.
 func (d *Daemon) SetFaultStallSync(step int) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	d.faultStallSync = step
+	d.faultStallSync.Store(int64(step))
 }
 
 // ID is the node's peer ID.
@@ -508,12 +483,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 
 // Heartbeat is the node's heartbeat as of now.
 func (d *Daemon) Heartbeat() wire.Heartbeat {
-	d.mu.Lock()
-	ws := make([]*worker.Worker, 0, len(d.runs))
-	for _, w := range d.runs {
-		ws = append(ws, w)
-	}
-	d.mu.Unlock()
+	ws := slices.Collect(maps.Values(d.view.Load().runs))
 	hb := wire.Heartbeat{Peer: d.host.ID().String(), Version: d.build.Short(), Reachable: d.host.Reachability().State, Runs: []wire.HeartbeatRun{}}
 	hb.Addrs = d.host.Addrs()
 	for _, w := range ws {
@@ -538,13 +508,9 @@ func (d *Daemon) Close() error {
 }
 
 func (d *Daemon) close() error {
-	d.mu.Lock()
-	ws := make([]*worker.Worker, 0, len(d.runs))
-	for _, w := range d.runs {
-		ws = append(ws, w)
-	}
-	d.mu.Unlock()
-	for _, w := range ws {
+	var stop stopRuns
+	d.ask(&stop)
+	for _, w := range stop.runs {
 		w.Stop(ErrShutdown)
 		w.Start() // an accepted run never started still has to wind down
 	}
@@ -555,6 +521,9 @@ func (d *Daemon) close() error {
 	case <-d.clock.After(10 * time.Second):
 		d.log.Warn("runs did not stop in time")
 	}
+	// The runs' ends are in (or given up on): the table is done with.
+	close(d.quit)
+	<-d.stopped
 	var statusErr error
 	if d.status != nil {
 		statusErr = errors.Join(d.status.Close(), d.dir.RemoveStatusAddr())
@@ -566,11 +535,11 @@ func (d *Daemon) close() error {
 }
 
 // writeAccepted keeps the plans accepted and not yet expired in the data directory.
-// d.mu is held.
-func (d *Daemon) writeAccepted() error {
+// It runs on the loop.
+func (d *Daemon) writeAccepted(t *table) error {
 	now := d.clock.Now()
 	var all []datadir.Accepted
-	for k, exp := range d.seen {
+	for k, exp := range t.seen {
 		if exp.After(now) {
 			all = append(all, datadir.Accepted{Run: k[0], Nonce: k[1], Expires: exp})
 		}
@@ -582,26 +551,17 @@ func (d *Daemon) writeAccepted() error {
 // holdsRun reports whether run is held here or ended here a moment ago (its peers'
 // late all-reduce frames are then dropped, not penalised).
 func (d *Daemon) holdsRun(run uint64) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.runs[run] != nil || d.endedLocked(run)
+	v := d.view.Load()
+	return v.runs[run] != nil || d.endedIn(v, run)
 }
 
-func (d *Daemon) hasEnded(id uint64) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.endedLocked(id)
-}
+func (d *Daemon) hasEnded(id uint64) bool { return d.endedIn(d.view.Load(), id) }
 
-// endedLocked reports whether run id ended here less than endedMemory ago. d.mu is
-// held.
-func (d *Daemon) endedLocked(id uint64) bool {
-	t, ok := d.ended[id]
+// endedIn reports whether run id ended here less than endedMemory ago, as of v.
+func (d *Daemon) endedIn(v *view, id uint64) bool {
+	t, ok := v.ended[id]
 	return ok && d.clock.Since(t) < endedMemory
 }
 
-func (d *Daemon) run(id uint64) *worker.Worker {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.runs[id]
-}
+// run is the worker of run id held here, or nil.
+func (d *Daemon) run(id uint64) *worker.Worker { return d.view.Load().runs[id] }

@@ -148,8 +148,8 @@ func TestAssignmentsAreCheckedBeforeAnythingIsAllocated(t *testing.T) {
 	if err := d.accept(h.ID(), signed); err == nil {
 		t.Fatal("accepted a run whose payload does not match its signature")
 	}
-	if len(d.runs) != 0 {
-		t.Fatalf("%d runs created by refused assignments", len(d.runs))
+	if n := len(d.view.Load().runs); n != 0 {
+		t.Fatalf("%d runs created by refused assignments", n)
 	}
 }
 
@@ -237,9 +237,10 @@ func TestAnAssignmentNeverStartedIsReleasedWhenItsPlanExpires(t *testing.T) {
 // would break the next run with the same peers.
 func TestLateFramesForAnEndedRunAreDroppedWithoutPenalty(t *testing.T) {
 	d := testDaemon(t)
-	d.mu.Lock()
-	d.ended[42] = d.clock.Now()
-	d.mu.Unlock()
+	d.ask(inLoop(func(d *Daemon, t *table) {
+		t.ended[42] = d.clock.Now()
+		t.changed = true
+	}))
 	h := testHost(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -285,9 +286,7 @@ func TestAnEndedRunIsForgottenAfterAWhile(t *testing.T) {
 		t.Fatal("an ended run is remembered past endedMemory")
 	}
 	d.endRun(8, status.Run{})
-	d.mu.Lock()
-	_, kept := d.ended[7]
-	d.mu.Unlock()
+	_, kept := d.view.Load().ended[7]
 	if kept || !d.hasEnded(8) {
 		t.Fatalf("after run 8 ended: run 7's record kept %v, run 8 remembered %v; want false, true", kept, d.hasEnded(8))
 	}
@@ -363,9 +362,8 @@ func TestAPlanAcceptedBeforeARestartIsRefusedAfterIt(t *testing.T) {
 	}
 	// Once a plan has expired it is forgotten (and refused as expired anyway).
 	time.Sleep(400 * time.Millisecond)
-	d.mu.Lock()
-	err := d.writeAccepted()
-	d.mu.Unlock()
+	var err error
+	d.ask(inLoop(func(d *Daemon, t *table) { err = d.writeAccepted(t) }))
 	if err != nil {
 		t.Fatal(err)
 	}

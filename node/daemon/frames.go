@@ -47,37 +47,23 @@ func (d *Daemon) handleFrames(proto protocol.ID) func(network.Stream) {
 }
 
 // trackTensorIn records s, a tensor stream from p being read, if p is still a peer of
-// a run here.
+// a run here. It asks the loop (once a stream), so that a run's end, which resets
+// the streams of its peers, sees every stream tracked.
 func (d *Daemon) trackTensorIn(p peer.ID, s network.Stream) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if !d.isMemberLocked(p) {
-		return false
-	}
-	if d.tensorIn[p] == nil {
-		d.tensorIn[p] = map[network.Stream]bool{}
-	}
-	d.tensorIn[p][s] = true
-	return true
+	r := &tensorOpened{p: p, s: s}
+	return d.ask(r) && r.ok
 }
 
 func (d *Daemon) untrackTensorIn(p peer.ID, s network.Stream) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	delete(d.tensorIn[p], s)
-	if len(d.tensorIn[p]) == 0 {
-		delete(d.tensorIn, p)
-	}
+	d.ask(&tensorClosed{p: p, s: s})
 }
 
 // frameLimit is the largest frame any run here expects, so a compressed frame cannot
 // make the node allocate more than a real one would; with no run, frames are refused
-// after their header anyway.
+// after their header anyway. Read on every frame: from the loop's view.
 func (d *Daemon) frameLimit() int {
-	d.mu.Lock()
-	defer d.mu.Unlock()
 	limit := 1 << 20
-	for _, w := range d.runs {
+	for _, w := range d.view.Load().runs {
 		limit = max(limit, w.MaxFrameBytes())
 	}
 	return limit

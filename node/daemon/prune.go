@@ -142,9 +142,8 @@ func PruneRuns(dataDir string, keep int, inUse map[string]bool) ([]RunFolder, er
 }
 
 // pruneRuns applies the node's keep_runs, sparing the runs it holds now and the runs
-// they resumed from. The folders are renamed away while d.mu is held, so a plan being
-// accepted (its checkpoint is loaded under d.mu) either sees its resume folder whole
-// or not at all.
+// they resumed from. The folders are renamed away on the loop (pruneFolders), which
+// counts the plans being accepted as held.
 func (d *Daemon) pruneRuns() {
 	if d.cfg.KeepRuns <= 0 {
 		return
@@ -154,25 +153,11 @@ func (d *Daemon) pruneRuns() {
 		d.log.Warn("run folders not pruned", "err", err)
 		return
 	}
-	d.mu.Lock()
-	inUse := map[string]bool{}
-	for id, w := range d.runs {
-		inUse[fmt.Sprintf("%016x", id)] = true
-		if w.Plan().Resume != nil {
-			inUse[fmt.Sprintf("%016x", w.Plan().Resume.Run)] = true
-		}
+	r := &pruneFolders{folders: runs}
+	if !d.ask(r) {
+		return
 	}
-	var moved []RunFolder
-	for _, f := range Prunable(runs, d.cfg.KeepRuns, inUse) {
-		tmp := filepath.Join(filepath.Dir(f.Path), ".pruned-"+f.ID)
-		if err := os.Rename(f.Path, tmp); err != nil {
-			d.log.Warn("run folder not pruned", "run", f.ID, "err", err)
-			continue
-		}
-		f.Path = tmp
-		moved = append(moved, f)
-	}
-	d.mu.Unlock()
+	moved := r.moved
 	var freed int64
 	var ids []string
 	for _, f := range moved {
