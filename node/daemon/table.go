@@ -301,7 +301,9 @@ type ctlClosed struct {
 
 func (r *ctlClosed) do(d *Daemon, t *table) {
 	if r.class == ctlStranger {
-		t.ctlOpen[""]--
+		if t.ctlOpen[""]--; t.ctlOpen[""] <= 0 {
+			delete(t.ctlOpen, "")
+		}
 		if t.ctlIP[r.ip]--; t.ctlIP[r.ip] <= 0 {
 			delete(t.ctlIP, r.ip)
 		}
