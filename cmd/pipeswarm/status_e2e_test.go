@@ -46,9 +46,14 @@ func TestStatusPageAndMetricsFollowATwoNodeRun(t *testing.T) {
 	specPath, keyPath, nodes, peerArgs := startSwarm(t, dir, statusSpec, 2, "--status", "127.0.0.1:0", "--threads", "1")
 	addrs := make([]string, len(nodes))
 	for i, n := range nodes {
+		// A node writes status_addr after addrs, which is all startSwarm waits for.
 		b, err := os.ReadFile(filepath.Join(n.dir, "status_addr"))
+		for deadline := time.Now().Add(30 * time.Second); err != nil && time.Now().Before(deadline); {
+			time.Sleep(50 * time.Millisecond)
+			b, err = os.ReadFile(filepath.Join(n.dir, "status_addr"))
+		}
 		if err != nil {
-			t.Fatalf("node %d wrote no status_addr: %v", i, err)
+			t.Fatalf("node %d wrote no status_addr in 30 s: %v", i, err)
 		}
 		addrs[i] = strings.TrimSpace(string(b))
 	}
