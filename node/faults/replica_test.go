@@ -28,7 +28,7 @@ data: {val_fraction: 0.01}
 // next outer step with the stage's state fetched from the live replica, and trains
 // to the end in agreement with it.
 func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
-	sw := newSwarm(t, 4)
+	sw := newSwarmOn(t, 4, paced)
 	const last = 1000 // long enough for the node to come back (see restart)
 	sp := mustSpec(t, fmt.Sprintf(rejoinSpec, last))
 	out := filepath.Join(sw.dir, "launched")
@@ -61,7 +61,7 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 // replica counts it into its all-reduce), fetches the stage's state from the live
 // replica, and the pipeline trains on in agreement.
 func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
-	sw := newSwarm(t, 4)
+	sw := newSwarmOn(t, 4, paced)
 	const last = 400
 	sp := mustSpec(t, fmt.Sprintf(rejoinSpec, last))
 	out := filepath.Join(sw.dir, "launched")
@@ -92,8 +92,8 @@ func TestNewcomerTakesTheCellOfAKilledNode(t *testing.T) {
 // the state, rejoins at the next outer step and trains to the end in agreement with
 // replica 0.
 func TestSurvivorsOfTwoBrokenPipelinesArePairedIntoOne(t *testing.T) {
-	sw := newSwarm(t, 6)
-	const last = 240
+	sw := newSwarmOn(t, 6, paced)
+	const last = 400
 	sp := mustSpec(t, strings.Replace(fmt.Sprintf(rejoinSpec, last), "replicas: 2", "replicas: 3", 1))
 	out := filepath.Join(sw.dir, "launched")
 	l := sw.launch(sp, out, false, sw.peers())

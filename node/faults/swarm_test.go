@@ -40,6 +40,13 @@ var underRace = map[string]bool{
 // bound by compute, with a real round trip for the deadlines to measure.
 var link = simlink.Link{Mbps: 1000, Latency: time.Millisecond}
 
+// paced is the access link of swarms whose fault must be handled while the run goes
+// on (a node coming back, a newcomer, a re-pairing): these take wall time (peers
+// dropping a dead process's connections, probes every 2 s, a join at the next outer
+// step), not steps, so the steps are bound by the link's round trip rather than by
+// compute, and the run lasts about as long on an idle machine as on a loaded one.
+var paced = simlink.Link{Mbps: 1000, Latency: 10 * time.Millisecond}
+
 // swarm is nodes and launchers in this process, every host on QUIC over one
 // simulated network, the nodes trusting one launcher key.
 type swarm struct {
@@ -49,9 +56,16 @@ type swarm struct {
 	key   crypto.PrivKey
 	trust string
 	nodes []*simNode
+	link  simlink.Link // every host's access link
 }
 
 func newSwarm(t *testing.T, n int) *swarm {
+	t.Helper()
+	return newSwarmOn(t, n, link)
+}
+
+// newSwarmOn is newSwarm with every host on access link l.
+func newSwarmOn(t *testing.T, n int, l simlink.Link) *swarm {
 	t.Helper()
 	if testing.Short() {
 		t.Skip("trains a model on a swarm; skipped in -short mode")
@@ -67,7 +81,7 @@ func newSwarm(t *testing.T, n int) *swarm {
 	if err != nil {
 		t.Fatal(err)
 	}
-	sw := &swarm{t: t, dir: t.TempDir(), net: simlink.New(1), key: key, trust: id.String()}
+	sw := &swarm{t: t, dir: t.TempDir(), net: simlink.New(1), key: key, trust: id.String(), link: l}
 	// Cleanups run last-in first-out: the nodes close before the network.
 	t.Cleanup(func() { sw.net.Close() })
 	for range n {
@@ -94,7 +108,7 @@ func newSwarm(t *testing.T, n int) *swarm {
 // add starts a new node on its own link and data directory.
 func (sw *swarm) add(opts ...func(*config.Config)) *simNode {
 	sw.t.Helper()
-	tr, listen, err := sw.net.Node(link)
+	tr, listen, err := sw.net.Node(sw.link)
 	if err != nil {
 		sw.t.Fatal(err)
 	}
@@ -255,7 +269,7 @@ func (nd *simNode) waitForgotten(within time.Duration) {
 func (nd *simNode) restartElsewhere() {
 	nd.sw.t.Helper()
 	nd.stop()
-	tr, listen, err := nd.sw.net.Node(link)
+	tr, listen, err := nd.sw.net.Node(nd.sw.link)
 	if err != nil {
 		nd.sw.t.Fatal(err)
 	}
@@ -297,7 +311,7 @@ type launch struct {
 // launch starts launching sp on peers into out (Resume if resume).
 func (sw *swarm) launch(sp *spec.Spec, out string, resume bool, peers []string) *launch {
 	sw.t.Helper()
-	tr, listen, err := sw.net.Node(link)
+	tr, listen, err := sw.net.Node(sw.link)
 	if err != nil {
 		sw.t.Fatal(err)
 	}
