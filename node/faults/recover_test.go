@@ -4,6 +4,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -84,18 +86,26 @@ func TestNodeKilledAndRestartedAfterAnEarlierLaunchRejoins(t *testing.T) {
 // node killed after it resumes from there.
 func TestNodeKilledAfterATimedCheckpointResumesFromIt(t *testing.T) {
 	src := strings.NewReplacer("checkpoint_interval: 5\ncheckpoint_seconds: 0\n", "checkpoint_seconds: 1\n", "steps: 40", "steps: 400").Replace(recoverSpec)
-	ready := func(_ *launch, nd *simNode) {
+	ready := func(l *launch, nd *simNode) {
 		deadline := time.Now().Add(60 * time.Second)
 		for {
 			// The earlier run's and this one's (the state is written last).
 			if ck, _ := filepath.Glob(filepath.Join(nd.dir, "runs", "*", "stage-1.state.safetensors")); len(ck) == 2 {
-				return
+				break
 			}
 			if time.Now().After(deadline) {
 				t.Fatal("no checkpoint by time on the stage-1 node in 60 s")
 			}
 			time.Sleep(10 * time.Millisecond)
 		}
+		// A run resumes from no step later than the launcher has recorded: the kill
+		// comes once it holds the row of the step checkpointed, as it soon would.
+		m := regexp.MustCompile(`checkpoint due by time; every stage takes it at a step ahead" step=(\d+)`).FindStringSubmatch(l.log.String())
+		if m == nil {
+			t.Fatal("the launcher did not say which step the checkpoint by time is at")
+		}
+		step, _ := strconv.Atoi(m[1])
+		l.steps.wait(t, 0, step, 60*time.Second)
 	}
 	restartMidRun(t, src, ready, (*simNode).kill, (*simNode).restart, resumed)
 }
