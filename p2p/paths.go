@@ -14,6 +14,7 @@ import (
 	"github.com/libp2p/go-libp2p/core/peer"
 	"github.com/libp2p/go-libp2p/core/protocol"
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
+	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
 )
 
@@ -41,6 +42,35 @@ func HasDirect(n network.Network, p peer.ID) bool {
 
 // ConnRelayed reports whether c runs through a relay (and so is limited).
 func ConnRelayed(c network.Conn) bool { return c.Stat().Limited || isRelayed(c) }
+
+// Redial connects to p (relayed will do) even if a dial to it failed a moment
+// ago: libp2p would otherwise refuse to dial p again for seconds (dial backoff),
+// though a dial that fails at once, two peers dialling each other in the same
+// instant, a handshake cut short, says little about whether p is there.
+func (h *Host) Redial(ctx context.Context, p peer.ID) error {
+	if s, ok := h.Network().(*swarm.Swarm); ok {
+		s.Backoff().Clear(p)
+	}
+	return h.Host.Connect(AllowRelayed(ctx, "redial"), peer.AddrInfo{ID: p})
+}
+
+// Reach redials p until a connection is up or ctx ends, pausing a little
+// longer after each failure; it returns the last dial's error.
+func (h *Host) Reach(ctx context.Context, p peer.ID) error {
+	for pause := 20 * time.Millisecond; ; pause = min(2*pause, 500*time.Millisecond) {
+		err := h.Redial(ctx, p)
+		if err == nil {
+			return nil
+		}
+		t := time.NewTimer(pause)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+	}
+}
 
 // AllowRelayed marks ctx so that streams opened with it may run on relayed
 // (limited) connections; libp2p otherwise waits for a direct one.

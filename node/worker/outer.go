@@ -9,7 +9,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/wire"
@@ -173,9 +172,11 @@ func (w *Worker) connectReplicas() {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			ctx, cancel := context.WithTimeout(p2p.AllowRelayed(w.ctx, "replica"), clock.Deadline(0, w.host.Peerstore().LatencyEWMA(id), clock.Brief))
+			ctx, cancel := context.WithTimeout(w.ctx, clock.Deadline(0, w.host.Peerstore().LatencyEWMA(id), clock.Brief))
 			defer cancel()
-			if err := w.host.Host.Connect(ctx, peer.AddrInfo{ID: id}); err != nil {
+			// Dialled again until the deadline: replicas left apart by one failed
+			// dial would each step alone and drift apart.
+			if err := w.host.Reach(ctx, id); err != nil {
 				w.log.Warn("cannot reach a replica of this stage", "replica", r, "peer", id, "err", err)
 			}
 		}()

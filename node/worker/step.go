@@ -498,7 +498,7 @@ const redialWithin = 2 * time.Second
 func (w *Worker) neighbourGone(s int, p peer.ID) {
 	ctx, cancel := context.WithTimeout(w.ctx, redialWithin)
 	defer cancel()
-	if w.host.Host.Connect(ctx, peer.AddrInfo{ID: p}) == nil && roundTrip(ctx, w.host.Host, p) == nil {
+	if w.host.Redial(ctx, p) == nil && roundTrip(ctx, w.host.Host, p) == nil {
 		w.log.Info("a neighbour's connection closed; reconnected", "stage", s, "node", p)
 		return
 	}

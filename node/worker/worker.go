@@ -573,7 +573,7 @@ func (w *Worker) reachLauncher(grace time.Duration) {
 	deadline := w.clock.Now().Add(grace)
 	for pause := 250 * time.Millisecond; ; pause = min(2*pause, 2*time.Second) {
 		ctx, cancel := context.WithTimeout(w.ctx, pause)
-		err := w.host.Host.Connect(p2p.AllowRelayed(ctx, "launcher"), peer.AddrInfo{ID: w.launcher})
+		err := w.host.Redial(ctx, w.launcher)
 		if err == nil {
 			// Connect takes any connection it has for one that works: one to a launcher
 			// gone without a word (its machine off, its link dead, over QUIC) stays
