@@ -2,6 +2,7 @@ package p2p
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"slices"
@@ -55,12 +56,13 @@ func (h *Host) Redial(ctx context.Context, p peer.ID) error {
 }
 
 // Reach redials p until a connection is up or ctx ends, pausing a little
-// longer after each failure; it returns the last dial's error.
+// longer after each failure; it returns the last dial's error. A peer with no
+// known address is not dialled again: nothing would change by waiting.
 func (h *Host) Reach(ctx context.Context, p peer.ID) error {
 	for pause := 20 * time.Millisecond; ; pause = min(2*pause, 500*time.Millisecond) {
 		err := h.Redial(ctx, p)
-		if err == nil {
-			return nil
+		if err == nil || errors.Is(err, swarm.ErrNoAddresses) {
+			return err
 		}
 		t := time.NewTimer(pause)
 		select {

@@ -9,7 +9,6 @@ import (
 	"sync"
 	"time"
 
-
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/wire"
 	"github.com/pipeswarm/pipeswarm/p2p"
@@ -112,7 +111,7 @@ func (w *Worker) runReduce(e *syncDone) {
 			res, err = w.group.AllReduce(w.ctx, round, e.ys[i], arrive)
 			if errors.Is(err, reduce.ErrBehind) {
 				w.log.Warn("fell behind the other replicas; fetching the stage's global state", "step", e.step)
-				if fetched, err = w.fetchState(round, arrive); err == nil {
+				if fetched, err = w.fetchState(e.step, arrive); err == nil {
 					break
 				}
 			}
@@ -134,17 +133,23 @@ func (w *Worker) reduced(r reduceDone) error {
 }
 
 // fetchState downloads the stage's global weights and outer momentum from a live
-// replica once they include round: the others may still be finishing it when this
-// one learns it was left out. It tries for as long as a replica is waited for.
-func (w *Worker) fetchState(round uint64, wait time.Duration) (*fetchedState, error) {
+// replica as of the outer step after step: the others may still be finishing it when
+// this one learns it was left out, or already be a step further (they keep the one
+// before too). A later state would not do: this stage would hold another step's
+// weights than the others at this one. It tries for as long as a replica is waited for.
+func (w *Worker) fetchState(step int, wait time.Duration) (*fetchedState, error) {
+	F := uint64(w.sp.DiLoCo.Fragments)
+	want := uint64(step)*F + F - 1
 	deadline := w.clock.Now().Add(wait)
 	for pause := 50 * time.Millisecond; ; pause = min(2*pause, time.Second) {
-		r, vecs, err := w.group.FetchState(w.ctx)
+		r, vecs, err := w.group.FetchStateAt(w.ctx, want)
 		switch {
-		case err == nil && r >= round:
+		case err == nil && r == want:
 			return &fetchedState{round: r, vecs: vecs}, nil
+		case err == nil && r < want:
+			err = fmt.Errorf("the replicas' state is of round %d, before round %d", r, want)
 		case err == nil:
-			err = fmt.Errorf("the replicas' state is of round %d, before round %d", r, round)
+			err = fmt.Errorf("the replicas' state is of round %d, past round %d", r, want)
 		}
 		if w.clock.Now().After(deadline) || w.ctx.Err() != nil {
 			return nil, fmt.Errorf("behind the other replicas, and fetching their state failed: %w", err)

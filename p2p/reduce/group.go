@@ -456,7 +456,7 @@ func (g *Group) onFrame(ev evFrame) {
 	case typeJoin:
 		g.onJoin(ev.from, h.round)
 	case typeJoinAck:
-		g.joinAcked(ev.from)
+		g.onJoinAck(ev.from, h.round)
 	case typeLeave:
 		g.onDown(ev.from, errors.New("left"))
 	case typeStateReq:
@@ -614,6 +614,18 @@ func (g *Group) candidates() []int {
 		}
 	}
 	return append(live, rest...)
+}
+
+// onJoinAck: member from counts us in again from round r. Past the round after
+// the state we fetched, it has finished a round without us since it served that
+// state: taking part in that round now would leave us with other weights than
+// it, so only fetching again helps (at our next round, as for any member behind).
+func (g *Group) onJoinAck(from int, r uint64) {
+	if g.started && r > g.lastRound+1 && g.live&bit(from) != 0 && !g.needFetch {
+		g.log.Info("behind: a member finished a round since serving the state fetched", "member", g.peerName(from), "fetched", g.lastRound, "counted_from", r)
+		g.needFetch = true
+	}
+	g.joinAcked(from)
 }
 
 // joinAcked notes that member p counts us in again.

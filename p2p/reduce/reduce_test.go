@@ -767,3 +767,68 @@ func TestADroppedMemberIsGivenUpInTheRoundInProgress(t *testing.T) {
 		})
 	}
 }
+
+// A member fetches state a round old (served just before the others finished the
+// next round without it): the others count it in from the round after the one they
+// finished, so its next round fails with ErrBehind instead of running alone, and
+// once it fetches the newer state every member's round matches the reference.
+func TestAMemberWhoseFetchedStateIsARoundOldIsBehind(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	const R, v = 3, 2
+	c := spec(t, "int8/32+zstd")
+	var mu sync.Mutex
+	served := map[int]struct {
+		round uint64
+		vecs  [][]float32
+	}{}
+	cl := newCluster(t, R, c, func(i int, cfg *GroupConfig) {
+		cfg.State = func(uint64) (uint64, [][]float32) {
+			mu.Lock()
+			defer mu.Unlock()
+			return served[i].round, served[i].vecs
+		}
+	})
+	ys := randVecs(R, PieceValues+3, 5)
+	serve := func(out []outcome, who []int) {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, i := range who {
+			if out[i].err != nil {
+				t.Fatalf("round of member %d: %v", i, out[i].err)
+			}
+			served[i] = struct {
+				round uint64
+				vecs  [][]float32
+			}{out[i].res.Round, [][]float32{out[i].res.Avg, {float32(out[i].res.Round)}}}
+		}
+	}
+	serve(cl.run(ctx, 1, ys, time.Minute, nil), others(R))
+	live := others(R, v)
+	serve(cl.run(ctx, 2, ys, 200*time.Millisecond, live), live)
+	if _, err := cl.groups[v].AllReduce(ctx, 2, ys[v], time.Minute); !errors.Is(err, ErrBehind) {
+		t.Fatalf("late member's round 2: %v, want ErrBehind", err)
+	}
+	// The others finish round 3 without it but still serve round 2's state.
+	out3 := cl.run(ctx, 3, ys, 200*time.Millisecond, live)
+	round, _, err := cl.groups[v].FetchState(ctx)
+	if err != nil || round != 2 {
+		t.Fatalf("FetchState: round %d, %v; want round 2", round, err)
+	}
+	if res, err := cl.groups[v].AllReduce(ctx, 3, ys[v], 200*time.Millisecond); !errors.Is(err, ErrBehind) {
+		t.Fatalf("round 3 after fetching round 2's state, which the others finished without it: %+v, %v; want ErrBehind", res, err)
+	}
+
+	serve(out3, live)
+	if round, _, err := cl.groups[v].FetchState(ctx); err != nil || round != 3 {
+		t.Fatalf("second FetchState: round %d, %v; want round 3", round, err)
+	}
+	out := cl.run(ctx, 4, ys, time.Minute, nil)
+	avg, _, _ := Reference(c, ys)
+	for i, o := range out {
+		if o.err != nil {
+			t.Fatalf("round 4, member %d: %v", i, o.err)
+		}
+		mustEqual(t, fmt.Sprintf("round 4 member %d Avg", i), o.res.Avg, avg)
+	}
+}
