@@ -552,7 +552,11 @@ func (g *Group) onDrop(from int, r uint64, mask uint64) {
 }
 
 func (g *Group) onJoin(from int, r uint64) {
-	if g.started {
+	switch rs := g.cur; {
+	case rs != nil && !rs.done && rs.id >= r && rs.alive()&bit(from) != 0:
+		// Counted in the round in progress already (an earlier join's ack).
+		r = rs.id
+	case g.started:
 		r = max(r, g.lastRound+1)
 	}
 	g.joinAt[from] = max(r, 1)
@@ -617,7 +621,7 @@ func (g *Group) candidates() []int {
 }
 
 // onJoinAck: member from counts us in again from round r. Past the round after
-// the state we fetched, it has finished a round without us since it served that
+// the state we fetched, it has started a round without us since it served that
 // state: taking part in that round now would leave us with other weights than
 // it, so only fetching again helps (at our next round, as for any member behind).
 func (g *Group) onJoinAck(from int, r uint64) {

@@ -815,17 +815,34 @@ func TestAMemberWhoseFetchedStateIsARoundOldIsBehind(t *testing.T) {
 	if err != nil || round != 2 {
 		t.Fatalf("FetchState: round %d, %v; want round 2", round, err)
 	}
-	if res, err := cl.groups[v].AllReduce(ctx, 3, ys[v], 200*time.Millisecond); !errors.Is(err, ErrBehind) {
-		t.Fatalf("round 3 after fetching round 2's state, which the others finished without it: %+v, %v; want ErrBehind", res, err)
+	serve(out3, live)
+	// The others start round 4 counting it in; its frames of round 3 are then a
+	// member's late ones, which they do not answer.
+	var wg sync.WaitGroup
+	out4 := make([]outcome, R)
+	for _, i := range live {
+		wg.Go(func() {
+			res, err := cl.groups[i].AllReduce(ctx, 4, ys[i], time.Minute)
+			out4[i] = outcome{res, err}
+		})
+	}
+	time.Sleep(100 * time.Millisecond)
+	if res, err := cl.groups[v].AllReduce(ctx, 3, ys[v], 2*time.Second); !errors.Is(err, ErrBehind) {
+		var missing []int
+		if res != nil {
+			missing = res.Missing
+		}
+		t.Fatalf("round 3 after fetching round 2's state, which the others finished without it: missing %v, err %v; want ErrBehind", missing, err)
 	}
 
-	serve(out3, live)
 	if round, _, err := cl.groups[v].FetchState(ctx); err != nil || round != 3 {
 		t.Fatalf("second FetchState: round %d, %v; want round 3", round, err)
 	}
-	out := cl.run(ctx, 4, ys, time.Minute, nil)
+	res, err := cl.groups[v].AllReduce(ctx, 4, ys[v], time.Minute)
+	out4[v] = outcome{res, err}
+	wg.Wait()
 	avg, _, _ := Reference(c, ys)
-	for i, o := range out {
+	for i, o := range out4 {
 		if o.err != nil {
 			t.Fatalf("round 4, member %d: %v", i, o.err)
 		}
