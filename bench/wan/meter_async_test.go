@@ -1,9 +1,7 @@
 package wan
 
 import (
-	"errors"
 	"fmt"
-	"strings"
 	"testing"
 	"time"
 
@@ -115,17 +113,4 @@ func TestMeterAsyncHidesTheLinksLatency(t *testing.T) {
 		t.Errorf("async at 25 ms is %.2f× sync's speed (walls %v, %v); want ≥ 2×", r, async.Wall, sync.Wall)
 	}
 	t.Logf("walls: async %v (ideal %v), sync %v (ideal %v)", async.Wall, asyncIdeal.Wall, sync.Wall, syncIdeal.Wall)
-}
-
-func TestRunNamesTheMeterForAnAsyncSpecNoLiveSwarmRuns(t *testing.T) {
-	sp := pipeSpec(t, 2, 2, 4, "async")
-	if sp.CheckLive() == nil {
-		t.Skip("live swarms run async specs")
-	}
-	for _, mode := range []string{ModeSim, ModeNetns} {
-		_, err := Run(t.Context(), Options{Spec: sp, Profile: &Profile{Name: "home", BandwidthMbps: 100, LatencyMs: 25}, Mode: mode, OutDir: t.TempDir(), CacheDir: t.TempDir()})
-		if !errors.Is(err, spec.ErrTrainOnly) || !strings.Contains(err.Error(), "--mode meter") {
-			t.Errorf("%s mode, async spec: %v; want it refused, pointing at meter mode", mode, err)
-		}
-	}
 }

@@ -92,11 +92,6 @@ printed beside the profile's figures.
 	if err != nil {
 		return err
 	}
-	if *mode != wan.ModeMeter { // the meter schedules an async run from the stages' cores
-		if err := sp.CheckLive(); err != nil {
-			return err
-		}
-	}
 	if *evalEvery > 0 {
 		sp.EvalInterval = *evalEvery
 		if err := sp.Validate(); err != nil {

@@ -175,6 +175,42 @@ func TestBenchWANSimRunsTheSwarmOverSimulatedLinks(t *testing.T) {
 	}
 }
 
+// The sim swarm runs an async spec as it runs a sync one: its losses are the
+// centralised run's (train simulates the async schedule exactly), and --check-meter
+// predicts its update time from the stages' cores.
+func TestBenchWANSimRunsAnAsyncSwarmAsTrainDoes(t *testing.T) {
+	dir := t.TempDir()
+	specPath := filepath.Join(dir, "run.yaml")
+	async := strings.Replace(wanSpec, "pipeline: {stages: 2, micro_batches: 2}", "pipeline: {stages: 2, micro_batches: 2, in_flight: 4, schedule: async}", 1)
+	if err := os.WriteFile(specPath, []byte(async), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out := filepath.Join(dir, "out")
+	code, _, stderr := runCLI(t, "bench", "wan", "--spec", specPath, "--profile", "home", "--check-meter", "--threads", "1",
+		"--out", out, "--cache", filepath.Join(dir, "cache"), "--quiet")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	r := checkReport(t, out, "sim", 2)
+	if s, _ := r["schedule"].(string); !strings.HasPrefix(s, "async") {
+		t.Errorf("report schedule %q, want async", s)
+	}
+	gap, _ := r["loss_gap"].([]any)
+	if len(gap) == 0 {
+		t.Fatal("no loss gap points")
+	}
+	for _, g := range gap {
+		if v := g.(map[string]any)["gap"].(float64); v != 0 {
+			t.Errorf("validation loss differs from the centralised run's: %v", g)
+		}
+	}
+	for _, k := range []string{"measured_step_s", "meter_step_s"} {
+		if v, _ := r[k].(float64); !(v > 0) {
+			t.Errorf("%s = %v, want the median update time", k, r[k])
+		}
+	}
+}
+
 func TestBenchWANSimRunsSixteenNodes(t *testing.T) {
 	if testing.Short() {
 		t.Skip("16 in-process nodes; skipped in -short")

@@ -162,20 +162,3 @@ func TestLogFlagsChooseFormatAndLevel(t *testing.T) {
 		}
 	}
 }
-
-// An async spec trains in one process (and launches, see the async e2e test); the
-// WAN bench's sim mode refuses it, naming the field and line, before it builds a swarm.
-func TestBenchWANRefusesAnAsyncSpecThatTrainRuns(t *testing.T) {
-	specPath := filepath.Join(t.TempDir(), "async.yaml")
-	async := strings.Replace(testSpec, "pipeline: {stages: 2, micro_batches: 2}", "pipeline: {stages: 2, micro_batches: 2, schedule: async}", 1)
-	if err := os.WriteFile(specPath, []byte(async), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	code, _, stderr := runCLI(t, "bench", "wan", "--spec", specPath)
-	if code != 1 || !strings.Contains(stderr, "async.yaml:5: pipeline.schedule: async runs in `pipeswarm train`, `pipeswarm launch` and `pipeswarm bench wan --mode meter` only") {
-		t.Errorf("bench wan: exit %d, stderr %q; want exit 1 naming async.yaml:5, train, launch and the meter", code, stderr)
-	}
-	if code, _, stderr := runCLI(t, "train", specPath, "--out", t.TempDir(), "--quiet"); code != 0 {
-		t.Errorf("train of the async spec: exit %d, %s", code, stderr)
-	}
-}

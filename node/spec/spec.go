@@ -604,22 +604,6 @@ func (s *Spec) checkPath(field, path string) error {
 	return s.dataErr(field, err, fmt.Sprintf("%q: %v; want a text file, a directory of text files, a .jsonl file, a glob of those, or a directory 'pipeswarm data prepare' wrote (a relative path is read from the directory the command runs in), or \"\" for the built-in corpus", path, why))
 }
 
-// ErrTrainOnly is wrapped by CheckLive's error: the spec is valid, but the WAN bench's
-// swarms do not run it yet.
-var ErrTrainOnly = errors.New("runs in train, launch and the meter only")
-
-// CheckLive reports what a spec asks for that the WAN bench's swarms (its sim and
-// netns modes) do not run yet: the async schedule (train, launch and the bench's
-// meter run it). The bench calls it after Validate.
-func (s *Spec) CheckLive() error {
-	if !s.Pipeline.Async() {
-		return nil
-	}
-	return &fieldError{file: s.src.file, line: s.src.lines["pipeline.schedule"], field: "pipeline.schedule",
-		msg:  "async runs in `pipeswarm train`, `pipeswarm launch` and `pipeswarm bench wan --mode meter` only for now, not in the bench's sim or netns modes: use --mode meter, or remove the field or set it to sync",
-		kind: ErrTrainOnly}
-}
-
 // Clone returns a copy of s that shares nothing mutable with it.
 func (s *Spec) Clone() *Spec {
 	c := *s

@@ -839,18 +839,10 @@ func TestAsyncDefaultsItsDelayAndSyncTextIsUnchanged(t *testing.T) {
 	if txt := s.String(); strings.Contains(txt, "schedule") || strings.Contains(txt, "delay") {
 		t.Errorf("a sync spec's text names schedule or delay:\n%s", txt)
 	}
-	if err := s.CheckLive(); err != nil {
-		t.Errorf("CheckLive of a sync spec: %v", err)
-	}
-	src, line := edit(t, "pipeline.in_flight", "0\n  schedule: async")
+	src, _ := edit(t, "pipeline.in_flight", "0\n  schedule: async")
 	a := mustParse(t, src)
 	if !a.Pipeline.Async() || a.Train.Delay != DefaultDelay {
 		t.Errorf("async without delay: schedule %q, delay %q; want async, %s", a.Pipeline.Schedule, a.Train.Delay, DefaultDelay)
-	}
-	err := a.CheckLive()
-	want := fmt.Sprintf("t.yaml:%d: pipeline.schedule: async runs in `pipeswarm train`, `pipeswarm launch` and `pipeswarm bench wan --mode meter` only", line+1)
-	if !errors.Is(err, ErrTrainOnly) || !strings.Contains(err.Error(), want) {
-		t.Errorf("CheckLive of an async spec: %v; want ErrTrainOnly containing %q", err, want)
 	}
 	// An async stage's forwards run on into later updates: in_flight may exceed a
 	// step's micro-batches.
