@@ -48,6 +48,18 @@ func DelayMomentum(beta1, delay float64) float32 {
 	return float32(1 - (1-beta1)/(1+delay))
 }
 
+// DelayLR is the factor on the learning rate of a stage whose gradients arrive delay
+// updates late, 1/√(1+delay): a gradient of weights delay updates old points where the
+// weights were, and the further the weights moved since, the smaller the step it can
+// safely take (PipeMare found the same: an asynchronous stage's stable step size
+// shrinks with its delay). With no delay it is 1.
+func DelayLR(delay float64) float32 {
+	if delay <= 0 {
+		return 1
+	}
+	return float32(1 / math.Sqrt(1+delay))
+}
+
 // NAdam is Adam with Nesterov momentum (Dozat 2016) and decoupled weight decay, with
 // PyTorch torch.optim.NAdam(decoupled_weight_decay=True) semantics, over one flat
 // buffer of n parameters. It owns the moments m and v, the step count t and the

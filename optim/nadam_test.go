@@ -225,3 +225,16 @@ func TestDelayMomentumGrowsTheHorizonByTheDelay(t *testing.T) {
 		}
 	}
 }
+
+func TestDelayLRShrinksTheStepWithTheSquareRootOfTheDelay(t *testing.T) {
+	for _, c := range []struct {
+		delay float64
+		want  float32
+	}{
+		{0, 1}, {-1, 1}, {1, float32(1 / math.Sqrt2)}, {3, 0.5}, {0.75, float32(1 / math.Sqrt(1.75))},
+	} {
+		if got := DelayLR(c.delay); got != c.want {
+			t.Errorf("DelayLR(%v) = %v, want %v", c.delay, got, c.want)
+		}
+	}
+}

@@ -27,6 +27,9 @@ type Unit struct {
 	Outer *Outer    // the DiLoCo state; nil without replicas
 
 	opt rule
+	// lrScale multiplies the learning rate Update is given (0: by 1): a delay-corrected
+	// async stage's optim.DelayLR.
+	lrScale float32
 
 	// past[a-1] holds the weights as they were a updates ago, in an async run: the
 	// versions the stage's forwards and backwards may still run on (SetAsync).
@@ -95,7 +98,7 @@ type rule interface {
 // the weights of its last keep updates (the schedule's largest delay for this stage),
 // which Past returns, and with train.delay: nesterov its update rule becomes NAdam
 // with β1 raised from train.beta1 by delay, the stage's mean delay in updates
-// (optim.DelayMomentum).
+// (optim.DelayMomentum), at the learning rate scaled down by it (optim.DelayLR).
 func (u *Unit) SetAsync(sp *spec.Spec, keep int, delay float64) error {
 	if keep < 0 || delay < 0 {
 		return fmt.Errorf("stage: async with %d past versions and a delay of %v", keep, delay)
@@ -110,6 +113,7 @@ func (u *Unit) SetAsync(sp *spec.Spec, keep int, delay float64) error {
 			return err
 		}
 		u.opt = opt
+		u.lrScale = optim.DelayLR(delay)
 	}
 	return nil
 }
@@ -151,6 +155,9 @@ func (u *Unit) Update(norm, clip float64, lr float32) {
 		copy(u.past[1:], u.past[:n-1])
 		u.past[0] = last
 		copy(last, st.Params)
+	}
+	if u.lrScale != 0 {
+		lr *= u.lrScale
 	}
 	u.opt.Step(st.Params, st.Grads, lr)
 	st.ProjectParams()

@@ -397,3 +397,35 @@ func TestUpdateWithoutANormProjectsTheGradientsItself(t *testing.T) {
 		}
 	}
 }
+
+// A delay-corrected stage steps at the learning rate scaled by optim.DelayLR of its
+// delay: the same step as NAdam taking the scaled rate itself.
+func TestAsyncUnitStepsAtTheLearningRateScaledByItsDelay(t *testing.T) {
+	src := `name: unit
+seed: 7
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 16}
+pipeline: {stages: 2, micro_batches: 1, schedule: async}
+train: {batch_size: 2, steps: 10, lr: 0.01, warmup: 1, delay: nesterov, grad_clip: 0}
+data: {val_fraction: 0.01}
+`
+	sp := testSpec(t, src)
+	u := pipeline(t, sp)[0]
+	const delay, lr = 1.5, 0.01
+	if err := u.SetAsync(sp, 0, delay); err != nil {
+		t.Fatal(err)
+	}
+	ref, err := optim.NewNAdam(len(u.Stage.Params), NAdamConfig(sp, u.Stage, delay))
+	if err != nil {
+		t.Fatal(err)
+	}
+	params := slices.Clone(u.Stage.Params)
+	for i := range u.Stage.Grads {
+		u.Stage.Grads[i] = float32(i%7-3) * 1e-3
+	}
+	grads := slices.Clone(u.Stage.Grads)
+	u.Update(0, 0, lr)
+	ref.Step(params, grads, lr*optim.DelayLR(delay))
+	if !slices.Equal(u.Stage.Params, params) {
+		t.Error("the unit's step is not NAdam's at lr × DelayLR(delay)")
+	}
+}

@@ -22,6 +22,7 @@ import (
 	"github.com/pipeswarm/pipeswarm/node/metrics"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 	"github.com/pipeswarm/pipeswarm/node/stage"
+	"github.com/pipeswarm/pipeswarm/optim"
 	"github.com/pipeswarm/pipeswarm/shard"
 	"github.com/pipeswarm/pipeswarm/shard/backend"
 	"github.com/pipeswarm/pipeswarm/shard/compute"
@@ -424,12 +425,16 @@ func logAsync(log *slog.Logger, sp *spec.Spec, m *model) {
 		return
 	}
 	var delays []float64
+	var lrs []float32
 	var stashed int64
 	for s, u := range m.units {
 		delays = append(delays, a.sched.Delay(s))
 		stashed += a.Stashed(u)
+		if sp.Train.Delay == spec.DelayNesterov {
+			lrs = append(lrs, optim.DelayLR(a.sched.Delay(s)))
+		}
 	}
-	log.Info("async pipeline", "delay", sp.Train.Delay, "updates_of_delay", delays,
+	log.Info("async pipeline", "delay", sp.Train.Delay, "updates_of_delay", delays, "lr_scale", lrs,
 		"stashed_bytes", stashed, "clip_per_stage", a.clip)
 }
 
