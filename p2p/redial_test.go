@@ -41,8 +41,10 @@ func hostAt(t *testing.T, key crypto.PrivKey, listen string) *Host {
 	return h
 }
 
-func TestRedialReachesAPeerThatAFailedDialPutInBackoff(t *testing.T) {
-	a := newTestHost(t, tcpLoopback)
+// absentPeer makes an identity and a free loopback address for a peer not up yet,
+// which a knows to dial there.
+func absentPeer(t *testing.T, a *Host) (crypto.PrivKey, peer.ID, string) {
+	t.Helper()
 	key := mustKey(t)
 	id, err := peer.IDFromPrivateKey(key)
 	if err != nil {
@@ -50,6 +52,12 @@ func TestRedialReachesAPeerThatAFailedDialPutInBackoff(t *testing.T) {
 	}
 	listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", freeTCP(t))
 	a.Peerstore().AddAddrs(id, []ma.Multiaddr{ma.StringCast(listen)}, peerstore.PermanentAddrTTL)
+	return key, id, listen
+}
+
+func TestRedialReachesAPeerThatAFailedDialPutInBackoff(t *testing.T) {
+	a := newTestHost(t, tcpLoopback)
+	key, id, listen := absentPeer(t, a)
 
 	// Nobody listens yet: the dial fails and libp2p backs off from the peer.
 	if err := a.Host.Connect(testCtx(t, 5*time.Second), peer.AddrInfo{ID: id}); err == nil {
@@ -70,13 +78,7 @@ func TestRedialReachesAPeerThatAFailedDialPutInBackoff(t *testing.T) {
 
 func TestReachKeepsDiallingUntilThePeerIsUp(t *testing.T) {
 	a := newTestHost(t, tcpLoopback)
-	key := mustKey(t)
-	id, err := peer.IDFromPrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	listen := fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", freeTCP(t))
-	a.Peerstore().AddAddrs(id, []ma.Multiaddr{ma.StringCast(listen)}, peerstore.PermanentAddrTTL)
+	key, id, listen := absentPeer(t, a)
 
 	reached := make(chan error, 1)
 	go func() { reached <- a.Reach(testCtx(t, 10*time.Second), id) }()
@@ -95,11 +97,7 @@ func TestReachKeepsDiallingUntilThePeerIsUp(t *testing.T) {
 	}
 
 	// A peer that never comes: Reach gives up when ctx ends, with the dial's error.
-	gone, err := peer.IDFromPrivateKey(mustKey(t))
-	if err != nil {
-		t.Fatal(err)
-	}
-	a.Peerstore().AddAddrs(gone, []ma.Multiaddr{ma.StringCast(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", freeTCP(t)))}, peerstore.PermanentAddrTTL)
+	_, gone, _ := absentPeer(t, a)
 	if err := a.Reach(testCtx(t, 300*time.Millisecond), gone); err == nil {
 		t.Fatal("Reach to a peer that is not there returned nil")
 	}

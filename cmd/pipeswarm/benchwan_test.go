@@ -20,6 +20,21 @@ compression: {subspace: 4, activations: int8/32, gradients: int8/32}
 data: {val_fraction: 0.01}
 `
 
+// checkNoLossGap checks that a report's validation losses equal the centralised
+// run's, bit for bit, at every point.
+func checkNoLossGap(t *testing.T, r map[string]any) {
+	t.Helper()
+	gap, _ := r["loss_gap"].([]any)
+	if len(gap) == 0 {
+		t.Fatal("no loss gap points")
+	}
+	for _, g := range gap {
+		if v := g.(map[string]any)["gap"].(float64); v != 0 {
+			t.Errorf("validation loss differs from the centralised run's: %v", g)
+		}
+	}
+}
+
 // checkReport reads a bench wan report.json and checks the fields the issue names,
 // for a run of n stage cells.
 func checkReport(t *testing.T, dir, mode string, n int) map[string]any {
@@ -164,15 +179,7 @@ func TestBenchWANSimRunsTheSwarmOverSimulatedLinks(t *testing.T) {
 	}
 	// The nodes compute on one thread each, the baseline on every core: the losses are
 	// the same, bit for bit.
-	gap, _ := r["loss_gap"].([]any)
-	if len(gap) == 0 {
-		t.Fatal("no loss gap points")
-	}
-	for _, g := range gap {
-		if v := g.(map[string]any)["gap"].(float64); v != 0 {
-			t.Errorf("validation loss differs from the centralised run's: %v", g)
-		}
-	}
+	checkNoLossGap(t, r)
 }
 
 // The sim swarm runs an async spec as it runs a sync one: its losses are the
@@ -195,15 +202,7 @@ func TestBenchWANSimRunsAnAsyncSwarmAsTrainDoes(t *testing.T) {
 	if s, _ := r["schedule"].(string); !strings.HasPrefix(s, "async") {
 		t.Errorf("report schedule %q, want async", s)
 	}
-	gap, _ := r["loss_gap"].([]any)
-	if len(gap) == 0 {
-		t.Fatal("no loss gap points")
-	}
-	for _, g := range gap {
-		if v := g.(map[string]any)["gap"].(float64); v != 0 {
-			t.Errorf("validation loss differs from the centralised run's: %v", g)
-		}
-	}
+	checkNoLossGap(t, r)
 	for _, k := range []string{"measured_step_s", "meter_step_s"} {
 		if v, _ := r[k].(float64); !(v > 0) {
 			t.Errorf("%s = %v, want the median update time", k, r[k])
