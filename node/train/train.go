@@ -434,8 +434,11 @@ func logAsync(log *slog.Logger, sp *spec.Spec, m *model) {
 			lrs = append(lrs, optim.DelayLR(a.sched.Delay(s)))
 		}
 	}
-	log.Info("async pipeline", "delay", sp.Train.Delay, "updates_of_delay", delays, "lr_scale", lrs,
-		"stashed_bytes", stashed, "clip_per_stage", a.clip)
+	attrs := []any{"delay", sp.Train.Delay, "updates_of_delay", delays}
+	if lrs != nil {
+		attrs = append(attrs, "lr_scale", lrs)
+	}
+	log.Info("async pipeline", append(attrs, "stashed_bytes", stashed, "clip_per_stage", a.clip)...)
 }
 
 // replica is one replica pipeline: a whole model on its own shard of the text.
