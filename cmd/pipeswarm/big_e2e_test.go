@@ -69,7 +69,7 @@ func TestLaunched125MWithRecomputationIsTrainBitForBit(t *testing.T) {
 	for i, nd := range nodes {
 		// Nodes are taken in the order given, one stage each.
 		got := peakRSS(t, nd.cmd.Process.Pid)
-		need := assign.Need(train.ModelConfig(sp), ranges[i], i == 0, i == 3, 1, assign.Slots(4, i, 4, 0), true)
+		need := assign.Need(train.ModelConfig(sp), ranges[i], train.StaffSchedule(sp), i, 1, true)
 		t.Logf("stage %d: peak RSS %s, staffing counted %s (%+.1f%%)", i, assign.FormatBytes(got), assign.FormatBytes(need), 100*float64(got-need)/float64(need))
 		if d := float64(got-need) / float64(need); d > 0.15 || d < -0.15 {
 			t.Errorf("stage %d: peak RSS %s is %+.1f%% off staffing's %s", i, assign.FormatBytes(got), 100*d, assign.FormatBytes(need))

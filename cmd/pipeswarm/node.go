@@ -296,8 +296,9 @@ a run is refused unless --resume continues it or --force overwrites it. A launch
 fails before its first step leaves no run directory behind.
 The spec, its text and the --peer addresses are checked before any node is asked.
 With --plan-only, launch staffs the run on --nodes N nodes of --node-memory SIZE each
-and prints each stage's memory (weights, gradients, AdamW moments, activations,
-workspace) and node, then exits without training: 0 if every stage fits a node.
+and prints each stage's memory (weights, gradients, optimiser moments, activations,
+workspace, and an async stage's past weight versions) and node, then exits without
+training: 0 if every stage fits a node.
 
 `+specHelp(), stderr)
 	keyPath := fs.String("key", "", "launcher key written by 'pipeswarm keygen' (required)")

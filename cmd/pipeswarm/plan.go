@@ -36,7 +36,7 @@ func planOnly(w io.Writer, sp *spec.Spec, nodes int, nodeMemory string) error {
 	p := sp.Pipeline
 	mb := sp.Train.BatchSize / p.MicroBatches
 	cfg := train.ModelConfig(sp)
-	plan, refusals, err := assign.Plan(cfg, p.Stages, p.Replicas, mb, p.MicroBatches, p.InFlight, sp.Model.Recompute, offers)
+	plan, refusals, err := assign.Plan(cfg, train.StaffSchedule(sp), p.Replicas, mb, sp.Model.Recompute, offers)
 	if err != nil && !errors.Is(err, assign.ErrUnstaffed) {
 		return err
 	}
@@ -54,7 +54,8 @@ func planOnly(w io.Writer, sp *spec.Spec, nodes int, nodeMemory string) error {
 }
 
 // printPlan writes the run's shape and one row per stage and replica with the stage's
-// memory by part and the node plan gives it.
+// memory by part and the node plan gives it. An async run's rows show the past weight
+// versions each stage keeps, and what they hold.
 func printPlan(w io.Writer, sp *spec.Spec, plan []assign.Assignment) {
 	p, m := sp.Pipeline, sp.Model
 	mb := sp.Train.BatchSize / p.MicroBatches
@@ -66,28 +67,51 @@ func printPlan(w io.Writer, sp *spec.Spec, plan []assign.Assignment) {
 	if p.Replicas > 1 {
 		cells += fmt.Sprintf(" × %d replica pipelines", p.Replicas)
 	}
-	fmt.Fprintf(w, "%s: %s parameters (d_model %d, %d layers, vocab %d, %s) in %s; micro-batches of %d × %d tokens; recompute %s\n",
-		sp.Name, commas(assign.ParamCount(train.ModelConfig(sp))), m.DModel, m.NLayers, m.Vocab, m.Precision, cells, mb, m.SeqLen, recompute)
+	schedule := ""
+	if p.Async() {
+		schedule = fmt.Sprintf("; schedule async, delay %s", sp.Train.Delay)
+	}
+	fmt.Fprintf(w, "%s: %s parameters (d_model %d, %d layers, vocab %d, %s) in %s; micro-batches of %d × %d tokens; recompute %s%s\n",
+		sp.Name, commas(assign.ParamCount(train.ModelConfig(sp))), m.DModel, m.NLayers, m.Vocab, m.Precision, cells, mb, m.SeqLen, recompute, schedule)
 	cfg := train.ModelConfig(sp)
+	sched := train.StaffSchedule(sp)
 	ranges, _ := shard.SplitLayers(m.NLayers, p.Stages) // the spec is valid
 	given := map[[2]int]string{}
 	for _, a := range plan {
 		given[[2]int{a.Stage, a.Replica}] = a.Peer
 	}
+	// NAdam, the update rule of train.delay: nesterov, keeps AdamW's two moments.
+	rule := "AdamW"
+	if p.Async() && sp.Train.Delay == spec.DelayNesterov {
+		rule = "NAdam"
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "stage\treplica\tlayers\tin flight\tweights\tgradients\tAdamW\tactivations\tevaluation\tworkspace\toverhead\ttotal\tnode\t")
+	if p.Async() {
+		fmt.Fprintf(tw, "stage\treplica\tlayers\tin flight\tversions\tweights\tgradients\t%s\tpast weights\tactivations\tevaluation\tworkspace\toverhead\ttotal\tnode\t\n", rule)
+	} else {
+		fmt.Fprintf(tw, "stage\treplica\tlayers\tin flight\tweights\tgradients\t%s\tactivations\tevaluation\tworkspace\toverhead\ttotal\tnode\t\n", rule)
+	}
 	for rep := range p.Replicas {
 		for s, r := range ranges {
-			slots := assign.Slots(p.Stages, s, p.MicroBatches, p.InFlight)
-			me := assign.StageMemory(cfg, r, s == 0, s == p.Stages-1, mb, slots, m.Recompute)
+			me := assign.StageMemory(cfg, r, sched, s, mb, m.Recompute)
 			node, ok := given[[2]int{s, rep}]
 			if !ok {
 				node = "none fits"
 			}
-			fmt.Fprintf(tw, "%d\t%d\t[%d,%d)\t%d\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", s, rep, r.Lo, r.Hi, slots,
-				assign.FormatBytes(me.Weights), assign.FormatBytes(me.Grads), assign.FormatBytes(me.Optimizer),
-				assign.FormatBytes(me.Activations), assign.FormatBytes(me.Evaluation), assign.FormatBytes(me.Workspace), assign.FormatBytes(me.Overhead),
-				assign.FormatBytes(me.Total()), node)
+			row := []any{s, rep, fmt.Sprintf("[%d,%d)", r.Lo, r.Hi), sched.Slots(s)}
+			if p.Async() {
+				row = append(row, sched.Versions(s))
+			}
+			row = append(row, assign.FormatBytes(me.Weights), assign.FormatBytes(me.Grads), assign.FormatBytes(me.Optimizer))
+			if p.Async() {
+				row = append(row, assign.FormatBytes(me.Stashed))
+			}
+			row = append(row, assign.FormatBytes(me.Activations), assign.FormatBytes(me.Evaluation), assign.FormatBytes(me.Workspace),
+				assign.FormatBytes(me.Overhead), assign.FormatBytes(me.Total()), node)
+			for _, v := range row {
+				fmt.Fprintf(tw, "%v\t", v)
+			}
+			fmt.Fprintln(tw)
 		}
 	}
 	tw.Flush()

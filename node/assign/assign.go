@@ -2,8 +2,9 @@
 // stage and gives each stage of a run one of the peers that offered to train.
 //
 // Need counts, arithmetically, what the shard package allocates for a stage (parameters,
-// gradients, optimiser moments, activation tapes, backward workspace), so a launcher can
-// plan a model far larger than itself without allocating any of it.
+// gradients, optimiser moments, activation tapes, backward workspace, and an async
+// stage's past weight versions), so a launcher can plan a model far larger than itself
+// without allocating any of it.
 package assign
 
 import (
@@ -13,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/shard"
 )
 
@@ -26,42 +28,126 @@ const Overhead = 64 << 20
 
 // Memory is what a peer needs to hold one stage, by part, in bytes.
 type Memory struct {
-	Weights     int64 // the stage's parameters, float32
-	Grads       int64 // their gradients, float32
-	Optimizer   int64 // AdamW's two moments, float32
+	Weights   int64 // the stage's parameters, float32
+	Grads     int64 // their gradients, float32
+	Optimizer int64 // the update rule's two moments, float32 (AdamW's, or NAdam's: the same two)
+	// Stashed are the past versions of the weights an async stage keeps
+	// (Schedule.Versions of them), float32; none in a sync run.
+	Stashed     int64
 	Activations int64 // the activation tapes of the micro-batches in flight
-	Evaluation  int64 // the tape of a validation batch, where it is not a training tape's shape
+	Evaluation  int64 // the tape of a validation batch, where it is not a training tape
 	Workspace   int64 // the backward workspace and the RoPE tables, shared by the tapes
 	Overhead    int64 // Overhead: the runtime, libp2p, buffers
 }
 
 // Total is the sum of the parts.
 func (m Memory) Total() int64 {
-	return m.Weights + m.Grads + m.Optimizer + m.Activations + m.Evaluation + m.Workspace + m.Overhead
+	return m.Weights + m.Grads + m.Optimizer + m.Stashed + m.Activations + m.Evaluation + m.Workspace + m.Overhead
 }
 
-// StageMemory estimates the memory a peer needs to hold the stage owning layers r of a
-// model shaped c (with the embedding if first, the final norm and head if last), training
-// micro-batches of microBatch sequences of c.SeqLen tokens with up to slots of them in
-// flight at once:
+// Versions is how many past weight versions Stashed holds.
+func (m Memory) Versions() int {
+	if m.Weights == 0 {
+		return 0
+	}
+	return int(m.Stashed / m.Weights)
+}
+
+// StashedNote says what of the total the past weight versions are, for a message that
+// the total does not fit: "" when the stage keeps none, else ", 1.2 GiB of it for 2
+// past weight versions (async schedule)".
+func (m Memory) StashedNote() string {
+	if m.Stashed == 0 {
+		return ""
+	}
+	return fmt.Sprintf(", %s of it for %s (async schedule)", FormatBytes(m.Stashed), plural(m.Versions(), "past weight version"))
+}
+
+func plural(n int, what string) string {
+	if n == 1 {
+		return "1 " + what
+	}
+	return fmt.Sprintf("%d %ss", n, what)
+}
+
+// Schedule is what staffing needs of a run's pipeline schedule: how many micro-batches
+// each stage keeps in flight, and how many past versions of its weights.
+type Schedule struct {
+	Stages       int  // pipeline.stages
+	MicroBatches int  // pipeline.micro_batches: per step, or per update of an async run
+	InFlight     int  // pipeline.in_flight; 0: the schedule's own bound
+	Async        bool // pipeline.schedule: async
+}
+
+// async is the schedule an async run's stages run (node/core decides it).
+func (p Schedule) async() core.Async {
+	return core.Async{Stages: p.Stages, MicroBatches: p.MicroBatches, InFlight: p.InFlight}
+}
+
+// Slots is how many micro-batches stage s keeps in flight, an activation tape each, as
+// the node's core gives them: in a sync run min(stages−s, micro_batches), the most
+// one-forward-one-backward needs, or min(in_flight, micro_batches) if in_flight is set;
+// in an async run the schedule's bound for the stage, in_flight (0: stages) at stage 0
+// and proportionally fewer after it, down to one at the last.
+func (p Schedule) Slots(s int) int {
+	if p.Async {
+		return p.async().Bound(s)
+	}
+	n := p.Stages - s
+	if p.InFlight > 0 {
+		n = p.InFlight
+	}
+	return min(n, p.MicroBatches)
+}
+
+// Versions is how many past versions of its weights stage s keeps besides the current
+// ones: none in a sync run; in an async run the largest delay, in updates, of its
+// forwards (core.Async.MaxDelay), whatever train.delay, because a resumed run runs the
+// forwards in flight at its checkpoint again on the versions they ran on. Stage 0 keeps
+// the most, the last none.
+func (p Schedule) Versions(s int) int {
+	if !p.Async {
+		return 0
+	}
+	return p.async().MaxDelay(s)
+}
+
+// check panics on a schedule or stage no run has: a programmer's error, as a spec that
+// validated gives neither.
+func (p Schedule) check(s int) {
+	if p.Stages < 1 || p.MicroBatches < 1 || p.InFlight < 0 || s < 0 || s >= p.Stages {
+		panic(fmt.Sprintf("assign: stage %d of schedule %+v", s, p))
+	}
+}
+
+// StageMemory estimates the memory a peer needs to hold stage s, owning layers r, of a
+// model shaped c (with the embedding if first, the final norm and head if last) run on
+// schedule p, training micro-batches of microBatch sequences of c.SeqLen tokens:
 //
-//   - parameters, gradients and AdamW's two moments: 4 float32 buffers of the stage's
-//     parameter count;
-//   - one activation tape per slot, as shard's Stage.NewTape allocates it; with
-//     recompute, a tape holds the stage's input (and the head's activations), and the
-//     blocks' activations are held once, for the micro-batch being recomputed;
+//   - parameters, gradients and the update rule's two moments: 4 float32 buffers of
+//     the stage's parameter count (NAdam, under train.delay: nesterov, keeps the same two
+//     moments as AdamW);
+//   - in an async run, p.Versions(s) past versions of the parameters;
+//   - one activation tape per slot (p.Slots(s)), as shard's Stage.NewTape allocates it;
+//     with recompute, a tape holds the stage's input (and the head's activations), and
+//     the blocks' activations are held once, for the micro-batch being recomputed;
 //   - the tape of a validation batch of EvalBatch sequences, unless that is the
-//     micro-batch (evaluation then runs on a training tape); forward only, so with
-//     recompute it holds two blocks' activations, used in turn;
+//     micro-batch of a sync run (evaluation then runs on a training tape; an async
+//     stage evaluates with forwards in flight, on a tape of its own); forward only, so
+//     with recompute it holds two blocks' activations, used in turn, which a recomputing
+//     stage shares with its training tapes when they are of one shape;
 //   - the backward workspace and the RoPE tables the stage shares across tapes;
 //   - Overhead.
 //
-// It panics if microBatch < 1 or slots < 0.
-func StageMemory(c shard.Config, r shard.Range, first, last bool, microBatch, slots int, recompute bool) Memory {
-	if microBatch < 1 || slots < 0 {
-		panic(fmt.Sprintf("assign: need for %d slots of micro-batch %d", slots, microBatch))
+// It panics if microBatch < 1 or p has no stage s.
+func StageMemory(c shard.Config, r shard.Range, p Schedule, s, microBatch int, recompute bool) Memory {
+	p.check(s)
+	if microBatch < 1 {
+		panic(fmt.Sprintf("assign: need for micro-batches of %d", microBatch))
 	}
 	const f32 = 4
+	first, last := s == 0, s == p.Stages-1
+	slots := p.Slots(s)
 	params := f32 * paramCount(c, r, first, last)
 	in, blocks := tapeBytes(c, r, first, last, microBatch, c.SeqLen)
 	acts := int64(slots) * (in + blocks)
@@ -69,15 +155,20 @@ func StageMemory(c shard.Config, r shard.Range, first, last bool, microBatch, sl
 		acts = int64(slots)*in + blocks
 	}
 	var eval int64
-	if microBatch != EvalBatch {
+	switch {
+	case microBatch != EvalBatch:
 		in, blocks := tapeBytes(c, r, first, last, EvalBatch, c.SeqLen)
 		if recompute && r.Len() > 2 {
 			blocks = blocks / int64(r.Len()) * 2
 		}
 		eval = in + blocks
+	case p.Async && recompute:
+		eval = in // its blocks' activations are the training tapes' shared ones
+	case p.Async:
+		eval = in + blocks
 	}
-	return Memory{Weights: params, Grads: params, Optimizer: 2 * params, Activations: acts, Evaluation: eval,
-		Workspace: f32 * stageScratch(c, microBatch, c.SeqLen), Overhead: Overhead}
+	return Memory{Weights: params, Grads: params, Optimizer: 2 * params, Stashed: int64(p.Versions(s)) * params,
+		Activations: acts, Evaluation: eval, Workspace: f32 * stageScratch(c, microBatch, c.SeqLen), Overhead: Overhead}
 }
 
 // EvalBatch is how many validation windows a stage runs forward at once, as node/train
@@ -85,24 +176,8 @@ func StageMemory(c shard.Config, r shard.Range, first, last bool, microBatch, sl
 const EvalBatch = 16
 
 // Need is StageMemory's total.
-func Need(c shard.Config, r shard.Range, first, last bool, microBatch, slots int, recompute bool) int64 {
-	return StageMemory(c, r, first, last, microBatch, slots, recompute).Total()
-}
-
-// Slots is how many micro-batches stage s of stages keeps in flight: min(stages−s,
-// microBatches), the most a one-forward-one-backward schedule needs, or min(inFlight,
-// microBatches) if inFlight > 0 (the spec's pipeline.in_flight). Only an async run's
-// forwards span steps (inFlight above microBatches): then inFlight, the most any of
-// its stages keeps.
-func Slots(stages, s, microBatches, inFlight int) int {
-	if inFlight > microBatches {
-		return inFlight
-	}
-	n := stages - s
-	if inFlight > 0 {
-		n = inFlight
-	}
-	return min(n, microBatches)
+func Need(c shard.Config, r shard.Range, p Schedule, s, microBatch int, recompute bool) int64 {
+	return StageMemory(c, r, p, s, microBatch, recompute).Total()
 }
 
 // ParamCount is the number of parameters of a model shaped c.
@@ -216,8 +291,9 @@ type Assignment struct {
 // the first offer that can hold it, stage 1 the first of the rest that can hold it, and so
 // on: deterministic, and in the order the caller ranks the peers. A peer gets at most one
 // stage; a second offer from the same peer, and an offer with no free stage slot, are not
-// used. Stage s keeps Slots micro-batches of microBatch sequences in flight, each
-// holding a full activation tape or, with recompute, its input only.
+// used. Stage s keeps p.Slots(s) micro-batches of microBatch sequences in flight, each
+// holding a full activation tape or, with recompute, its input only, and in an async
+// run p.Versions(s) past versions of its weights.
 //
 // The second result gives the reason for each peer that was refused, because it offered no
 // usable slot or its memory fits no stage; peers merely not needed are not listed. If some
@@ -230,16 +306,20 @@ type Assignment struct {
 //
 // With replicas > 1 every stage is staffed once per replica pipeline, replica 0's stages
 // first: the grid (stage × replica → peer), each peer holding one cell.
-func Plan(c shard.Config, stages, replicas, microBatch, microBatches, inFlight int, recompute bool, offers []Offer) ([]Assignment, []string, error) {
+func Plan(c shard.Config, p Schedule, replicas, microBatch int, recompute bool, offers []Offer) ([]Assignment, []string, error) {
 	if err := c.Validate(); err != nil {
 		return nil, nil, fmt.Errorf("plan run: %w", err)
 	}
+	stages := p.Stages
 	ranges, err := shard.SplitLayers(c.NLayers, stages)
 	if err != nil {
 		return nil, nil, fmt.Errorf("plan run: %w", err)
 	}
-	if microBatch < 1 || microBatches < 1 {
-		return nil, nil, fmt.Errorf("plan run: %d micro-batches of %d sequences", microBatches, microBatch)
+	if microBatch < 1 || p.MicroBatches < 1 {
+		return nil, nil, fmt.Errorf("plan run: %d micro-batches of %d sequences", p.MicroBatches, microBatch)
+	}
+	if p.InFlight < 0 {
+		return nil, nil, fmt.Errorf("plan run: %d micro-batches in flight", p.InFlight)
 	}
 	if replicas < 1 {
 		return nil, nil, fmt.Errorf("plan run: %d replicas", replicas)
@@ -247,7 +327,7 @@ func Plan(c shard.Config, stages, replicas, microBatch, microBatches, inFlight i
 	needs := make([]int64, stages)
 	mems := make([]Memory, stages)
 	for s, r := range ranges {
-		mems[s] = StageMemory(c, r, s == 0, s == stages-1, microBatch, Slots(stages, s, microBatches, inFlight), recompute)
+		mems[s] = StageMemory(c, r, p, s, microBatch, recompute)
 		needs[s] = mems[s].Total()
 	}
 
@@ -312,8 +392,8 @@ func Plan(c shard.Config, stages, replicas, microBatch, microBatches, inFlight i
 	}
 	for i, o := range offers {
 		if usable[i] && o.MemoryBytes < needs[smallest] {
-			has, needs := sizes(o.MemoryBytes, needs[smallest])
-			refusals = append(refusals, fmt.Sprintf("%s offers %s, stage %d needs %s", o.Peer, has, smallest, needs))
+			has, needs := FormatSizes(o.MemoryBytes, needs[smallest])
+			refusals = append(refusals, fmt.Sprintf("%s offers %s, stage %d needs %s%s", o.Peer, has, smallest, needs, mems[smallest].StashedNote()))
 		}
 	}
 
@@ -346,9 +426,9 @@ func unstaffed(missing []int, refusals []string, offers int) error {
 	return fmt.Errorf("%w: %s no peer: %s", ErrUnstaffed, what, why)
 }
 
-// sizes formats two different sizes so that they read differently, in exact bytes if
-// rounding would make them look the same.
-func sizes(a, b int64) (string, string) {
+// FormatSizes formats two sizes, such as a budget and a need, with FormatBytes, or in
+// exact bytes too if rounding would make two different sizes look the same.
+func FormatSizes(a, b int64) (string, string) {
 	fa, fb := FormatBytes(a), FormatBytes(b)
 	if fa == fb {
 		return fmt.Sprintf("%s (%d B)", fa, a), fmt.Sprintf("%s (%d B)", fb, b)

@@ -86,7 +86,7 @@ func TestOneBStageStepMemoryIsWhatStaffingCounts(t *testing.T) {
 	bwd := time.Since(t0) - fwd
 	opt.Step(st.Params, st.Grads, 3e-4)
 	total := time.Since(t0)
-	m := StageMemory(c, ranges[0], true, false, b, 1, true)
+	m := StageMemory(c, ranges[0], Schedule{Stages: len(ranges), MicroBatches: 1}, 0, b, true)
 	want := m.Total() - m.Evaluation
 	got := vmHWM(t)
 	t.Logf("1b stage 0 (layers [%d,%d), %d parameters), one micro-batch of %d×%d tokens: forward %v, backward with recomputation %v, step %v in all",

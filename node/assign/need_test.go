@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"runtime"
 	"runtime/debug"
+	"slices"
 	"testing"
 
 	"github.com/pipeswarm/pipeswarm/shard"
@@ -193,27 +194,29 @@ func TestNeedAddsUpByHand(t *testing.T) {
 	// logits 128, 32 token ids; the block 5nd + 2n + 3nd + 16·H·T² + 2nF + nF = 832.
 	const eval = 4*(64+224+128) + 4*32 + 4*832
 	want := int64(4*(4*params+scratch) + tape + eval + 64<<20)
-	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 1, false); got != want {
+	// One stage, first and last, keeping k micro-batches in flight.
+	one := func(k int) Schedule { return Schedule{Stages: 1, MicroBatches: k, InFlight: k} }
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, one(1), 0, 1, false); got != want {
 		t.Errorf("Need = %d, want %d", got, want)
 	}
-	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 3, false); got != want+2*tape {
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, one(3), 0, 1, false); got != want+2*tape {
 		t.Errorf("Need with 3 slots = %d, want %d (two more tapes)", got, want+2*tape)
 	}
 	// Recomputing, the two more micro-batches hold only what is not the block's: x0, the
 	// head's activations, the host copy of the logits and the token ids.
 	const input = 4*(4+14+8) + 4*2
-	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 3, true); got != want+2*input {
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, one(3), 0, 1, true); got != want+2*input {
 		t.Errorf("Need with 3 slots recomputing = %d, want %d (two more inputs)", got, want+2*input)
 	}
-	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 1, true); got != want {
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, one(1), 0, 1, true); got != want {
 		t.Errorf("Need with 1 slot recomputing = %d, want %d (as without)", got, want)
 	}
 	// A micro-batch of EvalBatch sequences: validation runs on a training tape.
-	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, true, true, EvalBatch, 1, false); got != int64(4*(4*params)+64<<20)+StageMemory(c, shard.Range{Lo: 0, Hi: 1}, true, true, EvalBatch, 1, false).Workspace+eval {
+	if got := Need(c, shard.Range{Lo: 0, Hi: 1}, one(1), 0, EvalBatch, false); got != int64(4*(4*params)+64<<20)+StageMemory(c, shard.Range{Lo: 0, Hi: 1}, one(1), 0, EvalBatch, false).Workspace+eval {
 		t.Errorf("Need of a micro-batch of %d = %d: counts an evaluation tape", EvalBatch, got)
 	}
-	m := StageMemory(c, shard.Range{Lo: 0, Hi: 1}, true, true, 1, 3, false)
-	if m.Weights != 4*params || m.Grads != 4*params || m.Optimizer != 8*params || m.Activations != 3*tape || m.Evaluation != eval ||
+	m := StageMemory(c, shard.Range{Lo: 0, Hi: 1}, one(3), 0, 1, false)
+	if m.Weights != 4*params || m.Grads != 4*params || m.Optimizer != 8*params || m.Stashed != 0 || m.Activations != 3*tape || m.Evaluation != eval ||
 		m.Workspace != 4*scratch || m.Overhead != Overhead || m.Total() != want+2*tape {
 		t.Errorf("StageMemory = %+v, want weights, grads %d, optimizer %d, activations %d, workspace %d", m, 4*params, 8*params, 3*tape, 4*scratch)
 	}
@@ -230,11 +233,12 @@ func TestNeedOfAGPT2SizedStageIsDominatedByAttentionTapes(t *testing.T) {
 	// slots keep their inputs (50 MB each, with the host copies) and one set of the 3
 	// blocks' activations (2.4 GB), and validation two blocks' and its input (3.3 GB).
 	c := shard.Config{Vocab: 50304, DModel: 768, NLayers: 12, NHeads: 12, DFF: 2048, SeqLen: 1024, RopeTheta: 1e4, NormEps: 1e-5}
-	got := Need(c, shard.Range{Lo: 3, Hi: 6}, false, false, 8, 2, false)
+	cut := Schedule{Stages: 4, MicroBatches: 2} // stage 1 of 4 keeps 2 in flight
+	got := Need(c, shard.Range{Lo: 3, Hi: 6}, cut, 1, 8, false)
 	if got < 10.5e9 || got > 10.6e9 {
 		t.Errorf("Need = %d (%s), want 10.5-10.6 GB", got, FormatBytes(got))
 	}
-	re := Need(c, shard.Range{Lo: 3, Hi: 6}, false, false, 8, 2, true)
+	re := Need(c, shard.Range{Lo: 3, Hi: 6}, cut, 1, 8, true)
 	if re < 6.5e9 || re > 6.55e9 {
 		t.Errorf("Need recomputing = %d (%s), want 6.5-6.55 GB", re, FormatBytes(re))
 	}
@@ -242,14 +246,24 @@ func TestNeedOfAGPT2SizedStageIsDominatedByAttentionTapes(t *testing.T) {
 
 func TestNeedPanicsOnImpossibleMicroBatches(t *testing.T) {
 	c := shapes[0].c
-	for _, tc := range []struct{ mb, slots int }{{0, 1}, {1, -1}} {
+	two := Schedule{Stages: 2, MicroBatches: 2}
+	for _, tc := range []struct {
+		p     Schedule
+		s, mb int
+	}{
+		{two, 0, 0},
+		{Schedule{Stages: 2, MicroBatches: 2, InFlight: -1}, 0, 1},
+		{Schedule{Stages: 2, MicroBatches: 0}, 0, 1},
+		{two, 2, 1},
+		{two, -1, 1},
+	} {
 		func() {
 			defer func() {
 				if recover() == nil {
-					t.Errorf("Need(microBatch %d, slots %d) did not panic", tc.mb, tc.slots)
+					t.Errorf("Need(stage %d of %+v, microBatch %d) did not panic", tc.s, tc.p, tc.mb)
 				}
 			}()
-			Need(c, shard.Range{Lo: 0, Hi: 1}, true, false, tc.mb, tc.slots, false)
+			Need(c, shard.Range{Lo: 0, Hi: 1}, tc.p, tc.s, tc.mb, false)
 		}()
 	}
 }
@@ -275,11 +289,28 @@ func TestFormatBytesReadsLikeAPerson(t *testing.T) {
 	}
 }
 
-func TestSlotsOfAnAsyncRunWhoseForwardsSpanSteps(t *testing.T) {
-	if got := Slots(4, 0, 4, 16); got != 16 {
-		t.Errorf("async, 16 in flight of 4 micro-batches: %d slots, want 16", got)
-	}
-	if got := Slots(4, 0, 4, 0); got != 4 {
-		t.Errorf("1F1B of 4 stages: %d slots at stage 0, want 4", got)
+func TestSlotsFollowTheSchedulesBoundOfEachStage(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		p    Schedule
+		want []int
+	}{
+		// One-forward-one-backward: stages − s, at most the micro-batches of a step.
+		{"sync 1F1B", Schedule{Stages: 4, MicroBatches: 4}, []int{4, 3, 2, 1}},
+		{"sync, 2 micro-batches", Schedule{Stages: 4, MicroBatches: 2}, []int{2, 2, 2, 1}},
+		{"sync, in_flight 2", Schedule{Stages: 4, MicroBatches: 4, InFlight: 2}, []int{2, 2, 2, 2}},
+		// Async: in_flight at stage 0, 1 + ⌈(in_flight−1)·(stages−1−s)/(stages−1)⌉ after
+		// it, whether or not that spans updates.
+		{"async, 16 in flight", Schedule{Stages: 4, MicroBatches: 4, InFlight: 16, Async: true}, []int{16, 11, 6, 1}},
+		{"async, 4 in flight", Schedule{Stages: 4, MicroBatches: 4, InFlight: 4, Async: true}, []int{4, 3, 2, 1}},
+		{"async, in_flight 0 over 2 micro-batches", Schedule{Stages: 4, MicroBatches: 2, Async: true}, []int{4, 3, 2, 1}},
+	} {
+		var got []int
+		for s := range tc.p.Stages {
+			got = append(got, tc.p.Slots(s))
+		}
+		if !slices.Equal(got, tc.want) {
+			t.Errorf("%s: slots %v, want %v", tc.name, got, tc.want)
+		}
 	}
 }

@@ -28,7 +28,7 @@ func needs(t *testing.T, n int) []int64 {
 	}
 	out := make([]int64, n)
 	for s, r := range ranges {
-		out[s] = Need(small, r, s == 0, s == n-1, microBatch, min(n-s, microBatches), false)
+		out[s] = Need(small, r, Schedule{Stages: n, MicroBatches: microBatches}, s, microBatch, false)
 	}
 	return out
 }
@@ -47,7 +47,7 @@ func peers(plan []Assignment) []string {
 
 func TestPlanGivesEachStageTheNextOfferThatFits(t *testing.T) {
 	offers := []Offer{offer("A", 8<<30), offer("B", 8<<30), offer("C", 8<<30), offer("D", 8<<30)}
-	plan, refusals, err := Plan(small, 3, 1, microBatch, microBatches, 0, false, offers)
+	plan, refusals, err := Plan(small, Schedule{Stages: 3, MicroBatches: microBatches}, 1, microBatch, false, offers)
 	if err != nil || len(refusals) != 0 {
 		t.Fatalf("Plan: %v, refusals %q", err, refusals)
 	}
@@ -55,11 +55,11 @@ func TestPlanGivesEachStageTheNextOfferThatFits(t *testing.T) {
 	n := needs(t, 3)
 	want := []Assignment{
 		{Stage: 0, Peer: "A", Addrs: offers[0].Addrs, Range: ranges[0], Need: n[0],
-			Memory: StageMemory(small, ranges[0], true, false, microBatch, min(3-0, microBatches), false)},
+			Memory: StageMemory(small, ranges[0], Schedule{Stages: 3, MicroBatches: microBatches}, 0, microBatch, false)},
 		{Stage: 1, Peer: "B", Addrs: offers[1].Addrs, Range: ranges[1], Need: n[1],
-			Memory: StageMemory(small, ranges[1], false, false, microBatch, min(3-1, microBatches), false)},
+			Memory: StageMemory(small, ranges[1], Schedule{Stages: 3, MicroBatches: microBatches}, 1, microBatch, false)},
 		{Stage: 2, Peer: "C", Addrs: offers[2].Addrs, Range: ranges[2], Need: n[2],
-			Memory: StageMemory(small, ranges[2], false, true, microBatch, min(3-2, microBatches), false)},
+			Memory: StageMemory(small, ranges[2], Schedule{Stages: 3, MicroBatches: microBatches}, 2, microBatch, false)},
 	}
 	if !reflect.DeepEqual(plan, want) {
 		t.Errorf("plan %+v\nwant %+v", plan, want)
@@ -69,14 +69,15 @@ func TestPlanGivesEachStageTheNextOfferThatFits(t *testing.T) {
 func TestStageNeedKeepsAtMostTheOneFOneBMicroBatchesInFlight(t *testing.T) {
 	// With 4 stages and 2 micro-batches per step, stages 0-2 hold 2 tapes and stage 3 one.
 	ranges, _ := shard.SplitLayers(small.NLayers, 4)
-	plan, _, err := Plan(small, 4, 1, microBatch, microBatches, 0, false, []Offer{
+	plan, _, err := Plan(small, Schedule{Stages: 4, MicroBatches: microBatches}, 1, microBatch, false, []Offer{
 		offer("A", 8<<30), offer("B", 8<<30), offer("C", 8<<30), offer("D", 8<<30)})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for s, slots := range []int{2, 2, 2, 1} {
-		if want := Need(small, ranges[s], s == 0, s == 3, microBatch, slots, false); plan[s].Need != want {
-			t.Errorf("stage %d needs %d, want %d (%d slots)", s, plan[s].Need, want, slots)
+		in, blocks := tapeBytes(small, ranges[s], s == 0, s == 3, microBatch, small.SeqLen)
+		if want := int64(slots) * (in + blocks); plan[s].Memory.Activations != want || plan[s].Need != plan[s].Memory.Total() {
+			t.Errorf("stage %d: activations %d, want %d (%d slots); need %d, total of the parts %d", s, plan[s].Memory.Activations, want, slots, plan[s].Need, plan[s].Memory.Total())
 		}
 	}
 	// The first stage holds the embedding and the last the head, but the middle ones are alike.
@@ -88,7 +89,7 @@ func TestStageNeedKeepsAtMostTheOneFOneBMicroBatchesInFlight(t *testing.T) {
 func TestPlanSkipsAPeerTooSmallForAnyStageWithAReason(t *testing.T) {
 	n := needs(t, 2)
 	offers := []Offer{offer("tiny", 256<<20), offer("A", n[0]), offer("B", n[1])}
-	plan, refusals, err := Plan(small, 2, 1, microBatch, microBatches, 0, false, offers)
+	plan, refusals, err := Plan(small, Schedule{Stages: 2, MicroBatches: microBatches}, 1, microBatch, false, offers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -105,7 +106,7 @@ func TestPlanSkipsAPeerTooSmallForAnyStageWithAReason(t *testing.T) {
 
 func TestPlanGivesAPeerAtMostOneStage(t *testing.T) {
 	offers := []Offer{offer("A", 8<<30), offer("A", 8<<30), offer("B", 8<<30)}
-	plan, refusals, err := Plan(small, 3, 1, microBatch, microBatches, 0, false, offers)
+	plan, refusals, err := Plan(small, Schedule{Stages: 3, MicroBatches: microBatches}, 1, microBatch, false, offers)
 	if got := peers(plan); !slices.Equal(got, []string{"0:A", "1:B"}) {
 		t.Errorf("plan %v, want A and B only", got)
 	}
@@ -121,7 +122,7 @@ func TestPlanGivesAPeerAtMostOneStage(t *testing.T) {
 func TestPlanRefusesAPeerWithNoFreeStageSlot(t *testing.T) {
 	full := offer("full", 8<<30)
 	full.MaxStages = 0
-	plan, refusals, err := Plan(small, 1, 1, microBatch, microBatches, 0, false, []Offer{full, offer("A", 8<<30)})
+	plan, refusals, err := Plan(small, Schedule{Stages: 1, MicroBatches: microBatches}, 1, microBatch, false, []Offer{full, offer("A", 8<<30)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -139,7 +140,7 @@ func TestUnstaffedRunReturnsPartialPlanNamingMissingStagesAndRefusals(t *testing
 	if n[3] >= n[1] || n[3] >= n[2] {
 		t.Fatalf("needs %v: want stage 3 smaller than stages 1 and 2", n)
 	}
-	plan, refusals, err := Plan(small, 4, 1, microBatch, microBatches, 0, false, offers)
+	plan, refusals, err := Plan(small, Schedule{Stages: 4, MicroBatches: microBatches}, 1, microBatch, false, offers)
 	if got := peers(plan); !slices.Equal(got, []string{"0:A", "3:B"}) {
 		t.Errorf("partial plan %v, want A on stage 0 and B on stage 3", got)
 	}
@@ -153,11 +154,11 @@ func TestUnstaffedRunReturnsPartialPlanNamingMissingStagesAndRefusals(t *testing
 }
 
 func TestUnstaffedForLackOfPeersSaysSo(t *testing.T) {
-	_, _, err := Plan(small, 2, 1, microBatch, microBatches, 0, false, nil)
+	_, _, err := Plan(small, Schedule{Stages: 2, MicroBatches: microBatches}, 1, microBatch, false, nil)
 	if want := "run cannot be staffed: stages 0, 1 have no peer: no peer offered to train"; !errors.Is(err, ErrUnstaffed) || err.Error() != want {
 		t.Errorf("no offers: %v\nwant %q", err, want)
 	}
-	plan, refusals, err := Plan(small, 2, 1, microBatch, microBatches, 0, false, []Offer{offer("A", 8<<30)})
+	plan, refusals, err := Plan(small, Schedule{Stages: 2, MicroBatches: microBatches}, 1, microBatch, false, []Offer{offer("A", 8<<30)})
 	if want := "run cannot be staffed: stage 1 has no peer: every peer that offered holds another stage"; !errors.Is(err, ErrUnstaffed) || err.Error() != want {
 		t.Errorf("one offer: %v\nwant %q", err, want)
 	}
@@ -168,7 +169,7 @@ func TestUnstaffedForLackOfPeersSaysSo(t *testing.T) {
 
 func TestRefusalShowsExactBytesWhenRoundingHidesTheGap(t *testing.T) {
 	need := needs(t, 1)[0]
-	_, refusals, err := Plan(small, 1, 1, microBatch, microBatches, 0, false, []Offer{offer("A", need-1)})
+	_, refusals, err := Plan(small, Schedule{Stages: 1, MicroBatches: microBatches}, 1, microBatch, false, []Offer{offer("A", need-1)})
 	want := fmt.Sprintf("A offers %s (%d B), stage 0 needs %s (%d B)", FormatBytes(need), need-1, FormatBytes(need), need)
 	if !errors.Is(err, ErrUnstaffed) || !slices.Equal(refusals, []string{want}) {
 		t.Errorf("refusals %q (%v), want %q", refusals, err, want)
@@ -178,18 +179,23 @@ func TestRefusalShowsExactBytesWhenRoundingHidesTheGap(t *testing.T) {
 func TestPlanRejectsImpossibleRequests(t *testing.T) {
 	bad := small
 	bad.NHeads = 3
-	for name, call := range map[string]func() error{
-		"more stages than layers": func() error { _, _, err := Plan(small, 9, 1, 1, 1, 0, false, nil); return err },
-		"no stages":               func() error { _, _, err := Plan(small, 0, 1, 1, 1, 0, false, nil); return err },
-		"empty micro-batch":       func() error { _, _, err := Plan(small, 2, 1, 0, 1, 0, false, nil); return err },
-		"no micro-batches":        func() error { _, _, err := Plan(small, 2, 1, 1, 0, 0, false, nil); return err },
-		"bad model":               func() error { _, _, err := Plan(bad, 2, 1, 1, 1, 0, false, nil); return err },
+	for name, tc := range map[string]struct {
+		c          shard.Config
+		p          Schedule
+		microBatch int
+	}{
+		"more stages than layers": {small, Schedule{Stages: 9, MicroBatches: 1}, 1},
+		"no stages":               {small, Schedule{Stages: 0, MicroBatches: 1}, 1},
+		"empty micro-batch":       {small, Schedule{Stages: 2, MicroBatches: 1}, 0},
+		"no micro-batches":        {small, Schedule{Stages: 2, MicroBatches: 0}, 1},
+		"negative in flight":      {small, Schedule{Stages: 2, MicroBatches: 1, InFlight: -1}, 1},
+		"bad model":               {bad, Schedule{Stages: 2, MicroBatches: 1}, 1},
 	} {
-		if err := call(); err == nil || errors.Is(err, ErrUnstaffed) {
+		if _, _, err := Plan(tc.c, tc.p, 1, tc.microBatch, false, nil); err == nil || errors.Is(err, ErrUnstaffed) {
 			t.Errorf("%s: error = %v, want one that is not ErrUnstaffed", name, err)
 		}
 	}
-	if _, _, err := Plan(small, 9, 1, 1, 1, 0, false, nil); !errors.Is(err, shard.ErrConfig) {
+	if _, _, err := Plan(small, Schedule{Stages: 9, MicroBatches: 1}, 1, 1, false, nil); !errors.Is(err, shard.ErrConfig) {
 		t.Errorf("more stages than layers: %v, want shard.ErrConfig", err)
 	}
 }
@@ -199,12 +205,12 @@ func TestPlanStaffsEveryStageOfEveryReplica(t *testing.T) {
 	for _, p := range []string{"A", "B", "C", "D", "E"} {
 		offers = append(offers, offer(p, 8<<30))
 	}
-	plan, _, err := Plan(small, 2, 3, microBatch, microBatches, 0, false, offers)
+	plan, _, err := Plan(small, Schedule{Stages: 2, MicroBatches: microBatches}, 3, microBatch, false, offers)
 	if !errors.Is(err, ErrUnstaffed) || !strings.Contains(err.Error(), "1/2") {
 		t.Fatalf("5 peers for 2 stages × 3 replicas: error %v, want ErrUnstaffed naming cell 1/2 (stage/replica)", err)
 	}
 	offers = append(offers, offer("F", 8<<30))
-	plan, _, err = Plan(small, 2, 3, microBatch, microBatches, 0, false, offers)
+	plan, _, err = Plan(small, Schedule{Stages: 2, MicroBatches: microBatches}, 3, microBatch, false, offers)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -221,22 +227,22 @@ func TestRecomputeStaffsAStageOnANodeTooSmallForItsTapes(t *testing.T) {
 	// 4 stages, 4 micro-batches: stage 0 keeps 4 in flight, 4 full tapes without
 	// recomputation, 4 inputs and one full tape with it.
 	ranges, _ := shard.SplitLayers(small.NLayers, 4)
-	full := Need(small, ranges[0], true, false, microBatch, 4, false)
-	re := Need(small, ranges[0], true, false, microBatch, 4, true)
+	full := Need(small, ranges[0], Schedule{Stages: 4, MicroBatches: 4}, 0, microBatch, false)
+	re := Need(small, ranges[0], Schedule{Stages: 4, MicroBatches: 4}, 0, microBatch, true)
 	if re >= full {
 		t.Fatalf("stage 0 needs %d recomputing, %d not: recomputing should need less", re, full)
 	}
 	offers := []Offer{offer("A", re), offer("B", 8<<30), offer("C", 8<<30), offer("D", 8<<30), offer("E", 8<<30)}
-	plan, _, err := Plan(small, 4, 1, microBatch, 4, 0, false, offers)
+	plan, _, err := Plan(small, Schedule{Stages: 4, MicroBatches: 4}, 1, microBatch, false, offers)
 	if err != nil || plan[0].Peer == "A" {
 		t.Fatalf("without recomputation stage 0 went to %v (%v); A offers %d, less than the %d it needs", peers(plan), err, re, full)
 	}
-	plan, _, err = Plan(small, 4, 1, microBatch, 4, 0, true, offers)
+	plan, _, err = Plan(small, Schedule{Stages: 4, MicroBatches: 4}, 1, microBatch, true, offers)
 	if err != nil || plan[0].Peer != "A" || plan[0].Need != re {
 		t.Fatalf("recomputing: plan %v, %v; want stage 0 on A, which offers exactly the %d it needs", peers(plan), err, re)
 	}
 	// A node one byte short is refused, recomputing or not.
-	_, refusals, err := Plan(small, 1, 1, microBatch, 1, 0, true, []Offer{offer("A", Need(small, shard.Range{Lo: 0, Hi: small.NLayers}, true, true, microBatch, 1, true)-1)})
+	_, refusals, err := Plan(small, Schedule{Stages: 1, MicroBatches: 1}, 1, microBatch, true, []Offer{offer("A", Need(small, shard.Range{Lo: 0, Hi: small.NLayers}, Schedule{Stages: 1, MicroBatches: 1}, 0, microBatch, true)-1)})
 	if !errors.Is(err, ErrUnstaffed) || len(refusals) != 1 {
 		t.Errorf("an offer one byte short: %v, refusals %q; want ErrUnstaffed naming it", err, refusals)
 	}

@@ -36,8 +36,7 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if err != nil {
 		return err
 	}
-	S, R := sp.Pipeline.Stages, sp.Pipeline.Replicas
-	if err := plan.Data.Validate(R); err != nil {
+	if err := plan.Data.Validate(sp.Pipeline.Replicas); err != nil {
 		return fmt.Errorf("refused: %w", err)
 	}
 	if lid, err := peer.Decode(plan.Launcher); err == nil {
@@ -45,10 +44,11 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	}
 	a, _ := plan.Cell(idx, rep)
 	mb := sp.Train.BatchSize / sp.Pipeline.MicroBatches
-	slots := assign.Slots(S, idx, sp.Pipeline.MicroBatches, sp.Pipeline.InFlight)
-	need := assign.Need(train.ModelConfig(sp), a.Range, idx == 0, idx == S-1, mb, slots, sp.Model.Recompute)
-	if need > d.cfg.MemoryBudgetBytes() {
-		return fmt.Errorf("refused: stage %d needs %d MiB, this node's memory budget is %d MiB", idx, need>>20, d.cfg.MemoryBudgetBytes()>>20)
+	mem := assign.StageMemory(train.ModelConfig(sp), a.Range, train.StaffSchedule(sp), idx, mb, sp.Model.Recompute)
+	need := mem.Total()
+	if budget := d.cfg.MemoryBudgetBytes(); need > budget {
+		needs, has := assign.FormatSizes(need, budget)
+		return fmt.Errorf("refused: stage %d needs %s%s, this node's memory budget is %s", idx, needs, mem.StashedNote(), has)
 	}
 	adm := &admitPlan{plan: plan, nonce: nonce, steps: sp.Train.Steps}
 	if !d.ask(adm) {
@@ -78,8 +78,12 @@ func (d *Daemon) accept(from peer.ID, signed *p2p.Signed) error {
 	if err := writeLauncherRecord(d.dir.RunDir(fmt.Sprintf("%016x", plan.ID)), plan); err != nil {
 		d.log.Warn("launcher not recorded; after a restart this node will not find it", "err", err)
 	}
-	d.log.Info("accepted run", "run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
-		"launcher", signer, "need_mib", need>>20)
+	attrs := []any{"run", fmt.Sprintf("%016x", plan.ID), "stage", idx, "replica", rep, "layers", fmt.Sprintf("%d-%d", a.Range.Lo, a.Range.Hi),
+		"launcher", signer, "need_mib", need >> 20}
+	if mem.Stashed > 0 {
+		attrs = append(attrs, "past_weight_versions", mem.Versions(), "past_weights_mib", mem.Stashed>>20)
+	}
+	d.log.Info("accepted run", attrs...)
 	return nil
 }
 

@@ -168,7 +168,6 @@ func signedPlan(t *testing.T, d *Daemon, id uint64, expires time.Time) (peer.ID,
 // signedPlanBy is signedPlan's plan signed by launcher key k.
 func signedPlanBy(t *testing.T, d *Daemon, k crypto.PrivKey, id uint64, expires time.Time) *p2p.Signed {
 	t.Helper()
-	launcher, _ := p2p.PeerID(k)
 	sp, err := spec.Parse([]byte(`name: p
 model: {d_model: 32, n_layers: 1, n_heads: 2, d_ff: 64, seq_len: 16}
 train: {batch_size: 2, steps: 2, lr: 0.001}
@@ -177,8 +176,15 @@ train: {batch_size: 2, steps: 2, lr: 0.001}
 		t.Fatal(err)
 	}
 	ranges, _ := shard.SplitLayers(1, 1)
+	return signedPlanOf(t, k, id, expires, sp, []assign.Assignment{{Stage: 0, Peer: d.ID().String(), Range: ranges[0]}})
+}
+
+// signedPlanOf is the plan of run id of sp with cells, signed by launcher key k.
+func signedPlanOf(t *testing.T, k crypto.PrivKey, id uint64, expires time.Time, sp *spec.Spec, cells []assign.Assignment) *p2p.Signed {
+	t.Helper()
+	launcher, _ := p2p.PeerID(k)
 	plan := wire.Plan{ID: id, Spec: sp.String(), Launcher: launcher.String(), Created: time.Now(), Expires: expires,
-		Stages: []assign.Assignment{{Stage: 0, Peer: d.ID().String(), Range: ranges[0]}},
+		Stages: cells,
 		Data:   &wire.DataPlan{Train: []corpus.Blob{corpus.BlobOf([]byte("some text"))}, Val: corpus.BlobOf([]byte("more text"))}}
 	b, _ := json.Marshal(plan)
 	signed, err := p2p.Sign(k, b)

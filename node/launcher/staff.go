@@ -198,7 +198,7 @@ func staff(ctx context.Context, h *p2p.Host, calls *wire.CallClock, sp *spec.Spe
 			}
 		}
 		able, refusals := assign.ForPrecision(offers, sp.Model.Precision)
-		stages, planRefusals, err := assign.Plan(train.ModelConfig(sp), sp.Pipeline.Stages, sp.Pipeline.Replicas, mb, sp.Pipeline.MicroBatches, sp.Pipeline.InFlight, sp.Model.Recompute, able)
+		stages, planRefusals, err := assign.Plan(train.ModelConfig(sp), train.StaffSchedule(sp), sp.Pipeline.Replicas, mb, sp.Model.Recompute, able)
 		refusals = append(refusals, planRefusals...)
 		for _, r := range refusals {
 			log.Warn("peer not given a stage", "reason", r)

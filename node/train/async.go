@@ -36,16 +36,11 @@ func newAsyncState(sp *spec.Spec, units []*stage.Unit) (*asyncState, error) {
 	return a, nil
 }
 
-// Stashed is the memory of the past weight versions stage s's unit keeps that a
-// live stage would hold too: the versions its backwards run on with stash and
-// nesterov; with none a live stage needs none (this process keeps them to run each
-// forward on the version the schedule gives it).
-func (a *asyncState) Stashed(u *stage.Unit) int64 {
-	if a.delay == spec.DelayNone {
-		return 0
-	}
-	return u.Kept()
-}
+// Stashed is the memory of the past weight versions stage s's unit keeps, as a live
+// stage keeps them whatever train.delay (the backwards of stash and nesterov run on
+// them, and a resumed run runs the forwards in flight at its checkpoint again on
+// them) and staffing counts them (assign.Memory.Stashed).
+func (a *asyncState) Stashed(u *stage.Unit) int64 { return u.Kept() }
 
 // load makes unit s compute on the weights of version v, the current version being
 // cur, and says whether restore must undo it.

@@ -4,6 +4,7 @@ import (
 	"math"
 	"time"
 
+	"github.com/pipeswarm/pipeswarm/node/assign"
 	"github.com/pipeswarm/pipeswarm/node/core"
 	"github.com/pipeswarm/pipeswarm/node/spec"
 )
@@ -16,6 +17,14 @@ func StageCore(sp *spec.Spec, stage int) core.Config {
 		MaxInFlight: sp.Pipeline.InFlight, Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval,
 		Clip: sp.Train.GradClip > 0, CheckpointInterval: sp.CheckpointInterval, Outer: OuterSchedule(sp),
 		Async: sp.Pipeline.Async(), Stash: sp.Pipeline.Async() && sp.Train.Delay != spec.DelayNone}
+}
+
+// StaffSchedule is what staffing counts of sp's schedule: the micro-batches each stage
+// keeps in flight and, in an async run, the past weight versions it keeps; those the
+// worker's core and unit hold (StageCore's Slots, AsyncSchedule's MaxDelay).
+func StaffSchedule(sp *spec.Spec) assign.Schedule {
+	p := sp.Pipeline
+	return assign.Schedule{Stages: p.Stages, MicroBatches: p.MicroBatches, InFlight: p.InFlight, Async: p.Async()}
 }
 
 // AsyncSchedule is the async schedule of a run of sp (pipeline.schedule: async).
