@@ -108,7 +108,7 @@ func TestANodeThatFitsTheSyncNeedIsRefusedTheAsyncPastVersions(t *testing.T) {
 func TestAsyncUnitsHoldWhatStaffingCounts(t *testing.T) {
 	for _, delay := range spec.Delays {
 		src := fmt.Sprintf(`name: stash
-model: {d_model: 32, n_layers: 4, n_heads: 2, d_ff: 64, seq_len: 16}
+model: {d_model: 128, n_layers: 4, n_heads: 4, d_ff: 352, seq_len: 16}
 pipeline: {stages: 4, micro_batches: 2, in_flight: 8, schedule: async}
 train: {batch_size: 4, steps: 4, lr: 0.01, warmup: 1, delay: %s}
 data: {val_fraction: 0.01}
@@ -148,3 +148,11 @@ data: {val_fraction: 0.01}
 		}
 	}
 }
+
+// syncNeeds are the needs of small's 4 stages at micro-batch 8 on the sync schedule
+// of 4 micro-batches, as staffing counted them before it counted past versions;
+// syncNeedsRecompute the same, recomputing.
+var (
+	syncNeeds          = []int64{747667456, 641417216, 536264704, 444772352}
+	syncNeedsRecompute = []int64{444792832, 439500800, 435306496, 444772352}
+)
