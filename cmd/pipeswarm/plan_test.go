@@ -28,3 +28,34 @@ func TestLaunchPlanOnlyPrintsEachStagesMemory(t *testing.T) {
 		t.Errorf("--plan-only without --nodes: exit %d, %s", code, stderr)
 	}
 }
+
+// An async run's plan shows each stage's in-flight bound and the past weight versions
+// it keeps, the most at stage 0 and none at the last; a node too small for them is
+// refused with them named. A sync run's plan has no such columns.
+func TestLaunchPlanOnlyShowsAnAsyncStagesPastVersions(t *testing.T) {
+	code, stdout, stderr := runCLI(t, "launch", "tiny4-k4-async", "--plan-only", "--nodes", "4", "--node-memory", "1GiB")
+	if code != 0 {
+		t.Fatalf("launch tiny4-k4-async --plan-only: exit %d\n%s%s", code, stdout, stderr)
+	}
+	if !strings.Contains(stdout, "schedule async, delay nesterov") || !strings.Contains(stdout, " versions ") ||
+		!strings.Contains(stdout, " NAdam ") || !strings.Contains(stdout, " past weights ") {
+		t.Errorf("plan lacks the schedule, the versions, the update rule or the past weights:\n%s", stdout)
+	}
+	row := regexp.MustCompile(`(?m)^\s+(\d)\s+0\s+\[\d+,\d+\)\s+(\d+)\s+(\d+)\s`)
+	var got []string
+	for _, m := range row.FindAllStringSubmatch(stdout, -1) {
+		got = append(got, m[1]+": "+m[2]+" in flight, "+m[3]+" versions")
+	}
+	want := []string{"0: 16 in flight, 4 versions", "1: 11 in flight, 3 versions", "2: 6 in flight, 2 versions", "3: 1 in flight, 0 versions"}
+	if strings.Join(got, "; ") != strings.Join(want, "; ") {
+		t.Errorf("stage rows %q, want %q:\n%s", got, want, stdout)
+	}
+	code, stdout, stderr = runCLI(t, "launch", "tiny4-k4-async", "--plan-only", "--nodes", "4", "--node-memory", "184MiB")
+	if code == 0 || !strings.Contains(stderr, "node4 offers 184 MiB, stage 0 needs 185 MiB, 3.6 MiB of it for 4 past weight versions (async schedule)") {
+		t.Errorf("tiny4-k4-async on 184 MiB nodes: exit %d\n%s%s\nwant stage 0 refused, its past versions named", code, stdout, stderr)
+	}
+	_, stdout, _ = runCLI(t, "launch", "tiny4-k4", "--plan-only", "--nodes", "4", "--node-memory", "1GiB")
+	if strings.Contains(stdout, "versions") || strings.Contains(stdout, "past weights") || !strings.Contains(stdout, " AdamW ") {
+		t.Errorf("a sync plan shows past versions or no AdamW:\n%s", stdout)
+	}
+}
