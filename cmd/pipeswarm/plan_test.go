@@ -1,6 +1,9 @@
 package main
 
 import (
+	"fmt"
+	"os"
+	"path/filepath"
 	"regexp"
 	"strings"
 	"testing"
@@ -33,9 +36,22 @@ func TestLaunchPlanOnlyPrintsEachStagesMemory(t *testing.T) {
 // it keeps, the most at stage 0 and none at the last; a node too small for them is
 // refused with them named. A sync run's plan has no such columns.
 func TestLaunchPlanOnlyShowsAnAsyncStagesPastVersions(t *testing.T) {
-	code, stdout, stderr := runCLI(t, "launch", "tiny4-k4-async", "--plan-only", "--nodes", "4", "--node-memory", "1GiB")
+	const src = `name: plan-async
+model: {d_model: 128, n_layers: 4, n_heads: 4, d_ff: 352, seq_len: 128}
+pipeline: {stages: 4, micro_batches: 4%s}
+train: {batch_size: 16, steps: 10, lr: 0.003}
+`
+	dir := t.TempDir()
+	async, sync := filepath.Join(dir, "async.yaml"), filepath.Join(dir, "sync.yaml")
+	if err := os.WriteFile(async, fmt.Appendf(nil, src, ", in_flight: 16, schedule: async"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(sync, fmt.Appendf(nil, src, ""), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	code, stdout, stderr := runCLI(t, "launch", async, "--plan-only", "--nodes", "4", "--node-memory", "1GiB")
 	if code != 0 {
-		t.Fatalf("launch tiny4-k4-async --plan-only: exit %d\n%s%s", code, stdout, stderr)
+		t.Fatalf("launch --plan-only: exit %d\n%s%s", code, stdout, stderr)
 	}
 	if !strings.Contains(stdout, "schedule async, delay nesterov") || !strings.Contains(stdout, " versions ") ||
 		!strings.Contains(stdout, " NAdam ") || !strings.Contains(stdout, " past weights ") {
@@ -50,11 +66,11 @@ func TestLaunchPlanOnlyShowsAnAsyncStagesPastVersions(t *testing.T) {
 	if strings.Join(got, "; ") != strings.Join(want, "; ") {
 		t.Errorf("stage rows %q, want %q:\n%s", got, want, stdout)
 	}
-	code, stdout, stderr = runCLI(t, "launch", "tiny4-k4-async", "--plan-only", "--nodes", "4", "--node-memory", "184MiB")
+	code, stdout, stderr = runCLI(t, "launch", async, "--plan-only", "--nodes", "4", "--node-memory", "184MiB")
 	if code == 0 || !strings.Contains(stderr, "node4 offers 184 MiB, stage 0 needs 185 MiB, 3.6 MiB of it for 4 past weight versions (async schedule)") {
-		t.Errorf("tiny4-k4-async on 184 MiB nodes: exit %d\n%s%s\nwant stage 0 refused, its past versions named", code, stdout, stderr)
+		t.Errorf("on 184 MiB nodes: exit %d\n%s%s\nwant stage 0 refused, its past versions named", code, stdout, stderr)
 	}
-	_, stdout, _ = runCLI(t, "launch", "tiny4-k4", "--plan-only", "--nodes", "4", "--node-memory", "1GiB")
+	_, stdout, _ = runCLI(t, "launch", sync, "--plan-only", "--nodes", "4", "--node-memory", "1GiB")
 	if strings.Contains(stdout, "versions") || strings.Contains(stdout, "past weights") || !strings.Contains(stdout, " AdamW ") {
 		t.Errorf("a sync plan shows past versions or no AdamW:\n%s", stdout)
 	}
