@@ -137,3 +137,14 @@ func (a Async) MaxDelay(stage int) int {
 	// these span at most ceil((Bound−1)/MicroBatches) update boundaries.
 	return (a.Bound(stage) - 1 + a.MicroBatches - 1) / a.MicroBatches
 }
+
+// Trail is how many updates behind the last stage any stage's updates may be once
+// the last stage has taken update k: it has run the forward of k's last micro-batch
+// j = k·MicroBatches − 1, which every stage ran before it, and a stage runs that
+// forward after the backward of j − Bound(stage) and the update it ends. So every
+// stage has taken k − ceil(Bound(stage)/MicroBatches) updates at least, and stage 0,
+// whose bound is the largest, trails furthest. The checkpoints a stage writes after its
+// updates trail the last stage's rows as far.
+func (a Async) Trail() int {
+	return (a.Bound(0) + a.MicroBatches - 1) / a.MicroBatches
+}

@@ -140,3 +140,40 @@ func runTogether(t *testing.T, a Async, orders [][]AsyncOp, n int) {
 		}
 	}
 }
+
+// Once the last stage has taken update k, every stage has taken k − Trail updates at
+// least, and stage 0 may have taken no more: in its order the forward of k's last
+// micro-batch, which the last stage needs, follows that many updates. In-flight bounds
+// past micro_batches included (forwards then span updates).
+func TestAsyncTrailIsHowFarAStageCanBeBehindTheLast(t *testing.T) {
+	for S := 1; S <= 6; S++ {
+		for M := 1; M <= 4; M++ {
+			for K := 0; K <= 3*M; K++ {
+				a := Async{Stages: S, MicroBatches: M, InFlight: K}
+				n := M * (a.Trail() + 4)
+				tight := false
+				for s := range S {
+					order := a.Order(s, n)
+					for k := 1; k <= n/M; k++ {
+						taken := 0 // updates before the forward of k's last micro-batch
+						for _, op := range order {
+							if op.Kind == AsyncForward && op.Micro == k*M-1 {
+								break
+							}
+							if op.Kind == AsyncUpdate {
+								taken++
+							}
+						}
+						if taken < k-a.Trail() {
+							t.Fatalf("%+v: stage %d has taken %d updates when the last stage can take update %d; Trail %d", a, s, taken, k, a.Trail())
+						}
+						tight = tight || (s == 0 && taken == max(0, k-a.Trail()))
+					}
+				}
+				if !tight {
+					t.Errorf("%+v: stage 0 never trails the last stage by Trail %d", a, a.Trail())
+				}
+			}
+		}
+	}
+}
