@@ -40,7 +40,12 @@ type Config struct {
 	InnerSteps         int
 	CheckpointInterval int           // the count rule, 0 if none
 	CheckpointEvery    time.Duration // the time rule, 0 if none
-	StaffTimeout       time.Duration // how long a node may take to join at all
+	// Trail is how many steps behind the rows recorded a stage's checkpoints may be: in
+	// an async pipeline the first stage takes an update up to core.Async.Trail updates
+	// after the last has reported it. 0 in a sync run, whose stages finish each step
+	// together.
+	Trail        int
+	StaffTimeout time.Duration // how long a node may take to join at all
 	// Rejoinable: broken pipelines are probed and brought back when their cells can be
 	// held again.
 	Rejoinable bool
@@ -406,7 +411,9 @@ func (r *Run) emit(s metrics.Step) {
 
 // tellRecorded tells the stages the newest common checkpoint step whose rows are all
 // recorded: replica 0's through, and no later than any other pipeline whole and not
-// lagging has got.
+// lagging has got; and one every stage has taken by then (Trail), for a stage prunes
+// the older ones it holds: were a stage that has yet to write it lost, the run would
+// have no common step left to resume from.
 func (r *Run) tellRecorded() {
 	upTo := r.through
 	for rep, l := range r.latest {
@@ -414,6 +421,7 @@ func (r *Run) tellRecorded() {
 			upTo = min(upTo, l)
 		}
 	}
+	upTo -= r.c.Trail
 	c := 0
 	if r.c.CheckpointInterval > 0 {
 		c = upTo / r.c.CheckpointInterval * r.c.CheckpointInterval

@@ -367,6 +367,29 @@ func TestACheckpointDueByTimeIsOrderedAndCountsOnceTaken(t *testing.T) {
 	)
 }
 
+// In a run whose stages trail the rows (an async pipeline's first stage), a
+// checkpoint step is told recorded, and the older checkpoints pruned, only once every
+// stage has taken it: Trail steps after its row, by the count rule and the time rule.
+func TestACheckpointIsToldRecordedOnlyOnceTheTrailingStagesHaveTakenIt(t *testing.T) {
+	c := grid(3, 1, 100)
+	c.CheckpointInterval, c.Trail = 10, 3
+	r := mustNew(t, c)
+	told := map[int]int{} // step whose row came -> step told recorded
+	for step := 1; step <= 23; step++ {
+		if step == 14 {
+			r.Handle(t0.Add(time.Duration(step)*time.Second-time.Millisecond), CheckpointTaken{15}) // ordered by time
+		}
+		for _, a := range r.Handle(t0.Add(time.Duration(step)*time.Second), StepTaken{From: from(2, 0), Step: step}) {
+			if tr, ok := a.(TellRecorded); ok {
+				told[step] = tr.Step
+			}
+		}
+	}
+	if want := map[int]int{13: 10, 18: 15, 23: 20}; !reflect.DeepEqual(told, want) {
+		t.Errorf("told recorded (at the row of: step) %v, want %v", told, want)
+	}
+}
+
 func TestNewRefusesABadGrid(t *testing.T) {
 	c := grid(2, 2, 4)
 	c.Cells = c.Cells[:3]
