@@ -86,7 +86,22 @@ func TestNodeKilledAndRestartedAfterAnEarlierLaunchRejoins(t *testing.T) {
 // node killed after it resumes from there.
 func TestNodeKilledAfterATimedCheckpointResumesFromIt(t *testing.T) {
 	src := strings.NewReplacer("checkpoint_interval: 5\ncheckpoint_seconds: 0\n", "checkpoint_seconds: 1\n", "steps: 40", "steps: 400").Replace(recoverSpec)
-	ready := func(l *launch, nd *simNode) {
+	restartMidRun(t, src, afterTimedCheckpoint(t), (*simNode).kill, (*simNode).restart, resumed)
+}
+
+// The same in an async run, whose stages sit at different update counts when the
+// launcher orders the checkpoint (stage 0 trails, its forwards spanning two updates),
+// and whose stage-1 node, the last stage, is killed once it holds it.
+func TestAsyncNodeKilledAfterATimedCheckpointResumesFromIt(t *testing.T) {
+	src := strings.NewReplacer("checkpoint_interval: 5\ncheckpoint_seconds: 0\n", "checkpoint_seconds: 1\n", "steps: 40", "steps: 400",
+		"in_flight: 2, pause_timeout: 120}", "in_flight: 4, pause_timeout: 120, schedule: async}").Replace(recoverSpec)
+	restartMidRun(t, src, afterTimedCheckpoint(t), (*simNode).kill, (*simNode).restart, resumed)
+}
+
+// afterTimedCheckpoint waits until the stage-1 node holds the run's first checkpoint
+// by time and the launcher has recorded its step.
+func afterTimedCheckpoint(t *testing.T) func(*launch, *simNode) {
+	return func(l *launch, nd *simNode) {
 		deadline := time.Now().Add(60 * time.Second)
 		for {
 			// The earlier run's and this one's (the state is written last).
@@ -107,7 +122,6 @@ func TestNodeKilledAfterATimedCheckpointResumesFromIt(t *testing.T) {
 		step, _ := strconv.Atoi(m[1])
 		l.steps.wait(t, 0, step, 60*time.Second)
 	}
-	restartMidRun(t, src, ready, (*simNode).kill, (*simNode).restart, resumed)
 }
 
 // No checkpoint at all before the kill: the run starts again from its beginning, says

@@ -1,0 +1,60 @@
+package faults
+
+import (
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/pipeswarm/pipeswarm/node/train"
+)
+
+// asyncPauseSpec is an async run whose stage 0 holds six forwards ahead of its
+// backwards over updates of two micro-batches: forwards span three updates, and the
+// first stage takes an update up to three updates after the last has reported it.
+const asyncPauseSpec = `name: async-pause
+seed: 37
+eval_interval: 10
+checkpoint_interval: 5
+model: {d_model: 32, n_layers: 3, n_heads: 2, d_ff: 64, seq_len: 32}
+pipeline: {stages: 3, micro_batches: 2, in_flight: 6, pause_timeout: 120, schedule: async}
+train: {batch_size: 4, steps: 60, lr: 0.003, warmup: 2, delay: nesterov}
+data: {val_fraction: 0.005}
+`
+
+// The only node of stage 0 of an async run killed the moment the launcher records a
+// checkpoint step, which stage 0, trailing the last stage, may not have taken yet: the
+// run pauses, saying which stage, and when the node is back on its data directory it
+// resumes from the newest update every stage checkpointed, running again, on the past
+// weight versions that checkpoint keeps, the forwards that were in flight at it.
+// Every update's loss is then the uninterrupted run's (train's), bit for bit.
+func TestAsyncRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *testing.T) {
+	sw := newSwarm(t, 3)
+	sp := mustSpec(t, asyncPauseSpec)
+	out := filepath.Join(sw.dir, "launched")
+	l := sw.launch(sp, out, false, sw.peers())
+	const at = 20 // a checkpoint step
+	victim := sw.nodes[0] // first fit in peer order: stage 0
+	l.steps.on(0, at, victim.kill)
+	l.steps.wait(t, 0, at, 90*time.Second)
+	if !l.log.wait("run paused", 60*time.Second) {
+		t.Fatal("the launcher did not pause the run after stage 0's only node was killed")
+	}
+	victim.restart()
+	res, err := l.wait(t, 180*time.Second)
+	if err != nil {
+		t.Fatalf("launch: %v", err)
+	}
+	if len(res.Pauses) != 1 || !strings.Contains(res.Pauses[0].Why, "stage 0") || res.Pauses[0].Restarted || res.Pauses[0].ResumedAt == 0 {
+		t.Fatalf("pauses %+v; want one, for stage 0, resumed from a checkpoint", res.Pauses)
+	}
+	p := res.Pauses[0]
+	t.Logf("paused after update %d (%s); resumed from update %d after %.1f s", p.Recorded, p.Why, p.ResumedAt, p.WaitedS)
+	// Every stage had taken update at − Trail when the row of at came, and with it
+	// the checkpoint of the count rule's step at or before it.
+	trail := train.AsyncSchedule(sp).Trail()
+	if held := (at - trail) / 5 * 5; p.ResumedAt%5 != 0 || p.ResumedAt < held || p.ResumedAt > at {
+		t.Errorf("resumed from update %d; want a checkpoint step (a multiple of 5) from %d to %d: every stage held %d when the node was killed at the row of %d", p.ResumedAt, held, at, held, at)
+	}
+	sameAsTrain(t, sp, out)
+}
