@@ -33,7 +33,7 @@ func TestAsyncRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *test
 	sp := mustSpec(t, asyncPauseSpec)
 	out := filepath.Join(sw.dir, "launched")
 	l := sw.launch(sp, out, false, sw.peers())
-	const at = 24 // before checkpoint step 25, which is not evaluated: its row is recorded at once
+	const at = 24         // before checkpoint step 25, which is not evaluated: its row is recorded at once
 	victim := sw.nodes[0] // first fit in peer order: stage 0
 	l.steps.on(0, at, victim.kill)
 	l.steps.wait(t, 0, at, 90*time.Second)
