@@ -20,38 +20,40 @@ train: {batch_size: 4, steps: 60, lr: 0.003, warmup: 2, delay: nesterov}
 data: {val_fraction: 0.005}
 `
 
-// The only node of stage 0 of an async run killed the moment the launcher records the
-// update before a checkpoint step: the stages after it go on to take that step, and
-// the launcher records it, but stage 0, trailing them, never does. The run pauses,
-// naming stage 0's node, and when the node is back on its data directory it resumes
-// from the newest update every stage checkpointed (the others kept it, although a
-// later one was recorded), running again, on the past weight versions that checkpoint
-// keeps, the forwards that were in flight at it. Every update's loss is then the
-// uninterrupted run's (train's), bit for bit.
+// The only node of the middle stage of an async run killed the moment the launcher
+// records update 25, a checkpoint step: the last stage has taken it, and goes on
+// with the forwards it already has, but stage 0, trailing it, waits for gradients
+// that no longer come and never takes it. The run pauses, naming stage 1's node, and
+// when the node is back on its data directory it resumes from the newest update
+// every stage checkpointed (the last stage kept it, although a later one was
+// recorded), running again, on the past weight versions that checkpoint keeps, the
+// forwards that were in flight at it. Every update's loss is then the uninterrupted
+// run's (train's), bit for bit.
 func TestAsyncRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *testing.T) {
 	sw := newSwarm(t, 3)
 	sp := mustSpec(t, asyncPauseSpec)
 	out := filepath.Join(sw.dir, "launched")
 	l := sw.launch(sp, out, false, sw.peers())
-	const at = 24         // before checkpoint step 25, which is not evaluated: its row is recorded at once
-	victim := sw.nodes[0] // first fit in peer order: stage 0
+	const at = 25         // not an evaluated step: its row is recorded at once
+	victim := sw.nodes[1] // first fit in peer order: stage 1
 	l.steps.on(0, at, victim.kill)
 	l.steps.wait(t, 0, at, 90*time.Second)
 	if !l.log.wait("run paused", 60*time.Second) {
-		t.Fatal("the launcher did not pause the run after stage 0's only node was killed")
+		t.Fatal("the launcher did not pause the run after stage 1's only node was killed")
 	}
 	victim.restart()
 	res, err := l.wait(t, 180*time.Second)
 	if err != nil {
 		t.Fatalf("launch: %v", err)
 	}
-	if len(res.Pauses) != 1 || !strings.Contains(res.Pauses[0].Why, "stage 0 (node "+victim.id()+")") || res.Pauses[0].Restarted {
-		t.Fatalf("pauses %+v; want one, for stage 0's node %s, resumed from a checkpoint", res.Pauses, victim.id())
+	// Both neighbours wait for the middle stage: whichever reports first names it.
+	if len(res.Pauses) != 1 || !strings.Contains(res.Pauses[0].Why, "stage 1 (node "+victim.id()+")") || res.Pauses[0].Restarted {
+		t.Fatalf("pauses %+v; want one, for stage 1's node %s, resumed from a checkpoint", res.Pauses, victim.id())
 	}
 	p := res.Pauses[0]
 	t.Logf("paused after update %d (%s); resumed from update %d after %.1f s", p.Recorded, p.Why, p.ResumedAt, p.WaitedS)
-	// Stage 0 had taken update 20's checkpoint when the row of 24 came (it trails by
-	// three updates at most), and 25's at the latest when it was killed.
+	// Stage 0 had taken update 20's checkpoint when the row of 25 came (it trails the
+	// last stage by three updates at most), and 25's at the latest.
 	if p.ResumedAt != 20 && p.ResumedAt != 25 {
 		t.Errorf("resumed from update %d; want 20 or 25, the checkpoint steps every stage could hold", p.ResumedAt)
 	}
