@@ -17,7 +17,13 @@ import "fmt"
 // is the current one when the order reaches it); a resumed run, which restarts every
 // stage at the first micro-batch of the update after its checkpoint and so runs again
 // the forwards that were in flight at the cut, runs those on the past versions the
-// checkpoint holds. A backward's age is its forward's with Stash, else 0.
+// checkpoint holds. A stage that joins a run in progress (Config.Joined: its replica
+// pipeline comes back after an outer step, every stage of it at once) also starts at
+// the first micro-batch after From and fills to its bound, but holds no version
+// before From: the forwards the schedule would run on one run on From's weights, the
+// newest it has. That touches the fill alone: every later forward's version is From
+// or newer, so from then on the order and the versions are the whole run's. A
+// backward's age is its forward's with Stash, else 0.
 //
 // Micro-batches are numbered over the run, j = (step−1)·MicroBatches + micro; frames
 // and events keep (Step, Micro), the update j belongs to and its place in it.
@@ -89,7 +95,17 @@ func (c *Core) asyncNextIsForward() bool {
 // forwardAge is how many updates older than the current weights the ones the
 // forward of j runs on are.
 func (c *Core) forwardAge(j int) int {
-	return c.step - 1 - c.cfg.schedule().ForwardVersion(c.cfg.Stage, j)
+	return c.step - 1 - c.forwardVersion(j)
+}
+
+// forwardVersion is the weight version the forward of j runs on: the schedule's, or
+// on a joined stage, which holds none before From, From's if the schedule's is older.
+func (c *Core) forwardVersion(j int) int {
+	v := c.cfg.schedule().ForwardVersion(c.cfg.Stage, j)
+	if c.cfg.Joined {
+		v = max(v, c.cfg.From)
+	}
+	return v
 }
 
 func (c *Core) backward(j, slot int) Action {

@@ -2,6 +2,7 @@ package core
 
 import (
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"reflect"
 	"testing"
@@ -290,6 +291,134 @@ func TestAsyncCoreResumedRunsTheForwardsInFlightAtTheCutOnTheirVersions(t *testi
 		for k, op := range ops[s][:a.Bound(s)-1] { // the forwards in flight at the cut
 			if op.Kind != AsyncForward || ages[s][k] != 2-a.ForwardVersion(s, op.Micro) || ages[s][k] > a.MaxDelay(s) {
 				t.Fatalf("stage %d: op %v of age %d", s, op, ages[s][k])
+			}
+		}
+	}
+}
+
+// joinedOrder is what a stage that joins after update from runs: the whole run's
+// order restricted to the micro-batches from from·MicroBatches on and the updates
+// after from, each forward on a version no older than from's (the only one it holds).
+func joinedOrder(a Async, stage, n, from int) []AsyncOp {
+	var out []AsyncOp
+	for _, op := range a.Order(stage, n) {
+		switch {
+		case op.Kind == AsyncUpdate && op.Version > from:
+		case op.Kind != AsyncUpdate && op.Micro >= from*a.MicroBatches:
+			op.Version = max(op.Version, from)
+		default:
+			continue
+		}
+		out = append(out, op)
+	}
+	return out
+}
+
+func TestAsyncCoreJoinedRefillsFromItsStepOnTheWeightsItHolds(t *testing.T) {
+	for _, c := range []struct{ stages, micro, inFlight, from int }{{2, 2, 4, 2}, {4, 2, 0, 2}, {4, 3, 7, 1}, {3, 1, 5, 3}, {2, 4, 0, 4}} {
+		for _, stash := range []bool{true, false} {
+			const steps = 6
+			cfgs := asyncCfgs(c.stages, c.micro, c.inFlight, steps, stash)
+			for i := range cfgs {
+				cfgs[i].From, cfgs[i].Joined = c.from, true
+			}
+			a := cfgs[0].schedule()
+			for seed := range uint64(5) {
+				ops, ages, _ := asyncPipeline(t, cfgs, seed)
+				for s := range c.stages {
+					if want := joinedOrder(a, s, steps*c.micro, c.from); !reflect.DeepEqual(ops[s], want) {
+						t.Fatalf("%+v stash %v seed %d stage %d:\n got  %v\n want %v", c, stash, seed, s, ops[s], want)
+					}
+					fi := 0
+					for _, op := range ops[s] {
+						if op.Kind == AsyncUpdate {
+							continue
+						}
+						age := ages[s][fi]
+						fi++
+						// Forwards on the current weights, as at a run's start; a stashed
+						// backward on its forward's, never older than the join.
+						want := 0
+						if op.Kind == AsyncBackward && stash {
+							want = op.Version - max(a.ForwardVersion(s, op.Micro), c.from)
+						}
+						if age != want || op.Version-age < c.from {
+							t.Fatalf("%+v stash %v stage %d: %v of age %d, want %d", c, stash, s, op, age, want)
+						}
+					}
+				}
+			}
+		}
+	}
+}
+
+func TestAsyncCoreJoinedAfterTheFillIsTheWholeRunsSchedule(t *testing.T) {
+	// 2 stages × 2 micro-batches, stage 0 holding 4 in flight, joined after update 3:
+	// stage 0 refills with micro-batches 6 to 9 on version 3, and from the backward of
+	// micro-batch 6 on its work is the uninterrupted run's, versions and all.
+	cfgs := asyncCfgs(2, 2, 4, 6, true)
+	for i := range cfgs {
+		cfgs[i].From, cfgs[i].Joined = 3, true
+	}
+	ops, ages, _ := asyncPipeline(t, cfgs, 1)
+	if got, want := fmt.Sprint(ops[0][:12], ages[0][:11]), "[F6@3 F7@3 F8@3 F9@3 B6@3 F10@3 B7@3 U7@4 F11@4 B8@4 F12@4 B9@4] [0 0 0 0 0 0 0 0 1 0 1]"; got != want {
+		t.Errorf("joined stage 0:\n got %s\nwant %s", got, want)
+	}
+	whole := cfgs[0].schedule().Order(0, 12)
+	tail := whole[len(whole)-len(ops[0])+4:]
+	if !reflect.DeepEqual(ops[0][4:], tail) {
+		t.Errorf("after the fill:\n got  %v\n want %v", ops[0][4:], tail)
+	}
+}
+
+func TestAsyncCoreResumedFromAJoinedStageRunsWhatItRan(t *testing.T) {
+	// A joined stage's checkpoint soon after its join holds From's weights for the
+	// versions before From it never had (stage.Unit.FillPast): a run resumed from it,
+	// which knows nothing of the join, then runs every forward and backward on the
+	// weights the joined run used.
+	const from, steps = 2, 8
+	// ranOn is each op with the version its weights are: a backward's is its age
+	// older than the current one.
+	ranOn := func(ops []AsyncOp, ages []int) []AsyncOp {
+		out := append([]AsyncOp(nil), ops...)
+		k := 0
+		for i, op := range out {
+			if op.Kind != AsyncUpdate {
+				if op.Kind == AsyncBackward {
+					out[i].Version -= ages[k]
+				}
+				k++
+			}
+		}
+		return out
+	}
+	for _, c := range []struct{ stages, micro, inFlight int }{{2, 2, 4}, {4, 2, 0}, {3, 1, 5}} {
+		cfgs := asyncCfgs(c.stages, c.micro, c.inFlight, steps, true)
+		for i := range cfgs {
+			cfgs[i].From, cfgs[i].Joined = from, true
+		}
+		jops, jages, _ := asyncPipeline(t, cfgs, 2)
+		a := cfgs[0].schedule()
+		for cut := from + 1; cut <= from+a.MaxDelay(0)+1 && cut < steps; cut++ {
+			for i := range cfgs {
+				cfgs[i].From, cfgs[i].Joined = cut, false
+			}
+			rops, rages, _ := asyncPipeline(t, cfgs, 3)
+			for s := range c.stages {
+				// The joined run's ops on the micro-batches from the cut's, in order.
+				var want []AsyncOp
+				for _, op := range ranOn(jops[s], jages[s]) {
+					if (op.Kind == AsyncUpdate && op.Version > cut) || (op.Kind != AsyncUpdate && op.Micro >= cut*c.micro) {
+						want = append(want, op)
+					}
+				}
+				got := ranOn(rops[s], rages[s])
+				for k := range got {
+					got[k].Version = max(got[k].Version, from) // what the filled versions hold
+				}
+				if !reflect.DeepEqual(got, want) {
+					t.Fatalf("%+v cut %d stage %d:\n got  %v\n want %v", c, cut, s, got, want)
+				}
 			}
 		}
 	}

@@ -71,6 +71,13 @@ type Config struct {
 	// Stash: in an async run, a backward runs on the weights its forward ran on
 	// (train.delay stash or nesterov) rather than the current ones (none).
 	Stash bool
+	// Joined: the stage joins an async run in progress after step From (its replica
+	// pipeline rejoins), holding From's weights alone, fetched from another replica,
+	// and none older. Its pipeline refills from From as a run fills at its start, and
+	// a forward (or stashed backward) the schedule would run on a version before From
+	// runs on From's (asynccore.go). A resumed run is not joined: its checkpoint holds
+	// the past versions.
+	Joined bool
 	// StartTimeout bounds a wait before the stage has measured a step of its own (the
 	// first step: neighbours still loading data, dialling, warming up); after that,
 	// deadlines come from the step times measured. 0 means no deadline before then.
@@ -99,6 +106,8 @@ func (c Config) Validate() error {
 		return fmt.Errorf("core: %d steps", c.Steps)
 	case c.From < 0 || c.From >= c.Steps:
 		return fmt.Errorf("core: resuming after step %d of %d", c.From, c.Steps)
+	case c.Joined && (c.From < 1 || c.EvalFrom):
+		return fmt.Errorf("core: joining after step %d (resumed %v)", c.From, c.EvalFrom)
 	case c.EvalInterval < 0 || c.EvalBatches < 0:
 		return fmt.Errorf("core: eval interval %d, batches %d", c.EvalInterval, c.EvalBatches)
 	case c.MaxInFlight < 0:

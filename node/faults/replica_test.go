@@ -2,6 +2,7 @@ package faults
 
 import (
 	"fmt"
+	"math"
 	"path/filepath"
 	"regexp"
 	"slices"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/pipeswarm/pipeswarm/node/config"
 	"github.com/pipeswarm/pipeswarm/node/metrics"
+	"github.com/pipeswarm/pipeswarm/node/spec"
 )
 
 const rejoinSpec = `name: rejoin
@@ -53,6 +55,60 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	}
 	back := rejoinedInAgreement(t, out, last, 45)
 	t.Logf("replica 1 lost after step 45 and trained again from step %d to %d", back, last)
+}
+
+// The async schedule with 4 forwards in flight on stage 0 (two updates' worth) and
+// the delay-corrected update rule, on rejoinSpec's model, replicas and outer steps.
+func asyncRejoinSpec(last int) string {
+	s := fmt.Sprintf(rejoinSpec, last)
+	s = strings.Replace(s, "replicas: 2}", "replicas: 2, schedule: async, in_flight: 4}", 1)
+	return strings.Replace(s, "warmup: 2}", "warmup: 2, delay: nesterov}", 1)
+}
+
+// The same in an async run: the restarted node's replica pipeline rejoins at an outer
+// step, every stage of it refilling its pipeline from there on the state fetched
+// (weights, NAdam's moments, outer state), and trains to the end in agreement with
+// the other replica.
+func TestKilledNodeOfAnAsyncRunRestartsAndItsPipelineRejoins(t *testing.T) {
+	sw := newSwarmOn(t, 4, paced)
+	const last = 1000
+	sp := mustSpec(t, asyncRejoinSpec(last))
+	if !sp.Pipeline.Async() || sp.Pipeline.InFlight != 4 || sp.Train.Delay != spec.DelayNesterov {
+		t.Fatalf("spec: schedule %q, in flight %d, delay %q; want async, 4, nesterov", sp.Pipeline.Schedule, sp.Pipeline.InFlight, sp.Train.Delay)
+	}
+	out := filepath.Join(sw.dir, "launched")
+	l := sw.launch(sp, out, false, sw.peers())
+	victim := sw.nodes[3] // stage 1 of replica 1
+	l.steps.on(1, 45, victim.kill)
+	l.steps.wait(t, 1, 45, 120*time.Second)
+	sw.nodes[2].waitLog("idle: this replica pipeline cannot go on", 30*time.Second)
+	victim.restart()
+	res, err := l.wait(t, 300*time.Second)
+	if err != nil {
+		t.Fatalf("launch: %v", err)
+	}
+	if !slices.Contains(res.Rejoined, 1) {
+		t.Errorf("replica pipelines rejoined: %v; want 1", res.Rejoined)
+	}
+	for _, nd := range sw.nodes[2:] {
+		nd.waitLog("rejoined: state fetched and verified", 5*time.Second)
+	}
+	back := rejoinedInAgreement(t, out, last, 45)
+	// The hashes agree whatever replica 1 contributed: its losses say it trained
+	// on sound weights, as well as replica 0 on its own shard of the data.
+	steps, _ := rows(t, out)
+	var sum [2]float64
+	for step := back; step <= last; step++ {
+		for r := range 2 {
+			sum[r] += steps[[2]int{step, r}].Loss
+		}
+	}
+	n := float64(last - back + 1)
+	if m0, m1 := sum[0]/n, sum[1]/n; math.IsNaN(m1) || math.Abs(m1-m0) > 0.05*m0 {
+		t.Errorf("mean loss from step %d: replica 1 %.4f, replica 0 %.4f; want within 5%%", back, m1, m0)
+	} else {
+		t.Logf("replica 1 lost after update 45, trained again from update %d to %d; mean loss since: %.4f (replica 0 %.4f)", back, last, m1, m0)
+	}
 }
 
 // A node killed for good, and a new node that joins the swarm after the run started

@@ -118,6 +118,18 @@ func (u *Unit) SetAsync(sp *spec.Spec, keep int, delay float64) error {
 	return nil
 }
 
+// FillPast makes the current weights stand for every past version the unit keeps:
+// a stage that joins an async run in progress holds the weights it fetched and none
+// older, and its schedule runs on those where it would reach further back
+// (core.Config.Joined). A checkpoint it writes before its updates have pushed them out
+// then holds what each forward and backward ran on, so a run resumed from it (which
+// knows nothing of the join) continues exactly.
+func (u *Unit) FillPast() {
+	for _, p := range u.past {
+		copy(p, u.Stage.Params)
+	}
+}
+
 // Past returns the weights as they were age updates ago, 1 <= age <= keep (SetAsync),
 // as the unit's own buffer: the caller does not change it.
 func (u *Unit) Past(age int) []float32 { return u.past[age-1] }

@@ -376,6 +376,39 @@ data: {val_fraction: 0.01}
 	}
 }
 
+// A unit that joins an async run holds its current weights for every past version:
+// after k updates its versions older than k updates are the ones it joined with.
+func TestAsyncUnitJoinedHoldsItsWeightsForTheVersionsBeforeIt(t *testing.T) {
+	src := `name: unit
+seed: 7
+model: {d_model: 32, n_layers: 2, n_heads: 2, d_ff: 64, seq_len: 16}
+pipeline: {stages: 2, micro_batches: 1, schedule: async}
+train: {batch_size: 2, steps: 10, lr: 0.01, warmup: 1, delay: nesterov}
+data: {val_fraction: 0.01}
+`
+	sp := testSpec(t, src)
+	run := pipeline(t, sp)
+	for _, u := range run {
+		if err := u.SetAsync(sp, 3, 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	step(t, sp, run, 0) // the weights it joins with are not the initial ones
+	joined := slices.Clone(run[0].Stage.Params)
+	run[0].FillPast()
+	for age := 1; age <= 3; age++ {
+		if !slices.Equal(run[0].Past(age), joined) {
+			t.Fatalf("Past(%d) right after FillPast is not the current weights", age)
+		}
+	}
+	step(t, sp, run, 1)
+	next := slices.Clone(run[0].Stage.Params)
+	step(t, sp, run, 2)
+	if !slices.Equal(run[0].Past(1), next) || !slices.Equal(run[0].Past(2), joined) || !slices.Equal(run[0].Past(3), joined) {
+		t.Error("two updates after FillPast: Past(1) is not the weights of the update before, or Past(2), Past(3) not the joined ones")
+	}
+}
+
 // A run that does not clip exchanges no norm: Update alone projects the gradients,
 // and takes the same step as after GradSumSquares.
 func TestUpdateWithoutANormProjectsTheGradientsItself(t *testing.T) {

@@ -62,10 +62,12 @@ func (w *Worker) serve(round uint64) {
 
 // rejoin brings this stage into a running run as the plan's Join says: it fetches
 // the stage's global weights and outer momentum from every live replica at once and
-// AdamW moments from one (each vector verified by its sha256; see reduce.FetchState),
-// which must be as of the outer step
-// after the plan's step, and puts the data sampler where this replica's would be.
-// The all-reduce group counts it in from the next round.
+// its update rule's moments from one (AdamW's, or in an async run with train.delay
+// nesterov NAdam's; each vector verified by its sha256; see reduce.FetchState), which
+// must be as of the outer step after the plan's step, and puts the data sampler where
+// this replica's would be. The all-reduce group counts it in from the next round. In
+// an async run the fetched weights also stand for the past versions the stage keeps:
+// it has no older ones, and its schedule refills from the join on these.
 func (w *Worker) rejoin() error {
 	j := w.plan.Join
 	want := uint64(j.Step)*uint64(w.sp.DiLoCo.Fragments) + uint64(w.sp.DiLoCo.Fragments-1)
@@ -85,6 +87,7 @@ func (w *Worker) rejoin() error {
 	copy(w.outer.Global, vecs[0])
 	copy(w.outer.Momentum(), vecs[1])
 	copy(w.stage.Params, vecs[0])
+	w.unit.FillPast()
 	// Every replica has taken as many inner steps: the moments' step count is j.Step.
 	if err := w.unit.SetMoments(j.Step, vecs[2], vecs[3]); err != nil {
 		return fmt.Errorf("rejoin: %w", err)

@@ -276,7 +276,7 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 		cc.From, cc.EvalFrom = plan.Resume.Step, true
 	}
 	if plan.Join != nil {
-		cc.From = plan.Join.Step
+		cc.From, cc.Joined = plan.Join.Step, true
 	}
 	if R > 1 {
 		w.reduces = map[int]*syncDone{}
@@ -295,13 +295,11 @@ func New(ctx context.Context, env Env, plan *wire.Plan, sp *spec.Spec, idx, rep 
 	if sp.Pipeline.Async() {
 		// The stage keeps the past weight versions the schedule's delays reach back to,
 		// whatever train.delay: a resumed run runs the forwards in flight at its
-		// checkpoint again on them.
+		// checkpoint again on them. A joining stage is set up as at a run's start (its
+		// update rule's state comes with the rest in rejoin); it refills its pipeline
+		// from the join on the weights it fetches (core.Config.Joined).
 		a := train.AsyncSchedule(sp)
-		if plan.Join != nil {
-			err = fmt.Errorf("plan: a stage cannot join an async run in progress yet (it would need a replica's past weight versions)")
-		} else {
-			err = u.SetAsync(sp, a.MaxDelay(idx), a.Delay(idx))
-		}
+		err = u.SetAsync(sp, a.MaxDelay(idx), a.Delay(idx))
 		w.curParams, w.cutSampler = make([]float32, len(st.Params)), map[int][]byte{}
 	}
 	if plan.Resume != nil && err == nil {
