@@ -356,7 +356,7 @@ func TestAsyncCoreJoinedAfterTheFillIsTheWholeRunsSchedule(t *testing.T) {
 	// 2 stages × 2 micro-batches, stage 0 holding 4 in flight, joined after update 3:
 	// stage 0 refills with micro-batches 6 to 9 on version 3, and from the backward of
 	// micro-batch 6 on its work is the uninterrupted run's, versions and all.
-	cfgs := asyncCfgs(2, 2, 4, 6, true)
+	cfgs := asyncCfgs(2, 2, 4, 8, true)
 	for i := range cfgs {
 		cfgs[i].From, cfgs[i].Joined = 3, true
 	}
@@ -364,7 +364,7 @@ func TestAsyncCoreJoinedAfterTheFillIsTheWholeRunsSchedule(t *testing.T) {
 	if got, want := fmt.Sprint(ops[0][:12], ages[0][:11]), "[F6@3 F7@3 F8@3 F9@3 B6@3 F10@3 B7@3 U7@4 F11@4 B8@4 F12@4 B9@4] [0 0 0 0 0 0 0 0 1 0 1]"; got != want {
 		t.Errorf("joined stage 0:\n got %s\nwant %s", got, want)
 	}
-	whole := cfgs[0].schedule().Order(0, 12)
+	whole := cfgs[0].schedule().Order(0, 16)
 	tail := whole[len(whole)-len(ops[0])+4:]
 	if !reflect.DeepEqual(ops[0][4:], tail) {
 		t.Errorf("after the fill:\n got  %v\n want %v", ops[0][4:], tail)
