@@ -71,6 +71,8 @@ func asyncRejoinSpec(last int) string {
 // the other replica.
 func TestKilledNodeOfAnAsyncRunRestartsAndItsPipelineRejoins(t *testing.T) {
 	sw := newSwarmOn(t, 4, paced)
+	// An async update takes about 2.5 round trips of paced (50 ms, measured): the
+	// restarted node (about 30 s after the kill, see restart) is back near update 650.
 	const last = 1000
 	sp := mustSpec(t, asyncRejoinSpec(last))
 	if !sp.Pipeline.Async() || sp.Pipeline.InFlight != 4 || sp.Train.Delay != spec.DelayNesterov {
