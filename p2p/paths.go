@@ -8,6 +8,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/event"
@@ -17,6 +18,7 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/host/eventbus"
 	"github.com/libp2p/go-libp2p/p2p/net/swarm"
 	"github.com/libp2p/go-libp2p/p2p/protocol/holepunch"
+	ma "github.com/multiformats/go-multiaddr"
 )
 
 // DefaultHolePunchGrace is how long a tensor stream waits for hole punching
@@ -55,14 +57,33 @@ func (h *Host) Redial(ctx context.Context, p peer.ID) error {
 	return h.Host.Connect(AllowRelayed(ctx, "redial"), peer.AddrInfo{ID: p})
 }
 
+// ErrRefused is ReachUnlessRefused's error for a peer every address of which
+// refused the connection: nothing listens where the peer said it would.
+var ErrRefused = errors.New("p2p: every address of the peer refused the connection")
+
 // Reach redials p until a connection is up or ctx ends, pausing a little
 // longer after each failure; it returns the last dial's error. A peer with no
 // known address is not dialled again: nothing would change by waiting.
-func (h *Host) Reach(ctx context.Context, p peer.ID) error {
+func (h *Host) Reach(ctx context.Context, p peer.ID) error { return h.redialUntil(ctx, p, false) }
+
+// ReachUnlessRefused is Reach for a peer that should be up now: it also gives up,
+// with an error wrapping ErrRefused, as soon as a dial fails because every
+// address of p refused the connection (see refusedEverywhere). A peer that
+// should be listening and is not is down, and redialling it would only hold the
+// caller up until ctx ends; any other failure (a timeout, a handshake cut short
+// by both ends dialling at once, a resource limit) is dialled again as by Reach.
+func (h *Host) ReachUnlessRefused(ctx context.Context, p peer.ID) error {
+	return h.redialUntil(ctx, p, true)
+}
+
+func (h *Host) redialUntil(ctx context.Context, p peer.ID, giveUpRefused bool) error {
 	for pause := 20 * time.Millisecond; ; pause = min(2*pause, 500*time.Millisecond) {
 		err := h.Redial(ctx, p)
 		if err == nil || errors.Is(err, swarm.ErrNoAddresses) {
 			return err
+		}
+		if giveUpRefused && refusedEverywhere(err) {
+			return fmt.Errorf("%w: %w", ErrRefused, err)
 		}
 		t := time.NewTimer(pause)
 		select {
@@ -72,6 +93,48 @@ func (h *Host) Reach(ctx context.Context, p peer.ID) error {
 		case <-t.C:
 		}
 	}
+}
+
+// refusedEverywhere reports whether err is a dial that failed on every address
+// it tried, and on each because the address refused the connection.
+//
+// Only a direct TCP address can say so: a refused TCP dial (ECONNREFUSED, a
+// reset answering the SYN) means nothing listens at that port, and it says so
+// at once. QUIC cannot: the ICMP "port unreachable" a UDP port nobody listens on
+// answers with is not seen by libp2p's shared, unconnected UDP socket, so the
+// dial waits out its ctx as if packets were lost. A peer with a QUIC address
+// (every node listening as by default) is therefore never refused everywhere,
+// and neither is one with a relayed address: the relay's failure is not the
+// peer's. Addresses libp2p left undialled (no transport for them, a black hole,
+// a gater) are not refusals either, and a dial cut short by its ctx is no
+// answer at all.
+func refusedEverywhere(err error) bool {
+	var de *swarm.DialError
+	if !errors.As(err, &de) || !errors.Is(de.Cause, swarm.ErrAllDialsFailed) || de.Skipped > 0 || len(de.DialErrors) == 0 {
+		return false
+	}
+	for _, te := range de.DialErrors {
+		if !directTCP(te.Address) || !errors.Is(te.Cause, syscall.ECONNREFUSED) {
+			return false
+		}
+	}
+	return true
+}
+
+// directTCP reports whether a is a plain TCP address: no relay, no QUIC, no
+// websocket on top.
+func directTCP(a ma.Multiaddr) bool {
+	tcp := false
+	for _, c := range a {
+		switch c.Protocol().Code {
+		case ma.P_TCP:
+			tcp = true
+		case ma.P_IP4, ma.P_IP6, ma.P_DNS, ma.P_DNS4, ma.P_DNS6, ma.P_P2P:
+		default:
+			return false
+		}
+	}
+	return tcp
 }
 
 // AllowRelayed marks ctx so that streams opened with it may run on relayed

@@ -180,8 +180,10 @@ func (w *Worker) connectReplicas() {
 			ctx, cancel := context.WithTimeout(w.ctx, clock.Deadline(0, w.host.Peerstore().LatencyEWMA(id), clock.Brief))
 			defer cancel()
 			// Dialled again until the deadline: replicas left apart by one failed
-			// dial would each step alone and drift apart.
-			if err := w.host.Reach(ctx, id); err != nil {
+			// dial would each step alone and drift apart. One whose every address
+			// refuses the connection is down: it is left out of this outer step at
+			// once, as one not reached by the deadline is.
+			if err := w.host.ReachUnlessRefused(ctx, id); err != nil {
 				w.log.Warn("cannot reach a replica of this stage", "replica", r, "peer", id, "err", err)
 			}
 		}()
