@@ -119,20 +119,33 @@ func goneHost(t *testing.T, a *Host, listen string) peer.ID {
 }
 
 // listener accepts TCP connections on loopback and hands each to serve; it
-// reports its multiaddr and closes when the test ends.
+// reports its multiaddr. When the test ends it stops and closes every
+// connection it accepted.
 func listener(t *testing.T, serve func(net.Conn)) ma.Multiaddr {
 	t.Helper()
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
+	done := make(chan struct{})
+	t.Cleanup(func() {
+		l.Close()
+		<-done
+	})
 	go func() {
+		defer close(done)
+		var conns []net.Conn
+		defer func() {
+			for _, c := range conns {
+				c.Close()
+			}
+		}()
 		for {
 			c, err := l.Accept()
 			if err != nil {
 				return
 			}
+			conns = append(conns, c)
 			serve(c)
 		}
 	}()
@@ -187,14 +200,7 @@ func TestReachUnlessRefusedKeepsDiallingWhenAnAddressFailsOtherwise(t *testing.T
 	t.Run("a TCP address that accepts and stays silent", func(t *testing.T) {
 		a := newTestHost(t, tcpLoopback)
 		_, id, _ := absentPeer(t, a)
-		accepted := make(chan net.Conn, 100)
-		a.Peerstore().AddAddr(id, listener(t, func(c net.Conn) { accepted <- c }), peerstore.PermanentAddrTTL)
-		t.Cleanup(func() {
-			close(accepted)
-			for c := range accepted {
-				c.Close()
-			}
-		})
+		a.Peerstore().AddAddr(id, listener(t, func(net.Conn) {}), peerstore.PermanentAddrTTL)
 
 		ctx := testCtx(t, time.Second)
 		err := a.ReachUnlessRefused(ctx, id)
