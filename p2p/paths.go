@@ -62,8 +62,9 @@ func (h *Host) Redial(ctx context.Context, p peer.ID) error {
 var ErrRefused = errors.New("p2p: every address of the peer refused the connection")
 
 // Reach redials p until a connection is up or ctx ends, pausing a little
-// longer after each failure; it returns the last dial's error. A peer with no
-// known address is not dialled again: nothing would change by waiting.
+// longer after each failure, whatever it was (a refusal too: p may not be
+// listening yet); it returns the last dial's error. A peer with no known
+// address is not dialled again: nothing would change by waiting.
 func (h *Host) Reach(ctx context.Context, p peer.ID) error { return h.redialUntil(ctx, p, false) }
 
 // ReachUnlessRefused is Reach for a peer that should be up now: it also gives up,
@@ -99,15 +100,17 @@ func (h *Host) redialUntil(ctx context.Context, p peer.ID, giveUpRefused bool) e
 // it tried, and on each because the address refused the connection.
 //
 // Only a direct TCP address can say so: a refused TCP dial (ECONNREFUSED, a
-// reset answering the SYN) means nothing listens at that port, and it says so
-// at once. QUIC cannot: the ICMP "port unreachable" a UDP port nobody listens on
-// answers with is not seen by libp2p's shared, unconnected UDP socket, so the
-// dial waits out its ctx as if packets were lost. A peer with a QUIC address
-// (every node listening as by default) is therefore never refused everywhere,
-// and neither is one with a relayed address: the relay's failure is not the
-// peer's. Addresses libp2p left undialled (no transport for them, a black hole,
-// a gater) are not refusals either, and a dial cut short by its ctx is no
-// answer at all.
+// reset answering the SYN) means nothing listens at that port, or a firewall
+// rejects it, and either way no redial gets through there; it says so at once.
+// (Windows names the refusal by a code of its own, not ECONNREFUSED: there a
+// peer is dialled until ctx ends, as by Reach.) QUIC cannot: the ICMP "port
+// unreachable" that answers a UDP port nobody listens on is not seen by
+// libp2p's shared, unconnected UDP socket, so the dial waits out its ctx as if
+// packets were lost. A peer with a QUIC address (every node listening as by
+// default) is therefore never refused everywhere, and neither is one with a
+// relayed address: the relay's failure is not the peer's. Addresses libp2p left
+// undialled (no transport for them, a black hole, a gater) are not refusals
+// either, and a dial cut short by its ctx is no answer at all.
 func refusedEverywhere(err error) bool {
 	var de *swarm.DialError
 	if !errors.As(err, &de) || !errors.Is(de.Cause, swarm.ErrAllDialsFailed) || de.Skipped > 0 || len(de.DialErrors) == 0 {
