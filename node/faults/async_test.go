@@ -30,8 +30,18 @@ data: {val_fraction: 0.005}
 // forwards that were in flight at it. Every update's loss is then the uninterrupted
 // run's (train's), bit for bit.
 func TestAsyncRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *testing.T) {
+	killMiddleStageAtStep25(t, asyncPauseSpec)
+}
+
+// killMiddleStageAtStep25 launches a run of src (3 stages, a checkpoint every 5 steps,
+// an evaluation every 10) on three nodes, kills stage 1's the moment the launcher
+// records step 25, restarts it once the run has paused, and checks that the pause
+// names it and that the run resumed from a checkpoint step stage 0 could hold, 20 or
+// 25, and took train's steps.
+func killMiddleStageAtStep25(t *testing.T, src string) {
+	t.Helper()
 	sw := newSwarm(t, 3)
-	sp := mustSpec(t, asyncPauseSpec)
+	sp := mustSpec(t, src)
 	out := filepath.Join(sw.dir, "launched")
 	l := sw.launch(sp, out, false, sw.peers())
 	const at = 25         // not an evaluated step: its row is recorded at once
@@ -51,11 +61,11 @@ func TestAsyncRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *test
 		t.Fatalf("pauses %+v; want one, for stage 1's node %s, resumed from a checkpoint", res.Pauses, victim.id())
 	}
 	p := res.Pauses[0]
-	t.Logf("paused after update %d (%s); resumed from update %d after %.1f s", p.Recorded, p.Why, p.ResumedAt, p.WaitedS)
-	// Stage 0 had taken update 20's checkpoint when the row of 25 came (it trails the
-	// last stage by three updates at most), and 25's at the latest.
+	t.Logf("paused after step %d (%s); resumed from step %d after %.1f s", p.Recorded, p.Why, p.ResumedAt, p.WaitedS)
+	// Stage 0 had taken step 20's checkpoint when the row of 25 came (it trails the
+	// last stage by train.Trail steps, three at most here), and 25's at the latest.
 	if p.ResumedAt != 20 && p.ResumedAt != 25 {
-		t.Errorf("resumed from update %d; want 20 or 25, the checkpoint steps every stage could hold", p.ResumedAt)
+		t.Errorf("resumed from step %d; want 20 or 25, the checkpoint steps every stage could hold", p.ResumedAt)
 	}
 	sameAsTrain(t, sp, out)
 }

@@ -100,6 +100,16 @@ func TestRunPausesWhileAStageHasNoNodeAndResumesExactlyWhenItIsBack(t *testing.T
 	sameAsTrain(t, sp, out)
 }
 
+// The same in a sync run that does not clip: each stage steps on its own backwards,
+// so the last stage takes step 25 while stage 0 waits for the gradients of its last
+// micro-batches, which the killed middle stage never sends: the last stage keeps
+// step 20's checkpoint until every stage has taken a later one.
+func TestRunWithoutClippingPausedAtAStepStage0NeverTookResumesFromTheOneBefore(t *testing.T) {
+	src := strings.NewReplacer("name: async-pause", "name: sync-pause", ", schedule: async}", "}", "in_flight: 6", "in_flight: 2",
+		"delay: nesterov}", "grad_clip: 0}").Replace(asyncPauseSpec)
+	killMiddleStageAtStep25(t, src)
+}
+
 // A node that hangs (its link silent: its connections stay up, it sends nothing) is
 // found by its neighbours' deadlines, and the launch fails naming its stage and node.
 func TestHungNodeIsDetectedWithinItsDeadlineAndNamed(t *testing.T) {

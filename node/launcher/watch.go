@@ -54,10 +54,7 @@ func watch(ctx context.Context, o Options, log *slog.Logger, plan *wire.Plan, re
 	cfg := membership.Config{Stages: sp.Pipeline.Stages, Replicas: sp.Pipeline.Replicas, Steps: sp.Train.Steps, EvalInterval: sp.EvalInterval,
 		TokensPerStep: int64(sp.TokensPerStep()), InnerSteps: sp.DiLoCo.InnerSteps, CheckpointInterval: sp.CheckpointInterval,
 		CheckpointEvery: time.Duration(sp.CheckpointSeconds) * time.Second, StaffTimeout: time.Duration(sp.Pipeline.StaffTimeout) * time.Second,
-		Rejoinable: sp.Pipeline.Replicas > 1 && sp.DiLoCo.Fragments == 1}
-	if sp.Pipeline.Async() {
-		cfg.Trail = train.AsyncSchedule(sp).Trail()
-	}
+		Rejoinable: sp.Pipeline.Replicas > 1 && sp.DiLoCo.Fragments == 1, Trail: train.Trail(sp)}
 	for _, a := range plan.Stages {
 		cfg.Cells = append(cfg.Cells, membership.Cell{Stage: a.Stage, Replica: a.Replica, Peer: a.Peer, Need: a.Need})
 	}

@@ -40,10 +40,9 @@ type Config struct {
 	InnerSteps         int
 	CheckpointInterval int           // the count rule, 0 if none
 	CheckpointEvery    time.Duration // the time rule, 0 if none
-	// Trail is how many steps behind the rows recorded a stage's checkpoints may be: in
-	// an async pipeline the first stage takes an update up to core.Async.Trail updates
-	// after the last has reported it. 0 in a sync run, whose stages finish each step
-	// together.
+	// Trail is how many steps behind the rows recorded a stage's checkpoints may be: the
+	// first stage takes a step after the last has reported it (up to core.Async.Trail
+	// updates in an async pipeline, one step in a sync one).
 	Trail        int
 	StaffTimeout time.Duration // how long a node may take to join at all
 	// Rejoinable: broken pipelines are probed and brought back when their cells can be

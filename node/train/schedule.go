@@ -32,6 +32,19 @@ func AsyncSchedule(sp *spec.Spec) core.Async {
 	return core.Async{Stages: sp.Pipeline.Stages, MicroBatches: sp.Pipeline.MicroBatches, InFlight: sp.Pipeline.InFlight}
 }
 
+// Trail is how many steps behind the rows the launcher records (the last stage's) a
+// stage of a run of sp may take a step, and so write its checkpoint: in an async run
+// stage 0 trails by core.Async.Trail updates; in a sync run by one, as the last stage
+// reports a step once its own optimiser step is done, while stage 0 may still be running
+// the step's last backwards (a run that does not clip steps each stage on its own
+// backwards) or its optimiser step.
+func Trail(sp *spec.Spec) int {
+	if sp.Pipeline.Async() {
+		return AsyncSchedule(sp).Trail()
+	}
+	return 1
+}
+
 // AsyncClip is the bound each stage of an async run clips its own gradient's norm to:
 // its share of grad_clip, so that when every stage clips, the whole gradient's norm is
 // grad_clip, as in a sync step. Nothing is exchanged: an update would otherwise wait
