@@ -73,6 +73,11 @@ func newSwarmOn(t *testing.T, n int, l simlink.Link) *swarm {
 	if raceDetector && !underRace[t.Name()] && !underRace[strings.Split(t.Name(), "/")[0]] {
 		t.Skip("trains for minutes under the race detector; the race detector runs this package's shorter swarms")
 	}
+	if l == paced {
+		// Bound by the link's round trips and by waits, not by compute: such swarms
+		// run side by side (after the package's other tests) without slowing each other.
+		t.Parallel()
+	}
 	key, err := p2p.GenerateKey()
 	if err != nil {
 		t.Fatal(err)
