@@ -33,6 +33,16 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	sw := newSwarmOn(t, 4, paced)
 	const last = 1000 // long enough for the node to come back (see restart)
 	sp := mustSpec(t, fmt.Sprintf(rejoinSpec, last))
+	_, back := killedAfterStep45AndRejoined(t, sw, sp, last)
+	t.Logf("replica 1 lost after step 45 and trained again from step %d to %d", back, last)
+}
+
+// killedAfterStep45AndRejoined launches sp on sw's four nodes, kills the node of stage
+// 1 of replica 1 after its step 45 and restarts it once its pipeline has stopped, and
+// checks that the pipeline rejoined and trained to step last in agreement with replica
+// 0. It returns the run's directory and the step replica 1 trained again from.
+func killedAfterStep45AndRejoined(t *testing.T, sw *swarm, sp *spec.Spec, last int) (string, int) {
+	t.Helper()
 	out := filepath.Join(sw.dir, "launched")
 	l := sw.launch(sp, out, false, sw.peers())
 	// First fit in peer order, replica by replica: node 3 holds stage 1 of replica 1.
@@ -53,8 +63,7 @@ func TestKilledNodeRestartsAndItsPipelineRejoins(t *testing.T) {
 	for _, nd := range sw.nodes[2:] {
 		nd.waitLog("rejoined: state fetched and verified", 5*time.Second)
 	}
-	back := rejoinedInAgreement(t, out, last, 45)
-	t.Logf("replica 1 lost after step 45 and trained again from step %d to %d", back, last)
+	return out, rejoinedInAgreement(t, out, last, 45)
 }
 
 // The async schedule with 4 forwards in flight on stage 0 (two updates' worth) and
@@ -78,24 +87,7 @@ func TestKilledNodeOfAnAsyncRunRestartsAndItsPipelineRejoins(t *testing.T) {
 	if !sp.Pipeline.Async() || sp.Pipeline.InFlight != 4 || sp.Train.Delay != spec.DelayNesterov {
 		t.Fatalf("spec: schedule %q, in flight %d, delay %q; want async, 4, nesterov", sp.Pipeline.Schedule, sp.Pipeline.InFlight, sp.Train.Delay)
 	}
-	out := filepath.Join(sw.dir, "launched")
-	l := sw.launch(sp, out, false, sw.peers())
-	victim := sw.nodes[3] // stage 1 of replica 1
-	l.steps.on(1, 45, victim.kill)
-	l.steps.wait(t, 1, 45, 120*time.Second)
-	sw.nodes[2].waitLog("idle: this replica pipeline cannot go on", 30*time.Second)
-	victim.restart()
-	res, err := l.wait(t, 300*time.Second)
-	if err != nil {
-		t.Fatalf("launch: %v", err)
-	}
-	if !slices.Contains(res.Rejoined, 1) {
-		t.Errorf("replica pipelines rejoined: %v; want 1", res.Rejoined)
-	}
-	for _, nd := range sw.nodes[2:] {
-		nd.waitLog("rejoined: state fetched and verified", 5*time.Second)
-	}
-	back := rejoinedInAgreement(t, out, last, 45)
+	out, back := killedAfterStep45AndRejoined(t, sw, sp, last)
 	// The hashes agree whatever replica 1 contributed: its losses say it trained on
 	// sound weights, as well as replica 0 on its own shard of the data, from the
 	// refill on (forwards on weights it does not hold would show there at once).
