@@ -84,20 +84,14 @@ func (p Schedule) async() core.Async {
 	return core.Async{Stages: p.Stages, MicroBatches: p.MicroBatches, InFlight: p.InFlight}
 }
 
-// Slots is how many micro-batches stage s keeps in flight, an activation tape each, as
-// the node's core gives them: in a sync run min(stages−s, micro_batches), the most
-// one-forward-one-backward needs, or min(in_flight, micro_batches) if in_flight is set;
-// in an async run the schedule's bound for the stage, in_flight (0: stages) at stage 0
-// and proportionally fewer after it, down to one at the last.
+// Slots is how many micro-batches stage s keeps in flight, an activation tape each:
+// what the node's core gives it (core.Config.Slots). In a sync run that is
+// min(stages−s, micro_batches), the most one-forward-one-backward needs, or
+// min(in_flight, micro_batches) if in_flight is set; in an async run the schedule's
+// bound for the stage, in_flight (0: stages) at stage 0 and proportionally fewer after
+// it, down to one at the last.
 func (p Schedule) Slots(s int) int {
-	if p.Async {
-		return p.async().Bound(s)
-	}
-	n := p.Stages - s
-	if p.InFlight > 0 {
-		n = p.InFlight
-	}
-	return min(n, p.MicroBatches)
+	return core.Config{Stage: s, Stages: p.Stages, MicroBatches: p.MicroBatches, MaxInFlight: p.InFlight, Async: p.Async}.Slots()
 }
 
 // Versions is how many past versions of its weights stage s keeps besides the current
